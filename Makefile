@@ -1,0 +1,50 @@
+# Every target creates .venv and installs the project into it when needed, so on a
+# fresh machine `make demo`, `make test` or `make ui` is the only command.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch/torchvision are pinned to the builds this machine serves from local disk;
+# other versions download gigabytes, and PyPI torchvision fails beside a CPU torch.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+
+export CXR_HOME ?= $(CURDIR)/.cxr
+export DAGSTER_HOME ?= $(CXR_HOME)/dagster
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install test demo ui mlflow-ui bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet -e ".[dev]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/cxr-pipeline demo
+
+ui: $(STAMP)
+	mkdir -p $(DAGSTER_HOME)
+	cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml 2>/dev/null || true
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+mlflow-ui: $(STAMP)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --workers 1 \
+	  --backend-store-uri sqlite:///$(CXR_HOME)/mlflow.db --default-artifact-root $(CXR_HOME)/mlartifacts \
+	  -h 127.0.0.1 -p 5000
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_manifest.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(CXR_HOME)

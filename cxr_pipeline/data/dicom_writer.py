@@ -1,0 +1,109 @@
+"""Write the replica's images as MIMIC-CXR writes them (DICOM) or MIMIC-CXR-JPG does (JPEG).
+
+DICOMs are Digital X-Ray For Presentation objects with the variety a reader
+must survive: MONOCHROME1 and MONOCHROME2, BitsStored 10 to 16, rescale
+intercept, window attributes, uncompressed or JPEG 2000, and fake PHI in the
+name / id / birth-date tags so tests can prove none of it leaks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, JPEG2000Lossless
+
+from cxr_pipeline.data.io import atomic_path
+
+DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+FIRST = ("JOHN", "ROBERT", "MICHAEL", "MARY", "PATRICIA", "LINDA", "SUSAN", "DAVID")
+LAST = ("SMITH", "JOHNSON", "WILLIAMS", "BROWN", "JONES", "GARCIA", "MILLER", "DAVIS")
+
+
+def _uid(rng: np.random.Generator) -> str:
+    a, b = (int(v) for v in rng.integers(0, 2**62, 2))
+    return f"2.25.{(a << 62) | b}"
+
+
+def fake_phi(rng: np.random.Generator) -> dict[str, str]:
+    """Realistic-looking identifiers for the header tags MIMIC de-identified."""
+    return {
+        "PatientName": f"{rng.choice(LAST)}^{rng.choice(FIRST)}",
+        "PatientID": f"MRN{int(rng.integers(10**7, 10**8))}",
+        "PatientBirthDate": f"{int(rng.integers(2030, 2100))}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}",
+        "AccessionNumber": f"ACC{int(rng.integers(10**8, 10**9))}",
+        "InstitutionName": "SYNTHETIC GENERAL HOSPITAL",
+        "ReferringPhysicianName": f"DR^{rng.choice(LAST)}",
+    }
+
+
+def _atomic_save(path: Path, save) -> None:
+    with atomic_path(path) as tmp:
+        save(tmp)
+
+
+def write_dicom(path: Path, pixels: np.ndarray, rng: np.random.Generator, cfg, subject_id: int, study: dict, image: dict) -> None:
+    bits = int(rng.choice([10, 12, 12, 12, 14, 15, 16]))
+    intercept = -1024 if bits >= 12 and rng.uniform() < 0.15 else 0
+    maxv = 2**bits - 1 + intercept
+    mono1 = rng.uniform() < cfg.monochrome1_fraction
+    value = np.round(np.clip(pixels, 0, 1) * maxv)
+    if mono1:
+        value = maxv - value
+    stored = (value - intercept).astype(np.uint16)
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DX_PRESENTATION
+    sop_uid = _uid(rng)
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["DERIVED", "PRIMARY"]
+    ds.SOPClassUID = DX_PRESENTATION
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = _uid(np.random.default_rng(study["study_id"]))
+    ds.SeriesInstanceUID = _uid(rng)
+    ds.Modality = "DX"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.StudyDate = study["date"]
+    ds.StudyTime = study["time"].split(".")[0].zfill(6)
+    ds.PatientSex = study["sex"]
+    ds.PatientAge = f"{study['age']:03d}Y"
+    for tag, value_ in fake_phi(rng).items():
+        setattr(ds, tag, value_)
+    ds.ViewPosition = image["view"]
+    ds.BodyPartExamined = "CHEST"
+    ds.PatientOrientation = ["A", "R"] if image["view"] in ("PA", "AP") else ["P", "F"]
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    ds.PixelSpacing = [0.139, 0.139]
+    if intercept or rng.uniform() < 0.3:
+        ds.RescaleIntercept = intercept
+        ds.RescaleSlope = 1
+        ds.RescaleType = "US"
+    if rng.uniform() < 0.6:
+        lo, hi = np.percentile(value, [1, 99])
+        ds.WindowCenter = round(float(lo + hi) / 2, 1)
+        ds.WindowWidth = round(float(hi - lo) * 1.1 + 1, 1)
+    ds.PixelData = stored.tobytes()
+    if rng.uniform() < cfg.jpeg2000_fraction:
+        ds.compress(JPEG2000Lossless, stored, encoding_plugin="pylibjpeg", generate_instance_uid=False)
+    _atomic_save(path, lambda p: ds.save_as(p, enforce_file_format=True))
+
+
+def write_jpg(path: Path, pixels: np.ndarray) -> None:
+    """MIMIC-CXR-JPG style: 8-bit grey, histogram-equalised, MONOCHROME2."""
+    img = Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8), mode="L")
+    img = ImageOps.equalize(img)
+    _atomic_save(path, lambda p: img.save(p, format="JPEG", quality=95))

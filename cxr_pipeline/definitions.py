@@ -1,0 +1,36 @@
+"""The one Definitions object: assets, checks, resources, jobs.
+
+Loaded by ``workspace.yaml``, ``make ui`` and
+``dagster asset materialize -m cxr_pipeline.definitions --select ...``.
+Resources read ``CXR_HOME`` / ``CXR_RAW_DIR`` / ``MLFLOW_TRACKING_URI`` when
+the definitions are built; ``build_defs()`` builds them again (tests do, after
+pointing those variables at a temporary directory).
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from cxr_pipeline import settings  # noqa: F401  (sets the no-telemetry / offline defaults first)
+from cxr_pipeline.defs.manifest import MANIFEST_CHECKS, manifest
+from cxr_pipeline.defs.raw import RAW, raw_mimic_cxr
+from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
+
+observe_raw_job = dg.define_asset_job("observe_raw", selection=dg.AssetSelection.assets(RAW), description="Observe the raw dataset's data version.")
+demo_job = dg.define_asset_job(
+    "demo",
+    selection=dg.AssetSelection.all() - dg.AssetSelection.assets(RAW),
+    description="Everything downstream of the raw dataset, in dependency order.",
+)
+
+
+def build_defs() -> dg.Definitions:
+    return dg.Definitions(
+        assets=[raw_mimic_cxr, manifest],
+        asset_checks=MANIFEST_CHECKS,
+        jobs=[observe_raw_job, demo_job],
+        resources={"storage": CxrStorage.from_env(), "mlflow": MlflowTracking.from_env()},
+    )
+
+
+defs = build_defs()

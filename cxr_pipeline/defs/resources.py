@@ -1,0 +1,91 @@
+"""Dagster resources: where the data is, where state goes, and MLflow."""
+
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from cxr_pipeline import __version__
+from cxr_pipeline.settings import Paths, paths
+from cxr_pipeline.tracking import TrackedRun, tracked_run
+
+
+class CxrStorage(dg.ConfigurableResource):
+    """The dataset root (``CXR_RAW_DIR``) and the state root (``CXR_HOME``)."""
+
+    raw_dir: str
+    home: str
+
+    @classmethod
+    def from_env(cls) -> "CxrStorage":
+        p = paths()
+        return cls(raw_dir=str(p.raw), home=str(p.home))
+
+    @property
+    def paths(self) -> Paths:
+        return Paths(home=Path(self.home), raw=Path(self.raw_dir))
+
+    def asset_dir(self, *parts: str) -> Path:
+        return self.paths.asset_dir(*parts)
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """One MLflow run per asset materialization, tagged with its Dagster lineage."""
+
+    tracking_uri: str
+    experiment: str = "cxr_pipeline"
+    artifact_root: str | None = None
+
+    @classmethod
+    def from_env(cls) -> "MlflowTracking":
+        p = paths()
+        return cls(tracking_uri=p.tracking_uri, artifact_root=str(p.mlflow_artifacts))
+
+    @contextmanager
+    def run(self, context: dg.AssetExecutionContext | dg.OpExecutionContext, extra_tags: Mapping[str, Any] | None = None) -> Iterator[TrackedRun]:
+        keys = sorted(k.to_user_string() for k in context.selected_asset_keys) if context.has_assets_def else []
+        partition = context.partition_key if context.has_partition_key else ""
+        code_versions = {}
+        if context.has_assets_def:
+            for k in context.selected_asset_keys:
+                cv = context.assets_def.code_versions_by_key.get(k)
+                if cv:
+                    code_versions[k.to_user_string()] = cv
+        tags = {
+            "dagster.run_id": context.run_id,
+            "dagster.asset_key": ",".join(keys),
+            "dagster.partition": partition,
+            "dagster.code_version": ",".join(f"{k}={v}" for k, v in sorted(code_versions.items())),
+            "dagster.job": context.job_name,
+            "cxr_pipeline.version": __version__,
+            **(extra_tags or {}),
+        }
+        name = ",".join(keys) + (f"[{partition}]" if partition else "")
+        with tracked_run(
+            name,
+            tags,
+            experiment=self.experiment,
+            tracking_uri=self.tracking_uri,
+            artifact_root=Path(self.artifact_root) if self.artifact_root else None,
+        ) as run:
+            context.log.info(f"MLflow run {run.run_id}: {run.url}")
+            yield run
+
+
+def mlflow_metadata(run: TrackedRun) -> dict[str, dg.MetadataValue]:
+    """The back-link every materialization carries."""
+    return {"mlflow_run_id": dg.MetadataValue.text(run.run_id), "mlflow_run": dg.MetadataValue.url(run.url)}
+
+
+def upstream_data_version(context: dg.AssetExecutionContext, key: str, *, is_source: bool) -> str:
+    """The latest recorded data version of an upstream asset, or 'unobserved'."""
+    from dagster._core.definitions.data_version import extract_data_version_from_entry
+
+    rec = context.instance.get_latest_data_version_record(dg.AssetKey(key), is_source=is_source)
+    if rec is None:
+        return "unobserved"
+    dv = extract_data_version_from_entry(rec.event_log_entry)
+    return dv.value if dv else "unobserved"
