@@ -16,7 +16,9 @@ from cxr_pipeline.defs.manifest import MANIFEST_CHECKS, manifest
 from cxr_pipeline.defs.raw import RAW, raw_mimic_cxr
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 
-observe_raw_job = dg.define_asset_job("observe_raw", selection=dg.AssetSelection.assets(RAW), description="Observe the raw dataset's data version.")
+observe_raw_job = dg.define_asset_job(
+    "observe_raw", selection=dg.AssetSelection.assets(RAW), description="Observe the raw dataset's data version."
+)
 demo_job = dg.define_asset_job(
     "demo",
     selection=dg.AssetSelection.all() - dg.AssetSelection.assets(RAW),

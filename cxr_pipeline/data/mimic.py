@@ -144,8 +144,9 @@ def _read_labels(path: Path, key: tuple[str, ...]) -> tuple[pl.DataFrame, pl.Dat
     for k in key:
         df = df.with_columns(_int(k).alias(k))
     unknown = [
-        pl.when(pl.col(lab).is_not_null() & ~pl.col(lab).is_in(list(_LABEL_TEXT)))
-        .then(pl.format("unknown label value '{}' in column '{}'", pl.col(lab), pl.lit(lab)))
+        pl.when(pl.col(lab).is_not_null() & ~pl.col(lab).is_in(list(_LABEL_TEXT))).then(
+            pl.format("unknown label value '{}' in column '{}'", pl.col(lab), pl.lit(lab))
+        )
         for lab in LABELS
     ]
     df = df.with_columns(
@@ -168,7 +169,7 @@ def _study_time_seconds(col: str) -> pl.Expr:
     """StudyTime ``HHMMSS.fff`` that lost its leading zero -> seconds of the day."""
     t = pl.col(col).cast(pl.Float64, strict=False)
     hh = (t / 10000).floor()
-    mm = ((t / 100).floor() % 100)
+    mm = (t / 100).floor() % 100
     ss = t % 100
     ok = (t >= 0) & (hh < 24) & (mm < 60) & (ss < 60)
     return pl.when(ok).then(hh * 3600 + mm * 60 + ss)
@@ -299,7 +300,10 @@ def build_manifest(root: Path, policy: ManifestPolicy | None = None) -> Manifest
             (stu_i.is_null(), "unparseable study_id"),
             (p.is_null(), "missing path"),
             (
-                p.str.starts_with("/") | p.str.contains(r"(^|[/\\])\.\.([/\\]|$)") | p.str.contains(r"^[A-Za-z]:") | ~p.str.starts_with("files/"),
+                p.str.starts_with("/")
+                | p.str.contains(r"(^|[/\\])\.\.([/\\]|$)")
+                | p.str.contains(r"^[A-Za-z]:")
+                | ~p.str.starts_with("files/"),
                 "path outside the dataset root",
             ),
             (
@@ -342,9 +346,7 @@ def build_manifest(root: Path, policy: ManifestPolicy | None = None) -> Manifest
         "study_id",
         "path",
         pl.col("ViewPosition").fill_null("UNKNOWN").alias("view_position"),
-        (pl.col("_date").cast(pl.Datetime("ms")) + pl.duration(milliseconds=(pl.col("_secs") * 1000).round())).alias(
-            "study_datetime"
-        ),
+        (pl.col("_date").cast(pl.Datetime("ms")) + pl.duration(milliseconds=(pl.col("_secs") * 1000).round())).alias("study_datetime"),
     )
 
     # 3. official split (patient-level), or a deterministic patient hash
@@ -382,7 +384,8 @@ def build_manifest(root: Path, policy: ManifestPolicy | None = None) -> Manifest
     labels, label_rejects = _read_labels(label_path, ("subject_id", "study_id"))
     rejects.append(label_rejects)
     bad_studies = label_rejects.select(
-        pl.col("study_id").cast(pl.Int64, strict=False), pl.format("labels rejected ({} line {}): {}", pl.lit(label_path.name), "line", "reason").alias("_reason")
+        pl.col("study_id").cast(pl.Int64, strict=False),
+        pl.format("labels rejected ({} line {}): {}", pl.lit(label_path.name), "line", "reason").alias("_reason"),
     ).unique("study_id")
     df = df.join(bad_studies, on="study_id", how="left")
     rejects.append(_rejects(df, rec_source))
@@ -465,7 +468,11 @@ def build_manifest(root: Path, policy: ManifestPolicy | None = None) -> Manifest
         "last_paragraph",
         "has_report",
     )
-    all_rejects = pl.concat([r for r in rejects if r.height], how="vertical") if any(r.height for r in rejects) else pl.DataFrame(schema=REJECT_SCHEMA)
+    all_rejects = (
+        pl.concat([r for r in rejects if r.height], how="vertical")
+        if any(r.height for r in rejects)
+        else pl.DataFrame(schema=REJECT_SCHEMA)
+    )
     stats["rejects"] = all_rejects.height
     stats["rows"] = manifest.height
     for s in SPLITS:
@@ -530,7 +537,7 @@ def _listing(top: Path, root: Path) -> Iterable[tuple[str, int]]:
             continue
         with it:
             for e in it:
-                if e.is_dir(follow_symlinks=False):
+                if e.is_dir():  # follows links: datasets are often linked in from storage
                     stack.append(Path(e.path))
-                elif e.is_file(follow_symlinks=False):
+                elif e.is_file():
                     yield os.path.relpath(e.path, root), e.stat().st_size

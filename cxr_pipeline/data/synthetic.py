@@ -122,19 +122,36 @@ def planted_strengths(rng: np.random.Generator, states: dict[str, float | None])
 # ------------------------------------------------------------------- reports
 
 _POS = {
-    "Atelectasis": ["Mild bibasilar atelectasis.", "Plate-like atelectasis at the {side} lung base.", "Streaky opacity at the {side} base likely reflects atelectasis."],
+    "Atelectasis": [
+        "Mild bibasilar atelectasis.",
+        "Plate-like atelectasis at the {side} lung base.",
+        "Streaky opacity at the {side} base likely reflects atelectasis.",
+    ],
     "Cardiomegaly": ["The heart is enlarged.", "Moderate cardiomegaly is unchanged.", "Mild cardiomegaly."],
     "Consolidation": ["Dense consolidation in the {side} lower lobe.", "Focal consolidation in the {side} mid lung."],
-    "Edema": ["Mild pulmonary edema.", "Moderate interstitial pulmonary edema with perihilar haziness.", "Pulmonary vascular congestion with mild edema."],
+    "Edema": [
+        "Mild pulmonary edema.",
+        "Moderate interstitial pulmonary edema with perihilar haziness.",
+        "Pulmonary vascular congestion with mild edema.",
+    ],
     "Enlarged Cardiomediastinum": ["The cardiomediastinal silhouette is widened.", "Widening of the mediastinum."],
     "Fracture": ["Old healed {side} rib fracture.", "Displaced fracture of a {side} posterior rib."],
     "Lung Lesion": ["A {size} cm nodule in the {side} upper lobe.", "Rounded {size} cm mass in the {side} lung."],
     "Lung Opacity": ["Patchy opacity in the {side} lower lung.", "Hazy opacity projecting over the {side} lung base."],
-    "Pleural Effusion": ["Small {side} pleural effusion.", "Moderate {side} pleural effusion with a meniscus.", "Layering {side} pleural effusion."],
+    "Pleural Effusion": [
+        "Small {side} pleural effusion.",
+        "Moderate {side} pleural effusion with a meniscus.",
+        "Layering {side} pleural effusion.",
+    ],
     "Pleural Other": ["{Side} apical pleural thickening.", "Pleural thickening along the {side} lateral chest wall."],
     "Pneumonia": ["Findings concerning for pneumonia in the {side} lower lobe.", "Patchy opacities consistent with pneumonia."],
     "Pneumothorax": ["Small {side} apical pneumothorax.", "Moderate {side} pneumothorax with a visible pleural line."],
-    "Support Devices": ["Endotracheal tube terminates 4 cm above the carina.", "Nasogastric tube courses below the diaphragm.", "Left chest wall pacemaker with leads in standard position.", "Right internal jugular line ends in the SVC."],
+    "Support Devices": [
+        "Endotracheal tube terminates 4 cm above the carina.",
+        "Nasogastric tube courses below the diaphragm.",
+        "Left chest wall pacemaker with leads in standard position.",
+        "Right internal jugular line ends in the SVC.",
+    ],
 }
 _NEG = {
     "Atelectasis": ["No atelectasis."],
@@ -166,7 +183,16 @@ _UNC = {
     "Pneumothorax": ["Possible tiny {side} apical pneumothorax."],
     "Support Devices": ["Possible overlying monitoring device."],
 }
-_INDICATIONS = ("shortness of breath", "fever and cough", "chest pain", "evaluate for pneumonia", "status post line placement", "hypoxia", "pre-operative evaluation", "evaluate for effusion")
+_INDICATIONS = (
+    "shortness of breath",
+    "fever and cough",
+    "chest pain",
+    "evaluate for pneumonia",
+    "status post line placement",
+    "hypoxia",
+    "pre-operative evaluation",
+    "evaluate for effusion",
+)
 
 
 def _fill(rng: np.random.Generator, s: str) -> str:
@@ -196,7 +222,9 @@ def write_report(rng: np.random.Generator, states: dict[str, float | None], age:
         elif st == 0.0:
             findings.append(_fill(rng, str(rng.choice(_NEG[lab]))))
     if states["No Finding"] == 1.0:
-        impression.append(str(rng.choice(["No acute cardiopulmonary process.", "No acute intrathoracic abnormality.", "No evidence of acute disease."])))
+        impression.append(
+            str(rng.choice(["No acute cardiopulmonary process.", "No acute intrathoracic abnormality.", "No evidence of acute disease."]))
+        )
         if not findings:
             findings.append("The lungs are clear. The cardiomediastinal silhouette is normal.")
     order = rng.permutation(len(findings))
@@ -397,7 +425,20 @@ def generate(cfg: SynthConfig, out: Path, progress: Callable[[str], None] | None
                 records.append([str(p.subject_id), str(sid), im["dicom_id"], rel])
                 orient = {"AP": "Recumbent" if rng.uniform() < 0.5 else "", "": ""}.get(im["view"], "Erect")
                 metadata.append(
-                    [im["dicom_id"], str(p.subject_id), str(sid), proc, im["view"], str(im["rows"]), str(im["cols"]), st["date"], st["time"], proc, _VIEW_CODE.get(im["view"], im["view"].lower()), orient]
+                    [
+                        im["dicom_id"],
+                        str(p.subject_id),
+                        str(sid),
+                        proc,
+                        im["view"],
+                        str(im["rows"]),
+                        str(im["cols"]),
+                        st["date"],
+                        st["time"],
+                        proc,
+                        _VIEW_CODE.get(im["view"], im["view"].lower()),
+                        orient,
+                    ]
                 )
                 split_rows.append([im["dicom_id"], str(sid), str(p.subject_id), p.split])
             chex_rows.append([str(p.subject_id), str(sid), *[_fmt_label(st["chexpert"][lab]) for lab in LABELS]])
@@ -414,7 +455,20 @@ def generate(cfg: SynthConfig, out: Path, progress: Callable[[str], None] | None
         (out / "IMAGE_FILENAMES").write_text("".join(r[3][:-3] + ext + "\n" for r in records))
     _gz_csv(
         out / f"{METADATA}.csv.gz",
-        ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"],
+        [
+            "dicom_id",
+            "subject_id",
+            "study_id",
+            "PerformedProcedureStepDescription",
+            "ViewPosition",
+            "Rows",
+            "Columns",
+            "StudyDate",
+            "StudyTime",
+            "ProcedureCodeSequence_CodeMeaning",
+            "ViewCodeSequence_CodeMeaning",
+            "PatientOrientationCodeSequence_CodeMeaning",
+        ],
         metadata,
     )
     _gz_csv(out / f"{CHEXPERT}.csv.gz", label_header, chex_rows)

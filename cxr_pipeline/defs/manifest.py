@@ -1,6 +1,5 @@
 """raw_mimic_cxr -> manifest + manifest_rejects, and the manifest's checks."""
 
-
 import time
 from pathlib import Path
 
@@ -90,11 +89,27 @@ def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, storage:
         mpath = write_parquet(result.manifest, manifest_path(storage))
         rpath = write_parquet(result.rejects, rejects_path(storage))
         prevalence = label_prevalence(result.manifest)
-        reasons = result.rejects.group_by("reason").len().sort("len", descending=True) if result.rejects.height else pl.DataFrame({"reason": [], "len": []})
+        reasons = (
+            result.rejects.group_by("reason").len().sort("len", descending=True)
+            if result.rejects.height
+            else pl.DataFrame({"reason": [], "len": []})
+        )
 
-        run.log_params({"views": ",".join(policy.views) or "all", "label_source": policy.label_source, "one_image_per_subject": policy.one_image_per_subject, "radiologist_test_labels": policy.radiologist_test_labels, "check_files": policy.check_files})
+        run.log_params(
+            {
+                "views": ",".join(policy.views) or "all",
+                "label_source": policy.label_source,
+                "one_image_per_subject": policy.one_image_per_subject,
+                "radiologist_test_labels": policy.radiologist_test_labels,
+                "check_files": policy.check_files,
+            }
+        )
         run.log_metrics({**{k: v for k, v in result.stats.items()}, "seconds": seconds})
-        run.log_metrics({f"prevalence.{lab}": (result.manifest[col] == 1).mean() or 0.0 for lab, col in zip(LABELS, LABEL_COLUMNS, strict=True)} if result.manifest.height else {})
+        run.log_metrics(
+            {f"prevalence.{lab}": (result.manifest[col] == 1).mean() or 0.0 for lab, col in zip(LABELS, LABEL_COLUMNS, strict=True)}
+            if result.manifest.height
+            else {}
+        )
         run.log_table(prevalence, "label_prevalence")
         if reasons.height:
             run.log_table(reasons, "reject_reasons")
@@ -159,7 +174,10 @@ def manifest_label_domain(storage: CxrStorage) -> dg.AssetCheckResult:
     bad = {c: int((~m[c].is_in([1, 0, -1]) & m[c].is_not_null()).sum()) for c in LABEL_COLUMNS}
     bad_split = int((~m["split"].is_in(["train", "validate", "test"])).sum())
     n_bad = sum(bad.values()) + bad_split
-    return dg.AssetCheckResult(passed=n_bad == 0, metadata={"bad_label_values": dg.MetadataValue.json({k: v for k, v in bad.items() if v}), "bad_splits": bad_split})
+    return dg.AssetCheckResult(
+        passed=n_bad == 0,
+        metadata={"bad_label_values": dg.MetadataValue.json({k: v for k, v in bad.items() if v}), "bad_splits": bad_split},
+    )
 
 
 @dg.asset_check(asset=MANIFEST, blocking=True, description="Every referenced image file exists under the dataset root.")

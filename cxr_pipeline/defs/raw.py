@@ -1,9 +1,8 @@
 """The raw MIMIC-CXR dataset as an observable source asset."""
 
-
 import dagster as dg
 
-from cxr_pipeline.data.mimic import CSV_STEMS, fingerprint, find_csv
+from cxr_pipeline.data.mimic import CSV_STEMS, find_csv, fingerprint
 from cxr_pipeline.defs.resources import CxrStorage
 
 RAW = "raw_mimic_cxr"

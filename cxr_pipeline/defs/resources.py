@@ -1,6 +1,5 @@
 """Dagster resources: where the data is, where state goes, and MLflow."""
 
-
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +44,9 @@ class MlflowTracking(dg.ConfigurableResource):
         return cls(tracking_uri=p.tracking_uri, artifact_root=str(p.mlflow_artifacts))
 
     @contextmanager
-    def run(self, context: dg.AssetExecutionContext | dg.OpExecutionContext, extra_tags: Mapping[str, Any] | None = None) -> Iterator[TrackedRun]:
+    def run(
+        self, context: dg.AssetExecutionContext | dg.OpExecutionContext, extra_tags: Mapping[str, Any] | None = None
+    ) -> Iterator[TrackedRun]:
         keys = sorted(k.to_user_string() for k in context.selected_asset_keys) if context.has_assets_def else []
         partition = context.partition_key if context.has_partition_key else ""
         code_versions = {}

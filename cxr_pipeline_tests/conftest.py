@@ -1,0 +1,55 @@
+"""Fixtures: one small MIMIC-CXR replica per test session, and a private CXR_HOME per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from cxr_pipeline.data.synthetic import SynthConfig, generate  # noqa: E402
+
+REPLICA = SynthConfig(patients=40, seed=7, image_size=96, workers=2)
+
+
+@pytest.fixture(scope="session")
+def replica(tmp_path_factory) -> Path:
+    """A 40-patient DICOM replica, made once; treat it as read-only."""
+    out = tmp_path_factory.mktemp("replica")
+    generate(REPLICA, out)
+    return out
+
+
+@pytest.fixture
+def replica_copy(replica, tmp_path) -> Path:
+    """A writable copy of the replica's CSVs and reports; ``files/`` images are symlinked."""
+    out = tmp_path / "raw"
+    out.mkdir()
+    for p in replica.iterdir():
+        if p.name == "files":
+            continue
+        shutil.copy(p, out / p.name)
+    (out / "files").mkdir()
+    for pnn in (replica / "files").iterdir():
+        for subj in pnn.iterdir():
+            dest = out / "files" / pnn.name / subj.name
+            dest.mkdir(parents=True)
+            for item in subj.iterdir():
+                if item.is_dir():
+                    (dest / item.name).symlink_to(item)
+                else:
+                    shutil.copy(item, dest / item.name)
+    return out
+
+
+@pytest.fixture
+def cxr_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("CXR_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home

@@ -1,0 +1,158 @@
+"""Dagster definitions load, materialize raw -> manifest, and track in MLflow without PHI."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+
+import dagster as dg
+import polars as pl
+import pydicom
+import pytest
+
+from cxr_pipeline.cli import main
+from cxr_pipeline.definitions import build_defs
+from cxr_pipeline.defs.raw import RAW
+from cxr_pipeline.tracking import get_client
+
+
+@pytest.fixture
+def env(replica_copy, cxr_home, monkeypatch):
+    monkeypatch.setenv("CXR_RAW_DIR", str(replica_copy))
+    return replica_copy
+
+
+def run_job(defs, name, instance, **kw):
+    result = defs.resolve_job_def(name).execute_in_process(instance=instance, raise_on_error=False, **kw)
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    return result
+
+
+def raw_version(instance):
+    from dagster._core.definitions.data_version import extract_data_version_from_entry
+
+    rec = instance.get_latest_data_version_record(dg.AssetKey(RAW), is_source=True)
+    return extract_data_version_from_entry(rec.event_log_entry).value
+
+
+def test_definitions_load_with_graph_and_checks():
+    defs = build_defs()
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"raw_mimic_cxr", "manifest", "manifest_rejects"} <= keys
+    checks = {c.name for c in graph.asset_check_keys}
+    assert {"manifest_unique_dicom_id", "manifest_splits_patient_disjoint", "manifest_label_domain", "manifest_files_exist"} <= checks
+
+
+def test_materialize_manifest_tracks_mlflow_and_links_back(env, cxr_home):
+    defs = build_defs()
+    with dg.DagsterInstance.ephemeral() as instance:
+        run_job(defs, "observe_raw", instance)
+        version = raw_version(instance)
+        result = run_job(defs, "demo", instance)
+        mats = {e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()}
+        assert set(mats) == {"manifest", "manifest_rejects"}
+        checks = result.get_asset_check_evaluations()
+        assert len(checks) == 4 and all(c.passed for c in checks)
+        md = mats["manifest"].metadata
+        path = md["path"].value
+        m = pl.read_parquet(path)
+        assert md["dagster/row_count"].value == m.height > 0
+        assert str(cxr_home) in path
+        run_id = md["mlflow_run_id"].value
+        assert md["mlflow_run"].value.endswith(run_id)
+
+        client, _ = get_client()
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        tags = run.data.tags
+        assert tags["dagster.run_id"] == result.run_id
+        assert tags["dagster.data_version"] == version
+        assert "manifest" in tags["dagster.asset_key"] and tags["dagster.code_version"]
+        assert run.data.metrics["rows"] == m.height
+        assert "prevalence.Cardiomegaly" in run.data.metrics
+        assert run.data.params["views"] == "PA"
+
+
+def test_run_config_changes_the_policy(env):
+    defs = build_defs()
+    with dg.DagsterInstance.ephemeral() as instance:
+        cfg = {"ops": {"manifest": {"config": {"views": ["PA", "AP", "LATERAL"], "one_image_per_subject": False}}}}
+        result = run_job(defs, "demo", instance, run_config=cfg)
+        md = next(
+            e.materialization for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "manifest"
+        ).metadata
+        m = pl.read_parquet(md["path"].value)
+        assert {"PA", "AP", "LATERAL"} == set(m["view_position"])
+
+
+def test_data_version_changes_only_when_data_changes(env):
+    defs = build_defs()
+    with dg.DagsterInstance.ephemeral() as instance:
+        run_job(defs, "observe_raw", instance)
+        v1 = raw_version(instance)
+        run_job(defs, "observe_raw", instance)
+        assert raw_version(instance) == v1
+        # a new image file appears
+        some = next((env / "files").glob("p*/p*/s*/*.dcm"))
+        extra = env / "files" / "p19" / "p19999999" / "s59999999"
+        extra.mkdir(parents=True)
+        shutil.copy(some, extra / "x.dcm")
+        run_job(defs, "observe_raw", instance)
+        v2 = raw_version(instance)
+        assert v2 != v1
+        # a changed CSV byte changes it too
+        lab = env / "mimic-cxr-2.1.0-test-set-labeled.csv"
+        lab.write_text(lab.read_text() + "\n")
+        run_job(defs, "observe_raw", instance)
+        assert raw_version(instance) != v2
+
+
+def test_bad_dataset_fails_with_the_file_named(env):
+    (env / "mimic-cxr-2.0.0-metadata.csv.gz").unlink()
+    defs = build_defs()
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("demo").execute_in_process(instance=instance, raise_on_error=False)
+        assert not result.success
+        failure = next(e for e in result.all_events if e.is_step_failure)
+        assert "mimic-cxr-2.0.0-metadata.csv.gz" in str(failure.step_failure_data.error.message) + str(
+            failure.step_failure_data.user_failure_data
+        )
+
+
+def test_no_dicom_header_text_in_logs_or_tracking(env, cxr_home):
+    phi = set()
+    for f in (env / "files").glob("p*/p*/s*/*.dcm"):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        phi |= {str(ds.PatientName), ds.PatientID, ds.AccessionNumber, ds.PatientBirthDate, ds.InstitutionName}
+    assert phi
+    defs = build_defs()
+    with dg.DagsterInstance.ephemeral() as instance:
+        run_job(defs, "observe_raw", instance)
+        result = run_job(defs, "demo", instance)
+        logs = "\n".join(str(e) for e in instance.all_logs(result.run_id))
+    texts = [logs]
+    db = cxr_home / "mlflow.db"
+    con = sqlite3.connect(db)
+    for table in ("params", "tags", "metrics", "runs", "experiments"):
+        texts.append(str(con.execute(f"select * from {table}").fetchall()))
+    con.close()
+    for p in (cxr_home / "mlartifacts").rglob("*"):
+        if p.is_file():
+            texts.append(p.read_text(errors="replace"))
+    blob = "\n".join(texts)
+    leaked = sorted(v for v in phi if v in blob)
+    assert not leaked
+
+
+def test_cli_demo_on_a_tiny_replica(cxr_home, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("CXR_RAW_DIR", raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
+    assert main(["demo", "--patients", "12", "--image-size", "48"]) == 0
+    out = capsys.readouterr().out
+    assert "manifest:" in out and "make ui" in out
+    assert (cxr_home / "raw" / ".replica.json").exists()
+    assert (tmp_path / "dh" / "dagster.yaml").exists()
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_latest_materialization_event(dg.AssetKey("manifest")) is not None
