@@ -18,7 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
-from cxr_pipeline.data.sections import parse_report
+from cxr_pipeline.data.sections import parse_report, parse_report_files
 from cxr_pipeline.labels import LABELS, slug
 
 RECORD_LIST = "cxr-record-list"
@@ -207,15 +207,22 @@ def _hash_split(subjects: pl.Series, validate: float, test: float) -> pl.Series:
 class ReportReader:
     """Reads ``files/pNN/pSSSSSSSS/sTTTTTTTT.txt`` from the folder or from the zip.
 
-    The zip may hold the paths with or without a ``mimic-cxr-reports/`` prefix.
+    The zip (``mimic-cxr-reports.zip``, with or without a ``mimic-cxr-reports/``
+    prefix inside) is opened only when a report is not found extracted: reading
+    its directory of 227k entries costs seconds.
     """
 
     def __init__(self, root: Path):
-        self.root = root
+        self.root = str(root)
         self._zip: zipfile.ZipFile | None = None
+        self._names: set[str] = set()
         self._prefix = ""
-        zpath = root / REPORTS_ZIP
-        if zpath.is_file():
+        self._zip_tried = False
+
+    def _open_zip(self) -> None:
+        self._zip_tried = True
+        zpath = os.path.join(self.root, REPORTS_ZIP)
+        if os.path.isfile(zpath):
             self._zip = zipfile.ZipFile(zpath)
             names = self._zip.namelist()
             if names and names[0].startswith("mimic-cxr-reports/"):
@@ -223,11 +230,13 @@ class ReportReader:
             self._names = set(names)
 
     def read(self, relpath: str) -> str | None:
-        p = self.root / relpath
         try:
-            return p.read_text(encoding="utf-8", errors="replace")
+            with open(os.path.join(self.root, relpath), "rb") as f:
+                return f.read().decode("utf-8", errors="replace")
         except FileNotFoundError:
             pass
+        if not self._zip_tried:
+            self._open_zip()
         if self._zip is not None:
             name = self._prefix + relpath
             if name in self._names:
@@ -245,26 +254,37 @@ def report_relpath(subject_id: int, study_id: int) -> str:
 
 
 def _parse_reports(root: Path, subjects: list[int], studies: list[int]) -> dict[str, list]:
+    """FINDINGS / IMPRESSION / last paragraph of each study's report.
+
+    Extracted files are read first; reports found only in the zip are read
+    afterwards. (A process pool was tried for MIMIC scale: on 2 cores its start-up
+    ate the gain, and spawn re-imports the caller's main module.)
+    """
+    unique = list(dict.fromkeys(studies))
+    sub_of = dict(zip(studies, subjects, strict=True))
+    rels = [report_relpath(sub_of[s], s) for s in unique]
+    parsed = parse_report_files(str(root), rels)
     reader = ReportReader(root)
-    cache: dict[int, tuple] = {}
-    cols: dict[str, list] = {"findings": [], "impression": [], "last_paragraph": [], "has_report": []}
+    by_study: dict[int, tuple] = {}
     try:
-        for sub, stu in zip(subjects, studies, strict=True):
-            if stu not in cache:
-                text = reader.read(report_relpath(sub, stu))
+        for sid, rel, got in zip(unique, rels, parsed, strict=True):
+            if got is None:
+                text = reader.read(rel)
                 if text is None:
-                    cache[stu] = (None, None, None, False)
-                else:
-                    r = parse_report(text)
-                    cache[stu] = (r.findings, r.impression, r.last_paragraph, True)
-            f, i, lp, has = cache[stu]
-            cols["findings"].append(f)
-            cols["impression"].append(i)
-            cols["last_paragraph"].append(lp)
-            cols["has_report"].append(has)
+                    by_study[sid] = (None, None, None, False)
+                    continue
+                r = parse_report(text)
+                got = (r.findings, r.impression, r.last_paragraph)
+            by_study[sid] = (*got, True)
     finally:
         reader.close()
-    return cols
+    rows = [by_study[s] for s in studies]
+    return {
+        "findings": [r[0] for r in rows],
+        "impression": [r[1] for r in rows],
+        "last_paragraph": [r[2] for r in rows],
+        "has_report": [r[3] for r in rows],
+    }
 
 
 # ------------------------------------------------------------------ manifest

@@ -11,6 +11,7 @@ is why it is written out here.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -187,3 +188,21 @@ def parse_report(text: str) -> ReportSections:
         impression=found.get("impression"),
         last_paragraph=found.get("last_paragraph"),
     )
+
+
+def parse_report_files(root: str, relpaths: list[str]) -> list[tuple[str | None, str | None, str | None] | None]:
+    """Parse extracted report files under ``root``; None where a file is missing.
+
+    Module-level and light on imports so that process pools can run it.
+    """
+    out: list[tuple[str | None, str | None, str | None] | None] = []
+    for rel in relpaths:
+        try:
+            with open(os.path.join(root, rel), "rb") as f:
+                text = f.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            out.append(None)
+            continue
+        r = parse_report(text)
+        out.append((r.findings, r.impression, r.last_paragraph))
+    return out
