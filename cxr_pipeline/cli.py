@@ -77,7 +77,9 @@ def _demo(args: argparse.Namespace) -> int:
     instance = dg.DagsterInstance.get()
     for job in ("observe_raw", "demo"):
         print(f"demo: running job {job} ...", file=sys.stderr)
-        result = defs.resolve_job_def(job).execute_in_process(instance=instance)
+        result = defs.resolve_job_def(job).execute_in_process(
+            instance=instance, run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+        )
         if not result.success:
             print(f"demo: job {job} failed", file=sys.stderr)
             return 1
