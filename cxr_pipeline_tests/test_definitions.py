@@ -156,3 +156,12 @@ def test_cli_demo_on_a_tiny_replica(cxr_home, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "dh" / "dagster.yaml").exists()
     with dg.DagsterInstance.get() as instance:
         assert instance.get_latest_materialization_event(dg.AssetKey("manifest")) is not None
+
+
+def test_manifest_alone_can_be_selected(env):
+    defs = build_defs()
+    with dg.DagsterInstance.ephemeral() as instance:
+        job = defs.resolve_implicit_global_asset_job_def()
+        result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("manifest")])
+        assert result.success
+        assert [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()] == ["manifest"]

@@ -73,7 +73,9 @@ def _table(df: pl.DataFrame, limit: int = 50) -> dg.TableMetadataValue:
             kinds={"polars", "parquet"},
         ),
     ],
-    can_subset=False,
+    # Selecting either key alone is allowed: both files are always written (one
+    # computation makes both), and only the selected keys are reported.
+    can_subset=True,
 )
 def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, storage: CxrStorage, mlflow: MlflowTracking):
     root = storage.paths.raw
@@ -119,32 +121,34 @@ def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, storage:
         context.log.info(f"{k}: {v}")
     if result.rejects.height:
         context.log.warning(f"{result.rejects.height} input rows rejected; see {rpath}")
-    version = file_digest(mpath)
-    yield dg.MaterializeResult(
-        asset_key=MANIFEST,
-        data_version=dg.DataVersion(version),
-        metadata={
-            "path": dg.MetadataValue.path(str(mpath)),
-            "dagster/row_count": result.manifest.height,
-            "rows_by_split": dg.MetadataValue.json({s: result.stats.get(f"rows_{s}", 0) for s in ("train", "validate", "test")}),
-            "stats": dg.MetadataValue.json(result.stats),
-            "label_prevalence": _table(prevalence),
-            "policy": dg.MetadataValue.json(config.model_dump()),
-            "raw_data_version": data_version,
-            "seconds": round(seconds, 3),
-            **links,
-        },
-    )
-    yield dg.MaterializeResult(
-        asset_key=MANIFEST_REJECTS,
-        data_version=dg.DataVersion(file_digest(rpath)),
-        metadata={
-            "path": dg.MetadataValue.path(str(rpath)),
-            "dagster/row_count": result.rejects.height,
-            "reasons": _table(reasons),
-            **links,
-        },
-    )
+    selected = {k.to_user_string() for k in context.selected_asset_keys}
+    if MANIFEST in selected:
+        yield dg.MaterializeResult(
+            asset_key=MANIFEST,
+            data_version=dg.DataVersion(file_digest(mpath)),
+            metadata={
+                "path": dg.MetadataValue.path(str(mpath)),
+                "dagster/row_count": result.manifest.height,
+                "rows_by_split": dg.MetadataValue.json({s: result.stats.get(f"rows_{s}", 0) for s in ("train", "validate", "test")}),
+                "stats": dg.MetadataValue.json(result.stats),
+                "label_prevalence": _table(prevalence),
+                "policy": dg.MetadataValue.json(config.model_dump()),
+                "raw_data_version": data_version,
+                "seconds": round(seconds, 3),
+                **links,
+            },
+        )
+    if MANIFEST_REJECTS in selected:
+        yield dg.MaterializeResult(
+            asset_key=MANIFEST_REJECTS,
+            data_version=dg.DataVersion(file_digest(rpath)),
+            metadata={
+                "path": dg.MetadataValue.path(str(rpath)),
+                "dagster/row_count": result.rejects.height,
+                "reasons": _table(reasons),
+                **links,
+            },
+        )
 
 
 def read_manifest(storage: CxrStorage) -> pl.DataFrame:
