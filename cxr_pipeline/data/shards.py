@@ -1,0 +1,382 @@
+"""Resized uint8 image shards: build incrementally, read at full speed.
+
+One folder per partition (MIMIC's own ``pNN`` groups) holds
+
+- ``shard-NNNNN.u8``: raw ``uint8`` arrays of shape (n, size, size), C order,
+  that ``numpy.memmap`` maps without a parser or pickle;
+- ``index.parquet``: one row per image: ``dicom_id, path, shard, offset``
+  (row within the shard), the source file's ``file_size, mtime_ns,
+  content_hash`` and its full-resolution ``rows, cols``;
+- ``rejects.parquet``: ``dicom_id, path, reason`` (+ the file's size / mtime,
+  so an unchanged bad file is not decoded again).
+
+Incremental and idempotent: a file whose (size, mtime) are unchanged is not
+read; one whose bytes hash to the indexed content hash is not decoded; only
+new or changed images are decoded, into new shard files (shards are
+immutable, append-only). Every shard is written to a temporary name and
+renamed, then the index is rewritten the same way, so a killed build leaves
+no torn file and the next build resumes where it stopped (orphaned shards
+from a kill between the two renames are deleted).
+
+Decoding runs in ``workers`` processes (spawned, so no forked thread pools).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from cxr_pipeline.data.dicom import DecodeError, decode, letterbox
+from cxr_pipeline.data.io import atomic_path, write_parquet
+
+INDEX = "index.parquet"
+REJECTS = "rejects.parquet"
+SHARD_GLOB = "shard-*.u8"
+INDEX_SCHEMA = {
+    "dicom_id": pl.String,
+    "path": pl.String,
+    "shard": pl.String,
+    "offset": pl.Int64,
+    "file_size": pl.Int64,
+    "mtime_ns": pl.Int64,
+    "content_hash": pl.String,
+    "rows": pl.Int32,
+    "cols": pl.Int32,
+}
+REJECT_SCHEMA = {"dicom_id": pl.String, "path": pl.String, "reason": pl.String, "file_size": pl.Int64, "mtime_ns": pl.Int64}
+PARTITIONS = tuple(f"p{n}" for n in range(10, 20))
+
+
+def partition_of(path: str) -> str:
+    """``files/p10/p10000032/...`` -> ``p10``."""
+    parts = path.split("/")
+    return parts[1] if len(parts) > 2 and parts[0] == "files" else "p??"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    size: int = 224
+    images_per_shard: int = 1024
+    workers: int = 1
+    chunk: int = 8  # images per task sent to a worker
+
+
+@dataclass
+class BuildResult:
+    index: pl.DataFrame
+    rejects: pl.DataFrame
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ workers
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _work(root: str, size: int, tasks: list[tuple[int, str, str | None]]) -> list[tuple]:
+    """Read, hash and (unless the hash is already known) decode + letterbox.
+
+    Returns per task (i, hash, pixels bytes | None, rows, cols, reason | None);
+    pixels None with reason None means "unchanged content".
+    """
+    out = []
+    for i, rel, known in tasks:
+        try:
+            with open(os.path.join(root, rel), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            out.append((i, None, None, 0, 0, "file missing"))
+            continue
+        except OSError as e:
+            out.append((i, None, None, 0, 0, f"unreadable file ({type(e).__name__})"))
+            continue
+        h = content_hash(data)
+        if known is not None and h == known:
+            out.append((i, h, None, 0, 0, None))
+            continue
+        try:
+            dec = decode(data, min_size=size, name=rel)
+            px = letterbox(dec.image, size)
+            out.append((i, h, px.tobytes(), dec.rows, dec.cols, None))
+        except DecodeError as e:
+            out.append((i, h, None, 0, 0, str(e).removeprefix(f"{rel}: ")))
+        except Exception as e:  # never fail the partition for one image
+            out.append((i, h, None, 0, 0, f"decode failed ({type(e).__name__})"))
+    return out
+
+
+def _init_worker() -> None:
+    import logging
+    import warnings
+
+    # one thread per process: the processes are the parallelism
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    warnings.simplefilter("ignore")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+def _run_tasks(root: Path, size: int, tasks: list[tuple[int, str, str | None]], workers: int, chunk: int) -> Iterable[tuple]:
+    """Yield worker results in task order, keeping a bounded number of chunks in flight."""
+    chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
+    if workers <= 1:
+        _init_worker()
+        for c in chunks:
+            yield from _work(str(root), size, c)
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as ex:
+        pending: deque[Future] = deque()
+        it = iter(chunks)
+        for c in it:
+            pending.append(ex.submit(_work, str(root), size, c))
+            if len(pending) >= 4 * workers:
+                break
+        while pending:
+            yield from pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(ex.submit(_work, str(root), size, nxt))
+
+
+# ------------------------------------------------------------------ builder
+
+
+def _read_or_empty(path: Path, schema: dict) -> pl.DataFrame:
+    return pl.read_parquet(path) if path.exists() else pl.DataFrame(schema=schema)
+
+
+def _clean(out: Path, index: pl.DataFrame) -> int:
+    """Remove temp files and shards the index does not reference (a kill between renames)."""
+    removed = 0
+    for p in out.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+    live = set(index["shard"].unique().to_list())
+    for p in out.glob(SHARD_GLOB):
+        if p.name not in live:
+            p.unlink()
+            removed += 1
+    return removed
+
+
+def _next_shard_number(out: Path, index: pl.DataFrame) -> int:
+    names = index["shard"].unique().to_list()
+    nums = [int(n[6:11]) for n in names if n.startswith("shard-")]
+    return max(nums, default=-1) + 1
+
+
+def build_partition(
+    root: Path,
+    out: Path,
+    items: pl.DataFrame,
+    spec: ShardSpec,
+    progress: Callable[[int, int], None] | None = None,
+) -> BuildResult:
+    """Bring the shards in ``out`` up to date with ``items`` (columns ``dicom_id, path``)."""
+    t0 = time.perf_counter()
+    root, out = Path(root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = _read_or_empty(out / INDEX, INDEX_SCHEMA)
+    old_rejects = _read_or_empty(out / REJECTS, REJECT_SCHEMA)
+    spec_file = out / "spec.json"
+    if spec_file.exists():
+        built = json.loads(spec_file.read_text())
+        if built.get("size") != spec.size:
+            raise ValueError(f"{out}: shards were built at {built.get('size')} px, not {spec.size}; use a folder per size")
+    else:
+        spec_file.write_text(json.dumps({"size": spec.size, "dtype": "uint8", "layout": "n,size,size"}))
+    orphans = _clean(out, index)
+
+    wanted = items.select("dicom_id", "path").unique("dicom_id", keep="first", maintain_order=True)
+    by_id = {r["dicom_id"]: r for r in index.iter_rows(named=True)}
+    rej_by_id = {r["dicom_id"]: r for r in old_rejects.iter_rows(named=True)}
+
+    keep_rows: list[dict] = []
+    reject_rows: list[dict] = []
+    tasks: list[tuple[int, str, str | None]] = []
+    task_meta: list[tuple[str, str, int, int]] = []
+    for did, rel in wanted.iter_rows():
+        try:
+            st = os.stat(root / rel)
+        except FileNotFoundError:
+            reject_rows.append({"dicom_id": did, "path": rel, "reason": "file missing", "file_size": None, "mtime_ns": None})
+            continue
+        prev = by_id.get(did)
+        if prev and prev["path"] == rel and prev["file_size"] == st.st_size and prev["mtime_ns"] == st.st_mtime_ns:
+            keep_rows.append(prev)
+            continue
+        prev_rej = rej_by_id.get(did)
+        if prev_rej and prev_rej["path"] == rel and prev_rej["file_size"] == st.st_size and prev_rej["mtime_ns"] == st.st_mtime_ns:
+            reject_rows.append(prev_rej)
+            continue
+        tasks.append((len(tasks), rel, prev["content_hash"] if prev and prev["path"] == rel else None))
+        task_meta.append((did, rel, st.st_size, st.st_mtime_ns))
+
+    stats: dict[str, float] = {
+        "images": wanted.height,
+        "unchanged": len(keep_rows),
+        "to_read": len(tasks),
+        "orphan_shards_removed": orphans,
+    }
+    decoded = hashed_only = 0
+    seq = _next_shard_number(out, index)
+    buf: list[bytes] = []
+    buf_rows: list[dict] = []
+    new_rows: list[dict] = []
+
+    def flush() -> None:
+        nonlocal seq, buf, buf_rows
+        if not buf:
+            return
+        name = f"shard-{seq:05d}.u8"
+        with atomic_path(out / name) as tmp, open(tmp, "wb") as f:
+            for b in buf:
+                f.write(b)
+        for off, r in enumerate(buf_rows):
+            r["shard"], r["offset"] = name, off
+        new_rows.extend(buf_rows)
+        seq += 1
+        buf, buf_rows = [], []
+        # the index after every shard: a kill from here on loses nothing written
+        _write_index(out, keep_rows + new_rows, reject_rows)
+
+    done = 0
+    for i, h, px, rows, cols, reason in _run_tasks(root, spec.size, tasks, spec.workers, spec.chunk):
+        did, rel, fsize, mtime = task_meta[i]
+        done += 1
+        if reason is not None:
+            reject_rows.append({"dicom_id": did, "path": rel, "reason": reason, "file_size": fsize, "mtime_ns": mtime})
+        elif px is None:  # same bytes as indexed: refresh size/mtime only
+            prev = dict(by_id[did])
+            prev.update(file_size=fsize, mtime_ns=mtime)
+            keep_rows.append(prev)
+            hashed_only += 1
+        else:
+            buf.append(px)
+            buf_rows.append(
+                {
+                    "dicom_id": did,
+                    "path": rel,
+                    "shard": "",
+                    "offset": 0,
+                    "file_size": fsize,
+                    "mtime_ns": mtime,
+                    "content_hash": h,
+                    "rows": rows,
+                    "cols": cols,
+                }
+            )
+            decoded += 1
+            if len(buf) >= spec.images_per_shard:
+                flush()
+        if progress:
+            progress(done, len(tasks))
+    flush()
+    idx, rej = _write_index(out, keep_rows + new_rows, reject_rows)
+    _clean(out, idx)
+    secs = time.perf_counter() - t0
+    stats.update(
+        decoded=decoded,
+        hash_unchanged=hashed_only,
+        rejected=rej.height,
+        indexed=idx.height,
+        shard_files=len(list(out.glob(SHARD_GLOB))),
+        shard_bytes=sum(p.stat().st_size for p in out.glob(SHARD_GLOB)),
+        seconds=round(secs, 3),
+        decoded_per_second=round(decoded / secs, 2) if secs > 0 else 0.0,
+    )
+    return BuildResult(index=idx, rejects=rej, stats=stats)
+
+
+def _write_index(out: Path, rows: list[dict], reject_rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    idx = pl.DataFrame(rows, schema=INDEX_SCHEMA).sort("dicom_id") if rows else pl.DataFrame(schema=INDEX_SCHEMA)
+    rej = pl.DataFrame(reject_rows, schema=REJECT_SCHEMA).sort("dicom_id") if reject_rows else pl.DataFrame(schema=REJECT_SCHEMA)
+    write_parquet(idx, out / INDEX)
+    write_parquet(rej, out / REJECTS)
+    return idx, rej
+
+
+# ------------------------------------------------------------------- reader
+
+
+def read_index(shard_root: Path, partitions: Iterable[str] = PARTITIONS) -> pl.DataFrame:
+    """The index of every built partition under ``shard_root`` (with a ``partition`` column)."""
+    frames = []
+    for p in partitions:
+        f = Path(shard_root) / p / INDEX
+        if f.exists():
+            frames.append(pl.read_parquet(f).with_columns(pl.lit(p).alias("partition")))
+    return pl.concat(frames) if frames else pl.DataFrame(schema={**INDEX_SCHEMA, "partition": pl.String})
+
+
+def gather(shard_root: Path, index_rows: pl.DataFrame, size: int) -> np.ndarray:
+    """The images of ``index_rows`` (in that order) as one (n, size, size) uint8 array.
+
+    Each shard is memory-mapped and read in offset order, so the page cache
+    serves sequential runs; no pickle, no per-image files.
+    """
+    n = index_rows.height
+    out = np.empty((n, size, size), dtype=np.uint8)
+    if n == 0:
+        return out
+    rows = index_rows.select("partition", "shard", "offset").with_row_index("_pos")
+    for (part, shard), grp in rows.group_by(["partition", "shard"], maintain_order=True):
+        path = Path(shard_root) / part / shard
+        mm = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, size, size)
+        g = grp.sort("offset")
+        out[g["_pos"].to_numpy()] = mm[g["offset"].to_numpy()]
+        del mm
+    return out
+
+
+def contact_sheet(images: np.ndarray, ncols: int = 8) -> np.ndarray:
+    """A grid of uint8 images (n, s, s) with 2-pixel grey gutters."""
+    n, s = images.shape[0], images.shape[1]
+    if n == 0:
+        return np.zeros((s, s), dtype=np.uint8)
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    sheet = np.full((nrows * (s + 2) - 2, ncols * (s + 2) - 2), 96, dtype=np.uint8)
+    for k in range(n):
+        r, c = divmod(k, ncols)
+        sheet[r * (s + 2) : r * (s + 2) + s, c * (s + 2) : c * (s + 2) + s] = images[k]
+    return sheet
+
+
+def write_png(arr: np.ndarray, path: Path) -> Path:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+    return path
+
+
+def load_images(shard_root: Path, manifest: pl.DataFrame, size: int, device: str | None = None):
+    """A split's images as one uint8 tensor (n, size, size), rows aligned with the returned frame.
+
+    ``manifest`` is any selection of manifest rows (a split, a label subset);
+    rows whose image is not in the shards (rejected, or a partition not built)
+    are left out and counted in the frame's absence. With ``device`` set to a
+    CUDA device the tensor is moved there (the 224-pixel PA subset of MIMIC is
+    a few GB, which fits on one GPU); normalisation happens there, not here.
+    """
+    import torch
+
+    idx = read_index(shard_root).select("dicom_id", "partition", "shard", "offset")
+    rows = manifest.join(idx, on="dicom_id", how="inner", maintain_order="left")
+    images = torch.from_numpy(gather(shard_root, rows, size))
+    if device is not None and device != "cpu":
+        images = images.pin_memory().to(device, non_blocking=True) if str(device).startswith("cuda") else images.to(device)
+    return images, rows.drop("partition", "shard", "offset")
