@@ -75,13 +75,25 @@ def _demo(args: argparse.Namespace) -> int:
 
     defs = build_defs()
     instance = dg.DagsterInstance.get()
-    for job in ("observe_raw", "demo"):
-        print(f"demo: running job {job} ...", file=sys.stderr)
+    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+    def run(job: str, partition: str | None = None) -> bool:
+        print(f"demo: running {job}{f' [{partition}]' if partition else ''} ...", file=sys.stderr)
         result = defs.resolve_job_def(job).execute_in_process(
-            instance=instance, run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+            instance=instance, run_config=quiet, partition_key=partition, raise_on_error=False
         )
         if not result.success:
-            print(f"demo: job {job} failed", file=sys.stderr)
+            print(f"demo: {job} failed; see the run in the Dagster UI (make ui)", file=sys.stderr)
+        return result.success
+
+    if not (run("observe_raw") and run("manifest_job")):
+        return 1
+    from cxr_pipeline.data.shards import partition_of
+
+    manifest_file = p.assets / "manifest" / "manifest.parquet"
+    parts = sorted(set(pl.read_parquet(manifest_file, columns=["path"])["path"].map_elements(partition_of, return_dtype=pl.String)))
+    for part in parts:
+        if not run("shards_job", part):
             return 1
 
     m = pl.read_parquet(p.assets / "manifest" / "manifest.parquet")
@@ -91,11 +103,31 @@ def _demo(args: argparse.Namespace) -> int:
         f"manifest: {m.height} images ({', '.join(f'{s} {n}' for s, n in m.group_by('split').len().sort('split').iter_rows())}); {rej.height} rejected rows"
     )
     print(f"  {p.assets / 'manifest' / 'manifest.parquet'}")
+    shard_dirs = sorted((p.assets / "shards").glob("s*/p*/index.parquet"))
+    n_shard = sum(pl.read_parquet(f).height for f in shard_dirs)
+    n_srej = sum(pl.read_parquet(f.parent / "rejects.parquet").height for f in shard_dirs if (f.parent / "rejects.parquet").exists())
+    print(
+        f"shards:   {n_shard} images in {len(shard_dirs)} partitions ({n_srej} rejected); contact sheets: {p.assets / 'shards'}/s*/p*/contact_sheet.png"
+    )
     print(f"dataset:  {p.raw}")
     print(f"state:    {p.home}  (Dagster home {os.environ['DAGSTER_HOME']}, MLflow {p.tracking_uri})")
     print("look:     make ui         -> Dagster UI  http://127.0.0.1:3000 (asset graph, runs, checks)")
     print("          make mlflow-ui  -> MLflow UI   http://127.0.0.1:5000 (experiment cxr_pipeline)")
     print(f"demo: done in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from cxr_pipeline.data.dicom import DecodeError, prepare
+    from cxr_pipeline.data.shards import write_png
+
+    try:
+        img = prepare(args.input, args.size, name=args.input)
+    except DecodeError as e:
+        print(f"preview: {e}", file=sys.stderr)
+        return 2
+    write_png(img, Path(args.output))
+    print(f"{args.output}: {args.size}x{args.size}, exactly as the shard builder stores it")
     return 0
 
 
@@ -117,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--patients", type=int, default=DEMO_PATIENTS)
     d.add_argument("--image-size", type=int, default=DEMO_IMAGE_SIZE)
     d.set_defaults(fn=_demo)
+
+    v = sub.add_parser("preview", help="write one DICOM/JPG as a PNG exactly as the shard builder stores it")
+    v.add_argument("input")
+    v.add_argument("output")
+    v.add_argument("--size", type=int, default=224)
+    v.set_defaults(fn=_preview)
 
     args = ap.parse_args(argv)
     return int(args.fn(args) or 0)

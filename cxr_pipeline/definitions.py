@@ -15,22 +15,29 @@ from cxr_pipeline import settings  # noqa: F401  (sets the no-telemetry / offlin
 from cxr_pipeline.defs.manifest import MANIFEST_CHECKS, manifest
 from cxr_pipeline.defs.raw import RAW, raw_mimic_cxr
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
+from cxr_pipeline.defs.shards import SHARD_CHECKS, image_shards
 
 observe_raw_job = dg.define_asset_job(
     "observe_raw", selection=dg.AssetSelection.assets(RAW), description="Observe the raw dataset's data version."
 )
-demo_job = dg.define_asset_job(
-    "demo",
-    selection=dg.AssetSelection.all() - dg.AssetSelection.assets(RAW),
-    description="Everything downstream of the raw dataset, in dependency order.",
+manifest_job = dg.define_asset_job(
+    "manifest_job",
+    selection=dg.AssetSelection.assets("manifest", "manifest_rejects"),
+    description="raw -> manifest (+ rejects) and its checks.",
+)
+shards_job = dg.define_asset_job(
+    "shards_job",
+    selection=dg.AssetSelection.assets("image_shards", "shard_rejects"),
+    partitions_def=image_shards.partitions_def,
+    description="One pNN partition of the image shards (run it per partition or as a backfill).",
 )
 
 
 def build_defs() -> dg.Definitions:
     return dg.Definitions(
-        assets=[raw_mimic_cxr, manifest],
-        asset_checks=MANIFEST_CHECKS,
-        jobs=[observe_raw_job, demo_job],
+        assets=[raw_mimic_cxr, manifest, image_shards],
+        asset_checks=[*MANIFEST_CHECKS, *SHARD_CHECKS],
+        jobs=[observe_raw_job, manifest_job, shards_job],
         resources={"storage": CxrStorage.from_env(), "mlflow": MlflowTracking.from_env()},
     )
 

@@ -50,7 +50,7 @@ def test_materialize_manifest_tracks_mlflow_and_links_back(env, cxr_home):
     with dg.DagsterInstance.ephemeral() as instance:
         run_job(defs, "observe_raw", instance)
         version = raw_version(instance)
-        result = run_job(defs, "demo", instance)
+        result = run_job(defs, "manifest_job", instance)
         mats = {e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()}
         assert set(mats) == {"manifest", "manifest_rejects"}
         checks = result.get_asset_check_evaluations()
@@ -79,7 +79,7 @@ def test_run_config_changes_the_policy(env):
     defs = build_defs()
     with dg.DagsterInstance.ephemeral() as instance:
         cfg = {"ops": {"manifest": {"config": {"views": ["PA", "AP", "LATERAL"], "one_image_per_subject": False}}}}
-        result = run_job(defs, "demo", instance, run_config=cfg)
+        result = run_job(defs, "manifest_job", instance, run_config=cfg)
         md = next(
             e.materialization for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "manifest"
         ).metadata
@@ -113,7 +113,7 @@ def test_bad_dataset_fails_with_the_file_named(env):
     (env / "mimic-cxr-2.0.0-metadata.csv.gz").unlink()
     defs = build_defs()
     with dg.DagsterInstance.ephemeral() as instance:
-        result = defs.resolve_job_def("demo").execute_in_process(instance=instance, raise_on_error=False)
+        result = defs.resolve_job_def("manifest_job").execute_in_process(instance=instance, raise_on_error=False)
         assert not result.success
         failure = next(e for e in result.all_events if e.is_step_failure)
         assert "mimic-cxr-2.0.0-metadata.csv.gz" in str(failure.step_failure_data.error.message) + str(
@@ -130,7 +130,7 @@ def test_no_dicom_header_text_in_logs_or_tracking(env, cxr_home):
     defs = build_defs()
     with dg.DagsterInstance.ephemeral() as instance:
         run_job(defs, "observe_raw", instance)
-        result = run_job(defs, "demo", instance)
+        result = run_job(defs, "manifest_job", instance)
         logs = "\n".join(str(e) for e in instance.all_logs(result.run_id))
     texts = [logs]
     db = cxr_home / "mlflow.db"
@@ -165,3 +165,42 @@ def test_manifest_alone_can_be_selected(env):
         result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("manifest")])
         assert result.success
         assert [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()] == ["manifest"]
+
+
+def test_shard_partitions_materialize_incrementally(env, cxr_home):
+    from cxr_pipeline.data.shards import partition_of
+
+    defs = build_defs()
+    cfg = {"ops": {"image_shards": {"config": {"size": 64, "workers": 1}}}}
+    with dg.DagsterInstance.ephemeral() as instance:
+        run_job(defs, "manifest_job", instance)
+        m = pl.read_parquet(cxr_home / "assets" / "manifest" / "manifest.parquet")
+        part = m["path"].map_elements(partition_of, return_dtype=pl.String).mode()[0]
+        first = run_job(defs, "shards_job", instance, partition_key=part, run_config=cfg)
+        mats = {e.asset_key.to_user_string(): e.materialization for e in first.get_asset_materialization_events()}
+        assert set(mats) == {"image_shards", "shard_rejects"} and all(e.partition == part for e in mats.values())
+        md = mats["image_shards"].metadata
+        n_part = int((m["path"].map_elements(partition_of, return_dtype=pl.String) == part).sum())
+        assert md["decoded"].value == n_part == md["dagster/row_count"].value
+        assert md["rejected"].value == 0 and md["images_per_second"].value > 0
+        assert (cxr_home / "assets" / "shards" / "s64" / part / "contact_sheet.png").exists()
+        assert md["contact_sheet_preview"].value.startswith("![contact sheet](data:image/png;base64,")
+        checks = first.get_asset_check_evaluations()
+        assert checks and all(c.passed for c in checks)
+        client, _ = get_client()
+        run = client.get_run(md["mlflow_run_id"].value)
+        assert run.data.tags["dagster.partition"] == part and run.data.metrics["decoded"] == n_part
+        assert any(a.path == "contact_sheet.png" for a in client.list_artifacts(run.info.run_id))
+        again = run_job(defs, "shards_job", instance, partition_key=part, run_config=cfg)
+        md2 = next(
+            e.materialization for e in again.get_asset_materialization_events() if e.asset_key.to_user_string() == "image_shards"
+        ).metadata
+        assert md2["decoded"].value == 0 and md2["unchanged"].value == n_part
+        # same content, same data version: downstream stays fresh
+        v = [
+            e.materialization.tags.get("dagster/data_version")
+            for r in (first, again)
+            for e in r.get_asset_materialization_events()
+            if e.asset_key.to_user_string() == "image_shards"
+        ]
+        assert v[0] == v[1]

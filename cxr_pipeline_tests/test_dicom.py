@@ -1,0 +1,172 @@
+"""Decoding real and synthetic radiographs the way a viewer shows them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from cxr_pipeline.cli import main
+from cxr_pipeline.data.dicom import DecodeError, decode, letterbox, prepare
+
+DATA = Path(pydicom.__file__).resolve().parent.parent / "data_store" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "RG1_UNCR.dcm").exists(), reason="pydicom-data not installed")
+
+
+def make_dicom(path: Path, arr: np.ndarray, *, photometric="MONOCHROME2", bits=12, frames=1, **extra) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = "SECRET^NAME"
+    ds.PatientID = "MRN-SECRET-1"
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = arr.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def gradient():
+    y, x = np.mgrid[0:64, 0:48]
+    return ((x * 37 + y * 61) % 4096).astype(np.uint16)
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["RG1", "RG3"])
+@pytest.mark.parametrize("kind", ["R", "I"])
+def test_real_radiographs_compressed_equals_uncompressed(name, kind):
+    unc = decode(DATA / f"{name}_UNC{kind}.dcm")
+    j2k = decode(DATA / f"{name}_J2K{kind}.dcm")
+    assert unc.image.shape == j2k.image.shape == (unc.rows, unc.cols)
+    np.testing.assert_array_equal(unc.image, j2k.image)
+    assert unc.window == "window" and 0 <= unc.image.min() and unc.image.max() <= 1
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["RG1", "RG3"])
+def test_reduced_resolution_jpeg2000_matches_full_decode(name):
+    reduced = decode(DATA / f"{name}_J2KR.dcm", min_size=224)
+    assert reduced.reduce >= 1 and max(reduced.image.shape) >= 224
+    full = letterbox(decode(DATA / f"{name}_UNCR.dcm").image, 224).astype(int)
+    fast = prepare(DATA / f"{name}_J2KR.dcm", 224).astype(int)
+    assert np.abs(full - fast).mean() < 2.0  # grey levels out of 255
+
+
+@needs_data
+def test_monochrome1_real_radiograph_is_inverted():
+    """RG1 is MONOCHROME1: after decoding, the mediastinum/spine column is brighter than the lungs."""
+    img = decode(DATA / "RG1_UNCR.dcm").image
+    h, w = img.shape
+    centre = img[h // 3 : 2 * h // 3, int(w * 0.47) : int(w * 0.53)].mean()
+    lungs = (
+        img[h // 3 : 2 * h // 3, int(w * 0.2) : int(w * 0.3)].mean() + img[h // 3 : 2 * h // 3, int(w * 0.7) : int(w * 0.8)].mean()
+    ) / 2
+    assert centre > lungs + 0.05
+
+
+def test_monochrome1_equals_inverted_monochrome2(tmp_path, gradient):
+    m2 = decode(make_dicom(tmp_path / "m2.dcm", gradient))
+    m1 = decode(make_dicom(tmp_path / "m1.dcm", 4095 - gradient, photometric="MONOCHROME1"))
+    np.testing.assert_allclose(m1.image, m2.image, atol=1e-6)
+
+
+def test_rescale_and_window_applied_like_a_viewer(tmp_path, gradient):
+    windowed = decode(make_dicom(tmp_path / "w.dcm", gradient, WindowCenter=2048, WindowWidth=1024))
+    assert windowed.window == "window"
+    v = gradient.astype(float)
+    expect = np.clip(((v - 2048) / 1023 + 0.5), 0, 1)  # DICOM linear window, width-1
+    np.testing.assert_allclose(windowed.image, expect, atol=2e-3)
+    # the same modality values stored with an intercept give the same picture
+    shifted = decode(
+        make_dicom(
+            tmp_path / "r.dcm", gradient + 1024, bits=14, RescaleIntercept=-1024, RescaleSlope=1, WindowCenter=2048, WindowWidth=1024
+        )
+    )
+    np.testing.assert_allclose(shifted.image, windowed.image, atol=2e-3)
+
+
+def test_percentile_window_without_window_attributes(tmp_path, gradient):
+    a = decode(make_dicom(tmp_path / "a.dcm", gradient, bits=12))
+    b = decode(make_dicom(tmp_path / "b.dcm", gradient * 16, bits=16))  # same image in 16 bits
+    assert a.window == b.window == "percentile"
+    np.testing.assert_allclose(a.image, b.image, atol=1e-5)
+    assert a.image.min() == 0 and a.image.max() == 1
+
+
+def test_refusals_name_the_file_and_reason_without_header_text(tmp_path, gradient):
+    multi = make_dicom(tmp_path / "multi.dcm", np.stack([gradient, gradient]), frames=2)
+    with pytest.raises(DecodeError, match=r"multi\.dcm: multi-frame \(2 frames\)"):
+        decode(multi)
+    good = make_dicom(tmp_path / "good.dcm", gradient).read_bytes()
+    trunc = tmp_path / "trunc.dcm"
+    trunc.write_bytes(good[: len(good) - 3000])
+    with pytest.raises(DecodeError, match="trunc.dcm") as err:
+        decode(trunc)
+    assert "SECRET" not in str(err.value)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00" * 50 + b"not a dicom" * 20)
+    with pytest.raises(DecodeError, match="junk.dcm"):
+        decode(junk)
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    with pytest.raises(DecodeError, match="empty file"):
+        decode(empty)
+    with pytest.raises(DecodeError, match="file missing"):
+        decode(tmp_path / "nope.dcm")
+
+
+def test_jpg_reader_and_dct_scaling(tmp_path):
+    from PIL import Image
+
+    arr = (np.add.outer(np.arange(800), np.arange(600)) % 256).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "x.jpg", quality=95)
+    full = decode(tmp_path / "x.jpg")
+    assert full.image.shape == (800, 600) and full.window == "jpg"
+    small = decode(tmp_path / "x.jpg", min_size=224)
+    assert min(small.image.shape) >= 224 // 2 and max(small.image.shape) >= 224 and small.reduce >= 1
+
+
+def test_letterbox_keeps_aspect_and_antialiases():
+    tall = np.ones((200, 100), dtype=np.float32)
+    out = letterbox(tall, 64)
+    assert out.shape == (64, 64) and out.dtype == np.uint8
+    assert out[:, :15].max() == 0 and out[:, -15:].max() == 0 and out[:, 20:44].min() == 255
+    checker = (np.indices((512, 512)).sum(axis=0) % 2).astype(np.float32)
+    small = letterbox(checker, 64).astype(float)
+    assert abs(small[8:56, 8:56].mean() - 127.5) < 3 and small[8:56, 8:56].std() < 3  # no aliasing pattern
+
+
+def test_replica_dicoms_all_decode(replica):
+    files = sorted((replica / "files").rglob("*.dcm"))[:40]
+    for f in files:
+        img = prepare(f, 64)
+        assert img.shape == (64, 64) and img.std() > 5
+
+
+def test_cli_preview_writes_what_the_shards_store(tmp_path, replica):
+    from PIL import Image
+
+    src = sorted((replica / "files").rglob("*.dcm"))[0]
+    out = tmp_path / "p.png"
+    assert main(["preview", str(src), str(out), "--size", "96"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), prepare(src, 96))
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"garbage")
+    assert main(["preview", str(bad), str(tmp_path / "q.png")]) == 2
