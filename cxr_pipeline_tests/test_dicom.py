@@ -170,3 +170,30 @@ def test_cli_preview_writes_what_the_shards_store(tmp_path, replica):
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"garbage")
     assert main(["preview", str(bad), str(tmp_path / "q.png")]) == 2
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_fast_window_matches_pydicom(tmp_path, gradient, function):
+    from pydicom.pixels import apply_voi_lut
+
+    from cxr_pipeline.data.dicom import window
+
+    path = make_dicom(tmp_path / "w.dcm", gradient, WindowCenter=1800, WindowWidth=1500, VOILUTFunction=function)
+    ds = pydicom.dcmread(path)
+    ref = apply_voi_lut(ds.pixel_array.astype(float), ds, index=0, prefer_lut=False)
+    ref = (ref - 0) / (2**12 - 1)
+    ours = window(ds.pixel_array.astype(np.float32), 1800, 1500, function)
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+    assert decode(path).window == "window"
+
+
+def test_reduced_uncompressed_decode_matches_full(tmp_path):
+    from cxr_pipeline.data.phantom import Anatomy, render
+
+    rng = np.random.default_rng(0)
+    arr = np.round(render(rng, 1024, 900, "PA", {"Cardiomegaly": 1.0}, Anatomy.draw(rng)) * 4095).astype(np.uint16)
+    path = make_dicom(tmp_path / "big.dcm", arr, WindowCenter=2000, WindowWidth=3000)
+    small = decode(path, min_size=224)
+    assert small.reduce == 2 and small.image.shape == (256, 225)
+    full = letterbox(decode(path).image, 224).astype(int)
+    assert np.abs(prepare(path, 224).astype(int) - full).mean() < 1.0

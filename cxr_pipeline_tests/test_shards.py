@@ -120,11 +120,11 @@ import sys, time, polars as pl
 from pathlib import Path
 from cxr_pipeline.data import shards
 from cxr_pipeline.data.shards import ShardSpec, build_partition
-orig = shards._work
+orig = shards.work
 def slow(*a):
     time.sleep(0.25)
     return orig(*a)
-shards._work = slow
+shards.work = slow
 items = pl.read_parquet(sys.argv[3])
 build_partition(Path(sys.argv[1]), Path(sys.argv[2]), items, ShardSpec(size=48, images_per_shard=4, chunk=1))
 """

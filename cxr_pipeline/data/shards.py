@@ -23,7 +23,7 @@ Decoding runs in ``workers`` processes (spawned, so no forked thread pools).
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import time
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cxr_pipeline.data.dicom import DecodeError, decode, letterbox
+from cxr_pipeline.data.decode_worker import init_worker, work
 from cxr_pipeline.data.io import atomic_path, write_parquet
 
 INDEX = "index.parquet"
@@ -81,74 +81,35 @@ class BuildResult:
 # ------------------------------------------------------------------ workers
 
 
-def content_hash(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def _work(root: str, size: int, tasks: list[tuple[int, str, str | None]]) -> list[tuple]:
-    """Read, hash and (unless the hash is already known) decode + letterbox.
-
-    Returns per task (i, hash, pixels bytes | None, rows, cols, reason | None);
-    pixels None with reason None means "unchanged content".
-    """
-    out = []
-    for i, rel, known in tasks:
-        try:
-            with open(os.path.join(root, rel), "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            out.append((i, None, None, 0, 0, "file missing"))
-            continue
-        except OSError as e:
-            out.append((i, None, None, 0, 0, f"unreadable file ({type(e).__name__})"))
-            continue
-        h = content_hash(data)
-        if known is not None and h == known:
-            out.append((i, h, None, 0, 0, None))
-            continue
-        try:
-            dec = decode(data, min_size=size, name=rel)
-            px = letterbox(dec.image, size)
-            out.append((i, h, px.tobytes(), dec.rows, dec.cols, None))
-        except DecodeError as e:
-            out.append((i, h, None, 0, 0, str(e).removeprefix(f"{rel}: ")))
-        except Exception as e:  # never fail the partition for one image
-            out.append((i, h, None, 0, 0, f"decode failed ({type(e).__name__})"))
-    return out
-
-
-def _init_worker() -> None:
-    import logging
-    import warnings
-
-    # one thread per process: the processes are the parallelism
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    warnings.simplefilter("ignore")
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
-
-
-def _run_tasks(root: Path, size: int, tasks: list[tuple[int, str, str | None]], workers: int, chunk: int) -> Iterable[tuple]:
-    """Yield worker results in task order, keeping a bounded number of chunks in flight."""
-    chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
-    if workers <= 1:
-        _init_worker()
-        for c in chunks:
-            yield from _work(str(root), size, c)
-        return
+def decoder_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of decode processes (spawned: no forked thread pools), one thread each."""
     import multiprocessing as mp
 
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as ex:
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker)
+
+
+def _run_tasks(
+    root: Path, size: int, tasks: list[tuple[int, str, str | None]], workers: int, chunk: int, pool: ProcessPoolExecutor | None = None
+) -> Iterable[tuple]:
+    """Yield worker results in task order, keeping a bounded number of chunks in flight."""
+    chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
+    if pool is None and (workers <= 1 or len(tasks) <= chunk):
+        init_worker()
+        for c in chunks:
+            yield from work(str(root), size, c)
+        return
+    with contextlib.nullcontext(pool) if pool is not None else decoder_pool(workers) as ex:
         pending: deque[Future] = deque()
         it = iter(chunks)
         for c in it:
-            pending.append(ex.submit(_work, str(root), size, c))
+            pending.append(ex.submit(work, str(root), size, c))
             if len(pending) >= 4 * workers:
                 break
         while pending:
             yield from pending.popleft().result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(ex.submit(_work, str(root), size, nxt))
+                pending.append(ex.submit(work, str(root), size, nxt))
 
 
 # ------------------------------------------------------------------ builder
@@ -183,8 +144,13 @@ def build_partition(
     items: pl.DataFrame,
     spec: ShardSpec,
     progress: Callable[[int, int], None] | None = None,
+    pool: ProcessPoolExecutor | None = None,
 ) -> BuildResult:
-    """Bring the shards in ``out`` up to date with ``items`` (columns ``dicom_id, path``)."""
+    """Bring the shards in ``out`` up to date with ``items`` (columns ``dicom_id, path``).
+
+    ``pool``: an already started ``decoder_pool`` to use instead of starting one
+    (a long-lived caller building many partitions pays process start-up once).
+    """
     t0 = time.perf_counter()
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +219,7 @@ def build_partition(
         _write_index(out, keep_rows + new_rows, reject_rows)
 
     done = 0
-    for i, h, px, rows, cols, reason in _run_tasks(root, spec.size, tasks, spec.workers, spec.chunk):
+    for i, h, px, rows, cols, reason in _run_tasks(root, spec.size, tasks, spec.workers, spec.chunk, pool):
         did, rel, fsize, mtime = task_meta[i]
         done += 1
         if reason is not None:
