@@ -12,9 +12,10 @@ from __future__ import annotations
 import dagster as dg
 
 from cxr_pipeline import settings  # noqa: F401  (sets the no-telemetry / offline defaults first)
+from cxr_pipeline.defs.classifier import CLASSIFIER_ASSETS, classifier
 from cxr_pipeline.defs.manifest import MANIFEST_CHECKS, manifest
 from cxr_pipeline.defs.raw import RAW, raw_mimic_cxr
-from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
+from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.shards import SHARD_CHECKS, image_shards
 
 observe_raw_job = dg.define_asset_job(
@@ -31,14 +32,25 @@ shards_job = dg.define_asset_job(
     partitions_def=image_shards.partitions_def,
     description="One pNN partition of the image shards (run it per partition or as a backfill).",
 )
+classifier_job = dg.define_asset_job(
+    "classifier_job",
+    selection=dg.AssetSelection.assets("classifier"),
+    partitions_def=classifier.partitions_def,
+    description="Train and evaluate one pathology's classifier (one partition per CheXpert label).",
+)
+classifier_summary_job = dg.define_asset_job(
+    "classifier_summary_job",
+    selection=dg.AssetSelection.assets("classifier_metrics", "classifier_predictions"),
+    description="The metrics table and the predictions table over every trained pathology.",
+)
 
 
 def build_defs() -> dg.Definitions:
     return dg.Definitions(
-        assets=[raw_mimic_cxr, manifest, image_shards],
+        assets=[raw_mimic_cxr, manifest, image_shards, *CLASSIFIER_ASSETS],
         asset_checks=[*MANIFEST_CHECKS, *SHARD_CHECKS],
-        jobs=[observe_raw_job, manifest_job, shards_job],
-        resources={"storage": CxrStorage.from_env(), "mlflow": MlflowTracking.from_env()},
+        jobs=[observe_raw_job, manifest_job, shards_job, classifier_job, classifier_summary_job],
+        resources={"storage": CxrStorage.from_env(), "mlflow": MlflowTracking.from_env(), "compute": Compute()},
     )
 
 

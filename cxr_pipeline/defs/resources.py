@@ -90,3 +90,27 @@ def upstream_data_version(context: dg.AssetExecutionContext, key: str, *, is_sou
         return "unobserved"
     dv = extract_data_version_from_entry(rec.event_log_entry)
     return dv.value if dv else "unobserved"
+
+
+class Compute(dg.ConfigurableResource):
+    """Where training and inference run: ``auto`` picks CUDA when present, else the CPU."""
+
+    device: str = "auto"
+    threads: int = 0  # CPU threads for torch; 0 = all cores
+
+    def torch_device(self):
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def describe(self) -> str:
+        import torch
+
+        dev = self.torch_device()
+        if dev.type == "cuda":
+            return f"cuda: {torch.cuda.get_device_name(dev)}"
+        return f"cpu: {torch.get_num_threads()} threads"

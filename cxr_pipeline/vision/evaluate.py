@@ -1,0 +1,117 @@
+"""Test-split metrics with a validation-chosen threshold and bootstrap intervals.
+
+scikit-learn computes every metric; this module only decides *where*: the
+threshold is chosen on the validation split (Youden's J: the ROC point
+farthest above chance), never on test and never a fixed 0.5; intervals are
+percentile bootstraps over test images (1,000 resamples, seeded). A test set
+with one class only gets a "not evaluable" row with the reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+METRICS = ("accuracy", "f1", "sensitivity", "specificity", "roc_auc", "average_precision")
+
+
+def roc_auc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y)
+    if len(y) == 0 or y.min() == y.max():
+        return float("nan")
+    return float(roc_auc_score(y, p))
+
+
+def choose_threshold(y_val: np.ndarray, p_val: np.ndarray) -> tuple[float, str]:
+    """Youden's J on the validation split; 0.5 (stated as such) when it has one class."""
+    from sklearn.metrics import roc_curve
+
+    y_val = np.asarray(y_val)
+    if len(y_val) == 0 or y_val.min() == y_val.max():
+        return 0.5, "default 0.5 (validation split has one class)"
+    fpr, tpr, thr = roc_curve(y_val, p_val)
+    k = int(np.argmax(tpr - fpr))
+    t = float(thr[k])
+    return (min(t, 1.0) if np.isfinite(t) else 1.0), "youden_j_on_validation"
+
+
+def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, f1_score, roc_auc_score
+
+    pred = (p >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "f1": float(f1_score(y, pred, zero_division=0)),
+        "sensitivity": float(tp / (tp + fn)) if tp + fn else float("nan"),
+        "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+        "roc_auc": float(roc_auc_score(y, p)),
+        "average_precision": float(average_precision_score(y, p)),
+    }
+
+
+def evaluate(y_test, p_test, y_val, p_val, n_boot: int = 1000, seed: int = 0) -> dict:
+    """One row: n_pos, n_neg, threshold, each metric with its 95% CI, or not evaluable."""
+    y_test = np.asarray(y_test).astype(int)
+    p_test = np.asarray(p_test, dtype=float)
+    threshold, how = choose_threshold(np.asarray(y_val).astype(int), np.asarray(p_val, dtype=float))
+    row: dict = {
+        "n_test": int(len(y_test)),
+        "n_pos": int(y_test.sum()),
+        "n_neg": int(len(y_test) - y_test.sum()),
+        "threshold": threshold,
+        "threshold_rule": how,
+    }
+    if len(y_test) == 0 or y_test.min() == y_test.max():
+        row["evaluable"] = False
+        row["reason"] = "no test images" if len(y_test) == 0 else f"test split has only {'positives' if y_test.min() == 1 else 'negatives'}"
+        for m in METRICS:
+            row[m] = row[f"{m}_lo"] = row[f"{m}_hi"] = None
+        return row
+    row["evaluable"] = True
+    row["reason"] = ""
+    row.update(point_metrics(y_test, p_test, threshold))
+    rng = np.random.default_rng(seed)
+    boots = {m: [] for m in METRICS}
+    n = len(y_test)
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        yb = y_test[idx]
+        if yb.min() == yb.max():
+            continue
+        for m, v in point_metrics(yb, p_test[idx], threshold).items():
+            boots[m].append(v)
+    for m in METRICS:
+        vals = np.asarray([v for v in boots[m] if v == v])
+        row[f"{m}_lo"], row[f"{m}_hi"] = (float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))) if len(vals) else (None, None)
+    return row
+
+
+def curves_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str = ""):
+    """ROC and PR curves for several pathologies in one matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5))
+    for name, (y, p) in curves.items():
+        y = np.asarray(y).astype(int)
+        if len(y) == 0 or y.min() == y.max():
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        ax1.plot(fpr, tpr, label=f"{name} ({roc_auc_or_nan(y, p):.2f})")
+        prec, rec, _ = precision_recall_curve(y, p)
+        ax2.plot(rec, prec, label=name)
+    ax1.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax1.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (test split)")
+    ax2.set(xlabel="recall", ylabel="precision", title="Precision-recall (test split)")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7, loc="lower right" if ax is ax1 else "lower left")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
