@@ -12,8 +12,16 @@ from pathlib import Path
 
 from cxr_pipeline.settings import paths
 
-DEMO_PATIENTS = 300
+DEMO_PATIENTS = 200
 DEMO_IMAGE_SIZE = 256
+# The demo's run config: frontal views, every image (not one per subject), small
+# shards and few epochs so that all 14 classifiers train on a 2-core CPU in minutes.
+DEMO_SHARD_SIZE = 64
+DEMO_RUN_CONFIG = {
+    "manifest": {"views": ["PA", "AP"], "one_image_per_subject": False},
+    "image_shards": {"size": DEMO_SHARD_SIZE},
+    "classifier": {"size": DEMO_SHARD_SIZE, "epochs": 4, "blank": "zeros", "bootstrap": 300},
+}
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -79,8 +87,11 @@ def _demo(args: argparse.Namespace) -> int:
 
     def run(job: str, partition: str | None = None) -> bool:
         print(f"demo: running {job}{f' [{partition}]' if partition else ''} ...", file=sys.stderr)
-        result = defs.resolve_job_def(job).execute_in_process(
-            instance=instance, run_config=quiet, partition_key=partition, raise_on_error=False
+        job_def = defs.resolve_job_def(job)
+        demo_config = {**DEMO_RUN_CONFIG, "classifier": {**DEMO_RUN_CONFIG["classifier"], "epochs": args.epochs}}
+        ops = {op: {"config": c} for op, c in demo_config.items() if op in {n.name for n in job_def.graph.node_defs}}
+        result = job_def.execute_in_process(
+            instance=instance, run_config={**quiet, "ops": ops}, partition_key=partition, raise_on_error=False
         )
         if not result.success:
             print(f"demo: {job} failed; see the run in the Dagster UI (make ui)", file=sys.stderr)
@@ -95,6 +106,13 @@ def _demo(args: argparse.Namespace) -> int:
     for part in parts:
         if not run("shards_job", part):
             return 1
+    from cxr_pipeline.labels import SLUGS
+
+    for label_slug in SLUGS:
+        if not run("classifier_job", label_slug):
+            return 1
+    if not run("classifier_summary_job"):
+        return 1
 
     m = pl.read_parquet(p.assets / "manifest" / "manifest.parquet")
     rej = pl.read_parquet(p.assets / "manifest" / "manifest_rejects.parquet")
@@ -109,6 +127,15 @@ def _demo(args: argparse.Namespace) -> int:
     print(
         f"shards:   {n_shard} images in {len(shard_dirs)} partitions ({n_srej} rejected); contact sheets: {p.assets / 'shards'}/s*/p*/contact_sheet.png"
     )
+    metrics = pl.read_parquet(p.assets / "classifier" / "classifier_metrics.parquet")
+    print("\nclassifiers (test split, threshold chosen on validation; 95% bootstrap CI; seeds' AUC for comparison):")
+    with pl.Config(tbl_rows=20, tbl_width_chars=140, float_precision=3, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+        print(
+            metrics.select(
+                "pathology", "n_pos", "n_neg", "roc_auc", "roc_auc_lo", "roc_auc_hi", "average_precision", "f1", "accuracy", "seed_auc"
+            )
+        )
+    print(f"  {p.assets / 'classifier'}  (checkpoints, metrics, roc_pr_all.png)")
     print(f"dataset:  {p.raw}")
     print(f"state:    {p.home}  (Dagster home {os.environ['DAGSTER_HOME']}, MLflow {p.tracking_uri})")
     print("look:     make ui         -> Dagster UI  http://127.0.0.1:3000 (asset graph, runs, checks)")
@@ -148,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="generate the demo replica (unless CXR_RAW_DIR is set) and run the whole graph")
     d.add_argument("--patients", type=int, default=DEMO_PATIENTS)
     d.add_argument("--image-size", type=int, default=DEMO_IMAGE_SIZE)
+    d.add_argument("--epochs", type=int, default=DEMO_RUN_CONFIG["classifier"]["epochs"], help="classifier epochs")
     d.set_defaults(fn=_demo)
 
     v = sub.add_parser("preview", help="write one DICOM/JPG as a PNG exactly as the shard builder stores it")

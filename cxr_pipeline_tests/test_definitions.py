@@ -149,9 +149,9 @@ def test_no_dicom_header_text_in_logs_or_tracking(env, cxr_home):
 def test_cli_demo_on_a_tiny_replica(cxr_home, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("CXR_RAW_DIR", raising=False)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
-    assert main(["demo", "--patients", "12", "--image-size", "48"]) == 0
+    assert main(["demo", "--patients", "12", "--image-size", "48", "--epochs", "1"]) == 0
     out = capsys.readouterr().out
-    assert "manifest:" in out and "make ui" in out
+    assert "manifest:" in out and "make ui" in out and "classifiers (test split" in out
     assert (cxr_home / "raw" / ".replica.json").exists()
     assert (tmp_path / "dh" / "dagster.yaml").exists()
     with dg.DagsterInstance.get() as instance:
@@ -204,3 +204,65 @@ def test_shard_partitions_materialize_incrementally(env, cxr_home):
             if e.asset_key.to_user_string() == "image_shards"
         ]
         assert v[0] == v[1]
+
+
+def test_classifier_partition_trains_registers_and_summarises(env, cxr_home):
+    from cxr_pipeline.data.shards import partition_of
+
+    defs = build_defs()
+    size = 32
+    with dg.DagsterInstance.ephemeral() as instance:
+        run_job(defs, "manifest_job", instance, run_config={"ops": {"manifest": {"config": {"views": [], "one_image_per_subject": False}}}})
+        m = pl.read_parquet(cxr_home / "assets" / "manifest" / "manifest.parquet")
+        for part in sorted(set(m["path"].map_elements(partition_of, return_dtype=pl.String))):
+            run_job(
+                defs,
+                "shards_job",
+                instance,
+                partition_key=part,
+                run_config={"ops": {"image_shards": {"config": {"size": size, "workers": 1}}}},
+            )
+        cfg = {
+            "ops": {
+                "classifier": {
+                    "config": {"size": size, "epochs": 2, "blank": "zeros", "bootstrap": 50, "batch_size": 16, "accumulation": 1}
+                }
+            }
+        }
+        first = run_job(defs, "classifier_job", instance, partition_key="support_devices", run_config=cfg)
+        md = next(e.materialization for e in first.get_asset_materialization_events()).metadata
+        assert md["evaluable"].value is True and 0.0 <= md["roc_auc"].value <= 1.0
+        assert md["registered_model"].value.startswith("cxr-support-devices v1")
+        ckpt = cxr_home / "assets" / "classifier" / "support_devices" / "checkpoint"
+        assert (ckpt / "model.safetensors").exists() and (ckpt / "config.json").exists()
+        assert not (ckpt.parent / "resume.pt").exists()
+        client, _ = get_client()
+        run = client.get_run(md["mlflow_run_id"].value)
+        assert "val_loss" in run.data.metrics and "test_roc_auc" in run.data.metrics
+        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == md["epochs_run"].value
+        assert str(client.get_model_version_by_alias("cxr-support-devices", "candidate").version) == "1"
+        assert str(client.get_model_version_by_alias("cxr-support-devices", "champion").version) == "1"
+        run_job(defs, "classifier_job", instance, partition_key="no_finding", run_config=cfg)
+        summary = run_job(defs, "classifier_summary_job", instance)
+        mats = {e.asset_key.to_user_string(): e.materialization for e in summary.get_asset_materialization_events()}
+        table = pl.read_parquet(mats["classifier_metrics"].metadata["path"].value)
+        assert set(table["slug"]) == {"support_devices", "no_finding"}
+        for col in ("roc_auc_lo", "roc_auc_hi", "f1", "sensitivity", "specificity", "average_precision", "threshold", "n_pos", "n_neg"):
+            assert col in table.columns
+        preds = pl.read_parquet(mats["classifier_predictions"].metadata["path"].value)
+        assert {"dicom_id", "split", "support_devices", "no_finding"} <= set(preds.columns) and preds.height == m.height
+
+
+def test_registry_aliases_follow_test_auc(cxr_home):
+    from cxr_pipeline.defs.classifier import _register
+    from cxr_pipeline.tracking import tracked_run
+
+    versions = []
+    for auc in (0.8, 0.7, 0.9, None):
+        with tracked_run("t") as run:
+            versions.append(_register(run, "edema", auc, lambda _m: None))
+    assert [v["version"] for v in versions] == [1, 2, 3, 4]
+    assert [v["champion"] for v in versions] == [True, False, True, False]
+    client, _ = get_client()
+    assert str(client.get_model_version_by_alias("cxr-edema", "champion").version) == "3"
+    assert str(client.get_model_version_by_alias("cxr-edema", "candidate").version) == "4"

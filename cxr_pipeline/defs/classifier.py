@@ -149,9 +149,23 @@ def classifier(
     counts.update({f"n_{s}_pos": int(y.sum()) for s, y in (("train", ytr), ("validate", yva), ("test", yte))})
     context.log.info(f"{label}: {counts} on {compute.describe()}")
     if counts["n_train"] == 0 or counts["n_train_pos"] in (0, counts["n_train"]):
-        raise dg.Failure(
-            f"{label}: the training split has {counts['n_train_pos']} positives of {counts['n_train']}: nothing to learn (label policy uncertain={config.uncertain}, blank={config.blank})"
-        )
+        # Rare labels on small subsets: record why, keep no model, never crash the backfill.
+        reason = f"not trainable: the training split has {counts['n_train_pos']} positives of {counts['n_train']} (uncertain={config.uncertain}, blank={config.blank})"
+        context.log.warning(f"{label}: {reason}")
+        row = {
+            "pathology": label,
+            "slug": label_slug,
+            "evaluable": False,
+            "reason": reason,
+            "n_test": counts["n_test"],
+            "n_pos": counts["n_test_pos"],
+            "n_neg": counts["n_test"] - counts["n_test_pos"],
+        }
+        for name in ("predictions.parquet", "test_scores.parquet"):
+            (out / name).unlink(missing_ok=True)
+        with atomic_path(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(row, indent=2))
+        return dg.MaterializeResult(metadata={"evaluable": False, "reason": reason, **counts})
 
     with mlflow.run(context, {"pathology": label}) as run:
         run.log_params(

@@ -50,7 +50,8 @@ def _table(df: pl.DataFrame, limit: int = 50) -> dg.TableMetadataValue:
     for name, dtype in df.schema.items():
         t = "int" if dtype.is_integer() else "float" if dtype.is_float() else "bool" if dtype == pl.Boolean else "string"
         cols.append(dg.TableColumn(name, t))
-    records = [dg.TableRecord({k: v for k, v in row.items() if v is not None}) for row in df.head(limit).iter_rows(named=True)]
+    # every record needs every field: a missing value is shown as "-"
+    records = [dg.TableRecord({k: ("-" if v is None else v) for k, v in row.items()}) for row in df.head(limit).iter_rows(named=True)]
     return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=cols))
 
 

@@ -1,0 +1,130 @@
+"""Training throughput with the real shard reader vs the same step fed from memory.
+
+Builds (once, cached) shards of N synthetic radiographs at ``--size`` with the
+project's shard builder, then times, in one run and on the same device:
+
+- train: what ``vision.train.train`` does per micro-batch: index the uint8
+  images that ``load_images`` returned from the memory-mapped shards, move them
+  to the device, normalise, augment (rotation + flip), forward, backward,
+  optimizer step, in the project's precision (bf16 autocast);
+- in-memory: the same step (augmentation, forward, backward, optimizer) on one
+  batch that is already a normalised float tensor on the device (no feeding).
+
+The feeding overhead is 1 - train/in-memory. The last line:
+``train: X img/s; in-memory: Y img/s; feeding overhead: Z%; device: NAME``
+
+    python benchmarks/bench_training.py [--size 224] [--n 512] [--steps 12] [--arch resnet18]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+
+def ensure_shards(root: Path, n: int, size: int) -> pl.DataFrame:
+    """n phantom radiographs written as PNGs (cheap to decode) and sharded by the builder."""
+    from PIL import Image
+
+    from cxr_pipeline.data.phantom import Anatomy, render
+    from cxr_pipeline.data.shards import ShardSpec, build_partition
+
+    src = root / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        rel = f"files/p10/p100{i:05d}/s50000000/img{i:05d}.png"
+        f = src / rel
+        if not f.exists():
+            f.parent.mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng(i)
+            img = render(rng, size, size, "PA", {"Pleural Effusion": 1.0} if i % 2 else {}, Anatomy.draw(rng))
+            Image.fromarray(np.round(img * 255).astype(np.uint8)).save(f)
+        rows.append({"dicom_id": f"img{i:05d}", "path": rel, "split": "train", "target": i % 2})
+    items = pl.DataFrame(rows)
+    build_partition(src, root / f"s{size}" / "p10", items, ShardSpec(size=size, workers=os.cpu_count() or 1))
+    return items
+
+
+def main() -> int:
+    import torch
+
+    from cxr_pipeline.data.shards import load_images
+    from cxr_pipeline.vision.models import build_model
+    from cxr_pipeline.vision.train import TrainConfig, _autocast, _bce, augment, resolve_precision, to_input
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=12, help="timed micro-batches per side (after 2 warm-up steps)")
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--data", default=os.path.join(os.environ.get("CXR_HOME", ".cxr"), "bench", "training"))
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
+    cfg = TrainConfig(arch=args.arch, batch_size=args.batch)
+    precision = resolve_precision(cfg.precision, device)
+    root = Path(args.data)
+    items = ensure_shards(root, args.n, args.size)
+    images, rows = load_images(root / f"s{args.size}", items, args.size)
+    y_all = torch.tensor(rows["target"].to_numpy(), dtype=torch.float32)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    model = build_model(args.arch).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+
+    def step(x, y):
+        with _autocast(device, precision):
+            logits = model(x).squeeze(1)
+        loss = _bce(logits.float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def fed(k: int):
+        idx = torch.randint(0, images.shape[0], (args.batch,), generator=gen)
+        x = augment(to_input(images[idx], device, True), cfg.rotation, cfg.hflip, gen)
+        step(x, y_all[idx].to(device, non_blocking=True))
+
+    fixed_x = to_input(images[: args.batch], device, True)
+    fixed_y = y_all[: args.batch].to(device)
+
+    def in_memory(k: int):
+        step(augment(fixed_x, cfg.rotation, cfg.hflip, gen), fixed_y)
+
+    rates = {}
+    for label, fn in (("in-memory", in_memory), ("train", fed), ("in-memory", in_memory), ("train", fed)):
+        for k in range(2):
+            fn(k)
+        sync()
+        t0 = time.perf_counter()
+        for k in range(args.steps):
+            fn(k)
+        sync()
+        rates.setdefault(label, []).append(args.steps * args.batch / (time.perf_counter() - t0))
+    train_rate = max(rates["train"])
+    mem_rate = max(rates["in-memory"])
+    print(f"{args.arch} at {args.size}px, batch {args.batch}, {precision}, {args.steps} timed steps x 2 rounds each (best round)")
+    print(f"train: {train_rate:.1f} img/s; in-memory: {mem_rate:.1f} img/s; feeding overhead: {100 * (1 - train_rate / mem_rate):.1f}%; device: {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Classifier training, evaluation and label policies on small, fast data."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from cxr_pipeline.data.phantom import Anatomy, render
+from cxr_pipeline.vision import train as train_mod
+from cxr_pipeline.vision.evaluate import choose_threshold, evaluate
+from cxr_pipeline.vision.labels import targets
+from cxr_pipeline.vision.models import build_model, load_backbone_weights
+from cxr_pipeline.vision.train import TrainConfig, augment, predict, to_input, train
+
+CPU = torch.device("cpu")
+FAST = TrainConfig(
+    epochs=3, batch_size=32, accumulation=1, lr=1e-3, patience=5, precision="fp32", rotation=10, hflip=True, eval_batch_size=64
+)
+
+
+def phantom_set(n: int, finding: str, seed: int, size: int = 40):
+    """Images with the finding planted in about half of them, as the shard builder stores them."""
+    from cxr_pipeline.data.dicom import letterbox
+
+    rng = np.random.default_rng(seed)
+    imgs, ys = [], []
+    for i in range(n):
+        y = int(rng.uniform() < 0.5)
+        r = np.random.default_rng([seed, i])
+        img = render(r, size * 2, size * 2, "PA", {finding: 1.0} if y else {}, Anatomy.draw(r))
+        imgs.append(letterbox(img, size))
+        ys.append(y)
+    return torch.from_numpy(np.stack(imgs)), torch.tensor(ys, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def effusion():
+    xtr, ytr = phantom_set(240, "Pleural Effusion", 1)
+    xva, yva = phantom_set(60, "Pleural Effusion", 2)
+    xte, yte = phantom_set(80, "Pleural Effusion", 3)
+    return xtr, ytr, xva, yva, xte, yte
+
+
+def test_training_learns_a_planted_finding(effusion):
+    xtr, ytr, xva, yva, xte, yte = effusion
+    res = train(xtr, ytr, xva, yva, TrainConfig(**{**FAST.__dict__, "epochs": 4}), CPU)
+    p = predict(res.model, xte, CPU)
+    row = evaluate(yte.numpy(), p, yva.numpy(), predict(res.model, xva, CPU), n_boot=100)
+    assert row["evaluable"] and row["roc_auc"] > 0.85, row
+
+
+def test_best_weights_are_restored(effusion):
+    xtr, ytr, xva, yva, *_ = effusion
+    res = train(xtr, ytr, xva, yva, TrainConfig(**{**FAST.__dict__, "lr": 3e-3, "epochs": 4}), CPU)
+    best = min(res.history, key=lambda r: r["val_loss"])
+    assert res.best_epoch == best["epoch"]
+    loss, _ = train_mod.evaluate_loss(res.model, xva, yva, CPU, FAST, "fp32")
+    assert loss == pytest.approx(best["val_loss"], rel=1e-4)
+
+
+def test_early_stopping_stops(effusion, monkeypatch):
+    xtr, ytr, xva, yva, *_ = effusion
+    calls = iter([0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1])
+    real = train_mod.evaluate_loss
+    monkeypatch.setattr(train_mod, "evaluate_loss", lambda *a: (next(calls), real(*a)[1]))
+    res = train(xtr[:64], ytr[:64], xva, yva, TrainConfig(**{**FAST.__dict__, "epochs": 10, "patience": 2}), CPU)
+    assert res.epochs_run == 3 and res.best_epoch == 1
+
+
+def test_evaluation_never_augments(effusion, monkeypatch):
+    xtr, ytr, xva, yva, xte, _ = effusion
+    model = build_model("resnet18")
+    monkeypatch.setattr(train_mod, "augment", lambda *a, **k: (_ for _ in ()).throw(AssertionError("augment called at eval")))
+    a, b = predict(model, xte, CPU), predict(model, xte, CPU)
+    np.testing.assert_array_equal(a, b)
+    model.eval()
+    with torch.no_grad():
+        direct = torch.sigmoid(model(to_input(xte[:8], CPU)).squeeze(1)).numpy()
+    np.testing.assert_allclose(a[:8], direct, rtol=1e-5, atol=1e-6)
+
+
+def test_augment_changes_training_images_per_image():
+    x = to_input(torch.arange(4 * 16 * 16, dtype=torch.uint8).reshape(4, 16, 16), CPU, channels_last=False)
+    g = torch.Generator().manual_seed(0)
+    y = augment(x.clone(), 10.0, True, g)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    assert torch.equal(augment(x.clone(), 0.0, False, g), x)
+
+
+def test_same_seed_same_weights(effusion):
+    xtr, ytr, xva, yva, *_ = effusion
+    cfg = TrainConfig(**{**FAST.__dict__, "epochs": 1})
+    a = train(xtr[:64], ytr[:64], xva, yva, cfg, CPU).model.state_dict()
+    b = train(xtr[:64], ytr[:64], xva, yva, cfg, CPU).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_training_resumes_from_its_checkpoint(effusion, tmp_path):
+    xtr, ytr, xva, yva, *_ = effusion
+    cfg = TrainConfig(**{**FAST.__dict__, "epochs": 3})
+    clean = train(xtr[:96], ytr[:96], xva, yva, cfg, CPU)
+
+    class Killed(Exception):
+        pass
+
+    def die(row):
+        if row["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(xtr[:96], ytr[:96], xva, yva, cfg, CPU, checkpoint_dir=tmp_path, on_epoch=die)
+    assert (tmp_path / "resume.pt").exists()
+    resumed = train(xtr[:96], ytr[:96], xva, yva, cfg, CPU, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 1 and resumed.epochs_run == 3
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    a, b = clean.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_threshold_is_chosen_on_validation():
+    y_val = np.array([0, 0, 0, 1, 1, 1])
+    p_val = np.array([0.1, 0.2, 0.25, 0.3, 0.35, 0.9])
+    t, how = choose_threshold(y_val, p_val)
+    assert t == pytest.approx(0.3) and how == "youden_j_on_validation"
+    y_test = np.array([0, 0, 1, 1])
+    p_test = np.array([0.1, 0.31, 0.32, 0.9])  # at 0.5 one positive would be missed
+    row = evaluate(y_test, p_test, y_val, p_val, n_boot=50)
+    assert row["threshold"] == pytest.approx(0.3)
+    assert row["sensitivity"] == 1.0 and row["specificity"] == 0.5 and row["roc_auc"] == 1.0
+    assert row["roc_auc_lo"] <= row["roc_auc"] <= row["roc_auc_hi"]
+
+
+def test_single_class_test_set_is_not_evaluable():
+    row = evaluate(np.zeros(10), np.random.rand(10), np.array([0, 1]), np.array([0.2, 0.8]), n_boot=10)
+    assert row["evaluable"] is False and "only negatives" in row["reason"] and row["roc_auc"] is None
+    assert evaluate([], [], [0, 1], [0.1, 0.9])["reason"] == "no test images"
+    t, how = choose_threshold(np.ones(4), np.random.rand(4))
+    assert t == 0.5 and "one class" in how
+
+
+def test_label_policies():
+    m = pl.DataFrame(
+        {"dicom_id": list("abcde"), "edema": [1, 0, -1, None, 1], "no_finding": [None, 1, None, 1, None]},
+        schema_overrides={"edema": pl.Int8, "no_finding": pl.Int8},
+    )
+    t = lambda **k: dict(zip(*targets(m, "edema", **k).select("dicom_id", "target").to_dict(as_series=False).values(), strict=True))  # noqa: E731
+    assert t() == {"a": 1, "b": 0, "e": 1}
+    assert t(uncertain="zeros") == {"a": 1, "b": 0, "c": 0, "e": 1}
+    assert t(uncertain="ones") == {"a": 1, "b": 0, "c": 1, "e": 1}
+    assert t(blank="zeros") == {"a": 1, "b": 0, "d": 0, "e": 1}
+    nf = targets(m, "No Finding")
+    assert dict(zip(nf["dicom_id"], nf["target"], strict=True)) == {"a": 0, "b": 1, "c": 0, "d": 1, "e": 0}
+    with pytest.raises(ValueError, match="uncertain policy"):
+        targets(m, "edema", uncertain="maybe")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "densenet121", "vgg16"])
+def test_architectures_have_one_logit(arch):
+    net = build_model(arch).eval()
+    size = 32 if arch != "vgg16" else 32
+    with torch.no_grad():
+        assert net(torch.zeros(2, 3, size, size)).shape == (2, 1)
+
+
+def test_local_weights_load_and_mismatch_is_clear(tmp_path):
+    from safetensors.torch import save_file
+    from torchvision import models
+
+    src = models.resnet18(weights=None)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "r18.safetensors"))
+    net = build_model("resnet18", weights=tmp_path / "r18.safetensors")
+    assert torch.equal(net.conv1.weight, src.conv1.weight)
+    torch.save(src.state_dict(), tmp_path / "r18.pt")
+    assert torch.equal(build_model("resnet18", weights=tmp_path / "r18.pt").layer1[0].conv1.weight, src.layer1[0].conv1.weight)
+    with pytest.raises(ValueError, match="do not fit this architecture"):
+        load_backbone_weights(models.resnet50(weights=None), tmp_path / "r18.safetensors")
+    with pytest.raises(FileNotFoundError):
+        build_model("resnet18", weights=tmp_path / "nope.safetensors")
