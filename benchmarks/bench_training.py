@@ -122,7 +122,9 @@ def main() -> int:
     train_rate = max(rates["train"])
     mem_rate = max(rates["in-memory"])
     print(f"{args.arch} at {args.size}px, batch {args.batch}, {precision}, {args.steps} timed steps x 2 rounds each (best round)")
-    print(f"train: {train_rate:.1f} img/s; in-memory: {mem_rate:.1f} img/s; feeding overhead: {100 * (1 - train_rate / mem_rate):.1f}%; device: {name}")
+    print(
+        f"train: {train_rate:.1f} img/s; in-memory: {mem_rate:.1f} img/s; feeding overhead: {100 * (1 - train_rate / mem_rate):.1f}%; device: {name}"
+    )
     return 0
 
 

@@ -1,0 +1,102 @@
+"""Report-generation metrics, computed the way the literature does.
+
+NLG: BLEU-1..4, METEOR, ROUGE-L and CIDEr from ``pycocoevalcap`` (the COCO
+caption scorers that R2Gen and its successors call through their
+``compute_scores``), on reports cleaned the way R2Gen cleans MIMIC-CXR text
+(lower case, punctuation split off, ``___`` and numbering removed). BLEU-n is
+the cumulative corpus BLEU with brevity penalty, not the n-gram precision
+alone. METEOR runs the bundled METEOR 1.5 jar and so needs ``java``.
+
+Clinical efficacy: generated and reference reports are labelled with the
+CheXpert-style labeler; an observation counts as present when its label is 1
+(uncertain, negative and not mentioned count as absent, as in R2Gen's CE
+metrics); precision / recall / F1 micro and macro over the 14 observations and
+over the five common ones.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from cxr_pipeline.labels import COMMON5, LABELS
+from cxr_pipeline.reports.labeler import label_reports
+
+
+def clean_report(text: str | None) -> str:
+    """R2Gen's ``clean_report_mimic_cxr``: sentences lower-cased, punctuation out, joined with ' . '."""
+    if not text:
+        return ""
+    t = text.replace("\n", " ").replace("__", "_").replace("  ", " ")
+    t = re.sub(r"\.\.+", ".", t)
+    t = re.sub(r"\d+\. ", "", t).strip().lower()
+    sents = [
+        re.sub(r"[.,?;*!%^&_+():-\[\]{}]", "", s.replace('"', "").replace("/", "").replace("\\", "").replace("'", "").strip().lower())
+        for s in t.split(". ")
+    ]
+    sents = [" ".join(s.split()) for s in sents if s.strip()]
+    return " . ".join(sents) + " ." if sents else ""
+
+
+def nlg_scores(references: Sequence[str], hypotheses: Sequence[str], meteor: bool = True) -> dict[str, float]:
+    """Corpus BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) over paired reports."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    # An empty hypothesis would crash the scorers; score it as the empty token "."
+    gts = {i: [clean_report(r) or "."] for i, r in enumerate(references)}
+    res = {i: [clean_report(h) or "."] for i, h in enumerate(hypotheses)}
+    out: dict[str, float] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    for n, b in enumerate(bleu, start=1):
+        out[f"BLEU_{n}"] = float(b)
+    if meteor:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        m = Meteor()
+        try:
+            out["METEOR"] = float(m.compute_score(gts, res)[0])
+        finally:
+            _close_meteor(m)
+    out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return out
+
+
+def _close_meteor(m) -> None:
+    try:
+        with m.lock:
+            m.meteor_p.stdin.close()
+            m.meteor_p.kill()
+            m.meteor_p.wait()
+    except Exception:
+        pass
+
+
+def _binary(labels: list[dict[str, float | None]], names: Sequence[str]) -> np.ndarray:
+    return np.array([[1 if row.get(n) == 1.0 else 0 for n in names] for row in labels], dtype=int).reshape(len(labels), len(names))
+
+
+def clinical_efficacy(references: Sequence[str], hypotheses: Sequence[str]) -> tuple[dict[str, float], int]:
+    """CE precision/recall/F1 (micro, macro) over 14 and over the 5 common observations.
+
+    Returns the scores and the number of empty or malformed reports (labelled all-blank).
+    """
+    from sklearn.metrics import precision_recall_fscore_support
+
+    ref_labels, n_bad_ref = label_reports(references)
+    hyp_labels, n_bad_hyp = label_reports(hypotheses)
+    out: dict[str, float] = {}
+    for tag, names in (("14", LABELS), ("5", COMMON5)):
+        y, p = _binary(ref_labels, names), _binary(hyp_labels, names)
+        for avg in ("micro", "macro"):
+            pr, rc, f1, _ = precision_recall_fscore_support(y, p, average=avg, zero_division=0)
+            out[f"ce_{avg}{tag}_precision"] = float(pr)
+            out[f"ce_{avg}{tag}_recall"] = float(rc)
+            out[f"ce_{avg}{tag}_f1"] = float(f1)
+    return out, n_bad_ref + n_bad_hyp

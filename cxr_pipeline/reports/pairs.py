@@ -1,0 +1,42 @@
+"""Image-report pairs for report generation, split by study (never by row)."""
+
+from __future__ import annotations
+
+import polars as pl
+
+TEXT_SOURCES = ("findings", "impression", "findings+impression")
+
+
+def report_text(findings: str | None, impression: str | None, source: str = "findings") -> str | None:
+    """FINDINGS, else IMPRESSION (default); or both joined; or IMPRESSION only."""
+    if source == "findings":
+        return findings or impression
+    if source == "impression":
+        return impression or findings
+    if source == "findings+impression":
+        parts = [t for t in (findings, impression) if t]
+        return " ".join(parts) or None
+    raise ValueError(f"text source must be one of {TEXT_SOURCES}, not {source!r}")
+
+
+def build_pairs(manifest: pl.DataFrame, source: str = "findings", min_words: int = 1, max_words: int = 0) -> pl.DataFrame:
+    """One row per manifest image with a usable report: ids, path, split, ``text``.
+
+    The split is the manifest's (MIMIC's patient-level split), so every image of a
+    study, and every study of a patient, sits in one split.
+    """
+    if source not in TEXT_SOURCES:
+        raise ValueError(f"text source must be one of {TEXT_SOURCES}, not {source!r}")
+    texts = [report_text(f, i, source) for f, i in zip(manifest["findings"].to_list(), manifest["impression"].to_list(), strict=True)]
+    df = manifest.select("dicom_id", "subject_id", "study_id", "path", "view_position", "split").with_columns(
+        pl.Series("text", texts, dtype=pl.String)
+    )
+    df = df.with_columns(pl.col("text").str.split(" ").list.len().fill_null(0).alias("words"))
+    keep = pl.col("text").is_not_null() & (pl.col("words") >= min_words)
+    if max_words:
+        keep = keep & (pl.col("words") <= max_words)
+    return df.filter(keep)
+
+
+def splits_by_study_ok(pairs: pl.DataFrame) -> bool:
+    return bool(pairs.group_by("study_id").agg(pl.col("split").n_unique())["split"].max() in (None, 1))

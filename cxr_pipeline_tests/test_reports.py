@@ -1,0 +1,179 @@
+"""The rule-based report labeler and the report metrics."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from cxr_pipeline.reports.labeler import label_report, label_reports
+from cxr_pipeline.reports.metrics import clean_report, clinical_efficacy, nlg_scores
+
+
+def lab(text):
+    return {k: v for k, v in label_report(text).items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("text", "label", "value"),
+    [
+        ("Small left pleural effusion.", "Pleural Effusion", 1.0),
+        ("No pleural effusion.", "Pleural Effusion", 0.0),
+        ("There is no pneumothorax.", "Pneumothorax", 0.0),
+        ("No pleural effusion or pneumothorax.", "Pneumothorax", 0.0),
+        ("Pneumothorax is not seen.", "Pneumothorax", 0.0),
+        ("Cannot exclude a small right pleural effusion.", "Pleural Effusion", -1.0),
+        ("Infection cannot be excluded.", "Pneumonia", -1.0),
+        ("Possible early pneumonia.", "Pneumonia", -1.0),
+        ("Findings concerning for pneumonia.", "Pneumonia", -1.0),
+        ("Patchy opacities consistent with pneumonia.", "Pneumonia", 1.0),
+        ("Heart size is normal.", "Cardiomegaly", 0.0),
+        ("The heart is mildly enlarged.", "Cardiomegaly", 1.0),
+        ("Moderate cardiomegaly is unchanged.", "Cardiomegaly", 1.0),
+        ("Borderline cardiomegaly.", "Cardiomegaly", -1.0),
+        ("The cardiomediastinal silhouette is widened.", "Enlarged Cardiomediastinum", 1.0),
+        ("Mediastinal contours are within normal limits.", "Enlarged Cardiomediastinum", 0.0),
+        ("Endotracheal tube terminates 4 cm above the carina.", "Support Devices", 1.0),
+        ("No lines or tubes are seen.", "Support Devices", 0.0),
+        ("Opacity may reflect atelectasis.", "Atelectasis", -1.0),
+        ("No acute fracture.", "Fracture", 0.0),
+    ],
+)
+def test_mentions_negation_and_uncertainty(text, label, value):
+    assert label_report(text)[label] == value
+
+
+def test_scope_ends_at_the_sentence_and_at_termination_words():
+    r = lab("No pneumothorax. Large right pleural effusion.")
+    assert r["Pneumothorax"] == 0.0 and r["Pleural Effusion"] == 1.0
+    r = lab("No pneumothorax, but there is a small left pleural effusion.")
+    assert r["Pneumothorax"] == 0.0 and r["Pleural Effusion"] == 1.0
+
+
+def test_aggregation_positive_over_uncertain_over_negative():
+    assert label_report("Possible left effusion. Large left pleural effusion.")["Pleural Effusion"] == 1.0
+    assert label_report("No right effusion. Possible left effusion.")["Pleural Effusion"] == -1.0
+    assert label_report("No right effusion. No left effusion.")["Pleural Effusion"] == 0.0
+
+
+def test_no_finding_rule():
+    assert label_report("No acute cardiopulmonary process.")["No Finding"] == 1.0
+    assert label_report("Endotracheal tube in place. No pneumothorax.")["No Finding"] == 1.0  # devices do not count
+    assert label_report("Possible pneumonia.")["No Finding"] is None
+    assert label_report("Mild edema.")["No Finding"] is None
+
+
+def test_empty_and_malformed_reports_are_blank_not_errors():
+    labels, bad = label_reports(["", None, "   ", 42, "No effusion."])
+    assert bad == 4 and all(v is None for v in labels[0].values()) and labels[4]["Pleural Effusion"] == 0.0
+
+
+def test_labeler_agrees_with_replica_labels(replica):
+    """On the replica's reports (written from the truth), the labeler recovers most labels."""
+    import polars as pl
+
+    from cxr_pipeline.data.mimic import ReportReader, report_relpath
+    from cxr_pipeline.data.sections import parse_report
+    from cxr_pipeline.labels import LABELS
+
+    truth = pl.read_csv(replica / "mimic-cxr-2.1.0-test-set-labeled.csv", infer_schema=False)
+    study = pl.read_csv(replica / "cxr-study-list.csv.gz", infer_schema=False)
+    reader = ReportReader(replica)
+    agree = total = 0
+    for row in truth.join(study, on="study_id").iter_rows(named=True):
+        sec = parse_report(reader.read(report_relpath(int(row["subject_id"]), int(row["study_id"]))))
+        got = label_report(" ".join(x for x in (sec.findings, sec.impression, sec.last_paragraph) if x))
+        for lab_ in LABELS:
+            want = None if row[lab_] is None else float(row[lab_])
+            total += 1
+            agree += (got[lab_] == 1.0) == (want == 1.0)
+    assert agree / total > 0.9
+
+
+def test_clean_report_like_r2gen():
+    assert clean_report("1. Small left effusion.  2. No pneumothorax.") == "small left effusion . no pneumothorax ."
+    assert clean_report("") == ""
+
+
+def test_bleu_rouge_cider_against_hand_computed_values():
+    # identical corpora: every n-gram matches, BLEU = ROUGE-L = 1
+    refs = ["the heart is enlarged .", "no pleural effusion or pneumothorax ."]
+    same = nlg_scores(refs, refs, meteor=False)
+    assert same["BLEU_1"] == pytest.approx(1.0, abs=1e-6) and same["BLEU_4"] == pytest.approx(1.0, abs=1e-6)
+    assert same["ROUGE_L"] == pytest.approx(1.0, abs=1e-6)
+    # one sentence, hand-computed: cleaning appends " ." so both sides have 9 tokens
+    s = nlg_scores(["a b c d e f g h"], ["a b c d x f g h"], meteor=False)
+    p = [8 / 9, 6 / 8, 4 / 7, 2 / 6]  # matched / total n-grams of the hypothesis, n = 1..4
+    assert s["BLEU_1"] == pytest.approx(p[0], abs=1e-4)
+    assert s["BLEU_2"] == pytest.approx((p[0] * p[1]) ** 0.5, abs=1e-4)
+    assert s["BLEU_4"] == pytest.approx((p[0] * p[1] * p[2] * p[3]) ** 0.25, abs=1e-4)
+    # ROUGE-L: LCS 8 of 9 tokens on both sides -> P = R = F = 8/9
+    assert s["ROUGE_L"] == pytest.approx(8 / 9, abs=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs java")
+def test_meteor_runs_and_ranks():
+    refs = ["the heart is enlarged . small left pleural effusion ."]
+    good = nlg_scores(refs, ["the heart is enlarged . small left effusion ."])["METEOR"]
+    bad = nlg_scores(refs, ["no acute process ."])["METEOR"]
+    assert 0 <= bad < good <= 1
+
+
+def test_clinical_efficacy_hand_computed():
+    refs = ["Large left pleural effusion. Mild edema.", "No acute process.", "Moderate cardiomegaly."]
+    hyps = ["Small left pleural effusion.", "Mild edema.", "Moderate cardiomegaly."]
+    ce, bad = clinical_efficacy(refs, hyps)
+    # positives (ref): effusion, edema | none (No Finding) | cardiomegaly
+    # positives (hyp): effusion | edema | cardiomegaly
+    # 14 labels micro: TP = effusion, cardiomegaly = 2; FP = edema(2nd) = 1; FN = edema(1st), No Finding(2nd) = 2
+    assert bad == 0
+    assert ce["ce_micro14_precision"] == pytest.approx(2 / 3)
+    assert ce["ce_micro14_recall"] == pytest.approx(2 / 4)
+    assert ce["ce_micro14_f1"] == pytest.approx(2 * (2 / 3) * (2 / 4) / ((2 / 3) + (2 / 4)))
+    # 5 common: cardiomegaly, edema, effusion: TP 2, FP 1, FN 1
+    assert ce["ce_micro5_f1"] == pytest.approx(2 / 3)
+
+
+def test_cli_label_reports_folder_and_csv(replica, tmp_path):
+    import csv
+
+    from cxr_pipeline.cli import main
+    from cxr_pipeline.labels import LABELS
+
+    out = tmp_path / "labels.csv"
+    assert main(["label-reports", str(replica / "files"), str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert rows and list(rows[0]) == ["subject_id", "study_id", *LABELS]
+    assert all(r["subject_id"].startswith("1") and r["study_id"].startswith("5") for r in rows)
+    src = tmp_path / "in.csv"
+    src.write_text('study_id,text\n1,"Large right pleural effusion."\n2,""\n')
+    assert main(["label-reports", str(src), str(tmp_path / "o.csv")]) == 0
+    got = list(csv.DictReader(open(tmp_path / "o.csv")))
+    assert got[0]["Pleural Effusion"] == "1.0" and all(got[1][x] == "" for x in LABELS)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,report\n1,x\n")
+    assert main(["label-reports", str(bad), str(tmp_path / "x.csv")]) == 2
+
+
+def test_pairs_split_by_study_and_text_source():
+    import polars as pl
+
+    from cxr_pipeline.reports.pairs import build_pairs, report_text, splits_by_study_ok
+
+    m = pl.DataFrame(
+        {
+            "dicom_id": ["a", "b", "c"],
+            "subject_id": [1, 1, 2],
+            "study_id": [10, 10, 20],
+            "path": ["x", "y", "z"],
+            "view_position": ["PA", "LATERAL", "PA"],
+            "split": ["train", "train", "test"],
+            "findings": ["Lungs clear.", "Lungs clear.", None],
+            "impression": ["Normal.", "Normal.", "Small effusion."],
+        }
+    )
+    p = build_pairs(m)
+    assert p["text"].to_list() == ["Lungs clear.", "Lungs clear.", "Small effusion."] and splits_by_study_ok(p)
+    assert report_text("F.", "I.", "findings+impression") == "F. I."
+    assert build_pairs(m, min_words=3).height == 0
+    assert not splits_by_study_ok(p.with_columns(pl.Series("split", ["train", "validate", "test"])))
