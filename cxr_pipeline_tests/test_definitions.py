@@ -130,9 +130,17 @@ def test_no_dicom_header_text_in_logs_or_tracking(env, cxr_home):
     defs = build_defs()
     with dg.DagsterInstance.ephemeral() as instance:
         run_job(defs, "observe_raw", instance)
-        result = run_job(defs, "manifest_job", instance, run_config={"ops": {"manifest": {"config": {"views": [], "one_image_per_subject": False}}}})
+        result = run_job(
+            defs, "manifest_job", instance, run_config={"ops": {"manifest": {"config": {"views": [], "one_image_per_subject": False}}}}
+        )
         shards = [
-            run_job(defs, "shards_job", instance, partition_key=part, run_config={"ops": {"image_shards": {"config": {"size": 32, "workers": 1}}}})
+            run_job(
+                defs,
+                "shards_job",
+                instance,
+                partition_key=part,
+                run_config={"ops": {"image_shards": {"config": {"size": 32, "workers": 1}}}},
+            )
             for part in ("p10", "p11", "p12", "p13", "p14", "p15", "p16", "p17", "p18", "p19")
         ]
         logs = "\n".join(str(e) for r in (result, *shards) for e in instance.all_logs(r.run_id))

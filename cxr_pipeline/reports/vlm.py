@@ -1,0 +1,347 @@
+"""LLaMA-3.2-Vision (Mllama) report generation: the tiny offline base, the collator, QLoRA, generation.
+
+The real base is ``meta-llama/Llama-3.2-11B-Vision-Instruct`` from a local
+directory (``CXR_VLM_BASE``); nothing downloads at run time. The embedded
+default is a tiny, randomly initialised ``MllamaForConditionalGeneration``
+built here from a small ``MllamaConfig``, with a byte-level BPE tokenizer
+trained on the training reports (Llama-3 special tokens and ``<|image|>``), a
+Llama-3-style chat template and an ``MllamaImageProcessor`` with small tiles,
+so that the real code path (same classes, 4-bit quantisation where
+bitsandbytes can, LoRA, TRL's SFTTrainer) runs on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+INSTRUCTION = "You are an expert radiographer. Describe accurately what you see in this image."
+SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|finetune_right_pad_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+)
+# Llama-3 chat format (the 11B-Vision-Instruct template without its tool-calling branches).
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' %}{{- '<|image|>' }}{%- elif content['type'] == 'text' %}{{- content['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+TINY_MARKER = "cxr_tiny_mllama.json"
+
+
+def build_tiny_base(out_dir: Path, texts: Iterable[str], seed: int = 0, tile: int = 56, vocab_size: int = 2000) -> Path:
+    """Train a tokenizer on ``texts`` and save a tiny random Mllama + processor to ``out_dir``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [t for t in texts if t] + [INSTRUCTION, "Classifier findings: none", "user assistant system"]
+    tok.train_from_iterator(corpus, trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>"
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    processor = MllamaProcessor(
+        image_processor=MllamaImageProcessor(size={"height": tile, "width": tile}, max_image_tiles=1),
+        tokenizer=hf,
+        chat_template=CHAT_TEMPLATE,
+    )
+    cfg = MllamaConfig(
+        vision_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_global_layers": 1,
+            "attention_heads": 2,
+            "intermediate_size": 64,
+            "image_size": tile,
+            "patch_size": 14,
+            "max_num_tiles": 1,
+            "supported_aspect_ratios": [[1, 1]],
+            "intermediate_layers_indices": [0],
+            "vision_output_dim": 64,  # hidden_size x (1 + len(intermediate_layers_indices))
+        },
+        text_config={
+            "vocab_size": len(hf),
+            "hidden_size": 64,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 128,
+            "cross_attention_layers": [1, 3],
+            "max_position_embeddings": 2048,
+            "bos_token_id": hf.bos_token_id,
+            "eos_token_id": hf.eos_token_id,
+            "pad_token_id": hf.pad_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+        },
+        image_token_index=hf.convert_tokens_to_ids("<|image|>"),
+    )
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(cfg)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / TINY_MARKER).write_text(
+        json.dumps({"name": "cxr-tiny-mllama", "seed": seed, "parameters": int(sum(p.numel() for p in model.parameters()))})
+    )
+    return out_dir
+
+
+def base_info(base_dir: Path) -> dict:
+    """Name and revision of a base model directory, for MLflow params."""
+    base_dir = Path(base_dir)
+    marker = base_dir / TINY_MARKER
+    if marker.exists():
+        return {
+            "base_model": "cxr-tiny-mllama (random init, built offline)",
+            "base_revision": json.loads(marker.read_text()).get("seed", 0),
+        }
+    cfg = json.loads((base_dir / "config.json").read_text()) if (base_dir / "config.json").exists() else {}
+    return {"base_model": cfg.get("_name_or_path") or base_dir.name, "base_revision": cfg.get("transformers_version", "unknown")}
+
+
+def user_prompt(findings_hint: str | None = None) -> str:
+    """The one instruction used at training and at inference (optionally with classifier findings)."""
+    return INSTRUCTION if not findings_hint else f"{INSTRUCTION}\n{findings_hint}"
+
+
+def findings_hint(probs: dict[str, float], threshold: float = 0.5, top: int = 5) -> str:
+    """'Classifier findings: pleural effusion 0.91, ...' from per-pathology probabilities."""
+    picked = sorted(((p, k) for k, p in probs.items() if p is not None and p >= threshold), reverse=True)[:top]
+    if not picked:
+        return "Classifier findings: none"
+    return "Classifier findings: " + ", ".join(f"{k.replace('_', ' ').lower()} {p:.2f}" for p, k in picked)
+
+
+def messages(prompt: str, report: str | None = None) -> list[dict]:
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    if report is not None:
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": report}]})
+    return msgs
+
+
+def to_rgb(img: np.ndarray):
+    """A uint8 grey shard image -> the RGB PIL image the processor expects."""
+    from PIL import Image
+
+    return Image.fromarray(np.asarray(img, dtype=np.uint8), mode="L").convert("RGB")
+
+
+@dataclass
+class MllamaCollator:
+    """Batches (image, prompt, report) for SFT, with the loss on the report tokens only.
+
+    TRL's built-in vision collator leaves Mllama's ``<|image|>`` token in the
+    labels and does not keep ``cross_attention_mask`` the length of a truncated
+    sequence; this one masks the prompt (everything up to and including the
+    assistant header), padding and the image token with -100, and truncates
+    ``input_ids``, ``attention_mask``, ``labels`` and ``cross_attention_mask``
+    together.
+    """
+
+    processor: object
+    max_length: int = 2048
+
+    def __call__(self, examples: Sequence[dict]) -> dict:
+        proc = self.processor
+        tok = proc.tokenizer
+        full = [proc.apply_chat_template(messages(e["prompt"], e["report"])) for e in examples]
+        prompts = [proc.apply_chat_template(messages(e["prompt"]), add_generation_prompt=True) for e in examples]
+        images = [[to_rgb(e["image"])] for e in examples]
+        tok.padding_side = "right"
+        batch = proc(images=images, text=full, return_tensors="pt", padding=True)
+        ids = batch["input_ids"]
+        labels = ids.clone()
+        for i, p in enumerate(prompts):
+            n_prompt = len(tok(p, add_special_tokens=False)["input_ids"])
+            labels[i, :n_prompt] = -100
+        labels[batch["attention_mask"] == 0] = -100
+        labels[ids == proc.image_token_id] = -100
+        batch["labels"] = labels
+        if ids.shape[1] > self.max_length:
+            for k in ("input_ids", "attention_mask", "labels", "cross_attention_mask"):
+                batch[k] = batch[k][:, : self.max_length]
+        return dict(batch)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The seeds' QLoRA recipe (r = alpha = 20, dropout 0, lr 1e-4 linear, warm-up 5, 200 steps, 8 x 4)."""
+
+    r: int = 20
+    alpha: int = 20
+    dropout: float = 0.0
+    target: str = "language"  # or "language+vision"
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    max_steps: int = 200
+    batch_size: int = 8
+    accumulation: int = 4
+    weight_decay: float = 0.01
+    max_length: int = 2048
+    quantize: bool = True  # 4-bit NF4, double quantisation, bf16 compute
+    seed: int = 0
+
+
+def lora_target(target: str) -> str:
+    """Regex over module names: attention (self and cross) and MLP projections."""
+    proj = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    if target == "language":
+        return rf".*language_model.*\.{proj}"
+    if target == "language+vision":
+        return rf".*(language_model|vision_model).*\.({proj[1:-1]}|fc1|fc2)"
+    raise ValueError(f"target must be 'language' or 'language+vision', not {target!r}")
+
+
+def load_base(base_dir: Path, quantize: bool, device=None):
+    """The base model, 4-bit NF4 (vision tower, projector and lm_head kept unquantised) when asked."""
+    import torch
+    from transformers import BitsAndBytesConfig, MllamaForConditionalGeneration
+
+    kwargs: dict = {"dtype": torch.bfloat16}
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            # full module prefixes: bitsandbytes matches them against the module names
+            llm_int8_skip_modules=["model.vision_model", "model.multi_modal_projector", "lm_head"],
+        )
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    return MllamaForConditionalGeneration.from_pretrained(str(base_dir), **kwargs)
+
+
+def train_adapter(base_dir: Path, train_examples: Sequence[dict], cfg: AdapterConfig, out_dir: Path, log=None, on_log=None) -> dict:
+    """QLoRA SFT with TRL's SFTTrainer; saves only the adapter to ``out_dir``. Returns the log history.
+
+    Checkpoints every 50 steps under ``out_dir/checkpoints``: a retried run resumes from the last one.
+    """
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import MllamaProcessor, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    out_dir = Path(out_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    processor = MllamaProcessor.from_pretrained(str(base_dir))
+    model = load_base(base_dir, cfg.quantize, device)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(
+        model,
+        LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=lora_target(cfg.target), task_type="CAUSAL_LM"),
+    )
+    ds = Dataset.from_list(
+        [{"image": np.asarray(e["image"], dtype=np.uint8).tolist(), "prompt": e["prompt"], "report": e["report"]} for e in train_examples]
+    )
+    collator = MllamaCollator(processor, cfg.max_length)
+
+    class Relay(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and on_log:
+                on_log(state.global_step, logs)
+
+    ckpt_dir = out_dir / "checkpoints"
+    args = SFTConfig(
+        output_dir=str(ckpt_dir),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.accumulation,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        optim="adamw_torch" if device.type == "cpu" else "adamw_bnb_8bit",
+        bf16=True,
+        gradient_checkpointing=False,  # already enabled (non-reentrant) by prepare_model_for_kbit_training
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=50,
+        save_total_limit=1,
+        report_to=[],
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        seed=cfg.seed,
+        use_cpu=device.type == "cpu",
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, data_collator=collator, processing_class=processor, callbacks=[Relay()])
+    last = None
+    if ckpt_dir.exists():
+        cks = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        last = str(cks[-1]) if cks else None
+        if last and log:
+            log(f"resuming from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    model.save_pretrained(str(out_dir / "adapter"))
+    processor.save_pretrained(str(out_dir / "adapter"))
+    return {"log_history": trainer.state.log_history, "resumed_from": last}
+
+
+def generate_reports(
+    base_dir: Path,
+    adapter_dir: Path | None,
+    images: Sequence[np.ndarray],
+    prompts: Sequence[str],
+    max_new_tokens: int = 96,
+    num_beams: int = 1,
+    batch_size: int = 8,
+    quantize: bool = True,
+) -> list[str]:
+    """Deterministic decoding (greedy or beam), batched; only the new tokens are returned."""
+    import torch
+    from peft import PeftModel
+    from transformers import MllamaProcessor
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    processor = MllamaProcessor.from_pretrained(str(base_dir))
+    model = load_base(base_dir, quantize, device)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    tok = processor.tokenizer
+    tok.padding_side = "left"  # generation continues from the right edge
+    out: list[str] = []
+    for i in range(0, len(images), batch_size):
+        texts = [processor.apply_chat_template(messages(p), add_generation_prompt=True) for p in prompts[i : i + batch_size]]
+        batch = processor(images=[[to_rgb(im)] for im in images[i : i + batch_size]], text=texts, return_tensors="pt", padding=True).to(
+            device
+        )
+        with torch.no_grad():
+            gen = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams, pad_token_id=tok.pad_token_id
+            )
+        new = gen[:, batch["input_ids"].shape[1] :]
+        out.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
+    return out
