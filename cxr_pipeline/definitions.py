@@ -15,6 +15,7 @@ from cxr_pipeline import settings  # noqa: F401  (sets the no-telemetry / offlin
 from cxr_pipeline.defs.classifier import CLASSIFIER_ASSETS, classifier
 from cxr_pipeline.defs.manifest import MANIFEST_CHECKS, manifest
 from cxr_pipeline.defs.raw import RAW, raw_mimic_cxr
+from cxr_pipeline.defs.reports import REPORT_ASSETS
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.shards import SHARD_CHECKS, image_shards
 
@@ -43,13 +44,18 @@ classifier_summary_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("classifier_metrics", "classifier_predictions"),
     description="The metrics table and the predictions table over every trained pathology.",
 )
+report_job = dg.define_asset_job(
+    "report_job",
+    selection=dg.AssetSelection.assets("report_pairs", "report_adapter", "generated_reports", "report_metrics"),
+    description="The report branch: pairs, QLoRA adapter, generated reports with baselines, report metrics.",
+)
 
 
 def build_defs() -> dg.Definitions:
     return dg.Definitions(
-        assets=[raw_mimic_cxr, manifest, image_shards, *CLASSIFIER_ASSETS],
+        assets=[raw_mimic_cxr, manifest, image_shards, *CLASSIFIER_ASSETS, *REPORT_ASSETS],
         asset_checks=[*MANIFEST_CHECKS, *SHARD_CHECKS],
-        jobs=[observe_raw_job, manifest_job, shards_job, classifier_job, classifier_summary_job],
+        jobs=[observe_raw_job, manifest_job, shards_job, classifier_job, classifier_summary_job, report_job],
         resources={"storage": CxrStorage.from_env(), "mlflow": MlflowTracking.from_env(), "compute": Compute()},
     )
 

@@ -264,6 +264,29 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home):
         preds = pl.read_parquet(mats["classifier_predictions"].metadata["path"].value)
         assert {"dicom_id", "split", "support_devices", "no_finding"} <= set(preds.columns) and preds.height == m.height
 
+        # the report branch end to end on the tiny offline Mllama
+        rcfg = {
+            "ops": {
+                "report_adapter": {"config": {"size": size, "max_steps": 3, "batch_size": 2, "accumulation": 1, "max_train_pairs": 12}},
+                "generated_reports": {"config": {"max_new_tokens": 6, "max_test_pairs": 6}},
+            }
+        }
+        rep = run_job(defs, "report_job", instance, run_config=rcfg)
+        rmats = {e.asset_key.to_user_string(): e.materialization for e in rep.get_asset_materialization_events()}
+        assert set(rmats) == {"report_pairs", "report_adapter", "generated_reports", "report_metrics"}
+        assert rmats["report_adapter"].metadata["prompt_variant"].value == "instruction+classifier_findings"
+        arun = client.get_run(rmats["report_adapter"].metadata["mlflow_run_id"].value)
+        assert arun.data.params["base_model"].startswith("cxr-tiny-mllama") and "loss" in arun.data.metrics
+        assert any(a.path == "adapter" for a in client.list_artifacts(arun.info.run_id))
+        gen = pl.read_parquet(rmats["generated_reports"].metadata["path"].value)
+        assert gen.height == 6 and {"reference", "adapter", "template", "retrieval"} <= set(gen.columns)
+        rm = pl.read_parquet(rmats["report_metrics"].metadata["path"].value)
+        assert rm["system"].to_list() == ["adapter", "template", "retrieval"]
+        import shutil
+
+        for col in ("BLEU_1", "BLEU_4", "ROUGE_L", "CIDEr", "ce_micro14_f1", "ce_macro5_f1", *(["METEOR"] if shutil.which("java") else [])):
+            assert col in rm.columns
+
 
 def test_registry_aliases_follow_test_auc(cxr_home):
     from cxr_pipeline.defs.classifier import _register

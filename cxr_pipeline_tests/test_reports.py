@@ -177,3 +177,15 @@ def test_pairs_split_by_study_and_text_source():
     assert report_text("F.", "I.", "findings+impression") == "F. I."
     assert build_pairs(m, min_words=3).height == 0
     assert not splits_by_study_ok(p.with_columns(pl.Series("split", ["train", "validate", "test"])))
+
+
+def test_template_and_retrieval_baselines():
+    import numpy as np
+
+    from cxr_pipeline.reports.baselines import nearest_reports, template_report
+
+    t = template_report({"pleural_effusion": 0.9, "cardiomegaly": 0.05, "pneumothorax": 0.3}, {"pleural_effusion": 0.6})
+    assert "pleural effusion." in t and "Heart size is normal." in t and "pneumothorax" not in t.lower()
+    assert template_report({"support_devices": 0.9}).endswith("No acute cardiopulmonary process.")
+    got = nearest_reports(np.array([[0.9, 0.1], [0.1, 0.9]]), ["effusion", "normal"], np.array([[0.8, 0.2], [0.0, 1.0]]))
+    assert got == ["effusion", "normal"]

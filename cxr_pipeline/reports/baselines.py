@@ -1,0 +1,62 @@
+"""Two report baselines every run is compared with: a template and nearest-neighbour retrieval."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from cxr_pipeline.labels import SLUGS
+
+POSITIVE = {
+    "atelectasis": "There is atelectasis.",
+    "cardiomegaly": "The heart is enlarged.",
+    "consolidation": "There is focal consolidation.",
+    "edema": "There is pulmonary edema.",
+    "enlarged_cardiomediastinum": "The cardiomediastinal silhouette is widened.",
+    "fracture": "There is a rib fracture.",
+    "lung_lesion": "There is a pulmonary nodule.",
+    "lung_opacity": "There is a focal opacity.",
+    "pleural_effusion": "There is a pleural effusion.",
+    "pleural_other": "There is pleural thickening.",
+    "pneumonia": "Findings are consistent with pneumonia.",
+    "pneumothorax": "There is a pneumothorax.",
+    "support_devices": "Support devices are in place.",
+}
+NEGATIVE = {
+    "cardiomegaly": "Heart size is normal.",
+    "consolidation": "No focal consolidation.",
+    "edema": "No pulmonary edema.",
+    "pleural_effusion": "No pleural effusion.",
+    "pneumothorax": "No pneumothorax.",
+}
+NORMAL = "No acute cardiopulmonary process."
+
+
+def template_report(probs: Mapping[str, float | None], thresholds: Mapping[str, float] | None = None, negative_below: float = 0.1) -> str:
+    """A sentence per finding above its threshold, negated sentences for confident negatives."""
+    thresholds = thresholds or {}
+    pos = [s for s in POSITIVE if probs.get(s) is not None and probs[s] >= thresholds.get(s, 0.5)]
+    neg = [NEGATIVE[s] for s in NEGATIVE if s not in pos and probs.get(s) is not None and probs[s] < negative_below]
+    sentences = [POSITIVE[s] for s in pos] + neg
+    if not [s for s in pos if s != "support_devices"]:
+        sentences.append(NORMAL)
+    return " ".join(sentences)
+
+
+def nearest_reports(train_vectors: np.ndarray, train_texts: Sequence[str], query_vectors: np.ndarray) -> list[str]:
+    """Report of the most similar training image (cosine similarity of classifier outputs)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    if len(train_texts) == 0:
+        return [""] * len(query_vectors)
+    nn = NearestNeighbors(n_neighbors=1, metric="cosine").fit(np.nan_to_num(train_vectors, nan=0.0) + 1e-6)
+    idx = nn.kneighbors(np.nan_to_num(query_vectors, nan=0.0) + 1e-6, return_distance=False)[:, 0]
+    return [train_texts[i] for i in idx]
+
+
+def prob_columns(columns: Sequence[str]) -> list[str]:
+    return [s for s in SLUGS if s in columns]
+
+
+__all__ = ["nearest_reports", "prob_columns", "template_report"]
