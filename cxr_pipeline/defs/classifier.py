@@ -343,7 +343,7 @@ def classifier_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, m
     kinds={"polars", "parquet"},
     description="Per-image probability for each trained pathology (all splits; report generation uses the test split).",
 )
-def classifier_predictions(context: dg.AssetExecutionContext, storage: CxrStorage) -> dg.MaterializeResult:
+def classifier_predictions(context: dg.AssetExecutionContext, storage: CxrStorage, mlflow: MlflowTracking) -> dg.MaterializeResult:
     wide = None
     done = []
     for s in SLUGS:
@@ -357,8 +357,16 @@ def classifier_predictions(context: dg.AssetExecutionContext, storage: CxrStorag
         raise dg.Failure("no classifier partition has been materialized yet")
     path = write_parquet(wide.sort("dicom_id"), storage.asset_dir("classifier") / "classifier_predictions.parquet")
     context.log.info(f"predictions for {wide.height} images x {len(done)} pathologies")
+    with mlflow.run(context) as run:
+        run.log_metrics({"images": wide.height, "pathologies": len(done)})
+        links = mlflow_metadata(run)
     return dg.MaterializeResult(
-        metadata={"path": dg.MetadataValue.path(str(path)), "dagster/row_count": wide.height, "pathologies": dg.MetadataValue.json(done)}
+        metadata={
+            "path": dg.MetadataValue.path(str(path)),
+            "dagster/row_count": wide.height,
+            "pathologies": dg.MetadataValue.json(done),
+            **links,
+        }
     )
 
 

@@ -40,7 +40,9 @@ class PairsConfig(dg.Config):
     kinds={"polars", "parquet"},
     description="Image reference + target report text per manifest image, in the manifest's patient-level split (a study never spans two splits).",
 )
-def report_pairs(context: dg.AssetExecutionContext, config: PairsConfig, storage: CxrStorage) -> dg.MaterializeResult:
+def report_pairs(
+    context: dg.AssetExecutionContext, config: PairsConfig, storage: CxrStorage, mlflow: MlflowTracking
+) -> dg.MaterializeResult:
     from cxr_pipeline.reports.pairs import build_pairs, splits_by_study_ok
 
     pairs = build_pairs(read_manifest(storage), config.text_source, config.min_words, config.max_words)
@@ -48,12 +50,17 @@ def report_pairs(context: dg.AssetExecutionContext, config: PairsConfig, storage
         raise dg.Failure("a study appears in two splits: the manifest's split is broken")
     path = write_parquet(pairs, reports_dir(storage) / "report_pairs.parquet")
     counts = {s: int((pairs["split"] == s).sum()) for s in ("train", "validate", "test")}
+    with mlflow.run(context) as run:
+        run.log_params(config.model_dump())
+        run.log_metrics({**{f"pairs_{k}": v for k, v in counts.items()}, "mean_words": float(pairs["words"].mean() or 0)})
+        links = mlflow_metadata(run)
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(path)),
             "dagster/row_count": pairs.height,
             "by_split": dg.MetadataValue.json(counts),
             "mean_words": float(pairs["words"].mean() or 0),
+            **links,
         }
     )
 
@@ -200,7 +207,9 @@ class GenerateConfig(dg.Config):
     kinds={"pytorch", "parquet"},
     description="Test-split reports from the adapter (deterministic decoding), a template from the classifiers, and nearest-neighbour retrieval.",
 )
-def generated_reports(context: dg.AssetExecutionContext, config: GenerateConfig, storage: CxrStorage) -> dg.MaterializeResult:
+def generated_reports(
+    context: dg.AssetExecutionContext, config: GenerateConfig, storage: CxrStorage, mlflow: MlflowTracking
+) -> dg.MaterializeResult:
     from cxr_pipeline.reports.baselines import nearest_reports, template_report
     from cxr_pipeline.reports.vlm import generate_reports
 
@@ -242,6 +251,11 @@ def generated_reports(context: dg.AssetExecutionContext, config: GenerateConfig,
         pl.Series("retrieval", retrieval, dtype=pl.String),
     )
     path = write_parquet(out, reports_dir(storage) / "generated_reports.parquet")
+    with mlflow.run(context, {"prompt_variant": variant}) as run:
+        run.log_params({**config.model_dump(), "prompt_variant": variant, "base": meta["base"]})
+        run.log_metrics({"reports": out.height, "empty_adapter_reports": sum(1 for t in adapter_out if not t.strip())})
+        run.log_table(out.head(50), "generated_reports")
+        links = mlflow_metadata(run)
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(path)),
@@ -249,6 +263,7 @@ def generated_reports(context: dg.AssetExecutionContext, config: GenerateConfig,
             "prompt_variant": variant,
             "decoding": "greedy" if config.num_beams == 1 else f"beam {config.num_beams}",
             "examples": _table(out.head(5)),
+            **links,
         }
     )
 
