@@ -40,10 +40,7 @@ SIZE = 2048
 
 
 def make_files(root: Path, n: int) -> list[Path]:
-    import pydicom  # noqa: F401
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
-
+    from cxr_pipeline.data.dicom_writer import write_plain_dicom
     from cxr_pipeline.data.phantom import Anatomy, render
 
     root.mkdir(parents=True, exist_ok=True)
@@ -59,21 +56,7 @@ def make_files(root: Path, n: int) -> list[Path]:
         findings = {"Cardiomegaly": 1.0} if i % 3 == 0 else {"Pleural Effusion": 1.0} if i % 3 == 1 else {}
         img = render(rng, SIZE, SIZE, "PA", findings, Anatomy.draw(rng))
         arr = np.round(img * 4095).astype(np.uint16)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
-        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = SIZE, SIZE, 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = arr.tobytes()
-        if kind == "j2k":
-            ds.compress(JPEG2000Lossless, arr, encoding_plugin="pylibjpeg", generate_instance_uid=False)
-        tmp = f.with_suffix(".tmp")
-        ds.save_as(tmp, enforce_file_format=True)
-        tmp.rename(f)
+        write_plain_dicom(f, arr, bits=12, jpeg2000=kind == "j2k")
         print(f"  made {f.name}", file=sys.stderr)
     return files
 

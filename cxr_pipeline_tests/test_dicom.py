@@ -7,39 +7,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxr_pipeline.cli import main
 from cxr_pipeline.data.dicom import DecodeError, decode, letterbox, prepare
+from cxr_pipeline.data.dicom_writer import write_plain_dicom
 
 DATA = Path(pydicom.__file__).resolve().parent.parent / "data_store" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "RG1_UNCR.dcm").exists(), reason="pydicom-data not installed")
 
 
 def make_dicom(path: Path, arr: np.ndarray, *, photometric="MONOCHROME2", bits=12, frames=1, **extra) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName = "SECRET^NAME"
-    ds.PatientID = "MRN-SECRET-1"
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = arr.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    for k, v in extra.items():
-        setattr(ds, k, v)
-    ds.PixelData = arr.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_plain_dicom(path, arr, photometric=photometric, bits=bits, PatientName="SECRET^NAME", PatientID="MRN-SECRET-1", **extra)
 
 
 @pytest.fixture

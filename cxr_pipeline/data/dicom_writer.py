@@ -107,3 +107,34 @@ def write_jpg(path: Path, pixels: np.ndarray) -> None:
     img = Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8), mode="L")
     img = ImageOps.equalize(img)
     _atomic_save(path, lambda p: img.save(p, format="JPEG", quality=95))
+
+
+def write_plain_dicom(
+    path: Path, arr: np.ndarray, *, photometric: str = "MONOCHROME2", bits: int = 12, jpeg2000: bool = False, **attributes
+) -> Path:
+    """A minimal Digital X-Ray DICOM of ``arr`` (uint16, 2-D or frames x 2-D) with any extra attributes.
+
+    For tests and benchmarks that need one exact file rather than a replica.
+    """
+    from pydicom.uid import generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DX_PRESENTATION
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = DX_PRESENTATION, meta.MediaStorageSOPInstanceUID, "DX"
+    ds.Rows, ds.Columns = arr.shape[-2:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    if arr.ndim == 3:
+        ds.NumberOfFrames = arr.shape[0]
+    for k, v in attributes.items():
+        setattr(ds, k, v)
+    data = np.ascontiguousarray(arr, dtype=np.uint16)
+    ds.PixelData = data.tobytes()
+    if jpeg2000:
+        ds.compress(JPEG2000Lossless, data, encoding_plugin="pylibjpeg", generate_instance_uid=False)
+    _atomic_save(Path(path), lambda p: ds.save_as(p, enforce_file_format=True))
+    return Path(path)
