@@ -12,6 +12,7 @@ from __future__ import annotations
 import dagster as dg
 
 from cxr_pipeline import settings  # noqa: F401  (sets the no-telemetry / offline defaults first)
+from cxr_pipeline.defs.automation import schedules_and_sensors, with_automation
 from cxr_pipeline.defs.classifier import CLASSIFIER_ASSETS, classifier
 from cxr_pipeline.defs.manifest import MANIFEST_CHECKS, manifest
 from cxr_pipeline.defs.raw import RAW, raw_mimic_cxr
@@ -52,8 +53,11 @@ report_job = dg.define_asset_job(
 
 
 def build_defs() -> dg.Definitions:
+    schedules, sensors = schedules_and_sensors(observe_raw_job, manifest_job)
     return dg.Definitions(
-        assets=[raw_mimic_cxr, manifest, image_shards, *CLASSIFIER_ASSETS, *REPORT_ASSETS],
+        assets=[raw_mimic_cxr, *with_automation([manifest, image_shards, *CLASSIFIER_ASSETS, *REPORT_ASSETS])],
+        schedules=schedules,
+        sensors=sensors,
         asset_checks=[*MANIFEST_CHECKS, *SHARD_CHECKS],
         jobs=[observe_raw_job, manifest_job, shards_job, classifier_job, classifier_summary_job, report_job],
         resources={"storage": CxrStorage.from_env(), "mlflow": MlflowTracking.from_env(), "compute": Compute()},

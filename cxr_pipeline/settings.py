@@ -8,6 +8,9 @@ Environment variables (all optional):
   demo replica ``$CXR_HOME/raw``). Point it at the real dataset to use it.
 - ``MLFLOW_TRACKING_URI``: default ``sqlite:///$CXR_HOME/mlflow.db``.
 - ``CXR_VLM_BASE``: base vision-language model (a local directory).
+- ``CXR_IMAGE_SIZE``: default shard size in pixels (224), shared by the shard,
+  classifier and report assets so that runs started by automation agree.
+- ``CXR_OBSERVE_CRON``: when the raw dataset is observed (default hourly).
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def image_size() -> int:
+    return int(os.environ.get("CXR_IMAGE_SIZE", "224"))
+
+
+def observe_cron() -> str:
+    return os.environ.get("CXR_OBSERVE_CRON", "0 * * * *")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from cxr_pipeline.defs.manifest import MANIFEST, _table, read_manifest
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking, mlflow_metadata
 from cxr_pipeline.defs.shards import IMAGE_SHARDS, shard_root
 from cxr_pipeline.labels import LABEL_BY_SLUG, LABELS, SLUGS, slug
+from cxr_pipeline.settings import image_size
 
 CLASSIFIER = "classifier"
 CLASSIFIER_METRICS = "classifier_metrics"
@@ -44,7 +45,7 @@ class ClassifierConfig(dg.Config):
 
     arch: str = "resnet18"
     weights: str = ""  # optional local backbone weights (.safetensors / .pt)
-    size: int = 224  # must match the image_shards size
+    size: int = image_size()  # must match the image_shards size
     epochs: int = 20
     batch_size: int = 32
     accumulation: int = 4

@@ -14,6 +14,7 @@ from cxr_pipeline.defs.manifest import MANIFEST, _table, read_manifest
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking, mlflow_metadata
 from cxr_pipeline.defs.shards import IMAGE_SHARDS, shard_root
 from cxr_pipeline.labels import SLUGS
+from cxr_pipeline.settings import image_size
 
 REPORT_PAIRS = "report_pairs"
 REPORT_ADAPTER = "report_adapter"
@@ -69,7 +70,7 @@ class AdapterAssetConfig(dg.Config):
     """The seeds' QLoRA recipe; ``base`` empty: $CXR_VLM_BASE, else the tiny offline Mllama."""
 
     base: str = ""
-    size: int = 224  # shard size the images are read at
+    size: int = image_size()  # shard size the images are read at
     r: int = 20
     alpha: int = 20
     dropout: float = 0.0

@@ -11,6 +11,7 @@ from cxr_pipeline.data.io import write_parquet
 from cxr_pipeline.data.shards import PARTITIONS, ShardSpec, build_partition, contact_sheet, gather, partition_of, read_index, write_png
 from cxr_pipeline.defs.manifest import MANIFEST, _table, read_manifest
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking, mlflow_metadata, upstream_data_version
+from cxr_pipeline.settings import image_size
 
 IMAGE_SHARDS = "image_shards"
 SHARD_REJECTS = "shard_rejects"
@@ -25,7 +26,7 @@ def shard_root(storage: CxrStorage, size: int) -> Path:
 class ShardConfig(dg.Config):
     """Image size of the shards (square, letterboxed), shard file size and decode processes."""
 
-    size: int = 224
+    size: int = image_size()  # CXR_IMAGE_SIZE, 224 by default
     images_per_shard: int = 1024
     workers: int = 0  # 0: one per CPU core
 
