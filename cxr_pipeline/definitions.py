@@ -9,6 +9,8 @@ pointing those variables at a temporary directory).
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 from cxr_pipeline import settings  # noqa: F401  (sets the no-telemetry / offline defaults first)
@@ -52,9 +54,19 @@ report_job = dg.define_asset_job(
 )
 
 
+def _executor():
+    """CXR_EXECUTOR=k8s: every step in its own Kubernetes pod (needs dagster-k8s, as the image has)."""
+    if os.environ.get("CXR_EXECUTOR") == "k8s":
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor
+    return None
+
+
 def build_defs() -> dg.Definitions:
     schedules, sensors = schedules_and_sensors(observe_raw_job, manifest_job)
     return dg.Definitions(
+        executor=_executor(),
         assets=[raw_mimic_cxr, *with_automation([manifest, image_shards, *CLASSIFIER_ASSETS, *REPORT_ASSETS])],
         schedules=schedules,
         sensors=sensors,

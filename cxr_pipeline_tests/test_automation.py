@@ -13,7 +13,9 @@ def requested(result) -> dict[str, set]:
     out: dict[str, set] = {}
     for r in result.results:
         if r.true_subset.size:
-            out[r.key.to_user_string()] = set(r.true_subset.expensively_compute_partition_keys()) if r.true_subset.is_partitioned else {None}
+            out[r.key.to_user_string()] = (
+                set(r.true_subset.expensively_compute_partition_keys()) if r.true_subset.is_partitioned else {None}
+            )
     return out
 
 

@@ -18,6 +18,8 @@ CLASSIFIER = "classifier"
 CLASSIFIER_METRICS = "classifier_metrics"
 CLASSIFIER_PREDICTIONS = "classifier_predictions"
 CLASSIFIER_CODE_VERSION = "1"
+# On Kubernetes (docker/helm/values.yaml) the step pod asks for one GPU.
+GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
 label_partitions = dg.StaticPartitionsDefinition(list(SLUGS))
 
 # The 2024 seeds' published test ROC-AUC (ResNet-18, MIMIC-CXR-JPG PA), with the three
@@ -118,6 +120,7 @@ def _register(run, label_slug: str, test_auc: float | None, log) -> dict:
     group_name="classifiers",
     code_version=CLASSIFIER_CODE_VERSION,
     pool="gpu",
+    op_tags=GPU_TAGS,
     kinds={"pytorch", "safetensors"},
     retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
     description="One binary CNN per CheXpert observation: best-validation-loss weights (safetensors), test metrics with CIs, MLflow run and registered model.",

@@ -9,7 +9,7 @@ import polars as pl
 
 from cxr_pipeline.data.io import write_parquet
 from cxr_pipeline.data.shards import load_images
-from cxr_pipeline.defs.classifier import CLASSIFIER_PREDICTIONS, classifier_dir
+from cxr_pipeline.defs.classifier import CLASSIFIER_PREDICTIONS, GPU_TAGS, classifier_dir
 from cxr_pipeline.defs.manifest import MANIFEST, _table, read_manifest
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking, mlflow_metadata
 from cxr_pipeline.defs.shards import IMAGE_SHARDS, shard_root
@@ -141,6 +141,7 @@ def _base_dir(storage: CxrStorage, config_base: str, train_texts: list[str], log
     group_name="reports",
     code_version=REPORTS_CODE_VERSION,
     pool="gpu",
+    op_tags=GPU_TAGS,
     kinds={"pytorch", "peft"},
     retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
     description="QLoRA adapter (4-bit NF4 base, LoRA on the language model's attention incl. cross-attention and MLP) that writes a report from an image.",
@@ -205,6 +206,7 @@ class GenerateConfig(dg.Config):
     group_name="reports",
     code_version=REPORTS_CODE_VERSION,
     pool="gpu",
+    op_tags=GPU_TAGS,
     kinds={"pytorch", "parquet"},
     description="Test-split reports from the adapter (deterministic decoding), a template from the classifiers, and nearest-neighbour retrieval.",
 )

@@ -1,0 +1,75 @@
+"""docker/ and the Helm values agree with the code: module, ports, environment, GPU tags."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from cxr_pipeline.definitions import build_defs
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+MODULE = "cxr_pipeline.definitions"
+ENV = {"CXR_HOME", "CXR_RAW_DIR", "CXR_IMAGE_SIZE", "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "HF_HUB_OFFLINE"}
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((DOCKER / name).read_text())
+
+
+def test_module_and_grpc_port_agree():
+    workspace = load("workspace.yaml")["load_from"][0]["grpc_server"]
+    compose = load("docker-compose.yaml")["services"]
+    code_cmd = compose["code"]["command"]
+    assert MODULE in code_cmd and str(workspace["port"]) == code_cmd[code_cmd.index("-p") + 1]
+    assert workspace["host"] == "code"
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert f'"-m", "{MODULE}"' in dockerfile and f"EXPOSE {workspace['port']}" in dockerfile
+    helm = load("helm/values.yaml")["dagster-user-deployments"]["deployments"][0]
+    assert helm["dagsterApiGrpcArgs"] == ["-m", MODULE] and helm["port"] == workspace["port"]
+    assert (ROOT / "pyproject.toml").read_text().count(f'module_name = "{MODULE}"') == 1
+
+
+def test_environment_is_passed_everywhere_it_is_needed():
+    compose = load("docker-compose.yaml")["services"]
+    for svc in ("code", "webserver", "daemon"):
+        assert ENV <= set(compose[svc]["environment"]), svc
+    instance = load("dagster.yaml")
+    assert ENV <= set(instance["run_launcher"]["config"]["env_vars"])
+    helm = load("helm/values.yaml")
+    assert ENV <= {e["name"] for e in helm["dagster-user-deployments"]["deployments"][0]["env"]}
+    assert ENV <= set(helm["runLauncher"]["config"]["k8sRunLauncher"]["envVars"])
+    settings = (ROOT / "cxr_pipeline" / "settings.py").read_text()
+    for var in ("CXR_HOME", "CXR_RAW_DIR", "CXR_IMAGE_SIZE", "MLFLOW_TRACKING_URI"):
+        assert var in settings
+
+
+def test_instance_uses_postgres_queue_docker_and_gpu_pool():
+    instance = load("dagster.yaml")
+    assert "postgres" in instance["storage"] and instance["storage"]["postgres"]["postgres_db"]["hostname"] == "postgres"
+    assert instance["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    assert instance["run_launcher"]["class"] == "DockerRunLauncher" and instance["run_launcher"]["config"]["network"] == "cxr"
+    assert instance["run_launcher"]["config"]["container_kwargs"]["device_requests"][0]["driver"] == "nvidia"
+    assert instance["concurrency"]["pools"]["default_limit"] == 1
+    assert instance["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
+    compose = load("docker-compose.yaml")
+    assert compose["networks"]["cxr"]["name"] == "cxr"
+    mlflow_cmd = compose["services"]["mlflow"]["command"]
+    assert "--workers 1" in mlflow_cmd and "postgresql://" in mlflow_cmd
+    assert compose["services"]["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    port = re.search(r"--port (\d+)", mlflow_cmd).group(1)
+    assert compose["x-cxr-env"]["MLFLOW_TRACKING_URI"].endswith(f":{port}")
+    assert load("helm/values.yaml")["runLauncher"]["type"] == "K8sRunLauncher"
+
+
+def test_gpu_assets_share_the_pool_and_request_a_gpu_on_kubernetes():
+    graph = build_defs().resolve_asset_graph()
+    for key in ("classifier", "report_adapter", "generated_reports"):
+        node = graph.get(dg.AssetKey(key))
+        assert node.pools == {"gpu"}, key
+        tags = json.loads(node.assets_def.op.tags["dagster-k8s/config"])  # Dagster stores dict tags as JSON
+        assert tags["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"

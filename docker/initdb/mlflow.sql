@@ -1,0 +1,2 @@
+-- MLflow's tracking database beside Dagster's.
+CREATE DATABASE mlflow OWNER cxr;
