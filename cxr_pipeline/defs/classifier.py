@@ -8,8 +8,8 @@ import polars as pl
 
 from cxr_pipeline.data.io import atomic_path, write_parquet
 from cxr_pipeline.data.shards import load_images
-from cxr_pipeline.defs.manifest import MANIFEST, _table, read_manifest
-from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking, mlflow_metadata
+from cxr_pipeline.defs.manifest import MANIFEST, read_manifest
+from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking, mlflow_metadata, table_metadata, to_dataclass
 from cxr_pipeline.defs.shards import IMAGE_SHARDS, shard_root
 from cxr_pipeline.labels import LABEL_BY_SLUG, LABELS, SLUGS, slug
 from cxr_pipeline.settings import image_size
@@ -67,22 +67,7 @@ class ClassifierConfig(dg.Config):
     def train_config(self):
         from cxr_pipeline.vision.train import TrainConfig
 
-        return TrainConfig(
-            arch=self.arch,
-            dropout=self.dropout,
-            weights=self.weights or None,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            accumulation=self.accumulation,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            imbalance=self.imbalance,
-            rotation=self.rotation,
-            hflip=self.hflip,
-            seed=self.seed,
-            precision=self.precision,
-        )
+        return to_dataclass(self, TrainConfig, weights=self.weights or None)
 
 
 def _register(run, label_slug: str, test_auc: float | None, log) -> dict:
@@ -329,7 +314,7 @@ def classifier_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, m
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(path)),
-            "table": _table(show.with_columns(pl.col(pl.Float64).round(4))),
+            "table": table_metadata(show.with_columns(pl.col(pl.Float64).round(4))),
             "pathologies": df.height,
             "evaluable": ev.height,
             "mean_roc_auc": float(ev["roc_auc"].mean()) if ev.height else float("nan"),

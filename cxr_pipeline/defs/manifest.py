@@ -9,7 +9,7 @@ import polars as pl
 from cxr_pipeline.data.io import file_digest, write_parquet
 from cxr_pipeline.data.mimic import LABEL_COLUMNS, DatasetError, ManifestPolicy, build_manifest, label_prevalence
 from cxr_pipeline.defs.raw import RAW
-from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking, mlflow_metadata, upstream_data_version
+from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking, mlflow_metadata, table_metadata, upstream_data_version
 from cxr_pipeline.labels import LABELS
 
 MANIFEST = "manifest"
@@ -42,17 +42,6 @@ class ManifestConfig(dg.Config):
             radiologist_test_labels=self.radiologist_test_labels,
             check_files=self.check_files,
         )
-
-
-def _table(df: pl.DataFrame, limit: int = 50) -> dg.TableMetadataValue:
-    """A polars frame as Dagster table metadata (first ``limit`` rows)."""
-    cols = []
-    for name, dtype in df.schema.items():
-        t = "int" if dtype.is_integer() else "float" if dtype.is_float() else "bool" if dtype == pl.Boolean else "string"
-        cols.append(dg.TableColumn(name, t))
-    # every record needs every field: a missing value is shown as "-"
-    records = [dg.TableRecord({k: ("-" if v is None else v) for k, v in row.items()}) for row in df.head(limit).iter_rows(named=True)]
-    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=cols))
 
 
 @dg.multi_asset(
@@ -132,7 +121,7 @@ def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, storage:
                 "dagster/row_count": result.manifest.height,
                 "rows_by_split": dg.MetadataValue.json({s: result.stats.get(f"rows_{s}", 0) for s in ("train", "validate", "test")}),
                 "stats": dg.MetadataValue.json(result.stats),
-                "label_prevalence": _table(prevalence),
+                "label_prevalence": table_metadata(prevalence),
                 "policy": dg.MetadataValue.json(config.model_dump()),
                 "raw_data_version": data_version,
                 "seconds": round(seconds, 3),
@@ -146,7 +135,7 @@ def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, storage:
             metadata={
                 "path": dg.MetadataValue.path(str(rpath)),
                 "dagster/row_count": result.rejects.height,
-                "reasons": _table(reasons),
+                "reasons": table_metadata(reasons),
                 **links,
             },
         )

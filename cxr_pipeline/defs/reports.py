@@ -10,8 +10,8 @@ import polars as pl
 from cxr_pipeline.data.io import write_parquet
 from cxr_pipeline.data.shards import load_images
 from cxr_pipeline.defs.classifier import CLASSIFIER_PREDICTIONS, GPU_TAGS, classifier_dir
-from cxr_pipeline.defs.manifest import MANIFEST, _table, read_manifest
-from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking, mlflow_metadata
+from cxr_pipeline.defs.manifest import MANIFEST, read_manifest
+from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking, mlflow_metadata, table_metadata, to_dataclass
 from cxr_pipeline.defs.shards import IMAGE_SHARDS, shard_root
 from cxr_pipeline.labels import SLUGS
 from cxr_pipeline.settings import image_size
@@ -89,20 +89,7 @@ class AdapterAssetConfig(dg.Config):
     def adapter_config(self):
         from cxr_pipeline.reports.vlm import AdapterConfig
 
-        return AdapterConfig(
-            r=self.r,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            target=self.target,
-            lr=self.lr,
-            warmup_steps=self.warmup_steps,
-            max_steps=self.max_steps,
-            batch_size=self.batch_size,
-            accumulation=self.accumulation,
-            max_length=self.max_length,
-            quantize=self.quantize,
-            seed=self.seed,
-        )
+        return to_dataclass(self, AdapterConfig)
 
 
 def _predictions(storage: CxrStorage) -> pl.DataFrame | None:
@@ -265,7 +252,7 @@ def generated_reports(
             "dagster/row_count": out.height,
             "prompt_variant": variant,
             "decoding": "greedy" if config.num_beams == 1 else f"beam {config.num_beams}",
-            "examples": _table(out.head(5)),
+            "examples": table_metadata(out.head(5)),
             **links,
         }
     )
@@ -319,7 +306,7 @@ def report_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflo
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(path)),
-            "table": _table(show),
+            "table": table_metadata(show),
             "empty_or_malformed": bad_total,
             "examples": dg.MetadataValue.md(md),
             **links,

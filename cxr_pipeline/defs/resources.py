@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import polars as pl
 
 from cxr_pipeline import __version__
 from cxr_pipeline.settings import Paths, paths
@@ -79,6 +80,26 @@ class MlflowTracking(dg.ConfigurableResource):
 def mlflow_metadata(run: TrackedRun) -> dict[str, dg.MetadataValue]:
     """The back-link every materialization carries."""
     return {"mlflow_run_id": dg.MetadataValue.text(run.run_id), "mlflow_run": dg.MetadataValue.url(run.url)}
+
+
+def table_metadata(df: pl.DataFrame, limit: int = 50) -> dg.TableMetadataValue:
+    """A polars frame as Dagster table metadata (first ``limit`` rows)."""
+    cols = []
+    for name, dtype in df.schema.items():
+        t = "int" if dtype.is_integer() else "float" if dtype.is_float() else "bool" if dtype == pl.Boolean else "string"
+        cols.append(dg.TableColumn(name, t))
+    # every record needs every field: a missing value is shown as "-"
+    records = [dg.TableRecord({k: ("-" if v is None else v) for k, v in row.items()}) for row in df.head(limit).iter_rows(named=True)]
+    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=cols))
+
+
+def to_dataclass(config: dg.Config, cls, **overrides):
+    """The domain dataclass ``cls`` from the Dagster config fields of the same names."""
+    import dataclasses
+
+    values = config.model_dump()
+    kwargs = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+    return cls(**{**kwargs, **overrides})
 
 
 def upstream_data_version(context: dg.AssetExecutionContext, key: str, *, is_source: bool) -> str:

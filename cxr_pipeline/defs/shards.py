@@ -9,8 +9,8 @@ import polars as pl
 
 from cxr_pipeline.data.io import write_parquet
 from cxr_pipeline.data.shards import PARTITIONS, ShardSpec, build_partition, contact_sheet, gather, partition_of, read_index, write_png
-from cxr_pipeline.defs.manifest import MANIFEST, _table, read_manifest
-from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking, mlflow_metadata, upstream_data_version
+from cxr_pipeline.defs.manifest import MANIFEST, read_manifest
+from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking, mlflow_metadata, table_metadata, upstream_data_version
 from cxr_pipeline.settings import image_size
 
 IMAGE_SHARDS = "image_shards"
@@ -121,7 +121,7 @@ def image_shards(context: dg.AssetExecutionContext, config: ShardConfig, storage
             metadata={
                 "path": dg.MetadataValue.path(str(out / "shard_rejects.parquet")),
                 "dagster/row_count": result.rejects.height,
-                "rejects": _table(result.rejects.select("dicom_id", "path", "reason")),
+                "rejects": table_metadata(result.rejects.select("dicom_id", "path", "reason")),
                 **links,
             },
         )

@@ -42,10 +42,6 @@ def head(net, arch: str):
     return net.classifier[-1][1]
 
 
-def feature_dim(net, arch: str) -> int:
-    return head(net, arch).in_features
-
-
 def read_state_dict(path: Path) -> dict:
     import torch
 
