@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import dagster as dg
+import polars as pl
 import pytest
 
+from cxr_pipeline.data.shards import partition_fingerprints
 from cxr_pipeline.data.synthetic import SynthConfig, generate
 from cxr_pipeline.definitions import build_defs
+from cxr_pipeline.defs.automation import with_automation
+from cxr_pipeline.defs.manifest import MANIFEST_CHECKS
+from cxr_pipeline.defs.manifest import manifest as manifest_assets
+from cxr_pipeline.defs.raw import raw_mimic_cxr
+from cxr_pipeline.defs.shards import image_shards
 
 
 def requested(result) -> dict[str, set]:
@@ -25,7 +32,7 @@ def small(tmp_path, monkeypatch):
     generate(SynthConfig(patients=6, seed=11, image_size=48), raw)
     monkeypatch.setenv("CXR_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CXR_RAW_DIR", str(raw))
-    return raw
+    return raw, tmp_path / "home"
 
 
 def test_schedules_and_sensor_defaults():
@@ -40,6 +47,7 @@ def test_schedules_and_sensor_defaults():
 
 
 def test_new_data_is_requested_downstream_and_unchanged_data_is_not(small):
+    small, home = small
     defs = build_defs()
     observe = defs.resolve_job_def("observe_raw")
     with dg.DagsterInstance.ephemeral() as instance:
@@ -60,7 +68,62 @@ def test_new_data_is_requested_downstream_and_unchanged_data_is_not(small):
         same = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
         assert requested(same).keys() <= req.keys() and "manifest" not in requested(same)
 
-        generate(SynthConfig(patients=8, seed=11, image_size=48), small)  # new patients arrive
+        # the shards are built: the classifiers follow, the shard partitions are settled
+        defs.resolve_job_def("manifest_job").execute_in_process(instance=instance)  # (nothing changed: same rows)
+        for part in sorted(req["image_shards"]):
+            defs.resolve_job_def("shards_job").execute_in_process(instance=instance, partition_key=part)
+        built = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=same.cursor)
+        assert "image_shards" not in requested(built) and "classifier" in requested(built)
+        before = partition_fingerprints(pl.read_parquet(home / "assets/manifest/manifest.parquet"))
+
+        generate(SynthConfig(patients=10, seed=11, image_size=48), small)  # new patients arrive
         observe.execute_in_process(instance=instance)
-        changed = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=same.cursor)
+        changed = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=built.cursor)
         assert {"manifest", "manifest_rejects"} <= requested(changed).keys()
+        assert "image_shards" not in requested(changed)  # not before the new manifest exists
+
+        defs.resolve_job_def("manifest_job").execute_in_process(instance=instance)
+        after = partition_fingerprints(pl.read_parquet(home / "assets/manifest/manifest.parquet"))
+        affected = {p for p in after if after[p] != before[p]}
+        assert affected and len(affected) < len(after)  # the replica puts the new patients in some groups only
+        flowed = requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=changed.cursor))
+        assert flowed["image_shards"] == flowed["shard_rejects"] == affected  # only the affected partitions
+        assert "manifest" not in flowed
+
+
+def test_code_version_change_marks_the_changed_assets_stale(small):
+    # the resolver the UI's "stale" badges come from
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.definitions.events import AssetKeyPartitionKey
+    from dagster._core.loader import LoadingContextForTest
+
+    defs = build_defs()
+    with dg.DagsterInstance.ephemeral() as instance:
+        defs.resolve_job_def("observe_raw").execute_in_process(instance=instance)
+        defs.resolve_job_def("manifest_job").execute_in_process(instance=instance)
+        defs.resolve_job_def("shards_job").execute_in_process(instance=instance, partition_key="p10")
+        shard = AssetKeyPartitionKey(dg.AssetKey("image_shards"), "p10")
+
+        def status(d, key):
+            resolver = CachingStaleStatusResolver(instance, d.resolve_asset_graph(), LoadingContextForTest(instance))
+            return resolver.get_status(key.asset_key, key.partition_key)
+
+        manifest = AssetKeyPartitionKey(dg.AssetKey("manifest"))
+        assert status(defs, manifest) == StaleStatus.FRESH and status(defs, shard) == StaleStatus.FRESH
+
+        def bump(assets):
+            return assets.map_asset_specs(lambda s: s.replace_attributes(code_version="2"))
+
+        def graph(manifest_assets_def, shard_assets_def):
+            return dg.Definitions(
+                assets=[raw_mimic_cxr, *with_automation([manifest_assets_def, shard_assets_def])],
+                asset_checks=[*MANIFEST_CHECKS],
+                resources=defs.resources,
+            )
+
+        new_shard_code = graph(manifest_assets, bump(image_shards))
+        assert status(new_shard_code, shard) == StaleStatus.STALE
+        assert status(new_shard_code, manifest) == StaleStatus.FRESH  # only what the change touches
+        new_manifest_code = graph(bump(manifest_assets), image_shards)
+        assert status(new_manifest_code, manifest) == StaleStatus.STALE
+        assert status(new_manifest_code, AssetKeyPartitionKey(dg.AssetKey("manifest_rejects"))) == StaleStatus.STALE

@@ -24,6 +24,7 @@ Decoding runs in ``workers`` processes (spawned, so no forked thread pools).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -61,6 +62,25 @@ def partition_of(path: str) -> str:
     """``files/p10/p10000032/...`` -> ``p10``."""
     parts = path.split("/")
     return parts[1] if len(parts) > 2 and parts[0] == "files" else "p??"
+
+
+def slice_fingerprint(items: pl.DataFrame) -> str:
+    """Digest of the ``(dicom_id, path)`` rows a shard partition is built from, order-free.
+
+    The manifest records it for every partition and each shard partition records
+    the one it was built from, so automation re-builds only the partitions whose
+    rows changed (the manifest as a whole changes with any new patient).
+    """
+    h = hashlib.sha256()
+    for did, rel in items.select("dicom_id", "path").unique().sort("dicom_id", "path").iter_rows():
+        h.update(f"{did}\t{rel}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def partition_fingerprints(manifest: pl.DataFrame) -> dict[str, str]:
+    """``slice_fingerprint`` of every partition in ``PARTITIONS`` (empty ones included)."""
+    part = manifest.select("dicom_id", "path").with_columns(pl.col("path").map_elements(partition_of, return_dtype=pl.String).alias("_p"))
+    return {p: slice_fingerprint(part.filter(pl.col("_p") == p)) for p in PARTITIONS}
 
 
 @dataclass(frozen=True)

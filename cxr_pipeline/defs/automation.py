@@ -1,24 +1,79 @@
 """Re-runs on data change: observe the raw dataset on a schedule, let automation carry updates downstream.
 
-Every asset below the raw dataset carries ``AUTOMATION``: Dagster's ``eager``
-condition (requested when a parent's data version changes, or when a parent will
-be requested in the same tick; never while a parent is missing or running)
-and-ed with "every blocking check of the parents passed", so a manifest that
-fails its checks stops there. The raw source's data version is a content
-fingerprint, so an observation of unchanged data requests nothing.
+Every asset below the raw dataset carries Dagster's ``eager`` condition
+(requested when a parent's data version changes, or when a parent will be
+requested in the same tick; never while a parent is missing or running) and-ed
+with "every blocking check of the parents passed", so a manifest that fails its
+checks stops there. The raw source's data version is a content fingerprint, so
+an observation of unchanged data requests nothing.
+
+The shard partitions add one more condition: their own slice of the manifest
+changed. The manifest is one table, so to Dagster any new patient updates the
+parent of all ten pNN partitions; ``ManifestSliceChanged`` narrows that to the
+partitions whose rows differ from the rows they were built from. That needs
+Python at evaluation time, so the automation sensor runs in the code location
+(``use_user_code_server``).
 """
 
 import dagster as dg
 
+from cxr_pipeline.defs.manifest import MANIFEST
 from cxr_pipeline.defs.raw import RAW
+from cxr_pipeline.defs.shards import IMAGE_SHARDS, SHARD_REJECTS
 from cxr_pipeline.settings import observe_cron
 
+
+def _latest_metadata(instance: dg.DagsterInstance, key: str, partition: str | None, field: str):
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[partition] if partition else None), limit=1
+    ).records
+    if not records or records[0].asset_materialization is None:
+        return None
+    value = records[0].asset_materialization.metadata.get(field)
+    return None if value is None else value.value
+
+
+class ManifestSliceChanged(dg.AutomationCondition):
+    """True for the shard partitions never built, or built from other manifest rows than the latest manifest has.
+
+    Compares the latest manifest's ``partition_fingerprints`` metadata with each
+    partition's ``manifest_fingerprint``. Both digest ``(dicom_id, path)``: an
+    image replaced in place under the same name is picked up by the shard
+    builder's content hash when the partition next runs, not by this condition.
+    """
+
+    @property
+    def name(self) -> str:
+        return "manifest_slice_changed"
+
+    @property
+    def description(self) -> str:
+        return "This partition's rows of the manifest differ from those it was built from"
+
+    def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
+        instance = context.asset_graph_view.instance
+        wanted = _latest_metadata(instance, MANIFEST, None, "partition_fingerprints") or {}
+        changed = set()
+        for part in context.candidate_subset.expensively_compute_partition_keys():
+            # both keys of the multi-asset are built by one step; image_shards carries the record
+            built = _latest_metadata(instance, IMAGE_SHARDS, part, "manifest_fingerprint")
+            if built is None or built != wanted.get(part):
+                changed.add(part)
+        return dg.AutomationResult(context, context.candidate_subset.compute_intersection_with_partition_keys(changed))
+
+
 AUTOMATION = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+SHARD_AUTOMATION = AUTOMATION & ManifestSliceChanged()
+_BY_KEY = {IMAGE_SHARDS: SHARD_AUTOMATION, SHARD_REJECTS: SHARD_AUTOMATION}
 
 
 def with_automation(assets: list) -> list:
     """The same assets with ``AUTOMATION`` on every spec (the raw source keeps none)."""
-    return list(dg.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=AUTOMATION), assets))
+    return list(
+        dg.map_asset_specs(
+            lambda spec: spec.replace_attributes(automation_condition=_BY_KEY.get(spec.key.to_user_string(), AUTOMATION)), assets
+        )
+    )
 
 
 def schedules_and_sensors(observe_job, manifest_job) -> tuple[list, list]:
@@ -41,6 +96,7 @@ def schedules_and_sensors(observe_job, manifest_job) -> tuple[list, list]:
         target=dg.AssetSelection.all(),
         default_status=dg.DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=60,
+        use_user_code_server=True,  # ManifestSliceChanged is Python, evaluated where the code is
         description="Evaluates the assets' automation conditions every minute (running by default).",
     )
     return [observe, weekly], [sensor]

@@ -8,6 +8,7 @@ import polars as pl
 
 from cxr_pipeline.data.io import file_digest, write_parquet
 from cxr_pipeline.data.mimic import LABEL_COLUMNS, DatasetError, ManifestPolicy, build_manifest, label_prevalence
+from cxr_pipeline.data.shards import partition_fingerprints
 from cxr_pipeline.defs.raw import RAW
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking, mlflow_metadata, table_metadata, upstream_data_version
 from cxr_pipeline.labels import LABELS
@@ -124,6 +125,8 @@ def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, storage:
                 "label_prevalence": table_metadata(prevalence),
                 "policy": dg.MetadataValue.json(config.model_dump()),
                 "raw_data_version": data_version,
+                # per shard partition: which rows it is built from (automation re-builds only changed ones)
+                "partition_fingerprints": dg.MetadataValue.json(partition_fingerprints(result.manifest)),
                 "seconds": round(seconds, 3),
                 **links,
             },

@@ -8,7 +8,17 @@ import dagster as dg
 import polars as pl
 
 from cxr_pipeline.data.io import write_parquet
-from cxr_pipeline.data.shards import PARTITIONS, ShardSpec, build_partition, contact_sheet, gather, partition_of, read_index, write_png
+from cxr_pipeline.data.shards import (
+    PARTITIONS,
+    ShardSpec,
+    build_partition,
+    contact_sheet,
+    gather,
+    partition_of,
+    read_index,
+    slice_fingerprint,
+    write_png,
+)
 from cxr_pipeline.defs.manifest import MANIFEST, read_manifest
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking, mlflow_metadata, table_metadata, upstream_data_version
 from cxr_pipeline.settings import image_size
@@ -106,6 +116,8 @@ def image_shards(context: dg.AssetExecutionContext, config: ShardConfig, storage
             "shard_bytes": int(st["shard_bytes"]),
             "images_per_second": float(st["decoded_per_second"]),
             "size": spec.size,
+            # what automation compares with the manifest's partition_fingerprints
+            "manifest_fingerprint": slice_fingerprint(items),
             **links,
         }
         if sheet_path is not None:
