@@ -59,11 +59,13 @@ def test_instance_uses_postgres_queue_docker_and_gpu_pool():
     compose = load("docker-compose.yaml")
     assert compose["networks"]["cxr"]["name"] == "cxr"
     mlflow_cmd = compose["services"]["mlflow"]["command"]
-    assert "--workers 1" in mlflow_cmd and "postgresql://" in mlflow_cmd
+    assert "--workers 1" in mlflow_cmd and "postgresql+psycopg2://" in mlflow_cmd  # the driver the image has
+    assert instance["storage"]["postgres"]["postgres_db"]["scheme"] == "postgresql+psycopg2"
     assert compose["services"]["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     port = re.search(r"--port (\d+)", mlflow_cmd).group(1)
     assert compose["x-cxr-env"]["MLFLOW_TRACKING_URI"].endswith(f":{port}")
     assert load("helm/values.yaml")["runLauncher"]["type"] == "K8sRunLauncher"
+    assert load("helm/values.yaml")["postgresql"]["postgresqlScheme"] == "postgresql+psycopg2"
 
 
 def test_gpu_assets_share_the_pool_and_request_a_gpu_on_kubernetes():

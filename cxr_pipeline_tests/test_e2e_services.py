@@ -8,60 +8,13 @@ down (each server in its own session, so the whole process group is signalled:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, body: dict, timeout: float = 10) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def wait_http(url: str, seconds: float, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early:\n{log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {seconds}s:\n{log.read_text()[-3000:]}")
-
-
-def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+from cxr_pipeline_tests.services import BIN, ROOT, free_port, mlflow_runs_for, mlflow_server, post, start, stop, wait_http
 
 
 @pytest.mark.slow
@@ -80,24 +33,7 @@ def test_graphql_launch_and_mlflow_rest(replica_copy, tmp_path):
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
-    mlflow = start(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mport),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-        ],
-        env,
-        tmp_path / "mlflow.log",
-    )
+    mlflow = mlflow_server(mport, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", env, tmp_path / "mlflow.log")
     dagster = start(
         [str(BIN / "dagster"), "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(dport)],
         env,
@@ -137,12 +73,7 @@ def test_graphql_launch_and_mlflow_rest(replica_copy, tmp_path):
                 break
             time.sleep(1)
         assert status == "SUCCESS", (tmp_path / "dagster.log").read_text()[-3000:]
-        api = f"http://127.0.0.1:{mport}/api/2.0/mlflow"
-        exp = json.loads(urllib.request.urlopen(f"{api}/experiments/get-by-name?experiment_name=cxr_pipeline", timeout=10).read())[
-            "experiment"
-        ]
-        found = post(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]], "filter": f"tags.`dagster.run_id` = '{run_id}'"})
-        runs = found.get("runs", [])
+        runs = mlflow_runs_for(f"http://127.0.0.1:{mport}/api/2.0/mlflow", run_id)
         assert len(runs) == 1
         tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
         assert tags["dagster.asset_key"] == "manifest,manifest_rejects" and runs[0]["info"]["status"] == "FINISHED"

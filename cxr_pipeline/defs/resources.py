@@ -42,7 +42,9 @@ class MlflowTracking(dg.ConfigurableResource):
     @classmethod
     def from_env(cls) -> "MlflowTracking":
         p = paths()
-        return cls(tracking_uri=p.tracking_uri, artifact_root=str(p.mlflow_artifacts))
+        # a tracking server keeps the artifacts (proxied to its own store); a database URI keeps them under CXR_HOME
+        remote = p.tracking_uri.startswith(("http://", "https://"))
+        return cls(tracking_uri=p.tracking_uri, artifact_root=None if remote else str(p.mlflow_artifacts))
 
     @contextmanager
     def run(
