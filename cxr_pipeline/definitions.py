@@ -77,13 +77,3 @@ def build_defs() -> dg.Definitions:
 
 
 defs = build_defs()
-
-
-def job(name: str) -> dg.JobDefinition:
-    """One job, from definitions built now (so from the current environment).
-
-    ``dg.build_reconstructable_job("cxr_pipeline.definitions", "job", reconstructable_args=(name,))``
-    lets ``dg.execute_job`` run it with the multiprocess executor from Python:
-    every step process rebuilds the job through this function.
-    """
-    return build_defs().resolve_job_def(name)

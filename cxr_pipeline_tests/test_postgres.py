@@ -7,7 +7,6 @@ CXR_TEST_POSTGRES_URL. Outside CI the tests skip when no URL is set; in CI
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import uuid
@@ -84,12 +83,12 @@ def test_dagster_on_postgres_with_mlflow_server_on_postgres(databases, replica_c
             assert type(instance.run_storage).__name__ == "PostgresRunStorage"
             assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
 
-            def launch(name: str, partition: str | None = None) -> subprocess.Popen:
+            def launch(selection: str, partition: str | None = None) -> subprocess.Popen:
                 # a run per process, as run launchers do; its steps in processes of their own
                 # (the multiprocess executor), every one of them writing to Postgres
-                cmd = [str(BIN / "dagster"), "job", "execute", "-m", "cxr_pipeline.definitions", "-j", name]
+                cmd = [str(BIN / "dagster"), "asset", "materialize", "-m", "cxr_pipeline.definitions", "--select", selection]
                 if partition:
-                    cmd += ["--tags", json.dumps({"dagster/partition": partition}), "-c", str(config)]
+                    cmd += ["--partition", partition, "-c", str(config)]
                 return subprocess.Popen(cmd, env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
             def finish(proc: subprocess.Popen) -> None:
@@ -98,17 +97,16 @@ def test_dagster_on_postgres_with_mlflow_server_on_postgres(databases, replica_c
 
             config = tmp_path / "shards.yaml"
             config.write_text("ops:\n  image_shards:\n    config: {size: 64, workers: 1}\n")
-            finish(launch("manifest_job"))  # the manifest, then its four checks as parallel steps
+            finish(launch("manifest,manifest_rejects"))  # the manifest, then its four checks as parallel steps
             manifest = pl.read_parquet(home / "assets/manifest/manifest.parquet")
             empty = slice_fingerprint(manifest.clear())
             parts = sorted(p for p, fp in partition_fingerprints(manifest).items() if fp != empty)[:3]
             assert len(parts) == 3
-            for proc in [launch("shards_job", p) for p in parts]:  # three partition runs at once
+            for proc in [launch("image_shards,shard_rejects", p) for p in parts]:  # three partition runs at once
                 finish(proc)
 
-            runs = {r.dagster_run.job_name: r for r in instance.get_run_records()}
-            manifest_run = runs["manifest_job"].dagster_run.run_id
-            records = [r for r in instance.get_run_records() if r.dagster_run.job_name == "shards_job"]
+            (manifest_run,) = [r.dagster_run.run_id for r in instance.get_run_records() if "dagster/partition" not in r.dagster_run.tags]
+            records = [r for r in instance.get_run_records() if "dagster/partition" in r.dagster_run.tags]
             assert sorted(r.dagster_run.tags["dagster/partition"] for r in records) == parts
             assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in records)
             shard_runs = [r.dagster_run.run_id for r in records]
