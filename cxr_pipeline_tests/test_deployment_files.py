@@ -68,10 +68,11 @@ def test_instance_uses_postgres_queue_docker_and_gpu_pool():
     assert load("helm/values.yaml")["postgresql"]["postgresqlScheme"] == "postgresql+psycopg2"
 
 
-def test_gpu_assets_share_the_pool_and_request_a_gpu_on_kubernetes():
+def test_gpu_assets_share_the_pool_request_a_gpu_on_kubernetes_and_retry():
     graph = build_defs().resolve_asset_graph()
     for key in ("classifier", "report_adapter", "generated_reports"):
         node = graph.get(dg.AssetKey(key))
         assert node.pools == {"gpu"}, key
         tags = json.loads(node.assets_def.op.tags["dagster-k8s/config"])  # Dagster stores dict tags as JSON
         assert tags["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert node.assets_def.op.retry_policy is not None and node.assets_def.op.retry_policy.max_retries >= 1, key

@@ -194,6 +194,7 @@ class GenerateConfig(dg.Config):
     code_version=REPORTS_CODE_VERSION,
     pool="gpu",
     op_tags=GPU_TAGS,
+    retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
     kinds={"pytorch", "parquet"},
     description="Test-split reports from the adapter (deterministic decoding), a template from the classifiers, and nearest-neighbour retrieval.",
 )
