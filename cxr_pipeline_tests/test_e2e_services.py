@@ -77,6 +77,21 @@ def test_graphql_launch_and_mlflow_rest(replica_copy, tmp_path):
         assert len(runs) == 1
         tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
         assert tags["dagster.asset_key"] == "manifest,manifest_rejects" and runs[0]["info"]["status"] == "FINISHED"
+
+        # the daemon evaluates the automation sensor (on by default) in the code location without error
+        query = """query { sensorOrError(sensorSelector: {repositoryLocationName: "cxr_pipeline.definitions",
+                   repositoryName: "__repository__", sensorName: "automation"}) {
+                   ... on Sensor { sensorState { status ticks(limit: 5) { status error { message } } } } } }"""
+        ticks: list = []
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            state = post(gql, {"query": query})["data"]["sensorOrError"]["sensorState"]
+            ticks = [t for t in state["ticks"] if t["status"] != "STARTED"]
+            if ticks:
+                break
+            time.sleep(2)
+        assert state["status"] == "RUNNING"
+        assert ticks and all(t["status"] in ("SUCCESS", "SKIPPED") for t in ticks), ticks
     finally:
         stop(dagster)
         stop(mlflow)

@@ -282,7 +282,7 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], cfg: AdapterCo
         weight_decay=cfg.weight_decay,
         optim="adamw_torch" if device.type == "cpu" else "adamw_bnb_8bit",
         bf16=True,
-        gradient_checkpointing=False,  # already enabled (non-reentrant) by prepare_model_for_kbit_training
+        activation_checkpointing=False,  # already enabled (non-reentrant) by prepare_model_for_kbit_training
         logging_steps=1,
         save_strategy="steps",
         save_steps=50,
