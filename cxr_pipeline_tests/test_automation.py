@@ -74,6 +74,7 @@ def test_new_data_is_requested_downstream_and_unchanged_data_is_not(small):
             defs.resolve_job_def("shards_job").execute_in_process(instance=instance, partition_key=part)
         built = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=same.cursor)
         assert "image_shards" not in requested(built) and "classifier" in requested(built)
+        assert "report_pairs" not in requested(built)  # the manifest was rebuilt with the same content
         before = partition_fingerprints(pl.read_parquet(home / "assets/manifest/manifest.parquet"))
 
         generate(SynthConfig(patients=10, seed=11, image_size=48), small)  # new patients arrive

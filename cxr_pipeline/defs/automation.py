@@ -62,7 +62,22 @@ class ManifestSliceChanged(dg.AutomationCondition):
         return dg.AutomationResult(context, context.candidate_subset.compute_intersection_with_partition_keys(changed))
 
 
-AUTOMATION = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+# The manifest and the shards carry content data versions (a digest of the Parquet file, of
+# the decoded images), so for them "updated" means "updated with other content": a weekly
+# refresh or a re-run that reproduces the same manifest or the same images starts nothing
+# below them. Other parents count any new materialization (their data versions are derived
+# from code version and inputs, which would hide a change of run config).
+_CONTENT_VERSIONED = dg.AssetSelection.assets(MANIFEST, IMAGE_SHARDS)
+_newly_updated = dg.AutomationCondition.newly_updated() & ~dg.AutomationCondition.executed_with_root_target()
+_any_deps_updated = (
+    dg.AutomationCondition.any_deps_match(_newly_updated | dg.AutomationCondition.will_be_requested()).ignore(_CONTENT_VERSIONED)
+    | dg.AutomationCondition.any_deps_match(
+        (_newly_updated & dg.AutomationCondition.data_version_changed()) | dg.AutomationCondition.will_be_requested()
+    ).allow(_CONTENT_VERSIONED)
+).with_label("any_deps_updated")
+EAGER = dg.AutomationCondition.eager().replace("any_deps_updated", _any_deps_updated)
+
+AUTOMATION = EAGER & dg.AutomationCondition.all_deps_blocking_checks_passed()
 SHARD_AUTOMATION = AUTOMATION & ManifestSliceChanged()
 _BY_KEY = {IMAGE_SHARDS: SHARD_AUTOMATION, SHARD_REJECTS: SHARD_AUTOMATION}
 
