@@ -87,9 +87,16 @@ def test_new_data_is_requested_downstream_and_unchanged_data_is_not(small):
         after = partition_fingerprints(pl.read_parquet(home / "assets/manifest/manifest.parquet"))
         affected = {p for p in after if after[p] != before[p]}
         assert affected and len(affected) < len(after)  # the replica puts the new patients in some groups only
-        flowed = requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=changed.cursor))
+        flowing = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=changed.cursor)
+        flowed = requested(flowing)
         assert flowed["image_shards"] == flowed["shard_rejects"] == affected  # only the affected partitions
         assert "manifest" not in flowed
+        assert "classifier" not in flowed  # not on the old shards: after the new ones
+
+        for part in sorted(affected):
+            defs.resolve_job_def("shards_job").execute_in_process(instance=instance, partition_key=part)
+        retrain = requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=flowing.cursor))
+        assert retrain.keys() == {"classifier"} and len(retrain["classifier"]) == 14
 
 
 def test_code_version_change_marks_the_changed_assets_stale(small):
