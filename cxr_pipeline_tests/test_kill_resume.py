@@ -17,6 +17,7 @@ import pytest
 import torch
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 
+from cxr_pipeline.tracking import get_client
 from cxr_pipeline_tests.services import BIN, ROOT
 
 EPOCHS = 40
@@ -86,3 +87,11 @@ def test_killed_classifier_run_resumes_from_its_checkpoint(replica_copy, tmp_pat
         assert md["resumed_from_epoch"].value >= killed_after  # the retry went on from the checkpoint
         assert md["epochs_run"].value == EPOCHS
         assert not ckpt.exists()  # a finished run leaves no resume point behind
+
+    # MLflow: the killed run's MLflow run, left RUNNING by the dead process, was closed by the retry
+    client, _ = get_client()
+    runs = client.search_runs(
+        [client.get_experiment_by_name("cxr_pipeline").experiment_id], filter_string="tags.`dagster.asset_key` = 'classifier'"
+    )
+    status = {r.data.tags["dagster.run_id"]: r.info.status for r in runs}
+    assert status == {killed.run_id: "KILLED", retry.run_id: "FINISHED"}

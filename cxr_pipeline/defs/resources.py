@@ -76,7 +76,33 @@ class MlflowTracking(dg.ConfigurableResource):
             artifact_root=Path(self.artifact_root) if self.artifact_root else None,
         ) as run:
             context.log.info(f"MLflow run {run.run_id}: {run.url}")
+            closed = close_orphaned_runs(run, context.instance, tags["dagster.asset_key"], partition, context.run_id)
+            if closed:
+                context.log.info(f"marked {closed} MLflow run(s) KILLED: left RUNNING by ended Dagster runs of the same asset")
             yield run
+
+
+def close_orphaned_runs(run: TrackedRun, instance: dg.DagsterInstance, asset_key: str, partition: str, by_run_id: str) -> int:
+    """Mark KILLED the MLflow runs of this asset and partition whose Dagster run is over.
+
+    A killed process never ends its MLflow run, which would stay RUNNING in every
+    comparison. Once its Dagster run is marked ended (run monitoring, or the retry
+    that re-executes it), the next run of the same asset closes it. Runs whose
+    Dagster run is still going, or unknown to this instance's storage, are left.
+    """
+    client = run.client
+    flt = f"attributes.status = 'RUNNING' and tags.`dagster.asset_key` = '{asset_key}'"
+    closed = 0
+    for other in client.search_runs([run.experiment_id], filter_string=flt, max_results=200):
+        t = other.data.tags
+        if other.info.run_id == run.run_id or t.get("dagster.partition", "") != partition:
+            continue
+        dagster_run = instance.get_run_by_id(t.get("dagster.run_id", ""))
+        if dagster_run is not None and dagster_run.is_finished:
+            client.set_tag(other.info.run_id, "cxr_pipeline.closed_by_dagster_run", by_run_id)
+            client.set_terminated(other.info.run_id, status="KILLED")
+            closed += 1
+    return closed
 
 
 def mlflow_metadata(run: TrackedRun) -> dict[str, dg.MetadataValue]:
