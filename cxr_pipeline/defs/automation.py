@@ -1,17 +1,23 @@
 """Re-runs on data change: observe the raw dataset on a schedule, let automation carry updates downstream.
 
 Every asset below the raw dataset carries Dagster's ``eager`` condition
-(requested when a parent's data version changes, or when a parent will be
+(requested when a parent is updated, or when a parent will be
 requested in the same tick; never while a parent is missing or running) and-ed
 with "every blocking check of the parents passed", so a manifest that fails its
 checks stops there. The raw source's data version is a content fingerprint, so
 an observation of unchanged data requests nothing.
 
-The shard partitions add one more condition: their own slice of the manifest
-changed. The manifest is one table, so to Dagster any new patient updates the
-parent of all ten pNN partitions; ``ManifestSliceChanged`` narrows that to the
-partitions whose rows differ from the rows they were built from. That needs
-Python at evaluation time, so the automation sensor runs in the code location
+Three refinements, each covered by ``test_automation.py``:
+
+- ``ManifestSliceChanged`` (shard partitions only): the manifest is one table, so
+  to Dagster any new patient updates the parent of all ten pNN partitions; this
+  narrows that to the partitions whose rows differ from the rows they were built from.
+- ``ParentRequestedInAnotherRun``: a child waits while a parent it cannot share a
+  run with (other partitioning) is requested, instead of running on old data.
+- For the content-versioned parents (manifest, shards) "updated" means "new data
+  version", so a rebuild that reproduces the same content starts nothing.
+
+The first two are Python, so the automation sensor runs in the code location
 (``use_user_code_server``).
 """
 
