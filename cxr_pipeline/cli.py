@@ -104,10 +104,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     if not (run("observe_raw") and run("manifest_job")):
         return 1
-    from cxr_pipeline.data.shards import partition_of
+    from cxr_pipeline.data.shards import partition_column
 
     manifest_file = p.assets / "manifest" / "manifest.parquet"
-    parts = sorted(set(pl.read_parquet(manifest_file, columns=["path"])["path"].map_elements(partition_of, return_dtype=pl.String)))
+    parts = sorted(pl.read_parquet(manifest_file, columns=["path"]).select(partition_column().unique())["path"])
     for part in parts:
         if not run("shards_job", part):
             return 1

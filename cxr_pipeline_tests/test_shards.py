@@ -16,7 +16,7 @@ import pytest
 
 from cxr_pipeline.data.dicom import prepare
 from cxr_pipeline.data.mimic import ManifestPolicy, build_manifest
-from cxr_pipeline.data.shards import INDEX, ShardSpec, build_partition, gather, load_images, partition_of, read_index
+from cxr_pipeline.data.shards import INDEX, ShardSpec, build_partition, gather, load_images, partition_column, partition_of, read_index
 
 SIZE = 48
 
@@ -189,3 +189,5 @@ def test_load_images_aligns_with_manifest_rows(replica_copy, items, tmp_path):
 def test_partition_of():
     assert partition_of("files/p10/p10000032/s50414267/x.dcm") == "p10"
     assert partition_of("weird.dcm") == "p??"
+    paths = ["files/p10/p10000032/s50414267/x.dcm", "weird.dcm", "files/x.dcm", "other/p11/a/b.dcm"]
+    assert pl.DataFrame({"path": paths}).select(partition_column())["path"].to_list() == [partition_of(x) for x in paths]

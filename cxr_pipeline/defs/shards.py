@@ -14,7 +14,7 @@ from cxr_pipeline.data.shards import (
     build_partition,
     contact_sheet,
     gather,
-    partition_of,
+    partition_column,
     read_index,
     slice_fingerprint,
     write_png,
@@ -68,7 +68,7 @@ class ShardConfig(dg.Config):
 def image_shards(context: dg.AssetExecutionContext, config: ShardConfig, storage: CxrStorage, mlflow: MlflowTracking):
     part = context.partition_key
     manifest = read_manifest(storage)
-    items = manifest.filter(pl.col("path").map_elements(partition_of, return_dtype=pl.String) == part)
+    items = manifest.filter(partition_column() == part)
     workers = config.workers or os.cpu_count() or 1
     spec = ShardSpec(size=config.size, images_per_shard=config.images_per_shard, workers=workers)
     root = shard_root(storage, config.size)
