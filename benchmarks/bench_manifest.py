@@ -33,6 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cxr_pipeline.settings import paths  # noqa: E402
+
 MIMIC_PATIENTS = 65_379
 
 
@@ -130,7 +132,7 @@ def measure(fn, root: Path) -> tuple[int, float, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=os.path.join(os.environ.get("CXR_HOME", ".cxr"), "bench", "mimic-metadata"))
+    ap.add_argument("--data", default=str(paths().bench("mimic-metadata")))
     ap.add_argument("--patients", type=int, default=MIMIC_PATIENTS)
     args = ap.parse_args()
     root = Path(args.data)

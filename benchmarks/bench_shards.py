@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from cxr_pipeline.settings import paths  # noqa: E402
+
 SIZE = 2048
 
 
@@ -128,7 +130,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--unc-copies", type=int, default=4)
-    ap.add_argument("--data", default=os.path.join(os.environ.get("CXR_HOME", ".cxr"), "bench", "dicom2048"))
+    ap.add_argument("--data", default=str(paths().bench("dicom2048")))
     args = ap.parse_args()
     root = Path(args.data)
     files = make_files(root, args.n)

@@ -30,15 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from cxr_pipeline.settings import Paths, paths  # noqa: E402
 
-def ensure_shards(root: Path, n: int, size: int) -> pl.DataFrame:
-    """n phantom radiographs written as PNGs (cheap to decode) and sharded by the builder."""
+
+def ensure_shards(layout, n: int, size: int) -> pl.DataFrame:
+    """n phantom radiographs written as PNGs (cheap to decode) and sharded by the builder, in the pipeline's layout."""
     from PIL import Image
 
     from cxr_pipeline.data.phantom import Anatomy, render
     from cxr_pipeline.data.shards import ShardSpec, build_partition
 
-    src = root / "src"
+    src = layout.raw
     src.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
@@ -51,7 +53,7 @@ def ensure_shards(root: Path, n: int, size: int) -> pl.DataFrame:
             Image.fromarray(np.round(img * 255).astype(np.uint8)).save(f)
         rows.append({"dicom_id": f"img{i:05d}", "path": rel, "split": "train", "target": i % 2})
     items = pl.DataFrame(rows)
-    build_partition(src, root / f"s{size}" / "p10", items, ShardSpec(size=size, workers=os.cpu_count() or 1))
+    build_partition(src, layout.shard_partition(size, "p10"), items, ShardSpec(size=size, workers=os.cpu_count() or 1))
     return items
 
 
@@ -68,16 +70,16 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=12, help="timed micro-batches per side (after 2 warm-up steps)")
     ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--data", default=os.path.join(os.environ.get("CXR_HOME", ".cxr"), "bench", "training"))
+    ap.add_argument("--data", default=str(paths().bench("training")))
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
     cfg = TrainConfig(arch=args.arch, batch_size=args.batch)
     precision = resolve_precision(cfg.precision, device)
-    root = Path(args.data)
-    items = ensure_shards(root, args.n, args.size)
-    images, rows = load_images(root / f"s{args.size}", items, args.size)
+    layout = Paths(home=Path(args.data), raw=Path(args.data) / "src")
+    items = ensure_shards(layout, args.n, args.size)
+    images, rows = load_images(layout.shard_root(args.size), items, args.size)
     y_all = torch.tensor(rows["target"].to_numpy(), dtype=torch.float32)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

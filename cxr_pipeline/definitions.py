@@ -22,36 +22,35 @@ from cxr_pipeline.defs.reports import REPORT_ASSETS
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.shards import SHARD_CHECKS, image_shards
 
-observe_raw_job = dg.define_asset_job(
-    "observe_raw", selection=dg.AssetSelection.assets(RAW), description="Observe the raw dataset's data version."
-)
-manifest_job = dg.define_asset_job(
-    "manifest_job",
-    selection=dg.AssetSelection.assets("manifest", "manifest_rejects"),
-    description="raw -> manifest (+ rejects) and its checks.",
-)
-shards_job = dg.define_asset_job(
-    "shards_job",
-    selection=dg.AssetSelection.assets("image_shards", "shard_rejects"),
-    partitions_def=image_shards.partitions_def,
-    description="One pNN partition of the image shards (run it per partition or as a backfill).",
-)
-classifier_job = dg.define_asset_job(
-    "classifier_job",
-    selection=dg.AssetSelection.assets("classifier"),
-    partitions_def=classifier.partitions_def,
-    description="Train and evaluate one pathology's classifier (one partition per CheXpert label).",
-)
-classifier_summary_job = dg.define_asset_job(
-    "classifier_summary_job",
-    selection=dg.AssetSelection.assets("classifier_metrics", "classifier_predictions"),
-    description="The metrics table and the predictions table over every trained pathology.",
-)
-report_job = dg.define_asset_job(
-    "report_job",
-    selection=dg.AssetSelection.assets("report_pairs", "report_adapter", "generated_reports", "report_metrics"),
-    description="The report branch: pairs, QLoRA adapter, generated reports with baselines, report metrics.",
-)
+# name: (assets, partitions, description)
+JOBS = {
+    "observe_raw": ([RAW], None, "Observe the raw dataset's data version."),
+    "manifest_job": (["manifest", "manifest_rejects"], None, "raw -> manifest (+ rejects) and its checks."),
+    "shards_job": (
+        ["image_shards", "shard_rejects"],
+        image_shards.partitions_def,
+        "One pNN partition of the image shards (run it per partition or as a backfill).",
+    ),
+    "classifier_job": (
+        ["classifier"],
+        classifier.partitions_def,
+        "Train and evaluate one pathology's classifier (one partition per CheXpert label).",
+    ),
+    "classifier_summary_job": (
+        ["classifier_metrics", "classifier_predictions"],
+        None,
+        "The metrics table and the predictions table over every trained pathology.",
+    ),
+    "report_job": (
+        ["report_pairs", "report_adapter", "generated_reports", "report_metrics"],
+        None,
+        "The report branch: pairs, QLoRA adapter, generated reports with baselines, report metrics.",
+    ),
+}
+jobs = {
+    name: dg.define_asset_job(name, selection=dg.AssetSelection.assets(*keys), partitions_def=parts, description=description)
+    for name, (keys, parts, description) in JOBS.items()
+}
 
 
 def _executor():
@@ -64,14 +63,14 @@ def _executor():
 
 
 def build_defs() -> dg.Definitions:
-    schedules, sensors = schedules_and_sensors(observe_raw_job, manifest_job)
+    schedules, sensors = schedules_and_sensors(jobs["observe_raw"], jobs["manifest_job"])
     return dg.Definitions(
         executor=_executor(),
         assets=[raw_mimic_cxr, *with_automation([manifest, image_shards, *CLASSIFIER_ASSETS, *REPORT_ASSETS])],
         schedules=schedules,
         sensors=sensors,
         asset_checks=[*MANIFEST_CHECKS, *SHARD_CHECKS],
-        jobs=[observe_raw_job, manifest_job, shards_job, classifier_job, classifier_summary_job, report_job],
+        jobs=list(jobs.values()),
         resources={"storage": CxrStorage.from_env(), "mlflow": MlflowTracking.from_env(), "compute": Compute()},
     )
 

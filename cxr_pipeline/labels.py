@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 # Column order of mimic-cxr-2.0.0-chexpert.csv (alphabetical, as released).
 LABELS: tuple[str, ...] = (
@@ -31,8 +32,17 @@ COMMON5: tuple[str, ...] = (
     "Pleural Effusion",
 )
 
-POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
-LABEL_VALUES = frozenset({POSITIVE, NEGATIVE, UNCERTAIN})
+# The 13 findings; "No Finding" is derived from them (``no_finding``).
+PATHOLOGIES: tuple[str, ...] = tuple(x for x in LABELS if x != "No Finding")
+
+
+def no_finding(states: Mapping[str, float | None]) -> float | None:
+    """CheXpert's rule: 1.0 when no finding but support devices is positive or uncertain, else blank.
+
+    One definition serves the labeler, the replica's ground truth and its labeller view.
+    """
+    clear = all(states.get(p) not in (1.0, -1.0) for p in PATHOLOGIES if p != "Support Devices")
+    return 1.0 if clear else None
 
 
 def slug(label: str) -> str:

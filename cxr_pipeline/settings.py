@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def image_size() -> int:
+    """The shard size assets use when their config leaves it 0; read when a run starts, not at import."""
     return int(os.environ.get("CXR_IMAGE_SIZE", "224"))
 
 
@@ -34,7 +35,46 @@ def observe_cron() -> str:
 
 
 @dataclass(frozen=True)
+class ClassifierFiles:
+    """What one pathology's classifier folder holds."""
+
+    dir: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        """``model.safetensors`` + ``config.json``: the MLflow artifact and the registered source."""
+        return self.dir / "checkpoint"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.dir / "predictions.parquet"
+
+    @property
+    def test_scores(self) -> Path:
+        return self.dir / "test_scores.parquet"
+
+    @property
+    def curves(self) -> Path:
+        return self.dir / "roc_pr.png"
+
+    @property
+    def resume(self) -> Path:
+        return self.dir / "resume.pt"
+
+
+@dataclass(frozen=True)
 class Paths:
+    """Every path under ``CXR_HOME`` (and the dataset root), named once.
+
+    The Dagster assets, the CLI, the demo and the benchmarks all find files
+    through this object; nothing else spells out the layout. Properties only
+    name paths; writers create parent folders (``data.io.atomic_path``).
+    """
+
     home: Path
     raw: Path
 
@@ -58,10 +98,80 @@ class Paths:
     def tracking_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.mlflow_db}"
 
-    def asset_dir(self, *parts: str) -> Path:
-        p = self.assets.joinpath(*parts)
-        p.mkdir(parents=True, exist_ok=True)
-        return p
+    def bench(self, name: str) -> Path:
+        """A benchmark's cached inputs (``benchmarks/``)."""
+        return self.home / "bench" / name
+
+    # manifest
+    @property
+    def manifest(self) -> Path:
+        return self.assets / "manifest" / "manifest.parquet"
+
+    @property
+    def manifest_rejects(self) -> Path:
+        return self.assets / "manifest" / "manifest_rejects.parquet"
+
+    # image shards: one folder per size, one per pNN partition inside it
+    @property
+    def shards(self) -> Path:
+        return self.assets / "shards"
+
+    def shard_root(self, size: int) -> Path:
+        return self.shards / f"s{size}"
+
+    def shard_partition(self, size: int, partition: str) -> Path:
+        return self.shard_root(size) / partition
+
+    # classifiers
+    @property
+    def classifiers(self) -> Path:
+        return self.assets / "classifier"
+
+    def classifier(self, label_slug: str) -> ClassifierFiles:
+        return ClassifierFiles(self.classifiers / label_slug)
+
+    @property
+    def classifier_metrics(self) -> Path:
+        return self.classifiers / "classifier_metrics.parquet"
+
+    @property
+    def classifier_curves(self) -> Path:
+        return self.classifiers / "roc_pr_all.png"
+
+    @property
+    def classifier_predictions(self) -> Path:
+        return self.classifiers / "classifier_predictions.parquet"
+
+    # report generation
+    @property
+    def reports(self) -> Path:
+        return self.assets / "reports"
+
+    @property
+    def report_pairs(self) -> Path:
+        return self.reports / "report_pairs.parquet"
+
+    @property
+    def tiny_base(self) -> Path:
+        return self.reports / "tiny_base"
+
+    @property
+    def adapter(self) -> Path:
+        """The trained adapter (peft files, processor, ``cxr_adapter.json``)."""
+        return self.reports / "adapter"
+
+    @property
+    def adapter_checkpoints(self) -> Path:
+        """The trainer's resumable checkpoints while an adapter trains."""
+        return self.reports / "adapter_checkpoints"
+
+    @property
+    def generated_reports(self) -> Path:
+        return self.reports / "generated_reports.parquet"
+
+    @property
+    def report_metrics(self) -> Path:
+        return self.reports / "report_metrics.parquet"
 
 
 def paths() -> Paths:

@@ -139,3 +139,58 @@ def tracked_run(
         client.set_terminated(tr.run_id, status="FAILED")
         raise
     client.set_terminated(tr.run_id, status="FINISHED")
+
+
+# ------------------------------------------------------------------ model registry
+
+
+def registered_model_or_none(client, name: str):
+    """The registered model ``name``, or None when it does not exist; any other error is raised."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise  # a tracking-server error is not "no such model"
+        return None
+
+
+def register_version(
+    run: TrackedRun, name: str, artifact_path: str, *, score_tag: str, score: float | None, description: str, tags: Mapping[str, str]
+) -> dict:
+    """Register the run's ``artifact_path`` as a new version of ``name``.
+
+    The new version gets the alias ``candidate``; it becomes ``champion`` when its
+    ``score`` (recorded as tag ``score_tag``) beats the champion's, or when there
+    is none. The champion is read from the registered model's aliases, so any error
+    talking to the tracking server fails the registration instead of promoting.
+    """
+    client = run.client
+    model = registered_model_or_none(client, name) or client.create_registered_model(name, description=description)
+    source = f"{client.get_run(run.run_id).info.artifact_uri}/{artifact_path}"
+    all_tags = {**tags, score_tag: "nan" if score is None else f"{score:.6f}"}
+    mv = client.create_model_version(name, source=source, run_id=run.run_id, tags=all_tags)
+    client.set_registered_model_alias(name, "candidate", mv.version)
+    champion_version = (model.aliases or {}).get("champion")
+    champion_score = None
+    if champion_version is not None:
+        champion_score = float(client.get_model_version(name, str(champion_version)).tags.get(score_tag, "nan"))
+    promoted = score is not None and (champion_score is None or champion_score != champion_score or score > champion_score)
+    if promoted:
+        client.set_registered_model_alias(name, "champion", mv.version)
+    return {"name": name, "version": int(mv.version), "champion": promoted, "previous_champion_score": champion_score}
+
+
+def retire_aliases(client, name: str, reason: str, aliases: tuple[str, ...] = ("champion", "candidate")) -> list[str]:
+    """Remove ``aliases`` from ``name`` (the current data has no model for it) and record why."""
+    model = registered_model_or_none(client, name)
+    if model is None:
+        return []
+    removed = [a for a in aliases if a in (model.aliases or {})]
+    for a in removed:
+        client.delete_registered_model_alias(name, a)
+    if removed:
+        client.set_registered_model_tag(name, "cxr_pipeline.no_current_model", reason)
+    return removed

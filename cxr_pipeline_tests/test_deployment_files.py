@@ -43,9 +43,24 @@ def test_environment_is_passed_everywhere_it_is_needed():
     helm = load("helm/values.yaml")
     assert ENV <= {e["name"] for e in helm["dagster-user-deployments"]["deployments"][0]["env"]}
     assert ENV <= set(helm["runLauncher"]["config"]["k8sRunLauncher"]["envVars"])
-    settings = (ROOT / "cxr_pipeline" / "settings.py").read_text()
-    for var in ("CXR_HOME", "CXR_RAW_DIR", "CXR_IMAGE_SIZE", "MLFLOW_TRACKING_URI"):
-        assert var in settings
+
+
+def test_the_passed_environment_is_what_the_code_reads(tmp_path, monkeypatch):
+    """Each variable the deployment files pass changes what the code does."""
+    from cxr_pipeline.definitions import build_defs as build
+    from cxr_pipeline.defs.resources import shard_size
+    from cxr_pipeline.settings import paths
+
+    monkeypatch.setenv("CXR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CXR_RAW_DIR", str(tmp_path / "mimic"))
+    monkeypatch.setenv("CXR_IMAGE_SIZE", "96")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    p = paths()
+    assert p.home == tmp_path / "home" and p.raw == tmp_path / "mimic" and p.tracking_uri == "http://mlflow:5000"
+    assert shard_size(0) == 96 and shard_size(64) == 64
+    resources = build().resources
+    assert resources["storage"].raw_dir == str(tmp_path / "mimic") and resources["storage"].home == str(tmp_path / "home")
+    assert resources["mlflow"].tracking_uri == "http://mlflow:5000" and resources["mlflow"].artifact_root is None
 
 
 def test_instance_uses_postgres_queue_docker_and_gpu_pool():

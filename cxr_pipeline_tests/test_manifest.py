@@ -196,6 +196,14 @@ def test_missing_required_csv_or_column_names_it(replica_copy):
         build_manifest(replica_copy / "nope")
 
 
+def test_truncated_gzip_names_the_file(replica_copy):
+    path = replica_copy / "mimic-cxr-2.0.0-chexpert.csv.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a copy cut short
+    with pytest.raises(DatasetError, match=r"mimic-cxr-2\.0\.0-chexpert\.csv\.gz: cannot be read"):
+        build_manifest(replica_copy)
+
+
 def test_plain_csv_extra_columns_and_any_column_order(replica_copy):
     path = replica_copy / "mimic-cxr-2.0.0-split.csv.gz"
     header, rows = read_rows(path)

@@ -208,3 +208,13 @@ def test_cli_synth(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "x"), "--patients", "2", "--image-size", "48", "--seed", "9"]) == 0
     assert '"patients": 2' in capsys.readouterr().out
     assert (tmp_path / "x" / "mimic-cxr-2.0.0-metadata.csv.gz").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "field"), [("--patients", "-5", "patients"), ("--image-size", "8", "image_size"), ("--workers", "0", "workers")]
+)
+def test_cli_synth_bad_arguments_are_one_line(tmp_path, capsys, flag, value, field):
+    assert main(["synth", str(tmp_path / "x"), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("synth: ") and field in err and value in err and "\n" not in err
+    assert not (tmp_path / "x").exists()

@@ -10,8 +10,8 @@ import torch
 from cxr_pipeline.data.phantom import Anatomy, render
 from cxr_pipeline.vision import train as train_mod
 from cxr_pipeline.vision.evaluate import choose_threshold, evaluate
-from cxr_pipeline.vision.labels import targets
 from cxr_pipeline.vision.models import build_model, load_backbone_weights
+from cxr_pipeline.vision.targets import targets
 from cxr_pipeline.vision.train import TrainConfig, augment, predict, to_input, train
 
 CPU = torch.device("cpu")
@@ -69,15 +69,27 @@ def test_early_stopping_stops(effusion, monkeypatch):
     assert res.epochs_run == 3 and res.best_epoch == 1
 
 
-def test_evaluation_never_augments(effusion, monkeypatch):
+def test_only_training_batches_are_augmented(effusion, monkeypatch):
+    """Validation (early stopping, threshold) and test images are never augmented: during
+    training only the training images pass through ``augment``, once per epoch."""
     xtr, ytr, xva, yva, xte, _ = effusion
-    model = build_model("resnet18")
-    monkeypatch.setattr(train_mod, "augment", lambda *a, **k: (_ for _ in ()).throw(AssertionError("augment called at eval")))
-    a, b = predict(model, xte, CPU), predict(model, xte, CPU)
-    np.testing.assert_array_equal(a, b)
-    model.eval()
+    seen = []
+    real = train_mod.augment
+
+    def spy(x, *a, **k):
+        seen.append(int(x.shape[0]))
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(train_mod, "augment", spy)
+    cfg = TrainConfig(**{**FAST.__dict__, "epochs": 2})
+    res = train(xtr[:64], ytr[:64], xva, yva, cfg, CPU)
+    assert sum(seen) == 64 * res.epochs_run  # the 64 training images per epoch, no validation image
+    seen.clear()
+    a, b = predict(res.model, xte, CPU), predict(res.model, xte, CPU)
+    assert seen == [] and np.array_equal(a, b)
+    res.model.eval()
     with torch.no_grad():
-        direct = torch.sigmoid(model(to_input(xte[:8], CPU)).squeeze(1)).numpy()
+        direct = torch.sigmoid(res.model(to_input(xte[:8], CPU)).squeeze(1)).numpy()
     np.testing.assert_allclose(a[:8], direct, rtol=1e-5, atol=1e-6)
 
 
@@ -119,6 +131,29 @@ def test_killed_training_resumes_from_its_checkpoint(effusion, tmp_path):
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
 
 
+def test_resume_point_from_other_data_is_not_reused(effusion, tmp_path):
+    """Same config and same number of training images, other data: training starts over."""
+    xtr, ytr, xva, yva, *_ = effusion
+    cfg = TrainConfig(**{**FAST.__dict__, "epochs": 3})
+
+    class Killed(Exception):
+        pass
+
+    def die(row):
+        if row["epoch"] == 2:  # killed during epoch 2: resume.pt holds epoch 1
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(xtr[:64], ytr[:64], xva, yva, cfg, CPU, checkpoint_dir=tmp_path, on_epoch=die, data_digest="manifest-a")
+    assert (tmp_path / "resume.pt").exists()
+    other = train(xtr[64:128], ytr[64:128], xva, yva, cfg, CPU, checkpoint_dir=tmp_path, data_digest="manifest-b")
+    assert other.resumed_from == 0 and [r["epoch"] for r in other.history] == [1, 2, 3]
+    with pytest.raises(Killed):
+        train(xtr[:64], ytr[:64], xva, yva, cfg, CPU, checkpoint_dir=tmp_path, on_epoch=die, data_digest="manifest-a")
+    same = train(xtr[:64], ytr[:64], xva, yva, cfg, CPU, checkpoint_dir=tmp_path, data_digest="manifest-a")
+    assert same.resumed_from == 1
+
+
 def test_threshold_is_chosen_on_validation():
     y_val = np.array([0, 0, 0, 1, 1, 1])
     p_val = np.array([0.1, 0.2, 0.25, 0.3, 0.35, 0.9])
@@ -157,11 +192,11 @@ def test_label_policies():
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "densenet121", "vgg16"])
-def test_architectures_have_one_logit(arch):
+def test_architectures_have_one_logit_at_any_shard_size(arch):
     net = build_model(arch).eval()
-    size = 32 if arch != "vgg16" else 32
     with torch.no_grad():
-        assert net(torch.zeros(2, 3, size, size)).shape == (2, 1)
+        for size in (32, 48):  # adaptive pooling: the shard size is a config choice, not fixed by the backbone
+            assert net(torch.zeros(2, 3, size, size)).shape == (2, 1)
 
 
 def test_local_weights_load_and_mismatch_is_clear(tmp_path):

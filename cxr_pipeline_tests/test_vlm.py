@@ -55,12 +55,13 @@ def test_same_prompt_at_training_and_inference(processor):
 def test_tiny_qlora_lowers_loss_and_adapter_round_trips(base, tmp_path):
     from peft import PeftModel
 
+    adapter = tmp_path / "adapter"
     res = vlm.train_adapter(
-        base, examples(16), vlm.AdapterConfig(max_steps=8, batch_size=4, accumulation=1, lr=2e-3, warmup_steps=1), tmp_path / "run"
+        base, examples(16), vlm.AdapterConfig(max_steps=8, batch_size=4, accumulation=1, lr=2e-3, warmup_steps=1), adapter
     )
     losses = [h["loss"] for h in res["log_history"] if "loss" in h]
     assert len(losses) == 8 and np.mean(losses[-3:]) < np.mean(losses[:3])
-    adapter = tmp_path / "run" / "adapter"
+    assert vlm.read_adapter_card(adapter)["quantize"] is True
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     assert not (adapter / "model.safetensors").exists()  # the adapter, not the base weights
     model = PeftModel.from_pretrained(vlm.load_base(base, quantize=True), str(adapter))
@@ -70,3 +71,24 @@ def test_tiny_qlora_lowers_loss_and_adapter_round_trips(base, tmp_path):
     b = vlm.generate_reports(base, adapter, ims, [vlm.user_prompt()] * 3, max_new_tokens=6, batch_size=2)
     assert a == b and len(a) == 3  # deterministic, and batching does not change it
     assert all("<|" not in t and vlm.INSTRUCTION not in t for t in a)  # only new tokens
+
+
+def test_generation_loads_the_base_as_the_adapter_was_trained(base, tmp_path, monkeypatch):
+    """An adapter trained on an unquantised base is evaluated on an unquantised base, on the given device."""
+    import torch
+
+    adapter = tmp_path / "adapter"
+    cfg = vlm.AdapterConfig(max_steps=1, batch_size=2, accumulation=1, quantize=False)
+    vlm.train_adapter(base, examples(2), cfg, adapter, device=torch.device("cpu"), card={"size": 64})
+    card = vlm.read_adapter_card(adapter)
+    assert card["quantize"] is False and card["size"] == 64 and card["base"] == str(base)
+    loads = []
+    real = vlm.load_base
+
+    def spy(base_dir, quantize, device=None):
+        loads.append((quantize, device))
+        return real(base_dir, quantize, device)
+
+    monkeypatch.setattr(vlm, "load_base", spy)
+    vlm.generate_reports(base, adapter, [e["image"] for e in examples(1)], [vlm.user_prompt()], max_new_tokens=2, device="cpu")
+    assert loads == [(False, torch.device("cpu"))]

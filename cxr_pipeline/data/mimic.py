@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 
 from cxr_pipeline.data.sections import parse_report, parse_report_files
-from cxr_pipeline.labels import LABELS, slug
+from cxr_pipeline.labels import LABELS, SLUGS, slug
 
 RECORD_LIST = "cxr-record-list"
 STUDY_LIST = "cxr-study-list"
@@ -32,7 +32,6 @@ REPORTS_ZIP = "mimic-cxr-reports.zip"
 CSV_STEMS = (RECORD_LIST, STUDY_LIST, METADATA, CHEXPERT, NEGBIO, SPLIT, TEST_LABELED)
 
 SPLITS = ("train", "validate", "test")
-LABEL_COLUMNS = tuple(slug(x) for x in LABELS)
 _LABEL_TEXT = {"1.0": 1, "1": 1, "0.0": 0, "0": 0, "-1.0": -1, "-1": -1}
 
 REJECT_SCHEMA = {
@@ -65,6 +64,17 @@ class ManifestPolicy:
     def __post_init__(self) -> None:
         if self.label_source not in ("chexpert", "negbio"):
             raise ValueError(f"label_source must be 'chexpert' or 'negbio', not {self.label_source!r}")
+        object.__setattr__(self, "views", tuple(self.views))
+
+    def params(self) -> dict[str, object]:
+        """The policy as MLflow params."""
+        return {
+            "views": ",".join(self.views) or "all",
+            "label_source": self.label_source,
+            "one_image_per_subject": self.one_image_per_subject,
+            "radiologist_test_labels": self.radiologist_test_labels,
+            "check_files": self.check_files,
+        }
 
 
 @dataclass
@@ -72,6 +82,21 @@ class ManifestResult:
     manifest: pl.DataFrame
     rejects: pl.DataFrame
     stats: dict[str, int] = field(default_factory=dict)
+
+    def reject_reasons(self) -> pl.DataFrame:
+        """``reason, len``: how many input rows each reason rejected, most first."""
+        if not self.rejects.height:
+            return pl.DataFrame({"reason": [], "len": []}, schema={"reason": pl.String, "len": pl.UInt32})
+        return self.rejects.group_by("reason").len().sort("len", descending=True)
+
+    def rows_by_split(self) -> dict[str, int]:
+        return {s: self.stats.get(f"rows_{s}", 0) for s in SPLITS}
+
+    def prevalence_metrics(self) -> dict[str, float]:
+        """``prevalence.<Label>``: the share of kept images positive for each label."""
+        if not self.manifest.height:
+            return {}
+        return {f"prevalence.{lab}": float((self.manifest[col] == 1).mean() or 0.0) for lab, col in zip(LABELS, SLUGS, strict=True)}
 
 
 # ---------------------------------------------------------------- reading CSVs
@@ -101,7 +126,7 @@ def read_csv(path: Path, required: Iterable[str]) -> pl.DataFrame:
     """
     try:
         df = pl.read_csv(path, infer_schema=False, quote_char='"')
-    except pl.exceptions.PolarsError as e:
+    except (pl.exceptions.PolarsError, OSError) as e:  # OSError: a truncated or corrupt .gz
         raise DatasetError(f"{path}: cannot be read as CSV: {e}") from e
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -290,27 +315,29 @@ def _parse_reports(root: Path, subjects: list[int], studies: list[int]) -> dict[
 # ------------------------------------------------------------------ manifest
 
 
-def build_manifest(root: Path, policy: ManifestPolicy | None = None) -> ManifestResult:
-    """Apply ``policy`` to the MIMIC-CXR dataset at ``root``."""
-    policy = policy or ManifestPolicy()
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: dataset root does not exist (set CXR_RAW_DIR)")
-    stats: dict[str, int] = {}
-    rejects: list[pl.DataFrame] = []
+@dataclass
+class _Build:
+    """What the manifest steps share: the dataset root, the policy, and the rejects and counts so far."""
 
-    meta_path = require_csv(root, METADATA)
-    meta = read_csv(meta_path, ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime"])
-    rec_path = find_csv(root, RECORD_LIST)
+    root: Path
+    policy: ManifestPolicy
+    stats: dict[str, int] = field(default_factory=dict)
+    rejects: list[pl.DataFrame] = field(default_factory=list)
+
+    def keep_good(self, df: pl.DataFrame, source: str) -> pl.DataFrame:
+        """Send rows with a ``_reason`` to the rejects (named by ``source``); keep the rest."""
+        self.rejects.append(_rejects(df, source))
+        return df.filter(pl.col("_reason").is_null()).drop("_reason")
+
+
+def _records(b: _Build, meta: pl.DataFrame, meta_name: str) -> tuple[pl.DataFrame, str]:
+    """Step 1: the record list (or paths derived from the metadata), its bad rows rejected."""
+    rec_path = find_csv(b.root, RECORD_LIST)
     if rec_path is not None:
-        rec = read_csv(rec_path, ["subject_id", "study_id", "dicom_id", "path"])
-        rec_source = rec_path.name
+        rec, source = read_csv(rec_path, ["subject_id", "study_id", "dicom_id", "path"]), rec_path.name
     else:
-        rec = _records_from_metadata(meta)
-        rec_source = meta_path.name
-    stats["records"] = rec.height
-
-    # 1. the record list itself
+        rec, source = _records_from_metadata(meta), meta_name
+    b.stats["records"] = rec.height
     sub_i, stu_i = _int("subject_id"), _int("study_id")
     p = pl.col("path")
     rec = rec.with_columns(
@@ -330,14 +357,14 @@ def build_manifest(root: Path, policy: ManifestPolicy | None = None) -> Manifest
                 ~p.str.contains(pl.format("/p{}/s{}/{}.", pl.col("subject_id"), pl.col("study_id"), pl.col("dicom_id")), literal=True),
                 "path does not match subject_id/study_id/dicom_id",
             ),
-            (pl.col("dicom_id").is_duplicated(), f"dicom_id listed twice in {rec_source}"),
+            (pl.col("dicom_id").is_duplicated(), f"dicom_id listed twice in {source}"),
         ).alias("_reason")
     )
-    rejects.append(_rejects(rec, rec_source))
-    rec = rec.filter(pl.col("_reason").is_null()).drop("_reason")
-    rec = rec.with_columns(sub_i.alias("subject_id"), stu_i.alias("study_id"))
+    return b.keep_good(rec, source).with_columns(sub_i.alias("subject_id"), stu_i.alias("study_id")), source
 
-    # 2. metadata: view and study datetime
+
+def _with_metadata(b: _Build, df: pl.DataFrame, meta: pl.DataFrame, meta_name: str, source: str) -> pl.DataFrame:
+    """Step 2: view and study datetime from the metadata CSV."""
     meta = meta.with_columns(
         pl.col("StudyDate").str.strptime(pl.Date, "%Y%m%d", strict=False).alias("_date"),
         _study_time_seconds("StudyTime").alias("_secs"),
@@ -345,21 +372,19 @@ def build_manifest(root: Path, policy: ManifestPolicy | None = None) -> Manifest
         _int("subject_id").alias("_m_subject"),
         _int("study_id").alias("_m_study"),
     ).select("dicom_id", "ViewPosition", "_date", "_secs", "_dup", "_m_subject", "_m_study", pl.col("_line").alias("_m_line"))
-    df = rec.join(meta, on="dicom_id", how="left")
-    df = df.with_columns(
+    df = df.join(meta, on="dicom_id", how="left").with_columns(
         _first_reason(
-            (pl.col("_m_line").is_null(), f"no row in {meta_path.name}"),
-            (pl.col("_dup"), f"dicom_id listed twice in {meta_path.name}"),
+            (pl.col("_m_line").is_null(), f"no row in {meta_name}"),
+            (pl.col("_dup"), f"dicom_id listed twice in {meta_name}"),
             (
                 (pl.col("_m_subject") != pl.col("subject_id")) | (pl.col("_m_study") != pl.col("study_id")),
-                f"subject_id/study_id disagree with {meta_path.name}",
+                f"subject_id/study_id disagree with {meta_name}",
             ),
-            (pl.col("_date").is_null(), f"unparseable StudyDate in {meta_path.name}"),
-            (pl.col("_secs").is_null(), f"unparseable StudyTime in {meta_path.name}"),
+            (pl.col("_date").is_null(), f"unparseable StudyDate in {meta_name}"),
+            (pl.col("_secs").is_null(), f"unparseable StudyTime in {meta_name}"),
         ).alias("_reason")
     )
-    rejects.append(_rejects(df, rec_source))
-    df = df.filter(pl.col("_reason").is_null()).select(
+    return b.keep_good(df, source).select(
         "_line",
         "dicom_id",
         "subject_id",
@@ -369,141 +394,147 @@ def build_manifest(root: Path, policy: ManifestPolicy | None = None) -> Manifest
         (pl.col("_date").cast(pl.Datetime("ms")) + pl.duration(milliseconds=(pl.col("_secs") * 1000).round())).alias("study_datetime"),
     )
 
-    # 3. official split (patient-level), or a deterministic patient hash
-    split_path = find_csv(root, SPLIT)
-    if split_path is not None:
-        split = read_csv(split_path, ["dicom_id", "study_id", "subject_id", "split"])
-        split = split.with_columns(
-            _first_reason(
-                (~pl.col("split").is_in(list(SPLITS)), pl.format("unknown split '{}'", pl.col("split"))),
-                (pl.col("dicom_id").is_duplicated(), "dicom_id listed twice"),
-            ).alias("_reason")
-        )
-        rejects.append(_rejects(split, split_path.name))
-        split = split.filter(pl.col("_reason").is_null()).select("dicom_id", "split")
-        df = df.join(split, on="dicom_id", how="left")
-        n_splits = pl.col("split").drop_nulls().n_unique().over("subject_id")
-        df = df.with_columns(
-            _first_reason(
-                (pl.col("split").is_null(), f"no usable row in {split_path.name}"),
-                (n_splits > 1, f"subject in several splits in {split_path.name} (patient leakage)"),
-            ).alias("_reason")
-        )
-        rejects.append(_rejects(df, rec_source))
-        df = df.filter(pl.col("_reason").is_null()).drop("_reason")
-        stats["split_from_file"] = 1
-    else:
-        subjects = df.select(pl.col("subject_id").unique().sort())["subject_id"]
-        smap = pl.DataFrame({"subject_id": subjects, "split": _hash_split(subjects, policy.hash_split_validate, policy.hash_split_test)})
-        df = df.join(smap, on="subject_id", how="left")
-        stats["split_from_file"] = 0
 
-    # 4. labels, per study; radiologist labels for test studies where given
-    label_stem = CHEXPERT if policy.label_source == "chexpert" else NEGBIO
-    label_path = require_csv(root, label_stem)
+def _with_split(b: _Build, df: pl.DataFrame, source: str) -> pl.DataFrame:
+    """Step 3: the official patient-level split, or a deterministic patient hash where no split file exists."""
+    split_path = find_csv(b.root, SPLIT)
+    if split_path is None:
+        subjects = df.select(pl.col("subject_id").unique().sort())["subject_id"]
+        split = _hash_split(subjects, b.policy.hash_split_validate, b.policy.hash_split_test)
+        b.stats["split_from_file"] = 0
+        return df.join(pl.DataFrame({"subject_id": subjects, "split": split}), on="subject_id", how="left")
+    split = read_csv(split_path, ["dicom_id", "study_id", "subject_id", "split"])
+    split = split.with_columns(
+        _first_reason(
+            (~pl.col("split").is_in(list(SPLITS)), pl.format("unknown split '{}'", pl.col("split"))),
+            (pl.col("dicom_id").is_duplicated(), "dicom_id listed twice"),
+        ).alias("_reason")
+    )
+    split = b.keep_good(split, split_path.name).select("dicom_id", "split")
+    df = df.join(split, on="dicom_id", how="left")
+    n_splits = pl.col("split").drop_nulls().n_unique().over("subject_id")
+    df = df.with_columns(
+        _first_reason(
+            (pl.col("split").is_null(), f"no usable row in {split_path.name}"),
+            (n_splits > 1, f"subject in several splits in {split_path.name} (patient leakage)"),
+        ).alias("_reason")
+    )
+    b.stats["split_from_file"] = 1
+    return b.keep_good(df, source)
+
+
+def _with_labels(b: _Build, df: pl.DataFrame, source: str) -> pl.DataFrame:
+    """Step 4: labels per study; the radiologist's labels for test studies where given."""
+    label_path = require_csv(b.root, CHEXPERT if b.policy.label_source == "chexpert" else NEGBIO)
     labels, label_rejects = _read_labels(label_path, ("subject_id", "study_id"))
-    rejects.append(label_rejects)
+    b.rejects.append(label_rejects)
     bad_studies = label_rejects.select(
         pl.col("study_id").cast(pl.Int64, strict=False),
         pl.format("labels rejected ({} line {}): {}", pl.lit(label_path.name), "line", "reason").alias("_reason"),
     ).unique("study_id")
-    df = df.join(bad_studies, on="study_id", how="left")
-    rejects.append(_rejects(df, rec_source))
-    df = df.filter(pl.col("_reason").is_null()).drop("_reason")
-    df = df.join(labels, on="study_id", how="left").with_columns(pl.lit(policy.label_source).alias("label_source"))
-    stats["studies_without_labels"] = df.filter(pl.all_horizontal(pl.col(c).is_null() for c in LABEL_COLUMNS))["study_id"].n_unique()
+    df = b.keep_good(df.join(bad_studies, on="study_id", how="left"), source)
+    df = df.join(labels, on="study_id", how="left").with_columns(pl.lit(b.policy.label_source).alias("label_source"))
+    b.stats["studies_without_labels"] = df.filter(pl.all_horizontal(pl.col(c).is_null() for c in SLUGS))["study_id"].n_unique()
 
-    rad_path = find_csv(root, TEST_LABELED)
-    if policy.radiologist_test_labels and rad_path is not None:
-        rad, rad_rejects = _read_labels(rad_path, ("study_id",))
-        rejects.append(rad_rejects)
-        rad = rad.rename({c: f"_rad_{c}" for c in LABEL_COLUMNS}).with_columns(pl.lit(True).alias("_rad"))
-        df = df.join(rad, on="study_id", how="left")
-        use = (pl.col("split") == "test") & pl.col("_rad").fill_null(False)
-        df = df.with_columns(
-            *[pl.when(use).then(pl.col(f"_rad_{c}")).otherwise(pl.col(c)).alias(c) for c in LABEL_COLUMNS],
-            pl.when(use).then(pl.lit("radiologist")).otherwise(pl.col("label_source")).alias("label_source"),
-        ).drop([f"_rad_{c}" for c in LABEL_COLUMNS] + ["_rad"])
-        stats["test_images_radiologist_labels"] = df.filter(pl.col("label_source") == "radiologist").height
+    rad_path = find_csv(b.root, TEST_LABELED)
+    if not b.policy.radiologist_test_labels or rad_path is None:
+        return df
+    rad, rad_rejects = _read_labels(rad_path, ("study_id",))
+    b.rejects.append(rad_rejects)
+    rad = rad.rename({c: f"_rad_{c}" for c in SLUGS}).with_columns(pl.lit(True).alias("_rad"))
+    df = df.join(rad, on="study_id", how="left")
+    use = (pl.col("split") == "test") & pl.col("_rad").fill_null(False)
+    df = df.with_columns(
+        *[pl.when(use).then(pl.col(f"_rad_{c}")).otherwise(pl.col(c)).alias(c) for c in SLUGS],
+        pl.when(use).then(pl.lit("radiologist")).otherwise(pl.col("label_source")).alias("label_source"),
+    ).drop([f"_rad_{c}" for c in SLUGS] + ["_rad"])
+    b.stats["test_images_radiologist_labels"] = df.filter(pl.col("label_source") == "radiologist").height
+    return df
 
-    # 5. policy: views
-    stats["valid_images"] = df.height
-    if policy.views:
+
+def _existing_files(b: _Build, df: pl.DataFrame, source: str) -> pl.DataFrame:
+    """Step 6: the image file must exist (MIMIC-CXR-JPG: the same path with ``.jpg``)."""
+    resolved: list[str | None] = []
+    for rel in df["path"].to_list():
+        if os.path.exists(b.root / rel):
+            resolved.append(rel)
+        else:
+            alt = rel[: rel.rfind(".")] + ".jpg" if "." in rel else rel
+            resolved.append(alt if alt != rel and os.path.exists(b.root / alt) else None)
+    df = df.with_columns(pl.Series("_resolved", resolved, dtype=pl.String))
+    df = df.with_columns(pl.when(pl.col("_resolved").is_null()).then(pl.lit("image file missing")).alias("_reason"))
+    return b.keep_good(df, source).with_columns(pl.col("_resolved").alias("path")).drop("_resolved")
+
+
+def _with_reports(b: _Build, df: pl.DataFrame) -> pl.DataFrame:
+    """Step 8: FINDINGS / IMPRESSION / last paragraph of each image's study report."""
+    if not b.policy.parse_reports:
+        return df.with_columns(
+            *[pl.lit(None, pl.String).alias(c) for c in ("findings", "impression", "last_paragraph")], pl.lit(False).alias("has_report")
+        )
+    cols = _parse_reports(b.root, df["subject_id"].to_list(), df["study_id"].to_list())
+    df = df.with_columns(
+        *[pl.Series(c, cols[c], dtype=pl.String) for c in ("findings", "impression", "last_paragraph")],
+        pl.Series("has_report", cols["has_report"], dtype=pl.Boolean),
+    )
+    b.stats["images_without_report"] = int((~df["has_report"]).sum())
+    return df
+
+
+MANIFEST_COLUMNS = (
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "path",
+    "view_position",
+    "study_datetime",
+    "split",
+    "label_source",
+    *SLUGS,
+    "findings",
+    "impression",
+    "last_paragraph",
+    "has_report",
+)
+
+
+def build_manifest(root: Path, policy: ManifestPolicy | None = None) -> ManifestResult:
+    """Apply ``policy`` to the MIMIC-CXR dataset at ``root``, step by step (each step's rejects kept)."""
+    b = _Build(Path(root), policy or ManifestPolicy())
+    if not b.root.is_dir():
+        raise DatasetError(f"{b.root}: dataset root does not exist (set CXR_RAW_DIR)")
+    meta_path = require_csv(b.root, METADATA)
+    meta = read_csv(meta_path, ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime"])
+    df, source = _records(b, meta, meta_path.name)
+    df = _with_metadata(b, df, meta, meta_path.name, source)
+    df = _with_split(b, df, source)
+    df = _with_labels(b, df, source)
+    b.stats["valid_images"] = df.height
+    if b.policy.views:  # step 5: policy, views (excluded by policy: counted, not rejected)
         before = df.height
-        df = df.filter(pl.col("view_position").is_in(list(policy.views)))
-        stats["excluded_by_view"] = before - df.height
-
-    # 6. the file must exist (MIMIC-CXR-JPG: same path with .jpg)
-    if policy.check_files:
-        paths = df["path"].to_list()
-        resolved: list[str | None] = []
-        for rel in paths:
-            if os.path.exists(root / rel):
-                resolved.append(rel)
-            else:
-                alt = rel[: rel.rfind(".")] + ".jpg" if "." in rel else rel
-                resolved.append(alt if alt != rel and os.path.exists(root / alt) else None)
-        df = df.with_columns(pl.Series("_resolved", resolved, dtype=pl.String))
-        df = df.with_columns(pl.when(pl.col("_resolved").is_null()).then(pl.lit("image file missing")).alias("_reason"))
-        rejects.append(_rejects(df, rec_source))
-        df = df.filter(pl.col("_reason").is_null()).with_columns(pl.col("_resolved").alias("path")).drop("_reason", "_resolved")
-
-    # 7. policy: one image per subject, deterministically the earliest
+        df = df.filter(pl.col("view_position").is_in(list(b.policy.views)))
+        b.stats["excluded_by_view"] = before - df.height
+    if b.policy.check_files:
+        df = _existing_files(b, df, source)
     df = df.sort("subject_id", "study_datetime", "study_id", "dicom_id")
-    if policy.one_image_per_subject:
+    if b.policy.one_image_per_subject:  # step 7: policy, deterministically the earliest image
         before = df.height
         df = df.unique("subject_id", keep="first", maintain_order=True)
-        stats["excluded_one_per_subject"] = before - df.height
-
-    # 8. report sections
-    if policy.parse_reports:
-        cols = _parse_reports(root, df["subject_id"].to_list(), df["study_id"].to_list())
-        df = df.with_columns(
-            pl.Series("findings", cols["findings"], dtype=pl.String),
-            pl.Series("impression", cols["impression"], dtype=pl.String),
-            pl.Series("last_paragraph", cols["last_paragraph"], dtype=pl.String),
-            pl.Series("has_report", cols["has_report"], dtype=pl.Boolean),
-        )
-        stats["images_without_report"] = int((~df["has_report"]).sum())
-    else:
-        df = df.with_columns(
-            pl.lit(None, pl.String).alias("findings"),
-            pl.lit(None, pl.String).alias("impression"),
-            pl.lit(None, pl.String).alias("last_paragraph"),
-            pl.lit(False).alias("has_report"),
-        )
-
-    manifest = df.select(
-        "dicom_id",
-        "subject_id",
-        "study_id",
-        "path",
-        "view_position",
-        "study_datetime",
-        "split",
-        "label_source",
-        *LABEL_COLUMNS,
-        "findings",
-        "impression",
-        "last_paragraph",
-        "has_report",
-    )
-    all_rejects = (
-        pl.concat([r for r in rejects if r.height], how="vertical")
-        if any(r.height for r in rejects)
-        else pl.DataFrame(schema=REJECT_SCHEMA)
-    )
-    stats["rejects"] = all_rejects.height
-    stats["rows"] = manifest.height
+        b.stats["excluded_one_per_subject"] = before - df.height
+    manifest = _with_reports(b, df).select(MANIFEST_COLUMNS)
+    found = [r for r in b.rejects if r.height]
+    rejects = pl.concat(found, how="vertical") if found else pl.DataFrame(schema=REJECT_SCHEMA)
+    b.stats["rejects"] = rejects.height
+    b.stats["rows"] = manifest.height
     for s in SPLITS:
-        stats[f"rows_{s}"] = manifest.filter(pl.col("split") == s).height
-    return ManifestResult(manifest=manifest, rejects=all_rejects, stats=stats)
+        b.stats[f"rows_{s}"] = manifest.filter(pl.col("split") == s).height
+    return ManifestResult(manifest=manifest, rejects=rejects, stats=b.stats)
 
 
 def label_prevalence(manifest: pl.DataFrame) -> pl.DataFrame:
     """Per label: positive / negative / uncertain / blank counts."""
     rows = []
-    for lab, col in zip(LABELS, LABEL_COLUMNS, strict=True):
+    for lab, col in zip(LABELS, SLUGS, strict=True):
         s = manifest[col]
         rows.append(
             {

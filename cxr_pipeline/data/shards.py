@@ -164,6 +164,94 @@ def _next_shard_number(out: Path, index: pl.DataFrame) -> int:
     return max(nums, default=-1) + 1
 
 
+@dataclass
+class Plan:
+    """What a build must do: rows kept as they are, known rejects, and the files to read."""
+
+    keep_rows: list[dict]
+    reject_rows: list[dict]
+    tasks: list[tuple[int, str, str | None]]  # (task number, relative path, indexed content hash or None)
+    task_meta: list[tuple[str, str, int, int]]  # (dicom_id, path, file size, mtime_ns)
+    previous: dict[str, dict]  # the index rows before this build, by dicom_id
+
+
+def plan_partition(root: Path, items: pl.DataFrame, index: pl.DataFrame, old_rejects: pl.DataFrame) -> Plan:
+    """Compare the wanted ``(dicom_id, path)`` rows with the index: only new or changed files are read.
+
+    Reads nothing but ``stat``: a file with the indexed (size, mtime) keeps its row, a
+    known-bad file with the same (size, mtime) keeps its reject, anything else is a task.
+    """
+    wanted = items.select("dicom_id", "path").unique("dicom_id", keep="first", maintain_order=True)
+    by_id = {r["dicom_id"]: r for r in index.iter_rows(named=True)}
+    rej_by_id = {r["dicom_id"]: r for r in old_rejects.iter_rows(named=True)}
+    plan = Plan([], [], [], [], by_id)
+    for did, rel in wanted.iter_rows():
+        try:
+            st = os.stat(root / rel)
+        except FileNotFoundError:
+            plan.reject_rows.append({"dicom_id": did, "path": rel, "reason": "file missing", "file_size": None, "mtime_ns": None})
+            continue
+        same = (rel, st.st_size, st.st_mtime_ns)
+        prev = by_id.get(did)
+        if prev and (prev["path"], prev["file_size"], prev["mtime_ns"]) == same:
+            plan.keep_rows.append(prev)
+            continue
+        prev_rej = rej_by_id.get(did)
+        if prev_rej and (prev_rej["path"], prev_rej["file_size"], prev_rej["mtime_ns"]) == same:
+            plan.reject_rows.append(prev_rej)
+            continue
+        plan.tasks.append((len(plan.tasks), rel, prev["content_hash"] if prev and prev["path"] == rel else None))
+        plan.task_meta.append((did, rel, st.st_size, st.st_mtime_ns))
+    return plan
+
+
+class _ShardWriter:
+    """Appends decoded images to new shard files; rewrites the index after every shard.
+
+    A kill at any point loses at most the shard being filled: every shard is renamed
+    into place before the index that references it.
+    """
+
+    def __init__(self, out: Path, plan: Plan, first_shard: int, images_per_shard: int):
+        self.out, self.plan, self.seq, self.per_shard = out, plan, first_shard, images_per_shard
+        self.buf: list[bytes] = []
+        self.buf_rows: list[dict] = []
+        self.new_rows: list[dict] = []
+
+    def add(self, row: dict, pixels: bytes) -> None:
+        self.buf.append(pixels)
+        self.buf_rows.append(row)
+        if len(self.buf) >= self.per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        name = f"shard-{self.seq:05d}.u8"
+        with atomic_path(self.out / name) as tmp, open(tmp, "wb") as f:
+            for b in self.buf:
+                f.write(b)
+        for off, r in enumerate(self.buf_rows):
+            r["shard"], r["offset"] = name, off
+        self.new_rows.extend(self.buf_rows)
+        self.seq += 1
+        self.buf, self.buf_rows = [], []
+        self.write_index()
+
+    def write_index(self) -> tuple[pl.DataFrame, pl.DataFrame]:
+        return _write_index(self.out, self.plan.keep_rows + self.new_rows, self.plan.reject_rows)
+
+
+def _check_spec(out: Path, spec: ShardSpec) -> None:
+    spec_file = out / "spec.json"
+    if not spec_file.exists():
+        spec_file.write_text(json.dumps({"size": spec.size, "dtype": "uint8", "layout": "n,size,size"}))
+        return
+    built = json.loads(spec_file.read_text())
+    if built.get("size") != spec.size:
+        raise ValueError(f"{out}: shards were built at {built.get('size')} px, not {spec.size}; use a folder per size")
+
+
 def build_partition(
     root: Path,
     out: Path,
@@ -180,103 +268,34 @@ def build_partition(
     t0 = time.perf_counter()
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_spec(out, spec)
     index = _read_or_empty(out / INDEX, INDEX_SCHEMA)
-    old_rejects = _read_or_empty(out / REJECTS, REJECT_SCHEMA)
-    spec_file = out / "spec.json"
-    if spec_file.exists():
-        built = json.loads(spec_file.read_text())
-        if built.get("size") != spec.size:
-            raise ValueError(f"{out}: shards were built at {built.get('size')} px, not {spec.size}; use a folder per size")
-    else:
-        spec_file.write_text(json.dumps({"size": spec.size, "dtype": "uint8", "layout": "n,size,size"}))
     orphans = _clean(out, index)
-
-    wanted = items.select("dicom_id", "path").unique("dicom_id", keep="first", maintain_order=True)
-    by_id = {r["dicom_id"]: r for r in index.iter_rows(named=True)}
-    rej_by_id = {r["dicom_id"]: r for r in old_rejects.iter_rows(named=True)}
-
-    keep_rows: list[dict] = []
-    reject_rows: list[dict] = []
-    tasks: list[tuple[int, str, str | None]] = []
-    task_meta: list[tuple[str, str, int, int]] = []
-    for did, rel in wanted.iter_rows():
-        try:
-            st = os.stat(root / rel)
-        except FileNotFoundError:
-            reject_rows.append({"dicom_id": did, "path": rel, "reason": "file missing", "file_size": None, "mtime_ns": None})
-            continue
-        prev = by_id.get(did)
-        if prev and prev["path"] == rel and prev["file_size"] == st.st_size and prev["mtime_ns"] == st.st_mtime_ns:
-            keep_rows.append(prev)
-            continue
-        prev_rej = rej_by_id.get(did)
-        if prev_rej and prev_rej["path"] == rel and prev_rej["file_size"] == st.st_size and prev_rej["mtime_ns"] == st.st_mtime_ns:
-            reject_rows.append(prev_rej)
-            continue
-        tasks.append((len(tasks), rel, prev["content_hash"] if prev and prev["path"] == rel else None))
-        task_meta.append((did, rel, st.st_size, st.st_mtime_ns))
-
+    plan = plan_partition(root, items, index, _read_or_empty(out / REJECTS, REJECT_SCHEMA))
     stats: dict[str, float] = {
-        "images": wanted.height,
-        "unchanged": len(keep_rows),
-        "to_read": len(tasks),
+        "images": len(plan.keep_rows) + len(plan.reject_rows) + len(plan.tasks),
+        "unchanged": len(plan.keep_rows),
+        "to_read": len(plan.tasks),
         "orphan_shards_removed": orphans,
     }
-    decoded = hashed_only = 0
-    seq = _next_shard_number(out, index)
-    buf: list[bytes] = []
-    buf_rows: list[dict] = []
-    new_rows: list[dict] = []
-
-    def flush() -> None:
-        nonlocal seq, buf, buf_rows
-        if not buf:
-            return
-        name = f"shard-{seq:05d}.u8"
-        with atomic_path(out / name) as tmp, open(tmp, "wb") as f:
-            for b in buf:
-                f.write(b)
-        for off, r in enumerate(buf_rows):
-            r["shard"], r["offset"] = name, off
-        new_rows.extend(buf_rows)
-        seq += 1
-        buf, buf_rows = [], []
-        # the index after every shard: a kill from here on loses nothing written
-        _write_index(out, keep_rows + new_rows, reject_rows)
-
-    done = 0
-    for i, h, px, rows, cols, reason in _run_tasks(root, spec.size, tasks, spec.workers, spec.chunk, pool):
-        did, rel, fsize, mtime = task_meta[i]
+    writer = _ShardWriter(out, plan, _next_shard_number(out, index), spec.images_per_shard)
+    decoded = hashed_only = done = 0
+    for i, h, px, rows, cols, reason in _run_tasks(root, spec.size, plan.tasks, spec.workers, spec.chunk, pool):
+        did, rel, fsize, mtime = plan.task_meta[i]
         done += 1
         if reason is not None:
-            reject_rows.append({"dicom_id": did, "path": rel, "reason": reason, "file_size": fsize, "mtime_ns": mtime})
+            plan.reject_rows.append({"dicom_id": did, "path": rel, "reason": reason, "file_size": fsize, "mtime_ns": mtime})
         elif px is None:  # same bytes as indexed: refresh size/mtime only
-            prev = dict(by_id[did])
-            prev.update(file_size=fsize, mtime_ns=mtime)
-            keep_rows.append(prev)
+            plan.keep_rows.append({**plan.previous[did], "file_size": fsize, "mtime_ns": mtime})
             hashed_only += 1
         else:
-            buf.append(px)
-            buf_rows.append(
-                {
-                    "dicom_id": did,
-                    "path": rel,
-                    "shard": "",
-                    "offset": 0,
-                    "file_size": fsize,
-                    "mtime_ns": mtime,
-                    "content_hash": h,
-                    "rows": rows,
-                    "cols": cols,
-                }
-            )
+            row = {"dicom_id": did, "path": rel, "shard": "", "offset": 0, "file_size": fsize, "mtime_ns": mtime}
+            writer.add({**row, "content_hash": h, "rows": rows, "cols": cols}, px)
             decoded += 1
-            if len(buf) >= spec.images_per_shard:
-                flush()
         if progress:
-            progress(done, len(tasks))
-    flush()
-    idx, rej = _write_index(out, keep_rows + new_rows, reject_rows)
+            progress(done, len(plan.tasks))
+    writer.flush()
+    idx, rej = writer.write_index()
     _clean(out, idx)
     secs = time.perf_counter() - t0
     stats.update(
@@ -290,6 +309,20 @@ def build_partition(
         decoded_per_second=round(decoded / secs, 2) if secs > 0 else 0.0,
     )
     return BuildResult(index=idx, rejects=rej, stats=stats)
+
+
+def data_version(index: pl.DataFrame, size: int) -> str:
+    """What is in a partition's shards (ids and source content hashes at this size), not when they were written."""
+    digest = hashlib.sha256("".join(f"{d}:{h}\n" for d, h in index.select("dicom_id", "content_hash").iter_rows()).encode())
+    return f"s{size}-{digest.hexdigest()[:24]}"
+
+
+def write_contact_sheet(shard_root: Path, index: pl.DataFrame, partition: str, size: int, n: int = 16) -> Path | None:
+    """A grid of ``n`` sampled images of the partition (seeded), as ``contact_sheet.png`` in its folder."""
+    if not index.height:
+        return None
+    sample = index.sample(min(n, index.height), seed=0).sort("dicom_id").with_columns(pl.lit(partition).alias("partition"))
+    return write_png(contact_sheet(gather(shard_root, sample, size), ncols=8), Path(shard_root) / partition / "contact_sheet.png")
 
 
 def _write_index(out: Path, rows: list[dict], reject_rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -363,11 +396,13 @@ def load_images(shard_root: Path, manifest: pl.DataFrame, size: int, device: str
     are left out and counted in the frame's absence. With ``device`` set to a
     CUDA device the tensor is moved there (the 224-pixel PA subset of MIMIC is
     a few GB, which fits on one GPU); normalisation happens there, not here.
+    The frame carries each image's source ``content_hash`` (what a digest of the
+    data a model saw is made from).
     """
     import torch
 
-    idx = read_index(shard_root).select("dicom_id", "partition", "shard", "offset")
-    rows = manifest.join(idx, on="dicom_id", how="inner", maintain_order="left")
+    idx = read_index(shard_root).select("dicom_id", "partition", "shard", "offset", "content_hash")
+    rows = manifest.drop("content_hash", strict=False).join(idx, on="dicom_id", how="inner", maintain_order="left")
     images = torch.from_numpy(gather(shard_root, rows, size))
     if device is not None and device != "cpu":
         images = images.pin_memory().to(device, non_blocking=True) if str(device).startswith("cuda") else images.to(device)

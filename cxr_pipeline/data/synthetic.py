@@ -32,7 +32,7 @@ import numpy as np
 from cxr_pipeline.data.io import atomic_path
 from cxr_pipeline.data.mimic import CHEXPERT, METADATA, NEGBIO, RECORD_LIST, REPORTS_ZIP, SPLIT, STUDY_LIST, TEST_LABELED
 from cxr_pipeline.data.phantom import Anatomy, render
-from cxr_pipeline.labels import LABELS
+from cxr_pipeline.labels import LABELS, PATHOLOGIES, no_finding
 
 # Positive / negative / uncertain counts in MIMIC-CXR's 222,758 training studies
 # (mimic-cxr-2.0.0-chexpert), the prevalence the replica draws from.
@@ -52,7 +52,6 @@ PREVALENCE: dict[str, tuple[int, int, int]] = {
     "Pneumothorax": (9_159, 41_250, 848),
     "Support Devices": (63_971, 3_014, 95),
 }
-PATHOLOGIES = tuple(PREVALENCE)  # the 13 besides No Finding
 # With independent draws too few studies would be normal (about 19% against the
 # real 33% No Finding); a share of studies drawn as normal first fixes that.
 P_NORMAL_STUDY = 0.25
@@ -77,9 +76,11 @@ class SynthConfig:
         if self.fmt not in ("dicom", "jpg"):
             raise ValueError(f"fmt must be 'dicom' or 'jpg', not {self.fmt!r}")
         if self.patients < 1:
-            raise ValueError("patients must be at least 1")
+            raise ValueError(f"patients must be at least 1, not {self.patients}")
         if self.image_size < 32:
-            raise ValueError("image_size must be at least 32")
+            raise ValueError(f"image_size must be at least 32, not {self.image_size}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, not {self.workers}")
 
 
 # ------------------------------------------------------------------ findings
@@ -101,9 +102,7 @@ def _draw_states(rng: np.random.Generator) -> dict[str, float | None]:
     if states["Pneumonia"] == 1.0 or states["Consolidation"] == 1.0:
         if states["Lung Opacity"] is None and rng.uniform() < 0.6:
             states["Lung Opacity"] = 1.0
-    # CheXpert rule: No Finding when nothing but support devices is positive or uncertain
-    clear = all(states[p] not in (1.0, -1.0) for p in PATHOLOGIES if p != "Support Devices")
-    states["No Finding"] = 1.0 if clear else None
+    states["No Finding"] = no_finding(states)
     return {lab: states[lab] for lab in LABELS}
 
 
@@ -257,8 +256,7 @@ def labeller_view(rng: np.random.Generator, states: dict[str, float | None], fli
     for lab in PATHOLOGIES:
         if out[lab] is not None and rng.uniform() < flip:
             out[lab] = {1.0: -1.0, -1.0: 1.0, 0.0: None}[out[lab]]
-    clear = all(out[p] not in (1.0, -1.0) for p in PATHOLOGIES if p != "Support Devices")
-    out["No Finding"] = 1.0 if clear else None
+    out["No Finding"] = no_finding(out)
     return out
 
 

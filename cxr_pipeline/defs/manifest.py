@@ -1,29 +1,29 @@
 """raw_mimic_cxr -> manifest + manifest_rejects, and the manifest's checks."""
 
 import time
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from cxr_pipeline.data.io import file_digest, write_parquet
-from cxr_pipeline.data.mimic import LABEL_COLUMNS, DatasetError, ManifestPolicy, build_manifest, label_prevalence
+from cxr_pipeline.data.mimic import DatasetError, ManifestPolicy, build_manifest, label_prevalence
 from cxr_pipeline.data.shards import partition_fingerprints
 from cxr_pipeline.defs.raw import RAW
-from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking, mlflow_metadata, table_metadata, upstream_data_version
-from cxr_pipeline.labels import LABELS
+from cxr_pipeline.defs.resources import (
+    CxrStorage,
+    MlflowTracking,
+    asset_metadata,
+    asset_specs,
+    selected_keys,
+    table_metadata,
+    to_dataclass,
+    upstream_data_version,
+)
+from cxr_pipeline.labels import SLUGS
 
 MANIFEST = "manifest"
 MANIFEST_REJECTS = "manifest_rejects"
 MANIFEST_CODE_VERSION = "1"
-
-
-def manifest_path(storage: CxrStorage) -> Path:
-    return storage.asset_dir("manifest") / "manifest.parquet"
-
-
-def rejects_path(storage: CxrStorage) -> Path:
-    return storage.asset_dir("manifest") / "manifest_rejects.parquet"
 
 
 class ManifestConfig(dg.Config):
@@ -36,116 +36,71 @@ class ManifestConfig(dg.Config):
     check_files: bool = True
 
     def policy(self) -> ManifestPolicy:
-        return ManifestPolicy(
-            views=tuple(self.views),
-            label_source=self.label_source,
-            one_image_per_subject=self.one_image_per_subject,
-            radiologist_test_labels=self.radiologist_test_labels,
-            check_files=self.check_files,
-        )
+        return to_dataclass(self, ManifestPolicy)
 
 
 @dg.multi_asset(
-    specs=[
-        dg.AssetSpec(
-            MANIFEST,
-            deps=[RAW],
-            group_name="manifest",
-            code_version=MANIFEST_CODE_VERSION,
-            description="One row per kept image: ids, path, view, study datetime, official split, the 14 labels (1/0/-1/null) and the report's FINDINGS / IMPRESSION.",
-            kinds={"polars", "parquet"},
-        ),
-        dg.AssetSpec(
-            MANIFEST_REJECTS,
-            deps=[RAW],
-            group_name="manifest",
-            code_version=MANIFEST_CODE_VERSION,
-            description="Every input row the manifest could not use, with its file, line and reason.",
-            kinds={"polars", "parquet"},
-        ),
-    ],
+    specs=asset_specs(
+        {
+            MANIFEST: (
+                "One row per kept image: ids, path, view, study datetime, official split, the 14 labels (1/0/-1/null) and the report's FINDINGS / IMPRESSION.",
+                {"polars", "parquet"},
+            ),
+            MANIFEST_REJECTS: ("Every input row the manifest could not use, with its file, line and reason.", {"polars", "parquet"}),
+        },
+        deps=[RAW],
+        group="manifest",
+        code_version=MANIFEST_CODE_VERSION,
+    ),
     # Selecting either key alone is allowed: both files are always written (one
     # computation makes both), and only the selected keys are reported.
     can_subset=True,
 )
 def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, storage: CxrStorage, mlflow: MlflowTracking):
-    root = storage.paths.raw
+    paths, policy = storage.paths, config.policy()
     data_version = upstream_data_version(context, RAW, is_source=True)
-    policy = config.policy()
     t0 = time.perf_counter()
     with mlflow.run(context, {"dagster.data_version": data_version}) as run:
         try:
-            result = build_manifest(root, policy)
+            result = build_manifest(paths.raw, policy)
         except DatasetError as e:
             raise dg.Failure(str(e)) from e
-        seconds = time.perf_counter() - t0
-        mpath = write_parquet(result.manifest, manifest_path(storage))
-        rpath = write_parquet(result.rejects, rejects_path(storage))
-        prevalence = label_prevalence(result.manifest)
-        reasons = (
-            result.rejects.group_by("reason").len().sort("len", descending=True)
-            if result.rejects.height
-            else pl.DataFrame({"reason": [], "len": []})
-        )
-
-        run.log_params(
-            {
-                "views": ",".join(policy.views) or "all",
-                "label_source": policy.label_source,
-                "one_image_per_subject": policy.one_image_per_subject,
-                "radiologist_test_labels": policy.radiologist_test_labels,
-                "check_files": policy.check_files,
-            }
-        )
-        run.log_metrics({**{k: v for k, v in result.stats.items()}, "seconds": seconds})
-        run.log_metrics(
-            {f"prevalence.{lab}": (result.manifest[col] == 1).mean() or 0.0 for lab, col in zip(LABELS, LABEL_COLUMNS, strict=True)}
-            if result.manifest.height
-            else {}
-        )
+        seconds = round(time.perf_counter() - t0, 3)
+        mpath = write_parquet(result.manifest, paths.manifest)
+        rpath = write_parquet(result.rejects, paths.manifest_rejects)
+        prevalence, reasons = label_prevalence(result.manifest), result.reject_reasons()
+        run.log_params(policy.params())
+        run.log_metrics({**result.stats, "seconds": seconds, **result.prevalence_metrics()})
         run.log_table(prevalence, "label_prevalence")
         if reasons.height:
             run.log_table(reasons, "reject_reasons")
-        links = mlflow_metadata(run)
-
     for k, v in result.stats.items():
         context.log.info(f"{k}: {v}")
     if result.rejects.height:
         context.log.warning(f"{result.rejects.height} input rows rejected; see {rpath}")
-    selected = {k.to_user_string() for k in context.selected_asset_keys}
+    selected = selected_keys(context)
     if MANIFEST in selected:
-        yield dg.MaterializeResult(
-            asset_key=MANIFEST,
-            data_version=dg.DataVersion(file_digest(mpath)),
-            metadata={
-                "path": dg.MetadataValue.path(str(mpath)),
-                "dagster/row_count": result.manifest.height,
-                "rows_by_split": dg.MetadataValue.json({s: result.stats.get(f"rows_{s}", 0) for s in ("train", "validate", "test")}),
-                "stats": dg.MetadataValue.json(result.stats),
-                "label_prevalence": table_metadata(prevalence),
-                "policy": dg.MetadataValue.json(config.model_dump()),
-                "raw_data_version": data_version,
-                # per shard partition: which rows it is built from (automation re-builds only changed ones)
-                "partition_fingerprints": dg.MetadataValue.json(partition_fingerprints(result.manifest)),
-                "seconds": round(seconds, 3),
-                **links,
-            },
+        md = asset_metadata(
+            run,
+            mpath,
+            result.manifest.height,
+            rows_by_split=dg.MetadataValue.json(result.rows_by_split()),
+            stats=dg.MetadataValue.json(result.stats),
+            label_prevalence=table_metadata(prevalence),
+            policy=dg.MetadataValue.json(config.model_dump()),
+            raw_data_version=data_version,
+            # per shard partition: which rows it is built from (automation re-builds only changed ones)
+            partition_fingerprints=dg.MetadataValue.json(partition_fingerprints(result.manifest)),
+            seconds=seconds,
         )
+        yield dg.MaterializeResult(asset_key=MANIFEST, data_version=dg.DataVersion(file_digest(mpath)), metadata=md)
     if MANIFEST_REJECTS in selected:
-        yield dg.MaterializeResult(
-            asset_key=MANIFEST_REJECTS,
-            data_version=dg.DataVersion(file_digest(rpath)),
-            metadata={
-                "path": dg.MetadataValue.path(str(rpath)),
-                "dagster/row_count": result.rejects.height,
-                "reasons": table_metadata(reasons),
-                **links,
-            },
-        )
+        md = asset_metadata(run, rpath, result.rejects.height, reasons=table_metadata(reasons))
+        yield dg.MaterializeResult(asset_key=MANIFEST_REJECTS, data_version=dg.DataVersion(file_digest(rpath)), metadata=md)
 
 
 def read_manifest(storage: CxrStorage) -> pl.DataFrame:
-    p = manifest_path(storage)
+    p = storage.paths.manifest
     if not p.exists():
         raise dg.Failure(f"{p}: manifest not materialized yet")
     return pl.read_parquet(p)
@@ -168,7 +123,7 @@ def manifest_splits_patient_disjoint(storage: CxrStorage) -> dg.AssetCheckResult
 @dg.asset_check(asset=MANIFEST, blocking=True, description="Labels are 1, 0, -1 or blank; splits are train/validate/test.")
 def manifest_label_domain(storage: CxrStorage) -> dg.AssetCheckResult:
     m = read_manifest(storage)
-    bad = {c: int((~m[c].is_in([1, 0, -1]) & m[c].is_not_null()).sum()) for c in LABEL_COLUMNS}
+    bad = {c: int((~m[c].is_in([1, 0, -1]) & m[c].is_not_null()).sum()) for c in SLUGS}
     bad_split = int((~m["split"].is_in(["train", "validate", "test"])).sum())
     n_bad = sum(bad.values()) + bad_split
     return dg.AssetCheckResult(

@@ -1,4 +1,5 @@
-"""Dagster resources: where the data is, where state goes, and MLflow."""
+"""Dagster resources (where the data is, where state goes, MLflow, the compute device) and the
+small helpers every asset shares: the metadata of a materialization, the GPU-asset settings."""
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -9,7 +10,7 @@ import dagster as dg
 import polars as pl
 
 from cxr_pipeline import __version__
-from cxr_pipeline.settings import Paths, paths
+from cxr_pipeline.settings import Paths, image_size, paths
 from cxr_pipeline.tracking import TrackedRun, tracked_run
 
 
@@ -26,10 +27,8 @@ class CxrStorage(dg.ConfigurableResource):
 
     @property
     def paths(self) -> Paths:
+        """The one layout of everything under ``CXR_HOME`` (``settings.Paths``)."""
         return Paths(home=Path(self.home), raw=Path(self.raw_dir))
-
-    def asset_dir(self, *parts: str) -> Path:
-        return self.paths.asset_dir(*parts)
 
 
 class MlflowTracking(dg.ConfigurableResource):
@@ -76,26 +75,32 @@ class MlflowTracking(dg.ConfigurableResource):
             artifact_root=Path(self.artifact_root) if self.artifact_root else None,
         ) as run:
             context.log.info(f"MLflow run {run.run_id}: {run.url}")
-            closed = close_orphaned_runs(run, context.instance, tags["dagster.asset_key"], partition, context.run_id)
+            closed = close_orphaned_runs(run, context.instance, keys, partition, context.run_id)
             if closed:
                 context.log.info(f"marked {closed} MLflow run(s) KILLED: left RUNNING by ended Dagster runs of the same asset")
             yield run
 
 
-def close_orphaned_runs(run: TrackedRun, instance: dg.DagsterInstance, asset_key: str, partition: str, by_run_id: str) -> int:
-    """Mark KILLED the MLflow runs of this asset and partition whose Dagster run is over.
+def close_orphaned_runs(
+    run: TrackedRun, instance: dg.DagsterInstance, asset_keys: list[str], partition: str, by_run_id: str, limit: int = 1000
+) -> int:
+    """Mark KILLED the MLflow runs of these assets and partition whose Dagster run is over.
 
     A killed process never ends its MLflow run, which would stay RUNNING in every
     comparison. Once its Dagster run is marked ended (run monitoring, or the retry
-    that re-executes it), the next run of the same asset closes it. Runs whose
-    Dagster run is still going, or unknown to this instance's storage, are left.
+    that re-executes it), the next run of any of the same assets closes it: an
+    orphan tagged ``manifest,manifest_rejects`` is closed by a run of ``manifest``
+    alone. Runs whose Dagster run is still going, or unknown to this instance's
+    storage, are left.
     """
     client = run.client
-    flt = f"attributes.status = 'RUNNING' and tags.`dagster.asset_key` = '{asset_key}'"
+    wanted = set(asset_keys)
     closed = 0
-    for other in client.search_runs([run.experiment_id], filter_string=flt, max_results=200):
+    for other in client.search_runs([run.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=limit):
         t = other.data.tags
         if other.info.run_id == run.run_id or t.get("dagster.partition", "") != partition:
+            continue
+        if not wanted & set(filter(None, t.get("dagster.asset_key", "").split(","))):
             continue
         dagster_run = instance.get_run_by_id(t.get("dagster.run_id", ""))
         if dagster_run is not None and dagster_run.is_finished:
@@ -108,6 +113,56 @@ def close_orphaned_runs(run: TrackedRun, instance: dg.DagsterInstance, asset_key
 def mlflow_metadata(run: TrackedRun) -> dict[str, dg.MetadataValue]:
     """The back-link every materialization carries."""
     return {"mlflow_run_id": dg.MetadataValue.text(run.run_id), "mlflow_run": dg.MetadataValue.url(run.url)}
+
+
+def asset_metadata(run: TrackedRun | None, path: Path | None = None, rows: int | None = None, **extra: Any) -> dict[str, Any]:
+    """A materialization's metadata: the file it wrote, its row count, anything else, the MLflow back-link."""
+    md: dict[str, Any] = {}
+    if path is not None:
+        md["path"] = dg.MetadataValue.path(str(path))
+    if rows is not None:
+        md["dagster/row_count"] = int(rows)
+    md.update(extra)
+    if run is not None:
+        md.update(mlflow_metadata(run))
+    return md
+
+
+def asset_specs(
+    keys: Mapping[str, tuple[str, set[str]]],
+    *,
+    deps: list[str],
+    group: str,
+    code_version: str,
+    partitions_def: dg.PartitionsDefinition | None = None,
+) -> list[dg.AssetSpec]:
+    """The specs of a multi-asset whose keys are computed together: ``{key: (description, kinds)}``."""
+    return [
+        dg.AssetSpec(
+            key,
+            deps=deps,
+            group_name=group,
+            code_version=code_version,
+            partitions_def=partitions_def,
+            description=description,
+            kinds=kinds,
+        )
+        for key, (description, kinds) in keys.items()
+    ]
+
+
+def selected_keys(context: dg.AssetExecutionContext) -> set[str]:
+    """The asset keys this step was asked for (a multi-asset may be subset)."""
+    return {k.to_user_string() for k in context.selected_asset_keys}
+
+
+# On Kubernetes (docker/helm/values.yaml) the step pod of a GPU asset asks for one GPU.
+GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
+
+
+def gpu_asset() -> dict[str, Any]:
+    """Decorator arguments of every GPU asset: the ``gpu`` pool, the GPU request on Kubernetes, one retry."""
+    return {"pool": "gpu", "op_tags": GPU_TAGS, "retry_policy": dg.RetryPolicy(max_retries=1, delay=10)}
 
 
 def table_metadata(df: pl.DataFrame, limit: int = 50) -> dg.TableMetadataValue:
@@ -139,6 +194,11 @@ def upstream_data_version(context: dg.AssetExecutionContext, key: str, *, is_sou
         return "unobserved"
     dv = extract_data_version_from_entry(rec.event_log_entry)
     return dv.value if dv else "unobserved"
+
+
+def shard_size(configured: int) -> int:
+    """A config's image size; 0 means ``CXR_IMAGE_SIZE`` (224), read now, when the run starts."""
+    return configured or image_size()
 
 
 class Compute(dg.ConfigurableResource):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import polars as pl
 
 from cxr_pipeline.labels import SLUGS
 
@@ -55,8 +56,19 @@ def nearest_reports(train_vectors: np.ndarray, train_texts: Sequence[str], query
     return [train_texts[i] for i in idx]
 
 
-def prob_columns(columns: Sequence[str]) -> list[str]:
-    return [s for s in SLUGS if s in columns]
+def baseline_reports(
+    test_rows: pl.DataFrame, train_pairs: pl.DataFrame, predictions: pl.DataFrame | None, thresholds: Mapping[str, float]
+) -> tuple[list[str], list[str]]:
+    """The template and retrieval reports for each test row (``dicom_id``), from the classifier predictions.
 
-
-__all__ = ["nearest_reports", "prob_columns", "template_report"]
+    ``train_pairs``: training rows with ``dicom_id`` and ``text`` (the retrieval corpus).
+    Without predictions the template says "normal" and retrieval has nothing to go on.
+    """
+    cols = [s for s in SLUGS if predictions is not None and s in predictions.columns]
+    if not cols:
+        return [template_report({})] * test_rows.height, [""] * test_rows.height
+    pt = test_rows.select("dicom_id").join(predictions, on="dicom_id", how="left", maintain_order="left")
+    template = [template_report({c: r[c] for c in cols}, thresholds) for r in pt.iter_rows(named=True)]
+    train = train_pairs.join(predictions, on="dicom_id", how="inner")
+    retrieval = nearest_reports(train.select(cols).to_numpy(), train["text"].to_list(), pt.select(cols).to_numpy())
+    return template, retrieval

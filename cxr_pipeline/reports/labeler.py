@@ -21,9 +21,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cxr_pipeline.labels import LABELS
-
-PATHOLOGIES = tuple(lab for lab in LABELS if lab != "No Finding")
+from cxr_pipeline.labels import LABELS, no_finding
 
 # Mention phrases (regular expressions, matched on lower-cased text at word boundaries).
 MENTIONS: dict[str, list[str]] = {
@@ -220,8 +218,7 @@ def label_report(text: str | None) -> dict[str, float | None]:
         found.setdefault(m.label, set()).add(m.value)
     for label, values in found.items():
         result[label] = 1.0 if 1.0 in values else -1.0 if -1.0 in values else 0.0
-    clear = all(result[p] not in (1.0, -1.0) for p in PATHOLOGIES if p != "Support Devices")
-    result["No Finding"] = 1.0 if clear else None
+    result["No Finding"] = no_finding(result)
     return result
 
 

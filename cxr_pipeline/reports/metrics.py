@@ -100,3 +100,21 @@ def clinical_efficacy(references: Sequence[str], hypotheses: Sequence[str]) -> t
             out[f"ce_{avg}{tag}_recall"] = float(rc)
             out[f"ce_{avg}{tag}_f1"] = float(f1)
     return out, n_bad_ref + n_bad_hyp
+
+
+def score_systems(references: Sequence[str], systems: dict[str, Sequence[str]], meteor: bool = True) -> tuple[list[dict], int]:
+    """One row per system: ``system``, ``n``, the NLG scores and clinical efficacy; and the count of
+    empty or malformed reports (labelled all-blank) over all systems."""
+    rows, bad_total = [], 0
+    for system, hyps in systems.items():
+        ce, bad = clinical_efficacy(references, hyps)
+        bad_total += bad
+        rows.append({"system": system, "n": len(hyps), **nlg_scores(references, hyps, meteor=meteor), **ce})
+    return rows, bad_total
+
+
+def side_by_side_markdown(reports, systems: Sequence[str], n: int = 4, width: int = 120) -> str:
+    """A markdown table of the first ``n`` references beside each system's report (cut to ``width``)."""
+    head = "| reference | " + " | ".join(systems) + " |\n|---|" + "---|" * len(systems)
+    lines = ["| " + " | ".join(str(r[c])[:width] for c in ("reference", *systems)) + " |" for r in reports.head(n).iter_rows(named=True)]
+    return "\n".join([head, *lines])

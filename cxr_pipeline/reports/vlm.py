@@ -44,6 +44,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 TINY_MARKER = "cxr_tiny_mllama.json"
+# Saved beside the adapter: what generation must reproduce (base, quantisation, image size, prompt variant).
+ADAPTER_CARD = "cxr_adapter.json"
 
 
 def build_tiny_base(out_dir: Path, texts: Iterable[str], seed: int = 0, tile: int = 56, vocab_size: int = 2000) -> Path:
@@ -138,6 +140,21 @@ def findings_hint(probs: dict[str, float], threshold: float = 0.5, top: int = 5)
     if not picked:
         return "Classifier findings: none"
     return "Classifier findings: " + ", ".join(f"{k.replace('_', ' ').lower()} {p:.2f}" for p, k in picked)
+
+
+def prompts_for(rows, predictions, use_findings: bool) -> tuple[list[str], str]:
+    """The prompt of each row (a polars frame with ``dicom_id``) and the prompt variant's name.
+
+    With ``use_findings`` and a predictions table (``dicom_id`` + one probability
+    column per pathology slug), each prompt carries that image's classifier findings.
+    """
+    from cxr_pipeline.labels import SLUGS
+
+    if not use_findings or predictions is None:
+        return [user_prompt()] * rows.height, "instruction"
+    cols = [s for s in SLUGS if s in predictions.columns]
+    j = rows.select("dicom_id").join(predictions, on="dicom_id", how="left", maintain_order="left")
+    return [user_prompt(findings_hint({c: r[c] for c in cols})) for r in j.iter_rows(named=True)], "instruction+classifier_findings"
 
 
 def messages(prompt: str, report: str | None = None) -> list[dict]:
@@ -240,10 +257,44 @@ def load_base(base_dir: Path, quantize: bool, device=None):
     return MllamaForConditionalGeneration.from_pretrained(str(base_dir), **kwargs)
 
 
-def train_adapter(base_dir: Path, train_examples: Sequence[dict], cfg: AdapterConfig, out_dir: Path, log=None, on_log=None) -> dict:
-    """QLoRA SFT with TRL's SFTTrainer; saves only the adapter to ``out_dir``. Returns the log history.
+def default_device():
+    import torch
 
-    Checkpoints every 50 steps under ``out_dir/checkpoints``: a retried run resumes from the last one.
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def write_adapter_card(adapter_dir: Path, card: dict) -> None:
+    from cxr_pipeline.data.io import atomic_path
+
+    with atomic_path(Path(adapter_dir) / ADAPTER_CARD) as tmp:
+        tmp.write_text(json.dumps(card, indent=2))
+
+
+def read_adapter_card(adapter_dir: Path) -> dict:
+    f = Path(adapter_dir) / ADAPTER_CARD
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: not found; is {adapter_dir} an adapter trained by cxr_pipeline?")
+    return json.loads(f.read_text())
+
+
+def train_adapter(
+    base_dir: Path,
+    train_examples: Sequence[dict],
+    cfg: AdapterConfig,
+    adapter_dir: Path,
+    checkpoint_dir: Path | None = None,
+    *,
+    device=None,
+    card: dict | None = None,
+    log=None,
+    on_log=None,
+) -> dict:
+    """QLoRA SFT with TRL's SFTTrainer; saves only the adapter (and its card) to ``adapter_dir``.
+
+    Checkpoints every 50 steps in ``checkpoint_dir`` (default: ``<adapter_dir>_checkpoints``): a
+    retried run resumes from the last one. The card records the base, ``quantize`` and whatever
+    ``card`` adds (image size, prompt variant), so generation loads the base the same way.
+    Returns the trainer's log history.
     """
     import torch
     from datasets import Dataset
@@ -251,8 +302,9 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], cfg: AdapterCo
     from transformers import MllamaProcessor, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    out_dir = Path(out_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    adapter_dir = Path(adapter_dir)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else adapter_dir.with_name(adapter_dir.name + "_checkpoints")
+    device = torch.device(device) if device is not None else default_device()
     processor = MllamaProcessor.from_pretrained(str(base_dir))
     model = load_base(base_dir, cfg.quantize, device)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -270,7 +322,6 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], cfg: AdapterCo
             if logs and on_log:
                 on_log(state.global_step, logs)
 
-    ckpt_dir = out_dir / "checkpoints"
     args = SFTConfig(
         output_dir=str(ckpt_dir),
         max_steps=cfg.max_steps,
@@ -304,8 +355,9 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], cfg: AdapterCo
         if last and log:
             log(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
-    model.save_pretrained(str(out_dir / "adapter"))
-    processor.save_pretrained(str(out_dir / "adapter"))
+    model.save_pretrained(str(adapter_dir))
+    processor.save_pretrained(str(adapter_dir))
+    write_adapter_card(adapter_dir, {"base": str(base_dir), "quantize": cfg.quantize, **base_info(base_dir), **(card or {})})
     return {"log_history": trainer.state.log_history, "resumed_from": last}
 
 
@@ -317,14 +369,20 @@ def generate_reports(
     max_new_tokens: int = 96,
     num_beams: int = 1,
     batch_size: int = 8,
-    quantize: bool = True,
+    quantize: bool | None = None,
+    device=None,
 ) -> list[str]:
-    """Deterministic decoding (greedy or beam), batched; only the new tokens are returned."""
+    """Deterministic decoding (greedy or beam), batched, on ``device``; only the new tokens are returned.
+
+    ``quantize`` None: as the adapter was trained (its card), else 4-bit.
+    """
     import torch
     from peft import PeftModel
     from transformers import MllamaProcessor
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if quantize is None:
+        quantize = bool(read_adapter_card(adapter_dir).get("quantize", True)) if adapter_dir is not None else True
+    device = torch.device(device) if device is not None else default_device()
     processor = MllamaProcessor.from_pretrained(str(base_dir))
     model = load_base(base_dir, quantize, device)
     if adapter_dir is not None:

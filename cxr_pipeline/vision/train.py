@@ -23,6 +23,11 @@ import numpy as np
 
 from cxr_pipeline.data.io import atomic_path
 
+# Grey uint8 -> [-1, 1]: ((x / 255) - MEAN) / STD. The saved checkpoint's config records them.
+NORMALISE_MEAN = 0.5
+NORMALISE_STD = 0.5
+RESUME_FILE = "resume.pt"
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -93,7 +98,7 @@ def to_input(x_uint8, device, channels_last: bool = True):
     import torch
 
     x = x_uint8.to(device, non_blocking=True).float().unsqueeze(1)
-    x = x.div_(127.5).sub_(1.0)  # (x/255 - 0.5) / 0.5
+    x = x.div_(255.0 * NORMALISE_STD).sub_(NORMALISE_MEAN / NORMALISE_STD)  # same as (x/255 - mean) / std
     x = x.expand(-1, 3, -1, -1)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -128,38 +133,17 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
-def predict(model, images, device, batch_size: int = 128, precision: str = "fp32", channels_last: bool = True, features: bool = False):
-    """Probabilities (n,) for uint8 images (n, s, s); with ``features``, also the head's inputs."""
+def predict(model, images, device, batch_size: int = 128, precision: str = "fp32", channels_last: bool = True) -> np.ndarray:
+    """Probabilities (n,) for uint8 images (n, s, s), computed on ``device`` (the model is moved there)."""
     import torch
 
-    model.eval()
-    probs, feats = [], []
-    hook = None
-    if features:
-        head_layer = _head_linear(model)
-        hook = head_layer.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].float().cpu()))
-    try:
-        with torch.no_grad(), _autocast(device, precision):
-            for i in range(0, images.shape[0], batch_size):
-                x = to_input(images[i : i + batch_size], device, channels_last)
-                probs.append(torch.sigmoid(model(x).float().squeeze(1)).cpu())
-    finally:
-        if hook is not None:
-            hook.remove()
-    p = torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
-    if features:
-        return p, (torch.cat(feats).numpy() if feats else np.zeros((0, 0), dtype=np.float32))
-    return p
-
-
-def _head_linear(model):
-    from torch import nn
-
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    return last
+    model.to(device).eval()
+    probs = []
+    with torch.no_grad(), _autocast(device, precision):
+        for i in range(0, images.shape[0], batch_size):
+            x = to_input(images[i : i + batch_size], device, channels_last)
+            probs.append(torch.sigmoid(model(x).float().squeeze(1)).cpu())
+    return torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
 
 
 def _bce(logits, y, pos_weight=None):
@@ -178,6 +162,127 @@ def evaluate_loss(model, images, targets, device, cfg: TrainConfig, precision: s
     return loss, p
 
 
+@dataclass
+class TrainState:
+    """Where training stands after an epoch: what ``resume.pt`` restores besides the tensors' owners."""
+
+    epoch: int = 0
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_state: dict | None = None
+
+    def to_payload(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "history": json.dumps(self.history),
+            "best_state": self.best_state,
+        }
+
+    @classmethod
+    def from_payload(cls, saved: dict) -> TrainState:
+        return cls(
+            epoch=saved["epoch"],
+            best_loss=saved["best_loss"],
+            best_epoch=saved["best_epoch"],
+            bad_epochs=saved["bad_epochs"],
+            history=json.loads(saved["history"]),
+            best_state=saved["best_state"],
+        )
+
+
+@dataclass
+class _Trainer:
+    """The objects one training run owns (model, optimizer, schedule, scaler, sampler RNG)."""
+
+    model: object
+    opt: object
+    sched: object
+    scaler: object
+    gen: object
+
+    def resume_payload(self, identity: dict, state: TrainState) -> dict:
+        import torch
+
+        return {
+            **identity,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "generator": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            **state.to_payload(),
+        }
+
+    def restore(self, saved: dict) -> TrainState:
+        import torch
+
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["optimizer"])
+        self.sched.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        self.gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        return TrainState.from_payload(saved)
+
+
+def _build_trainer(cfg: TrainConfig, device, n: int, precision: str) -> _Trainer:
+    import torch
+
+    from cxr_pipeline.vision.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, cfg.dropout, cfg.weights).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    micro_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total_steps = max(1, math.ceil(micro_per_epoch / cfg.accumulation)) * cfg.epochs
+    warmup = max(1, int(round(cfg.warmup_fraction * total_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup))
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
+    return _Trainer(model, opt, sched, scaler, torch.Generator().manual_seed(cfg.seed))
+
+
+def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, precision: str, pos_weight) -> float:
+    """One pass over the training split; returns the mean training loss."""
+    import torch
+
+    n = int(train_images.shape[0])
+    n_pos = float(y_train.sum())
+    micro_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    t.model.train()
+    if cfg.imbalance == "sampler" and 0 < n_pos < n:
+        w = torch.where(y_train > 0.5, 0.5 / n_pos, 0.5 / (n - n_pos))
+        order = torch.multinomial(w, n, replacement=True, generator=t.gen)
+    else:
+        order = torch.randperm(n, generator=t.gen)
+    running = 0.0
+    t.opt.zero_grad(set_to_none=True)
+    for k in range(micro_per_epoch):
+        idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+        x = to_input(train_images[idx], device, cfg.channels_last)
+        x = augment(x, cfg.rotation, cfg.hflip, t.gen)
+        y = y_train[idx].to(device)
+        with _autocast(device, precision):
+            logits = t.model(x).squeeze(1)
+        loss = _bce(logits.float(), y, pos_weight)
+        t.scaler.scale(loss / cfg.accumulation).backward()
+        running += float(loss.detach()) * len(idx)
+        if (k + 1) % cfg.accumulation == 0 or k + 1 == micro_per_epoch:
+            t.scaler.step(t.opt)
+            t.scaler.update()
+            t.opt.zero_grad(set_to_none=True)
+            t.sched.step()
+    return running / n
+
+
 def train(
     train_images,
     train_targets,
@@ -188,132 +293,84 @@ def train(
     checkpoint_dir: Path | None = None,
     log: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    data_digest: str = "",
 ) -> TrainResult:
-    """Train with early stopping; returns the best-validation-loss model."""
+    """Train with early stopping; returns the best-validation-loss model.
+
+    ``checkpoint_dir/resume.pt`` is written after every epoch and picked up by the
+    next call only when it was made with the same configuration and the same
+    data: ``data_digest`` names the data (the caller's digest of the training and
+    validation rows, labels and image contents), so a retry after a kill resumes
+    while a re-run on changed data with the same row count starts over.
+    """
     import torch
 
     from cxr_pipeline.vision.evaluate import roc_auc_or_nan
-    from cxr_pipeline.vision.models import build_model
 
     say = log or (lambda _m: None)
     t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     precision = resolve_precision(cfg.precision, device)
-    model = build_model(cfg.arch, cfg.dropout, cfg.weights).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = int(train_images.shape[0])
-    micro_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.accumulation))
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = max(1, int(round(cfg.warmup_fraction * total_steps)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup))
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
+    t = _build_trainer(cfg, device, n, precision)
     y_train = train_targets.float()
     n_pos = float(y_train.sum())
-    pos_weight = None
-    if cfg.imbalance == "pos_weight" and n_pos > 0:
-        pos_weight = torch.tensor([(n - n_pos) / n_pos], device=device)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    pos_weight = torch.tensor([(n - n_pos) / n_pos], device=device) if cfg.imbalance == "pos_weight" and n_pos > 0 else None
 
-    state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": [], "best_state": None}
-    resumed_from = 0
-    ckpt = checkpoint_dir / "resume.pt" if checkpoint_dir else None
+    identity = {"fingerprint": cfg.fingerprint(), "n_train": n, "data_digest": data_digest}
+    state, resumed_from = TrainState(), 0
+    ckpt = checkpoint_dir / RESUME_FILE if checkpoint_dir else None
     if ckpt is not None and ckpt.exists():
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if saved.get("fingerprint") == cfg.fingerprint() and saved.get("n_train") == n:
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["scheduler"])
-            if saved.get("scaler"):
-                scaler.load_state_dict(saved["scaler"])
-            gen.set_state(saved["generator"])
-            torch.set_rng_state(saved["torch_rng"])
-            state = {k: saved[k] for k in ("epoch", "best_loss", "best_epoch", "bad_epochs", "best_state")}
-            state["history"] = json.loads(saved["history"])
-            resumed_from = state["epoch"]
+        if all(saved.get(k) == v for k, v in identity.items()):
+            state = t.restore(saved)
+            resumed_from = state.epoch
             say(f"resumed after epoch {resumed_from} from {ckpt}")
         else:
             say(f"{ckpt} is from another configuration or data; starting over")
 
     images_seen = 0
     t_train = 0.0
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        if state["bad_epochs"] >= cfg.patience:
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        if state.bad_epochs >= cfg.patience:
             break
-        model.train()
         t0 = time.perf_counter()
-        if cfg.imbalance == "sampler" and 0 < n_pos < n:
-            w = torch.where(y_train > 0.5, 0.5 / n_pos, 0.5 / (n - n_pos))
-            order = torch.multinomial(w, n, replacement=True, generator=gen)
-        else:
-            order = torch.randperm(n, generator=gen)
-        running = 0.0
-        opt.zero_grad(set_to_none=True)
-        for k in range(micro_per_epoch):
-            idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-            x = to_input(train_images[idx], device, cfg.channels_last)
-            x = augment(x, cfg.rotation, cfg.hflip, gen)
-            y = y_train[idx].to(device)
-            with _autocast(device, precision):
-                logits = model(x).squeeze(1)
-            loss = _bce(logits.float(), y, pos_weight)
-            scaler.scale(loss / cfg.accumulation).backward()
-            running += float(loss.detach()) * len(idx)
-            if (k + 1) % cfg.accumulation == 0 or k + 1 == micro_per_epoch:
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
+        train_loss = _train_epoch(t, train_images, y_train, cfg, device, precision, pos_weight)
         dt = time.perf_counter() - t0
         t_train += dt
         images_seen += n
-        val_loss, val_p = evaluate_loss(model, val_images, val_targets, device, cfg, precision)
+        val_loss, val_p = evaluate_loss(t.model, val_images, val_targets, device, cfg, precision)
         val_auc = roc_auc_or_nan(val_targets.numpy(), val_p)
         row = {
             "epoch": epoch,
-            "train_loss": running / n,
+            "train_loss": train_loss,
             "val_loss": val_loss,
             "val_auc": val_auc,
-            "lr": opt.param_groups[0]["lr"],
+            "lr": t.opt.param_groups[0]["lr"],
             "images_per_second": n / dt,
         }
-        state["history"].append(row)
-        if val_loss < state["best_loss"] - 1e-6:
-            state.update(best_loss=val_loss, best_epoch=epoch, bad_epochs=0)
-            state["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        state.history.append(row)
+        if val_loss < state.best_loss - 1e-6:
+            state.best_loss, state.best_epoch, state.bad_epochs = val_loss, epoch, 0
+            state.best_state = {k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()}
         else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
+            state.bad_epochs += 1
+        state.epoch = epoch
         say(
-            f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, val AUC {val_auc:.3f}, {row['images_per_second']:.0f} img/s"
+            f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, val AUC {val_auc:.3f}, {row['images_per_second']:.0f} img/s"
         )
         if on_epoch:
             on_epoch(row)
         if ckpt is not None:
-            payload = {
-                "fingerprint": cfg.fingerprint(),
-                "n_train": n,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "history": json.dumps(state["history"]),
-                **{k: state[k] for k in ("epoch", "best_loss", "best_epoch", "bad_epochs", "best_state")},
-            }
             with atomic_path(ckpt) as tmp:
-                torch.save(payload, tmp)
+                torch.save(t.resume_payload(identity, state), tmp)
 
-    if state["best_state"] is not None:
-        model.load_state_dict(state["best_state"])
+    if state.best_state is not None:
+        t.model.load_state_dict(state.best_state)
     return TrainResult(
-        model=model.cpu(),
-        history=state["history"],
-        best_epoch=state["best_epoch"],
-        epochs_run=state["epoch"],
+        model=t.model.cpu(),
+        history=state.history,
+        best_epoch=state.best_epoch,
+        epochs_run=state.epoch,
         resumed_from=resumed_from,
         seconds=time.perf_counter() - t_start,
         images_per_second=images_seen / t_train if t_train else 0.0,

@@ -1,0 +1,272 @@
+"""One pathology's classifier from manifest and shards to saved files: load, fit, evaluate, save.
+
+The Dagster asset calls ``load_data`` then either ``record_untrainable`` or
+``fit_and_save``; the CLI and benchmarks can do the same without Dagster. What
+lands in the classifier folder (``settings.ClassifierFiles``):
+
+- ``checkpoint/model.safetensors`` + ``config.json`` (architecture, size,
+  normalisation, validation-chosen threshold): the registered model's source;
+- ``metrics.json``: the metrics row (or the reason it is not trainable);
+- ``predictions.parquet``: a probability for every manifest image with a shard;
+- ``test_scores.parquet`` and ``roc_pr.png``: the test split's scores and curves.
+
+A label that cannot be trained on the current data leaves no model files
+behind from an earlier run (they would read as current).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from cxr_pipeline.data.io import atomic_path, write_parquet
+from cxr_pipeline.data.shards import load_images
+from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
+from cxr_pipeline.settings import ClassifierFiles, Paths
+from cxr_pipeline.vision.evaluate import REFERENCE_AUC, evaluate, save_curves
+from cxr_pipeline.vision.targets import targets
+from cxr_pipeline.vision.train import (
+    NORMALISE_MEAN,
+    NORMALISE_STD,
+    TrainConfig,
+    TrainResult,
+    predict,
+    resolve_precision,
+    train,
+)
+
+SPLITS = ("train", "validate", "test")
+
+
+@dataclass
+class Split:
+    images: object  # uint8 tensor (n, size, size)
+    targets: object  # float tensor (n,)
+    rows: pl.DataFrame  # manifest rows aligned with the images (with content_hash)
+
+
+@dataclass
+class ClassifierData:
+    """A label's usable rows under the label policy, per split, with their images."""
+
+    label_slug: str
+    size: int
+    uncertain: str
+    blank: str
+    splits: dict[str, Split]
+
+    @property
+    def label(self) -> str:
+        return LABEL_BY_SLUG[self.label_slug]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c = {f"n_{s}": int(self.splits[s].rows.height) for s in SPLITS}
+        c.update({f"n_{s}_pos": int(self.splits[s].targets.sum()) for s in SPLITS})
+        return c
+
+    @property
+    def untrainable_reason(self) -> str | None:
+        c = self.counts
+        if c["n_train"] == 0 or c["n_train_pos"] in (0, c["n_train"]):
+            return (
+                f"not trainable: the training split has {c['n_train_pos']} positives of {c['n_train']} "
+                f"(uncertain={self.uncertain}, blank={self.blank})"
+            )
+        return None
+
+    def digest(self) -> str:
+        """What the model is fit on: training and validation ids, targets and image contents, and the size."""
+        h = hashlib.sha256(f"{self.label_slug}:{self.size}\n".encode())
+        for s in ("train", "validate"):
+            rows = self.splits[s].rows.select("dicom_id", "target", "content_hash")
+            for did, t, ch in rows.iter_rows():
+                h.update(f"{s}\t{did}\t{t}\t{ch}\n".encode())
+        return h.hexdigest()[:24]
+
+
+def load_data(manifest: pl.DataFrame, shard_root: Path, label_slug: str, size: int, uncertain: str, blank: str) -> ClassifierData:
+    """The label's targets under the policy, joined with the shard images of each split."""
+    import torch
+
+    usable = targets(manifest, label_slug, uncertain, blank)
+    splits = {}
+    for name in SPLITS:
+        imgs, rows = load_images(shard_root, usable.filter(pl.col("split") == name), size)
+        splits[name] = Split(imgs, torch.tensor(rows["target"].to_numpy(), dtype=torch.float32), rows)
+    return ClassifierData(label_slug, size, uncertain, blank, splits)
+
+
+@dataclass
+class FitOutcome:
+    row: dict  # the metrics row, as in metrics.json
+    trained: TrainResult
+    files: ClassifierFiles
+    test_curve: tuple  # (y, p) of the test split
+
+
+def _clear_model_files(files: ClassifierFiles) -> None:
+    shutil.rmtree(files.checkpoint, ignore_errors=True)
+    for f in (files.predictions, files.test_scores, files.curves, files.resume):
+        f.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
+
+
+def record_untrainable(data: ClassifierData, files: ClassifierFiles) -> dict:
+    """A 'not trainable' metrics row; the previous model's files are removed, not left as if current."""
+    c = data.counts
+    row = {
+        "pathology": data.label,
+        "slug": data.label_slug,
+        "evaluable": False,
+        "reason": data.untrainable_reason,
+        "n_test": c["n_test"],
+        "n_pos": c["n_test_pos"],
+        "n_neg": c["n_test"] - c["n_test_pos"],
+    }
+    _clear_model_files(files)
+    _write_json(files.metrics, row)
+    return row
+
+
+def fit_and_save(
+    data: ClassifierData,
+    manifest: pl.DataFrame,
+    shard_root: Path,
+    cfg: TrainConfig,
+    device,
+    files: ClassifierFiles,
+    *,
+    bootstrap: int = 1000,
+    log: Callable[[str], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FitOutcome:
+    """Train (resuming a killed run of the same config and data), evaluate on ``device``, write the folder."""
+    from safetensors.torch import save_file
+
+    files.dir.mkdir(parents=True, exist_ok=True)
+    sp = data.splits
+    result = train(
+        sp["train"].images,
+        sp["train"].targets,
+        sp["validate"].images,
+        sp["validate"].targets,
+        cfg,
+        device,
+        checkpoint_dir=files.dir,
+        log=log,
+        on_epoch=on_epoch,
+        data_digest=data.digest(),
+    )
+    precision = resolve_precision(cfg.precision, device)
+
+    def probs(images):
+        return predict(result.model, images, device, cfg.eval_batch_size, precision, cfg.channels_last)
+
+    p_val, p_test = probs(sp["validate"].images), probs(sp["test"].images)
+    y_test = sp["test"].targets.numpy()
+    row = evaluate(y_test, p_test, sp["validate"].targets.numpy(), p_val, n_boot=bootstrap, seed=cfg.seed)
+    row.update(
+        pathology=data.label,
+        slug=data.label_slug,
+        best_epoch=result.best_epoch,
+        epochs_run=result.epochs_run,
+        train_seconds=round(result.seconds, 1),
+    )
+
+    # every manifest image that has a shard gets a probability (report generation uses them)
+    all_imgs, all_rows = load_images(shard_root, manifest.select("dicom_id", "split"), data.size)
+    write_parquet(
+        all_rows.select("dicom_id", "split").with_columns(pl.Series("prob", probs(all_imgs), dtype=pl.Float32)), files.predictions
+    )
+    scores = sp["test"].rows.select("dicom_id", "target").with_columns(pl.Series("prob", p_test, dtype=pl.Float32))
+    write_parquet(scores, files.test_scores)
+
+    model = result.model.cpu()
+    files.checkpoint.mkdir(exist_ok=True)
+    with atomic_path(files.checkpoint / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    _write_json(files.checkpoint / "config.json", checkpoint_config(cfg, data, row["threshold"]))
+    _write_json(files.metrics, row)
+    files.resume.unlink(missing_ok=True)  # finished: the next materialization trains afresh
+    if row["evaluable"]:
+        save_curves({data.label: (y_test, p_test)}, files.curves, title=f"{data.label} ({cfg.arch})")
+    else:
+        files.curves.unlink(missing_ok=True)
+    return FitOutcome(row=row, trained=result, files=files, test_curve=(y_test, p_test))
+
+
+def checkpoint_config(cfg: TrainConfig, data: ClassifierData, threshold: float) -> dict:
+    """What a reader of the checkpoint needs to apply it (no pickle: the weights are safetensors)."""
+    return {
+        "arch": cfg.arch,
+        "dropout": cfg.dropout,
+        "size": data.size,
+        "pathology": data.label,
+        "threshold": threshold,
+        "normalise": {"mean": NORMALISE_MEAN, "std": NORMALISE_STD},
+        "input": "grey uint8 letterboxed, repeated to 3 channels",
+    }
+
+
+def metrics_table(paths: Paths) -> pl.DataFrame:
+    """Every pathology's metrics row (trained or not), in label order, beside the seeds' reference AUC.
+
+    Columns are the same whether or not any pathology could be trained, so a table of
+    untrainable rows only is still a table.
+    """
+    from cxr_pipeline.vision.evaluate import METRICS
+
+    rows = [json.loads(f.read_text()) for s in SLUGS if (f := paths.classifier(s).metrics).exists()]
+    if not rows:
+        return pl.DataFrame()
+    df = pl.DataFrame(rows, infer_schema_length=None)
+    floats = [m for m in METRICS] + [f"{m}_{b}" for m in METRICS for b in ("lo", "hi")] + ["threshold"]
+    df = df.with_columns(pl.lit(None, pl.Float64).alias(c) for c in floats if c not in df.columns)
+    df = df.with_columns(pl.col("pathology").replace_strict(REFERENCE_AUC, default=None, return_dtype=pl.Float64).alias("reference_auc"))
+    order = {LABEL_BY_SLUG[s]: i for i, s in enumerate(SLUGS)}
+    return df.sort(pl.col("pathology").replace_strict(order, return_dtype=pl.Int32))
+
+
+def curves_of_test_split(paths: Paths, slugs: list[str]) -> dict[str, tuple]:
+    """(y, p) of the test split for each slug that has scores."""
+    curves = {}
+    for s in slugs:
+        f = paths.classifier(s).test_scores
+        if f.exists():
+            sc = pl.read_parquet(f)
+            curves[LABEL_BY_SLUG[s]] = (sc["target"].to_numpy(), sc["prob"].to_numpy())
+    return curves
+
+
+def predictions_table(paths: Paths) -> tuple[pl.DataFrame | None, list[str]]:
+    """One row per image, one probability column per trained pathology."""
+    wide, done = None, []
+    for s in SLUGS:
+        f = paths.classifier(s).predictions
+        if not f.exists():
+            continue
+        p = pl.read_parquet(f).select("dicom_id", "split", pl.col("prob").alias(s))
+        wide = p if wide is None else wide.join(p.drop("split"), on="dicom_id", how="full", coalesce=True)
+        done.append(s)
+    return (wide.sort("dicom_id") if wide is not None else None), done
+
+
+def classifier_thresholds(paths: Paths) -> dict[str, float]:
+    """Each trained pathology's validation-chosen threshold (0.5 where none was chosen)."""
+    out = {}
+    for s in SLUGS:
+        f = paths.classifier(s).metrics
+        if f.exists():
+            out[s] = json.loads(f.read_text()).get("threshold") or 0.5
+    return out

@@ -1,0 +1,91 @@
+"""vision.fit: what one pathology's classifier folder holds after a fit, or after a label turns untrainable."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import torch
+
+from cxr_pipeline.settings import Paths
+from cxr_pipeline.vision import fit
+from cxr_pipeline.vision.fit import ClassifierData, Split
+from cxr_pipeline.vision.train import TrainConfig, TrainResult
+
+
+def split(n: int, positives: int) -> Split:
+    ids = [f"d{i}" for i in range(n)]
+    y = [1] * positives + [0] * (n - positives)
+    rows = pl.DataFrame({"dicom_id": ids, "target": y, "content_hash": ["h"] * n, "split": ["x"] * n})
+    return Split(torch.zeros(n, 8, 8, dtype=torch.uint8), torch.tensor(y, dtype=torch.float32), rows)
+
+
+def data(train_pos: int = 4) -> ClassifierData:
+    return ClassifierData("edema", 8, "ignore", "zeros", {"train": split(8, train_pos), "validate": split(6, 3), "test": split(6, 3)})
+
+
+def test_an_untrainable_label_leaves_no_model_from_an_earlier_run(tmp_path):
+    paths = Paths(home=tmp_path, raw=tmp_path / "raw")
+    files = paths.classifier("edema")
+    files.checkpoint.mkdir(parents=True)
+    for f in (files.checkpoint / "model.safetensors", files.curves, files.predictions, files.test_scores, files.resume):
+        f.write_bytes(b"old")
+    d = data(train_pos=0)
+    assert d.untrainable_reason.startswith("not trainable: the training split has 0 positives of 8")
+    row = fit.record_untrainable(d, files)
+    assert not files.checkpoint.exists() and not any(f.exists() for f in (files.curves, files.predictions, files.test_scores))
+    assert json.loads(files.metrics.read_text()) == row and row["evaluable"] is False
+
+
+def test_metrics_table_of_untrainable_labels_only_has_every_column(tmp_path):
+    paths = Paths(home=tmp_path, raw=tmp_path / "raw")
+    fit.record_untrainable(data(train_pos=0), paths.classifier("edema"))
+    table = fit.metrics_table(paths)
+    from cxr_pipeline.defs.classifier import METRICS_SHOWN
+
+    shown = table.select(METRICS_SHOWN)  # raised ColumnNotFoundError before
+    assert shown.height == 1 and shown["roc_auc"].to_list() == [None] and shown["reference_auc"].to_list() == [0.727]
+
+
+def test_evaluation_and_predictions_run_on_the_training_device(tmp_path, monkeypatch):
+    """After training on a GPU, validation, test and all-image predictions run there too (not on the CPU)."""
+    from cxr_pipeline.vision.models import build_model
+
+    cuda = torch.device("cuda")  # never touched: training and prediction are stand-ins here
+    used = []
+    monkeypatch.setattr(fit, "train", lambda *a, **k: TrainResult(model=build_model("resnet18"), best_epoch=1, epochs_run=1))
+
+    def predict(model, images, device, *a, **k):
+        used.append(device)
+        return np.linspace(0, 1, images.shape[0])
+
+    monkeypatch.setattr(fit, "predict", predict)
+    d = data()
+    every = pl.DataFrame({"dicom_id": ["d0", "d1"], "split": ["test", "train"]})
+    monkeypatch.setattr(fit, "load_images", lambda *a, **k: (torch.zeros(2, 8, 8, dtype=torch.uint8), every))
+    files = Paths(home=tmp_path, raw=tmp_path).classifier("edema")
+    out = fit.fit_and_save(d, every, tmp_path, TrainConfig(precision="fp32"), cuda, files, bootstrap=10)
+    assert used == [cuda, cuda, cuda]  # validation, test, every image
+    assert out.row["evaluable"] and (files.checkpoint / "model.safetensors").exists()
+    cfg = json.loads((files.checkpoint / "config.json").read_text())
+    assert cfg["normalise"] == {"mean": 0.5, "std": 0.5} and cfg["size"] == 8
+
+
+def test_curve_figures_are_closed(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from cxr_pipeline.vision.evaluate import save_curves
+
+    before = len(plt.get_fignums())
+    y, p = np.array([0, 1, 0, 1]), np.array([0.1, 0.8, 0.3, 0.6])
+    for i in range(3):
+        assert save_curves({"Edema": (y, p)}, tmp_path / f"c{i}.png").stat().st_size > 0
+    assert len(plt.get_fignums()) == before
+
+
+def test_data_digest_changes_with_labels_and_images():
+    a, b = data(), data()
+    assert a.digest() == b.digest()
+    b.splits["train"].rows = b.splits["train"].rows.with_columns(pl.lit("other").alias("content_hash"))
+    assert a.digest() != b.digest()
