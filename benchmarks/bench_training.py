@@ -100,7 +100,7 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def fed(k: int):
+    def fed(_step: int):
         idx = torch.randint(0, images.shape[0], (args.batch,), generator=gen)
         x = augment(to_input(images[idx], device, True), cfg.rotation, cfg.hflip, gen)
         step(x, y_all[idx].to(device, non_blocking=True))
@@ -108,7 +108,7 @@ def main() -> int:
     fixed_x = to_input(images[: args.batch], device, True)
     fixed_y = y_all[: args.batch].to(device)
 
-    def in_memory(k: int):
+    def in_memory(_step: int):
         step(augment(fixed_x, cfg.rotation, cfg.hflip, gen), fixed_y)
 
     rates = {}

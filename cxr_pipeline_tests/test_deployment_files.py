@@ -48,7 +48,7 @@ def test_environment_is_passed_everywhere_it_is_needed():
 def test_the_passed_environment_is_what_the_code_reads(tmp_path, monkeypatch):
     """Each variable the deployment files pass changes what the code does."""
     from cxr_pipeline.definitions import build_defs as build
-    from cxr_pipeline.defs.resources import shard_size
+    from cxr_pipeline.defs.helpers import shard_size
     from cxr_pipeline.settings import paths
 
     monkeypatch.setenv("CXR_HOME", str(tmp_path / "home"))

@@ -44,7 +44,7 @@ def _atomic_save(path: Path, save) -> None:
         save(tmp)
 
 
-def write_dicom(path: Path, pixels: np.ndarray, rng: np.random.Generator, cfg, subject_id: int, study: dict, image: dict) -> None:
+def write_dicom(path: Path, pixels: np.ndarray, rng: np.random.Generator, cfg, study: dict, image: dict) -> None:
     bits = int(rng.choice([10, 12, 12, 12, 14, 15, 16]))
     intercept = -1024 if bits >= 12 and rng.uniform() < 0.15 else 0
     maxv = 2**bits - 1 + intercept

@@ -158,7 +158,7 @@ def _clean(out: Path, index: pl.DataFrame) -> int:
     return removed
 
 
-def _next_shard_number(out: Path, index: pl.DataFrame) -> int:
+def _next_shard_number(index: pl.DataFrame) -> int:
     names = index["shard"].unique().to_list()
     nums = [int(n[6:11]) for n in names if n.startswith("shard-")]
     return max(nums, default=-1) + 1
@@ -278,7 +278,7 @@ def build_partition(
         "to_read": len(plan.tasks),
         "orphan_shards_removed": orphans,
     }
-    writer = _ShardWriter(out, plan, _next_shard_number(out, index), spec.images_per_shard)
+    writer = _ShardWriter(out, plan, _next_shard_number(index), spec.images_per_shard)
     decoded = hashed_only = done = 0
     for i, h, px, rows, cols, reason in _run_tasks(root, spec.size, plan.tasks, spec.workers, spec.chunk, pool):
         did, rel, fsize, mtime = plan.task_meta[i]

@@ -204,7 +204,7 @@ def _wrap(text: str) -> list[str]:
     return [" " + line for line in textwrap.wrap(text, width=78)] or [" "]
 
 
-def write_report(rng: np.random.Generator, states: dict[str, float | None], age: int, sex: str, procedure: str, view_desc: str) -> str:
+def write_report(rng: np.random.Generator, states: dict[str, float | None], sex: str, procedure: str, view_desc: str) -> str:
     findings: list[str] = []
     impression: list[str] = []
     for lab in PATHOLOGIES:
@@ -322,7 +322,7 @@ def _plan_patient(cfg: SynthConfig, index: int, subject_id: int, study_ids: list
             images.append({"dicom_id": _dicom_id(rng), "view": v, "rows": rows, "cols": cols, "image_seed": int(rng.integers(0, 2**63))})
         chex = labeller_view(rng, states, flip=0.02)
         negbio = labeller_view(rng, chex, flip=0.03)
-        report = write_report(rng, states, age, sex, *_PROCEDURES[kind])
+        report = write_report(rng, states, sex, *_PROCEDURES[kind])
         studies.append(
             {
                 "study_id": study_id,
@@ -367,7 +367,7 @@ def _write_images(cfg: SynthConfig, out: Path, patient: _Patient) -> int:
                 write_jpg(path, pixels)
             else:
                 path = folder / f"{im['dicom_id']}.dcm"
-                write_dicom(path, pixels, rng, cfg, patient.subject_id, st, im)
+                write_dicom(path, pixels, rng, cfg, st, im)
             total += path.stat().st_size
     return total
 

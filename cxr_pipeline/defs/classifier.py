@@ -8,17 +8,9 @@ import dagster as dg
 import polars as pl
 
 from cxr_pipeline.data.io import write_parquet
+from cxr_pipeline.defs.helpers import asset_factory, asset_metadata, every_partition_of, gpu_asset, shard_size, table_metadata, to_dataclass
 from cxr_pipeline.defs.manifest import MANIFEST, read_manifest
-from cxr_pipeline.defs.resources import (
-    Compute,
-    CxrStorage,
-    MlflowTracking,
-    asset_metadata,
-    gpu_asset,
-    shard_size,
-    table_metadata,
-    to_dataclass,
-)
+from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.shards import IMAGE_SHARDS
 from cxr_pipeline.labels import SLUGS, slug
 from cxr_pipeline.tracking import TrackedRun, register_version, retire_aliases
@@ -75,14 +67,32 @@ def _log_fit(run: TrackedRun, outcome) -> None:
         run.log_artifact(files.curves)
 
 
-@dg.asset(
-    name=CLASSIFIER,
-    deps=[dg.AssetDep(IMAGE_SHARDS, partition_mapping=dg.AllPartitionMapping()), MANIFEST],
+_asset = asset_factory("classifiers", CLASSIFIER_CODE_VERSION)
+
+
+def _register(run: TrackedRun, data, row: dict) -> dict:
+    """The fit's checkpoint as a new registry version; champion on a better test AUC."""
+    return register_version(
+        run,
+        registered_name(data.label_slug),
+        "checkpoint",
+        score_tag="test_auc",
+        score=row["roc_auc"] if row["evaluable"] else None,
+        description=f"Binary {data.label} classifier on chest radiographs (cxr_pipeline)",
+        tags={"pathology": data.label},
+    )
+
+
+ALL_SHARDS = every_partition_of(IMAGE_SHARDS)
+ALL_CLASSIFIERS = every_partition_of(CLASSIFIER)
+
+
+@_asset(
+    CLASSIFIER,
+    [ALL_SHARDS, MANIFEST],
+    "One binary CNN per CheXpert observation: best-validation-loss weights (safetensors), test metrics with CIs, MLflow run and registered model.",
+    {"pytorch", "safetensors"},
     partitions_def=label_partitions,
-    group_name="classifiers",
-    code_version=CLASSIFIER_CODE_VERSION,
-    kinds={"pytorch", "safetensors"},
-    description="One binary CNN per CheXpert observation: best-validation-loss weights (safetensors), test metrics with CIs, MLflow run and registered model.",
     **gpu_asset(),
 )
 def classifier(
@@ -119,15 +129,7 @@ def classifier(
         )
         _log_fit(run, outcome)
         row = outcome.row
-        reg = register_version(
-            run,
-            registered_name(label_slug),
-            "checkpoint",
-            score_tag="test_auc",
-            score=row["roc_auc"] if row["evaluable"] else None,
-            description=f"Binary {data.label} classifier on chest radiographs (cxr_pipeline)",
-            tags={"pathology": data.label},
-        )
+        reg = _register(run, data, row)
         context.log.info(f"registered {reg['name']} v{reg['version']} (candidate{', champion' if reg['champion'] else ''})")
     headline = {k: (round(row[k], 4) if isinstance(row[k], float) else row[k]) for k in HEADLINE if row.get(k) is not None}
     result = outcome.trained
@@ -166,13 +168,11 @@ METRICS_SHOWN = (
 )
 
 
-@dg.asset(
-    name=CLASSIFIER_METRICS,
-    deps=[dg.AssetDep(CLASSIFIER, partition_mapping=dg.AllPartitionMapping())],
-    group_name="classifiers",
-    code_version=CLASSIFIER_CODE_VERSION,
-    kinds={"polars", "parquet"},
-    description="Pathology x accuracy / F1 / sensitivity / specificity / ROC-AUC / AP with 95% bootstrap CIs, next to the 2024 seeds' AUC.",
+@_asset(
+    CLASSIFIER_METRICS,
+    [ALL_CLASSIFIERS],
+    "Pathology x accuracy / F1 / sensitivity / specificity / ROC-AUC / AP with 95% bootstrap CIs, next to the 2024 seeds' AUC.",
+    {"polars", "parquet"},
 )
 def classifier_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflow: MlflowTracking) -> dg.MaterializeResult:
     from cxr_pipeline.vision.evaluate import save_curves
@@ -205,13 +205,11 @@ def classifier_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, m
     )
 
 
-@dg.asset(
-    name=CLASSIFIER_PREDICTIONS,
-    deps=[dg.AssetDep(CLASSIFIER, partition_mapping=dg.AllPartitionMapping())],
-    group_name="classifiers",
-    code_version=CLASSIFIER_CODE_VERSION,
-    kinds={"polars", "parquet"},
-    description="Per-image probability for each trained pathology (all splits; report generation uses the test split).",
+@_asset(
+    CLASSIFIER_PREDICTIONS,
+    [ALL_CLASSIFIERS],
+    "Per-image probability for each trained pathology (all splits; report generation uses the test split).",
+    {"polars", "parquet"},
 )
 def classifier_predictions(context: dg.AssetExecutionContext, storage: CxrStorage, mlflow: MlflowTracking) -> dg.MaterializeResult:
     from cxr_pipeline.vision.fit import predictions_table

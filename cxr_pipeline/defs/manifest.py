@@ -8,17 +8,9 @@ import polars as pl
 from cxr_pipeline.data.io import file_digest, write_parquet
 from cxr_pipeline.data.mimic import DatasetError, ManifestPolicy, build_manifest, label_prevalence
 from cxr_pipeline.data.shards import partition_fingerprints
+from cxr_pipeline.defs.helpers import asset_metadata, asset_specs, selected_keys, table_metadata, to_dataclass, upstream_data_version
 from cxr_pipeline.defs.raw import RAW
-from cxr_pipeline.defs.resources import (
-    CxrStorage,
-    MlflowTracking,
-    asset_metadata,
-    asset_specs,
-    selected_keys,
-    table_metadata,
-    to_dataclass,
-    upstream_data_version,
-)
+from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 from cxr_pipeline.labels import SLUGS
 
 MANIFEST = "manifest"

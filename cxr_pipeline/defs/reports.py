@@ -14,17 +14,9 @@ import polars as pl
 from cxr_pipeline.data.io import write_parquet
 from cxr_pipeline.data.shards import load_images
 from cxr_pipeline.defs.classifier import CLASSIFIER_PREDICTIONS
+from cxr_pipeline.defs.helpers import asset_factory, asset_metadata, every_partition_of, gpu_asset, shard_size, table_metadata, to_dataclass
 from cxr_pipeline.defs.manifest import MANIFEST, read_manifest
-from cxr_pipeline.defs.resources import (
-    Compute,
-    CxrStorage,
-    MlflowTracking,
-    asset_metadata,
-    gpu_asset,
-    shard_size,
-    table_metadata,
-    to_dataclass,
-)
+from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.shards import IMAGE_SHARDS
 from cxr_pipeline.settings import Paths
 
@@ -36,19 +28,20 @@ REPORTS_CODE_VERSION = "1"
 SYSTEMS = ("adapter", "template", "retrieval")
 
 
+_asset = asset_factory("reports", REPORTS_CODE_VERSION)
+
+
 class PairsConfig(dg.Config):
     text_source: str = "findings"  # findings (else impression) | impression | findings+impression
     min_words: int = 1
     max_words: int = 0  # 0: no limit (the seeds kept 20-65 words)
 
 
-@dg.asset(
-    name=REPORT_PAIRS,
-    deps=[MANIFEST],
-    group_name="reports",
-    code_version=REPORTS_CODE_VERSION,
-    kinds={"polars", "parquet"},
-    description="Image reference + target report text per manifest image, in the manifest's patient-level split (a study never spans two splits).",
+@_asset(
+    REPORT_PAIRS,
+    [MANIFEST],
+    "Image reference + target report text per manifest image, in the manifest's patient-level split (a study never spans two splits).",
+    {"polars", "parquet"},
 )
 def report_pairs(
     context: dg.AssetExecutionContext, config: PairsConfig, storage: CxrStorage, mlflow: MlflowTracking
@@ -113,13 +106,11 @@ def _base_dir(paths: Paths, config_base: str, train_texts: list[str], log) -> Pa
     return paths.tiny_base
 
 
-@dg.asset(
-    name=REPORT_ADAPTER,
-    deps=[REPORT_PAIRS, dg.AssetDep(IMAGE_SHARDS, partition_mapping=dg.AllPartitionMapping()), CLASSIFIER_PREDICTIONS],
-    group_name="reports",
-    code_version=REPORTS_CODE_VERSION,
-    kinds={"pytorch", "peft"},
-    description="QLoRA adapter (4-bit NF4 base, LoRA on the language model's attention incl. cross-attention and MLP) that writes a report from an image.",
+@_asset(
+    REPORT_ADAPTER,
+    [REPORT_PAIRS, every_partition_of(IMAGE_SHARDS), CLASSIFIER_PREDICTIONS],
+    "QLoRA adapter (4-bit NF4 base, LoRA on the language model's attention incl. cross-attention and MLP) that writes a report from an image.",
+    {"pytorch", "peft"},
     **gpu_asset(),
 )
 def report_adapter(
@@ -173,13 +164,11 @@ class GenerateConfig(dg.Config):
     max_test_pairs: int = 0  # 0: every test pair
 
 
-@dg.asset(
-    name=GENERATED_REPORTS,
-    deps=[REPORT_ADAPTER, REPORT_PAIRS, CLASSIFIER_PREDICTIONS],
-    group_name="reports",
-    code_version=REPORTS_CODE_VERSION,
-    kinds={"pytorch", "parquet"},
-    description="Test-split reports from the adapter (deterministic decoding), a template from the classifiers, and nearest-neighbour retrieval.",
+@_asset(
+    GENERATED_REPORTS,
+    [REPORT_ADAPTER, REPORT_PAIRS, CLASSIFIER_PREDICTIONS],
+    "Test-split reports from the adapter (deterministic decoding), a template from the classifiers, and nearest-neighbour retrieval.",
+    {"pytorch", "parquet"},
     **gpu_asset(),
 )
 def generated_reports(
@@ -223,13 +212,11 @@ def generated_reports(
     )
 
 
-@dg.asset(
-    name=REPORT_METRICS,
-    deps=[GENERATED_REPORTS],
-    group_name="reports",
-    code_version=REPORTS_CODE_VERSION,
-    kinds={"polars", "parquet"},
-    description="System x BLEU-1..4 / METEOR / ROUGE-L / CIDEr (pycocoevalcap) and clinical-efficacy P/R/F1 from the report labeler.",
+@_asset(
+    REPORT_METRICS,
+    [GENERATED_REPORTS],
+    "System x BLEU-1..4 / METEOR / ROUGE-L / CIDEr (pycocoevalcap) and clinical-efficacy P/R/F1 from the report labeler.",
+    {"polars", "parquet"},
 )
 def report_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflow: MlflowTracking) -> dg.MaterializeResult:
     from cxr_pipeline.reports.metrics import score_systems, side_by_side_markdown

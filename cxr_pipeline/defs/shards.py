@@ -18,17 +18,9 @@ from cxr_pipeline.data.shards import (
     slice_fingerprint,
     write_contact_sheet,
 )
+from cxr_pipeline.defs.helpers import asset_metadata, asset_specs, selected_keys, shard_size, table_metadata, upstream_data_version
 from cxr_pipeline.defs.manifest import MANIFEST, read_manifest
-from cxr_pipeline.defs.resources import (
-    CxrStorage,
-    MlflowTracking,
-    asset_metadata,
-    asset_specs,
-    selected_keys,
-    shard_size,
-    table_metadata,
-    upstream_data_version,
-)
+from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 
 IMAGE_SHARDS = "image_shards"
 SHARD_REJECTS = "shard_rejects"

@@ -1,0 +1,117 @@
+"""The small helpers every asset shares: metadata of a materialization, specs and decorator
+arguments, config to domain dataclass, upstream data versions."""
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from cxr_pipeline.settings import image_size
+from cxr_pipeline.tracking import TrackedRun
+
+
+def mlflow_metadata(run: TrackedRun) -> dict[str, dg.MetadataValue]:
+    """The back-link every materialization carries."""
+    return {"mlflow_run_id": dg.MetadataValue.text(run.run_id), "mlflow_run": dg.MetadataValue.url(run.url)}
+
+
+def asset_metadata(run: TrackedRun | None, path: Path | None = None, rows: int | None = None, **extra: Any) -> dict[str, Any]:
+    """A materialization's metadata: the file it wrote, its row count, anything else, the MLflow back-link."""
+    md: dict[str, Any] = {}
+    if path is not None:
+        md["path"] = dg.MetadataValue.path(str(path))
+    if rows is not None:
+        md["dagster/row_count"] = int(rows)
+    md.update(extra)
+    if run is not None:
+        md.update(mlflow_metadata(run))
+    return md
+
+
+def asset_specs(
+    keys: Mapping[str, tuple[str, set[str]]],
+    *,
+    deps: list[str],
+    group: str,
+    code_version: str,
+    partitions_def: dg.PartitionsDefinition | None = None,
+) -> list[dg.AssetSpec]:
+    """The specs of a multi-asset whose keys are computed together: ``{key: (description, kinds)}``."""
+    return [
+        dg.AssetSpec(
+            key,
+            deps=deps,
+            group_name=group,
+            code_version=code_version,
+            partitions_def=partitions_def,
+            description=description,
+            kinds=kinds,
+        )
+        for key, (description, kinds) in keys.items()
+    ]
+
+
+def asset_factory(group: str, code_version: str):
+    """``@asset(name, deps, description, kinds, **more)`` for the assets of one group (same group, same code version)."""
+
+    def asset(name: str, deps: list, description: str, kinds: set[str], **more: Any):
+        return dg.asset(name=name, deps=deps, group_name=group, code_version=code_version, kinds=kinds, description=description, **more)
+
+    return asset
+
+
+def every_partition_of(key: str) -> dg.AssetDep:
+    """A dependency on all partitions of ``key`` (a classifier reads every shard partition)."""
+    return dg.AssetDep(key, partition_mapping=dg.AllPartitionMapping())
+
+
+def selected_keys(context: dg.AssetExecutionContext) -> set[str]:
+    """The asset keys this step was asked for (a multi-asset may be subset)."""
+    return {k.to_user_string() for k in context.selected_asset_keys}
+
+
+# On Kubernetes (docker/helm/values.yaml) the step pod of a GPU asset asks for one GPU.
+GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
+
+
+def gpu_asset() -> dict[str, Any]:
+    """Decorator arguments of every GPU asset: the ``gpu`` pool, the GPU request on Kubernetes, one retry."""
+    return {"pool": "gpu", "op_tags": GPU_TAGS, "retry_policy": dg.RetryPolicy(max_retries=1, delay=10)}
+
+
+def table_metadata(df: pl.DataFrame, limit: int = 50) -> dg.TableMetadataValue:
+    """A polars frame as Dagster table metadata (first ``limit`` rows)."""
+    cols = []
+    for name, dtype in df.schema.items():
+        t = "int" if dtype.is_integer() else "float" if dtype.is_float() else "bool" if dtype == pl.Boolean else "string"
+        cols.append(dg.TableColumn(name, t))
+    # every record needs every field: a missing value is shown as "-"
+    records = [dg.TableRecord({k: ("-" if v is None else v) for k, v in row.items()}) for row in df.head(limit).iter_rows(named=True)]
+    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=cols))
+
+
+def to_dataclass(config: dg.Config, cls, **overrides):
+    """The domain dataclass ``cls`` from the Dagster config fields of the same names."""
+    import dataclasses
+
+    values = config.model_dump()
+    kwargs = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+    return cls(**{**kwargs, **overrides})
+
+
+def upstream_data_version(context: dg.AssetExecutionContext, key: str, *, is_source: bool) -> str:
+    """The latest recorded data version of an upstream asset, or 'unobserved'."""
+    from dagster._core.definitions.data_version import extract_data_version_from_entry
+
+    rec = context.instance.get_latest_data_version_record(dg.AssetKey(key), is_source=is_source)
+    if rec is None:
+        return "unobserved"
+    dv = extract_data_version_from_entry(rec.event_log_entry)
+    return dv.value if dv else "unobserved"
+
+
+def shard_size(configured: int) -> int:
+    """A config's image size; 0 means ``CXR_IMAGE_SIZE`` (224), read now, when the run starts."""
+    return configured or image_size()
