@@ -54,11 +54,16 @@ jobs = {
 
 
 def _executor():
-    """CXR_EXECUTOR=k8s: every step in its own Kubernetes pod (needs dagster-k8s, as the image has)."""
-    if os.environ.get("CXR_EXECUTOR") == "k8s":
+    """CXR_EXECUTOR: ``k8s`` runs every step in its own Kubernetes pod (needs dagster-k8s, as the image has);
+    ``in_process`` runs a run's steps in the run's own process (small machines: no process start per step);
+    unset: Dagster's multiprocess executor."""
+    kind = os.environ.get("CXR_EXECUTOR", "")
+    if kind == "k8s":
         from dagster_k8s import k8s_job_executor
 
         return k8s_job_executor
+    if kind == "in_process":
+        return dg.in_process_executor
     return None
 
 

@@ -11,6 +11,10 @@ Environment variables (all optional):
 - ``CXR_IMAGE_SIZE``: default shard size in pixels (224), shared by the shard,
   classifier and report assets so that runs started by automation agree.
 - ``CXR_OBSERVE_CRON``: when the raw dataset is observed (default hourly).
+
+Asset policy (views, sizes, epochs, architectures, the adapter recipe) lives in
+``$CXR_HOME/pipeline.yaml`` (``read_pipeline_config``), one section per asset,
+read by every run at its start.
 """
 
 from __future__ import annotations
@@ -93,6 +97,11 @@ class Paths:
     @property
     def mlflow_artifacts(self) -> Path:
         return self.home / "mlartifacts"
+
+    @property
+    def pipeline_config(self) -> Path:
+        """The user's asset configuration (``read_pipeline_config``)."""
+        return self.home / "pipeline.yaml"
 
     @property
     def tracking_uri(self) -> str:
@@ -180,3 +189,37 @@ def paths() -> Paths:
     raw_env = os.environ.get("CXR_RAW_DIR")
     raw = Path(raw_env).expanduser().resolve() if raw_env else home / "raw"
     return Paths(home=home, raw=raw)
+
+
+def read_pipeline_config(p: Paths) -> dict[str, dict]:
+    """``$CXR_HOME/pipeline.yaml``: ``{asset: {field: value}}``, the run config every run starts from.
+
+    Runs started by automation, schedules, the UI or the CLI without a run config of
+    their own use it; a run config given for one run overrides it field by field.
+    Missing file: ``{}`` (the assets' defaults). A malformed file raises ``ValueError``
+    naming it.
+    """
+    import yaml
+
+    f = p.pipeline_config
+    if not f.exists():
+        return {}
+    try:
+        data = yaml.safe_load(f.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{f}: not valid YAML: {e}") from e
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"{f}: expected a mapping of asset name -> {{field: value}}")
+    return data
+
+
+def write_pipeline_config(p: Paths, config: dict[str, dict], note: str) -> Path:
+    """Write ``config`` as ``pipeline.yaml`` (atomically), with ``note`` as its header comment."""
+    import yaml
+
+    from cxr_pipeline.data.io import atomic_path
+
+    header = "".join(f"# {line}\n" for line in note.splitlines())
+    with atomic_path(p.pipeline_config) as tmp:
+        tmp.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    return p.pipeline_config

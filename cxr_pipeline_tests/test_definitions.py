@@ -292,3 +292,30 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home):
 
         for col in ("BLEU_1", "BLEU_4", "ROUGE_L", "CIDEr", "ce_micro14_f1", "ce_macro5_f1", *(["METEOR"] if shutil.which("java") else [])):
             assert col in rm.columns
+
+
+def test_pipeline_yaml_is_every_run_s_configuration_and_run_config_overrides_it(env, cxr_home):
+    from cxr_pipeline.settings import paths, write_pipeline_config
+
+    write_pipeline_config(paths(), {"manifest": {"views": ["AP"], "one_image_per_subject": False}}, "test")
+    defs = build_defs()
+    with dg.DagsterInstance.ephemeral() as instance:
+
+        def views(**kw) -> tuple[set, dict]:
+            result = run_job(defs, "manifest_job", instance, **kw)
+            md = next(
+                e.materialization.metadata for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "manifest"
+            )
+            return set(pl.read_parquet(md["path"].value)["view_position"]), get_client()[0].get_run(md["mlflow_run_id"].value).data
+
+        seen, run = views()  # no run config: the file
+        assert seen == {"AP"} and run.params["views"] == "AP"
+        assert run.params["pipeline.manifest.views"] == '["AP"]' and run.tags["cxr_pipeline.config_sha256"]
+        seen, _ = views(run_config={"ops": {"manifest": {"config": {"views": ["PA"]}}}})  # one run's own config wins, field by field
+        assert seen == {"PA"}
+        assert views()[0] == {"AP"}  # and only for that run
+
+        write_pipeline_config(paths(), {"manifest": {"view": ["AP"]}}, "a typo")
+        result = defs.resolve_job_def("manifest_job").execute_in_process(instance=instance, raise_on_error=False)
+        failure = next(e for e in result.all_events if e.is_step_failure)
+        assert "pipeline.yaml: manifest: unknown field(s) view" in failure.step_failure_data.error.message

@@ -213,3 +213,13 @@ def test_local_weights_load_and_mismatch_is_clear(tmp_path):
         load_backbone_weights(models.resnet50(weights=None), tmp_path / "r18.safetensors")
     with pytest.raises(FileNotFoundError):
         build_model("resnet18", weights=tmp_path / "nope.safetensors")
+
+
+def test_a_last_batch_of_one_image_does_not_break_batchnorm(effusion):
+    """17 training images in batches of 16: BatchNorm cannot train on the 17th alone (seen in a daemon run)."""
+    from cxr_pipeline.vision.train import micro_batches
+
+    assert [micro_batches(n, 16) for n in (1, 15, 16, 17, 18, 33)] == [1, 1, 1, 1, 2, 2]
+    xtr, ytr, xva, yva, *_ = effusion
+    res = train(xtr[:17], ytr[:17], xva, yva, TrainConfig(**{**FAST.__dict__, "epochs": 1, "batch_size": 16}), CPU)
+    assert res.epochs_run == 1 and np.isfinite(res.history[0]["train_loss"])

@@ -1,25 +1,33 @@
 """Re-runs on data change: observe the raw dataset on a schedule, let automation carry updates downstream.
 
-Every asset below the raw dataset carries Dagster's ``eager`` condition
-(requested when a parent is updated, or when a parent will be
-requested in the same tick; never while a parent is missing or running) and-ed
-with "every blocking check of the parents passed", so a manifest that fails its
-checks stops there. The raw source's data version is a content fingerprint, so
-an observation of unchanged data requests nothing.
+The rule every asset below the raw dataset follows: **it runs once per data change,
+after all its inputs are current.** Its condition is
 
-Three refinements, each covered by ``test_automation.py``:
+    TRIGGER & GATE & all_deps_blocking_checks_passed
 
-- ``ManifestSliceChanged`` (shard partitions only): the manifest is one table, so
-  to Dagster any new patient updates the parent of all ten pNN partitions; this
-  narrows that to the partitions whose rows differ from the rows they were built from.
-- ``ParentRequestedInAnotherRun``: a child waits while a parent it cannot share a
-  run with (other partitioning) is requested, instead of running on old data.
-- For the content-versioned parents (manifest, shards) "updated" means "new data
-  version", so a rebuild that reproduces the same content starts nothing.
+- TRIGGER (Dagster's ``eager`` trigger, made content-aware): a parent was updated
+  since this asset was last requested, or it is missing. For the content-versioned
+  parents (manifest = Parquet digest, image_shards = digest of the decoded images)
+  "updated" means "new data version", so a rebuild that reproduces the same content
+  starts nothing below it. A parent merely *requested* this tick does not trigger
+  (its run may change nothing). Shard partitions trigger only when their own rows
+  of the manifest changed (``ManifestSliceChanged``): the manifest is one table, so
+  to Dagster any new patient updates the parent of all ten pNN partitions.
+- GATE (``InputsPending``, negated, plus ``eager``'s own "no parent missing or in
+  progress"): no ancestor, however far up, is requested this tick, in progress, or
+  out of date with a newer parent. So the report adapter waits for the shards, the
+  14 classifiers and their predictions a new manifest sets off, instead of training
+  on the old ones and again on the new. "Out of date" is Dagster's stale status
+  (data causes only: a changed code version shows as stale in the UI but is re-run
+  by hand), and for shard partitions whether their manifest rows changed.
 
-The first two are Python, so the automation sensor runs in the code location
-(``use_user_code_server``).
+Both Python conditions read the instance, so the automation sensor runs in the code
+location (``use_user_code_server``). ``test_automation.py`` covers each part on
+``evaluate_automation_conditions``; ``test_automation_daemon.py`` runs the real
+daemon over a whole data change.
 """
+
+import os
 
 import dagster as dg
 
@@ -27,6 +35,8 @@ from cxr_pipeline.defs.manifest import MANIFEST
 from cxr_pipeline.defs.raw import RAW
 from cxr_pipeline.defs.shards import IMAGE_SHARDS, SHARD_REJECTS
 from cxr_pipeline.settings import observe_cron
+
+_SHARD_KEYS = (dg.AssetKey(IMAGE_SHARDS), dg.AssetKey(SHARD_REJECTS))
 
 
 def _latest_metadata(instance: dg.DagsterInstance, key: str, partition: str | None, field: str):
@@ -39,82 +49,87 @@ def _latest_metadata(instance: dg.DagsterInstance, key: str, partition: str | No
     return None if value is None else value.value
 
 
-class ManifestSliceChanged(dg.AutomationCondition):
-    """True for the shard partitions never built, or built from other manifest rows than the latest manifest has.
+def changed_slices(instance: dg.DagsterInstance, partitions) -> set[str]:
+    """The shard partitions never built, or built from other manifest rows than the latest manifest has.
 
     Compares the latest manifest's ``partition_fingerprints`` metadata with each
-    partition's ``manifest_fingerprint``. Both digest ``(dicom_id, path)``: an
-    image replaced in place under the same name is picked up by the shard
-    builder's content hash when the partition next runs, not by this condition.
+    partition's ``manifest_fingerprint``. Both digest ``(dicom_id, path)``: an image
+    replaced in place under the same name is picked up by the shard builder's content
+    hash when the partition next runs, not here.
     """
+    wanted = _latest_metadata(instance, MANIFEST, None, "partition_fingerprints") or {}
+    # both keys of the multi-asset are built by one step; image_shards carries the record
+    return {p for p in partitions if _latest_metadata(instance, IMAGE_SHARDS, p, "manifest_fingerprint") != wanted.get(p)}
+
+
+class ManifestSliceChanged(dg.AutomationCondition):
+    """True for the shard partitions whose rows of the manifest differ from those they were built from."""
 
     @property
     def name(self) -> str:
         return "manifest_slice_changed"
 
-    @property
-    def description(self) -> str:
-        return "This partition's rows of the manifest differ from those it was built from"
-
     def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
         instance = context.asset_graph_view.instance
-        wanted = _latest_metadata(instance, MANIFEST, None, "partition_fingerprints") or {}
-        changed = set()
-        for part in context.candidate_subset.expensively_compute_partition_keys():
-            # both keys of the multi-asset are built by one step; image_shards carries the record
-            built = _latest_metadata(instance, IMAGE_SHARDS, part, "manifest_fingerprint")
-            if built is None or built != wanted.get(part):
-                changed.add(part)
+        changed = changed_slices(instance, context.candidate_subset.expensively_compute_partition_keys())
         return dg.AutomationResult(context, context.candidate_subset.compute_intersection_with_partition_keys(changed))
 
 
-class ParentRequestedInAnotherRun(dg.AutomationCondition):
-    """True while a parent is requested this tick in a run the target cannot join.
-
-    ``eager`` requests a child in the same tick as a parent only when both fit in
-    one run. A classifier (partitioned by label) and the shard partitions it
-    reads (partitioned by pNN) never do, so when the manifest changes, ``eager``
-    would start the classifiers at once on the old shards, and again after the
-    new shards: 28 trainings instead of 14. Waiting for such a parent's run fixes
-    that; the trigger is kept until handled, so the child goes once it is done.
-    """
+class InputsPending(dg.AutomationCondition):
+    """True while any ancestor is requested this tick, in progress, or out of date with a newer parent."""
 
     @property
     def name(self) -> str:
-        return "parent_requested_in_another_run"
+        return "inputs_pending"
 
-    @property
-    def description(self) -> str:
-        return "A parent with other partitions is requested this tick"
+    async def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
+        pending = await self._pending_ancestor(context)
+        if pending:
+            context.log.debug(f"{context.key.to_user_string()} waits: {pending}")
+        return dg.AutomationResult(context, context.candidate_subset if pending else context.get_empty_subset())
 
-    def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
-        graph = context.asset_graph
-        node = graph.get(context.key)
-        waiting = any(
-            (sub := context.request_subsets_by_key.get(parent)) is not None
-            and not sub.is_empty
-            and graph.get(parent).partitions_def != node.partitions_def
-            for parent in node.parent_keys
-        )
-        return dg.AutomationResult(context, context.candidate_subset if waiting else context.get_empty_subset())
+    async def _pending_ancestor(self, context: dg.AutomationContext) -> str | None:
+        from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleCauseCategory, StaleStatus
+
+        graph, view = context.asset_graph, context.asset_graph_view
+        ancestors = [k for k in graph.get_ancestor_asset_keys(context.key) if graph.get(k).is_materializable]
+        for key in ancestors:
+            requested = context.request_subsets_by_key.get(key)
+            if requested is not None and not requested.is_empty:
+                return f"{key.to_user_string()} requested"
+            running = await view.compute_run_in_progress_subset(key=key, from_subset=view.get_full_subset(key=key))
+            if not running.is_empty:
+                return f"{key.to_user_string()} in progress"
+        resolver = CachingStaleStatusResolver(view.instance, graph, view)
+        for key in ancestors:
+            node = graph.get(key)
+            if key in _SHARD_KEYS:
+                changed = changed_slices(view.instance, node.partitions_def.get_partition_keys())
+                if changed:
+                    return f"{key.to_user_string()} {sorted(changed)} out of date"
+                continue
+            for part in node.partitions_def.get_partition_keys() if node.partitions_def else [None]:
+                if resolver.get_status(key, part) != StaleStatus.STALE:
+                    continue
+                if any(c.category == StaleCauseCategory.DATA for c in resolver.get_stale_causes(key, part)):
+                    return f"{key.to_user_string()}{f'[{part}]' if part else ''} out of date"
+        return None
 
 
-# The manifest and the shards carry content data versions (a digest of the Parquet file, of
-# the decoded images), so for them "updated" means "updated with other content": a weekly
-# refresh or a re-run that reproduces the same manifest or the same images starts nothing
-# below them. Other parents count any new materialization (their data versions are derived
-# from code version and inputs, which would hide a change of run config).
+# "Updated" for the content-versioned parents means "updated with other content"; other parents
+# count any new materialization (their data versions derive from code version and inputs, which
+# would hide a change of run config). A parent only requested this tick does not count.
 _CONTENT_VERSIONED = dg.AssetSelection.assets(MANIFEST, IMAGE_SHARDS)
 _newly_updated = dg.AutomationCondition.newly_updated() & ~dg.AutomationCondition.executed_with_root_target()
 _any_deps_updated = (
-    dg.AutomationCondition.any_deps_match(_newly_updated | dg.AutomationCondition.will_be_requested()).ignore(_CONTENT_VERSIONED)
-    | dg.AutomationCondition.any_deps_match(
-        (_newly_updated & dg.AutomationCondition.data_version_changed()) | dg.AutomationCondition.will_be_requested()
-    ).allow(_CONTENT_VERSIONED)
+    dg.AutomationCondition.any_deps_match(_newly_updated).ignore(_CONTENT_VERSIONED)
+    | dg.AutomationCondition.any_deps_match(_newly_updated & dg.AutomationCondition.data_version_changed()).allow(_CONTENT_VERSIONED)
 ).with_label("any_deps_updated")
 EAGER = dg.AutomationCondition.eager().replace("any_deps_updated", _any_deps_updated)
 
-AUTOMATION = EAGER & ~ParentRequestedInAnotherRun() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+# EAGER first: its "since last handled" trigger must see every tick's updates, also those of ticks
+# on which the gate holds the asset back (an AND evaluates later operands only where earlier ones hold).
+AUTOMATION = EAGER & ~InputsPending() & dg.AutomationCondition.all_deps_blocking_checks_passed()
 SHARD_AUTOMATION = AUTOMATION & ManifestSliceChanged()
 _BY_KEY = {IMAGE_SHARDS: SHARD_AUTOMATION, SHARD_REJECTS: SHARD_AUTOMATION}
 
@@ -126,6 +141,11 @@ def with_automation(assets: list) -> list:
             lambda spec: spec.replace_attributes(automation_condition=_BY_KEY.get(spec.key.to_user_string(), AUTOMATION)), assets
         )
     )
+
+
+def automation_interval() -> int:
+    """Seconds between automation sensor evaluations (``CXR_AUTOMATION_INTERVAL``, 60 by default)."""
+    return int(os.environ.get("CXR_AUTOMATION_INTERVAL", "60"))
 
 
 def schedules_and_sensors(observe_job, manifest_job) -> tuple[list, list]:
@@ -147,8 +167,11 @@ def schedules_and_sensors(observe_job, manifest_job) -> tuple[list, list]:
         "automation",
         target=dg.AssetSelection.all(),
         default_status=dg.DefaultSensorStatus.RUNNING,
-        minimum_interval_seconds=60,
-        use_user_code_server=True,  # ManifestSliceChanged is Python, evaluated where the code is
-        description="Evaluates the assets' automation conditions every minute (running by default).",
+        minimum_interval_seconds=automation_interval(),
+        use_user_code_server=True,  # InputsPending and ManifestSliceChanged are Python, evaluated where the code is
+        # one run per requested partition, visible in the runs list at once; a backfill would re-check the
+        # parents itself and hold partitioned requests back (seen: 14 classifier partitions never started)
+        emit_backfills=False,
+        description="Evaluates the assets' automation conditions (every 60 s by default, CXR_AUTOMATION_INTERVAL; running by default).",
     )
     return [observe, weekly], [sensor]

@@ -8,7 +8,16 @@ import dagster as dg
 import polars as pl
 
 from cxr_pipeline.data.io import write_parquet
-from cxr_pipeline.defs.helpers import asset_factory, asset_metadata, every_partition_of, gpu_asset, shard_size, table_metadata, to_dataclass
+from cxr_pipeline.defs.helpers import (
+    asset_factory,
+    asset_metadata,
+    effective_config,
+    every_partition_of,
+    gpu_asset,
+    shard_size,
+    table_metadata,
+    to_dataclass,
+)
 from cxr_pipeline.defs.manifest import MANIFEST, read_manifest
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.shards import IMAGE_SHARDS
@@ -100,6 +109,7 @@ def classifier(
 ) -> dg.MaterializeResult:
     from cxr_pipeline.vision.fit import fit_and_save, load_data, record_untrainable
 
+    config = effective_config(context, config, storage.paths)
     label_slug, size = context.partition_key, shard_size(config.size)
     paths, cfg, device = storage.paths, config.train_config(), compute.torch_device()
     files = paths.classifier(label_slug)

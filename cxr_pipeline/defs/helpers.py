@@ -8,7 +8,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from cxr_pipeline.settings import image_size
+from cxr_pipeline.settings import Paths, image_size, read_pipeline_config
 from cxr_pipeline.tracking import TrackedRun
 
 
@@ -115,3 +115,20 @@ def upstream_data_version(context: dg.AssetExecutionContext, key: str, *, is_sou
 def shard_size(configured: int) -> int:
     """A config's image size; 0 means ``CXR_IMAGE_SIZE`` (224), read now, when the run starts."""
     return configured or image_size()
+
+
+def effective_config(context: dg.AssetExecutionContext, config: dg.Config, paths: Paths) -> dg.Config:
+    """The run's config: the asset's defaults, under ``$CXR_HOME/pipeline.yaml``'s section, under
+    what this run's own run config sets (field by field).
+
+    Dagster hands an asset its defaults wherever the run config is silent (runs started by
+    automation, a schedule, a plain Materialize click); reading the file here, when the run
+    starts, makes all of those follow the user's configuration.
+    """
+    op = context.op_def.name
+    section = read_pipeline_config(paths).get(op, {})
+    unknown = sorted(set(section) - set(type(config).model_fields))
+    if unknown:
+        raise dg.Failure(f"{paths.pipeline_config}: {op}: unknown field(s) {', '.join(unknown)}")
+    explicit = (context.run_config.get("ops", {}).get(op) or {}).get("config") or {}
+    return type(config)(**{**config.model_dump(), **section, **explicit})

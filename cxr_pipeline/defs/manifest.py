@@ -8,7 +8,15 @@ import polars as pl
 from cxr_pipeline.data.io import file_digest, write_parquet
 from cxr_pipeline.data.mimic import DatasetError, ManifestPolicy, build_manifest, label_prevalence
 from cxr_pipeline.data.shards import partition_fingerprints
-from cxr_pipeline.defs.helpers import asset_metadata, asset_specs, selected_keys, table_metadata, to_dataclass, upstream_data_version
+from cxr_pipeline.defs.helpers import (
+    asset_metadata,
+    asset_specs,
+    effective_config,
+    selected_keys,
+    table_metadata,
+    to_dataclass,
+    upstream_data_version,
+)
 from cxr_pipeline.defs.raw import RAW
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 from cxr_pipeline.labels import SLUGS
@@ -49,6 +57,7 @@ class ManifestConfig(dg.Config):
     can_subset=True,
 )
 def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, storage: CxrStorage, mlflow: MlflowTracking):
+    config = effective_config(context, config, storage.paths)
     paths, policy = storage.paths, config.policy()
     data_version = upstream_data_version(context, RAW, is_source=True)
     t0 = time.perf_counter()

@@ -14,7 +14,16 @@ import polars as pl
 from cxr_pipeline.data.io import write_parquet
 from cxr_pipeline.data.shards import load_images
 from cxr_pipeline.defs.classifier import CLASSIFIER_PREDICTIONS
-from cxr_pipeline.defs.helpers import asset_factory, asset_metadata, every_partition_of, gpu_asset, shard_size, table_metadata, to_dataclass
+from cxr_pipeline.defs.helpers import (
+    asset_factory,
+    asset_metadata,
+    effective_config,
+    every_partition_of,
+    gpu_asset,
+    shard_size,
+    table_metadata,
+    to_dataclass,
+)
 from cxr_pipeline.defs.manifest import MANIFEST, read_manifest
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.shards import IMAGE_SHARDS
@@ -48,6 +57,7 @@ def report_pairs(
 ) -> dg.MaterializeResult:
     from cxr_pipeline.reports.pairs import build_pairs, splits_by_study_ok
 
+    config = effective_config(context, config, storage.paths)
     pairs = build_pairs(read_manifest(storage), config.text_source, config.min_words, config.max_words)
     if not splits_by_study_ok(pairs):
         raise dg.Failure("a study appears in two splits: the manifest's split is broken")
@@ -118,6 +128,7 @@ def report_adapter(
 ) -> dg.MaterializeResult:
     from cxr_pipeline.reports.vlm import base_info, prompts_for, train_adapter
 
+    config = effective_config(context, config, storage.paths)
     paths, size, cfg = storage.paths, shard_size(config.size), config.adapter_config()
     train = pl.read_parquet(paths.report_pairs).filter(pl.col("split") == "train")
     if config.max_train_pairs:
@@ -178,7 +189,7 @@ def generated_reports(
     from cxr_pipeline.reports.vlm import generate_reports, prompts_for, read_adapter_card
     from cxr_pipeline.vision.fit import classifier_thresholds
 
-    paths = storage.paths
+    paths, config = storage.paths, effective_config(context, config, storage.paths)
     card = read_adapter_card(paths.adapter)  # the adapter's base, quantisation, size and prompt variant
     pairs = pl.read_parquet(paths.report_pairs)
     test = pairs.filter(pl.col("split") == "test").sort("dicom_id")

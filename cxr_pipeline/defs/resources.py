@@ -1,5 +1,7 @@
 """Dagster resources: where the data is, where state goes, MLflow, and the compute device."""
 
+import hashlib
+import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -8,7 +10,7 @@ from typing import Any
 import dagster as dg
 
 from cxr_pipeline import __version__
-from cxr_pipeline.settings import Paths, paths
+from cxr_pipeline.settings import Paths, paths, read_pipeline_config
 from cxr_pipeline.tracking import TrackedRun, tracked_run
 
 
@@ -35,13 +37,16 @@ class MlflowTracking(dg.ConfigurableResource):
     tracking_uri: str
     experiment: str = "cxr_pipeline"
     artifact_root: str | None = None
+    pipeline_config: str = ""  # $CXR_HOME/pipeline.yaml: its content goes into every run's params
 
     @classmethod
     def from_env(cls) -> "MlflowTracking":
         p = paths()
         # a tracking server keeps the artifacts (proxied to its own store); a database URI keeps them under CXR_HOME
         remote = p.tracking_uri.startswith(("http://", "https://"))
-        return cls(tracking_uri=p.tracking_uri, artifact_root=None if remote else str(p.mlflow_artifacts))
+        return cls(
+            tracking_uri=p.tracking_uri, artifact_root=None if remote else str(p.mlflow_artifacts), pipeline_config=str(p.pipeline_config)
+        )
 
     @contextmanager
     def run(
@@ -73,10 +78,27 @@ class MlflowTracking(dg.ConfigurableResource):
             artifact_root=Path(self.artifact_root) if self.artifact_root else None,
         ) as run:
             context.log.info(f"MLflow run {run.run_id}: {run.url}")
+            self._log_pipeline_config(run)
             closed = close_orphaned_runs(run, context.instance, keys, partition, context.run_id)
             if closed:
                 context.log.info(f"marked {closed} MLflow run(s) KILLED: left RUNNING by ended Dagster runs of the same asset")
             yield run
+
+    def _log_pipeline_config(self, run: TrackedRun) -> None:
+        """Every run records the configuration file it started under (params, and its digest as a tag)."""
+        if not self.pipeline_config or not Path(self.pipeline_config).exists():
+            return
+        f = Path(self.pipeline_config)
+        config = read_pipeline_config(Paths(home=f.parent, raw=f.parent))
+        run.log_params(config_params(config))
+        run.set_tags({"cxr_pipeline.config_sha256": hashlib.sha256(f.read_bytes()).hexdigest()[:16]})
+
+
+def config_params(config: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """``pipeline.yaml`` as flat MLflow params: ``pipeline.<asset>.<field>``."""
+    return {
+        f"pipeline.{op}.{k}": json.dumps(v) if isinstance(v, list | dict) else str(v) for op, sec in config.items() for k, v in sec.items()
+    }
 
 
 def close_orphaned_runs(

@@ -18,7 +18,15 @@ from cxr_pipeline.data.shards import (
     slice_fingerprint,
     write_contact_sheet,
 )
-from cxr_pipeline.defs.helpers import asset_metadata, asset_specs, selected_keys, shard_size, table_metadata, upstream_data_version
+from cxr_pipeline.defs.helpers import (
+    asset_metadata,
+    asset_specs,
+    effective_config,
+    selected_keys,
+    shard_size,
+    table_metadata,
+    upstream_data_version,
+)
 from cxr_pipeline.defs.manifest import MANIFEST, read_manifest
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 
@@ -66,6 +74,7 @@ def _progress(context: dg.AssetExecutionContext, part: str):
 )
 def image_shards(context: dg.AssetExecutionContext, config: ShardConfig, storage: CxrStorage, mlflow: MlflowTracking):
     part, paths = context.partition_key, storage.paths
+    config = effective_config(context, config, paths)
     items = read_manifest(storage).filter(partition_column() == part)
     spec = ShardSpec(size=shard_size(config.size), images_per_shard=config.images_per_shard, workers=config.workers or os.cpu_count() or 1)
     root, out = paths.shard_root(spec.size), paths.shard_partition(spec.size, part)

@@ -232,6 +232,13 @@ class _Trainer:
         return TrainState.from_payload(saved)
 
 
+def micro_batches(n: int, batch_size: int) -> int:
+    """Micro-batches per epoch. A last batch of a single image is left out of that epoch (the order is
+    reshuffled every epoch, so no image is always left out): BatchNorm cannot train on one image."""
+    full, rest = divmod(n, batch_size)
+    return max(1, full + (1 if rest > 1 or (rest == 1 and full == 0) else 0))
+
+
 def _build_trainer(cfg: TrainConfig, device, n: int, precision: str) -> _Trainer:
     import torch
 
@@ -242,8 +249,7 @@ def _build_trainer(cfg: TrainConfig, device, n: int, precision: str) -> _Trainer
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    micro_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-    total_steps = max(1, math.ceil(micro_per_epoch / cfg.accumulation)) * cfg.epochs
+    total_steps = max(1, math.ceil(micro_batches(n, cfg.batch_size) / cfg.accumulation)) * cfg.epochs
     warmup = max(1, int(round(cfg.warmup_fraction * total_steps)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
@@ -256,14 +262,14 @@ def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, p
 
     n = int(train_images.shape[0])
     n_pos = float(y_train.sum())
-    micro_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    micro_per_epoch = micro_batches(n, cfg.batch_size)
     t.model.train()
     if cfg.imbalance == "sampler" and 0 < n_pos < n:
         w = torch.where(y_train > 0.5, 0.5 / n_pos, 0.5 / (n - n_pos))
         order = torch.multinomial(w, n, replacement=True, generator=t.gen)
     else:
         order = torch.randperm(n, generator=t.gen)
-    running = 0.0
+    running, seen = 0.0, 0
     t.opt.zero_grad(set_to_none=True)
     for k in range(micro_per_epoch):
         idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
@@ -275,12 +281,13 @@ def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, p
         loss = _bce(logits.float(), y, pos_weight)
         t.scaler.scale(loss / cfg.accumulation).backward()
         running += float(loss.detach()) * len(idx)
+        seen += len(idx)
         if (k + 1) % cfg.accumulation == 0 or k + 1 == micro_per_epoch:
             t.scaler.step(t.opt)
             t.scaler.update()
             t.opt.zero_grad(set_to_none=True)
             t.sched.step()
-    return running / n
+    return running / seen
 
 
 def train(

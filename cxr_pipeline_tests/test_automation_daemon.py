@@ -1,0 +1,180 @@
+"""Automation through the real daemon over one whole data change.
+
+As a user meets it: every asset materialized (``cxr_pipeline.demo.run_all``, as
+``make demo`` does) under the configuration in ``$CXR_HOME/pipeline.yaml``, then
+``dagster dev`` (webserver + daemon) on that state with the automation sensor
+evaluated every few seconds. An observation of unchanged data starts nothing;
+new patients start, run by run: the manifest once, exactly the shard partitions
+whose rows changed once each, each classifier once, the summaries once, the
+report branch once after the predictions; every run succeeds; then an unchanged
+observation starts nothing again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import polars as pl
+import pytest
+
+from cxr_pipeline.data.shards import partition_fingerprints
+from cxr_pipeline.data.synthetic import SynthConfig, generate
+from cxr_pipeline.labels import SLUGS
+from cxr_pipeline.settings import Paths, write_pipeline_config
+from cxr_pipeline_tests.services import BIN, ROOT, free_port, post, start, stop, wait_http
+
+INTERVAL = 4  # automation sensor evaluations, seconds
+TINY = {
+    "manifest": {"views": ["PA", "AP"], "one_image_per_subject": False},
+    "image_shards": {"size": 32, "workers": 1},
+    "classifier": {"size": 32, "epochs": 1, "batch_size": 16, "accumulation": 1, "bootstrap": 20, "blank": "zeros"},
+    "report_adapter": {"size": 32, "max_steps": 2, "batch_size": 2, "accumulation": 1, "max_train_pairs": 8},
+    "generated_reports": {"max_new_tokens": 4, "max_test_pairs": 4, "batch_size": 4},
+}
+LOCATION = {"repositoryLocationName": "cxr_pipeline.definitions", "repositoryName": "__repository__"}
+RUNS = """query { runsOrError(limit: 500) { ... on Runs { results {
+  runId status startTime endTime tags { key value } assetSelection { path } } } } }"""
+ACTIVE = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING", "MANAGED"}
+
+
+class Dagster:
+    def __init__(self, port: int):
+        self.gql = f"http://127.0.0.1:{port}/graphql"
+
+    def runs(self) -> list[dict]:
+        out = []
+        for r in post(self.gql, {"query": RUNS})["data"]["runsOrError"]["results"]:
+            tags = {t["key"]: t["value"] for t in r["tags"]}
+            keys = sorted("/".join(a["path"]) for a in (r["assetSelection"] or []))
+            out.append({**r, "tags": tags, "keys": keys, "partition": tags.get("dagster/partition")})
+        return out
+
+    def observe(self) -> str:
+        body = {
+            "query": """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+              __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
+            "variables": {"p": {"selector": {**LOCATION, "jobName": "observe_raw"}, "runConfigData": {}}},
+        }
+        res = post(self.gql, body)["data"]["launchRun"]
+        assert res["__typename"] == "LaunchRunSuccess", res
+        return res["run"]["runId"]
+
+    def sensor_ticks(self) -> int:
+        query = """query { sensorOrError(sensorSelector: {repositoryLocationName: "cxr_pipeline.definitions",
+                   repositoryName: "__repository__", sensorName: "automation"}) {
+                   ... on Sensor { sensorState { ticks(limit: 1000) { status error { message } } } } } }"""
+        ticks = post(self.gql, {"query": query})["data"]["sensorOrError"]["sensorState"]["ticks"]
+        failed = [t for t in ticks if t["status"] == "FAILURE"]
+        assert not failed, failed[0]["error"]
+        return len(ticks)
+
+    def settle(self, known: set[str], quiet: float, deadline: float, log) -> list[dict]:
+        """Wait until no run is active and nothing new started for ``quiet`` seconds; the runs not in ``known``."""
+        last_change, seen = time.time(), None
+        while time.time() < deadline:
+            runs = [r for r in self.runs() if r["runId"] not in known]
+            state = sorted((r["runId"], r["status"]) for r in runs)
+            if state != seen:
+                seen, last_change = state, time.time()
+            if not any(r["status"] in ACTIVE for r in runs) and time.time() - last_change >= quiet:
+                return sorted(runs, key=lambda r: r["startTime"] or 0)
+            time.sleep(2)
+        raise AssertionError(f"automation did not settle: {[(r['keys'], r['partition'], r['status']) for r in runs]}\n{log()}")
+
+
+def materialized(runs: list[dict]) -> Counter:
+    """How many runs materialized each (asset, partition)."""
+    return Counter((k, r["partition"]) for r in runs for k in r["keys"] if k != "raw_mimic_cxr")
+
+
+@pytest.mark.slow
+def test_one_data_change_runs_each_asset_once_with_current_inputs(tmp_path):
+    raw, home = tmp_path / "raw", tmp_path / "home"
+    layout = Paths(home=home, raw=raw)
+    generate(SynthConfig(patients=8, seed=11, image_size=48), raw)
+    write_pipeline_config(layout, TINY, "test configuration")
+    env = {
+        **os.environ,
+        "CXR_HOME": str(home),
+        "CXR_RAW_DIR": str(raw),
+        "DAGSTER_HOME": str(layout.dagster_home),
+        "CXR_AUTOMATION_INTERVAL": str(INTERVAL),
+        "CXR_OBSERVE_CRON": "0 0 1 1 *",  # the test observes by launching the observation job itself
+        "CXR_EXECUTOR": "in_process",
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    # the state `make demo` leaves: every asset materialized in order, the source observed
+    script = "from cxr_pipeline.demo import ensure_dagster_home, run_all; ensure_dagster_home(); raise SystemExit(0 if run_all() else 1)"
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    port = free_port()
+    log = tmp_path / "dagster.log"
+    proc = start([str(BIN / "dagster"), "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)], env, log)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/server_info", 180, proc, log)
+        d = Dagster(port)
+        tail = lambda: log.read_text()[-4000:]  # noqa: E731
+        deadline = time.time() + 120
+        while d.sensor_ticks() < 2 and time.time() < deadline:  # the daemon's first evaluations record the state
+            time.sleep(1)
+        known = {r["runId"] for r in d.runs()}
+
+        # 1. an observation of unchanged data starts nothing
+        observed = d.observe()
+        quiet = d.settle(known, 4 * INTERVAL, time.time() + 180, tail)
+        assert [r["runId"] for r in quiet] == [observed] and quiet[0]["status"] == "SUCCESS"
+        known |= {observed}
+
+        # 2. new patients: each asset once, after its inputs
+        before = partition_fingerprints(pl.read_parquet(layout.manifest))
+        generate(SynthConfig(patients=12, seed=11, image_size=48), raw)
+        observed = d.observe()
+        runs = d.settle(known, 5 * INTERVAL, time.time() + 1500, tail)
+        after = partition_fingerprints(pl.read_parquet(layout.manifest))
+        changed = {p for p in after if after[p] != before[p]}
+        assert changed and len(changed) < len(after)
+        assert [r for r in runs if r["status"] != "SUCCESS"] == []
+        counts = materialized(runs)
+        expected = Counter({("manifest", None): 1, ("manifest_rejects", None): 1})
+        expected.update({(k, p): 1 for p in changed for k in ("image_shards", "shard_rejects")})
+        expected.update({("classifier", s): 1 for s in SLUGS})
+        expected.update({(k, None): 1 for k in ("classifier_metrics", "classifier_predictions")})
+        expected.update({(k, None): 1 for k in ("report_pairs", "report_adapter", "generated_reports", "report_metrics")})
+        assert counts == expected, f"runs: {[(r['keys'], r['partition']) for r in runs]}"
+
+        # ... in order: nothing started before what it reads had finished
+        def last_end(key):
+            return max(r["endTime"] for r in runs if key in r["keys"])
+
+        def first_start(key):
+            return min(r["startTime"] for r in runs if key in r["keys"])
+
+        order = [
+            ("manifest", "image_shards"),
+            ("manifest", "report_pairs"),
+            ("image_shards", "classifier"),
+            ("classifier", "classifier_predictions"),
+            ("classifier_predictions", "report_adapter"),
+            ("image_shards", "report_adapter"),
+            ("report_pairs", "report_adapter"),
+            ("report_adapter", "generated_reports"),
+            ("generated_reports", "report_metrics"),
+        ]
+        for parent, child in order:
+            assert last_end(parent) <= first_start(child), f"{child} started before {parent} finished"
+        known |= {r["runId"] for r in runs}
+
+        # 3. observed again, unchanged: nothing
+        observed = d.observe()
+        quiet = d.settle(known, 4 * INTERVAL, time.time() + 180, tail)
+        assert [r["runId"] for r in quiet] == [observed]
+    finally:
+        stop(proc)
+    assert proc.poll() is not None
