@@ -135,10 +135,14 @@ def print_summary(p: Paths) -> None:
         f"shards:   {n_shard} images in {len(indexes)} partitions ({n_srej} rejected); contact sheets: {p.shards}/s*/p*/contact_sheet.png"
     )
     metrics = pl.read_parquet(p.classifier_metrics)
-    print("\nclassifiers (test split, threshold chosen on validation; 95% bootstrap CI; seeds' AUC for comparison):")
+    print(
+        "\nclassifiers (threshold chosen on validation; 95% bootstrap CI; seeds' AUC for comparison). Two test sets: the test split\n"
+        "with the automatic labels (chexpert), and its radiologist-labelled studies with the radiologist's labels (blank = negative):"
+    )
     ci = pl.when(pl.col("roc_auc_lo").is_not_null()).then(pl.format("{}-{}", pl.col("roc_auc_lo").round(2), pl.col("roc_auc_hi").round(2)))
     table = metrics.select(
         "pathology",
+        pl.col("test_labels").alias("test labels"),
         "n_pos",
         "n_neg",
         pl.col("roc_auc").round(3).alias("auc"),
@@ -149,12 +153,27 @@ def print_summary(p: Paths) -> None:
         pl.col("reference_auc").alias("seeds' auc"),
         pl.col("reason").str.slice(0, 40).alias("note"),
     )
-    with pl.Config(tbl_rows=20, fmt_str_lengths=40, **TABLE_STYLE):
+    with pl.Config(tbl_rows=40, fmt_str_lengths=40, **TABLE_STYLE):
         print(table)
     print(f"  {p.classifiers}  (checkpoints, metrics, roc_pr_all.png)")
     rm = pl.read_parquet(p.report_metrics)
-    print("\nreport generation (test split; the adapter is a tiny random Mllama fine-tuned for seconds: a pipeline check, not a model):")
-    cols = ("system", "BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "ce_micro14_f1", "ce_macro14_f1", "ce_micro5_f1")
+    print(
+        "\nreport generation (test split, CE against the labeler on the reference reports, and on the radiologist-labelled\n"
+        "studies against the radiologist's labels; the adapter is a tiny random Mllama fine-tuned for seconds: a pipeline check):"
+    )
+    cols = (
+        "system",
+        "test_labels",
+        "n",
+        "BLEU_1",
+        "BLEU_4",
+        "METEOR",
+        "ROUGE_L",
+        "CIDEr",
+        "ce_micro14_f1",
+        "ce_macro14_f1",
+        "ce_micro5_f1",
+    )
     with pl.Config(float_precision=3, **TABLE_STYLE):
         print(rm.select([c for c in cols if c in rm.columns]))
     print(f"  {p.reports}  (report_pairs, adapter/, generated_reports.parquet, report_metrics.parquet)")

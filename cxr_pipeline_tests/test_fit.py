@@ -22,7 +22,8 @@ def split(n: int, positives: int) -> Split:
 
 
 def data(train_pos: int = 4) -> ClassifierData:
-    return ClassifierData("edema", 8, "ignore", "zeros", {"train": split(8, train_pos), "validate": split(6, 3), "test": split(6, 3)})
+    splits = {"train": split(8, train_pos), "validate": split(6, 3), "test": split(6, 3), "radiologist": split(4, 2)}
+    return ClassifierData("edema", 8, "ignore", "zeros", splits)
 
 
 def test_an_untrainable_label_leaves_no_model_from_an_earlier_run(tmp_path):
@@ -33,9 +34,10 @@ def test_an_untrainable_label_leaves_no_model_from_an_earlier_run(tmp_path):
         f.write_bytes(b"old")
     d = data(train_pos=0)
     assert d.untrainable_reason.startswith("not trainable: the training split has 0 positives of 8")
-    row = fit.record_untrainable(d, files)
+    rows = fit.record_untrainable(d, files)
     assert not files.checkpoint.exists() and not any(f.exists() for f in (files.curves, files.predictions, files.test_scores))
-    assert json.loads(files.metrics.read_text()) == row and row["evaluable"] is False
+    assert json.loads(files.metrics.read_text()) == rows and not any(r["evaluable"] for r in rows)
+    assert [(r["test_labels"], r["n_pos"], r["n_neg"]) for r in rows] == [("chexpert", 3, 3), ("radiologist", 2, 2)]
 
 
 def test_metrics_table_of_untrainable_labels_only_has_every_column(tmp_path):
@@ -45,7 +47,8 @@ def test_metrics_table_of_untrainable_labels_only_has_every_column(tmp_path):
     from cxr_pipeline.defs.classifier import METRICS_SHOWN
 
     shown = table.select(METRICS_SHOWN)  # raised ColumnNotFoundError before
-    assert shown.height == 1 and shown["roc_auc"].to_list() == [None] and shown["reference_auc"].to_list() == [0.727]
+    assert shown["test_labels"].to_list() == ["chexpert", "radiologist"]
+    assert shown["roc_auc"].to_list() == [None, None] and shown["reference_auc"].to_list() == [0.727, 0.727]
 
 
 def test_evaluation_and_predictions_run_on_the_training_device(tmp_path, monkeypatch):
@@ -66,8 +69,10 @@ def test_evaluation_and_predictions_run_on_the_training_device(tmp_path, monkeyp
     monkeypatch.setattr(fit, "load_images", lambda *a, **k: (torch.zeros(2, 8, 8, dtype=torch.uint8), every))
     files = Paths(home=tmp_path, raw=tmp_path).classifier("edema")
     out = fit.fit_and_save(d, every, tmp_path, TrainConfig(precision="fp32"), cuda, files, bootstrap=10)
-    assert used == [cuda, cuda, cuda]  # validation, test, every image
+    assert used == [cuda, cuda, cuda, cuda]  # validation, test, radiologist test, every image
     assert out.row["evaluable"] and (files.checkpoint / "model.safetensors").exists()
+    assert [r["test_labels"] for r in json.loads(files.metrics.read_text())] == ["chexpert", "radiologist"]
+    assert out.radiologist_row["n_pos"] == 2 and out.radiologist_row["threshold"] == out.row["threshold"]
     cfg = json.loads((files.checkpoint / "config.json").read_text())
     assert cfg["normalise"] == {"mean": 0.5, "std": 0.5} and cfg["size"] == 8
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from cxr_pipeline.data.mimic import DatasetError, ManifestPolicy, build_manifest
+from cxr_pipeline.data.mimic import RADIOLOGIST_COLUMNS, DatasetError, ManifestPolicy, build_manifest
 from cxr_pipeline.data.synthetic import SynthConfig, generate
-from cxr_pipeline.labels import LABELS
+from cxr_pipeline.labels import LABELS, SLUGS
 
 ALL = ManifestPolicy(views=(), one_image_per_subject=False)
 
@@ -76,20 +76,45 @@ def test_splits_are_patient_disjoint_and_official(replica):
     assert (joined["split"] == joined["official"]).all()
 
 
-def test_radiologist_labels_replace_automatic_ones_for_test_studies(replica_copy):
+def test_radiologist_labels_are_kept_apart_under_the_real_header(replica_copy):
     rad_path = replica_copy / "mimic-cxr-2.1.0-test-set-labeled.csv"
     header, rows = read_rows(rad_path)
-    # mark a label in the radiologist file that the automatic labels cannot have
+    # the release's header: study_id only, "Airspace Opacity" for Lung Opacity
+    assert header[0] == "study_id" and "subject_id" not in header
+    assert "Airspace Opacity" in header and "Lung Opacity" not in header
     col = header.index("Pneumothorax")
     for r in rows:
-        r[col] = "1.0"
-    write_rows(rad_path, header, rows)
-    m = build_manifest(replica_copy, ALL).manifest
+        r[col] = "1.0"  # a value the automatic labels do not have for most of these studies
+    auto = build_manifest(replica_copy, ManifestPolicy(views=(), one_image_per_subject=False, radiologist_test_labels=False))
+    split = dict(zip(auto.manifest["study_id"].to_list(), auto.manifest["split"].to_list(), strict=True))
+    train_study = next(s for s, sp in split.items() if sp == "train")
+    write_rows(rad_path, header, [*rows, [str(train_study), *["1.0"] * (len(header) - 1)]])
+    result = build_manifest(replica_copy, ALL)
+    m = result.manifest
     test = m.filter(pl.col("split") == "test")
-    assert test.height and (test["label_source"] == "radiologist").all() and (test["pneumothorax"] == 1).all()
-    assert (m.filter(pl.col("split") != "test")["label_source"] == "chexpert").all()
-    auto = build_manifest(replica_copy, ManifestPolicy(views=(), one_image_per_subject=False, radiologist_test_labels=False)).manifest
-    assert (auto["label_source"] == "chexpert").all()
+    labelled = test.filter(pl.col("radiologist_labelled"))
+    assert 0 < labelled["study_id"].n_unique() < test["study_id"].n_unique()  # a subset of the test studies
+    assert labelled["study_id"].n_unique() == len(rows) == result.stats["radiologist_studies"] - 1
+    assert (labelled["radiologist_pneumothorax"] == 1).all()
+    by_study = {int(r[0]): r[header.index("Airspace Opacity")] for r in rows}
+    got = dict(zip(labelled["study_id"].to_list(), labelled["radiologist_lung_opacity"].to_list(), strict=True))
+    assert all(got[s] == ({"1.0": 1, "0.0": 0, "-1.0": -1}.get(by_study[s])) for s in got)
+    # the automatic labels stay in the 14 label columns, for every row
+    assert m.select(SLUGS).equals(auto.manifest.select(SLUGS)) and (m["label_source"] == "chexpert").all()
+    # a labelled study outside the test split is counted, never used
+    assert result.stats["radiologist_studies_outside_test"] == 1
+    others = m.filter(pl.col("split") != "test")
+    assert (
+        not others["radiologist_labelled"].any()
+        and others.select(RADIOLOGIST_COLUMNS).null_count().sum_horizontal()[0] == 14 * others.height
+    )
+    # the CheXpert name is accepted as well
+    write_rows(rad_path, [("Lung Opacity" if h == "Airspace Opacity" else h) for h in header], rows)
+    assert build_manifest(replica_copy, ALL).manifest["radiologist_labelled"].sum() == labelled.height
+    gone = header.index("Airspace Opacity")
+    write_rows(rad_path, [h for h in header if h != "Airspace Opacity"], [r[:gone] + r[gone + 1 :] for r in rows])
+    with pytest.raises(DatasetError, match="test-set-labeled.csv: missing column.*Lung Opacity or Airspace Opacity"):
+        build_manifest(replica_copy, ALL)
 
 
 def test_negbio_label_source(replica):

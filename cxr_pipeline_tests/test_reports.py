@@ -76,7 +76,7 @@ def test_labeler_agrees_with_replica_labels(replica):
     from cxr_pipeline.data.sections import parse_report
     from cxr_pipeline.labels import LABELS
 
-    truth = pl.read_csv(replica / "mimic-cxr-2.1.0-test-set-labeled.csv", infer_schema=False)
+    truth = pl.read_csv(replica / "mimic-cxr-2.1.0-test-set-labeled.csv", infer_schema=False).rename({"Airspace Opacity": "Lung Opacity"})
     study = pl.read_csv(replica / "cxr-study-list.csv.gz", infer_schema=False)
     reader = ReportReader(replica)
     agree = total = 0

@@ -163,9 +163,30 @@ def _rejects(df: pl.DataFrame, source: str) -> pl.DataFrame:
     return out.select(**cols).cast(REJECT_SCHEMA)
 
 
+# Other names an observation's column has in a released file: the radiologist test-label file
+# (MIMIC-CXR-JPG 2.1.0) calls Lung Opacity "Airspace Opacity".
+LABEL_ALIASES = {"Lung Opacity": ("Airspace Opacity",)}
+
+
+def _rename_aliases(df: pl.DataFrame, path: Path) -> pl.DataFrame:
+    """Columns named by an alias get the CheXpert name; a file with neither name fails naming both."""
+    for label, aliases in LABEL_ALIASES.items():
+        if label in df.columns:
+            continue
+        found = [a for a in aliases if a in df.columns]
+        if not found:
+            names = " or ".join((label, *aliases))
+            raise DatasetError(f"{path}: missing column(s) {names} (has: {', '.join(df.columns)})")
+        df = df.rename({found[0]: label})
+    return df
+
+
 def _read_labels(path: Path, key: tuple[str, ...]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Label table with Int8 columns named by slug, and its rejects."""
-    df = read_csv(path, [*key, *LABELS])
+    """Label table with Int8 columns named by slug, and its rejects (columns by name; aliases accepted)."""
+    df = _rename_aliases(read_csv(path, key), path)
+    missing = [c for c in LABELS if c not in df.columns]
+    if missing:
+        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(df.columns)})")
     for k in key:
         df = df.with_columns(_int(k).alias(k))
     unknown = [
@@ -436,19 +457,39 @@ def _with_labels(b: _Build, df: pl.DataFrame, source: str) -> pl.DataFrame:
     df = df.join(labels, on="study_id", how="left").with_columns(pl.lit(b.policy.label_source).alias("label_source"))
     b.stats["studies_without_labels"] = df.filter(pl.all_horizontal(pl.col(c).is_null() for c in SLUGS))["study_id"].n_unique()
 
+    return _with_radiologist_labels(b, df)
+
+
+RADIOLOGIST_COLUMNS = tuple(f"radiologist_{c}" for c in SLUGS)
+
+
+def _with_radiologist_labels(b: _Build, df: pl.DataFrame) -> pl.DataFrame:
+    """The radiologist's labels (MIMIC-CXR-JPG 2.1.0's test-set file) in their own columns, for test studies.
+
+    They never replace the automatic labels: the 14 label columns keep the CheXpert (or
+    NegBio) labels for every row, ``radiologist_<slug>`` hold the radiologist's (null
+    where the study was not labelled by one), and ``radiologist_labelled`` says which
+    rows were. A labelled study outside the test split is counted, never used.
+    """
     rad_path = find_csv(b.root, TEST_LABELED)
+    empty = [pl.lit(None, pl.Int8).alias(c) for c in RADIOLOGIST_COLUMNS]
     if not b.policy.radiologist_test_labels or rad_path is None:
-        return df
+        return df.with_columns(*empty, pl.lit(False).alias("radiologist_labelled"))
     rad, rad_rejects = _read_labels(rad_path, ("study_id",))
     b.rejects.append(rad_rejects)
-    rad = rad.rename({c: f"_rad_{c}" for c in SLUGS}).with_columns(pl.lit(True).alias("_rad"))
+    split_of = df.select("study_id", "split").unique("study_id")
+    placed = rad.join(split_of, on="study_id", how="left")
+    b.stats["radiologist_studies"] = rad.height
+    b.stats["radiologist_studies_outside_test"] = placed.filter(pl.col("split").is_not_null() & (pl.col("split") != "test")).height
+    b.stats["radiologist_studies_not_in_records"] = placed.filter(pl.col("split").is_null()).height
+    rad = rad.rename(dict(zip(SLUGS, RADIOLOGIST_COLUMNS, strict=True))).with_columns(pl.lit(True).alias("_rad"))
     df = df.join(rad, on="study_id", how="left")
     use = (pl.col("split") == "test") & pl.col("_rad").fill_null(False)
     df = df.with_columns(
-        *[pl.when(use).then(pl.col(f"_rad_{c}")).otherwise(pl.col(c)).alias(c) for c in SLUGS],
-        pl.when(use).then(pl.lit("radiologist")).otherwise(pl.col("label_source")).alias("label_source"),
-    ).drop([f"_rad_{c}" for c in SLUGS] + ["_rad"])
-    b.stats["test_images_radiologist_labels"] = df.filter(pl.col("label_source") == "radiologist").height
+        *[pl.when(use).then(pl.col(c)).otherwise(None).cast(pl.Int8).alias(c) for c in RADIOLOGIST_COLUMNS],
+        use.alias("radiologist_labelled"),
+    ).drop("_rad")
+    b.stats["test_images_radiologist_labels"] = int(df["radiologist_labelled"].sum())
     return df
 
 
@@ -491,6 +532,8 @@ MANIFEST_COLUMNS = (
     "split",
     "label_source",
     *SLUGS,
+    "radiologist_labelled",
+    *RADIOLOGIST_COLUMNS,
     "findings",
     "impression",
     "last_paragraph",

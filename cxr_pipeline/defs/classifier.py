@@ -69,9 +69,10 @@ def _log_fit(run: TrackedRun, outcome) -> None:
     """The test metrics, training speed, checkpoint, metrics row and curves of a fit, in its MLflow run."""
     row, files = outcome.row, outcome.files
     run.log_metrics({f"test_{k}": v for k, v in row.items() if k in TEST_METRICS and v is not None})
+    run.log_metrics({f"test_radiologist_{k}": v for k, v in outcome.radiologist_row.items() if k in TEST_METRICS and v is not None})
     run.log_metrics({"best_epoch": outcome.trained.best_epoch, "train_images_per_second": outcome.trained.images_per_second})
     run.log_artifact(files.checkpoint, "checkpoint")
-    run.log_dict(row, "metrics.json")
+    run.log_dict({"rows": outcome.rows}, "metrics.json")
     if files.curves.exists():
         run.log_artifact(files.curves)
 
@@ -142,6 +143,14 @@ def classifier(
         reg = _register(run, data, row)
         context.log.info(f"registered {reg['name']} v{reg['version']} (candidate{', champion' if reg['champion'] else ''})")
     headline = {k: (round(row[k], 4) if isinstance(row[k], float) else row[k]) for k in HEADLINE if row.get(k) is not None}
+    rad = outcome.radiologist_row
+    headline.update(
+        {
+            f"radiologist_{k}": round(rad[k], 4) if isinstance(rad[k], float) else rad[k]
+            for k in ("roc_auc", "n_pos", "n_neg")
+            if rad.get(k) is not None
+        }
+    )
     result = outcome.trained
     return dg.MaterializeResult(
         metadata=asset_metadata(
@@ -161,6 +170,7 @@ def classifier(
 
 METRICS_SHOWN = (
     "pathology",
+    "test_labels",
     "evaluable",
     "n_pos",
     "n_neg",
@@ -197,11 +207,12 @@ def classifier_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, m
     with mlflow.run(context) as run:
         run.log_table(show, "classifier_metrics")
         for r in show.filter(pl.col("evaluable")).iter_rows(named=True):
-            run.log_metrics({f"{slug(r['pathology'])}.roc_auc": r["roc_auc"], f"{slug(r['pathology'])}.f1": r["f1"]})
+            prefix = slug(r["pathology"]) + (".radiologist" if r["test_labels"] == "radiologist" else "")
+            run.log_metrics({f"{prefix}.roc_auc": r["roc_auc"], f"{prefix}.f1": r["f1"]})
         run.log_artifact(
             save_curves(curves_of_test_split(paths, df["slug"].to_list()), paths.classifier_curves, "All pathologies, test split")
         )
-    ev = show.filter(pl.col("evaluable"))
+    ev = show.filter(pl.col("evaluable") & (pl.col("test_labels") != "radiologist"))
     return dg.MaterializeResult(
         metadata=asset_metadata(
             run,

@@ -6,7 +6,7 @@ import dagster as dg
 import polars as pl
 
 from cxr_pipeline.data.io import file_digest, write_parquet
-from cxr_pipeline.data.mimic import DatasetError, ManifestPolicy, build_manifest, label_prevalence
+from cxr_pipeline.data.mimic import RADIOLOGIST_COLUMNS, DatasetError, ManifestPolicy, build_manifest, label_prevalence
 from cxr_pipeline.data.shards import partition_fingerprints
 from cxr_pipeline.defs.helpers import (
     asset_metadata,
@@ -124,7 +124,7 @@ def manifest_splits_patient_disjoint(storage: CxrStorage) -> dg.AssetCheckResult
 @dg.asset_check(asset=MANIFEST, blocking=True, description="Labels are 1, 0, -1 or blank; splits are train/validate/test.")
 def manifest_label_domain(storage: CxrStorage) -> dg.AssetCheckResult:
     m = read_manifest(storage)
-    bad = {c: int((~m[c].is_in([1, 0, -1]) & m[c].is_not_null()).sum()) for c in SLUGS}
+    bad = {c: int((~m[c].is_in([1, 0, -1]) & m[c].is_not_null()).sum()) for c in (*SLUGS, *RADIOLOGIST_COLUMNS)}
     bad_split = int((~m["split"].is_in(["train", "validate", "test"])).sum())
     n_bad = sum(bad.values()) + bad_split
     return dg.AssetCheckResult(

@@ -209,7 +209,8 @@ def generated_reports(
         device=compute.torch_device(),
     )
     template, retrieval = baseline_reports(rows, pairs.filter(pl.col("split") == "train"), preds, classifier_thresholds(paths))
-    out = rows.select("dicom_id", "study_id", pl.col("text").alias("reference")).with_columns(
+    radiologist = [c for c in rows.columns if c.startswith("radiologist_")]
+    out = rows.select("dicom_id", "study_id", pl.col("text").alias("reference"), *radiologist).with_columns(
         *[pl.Series(name, texts, dtype=pl.String) for name, texts in zip(SYSTEMS, (adapter_out, template, retrieval), strict=True)]
     )
     path = write_parquet(out, paths.generated_reports)
@@ -230,13 +231,19 @@ def generated_reports(
     {"polars", "parquet"},
 )
 def report_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflow: MlflowTracking) -> dg.MaterializeResult:
-    from cxr_pipeline.reports.metrics import score_systems, side_by_side_markdown
+    from cxr_pipeline.reports.metrics import radiologist_labels, score_systems, side_by_side_markdown
 
     gen = pl.read_parquet(storage.paths.generated_reports)
     meteor = shutil.which("java") is not None
     if not meteor:
         context.log.warning("java not found: METEOR is skipped")
     rows, bad_total = score_systems(gen["reference"].to_list(), {s: gen[s].to_list() for s in SYSTEMS}, meteor=meteor)
+    if "radiologist_labelled" in gen.columns and gen["radiologist_labelled"].any():
+        # the radiologist-labelled test studies, the references' labels from the radiologist
+        rad = gen.filter(pl.col("radiologist_labelled"))
+        systems = {s: rad[s].to_list() for s in SYSTEMS}
+        more, _ = score_systems(rad["reference"].to_list(), systems, meteor, radiologist_labels(rad), "radiologist")
+        rows += more
     table = pl.DataFrame(rows)
     path = write_parquet(table, storage.paths.report_metrics)
     if bad_total:
@@ -244,7 +251,8 @@ def report_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflo
     with mlflow.run(context) as run:
         run.log_table(table, "report_metrics")
         for r in rows:
-            run.log_metrics({f"{r['system']}.{k}": v for k, v in r.items() if isinstance(v, float)})
+            prefix = r["system"] + (".radiologist" if r["test_labels"] == "radiologist" else "")
+            run.log_metrics({f"{prefix}.{k}": v for k, v in r.items() if isinstance(v, float)})
         run.log_table(gen.head(20), "example_reports")
     shown = (
         "system",

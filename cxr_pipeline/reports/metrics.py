@@ -82,14 +82,18 @@ def _binary(labels: list[dict[str, float | None]], names: Sequence[str]) -> np.n
     return np.array([[1 if row.get(n) == 1.0 else 0 for n in names] for row in labels], dtype=int).reshape(len(labels), len(names))
 
 
-def clinical_efficacy(references: Sequence[str], hypotheses: Sequence[str]) -> tuple[dict[str, float], int]:
+def clinical_efficacy(
+    references: Sequence[str], hypotheses: Sequence[str], reference_labels: Sequence[dict] | None = None
+) -> tuple[dict[str, float], int]:
     """CE precision/recall/F1 (micro, macro) over 14 and over the 5 common observations.
 
+    The references' labels come from the labeler run on the reference reports, or are
+    given (``reference_labels``: e.g. a radiologist's, ``{label: 1.0/0.0/-1.0/None}``).
     Returns the scores and the number of empty or malformed reports (labelled all-blank).
     """
     from sklearn.metrics import precision_recall_fscore_support
 
-    ref_labels, n_bad_ref = label_reports(references)
+    ref_labels, n_bad_ref = (list(reference_labels), 0) if reference_labels is not None else label_reports(references)
     hyp_labels, n_bad_hyp = label_reports(hypotheses)
     out: dict[str, float] = {}
     for tag, names in (("14", LABELS), ("5", COMMON5)):
@@ -102,15 +106,30 @@ def clinical_efficacy(references: Sequence[str], hypotheses: Sequence[str]) -> t
     return out, n_bad_ref + n_bad_hyp
 
 
-def score_systems(references: Sequence[str], systems: dict[str, Sequence[str]], meteor: bool = True) -> tuple[list[dict], int]:
-    """One row per system: ``system``, ``n``, the NLG scores and clinical efficacy; and the count of
-    empty or malformed reports (labelled all-blank) over all systems."""
+def score_systems(
+    references: Sequence[str],
+    systems: dict[str, Sequence[str]],
+    meteor: bool = True,
+    reference_labels: Sequence[dict] | None = None,
+    test_labels: str = "labeler",
+) -> tuple[list[dict], int]:
+    """One row per system: ``system``, ``test_labels``, ``n``, the NLG scores and clinical efficacy;
+    and the count of empty or malformed reports (labelled all-blank) over all systems."""
     rows, bad_total = [], 0
     for system, hyps in systems.items():
-        ce, bad = clinical_efficacy(references, hyps)
+        ce, bad = clinical_efficacy(references, hyps, reference_labels)
         bad_total += bad
-        rows.append({"system": system, "n": len(hyps), **nlg_scores(references, hyps, meteor=meteor), **ce})
+        row = {"system": system, "test_labels": test_labels, "n": len(hyps)}
+        rows.append({**row, **nlg_scores(references, hyps, meteor=meteor), **ce})
     return rows, bad_total
+
+
+def radiologist_labels(reports) -> list[dict]:
+    """The radiologist's labels of each row (a frame with ``radiologist_<slug>`` columns) as labeler-style dicts."""
+    from cxr_pipeline.labels import SLUGS
+
+    cols = [f"radiologist_{s}" for s in SLUGS]
+    return [{lab: (None if v is None else float(v)) for lab, v in zip(LABELS, r, strict=True)} for r in reports.select(cols).iter_rows()]
 
 
 def side_by_side_markdown(reports, systems: Sequence[str], n: int = 4, width: int = 120) -> str:

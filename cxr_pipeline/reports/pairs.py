@@ -28,7 +28,8 @@ def build_pairs(manifest: pl.DataFrame, source: str = "findings", min_words: int
     if source not in TEXT_SOURCES:
         raise ValueError(f"text source must be one of {TEXT_SOURCES}, not {source!r}")
     texts = [report_text(f, i, source) for f, i in zip(manifest["findings"].to_list(), manifest["impression"].to_list(), strict=True)]
-    df = manifest.select("dicom_id", "subject_id", "study_id", "path", "view_position", "split").with_columns(
+    radiologist = [c for c in manifest.columns if c.startswith("radiologist_")]  # kept for the radiologist test set
+    df = manifest.select("dicom_id", "subject_id", "study_id", "path", "view_position", "split", *radiologist).with_columns(
         pl.Series("text", texts, dtype=pl.String)
     )
     df = df.with_columns(pl.col("text").str.split(" ").list.len().fill_null(0).alias("words"))

@@ -42,6 +42,7 @@ from cxr_pipeline.vision.train import (
 )
 
 SPLITS = ("train", "validate", "test")
+RADIOLOGIST = "radiologist"  # the second test set: radiologist-labelled test studies, with those labels
 
 
 @dataclass
@@ -59,7 +60,8 @@ class ClassifierData:
     size: int
     uncertain: str
     blank: str
-    splits: dict[str, Split]
+    splits: dict[str, Split]  # train / validate / test (automatic labels) / radiologist
+    label_source: str = "chexpert"  # the automatic labels' source (the manifest's label_source)
 
     @property
     def label(self) -> str:
@@ -96,19 +98,36 @@ def load_data(manifest: pl.DataFrame, shard_root: Path, label_slug: str, size: i
     import torch
 
     usable = targets(manifest, label_slug, uncertain, blank)
+    # radiologist-labelled test studies with the radiologist's labels; blank = not mentioned = negative
+    rad = (
+        manifest.filter((pl.col("split") == "test") & pl.col("radiologist_labelled"))
+        if "radiologist_labelled" in manifest.columns
+        else None
+    )
+    if rad is not None:
+        rad = targets(rad.with_columns(pl.col(f"radiologist_{label_slug}").alias(label_slug)), label_slug, uncertain, "zeros")
     splits = {}
-    for name in SPLITS:
-        imgs, rows = load_images(shard_root, usable.filter(pl.col("split") == name), size)
+    for name, rows in [*((s, usable.filter(pl.col("split") == s)) for s in SPLITS), (RADIOLOGIST, rad)]:
+        if rows is None:
+            rows = usable.clear()
+        imgs, rows = load_images(shard_root, rows, size)
         splits[name] = Split(imgs, torch.tensor(rows["target"].to_numpy(), dtype=torch.float32), rows)
-    return ClassifierData(label_slug, size, uncertain, blank, splits)
+    source = manifest["label_source"][0] if manifest.height and "label_source" in manifest.columns else "chexpert"
+    return ClassifierData(label_slug, size, uncertain, blank, splits, source)
 
 
 @dataclass
 class FitOutcome:
-    row: dict  # the metrics row, as in metrics.json
+    row: dict  # the metrics row on the test split with the automatic labels
     trained: TrainResult
     files: ClassifierFiles
     test_curve: tuple  # (y, p) of the test split
+    radiologist_row: dict  # the radiologist-labelled test studies with the radiologist's labels
+
+    @property
+    def rows(self) -> list[dict]:
+        """Both rows, as in metrics.json."""
+        return [self.row, self.radiologist_row]
 
 
 def _clear_model_files(files: ClassifierFiles) -> None:
@@ -122,21 +141,17 @@ def _write_json(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2))
 
 
-def record_untrainable(data: ClassifierData, files: ClassifierFiles) -> dict:
-    """A 'not trainable' metrics row; the previous model's files are removed, not left as if current."""
-    c = data.counts
-    row = {
-        "pathology": data.label,
-        "slug": data.label_slug,
-        "evaluable": False,
-        "reason": data.untrainable_reason,
-        "n_test": c["n_test"],
-        "n_pos": c["n_test_pos"],
-        "n_neg": c["n_test"] - c["n_test_pos"],
-    }
+def record_untrainable(data: ClassifierData, files: ClassifierFiles) -> list[dict]:
+    """'Not trainable' metrics rows (one per test label source); the previous model's files are removed,
+    not left as if current."""
+    rows = []
+    for split, source in (("test", data.label_source), (RADIOLOGIST, RADIOLOGIST)):
+        n, pos = data.splits[split].rows.height, int(data.splits[split].targets.sum())
+        row = {"pathology": data.label, "slug": data.label_slug, "test_labels": source, "evaluable": False}
+        rows.append({**row, "reason": data.untrainable_reason, "n_test": n, "n_pos": pos, "n_neg": n - pos})
     _clear_model_files(files)
-    _write_json(files.metrics, row)
-    return row
+    _write_json(files.metrics, rows)
+    return rows
 
 
 def fit_and_save(
@@ -173,16 +188,16 @@ def fit_and_save(
     def probs(images):
         return predict(result.model, images, device, cfg.eval_batch_size, precision, cfg.channels_last)
 
-    p_val, p_test = probs(sp["validate"].images), probs(sp["test"].images)
-    y_test = sp["test"].targets.numpy()
-    row = evaluate(y_test, p_test, sp["validate"].targets.numpy(), p_val, n_boot=bootstrap, seed=cfg.seed)
-    row.update(
-        pathology=data.label,
-        slug=data.label_slug,
-        best_epoch=result.best_epoch,
-        epochs_run=result.epochs_run,
-        train_seconds=round(result.seconds, 1),
-    )
+    p_val, p_test, p_rad = probs(sp["validate"].images), probs(sp["test"].images), probs(sp[RADIOLOGIST].images)
+    y_test, y_val = sp["test"].targets.numpy(), sp["validate"].targets.numpy()
+    common = {"pathology": data.label, "slug": data.label_slug, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
+    common["train_seconds"] = round(result.seconds, 1)
+    # both test sets use the threshold chosen on validation (automatic labels)
+    row = {**evaluate(y_test, p_test, y_val, p_val, n_boot=bootstrap, seed=cfg.seed), **common, "test_labels": data.label_source}
+    rad = evaluate(sp[RADIOLOGIST].targets.numpy(), p_rad, y_val, p_val, n_boot=bootstrap, seed=cfg.seed)
+    if not sp[RADIOLOGIST].rows.height:
+        rad["reason"] = "no radiologist-labelled test images"
+    rad_row = {**rad, **common, "test_labels": RADIOLOGIST}
 
     # every manifest image that has a shard gets a probability (report generation uses them)
     all_imgs, all_rows = load_images(shard_root, manifest.select("dicom_id", "split"), data.size)
@@ -197,13 +212,13 @@ def fit_and_save(
     with atomic_path(files.checkpoint / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     _write_json(files.checkpoint / "config.json", checkpoint_config(cfg, data, row["threshold"]))
-    _write_json(files.metrics, row)
+    _write_json(files.metrics, [row, rad_row])
     files.resume.unlink(missing_ok=True)  # finished: the next materialization trains afresh
     if row["evaluable"]:
         save_curves({data.label: (y_test, p_test)}, files.curves, title=f"{data.label} ({cfg.arch})")
     else:
         files.curves.unlink(missing_ok=True)
-    return FitOutcome(row=row, trained=result, files=files, test_curve=(y_test, p_test))
+    return FitOutcome(row=row, trained=result, files=files, test_curve=(y_test, p_test), radiologist_row=rad_row)
 
 
 def checkpoint_config(cfg: TrainConfig, data: ClassifierData, threshold: float) -> dict:
@@ -227,7 +242,7 @@ def metrics_table(paths: Paths) -> pl.DataFrame:
     """
     from cxr_pipeline.vision.evaluate import METRICS
 
-    rows = [json.loads(f.read_text()) for s in SLUGS if (f := paths.classifier(s).metrics).exists()]
+    rows = [r for s in SLUGS if (f := paths.classifier(s).metrics).exists() for r in _metrics_rows(f)]
     if not rows:
         return pl.DataFrame()
     df = pl.DataFrame(rows, infer_schema_length=None)
@@ -235,7 +250,13 @@ def metrics_table(paths: Paths) -> pl.DataFrame:
     df = df.with_columns(pl.lit(None, pl.Float64).alias(c) for c in floats if c not in df.columns)
     df = df.with_columns(pl.col("pathology").replace_strict(REFERENCE_AUC, default=None, return_dtype=pl.Float64).alias("reference_auc"))
     order = {LABEL_BY_SLUG[s]: i for i, s in enumerate(SLUGS)}
-    return df.sort(pl.col("pathology").replace_strict(order, return_dtype=pl.Int32))
+    return df.sort(pl.col("pathology").replace_strict(order, return_dtype=pl.Int32), pl.col("test_labels") == RADIOLOGIST)
+
+
+def _metrics_rows(path: Path) -> list[dict]:
+    """metrics.json: a list of rows, one per test label source (a single row before there were two)."""
+    data = json.loads(path.read_text())
+    return data if isinstance(data, list) else [{"test_labels": "chexpert", **data}]
 
 
 def curves_of_test_split(paths: Paths, slugs: list[str]) -> dict[str, tuple]:
@@ -268,5 +289,5 @@ def classifier_thresholds(paths: Paths) -> dict[str, float]:
     for s in SLUGS:
         f = paths.classifier(s).metrics
         if f.exists():
-            out[s] = json.loads(f.read_text()).get("threshold") or 0.5
+            out[s] = _metrics_rows(f)[0].get("threshold") or 0.5
     return out
