@@ -175,3 +175,48 @@ def test_reduced_uncompressed_decode_matches_full(tmp_path):
     assert small.reduce == 2 and small.image.shape == (256, 225)
     full = letterbox(decode(path).image, 224).astype(int)
     assert np.abs(prepare(path, 224).astype(int) - full).mean() < 1.0
+
+
+def _native_files(replica) -> list[Path]:
+    files = [DATA / "RG1_UNCR.dcm", DATA / "RG3_UNCR.dcm"] if (DATA / "RG1_UNCR.dcm").exists() else []
+    return files + sorted((replica / "files").rglob("*.dcm"))[:40]
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_uncompressed_fast_path_equals_the_general_decoder(replica, tmp_path, size):
+    """The shard builder's memory-mapped path gives what decode_dicom gives, on the real CRs
+    (15- and 10-bit, MONOCHROME1) and the replica's files (rescale, windows, 10-16 bits)."""
+    import mmap
+
+    from cxr_pipeline.data.dicom import decode_dicom, decode_native_reduced
+
+    # stored values with bits above BitsStored set: masked, as pydicom masks them
+    y, x = np.mgrid[0:300, 0:256]
+    noisy = (((x * 37 + y * 61) % 4096) | 0xF000).astype(np.uint16)
+    files = [*_native_files(replica), make_dicom(tmp_path / "high-bits.dcm", noisy)]
+    fast = slow = 0
+    for f in files:
+        data = f.read_bytes()
+        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            got = decode_native_reduced(mm, size, f.name)
+        ref = decode_dicom(data, size, f.name)
+        if got is None:  # JPEG 2000 and anything small enough to need no reduction: the general decoder
+            slow += 1
+            continue
+        fast += 1
+        assert (got.rows, got.cols, got.reduce, got.window) == (ref.rows, ref.cols, ref.reduce, ref.window), f.name
+        np.testing.assert_allclose(got.image, ref.image, atol=2e-6, err_msg=f.name)
+    assert fast >= (20 if size == 32 else 2 if (DATA / "RG1_UNCR.dcm").exists() else 0) and slow >= 1
+
+
+def test_box_reduce_of_integers_equals_pillow_reduce():
+    from PIL import Image
+
+    from cxr_pipeline.data.dicom import box_reduce
+
+    rng = np.random.default_rng(0)
+    for shape, factor in (((3056, 2544), 8), ((301, 257), 4), ((7, 5), 4), ((3, 9), 8)):
+        for dtype, lo, hi in ((np.uint16, 0, 65535), (np.int16, -2000, 2000), (np.uint8, 0, 255)):
+            a = rng.integers(lo, hi, shape).astype(dtype)
+            ref = np.asarray(Image.fromarray(a.astype(np.float32), mode="F").reduce(factor))
+            np.testing.assert_allclose(box_reduce(a, factor), ref, rtol=1e-6, atol=1e-3)

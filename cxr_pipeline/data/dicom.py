@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
+NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
 PERCENTILE_WINDOW = (0.5, 99.5)
 
 
@@ -71,11 +72,33 @@ def _reduce_level(rows: int, cols: int, min_size: int | None, max_level: int = 5
 
 
 def box_reduce(arr: np.ndarray, factor: int) -> np.ndarray:
-    """Average ``factor`` x ``factor`` blocks (Pillow's C reduce on float32); edge blocks are partial."""
-    from PIL import Image
+    """Average ``factor`` x ``factor`` blocks into float32; edge blocks are partial (as Pillow's ``reduce``).
 
-    im = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32), mode="F")
-    return np.asarray(im.reduce(factor), dtype=np.float32).copy()
+    Integer images (the stored pixels of an uncompressed radiograph) are summed exactly
+    in integers, a row of blocks at a time, without a float copy of the full-resolution
+    array: on a 3056 x 2544 MIMIC image about 4 ms against 18 ms for Pillow's float
+    ``reduce``, which needs that copy first (Pillow cannot reduce 16-bit images). Other
+    dtypes go through Pillow.
+    """
+    if arr.dtype.kind not in "ui" or arr.dtype.itemsize > 2:
+        from PIL import Image
+
+        im = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32), mode="F")
+        return np.asarray(im.reduce(factor), dtype=np.float32).copy()
+    h, w = arr.shape
+    hh, ww = -(-h // factor), -(-w // factor)
+    acc = np.uint32 if arr.dtype.kind == "u" else np.int32  # 64 x 65535 fits either
+    rows = np.zeros((hh, w), dtype=acc)
+    for k in range(min(factor, h)):
+        part = arr[k::factor]  # every factor-th row from k: whole rows, read in order
+        rows[: part.shape[0]] += part
+    out = np.zeros((hh, ww), dtype=acc)
+    for k in range(min(factor, w)):
+        part = rows[:, k::factor]
+        out[:, : part.shape[1]] += part
+    count_h = np.minimum(factor, h - np.arange(hh) * factor).astype(np.float32)
+    count_w = np.minimum(factor, w - np.arange(ww) * factor).astype(np.float32)
+    return out.astype(np.float32) / (count_h[:, None] * count_w[None, :])
 
 
 def _j2k_reduced(ds, level: int) -> np.ndarray | None:
@@ -221,6 +244,52 @@ def decode_dicom(source: str | Path | bytes, min_size: int | None = None, name: 
         raise DecodeError(f"{label}: pixel array has shape {arr.shape}, expected 2-D")
     img, window = _voi(arr, ds)
     if photometric == "MONOCHROME1":
+        img = 1.0 - img
+    return Decoded(image=np.ascontiguousarray(img, dtype=np.float32), rows=rows, cols=cols, reduce=level, window=window)
+
+
+def decode_native_reduced(buffer, min_size: int | None, name: str = "") -> Decoded | None:
+    """The shard builder's fast path for what the MIMIC-CXR DICOM release ships: one uncompressed
+    16-bit little-endian frame. None when the file is anything else (``decode`` then handles it).
+
+    pydicom parses the header only (the pixel data is deferred), the stored pixels are a
+    zero-copy numpy view of ``buffer`` (a memory-mapped file), and they are box-reduced in
+    integers to the same resolution level ``decode_dicom`` would use before windowing. So the
+    12-16 MB frame is read once, where ``ds.pixel_array`` would copy it and a float conversion
+    copy it twice more. Same result as ``decode_dicom`` (tested): the same reduce, the same window.
+    """
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(buffer, defer_size=1024)
+        raw = ds.get_item(0x7FE00010, keep_deferred=True)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        plain = (
+            ds.file_meta.get("TransferSyntaxUID") in NATIVE_LITTLE_ENDIAN
+            and int(ds.get("BitsAllocated", 0)) == 16
+            and int(ds.get("PixelRepresentation", 1)) == 0
+            and int(ds.get("SamplesPerPixel", 1)) == 1
+            and int(ds.get("NumberOfFrames", 1) or 1) == 1
+            and str(ds.get("PhotometricInterpretation", "")).strip() in ("MONOCHROME1", "MONOCHROME2")
+            and not ds.get("ModalityLUTSequence")
+            and not ds.get("VOILUTSequence")
+            and raw is not None
+            and getattr(raw, "value_tell", None) is not None
+            and raw.length >= rows * cols * 2
+        )
+    except Exception:
+        return None
+    level = _reduce_level(rows, cols, min_size, pillow_sizes=False) if plain else 0
+    if not level:
+        return None
+    stored = np.frombuffer(buffer, dtype="<u2", count=rows * cols, offset=raw.value_tell).reshape(rows, cols)
+    bits = int(ds.get("BitsStored", 16))
+    if bits < 16 and int(stored.max()) >> bits:  # bits above BitsStored set: mask them, as pydicom does
+        stored = stored & np.uint16((1 << bits) - 1)
+    small = box_reduce(stored, 1 << level)
+    del stored  # no view of the buffer may outlive it
+    img, window = _voi(small, ds)
+    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
         img = 1.0 - img
     return Decoded(image=np.ascontiguousarray(img, dtype=np.float32), rows=rows, cols=cols, reduce=level, window=window)
 
