@@ -407,3 +407,35 @@ def load_images(shard_root: Path, manifest: pl.DataFrame, size: int, device: str
     if device is not None and device != "cpu":
         images = images.pin_memory().to(device, non_blocking=True) if str(device).startswith("cuda") else images.to(device)
     return images, rows.drop("partition", "shard", "offset")
+
+
+class ShardImages:
+    """The images of some index rows, read from the memory-mapped shards one at a time, on demand.
+
+    What ``load_images`` returns in one array, for consumers that want a few images at a
+    time out of many (the report adapter's training pairs): memory stays one shard map
+    per file, not the images.
+    """
+
+    def __init__(self, shard_root: Path, index_rows: pl.DataFrame, size: int):
+        self.root, self.size = Path(shard_root), size
+        self.files = [f"{p}/{s}" for p, s in index_rows.select("partition", "shard").iter_rows()]
+        self.offsets = index_rows["offset"].to_numpy()
+        self._maps: dict[str, np.memmap] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        f = self.files[i]
+        mm = self._maps.get(f)
+        if mm is None:
+            mm = self._maps[f] = np.memmap(self.root / f, dtype=np.uint8, mode="r").reshape(-1, self.size, self.size)
+        return np.array(mm[self.offsets[i]])
+
+
+def lazy_images(shard_root: Path, manifest: pl.DataFrame, size: int) -> tuple[ShardImages, pl.DataFrame]:
+    """``load_images`` without loading: a ``ShardImages`` aligned with the returned rows."""
+    idx = read_index(shard_root).select("dicom_id", "partition", "shard", "offset", "content_hash")
+    rows = manifest.drop("content_hash", strict=False).join(idx, on="dicom_id", how="inner", maintain_order="left")
+    return ShardImages(shard_root, rows, size), rows.drop("partition", "shard", "offset")

@@ -12,7 +12,7 @@ import dagster as dg
 import polars as pl
 
 from cxr_pipeline.data.io import write_parquet
-from cxr_pipeline.data.shards import load_images
+from cxr_pipeline.data.shards import lazy_images, load_images
 from cxr_pipeline.defs.classifier import CLASSIFIER_PREDICTIONS
 from cxr_pipeline.defs.helpers import (
     asset_factory,
@@ -126,19 +126,19 @@ def _base_dir(paths: Paths, config_base: str, train_texts: list[str], log) -> Pa
 def report_adapter(
     context: dg.AssetExecutionContext, config: AdapterAssetConfig, storage: CxrStorage, mlflow: MlflowTracking, compute: Compute
 ) -> dg.MaterializeResult:
-    from cxr_pipeline.reports.vlm import base_info, prompts_for, train_adapter
+    from cxr_pipeline.reports.vlm import TrainingPairs, base_info, prompts_for, train_adapter
 
     config = effective_config(context, config, storage.paths)
     paths, size, cfg = storage.paths, shard_size(config.size), config.adapter_config()
     train = pl.read_parquet(paths.report_pairs).filter(pl.col("split") == "train")
     if config.max_train_pairs:
         train = train.sample(min(config.max_train_pairs, train.height), seed=config.seed)
-    images, rows = load_images(paths.shard_root(size), train, size)
+    images, rows = lazy_images(paths.shard_root(size), train, size)  # read from the shards batch by batch
     if rows.height == 0:
         raise dg.Failure("no training pairs with shard images: materialize image_shards (at this size) first")
     prompts, variant = prompts_for(rows, _predictions(paths), config.use_classifier_findings)
     base = _base_dir(paths, config.base, rows["text"].to_list(), context.log.info)
-    examples = [{"image": images[i].numpy(), "prompt": prompts[i], "report": t} for i, t in enumerate(rows["text"].to_list())]
+    examples = TrainingPairs(images, prompts, rows["text"].to_list())
     with mlflow.run(context, {"prompt_variant": variant}) as run:
         run.log_params({**cfg.__dict__, **base_info(base), "prompt_variant": variant, "train_pairs": len(examples), "size": size})
         res = train_adapter(
