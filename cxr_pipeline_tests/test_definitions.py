@@ -292,7 +292,9 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home):
         rm = pl.read_parquet(rmats["report_metrics"].metadata["path"].value)
         assert rm.filter(pl.col("test_labels") == "labeler")["system"].to_list() == ["adapter", "template", "retrieval"]
         rad = gen.filter(pl.col("radiologist_labelled")).height
-        assert rm.filter(pl.col("test_labels") == "radiologist")["system"].to_list() == (["adapter", "template", "retrieval"] if rad else [])
+        assert rm.filter(pl.col("test_labels") == "radiologist")["system"].to_list() == (
+            ["adapter", "template", "retrieval"] if rad else []
+        )
         import shutil
 
         for col in ("BLEU_1", "BLEU_4", "ROUGE_L", "CIDEr", "ce_micro14_f1", "ce_macro5_f1", *(["METEOR"] if shutil.which("java") else [])):
