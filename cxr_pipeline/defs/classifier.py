@@ -80,6 +80,11 @@ def _log_fit(run: TrackedRun, outcome) -> None:
 _asset = asset_factory("classifiers", CLASSIFIER_CODE_VERSION)
 
 
+def _headline(row: dict, keys: tuple[str, ...], prefix: str = "") -> dict:
+    """The metrics shown in the asset's metadata, rounded."""
+    return {prefix + k: (round(row[k], 4) if isinstance(row[k], float) else row[k]) for k in keys if row.get(k) is not None}
+
+
 def _register(run: TrackedRun, data, row: dict) -> dict:
     """The fit's checkpoint as a new registry version; champion on a better test AUC."""
     return register_version(
@@ -127,45 +132,25 @@ def classifier(
             retired = retire_aliases(run.client, registered_name(label_slug), data.untrainable_reason)
             md = {"evaluable": False, "reason": data.untrainable_reason, "retired_aliases": dg.MetadataValue.json(retired)}
             return dg.MaterializeResult(metadata=asset_metadata(run, **md, **data.counts))
+
+        def on_epoch(row: dict) -> None:
+            run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+        shards = paths.shard_root(size)
         outcome = fit_and_save(
-            data,
-            manifest,
-            paths.shard_root(size),
-            cfg,
-            device,
-            files,
-            bootstrap=config.bootstrap,
-            log=context.log.info,
-            on_epoch=lambda row: run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])),
+            data, manifest, shards, cfg, device, files, bootstrap=config.bootstrap, log=context.log.info, on_epoch=on_epoch
         )
         _log_fit(run, outcome)
         row = outcome.row
         reg = _register(run, data, row)
         context.log.info(f"registered {reg['name']} v{reg['version']} (candidate{', champion' if reg['champion'] else ''})")
-    headline = {k: (round(row[k], 4) if isinstance(row[k], float) else row[k]) for k in HEADLINE if row.get(k) is not None}
-    rad = outcome.radiologist_row
-    headline.update(
-        {
-            f"radiologist_{k}": round(rad[k], 4) if isinstance(rad[k], float) else rad[k]
-            for k in ("roc_auc", "n_pos", "n_neg")
-            if rad.get(k) is not None
-        }
-    )
+    headline = {**_headline(row, HEADLINE), **_headline(outcome.radiologist_row, ("roc_auc", "n_pos", "n_neg"), "radiologist_")}
     result = outcome.trained
-    return dg.MaterializeResult(
-        metadata=asset_metadata(
-            run,
-            **headline,
-            evaluable=row["evaluable"],
-            reason=row["reason"],
-            best_epoch=result.best_epoch,
-            epochs_run=result.epochs_run,
-            resumed_from_epoch=result.resumed_from,
-            train_images_per_second=round(result.images_per_second, 1),
-            checkpoint=dg.MetadataValue.path(str(files.checkpoint)),
-            registered_model=f"{reg['name']} v{reg['version']}" + (" (champion)" if reg["champion"] else ""),
-        )
-    )
+    md = {"evaluable": row["evaluable"], "reason": row["reason"], "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
+    md.update(resumed_from_epoch=result.resumed_from, train_images_per_second=round(result.images_per_second, 1))
+    md.update(checkpoint=dg.MetadataValue.path(str(files.checkpoint)))
+    md["registered_model"] = f"{reg['name']} v{reg['version']}" + (" (champion)" if reg["champion"] else "")
+    return dg.MaterializeResult(metadata=asset_metadata(run, **headline, **md))
 
 
 METRICS_SHOWN = (
