@@ -92,3 +92,36 @@ def test_generation_loads_the_base_as_the_adapter_was_trained(base, tmp_path, mo
     monkeypatch.setattr(vlm, "load_base", spy)
     vlm.generate_reports(base, adapter, [e["image"] for e in examples(1)], [vlm.user_prompt()], max_new_tokens=2, device="cpu")
     assert loads == [(False, torch.device("cpu"))]
+
+
+@pytest.fixture(scope="module")
+def bos_processor(base, tmp_path_factory):
+    """The tiny base's processor with a tokenizer that adds <|begin_of_text|> itself, as Llama-3's does."""
+    from tokenizers import processors
+    from transformers import MllamaProcessor
+
+    proc = MllamaProcessor.from_pretrained(str(base))
+    tok = proc.tokenizer
+    bos = tok.convert_tokens_to_ids("<|begin_of_text|>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    out = tmp_path_factory.mktemp("bos")
+    proc.save_pretrained(str(out))
+    reloaded = MllamaProcessor.from_pretrained(str(out))
+    assert reloaded.tokenizer("x")["input_ids"][0] == bos  # the post-processor survives a save, as in the real files
+    return reloaded
+
+
+def test_one_bos_and_labels_on_the_reply_only_with_a_bos_adding_tokenizer(bos_processor):
+    """The chat template writes <|begin_of_text|>; a tokenizer that adds one too must not double it, and
+    the prompt length must count it, or one prompt token is trained on."""
+    tok = bos_processor.tokenizer
+    bos = tok.convert_tokens_to_ids("<|begin_of_text|>")
+    ex = examples(3)
+    batch = vlm.MllamaCollator(bos_processor)(ex)
+    for i, e in enumerate(ex):
+        ids = batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist()
+        assert ids.count(bos) == 1 and ids[0] == bos
+        kept = [t for t in batch["labels"][i].tolist() if t != -100]
+        assert tok.decode(kept) == e["report"] + "<|eot_id|>"

@@ -194,7 +194,9 @@ class MllamaCollator:
         prompts = [proc.apply_chat_template(messages(e["prompt"]), add_generation_prompt=True) for e in examples]
         images = [[to_rgb(e["image"] if "image" in e else self.images[e["idx"]])] for e in examples]
         tok.padding_side = "right"
-        batch = proc(images=images, text=full, return_tensors="pt", padding=True)
+        # the chat template already writes <|begin_of_text|>: a tokenizer that adds one itself (Llama-3's
+        # does) must not add a second, and the prompt length below counts the same tokens
+        batch = proc(images=images, text=full, return_tensors="pt", padding=True, add_special_tokens=False)
         ids = batch["input_ids"]
         labels = ids.clone()
         for i, p in enumerate(prompts):
@@ -415,9 +417,8 @@ def generate_reports(
     out: list[str] = []
     for i in range(0, len(images), batch_size):
         texts = [processor.apply_chat_template(messages(p), add_generation_prompt=True) for p in prompts[i : i + batch_size]]
-        batch = processor(images=[[to_rgb(im)] for im in images[i : i + batch_size]], text=texts, return_tensors="pt", padding=True).to(
-            device
-        )
+        chunk = [[to_rgb(im)] for im in images[i : i + batch_size]]
+        batch = processor(images=chunk, text=texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.no_grad():
             gen = model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams, pad_token_id=tok.pad_token_id
