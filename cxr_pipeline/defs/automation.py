@@ -31,22 +31,14 @@ import os
 
 import dagster as dg
 
+from cxr_pipeline.defs.helpers import latest_metadata
 from cxr_pipeline.defs.manifest import MANIFEST
 from cxr_pipeline.defs.raw import RAW
 from cxr_pipeline.defs.shards import IMAGE_SHARDS, SHARD_REJECTS
 from cxr_pipeline.settings import observe_cron
 
+# built by one step from the same rows: their slices are checked once, on image_shards
 _SHARD_KEYS = (dg.AssetKey(IMAGE_SHARDS), dg.AssetKey(SHARD_REJECTS))
-
-
-def _latest_metadata(instance: dg.DagsterInstance, key: str, partition: str | None, field: str):
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[partition] if partition else None), limit=1
-    ).records
-    if not records or records[0].asset_materialization is None:
-        return None
-    value = records[0].asset_materialization.metadata.get(field)
-    return None if value is None else value.value
 
 
 def changed_slices(instance: dg.DagsterInstance, partitions) -> set[str]:
@@ -57,9 +49,9 @@ def changed_slices(instance: dg.DagsterInstance, partitions) -> set[str]:
     replaced in place under the same name is picked up by the shard builder's content
     hash when the partition next runs, not here.
     """
-    wanted = _latest_metadata(instance, MANIFEST, None, "partition_fingerprints") or {}
+    wanted = latest_metadata(instance, MANIFEST, None, "partition_fingerprints") or {}
     # both keys of the multi-asset are built by one step; image_shards carries the record
-    return {p for p in partitions if _latest_metadata(instance, IMAGE_SHARDS, p, "manifest_fingerprint") != wanted.get(p)}
+    return {p for p in partitions if latest_metadata(instance, IMAGE_SHARDS, p, "manifest_fingerprint") != wanted.get(p)}
 
 
 class ManifestSliceChanged(dg.AutomationCondition):
@@ -104,6 +96,8 @@ class InputsPending(dg.AutomationCondition):
         for key in ancestors:
             node = graph.get(key)
             if key in _SHARD_KEYS:
+                if key != _SHARD_KEYS[0] and _SHARD_KEYS[0] in ancestors:
+                    continue
                 changed = changed_slices(view.instance, node.partitions_def.get_partition_keys())
                 if changed:
                     return f"{key.to_user_string()} {sorted(changed)} out of date"

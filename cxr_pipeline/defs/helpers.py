@@ -132,3 +132,14 @@ def effective_config(context: dg.AssetExecutionContext, config: dg.Config, paths
         raise dg.Failure(f"{paths.pipeline_config}: {op}: unknown field(s) {', '.join(unknown)}")
     explicit = (context.run_config.get("ops", {}).get(op) or {}).get("config") or {}
     return type(config)(**{**config.model_dump(), **section, **explicit})
+
+
+def latest_metadata(instance: dg.DagsterInstance, key: str, partition: str | None, field: str):
+    """A field of the latest materialization's metadata of ``key`` (one partition, or unpartitioned), or None."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[partition] if partition else None), limit=1
+    ).records
+    if not records or records[0].asset_materialization is None:
+        return None
+    value = records[0].asset_materialization.metadata.get(field)
+    return None if value is None else value.value

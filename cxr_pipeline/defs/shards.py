@@ -22,6 +22,7 @@ from cxr_pipeline.defs.helpers import (
     asset_metadata,
     asset_specs,
     effective_config,
+    latest_metadata,
     selected_keys,
     shard_size,
     table_metadata,
@@ -119,17 +120,6 @@ def _png_markdown(path: Path) -> str:
     return f"![contact sheet](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
 
 
-def _built_size(instance: dg.DagsterInstance, partition: str) -> int | None:
-    """The size the latest materialization of this shard partition was built at."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(IMAGE_SHARDS), asset_partitions=[partition]), limit=1
-    ).records
-    if not records or records[0].asset_materialization is None:
-        return None
-    value = records[0].asset_materialization.metadata.get("size")
-    return None if value is None else int(value.value)
-
-
 @dg.asset_check(
     asset=IMAGE_SHARDS,
     blocking=True,
@@ -138,7 +128,7 @@ def _built_size(instance: dg.DagsterInstance, partition: str) -> int | None:
 )
 def image_shards_readable(context: dg.AssetCheckExecutionContext, storage: CxrStorage) -> dg.AssetCheckResult:
     part = context.partition_key
-    size = _built_size(context.instance, part)
+    size = latest_metadata(context.instance, IMAGE_SHARDS, part, "size")  # the size this partition was just built at
     if size is None:
         return dg.AssetCheckResult(passed=False, metadata={"reason": "partition not materialized"})
     root = storage.paths.shard_root(size)
