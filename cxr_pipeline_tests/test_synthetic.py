@@ -220,3 +220,17 @@ def test_cli_synth_bad_arguments_are_one_line(tmp_path, capsys, flag, value, fie
     err = capsys.readouterr().err.strip()
     assert err.startswith("synth: ") and field in err and value in err and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_exact_counts_as_the_full_count_rehearsal_asks(tmp_path):
+    """benchmarks/rehearsal.py asks for MIMIC's own totals; the CSVs must hold exactly those."""
+    counts = generate(SynthConfig(patients=40, studies=150, images=260, metadata_only=True), tmp_path)
+    assert (counts["patients"], counts["studies"], counts["images"]) == (40, 150, 260)
+    with gzip.open(tmp_path / "cxr-record-list.csv.gz", "rt") as f:
+        records = list(csv.DictReader(f))
+    assert len(records) == 260 and len({r["dicom_id"] for r in records}) == 260
+    assert len({r["study_id"] for r in records}) == 150 and len({r["subject_id"] for r in records}) == 40
+    with pytest.raises(ValueError, match="studies"):
+        SynthConfig(patients=40, studies=39)
+    with pytest.raises(ValueError, match="JPEG 2000"):
+        SynthConfig(image_size=32)

@@ -73,6 +73,10 @@ class SynthConfig:
     monochrome1_fraction: float = 0.15
     jpeg2000_fraction: float = 0.2
     workers: int = 1
+    # exact totals (0: as drawn from MIMIC's per-patient rates, about 3.48 studies a patient and
+    # 1.66 images a study); the full-count rehearsal asks for MIMIC's own 227,835 and 377,110
+    studies: int = 0
+    images: int = 0
 
     def __post_init__(self) -> None:
         if self.fmt not in ("dicom", "jpg"):
@@ -83,6 +87,13 @@ class SynthConfig:
             raise ValueError(f"image_size must be at least 32, not {self.image_size}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, not {self.workers}")
+        if self.jpeg2000_fraction > 0 and self.image_size < 40:
+            # OpenJPEG's 6 wavelet resolutions need 32 px on each side; columns are 83-100% of rows
+            raise ValueError(f"image_size {self.image_size} is too small for JPEG 2000 (40 at least); set jpeg2000_fraction=0")
+        if self.studies and not self.patients <= self.studies:
+            raise ValueError(f"studies ({self.studies}) must be 0 or at least the patient count ({self.patients})")
+        if self.images and self.studies and not self.studies <= self.images:
+            raise ValueError(f"images ({self.images}) must be 0 or at least the study count ({self.studies})")
 
 
 RADIOLOGIST_HEADER = tuple("Airspace Opacity" if lab == "Lung Opacity" else lab for lab in LABELS)
@@ -355,6 +366,33 @@ def _plan_patient(cfg: SynthConfig, index: int, subject_id: int, study_ids: list
     return _Patient(subject_id=subject_id, split=split, studies=studies)
 
 
+def _exact_studies(rng: np.random.Generator, n_studies: np.ndarray, target: int) -> np.ndarray:
+    """Per-patient study counts moved one study at a time until they sum to ``target``."""
+    n = n_studies.copy()
+    while (diff := target - int(n.sum())) != 0:
+        pool = np.arange(n.size) if diff > 0 else np.flatnonzero(n > 1)
+        pick = rng.choice(pool, size=min(abs(diff), pool.size), replace=False)
+        n[pick] += 1 if diff > 0 else -1
+    return n
+
+
+def _exact_images(rng: np.random.Generator, patients: list[_Patient], target: int) -> None:
+    """Add or drop repeat images (a second exposure of a study's first view) until the replica has
+    ``target`` images; studies keep at least one image."""
+    studies = [st for p in patients for st in p.studies]
+    diff = target - sum(len(st["images"]) for st in studies)
+    if diff < 0:
+        pool = [st for st in studies if len(st["images"]) > 1]
+        for i in rng.choice(len(pool), size=min(-diff, len(pool)), replace=False):
+            pool[i]["images"].pop()
+    for i in rng.choice(len(studies), size=max(diff, 0), replace=True):
+        first = studies[i]["images"][0]
+        extra = {"dicom_id": _dicom_id(rng), "view": first["view"], "rows": first["rows"], "cols": first["cols"]}
+        studies[i]["images"].append({**extra, "image_seed": int(rng.integers(0, 2**63))})
+    if (got := sum(len(st["images"]) for st in studies)) != target:
+        raise ValueError(f"cannot reach {target} images from {len(studies)} studies (got {got})")
+
+
 def patient_relpath(subject_id: int) -> str:
     s = str(subject_id)
     return f"files/p{s[:2]}/p{s}"
@@ -412,6 +450,8 @@ def generate(cfg: SynthConfig, out: Path, progress: Callable[[str], None] | None
     rng = np.random.default_rng([cfg.seed, 0])
     subjects = np.sort(rng.choice(10_000_000, size=cfg.patients, replace=False) + 10_000_000)
     n_studies = np.minimum(rng.geometric(1 / 3.48, size=cfg.patients), 40)
+    if cfg.studies:
+        n_studies = _exact_studies(np.random.default_rng([cfg.seed, 2]), n_studies, cfg.studies)
     study_pool = rng.choice(10_000_000, size=int(n_studies.sum()), replace=False) + 50_000_000
     offsets = np.concatenate([[0], np.cumsum(n_studies)])
 
@@ -419,6 +459,8 @@ def generate(cfg: SynthConfig, out: Path, progress: Callable[[str], None] | None
     patients = [
         _plan_patient(cfg, i, int(subjects[i]), [int(s) for s in study_pool[offsets[i] : offsets[i + 1]]]) for i in range(cfg.patients)
     ]
+    if cfg.images:
+        _exact_images(np.random.default_rng([cfg.seed, 3]), patients, cfg.images)
 
     records, metadata, study_list, split_rows, chex_rows, negbio_rows, test_rows = [], [], [], [], [], [], []
     reports: list[tuple[str, str]] = []

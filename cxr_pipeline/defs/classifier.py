@@ -58,6 +58,7 @@ class ClassifierConfig(dg.Config):
     uncertain: str = "ignore"
     blank: str = "ignore"
     bootstrap: int = 1000
+    steps_per_epoch: int = 0  # optimizer steps per epoch; 0: the whole training split
 
     def train_config(self):
         from cxr_pipeline.vision.train import TrainConfig

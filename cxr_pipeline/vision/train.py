@@ -48,6 +48,9 @@ class TrainConfig:
     precision: str = "auto"  # "auto" | "bf16" | "fp16" | "fp32"
     channels_last: bool = True
     eval_batch_size: int = 128
+    # optimizer steps per epoch; 0: the whole training split. A smoke run or the full-count
+    # rehearsal (benchmarks/rehearsal.py) sets a few, to exercise every step at full data size.
+    steps_per_epoch: int = 0
 
     def __post_init__(self) -> None:
         if self.imbalance not in ("pos_weight", "sampler", "none"):
@@ -232,11 +235,13 @@ class _Trainer:
         return TrainState.from_payload(saved)
 
 
-def micro_batches(n: int, batch_size: int) -> int:
+def micro_batches(n: int, batch_size: int, accumulation: int = 1, steps_per_epoch: int = 0) -> int:
     """Micro-batches per epoch. A last batch of a single image is left out of that epoch (the order is
-    reshuffled every epoch, so no image is always left out): BatchNorm cannot train on one image."""
+    reshuffled every epoch, so no image is always left out): BatchNorm cannot train on one image.
+    ``steps_per_epoch`` > 0 caps the epoch at that many optimizer steps."""
     full, rest = divmod(n, batch_size)
-    return max(1, full + (1 if rest > 1 or (rest == 1 and full == 0) else 0))
+    micro = max(1, full + (1 if rest > 1 or (rest == 1 and full == 0) else 0))
+    return min(micro, steps_per_epoch * accumulation) if steps_per_epoch > 0 else micro
 
 
 def _build_trainer(cfg: TrainConfig, device, n: int, precision: str) -> _Trainer:
@@ -249,7 +254,7 @@ def _build_trainer(cfg: TrainConfig, device, n: int, precision: str) -> _Trainer
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = max(1, math.ceil(micro_batches(n, cfg.batch_size) / cfg.accumulation)) * cfg.epochs
+    total_steps = max(1, math.ceil(micro_batches(n, cfg.batch_size, cfg.accumulation, cfg.steps_per_epoch) / cfg.accumulation)) * cfg.epochs
     warmup = max(1, int(round(cfg.warmup_fraction * total_steps)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
@@ -262,7 +267,7 @@ def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, p
 
     n = int(train_images.shape[0])
     n_pos = float(y_train.sum())
-    micro_per_epoch = micro_batches(n, cfg.batch_size)
+    micro_per_epoch = micro_batches(n, cfg.batch_size, cfg.accumulation, cfg.steps_per_epoch)
     t.model.train()
     if cfg.imbalance == "sampler" and 0 < n_pos < n:
         w = torch.where(y_train > 0.5, 0.5 / n_pos, 0.5 / (n - n_pos))
