@@ -7,12 +7,25 @@ of batched greedy generation. The baseline printed beside the QLoRA figure is
 the same step without quantisation (bf16 base + LoRA), so the ratio shows what
 4-bit costs in speed on this device.
 
-The real Llama-3.2-11B-Vision shape (random weights from its published config)
-needs a GPU and is not implemented yet.
+``--real-shape``: the real Llama-3.2-11B-Vision. Its weight memory under this
+project's 4-bit recipe is counted parameter by parameter from the published
+configuration on the meta device (nothing allocated): 4-bit NF4 with double
+quantisation for the language model's linear layers; the vision tower, the
+projector, ``lm_head``, embeddings and norms in bf16 when loaded, and in fp32
+during training (``peft.prepare_model_for_kbit_training`` upcasts them). A
+training step adds the LoRA weights, their gradients and 8-bit AdamW states,
+and the activations of one example (4 tiles, gradient checkpointing), counted
+from the shapes with every attention matrix materialised (an upper bound:
+SDPA kernels keep none), times the batch. Then a reduced-depth real-shape
+base (``reports/llama_shape.py``) is built and a QLoRA step measured on this
+device (tokens/s, peak memory).
 
     python benchmarks/bench_vlm.py [--steps 10] [--batch 4] [--gen 32]
+    python benchmarks/bench_vlm.py --real-shape [--text-tokens 256]
 
-Last line: ``qlora: X tokens/s, peak Y GB; generate: Z reports/s; device: NAME``
+Last line: ``qlora: X tokens/s, peak Y GB; generate: Z reports/s; device: NAME``, or with
+``--real-shape``: ``qlora 11B estimate: weights <GB> GB, step bs1 <GB> GB, bs8 <GB> GB;
+reduced-depth measured: <tok/s> tokens/s, peak <GB> GB; device: <name>``
 """
 
 from __future__ import annotations
@@ -94,6 +107,95 @@ def step_rate(base: Path, quantize: bool, batch: int, steps: int, device) -> flo
     return steps * n_tokens / (time.perf_counter() - t0)
 
 
+GB = 1024**3
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 absmax blocks
+SKIPPED = ("model.vision_model", "model.multi_modal_projector", "lm_head")  # load_base's llm_int8_skip_modules
+
+
+def weights_11b() -> dict:
+    """Bytes of the published 11B under the 4-bit recipe, from its modules on the meta device."""
+    import re
+
+    import torch
+    from transformers import MllamaForConditionalGeneration
+
+    from cxr_pipeline.reports.llama_shape import mllama_config
+    from cxr_pipeline.reports.vlm import lora_target
+
+    with torch.device("meta"):
+        model = MllamaForConditionalGeneration(mllama_config())
+    out = {"params": 0, "nf4": 0.0, "other_bf16": 0.0, "other_fp32": 0.0, "lora_params": 0}
+    target = re.compile(lora_target("language"))
+    for name, mod in model.named_modules():
+        own = list(mod.parameters(recurse=False))
+        if not own:
+            continue
+        n = sum(p.numel() for p in own)
+        out["params"] += n
+        if isinstance(mod, torch.nn.Linear) and not name.startswith(SKIPPED):
+            w = mod.weight.numel()
+            out["nf4"] += w * NF4_BYTES_PER_PARAM
+            out["other_bf16"] += (n - w) * 2  # a bias stays bf16
+            out["other_fp32"] += (n - w) * 4
+            if target.fullmatch(name):
+                out["lora_params"] += 20 * (mod.in_features + mod.out_features)  # r = 20
+        else:
+            out["other_bf16"] += n * 2
+            out["other_fp32"] += n * 4
+    cfg = model.config
+    out["config"] = cfg
+    return out
+
+
+def activations_per_example(cfg, text_tokens: int) -> float:
+    """Bytes one example's training step holds at its peak with gradient checkpointing (fp32 hidden states,
+    as the upcast embeddings produce them), every attention matrix materialised."""
+    v, t = cfg.vision_config, cfg.text_config
+    tiles, patches = v.max_num_tiles, (v.image_size // v.patch_size) ** 2 + 1
+    vision_tokens = tiles * patches
+    h, kv = t.hidden_size, t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
+    L, f = text_tokens, 4
+    checkpoints = t.num_hidden_layers * L * h * f  # each layer's input, kept for the recompute
+    cross_states = vision_tokens * h * f  # projected vision features, shared by the cross-attention layers
+    self_layer = L * (3 * h + 2 * kv + 3 * t.intermediate_size) * f + t.num_attention_heads * L * L * f
+    cross_layer = vision_tokens * 2 * kv * f + t.num_attention_heads * L * vision_tokens * f + L * 3 * t.intermediate_size * f
+    logits = 2 * L * (t.vocab_size + 8) * f  # logits and their gradient, fp32
+    # the frozen vision tower runs without saving activations; its largest transient is one layer's attention
+    vision = vision_tokens * (v.intermediate_size + 4 * v.hidden_size) * f + v.attention_heads * tiles * patches * patches * f
+    return checkpoints + cross_states + max(self_layer, cross_layer, vision) + logits
+
+
+def real_shape(args, device, name: str) -> None:
+    from cxr_pipeline.reports.llama_shape import build_real_shape_base
+
+    w = weights_11b()
+    train_weights = w["nf4"] + w["other_fp32"]
+    lora = w["lora_params"] * (4 + 4 + 2)  # fp32 weights and gradients, 8-bit AdamW's two states
+    act = activations_per_example(w["config"], args.text_tokens)
+    overhead = 1.0 * GB  # CUDA context, cuBLAS workspace, allocator slack
+    step = {b: (train_weights + lora + b * act + overhead) / GB for b in (1, 8)}
+    print(f"Llama-3.2-11B-Vision (published config, meta device): {w['params'] / 1e9:.2f} B parameters")
+    print(f"  4-bit language linears {w['nf4'] / GB:.2f} GB; the rest bf16 {w['other_bf16'] / GB:.2f} GB (generation)")
+    print(
+        f"  weights when loaded for generation {(w['nf4'] + w['other_bf16']) / GB:.2f} GB; in training (fp32 upcast) {train_weights / GB:.2f} GB"
+    )
+    print(
+        f"  LoRA r=20 on the language model: {w['lora_params'] / 1e6:.1f} M parameters, {lora / GB:.2f} GB with gradients and 8-bit AdamW"
+    )
+    print(f"  activations per example (4 tiles, {args.text_tokens} text tokens, checkpointing, upper bound): {act / GB:.2f} GB")
+    with tempfile.TemporaryDirectory() as d:
+        base = build_real_shape_base(Path(d) / "base", TEXTS * 50, vision_layers=2, text_layers=3)
+        tps = step_rate(base, True, 1, args.steps, device)
+        peak = peak_gb(device)
+    print(
+        f"reduced depth (2+1 vision, 3 text layers at width 1024, 4 tiles of 560 px): QLoRA batch 1 {tps:.0f} tokens/s, peak {peak:.2f} GB"
+    )
+    print(
+        f"qlora 11B estimate: weights {train_weights / GB:.1f} GB, step bs1 {step[1]:.1f} GB, bs8 {step[8]:.1f} GB; "
+        f"reduced-depth measured: {tps:.0f} tokens/s, peak {peak:.2f} GB; device: {name}"
+    )
+
+
 def main() -> int:
     import torch
 
@@ -104,9 +206,14 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--gen", type=int, default=32, help="reports to generate")
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--real-shape", action="store_true", help="the 11B's memory, and a reduced-depth real-shape step")
+    ap.add_argument("--text-tokens", type=int, default=256, help="prompt + report tokens per example (--real-shape)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    if args.real_shape:
+        real_shape(args, device, name)
+        return 0
     with tempfile.TemporaryDirectory() as d:
         base = build_tiny_base(Path(d) / "base", TEXTS * 50)
         bf16 = step_rate(base, False, args.batch, args.steps, device)

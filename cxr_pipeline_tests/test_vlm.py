@@ -125,3 +125,14 @@ def test_one_bos_and_labels_on_the_reply_only_with_a_bos_adding_tokenizer(bos_pr
         assert ids.count(bos) == 1 and ids[0] == bos
         kept = [t for t in batch["labels"][i].tolist() if t != -100]
         assert tok.decode(kept) == e["report"] + "<|eot_id|>"
+
+
+def test_generation_budget_lets_the_training_reports_finish(base):
+    """max_new_tokens defaults from the training reports (99th percentile of their token counts + <|eot_id|>)."""
+    from transformers import AutoTokenizer
+
+    texts = [" ".join(["effusion"] * n) for n in range(1, 201)]
+    tok = AutoTokenizer.from_pretrained(str(base))
+    lengths = sorted(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+    budget = vlm.report_token_budget(base, texts)
+    assert lengths[196] <= budget <= lengths[-1] and budget > 96

@@ -169,7 +169,7 @@ def report_adapter(
 
 
 class GenerateConfig(dg.Config):
-    max_new_tokens: int = 96
+    max_new_tokens: int = 0  # 0: the 99th percentile of the training reports' token lengths
     num_beams: int = 1  # greedy; > 1: beam search. No sampling.
     batch_size: int = 8
     max_test_pairs: int = 0  # 0: every test pair
@@ -186,7 +186,7 @@ def generated_reports(
     context: dg.AssetExecutionContext, config: GenerateConfig, storage: CxrStorage, mlflow: MlflowTracking, compute: Compute
 ) -> dg.MaterializeResult:
     from cxr_pipeline.reports.baselines import baseline_reports
-    from cxr_pipeline.reports.vlm import generate_reports, prompts_for, read_adapter_card
+    from cxr_pipeline.reports.vlm import generate_reports, prompts_for, read_adapter_card, report_token_budget
     from cxr_pipeline.vision.fit import classifier_thresholds
 
     paths, config = storage.paths, effective_config(context, config, storage.paths)
@@ -198,12 +198,14 @@ def generated_reports(
     images, rows = load_images(paths.shard_root(int(card["size"])), test, int(card["size"]))
     preds = _predictions(paths)
     prompts, variant = prompts_for(rows, preds, card["prompt_variant"] != "instruction")
+    train_texts = pairs.filter(pl.col("split") == "train")["text"].to_list()
+    max_new = config.max_new_tokens or report_token_budget(Path(card["base"]), train_texts)
     adapter_out = generate_reports(
         Path(card["base"]),
         paths.adapter,
         [im.numpy() for im in images],
         prompts,
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=max_new,
         num_beams=config.num_beams,
         batch_size=config.batch_size,
         device=compute.torch_device(),
@@ -216,11 +218,14 @@ def generated_reports(
     path = write_parquet(out, paths.generated_reports)
     with mlflow.run(context, {"prompt_variant": variant}) as run:
         run.log_params({**config.model_dump(), "prompt_variant": variant, "base": card["base"], "quantize": card.get("quantize", True)})
+        run.log_params({"max_new_tokens_used": max_new})
         run.log_metrics({"reports": out.height, "empty_adapter_reports": sum(1 for t in adapter_out if not t.strip())})
         run.log_table(out.head(50), "generated_reports")
     decoding = "greedy" if config.num_beams == 1 else f"beam {config.num_beams}"
     return dg.MaterializeResult(
-        metadata=asset_metadata(run, path, out.height, prompt_variant=variant, decoding=decoding, examples=table_metadata(out.head(5)))
+        metadata=asset_metadata(
+            run, path, out.height, prompt_variant=variant, decoding=decoding, max_new_tokens=max_new, examples=table_metadata(out.head(5))
+        )
     )
 
 
