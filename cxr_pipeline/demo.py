@@ -29,7 +29,7 @@ DEMO_SHARD_SIZE = 64
 DEMO_EPOCHS = 4
 DEMO_RUN_CONFIG = {
     "manifest": {"views": ["PA", "AP"], "one_image_per_subject": False},
-    "image_shards": {"size": DEMO_SHARD_SIZE},
+    # image_shards builds every size a consumer reads: here both read DEMO_SHARD_SIZE, so one size
     "classifier": {"size": DEMO_SHARD_SIZE, "epochs": DEMO_EPOCHS, "blank": "zeros", "bootstrap": 300},
     # the tiny offline Mllama: a short QLoRA run, greedy decoding of short reports
     "report_adapter": {"size": DEMO_SHARD_SIZE, "max_steps": 80, "batch_size": 4, "accumulation": 1, "lr": 5e-3, "warmup_steps": 5},

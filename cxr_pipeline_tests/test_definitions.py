@@ -204,7 +204,7 @@ def test_shard_partitions_materialize_incrementally(env, cxr_home):
         assert checks and all(c.passed for c in checks)
         client, _ = get_client()
         run = client.get_run(md["mlflow_run_id"].value)
-        assert run.data.tags["dagster.partition"] == part and run.data.metrics["decoded"] == n_part
+        assert run.data.tags["dagster.partition"] == part and run.data.metrics["s64_decoded"] == n_part
         assert any(a.path == "contact_sheet.png" for a in client.list_artifacts(run.info.run_id))
         # a broken build at another size must not block this size's check (nor automation behind it)
         broken = cxr_home / "assets" / "shards" / "s32" / part
@@ -212,7 +212,8 @@ def test_shard_partitions_materialize_incrementally(env, cxr_home):
         for f in broken.glob("shard-*.u8"):
             f.write_bytes(b"")
         again = run_job(defs, "shards_job", instance, partition_key=part, run_config=cfg)
-        assert [(c.passed, c.metadata["size"].value) for c in again.get_asset_check_evaluations()] == [(True, 64)]
+        checked = [(c.passed, [r["size"] for r in c.metadata["sizes"].value]) for c in again.get_asset_check_evaluations()]
+        assert checked == [(True, [64])]
         md2 = next(
             e.materialization for e in again.get_asset_materialization_events() if e.asset_key.to_user_string() == "image_shards"
         ).metadata
@@ -225,6 +226,17 @@ def test_shard_partitions_materialize_incrementally(env, cxr_home):
             if e.asset_key.to_user_string() == "image_shards"
         ]
         assert v[0] == v[1]
+        # size 0 (the default): every size a consumer reads, here the classifiers' 64 and the tiny report
+        # base's 56-px tile. The second size is built beside the first; the first is not rebuilt.
+        from cxr_pipeline.settings import paths, write_pipeline_config
+
+        write_pipeline_config(paths(), {"classifier": {"size": 64}}, "test")
+        both = run_job(defs, "shards_job", instance, partition_key=part, run_config={"ops": {"image_shards": {"config": {"workers": 1}}}})
+        md3 = next(e.materialization for e in both.get_asset_materialization_events() if e.asset_key.to_user_string() == "image_shards")
+        assert md3.metadata["sizes"].value == [56, 64]
+        assert md3.metadata["decoded"].value == n_part and md3.metadata["unchanged"].value == n_part
+        assert (cxr_home / "assets" / "shards" / "s56" / part / "index.parquet").exists()
+        assert all(c.passed for c in both.get_asset_check_evaluations())
 
 
 def test_classifier_partition_trains_registers_and_summarises(env, cxr_home):

@@ -117,6 +117,23 @@ def shard_size(configured: int) -> int:
     return configured or image_size()
 
 
+def report_shard_size(configured: int, base: str = "") -> int:
+    """The report model's image size: configured, else its base's tile (``CXR_VLM_BASE``, or the tiny base's).
+    The real 11B sees 560-px tiles: reading the CNN's 224-px shards would throw that resolution away."""
+    import os
+
+    from cxr_pipeline.reports.vlm import base_tile_size
+
+    return configured or base_tile_size(base or os.environ.get("CXR_VLM_BASE") or None)
+
+
+def needed_shard_sizes(paths: Paths) -> list[int]:
+    """Every shard size a consumer will read under ``pipeline.yaml``: the classifiers' and the report model's."""
+    cfg = read_pipeline_config(paths)
+    cls, rep = cfg.get("classifier", {}), cfg.get("report_adapter", {})
+    return sorted({shard_size(int(cls.get("size", 0))), report_shard_size(int(rep.get("size", 0)), str(rep.get("base", "")))})
+
+
 def effective_config(context: dg.AssetExecutionContext, config: dg.Config, paths: Paths) -> dg.Config:
     """The run's config: the asset's defaults, under ``$CXR_HOME/pipeline.yaml``'s section, under
     what this run's own run config sets (field by field).

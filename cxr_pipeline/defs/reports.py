@@ -20,7 +20,7 @@ from cxr_pipeline.defs.helpers import (
     effective_config,
     every_partition_of,
     gpu_asset,
-    shard_size,
+    report_shard_size,
     table_metadata,
     to_dataclass,
 )
@@ -76,7 +76,7 @@ class AdapterAssetConfig(dg.Config):
     """The seeds' QLoRA recipe; ``base`` empty: $CXR_VLM_BASE, else the tiny offline Mllama."""
 
     base: str = ""
-    size: int = 0  # shard size the images are read at; 0: CXR_IMAGE_SIZE (224), read when the run starts
+    size: int = 0  # shard size the images are read at; 0: the base's tile (560 for the 11B, 56 for the tiny base)
     r: int = 20
     alpha: int = 20
     dropout: float = 0.0
@@ -129,13 +129,16 @@ def report_adapter(
     from cxr_pipeline.reports.vlm import TrainingPairs, base_info, prompts_for, train_adapter
 
     config = effective_config(context, config, storage.paths)
-    paths, size, cfg = storage.paths, shard_size(config.size), config.adapter_config()
+    paths, size, cfg = storage.paths, report_shard_size(config.size, config.base), config.adapter_config()
     train = pl.read_parquet(paths.report_pairs).filter(pl.col("split") == "train")
     if config.max_train_pairs:
         train = train.sample(min(config.max_train_pairs, train.height), seed=config.seed)
     images, rows = lazy_images(paths.shard_root(size), train, size)  # read from the shards batch by batch
     if rows.height == 0:
-        raise dg.Failure("no training pairs with shard images: materialize image_shards (at this size) first")
+        raise dg.Failure(
+            f"no training pairs with {size}-px shard images: materialize image_shards (with its default size 0 it builds"
+            " every size pipeline.yaml's consumers read, this one included)"
+        )
     prompts, variant = prompts_for(rows, _predictions(paths), config.use_classifier_findings)
     base = _base_dir(paths, config.base, rows["text"].to_list(), context.log.info)
     examples = TrainingPairs(images, prompts, rows["text"].to_list())

@@ -23,8 +23,8 @@ from cxr_pipeline.defs.helpers import (
     asset_specs,
     effective_config,
     latest_metadata,
+    needed_shard_sizes,
     selected_keys,
-    shard_size,
     table_metadata,
     upstream_data_version,
 )
@@ -38,9 +38,11 @@ partitions_def = dg.StaticPartitionsDefinition(list(PARTITIONS))
 
 
 class ShardConfig(dg.Config):
-    """Image size of the shards (square, letterboxed), shard file size and decode processes."""
+    """Image sizes of the shards (square, letterboxed), shard file size and decode processes."""
 
-    size: int = 0  # 0: CXR_IMAGE_SIZE (224), read when the run starts
+    # 0: every size a consumer reads (the classifiers' size, CXR_IMAGE_SIZE by default, and the report
+    # model's, its base's tile: 560 for Llama-3.2-11B-Vision); a size already built is only updated
+    size: int = 0
     images_per_shard: int = 1024
     workers: int = 0  # 0: one per CPU core
 
@@ -77,43 +79,61 @@ def image_shards(context: dg.AssetExecutionContext, config: ShardConfig, storage
     part, paths = context.partition_key, storage.paths
     config = effective_config(context, config, paths)
     items = read_manifest(storage).filter(partition_column() == part)
-    spec = ShardSpec(size=shard_size(config.size), images_per_shard=config.images_per_shard, workers=config.workers or os.cpu_count() or 1)
-    root, out = paths.shard_root(spec.size), paths.shard_partition(spec.size, part)
-    context.log.info(f"{part}: {items.height} manifest images, {spec.workers} decode processes, {spec.size} px")
+    sizes = [config.size] if config.size else needed_shard_sizes(paths)
+    workers = config.workers or os.cpu_count() or 1
+    context.log.info(f"{part}: {items.height} manifest images, {workers} decode processes, sizes {sizes} px")
     with mlflow.run(context, {"dagster.data_version": upstream_data_version(context, MANIFEST, is_source=False)}) as run:
-        result = build_partition(paths.raw, out, items, spec, progress=_progress(context, part))
-        st, rejects = result.stats, result.rejects.select("dicom_id", "path", "reason")
-        run.log_params({"size": spec.size, "images_per_shard": spec.images_per_shard, "workers": spec.workers, "partition": part})
-        run.log_metrics(st)
-        sheet = write_contact_sheet(root, result.index, part, spec.size)
-        if sheet is not None:
-            run.log_artifact(sheet)
+        run.log_params(
+            {"sizes": ",".join(map(str, sizes)), "images_per_shard": config.images_per_shard, "workers": workers, "partition": part}
+        )
+        built = {size: _build_size(context, run, paths, part, items, ShardSpec(size, config.images_per_shard, workers)) for size in sizes}
+        result, sheet = built[sizes[0]][0], built[sizes[-1]][1]
+        rejects = result.rejects.select("dicom_id", "path", "reason")  # a file that cannot be decoded fails at every size
         if rejects.height:
             run.log_table(rejects, "shard_rejects")
             context.log.warning(f"{part}: {rejects.height} images rejected (see shard_rejects)")
-    unchanged = int(st["unchanged"] + st["hash_unchanged"])
-    context.log.info(f"{part}: decoded {st['decoded']}, unchanged {unchanged}, rejected {st['rejected']} in {st['seconds']} s")
+    stats = [b[0].stats for b in built.values()]
+    total = {
+        k: sum(float(st[k]) for st in stats) for k in ("decoded", "unchanged", "hash_unchanged", "shard_files", "shard_bytes", "seconds")
+    }
     if IMAGE_SHARDS in selected_keys(context):
         md = asset_metadata(
             run,
-            out,
+            paths.shard_partition(sizes[0], part),
             result.index.height,
-            decoded=int(st["decoded"]),
-            unchanged=unchanged,
-            rejected=int(st["rejected"]),
-            shard_files=int(st["shard_files"]),
-            shard_bytes=int(st["shard_bytes"]),
-            images_per_second=float(st["decoded_per_second"]),
-            size=spec.size,
+            decoded=int(total["decoded"]),
+            unchanged=int(total["unchanged"] + total["hash_unchanged"]),
+            rejected=int(result.stats["rejected"]),
+            shard_files=int(total["shard_files"]),
+            shard_bytes=int(total["shard_bytes"]),
+            images_per_second=round(total["decoded"] / max(total["seconds"], 1e-9), 1),
+            sizes=dg.MetadataValue.json(sizes),
             manifest_fingerprint=slice_fingerprint(items),  # what automation compares with the manifest's partition_fingerprints
         )
         if sheet is not None:
             md["contact_sheet"] = dg.MetadataValue.path(str(sheet))
             md["contact_sheet_preview"] = dg.MetadataValue.md(_png_markdown(sheet))
-        yield dg.MaterializeResult(asset_key=IMAGE_SHARDS, metadata=md, data_version=dg.DataVersion(data_version(result.index, spec.size)))
+        version = "+".join(data_version(b[0].index, size) for size, b in built.items())
+        yield dg.MaterializeResult(asset_key=IMAGE_SHARDS, metadata=md, data_version=dg.DataVersion(version))
     if SHARD_REJECTS in selected_keys(context):
+        out = paths.shard_partition(sizes[0], part)
         md = asset_metadata(run, out / REJECTS, rejects.height, rejects=table_metadata(rejects))
         yield dg.MaterializeResult(asset_key=SHARD_REJECTS, metadata=md)
+
+
+def _build_size(context: dg.AssetExecutionContext, run, paths, part: str, items, spec: ShardSpec) -> tuple:
+    """One size of the partition: (BuildResult, contact sheet or None); unchanged images are not decoded again."""
+    result = build_partition(paths.raw, paths.shard_partition(spec.size, part), items, spec, progress=_progress(context, part))
+    st = result.stats
+    run.log_metrics({f"s{spec.size}_{k}": v for k, v in st.items()})
+    sheet = write_contact_sheet(paths.shard_root(spec.size), result.index, part, spec.size)
+    if sheet is not None:
+        run.log_artifact(sheet)
+    unchanged = int(st["unchanged"] + st["hash_unchanged"])
+    context.log.info(
+        f"{part} at {spec.size} px: decoded {st['decoded']}, unchanged {unchanged}, rejected {st['rejected']} in {st['seconds']} s"
+    )
+    return result, sheet
 
 
 def _png_markdown(path: Path) -> str:
@@ -128,10 +148,17 @@ def _png_markdown(path: Path) -> str:
 )
 def image_shards_readable(context: dg.AssetCheckExecutionContext, storage: CxrStorage) -> dg.AssetCheckResult:
     part = context.partition_key
-    size = latest_metadata(context.instance, IMAGE_SHARDS, part, "size")  # the size this partition was just built at
-    if size is None:
+    sizes = latest_metadata(context.instance, IMAGE_SHARDS, part, "sizes")  # the sizes this partition was just built at
+    if not sizes:
         return dg.AssetCheckResult(passed=False, metadata={"reason": "partition not materialized"})
-    root = storage.paths.shard_root(size)
+    results = [_readable(storage.paths.shard_root(size), part, size) for size in sizes]
+    return dg.AssetCheckResult(
+        passed=all(r["bad_shards"] == [] and r["blank_in_sample"] == 0 for r in results),
+        metadata={"sizes": dg.MetadataValue.json(results)},
+    )
+
+
+def _readable(root: Path, part: str, size: int) -> dict:
     idx = read_index(root, [part])
     bad: list[str] = []
     for (shard,), grp in idx.group_by(["shard"]):
@@ -143,10 +170,7 @@ def image_shards_readable(context: dg.AssetCheckExecutionContext, storage: CxrSt
     if idx.height and not bad:
         imgs = gather(root, idx.sample(min(64, idx.height), seed=0), size)
         blank = int((imgs.reshape(len(imgs), -1).std(axis=1) < 1.0).sum())
-    return dg.AssetCheckResult(
-        passed=not bad and blank == 0,
-        metadata={"size": size, "images": idx.height, "bad_shards": dg.MetadataValue.json(bad), "blank_in_sample": blank},
-    )
+    return {"size": size, "images": idx.height, "bad_shards": bad, "blank_in_sample": blank}
 
 
 SHARD_CHECKS = [image_shards_readable]

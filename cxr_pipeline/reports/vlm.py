@@ -44,11 +44,12 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 TINY_MARKER = "cxr_tiny_mllama.json"
+TINY_TILE = 56  # the tiny base's tile (build_tiny_base); the real 11B's is 560
 # Saved beside the adapter: what generation must reproduce (base, quantisation, image size, prompt variant).
 ADAPTER_CARD = "cxr_adapter.json"
 
 
-def build_tiny_base(out_dir: Path, texts: Iterable[str], seed: int = 0, tile: int = 56, vocab_size: int = 2000) -> Path:
+def build_tiny_base(out_dir: Path, texts: Iterable[str], seed: int = 0, tile: int = TINY_TILE, vocab_size: int = 2000) -> Path:
     """Train a tokenizer on ``texts`` and save a tiny random Mllama + processor to ``out_dir``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -114,6 +115,21 @@ def build_tiny_base(out_dir: Path, texts: Iterable[str], seed: int = 0, tile: in
         json.dumps({"name": "cxr-tiny-mllama", "seed": seed, "parameters": int(sum(p.numel() for p in model.parameters()))})
     )
     return out_dir
+
+
+def base_tile_size(base_dir: Path | str | None) -> int:
+    """The image size a base model sees: its image processor's tile (560 for Llama-3.2-11B-Vision); the tiny
+    default base's (``TINY_TILE``) when ``base_dir`` is None. Read from ``preprocessor_config.json``, without
+    loading the model, so the shard sizes can be planned before any training."""
+    if base_dir is None:
+        return TINY_TILE
+    f = Path(base_dir) / "preprocessor_config.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: not found; a base model directory holds its image processor's preprocessor_config.json")
+    size = json.loads(f.read_text()).get("size") or {}
+    if "height" not in size:
+        raise ValueError(f"{f}: field 'size' has no 'height' (has: {size})")
+    return int(size["height"])
 
 
 def base_info(base_dir: Path) -> dict:
