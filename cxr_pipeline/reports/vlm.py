@@ -49,8 +49,13 @@ TINY_TILE = 56  # the tiny base's tile (build_tiny_base); the real 11B's is 560
 ADAPTER_CARD = "cxr_adapter.json"
 
 
-def build_tiny_base(out_dir: Path, texts: Iterable[str], seed: int = 0, tile: int = TINY_TILE, vocab_size: int = 2000) -> Path:
-    """Train a tokenizer on ``texts`` and save a tiny random Mllama + processor to ``out_dir``."""
+def build_tiny_base(
+    out_dir: Path, texts: Iterable[str], seed: int = 0, tile: int = TINY_TILE, vocab_size: int = 2000, width: int = 1
+) -> Path:
+    """Train a tokenizer on ``texts`` and save a tiny random Mllama + processor to ``out_dir``.
+
+    ``width`` multiplies every hidden size (1: about 250k parameters; ``bench_vlm.py --learning`` uses a wider one).
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor, PreTrainedTokenizerFast
@@ -79,25 +84,25 @@ def build_tiny_base(out_dir: Path, texts: Iterable[str], seed: int = 0, tile: in
     )
     cfg = MllamaConfig(
         vision_config={
-            "hidden_size": 32,
+            "hidden_size": 32 * width,
             "num_hidden_layers": 2,
             "num_global_layers": 1,
             "attention_heads": 2,
-            "intermediate_size": 64,
+            "intermediate_size": 64 * width,
             "image_size": tile,
             "patch_size": 14,
             "max_num_tiles": 1,
             "supported_aspect_ratios": [[1, 1]],
             "intermediate_layers_indices": [0],
-            "vision_output_dim": 64,  # hidden_size x (1 + len(intermediate_layers_indices))
+            "vision_output_dim": 64 * width,  # hidden_size x (1 + len(intermediate_layers_indices))
         },
         text_config={
             "vocab_size": len(hf),
-            "hidden_size": 64,
+            "hidden_size": 64 * width,
             "num_hidden_layers": 4,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
-            "intermediate_size": 128,
+            "intermediate_size": 128 * width,
             "cross_attention_layers": [1, 3],
             "max_position_embeddings": 2048,
             "bos_token_id": hf.bos_token_id,
@@ -326,14 +331,18 @@ def train_adapter(
     card: dict | None = None,
     log=None,
     on_log=None,
+    time_budget_s: float | None = None,
 ) -> dict:
     """QLoRA SFT with TRL's SFTTrainer; saves only the adapter (and its card) to ``adapter_dir``.
 
     Checkpoints every 50 steps in ``checkpoint_dir`` (default: ``<adapter_dir>_checkpoints``): a
     retried run resumes from the last one. The card records the base, ``quantize`` and whatever
     ``card`` adds (image size, prompt variant), so generation loads the base the same way.
+    ``time_budget_s`` stops training after that many seconds (benchmarks compare runs at equal time).
     Returns the trainer's log history.
     """
+    import time
+
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -357,10 +366,16 @@ def train_adapter(
     ds = Dataset.from_dict({"idx": list(range(len(pairs))), "prompt": list(pairs.prompts), "report": list(pairs.reports)})
     collator = MllamaCollator(processor, cfg.max_length, images=pairs.images)
 
+    started = time.monotonic()
+
     class Relay(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and on_log:
                 on_log(state.global_step, logs)
+
+        def on_step_end(self, args, state, control, **kw):
+            if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+                control.should_training_stop = True
 
     args = SFTConfig(
         output_dir=str(ckpt_dir),
