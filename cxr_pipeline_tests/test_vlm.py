@@ -136,3 +136,20 @@ def test_generation_budget_lets_the_training_reports_finish(base):
     lengths = sorted(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
     budget = vlm.report_token_budget(base, texts)
     assert lengths[196] <= budget <= lengths[-1] and budget > 96
+
+
+def test_the_image_reaches_the_text(base, processor):
+    """Two images, same prompt: different next-token logits. A fresh Mllama's cross-attention gates are
+    zero, which makes the text blind to the image (the tiny base was, until this test)."""
+    import torch
+    from transformers import MllamaForConditionalGeneration
+
+    model = MllamaForConditionalGeneration.from_pretrained(str(base)).eval()
+    text = processor.apply_chat_template(vlm.messages(vlm.user_prompt()), add_generation_prompt=True)
+    logits = []
+    for fill in (0, 255):
+        image = vlm.to_rgb(np.full((64, 64), fill, dtype=np.uint8))
+        batch = processor(images=[[image]], text=[text], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            logits.append(model(**batch).logits[0, -1].float())
+    assert (logits[0] - logits[1]).abs().max() > 1e-3

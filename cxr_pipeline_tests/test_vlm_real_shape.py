@@ -55,6 +55,11 @@ def test_published_ids_tiles_and_head_dimensions(base, processor):
     assert v.supported_aspect_ratios == pub["vision_config"]["supported_aspect_ratios"]
     assert t.hidden_size // t.num_attention_heads == 128 and t.num_attention_heads // t.num_key_value_heads == 4
     assert t.vocab_size == 128256 and t.bos_token_id == 128000 and t.pad_token_id == 128004
+    from safetensors import safe_open
+
+    with safe_open(str(next(base.glob("*.safetensors"))), "pt") as f:
+        gates = [f.get_tensor(k) for k in f.keys() if k.endswith(vlm.CROSS_ATTENTION_GATES)]
+    assert gates and all(float(g.abs().min()) > 0.5 for g in gates)  # open, as pretraining leaves them: the image reaches the text
 
 
 def test_one_bos_reply_only_labels_and_the_real_tile_dimension(processor):

@@ -189,7 +189,7 @@ def build_real_shape_base(
     import torch
     from transformers import MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor
 
-    from cxr_pipeline.reports.vlm import CHAT_TEMPLATE
+    from cxr_pipeline.reports.vlm import CHAT_TEMPLATE, open_cross_attention_gates
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -199,6 +199,7 @@ def build_real_shape_base(
     cfg = mllama_config(vision_layers, global_layers, text_layers, None, text_width)
     torch.manual_seed(seed)
     model = MllamaForConditionalGeneration(cfg).to(torch.bfloat16)
+    open_cross_attention_gates(model)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     n = int(sum(p.numel() for p in model.parameters()))

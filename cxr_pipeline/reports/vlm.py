@@ -49,6 +49,25 @@ TINY_TILE = 56  # the tiny base's tile (build_tiny_base); the real 11B's is 560
 ADAPTER_CARD = "cxr_adapter.json"
 
 
+CROSS_ATTENTION_GATES = ("cross_attn_attn_gate", "cross_attn_mlp_gate")
+
+
+def open_cross_attention_gates(model, value: float = 1.0) -> None:
+    """Set the text model's cross-attention gates as pretraining leaves them: open.
+
+    Mllama multiplies each cross-attention layer's output by ``tanh(gate)``, and a freshly
+    initialised model's gates are 0: the image cannot reach the text at all, and LoRA cannot
+    open them (they are not linear layers). A pretrained base has them open; a randomly
+    initialised stand-in must too, or every test of the report branch is image-blind.
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(CROSS_ATTENTION_GATES):
+                param.fill_(value)
+
+
 def build_tiny_base(
     out_dir: Path, texts: Iterable[str], seed: int = 0, tile: int = TINY_TILE, vocab_size: int = 2000, width: int = 1
 ) -> Path:
@@ -114,6 +133,7 @@ def build_tiny_base(
     )
     torch.manual_seed(seed)
     model = MllamaForConditionalGeneration(cfg)
+    open_cross_attention_gates(model)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     (out_dir / TINY_MARKER).write_text(
