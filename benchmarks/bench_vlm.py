@@ -296,7 +296,7 @@ def learning(args, device, name: str) -> None:
             device=device,
             time_budget_s=args.budget,
         )
-        steps = max((h.get("step", 0) for h in res["log_history"]), default=0)
+        steps = sum(1 for h in res["log_history"] if "loss" in h)  # one log line per optimizer step
         hyps = generate_reports(base, adapter, tests, [prompt] * len(tests), max_new_tokens=max_new, batch_size=32, device=device)
         ce, _ = clinical_efficacy([""] * len(hyps), hyps, refs)
         scores[blank] = ce["ce_micro14_f1"]
