@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -273,7 +274,7 @@ def learning(args, device, name: str) -> None:
     images, rows = lazy_images(shard_root, train, TINY_TILE)
     test_images, test_rows = load_images(shard_root, test, TINY_TILE)
     texts = rows["text"].to_list()
-    base = work / "base"
+    base = work / f"base_w{args.width}"  # one cached base per width
     if not (base / "config.json").exists():
         build_tiny_base(base, texts, width=args.width)
     refs = [{LABEL_BY_SLUG[s]: r[s] for s in SLUGS} for r in test_rows.select(SLUGS).iter_rows(named=True)]
@@ -286,6 +287,8 @@ def learning(args, device, name: str) -> None:
         train_imgs = _Blank(images) if blank else images
         tests = [np.zeros_like(im.numpy()) if blank else im.numpy() for im in test_images]
         adapter = work / ("adapter_blank" if blank else "adapter")
+        for stale in (adapter, work / ("ckpt_blank" if blank else "ckpt")):  # a fresh run each time, never a resume
+            shutil.rmtree(stale, ignore_errors=True)
         t0 = time.perf_counter()
         res = train_adapter(
             base,
