@@ -121,7 +121,6 @@ def step_rate(base: Path, quantize: bool, batch: int, steps: int, device) -> flo
 
 GB = 1024**3
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 absmax blocks
-SKIPPED = ("model.vision_model", "model.multi_modal_projector", "lm_head")  # load_base's llm_int8_skip_modules
 
 
 def weights_11b() -> dict:
@@ -132,25 +131,25 @@ def weights_11b() -> dict:
     from transformers import MllamaForConditionalGeneration
 
     from cxr_pipeline.reports.llama_shape import mllama_config
-    from cxr_pipeline.reports.vlm import lora_target
+    from cxr_pipeline.reports.vlm import UNQUANTISED_MODULES, AdapterConfig, lora_target
 
     with torch.device("meta"):
         model = MllamaForConditionalGeneration(mllama_config())
     out = {"params": 0, "nf4": 0.0, "other_bf16": 0.0, "other_fp32": 0.0, "lora_params": 0}
-    target = re.compile(lora_target("language"))
+    target, r = re.compile(lora_target("language")), AdapterConfig().r
     for name, mod in model.named_modules():
         own = list(mod.parameters(recurse=False))
         if not own:
             continue
         n = sum(p.numel() for p in own)
         out["params"] += n
-        if isinstance(mod, torch.nn.Linear) and not name.startswith(SKIPPED):
+        if isinstance(mod, torch.nn.Linear) and not name.startswith(UNQUANTISED_MODULES):
             w = mod.weight.numel()
             out["nf4"] += w * NF4_BYTES_PER_PARAM
             out["other_bf16"] += (n - w) * 2  # a bias stays bf16
             out["other_fp32"] += (n - w) * 4
             if target.fullmatch(name):
-                out["lora_params"] += 20 * (mod.in_features + mod.out_features)  # r = 20
+                out["lora_params"] += r * (mod.in_features + mod.out_features)
         else:
             out["other_bf16"] += n * 2
             out["other_fp32"] += n * 4
@@ -209,9 +208,7 @@ def real_shape(args, device, name: str) -> None:
 
 
 def _learning_data(work: Path, size: int, workers: int):
-    """The replica's manifest, pairs and shard root (built once under ``work``)."""
-    import polars as pl
-
+    """The replica's pairs (with the manifest's labels) and shard root (built once under ``work``)."""
     from cxr_pipeline.data.mimic import ManifestPolicy, build_manifest
     from cxr_pipeline.data.shards import PARTITIONS, ShardSpec, build_partition, partition_column
     from cxr_pipeline.data.synthetic import SynthConfig, generate
@@ -232,7 +229,7 @@ def _learning_data(work: Path, size: int, workers: int):
         if items.height:
             build_partition(raw, shard_root / part, items, ShardSpec(size, 1024, workers))
     pairs = build_pairs(manifest)
-    return pairs.join(manifest.select("dicom_id", *SLUGS), on="dicom_id", how="left"), shard_root, pl
+    return pairs.join(manifest.select("dicom_id", *SLUGS), on="dicom_id", how="left"), shard_root
 
 
 class _Blank:
@@ -249,6 +246,7 @@ class _Blank:
 
 
 def learning(args, device, name: str) -> None:
+    import polars as pl
     import torch
 
     from cxr_pipeline.data.shards import lazy_images, load_images
@@ -268,7 +266,7 @@ def learning(args, device, name: str) -> None:
 
     work = Path(args.work or paths().bench("vlm-learning"))
     t_start = time.perf_counter()
-    pairs, shard_root, pl = _learning_data(work, TINY_TILE, os.cpu_count() or 1)
+    pairs, shard_root = _learning_data(work, TINY_TILE, os.cpu_count() or 1)
     train = pairs.filter(pl.col("split") == "train")
     test = pairs.filter(pl.col("split") == "test").sort("dicom_id").head(args.test_n)
     images, rows = lazy_images(shard_root, train, TINY_TILE)
@@ -286,8 +284,8 @@ def learning(args, device, name: str) -> None:
     for blank in (False, True):
         train_imgs = _Blank(images) if blank else images
         tests = [np.zeros_like(im.numpy()) if blank else im.numpy() for im in test_images]
-        adapter = work / ("adapter_blank" if blank else "adapter")
-        for stale in (adapter, work / ("ckpt_blank" if blank else "ckpt")):  # a fresh run each time, never a resume
+        adapter, ckpt = (work / "adapter_blank", work / "ckpt_blank") if blank else (work / "adapter", work / "ckpt")
+        for stale in (adapter, ckpt):  # a fresh run each time, never a resume
             shutil.rmtree(stale, ignore_errors=True)
         t0 = time.perf_counter()
         res = train_adapter(
@@ -295,7 +293,7 @@ def learning(args, device, name: str) -> None:
             TrainingPairs(train_imgs, [prompt] * len(texts), texts),
             cfg,
             adapter,
-            work / ("ckpt_blank" if blank else "ckpt"),
+            ckpt,
             device=device,
             time_budget_s=args.budget,
         )

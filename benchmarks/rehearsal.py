@@ -195,10 +195,10 @@ def rehearse(root: Path, name: str, size: int, fresh: bool) -> dict:
             )
             if not r["success"]:
                 raise SystemExit(f"rehearsal[{name}]: {step} failed; the log is {home / 'rehearsal.log'}")
-    return _summary(name, home, p, done, size)
+    return _summary(name, home, p, done)
 
 
-def _summary(name: str, home: Path, p, done: dict, size: int) -> dict:
+def _summary(name: str, home: Path, p, done: dict) -> dict:
     import polars as pl
 
     images = pl.scan_parquet(p.manifest).select(pl.len()).collect().item()

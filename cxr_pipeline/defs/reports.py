@@ -201,8 +201,8 @@ def generated_reports(
     images, rows = load_images(paths.shard_root(int(card["size"])), test, int(card["size"]))
     preds = _predictions(paths)
     prompts, variant = prompts_for(rows, preds, card["prompt_variant"] != "instruction")
-    train_texts = pairs.filter(pl.col("split") == "train")["text"].to_list()
-    max_new = config.max_new_tokens or report_token_budget(Path(card["base"]), train_texts)
+    train_pairs = pairs.filter(pl.col("split") == "train")
+    max_new = config.max_new_tokens or report_token_budget(Path(card["base"]), train_pairs["text"].to_list())
     adapter_out = generate_reports(
         Path(card["base"]),
         paths.adapter,
@@ -213,7 +213,7 @@ def generated_reports(
         batch_size=config.batch_size,
         device=compute.torch_device(),
     )
-    template, retrieval = baseline_reports(rows, pairs.filter(pl.col("split") == "train"), preds, classifier_thresholds(paths))
+    template, retrieval = baseline_reports(rows, train_pairs, preds, classifier_thresholds(paths))
     radiologist = [c for c in rows.columns if c.startswith("radiologist_")]
     out = rows.select("dicom_id", "study_id", pl.col("text").alias("reference"), *radiologist).with_columns(
         *[pl.Series(name, texts, dtype=pl.String) for name, texts in zip(SYSTEMS, (adapter_out, template, retrieval), strict=True)]

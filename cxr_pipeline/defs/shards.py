@@ -81,6 +81,7 @@ def image_shards(context: dg.AssetExecutionContext, config: ShardConfig, storage
     items = read_manifest(storage).filter(partition_column() == part)
     sizes = [config.size] if config.size else needed_shard_sizes(paths)
     workers = config.workers or os.cpu_count() or 1
+    out = paths.shard_partition(sizes[0], part)  # where the index and rejects of the first size live
     context.log.info(f"{part}: {items.height} manifest images, {workers} decode processes, sizes {sizes} px")
     with mlflow.run(context, {"dagster.data_version": upstream_data_version(context, MANIFEST, is_source=False)}) as run:
         run.log_params(
@@ -99,7 +100,7 @@ def image_shards(context: dg.AssetExecutionContext, config: ShardConfig, storage
     if IMAGE_SHARDS in selected_keys(context):
         md = asset_metadata(
             run,
-            paths.shard_partition(sizes[0], part),
+            out,
             result.index.height,
             decoded=int(total["decoded"]),
             unchanged=int(total["unchanged"] + total["hash_unchanged"]),
@@ -116,7 +117,6 @@ def image_shards(context: dg.AssetExecutionContext, config: ShardConfig, storage
         version = "+".join(data_version(b[0].index, size) for size, b in built.items())
         yield dg.MaterializeResult(asset_key=IMAGE_SHARDS, metadata=md, data_version=dg.DataVersion(version))
     if SHARD_REJECTS in selected_keys(context):
-        out = paths.shard_partition(sizes[0], part)
         md = asset_metadata(run, out / REJECTS, rejects.height, rejects=table_metadata(rejects))
         yield dg.MaterializeResult(asset_key=SHARD_REJECTS, metadata=md)
 

@@ -45,6 +45,8 @@ CHAT_TEMPLATE = (
 )
 TINY_MARKER = "cxr_tiny_mllama.json"
 TINY_TILE = 56  # the tiny base's tile (build_tiny_base); the real 11B's is 560
+# Kept out of 4-bit quantisation, as full module prefixes (bitsandbytes matches them against module names).
+UNQUANTISED_MODULES = ("model.vision_model", "model.multi_modal_projector", "lm_head")
 # Saved beside the adapter: what generation must reproduce (base, quantisation, image size, prompt variant).
 ADAPTER_CARD = "cxr_adapter.json"
 
@@ -312,8 +314,7 @@ def load_base(base_dir: Path, quantize: bool, device=None):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
-            # full module prefixes: bitsandbytes matches them against the module names
-            llm_int8_skip_modules=["model.vision_model", "model.multi_modal_projector", "lm_head"],
+            llm_int8_skip_modules=list(UNQUANTISED_MODULES),
         )
     if device is not None and getattr(device, "type", "cpu") == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
