@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 # torch/torchvision are pinned to the builds this machine serves from local disk;
 # other versions download gigabytes, and PyPI torchvision fails beside a CPU torch.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+# The labeler's medspaCy: its pins (spacy<3.8 on Python 3.11) would pull numpy 1.x; see pyproject.
+MEDSPACY_NODEPS := medspacy==1.3.1 PyRuSH==1.0.13 medspacy_quickumls==3.2 medspacy_unqlite==0.9.8 pysimstring==1.3.0
 
 export CXR_HOME ?= $(CURDIR)/.cxr
 export DAGSTER_HOME ?= $(CXR_HOME)/dagster
@@ -20,6 +22,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIN)
 	$(BIN)/pip install --quiet -e ".[dev]" $(TORCH_PIN)
+	$(BIN)/pip install --quiet --no-deps $(MEDSPACY_NODEPS)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,6 +45,7 @@ mlflow-ui: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_manifest.py
+	$(BIN)/python benchmarks/bench_labeler.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
