@@ -173,9 +173,12 @@ def print_summary(p: Paths) -> None:
         "ce_micro14_f1",
         "ce_macro14_f1",
         "ce_micro5_f1",
+        "ce_upos_micro14_f1",
     )
     with pl.Config(float_precision=3, **TABLE_STYLE):
         print(rm.select([c for c in cols if c in rm.columns]))
+    if "evaluation" in rm.columns and rm.height:
+        print(f"  references: {rm['evaluation'][0]}; labeler {rm['labeler'][0]}; ce_* counts uncertain as absent, ce_upos_* as present")
     print(f"  {p.reports}  (report_pairs, adapter/, generated_reports.parquet, report_metrics.parquet)")
     print(f"dataset:  {p.raw}")
     print(f"state:    {p.home}  (Dagster home {os.environ['DAGSTER_HOME']}, MLflow {p.tracking_uri})")

@@ -309,8 +309,25 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home):
         )
         import shutil
 
-        for col in ("BLEU_1", "BLEU_4", "ROUGE_L", "CIDEr", "ce_micro14_f1", "ce_macro5_f1", *(["METEOR"] if shutil.which("java") else [])):
+        for col in (
+            "BLEU_1",
+            "BLEU_4",
+            "ROUGE_L",
+            "CIDEr",
+            "ce_micro14_f1",
+            "ce_macro5_f1",
+            "ce_upos_micro14_f1",
+            "ce_upos_macro5_f1",
+            *(["METEOR"] if shutil.which("java") else []),
+        ):
             assert col in rm.columns
+        from cxr_pipeline.reports.labeler import labeler_version
+
+        # the references are named (this test caps the test pairs: not the R2Gen convention), the labeler versioned
+        assert set(rm["evaluation"]) == {"findings references, first 6 test pairs"}
+        assert set(rm["labeler"]) == {labeler_version()}
+        mrun = client.get_run(rmats["report_metrics"].metadata["mlflow_run_id"].value)
+        assert mrun.data.params["labeler"] == labeler_version()
 
 
 def test_pipeline_yaml_is_every_run_s_configuration_and_run_config_overrides_it(env, cxr_home):

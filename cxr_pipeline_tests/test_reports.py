@@ -105,6 +105,21 @@ def test_clinical_efficacy_hand_computed():
     assert ce["ce_micro5_f1"] == pytest.approx(2 / 3)
 
 
+def test_clinical_efficacy_both_uncertainty_conventions():
+    """A hedged finding is a miss when uncertain counts as absent (R2Gen) and a hit when it counts
+    as present (CheXbert-style scorers); both are reported, named."""
+    refs = ["Right lower lobe pneumonia.", "Moderate cardiomegaly."]
+    hyps = ["Pneumonia cannot be excluded.", "Moderate cardiomegaly."]
+    ce, _ = clinical_efficacy(refs, hyps)
+    # absent convention: TP cardiomegaly; FN pneumonia; the hedge is not a positive
+    assert ce["ce_micro14_precision"] == pytest.approx(1.0)
+    assert ce["ce_micro14_recall"] == pytest.approx(1 / 2)
+    # present convention: the hedge matches the pneumonia
+    assert ce["ce_upos_micro14_precision"] == pytest.approx(1.0)
+    assert ce["ce_upos_micro14_recall"] == pytest.approx(1.0)
+    assert ce["ce_upos_micro5_f1"] == pytest.approx(1.0)  # cardiomegaly only among the five
+
+
 def test_cli_label_reports_folder_and_csv(replica, tmp_path):
     import csv
 
@@ -160,3 +175,29 @@ def test_template_and_retrieval_baselines():
     assert template_report({"support_devices": 0.9}).endswith("No acute cardiopulmonary process.")
     got = nearest_reports(np.array([[0.9, 0.1], [0.1, 0.9]]), ["effusion", "normal"], np.array([[0.8, 0.2], [0.0, 1.0]]))
     assert got == ["effusion", "normal"]
+
+
+def test_r2gen_references_are_findings_only_and_named():
+    import polars as pl
+
+    from cxr_pipeline.reports.pairs import build_pairs, evaluation_name
+
+    manifest = pl.DataFrame(
+        {
+            "dicom_id": ["a", "b"],
+            "subject_id": ["1", "2"],
+            "study_id": ["10", "20"],
+            "path": ["x", "y"],
+            "view_position": ["PA", "PA"],
+            "split": ["test", "test"],
+            "findings": ["Small left effusion.", None],
+            "impression": ["Effusion.", "No acute process."],
+        }
+    )
+    default = build_pairs(manifest)  # FINDINGS, else IMPRESSION
+    r2gen = build_pairs(manifest, "findings_only")  # a study without FINDINGS is left out
+    assert default["text"].to_list() == ["Small left effusion.", "No acute process."]
+    assert r2gen["text"].to_list() == ["Small left effusion."] and set(r2gen["text_source"]) == {"findings_only"}
+    assert evaluation_name("findings_only", 0).startswith("R2Gen-comparable")
+    assert not evaluation_name("findings_only", 50).startswith("R2Gen")  # capped: not every test study
+    assert not evaluation_name("findings", 0).startswith("R2Gen")

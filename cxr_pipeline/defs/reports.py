@@ -41,7 +41,7 @@ _asset = asset_factory("reports", REPORTS_CODE_VERSION)
 
 
 class PairsConfig(dg.Config):
-    text_source: str = "findings"  # findings (else impression) | impression | findings+impression
+    text_source: str = "findings"  # findings (else impression) | impression | findings+impression | findings_only (R2Gen)
     min_words: int = 1
     max_words: int = 0  # 0: no limit (the seeds kept 20-65 words)
 
@@ -189,6 +189,7 @@ def generated_reports(
     context: dg.AssetExecutionContext, config: GenerateConfig, storage: CxrStorage, mlflow: MlflowTracking, compute: Compute
 ) -> dg.MaterializeResult:
     from cxr_pipeline.reports.baselines import baseline_reports
+    from cxr_pipeline.reports.pairs import evaluation_name
     from cxr_pipeline.reports.vlm import generate_reports, prompts_for, read_adapter_card, report_token_budget
     from cxr_pipeline.vision.fit import classifier_thresholds
 
@@ -215,8 +216,10 @@ def generated_reports(
     )
     template, retrieval = baseline_reports(rows, train_pairs, preds, classifier_thresholds(paths))
     radiologist = [c for c in rows.columns if c.startswith("radiologist_")]
+    source = pairs["text_source"][0] if "text_source" in pairs.columns and pairs.height else "findings"
     out = rows.select("dicom_id", "study_id", pl.col("text").alias("reference"), *radiologist).with_columns(
-        *[pl.Series(name, texts, dtype=pl.String) for name, texts in zip(SYSTEMS, (adapter_out, template, retrieval), strict=True)]
+        *[pl.Series(name, texts, dtype=pl.String) for name, texts in zip(SYSTEMS, (adapter_out, template, retrieval), strict=True)],
+        pl.lit(evaluation_name(source, config.max_test_pairs)).alias("evaluation"),
     )
     path = write_parquet(out, paths.generated_reports)
     with mlflow.run(context, {"prompt_variant": variant}) as run:
@@ -239,6 +242,7 @@ def generated_reports(
     {"polars", "parquet"},
 )
 def report_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflow: MlflowTracking) -> dg.MaterializeResult:
+    from cxr_pipeline.reports.labeler import labeler_version
     from cxr_pipeline.reports.metrics import radiologist_labels, score_systems, side_by_side_markdown
 
     gen = pl.read_parquet(storage.paths.generated_reports)
@@ -252,11 +256,13 @@ def report_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflo
         systems = {s: rad[s].to_list() for s in SYSTEMS}
         more, _ = score_systems(rad["reference"].to_list(), systems, meteor, radiologist_labels(rad), "radiologist")
         rows += more
-    table = pl.DataFrame(rows)
+    evaluation = gen["evaluation"][0] if "evaluation" in gen.columns and gen.height else "findings references"
+    table = pl.DataFrame(rows).with_columns(pl.lit(evaluation).alias("evaluation"), pl.lit(labeler_version()).alias("labeler"))
     path = write_parquet(table, storage.paths.report_metrics)
     if bad_total:
         context.log.warning(f"{bad_total} empty or malformed reports were labelled all-blank")
     with mlflow.run(context) as run:
+        run.log_params({"labeler": labeler_version(), "evaluation": evaluation})
         run.log_table(table, "report_metrics")
         for r in rows:
             prefix = r["system"] + (".radiologist" if r["test_labels"] == "radiologist" else "")
@@ -272,11 +278,21 @@ def report_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflo
         "ce_micro14_f1",
         "ce_macro14_f1",
         "ce_micro5_f1",
+        "ce_upos_micro14_f1",
+        "ce_upos_micro5_f1",
     )
     show = table.select(shown).with_columns(pl.col(pl.Float64).round(4))
     examples = dg.MetadataValue.md(side_by_side_markdown(gen, SYSTEMS))
     return dg.MaterializeResult(
-        metadata=asset_metadata(run, path, table=table_metadata(show), empty_or_malformed=bad_total, examples=examples)
+        metadata=asset_metadata(
+            run,
+            path,
+            table=table_metadata(show),
+            empty_or_malformed=bad_total,
+            examples=examples,
+            evaluation=evaluation,
+            labeler=labeler_version(),
+        )
     )
 
 

@@ -8,10 +8,13 @@ the cumulative corpus BLEU with brevity penalty, not the n-gram precision
 alone. METEOR runs the bundled METEOR 1.5 jar and so needs ``java``.
 
 Clinical efficacy: generated and reference reports are labelled with the
-CheXpert-style labeler; an observation counts as present when its label is 1
-(uncertain, negative and not mentioned count as absent, as in R2Gen's CE
-metrics); precision / recall / F1 micro and macro over the 14 observations and
-over the five common ones.
+report labeler (``reports/labeler.py``; its version goes to MLflow with the
+figures). Two conventions, side by side because papers use both: ``ce_*``
+counts an observation present when its label is 1 (uncertain, negative and not
+mentioned are absent), as R2Gen's CE metrics do; ``ce_upos_*`` also counts
+uncertain (-1) as present, as the CheXbert-based scorers of recent
+report-generation papers do. Each gives precision / recall / F1, micro and
+macro, over the 14 observations and over the five common ones.
 """
 
 from __future__ import annotations
@@ -78,14 +81,22 @@ def _close_meteor(m) -> None:
         pass
 
 
-def _binary(labels: list[dict[str, float | None]], names: Sequence[str]) -> np.ndarray:
-    return np.array([[1 if row.get(n) == 1.0 else 0 for n in names] for row in labels], dtype=int).reshape(len(labels), len(names))
+# Convention -> metric prefix and the label values counted as "present".
+CE_CONVENTIONS: dict[str, tuple[str, tuple[float, ...]]] = {
+    "uncertain_negative": ("ce", (1.0,)),
+    "uncertain_positive": ("ce_upos", (1.0, -1.0)),
+}
+
+
+def _binary(labels: list[dict[str, float | None]], names: Sequence[str], present: tuple[float, ...] = (1.0,)) -> np.ndarray:
+    return np.array([[1 if row.get(n) in present else 0 for n in names] for row in labels], dtype=int).reshape(len(labels), len(names))
 
 
 def clinical_efficacy(
     references: Sequence[str], hypotheses: Sequence[str], reference_labels: Sequence[dict] | None = None
 ) -> tuple[dict[str, float], int]:
-    """CE precision/recall/F1 (micro, macro) over 14 and over the 5 common observations.
+    """CE precision/recall/F1 (micro, macro) over 14 and over the 5 common observations, under both
+    conventions (``CE_CONVENTIONS``: ``ce_*`` uncertain as absent, ``ce_upos_*`` uncertain as present).
 
     The references' labels come from the labeler run on the reference reports, or are
     given (``reference_labels``: e.g. a radiologist's, ``{label: 1.0/0.0/-1.0/None}``).
@@ -96,13 +107,14 @@ def clinical_efficacy(
     ref_labels, n_bad_ref = (list(reference_labels), 0) if reference_labels is not None else label_reports(references)
     hyp_labels, n_bad_hyp = label_reports(hypotheses)
     out: dict[str, float] = {}
-    for tag, names in (("14", LABELS), ("5", COMMON5)):
-        y, p = _binary(ref_labels, names), _binary(hyp_labels, names)
-        for avg in ("micro", "macro"):
-            pr, rc, f1, _ = precision_recall_fscore_support(y, p, average=avg, zero_division=0)
-            out[f"ce_{avg}{tag}_precision"] = float(pr)
-            out[f"ce_{avg}{tag}_recall"] = float(rc)
-            out[f"ce_{avg}{tag}_f1"] = float(f1)
+    for prefix, present in CE_CONVENTIONS.values():
+        for tag, names in (("14", LABELS), ("5", COMMON5)):
+            y, p = _binary(ref_labels, names, present), _binary(hyp_labels, names, present)
+            for avg in ("micro", "macro"):
+                pr, rc, f1, _ = precision_recall_fscore_support(y, p, average=avg, zero_division=0)
+                out[f"{prefix}_{avg}{tag}_precision"] = float(pr)
+                out[f"{prefix}_{avg}{tag}_recall"] = float(rc)
+                out[f"{prefix}_{avg}{tag}_f1"] = float(f1)
     return out, n_bad_ref + n_bad_hyp
 
 

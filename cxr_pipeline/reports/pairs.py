@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import polars as pl
 
-TEXT_SOURCES = ("findings", "impression", "findings+impression")
+TEXT_SOURCES = ("findings", "impression", "findings+impression", "findings_only")
+R2GEN_SOURCE = "findings_only"  # R2Gen's MIMIC-CXR convention: FINDINGS only, studies without them left out
+
+
+def evaluation_name(source: str, capped_at: int = 0) -> str:
+    """How the report metrics' references were chosen, for the metrics table.
+
+    FINDINGS-only references over every test study is the convention R2Gen and most
+    MIMIC-CXR report-generation papers report; other choices are named as they are.
+    """
+    if source == R2GEN_SOURCE and not capped_at:
+        return "R2Gen-comparable (FINDINGS-only references, every test study)"
+    return f"{source} references" + (f", first {capped_at} test pairs" if capped_at else ", every test study")
 
 
 def report_text(findings: str | None, impression: str | None, source: str = "findings") -> str | None:
-    """FINDINGS, else IMPRESSION (default); or both joined; or IMPRESSION only."""
+    """FINDINGS, else IMPRESSION (default); or both joined; or IMPRESSION only; or FINDINGS only (R2Gen)."""
+    if source == R2GEN_SOURCE:
+        return findings or None
     if source == "findings":
         return findings or impression
     if source == "impression":
@@ -30,7 +44,7 @@ def build_pairs(manifest: pl.DataFrame, source: str = "findings", min_words: int
     texts = [report_text(f, i, source) for f, i in zip(manifest["findings"].to_list(), manifest["impression"].to_list(), strict=True)]
     radiologist = [c for c in manifest.columns if c.startswith("radiologist_")]  # kept for the radiologist test set
     df = manifest.select("dicom_id", "subject_id", "study_id", "path", "view_position", "split", *radiologist).with_columns(
-        pl.Series("text", texts, dtype=pl.String)
+        pl.Series("text", texts, dtype=pl.String), pl.lit(source).alias("text_source")
     )
     df = df.with_columns(pl.col("text").str.split(" ").list.len().fill_null(0).alias("words"))
     keep = pl.col("text").is_not_null() & (pl.col("words") >= min_words)
