@@ -59,8 +59,11 @@ def test_evaluation_and_predictions_run_on_the_training_device(tmp_path, monkeyp
     used = []
     monkeypatch.setattr(fit, "train", lambda *a, **k: TrainResult(model=build_model("resnet18"), best_epoch=1, epochs_run=1))
 
-    def predict(model, images, device, *a, **k):
+    precisions = []
+
+    def predict(model, images, device, batch_size=128, precision="fp32", *a, **k):
         used.append(device)
+        precisions.append(precision)
         return np.linspace(0, 1, images.shape[0])
 
     monkeypatch.setattr(fit, "predict", predict)
@@ -68,8 +71,11 @@ def test_evaluation_and_predictions_run_on_the_training_device(tmp_path, monkeyp
     every = pl.DataFrame({"dicom_id": ["d0", "d1"], "split": ["test", "train"]})
     monkeypatch.setattr(fit, "load_images", lambda *a, **k: (torch.zeros(2, 8, 8, dtype=torch.uint8), every))
     files = Paths(home=tmp_path, raw=tmp_path).classifier("edema")
-    out = fit.fit_and_save(d, every, tmp_path, TrainConfig(precision="fp32"), cuda, files, bootstrap=10)
+    out = fit.fit_and_save(d, every, tmp_path, TrainConfig(precision="bf16"), cuda, files, bootstrap=10)
     assert used == [cuda, cuda, cuda, cuda]  # validation, test, radiologist test, every image
+    assert precisions == ["fp32"] * 4  # trained in bf16, evaluated in fp32 (bf16 logits tie and move AUC)
+    # validation targets 1,1,1,0,0,0 against rising stand-in probabilities: AUC 0, from validation
+    assert out.row["val_roc_auc"] == 0.0 and out.row["blank_policy"] == "zeros" and out.row["bootstrap_skipped"] >= 0
     assert out.row["evaluable"] and (files.checkpoint / "model.safetensors").exists()
     assert [r["test_labels"] for r in json.loads(files.metrics.read_text())] == ["chexpert", "radiologist"]
     assert out.radiologist_row["n_pos"] == 2 and out.radiologist_row["threshold"] == out.row["threshold"]

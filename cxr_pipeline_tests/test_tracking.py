@@ -78,3 +78,22 @@ def test_orphans_are_closed_by_a_run_of_any_of_their_assets(cxr_home):
             assert close_orphaned_runs(run, instance, ["manifest"], "", "new-dagster-run") == 1
         assert client.get_run(orphan.info.run_id).info.status == "KILLED"
         assert client.get_run(other.run_id).info.status == "RUNNING"  # another asset's run is not touched
+
+
+def test_champion_follows_validation_auc_not_test_auc(cxr_home):
+    """Version 2 is better on validation and worse on test: it becomes champion (selecting on test
+    would make the champion's test figure optimistic); both AUCs are on the version."""
+    from types import SimpleNamespace
+
+    from cxr_pipeline.defs.classifier import _register
+
+    data = SimpleNamespace(label_slug="edema", label="Edema")
+    outcomes = []
+    for val_auc, test_auc in ((0.80, 0.90), (0.85, 0.70), (0.83, 0.95)):
+        with tracked_run("t") as run:
+            outcomes.append(_register(run, data, {"val_roc_auc": val_auc, "roc_auc": test_auc, "evaluable": True}))
+    assert [o["champion"] for o in outcomes] == [True, True, False]
+    client, _ = get_client()
+    champ = client.get_model_version_by_alias("cxr-edema", "champion")
+    assert str(champ.version) == "2"
+    assert champ.tags["val_auc"] == "0.850000" and champ.tags["test_auc"] == "0.700000"

@@ -167,6 +167,34 @@ def test_threshold_is_chosen_on_validation():
     assert row["roc_auc_lo"] <= row["roc_auc"] <= row["roc_auc_hi"]
 
 
+def test_bootstrap_counts_the_resamples_it_skips():
+    """Three test images, one positive: many resamples hold one class only; they are skipped and counted."""
+    row = evaluate(np.array([0, 0, 1]), np.array([0.1, 0.2, 0.9]), np.array([0, 1]), np.array([0.2, 0.8]), n_boot=200, seed=0)
+    # P(no positive drawn) = (2/3)^3, P(only the positive) = (1/3)^3: about 33% of 200 resamples
+    assert 40 <= row["bootstrap_skipped"] <= 95 and row["bootstrap_resamples"] == 200 and row["bootstrap_unit"] == "image"
+    big = evaluate(np.tile([0, 1], 50), np.linspace(0, 1, 100), np.array([0, 1]), np.array([0.2, 0.8]), n_boot=100)
+    assert big["bootstrap_skipped"] == 0
+
+
+def test_bootstrap_resamples_patients_when_they_repeat():
+    from cxr_pipeline.vision.evaluate import resample_indices
+
+    groups = np.array(["p1", "p1", "p1", "p2", "p3", "p3"])
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        idx, unit = resample_indices(len(groups), groups, rng)
+        assert unit == "patient"
+        drawn = groups[idx]
+        for g in ("p1", "p2", "p3"):  # a patient is drawn whole, with all its images, or not at all
+            k = int((drawn == g).sum())
+            assert k % int((groups == g).sum()) == 0
+    idx, unit = resample_indices(4, np.array(["a", "b", "c", "d"]), rng)
+    assert unit == "image" and len(idx) == 4  # one image each: plain image resampling
+    y = np.array([0, 0, 1, 1, 0, 1])
+    row = evaluate(y, np.linspace(0, 1, 6), np.array([0, 1]), np.array([0.2, 0.8]), n_boot=50, groups=groups)
+    assert row["bootstrap_unit"] == "patient"
+
+
 def test_single_class_test_set_is_not_evaluable():
     row = evaluate(np.zeros(10), np.random.rand(10), np.array([0, 1]), np.array([0.2, 0.8]), n_boot=10)
     assert row["evaluable"] is False and "only negatives" in row["reason"] and row["roc_auc"] is None

@@ -55,8 +55,8 @@ class ClassifierConfig(dg.Config):
     dropout: float = 0.2
     precision: str = "auto"
     seed: int = 0
-    uncertain: str = "ignore"
-    blank: str = "ignore"
+    uncertain: str = "ignore"  # uncertain (-1) rows left out; "zeros" / "ones": CheXpert's U-Zeros / U-Ones
+    blank: str = "zeros"  # not mentioned = negative, as most MIMIC-CXR papers and radiologist-label loaders; "ignore" drops them
     bootstrap: int = 1000
     steps_per_epoch: int = 0  # optimizer steps per epoch; 0: the whole training split
 
@@ -87,15 +87,21 @@ def _headline(row: dict, keys: tuple[str, ...], prefix: str = "") -> dict:
 
 
 def _register(run: TrackedRun, data, row: dict) -> dict:
-    """The fit's checkpoint as a new registry version; champion on a better test AUC."""
+    """The fit's checkpoint as a new registry version; champion on a better **validation** AUC.
+
+    Selecting on test AUC would make the champion's test figure optimistic (it won on that very
+    set); the test AUC is recorded as a tag beside it.
+    """
+    val_auc = row.get("val_roc_auc")
+    test_auc = row["roc_auc"] if row["evaluable"] else None
     return register_version(
         run,
         registered_name(data.label_slug),
         "checkpoint",
-        score_tag="test_auc",
-        score=row["roc_auc"] if row["evaluable"] else None,
+        score_tag="val_auc",
+        score=val_auc if val_auc is not None and val_auc == val_auc else None,
         description=f"Binary {data.label} classifier on chest radiographs (cxr_pipeline)",
-        tags={"pathology": data.label},
+        tags={"pathology": data.label, "test_auc": "nan" if test_auc is None else f"{test_auc:.6f}"},
     )
 
 
@@ -169,6 +175,10 @@ METRICS_SHOWN = (
     "sensitivity",
     "specificity",
     "threshold",
+    "val_roc_auc",
+    "uncertain_policy",
+    "blank_policy",
+    "bootstrap_skipped",
     "reference_auc",
     "reason",
 )

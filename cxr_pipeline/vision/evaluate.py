@@ -3,7 +3,10 @@
 scikit-learn computes every metric; this module only decides *where*: the
 threshold is chosen on the validation split (Youden's J: the ROC point
 farthest above chance), never on test and never a fixed 0.5; intervals are
-percentile bootstraps over test images (1,000 resamples, seeded). A test set
+percentile bootstraps (1,000 resamples, seeded) over test images, or over
+patients whenever a patient has more than one test image (their images are not
+independent); resamples with one class only are skipped and counted
+(``bootstrap_skipped``). A test set
 with one class only gets a "not evaluable" row with the reason, never a crash.
 """
 
@@ -64,8 +67,25 @@ def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, f
     }
 
 
-def evaluate(y_test, p_test, y_val, p_val, n_boot: int = 1000, seed: int = 0) -> dict:
-    """One row: n_pos, n_neg, threshold, each metric with its 95% CI, or not evaluable."""
+def resample_indices(n: int, groups=None, rng=None):
+    """One bootstrap resample of ``n`` items: items with replacement, or whole groups (patients)
+    with replacement when some group has more than one item. Returns (indices, unit)."""
+    rng = rng if rng is not None else np.random.default_rng()
+    if groups is not None and len(groups) == n:
+        _, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+        if counts.max() > 1:
+            members = np.argsort(inverse, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            picked = rng.integers(0, len(counts), len(counts))
+            return np.concatenate([members[starts[g] : starts[g] + counts[g]] for g in picked]), "patient"
+    return rng.integers(0, n, n), "image"
+
+
+def evaluate(y_test, p_test, y_val, p_val, n_boot: int = 1000, seed: int = 0, groups=None) -> dict:
+    """One row: n_pos, n_neg, threshold, each metric with its 95% CI, or not evaluable.
+
+    ``groups`` (e.g. the test images' subject ids): resample patients when one has several images.
+    """
     y_test = np.asarray(y_test).astype(int)
     p_test = np.asarray(p_test, dtype=float)
     threshold, how = choose_threshold(np.asarray(y_val).astype(int), np.asarray(p_val, dtype=float))
@@ -87,14 +107,16 @@ def evaluate(y_test, p_test, y_val, p_val, n_boot: int = 1000, seed: int = 0) ->
     row.update(point_metrics(y_test, p_test, threshold))
     rng = np.random.default_rng(seed)
     boots = {m: [] for m in METRICS}
-    n = len(y_test)
+    n, skipped, unit = len(y_test), 0, "image"
     for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
+        idx, unit = resample_indices(n, groups, rng)
         yb = y_test[idx]
         if yb.min() == yb.max():
+            skipped += 1
             continue
         for m, v in point_metrics(yb, p_test[idx], threshold).items():
             boots[m].append(v)
+    row.update(bootstrap_resamples=n_boot, bootstrap_skipped=skipped, bootstrap_unit=unit)
     for m in METRICS:
         vals = np.asarray([v for v in boots[m] if v == v])
         row[f"{m}_lo"], row[f"{m}_hi"] = (float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))) if len(vals) else (None, None)

@@ -29,7 +29,7 @@ from cxr_pipeline.data.io import atomic_path, write_parquet
 from cxr_pipeline.data.shards import load_images
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
 from cxr_pipeline.settings import ClassifierFiles, Paths
-from cxr_pipeline.vision.evaluate import REFERENCE_AUC, evaluate, save_curves
+from cxr_pipeline.vision.evaluate import REFERENCE_AUC, evaluate, roc_auc_or_nan, save_curves
 from cxr_pipeline.vision.targets import targets
 from cxr_pipeline.vision.train import (
     NORMALISE_MEAN,
@@ -37,7 +37,6 @@ from cxr_pipeline.vision.train import (
     TrainConfig,
     TrainResult,
     predict,
-    resolve_precision,
     train,
 )
 
@@ -116,6 +115,13 @@ def load_data(manifest: pl.DataFrame, shard_root: Path, label_slug: str, size: i
     return ClassifierData(label_slug, size, uncertain, blank, splits, source)
 
 
+EVAL_PRECISION = "fp32"
+
+
+def _patients(rows: pl.DataFrame):
+    return rows["subject_id"].to_numpy() if "subject_id" in rows.columns else None
+
+
 @dataclass
 class FitOutcome:
     row: dict  # the metrics row on the test split with the automatic labels
@@ -148,6 +154,7 @@ def record_untrainable(data: ClassifierData, files: ClassifierFiles) -> list[dic
     for split, source in (("test", data.label_source), (RADIOLOGIST, RADIOLOGIST)):
         n, pos = data.splits[split].rows.height, int(data.splits[split].targets.sum())
         row = {"pathology": data.label, "slug": data.label_slug, "test_labels": source, "evaluable": False}
+        row.update(uncertain_policy=data.uncertain, blank_policy=data.blank)
         rows.append({**row, "reason": data.untrainable_reason, "n_test": n, "n_pos": pos, "n_neg": n - pos})
     _clear_model_files(files)
     _write_json(files.metrics, rows)
@@ -183,18 +190,24 @@ def fit_and_save(
         on_epoch=on_epoch,
         data_digest=data.digest(),
     )
-    precision = resolve_precision(cfg.precision, device)
 
     def probs(images):
-        return predict(result.model, images, device, cfg.eval_batch_size, precision, cfg.channels_last)
+        # fp32 whatever the training precision: bf16 logits have 8 significant bits, and the ties
+        # they create move ROC-AUC and the chosen threshold
+        return predict(result.model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last)
 
     p_val, p_test, p_rad = probs(sp["validate"].images), probs(sp["test"].images), probs(sp[RADIOLOGIST].images)
     y_test, y_val = sp["test"].targets.numpy(), sp["validate"].targets.numpy()
     common = {"pathology": data.label, "slug": data.label_slug, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
-    common["train_seconds"] = round(result.seconds, 1)
-    # both test sets use the threshold chosen on validation (automatic labels)
-    row = {**evaluate(y_test, p_test, y_val, p_val, n_boot=bootstrap, seed=cfg.seed), **common, "test_labels": data.label_source}
-    rad = evaluate(sp[RADIOLOGIST].targets.numpy(), p_rad, y_val, p_val, n_boot=bootstrap, seed=cfg.seed)
+    common.update(train_seconds=round(result.seconds, 1), val_roc_auc=roc_auc_or_nan(y_val, p_val))
+    common.update(uncertain_policy=data.uncertain, blank_policy=data.blank)
+    # both test sets use the threshold chosen on validation (automatic labels); resampling is by
+    # patient whenever a patient has more than one test image
+    row = evaluate(y_test, p_test, y_val, p_val, n_boot=bootstrap, seed=cfg.seed, groups=_patients(sp["test"].rows))
+    row = {**row, **common, "test_labels": data.label_source}
+    rad = evaluate(
+        sp[RADIOLOGIST].targets.numpy(), p_rad, y_val, p_val, n_boot=bootstrap, seed=cfg.seed, groups=_patients(sp[RADIOLOGIST].rows)
+    )
     if not sp[RADIOLOGIST].rows.height:
         rad["reason"] = "no radiologist-labelled test images"
     rad_row = {**rad, **common, "test_labels": RADIOLOGIST}
@@ -246,8 +259,9 @@ def metrics_table(paths: Paths) -> pl.DataFrame:
     if not rows:
         return pl.DataFrame()
     df = pl.DataFrame(rows, infer_schema_length=None)
-    floats = [m for m in METRICS] + [f"{m}_{b}" for m in METRICS for b in ("lo", "hi")] + ["threshold"]
-    df = df.with_columns(pl.lit(None, pl.Float64).alias(c) for c in floats if c not in df.columns)
+    floats = [m for m in METRICS] + [f"{m}_{b}" for m in METRICS for b in ("lo", "hi")] + ["threshold", "val_roc_auc"]
+    typed = {**dict.fromkeys(floats, pl.Float64), "bootstrap_skipped": pl.Int64, "uncertain_policy": pl.String, "blank_policy": pl.String}
+    df = df.with_columns(pl.lit(None, dtype).alias(c) for c, dtype in typed.items() if c not in df.columns)
     df = df.with_columns(pl.col("pathology").replace_strict(REFERENCE_AUC, default=None, return_dtype=pl.Float64).alias("reference_auc"))
     order = {LABEL_BY_SLUG[s]: i for i, s in enumerate(SLUGS)}
     return df.sort(pl.col("pathology").replace_strict(order, return_dtype=pl.Int32), pl.col("test_labels") == RADIOLOGIST)
