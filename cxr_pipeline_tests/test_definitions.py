@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -328,6 +329,14 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home):
         assert set(rm["labeler"]) == {labeler_version()}
         mrun = client.get_run(rmats["report_metrics"].metadata["mlflow_run_id"].value)
         assert mrun.data.params["labeler"] == labeler_version()
+        lab = rm.filter(pl.col("test_labels") == "labeler")
+        assert lab["ce_micro14_f1_lo"].is_not_null().all() and (lab["ROUGE_L_lo"] <= lab["ROUGE_L"]).all()
+        diffs = pl.read_parquet(Path(rmats["report_metrics"].metadata["path"].value).with_name("report_differences.parquet"))
+        assert {(a, b) for a, b in diffs.select("a", "b").iter_rows()} == {
+            ("adapter", "template"),
+            ("adapter", "retrieval"),
+            ("template", "retrieval"),
+        }
 
 
 def test_pipeline_yaml_is_every_run_s_configuration_and_run_config_overrides_it(env, cxr_home):

@@ -201,3 +201,23 @@ def test_r2gen_references_are_findings_only_and_named():
     assert evaluation_name("findings_only", 0).startswith("R2Gen-comparable")
     assert not evaluation_name("findings_only", 50).startswith("R2Gen")  # capped: not every test study
     assert not evaluation_name("findings", 0).startswith("R2Gen")
+
+
+def test_report_intervals_are_paired_over_studies():
+    """The better system's paired difference excludes 0; two images of one study move together."""
+    from cxr_pipeline.reports.metrics import report_intervals
+
+    refs = ["Large left pleural effusion.", "Moderate cardiomegaly.", "Right lower lobe pneumonia.", "Small right pneumothorax."] * 6
+    good = list(refs)
+    bad = ["No acute cardiopulmonary process."] * len(refs)
+    studies = [i // 2 for i in range(len(refs))]  # two images per study
+    rows, diffs = report_intervals(refs, {"good": good, "bad": bad}, studies, n_boot=200)
+    by = {r["system"]: r for r in rows}
+    assert by["good"]["ce_micro14_f1"] == 1.0 and by["bad"]["ce_micro14_f1"] == 0.0
+    assert by["good"]["ce_micro14_f1_lo"] <= by["good"]["ce_micro14_f1"] <= by["good"]["ce_micro14_f1_hi"]
+    ce = next(d for d in diffs if d["metric"] == "ce_micro14_f1")
+    assert (ce["a"], ce["b"], ce["better"]) == ("good", "bad", "good") and ce["lo"] > 0
+    same, _ = report_intervals(refs, {"a": good, "b": list(good)}, studies, n_boot=50)
+    assert same[0]["ROUGE_L"] == same[1]["ROUGE_L"]
+    _, d2 = report_intervals(refs, {"a": good, "b": list(good)}, studies, n_boot=50)
+    assert all(d["better"] == "neither" and d["lo"] == d["hi"] == 0 for d in d2)

@@ -243,7 +243,7 @@ def generated_reports(
 )
 def report_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflow: MlflowTracking) -> dg.MaterializeResult:
     from cxr_pipeline.reports.labeler import labeler_version
-    from cxr_pipeline.reports.metrics import radiologist_labels, score_systems, side_by_side_markdown
+    from cxr_pipeline.reports.metrics import INTERVAL_METRICS, radiologist_labels, report_intervals, score_systems, side_by_side_markdown
 
     gen = pl.read_parquet(storage.paths.generated_reports)
     meteor = shutil.which("java") is not None
@@ -258,12 +258,20 @@ def report_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflo
         rows += more
     evaluation = gen["evaluation"][0] if "evaluation" in gen.columns and gen.height else "findings references"
     table = pl.DataFrame(rows).with_columns(pl.lit(evaluation).alias("evaluation"), pl.lit(labeler_version()).alias("labeler"))
+    # 95% intervals over test studies, and paired ones for each difference between systems
+    iv, diffs = report_intervals(gen["reference"].to_list(), {s: gen[s].to_list() for s in SYSTEMS}, gen["study_id"].to_list())
+    bounds = [f"{m}_{b}" for m in INTERVAL_METRICS for b in ("lo", "hi")]
+    iv_table = pl.DataFrame(iv).select("system", *bounds).with_columns(pl.lit("labeler").alias("test_labels"))
+    table = table.join(iv_table, on=["system", "test_labels"], how="left")
+    differences = pl.DataFrame(diffs, schema_overrides={"lo": pl.Float64, "hi": pl.Float64, "better": pl.String})
+    write_parquet(differences, storage.paths.report_metrics.with_name("report_differences.parquet"))
     path = write_parquet(table, storage.paths.report_metrics)
     if bad_total:
         context.log.warning(f"{bad_total} empty or malformed reports were labelled all-blank")
     with mlflow.run(context) as run:
         run.log_params({"labeler": labeler_version(), "evaluation": evaluation})
         run.log_table(table, "report_metrics")
+        run.log_table(differences, "report_differences")
         for r in rows:
             prefix = r["system"] + (".radiologist" if r["test_labels"] == "radiologist" else "")
             run.log_metrics({f"{prefix}.{k}": v for k, v in r.items() if isinstance(v, float)})
@@ -278,6 +286,8 @@ def report_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflo
         "ce_micro14_f1",
         "ce_macro14_f1",
         "ce_micro5_f1",
+        "ce_micro14_f1_lo",
+        "ce_micro14_f1_hi",
         "ce_upos_micro14_f1",
         "ce_upos_micro5_f1",
     )

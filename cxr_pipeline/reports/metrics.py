@@ -118,6 +118,84 @@ def clinical_efficacy(
     return out, n_bad_ref + n_bad_hyp
 
 
+INTERVAL_METRICS = ("ce_micro14_f1", "ce_upos_micro14_f1", "ROUGE_L")
+
+
+def _per_report(references: Sequence[str], hyps: Sequence[str], ref_labels: list[dict]) -> dict[str, np.ndarray]:
+    """What each report adds to the interval metrics: CE true/false positive and false negative counts
+    over the 14 observations (both conventions), and its ROUGE-L."""
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    hyp_labels, _ = label_reports(hyps)
+    out = {}
+    for prefix, present in CE_CONVENTIONS.values():
+        y, p = _binary(ref_labels, LABELS, present), _binary(hyp_labels, LABELS, present)
+        out[f"{prefix}_tp"], out[f"{prefix}_fp"], out[f"{prefix}_fn"] = (y & p).sum(1), ((1 - y) & p).sum(1), (y & (1 - p)).sum(1)
+    gts = {i: [clean_report(r) or "."] for i, r in enumerate(references)}
+    res = {i: [clean_report(h) or "."] for i, h in enumerate(hyps)}
+    out["rouge"] = np.asarray(Rouge().compute_score(gts, res)[1], dtype=float) if len(hyps) else np.zeros(0)
+    return out
+
+
+def _interval_values(per: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, float]:
+    vals = {}
+    for prefix in ("ce", "ce_upos"):
+        tp, fp, fn = (float(per[f"{prefix}_{k}"][idx].sum()) for k in ("tp", "fp", "fn"))
+        vals[f"{prefix}_micro14_f1"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    vals["ROUGE_L"] = float(per["rouge"][idx].mean()) if len(idx) else float("nan")
+    return vals
+
+
+def report_intervals(
+    references: Sequence[str],
+    systems: dict[str, Sequence[str]],
+    studies: Sequence,
+    reference_labels: Sequence[dict] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[list[dict], list[dict]]:
+    """95% bootstrap intervals over test studies for CE micro-F1 (both conventions) and ROUGE-L of each
+    system, and paired intervals for each difference between two systems (same resamples for both),
+    so "better" means the interval of the difference excludes 0.
+
+    Corpus BLEU and CIDEr are left out: their corpus statistics (n-gram counts, document
+    frequencies) would have to be recomputed per resample. Returns (per-system rows, difference rows).
+    """
+    from cxr_pipeline.vision.evaluate import resample_indices
+
+    ref_labels = list(reference_labels) if reference_labels is not None else label_reports(references)[0]
+    per = {name: _per_report(references, hyps, ref_labels) for name, hyps in systems.items()}
+    n = len(references)
+    point = {name: _interval_values(p, np.arange(n)) for name, p in per.items()}
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[dict]] = {name: [] for name in systems}
+    for _ in range(n_boot if n else 0):
+        idx, _unit = resample_indices(n, np.asarray(studies), rng)
+        for name, p in per.items():
+            draws[name].append(_interval_values(p, idx))
+
+    def ci(values: list[float]) -> tuple[float | None, float | None]:
+        v = np.asarray([x for x in values if x == x])
+        return (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) if len(v) else (None, None)
+
+    rows, diffs = [], []
+    for name in systems:
+        row = {"system": name, "n": n, "resamples": n_boot}
+        for m in INTERVAL_METRICS:
+            row[m] = point[name][m]
+            row[f"{m}_lo"], row[f"{m}_hi"] = ci([d[m] for d in draws[name]])
+        rows.append(row)
+    names = list(systems)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            for m in INTERVAL_METRICS:
+                d = [x[m] - y[m] for x, y in zip(draws[a], draws[b], strict=True)]
+                lo, hi = ci(d)
+                better = None if lo is None else (a if lo > 0 else b if hi < 0 else "neither")
+                diffs.append({"a": a, "b": b, "metric": m, "difference": point[a][m] - point[b][m], "lo": lo, "hi": hi, "better": better})
+    return rows, diffs
+
+
 def score_systems(
     references: Sequence[str],
     systems: dict[str, Sequence[str]],
