@@ -14,6 +14,13 @@ The feeding overhead is 1 - train/in-memory. The last line:
 ``train: X img/s; in-memory: Y img/s; feeding overhead: Z%; device: NAME``
 
     python benchmarks/bench_training.py [--size 224] [--n 512] [--steps 12] [--arch resnet18]
+    python benchmarks/bench_training.py --multilabel [--size 64] [--n 256] [--epochs 1]
+
+``--multilabel``: the cost of the 14 per-pathology models against the one multi-label
+model, each trained by ``vision.train.train`` exactly as the assets do (same recipe,
+same images, ``--epochs``; labels drawn at random with a third unusable, as under
+the ``ignore`` policy) and timed end to end (training and validation passes), in one
+run. Last line: ``multilabel: X s; 14 per-pathology: Y s; ratio Y/X; device: NAME``.
 """
 
 from __future__ import annotations
@@ -57,6 +64,39 @@ def ensure_shards(layout, n: int, size: int) -> pl.DataFrame:
     return items
 
 
+def multilabel(args) -> int:
+    import torch
+
+    from cxr_pipeline.data.shards import load_images
+    from cxr_pipeline.labels import SLUGS
+    from cxr_pipeline.vision.train import TrainConfig, train
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
+    layout = Paths(home=Path(args.data), raw=Path(args.data) / "src")
+    items = ensure_shards(layout, args.n, args.size)
+    images, _rows = load_images(layout.shard_root(args.size), items, args.size)
+    n_val = max(16, args.n // 8)
+    xtr, xva = images[n_val:], images[:n_val]
+    rng = np.random.default_rng(0)
+    y = (rng.uniform(size=(args.n, len(SLUGS))) < 0.3).astype(np.float32)
+    y[rng.uniform(size=y.shape) < 1 / 3] = np.nan  # unusable under the policy
+    y = torch.from_numpy(y)
+    ytr, yva = y[n_val:], y[:n_val]
+    cfg = TrainConfig(arch=args.arch, batch_size=args.batch, accumulation=1, epochs=args.epochs, patience=args.epochs + 1)
+    t0 = time.perf_counter()
+    train(xtr, ytr, xva, yva, cfg, device)
+    multi = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for j in range(len(SLUGS)):  # each per-pathology model sees the images its label is usable on
+        k_tr, k_va = ~torch.isnan(ytr[:, j]), ~torch.isnan(yva[:, j])
+        train(xtr[k_tr], ytr[k_tr, j], xva[k_va], yva[k_va, j], cfg, device)
+    per = time.perf_counter() - t0
+    print(f"{args.arch} at {args.size}px, {args.n} images ({n_val} validation), batch {args.batch}, {args.epochs} epoch(s) each")
+    print(f"multilabel: {multi:.1f} s; 14 per-pathology: {per:.1f} s; ratio {per / multi:.1f}; device: {name}")
+    return 0
+
+
 def main() -> int:
     import torch
 
@@ -71,7 +111,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12, help="timed micro-batches per side (after 2 warm-up steps)")
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--data", default=str(paths().bench("training")))
+    ap.add_argument("--multilabel", action="store_true", help="14 per-pathology trainings against one multi-label training")
+    ap.add_argument("--epochs", type=int, default=1, help="epochs per training (--multilabel)")
     args = ap.parse_args()
+    if args.multilabel:
+        return multilabel(args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"

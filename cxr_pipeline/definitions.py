@@ -37,9 +37,9 @@ JOBS = {
         "Train and evaluate one pathology's classifier (one partition per CheXpert label).",
     ),
     "classifier_summary_job": (
-        ["classifier_metrics", "classifier_predictions"],
+        ["multilabel_classifier", "classifier_metrics", "classifier_predictions"],
         None,
-        "The metrics table and the predictions table over every trained pathology.",
+        "The multi-label model, then the metrics table (per-pathology and multi-label) and the predictions table.",
     ),
     "report_job": (
         ["report_pairs", "report_adapter", "generated_reports", "report_metrics"],

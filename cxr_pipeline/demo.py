@@ -136,22 +136,32 @@ def print_summary(p: Paths) -> None:
     )
     metrics = pl.read_parquet(p.classifier_metrics)
     print(
-        "\nclassifiers (threshold chosen on validation; 95% bootstrap CI; seeds' AUC for comparison). Two test sets: the test split\n"
+        "\nclassifiers: one binary model per pathology beside the one multi-label model (threshold chosen on validation; 95%\n"
+        "bootstrap CI by patient; seeds' AUC for comparison). Two test sets: the test split\n"
         "with the automatic labels (chexpert), and its radiologist-labelled studies with the radiologist's labels (blank = negative):"
     )
     ci = pl.when(pl.col("roc_auc_lo").is_not_null()).then(pl.format("{}-{}", pl.col("roc_auc_lo").round(2), pl.col("roc_auc_hi").round(2)))
-    table = metrics.select(
-        "pathology",
-        pl.col("test_labels").alias("test labels"),
-        "n_pos",
-        "n_neg",
-        pl.col("roc_auc").round(3).alias("auc"),
-        ci.alias("auc 95% CI"),
-        pl.col("average_precision").round(3).alias("AP"),
-        pl.col("f1").round(3).alias("F1"),
-        pl.col("accuracy").round(3).alias("acc"),
-        pl.col("reference_auc").alias("seeds' auc"),
-        pl.col("reason").str.slice(0, 40).alias("note"),
+    if "model" not in metrics.columns:
+        metrics = metrics.with_columns(pl.lit("per_pathology").alias("model"))
+    multi = metrics.filter(pl.col("model") == "multilabel").select(
+        "pathology", "test_labels", pl.col("roc_auc").round(3).alias("multi-label auc"), ci.alias("multi-label CI")
+    )
+    table = (
+        metrics.filter(pl.col("model") == "per_pathology")
+        .select(
+            "pathology",
+            "test_labels",
+            "n_pos",
+            "n_neg",
+            pl.col("roc_auc").round(3).alias("auc"),
+            ci.alias("auc 95% CI"),
+            pl.col("average_precision").round(3).alias("AP"),
+            pl.col("f1").round(3).alias("F1"),
+            pl.col("reference_auc").alias("seeds' auc"),
+            pl.col("reason").str.slice(0, 30).alias("note"),
+        )
+        .join(multi, on=["pathology", "test_labels"], how="left", maintain_order="left")
+        .rename({"test_labels": "test labels"})
     )
     with pl.Config(tbl_rows=40, fmt_str_lengths=40, **TABLE_STYLE):
         print(table)

@@ -164,7 +164,8 @@ def test_cli_demo_on_a_tiny_replica(cxr_home, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
     assert main(["demo", "--patients", "12", "--image-size", "48", "--epochs", "1"]) == 0
     out = capsys.readouterr().out
-    assert "manifest:" in out and "make ui" in out and "classifiers (threshold chosen on validation" in out
+    assert "manifest:" in out and "make ui" in out and "beside the one multi-label model (threshold chosen on validation" in out
+    assert "multi-label auc" in out  # both AUC columns side by side
     # both test label sources, in the classifier table and in the report table
     assert out.count("┆ chexpert") >= 14 and out.count("┆ radiologist") >= 14 and "┆ labeler" in out
     assert (cxr_home / "raw" / ".replica.json").exists()
@@ -277,10 +278,17 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home):
         assert str(client.get_model_version_by_alias("cxr-support-devices", "candidate").version) == "1"
         assert str(client.get_model_version_by_alias("cxr-support-devices", "champion").version) == "1"
         run_job(defs, "classifier_job", instance, partition_key="no_finding", run_config=cfg)
-        summary = run_job(defs, "classifier_summary_job", instance)
+        summary = run_job(defs, "classifier_summary_job", instance, run_config={"ops": {"multilabel_classifier": cfg["ops"]["classifier"]}})
         mats = {e.asset_key.to_user_string(): e.materialization for e in summary.get_asset_materialization_events()}
         table = pl.read_parquet(mats["classifier_metrics"].metadata["path"].value)
-        assert set(table["slug"]) == {"support_devices", "no_finding"}
+        per = table.filter(pl.col("model") == "per_pathology")
+        assert set(per["slug"]) == {"support_devices", "no_finding"}
+        # the multi-label model: one row per label and test label source, evaluated like the others
+        multi = table.filter(pl.col("model") == "multilabel")
+        assert multi.height == 2 * 14 and set(multi["test_labels"]) == {"chexpert", "radiologist"}
+        assert multi.filter(pl.col("slug") == "support_devices")["evaluable"].to_list()[0] is True
+        assert mats["multilabel_classifier"].metadata["registered_model"].value.startswith("cxr-multilabel v1")
+        assert str(client.get_model_version_by_alias("cxr-multilabel", "champion").version) == "1"
         for col in ("roc_auc_lo", "roc_auc_hi", "f1", "sensitivity", "specificity", "average_precision", "threshold", "n_pos", "n_neg"):
             assert col in table.columns
         preds = pl.read_parquet(mats["classifier_predictions"].metadata["path"].value)

@@ -253,3 +253,44 @@ def test_a_last_batch_of_one_image_does_not_break_batchnorm(effusion):
     xtr, ytr, xva, yva, *_ = effusion
     res = train(xtr[:17], ytr[:17], xva, yva, TrainConfig(**{**FAST.__dict__, "epochs": 1, "batch_size": 16}), CPU)
     assert res.epochs_run == 1 and np.isfinite(res.history[0]["train_loss"])
+
+
+def test_masked_loss_ignores_unusable_labels():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    y = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    got = train_mod._bce(logits, y)
+    known = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor([2.0, 0.5, 3.0]), torch.tensor([1.0, 0.0, 1.0]))
+    assert got == pytest.approx(float(known))
+    # changing the logit of an unusable label changes nothing
+    assert train_mod._bce(torch.tensor([[2.0, 99.0], [0.5, 3.0]]), y) == pytest.approx(float(got))
+
+
+def test_multilabel_training_learns_two_findings_with_missing_labels():
+    """One backbone, two logits: effusion and cardiomegaly planted independently; a third of each
+    label unusable (NaN). Each output learns its own finding."""
+    rng = np.random.default_rng(0)
+
+    def make(n, seed):
+        from cxr_pipeline.data.dicom import letterbox
+
+        imgs, ys = [], []
+        for i in range(n):
+            y = rng.uniform(size=2) < 0.5
+            r = np.random.default_rng([seed, i])
+            findings = {k: 1.0 for k, on in zip(("Pleural Effusion", "Cardiomegaly"), y, strict=True) if on}
+            imgs.append(letterbox(render(r, 80, 80, "PA", findings, Anatomy.draw(r)), 40))
+            ys.append(y.astype(np.float32))
+        return torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(ys))
+
+    xtr, ytr = make(240, 1)
+    ytr[torch.from_numpy(rng.uniform(size=ytr.shape) < 0.33)] = float("nan")
+    xva, yva = make(60, 2)
+    xte, yte = make(80, 3)
+    res = train(xtr, ytr, xva, yva, TrainConfig(**{**FAST.__dict__, "epochs": 5}), CPU)
+    p = predict(res.model, xte, CPU)
+    assert p.shape == (80, 2)
+    from cxr_pipeline.vision.evaluate import roc_auc_or_nan
+
+    aucs = [roc_auc_or_nan(yte[:, j].numpy(), p[:, j]) for j in range(2)]
+    assert min(aucs) > 0.8, aucs
+    assert res.history[-1]["val_auc"] == res.history[-1]["val_auc"]  # the mean over labels, not NaN

@@ -1,4 +1,4 @@
-"""image_shards + manifest -> classifier[14 pathologies] -> classifier_metrics, classifier_predictions.
+"""image_shards + manifest -> classifier[14 pathologies], multilabel_classifier -> classifier_metrics, classifier_predictions.
 
 The work is in ``vision.fit``; these assets read config, call it, log to MLflow
 and return metadata.
@@ -27,6 +27,8 @@ from cxr_pipeline.tracking import TrackedRun, register_version, retire_aliases
 CLASSIFIER = "classifier"
 CLASSIFIER_METRICS = "classifier_metrics"
 CLASSIFIER_PREDICTIONS = "classifier_predictions"
+MULTILABEL_CLASSIFIER = "multilabel_classifier"
+MULTILABEL_REGISTERED = "cxr-multilabel"
 CLASSIFIER_CODE_VERSION = "1"
 label_partitions = dg.StaticPartitionsDefinition(list(SLUGS))
 HEADLINE = ("roc_auc", "average_precision", "accuracy", "f1", "threshold", "n_pos", "n_neg")
@@ -160,7 +162,68 @@ def classifier(
     return dg.MaterializeResult(metadata=asset_metadata(run, **headline, **md))
 
 
+@_asset(
+    MULTILABEL_CLASSIFIER,
+    [ALL_SHARDS, MANIFEST],
+    "One CNN with 14 outputs (the field's standard: CheXNet, TorchXRayVision): masked loss over the labels usable under the "
+    "policy, the per-pathology recipe (pipeline.yaml's classifier section), each label evaluated like a per-pathology model.",
+    {"pytorch", "safetensors"},
+    **gpu_asset(),
+)
+def multilabel_classifier(
+    context: dg.AssetExecutionContext, config: ClassifierConfig, storage: CxrStorage, mlflow: MlflowTracking, compute: Compute
+) -> dg.MaterializeResult:
+    import math
+
+    from cxr_pipeline.vision.fit import MULTILABEL, fit_multilabel, load_multilabel_data
+
+    config = effective_config(context, config, storage.paths, section=CLASSIFIER)
+    size = shard_size(config.size)
+    paths, cfg, device = storage.paths, config.train_config(), compute.torch_device()
+    files = paths.classifier(MULTILABEL)
+    manifest = read_manifest(storage)
+    data = load_multilabel_data(manifest, paths.shard_root(size), size, config.uncertain, config.blank)
+    counts = {f"n_{s}": data.splits[s].rows.height for s in ("train", "validate", "test")}
+    context.log.info(f"multi-label: {counts} on {compute.describe()}")
+    with mlflow.run(context, {"model": MULTILABEL}) as run:
+        run.log_params({**cfg.__dict__, "uncertain": config.uncertain, "blank": config.blank, "size": size, "device": str(device)})
+        run.log_params(counts)
+
+        def on_epoch(row: dict) -> None:
+            run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+        rows, result = fit_multilabel(
+            data, manifest, paths.shard_root(size), cfg, device, files, bootstrap=config.bootstrap, log=context.log.info, on_epoch=on_epoch
+        )
+        auto = [r for r in rows if r["test_labels"] != "radiologist"]
+        for r in auto:
+            run.log_metrics({f"{r['slug']}.test_roc_auc": r["roc_auc"]} if r["evaluable"] else {})
+        run.log_metrics(
+            {"best_epoch": result.best_epoch, "train_images_per_second": result.images_per_second, "train_seconds": result.seconds}
+        )
+        run.log_artifact(files.checkpoint, "checkpoint")
+        run.log_dict({"rows": rows}, "metrics.json")
+        vals = [r["val_roc_auc"] for r in auto if r["val_roc_auc"] is not None and not math.isnan(r["val_roc_auc"])]
+        tests = [r["roc_auc"] for r in auto if r["evaluable"]]
+        reg = register_version(
+            run,
+            MULTILABEL_REGISTERED,
+            "checkpoint",
+            score_tag="val_auc",  # mean validation AUC over labels; never test (see _register)
+            score=sum(vals) / len(vals) if vals else None,
+            description="Multi-label CNN, 14 CheXpert observations, on chest radiographs (cxr_pipeline)",
+            tags={"labels": "14", "test_auc": f"{sum(tests) / len(tests):.6f}" if tests else "nan"},
+        )
+    md = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1)}
+    md["mean_test_roc_auc"] = round(sum(tests) / len(tests), 4) if tests else float("nan")
+    md["evaluable_labels"] = len(tests)
+    md["registered_model"] = f"{reg['name']} v{reg['version']}" + (" (champion)" if reg["champion"] else "")
+    md["checkpoint"] = dg.MetadataValue.path(str(files.checkpoint))
+    return dg.MaterializeResult(metadata=asset_metadata(run, **counts, **md))
+
+
 METRICS_SHOWN = (
+    "model",
     "pathology",
     "test_labels",
     "evaluable",
@@ -186,8 +249,9 @@ METRICS_SHOWN = (
 
 @_asset(
     CLASSIFIER_METRICS,
-    [ALL_CLASSIFIERS],
-    "Pathology x accuracy / F1 / sensitivity / specificity / ROC-AUC / AP with 95% bootstrap CIs, next to the 2024 seeds' AUC.",
+    [ALL_CLASSIFIERS, MULTILABEL_CLASSIFIER],
+    "Model (per-pathology, multi-label) x pathology x accuracy / F1 / sensitivity / specificity / ROC-AUC / AP with 95% bootstrap CIs, "
+    "next to the 2024 seeds' AUC.",
     {"polars", "parquet"},
 )
 def classifier_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflow: MlflowTracking) -> dg.MaterializeResult:
@@ -203,12 +267,13 @@ def classifier_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, m
     with mlflow.run(context) as run:
         run.log_table(show, "classifier_metrics")
         for r in show.filter(pl.col("evaluable")).iter_rows(named=True):
-            prefix = slug(r["pathology"]) + (".radiologist" if r["test_labels"] == "radiologist" else "")
+            prefix = ("multilabel." if r["model"] == "multilabel" else "") + slug(r["pathology"])
+            prefix += ".radiologist" if r["test_labels"] == "radiologist" else ""
             run.log_metrics({f"{prefix}.roc_auc": r["roc_auc"], f"{prefix}.f1": r["f1"]})
         run.log_artifact(
             save_curves(curves_of_test_split(paths, df["slug"].to_list()), paths.classifier_curves, "All pathologies, test split")
         )
-    ev = show.filter(pl.col("evaluable") & (pl.col("test_labels") != "radiologist"))
+    ev = show.filter(pl.col("evaluable") & (pl.col("test_labels") != "radiologist") & (pl.col("model") == "per_pathology"))
     return dg.MaterializeResult(
         metadata=asset_metadata(
             run,
@@ -241,4 +306,4 @@ def classifier_predictions(context: dg.AssetExecutionContext, storage: CxrStorag
     return dg.MaterializeResult(metadata=asset_metadata(run, path, wide.height, pathologies=dg.MetadataValue.json(done)))
 
 
-CLASSIFIER_ASSETS = [classifier, classifier_metrics, classifier_predictions]
+CLASSIFIER_ASSETS = [classifier, multilabel_classifier, classifier_metrics, classifier_predictions]

@@ -134,21 +134,23 @@ def needed_shard_sizes(paths: Paths) -> list[int]:
     return sorted({shard_size(int(cls.get("size", 0))), report_shard_size(int(rep.get("size", 0)), str(rep.get("base", "")))})
 
 
-def effective_config(context: dg.AssetExecutionContext, config: dg.Config, paths: Paths) -> dg.Config:
+def effective_config(context: dg.AssetExecutionContext, config: dg.Config, paths: Paths, section: str | None = None) -> dg.Config:
     """The run's config: the asset's defaults, under ``$CXR_HOME/pipeline.yaml``'s section, under
-    what this run's own run config sets (field by field).
+    what this run's own run config sets (field by field). ``section``: read another asset's
+    section of the file (the multi-label model follows the per-pathology ``classifier`` recipe).
 
     Dagster hands an asset its defaults wherever the run config is silent (runs started by
     automation, a schedule, a plain Materialize click); reading the file here, when the run
     starts, makes all of those follow the user's configuration.
     """
     op = context.op_def.name
-    section = read_pipeline_config(paths).get(op, {})
-    unknown = sorted(set(section) - set(type(config).model_fields))
+    name = section or op
+    from_file = read_pipeline_config(paths).get(name, {})
+    unknown = sorted(set(from_file) - set(type(config).model_fields))
     if unknown:
-        raise dg.Failure(f"{paths.pipeline_config}: {op}: unknown field(s) {', '.join(unknown)}")
+        raise dg.Failure(f"{paths.pipeline_config}: {name}: unknown field(s) {', '.join(unknown)}")
     explicit = (context.run_config.get("ops", {}).get(op) or {}).get("config") or {}
-    return type(config)(**{**config.model_dump(), **section, **explicit})
+    return type(config)(**{**config.model_dump(), **from_file, **explicit})
 
 
 def latest_metadata(instance: dg.DagsterInstance, key: str, partition: str | None, field: str):

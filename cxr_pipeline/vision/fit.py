@@ -1,4 +1,5 @@
-"""One pathology's classifier from manifest and shards to saved files: load, fit, evaluate, save.
+"""A classifier from manifest and shards to saved files: load, fit, evaluate, save (one pathology's, or
+the multi-label model's: ``load_multilabel_data`` / ``fit_multilabel`` at the end).
 
 The Dagster asset calls ``load_data`` then either ``record_untrainable`` or
 ``fit_and_save``; the CLI and benchmarks can do the same without Dagster. What
@@ -42,6 +43,7 @@ from cxr_pipeline.vision.train import (
 
 SPLITS = ("train", "validate", "test")
 RADIOLOGIST = "radiologist"  # the second test set: radiologist-labelled test studies, with those labels
+MULTILABEL = "multilabel"  # its folder under classifier/ and its ``model`` value in the metrics rows
 
 
 @dataclass
@@ -255,7 +257,9 @@ def metrics_table(paths: Paths) -> pl.DataFrame:
     """
     from cxr_pipeline.vision.evaluate import METRICS
 
-    rows = [r for s in SLUGS if (f := paths.classifier(s).metrics).exists() for r in _metrics_rows(f)]
+    rows = [{"model": "per_pathology", **r} for s in SLUGS if (f := paths.classifier(s).metrics).exists() for r in _metrics_rows(f)]
+    if (f := paths.classifier(MULTILABEL).metrics).exists():
+        rows += [{**r, "model": MULTILABEL} for r in _metrics_rows(f)]
     if not rows:
         return pl.DataFrame()
     df = pl.DataFrame(rows, infer_schema_length=None)
@@ -264,7 +268,11 @@ def metrics_table(paths: Paths) -> pl.DataFrame:
     df = df.with_columns(pl.lit(None, dtype).alias(c) for c, dtype in typed.items() if c not in df.columns)
     df = df.with_columns(pl.col("pathology").replace_strict(REFERENCE_AUC, default=None, return_dtype=pl.Float64).alias("reference_auc"))
     order = {LABEL_BY_SLUG[s]: i for i, s in enumerate(SLUGS)}
-    return df.sort(pl.col("pathology").replace_strict(order, return_dtype=pl.Int32), pl.col("test_labels") == RADIOLOGIST)
+    return df.sort(
+        pl.col("pathology").replace_strict(order, return_dtype=pl.Int32),
+        pl.col("test_labels") == RADIOLOGIST,
+        pl.col("model") == MULTILABEL,
+    )
 
 
 def _metrics_rows(path: Path) -> list[dict]:
@@ -305,3 +313,117 @@ def classifier_thresholds(paths: Paths) -> dict[str, float]:
         if f.exists():
             out[s] = _metrics_rows(f)[0].get("threshold") or 0.5
     return out
+
+
+# --- the multi-label model: one backbone, 14 logits, masked loss -----------------------------------
+
+
+@dataclass
+class MultilabelData:
+    """Every manifest image with at least one usable label; targets (n, 14) in ``SLUGS`` order, NaN where
+    the policy leaves a label out (the loss does not count it)."""
+
+    size: int
+    uncertain: str
+    blank: str
+    splits: dict[str, Split]
+    label_source: str = "chexpert"
+
+    def digest(self) -> str:
+        h = hashlib.sha256(f"{MULTILABEL}:{self.size}:{self.uncertain}:{self.blank}\n".encode())
+        for s in ("train", "validate"):
+            sp = self.splits[s]
+            for (did, ch), y in zip(sp.rows.select("dicom_id", "content_hash").iter_rows(), sp.targets.numpy().tolist(), strict=True):
+                h.update(f"{s}\t{did}\t{ch}\t{y}\n".encode())
+        return h.hexdigest()[:24]
+
+
+def _target_matrix(rows: pl.DataFrame, uncertain: str, blank: str) -> pl.DataFrame:
+    """``rows`` with one Float32 column per label (``t_<slug>``): the policy's 0/1 target, null if unusable."""
+    out = rows
+    for s in SLUGS:
+        t = targets(rows, s, uncertain, blank).select("dicom_id", pl.col("target").cast(pl.Float32).alias(f"t_{s}"))
+        out = out.join(t, on="dicom_id", how="left", maintain_order="left")
+    return out
+
+
+def load_multilabel_data(manifest: pl.DataFrame, shard_root: Path, size: int, uncertain: str, blank: str) -> MultilabelData:
+    import torch
+
+    tcols = [f"t_{s}" for s in SLUGS]
+    m = _target_matrix(manifest, uncertain, blank)
+    m = m.filter(pl.any_horizontal(pl.col(tcols).is_not_null()))
+    rad = None
+    if "radiologist_labelled" in manifest.columns:
+        rad = manifest.filter((pl.col("split") == "test") & pl.col("radiologist_labelled"))
+        rad = _target_matrix(rad.with_columns(pl.col(f"radiologist_{s}").alias(s) for s in SLUGS), uncertain, "zeros")
+    splits = {}
+    for name, rows in [*((s, m.filter(pl.col("split") == s)) for s in SPLITS), (RADIOLOGIST, rad)]:
+        rows = m.clear() if rows is None else rows
+        imgs, rows = load_images(shard_root, rows, size)
+        y = rows.select(tcols).to_numpy().astype("float32") if rows.height else torch.zeros(0, len(SLUGS)).numpy()
+        splits[name] = Split(imgs, torch.from_numpy(y).reshape(-1, len(SLUGS)), rows)
+    source = manifest["label_source"][0] if manifest.height and "label_source" in manifest.columns else "chexpert"
+    return MultilabelData(size, uncertain, blank, splits, source)
+
+
+def fit_multilabel(
+    data: MultilabelData,
+    manifest: pl.DataFrame,
+    shard_root: Path,
+    cfg: TrainConfig,
+    device,
+    files: ClassifierFiles,
+    *,
+    bootstrap: int = 1000,
+    log: Callable[[str], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> tuple[list[dict], TrainResult]:
+    """Train the multi-label model and evaluate each label exactly as a per-pathology model is
+    (validation-chosen threshold, bootstrap CIs by patient, both test label sources); rows carry
+    ``model: multilabel``. Writes checkpoint, metrics.json and a wide predictions.parquet."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    files.dir.mkdir(parents=True, exist_ok=True)
+    sp = data.splits
+    result = train(
+        sp["train"].images, sp["train"].targets, sp["validate"].images, sp["validate"].targets, cfg, device,
+        checkpoint_dir=files.dir, log=log, on_epoch=on_epoch, data_digest=data.digest(),
+    )  # fmt: skip
+
+    def probs(images):
+        p = predict(result.model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last)
+        return p.reshape(-1, len(SLUGS))
+
+    p_val, p_test, p_rad = probs(sp["validate"].images), probs(sp["test"].images), probs(sp[RADIOLOGIST].images)
+    y_val, y_test, y_rad = (sp[s].targets.numpy() for s in ("validate", "test", RADIOLOGIST))
+    rows, thresholds = [], {}
+    for j, s in enumerate(SLUGS):
+        kv = ~np.isnan(y_val[:, j])
+        common = {"pathology": LABEL_BY_SLUG[s], "slug": s, "model": MULTILABEL, "best_epoch": result.best_epoch}
+        common.update(epochs_run=result.epochs_run, train_seconds=round(result.seconds, 1), uncertain_policy=data.uncertain)
+        common.update(blank_policy=data.blank, val_roc_auc=roc_auc_or_nan(y_val[kv, j], p_val[kv, j]))
+        for split, source, y, p in (("test", data.label_source, y_test, p_test), (RADIOLOGIST, RADIOLOGIST, y_rad, p_rad)):
+            k = ~np.isnan(y[:, j])
+            groups = _patients(sp[split].rows.filter(pl.Series(k))) if len(k) else None
+            row = evaluate(y[k, j], p[k, j], y_val[kv, j], p_val[kv, j], n_boot=bootstrap, seed=cfg.seed, groups=groups)
+            rows.append({**row, **common, "test_labels": source})
+        thresholds[s] = rows[-2]["threshold"]
+
+    all_imgs, all_rows = load_images(shard_root, manifest.select("dicom_id", "split"), data.size)
+    p_all = probs(all_imgs)
+    write_parquet(
+        all_rows.select("dicom_id", "split").with_columns(pl.Series(s, p_all[:, j], dtype=pl.Float32) for j, s in enumerate(SLUGS)),
+        files.predictions,
+    )
+    model = result.model.cpu()
+    files.checkpoint.mkdir(exist_ok=True)
+    with atomic_path(files.checkpoint / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    config = {"arch": cfg.arch, "dropout": cfg.dropout, "size": data.size, "labels": [LABEL_BY_SLUG[s] for s in SLUGS]}
+    config.update(thresholds=thresholds, normalise={"mean": NORMALISE_MEAN, "std": NORMALISE_STD}, outputs=len(SLUGS))
+    _write_json(files.checkpoint / "config.json", config)
+    _write_json(files.metrics, rows)
+    files.resume.unlink(missing_ok=True)
+    return rows, result

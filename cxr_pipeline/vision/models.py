@@ -1,4 +1,4 @@
-"""torchvision backbones with a single-logit head, and loading local weights safely."""
+"""torchvision backbones with a logit head (one, or one per label), and loading local weights safely."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 ARCHS = ("resnet18", "resnet50", "densenet121", "vgg16")
 
 
-def build_model(arch: str = "resnet18", dropout: float = 0.2, weights: str | Path | None = None):
-    """A binary classifier: backbone (random init unless ``weights``) + dropout + one logit.
+def build_model(arch: str = "resnet18", dropout: float = 0.2, weights: str | Path | None = None, outputs: int = 1):
+    """A classifier: backbone (random init unless ``weights``) + dropout + ``outputs`` logits
+    (one for a per-pathology model, 14 for the multi-label one).
 
     ``weights``: a local ``.safetensors`` or ``.pt/.pth`` file (read with
     ``weights_only=True``) holding the backbone's state dict, e.g. ImageNet or
@@ -25,11 +26,11 @@ def build_model(arch: str = "resnet18", dropout: float = 0.2, weights: str | Pat
     if weights:
         load_backbone_weights(net, Path(weights))
     if arch.startswith("resnet"):
-        net.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.fc.in_features, 1))
+        net.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.fc.in_features, outputs))
     elif arch == "densenet121":
-        net.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.classifier.in_features, 1))
+        net.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.classifier.in_features, outputs))
     else:  # vgg16: replace the last layer of its classifier
-        net.classifier[-1] = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.classifier[-1].in_features, 1))
+        net.classifier[-1] = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.classifier[-1].in_features, outputs))
     torch.nn.init.zeros_(head(net, arch).bias)
     return net
 

@@ -8,6 +8,10 @@ linear warm-up; gradient accumulation (32 x 4 = 128 by default); class
 imbalance by ``pos_weight`` or a balanced sampler. Early stopping on the
 validation loss restores the best weights. A checkpoint after every epoch lets
 a killed run resume where it stopped.
+
+The same loop trains the multi-label model: targets (n, k) with NaN where a label
+is unusable under the policy; the loss is masked there (those labels do not count),
+``pos_weight`` is per label, validation AUC is the mean over labels.
 """
 
 from __future__ import annotations
@@ -150,18 +154,51 @@ def predict(model, images, device, batch_size: int = 128, precision: str = "fp32
 
 
 def _bce(logits, y, pos_weight=None):
+    """Mean binary cross-entropy; with several labels, over the known (non-NaN) targets only."""
+    import torch
     import torch.nn.functional as F
 
-    return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+    if y.dim() == 1:
+        return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+    known = ~torch.isnan(y)
+    loss = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y), pos_weight=pos_weight, reduction="none")
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
+def pos_weights(y):
+    """Negatives / positives per label over the known targets (None for a label without positives)."""
+    import torch
+
+    if y.dim() == 1:
+        n_pos = float(y.sum())
+        return torch.tensor([(len(y) - n_pos) / n_pos]) if n_pos > 0 else None
+    known = ~torch.isnan(y)
+    pos = torch.nan_to_num(y).sum(0)
+    neg = known.sum(0) - pos
+    return torch.where(pos > 0, neg / pos.clamp(min=1), torch.ones_like(pos))
+
+
+def mean_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC-AUC, or with several labels the mean over labels that have both classes among known targets."""
+    from cxr_pipeline.vision.evaluate import roc_auc_or_nan
+
+    if y.ndim == 1:
+        return roc_auc_or_nan(y, p)
+    aucs = [roc_auc_or_nan(y[k, j], p[k, j]) for j in range(y.shape[1]) if (k := ~np.isnan(y[:, j])).any()]
+    aucs = [a for a in aucs if a == a]
+    return float(np.mean(aucs)) if aucs else float("nan")
 
 
 def evaluate_loss(model, images, targets, device, cfg: TrainConfig, precision: str) -> tuple[float, np.ndarray]:
     import torch
 
     p = predict(model, images, device, cfg.eval_batch_size, precision, cfg.channels_last)
+    if len(p) == 0:
+        return float("nan"), p.reshape(tuple(targets.shape))
     pt = torch.from_numpy(p).double().clamp(1e-7, 1 - 1e-7)
     y = targets.double()
-    loss = float(-(y * pt.log() + (1 - y) * (1 - pt).log()).mean()) if len(p) else float("nan")
+    per = -(y * pt.log() + (1 - y) * (1 - pt).log())  # NaN where a target is unknown
+    loss = float(per[~torch.isnan(per)].mean()) if len(p) else float("nan")
     return loss, p
 
 
@@ -244,13 +281,13 @@ def micro_batches(n: int, batch_size: int, accumulation: int = 1, steps_per_epoc
     return min(micro, steps_per_epoch * accumulation) if steps_per_epoch > 0 else micro
 
 
-def _build_trainer(cfg: TrainConfig, device, n: int, precision: str) -> _Trainer:
+def _build_trainer(cfg: TrainConfig, device, n: int, precision: str, outputs: int = 1) -> _Trainer:
     import torch
 
     from cxr_pipeline.vision.models import build_model
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, cfg.dropout, cfg.weights).to(device)
+    model = build_model(cfg.arch, cfg.dropout, cfg.weights, outputs).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -266,7 +303,7 @@ def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, p
     import torch
 
     n = int(train_images.shape[0])
-    n_pos = float(y_train.sum())
+    n_pos = float(y_train.sum()) if y_train.dim() == 1 else 0.0  # the sampler balances one label only
     micro_per_epoch = micro_batches(n, cfg.batch_size, cfg.accumulation, cfg.steps_per_epoch)
     t.model.train()
     if cfg.imbalance == "sampler" and 0 < n_pos < n:
@@ -282,7 +319,8 @@ def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, p
         x = augment(x, cfg.rotation, cfg.hflip, t.gen)
         y = y_train[idx].to(device)
         with _autocast(device, precision):
-            logits = t.model(x).squeeze(1)
+            logits = t.model(x)
+            logits = logits.squeeze(1) if y.dim() == 1 else logits
         loss = _bce(logits.float(), y, pos_weight)
         t.scaler.scale(loss / cfg.accumulation).backward()
         running += float(loss.detach()) * len(idx)
@@ -309,6 +347,9 @@ def train(
 ) -> TrainResult:
     """Train with early stopping; returns the best-validation-loss model.
 
+    ``train_targets`` (n,) trains one logit; (n, k) with NaN for unusable labels trains k
+    logits with the masked loss (the multi-label model).
+
     ``checkpoint_dir/resume.pt`` is written after every epoch and picked up by the
     next call only when it was made with the same configuration and the same
     data: ``data_digest`` names the data (the caller's digest of the training and
@@ -317,18 +358,17 @@ def train(
     """
     import torch
 
-    from cxr_pipeline.vision.evaluate import roc_auc_or_nan
-
     say = log or (lambda _m: None)
     t_start = time.perf_counter()
     precision = resolve_precision(cfg.precision, device)
     n = int(train_images.shape[0])
-    t = _build_trainer(cfg, device, n, precision)
     y_train = train_targets.float()
-    n_pos = float(y_train.sum())
-    pos_weight = torch.tensor([(n - n_pos) / n_pos], device=device) if cfg.imbalance == "pos_weight" and n_pos > 0 else None
+    outputs = 1 if y_train.dim() == 1 else int(y_train.shape[1])
+    t = _build_trainer(cfg, device, n, precision, outputs)
+    pw = pos_weights(y_train) if cfg.imbalance == "pos_weight" else None
+    pos_weight = pw.to(device) if pw is not None else None
 
-    identity = {"fingerprint": cfg.fingerprint(), "n_train": n, "data_digest": data_digest}
+    identity = {"fingerprint": cfg.fingerprint(), "n_train": n, "data_digest": data_digest, "outputs": outputs}
     state, resumed_from = TrainState(), 0
     ckpt = checkpoint_dir / RESUME_FILE if checkpoint_dir else None
     if ckpt is not None and ckpt.exists():
@@ -351,7 +391,7 @@ def train(
         t_train += dt
         images_seen += n
         val_loss, val_p = evaluate_loss(t.model, val_images, val_targets, device, cfg, precision)
-        val_auc = roc_auc_or_nan(val_targets.numpy(), val_p)
+        val_auc = mean_auc(val_targets.numpy(), val_p)
         row = {
             "epoch": epoch,
             "train_loss": train_loss,
