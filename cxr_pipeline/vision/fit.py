@@ -176,8 +176,6 @@ def fit_and_save(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> FitOutcome:
     """Train (resuming a killed run of the same config and data), evaluate on ``device``, write the folder."""
-    from safetensors.torch import save_file
-
     files.dir.mkdir(parents=True, exist_ok=True)
     sp = data.splits
     result = train(
@@ -222,11 +220,7 @@ def fit_and_save(
     scores = sp["test"].rows.select("dicom_id", "target").with_columns(pl.Series("prob", p_test, dtype=pl.Float32))
     write_parquet(scores, files.test_scores)
 
-    model = result.model.cpu()
-    files.checkpoint.mkdir(exist_ok=True)
-    with atomic_path(files.checkpoint / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    _write_json(files.checkpoint / "config.json", checkpoint_config(cfg, data, row["threshold"]))
+    _save_checkpoint(result.model, files, checkpoint_config(cfg, data, row["threshold"]))
     _write_json(files.metrics, [row, rad_row])
     files.resume.unlink(missing_ok=True)  # finished: the next materialization trains afresh
     if row["evaluable"]:
@@ -234,6 +228,16 @@ def fit_and_save(
     else:
         files.curves.unlink(missing_ok=True)
     return FitOutcome(row=row, trained=result, files=files, test_curve=(y_test, p_test), radiologist_row=rad_row)
+
+
+def _save_checkpoint(model, files: ClassifierFiles, config: dict) -> None:
+    """``model.safetensors`` (no pickle) and ``config.json``, each written atomically."""
+    from safetensors.torch import save_file
+
+    files.checkpoint.mkdir(parents=True, exist_ok=True)
+    with atomic_path(files.checkpoint / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.cpu().state_dict().items()}, str(tmp))
+    _write_json(files.checkpoint / "config.json", config)
 
 
 def checkpoint_config(cfg: TrainConfig, data: ClassifierData, threshold: float) -> dict:
@@ -383,7 +387,6 @@ def fit_multilabel(
     (validation-chosen threshold, bootstrap CIs by patient, both test label sources); rows carry
     ``model: multilabel``. Writes checkpoint, metrics.json and a wide predictions.parquet."""
     import numpy as np
-    from safetensors.torch import save_file
 
     files.dir.mkdir(parents=True, exist_ok=True)
     sp = data.splits
@@ -417,13 +420,9 @@ def fit_multilabel(
         all_rows.select("dicom_id", "split").with_columns(pl.Series(s, p_all[:, j], dtype=pl.Float32) for j, s in enumerate(SLUGS)),
         files.predictions,
     )
-    model = result.model.cpu()
-    files.checkpoint.mkdir(exist_ok=True)
-    with atomic_path(files.checkpoint / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     config = {"arch": cfg.arch, "dropout": cfg.dropout, "size": data.size, "labels": [LABEL_BY_SLUG[s] for s in SLUGS]}
     config.update(thresholds=thresholds, normalise={"mean": NORMALISE_MEAN, "std": NORMALISE_STD}, outputs=len(SLUGS))
-    _write_json(files.checkpoint / "config.json", config)
+    _save_checkpoint(result.model, files, config)
     _write_json(files.metrics, rows)
     files.resume.unlink(missing_ok=True)
     return rows, result
