@@ -50,6 +50,11 @@ class ClassifierFiles:
         return self.dir / "checkpoint"
 
     @property
+    def hints(self) -> Path:
+        """The multi-label model's report-hint probabilities (out-of-fold for training images)."""
+        return self.dir / "hint_predictions.parquet"
+
+    @property
     def metrics(self) -> Path:
         return self.dir / "metrics.json"
 

@@ -163,6 +163,7 @@ def test_one_data_change_runs_each_asset_once_with_current_inputs(tmp_path):
             ("classifier", "classifier_predictions"),
             ("image_shards", "multilabel_classifier"),
             ("multilabel_classifier", "classifier_metrics"),
+            ("multilabel_classifier", "report_adapter"),
             ("classifier_predictions", "report_adapter"),
             ("image_shards", "report_adapter"),
             ("report_pairs", "report_adapter"),

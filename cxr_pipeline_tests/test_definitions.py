@@ -305,6 +305,10 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home):
         rmats = {e.asset_key.to_user_string(): e.materialization for e in rep.get_asset_materialization_events()}
         assert set(rmats) == {"report_pairs", "report_adapter", "generated_reports", "report_metrics"}
         assert rmats["report_adapter"].metadata["prompt_variant"].value == "instruction+classifier_findings"
+        # training prompts carry out-of-fold hints from the multi-label model's 5 fold models
+        assert rmats["report_adapter"].metadata["hint_source"].value == "multilabel_out_of_fold"
+        hints = pl.read_parquet(cxr_home / "assets" / "classifier" / "multilabel" / "hint_predictions.parquet")
+        assert set(hints.filter(pl.col("split") == "train")["source"]) == {"out_of_fold"}
         arun = client.get_run(rmats["report_adapter"].metadata["mlflow_run_id"].value)
         assert arun.data.params["base_model"].startswith("cxr-tiny-mllama") and "loss" in arun.data.metrics
         assert any(a.path == "adapter" for a in client.list_artifacts(arun.info.run_id))

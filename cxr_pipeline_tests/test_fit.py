@@ -100,3 +100,46 @@ def test_data_digest_changes_with_labels_and_images():
     assert a.digest() == b.digest()
     b.splits["train"].rows = b.splits["train"].rows.with_columns(pl.lit("other").alias("content_hash"))
     assert a.digest() != b.digest()
+
+
+def test_out_of_fold_hints_never_come_from_a_model_that_saw_the_image(monkeypatch):
+    """Each training image gets exactly one hint, from the one fold model that did not train on it;
+    a patient's images share a fold. The stand-in model's output is the mean pixel of what it
+    was trained on, so the assertion also checks which images the model really received."""
+    from cxr_pipeline.labels import SLUGS
+
+    n = 30
+    ids = [f"d{i}" for i in range(n)]
+    subjects = [f"s{i // 3}" for i in range(n)]  # three images per patient
+    images = torch.arange(n, dtype=torch.uint8)[:, None, None].expand(n, 8, 8).contiguous()  # image i is all i
+    rows = pl.DataFrame({"dicom_id": ids, "subject_id": subjects, "content_hash": ["h"] * n, "split": ["train"] * n})
+    y = torch.full((n, len(SLUGS)), float("nan"))
+    y[:, 0] = torch.tensor([i % 2 for i in range(n)], dtype=torch.float32)
+    val = Split(torch.zeros(4, 8, 8, dtype=torch.uint8), torch.zeros(4, len(SLUGS)), rows.head(0))
+    data = fit.MultilabelData(8, "ignore", "zeros", {"train": Split(images, y, rows), "validate": val})
+    seen_by = []
+
+    def train(xtr, ytr, xva, yva, cfg, device, **k):
+        seen_by.append({int(v) for v in xtr[:, 0, 0]})
+        return TrainResult(model=len(seen_by) - 1)
+
+    def predict(model, imgs, *a, **k):  # every output = the fold model's index
+        return np.full((imgs.shape[0], len(SLUGS)), float(model))
+
+    monkeypatch.setattr(fit, "train", train)
+    monkeypatch.setattr(fit, "predict", predict)
+    oof, trained_on = fit.fit_out_of_fold(data, TrainConfig(), torch.device("cpu"), k=5)
+    assert sorted(oof["dicom_id"]) == sorted(ids)  # every training image, once
+    for did, fold, model in oof.select("dicom_id", "fold", SLUGS[0]).iter_rows():
+        assert did not in trained_on[fold]  # the bookkeeping
+        assert int(did[1:]) not in seen_by[int(model)]  # the images the predicting model was really given
+    folds = dict(zip(oof["dicom_id"], oof["fold"], strict=True))
+    for s in set(subjects):
+        assert len({folds[d] for d, sub in zip(ids, subjects, strict=True) if sub == s}) == 1
+    # the hint table: out-of-fold for training images, the final model's for the others
+    every = pl.DataFrame({"dicom_id": [*ids, "t0"], "split": ["train"] * n + ["test"]}).with_columns(
+        pl.lit(0.5, pl.Float32).alias(s) for s in SLUGS
+    )
+    hints = fit.hint_predictions(oof, every)
+    assert hints.height == n + 1 and set(hints.filter(pl.col("split") == "train")["source"]) == {"out_of_fold"}
+    assert hints.filter(pl.col("dicom_id") == "t0")["source"].to_list() == ["held_out"]

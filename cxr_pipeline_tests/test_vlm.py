@@ -153,3 +153,10 @@ def test_the_image_reaches_the_text(base, processor):
         with torch.no_grad():
             logits.append(model(**batch).logits[0, -1].float())
     assert (logits[0] - logits[1]).abs().max() > 1e-3
+
+
+def test_hints_use_each_findings_own_threshold():
+    probs = {"pleural_effusion": 0.30, "edema": 0.45, "cardiomegaly": 0.60}
+    thresholds = {"pleural_effusion": 0.25, "edema": 0.50, "cardiomegaly": 0.70}
+    # effusion is named at 0.30 (its threshold 0.25); edema and cardiomegaly are not, though 0.6 > 0.5
+    assert vlm.findings_hint(probs, thresholds) == "Classifier findings: pleural effusion 0.30"

@@ -68,6 +68,14 @@ class ClassifierConfig(dg.Config):
         return to_dataclass(self, TrainConfig, weights=self.weights or None)
 
 
+class MultilabelConfig(ClassifierConfig):
+    """The per-pathology recipe (read from pipeline.yaml's ``classifier`` section) plus the report hints."""
+
+    # k-fold over training patients for the report prompts' hints: each training image's hint comes
+    # from a model that did not see it (k more trainings of this one model, not 14k); 0: no hints
+    oof_folds: int = 5
+
+
 def _log_fit(run: TrackedRun, outcome) -> None:
     """The test metrics, training speed, checkpoint, metrics row and curves of a fit, in its MLflow run."""
     row, files = outcome.row, outcome.files
@@ -171,11 +179,11 @@ def classifier(
     **gpu_asset(),
 )
 def multilabel_classifier(
-    context: dg.AssetExecutionContext, config: ClassifierConfig, storage: CxrStorage, mlflow: MlflowTracking, compute: Compute
+    context: dg.AssetExecutionContext, config: MultilabelConfig, storage: CxrStorage, mlflow: MlflowTracking, compute: Compute
 ) -> dg.MaterializeResult:
     import math
 
-    from cxr_pipeline.vision.fit import MULTILABEL, fit_multilabel, load_multilabel_data
+    from cxr_pipeline.vision.fit import MULTILABEL, fit_multilabel, fit_out_of_fold, hint_predictions, load_multilabel_data
 
     config = effective_config(context, config, storage.paths, section=CLASSIFIER)
     size = shard_size(config.size)
@@ -214,11 +222,18 @@ def multilabel_classifier(
             description="Multi-label CNN, 14 CheXpert observations, on chest radiographs (cxr_pipeline)",
             tags={"labels": "14", "test_auc": f"{sum(tests) / len(tests):.6f}" if tests else "nan"},
         )
+        if config.oof_folds > 1:
+            oof, _ = fit_out_of_fold(data, cfg, device, config.oof_folds, log=context.log.info)
+            write_parquet(hint_predictions(oof, pl.read_parquet(files.predictions)), files.hints)
+            run.log_params({"oof_folds": config.oof_folds, "oof_images": oof.height})
+        else:
+            files.hints.unlink(missing_ok=True)
     md = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1)}
     md["mean_test_roc_auc"] = round(sum(tests) / len(tests), 4) if tests else float("nan")
     md["evaluable_labels"] = len(tests)
     md["registered_model"] = f"{reg['name']} v{reg['version']}" + (" (champion)" if reg["champion"] else "")
     md["checkpoint"] = dg.MetadataValue.path(str(files.checkpoint))
+    md["report_hints"] = f"out-of-fold, {config.oof_folds} folds over training patients" if config.oof_folds > 1 else "none"
     return dg.MaterializeResult(metadata=asset_metadata(run, **counts, **md))
 
 

@@ -13,7 +13,7 @@ import polars as pl
 
 from cxr_pipeline.data.io import write_parquet
 from cxr_pipeline.data.shards import lazy_images, load_images
-from cxr_pipeline.defs.classifier import CLASSIFIER_PREDICTIONS
+from cxr_pipeline.defs.classifier import CLASSIFIER_PREDICTIONS, MULTILABEL_CLASSIFIER
 from cxr_pipeline.defs.helpers import (
     asset_factory,
     asset_metadata,
@@ -98,8 +98,26 @@ class AdapterAssetConfig(dg.Config):
         return to_dataclass(self, AdapterConfig)
 
 
-def _predictions(paths: Paths) -> pl.DataFrame | None:
-    return pl.read_parquet(paths.classifier_predictions) if paths.classifier_predictions.exists() else None
+def _hints(paths: Paths) -> tuple[pl.DataFrame | None, dict[str, float], str]:
+    """The classifier probabilities report prompts and the retrieval baseline use, their per-finding
+    thresholds, and where they come from.
+
+    The multi-label model's: out-of-fold for training images (a hint never comes from a model that
+    saw the image, so training prompts are as good as test prompts, not better), out-of-sample for
+    the other splits, with its validation-chosen thresholds. Without them (``oof_folds: 0``), the
+    per-pathology predictions, which are in-sample on the training split, and named so.
+    """
+    import json
+
+    from cxr_pipeline.vision.fit import MULTILABEL, classifier_thresholds
+
+    files = paths.classifier(MULTILABEL)
+    if files.hints.exists():
+        thresholds = json.loads((files.checkpoint / "config.json").read_text()).get("thresholds", {})
+        return pl.read_parquet(files.hints), thresholds, "multilabel_out_of_fold"
+    if paths.classifier_predictions.exists():
+        return pl.read_parquet(paths.classifier_predictions), classifier_thresholds(paths), "per_pathology_in_sample"
+    return None, {}, "none"
 
 
 def _base_dir(paths: Paths, config_base: str, train_texts: list[str], log) -> Path:
@@ -118,7 +136,7 @@ def _base_dir(paths: Paths, config_base: str, train_texts: list[str], log) -> Pa
 
 @_asset(
     REPORT_ADAPTER,
-    [REPORT_PAIRS, every_partition_of(IMAGE_SHARDS), CLASSIFIER_PREDICTIONS],
+    [REPORT_PAIRS, every_partition_of(IMAGE_SHARDS), CLASSIFIER_PREDICTIONS, MULTILABEL_CLASSIFIER],
     "QLoRA adapter (4-bit NF4 base, LoRA on the language model's attention incl. cross-attention and MLP) that writes a report from an image.",
     {"pytorch", "peft"},
     **gpu_asset(),
@@ -139,11 +157,13 @@ def report_adapter(
             f"no training pairs with {size}-px shard images: materialize image_shards (with its default size 0 it builds"
             " every size pipeline.yaml's consumers read, this one included)"
         )
-    prompts, variant = prompts_for(rows, _predictions(paths), config.use_classifier_findings)
+    hints, thresholds, hint_source = _hints(paths)
+    prompts, variant = prompts_for(rows, hints, config.use_classifier_findings, thresholds)
     base = _base_dir(paths, config.base, rows["text"].to_list(), context.log.info)
     examples = TrainingPairs(images, prompts, rows["text"].to_list())
     with mlflow.run(context, {"prompt_variant": variant}) as run:
         run.log_params({**cfg.__dict__, **base_info(base), "prompt_variant": variant, "train_pairs": len(examples), "size": size})
+        run.log_params({"hint_source": hint_source})
         res = train_adapter(
             base,
             examples,
@@ -151,7 +171,7 @@ def report_adapter(
             paths.adapter,
             paths.adapter_checkpoints,
             device=compute.torch_device(),
-            card={"prompt_variant": variant, "size": size},
+            card={"prompt_variant": variant, "size": size, "hint_source": hint_source},
             log=context.log.info,
             on_log=lambda step, logs: run.log_metrics({k: v for k, v in logs.items() if isinstance(v, int | float)}, step=step),
         )
@@ -163,6 +183,7 @@ def report_adapter(
             adapter=dg.MetadataValue.path(str(paths.adapter)),
             base=str(base),
             prompt_variant=variant,
+            hint_source=hint_source,
             train_pairs=len(examples),
             first_loss=float(losses[0]) if losses else float("nan"),
             last_loss=float(losses[-1]) if losses else float("nan"),
@@ -180,7 +201,7 @@ class GenerateConfig(dg.Config):
 
 @_asset(
     GENERATED_REPORTS,
-    [REPORT_ADAPTER, REPORT_PAIRS, CLASSIFIER_PREDICTIONS],
+    [REPORT_ADAPTER, REPORT_PAIRS, CLASSIFIER_PREDICTIONS, MULTILABEL_CLASSIFIER],
     "Test-split reports from the adapter (deterministic decoding), a template from the classifiers, and nearest-neighbour retrieval.",
     {"pytorch", "parquet"},
     **gpu_asset(),
@@ -191,7 +212,6 @@ def generated_reports(
     from cxr_pipeline.reports.baselines import baseline_reports
     from cxr_pipeline.reports.pairs import evaluation_name
     from cxr_pipeline.reports.vlm import generate_reports, prompts_for, read_adapter_card, report_token_budget
-    from cxr_pipeline.vision.fit import classifier_thresholds
 
     paths, config = storage.paths, effective_config(context, config, storage.paths)
     card = read_adapter_card(paths.adapter)  # the adapter's base, quantisation, size and prompt variant
@@ -200,8 +220,8 @@ def generated_reports(
     if config.max_test_pairs:
         test = test.head(config.max_test_pairs)
     images, rows = load_images(paths.shard_root(int(card["size"])), test, int(card["size"]))
-    preds = _predictions(paths)
-    prompts, variant = prompts_for(rows, preds, card["prompt_variant"] != "instruction")
+    preds, thresholds, hint_source = _hints(paths)
+    prompts, variant = prompts_for(rows, preds, card["prompt_variant"] != "instruction", thresholds)
     train_pairs = pairs.filter(pl.col("split") == "train")
     max_new = config.max_new_tokens or report_token_budget(Path(card["base"]), train_pairs["text"].to_list())
     adapter_out = generate_reports(
@@ -214,7 +234,8 @@ def generated_reports(
         batch_size=config.batch_size,
         device=compute.torch_device(),
     )
-    template, retrieval = baseline_reports(rows, train_pairs, preds, classifier_thresholds(paths))
+    # retrieval matches test images to training images by these probabilities: out-of-fold on the training side
+    template, retrieval = baseline_reports(rows, train_pairs, preds, thresholds)
     radiologist = [c for c in rows.columns if c.startswith("radiologist_")]
     source = pairs["text_source"][0] if "text_source" in pairs.columns and pairs.height else "findings"
     out = rows.select("dicom_id", "study_id", pl.col("text").alias("reference"), *radiologist).with_columns(

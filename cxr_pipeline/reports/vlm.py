@@ -177,15 +177,17 @@ def user_prompt(findings_hint: str | None = None) -> str:
     return INSTRUCTION if not findings_hint else f"{INSTRUCTION}\n{findings_hint}"
 
 
-def findings_hint(probs: dict[str, float], threshold: float = 0.5, top: int = 5) -> str:
-    """'Classifier findings: pleural effusion 0.91, ...' from per-pathology probabilities."""
-    picked = sorted(((p, k) for k, p in probs.items() if p is not None and p >= threshold), reverse=True)[:top]
+def findings_hint(probs: dict[str, float], thresholds: dict[str, float] | None = None, top: int = 5) -> str:
+    """'Classifier findings: pleural effusion 0.91, ...' from per-pathology probabilities; a finding is
+    named when it reaches its own validation-chosen threshold (0.5 where none is given)."""
+    thresholds = thresholds or {}
+    picked = sorted(((p, k) for k, p in probs.items() if p is not None and p >= thresholds.get(k, 0.5)), reverse=True)[:top]
     if not picked:
         return "Classifier findings: none"
     return "Classifier findings: " + ", ".join(f"{k.replace('_', ' ').lower()} {p:.2f}" for p, k in picked)
 
 
-def prompts_for(rows, predictions, use_findings: bool) -> tuple[list[str], str]:
+def prompts_for(rows, predictions, use_findings: bool, thresholds: dict[str, float] | None = None) -> tuple[list[str], str]:
     """The prompt of each row (a polars frame with ``dicom_id``) and the prompt variant's name.
 
     With ``use_findings`` and a predictions table (``dicom_id`` + one probability
@@ -197,7 +199,9 @@ def prompts_for(rows, predictions, use_findings: bool) -> tuple[list[str], str]:
         return [user_prompt()] * rows.height, "instruction"
     cols = [s for s in SLUGS if s in predictions.columns]
     j = rows.select("dicom_id").join(predictions, on="dicom_id", how="left", maintain_order="left")
-    return [user_prompt(findings_hint({c: r[c] for c in cols})) for r in j.iter_rows(named=True)], "instruction+classifier_findings"
+    return [
+        user_prompt(findings_hint({c: r[c] for c in cols}, thresholds)) for r in j.iter_rows(named=True)
+    ], "instruction+classifier_findings"
 
 
 def messages(prompt: str, report: str | None = None) -> list[dict]:

@@ -426,3 +426,58 @@ def fit_multilabel(
     _write_json(files.metrics, rows)
     files.resume.unlink(missing_ok=True)
     return rows, result
+
+
+# --- out-of-fold hints for the report prompts -------------------------------------------------------
+
+
+def assign_folds(rows: pl.DataFrame, k: int, seed: int = 0) -> pl.DataFrame:
+    """``rows`` (with ``subject_id``) with a ``fold`` column in 0..k-1: whole patients per fold, shuffled."""
+    import numpy as np
+
+    patients = rows["subject_id"].unique().sort().to_numpy()
+    order = np.random.default_rng(seed).permutation(len(patients))
+    fold_of = {p: int(i % k) for i, p in zip(order, patients, strict=True)}
+    return rows.with_columns(pl.col("subject_id").replace_strict(fold_of, return_dtype=pl.Int32).alias("fold"))
+
+
+def fit_out_of_fold(
+    data: MultilabelData, cfg: TrainConfig, device, k: int, log: Callable[[str], None] | None = None
+) -> tuple[pl.DataFrame, dict[int, set[str]]]:
+    """Out-of-fold probabilities for every training image: k multi-label models, each trained on the
+    training patients outside one fold (early stopping on the validation split) and applied to that
+    fold only, so no image's hint comes from a model that saw it. Returns (``dicom_id``, ``fold``,
+    one column per slug) and, per fold, the ids its model trained on (for the audit in the tests)."""
+    import numpy as np
+
+    sp = data.splits["train"]
+    rows = assign_folds(sp.rows, k, cfg.seed)
+    folds = rows["fold"].to_numpy()
+    parts, trained_on = [], {}
+    for f in range(k):
+        inside, outside = np.flatnonzero(folds == f), np.flatnonzero(folds != f)
+        if len(inside) == 0:
+            continue
+        if log:
+            log(f"out-of-fold model {f + 1}/{k}: trains on {len(outside)} images, predicts {len(inside)}")
+        res = train(sp.images[outside], sp.targets[outside], data.splits["validate"].images, data.splits["validate"].targets, cfg, device)
+        p = predict(res.model, sp.images[inside], device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last).reshape(-1, len(SLUGS))
+        ids = rows["dicom_id"].to_numpy()
+        trained_on[f] = set(ids[outside].tolist())
+        part = pl.DataFrame({"dicom_id": ids[inside], "fold": np.full(len(inside), f, dtype=np.int32)})
+        parts.append(part.with_columns(pl.Series(s, p[:, j], dtype=pl.Float32) for j, s in enumerate(SLUGS)))
+    schema = {"dicom_id": pl.String, "fold": pl.Int32, **dict.fromkeys(SLUGS, pl.Float32)}
+    return (pl.concat(parts) if parts else pl.DataFrame(schema=schema)), trained_on
+
+
+def hint_predictions(oof: pl.DataFrame, all_predictions: pl.DataFrame) -> pl.DataFrame:
+    """The probabilities report prompts and retrieval use: out-of-fold for training images, the
+    final model's (out-of-sample) for every other split. ``source`` says which."""
+    other = all_predictions.filter(pl.col("split") != "train").with_columns(
+        pl.lit(None, pl.Int32).alias("fold"), pl.lit("held_out").alias("source")
+    )
+    train = oof.join(all_predictions.select("dicom_id", "split"), on="dicom_id", how="left").with_columns(
+        pl.lit("out_of_fold").alias("source")
+    )
+    cols = ["dicom_id", "split", "fold", "source", *SLUGS]
+    return pl.concat([train.select(cols), other.select(cols)]).sort("dicom_id")
