@@ -73,7 +73,7 @@ def test_instance_uses_postgres_queue_docker_and_gpu_pool():
     assert instance["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
     compose = load("docker-compose.yaml")
     assert compose["networks"]["cxr"]["name"] == "cxr"
-    mlflow_cmd = compose["services"]["mlflow"]["command"]
+    mlflow_cmd = compose["services"]["mlflow"]["command"][0]  # one string for ``sh -c`` (the credentials expand there)
     assert "--workers 1" in mlflow_cmd and "postgresql+psycopg2://" in mlflow_cmd  # the driver the image has
     assert instance["storage"]["postgres"]["postgres_db"]["scheme"] == "postgresql+psycopg2"
     assert compose["services"]["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
@@ -91,3 +91,63 @@ def test_gpu_assets_share_the_pool_request_a_gpu_on_kubernetes_and_retry():
         tags = json.loads(node.assets_def.op.tags["dagster-k8s/config"])  # Dagster stores dict tags as JSON
         assert tags["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert node.assets_def.op.retry_policy is not None and node.assets_def.op.retry_policy.max_retries >= 1, key
+
+
+# --- safe by default (#17) -------------------------------------------------------------------------
+
+DEPLOY_FILES = [p for p in DOCKER.rglob("*") if p.is_file() and p.name != ".env"]
+INTERPOLATED = re.compile(r"^\$\{[A-Z_]+(:[-?][^}]*)?\}$")
+
+
+def test_no_secret_in_any_deployment_file():
+    compose = load("docker-compose.yaml")
+    for name, svc in compose["services"].items():
+        env = svc.get("environment") or {}
+        for key, value in env.items():
+            if "PASSWORD" in key:
+                assert INTERPOLATED.match(str(value)), f"{name}: {key} is a literal; read it from docker/.env"
+
+    def literal_passwords(node, where):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if "password" in str(k).lower() and isinstance(v, str | int) and not isinstance(v, bool) and not INTERPOLATED.match(str(v)):
+                    yield f"{where}.{k} = {v!r}"
+                yield from literal_passwords(v, f"{where}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from literal_passwords(v, f"{where}[{i}]")
+
+    for f in DEPLOY_FILES:
+        text = f.read_text(errors="replace")
+        assert not re.search(r"://[^/\s:@$]+:[^/\s@$]+@", text), f"{f}: credentials in a URL"
+        if f.suffix == ".yaml":
+            assert list(literal_passwords(yaml.safe_load(text), f.name)) == []
+    helm = load("helm/values.yaml")
+    assert "postgresqlPassword" not in helm.get("postgresql", {}) and helm["generatePostgresqlPasswordSecret"] is False
+    assert helm["global"]["postgresqlSecretName"] == helm["postgresql"]["existingSecret"]
+    # the example is checked in, the real file is ignored
+    assert "POSTGRES_PASSWORD=" in (DOCKER / ".env.example").read_text()
+    assert "docker/.env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_nothing_is_published_on_all_interfaces():
+    compose = load("docker-compose.yaml")["services"]
+    published = {name: svc.get("ports", []) for name, svc in compose.items()}
+    assert published["postgres"] == []  # Postgres is reachable only inside the compose network
+    for name, ports in published.items():
+        for port in ports:
+            host = str(port).rsplit(":", 2)[0]
+            assert host == "${CXR_BIND_ADDRESS:-127.0.0.1}", f"{name}: {port} (bind to 127.0.0.1 unless CXR_BIND_ADDRESS says otherwise)"
+    assert set(k for k, v in published.items() if v) == {"webserver", "mlflow"}
+    assert load("helm/values.yaml")["dagsterWebserver"]["service"]["type"] == "ClusterIP"
+
+
+def test_the_docker_socket_only_where_runs_are_launched():
+    """The daemon launches every run as a container (DockerRunLauncher); nothing else gets root on the
+    host by default. Terminating a started run from the UI is an explicit opt-in file."""
+    compose = load("docker-compose.yaml")["services"]
+    with_socket = {name for name, svc in compose.items() if any("docker.sock" in str(v) for v in svc.get("volumes", []))}
+    assert with_socket == {"daemon"}
+    assert load("dagster.yaml")["run_coordinator"]["class"] == "QueuedRunCoordinator"  # the UI only queues
+    opt_in = load("compose.terminate-from-ui.yaml")["services"]
+    assert set(opt_in) == {"webserver"} and "docker.sock" in str(opt_in["webserver"]["volumes"])

@@ -1,2 +1,0 @@
--- MLflow's tracking database beside Dagster's.
-CREATE DATABASE mlflow OWNER cxr;
