@@ -100,16 +100,22 @@ def get_client(tracking_uri: str | None = None):
     return MlflowClient(tracking_uri=uri), uri
 
 
+# MLflow 3 opens an experiment without this tag on its GenAI (traces) view; this one holds training runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def ensure_experiment(client, name: str, artifact_root: Path | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if artifact_root is not None:
         artifact_root.mkdir(parents=True, exist_ok=True)
         location = (artifact_root / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except Exception:  # created concurrently by another step
         exp = client.get_experiment_by_name(name)
         if exp is None:

@@ -61,7 +61,7 @@ def test_new_data_is_requested_downstream_and_unchanged_data_is_not(small):
         req = requested(settled)
         assert "manifest" not in req and "raw_mimic_cxr" not in req
         assert req["image_shards"] == req["shard_rejects"] == {f"p{n}" for n in range(10, 20)}
-        assert "report_pairs" in req and "classifier" not in req
+        assert "report_pairs" in req and "classifier" not in req and "multilabel_classifier" not in req
         cursor = settled.cursor
 
         observe.execute_in_process(instance=instance)  # unchanged data
@@ -73,7 +73,7 @@ def test_new_data_is_requested_downstream_and_unchanged_data_is_not(small):
         for part in sorted(req["image_shards"]):
             defs.resolve_job_def("shards_job").execute_in_process(instance=instance, partition_key=part)
         built = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=same.cursor)
-        assert "image_shards" not in requested(built) and "classifier" in requested(built)
+        assert "image_shards" not in requested(built) and {"classifier", "multilabel_classifier"} <= requested(built).keys()
         assert "report_pairs" not in requested(built)  # the manifest was rebuilt with the same content
         before = partition_fingerprints(pl.read_parquet(home / "assets/manifest/manifest.parquet"))
 
@@ -96,7 +96,8 @@ def test_new_data_is_requested_downstream_and_unchanged_data_is_not(small):
         for part in sorted(affected):
             defs.resolve_job_def("shards_job").execute_in_process(instance=instance, partition_key=part)
         retrain = requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=flowing.cursor))
-        assert retrain.keys() == {"classifier"} and len(retrain["classifier"]) == 14
+        # every per-pathology model and the multi-label model, once the new shards exist
+        assert retrain.keys() == {"classifier", "multilabel_classifier"} and len(retrain["classifier"]) == 14
 
 
 def test_code_version_change_marks_the_changed_assets_stale(small):
