@@ -52,7 +52,7 @@ def test_same_prompt_at_training_and_inference(processor):
     assert vlm.user_prompt(hint).startswith(vlm.INSTRUCTION) and vlm.findings_hint({"Edema": 0.1}) == "Classifier findings: none"
 
 
-def test_tiny_qlora_lowers_loss_and_adapter_round_trips(base, tmp_path):
+def test_tiny_qlora_lowers_loss_and_adapter_round_trips(base, tmp_path, capsys):
     from peft import PeftModel
 
     adapter = tmp_path / "adapter"
@@ -61,6 +61,7 @@ def test_tiny_qlora_lowers_loss_and_adapter_round_trips(base, tmp_path):
     )
     losses = [h["loss"] for h in res["log_history"] if "loss" in h]
     assert len(losses) == 8 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert "{'loss'" not in capsys.readouterr().out  # per-step dicts go to the log history (MLflow), not the console
     assert vlm.read_adapter_card(adapter)["quantize"] is True
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     assert not (adapter / "model.safetensors").exists()  # the adapter, not the base weights

@@ -372,6 +372,7 @@ def train_adapter(
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import MllamaProcessor, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     adapter_dir = Path(adapter_dir)
@@ -428,6 +429,9 @@ def train_adapter(
         disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, data_collator=collator, processing_class=processor, callbacks=[Relay()])
+    # with the progress bar off, transformers prints every step's log dict to stdout (PrinterCallback);
+    # those numbers go to MLflow through ``on_log``, so the console (``make demo``) stays one line per stage
+    trainer.remove_callback(PrinterCallback)
     last = None
     if ckpt_dir.exists():
         cks = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
