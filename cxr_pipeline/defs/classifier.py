@@ -204,8 +204,7 @@ def multilabel_classifier(
             data, manifest, paths.shard_root(size), cfg, device, files, bootstrap=config.bootstrap, log=context.log.info, on_epoch=on_epoch
         )
         auto = [r for r in rows if r["test_labels"] != "radiologist"]
-        for r in auto:
-            run.log_metrics({f"{r['slug']}.test_roc_auc": r["roc_auc"]} if r["evaluable"] else {})
+        run.log_metrics({f"{r['slug']}.test_roc_auc": r["roc_auc"] for r in auto if r["evaluable"]})
         run.log_metrics(
             {"best_epoch": result.best_epoch, "train_images_per_second": result.images_per_second, "train_seconds": result.seconds}
         )

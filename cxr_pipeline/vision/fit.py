@@ -94,6 +94,11 @@ class ClassifierData:
         return h.hexdigest()[:24]
 
 
+def _label_source(manifest: pl.DataFrame) -> str:
+    """The automatic labels' source, as the manifest records it."""
+    return manifest["label_source"][0] if manifest.height and "label_source" in manifest.columns else "chexpert"
+
+
 def load_data(manifest: pl.DataFrame, shard_root: Path, label_slug: str, size: int, uncertain: str, blank: str) -> ClassifierData:
     """The label's targets under the policy, joined with the shard images of each split."""
     import torch
@@ -113,8 +118,7 @@ def load_data(manifest: pl.DataFrame, shard_root: Path, label_slug: str, size: i
             rows = usable.clear()
         imgs, rows = load_images(shard_root, rows, size)
         splits[name] = Split(imgs, torch.tensor(rows["target"].to_numpy(), dtype=torch.float32), rows)
-    source = manifest["label_source"][0] if manifest.height and "label_source" in manifest.columns else "chexpert"
-    return ClassifierData(label_slug, size, uncertain, blank, splits, source)
+    return ClassifierData(label_slug, size, uncertain, blank, splits, _label_source(manifest))
 
 
 EVAL_PRECISION = "fp32"
@@ -367,8 +371,7 @@ def load_multilabel_data(manifest: pl.DataFrame, shard_root: Path, size: int, un
         imgs, rows = load_images(shard_root, rows, size)
         y = rows.select(tcols).to_numpy().astype("float32") if rows.height else torch.zeros(0, len(SLUGS)).numpy()
         splits[name] = Split(imgs, torch.from_numpy(y).reshape(-1, len(SLUGS)), rows)
-    source = manifest["label_source"][0] if manifest.height and "label_source" in manifest.columns else "chexpert"
-    return MultilabelData(size, uncertain, blank, splits, source)
+    return MultilabelData(size, uncertain, blank, splits, _label_source(manifest))
 
 
 def fit_multilabel(
