@@ -14,6 +14,7 @@ export CXR_HOME ?= $(CURDIR)/.cxr
 export DAGSTER_HOME ?= $(CXR_HOME)/dagster
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
 .PHONY: install test demo ui mlflow-ui bench lint clean
 

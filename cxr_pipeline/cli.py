@@ -93,6 +93,23 @@ def _label_reports(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    """Registered classifiers (MLflow registry, by alias) applied to radiograph files."""
+    from cxr_pipeline.data.dicom import DecodeError
+    from cxr_pipeline.vision.predict import PredictError, predict_files
+
+    try:
+        results = predict_files([Path(p) for p in args.images], alias=args.alias, model=args.model, cam_dir=args.cam)
+    except (DecodeError, PredictError) as e:
+        print(f"predict: {e}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(r.table())
+        for f in r.overlays:
+            print(f"  saliency: {f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cxr-pipeline", description="MIMIC-CXR pipeline on Dagster and MLflow")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -123,6 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     lr.add_argument("input")
     lr.add_argument("output")
     lr.set_defaults(fn=_label_reports)
+
+    pr = sub.add_parser(
+        "predict",
+        help="apply the registered classifiers to DICOM/JPG/PNG files (decoded as the shards are); print a table per image",
+        description="Loads cxr-<finding>@ALIAS (or cxr-multilabel@ALIAS) from the MLflow registry at MLFLOW_TRACKING_URI "
+        "(default: the pipeline's own store under CXR_HOME). Nothing is downloaded.",
+    )
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--alias", default="champion", help="registry alias to load (champion, candidate, ...)")
+    pr.add_argument("--model", choices=["per-pathology", "multilabel"], default="per-pathology")
+    pr.add_argument("--cam", metavar="OUT_DIR", type=Path, help="write a Grad-CAM overlay PNG per positive finding here")
+    pr.set_defaults(fn=_predict)
 
     args = ap.parse_args(argv)
     return int(args.fn(args) or 0)

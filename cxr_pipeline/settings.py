@@ -46,7 +46,7 @@ class ClassifierFiles:
 
     @property
     def checkpoint(self) -> Path:
-        """``model.safetensors`` + ``config.json``: the MLflow artifact and the registered source."""
+        """``model.safetensors`` + ``config.json``: the weights inside the registered MLflow model."""
         return self.dir / "checkpoint"
 
     @property
@@ -69,6 +69,11 @@ class ClassifierFiles:
     @property
     def curves(self) -> Path:
         return self.dir / "roc_pr.png"
+
+    @property
+    def saliency(self) -> Path:
+        """Grad-CAM overlays of a few test true positives, false positives and false negatives."""
+        return self.dir / "saliency.png"
 
     @property
     def resume(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -241,7 +242,7 @@ def test_shard_partitions_materialize_incrementally(env, cxr_home):
         assert all(c.passed for c in both.get_asset_check_evaluations())
 
 
-def test_classifier_partition_trains_registers_and_summarises(env, cxr_home):
+def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, monkeypatch):
     from cxr_pipeline.data.shards import partition_of
 
     defs = build_defs()
@@ -277,6 +278,31 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home):
         assert len(client.get_metric_history(run.info.run_id, "val_loss")) == md["epochs_run"].value
         assert str(client.get_model_version_by_alias("cxr-support-devices", "candidate").version) == "1"
         assert str(client.get_model_version_by_alias("cxr-support-devices", "champion").version) == "1"
+        # the registered version is an MLflow model: MLflow's own loader applies it to the shard images
+        import mlflow.pyfunc
+        import numpy as np
+
+        from cxr_pipeline.data.shards import load_images
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", get_client()[1])  # as a user points MLflow at the pipeline's store
+        loaded = mlflow.pyfunc.load_model("models:/cxr-support-devices@champion")
+        test_rows = m.filter(pl.col("split") == "test").head(4)
+        imgs, test_rows = load_images(cxr_home / "assets" / "shards" / f"s{size}", test_rows, size)
+        out = loaded.predict(imgs.numpy())
+        stored = pl.read_parquet(ckpt.parent / "predictions.parquet")
+        expect = test_rows.select("dicom_id").join(stored, on="dicom_id", how="left")["prob"].to_numpy()
+        np.testing.assert_allclose(out["support_devices"].to_numpy(), expect, atol=1e-5)
+        threshold = json.loads((ckpt / "config.json").read_text())["threshold"]
+        assert (out["support_devices_call"].to_numpy() == (out["support_devices"].to_numpy() >= threshold)).all()
+        # what the model saw, in MLflow's dataset tracking: one dataset per split, digests of the rows
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        assert set(inputs) == {"train", "validate", "test"} and inputs["train"].name == f"mimic-cxr-{size}px"
+        assert json.loads(inputs["train"].profile)["num_rows"] == int(run.data.params["n_train"])
+        assert len({d.digest for d in inputs.values()}) == 3
+        # the Grad-CAM sheet: inline in the metadata, a file beside the checkpoint, an MLflow artifact
+        assert md["saliency"].value.startswith("![") and "data:image/png;base64," in md["saliency"].value
+        assert (ckpt.parent / "saliency.png").exists()
+        assert "saliency.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
         run_job(defs, "classifier_job", instance, partition_key="no_finding", run_config=cfg)
         summary = run_job(defs, "classifier_summary_job", instance, run_config={"ops": {"multilabel_classifier": cfg["ops"]["classifier"]}})
         mats = {e.asset_key.to_user_string(): e.materialization for e in summary.get_asset_materialization_events()}
@@ -311,6 +337,10 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home):
         assert set(hints.filter(pl.col("split") == "train")["source"]) == {"out_of_fold"}
         arun = client.get_run(rmats["report_adapter"].metadata["mlflow_run_id"].value)
         assert arun.data.params["base_model"].startswith("cxr-tiny-mllama") and "loss" in arun.data.metrics
+        # every training and metrics run says what it read (MLflow dataset tracking)
+        assert [(i.dataset.name, i.tags[0].value) for i in arun.inputs.dataset_inputs] == [(f"report-pairs-{size}px", "train")]
+        mrun = client.get_run(mats["classifier_metrics"].metadata["mlflow_run_id"].value)
+        assert [(i.dataset.name, i.tags[0].value) for i in mrun.inputs.dataset_inputs] == [("classifier-test-scores", "test")]
         assert any(a.path == "adapter" for a in client.list_artifacts(arun.info.run_id))
         gen = pl.read_parquet(rmats["generated_reports"].metadata["path"].value)
         assert gen.height == 6 and {"reference", "adapter", "template", "retrieval"} <= set(gen.columns)

@@ -76,19 +76,48 @@ class MultilabelConfig(ClassifierConfig):
     oof_folds: int = 5
 
 
+MODEL_ARTIFACT = "model"  # the run's MLflow model folder: the registered source (see vision.serving)
+
+
+def log_model(run: TrackedRun, checkpoint) -> None:
+    from cxr_pipeline.vision.serving import log_model as log
+
+    log(run, checkpoint, MODEL_ARTIFACT)
+
+
 def _log_fit(run: TrackedRun, outcome) -> None:
-    """The test metrics, training speed, checkpoint, metrics row and curves of a fit, in its MLflow run."""
+    """The test metrics, training speed, MLflow model, metrics row and curves of a fit, in its MLflow run."""
     row, files = outcome.row, outcome.files
     run.log_metrics({f"test_{k}": v for k, v in row.items() if k in TEST_METRICS and v is not None})
     run.log_metrics({f"test_radiologist_{k}": v for k, v in outcome.radiologist_row.items() if k in TEST_METRICS and v is not None})
     run.log_metrics({"best_epoch": outcome.trained.best_epoch, "train_images_per_second": outcome.trained.images_per_second})
-    run.log_artifact(files.checkpoint, "checkpoint")
+    log_model(run, files.checkpoint)
     run.log_dict({"rows": outcome.rows}, "metrics.json")
     if files.curves.exists():
         run.log_artifact(files.curves)
 
 
 _asset = asset_factory("classifiers", CLASSIFIER_CODE_VERSION)
+
+
+def _log_datasets(run: TrackedRun, data, size: int, shard_root, targets: list[str]) -> None:
+    """The rows each split used (ids, image content hashes, the policy's targets) as MLflow datasets."""
+    splits = {s: data.splits[s].rows.select("dicom_id", "content_hash", *targets) for s in ("train", "validate", "test")}
+    run.log_datasets(f"mimic-cxr-{size}px", splits, shard_root)
+
+
+def _saliency(run: TrackedRun, checkpoint, images, y, p, out) -> dict:
+    """Grad-CAM sheet of a few test TPs / FPs / FNs: a file, an MLflow artifact and inline metadata."""
+    import base64
+
+    from cxr_pipeline.vision.serving import classifier_saliency_sheet, load_checkpoint
+
+    sheet = classifier_saliency_sheet(load_checkpoint(checkpoint), images, y, p, out)
+    if sheet is None:
+        return {"saliency": "no test case to show"}
+    run.log_artifact(sheet)
+    inline = base64.b64encode(sheet.read_bytes()).decode()
+    return {"saliency": dg.MetadataValue.md(f"![Grad-CAM: test TP / FP / FN](data:image/png;base64,{inline})")}
 
 
 def _headline(row: dict, keys: tuple[str, ...], prefix: str = "") -> dict:
@@ -107,7 +136,7 @@ def _register(run: TrackedRun, data, row: dict) -> dict:
     return register_version(
         run,
         registered_name(data.label_slug),
-        "checkpoint",
+        MODEL_ARTIFACT,
         score_tag="val_auc",
         score=val_auc if val_auc is not None and val_auc == val_auc else None,
         description=f"Binary {data.label} classifier on chest radiographs (cxr_pipeline)",
@@ -154,12 +183,15 @@ def classifier(
             run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
         shards = paths.shard_root(size)
+        _log_datasets(run, data, size, shards, ["target"])
         outcome = fit_and_save(
             data, manifest, shards, cfg, device, files, bootstrap=config.bootstrap, log=context.log.info, on_epoch=on_epoch
         )
         _log_fit(run, outcome)
         row = outcome.row
         reg = _register(run, data, row)
+        y_test, p_test = outcome.test_curve
+        sheet = _saliency(run, files.checkpoint, data.splits["test"].images.numpy(), y_test, p_test, files.saliency)
         context.log.info(f"registered {reg['name']} v{reg['version']} (candidate{', champion' if reg['champion'] else ''})")
     headline = {**_headline(row, HEADLINE), **_headline(outcome.radiologist_row, ("roc_auc", "n_pos", "n_neg"), "radiologist_")}
     result = outcome.trained
@@ -167,7 +199,7 @@ def classifier(
     md.update(resumed_from_epoch=result.resumed_from, train_images_per_second=round(result.images_per_second, 1))
     md.update(checkpoint=dg.MetadataValue.path(str(files.checkpoint)))
     md["registered_model"] = f"{reg['name']} v{reg['version']}" + (" (champion)" if reg["champion"] else "")
-    return dg.MaterializeResult(metadata=asset_metadata(run, **headline, **md))
+    return dg.MaterializeResult(metadata=asset_metadata(run, **headline, **md, **sheet))
 
 
 @_asset(
@@ -196,6 +228,7 @@ def multilabel_classifier(
     with mlflow.run(context, {"model": MULTILABEL}) as run:
         run.log_params({**cfg.__dict__, "uncertain": config.uncertain, "blank": config.blank, "size": size, "device": str(device)})
         run.log_params(counts)
+        _log_datasets(run, data, size, paths.shard_root(size), [f"t_{s}" for s in SLUGS])
 
         def on_epoch(row: dict) -> None:
             run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
@@ -208,14 +241,14 @@ def multilabel_classifier(
         run.log_metrics(
             {"best_epoch": result.best_epoch, "train_images_per_second": result.images_per_second, "train_seconds": result.seconds}
         )
-        run.log_artifact(files.checkpoint, "checkpoint")
+        log_model(run, files.checkpoint)
         run.log_dict({"rows": rows}, "metrics.json")
         vals = [r["val_roc_auc"] for r in auto if r["val_roc_auc"] is not None and not math.isnan(r["val_roc_auc"])]
         tests = [r["roc_auc"] for r in auto if r["evaluable"]]
         reg = register_version(
             run,
             MULTILABEL_REGISTERED,
-            "checkpoint",
+            MODEL_ARTIFACT,
             score_tag="val_auc",  # mean validation AUC over labels; never test (see _register)
             score=sum(vals) / len(vals) if vals else None,
             description="Multi-label CNN, 14 CheXpert observations, on chest radiographs (cxr_pipeline)",
@@ -270,7 +303,7 @@ METRICS_SHOWN = (
 )
 def classifier_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflow: MlflowTracking) -> dg.MaterializeResult:
     from cxr_pipeline.vision.evaluate import save_curves
-    from cxr_pipeline.vision.fit import curves_of_test_split, metrics_table
+    from cxr_pipeline.vision.fit import curves_of_test_split, metrics_table, test_scores_table
 
     paths = storage.paths
     df = metrics_table(paths)
@@ -279,6 +312,7 @@ def classifier_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, m
     path = write_parquet(df, paths.classifier_metrics)
     show = df.select(METRICS_SHOWN)
     with mlflow.run(context) as run:
+        run.log_datasets("classifier-test-scores", {"test": test_scores_table(paths)}, paths.classifier_metrics)
         run.log_table(show, "classifier_metrics")
         for r in show.filter(pl.col("evaluable")).iter_rows(named=True):
             prefix = ("multilabel." if r["model"] == "multilabel" else "") + slug(r["pathology"])

@@ -164,6 +164,9 @@ def report_adapter(
     with mlflow.run(context, {"prompt_variant": variant}) as run:
         run.log_params({**cfg.__dict__, **base_info(base), "prompt_variant": variant, "train_pairs": len(examples), "size": size})
         run.log_params({"hint_source": hint_source})
+        # what the adapter saw: the pairs (image content, report text) and the prompts' hints, as digests
+        seen = rows.select("dicom_id", "study_id", *(c for c in ("content_hash",) if c in rows.columns), "text")
+        run.log_datasets(f"report-pairs-{size}px", {"train": seen.with_columns(pl.Series("prompt", prompts))}, paths.report_pairs)
         res = train_adapter(
             base,
             examples,
@@ -246,6 +249,8 @@ def generated_reports(
     with mlflow.run(context, {"prompt_variant": variant}) as run:
         run.log_params({**config.model_dump(), "prompt_variant": variant, "base": card["base"], "quantize": card.get("quantize", True)})
         run.log_params({"max_new_tokens_used": max_new})
+        seen = rows.select("dicom_id", "study_id", *(c for c in ("content_hash",) if c in rows.columns), "text")
+        run.log_datasets(f"report-pairs-{card['size']}px", {"test": seen.with_columns(pl.Series("prompt", prompts))}, paths.report_pairs)
         run.log_metrics({"reports": out.height, "empty_adapter_reports": sum(1 for t in adapter_out if not t.strip())})
         run.log_table(out.head(50), "generated_reports")
     decoding = "greedy" if config.num_beams == 1 else f"beam {config.num_beams}"
@@ -291,6 +296,7 @@ def report_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflo
         context.log.warning(f"{bad_total} empty or malformed reports were labelled all-blank")
     with mlflow.run(context) as run:
         run.log_params({"labeler": labeler_version(), "evaluation": evaluation})
+        run.log_datasets("generated-reports", {"test": gen.select("study_id", "reference", *SYSTEMS)}, storage.paths.generated_reports)
         run.log_table(table, "report_metrics")
         run.log_table(differences, "report_differences")
         for r in rows:

@@ -144,7 +144,7 @@ class FitOutcome:
 
 def _clear_model_files(files: ClassifierFiles) -> None:
     shutil.rmtree(files.checkpoint, ignore_errors=True)
-    for f in (files.predictions, files.test_scores, files.curves, files.resume):
+    for f in (files.predictions, files.test_scores, files.curves, files.saliency, files.resume):
         f.unlink(missing_ok=True)
 
 
@@ -300,6 +300,23 @@ def curves_of_test_split(paths: Paths, slugs: list[str]) -> dict[str, tuple]:
     return curves
 
 
+def test_scores_table(paths: Paths) -> pl.DataFrame:
+    """Every model's test-split scores, long: model, slug, dicom_id, target, prob (what the metrics are computed from).
+
+    The multi-label model's rows carry no target (its targets are the manifest's under the same policy)."""
+    parts = [
+        pl.read_parquet(f).select(pl.lit("per_pathology").alias("model"), pl.lit(s).alias("slug"), "dicom_id", "target", "prob")
+        for s in SLUGS
+        if (f := paths.classifier(s).test_scores).exists()
+    ]
+    if (f := paths.classifier(MULTILABEL).predictions).exists():
+        wide = pl.read_parquet(f).filter(pl.col("split") == "test")
+        long = wide.unpivot(index="dicom_id", on=[s for s in SLUGS if s in wide.columns], variable_name="slug", value_name="prob")
+        parts.append(long.select(pl.lit(MULTILABEL).alias("model"), "slug", "dicom_id", pl.lit(None, pl.Float64).alias("target"), "prob"))
+    schema = {"model": pl.String, "slug": pl.String, "dicom_id": pl.String, "target": pl.Float64, "prob": pl.Float32}
+    return pl.concat([p.cast(schema) for p in parts]) if parts else pl.DataFrame(schema=schema)
+
+
 def predictions_table(paths: Paths) -> tuple[pl.DataFrame | None, list[str]]:
     """One row per image, one probability column per trained pathology."""
     wide, done = None, []
@@ -319,7 +336,8 @@ def classifier_thresholds(paths: Paths) -> dict[str, float]:
     for s in SLUGS:
         f = paths.classifier(s).metrics
         if f.exists():
-            out[s] = _metrics_rows(f)[0].get("threshold") or 0.5
+            t = _metrics_rows(f)[0].get("threshold")
+            out[s] = 0.5 if t is None or t != t else t  # 0.0 is a threshold, not "none chosen"
     return out
 
 

@@ -1,0 +1,296 @@
+"""Trained classifiers as MLflow models: load, predict, serve, and look inside (Grad-CAM).
+
+Each registered version (``cxr-<label>`` and ``cxr-multilabel``) is an MLflow *pyfunc* model,
+so ``mlflow.pyfunc.load_model("models:/cxr-cardiomegaly@champion")``, ``mlflow models serve``
+and the registry's model page all work. It is logged as a model *from code*
+(``pyfunc_entry.py`` is the model's code file): MLflow stores no pickle of ours, and the
+weights inside it are the unchanged ``checkpoint/`` folder (``model.safetensors`` + ``config.json``).
+
+``predict`` takes what a user has:
+
+- a batch of grey uint8 images at the model's size, ``(n, size, size)`` (what the shards hold;
+  the signature and what ``mlflow models serve`` validates), or
+- file paths (DICOM, JPG, PNG) in ``params={"paths": [...]}``, decoded exactly as the shard
+  builder decodes them (``data.dicom.prepare``: VOI LUT / windowing, MONOCHROME1 inverted,
+  letterboxed); the image batch may then be empty.
+
+It returns one row per image: ``<slug>`` (probability) and ``<slug>_call`` (probability at or
+above the validation-chosen threshold) for every label the model has.
+
+Saliency is Grad-CAM from captum (``LayerGradCam`` on the last convolutional block) rather than
+hand-written hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_pipeline.labels import LABEL_BY_SLUG, slug
+
+ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+
+
+@dataclass
+class LoadedClassifier:
+    """A checkpoint folder made usable: the network (eval mode, CPU) and what applying it needs."""
+
+    net: Any
+    arch: str
+    size: int
+    slugs: list[str]  # output j is label slugs[j]
+    thresholds: list[float]
+
+    def probabilities(self, images: np.ndarray, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
+        """(n, len(slugs)) float32 for uint8 images (n, size, size); fp32, as evaluation does."""
+        import torch
+
+        from cxr_pipeline.vision.train import predict
+
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+        p = predict(self.net, x, torch.device(device), batch_size, "fp32", channels_last=False)
+        self.net.cpu()
+        return p.reshape(-1, len(self.slugs)).astype(np.float32)
+
+
+def _threshold(t: float | None) -> float:
+    """The validation-chosen threshold; 0.5 only where none was chosen (0.0 is a threshold)."""
+    return 0.5 if t is None or t != t else float(t)
+
+
+def load_checkpoint(folder: Path) -> LoadedClassifier:
+    """``model.safetensors`` + ``config.json`` (per-pathology or multi-label) -> network in eval mode."""
+    from safetensors.torch import load_file
+
+    from cxr_pipeline.vision.models import build_model
+
+    folder = Path(folder)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (not a cxr_pipeline classifier checkpoint)")
+    cfg = json.loads(cfg_file.read_text())
+    if "labels" in cfg:  # multi-label
+        slugs = [slug(x) for x in cfg["labels"]]
+        thresholds = [_threshold(cfg["thresholds"].get(s)) for s in slugs]
+    else:
+        slugs = [slug(cfg["pathology"])]
+        thresholds = [_threshold(cfg.get("threshold"))]
+    net = build_model(cfg["arch"], cfg.get("dropout", 0.0), outputs=len(slugs))
+    net.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return LoadedClassifier(net.eval(), cfg["arch"], int(cfg["size"]), slugs, thresholds)
+
+
+def decode_files(paths: Sequence[str | Path], size: int) -> np.ndarray:
+    """Files -> uint8 (n, size, size), exactly as the shard builder stores them (errors name the file)."""
+    from cxr_pipeline.data.dicom import prepare
+
+    if not paths:
+        return np.zeros((0, size, size), dtype=np.uint8)
+    return np.stack([prepare(str(p), size, name=str(p)) for p in paths])
+
+
+def as_image_batch(model_input: Any, size: int) -> np.ndarray:
+    """What pyfunc hands ``predict`` (ndarray, or a DataFrame from a served request) -> uint8 (n, s, s)."""
+    arr = model_input.to_numpy() if hasattr(model_input, "to_numpy") else np.asarray(model_input)
+    if arr.size == 0:
+        return np.zeros((0, size, size), dtype=np.uint8)
+    if arr.ndim == 2 and arr.shape == (size, size):
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1:] != (size, size):
+        raise ValueError(f"expected grey uint8 images of shape (n, {size}, {size}), got {arr.shape}")
+    if arr.dtype != np.uint8:
+        if arr.min() < 0 or arr.max() > 255:
+            raise ValueError("image values must be 0..255 (grey uint8, as the shards store them)")
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+def prediction_frame(model: LoadedClassifier, probs: np.ndarray):
+    """One row per image: ``<slug>`` probability and ``<slug>_call`` for each label."""
+    import pandas as pd
+
+    cols: dict[str, Any] = {}
+    for j, s in enumerate(model.slugs):
+        cols[s] = probs[:, j].astype(np.float64)
+        cols[f"{s}_call"] = probs[:, j] >= model.thresholds[j]
+    return pd.DataFrame(cols)
+
+
+from mlflow.pyfunc import PythonModel  # noqa: E402  (after the helpers, which need no MLflow)
+
+# MLflow warns, when a PythonModel subclass is defined, that ``predict`` has no type hints; its own
+# decorator forces the warning filter to "once", so a filter cannot hide it. The explicit signature
+# (uint8 tensor + ``paths`` param) is what validates here, and no single type hint says "images, or
+# nothing plus paths"; so the class is defined with warnings shown nowhere.
+_showwarning, warnings.showwarning = warnings.showwarning, lambda *a, **k: None
+try:
+
+    class CxrClassifier(PythonModel):
+        """The pyfunc: loads ``artifacts["checkpoint"]``; predicts on images or on file paths (see module doc)."""
+
+        def load_context(self, context) -> None:
+            self.model = load_checkpoint(Path(context.artifacts["checkpoint"]))
+
+        def predict(self, context, model_input, params: dict[str, Any] | None = None):
+            m = self.model
+            images = as_image_batch(model_input, m.size)
+            paths = [p for p in (params or {}).get("paths") or [] if p]
+            if paths:
+                images = np.concatenate([images, decode_files(paths, m.size)])
+            return prediction_frame(m, m.probabilities(images))
+finally:
+    warnings.showwarning = _showwarning
+
+
+def _requirements() -> list[str]:
+    """Pinned to what is installed (MLflow's own inference imports the model in a subprocess: slow)."""
+    from importlib.metadata import version
+
+    pkgs = ["torch", "torchvision", "safetensors", "numpy", "pandas", "pillow", "pydicom", "pylibjpeg", "pylibjpeg-openjpeg"]
+    pkgs += ["pylibjpeg-libjpeg", "polars", "mlflow"]
+    return [f"{p}=={version(p)}" for p in pkgs]
+
+
+def save_pyfunc(checkpoint: Path, out: Path) -> Path:
+    """Write the MLflow model for ``checkpoint`` into ``out`` (a new folder): signature, input example
+    (one black image at the model's size), pinned requirements. The model also needs ``cxr_pipeline``
+    itself importable (installed, as with ``make install``)."""
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    m = load_checkpoint(checkpoint)
+    outputs = [c for s in m.slugs for c in (ColSpec(DataType.double, s), ColSpec(DataType.boolean, f"{s}_call"))]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, m.size, m.size))]),
+        outputs=Schema(outputs),
+        params=ParamSchema([ParamSpec("paths", DataType.string, [""], (-1,))]),
+    )
+    labels = [LABEL_BY_SLUG[s] for s in m.slugs]
+    mlflow.pyfunc.save_model(
+        path=str(out),
+        python_model=str(ENTRY),
+        artifacts={"checkpoint": str(checkpoint)},
+        signature=signature,
+        input_example=np.zeros((1, m.size, m.size), dtype=np.uint8),
+        pip_requirements=_requirements(),
+        metadata={"labels": labels, "thresholds": dict(zip(m.slugs, m.thresholds, strict=True)), "arch": m.arch, "size": m.size},
+    )
+    return out
+
+
+# --- saliency ------------------------------------------------------------------------------------
+
+
+def target_layer(net, arch: str):
+    """The last convolutional block, whose feature maps Grad-CAM weighs."""
+    if arch.startswith("resnet"):
+        return net.layer4
+    if arch == "densenet121":
+        return net.features.norm5
+    return net.features[28]  # vgg16: the last 3x3 convolution
+
+
+def grad_cam(model: LoadedClassifier, images: np.ndarray, output: int = 0) -> np.ndarray:
+    """Grad-CAM maps (n, size, size) in [0, 1] for output ``output`` (a label index) of uint8 images."""
+    import torch
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    from cxr_pipeline.vision.train import to_input
+
+    if len(images) == 0:
+        return np.zeros((0, model.size, model.size), dtype=np.float32)
+    net = model.net.cpu().eval()
+    x = to_input(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)), torch.device("cpu"), channels_last=False)
+    x = x.clone().requires_grad_(True)
+    cam = LayerGradCam(net, target_layer(net, model.arch)).attribute(x, target=output, relu_attributions=True)
+    cam = LayerAttribution.interpolate(cam, (model.size, model.size), interpolate_mode="bilinear").detach()[:, 0].numpy()
+    peak = cam.reshape(len(cam), -1).max(axis=1)[:, None, None]
+    return np.where(peak > 0, cam / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The grey radiograph with the map in matplotlib's 'jet' on top: RGB uint8 (s, s, 3)."""
+    from matplotlib import colormaps
+
+    grey = np.repeat((image.astype(np.float32) / 255.0)[..., None], 3, axis=2)
+    heat = colormaps["jet"](cam)[..., :3]
+    weight = alpha * cam[..., None]  # cold regions leave the radiograph visible
+    return np.clip(np.rint(255 * ((1 - weight) * grey + weight * heat)), 0, 255).astype(np.uint8)
+
+
+def saliency_sheet(panels: Sequence[tuple[np.ndarray, str]], title: str, out: Path, ncols: int = 6) -> Path:
+    """RGB panels with captions in one PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cxr_pipeline.data.io import atomic_path
+
+    n = max(1, len(panels))
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.45 * nrows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (img, caption) in zip(axes.flat, panels, strict=False):
+        ax.imshow(img)
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return out
+
+
+def pick_cases(y: np.ndarray, p: np.ndarray, threshold: float, per_kind: int = 2) -> list[tuple[int, str]]:
+    """Indices of the most confident true positives, false positives and false negatives."""
+    call = p >= threshold
+    out: list[tuple[int, str]] = []
+    for kind, mask, order in (("TP", (y == 1) & call, -p), ("FP", (y == 0) & call, -p), ("FN", (y == 1) & ~call, p)):
+        idx = np.flatnonzero(mask)
+        out += [(int(i), kind) for i in idx[np.argsort(order[idx], kind="stable")][:per_kind]]
+    return out
+
+
+def classifier_saliency_sheet(
+    model: LoadedClassifier, images: np.ndarray, y: np.ndarray, p: np.ndarray, out: Path, output: int = 0, per_kind: int = 2
+) -> Path | None:
+    """The sheet a classifier materialisation shows: Grad-CAM of a few test TPs, FPs and FNs (None if none)."""
+    cases = pick_cases(y, p, model.thresholds[output], per_kind)
+    if not cases:
+        return None
+    idx = [i for i, _ in cases]
+    cams = grad_cam(model, images[idx], output)
+    panels = [(overlay(images[i], c), f"{kind} p={p[i]:.2f}") for (i, kind), c in zip(cases, cams, strict=True)]
+    label = LABEL_BY_SLUG[model.slugs[output]]
+    return saliency_sheet(panels, f"{label}: Grad-CAM on test images (threshold {model.thresholds[output]:.2f})", out)
+
+
+def log_model(run, checkpoint: Path, artifact_path: str = "model") -> None:
+    """The checkpoint as an MLflow model in ``run`` (a ``TrackedRun``), under ``artifact_path``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        run.log_artifact(save_pyfunc(checkpoint, Path(d) / artifact_path), artifact_path)
+
+
+def write_rgb(rgb: np.ndarray, out: Path) -> Path:
+    """An RGB uint8 array as a PNG, written atomically."""
+    from PIL import Image
+
+    from cxr_pipeline.data.io import atomic_path
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        Image.fromarray(rgb, mode="RGB").save(tmp, format="PNG")
+    return out

@@ -1,0 +1,164 @@
+"""Registered classifiers as a user meets them: MLflow's loader, ``mlflow models serve``, ``cxr-pipeline predict``.
+
+The models here are untrained (random weights at 32 px): these tests are about the
+plumbing a user depends on (what is registered loads, predicts the same in-process
+and over HTTP, decodes real radiographs as the shards do); trained models are
+exercised the same way in ``test_definitions``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from safetensors.torch import save_file
+
+from cxr_pipeline.cli import main
+from cxr_pipeline.data.dicom import prepare
+from cxr_pipeline.labels import LABELS, SLUGS
+from cxr_pipeline.tracking import register_version, tracked_run
+from cxr_pipeline.vision.models import build_model
+from cxr_pipeline.vision.serving import load_checkpoint, log_model, pick_cases
+from cxr_pipeline_tests import services
+
+DATA = Path(pydicom.__file__).resolve().parent.parent / "data_store" / "data"
+REAL = [DATA / "RG1_UNCR.dcm", DATA / "RG3_UNCR.dcm"]  # real CR chest radiographs, MONOCHROME1
+SIZE = 32
+
+
+def _checkpoint(folder: Path, label: str | None, threshold: float, seed: int) -> Path:
+    """A random-init ResNet-18 checkpoint in the pipeline's format (per-pathology, or multi-label if label is None)."""
+    import torch
+
+    torch.manual_seed(seed)
+    outputs = 1 if label else len(SLUGS)
+    net = build_model("resnet18", 0.2, outputs=outputs)
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    cfg = {"arch": "resnet18", "dropout": 0.2, "size": SIZE}
+    if label:
+        cfg.update(pathology=label, threshold=threshold)
+    else:
+        cfg.update(labels=list(LABELS), thresholds=dict.fromkeys(SLUGS, threshold), outputs=outputs)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def _register(folder: Path, name: str) -> None:
+    with tracked_run(f"test[{name}]") as run:
+        log_model(run, folder)
+        register_version(run, name, "model", score_tag="val_auc", score=0.7, description="test", tags={})
+
+
+@pytest.fixture
+def registry(cxr_home, tmp_path, monkeypatch):
+    """cxr-cardiomegaly (threshold 0: always positive) and cxr-edema registered as champions, plus cxr-multilabel."""
+    from cxr_pipeline.settings import paths
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", paths().tracking_uri)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    ck = {
+        "cardiomegaly": _checkpoint(tmp_path / "ck_card", "Cardiomegaly", 0.0, 1),
+        "edema": _checkpoint(tmp_path / "ck_edema", "Edema", 0.99, 2),
+        "multilabel": _checkpoint(tmp_path / "ck_multi", None, 0.5, 3),
+    }
+    _register(ck["cardiomegaly"], "cxr-cardiomegaly")
+    _register(ck["edema"], "cxr-edema")
+    _register(ck["multilabel"], "cxr-multilabel")
+    return ck
+
+
+def _images(n: int = 3) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, SIZE, SIZE), dtype=np.uint8)
+
+
+def test_registered_version_loads_with_mlflow_and_predicts_images_and_files(registry, tmp_path):
+    import mlflow.pyfunc
+    from PIL import Image
+
+    model = mlflow.pyfunc.load_model("models:/cxr-cardiomegaly@champion")
+    # the signature says what a request must be: grey uint8 at the model's size
+    assert model.metadata.get_input_schema().inputs[0].shape == (-1, SIZE, SIZE)
+    imgs = _images()
+    out = model.predict(imgs)
+    expect = load_checkpoint(registry["cardiomegaly"]).probabilities(imgs)[:, 0]
+    np.testing.assert_allclose(out["cardiomegaly"].to_numpy(), expect, atol=1e-6)
+    assert out["cardiomegaly_call"].all()  # threshold 0
+    # file paths through the shard decoder: a real CR (DICOM, MONOCHROME1) and a PNG
+    png = tmp_path / "x.png"
+    Image.fromarray(np.linspace(0, 255, 64 * 48, dtype=np.uint8).reshape(64, 48)).save(png)
+    by_path = model.predict(np.zeros((0, SIZE, SIZE), np.uint8), params={"paths": [str(REAL[0]), str(png)]})
+    decoded = np.stack([prepare(str(REAL[0]), SIZE), prepare(str(png), SIZE)])
+    np.testing.assert_allclose(by_path["cardiomegaly"].to_numpy(), model.predict(decoded)["cardiomegaly"].to_numpy(), atol=1e-6)
+    # the multi-label model answers for all 14 findings
+    multi = mlflow.pyfunc.load_model("models:/cxr-multilabel@champion").predict(imgs)
+    assert list(multi.columns) == [c for s in SLUGS for c in (s, f"{s}_call")]
+    # the weights inside the MLflow model are the unchanged safetensors checkpoint (no pickle of ours)
+    local = Path(mlflow.artifacts.download_artifacts("models:/cxr-edema@champion"))
+    assert (local / "artifacts" / "ck_edema" / "model.safetensors").read_bytes() == (registry["edema"] / "model.safetensors").read_bytes()
+    assert not list(local.rglob("*.pkl"))
+    with pytest.raises(Exception, match="uint8|shape|dtype"):
+        model.predict(np.zeros((1, SIZE + 1, SIZE), np.uint8))
+
+
+def test_mlflow_models_serve_answers_like_the_loaded_model(registry, tmp_path):
+    """``mlflow models serve --env-manager local`` on the registered champion; POST an image."""
+    import mlflow.pyfunc
+
+    port = services.free_port()
+    log = tmp_path / "serve.log"
+    # the scoring server is uvicorn from the same environment (found on PATH, as in an activated venv)
+    env = {**os.environ, "PATH": f"{services.BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [str(services.BIN / "mlflow"), "models", "serve", "-m", "models:/cxr-cardiomegaly@champion"]
+    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    proc = services.start(cmd, env, log)
+    try:
+        services.wait_http(f"http://127.0.0.1:{port}/ping", 180, proc, log)
+        imgs = _images(2)
+        answer = services.post(f"http://127.0.0.1:{port}/invocations", {"inputs": imgs.tolist()}, timeout=60)
+    finally:
+        services.stop(proc)
+    served = answer["predictions"]
+    local = mlflow.pyfunc.load_model("models:/cxr-cardiomegaly@champion").predict(imgs)
+    np.testing.assert_allclose([r["cardiomegaly"] for r in served], local["cardiomegaly"].to_numpy(), atol=1e-6)
+    assert [r["cardiomegaly_call"] for r in served] == local["cardiomegaly_call"].tolist()
+
+
+def test_predict_command_on_real_radiographs_prints_14_rows_and_writes_overlays(registry, tmp_path, capsys):
+    cams = tmp_path / "cams"
+    assert main(["predict", *map(str, REAL), "--cam", str(cams)]) == 0
+    out = capsys.readouterr().out
+    for path in REAL:
+        block = out.split(str(path))[1].split("saliency:")[0] if str(path) in out else ""
+        rows = [ln for ln in block.splitlines()[2:] if ln.startswith("  ") and not ln.startswith("  finding")]
+        assert len(rows) >= 14, out
+    assert "cxr-cardiomegaly v1" in out and "POSITIVE" in out
+    assert out.count("no champion model") == 2 * 12  # 12 findings have no registered per-pathology model
+    # cardiomegaly is positive (threshold 0): one overlay per image, RGB at the model's size
+    from PIL import Image
+
+    files = sorted(cams.glob("*.png"))
+    assert [f.name for f in files] == ["RG1_UNCR_cardiomegaly.png", "RG3_UNCR_cardiomegaly.png"]
+    assert Image.open(files[0]).mode == "RGB" and Image.open(files[0]).size == (SIZE, SIZE)
+    # the multi-label model fills every row
+    assert main(["predict", str(REAL[0]), "--model", "multilabel"]) == 0
+    assert "no champion model" not in capsys.readouterr().out
+
+
+def test_predict_command_errors_name_the_problem(registry, tmp_path, capsys):
+    bad = tmp_path / "broken.dcm"
+    bad.write_bytes(b"\0" * 200)
+    assert main(["predict", str(bad)]) == 2
+    assert "broken.dcm" in capsys.readouterr().err
+    assert main(["predict", str(REAL[0]), "--alias", "nonexistent"]) == 2
+    assert "no model registered under alias 'nonexistent'" in capsys.readouterr().err
+
+
+def test_saliency_cases_are_the_most_confident_of_each_kind():
+    y = np.array([1, 1, 1, 0, 0, 0, 1])
+    p = np.array([0.9, 0.6, 0.2, 0.8, 0.1, 0.55, 0.4])
+    assert pick_cases(y, p, 0.5, per_kind=2) == [(0, "TP"), (1, "TP"), (3, "FP"), (5, "FP"), (2, "FN"), (6, "FN")]
