@@ -16,7 +16,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: install test demo ui mlflow-ui bench lint clean
+.PHONY: install test demo ui mlflow-ui serve bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,12 @@ mlflow-ui: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --workers 1 \
 	  --backend-store-uri sqlite:///$(CXR_HOME)/mlflow.db --default-artifact-root $(CXR_HOME)/mlartifacts \
 	  -h 127.0.0.1 -p 5000
+
+# A registered classifier over HTTP: make serve MODEL=cxr-cardiomegaly@champion (POST {"inputs": uint8 images} to /invocations)
+MODEL ?= cxr-cardiomegaly@champion
+serve: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CXR_HOME)/mlflow.db} \
+	  $(BIN)/mlflow models serve -m models:/$(MODEL) --env-manager local -h 127.0.0.1 -p 5001 --workers 1
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_manifest.py

@@ -194,6 +194,8 @@ def print_summary(p: Paths) -> None:
     print(f"state:    {p.home}  (Dagster home {os.environ['DAGSTER_HOME']}, MLflow {p.tracking_uri})")
     print("look:     make ui         -> Dagster UI  http://127.0.0.1:3000 (asset graph, runs, checks)")
     print("          make mlflow-ui  -> MLflow UI   http://127.0.0.1:5000 (experiment cxr_pipeline)")
+    print("use:      .venv/bin/cxr-pipeline predict FILE.dcm --cam cams/  -> the champions on a radiograph, Grad-CAM per positive")
+    print("          make serve MODEL=cxr-cardiomegaly@champion              -> mlflow models serve on http://127.0.0.1:5001")
 
 
 def demo(patients: int = DEMO_PATIENTS, image_size: int = DEMO_IMAGE_SIZE, epochs: int = DEMO_EPOCHS) -> int:

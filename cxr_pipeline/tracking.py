@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -88,7 +89,10 @@ class TrackedRun:
 
         inputs = []
         for context, df in splits.items():
-            ds = mlflow.data.from_polars(df, source=str(source), name=name, digest=frame_digest(df))
+            with warnings.catch_warnings():
+                # MLflow registers two identical local-file sources and warns that a path matches both
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+                ds = mlflow.data.from_polars(df, source=str(source), name=name, digest=frame_digest(df))
             inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
         if inputs:
             self.client.log_inputs(self.run_id, datasets=inputs)

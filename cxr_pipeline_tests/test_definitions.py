@@ -314,6 +314,7 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert multi.height == 2 * 14 and set(multi["test_labels"]) == {"chexpert", "radiologist"}
         assert multi.filter(pl.col("slug") == "support_devices")["evaluable"].to_list()[0] is True
         assert mats["multilabel_classifier"].metadata["registered_model"].value.startswith("cxr-multilabel v1")
+        assert "saliency" in mats["multilabel_classifier"].metadata
         assert str(client.get_model_version_by_alias("cxr-multilabel", "champion").version) == "1"
         for col in ("roc_auc_lo", "roc_auc_hi", "f1", "sensitivity", "specificity", "average_precision", "threshold", "n_pos", "n_neg"):
             assert col in table.columns

@@ -14,6 +14,7 @@ from cxr_pipeline.defs.helpers import (
     effective_config,
     every_partition_of,
     gpu_asset,
+    inline_png,
     shard_size,
     table_metadata,
     to_dataclass,
@@ -107,17 +108,19 @@ def _log_datasets(run: TrackedRun, data, size: int, shard_root, targets: list[st
 
 
 def _saliency(run: TrackedRun, checkpoint, images, y, p, out) -> dict:
-    """Grad-CAM sheet of a few test TPs / FPs / FNs: a file, an MLflow artifact and inline metadata."""
-    import base64
+    """Grad-CAM sheet of a few test TPs / FPs / FNs (per finding's best TP for the multi-label model):
+    a file, an MLflow artifact and inline metadata. ``p`` None: computed with the saved checkpoint."""
+    from cxr_pipeline.vision.serving import classifier_saliency_sheet, load_checkpoint, multilabel_saliency_sheet
 
-    from cxr_pipeline.vision.serving import classifier_saliency_sheet, load_checkpoint
-
-    sheet = classifier_saliency_sheet(load_checkpoint(checkpoint), images, y, p, out)
+    model = load_checkpoint(checkpoint)
+    if len(model.slugs) > 1:
+        sheet = multilabel_saliency_sheet(model, images, y, model.probabilities(images), out)
+    else:
+        sheet = classifier_saliency_sheet(model, images, y, p, out)
     if sheet is None:
         return {"saliency": "no test case to show"}
     run.log_artifact(sheet)
-    inline = base64.b64encode(sheet.read_bytes()).decode()
-    return {"saliency": dg.MetadataValue.md(f"![Grad-CAM: test TP / FP / FN](data:image/png;base64,{inline})")}
+    return {"saliency": inline_png(sheet, "Grad-CAM on test images")}
 
 
 def _headline(row: dict, keys: tuple[str, ...], prefix: str = "") -> dict:
@@ -243,6 +246,8 @@ def multilabel_classifier(
         )
         log_model(run, files.checkpoint)
         run.log_dict({"rows": rows}, "metrics.json")
+        test = data.splits["test"]
+        sheet = _saliency(run, files.checkpoint, test.images.numpy(), test.targets.numpy(), None, files.saliency)
         vals = [r["val_roc_auc"] for r in auto if r["val_roc_auc"] is not None and not math.isnan(r["val_roc_auc"])]
         tests = [r["roc_auc"] for r in auto if r["evaluable"]]
         reg = register_version(
@@ -266,7 +271,7 @@ def multilabel_classifier(
     md["registered_model"] = f"{reg['name']} v{reg['version']}" + (" (champion)" if reg["champion"] else "")
     md["checkpoint"] = dg.MetadataValue.path(str(files.checkpoint))
     md["report_hints"] = f"out-of-fold, {config.oof_folds} folds over training patients" if config.oof_folds > 1 else "none"
-    return dg.MaterializeResult(metadata=asset_metadata(run, **counts, **md))
+    return dg.MaterializeResult(metadata=asset_metadata(run, **counts, **md, **sheet))
 
 
 METRICS_SHOWN = (

@@ -92,6 +92,13 @@ def table_metadata(df: pl.DataFrame, limit: int = 50) -> dg.TableMetadataValue:
     return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=cols))
 
 
+def inline_png(path: Path, alt: str) -> dg.MetadataValue:
+    """A PNG shown inline in the asset's metadata (Dagster renders Markdown images with data URIs)."""
+    import base64
+
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})")
+
+
 def to_dataclass(config: dg.Config, cls, **overrides):
     """The domain dataclass ``cls`` from the Dagster config fields of the same names."""
     import dataclasses

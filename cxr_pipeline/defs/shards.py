@@ -1,6 +1,5 @@
 """manifest -> image_shards[p10..p19] + shard_rejects[p10..p19]."""
 
-import base64
 import os
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from cxr_pipeline.defs.helpers import (
     asset_metadata,
     asset_specs,
     effective_config,
+    inline_png,
     latest_metadata,
     needed_shard_sizes,
     selected_keys,
@@ -113,7 +113,7 @@ def image_shards(context: dg.AssetExecutionContext, config: ShardConfig, storage
         )
         if sheet is not None:
             md["contact_sheet"] = dg.MetadataValue.path(str(sheet))
-            md["contact_sheet_preview"] = dg.MetadataValue.md(_png_markdown(sheet))
+            md["contact_sheet_preview"] = inline_png(sheet, "contact sheet")
         version = "+".join(data_version(b[0].index, size) for size, b in built.items())
         yield dg.MaterializeResult(asset_key=IMAGE_SHARDS, metadata=md, data_version=dg.DataVersion(version))
     if SHARD_REJECTS in selected_keys(context):
@@ -134,10 +134,6 @@ def _build_size(context: dg.AssetExecutionContext, run, paths, part: str, items,
         f"{part} at {spec.size} px: decoded {st['decoded']}, unchanged {unchanged}, rejected {st['rejected']} in {st['seconds']} s"
     )
     return result, sheet
-
-
-def _png_markdown(path: Path) -> str:
-    return f"![contact sheet](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
 
 
 @dg.asset_check(

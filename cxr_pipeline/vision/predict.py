@@ -14,6 +14,8 @@ import numpy as np
 
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
 
+OVERLAY_SIDE = 256  # overlays are drawn at the model's input size, then enlarged to at least this for viewing
+
 
 class PredictError(RuntimeError):
     """No model to apply (none registered under the alias, or no tracking store)."""
@@ -94,7 +96,7 @@ def predict_files(
                 if cam_dir is not None and f.call:
                     cam = grad_cam(cm, decoded[cm.size][i : i + 1], j)[0]
                     dest = Path(cam_dir) / f"{images[i].stem}_{s}.png"
-                    results[i].overlays.append(write_rgb(overlay(decoded[cm.size][i], cam), dest))
+                    results[i].overlays.append(write_rgb(overlay(decoded[cm.size][i], cam), dest, min_side=OVERLAY_SIDE))
     for i, r in enumerate(results):
         r.findings = [per_image[i].get(s) or Finding(s, None, None, None, f"no {alias} model") for s in SLUGS]
     return results

@@ -188,13 +188,16 @@ def save_pyfunc(checkpoint: Path, out: Path) -> Path:
 # --- saliency ------------------------------------------------------------------------------------
 
 
-def target_layer(net, arch: str):
-    """The last convolutional block, whose feature maps Grad-CAM weighs."""
+def target_layer(net, arch: str, size: int):
+    """The convolutional block whose feature maps Grad-CAM weighs: the last one, unless the image is so
+    small that its maps are under 4 px a side (a 64-px image gives ResNet's last block 2 x 2 maps, a
+    map with nothing to say), then the one before it (stride 16)."""
+    coarse = size // 32 < 4
     if arch.startswith("resnet"):
-        return net.layer4
+        return net.layer3 if coarse else net.layer4
     if arch == "densenet121":
-        return net.features.norm5
-    return net.features[28]  # vgg16: the last 3x3 convolution
+        return net.features.denseblock3 if coarse else net.features.norm5
+    return net.features[28]  # vgg16: the last 3x3 convolution, stride 16 already
 
 
 def grad_cam(model: LoadedClassifier, images: np.ndarray, output: int = 0) -> np.ndarray:
@@ -209,7 +212,7 @@ def grad_cam(model: LoadedClassifier, images: np.ndarray, output: int = 0) -> np
     net = model.net.cpu().eval()
     x = to_input(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)), torch.device("cpu"), channels_last=False)
     x = x.clone().requires_grad_(True)
-    cam = LayerGradCam(net, target_layer(net, model.arch)).attribute(x, target=output, relu_attributions=True)
+    cam = LayerGradCam(net, target_layer(net, model.arch, model.size)).attribute(x, target=output, relu_attributions=True)
     cam = LayerAttribution.interpolate(cam, (model.size, model.size), interpolate_mode="bilinear").detach()[:, 0].numpy()
     peak = cam.reshape(len(cam), -1).max(axis=1)[:, None, None]
     return np.where(peak > 0, cam / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
@@ -284,13 +287,31 @@ def log_model(run, checkpoint: Path, artifact_path: str = "model") -> None:
         run.log_artifact(save_pyfunc(checkpoint, Path(d) / artifact_path), artifact_path)
 
 
-def write_rgb(rgb: np.ndarray, out: Path) -> Path:
-    """An RGB uint8 array as a PNG, written atomically."""
+def write_rgb(rgb: np.ndarray, out: Path, min_side: int = 0) -> Path:
+    """An RGB uint8 array as a PNG, written atomically; enlarged (bilinear) to ``min_side`` for viewing."""
     from PIL import Image
 
     from cxr_pipeline.data.io import atomic_path
 
+    im = Image.fromarray(rgb, mode="RGB")
+    if min(im.size) < min_side:
+        im = im.resize((min_side, min_side), Image.Resampling.BILINEAR)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        Image.fromarray(rgb, mode="RGB").save(tmp, format="PNG")
+        im.save(tmp, format="PNG")
     return out
+
+
+def multilabel_saliency_sheet(model: LoadedClassifier, images: np.ndarray, y: np.ndarray, p: np.ndarray, out: Path) -> Path | None:
+    """The multi-label model's sheet: for each finding, Grad-CAM of its most confident test true positive
+    (``y``, ``p``: (n, labels); NaN targets are unusable under the policy). None if there is none."""
+    panels = []
+    for j, s in enumerate(model.slugs):
+        cases = pick_cases(np.nan_to_num(y[:, j], nan=-1), p[:, j], model.thresholds[j], per_kind=1)
+        tp = [i for i, kind in cases if kind == "TP"]
+        if tp:
+            cam = grad_cam(model, images[tp], j)[0]
+            panels.append((overlay(images[tp[0]], cam), f"{LABEL_BY_SLUG[s]} p={p[tp[0], j]:.2f}"))
+    if not panels:
+        return None
+    return saliency_sheet(panels, "Multi-label model: Grad-CAM of each finding's most confident test true positive", out, ncols=7)
