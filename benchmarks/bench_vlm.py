@@ -322,8 +322,14 @@ def learning(args, device, name: str) -> None:
         base = _pretrain_language(base, work / f"base_w{args.width}_lm{args.pretrain:g}", texts, prompt, args.pretrain)
     refs = [{LABEL_BY_SLUG[s]: r[s] for s in SLUGS} for r in test_rows.select(SLUGS).iter_rows(named=True)]
     max_new = report_token_budget(base, texts)
-    cfg = AdapterConfig(max_steps=100_000, batch_size=8, accumulation=1, lr=args.lr, warmup_steps=10, target="language+vision")
-    print(f"{len(texts)} training pairs, {test_rows.height} test reports, base width {args.width}, {args.budget} s each", flush=True)
+    cfg = AdapterConfig(
+        max_steps=100_000, batch_size=8, accumulation=1, lr=args.lr, warmup_steps=10, target=args.target, train_full=args.train_full
+    )
+    print(
+        f"{len(texts)} training pairs, {test_rows.height} test reports, base width {args.width}, {args.budget} s each; "
+        f"LoRA on {args.target}, lr {args.lr:g}" + (f", trained in full: {args.train_full}" if args.train_full else ""),
+        flush=True,
+    )
     scores = {}
     for blank in (False, True):
         train_imgs = _Blank(images) if blank else images
@@ -377,6 +383,8 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=4, help="tiny base width multiplier (--learning)")
     ap.add_argument("--pretrain", type=float, default=180, help="seconds of language pretraining of the base, cached (--learning)")
     ap.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate (--learning)")
+    ap.add_argument("--target", default="language+vision", help="LoRA target: language | language+vision (--learning)")
+    ap.add_argument("--train-full", default="", help="modules trained in full, e.g. vision_model,multi_modal_projector (--learning)")
     ap.add_argument("--test-n", type=int, default=120, help="test reports generated (--learning)")
     ap.add_argument("--work", default="", help="cache folder (--learning; default $CXR_HOME/bench/vlm-learning)")
     args = ap.parse_args()

@@ -193,7 +193,9 @@ def print_summary(p: Paths) -> None:
     print(f"dataset:  {p.raw}")
     print(f"state:    {p.home}  (Dagster home {os.environ['DAGSTER_HOME']}, MLflow {p.tracking_uri})")
     print("look:     make ui         -> Dagster UI  http://127.0.0.1:3000 (asset graph, runs, checks)")
-    print("          make mlflow-ui  -> MLflow UI   http://127.0.0.1:5000 (experiment cxr_pipeline)")
+    print(
+        "          make mlflow-ui  -> MLflow UI   http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (experiment cxr_pipeline)"
+    )
     print("use:      .venv/bin/cxr-pipeline predict FILE.dcm --cam cams/  -> the champions on a radiograph, Grad-CAM per positive")
     print("          make serve MODEL=cxr-cardiomegaly@champion              -> mlflow models serve on http://127.0.0.1:5001")
 

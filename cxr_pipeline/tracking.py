@@ -117,10 +117,15 @@ def _metric_key(k: str) -> str:
     return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in k)
 
 
+# MLflow 3.17's UI picks GenAI or model-training pages from this URL parameter (then remembers it), not
+# from the experiment's kind tag while its workflow switch is shown; every link we print carries it.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """A link to the run: the server's own page, or the local ``make mlflow-ui`` page."""
     base = tracking_uri.rstrip("/") if tracking_uri.startswith("http") else os.environ.get("CXR_MLFLOW_UI", "http://127.0.0.1:5000")
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
 
 def get_client(tracking_uri: str | None = None):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from cxr_pipeline.tracking import MODEL_TRAINING_VIEW, run_url
 from cxr_pipeline_tests.services import BIN, ROOT, free_port, mlflow_server, start, stop, wait_http
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -101,6 +102,14 @@ def test_dagster_ui_shows_groups_partitions_metadata_checks_and_automation(state
         assert "Materialized (2)" in text and "Missing (12)" in text
         text = visit(page, f"{base}/assets/classifier", "dagster-classifier-metadata", "roc_auc", "registered_model")
         assert "cxr-pleural-effusion v1" in text or "cxr-support-devices v1" in text
+        # the Grad-CAM sheet: inline Markdown metadata, opened from the partition's metadata table
+        visit(page, f"{base}/assets/classifier?view=partitions&partition=support_devices", "dagster-partition", "[Show Markdown]")
+        page.get_by_text("[Show Markdown]").first.click()
+        sheet = page.locator('img[src^="data:image/png;base64,"]')
+        sheet.first.wait_for(timeout=30_000)
+        assert sheet.first.evaluate("img => img.naturalWidth") > 100  # the PNG decoded in the browser
+        page.screenshot(path=str(ARTIFACTS / "dagster-classifier-saliency.png"))
+        page.keyboard.press("Escape")
         text = visit(page, f"{base}/assets/manifest?view=checks", "dagster-manifest-checks", "manifest_unique_dicom_id")
         for check in ("manifest_files_exist", "manifest_label_domain", "manifest_splits_patient_disjoint", "manifest_unique_dicom_id"):
             assert check in text
@@ -133,8 +142,16 @@ def test_mlflow_ui_lists_classifier_runs_and_compares_two(state, browser):
         assert len(ids) == 2, [r["data"].get("tags") for r in runs]
         base = f"http://127.0.0.1:{port}"
         page = browser.new_page(viewport={"width": 1400, "height": 900})
-        text = visit(page, f"{base}/#/experiments/{exp_id}/runs", "mlflow-runs-table", "Training runs", "classifier[support_devices]")
+        # the link the pipeline prints opens the model-training view (MLflow 3 starts on GenAI otherwise)
+        link = run_url(f"http://127.0.0.1:{port}", exp_id, ids[0])
+        text = visit(page, link, "mlflow-run", "Overview", "test_roc_auc")
+        assert "Model registry" in text and "Judges" not in text  # model-training navigation, not GenAI's
+        text = visit(
+            page, f"{base}/#/experiments/{exp_id}?{MODEL_TRAINING_VIEW}", "mlflow-runs-table", "Runs", "classifier[support_devices]"
+        )
         assert "classifier[pleural_effusion]" in text
+        # the Dataset column: what each classifier run read (name and digest of its rows, per split)
+        assert "mimic-cxr-32px" in text
         url = f"{base}/#/compare-runs?runs={json.dumps(ids)}&experiments={json.dumps([exp_id])}"
         text = visit(page, url, "mlflow-compare-runs", "Comparing 2 Runs", "test_roc_auc")
         page.close()

@@ -285,6 +285,9 @@ class AdapterConfig:
     alpha: int = 20
     dropout: float = 0.0
     target: str = "language"  # or "language+vision"
+    # modules trained in full beside the LoRA weights (peft ``modules_to_save``), comma-separated, e.g.
+    # "multi_modal_projector" or "vision_model,multi_modal_projector" (never quantised); "" = LoRA only
+    train_full: str = ""
     lr: float = 1e-4
     warmup_steps: int = 5
     max_steps: int = 200
@@ -383,7 +386,14 @@ def train_adapter(
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(
         model,
-        LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=lora_target(cfg.target), task_type="CAUSAL_LM"),
+        LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=lora_target(cfg.target),
+            modules_to_save=[m.strip() for m in cfg.train_full.split(",") if m.strip()] or None,
+            task_type="CAUSAL_LM",
+        ),
     )
     # TRL wants a datasets.Dataset; it holds only the row number, prompt and report, and the collator
     # reads each batch's images (from the shards, for ``TrainingPairs`` built on ``ShardImages``). Images
