@@ -63,7 +63,7 @@ def test_materialize_manifest_tracks_mlflow_and_links_back(env, cxr_home):
         assert md["dagster/row_count"].value == m.height > 0
         assert str(cxr_home) in path
         run_id = md["mlflow_run_id"].value
-        assert md["mlflow_run"].value.endswith(run_id)
+        assert f"/runs/{run_id}?workflowType=machine_learning" in md["mlflow_run"].value  # opens the model-training view
 
         client, _ = get_client()
         run = client.get_run(run_id)
