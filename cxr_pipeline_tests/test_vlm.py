@@ -95,6 +95,26 @@ def test_generation_loads_the_base_as_the_adapter_was_trained(base, tmp_path, mo
     assert loads == [(False, torch.device("cpu"))]
 
 
+def test_modules_trained_in_full_travel_with_the_adapter(base, tmp_path):
+    """``train_full`` (peft modules_to_save): the projector is trained whole, saved in the adapter, used at generation."""
+    import torch
+    from safetensors import safe_open
+
+    adapter = tmp_path / "adapter"
+    cfg = vlm.AdapterConfig(max_steps=2, batch_size=2, accumulation=1, lr=1e-2, quantize=False, train_full="multi_modal_projector")
+    vlm.train_adapter(base, examples(4), cfg, adapter, device=torch.device("cpu"))
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        saved = [k for k in f.keys() if "multi_modal_projector" in k and k.endswith("weight")]
+        trained = f.get_tensor(saved[0]) if saved else None
+    assert saved, "the projector's trained copy is not in the adapter"
+    params = dict(vlm.load_base(base, quantize=False).named_parameters())
+    original = next(v for n, v in params.items() if "multi_modal_projector" in n and n.endswith("weight")).detach()
+    assert trained.shape == original.shape
+    assert not torch.equal(trained.to(original.dtype), original)  # it was trained, not copied
+    out = vlm.generate_reports(base, adapter, [e["image"] for e in examples(1)], [vlm.user_prompt()], max_new_tokens=2, device="cpu")
+    assert len(out) == 1
+
+
 @pytest.fixture(scope="module")
 def bos_processor(base, tmp_path_factory):
     """The tiny base's processor with a tokenizer that adds <|begin_of_text|> itself, as Llama-3's does."""
