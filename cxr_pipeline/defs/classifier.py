@@ -109,12 +109,12 @@ def _log_datasets(run: TrackedRun, data, size: int, shard_root, targets: list[st
 
 def _saliency(run: TrackedRun, checkpoint, images, y, p, out) -> dict:
     """Grad-CAM sheet of a few test TPs / FPs / FNs (per finding's best TP for the multi-label model):
-    a file, an MLflow artifact and inline metadata. ``p`` None: computed with the saved checkpoint."""
+    a file, an MLflow artifact and inline metadata. ``y``, ``p``: (n,) or (n, labels) test targets and probabilities."""
     from cxr_pipeline.vision.serving import classifier_saliency_sheet, load_checkpoint, multilabel_saliency_sheet
 
     model = load_checkpoint(checkpoint)
     if len(model.slugs) > 1:
-        sheet = multilabel_saliency_sheet(model, images, y, model.probabilities(images), out)
+        sheet = multilabel_saliency_sheet(model, images, y, p, out)
     else:
         sheet = classifier_saliency_sheet(model, images, y, p, out)
     if sheet is None:
@@ -247,7 +247,8 @@ def multilabel_classifier(
         log_model(run, files.checkpoint)
         run.log_dict({"rows": rows}, "metrics.json")
         test = data.splits["test"]
-        sheet = _saliency(run, files.checkpoint, test.images.numpy(), test.targets.numpy(), None, files.saliency)
+        p_test = test.rows.select("dicom_id").join(pl.read_parquet(files.predictions), on="dicom_id", how="left")
+        sheet = _saliency(run, files.checkpoint, test.images.numpy(), test.targets.numpy(), p_test.select(SLUGS).to_numpy(), files.saliency)
         vals = [r["val_roc_auc"] for r in auto if r["val_roc_auc"] is not None and not math.isnan(r["val_roc_auc"])]
         tests = [r["roc_auc"] for r in auto if r["evaluable"]]
         reg = register_version(

@@ -120,6 +120,12 @@ def _hints(paths: Paths) -> tuple[pl.DataFrame | None, dict[str, float], str]:
     return None, {}, "none"
 
 
+def _log_pairs(run, rows: pl.DataFrame, prompts: list[str], size: int, context: str, paths: Paths) -> None:
+    """The pairs a report run read (image content, report text, the prompt with its hints), as an MLflow dataset."""
+    seen = rows.select("dicom_id", "study_id", *(c for c in ("content_hash",) if c in rows.columns), "text")
+    run.log_datasets(f"report-pairs-{size}px", {context: seen.with_columns(pl.Series("prompt", prompts))}, paths.report_pairs)
+
+
 def _base_dir(paths: Paths, config_base: str, train_texts: list[str], log) -> Path:
     from cxr_pipeline.reports.vlm import TINY_MARKER, build_tiny_base
 
@@ -164,9 +170,7 @@ def report_adapter(
     with mlflow.run(context, {"prompt_variant": variant}) as run:
         run.log_params({**cfg.__dict__, **base_info(base), "prompt_variant": variant, "train_pairs": len(examples), "size": size})
         run.log_params({"hint_source": hint_source})
-        # what the adapter saw: the pairs (image content, report text) and the prompts' hints, as digests
-        seen = rows.select("dicom_id", "study_id", *(c for c in ("content_hash",) if c in rows.columns), "text")
-        run.log_datasets(f"report-pairs-{size}px", {"train": seen.with_columns(pl.Series("prompt", prompts))}, paths.report_pairs)
+        _log_pairs(run, rows, prompts, size, "train", paths)
         res = train_adapter(
             base,
             examples,
@@ -249,8 +253,7 @@ def generated_reports(
     with mlflow.run(context, {"prompt_variant": variant}) as run:
         run.log_params({**config.model_dump(), "prompt_variant": variant, "base": card["base"], "quantize": card.get("quantize", True)})
         run.log_params({"max_new_tokens_used": max_new})
-        seen = rows.select("dicom_id", "study_id", *(c for c in ("content_hash",) if c in rows.columns), "text")
-        run.log_datasets(f"report-pairs-{card['size']}px", {"test": seen.with_columns(pl.Series("prompt", prompts))}, paths.report_pairs)
+        _log_pairs(run, rows, prompts, int(card["size"]), "test", paths)
         run.log_metrics({"reports": out.height, "empty_adapter_reports": sum(1 for t in adapter_out if not t.strip())})
         run.log_table(out.head(50), "generated_reports")
     decoding = "greedy" if config.num_beams == 1 else f"beam {config.num_beams}"

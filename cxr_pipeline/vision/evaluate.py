@@ -52,6 +52,11 @@ def choose_threshold(y_val: np.ndarray, p_val: np.ndarray) -> tuple[float, str]:
     return (min(t, 1.0) if np.isfinite(t) else 1.0), "youden_j_on_validation"
 
 
+def stored_threshold(t: float | None) -> float:
+    """A threshold read back from a checkpoint or metrics row: 0.5 only where none was chosen (0.0 is a threshold)."""
+    return 0.5 if t is None or t != t else float(t)
+
+
 def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, f1_score, roc_auc_score
 

@@ -30,7 +30,7 @@ from cxr_pipeline.data.io import atomic_path, write_parquet
 from cxr_pipeline.data.shards import load_images
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
 from cxr_pipeline.settings import ClassifierFiles, Paths
-from cxr_pipeline.vision.evaluate import REFERENCE_AUC, evaluate, roc_auc_or_nan, save_curves
+from cxr_pipeline.vision.evaluate import REFERENCE_AUC, evaluate, roc_auc_or_nan, save_curves, stored_threshold
 from cxr_pipeline.vision.targets import targets
 from cxr_pipeline.vision.train import (
     NORMALISE_MEAN,
@@ -336,8 +336,7 @@ def classifier_thresholds(paths: Paths) -> dict[str, float]:
     for s in SLUGS:
         f = paths.classifier(s).metrics
         if f.exists():
-            t = _metrics_rows(f)[0].get("threshold")
-            out[s] = 0.5 if t is None or t != t else t  # 0.0 is a threshold, not "none chosen"
+            out[s] = stored_threshold(_metrics_rows(f)[0].get("threshold"))
     return out
 
 

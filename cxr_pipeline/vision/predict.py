@@ -7,6 +7,7 @@ what is registered; files are decoded exactly as the shard builder decodes them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,20 +49,13 @@ class ImageResult:
         return "\n".join(lines)
 
 
-def _tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else the pipeline's own store (as every asset uses)."""
-    from cxr_pipeline.tracking import get_client
-
-    return get_client()[1]
-
-
-def _load(name: str, alias: str):
+def _load(client, name: str, alias: str):
     """(pyfunc model, 'name vN') or None when ``name`` has no version under ``alias``."""
     import mlflow.pyfunc
 
-    from cxr_pipeline.tracking import get_client, registered_model_or_none
+    from cxr_pipeline.tracking import registered_model_or_none
 
-    rm = registered_model_or_none(get_client()[0], name)
+    rm = registered_model_or_none(client, name)
     if rm is None or alias not in (rm.aliases or {}):
         return None
     return mlflow.pyfunc.load_model(f"models:/{name}@{alias}"), f"{name} v{rm.aliases[alias]}"
@@ -71,16 +65,25 @@ def predict_files(
     images: list[Path], alias: str = "champion", model: str = "per-pathology", cam_dir: Path | None = None
 ) -> list[ImageResult]:
     """Every file through every registered model; with ``cam_dir``, a Grad-CAM overlay per positive call."""
-    import mlflow
-
     from cxr_pipeline.defs.classifier import MULTILABEL_REGISTERED, registered_name
+    from cxr_pipeline.tracking import get_client
     from cxr_pipeline.vision.serving import decode_files, grad_cam, overlay, write_rgb
 
-    mlflow.set_tracking_uri(_tracking_uri())
+    client, uri = get_client()  # MLFLOW_TRACKING_URI if set, else the pipeline's own store
     names = [MULTILABEL_REGISTERED] if model == "multilabel" else [registered_name(s) for s in SLUGS]
-    loaded = {n: m for n in names if (m := _load(n, alias)) is not None}
+    # MLflow's loader resolves models:/ URIs against the environment's store; set it for the loads only,
+    # rather than mlflow.set_tracking_uri, which would pin this store for the rest of the process
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        loaded = {n: m for n in names if (m := _load(client, n, alias)) is not None}
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
     if not loaded:
-        raise PredictError(f"no model registered under alias {alias!r} ({', '.join(names[:2])}, ...) at {mlflow.get_tracking_uri()}")
+        raise PredictError(f"no model registered under alias {alias!r} ({', '.join(names[:2])}, ...) at {uri}")
     decoded: dict[int, np.ndarray] = {}  # size -> (n, size, size), each file decoded once per size
     results = [ImageResult(p, []) for p in images]
     per_image: list[dict[str, Finding]] = [{} for _ in images]

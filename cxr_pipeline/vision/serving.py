@@ -59,15 +59,11 @@ class LoadedClassifier:
         return p.reshape(-1, len(self.slugs)).astype(np.float32)
 
 
-def _threshold(t: float | None) -> float:
-    """The validation-chosen threshold; 0.5 only where none was chosen (0.0 is a threshold)."""
-    return 0.5 if t is None or t != t else float(t)
-
-
 def load_checkpoint(folder: Path) -> LoadedClassifier:
     """``model.safetensors`` + ``config.json`` (per-pathology or multi-label) -> network in eval mode."""
     from safetensors.torch import load_file
 
+    from cxr_pipeline.vision.evaluate import stored_threshold
     from cxr_pipeline.vision.models import build_model
 
     folder = Path(folder)
@@ -77,10 +73,10 @@ def load_checkpoint(folder: Path) -> LoadedClassifier:
     cfg = json.loads(cfg_file.read_text())
     if "labels" in cfg:  # multi-label
         slugs = [slug(x) for x in cfg["labels"]]
-        thresholds = [_threshold(cfg["thresholds"].get(s)) for s in slugs]
+        thresholds = [stored_threshold(cfg["thresholds"].get(s)) for s in slugs]
     else:
         slugs = [slug(cfg["pathology"])]
-        thresholds = [_threshold(cfg.get("threshold"))]
+        thresholds = [stored_threshold(cfg.get("threshold"))]
     net = build_model(cfg["arch"], cfg.get("dropout", 0.0), outputs=len(slugs))
     net.load_state_dict(load_file(str(folder / "model.safetensors")))
     return LoadedClassifier(net.eval(), cfg["arch"], int(cfg["size"]), slugs, thresholds)
@@ -291,15 +287,13 @@ def write_rgb(rgb: np.ndarray, out: Path, min_side: int = 0) -> Path:
     """An RGB uint8 array as a PNG, written atomically; enlarged (bilinear) to ``min_side`` for viewing."""
     from PIL import Image
 
-    from cxr_pipeline.data.io import atomic_path
+    from cxr_pipeline.data.shards import write_png
 
     im = Image.fromarray(rgb, mode="RGB")
     if min(im.size) < min_side:
         im = im.resize((min_side, min_side), Image.Resampling.BILINEAR)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        im.save(tmp, format="PNG")
-    return out
+    return write_png(np.asarray(im), out)
 
 
 def multilabel_saliency_sheet(model: LoadedClassifier, images: np.ndarray, y: np.ndarray, p: np.ndarray, out: Path) -> Path | None:
