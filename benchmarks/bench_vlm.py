@@ -22,17 +22,20 @@ device (tokens/s, peak memory).
 
     python benchmarks/bench_vlm.py [--steps 10] [--batch 4] [--gen 32]
     python benchmarks/bench_vlm.py --real-shape [--text-tokens 256]
-    python benchmarks/bench_vlm.py --learning [--budget 300]
+    python benchmarks/bench_vlm.py --learning [--recipe learning]
 
-``--learning``: proof that the image reaches the text. A replica (600 patients,
-every frontal image) is built once, its shards at the tiny base's 56-px tile; a
-wider tiny base (``width`` 4) is QLoRA-trained with the instruction-only prompt
-(no classifier hints) for ``--budget`` seconds twice: once on the images, once
-with every image blanked (training and test). Each writes the test split's
-reports (greedy), scored by clinical efficacy against the replica's CheXpert
-labels, which are the findings planted in the pixels. A cut-off image path (a
-zero ``cross_attention_mask``, labels masking everything) makes the two equal.
-Last line: ``learning: with images <f1>, images blanked <f1>, budget <s> s``.
+``--learning``: proof that the image reaches the text, run with the product's recipe and code. The
+recipe is a ``pipeline.yaml`` (``benchmarks/recipes/learning.yaml``: copied to
+``$CXR_HOME/pipeline.yaml``, the pipeline trains the same adapter), resolved by
+``cxr_pipeline.config`` exactly as a run resolves it. A replica (600 patients) is built once;
+the manifest, the shards at the report model's size and the report pairs are computed from it
+with the calls the assets make, and the tiny base of the recipe's width and language pretraining
+(``reports.vlm.ensure_base``). The adapter is then trained twice for the recipe's ``max_steps``:
+once on the images, once with every image blanked (training and test). Each writes the test
+split's reports (the recipe's ``generated_reports``), scored by clinical efficacy against the
+replica's CheXpert labels, which are the findings planted in the pixels. A cut-off image path
+makes the two equal. ``--time-limit`` is a safety stop only.
+Last line: ``learning: with images <f1>, images blanked <f1>, steps <n> and <m>, recipe <file>``.
 
 Last line: ``qlora: X tokens/s, peak Y GB; generate: Z reports/s; device: NAME``, or with
 ``--real-shape``: ``qlora 11B estimate: weights <GB> GB, step bs1 <GB> GB, bs8 <GB> GB;
@@ -49,9 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 TEXTS = [
     "The heart is enlarged. Small left pleural effusion with a meniscus.",
@@ -207,71 +208,42 @@ def real_shape(args, device, name: str) -> None:
     )
 
 
-def _learning_data(work: Path, size: int, workers: int):
-    """The replica's pairs (with the manifest's labels) and shard root (built once under ``work``)."""
-    from cxr_pipeline.data.mimic import ManifestPolicy, build_manifest
-    from cxr_pipeline.data.shards import PARTITIONS, ShardSpec, build_partition, partition_column
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def _recipe_state(recipe: Path, work: Path):
+    """``work`` as a CXR_HOME whose ``pipeline.yaml`` is the recipe: what the pipeline would resolve, resolved."""
+    from cxr_pipeline.settings import Paths
+
+    p = Paths(home=work, raw=work / "raw")
+    work.mkdir(parents=True, exist_ok=True)
+    p.pipeline_config.write_text(recipe.read_text())
+    return p
+
+
+def _learning_data(p, workers: int):
+    """The replica (600 patients, built once), then what the manifest, image_shards and report_pairs assets
+    compute from it under the recipe, with the same domain calls; only the report model's shard size is built."""
+    from cxr_pipeline.config import resolve
+    from cxr_pipeline.data.mimic import build_manifest
+    from cxr_pipeline.data.shards import PARTITIONS, build_partition, partition_column
     from cxr_pipeline.data.synthetic import SynthConfig, generate
     from cxr_pipeline.labels import SLUGS
     from cxr_pipeline.reports.pairs import build_pairs
 
-    raw, shard_root = work / "raw", work / f"s{size}"
-    if not (raw / ".done").exists():
-        print(f"generating a 600-patient replica in {raw} (once) ...", file=sys.stderr, flush=True)
-        generate(
-            SynthConfig(patients=600, image_size=128, jpeg2000_fraction=0.0, workers=workers, validate_fraction=0.1, test_fraction=0.15),
-            raw,
-        )
-        (raw / ".done").write_text("ok")
-    manifest = build_manifest(raw, ManifestPolicy(views=("PA", "AP"), one_image_per_subject=False)).manifest
+    if not (p.raw / ".done").exists():
+        print(f"generating a 600-patient replica in {p.raw} (once) ...", file=sys.stderr, flush=True)
+        synth = SynthConfig(patients=600, image_size=128, jpeg2000_fraction=0.0, workers=workers, validate_fraction=0.1, test_fraction=0.15)
+        generate(synth, p.raw)
+        (p.raw / ".done").write_text("ok")
+    manifest = build_manifest(p.raw, resolve(p, "manifest")).manifest
+    size, shards = resolve(p, "report_adapter").size, resolve(p, "image_shards")
     for part in PARTITIONS:
         items = manifest.filter(partition_column() == part)
         if items.height:
-            build_partition(raw, shard_root / part, items, ShardSpec(size, 1024, workers))
-    pairs = build_pairs(manifest)
-    return pairs.join(manifest.select("dicom_id", *SLUGS), on="dicom_id", how="left"), shard_root
-
-
-def _pretrain_language(base: Path, out: Path, texts: list[str], prompt: str, seconds: float, lr: float = 1e-3) -> Path:
-    """A stand-in for what a real base brings: a language model that already writes reports.
-
-    Llama-3.2-11B-Vision arrives knowing English and radiology phrasing; a random tiny base
-    knows nothing, and an adapter given minutes on a CPU spends them all learning to spell,
-    then falls back to the most frequent sentence whatever the image (both runs of the first
-    version of this benchmark did). So the base's language model (not its vision tower, projector
-    or cross-attention, which stay as built) is first trained on the training reports with every
-    image blanked, once and cached; both adapters then start from it, so only what the image
-    adds can separate them.
-    """
-    import torch
-    from transformers import MllamaForConditionalGeneration, MllamaProcessor
-
-    from cxr_pipeline.reports.vlm import MllamaCollator
-
-    if (out / "config.json").exists():
-        return out
-    shutil.copytree(base, out, dirs_exist_ok=True)
-    processor = MllamaProcessor.from_pretrained(str(base))
-    model = MllamaForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32)
-    for name, param in model.named_parameters():
-        param.requires_grad = "language_model" in name and "cross_attn" not in name
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    blank = np.zeros((8, 8), np.uint8)
-    collate = MllamaCollator(processor)
-    rng = np.random.default_rng(0)
-    t0, steps, loss = time.perf_counter(), 0, float("nan")
-    model.train()
-    while time.perf_counter() - t0 < seconds:
-        batch = collate([{"image": blank, "prompt": prompt, "report": texts[i]} for i in rng.integers(0, len(texts), 16)])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss_t = model(**batch).loss
-        loss_t.backward()
-        opt.step()
-        opt.zero_grad()
-        steps, loss = steps + 1, float(loss_t)
-    print(f"language pretraining of the base: {steps} steps in {time.perf_counter() - t0:.0f} s, loss {loss:.2f}", flush=True)
-    model.save_pretrained(out)
-    return out
+            build_partition(p.raw, p.shard_partition(size, part), items, shards.spec(size))
+    pairs = build_pairs(manifest, resolve(p, "report_pairs"))
+    return pairs.join(manifest.select("dicom_id", *SLUGS), on="dicom_id", how="left")
 
 
 class _Blank:
@@ -289,81 +261,75 @@ class _Blank:
 
 def learning(args, device, name: str) -> None:
     import polars as pl
-    import torch
 
-    from cxr_pipeline.data.shards import lazy_images, load_images
+    from cxr_pipeline.config import resolve
+    from cxr_pipeline.data.shards import load_images
     from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
+    from cxr_pipeline.reports.baselines import template_report
     from cxr_pipeline.reports.metrics import clinical_efficacy
     from cxr_pipeline.reports.vlm import (
-        TINY_TILE,
-        AdapterConfig,
         TrainingPairs,
-        build_tiny_base,
+        adapter_training_set,
+        ensure_base,
         generate_reports,
         report_token_budget,
         train_adapter,
-        user_prompt,
     )
     from cxr_pipeline.settings import paths
 
-    work = Path(args.work or paths().bench("vlm-learning"))
+    recipe = Path(args.recipe) if args.recipe.endswith(".yaml") else RECIPES / f"{args.recipe}.yaml"
+    p = _recipe_state(recipe, Path(args.work or paths().bench("vlm-learning")))
     t_start = time.perf_counter()
-    pairs, shard_root = _learning_data(work, TINY_TILE, os.cpu_count() or 1)
-    train = pairs.filter(pl.col("split") == "train")
-    test = pairs.filter(pl.col("split") == "test").sort("dicom_id").head(args.test_n)
-    images, rows = lazy_images(shard_root, train, TINY_TILE)
-    test_images, test_rows = load_images(shard_root, test, TINY_TILE)
-    texts = rows["text"].to_list()
-    base = work / f"base_w{args.width}"  # one cached base per width
-    if not (base / "config.json").exists():
-        build_tiny_base(base, texts, width=args.width)
-    prompt = user_prompt()
-    if args.pretrain > 0:
-        base = _pretrain_language(base, work / f"base_w{args.width}_lm{args.pretrain:g}", texts, prompt, args.pretrain)
+    pairs = _learning_data(p, os.cpu_count() or 1)
+    cfg = resolve(p, "report_adapter")
+    examples, rows, variant = adapter_training_set(pairs, p.shard_root(cfg.size), cfg)  # the recipe's prompt: no hints
+    base = ensure_base(cfg, p.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps), examples.reports, log=print)
+    texts = examples.reports
+    gen = resolve(p, "generated_reports", derived={"max_new_tokens": lambda: report_token_budget(base, texts)})
+    test = pairs.filter(pl.col("split") == "test").sort("dicom_id")
+    test = test.head(gen.max_test_pairs) if gen.max_test_pairs is not None else test
+    test_images, test_rows = load_images(p.shard_root(cfg.size), test, cfg.size)
+    test_prompts = [examples.prompts[0]] * test_rows.height  # the instruction-only prompt
     refs = [{LABEL_BY_SLUG[s]: r[s] for s in SLUGS} for r in test_rows.select(SLUGS).iter_rows(named=True)]
-    max_new = report_token_budget(base, texts)
-    cfg = AdapterConfig(
-        max_steps=100_000, batch_size=8, accumulation=1, lr=args.lr, warmup_steps=10, target=args.target, train_full=args.train_full
-    )
     print(
-        f"{len(texts)} training pairs, {test_rows.height} test reports, base width {args.width}, {args.budget} s each; "
-        f"LoRA on {args.target}, lr {args.lr:g}" + (f", trained in full: {args.train_full}" if args.train_full else ""),
+        f"recipe {recipe.name}: {len(texts)} training pairs ({variant}), {test_rows.height} test reports, base {base.name}, "
+        f"{cfg.max_steps} steps each; LoRA on {cfg.target}, lr {cfg.lr:g}"
+        + (f", trained in full: {cfg.train_full}" if cfg.train_full else ""),
         flush=True,
     )
     scores = {}
     for blank in (False, True):
-        train_imgs = _Blank(images) if blank else images
+        arm = TrainingPairs(_Blank(examples.images) if blank else examples.images, examples.prompts, texts)
         tests = [np.zeros_like(im.numpy()) if blank else im.numpy() for im in test_images]
-        adapter, ckpt = (work / "adapter_blank", work / "ckpt_blank") if blank else (work / "adapter", work / "ckpt")
+        adapter, ckpt = (p.reports / "adapter_blank", p.reports / "ckpt_blank") if blank else (p.adapter, p.adapter_checkpoints)
         for stale in (adapter, ckpt):  # a fresh run each time, never a resume
             shutil.rmtree(stale, ignore_errors=True)
         t0 = time.perf_counter()
-        res = train_adapter(
-            base,
-            TrainingPairs(train_imgs, [prompt] * len(texts), texts),
-            cfg,
-            adapter,
-            ckpt,
-            device=device,
-            time_budget_s=args.budget,
-        )
+        res = train_adapter(base, arm, cfg, adapter, ckpt, device=device, time_budget_s=args.time_limit)
         steps = sum(1 for h in res["log_history"] if "loss" in h)  # one log line per optimizer step
-        hyps = generate_reports(base, adapter, tests, [prompt] * len(tests), max_new_tokens=max_new, batch_size=32, device=device)
+        hyps = generate_reports(
+            base,
+            adapter,
+            tests,
+            test_prompts,
+            max_new_tokens=gen.max_new_tokens,
+            num_beams=gen.num_beams,
+            batch_size=gen.batch_size,
+            device=device,
+        )
         ce, _ = clinical_efficacy([""] * len(hyps), hyps, refs)
-        scores[blank] = ce["ce_micro14_f1"]
+        scores[blank] = (ce["ce_micro14_f1"], steps)
         what = "images blanked" if blank else "with images"
         print(
             f"  {what}: {steps} steps in {time.perf_counter() - t0:.0f} s (training + generation); CE micro-F1 {ce['ce_micro14_f1']:.3f}, "
             f"macro-F1 {ce['ce_macro14_f1']:.3f}; e.g. {hyps[0][:100]!r}",
             flush=True,
         )
-        torch.manual_seed(0)
-    from cxr_pipeline.reports.baselines import template_report
-
     template, _ = clinical_efficacy([""] * len(refs), [template_report({})] * len(refs), refs)
     print(f"template baseline (no classifier): CE micro-F1 {template['ce_micro14_f1']:.3f}")
     print(f"whole benchmark {time.perf_counter() - t_start:.0f} s on {name}")
-    print(f"learning: with images {scores[False]:.3f}, images blanked {scores[True]:.3f}, budget {args.budget} s")
+    (f_img, s_img), (f_blank, s_blank) = scores[False], scores[True]
+    print(f"learning: with images {f_img:.3f}, images blanked {f_blank:.3f}, steps {s_img} and {s_blank}, recipe {recipe.name}")
 
 
 def main() -> int:
@@ -378,18 +344,10 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--real-shape", action="store_true", help="the 11B's memory, and a reduced-depth real-shape step")
     ap.add_argument("--text-tokens", type=int, default=256, help="prompt + report tokens per example (--real-shape)")
-    ap.add_argument("--learning", action="store_true", help="with images against images blanked, same training budget")
-    ap.add_argument("--budget", type=float, default=240, help="training seconds per run (--learning)")
-    ap.add_argument("--width", type=int, default=4, help="tiny base width multiplier (--learning)")
-    ap.add_argument("--pretrain", type=float, default=180, help="seconds of language pretraining of the base, cached (--learning)")
-    # 5e-4 with the projector trained in full: the recipe that learned (README); 2e-3 collapsed to one sentence
-    ap.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate (--learning)")
-    ap.add_argument("--target", default="language+vision", help="LoRA target: language | language+vision (--learning)")
-    ap.add_argument(
-        "--train-full", default="multi_modal_projector", help="modules trained in full, comma-separated; '' for LoRA only (--learning)"
-    )
-    ap.add_argument("--test-n", type=int, default=120, help="test reports generated (--learning)")
-    ap.add_argument("--work", default="", help="cache folder (--learning; default $CXR_HOME/bench/vlm-learning)")
+    ap.add_argument("--learning", action="store_true", help="with images against images blanked, same recipe and steps")
+    ap.add_argument("--recipe", default="learning", help="a pipeline.yaml recipe: a name under benchmarks/recipes/ or a path (--learning)")
+    ap.add_argument("--time-limit", type=float, default=900, help="safety limit in seconds per adapter (--learning)")
+    ap.add_argument("--work", default="", help="state folder (--learning; default $CXR_HOME/bench/vlm-learning)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from cxr_pipeline.demo import DEMO_EPOCHS, DEMO_IMAGE_SIZE, DEMO_PATIENTS
+from cxr_pipeline.demo import DEMO_EPOCHS, DEMO_PATIENTS, DEMO_REPLICA_IMAGE_SIZE
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -110,6 +110,42 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_budget(p):
+    """The generation budget as ``generated_reports`` would work it out now, when its inputs exist."""
+    import polars as pl
+
+    from cxr_pipeline.reports.vlm import read_adapter_card, report_token_budget
+
+    if not (p.report_pairs.exists() and (p.adapter / "cxr_adapter.json").exists()):
+        return {}
+    base = Path(read_adapter_card(p.adapter)["base"])
+    texts = pl.read_parquet(p.report_pairs).filter(pl.col("split") == "train")["text"].to_list()
+    return {"max_new_tokens": lambda: report_token_budget(base, texts)}
+
+
+def _config(args: argparse.Namespace) -> int:
+    """The resolved configuration each asset would run with now: pipeline.yaml, environment, every auto worked out."""
+    import yaml
+
+    from cxr_pipeline.config import ConfigError, resolved_all, sections
+    from cxr_pipeline.settings import paths
+
+    p = paths()
+    section = {"manifest_rejects": "manifest", "shard_rejects": "image_shards"}.get(args.asset, args.asset)
+    if section and section not in sections():
+        print(f"config: {args.asset}: no configuration (configured assets: {', '.join(sections())})", file=sys.stderr)
+        return 2
+    try:
+        resolved = resolved_all(p, {"generated_reports": _generation_budget(p)})
+    except ConfigError as e:
+        print(f"config: {e}", file=sys.stderr)
+        return 2
+    shown = {section: resolved[section]} if section else resolved
+    print(f"# resolved from {p.pipeline_config}{'' if p.pipeline_config.exists() else ' (absent: defaults)'} and the environment")
+    print(yaml.safe_dump(shown, sort_keys=False, width=120), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cxr-pipeline", description="MIMIC-CXR pipeline on Dagster and MLflow")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -126,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     d = sub.add_parser("demo", help="generate the demo replica (unless CXR_RAW_DIR is set) and run the whole graph")
     d.add_argument("--patients", type=int, default=DEMO_PATIENTS)
-    d.add_argument("--image-size", type=int, default=DEMO_IMAGE_SIZE)
+    d.add_argument("--image-size", type=int, default=DEMO_REPLICA_IMAGE_SIZE, help="the replica's image rows in pixels")
     d.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="classifier epochs")
     d.set_defaults(fn=_demo)
 
@@ -152,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--model", choices=["per-pathology", "multilabel"], default="per-pathology")
     pr.add_argument("--cam", metavar="OUT_DIR", type=Path, help="write a Grad-CAM overlay PNG per positive finding here")
     pr.set_defaults(fn=_predict)
+
+    c = sub.add_parser(
+        "config",
+        help="print the resolved configuration each asset would run with now (pipeline.yaml + environment, every auto worked out)",
+    )
+    c.add_argument("asset", nargs="?", default="", help="one asset (default: every configured asset)")
+    c.set_defaults(fn=_config)
 
     args = ap.parse_args(argv)
     return int(args.fn(args) or 0)

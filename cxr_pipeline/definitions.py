@@ -9,40 +9,47 @@ pointing those variables at a temporary directory).
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
 from cxr_pipeline import settings  # noqa: F401  (sets the no-telemetry / offline defaults first)
 from cxr_pipeline.defs.automation import schedules_and_sensors, with_automation
-from cxr_pipeline.defs.classifier import CLASSIFIER_ASSETS, classifier
-from cxr_pipeline.defs.manifest import MANIFEST_CHECKS, manifest
+from cxr_pipeline.defs.classifier import (
+    CLASSIFIER,
+    CLASSIFIER_ASSETS,
+    CLASSIFIER_METRICS,
+    CLASSIFIER_PREDICTIONS,
+    MULTILABEL_CLASSIFIER,
+    classifier,
+)
+from cxr_pipeline.defs.helpers import with_config_versions
+from cxr_pipeline.defs.manifest import MANIFEST, MANIFEST_CHECKS, MANIFEST_REJECTS, manifest
 from cxr_pipeline.defs.raw import RAW, raw_mimic_cxr
-from cxr_pipeline.defs.reports import REPORT_ASSETS
+from cxr_pipeline.defs.reports import GENERATED_REPORTS, REPORT_ADAPTER, REPORT_ASSETS, REPORT_METRICS, REPORT_PAIRS
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
-from cxr_pipeline.defs.shards import SHARD_CHECKS, image_shards
+from cxr_pipeline.defs.shards import IMAGE_SHARDS, SHARD_CHECKS, SHARD_REJECTS, image_shards
+from cxr_pipeline.settings import env, paths
 
 # name: (assets, partitions, description)
 JOBS = {
     "observe_raw": ([RAW], None, "Observe the raw dataset's data version."),
-    "manifest_job": (["manifest", "manifest_rejects"], None, "raw -> manifest (+ rejects) and its checks."),
+    "manifest_job": ([MANIFEST, MANIFEST_REJECTS], None, "raw -> manifest (+ rejects) and its checks."),
     "shards_job": (
-        ["image_shards", "shard_rejects"],
+        [IMAGE_SHARDS, SHARD_REJECTS],
         image_shards.partitions_def,
         "One pNN partition of the image shards (run it per partition or as a backfill).",
     ),
     "classifier_job": (
-        ["classifier"],
+        [CLASSIFIER],
         classifier.partitions_def,
         "Train and evaluate one pathology's classifier (one partition per CheXpert label).",
     ),
     "classifier_summary_job": (
-        ["multilabel_classifier", "classifier_metrics", "classifier_predictions"],
+        [MULTILABEL_CLASSIFIER, CLASSIFIER_METRICS, CLASSIFIER_PREDICTIONS],
         None,
         "The multi-label model, then the metrics table (per-pathology and multi-label) and the predictions table.",
     ),
     "report_job": (
-        ["report_pairs", "report_adapter", "generated_reports", "report_metrics"],
+        [REPORT_PAIRS, REPORT_ADAPTER, GENERATED_REPORTS, REPORT_METRICS],
         None,
         "The report branch: pairs, QLoRA adapter, generated reports with baselines, report metrics.",
     ),
@@ -57,7 +64,7 @@ def _executor():
     """CXR_EXECUTOR: ``k8s`` runs every step in its own Kubernetes pod (needs dagster-k8s, as the image has);
     ``in_process`` runs a run's steps in the run's own process (small machines: no process start per step);
     unset: Dagster's multiprocess executor."""
-    kind = os.environ.get("CXR_EXECUTOR", "")
+    kind = env("CXR_EXECUTOR")
     if kind == "k8s":
         from dagster_k8s import k8s_job_executor
 
@@ -71,7 +78,11 @@ def build_defs() -> dg.Definitions:
     schedules, sensors = schedules_and_sensors(jobs["observe_raw"], jobs["manifest_job"])
     return dg.Definitions(
         executor=_executor(),
-        assets=[raw_mimic_cxr, *with_automation([manifest, image_shards, *CLASSIFIER_ASSETS, *REPORT_ASSETS])],
+        # code versions carry each asset's pipeline.yaml section digest: the UI shows whose configuration changed
+        assets=[
+            raw_mimic_cxr,
+            *with_config_versions(with_automation([manifest, image_shards, *CLASSIFIER_ASSETS, *REPORT_ASSETS]), paths()),
+        ],
         schedules=schedules,
         sensors=sensors,
         asset_checks=[*MANIFEST_CHECKS, *SHARD_CHECKS],

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import polars as pl
 
-from cxr_pipeline.settings import Paths, paths, write_pipeline_config
+from cxr_pipeline.settings import Paths, env, paths, write_pipeline_config
 
 DEMO_PATIENTS = 300
 # A larger test split than MIMIC's (0.5% of patients) so rare findings have test positives.
 DEMO_SPLIT = {"validate_fraction": 0.15, "test_fraction": 0.2}
-DEMO_IMAGE_SIZE = 256
+DEMO_REPLICA_IMAGE_SIZE = 256  # the replica's radiographs (rows, px); the shards are DEMO_SHARD_SIZE
 # The demo's run config: frontal views, every image (not one per subject), small
 # shards and few epochs so that all 14 classifiers train on a 2-core CPU in minutes.
 DEMO_SHARD_SIZE = 64
@@ -44,7 +44,7 @@ def say(message: str) -> None:
 
 def ensure_dagster_home() -> Path:
     """``DAGSTER_HOME`` (default ``$CXR_HOME/dagster``) with the project's ``dagster.yaml`` in it."""
-    home = Path(os.environ.get("DAGSTER_HOME") or paths().dagster_home)
+    home = paths().dagster_home  # DAGSTER_HOME, else $CXR_HOME/dagster
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
     target = home / "dagster.yaml"
@@ -55,7 +55,7 @@ def ensure_dagster_home() -> Path:
     return home
 
 
-def ensure_demo_replica(patients: int = DEMO_PATIENTS, image_size: int = DEMO_IMAGE_SIZE, workers: int | None = None) -> Path:
+def ensure_demo_replica(patients: int = DEMO_PATIENTS, image_size: int = DEMO_REPLICA_IMAGE_SIZE, workers: int | None = None) -> Path:
     """Generate the demo replica under CXR_HOME/raw once (a marker records it finished)."""
     from cxr_pipeline.data.synthetic import SynthConfig, generate
 
@@ -171,20 +171,9 @@ def print_summary(p: Paths) -> None:
         "\nreport generation (test split, CE against the labeler on the reference reports, and on the radiologist-labelled\n"
         "studies against the radiologist's labels; the adapter is a tiny random Mllama fine-tuned for seconds: a pipeline check):"
     )
-    cols = (
-        "system",
-        "test_labels",
-        "n",
-        "BLEU_1",
-        "BLEU_4",
-        "METEOR",
-        "ROUGE_L",
-        "CIDEr",
-        "ce_micro14_f1",
-        "ce_macro14_f1",
-        "ce_micro5_f1",
-        "ce_upos_micro14_f1",
-    )
+    from cxr_pipeline.reports.metrics import HEADLINE
+
+    cols = ("system", "test_labels", "n", *HEADLINE, "ce_upos_micro14_f1")
     with pl.Config(float_precision=3, **TABLE_STYLE):
         print(rm.select([c for c in cols if c in rm.columns]))
     if "evaluation" in rm.columns and rm.height:
@@ -200,10 +189,10 @@ def print_summary(p: Paths) -> None:
     print("          make serve MODEL=cxr-cardiomegaly@champion              -> mlflow models serve on http://127.0.0.1:5001")
 
 
-def demo(patients: int = DEMO_PATIENTS, image_size: int = DEMO_IMAGE_SIZE, epochs: int = DEMO_EPOCHS) -> int:
+def demo(patients: int = DEMO_PATIENTS, image_size: int = DEMO_REPLICA_IMAGE_SIZE, epochs: int = DEMO_EPOCHS) -> int:
     """The whole demo; returns the process exit code."""
     t0 = time.perf_counter()
-    if os.environ.get("CXR_RAW_DIR") is None:
+    if not env("CXR_RAW_DIR"):
         ensure_demo_replica(patients, image_size)
     ensure_dagster_home()
     say(f"configuration: {write_demo_config(epochs)}")

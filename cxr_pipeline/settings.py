@@ -1,20 +1,10 @@
-"""Where things live. Everything the pipeline writes is under ``CXR_HOME``.
+"""Where things live, and every environment variable the package reads.
 
-Environment variables (all optional):
-
-- ``CXR_HOME``: state root (default ``./.cxr``): Dagster home, MLflow database
-  and artifacts, asset files.
-- ``CXR_RAW_DIR``: MIMIC-CXR root holding the CSVs and ``files/`` (default: the
-  demo replica ``$CXR_HOME/raw``). Point it at the real dataset to use it.
-- ``MLFLOW_TRACKING_URI``: default ``sqlite:///$CXR_HOME/mlflow.db``.
-- ``CXR_VLM_BASE``: base vision-language model (a local directory).
-- ``CXR_IMAGE_SIZE``: default shard size in pixels (224), shared by the shard,
-  classifier and report assets so that runs started by automation agree.
-- ``CXR_OBSERVE_CRON``: when the raw dataset is observed (default hourly).
-
-Asset policy (views, sizes, epochs, architectures, the adapter recipe) lives in
-``$CXR_HOME/pipeline.yaml`` (``read_pipeline_config``), one section per asset,
-read by every run at its start.
+Everything the pipeline writes is under ``CXR_HOME`` (:class:`Paths`). The environment
+variables are declared once, in :data:`ENVIRONMENT` (name, default, meaning), and read only
+through :func:`env`; the README's table and the reference page are generated from it.
+Asset settings (views, sizes, epochs, the adapter recipe) are not environment variables: they
+live in ``$CXR_HOME/pipeline.yaml`` (``cxr_pipeline.config``).
 """
 
 from __future__ import annotations
@@ -29,13 +19,60 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def image_size() -> int:
-    """The shard size assets use when their config leaves it 0; read when a run starts, not at import."""
-    return int(os.environ.get("CXR_IMAGE_SIZE", "224"))
+@dataclass(frozen=True)
+class EnvVar:
+    """One environment variable the package reads: its default (as the code applies it) and meaning."""
+
+    name: str
+    default: str
+    meaning: str
+
+
+ENVIRONMENT: dict[str, EnvVar] = {
+    v.name: v
+    for v in (
+        EnvVar("CXR_HOME", ".cxr", "all state: Dagster home (`dagster/`), MLflow (`mlflow.db`, `mlartifacts/`), asset files (`assets/`)"),
+        EnvVar("CXR_RAW_DIR", "", "the MIMIC-CXR root (CSVs and `files/`); empty: the replica in `$CXR_HOME/raw`"),
+        EnvVar("MLFLOW_TRACKING_URI", "", "any MLflow 3 tracking URI (a database or a server); empty: `sqlite:///$CXR_HOME/mlflow.db`"),
+        EnvVar(
+            "DAGSTER_HOME", "", "the Dagster instance folder; empty: `$CXR_HOME/dagster` (the repository's `dagster.yaml` is copied there)"
+        ),
+        EnvVar(
+            "CXR_IMAGE_SIZE",
+            "224",
+            "the classifiers' image size where `pipeline.yaml` leaves `classifier.size` null (auto); read when a run starts",
+        ),
+        EnvVar(
+            "CXR_VLM_BASE",
+            "",
+            "local directory of the report model's base (e.g. Llama-3.2-11B-Vision-Instruct) where `report_adapter.base` is null;"
+            " empty: the tiny offline Mllama",
+        ),
+        EnvVar("CXR_OBSERVE_CRON", "0 * * * *", "when the raw dataset is observed (cron)"),
+        EnvVar("CXR_AUTOMATION_INTERVAL", "60", "seconds between evaluations of the automation sensor"),
+        EnvVar("CXR_EXECUTOR", "", "`k8s`: one Kubernetes pod per step; `in_process`: steps in the run's process; empty: multiprocess"),
+        EnvVar("CXR_MLFLOW_UI", "http://127.0.0.1:5000", "where run links point when tracking to a database (the MLflow UI's address)"),
+        EnvVar("CXR_CACHE", "", "cache of fetched test material (the IU X-ray reports); empty: `~/.cache/cxr_pipeline`"),
+    )
+}
+
+
+def env(name: str) -> str:
+    """An environment variable declared in :data:`ENVIRONMENT`, or its default; read now, never at import."""
+    if name not in ENVIRONMENT:
+        raise KeyError(f"{name}: not declared in cxr_pipeline.settings.ENVIRONMENT")
+    return os.environ.get(name) or ENVIRONMENT[name].default
+
+
+def environment_table() -> str:
+    """The Markdown table of :data:`ENVIRONMENT` (the README's and the reference page's)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{v.name}` | {f'`{v.default}`' if v.default else '(empty)'} | {v.meaning} |" for v in ENVIRONMENT.values()]
+    return "\n".join(rows)
 
 
 def observe_cron() -> str:
-    return os.environ.get("CXR_OBSERVE_CRON", "0 * * * *")
+    return env("CXR_OBSERVE_CRON")
 
 
 @dataclass(frozen=True)
@@ -98,7 +135,7 @@ class Paths:
 
     @property
     def dagster_home(self) -> Path:
-        return self.home / "dagster"
+        return Path(env("DAGSTER_HOME") or self.home / "dagster")
 
     @property
     def mlflow_db(self) -> Path:
@@ -115,7 +152,7 @@ class Paths:
 
     @property
     def tracking_uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.mlflow_db}"
+        return env("MLFLOW_TRACKING_URI") or f"sqlite:///{self.mlflow_db}"
 
     def bench(self, name: str) -> Path:
         """A benchmark's cached inputs (``benchmarks/``)."""
@@ -170,9 +207,9 @@ class Paths:
     def report_pairs(self) -> Path:
         return self.reports / "report_pairs.parquet"
 
-    @property
-    def tiny_base(self) -> Path:
-        return self.reports / "tiny_base"
+    def tiny_base_dir(self, width: int = 1, pretrain_steps: int = 0) -> Path:
+        """The tiny offline Mllama of this width, its language model pretrained for ``pretrain_steps`` (0: none)."""
+        return self.reports / "tiny_base" / f"w{width}_lm{pretrain_steps}"
 
     @property
     def adapter(self) -> Path:
@@ -192,11 +229,15 @@ class Paths:
     def report_metrics(self) -> Path:
         return self.reports / "report_metrics.parquet"
 
+    @property
+    def report_differences(self) -> Path:
+        return self.reports / "report_differences.parquet"
+
 
 def paths() -> Paths:
     """Resolve the paths from the environment now (tests change it per session)."""
-    home = Path(os.environ.get("CXR_HOME", ".cxr")).expanduser().resolve()
-    raw_env = os.environ.get("CXR_RAW_DIR")
+    home = Path(env("CXR_HOME")).expanduser().resolve()
+    raw_env = env("CXR_RAW_DIR")
     raw = Path(raw_env).expanduser().resolve() if raw_env else home / "raw"
     return Paths(home=home, raw=raw)
 

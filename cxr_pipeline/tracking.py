@@ -14,7 +14,6 @@ parameters and tables of the manifest's own columns only.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxr_pipeline.settings import paths
+from cxr_pipeline.settings import env, paths
 
 EXPERIMENT = "cxr_pipeline"
 
@@ -124,7 +123,7 @@ MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """A link to the run: the server's own page, or the local ``make mlflow-ui`` page."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith("http") else os.environ.get("CXR_MLFLOW_UI", "http://127.0.0.1:5000")
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith("http") else env("CXR_MLFLOW_UI")
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
 

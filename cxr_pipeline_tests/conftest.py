@@ -1,4 +1,13 @@
-"""Fixtures: one small MIMIC-CXR replica per test session, and a private CXR_HOME per test."""
+"""Fixtures: one small MIMIC-CXR replica per test session, and a private CXR_HOME per test.
+
+Environment read by the tests and CI only (the package's own variables are declared in
+``cxr_pipeline.settings.ENVIRONMENT``):
+
+- ``CI``: ``true`` (set by ``.ci/run``) makes the integration tests fail, not skip, when their
+  server or browser is missing.
+- ``CXR_TEST_POSTGRES_URL``: a PostgreSQL server for the Dagster/MLflow-on-Postgres tests
+  (``.ci/run`` starts one).
+"""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from cxr_pipeline_tests.services import BIN, ROOT, free_port, post, start, stop,
 INTERVAL = 4  # automation sensor evaluations, seconds
 TINY = {
     "manifest": {"views": ["PA", "AP"], "one_image_per_subject": False},
-    "image_shards": {"size": 32, "workers": 1},
+    "image_shards": {"sizes": [32], "workers": 1},
     "classifier": {"size": 32, "epochs": 1, "batch_size": 16, "accumulation": 1, "bootstrap": 20, "blank": "zeros"},
     "report_adapter": {"size": 32, "max_steps": 2, "batch_size": 2, "accumulation": 1, "max_train_pairs": 8},
     "generated_reports": {"max_new_tokens": 4, "max_test_pairs": 4, "batch_size": 4},

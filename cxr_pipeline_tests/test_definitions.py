@@ -74,7 +74,7 @@ def test_materialize_manifest_tracks_mlflow_and_links_back(env, cxr_home):
         assert "manifest" in tags["dagster.asset_key"] and tags["dagster.code_version"]
         assert run.data.metrics["rows"] == m.height
         assert "prevalence.Cardiomegaly" in run.data.metrics
-        assert run.data.params["views"] == "PA"
+        assert run.data.params["views"] == '["PA"]'
 
 
 def test_run_config_changes_the_policy(env):
@@ -141,7 +141,7 @@ def test_no_dicom_header_text_in_logs_or_tracking(env, cxr_home):
                 "shards_job",
                 instance,
                 partition_key=part,
-                run_config={"ops": {"image_shards": {"config": {"size": 32, "workers": 1}}}},
+                run_config={"ops": {"image_shards": {"config": {"sizes": [32], "workers": 1}}}},
             )
             for part in ("p10", "p11", "p12", "p13", "p14", "p15", "p16", "p17", "p18", "p19")
         ]
@@ -189,7 +189,7 @@ def test_shard_partitions_materialize_incrementally(env, cxr_home):
     from cxr_pipeline.data.shards import partition_of
 
     defs = build_defs()
-    cfg = {"ops": {"image_shards": {"config": {"size": 64, "workers": 1}}}}
+    cfg = {"ops": {"image_shards": {"config": {"sizes": [64], "workers": 1}}}}
     with dg.DagsterInstance.ephemeral() as instance:
         run_job(defs, "manifest_job", instance)
         m = pl.read_parquet(cxr_home / "assets" / "manifest" / "manifest.parquet")
@@ -256,7 +256,7 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
                 "shards_job",
                 instance,
                 partition_key=part,
-                run_config={"ops": {"image_shards": {"config": {"size": size, "workers": 1}}}},
+                run_config={"ops": {"image_shards": {"config": {"sizes": [size], "workers": 1}}}},
             )
         cfg = {
             "ops": {
@@ -397,7 +397,7 @@ def test_pipeline_yaml_is_every_run_s_configuration_and_run_config_overrides_it(
             return set(pl.read_parquet(md["path"].value)["view_position"]), get_client()[0].get_run(md["mlflow_run_id"].value).data
 
         seen, run = views()  # no run config: the file
-        assert seen == {"AP"} and run.params["views"] == "AP"
+        assert seen == {"AP"} and run.params["views"] == '["AP"]'
         assert run.params["pipeline.manifest.views"] == '["AP"]' and run.tags["cxr_pipeline.config_sha256"]
         seen, _ = views(run_config={"ops": {"manifest": {"config": {"views": ["PA"]}}}})  # one run's own config wins, field by field
         assert seen == {"PA"}

@@ -47,8 +47,8 @@ def test_environment_is_passed_everywhere_it_is_needed():
 
 def test_the_passed_environment_is_what_the_code_reads(tmp_path, monkeypatch):
     """Each variable the deployment files pass changes what the code does."""
+    from cxr_pipeline.config import resolve
     from cxr_pipeline.definitions import build_defs as build
-    from cxr_pipeline.defs.helpers import shard_size
     from cxr_pipeline.settings import paths
 
     monkeypatch.setenv("CXR_HOME", str(tmp_path / "home"))
@@ -57,7 +57,7 @@ def test_the_passed_environment_is_what_the_code_reads(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     p = paths()
     assert p.home == tmp_path / "home" and p.raw == tmp_path / "mimic" and p.tracking_uri == "http://mlflow:5000"
-    assert shard_size(0) == 96 and shard_size(64) == 64
+    assert resolve(p, "classifier").size == 96 and resolve(p, "classifier", {"size": 64}).size == 64
     resources = build().resources
     assert resources["storage"].raw_dir == str(tmp_path / "mimic") and resources["storage"].home == str(tmp_path / "home")
     assert resources["mlflow"].tracking_uri == "http://mlflow:5000" and resources["mlflow"].artifact_root is None

@@ -33,7 +33,7 @@ def test_killed_classifier_run_resumes_from_its_checkpoint(replica_copy, tmp_pat
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = {
         "ops": {
-            "image_shards": {"config": {"size": 64, "workers": 1}},
+            "image_shards": {"config": {"sizes": [64], "workers": 1}},
             "classifier": {"config": {"size": 64, "epochs": EPOCHS, "patience": 1000, "batch_size": 8, "accumulation": 1, "bootstrap": 20}},
         }
     }

@@ -96,7 +96,7 @@ def test_dagster_on_postgres_with_mlflow_server_on_postgres(databases, replica_c
                 assert proc.returncode == 0, out[-4000:]
 
             config = tmp_path / "shards.yaml"
-            config.write_text("ops:\n  image_shards:\n    config: {size: 64, workers: 1}\n")
+            config.write_text("ops:\n  image_shards:\n    config: {sizes: [64], workers: 1}\n")
             finish(launch("manifest,manifest_rejects"))  # the manifest, then its four checks as parallel steps
             manifest = pl.read_parquet(home / "assets/manifest/manifest.parquet")
             empty = slice_fingerprint(manifest.clear())

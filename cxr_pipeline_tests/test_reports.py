@@ -144,7 +144,7 @@ def test_cli_label_reports_folder_and_csv(replica, tmp_path):
 def test_pairs_split_by_study_and_text_source():
     import polars as pl
 
-    from cxr_pipeline.reports.pairs import build_pairs, report_text, splits_by_study_ok
+    from cxr_pipeline.reports.pairs import PairsConfig, build_pairs, report_text, splits_by_study_ok
 
     m = pl.DataFrame(
         {
@@ -161,7 +161,7 @@ def test_pairs_split_by_study_and_text_source():
     p = build_pairs(m)
     assert p["text"].to_list() == ["Lungs clear.", "Lungs clear.", "Small effusion."] and splits_by_study_ok(p)
     assert report_text("F.", "I.", "findings+impression") == "F. I."
-    assert build_pairs(m, min_words=3).height == 0
+    assert build_pairs(m, PairsConfig(min_words=3)).height == 0
     assert not splits_by_study_ok(p.with_columns(pl.Series("split", ["train", "validate", "test"])))
 
 
@@ -180,7 +180,7 @@ def test_template_and_retrieval_baselines():
 def test_r2gen_references_are_findings_only_and_named():
     import polars as pl
 
-    from cxr_pipeline.reports.pairs import build_pairs, evaluation_name
+    from cxr_pipeline.reports.pairs import PairsConfig, build_pairs, evaluation_name
 
     manifest = pl.DataFrame(
         {
@@ -195,7 +195,7 @@ def test_r2gen_references_are_findings_only_and_named():
         }
     )
     default = build_pairs(manifest)  # FINDINGS, else IMPRESSION
-    r2gen = build_pairs(manifest, "findings_only")  # a study without FINDINGS is left out
+    r2gen = build_pairs(manifest, PairsConfig(text_source="findings_only"))  # a study without FINDINGS is left out
     assert default["text"].to_list() == ["Small left effusion.", "No acute process."]
     assert r2gen["text"].to_list() == ["Small left effusion."] and set(r2gen["text_source"]) == {"findings_only"}
     assert evaluation_name("findings_only", 0).startswith("R2Gen-comparable")

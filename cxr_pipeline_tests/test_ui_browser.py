@@ -38,7 +38,7 @@ layout = paths()
 generate(SynthConfig(patients=8, seed=11, image_size=48), layout.raw)
 write_pipeline_config(layout, {
     "manifest": {"views": ["PA", "AP"], "one_image_per_subject": False},
-    "image_shards": {"size": 32, "workers": 1},
+    "image_shards": {"sizes": [32], "workers": 1},
     "classifier": {"size": 32, "epochs": 1, "batch_size": 16, "accumulation": 1, "bootstrap": 20},
 }, "browser test")
 ensure_dagster_home()

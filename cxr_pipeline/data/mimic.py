@@ -18,6 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
+from cxr_pipeline.config import setting
 from cxr_pipeline.data.sections import parse_report, parse_report_files
 from cxr_pipeline.labels import LABELS, SLUGS, slug
 
@@ -50,31 +51,21 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class ManifestPolicy:
-    """Which images the manifest keeps. Defaults are the 2024 seeds' choices."""
+    """Which images the manifest keeps (``pipeline.yaml``'s ``manifest`` section). Defaults are the 2024 seeds' choices."""
 
-    views: tuple[str, ...] = ("PA",)  # empty: every view; blank ViewPosition is "UNKNOWN"
-    label_source: str = "chexpert"  # or "negbio"
-    one_image_per_subject: bool = True
-    radiologist_test_labels: bool = True
-    hash_split_validate: float = 0.1  # only where no split file exists
-    hash_split_test: float = 0.1
-    check_files: bool = True
-    parse_reports: bool = True
+    views: tuple[str, ...] = setting(("PA",), "ViewPosition values kept ([] keeps every view; a blank ViewPosition is UNKNOWN)")
+    label_source: str = setting("chexpert", "automatic labels: chexpert or negbio")
+    one_image_per_subject: bool = setting(True, "keep each patient's earliest image only (study datetime, study id, dicom id)")
+    radiologist_test_labels: bool = setting(True, "read mimic-cxr-2.1.0-test-set-labeled.csv as a second test set")
+    hash_split_validate: float = setting(0.1, "share of patients in validate, where the release has no split file")
+    hash_split_test: float = setting(0.1, "share of patients in test, where the release has no split file")
+    check_files: bool = setting(True, "reject rows whose image file is missing")
+    parse_reports: bool = setting(True, "read each study's report (FINDINGS / IMPRESSION) into the manifest")
 
     def __post_init__(self) -> None:
         if self.label_source not in ("chexpert", "negbio"):
             raise ValueError(f"label_source must be 'chexpert' or 'negbio', not {self.label_source!r}")
         object.__setattr__(self, "views", tuple(self.views))
-
-    def params(self) -> dict[str, object]:
-        """The policy as MLflow params."""
-        return {
-            "views": ",".join(self.views) or "all",
-            "label_source": self.label_source,
-            "one_image_per_subject": self.one_image_per_subject,
-            "radiologist_test_labels": self.radiologist_test_labels,
-            "check_files": self.check_files,
-        }
 
 
 @dataclass

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from cxr_pipeline.config import setting
 from cxr_pipeline.data.decode_worker import init_worker, work
 from cxr_pipeline.data.io import atomic_path, write_parquet
 
@@ -87,6 +88,23 @@ def partition_fingerprints(manifest: pl.DataFrame) -> dict[str, str]:
     """``slice_fingerprint`` of every partition in ``PARTITIONS`` (empty ones included)."""
     part = manifest.select("dicom_id", "path").with_columns(partition_column().alias("_p"))
     return {p: slice_fingerprint(part.filter(pl.col("_p") == p)) for p in PARTITIONS}
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """How the shards are built (``pipeline.yaml``'s ``image_shards`` section)."""
+
+    sizes: list[int] | None = setting(
+        None,
+        "square sizes (px) built, letterboxed; a size already built is only updated",
+        auto="every size a consumer reads: the classifiers' size and the report model's (its base's tile)",
+    )
+    images_per_shard: int = setting(1024, "images per shard file")
+    workers: int | None = setting(None, "decode processes", auto="one per CPU core")
+
+    def spec(self, size: int) -> ShardSpec:
+        """The build of one size."""
+        return ShardSpec(size, self.images_per_shard, self.workers or 1)
 
 
 @dataclass(frozen=True)

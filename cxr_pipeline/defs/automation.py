@@ -27,15 +27,13 @@ location (``use_user_code_server``). ``test_automation.py`` covers each part on
 daemon over a whole data change.
 """
 
-import os
-
 import dagster as dg
 
 from cxr_pipeline.defs.helpers import latest_metadata
 from cxr_pipeline.defs.manifest import MANIFEST
 from cxr_pipeline.defs.raw import RAW
 from cxr_pipeline.defs.shards import IMAGE_SHARDS, SHARD_REJECTS
-from cxr_pipeline.settings import observe_cron
+from cxr_pipeline.settings import env, observe_cron
 
 # built by one step from the same rows: their slices are checked once, on image_shards
 _SHARD_KEYS = (dg.AssetKey(IMAGE_SHARDS), dg.AssetKey(SHARD_REJECTS))
@@ -139,7 +137,7 @@ def with_automation(assets: list) -> list:
 
 def automation_interval() -> int:
     """Seconds between automation sensor evaluations (``CXR_AUTOMATION_INTERVAL``, 60 by default)."""
-    return int(os.environ.get("CXR_AUTOMATION_INTERVAL", "60"))
+    return int(env("CXR_AUTOMATION_INTERVAL"))
 
 
 def schedules_and_sensors(observe_job, manifest_job) -> tuple[list, list]:

@@ -7,74 +7,40 @@ and return metadata.
 import dagster as dg
 import polars as pl
 
+from cxr_pipeline.config import params
 from cxr_pipeline.data.io import write_parquet
 from cxr_pipeline.defs.helpers import (
     asset_factory,
     asset_metadata,
-    effective_config,
+    dagster_config,
     every_partition_of,
     gpu_asset,
     inline_png,
-    shard_size,
+    resolved_metadata,
+    run_settings,
     table_metadata,
-    to_dataclass,
 )
 from cxr_pipeline.defs.manifest import MANIFEST, read_manifest
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.shards import IMAGE_SHARDS
 from cxr_pipeline.labels import SLUGS, slug
 from cxr_pipeline.tracking import TrackedRun, register_version, retire_aliases
+from cxr_pipeline.vision.fit import MULTILABEL, registered_name
+from cxr_pipeline.vision.fit import MultilabelConfig as MultilabelSettings
+from cxr_pipeline.vision.train import TrainConfig
 
 CLASSIFIER = "classifier"
 CLASSIFIER_METRICS = "classifier_metrics"
 CLASSIFIER_PREDICTIONS = "classifier_predictions"
 MULTILABEL_CLASSIFIER = "multilabel_classifier"
-MULTILABEL_REGISTERED = "cxr-multilabel"
 CLASSIFIER_CODE_VERSION = "1"
 label_partitions = dg.StaticPartitionsDefinition(list(SLUGS))
 HEADLINE = ("roc_auc", "average_precision", "accuracy", "f1", "threshold", "n_pos", "n_neg")
 TEST_METRICS = ("accuracy", "f1", "sensitivity", "specificity", "roc_auc", "average_precision", "threshold")
 
 
-def registered_name(label_slug: str) -> str:
-    return "cxr-" + label_slug.replace("_", "-")
-
-
-class ClassifierConfig(dg.Config):
-    """Defaults follow the 2024 seeds (ResNet-18, AdamW 1e-4 / 0.01, batch 32 x 4, patience 5)."""
-
-    arch: str = "resnet18"
-    weights: str = ""  # optional local backbone weights (.safetensors / .pt)
-    size: int = 0  # must match the image_shards size; 0: CXR_IMAGE_SIZE (224), read when the run starts
-    epochs: int = 20
-    batch_size: int = 32
-    accumulation: int = 4
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    patience: int = 5
-    imbalance: str = "pos_weight"
-    rotation: float = 10.0
-    hflip: bool = True
-    dropout: float = 0.2
-    precision: str = "auto"
-    seed: int = 0
-    uncertain: str = "ignore"  # uncertain (-1) rows left out; "zeros" / "ones": CheXpert's U-Zeros / U-Ones
-    blank: str = "zeros"  # not mentioned = negative, as most MIMIC-CXR papers and radiologist-label loaders; "ignore" drops them
-    bootstrap: int = 1000
-    steps_per_epoch: int = 0  # optimizer steps per epoch; 0: the whole training split
-
-    def train_config(self):
-        from cxr_pipeline.vision.train import TrainConfig
-
-        return to_dataclass(self, TrainConfig, weights=self.weights or None)
-
-
-class MultilabelConfig(ClassifierConfig):
-    """The per-pathology recipe (read from pipeline.yaml's ``classifier`` section) plus the report hints."""
-
-    # k-fold over training patients for the report prompts' hints: each training image's hint comes
-    # from a model that did not see it (k more trainings of this one model, not 14k); 0: no hints
-    oof_folds: int = 5
+ClassifierConfig = dagster_config(CLASSIFIER, "ClassifierConfig")
+MultilabelConfig = dagster_config(MULTILABEL_CLASSIFIER, "MultilabelConfig")
 
 
 MODEL_ARTIFACT = "model"  # the run's MLflow model folder: the registered source (see vision.serving)
@@ -164,32 +130,27 @@ def classifier(
 ) -> dg.MaterializeResult:
     from cxr_pipeline.vision.fit import fit_and_save, load_data, record_untrainable
 
-    config = effective_config(context, config, storage.paths)
-    label_slug, size = context.partition_key, shard_size(config.size)
-    paths, cfg, device = storage.paths, config.train_config(), compute.torch_device()
-    files = paths.classifier(label_slug)
+    label_slug, paths = context.partition_key, storage.paths
+    cfg: TrainConfig = run_settings(context, paths)
+    device, files, shards = compute.torch_device(paths), paths.classifier(label_slug), paths.shard_root(cfg.size)
     manifest = read_manifest(storage)
-    data = load_data(manifest, paths.shard_root(size), label_slug, size, config.uncertain, config.blank)
-    context.log.info(f"{data.label}: {data.counts} on {compute.describe()}")
+    data = load_data(manifest, shards, label_slug, cfg)
+    context.log.info(f"{data.label}: {data.counts} on {compute.describe(paths)}")
     with mlflow.run(context, {"pathology": data.label}) as run:
-        run.log_params({**cfg.__dict__, "uncertain": config.uncertain, "blank": config.blank, "size": size, "device": str(device)})
-        run.log_params(data.counts)
+        run.log_params({**params(cfg), **compute.params(paths), **data.counts})
         if data.untrainable_reason:
             # rare labels on small subsets: record why, keep no model, never crash the backfill
             context.log.warning(f"{data.label}: {data.untrainable_reason}")
             record_untrainable(data, files)
             retired = retire_aliases(run.client, registered_name(label_slug), data.untrainable_reason)
             md = {"evaluable": False, "reason": data.untrainable_reason, "retired_aliases": dg.MetadataValue.json(retired)}
-            return dg.MaterializeResult(metadata=asset_metadata(run, **md, **data.counts))
+            return dg.MaterializeResult(metadata=asset_metadata(run, **md, **data.counts, **resolved_metadata(cfg)))
 
         def on_epoch(row: dict) -> None:
             run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
-        shards = paths.shard_root(size)
-        _log_datasets(run, data, size, shards, ["target"])
-        outcome = fit_and_save(
-            data, manifest, shards, cfg, device, files, bootstrap=config.bootstrap, log=context.log.info, on_epoch=on_epoch
-        )
+        _log_datasets(run, data, cfg.size, shards, ["target"])
+        outcome = fit_and_save(data, manifest, shards, cfg, device, files, log=context.log.info, on_epoch=on_epoch)
         _log_fit(run, outcome)
         row = outcome.row
         reg = _register(run, data, row)
@@ -202,7 +163,7 @@ def classifier(
     md.update(resumed_from_epoch=result.resumed_from, train_images_per_second=round(result.images_per_second, 1))
     md.update(checkpoint=dg.MetadataValue.path(str(files.checkpoint)))
     md["registered_model"] = f"{reg['name']} v{reg['version']}" + (" (champion)" if reg["champion"] else "")
-    return dg.MaterializeResult(metadata=asset_metadata(run, **headline, **md, **sheet))
+    return dg.MaterializeResult(metadata=asset_metadata(run, **headline, **md, **sheet, **resolved_metadata(cfg)))
 
 
 @_asset(
@@ -218,27 +179,23 @@ def multilabel_classifier(
 ) -> dg.MaterializeResult:
     import math
 
-    from cxr_pipeline.vision.fit import MULTILABEL, fit_multilabel, fit_out_of_fold, hint_predictions, load_multilabel_data
+    from cxr_pipeline.vision.fit import fit_multilabel, fit_out_of_fold, hint_predictions, load_multilabel_data
 
-    config = effective_config(context, config, storage.paths, section=CLASSIFIER)
-    size = shard_size(config.size)
-    paths, cfg, device = storage.paths, config.train_config(), compute.torch_device()
-    files = paths.classifier(MULTILABEL)
+    paths = storage.paths
+    cfg: MultilabelSettings = run_settings(context, paths)  # the classifier section, then this asset's own
+    device, files, shards = compute.torch_device(paths), paths.classifier(MULTILABEL), paths.shard_root(cfg.size)
     manifest = read_manifest(storage)
-    data = load_multilabel_data(manifest, paths.shard_root(size), size, config.uncertain, config.blank)
+    data = load_multilabel_data(manifest, shards, cfg)
     counts = {f"n_{s}": data.splits[s].rows.height for s in ("train", "validate", "test")}
-    context.log.info(f"multi-label: {counts} on {compute.describe()}")
+    context.log.info(f"multi-label: {counts} on {compute.describe(paths)}")
     with mlflow.run(context, {"model": MULTILABEL}) as run:
-        run.log_params({**cfg.__dict__, "uncertain": config.uncertain, "blank": config.blank, "size": size, "device": str(device)})
-        run.log_params(counts)
-        _log_datasets(run, data, size, paths.shard_root(size), [f"t_{s}" for s in SLUGS])
+        run.log_params({**params(cfg), **compute.params(paths), **counts})
+        _log_datasets(run, data, cfg.size, shards, [f"t_{s}" for s in SLUGS])
 
         def on_epoch(row: dict) -> None:
             run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
-        rows, result = fit_multilabel(
-            data, manifest, paths.shard_root(size), cfg, device, files, bootstrap=config.bootstrap, log=context.log.info, on_epoch=on_epoch
-        )
+        rows, result = fit_multilabel(data, manifest, shards, cfg, device, files, log=context.log.info, on_epoch=on_epoch)
         auto = [r for r in rows if r["test_labels"] != "radiologist"]
         run.log_metrics({f"{r['slug']}.test_roc_auc": r["roc_auc"] for r in auto if r["evaluable"]})
         run.log_metrics(
@@ -253,17 +210,17 @@ def multilabel_classifier(
         tests = [r["roc_auc"] for r in auto if r["evaluable"]]
         reg = register_version(
             run,
-            MULTILABEL_REGISTERED,
+            registered_name(MULTILABEL),
             MODEL_ARTIFACT,
             score_tag="val_auc",  # mean validation AUC over labels; never test (see _register)
             score=sum(vals) / len(vals) if vals else None,
             description="Multi-label CNN, 14 CheXpert observations, on chest radiographs (cxr_pipeline)",
             tags={"labels": "14", "test_auc": f"{sum(tests) / len(tests):.6f}" if tests else "nan"},
         )
-        if config.oof_folds > 1:
-            oof, _ = fit_out_of_fold(data, cfg, device, config.oof_folds, log=context.log.info)
+        if cfg.oof_folds > 1:
+            oof, _ = fit_out_of_fold(data, cfg, device, cfg.oof_folds, log=context.log.info)
             write_parquet(hint_predictions(oof, pl.read_parquet(files.predictions)), files.hints)
-            run.log_params({"oof_folds": config.oof_folds, "oof_images": oof.height})
+            run.log_params({"oof_images": oof.height})
         else:
             files.hints.unlink(missing_ok=True)
     md = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1)}
@@ -271,8 +228,8 @@ def multilabel_classifier(
     md["evaluable_labels"] = len(tests)
     md["registered_model"] = f"{reg['name']} v{reg['version']}" + (" (champion)" if reg["champion"] else "")
     md["checkpoint"] = dg.MetadataValue.path(str(files.checkpoint))
-    md["report_hints"] = f"out-of-fold, {config.oof_folds} folds over training patients" if config.oof_folds > 1 else "none"
-    return dg.MaterializeResult(metadata=asset_metadata(run, **counts, **md, **sheet))
+    md["report_hints"] = f"out-of-fold, {cfg.oof_folds} folds over training patients" if cfg.oof_folds > 1 else "none"
+    return dg.MaterializeResult(metadata=asset_metadata(run, **counts, **md, **sheet, **resolved_metadata(cfg)))
 
 
 METRICS_SHOWN = (

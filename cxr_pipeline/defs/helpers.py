@@ -8,7 +8,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from cxr_pipeline.settings import Paths, image_size, read_pipeline_config
+from cxr_pipeline.settings import Paths
 from cxr_pipeline.tracking import TrackedRun
 
 
@@ -99,13 +99,65 @@ def inline_png(path: Path, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})")
 
 
-def to_dataclass(config: dg.Config, cls, **overrides):
-    """The domain dataclass ``cls`` from the Dagster config fields of the same names."""
-    import dataclasses
+def dagster_config(section: str, name: str) -> type[dg.Config]:
+    """The Dagster run config of an asset, generated from its ``pipeline.yaml`` section's dataclass
+    (``cxr_pipeline.config``): same fields, types, defaults and descriptions, so the launchpad and
+    ``dagster asset materialize --config`` accept exactly what ``pipeline.yaml`` does, with no second list."""
+    import typing
 
-    values = config.model_dump()
-    kwargs = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
-    return cls(**{**kwargs, **overrides})
+    import pydantic
+
+    from cxr_pipeline.config import field_docs, sections
+
+    hints = typing.get_type_hints(sections()[section])
+
+    def dagster_type(t):  # Dagster config has lists, not tuples
+        if typing.get_origin(t) is tuple:
+            return list[typing.get_args(t)[0]]
+        return t
+
+    fields = {
+        d.name: (dagster_type(hints[d.name]), pydantic.Field(default=d.default, description=_field_description(d)))
+        for d in field_docs(section)
+    }
+    doc = f"``pipeline.yaml`` section ``{section}``: this run's own values override the file's, field by field."
+    return pydantic.create_model(name, __base__=dg.Config, __doc__=doc, **fields)
+
+
+def _field_description(d) -> str:
+    if d.auto:
+        return f"{d.doc}. null: auto ({d.auto})"
+    if d.null:
+        return f"{d.doc}. null: {d.null}"
+    return d.doc
+
+
+def run_settings(
+    context: dg.AssetExecutionContext, paths: Paths, section: str | None = None, derived: Mapping[str, Any] | None = None
+) -> Any:
+    """The resolved configuration this run uses (``config.resolve``): the section's defaults, under
+    ``$CXR_HOME/pipeline.yaml``, under what this run's own run config sets (field by field), every auto
+    worked out. ``section`` defaults to the asset's own name.
+
+    Dagster hands an asset its defaults wherever the run config is silent (runs started by automation,
+    a schedule, a plain Materialize click); reading the file here, when the run starts, makes all of
+    those follow the user's configuration. A bad file or field fails the run, naming both.
+    """
+    from cxr_pipeline.config import ConfigError, resolve
+
+    op = context.op_def.name
+    explicit = (context.run_config.get("ops", {}).get(op) or {}).get("config") or {}
+    try:
+        return resolve(paths, section or op, explicit, derived)
+    except ConfigError as e:
+        raise dg.Failure(str(e)) from None
+
+
+def resolved_metadata(cfg: Any) -> dict[str, dg.MetadataValue]:
+    """A materialization's record of the configuration it ran with (``resolved_config``)."""
+    from cxr_pipeline.config import record
+
+    return {"resolved_config": dg.MetadataValue.json(record(cfg))}
 
 
 def upstream_data_version(context: dg.AssetExecutionContext, key: str, *, is_source: bool) -> str:
@@ -119,47 +171,6 @@ def upstream_data_version(context: dg.AssetExecutionContext, key: str, *, is_sou
     return dv.value if dv else "unobserved"
 
 
-def shard_size(configured: int) -> int:
-    """A config's image size; 0 means ``CXR_IMAGE_SIZE`` (224), read now, when the run starts."""
-    return configured or image_size()
-
-
-def report_shard_size(configured: int, base: str = "") -> int:
-    """The report model's image size: configured, else its base's tile (``CXR_VLM_BASE``, or the tiny base's).
-    The real 11B sees 560-px tiles: reading the CNN's 224-px shards would throw that resolution away."""
-    import os
-
-    from cxr_pipeline.reports.vlm import base_tile_size
-
-    return configured or base_tile_size(base or os.environ.get("CXR_VLM_BASE") or None)
-
-
-def needed_shard_sizes(paths: Paths) -> list[int]:
-    """Every shard size a consumer will read under ``pipeline.yaml``: the classifiers' and the report model's."""
-    cfg = read_pipeline_config(paths)
-    cls, rep = cfg.get("classifier", {}), cfg.get("report_adapter", {})
-    return sorted({shard_size(int(cls.get("size", 0))), report_shard_size(int(rep.get("size", 0)), str(rep.get("base", "")))})
-
-
-def effective_config(context: dg.AssetExecutionContext, config: dg.Config, paths: Paths, section: str | None = None) -> dg.Config:
-    """The run's config: the asset's defaults, under ``$CXR_HOME/pipeline.yaml``'s section, under
-    what this run's own run config sets (field by field). ``section``: read another asset's
-    section of the file (the multi-label model follows the per-pathology ``classifier`` recipe).
-
-    Dagster hands an asset its defaults wherever the run config is silent (runs started by
-    automation, a schedule, a plain Materialize click); reading the file here, when the run
-    starts, makes all of those follow the user's configuration.
-    """
-    op = context.op_def.name
-    name = section or op
-    from_file = read_pipeline_config(paths).get(name, {})
-    unknown = sorted(set(from_file) - set(type(config).model_fields))
-    if unknown:
-        raise dg.Failure(f"{paths.pipeline_config}: {name}: unknown field(s) {', '.join(unknown)}")
-    explicit = (context.run_config.get("ops", {}).get(op) or {}).get("config") or {}
-    return type(config)(**{**config.model_dump(), **from_file, **explicit})
-
-
 def latest_metadata(instance: dg.DagsterInstance, key: str, partition: str | None, field: str):
     """A field of the latest materialization's metadata of ``key`` (one partition, or unpartitioned), or None."""
     records = instance.fetch_materializations(
@@ -169,3 +180,24 @@ def latest_metadata(instance: dg.DagsterInstance, key: str, partition: str | Non
         return None
     value = records[0].asset_materialization.metadata.get(field)
     return None if value is None else value.value
+
+
+# assets computed with another asset's section (built by the same step)
+_SECTION_OF = {"manifest_rejects": "manifest", "shard_rejects": "image_shards"}
+
+
+def with_config_versions(assets: list, paths: Paths) -> list:
+    """Each configured asset's code version followed by its ``pipeline.yaml`` section's digest
+    (``config.section_digest``), so the UI shows which assets' configuration changed since they were last
+    materialized. Dagster treats a changed code version as stale but never as a reason to start a run
+    (the automation conditions look at data versions only): a user re-runs them when they choose."""
+    from cxr_pipeline.config import section_digest, sections
+
+    def versioned(spec: dg.AssetSpec) -> dg.AssetSpec:
+        key = spec.key.to_user_string()
+        section = _SECTION_OF.get(key, key)
+        if section not in sections():
+            return spec
+        return spec.replace_attributes(code_version=f"{spec.code_version or '1'}+cfg.{section_digest(paths, section)}")
+
+    return [a.map_asset_specs(versioned) if isinstance(a, dg.AssetsDefinition) else a for a in assets]

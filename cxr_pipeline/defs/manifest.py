@@ -5,16 +5,18 @@ import time
 import dagster as dg
 import polars as pl
 
+from cxr_pipeline.config import params
 from cxr_pipeline.data.io import file_digest, write_parquet
 from cxr_pipeline.data.mimic import RADIOLOGIST_COLUMNS, DatasetError, ManifestPolicy, build_manifest, label_prevalence
 from cxr_pipeline.data.shards import partition_fingerprints
 from cxr_pipeline.defs.helpers import (
     asset_metadata,
     asset_specs,
-    effective_config,
+    dagster_config,
+    resolved_metadata,
+    run_settings,
     selected_keys,
     table_metadata,
-    to_dataclass,
     upstream_data_version,
 )
 from cxr_pipeline.defs.raw import RAW
@@ -26,17 +28,7 @@ MANIFEST_REJECTS = "manifest_rejects"
 MANIFEST_CODE_VERSION = "1"
 
 
-class ManifestConfig(dg.Config):
-    """Which images the manifest keeps (defaults: the 2024 seeds' policy)."""
-
-    views: list[str] = ["PA"]
-    label_source: str = "chexpert"
-    one_image_per_subject: bool = True
-    radiologist_test_labels: bool = True
-    check_files: bool = True
-
-    def policy(self) -> ManifestPolicy:
-        return to_dataclass(self, ManifestPolicy)
+ManifestConfig = dagster_config(MANIFEST, "ManifestConfig")
 
 
 @dg.multi_asset(
@@ -57,8 +49,8 @@ class ManifestConfig(dg.Config):
     can_subset=True,
 )
 def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, storage: CxrStorage, mlflow: MlflowTracking):
-    config = effective_config(context, config, storage.paths)
-    paths, policy = storage.paths, config.policy()
+    paths = storage.paths
+    policy: ManifestPolicy = run_settings(context, paths)
     data_version = upstream_data_version(context, RAW, is_source=True)
     t0 = time.perf_counter()
     with mlflow.run(context, {"dagster.data_version": data_version}) as run:
@@ -70,7 +62,7 @@ def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, storage:
         mpath = write_parquet(result.manifest, paths.manifest)
         rpath = write_parquet(result.rejects, paths.manifest_rejects)
         prevalence, reasons = label_prevalence(result.manifest), result.reject_reasons()
-        run.log_params(policy.params())
+        run.log_params(params(policy))
         run.log_metrics({**result.stats, "seconds": seconds, **result.prevalence_metrics()})
         run.log_table(prevalence, "label_prevalence")
         if reasons.height:
@@ -88,7 +80,7 @@ def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, storage:
             rows_by_split=dg.MetadataValue.json(result.rows_by_split()),
             stats=dg.MetadataValue.json(result.stats),
             label_prevalence=table_metadata(prevalence),
-            policy=dg.MetadataValue.json(config.model_dump()),
+            **resolved_metadata(policy),
             raw_data_version=data_version,
             # per shard partition: which rows it is built from (automation re-builds only changed ones)
             partition_fingerprints=dg.MetadataValue.json(partition_fingerprints(result.manifest)),

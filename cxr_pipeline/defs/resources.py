@@ -130,25 +130,53 @@ def close_orphaned_runs(
     return closed
 
 
-class Compute(dg.ConfigurableResource):
-    """Where training and inference run: ``auto`` picks CUDA when present, else the CPU."""
+class _Compute(dg.ConfigurableResource):
+    """Where training and inference run: ``pipeline.yaml``'s ``compute`` section (``config.ComputeSettings``),
+    resolved when a run starts (``auto``: CUDA when present, else the CPU); a field set in a run's resource
+    config overrides the file for that run."""
 
-    device: str = "auto"
-    threads: int = 0  # CPU threads for torch; 0 = all cores
+    def settings(self, paths: Paths):
+        from cxr_pipeline.config import ConfigError, resolve
 
-    def torch_device(self):
+        explicit = {k: v for k, v in self.model_dump().items() if v is not None}
+        try:
+            return resolve(paths, "compute", explicit)
+        except ConfigError as e:
+            raise dg.Failure(str(e)) from None
+
+    def torch_device(self, paths: Paths):
+        """The resolved device, with torch's CPU threads set."""
         import torch
 
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        s = self.settings(paths)
+        torch.set_num_threads(s.threads)
+        return torch.device(s.device)
 
-    def describe(self) -> str:
+    def params(self, paths: Paths) -> dict[str, str]:
+        from cxr_pipeline.config import params
+
+        return params(self.settings(paths), "compute.")
+
+    def describe(self, paths: Paths) -> str:
         import torch
 
-        dev = self.torch_device()
+        dev = self.torch_device(paths)
         if dev.type == "cuda":
             return f"cuda: {torch.cuda.get_device_name(dev)}"
         return f"cpu: {torch.get_num_threads()} threads"
+
+
+def _compute_resource() -> type[_Compute]:
+    """``Compute`` with one optional field per ``ComputeSettings`` field (null: as ``pipeline.yaml`` says)."""
+    import typing
+
+    import pydantic
+
+    from cxr_pipeline.config import ComputeSettings, field_docs
+
+    hints = typing.get_type_hints(ComputeSettings)
+    fields = {d.name: (hints[d.name] | None, pydantic.Field(default=None, description=d.doc)) for d in field_docs("compute")}
+    return pydantic.create_model("Compute", __base__=_Compute, **fields)
+
+
+Compute = _compute_resource()

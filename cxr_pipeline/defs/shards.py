@@ -1,13 +1,14 @@
 """manifest -> image_shards[p10..p19] + shard_rejects[p10..p19]."""
 
-import os
 from pathlib import Path
 
 import dagster as dg
 
+from cxr_pipeline.config import params
 from cxr_pipeline.data.shards import (
     PARTITIONS,
     REJECTS,
+    ShardSettings,
     ShardSpec,
     build_partition,
     data_version,
@@ -20,10 +21,11 @@ from cxr_pipeline.data.shards import (
 from cxr_pipeline.defs.helpers import (
     asset_metadata,
     asset_specs,
-    effective_config,
+    dagster_config,
     inline_png,
     latest_metadata,
-    needed_shard_sizes,
+    resolved_metadata,
+    run_settings,
     selected_keys,
     table_metadata,
     upstream_data_version,
@@ -37,14 +39,7 @@ SHARDS_CODE_VERSION = "1"
 partitions_def = dg.StaticPartitionsDefinition(list(PARTITIONS))
 
 
-class ShardConfig(dg.Config):
-    """Image sizes of the shards (square, letterboxed), shard file size and decode processes."""
-
-    # 0: every size a consumer reads (the classifiers' size, CXR_IMAGE_SIZE by default, and the report
-    # model's, its base's tile: 560 for Llama-3.2-11B-Vision); a size already built is only updated
-    size: int = 0
-    images_per_shard: int = 1024
-    workers: int = 0  # 0: one per CPU core
+ShardConfig = dagster_config(IMAGE_SHARDS, "ShardConfig")
 
 
 def _progress(context: dg.AssetExecutionContext, part: str):
@@ -77,17 +72,14 @@ def _progress(context: dg.AssetExecutionContext, part: str):
 )
 def image_shards(context: dg.AssetExecutionContext, config: ShardConfig, storage: CxrStorage, mlflow: MlflowTracking):
     part, paths = context.partition_key, storage.paths
-    config = effective_config(context, config, paths)
+    settings: ShardSettings = run_settings(context, paths)  # sizes: what the consumers' resolved settings read
     items = read_manifest(storage).filter(partition_column() == part)
-    sizes = [config.size] if config.size else needed_shard_sizes(paths)
-    workers = config.workers or os.cpu_count() or 1
+    sizes = settings.sizes
     out = paths.shard_partition(sizes[0], part)  # where the index and rejects of the first size live
-    context.log.info(f"{part}: {items.height} manifest images, {workers} decode processes, sizes {sizes} px")
+    context.log.info(f"{part}: {items.height} manifest images, {settings.workers} decode processes, sizes {sizes} px")
     with mlflow.run(context, {"dagster.data_version": upstream_data_version(context, MANIFEST, is_source=False)}) as run:
-        run.log_params(
-            {"sizes": ",".join(map(str, sizes)), "images_per_shard": config.images_per_shard, "workers": workers, "partition": part}
-        )
-        built = {size: _build_size(context, run, paths, part, items, ShardSpec(size, config.images_per_shard, workers)) for size in sizes}
+        run.log_params({**params(settings), "partition": part})
+        built = {size: _build_size(context, run, paths, part, items, settings.spec(size)) for size in sizes}
         result, sheet = built[sizes[0]][0], built[sizes[-1]][1]
         rejects = result.rejects.select("dicom_id", "path", "reason")  # a file that cannot be decoded fails at every size
         if rejects.height:
@@ -110,6 +102,7 @@ def image_shards(context: dg.AssetExecutionContext, config: ShardConfig, storage
             images_per_second=round(total["decoded"] / max(total["seconds"], 1e-9), 1),
             sizes=dg.MetadataValue.json(sizes),
             manifest_fingerprint=slice_fingerprint(items),  # what automation compares with the manifest's partition_fingerprints
+            **resolved_metadata(settings),
         )
         if sheet is not None:
             md["contact_sheet"] = dg.MetadataValue.path(str(sheet))

@@ -31,7 +31,6 @@ spine, aorta and bone findings other than fractures, ``Markings``.
 from __future__ import annotations
 
 import io
-import os
 import re
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from cxr_pipeline.settings import env
 
 WHEEL = "torchxrayvision==1.5.7"
 ARCHIVE_IN_WHEEL = "torchxrayvision/data/NLMCXR_reports.tgz"
@@ -132,7 +133,7 @@ class IUReport:
 
 def cache_dir() -> Path:
     """``$CXR_CACHE`` or ``~/.cache/cxr_pipeline``: outside the repository and kept between clones."""
-    return Path(os.environ.get("CXR_CACHE") or Path.home() / ".cache" / "cxr_pipeline")
+    return Path(env("CXR_CACHE") or Path.home() / ".cache" / "cxr_pipeline")
 
 
 def archive(cache: Path | None = None) -> Path:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 
 from cxr_pipeline.labels import COMMON5, LABELS
 from cxr_pipeline.reports.labeler import label_reports
@@ -227,3 +229,43 @@ def side_by_side_markdown(reports, systems: Sequence[str], n: int = 4, width: in
     head = "| reference | " + " | ".join(systems) + " |\n|---|" + "---|" * len(systems)
     lines = ["| " + " | ".join(str(r[c])[:width] for c in ("reference", *systems)) + " |" for r in reports.head(n).iter_rows(named=True)]
     return "\n".join([head, *lines])
+
+
+# the headline report metrics (the demo's summary), and those the asset's metadata shows (METEOR where Java ran it)
+HEADLINE = ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "ce_micro14_f1", "ce_macro14_f1", "ce_micro5_f1")
+SHOWN = ("system", *HEADLINE, "ce_micro14_f1_lo", "ce_micro14_f1_hi", "ce_upos_micro14_f1", "ce_upos_micro5_f1")
+
+
+@dataclass
+class ScoredReports:
+    """The report metrics table (system x test labels), the paired differences, and what went into them."""
+
+    table: pl.DataFrame
+    differences: pl.DataFrame
+    rows: list[dict]
+    bad_total: int
+    evaluation: str
+
+
+def score_reports(gen: pl.DataFrame, systems: Sequence[str], meteor: bool) -> ScoredReports:
+    """Score every system's reports against the references (``generated_reports``' columns): NLG metrics and CE
+    with the labeler on the references; again on the radiologist-labelled studies with the radiologist's labels;
+    95% intervals over test studies for the labeler rows and paired intervals for each difference between systems."""
+    from cxr_pipeline.reports.labeler import labeler_version
+
+    hyps = {s: gen[s].to_list() for s in systems}
+    rows, bad_total = score_systems(gen["reference"].to_list(), hyps, meteor=meteor)
+    if "radiologist_labelled" in gen.columns and gen["radiologist_labelled"].any():
+        rad = gen.filter(pl.col("radiologist_labelled"))
+        more, _ = score_systems(
+            rad["reference"].to_list(), {s: rad[s].to_list() for s in systems}, meteor, radiologist_labels(rad), "radiologist"
+        )
+        rows += more
+    evaluation = gen["evaluation"][0] if "evaluation" in gen.columns and gen.height else "findings references"
+    table = pl.DataFrame(rows).with_columns(pl.lit(evaluation).alias("evaluation"), pl.lit(labeler_version()).alias("labeler"))
+    iv, diffs = report_intervals(gen["reference"].to_list(), hyps, gen["study_id"].to_list())
+    bounds = [f"{m}_{b}" for m in INTERVAL_METRICS for b in ("lo", "hi")]
+    iv_table = pl.DataFrame(iv).select("system", *bounds).with_columns(pl.lit("labeler").alias("test_labels"))
+    table = table.join(iv_table, on=["system", "test_labels"], how="left")
+    differences = pl.DataFrame(diffs, schema_overrides={"lo": pl.Float64, "hi": pl.Float64, "better": pl.String})
+    return ScoredReports(table, differences, rows, bad_total, evaluation)

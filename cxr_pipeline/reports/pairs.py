@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import polars as pl
+
+from cxr_pipeline.config import setting
 
 TEXT_SOURCES = ("findings", "impression", "findings+impression", "findings_only")
 R2GEN_SOURCE = "findings_only"  # R2Gen's MIMIC-CXR convention: FINDINGS only, studies without them left out
@@ -33,23 +37,37 @@ def report_text(findings: str | None, impression: str | None, source: str = "fin
     raise ValueError(f"text source must be one of {TEXT_SOURCES}, not {source!r}")
 
 
-def build_pairs(manifest: pl.DataFrame, source: str = "findings", min_words: int = 1, max_words: int = 0) -> pl.DataFrame:
+@dataclass(frozen=True)
+class PairsConfig:
+    """Which report text each image is paired with (``pipeline.yaml``'s ``report_pairs`` section)."""
+
+    text_source: str = setting(
+        "findings", "findings (else impression), impression, findings+impression, or findings_only (R2Gen's convention)"
+    )
+    min_words: int = setting(1, "shortest report kept, in words")
+    max_words: int | None = setting(None, "longest report kept, in words (the seeds kept 20-65)", null="no limit")
+
+    def __post_init__(self) -> None:
+        if self.text_source not in TEXT_SOURCES:
+            raise ValueError(f"text_source must be one of {TEXT_SOURCES}, not {self.text_source!r}")
+
+
+def build_pairs(manifest: pl.DataFrame, cfg: PairsConfig = PairsConfig()) -> pl.DataFrame:
     """One row per manifest image with a usable report: ids, path, split, ``text``.
 
     The split is the manifest's (MIMIC's patient-level split), so every image of a
     study, and every study of a patient, sits in one split.
     """
-    if source not in TEXT_SOURCES:
-        raise ValueError(f"text source must be one of {TEXT_SOURCES}, not {source!r}")
+    source = cfg.text_source
     texts = [report_text(f, i, source) for f, i in zip(manifest["findings"].to_list(), manifest["impression"].to_list(), strict=True)]
     radiologist = [c for c in manifest.columns if c.startswith("radiologist_")]  # kept for the radiologist test set
     df = manifest.select("dicom_id", "subject_id", "study_id", "path", "view_position", "split", *radiologist).with_columns(
         pl.Series("text", texts, dtype=pl.String), pl.lit(source).alias("text_source")
     )
     df = df.with_columns(pl.col("text").str.split(" ").list.len().fill_null(0).alias("words"))
-    keep = pl.col("text").is_not_null() & (pl.col("words") >= min_words)
-    if max_words:
-        keep = keep & (pl.col("words") <= max_words)
+    keep = pl.col("text").is_not_null() & (pl.col("words") >= cfg.min_words)
+    if cfg.max_words is not None:
+        keep = keep & (pl.col("words") <= cfg.max_words)
     return df.filter(keep)
 
 

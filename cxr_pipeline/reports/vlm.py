@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_pipeline.config import setting
+
 INSTRUCTION = "You are an expert radiographer. Describe accurately what you see in this image."
 SPECIAL_TOKENS = (
     "<|begin_of_text|>",
@@ -144,6 +146,58 @@ def build_tiny_base(
     return out_dir
 
 
+def pretrain_language(base_dir: Path, texts: Sequence[str], steps: int, lr: float = 1e-3, batch: int = 16, seed: int = 0) -> None:
+    """Train a tiny base's language model on the training reports, images blank: a stand-in for what a real base brings.
+
+    Llama-3.2-11B-Vision arrives knowing English and radiology phrasing; a random tiny base knows
+    nothing, and an adapter given minutes on a CPU spends them learning to spell, then falls back to the
+    most frequent sentence whatever the image. Only the language model's own weights train (not the
+    vision tower, the projector or the cross-attention layers, which stay as built), so what the image
+    adds is left for the adapter to learn. Saved in place.
+    """
+    import torch
+    from transformers import MllamaForConditionalGeneration, MllamaProcessor
+
+    processor = MllamaProcessor.from_pretrained(str(base_dir))
+    model = MllamaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32)
+    for name, param in model.named_parameters():
+        param.requires_grad = "language_model" in name and "cross_attn" not in name
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    collate, blank, prompt = MllamaCollator(processor), np.zeros((8, 8), np.uint8), user_prompt()
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch_ = collate([{"image": blank, "prompt": prompt, "report": texts[i]} for i in rng.integers(0, len(texts), batch)])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=model.device.type == "cpu"):
+            loss = model(**batch_).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(str(base_dir))
+
+
+def ensure_tiny_base(out_dir: Path, texts: Sequence[str], width: int = 1, pretrain_steps: int = 0, log=None) -> Path:
+    """The tiny offline base of this width and pretraining in ``out_dir``: built once (atomically: a killed
+    build leaves no half base behind), then reused."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    if (out_dir / TINY_MARKER).exists():
+        return out_dir
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if log:
+        log(f"building the tiny offline Mllama base (width {width}, {pretrain_steps} language pretraining steps) in {out_dir}")
+    build_tiny_base(tmp, texts, width=width)
+    if pretrain_steps:
+        pretrain_language(tmp, [t for t in texts if t], pretrain_steps)
+    marker = json.loads((tmp / TINY_MARKER).read_text())
+    (tmp / TINY_MARKER).write_text(json.dumps({**marker, "width": width, "pretrain_steps": pretrain_steps}))
+    tmp.replace(out_dir)
+    return out_dir
+
+
 def base_tile_size(base_dir: Path | str | None) -> int:
     """The image size a base model sees: its image processor's tile (560 for Llama-3.2-11B-Vision); the tiny
     default base's (``TINY_TILE``) when ``base_dir`` is None. Read from ``preprocessor_config.json``, without
@@ -164,9 +218,10 @@ def base_info(base_dir: Path) -> dict:
     base_dir = Path(base_dir)
     marker = base_dir / TINY_MARKER
     if marker.exists():
+        m = json.loads(marker.read_text())
         return {
-            "base_model": "cxr-tiny-mllama (random init, built offline)",
-            "base_revision": json.loads(marker.read_text()).get("seed", 0),
+            "base_model": f"cxr-tiny-mllama w{m.get('width', 1)} lm{m.get('pretrain_steps', 0)} (random init, built offline)",
+            "base_revision": m.get("seed", 0),
         }
     cfg = json.loads((base_dir / "config.json").read_text()) if (base_dir / "config.json").exists() else {}
     return {"base_model": cfg.get("_name_or_path") or base_dir.name, "base_revision": cfg.get("transformers_version", "unknown")}
@@ -279,24 +334,79 @@ class TrainingPairs:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """The seeds' QLoRA recipe (r = alpha = 20, dropout 0, lr 1e-4 linear, warm-up 5, 200 steps, 8 x 4)."""
+    """The report adapter's recipe (``pipeline.yaml``'s ``report_adapter`` section): its base, prompt and QLoRA
+    training. Defaults are the seeds' QLoRA recipe (r = alpha = 20, dropout 0, lr 1e-4 linear, warm-up 5, 200 steps, 8 x 4)."""
 
-    r: int = 20
-    alpha: int = 20
-    dropout: float = 0.0
-    target: str = "language"  # or "language+vision"
-    # modules trained in full beside the LoRA weights (peft ``modules_to_save``), comma-separated, e.g.
-    # "multi_modal_projector" or "vision_model,multi_modal_projector" (never quantised); "" = LoRA only
-    train_full: str = ""
-    lr: float = 1e-4
-    warmup_steps: int = 5
-    max_steps: int = 200
-    batch_size: int = 8
-    accumulation: int = 4
-    weight_decay: float = 0.01
-    max_length: int = 2048
-    quantize: bool = True  # 4-bit NF4, double quantisation, bf16 compute
-    seed: int = 0
+    base: str | None = setting(
+        None, "local directory of the base model (Llama-3.2-11B-Vision-Instruct)", auto="CXR_VLM_BASE, else the tiny offline Mllama"
+    )
+    tiny_width: int = setting(1, "the tiny base's width multiplier (used when no base is given)")
+    tiny_pretrain_steps: int = setting(
+        0,
+        "optimizer steps of language pretraining of the tiny base on the training reports, images blank (a stand-in for a pretrained base)",
+    )
+    size: int | None = setting(
+        None, "shard size (px) the images are read at", auto="the base's tile (560 for the 11B, 56 for the tiny base)"
+    )
+    use_classifier_findings: bool = setting(True, "add the classifiers' findings to the prompt (when their predictions exist)")
+    max_train_pairs: int | None = setting(None, "training pairs sampled (seeded)", null="every training pair")
+    r: int = setting(20, "LoRA rank")
+    alpha: int = setting(20, "LoRA alpha")
+    dropout: float = setting(0.0, "LoRA dropout")
+    target: str = setting("language", "LoRA target modules: language, or language+vision")
+    train_full: str = setting(
+        "", "modules trained in full beside LoRA (peft modules_to_save), comma-separated, e.g. multi_modal_projector; empty: LoRA only"
+    )
+    lr: float = setting(1e-4, "learning rate (linear schedule)")
+    warmup_steps: int = setting(5, "linear warm-up steps")
+    max_steps: int = setting(200, "optimizer steps")
+    batch_size: int = setting(8, "pairs per micro-batch")
+    accumulation: int = setting(4, "micro-batches per optimizer step")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    max_length: int = setting(2048, "tokens per training sequence (longer ones are truncated)")
+    quantize: bool = setting(True, "4-bit NF4 base with double quantisation and bf16 compute (QLoRA)")
+    seed: int = setting(0, "seed of LoRA initialisation, data order and pair sampling")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """How the test reports are written (``pipeline.yaml``'s ``generated_reports`` section). Decoding is deterministic."""
+
+    max_new_tokens: int | None = setting(
+        None, "generation budget in tokens", auto="the 99th percentile of the training reports' token counts under the base's tokenizer"
+    )
+    num_beams: int = setting(1, "1: greedy; more: beam search (never sampling)")
+    batch_size: int = setting(8, "images per generation batch")
+    max_test_pairs: int | None = setting(None, "test pairs written (the first by dicom_id)", null="every test pair")
+
+
+def ensure_base(cfg: AdapterConfig, tiny_dir: Path, texts: Sequence[str], log=None) -> Path:
+    """The base a resolved ``cfg`` names: the tiny offline base (``tiny_dir``, built from ``texts`` with the
+    config's width and language pretraining when missing), or a local directory that must exist (nothing is
+    downloaded)."""
+    base = Path(str(cfg.base))
+    if base == Path(tiny_dir):
+        return ensure_tiny_base(base, texts, cfg.tiny_width, cfg.tiny_pretrain_steps, log)
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base}: base model directory not found (nothing is downloaded; set CXR_VLM_BASE to a local copy)")
+    return base
+
+
+def adapter_training_set(pairs, shard_root: Path, cfg: AdapterConfig, hints=None, thresholds: dict[str, float] | None = None):
+    """The training split's (image, prompt, report) examples under a resolved ``cfg``, the rows they come
+    from and the prompt variant. ``max_train_pairs`` samples (seeded); images are read from the shards at
+    ``cfg.size`` batch by batch; prompts carry the classifiers' findings when ``use_classifier_findings``
+    and ``hints`` (probabilities per ``dicom_id``) are given."""
+    import polars as pl
+
+    from cxr_pipeline.data.shards import lazy_images
+
+    train = pairs.filter(pl.col("split") == "train")
+    if cfg.max_train_pairs is not None:
+        train = train.sample(min(cfg.max_train_pairs, train.height), seed=cfg.seed)
+    images, rows = lazy_images(shard_root, train, cfg.size)
+    prompts, variant = prompts_for(rows, hints, cfg.use_classifier_findings, thresholds)
+    return TrainingPairs(images, prompts, rows["text"].to_list()), rows, variant
 
 
 def lora_target(target: str) -> str:
@@ -384,6 +494,7 @@ def train_adapter(
     processor = MllamaProcessor.from_pretrained(str(base_dir))
     model = load_base(base_dir, cfg.quantize, device)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(cfg.seed)  # the LoRA weights are initialised here, before the trainer seeds anything
     model = get_peft_model(
         model,
         LoraConfig(
@@ -451,7 +562,11 @@ def train_adapter(
     trainer.train(resume_from_checkpoint=last)
     model.save_pretrained(str(adapter_dir))
     processor.save_pretrained(str(adapter_dir))
-    write_adapter_card(adapter_dir, {"base": str(base_dir), "quantize": cfg.quantize, **base_info(base_dir), **(card or {})})
+    from cxr_pipeline.config import record
+
+    config = record(cfg) if cfg.base is not None and cfg.size is not None else None  # a resolved config is recorded whole
+    card = {"base": str(base_dir), "quantize": cfg.quantize, **base_info(base_dir), "config": config, **(card or {})}
+    write_adapter_card(adapter_dir, card)
     return {"log_history": trainer.state.log_history, "resumed_from": last}
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import polars as pl
 
+from cxr_pipeline.config import setting
 from cxr_pipeline.data.io import atomic_path, write_parquet
 from cxr_pipeline.data.shards import load_images
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
@@ -44,6 +45,23 @@ from cxr_pipeline.vision.train import (
 SPLITS = ("train", "validate", "test")
 RADIOLOGIST = "radiologist"  # the second test set: radiologist-labelled test studies, with those labels
 MULTILABEL = "multilabel"  # its folder under classifier/ and its ``model`` value in the metrics rows
+
+
+def registered_name(label_slug: str) -> str:
+    """The MLflow registry name of a classifier: ``cxr-<finding>``, or ``cxr-multilabel`` for the multi-label model."""
+    return "cxr-" + label_slug.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class MultilabelConfig(TrainConfig):
+    """The per-pathology recipe (``pipeline.yaml``'s ``classifier`` section, read first) and the report hints
+    (the ``multilabel_classifier`` section, which may also override any recipe field for this model)."""
+
+    oof_folds: int = setting(
+        5,
+        "k-fold over training patients for the report prompts' hints: each training image's hint comes from a model "
+        "that did not see it (k more trainings of this model); 0 or 1: no out-of-fold hints",
+    )
 
 
 @dataclass
@@ -99,9 +117,12 @@ def _label_source(manifest: pl.DataFrame) -> str:
     return manifest["label_source"][0] if manifest.height and "label_source" in manifest.columns else "chexpert"
 
 
-def load_data(manifest: pl.DataFrame, shard_root: Path, label_slug: str, size: int, uncertain: str, blank: str) -> ClassifierData:
-    """The label's targets under the policy, joined with the shard images of each split."""
+def load_data(manifest: pl.DataFrame, shard_root: Path, label_slug: str, cfg: TrainConfig) -> ClassifierData:
+    """The label's targets under the policy (``cfg.uncertain``, ``cfg.blank``), joined with the shard images
+    (``cfg.size``, resolved) of each split."""
     import torch
+
+    size, uncertain, blank = cfg.size, cfg.uncertain, cfg.blank
 
     usable = targets(manifest, label_slug, uncertain, blank)
     # radiologist-labelled test studies with the radiologist's labels; blank = not mentioned = negative
@@ -175,7 +196,6 @@ def fit_and_save(
     device,
     files: ClassifierFiles,
     *,
-    bootstrap: int = 1000,
     log: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> FitOutcome:
@@ -207,10 +227,10 @@ def fit_and_save(
     common.update(uncertain_policy=data.uncertain, blank_policy=data.blank)
     # both test sets use the threshold chosen on validation (automatic labels); resampling is by
     # patient whenever a patient has more than one test image
-    row = evaluate(y_test, p_test, y_val, p_val, n_boot=bootstrap, seed=cfg.seed, groups=_patients(sp["test"].rows))
+    row = evaluate(y_test, p_test, y_val, p_val, n_boot=cfg.bootstrap, seed=cfg.seed, groups=_patients(sp["test"].rows))
     row = {**row, **common, "test_labels": data.label_source}
     rad = evaluate(
-        sp[RADIOLOGIST].targets.numpy(), p_rad, y_val, p_val, n_boot=bootstrap, seed=cfg.seed, groups=_patients(sp[RADIOLOGIST].rows)
+        sp[RADIOLOGIST].targets.numpy(), p_rad, y_val, p_val, n_boot=cfg.bootstrap, seed=cfg.seed, groups=_patients(sp[RADIOLOGIST].rows)
     )
     if not sp[RADIOLOGIST].rows.height:
         rad["reason"] = "no radiologist-labelled test images"
@@ -254,7 +274,17 @@ def checkpoint_config(cfg: TrainConfig, data: ClassifierData, threshold: float) 
         "threshold": threshold,
         "normalise": {"mean": NORMALISE_MEAN, "std": NORMALISE_STD},
         "input": "grey uint8 letterboxed, repeated to 3 channels",
+        "training_config": trained_with(cfg, data.size),
     }
+
+
+def trained_with(cfg: TrainConfig, size: int) -> dict:
+    """The resolved recipe a checkpoint was trained with, recorded whole in its ``config.json``."""
+    import dataclasses
+
+    from cxr_pipeline.config import record
+
+    return record(dataclasses.replace(cfg, size=size))
 
 
 def metrics_table(paths: Paths) -> pl.DataFrame:
@@ -372,8 +402,11 @@ def _target_matrix(rows: pl.DataFrame, uncertain: str, blank: str) -> pl.DataFra
     return out
 
 
-def load_multilabel_data(manifest: pl.DataFrame, shard_root: Path, size: int, uncertain: str, blank: str) -> MultilabelData:
+def load_multilabel_data(manifest: pl.DataFrame, shard_root: Path, cfg: TrainConfig) -> MultilabelData:
+    """All 14 labels' targets under the policy, joined with the shard images of each split."""
     import torch
+
+    size, uncertain, blank = cfg.size, cfg.uncertain, cfg.blank
 
     tcols = [f"t_{s}" for s in SLUGS]
     m = _target_matrix(manifest, uncertain, blank)
@@ -399,7 +432,6 @@ def fit_multilabel(
     device,
     files: ClassifierFiles,
     *,
-    bootstrap: int = 1000,
     log: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[list[dict], TrainResult]:
@@ -430,7 +462,7 @@ def fit_multilabel(
         for split, source, y, p in (("test", data.label_source, y_test, p_test), (RADIOLOGIST, RADIOLOGIST, y_rad, p_rad)):
             k = ~np.isnan(y[:, j])
             groups = _patients(sp[split].rows.filter(pl.Series(k))) if len(k) else None
-            row = evaluate(y[k, j], p[k, j], y_val[kv, j], p_val[kv, j], n_boot=bootstrap, seed=cfg.seed, groups=groups)
+            row = evaluate(y[k, j], p[k, j], y_val[kv, j], p_val[kv, j], n_boot=cfg.bootstrap, seed=cfg.seed, groups=groups)
             rows.append({**row, **common, "test_labels": source})
         thresholds[s] = rows[-2]["threshold"]
 
@@ -442,6 +474,7 @@ def fit_multilabel(
     )
     config = {"arch": cfg.arch, "dropout": cfg.dropout, "size": data.size, "labels": [LABEL_BY_SLUG[s] for s in SLUGS]}
     config.update(thresholds=thresholds, normalise={"mean": NORMALISE_MEAN, "std": NORMALISE_STD}, outputs=len(SLUGS))
+    config["training_config"] = trained_with(cfg, data.size)
     _save_checkpoint(result.model, files, config)
     _write_json(files.metrics, rows)
     files.resume.unlink(missing_ok=True)

@@ -65,12 +65,12 @@ def predict_files(
     images: list[Path], alias: str = "champion", model: str = "per-pathology", cam_dir: Path | None = None
 ) -> list[ImageResult]:
     """Every file through every registered model; with ``cam_dir``, a Grad-CAM overlay per positive call."""
-    from cxr_pipeline.defs.classifier import MULTILABEL_REGISTERED, registered_name
     from cxr_pipeline.tracking import get_client
+    from cxr_pipeline.vision.fit import MULTILABEL, registered_name
     from cxr_pipeline.vision.serving import decode_files, grad_cam, overlay, write_rgb
 
     client, uri = get_client()  # MLFLOW_TRACKING_URI if set, else the pipeline's own store
-    names = [MULTILABEL_REGISTERED] if model == "multilabel" else [registered_name(s) for s in SLUGS]
+    names = [registered_name(MULTILABEL)] if model == "multilabel" else [registered_name(s) for s in SLUGS]
     # MLflow's loader resolves models:/ URIs against the environment's store; set it for the loads only,
     # rather than mlflow.set_tracking_uri, which would pin this store for the rest of the process
     previous = os.environ.get("MLFLOW_TRACKING_URI")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_pipeline.config import setting
 from cxr_pipeline.data.io import atomic_path
 
 # Grey uint8 -> [-1, 1]: ((x / 255) - MEAN) / STD. The saved checkpoint's config records them.
@@ -35,26 +36,31 @@ RESUME_FILE = "resume.pt"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    arch: str = "resnet18"
-    dropout: float = 0.2
-    weights: str | None = None  # local backbone weights; random init otherwise
-    epochs: int = 20
-    batch_size: int = 32
-    accumulation: int = 4
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.05  # of all optimizer steps
-    patience: int = 5
-    imbalance: str = "pos_weight"  # "pos_weight" | "sampler" | "none"
-    rotation: float = 10.0  # degrees, training split only
-    hflip: bool = True
-    seed: int = 0
-    precision: str = "auto"  # "auto" | "bf16" | "fp16" | "fp32"
-    channels_last: bool = True
-    eval_batch_size: int = 128
-    # optimizer steps per epoch; 0: the whole training split. A smoke run or the full-count
-    # rehearsal (benchmarks/rehearsal.py) sets a few, to exercise every step at full data size.
-    steps_per_epoch: int = 0
+    """A classifier's recipe and label policy (``pipeline.yaml``'s ``classifier`` section). Defaults follow
+    the 2024 seeds: ResNet-18, AdamW 1e-4 / 0.01, batch 32 x 4, patience 5."""
+
+    arch: str = setting("resnet18", "torchvision backbone: resnet18, resnet50, densenet121, vgg16")
+    dropout: float = setting(0.2, "dropout before the logit head")
+    weights: str | None = setting(None, "local backbone weights (.safetensors / .pt)", null="random initialisation")
+    size: int | None = setting(None, "shard size (px) the classifier reads", auto="CXR_IMAGE_SIZE (224)")
+    epochs: int = setting(20, "maximum epochs (early stopping on validation loss may end sooner)")
+    batch_size: int = setting(32, "images per micro-batch")
+    accumulation: int = setting(4, "micro-batches per optimizer step")
+    lr: float = setting(1e-4, "AdamW learning rate")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    warmup_fraction: float = setting(0.05, "share of all optimizer steps spent in linear warm-up")
+    patience: int = setting(5, "epochs without a better validation loss before stopping")
+    imbalance: str = setting("pos_weight", "class imbalance: pos_weight, sampler (balanced) or none")
+    rotation: float = setting(10.0, "random rotation in degrees (training split only)")
+    hflip: bool = setting(True, "random horizontal flip (training split only)")
+    seed: int = setting(0, "random seed of initialisation, sampling and augmentation")
+    precision: str = setting("auto", "auto (bf16 where supported), bf16, fp16 or fp32; evaluation always runs in fp32")
+    channels_last: bool = setting(True, "channels-last memory format")
+    eval_batch_size: int = setting(128, "images per evaluation batch")
+    steps_per_epoch: int | None = setting(None, "optimizer steps per epoch (smoke runs, the rehearsal)", null="the whole training split")
+    uncertain: str = setting("ignore", "uncertain (-1) labels: ignore (left out), zeros (U-Zeros) or ones (U-Ones)")
+    blank: str = setting("zeros", "blank (not mentioned) labels: zeros (negative) or ignore (left out)")
+    bootstrap: int = setting(1000, "bootstrap resamples (by patient) for the test metrics' 95% intervals")
 
     def __post_init__(self) -> None:
         if self.imbalance not in ("pos_weight", "sampler", "none"):
@@ -65,7 +71,9 @@ class TrainConfig:
     def fingerprint(self) -> str:
         import hashlib
 
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        # what the trained weights depend on (a resumed run must match it); evaluation-only fields are left out
+        trained = {k: v for k, v in asdict(self).items() if k not in ("bootstrap", "eval_batch_size")}
+        return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -272,13 +280,13 @@ class _Trainer:
         return TrainState.from_payload(saved)
 
 
-def micro_batches(n: int, batch_size: int, accumulation: int = 1, steps_per_epoch: int = 0) -> int:
+def micro_batches(n: int, batch_size: int, accumulation: int = 1, steps_per_epoch: int | None = None) -> int:
     """Micro-batches per epoch. A last batch of a single image is left out of that epoch (the order is
     reshuffled every epoch, so no image is always left out): BatchNorm cannot train on one image.
-    ``steps_per_epoch`` > 0 caps the epoch at that many optimizer steps."""
+    ``steps_per_epoch`` (None: no cap) caps the epoch at that many optimizer steps."""
     full, rest = divmod(n, batch_size)
     micro = max(1, full + (1 if rest > 1 or (rest == 1 and full == 0) else 0))
-    return min(micro, steps_per_epoch * accumulation) if steps_per_epoch > 0 else micro
+    return min(micro, steps_per_epoch * accumulation) if steps_per_epoch is not None else micro
 
 
 def _build_trainer(cfg: TrainConfig, device, n: int, precision: str, outputs: int = 1) -> _Trainer:

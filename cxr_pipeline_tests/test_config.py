@@ -1,0 +1,285 @@
+"""One definition per setting: every field of every section can be set in pipeline.yaml and reaches the
+domain call its asset makes; a resolved configuration has no auto left; ``cxr-pipeline config`` prints it;
+the environment table is the declaration's."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+import yaml
+
+from cxr_pipeline import config as C
+from cxr_pipeline.cli import main
+from cxr_pipeline.settings import ENVIRONMENT, environment_table, paths, write_pipeline_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Values for fields whose type alone does not give a valid non-default value (choices, paths).
+CHOICES = {
+    "label_source": "negbio",
+    "imbalance": "sampler",
+    "precision": "fp32",
+    "arch": "densenet121",
+    "uncertain": "zeros",
+    "blank": "ignore",
+    "text_source": "impression",
+    "target": "language+vision",
+    "train_full": "multi_modal_projector",
+    "device": "cpu",
+    "views": ["AP", "LATERAL"],
+    "sizes": [40, 48],
+}
+
+
+def other_value(d: C.FieldDoc, tmp: Path):
+    """A valid value different from the field's default, from its type (or CHOICES)."""
+    if d.name in ("weights", "base"):
+        (tmp / d.name).mkdir(exist_ok=True)
+        return str(tmp / d.name)
+    if d.name in CHOICES:
+        return CHOICES[d.name]
+    t = d.type.replace(" | null", "")
+    if t == "bool":
+        return not d.default
+    if t == "int":
+        return 3 if d.default in (None, 0) else d.default + 2
+    if t == "float":
+        return 0.25 if not d.default else round(d.default * 1.5, 6)
+    raise AssertionError(f"{d.section}.{d.name} ({d.type}): add a valid non-default value to CHOICES")
+
+
+class Reached(Exception):
+    """Raised by a stand-in for a domain call once it has seen its configuration."""
+
+
+def materialize(asset, partition: str | None = None) -> None:
+    from cxr_pipeline.definitions import build_defs
+
+    defs = build_defs()
+    with dg.DagsterInstance.ephemeral() as instance:
+        job = defs.resolve_implicit_global_asset_job_def()
+        result = job.execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey(asset)], partition_key=partition, raise_on_error=False
+        )
+        errors = [e.step_failure_data.error for e in result.all_events if e.is_step_failure]
+        assert errors and all("Reached" in e.to_string() for e in errors), [e.to_string() for e in errors]
+
+
+def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_path, monkeypatch):
+    """Walks every field of every section: set to a non-default value in pipeline.yaml, the asset's run
+    hands exactly that value to the domain function it calls (a stand-in that records it and stops)."""
+    import torch
+
+    monkeypatch.setenv("CXR_RAW_DIR", str(tmp_path / "raw"))
+    wanted = {s: {d.name: other_value(d, tmp_path) for d in C.field_docs(s)} for s in C.sections()}
+    # the multi-label section adds its own field to the classifier recipe it inherits
+    inherited = set(wanted["classifier"])
+    file = {s: (v if s != "multilabel_classifier" else {k: x for k, x in v.items() if k not in inherited}) for s, v in wanted.items()}
+    file["multilabel_classifier"]["epochs"] = 11  # and may override one for itself
+    wanted["multilabel_classifier"]["epochs"] = 11
+    write_pipeline_config(paths(), file, "every field set")
+    seen: dict[str, dict] = {}
+
+    def record(section, **values):
+        seen[section] = values
+        raise Reached(section)
+
+    import cxr_pipeline.defs.classifier as dclf
+    import cxr_pipeline.defs.manifest as dman
+    import cxr_pipeline.defs.reports as drep
+    import cxr_pipeline.defs.shards as dsh
+    import cxr_pipeline.reports.pairs as pairs
+    import cxr_pipeline.reports.vlm as vlm
+    import cxr_pipeline.vision.fit as fit
+
+    manifest = pl.DataFrame({"dicom_id": ["d1"], "path": ["files/p10/p10000001/s50000001/d1.dcm"], "split": ["test"]})
+    monkeypatch.setattr(dman, "build_manifest", lambda raw, policy: record("manifest", **vars(policy)))
+    for mod in (dsh, dclf, drep):
+        monkeypatch.setattr(mod, "read_manifest", lambda storage: manifest)
+
+    def build_partition(raw, out, items, spec, progress=None):
+        # the first size's build; the run records every size it will build in MLflow before building any
+        from cxr_pipeline.tracking import get_client
+
+        client, _ = get_client()
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("cxr_pipeline").experiment_id], "tags.`dagster.asset_key` = 'image_shards'"
+        )
+        sizes = json.loads(run.data.params["sizes"])
+        assert spec.size == sizes[0] and out.parent.name == f"s{sizes[0]}"
+        record("image_shards", sizes=sizes, images_per_shard=spec.images_per_shard, workers=spec.workers)
+
+    monkeypatch.setattr(dsh, "build_partition", build_partition)
+    monkeypatch.setattr(fit, "load_data", lambda m, root, label, cfg: record("classifier", **vars(cfg)))
+    monkeypatch.setattr(fit, "load_multilabel_data", lambda m, root, cfg: record("multilabel_classifier", **vars(cfg)))
+    monkeypatch.setattr(pairs, "build_pairs", lambda m, cfg: record("report_pairs", **vars(cfg)))
+    monkeypatch.setattr(vlm, "adapter_training_set", lambda p, root, cfg, *a: record("report_adapter", **vars(cfg)))
+    p = paths()
+    p.reports.mkdir(parents=True)
+    test_rows = pl.DataFrame({"dicom_id": [f"d{i}" for i in range(9)], "split": ["test"] * 9, "text": ["x"] * 9})
+    test_rows.write_parquet(p.report_pairs)
+    p.adapter.mkdir()
+    (p.adapter / "cxr_adapter.json").write_text(json.dumps({"base": str(tmp_path / "base"), "size": 40, "prompt_variant": "instruction"}))
+
+    def load_images(root, rows, size):
+        seen["_test_rows"] = rows.height
+        return [], rows
+
+    monkeypatch.setattr(drep, "load_images", load_images)
+
+    def generate_reports(base, adapter, images, prompts, **kw):
+        compute = {"device": str(kw["device"]), "threads": torch.get_num_threads()}
+        seen["compute"] = compute
+        record("generated_reports", **{k: kw[k] for k in ("max_new_tokens", "num_beams", "batch_size")}, max_test_pairs=seen["_test_rows"])
+
+    monkeypatch.setattr(vlm, "generate_reports", generate_reports)
+    threads = torch.get_num_threads()
+    try:
+        for asset, partition in [
+            ("manifest", None),
+            ("image_shards", "p10"),
+            ("classifier", "edema"),
+            ("multilabel_classifier", None),
+            ("report_pairs", None),
+            ("report_adapter", None),
+            ("generated_reports", None),
+        ]:
+            materialize(asset, partition)
+    finally:
+        torch.set_num_threads(threads)
+    for section, values in wanted.items():
+        got = seen[section]
+        for name, value in values.items():
+            v = got[name]
+            assert (list(v) if isinstance(v, tuple) else v) == value, f"{section}.{name}: set {value!r}, the domain call got {v!r}"
+
+
+def test_an_unknown_field_or_a_bad_value_fails_naming_file_section_and_field(cxr_home):
+    write_pipeline_config(paths(), {"report_adapter": {"train_ful": "x"}}, "typo")
+    with pytest.raises(C.ConfigError, match=r"pipeline.yaml: report_adapter: unknown field\(s\) train_ful"):
+        C.resolve(paths(), "report_adapter")
+    write_pipeline_config(paths(), {"classifier": {"epochs": "many"}}, "bad type")
+    with pytest.raises(C.ConfigError, match=r"pipeline.yaml: classifier: epochs: "):
+        C.resolve(paths(), "classifier")
+    write_pipeline_config(paths(), {"classifier": {"imbalance": "smote"}}, "bad choice")
+    with pytest.raises(C.ConfigError, match="imbalance must be"):
+        C.resolve(paths(), "classifier")
+
+
+def test_resolution_works_out_every_auto_and_records_no_placeholder(cxr_home, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXR_IMAGE_SIZE", "96")
+    monkeypatch.delenv("CXR_VLM_BASE", raising=False)
+    p = paths()
+    budget = {"max_new_tokens": lambda: 41}
+    for section in C.sections():
+        cfg = C.resolve(p, section, derived=budget if section == "generated_reports" else None)
+        rec = C.record(cfg)
+        assert set(rec) == {d.name for d in C.field_docs(section)}
+        assert not [k for k, v in rec.items() if v is None or v == "auto"], (section, rec)
+    assert C.resolve(p, "classifier").size == 96
+    tiny = C.resolve(p, "report_adapter")
+    assert tiny.size == 56 and tiny.base == str(p.tiny_base_dir(1, 0))  # the tiny base's tile
+    assert C.resolve(p, "image_shards").sizes == [56, 96]  # every size a consumer reads, from their resolved settings
+    assert C.resolve(p, "generated_reports", derived=budget).max_new_tokens == 41
+    assert C.resolve(p, "report_pairs").max_words is None and C.record(C.resolve(p, "report_pairs"))["max_words"] == "no limit"
+    # a real base: its tile decides the report model's size, and so a second shard size
+    base = tmp_path / "llama"
+    base.mkdir()
+    (base / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 560, "width": 560}}))
+    monkeypatch.setenv("CXR_VLM_BASE", str(base))
+    assert C.resolve(p, "report_adapter").size == 560 and C.resolve(p, "image_shards").sizes == [96, 560]
+    with pytest.raises(C.ConfigError, match="max_new_tokens still auto"):
+        C.resolve(p, "generated_reports")  # a run never starts with an auto left
+    # a real zero stays a zero
+    write_pipeline_config(p, {"report_adapter": {"dropout": 0.0, "seed": 0}, "classifier": {"steps_per_epoch": 0}}, "zeros")
+    assert C.resolve(p, "classifier").steps_per_epoch == 0
+
+
+def test_the_learning_recipe_is_a_pipeline_yaml(cxr_home):
+    """benchmarks/recipes/*.yaml are pipeline.yaml files: copied into CXR_HOME they resolve, every field known."""
+    recipes = sorted((ROOT / "benchmarks" / "recipes").glob("*.yaml"))
+    assert recipes, "no recipe files"
+    for recipe in recipes:
+        paths().home.mkdir(parents=True, exist_ok=True)
+        paths().pipeline_config.write_text(recipe.read_text())
+        for section in yaml.safe_load(recipe.read_text()):
+            C.resolve(paths(), section, derived={"max_new_tokens": lambda: 8} if section == "generated_reports" else None)
+    learning = yaml.safe_load((ROOT / "benchmarks" / "recipes" / "learning.yaml").read_text())["report_adapter"]
+    assert learning["train_full"] == "multi_modal_projector" and learning["use_classifier_findings"] is False
+
+
+def test_config_cli_prints_the_resolved_configuration(cxr_home, capsys, monkeypatch):
+    monkeypatch.setenv("CXR_IMAGE_SIZE", "128")
+    write_pipeline_config(paths(), {"report_adapter": {"train_full": "multi_modal_projector", "lr": 5e-4}}, "test")
+    assert main(["config", "report_adapter"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)["report_adapter"]
+    assert shown["train_full"] == "multi_modal_projector" and shown["lr"] == 5e-4 and shown["size"] == 56
+    assert main(["config"]) == 0
+    every = yaml.safe_load(capsys.readouterr().out)
+    assert set(every) == set(C.sections()) and every["image_shards"]["sizes"] == [56, 128]
+    assert every["generated_reports"]["max_new_tokens"].startswith("auto: ")  # its inputs do not exist yet: said so
+    assert main(["config", "classifier_metrics"]) == 2
+    assert "no configuration" in capsys.readouterr().err
+
+
+def test_the_dagster_run_configs_are_generated_from_the_sections():
+    from cxr_pipeline.definitions import defs
+
+    for job, op, section in [("report_job", "report_adapter", "report_adapter"), ("classifier_job", "classifier", "classifier")]:
+        fields = defs.resolve_job_def(job).run_config_schema.config_type.fields["ops"].config_type.fields[op]
+        names = set(fields.config_type.fields["config"].config_type.fields)
+        assert names == {d.name for d in C.field_docs(section)}
+
+
+def test_code_version_follows_the_asset_s_section(cxr_home):
+    from cxr_pipeline.definitions import build_defs
+
+    def versions():
+        g = build_defs().resolve_asset_graph()
+        return {k.to_user_string(): g.get(k).code_version for k in g.get_all_asset_keys()}
+
+    def changed(before, after):
+        return {k for k in before if before[k] != after[k]}
+
+    v0 = versions()
+    write_pipeline_config(paths(), {"report_adapter": {"max_steps": 7}}, "test")
+    v1 = versions()
+    assert changed(v0, v1) == {"report_adapter"}
+    write_pipeline_config(paths(), {"report_adapter": {"max_steps": 7, "size": 64}}, "test")
+    v2 = versions()
+    assert changed(v1, v2) == {"report_adapter", "image_shards", "shard_rejects"}  # a new size for the shards to build
+    write_pipeline_config(paths(), {"report_adapter": {"max_steps": 7, "size": 64}, "classifier": {"epochs": 2}}, "test")
+    assert changed(v2, versions()) == {"classifier", "multilabel_classifier"}  # the multi-label model follows the recipe
+
+
+def test_environment_is_declared_once_and_the_readme_table_is_generated_from_it():
+    readme = (ROOT / "README.md").read_text()
+    assert environment_table() in readme, "README's environment table differs from settings.ENVIRONMENT: paste environment_table()"
+    # every variable the package reads is declared (read through settings.env, nowhere else)
+    read = set()
+    for f in (ROOT / "cxr_pipeline").rglob("*.py"):
+        text = f.read_text()
+        read |= set(re.findall(r'env\("([A-Z_]+)"\)', text))
+        if f.name != "settings.py":
+            assert not re.search(r'os\.environ\.get\("CXR_|os\.getenv\("CXR_', text), f"{f}: read CXR_* through settings.env"
+    assert read <= set(ENVIRONMENT) and set(ENVIRONMENT) <= read | {"CXR_HOME", "CXR_RAW_DIR"}
+
+
+def test_no_import_from_the_dagster_layer_below_it():
+    for pkg in ("data", "vision", "reports"):
+        for f in (ROOT / "cxr_pipeline" / pkg).rglob("*.py"):
+            text = f.read_text()
+            assert "cxr_pipeline.defs" not in text and "import dagster" not in text, f
+
+
+def test_every_field_is_documented_and_says_what_null_means():
+    for section in C.sections():
+        for d in C.field_docs(section):
+            assert d.doc, f"{section}.{d.name} has no documentation"
+            assert not (d.auto and d.null), f"{section}.{d.name}: null cannot mean both auto and a value"
+            assert "null" not in d.type or d.auto or d.null, f"{section}.{d.name}: say what null means (auto= or null=)"
