@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from cxr_pipeline.demo import DEMO_EPOCHS, DEMO_PATIENTS, DEMO_REPLICA_IMAGE_SIZE
+from cxr_pipeline.demo import ADAPTER_RECIPES, DEMO_ADAPTER_RECIPE, DEMO_EPOCHS, DEMO_PATIENTS, DEMO_REPLICA_IMAGE_SIZE
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -36,7 +36,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from cxr_pipeline.demo import demo
 
-    return demo(args.patients, args.image_size, args.epochs)
+    return demo(args.patients, args.image_size, args.epochs, args.adapter_recipe)
 
 
 def _preview(args: argparse.Namespace) -> int:
@@ -164,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--patients", type=int, default=DEMO_PATIENTS)
     d.add_argument("--image-size", type=int, default=DEMO_REPLICA_IMAGE_SIZE, help="the replica's image rows in pixels")
     d.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="classifier epochs")
+    d.add_argument(
+        "--adapter-recipe",
+        choices=ADAPTER_RECIPES,
+        default=DEMO_ADAPTER_RECIPE,
+        help="the report adapter's recipe: short (a pipeline check), or learning (benchmarks/recipes/learning.yaml)",
+    )
     d.set_defaults(fn=_demo)
 
     v = sub.add_parser("preview", help="write one DICOM/JPG as a PNG exactly as the shard builder stores it")

@@ -10,10 +10,12 @@ from cxr_pipeline.data.shards import partition_fingerprints
 from cxr_pipeline.data.synthetic import SynthConfig, generate
 from cxr_pipeline.definitions import build_defs
 from cxr_pipeline.defs.automation import with_automation
+from cxr_pipeline.defs.helpers import with_config_versions
 from cxr_pipeline.defs.manifest import MANIFEST_CHECKS
 from cxr_pipeline.defs.manifest import manifest as manifest_assets
 from cxr_pipeline.defs.raw import raw_mimic_cxr
 from cxr_pipeline.defs.shards import image_shards
+from cxr_pipeline.settings import paths
 
 
 def requested(result) -> dict[str, set]:
@@ -125,7 +127,8 @@ def test_code_version_change_marks_the_changed_assets_stale(small):
 
         def graph(manifest_assets_def, shard_assets_def):
             return dg.Definitions(
-                assets=[raw_mimic_cxr, *with_automation([manifest_assets_def, shard_assets_def])],
+                # as build_defs: code versions carry the pipeline.yaml section digests
+                assets=[raw_mimic_cxr, *with_config_versions(with_automation([manifest_assets_def, shard_assets_def]), paths())],
                 asset_checks=[*MANIFEST_CHECKS],
                 resources=defs.resources,
             )

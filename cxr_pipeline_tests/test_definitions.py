@@ -343,6 +343,18 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         mrun = client.get_run(mats["classifier_metrics"].metadata["mlflow_run_id"].value)
         assert [(i.dataset.name, i.tags[0].value) for i in mrun.inputs.dataset_inputs] == [("classifier-test-scores", "test")]
         assert any(a.path == "adapter" for a in client.list_artifacts(arun.info.run_id))
+        # each configured asset's run recorded the configuration it resolved, whole, with no auto left
+        for key, mat in {**mats, **rmats}.items():
+            if key in ("classifier_metrics", "classifier_predictions", "report_metrics"):
+                continue  # no configuration of their own
+            resolved = mat.metadata["resolved_config"].value
+            assert None not in resolved.values() and "auto" not in resolved.values(), (key, resolved)
+            params = client.get_run(mat.metadata["mlflow_run_id"].value).data.params
+            assert all(params[k] == (json.dumps(v) if isinstance(v, list) else str(v)) for k, v in resolved.items()), key
+        assert rmats["report_adapter"].metadata["resolved_config"].value["size"] == size
+        assert rmats["generated_reports"].metadata["resolved_config"].value["max_new_tokens"] == 6
+        card = json.loads((cxr_home / "assets" / "reports" / "adapter" / "cxr_adapter.json").read_text())
+        assert card["config"] == rmats["report_adapter"].metadata["resolved_config"].value
         gen = pl.read_parquet(rmats["generated_reports"].metadata["path"].value)
         assert gen.height == 6 and {"reference", "adapter", "template", "retrieval"} <= set(gen.columns)
         rm = pl.read_parquet(rmats["report_metrics"].metadata["path"].value)
