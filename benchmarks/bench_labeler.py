@@ -20,9 +20,6 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

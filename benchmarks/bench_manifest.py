@@ -31,9 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cxr_pipeline.settings import paths  # noqa: E402
+from cxr_pipeline.settings import paths
 
 MIMIC_PATIENTS = 65_379
 

@@ -34,12 +34,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import polars as pl
 
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-
-from cxr_pipeline.settings import paths  # noqa: E402
+from cxr_pipeline.settings import paths
 
 ROWS, COLS = 3056, 2544  # MIMIC-CXR's most common DICOM size
 

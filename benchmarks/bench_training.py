@@ -33,12 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import polars as pl
 
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-
-from cxr_pipeline.settings import Paths, paths  # noqa: E402
+from cxr_pipeline.settings import Paths, paths
 
 
 def ensure_shards(layout, n: int, size: int) -> pl.DataFrame:
@@ -107,7 +105,7 @@ def main() -> int:
 
     from cxr_pipeline.data.shards import load_images
     from cxr_pipeline.vision.models import build_model
-    from cxr_pipeline.vision.train import TrainConfig, _autocast, _bce, augment, resolve_precision, to_input
+    from cxr_pipeline.vision.train import TrainConfig, augment, autocast, masked_bce, resolve_precision, to_input
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=224)
@@ -144,9 +142,9 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
 
     def step(x, y):
-        with _autocast(device, precision):
+        with autocast(device, precision):
             logits = model(x).squeeze(1)
-        loss = _bce(logits.float(), y)
+        loss = masked_bce(logits.float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

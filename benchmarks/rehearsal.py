@@ -43,8 +43,6 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 MIMIC_COUNTS = {"patients": 65_379, "studies": 227_835, "images": 377_110}
 # MIMIC-CXR's official split: 500 validate and 293 test patients; the radiologist labelled 687 of 3,269 test studies
 MIMIC_SPLIT = {"validate_fraction": 500 / 65_379, "test_fraction": 293 / 65_379, "radiologist_fraction": 687 / 3_269}

@@ -22,6 +22,7 @@ from cxr_pipeline.defs.classifier import (
     classifier,
 )
 from cxr_pipeline.defs.helpers import with_config_versions
+from cxr_pipeline.defs.io import HandleLoader, TableIOManager
 from cxr_pipeline.defs.manifest import MANIFEST, MANIFEST_CHECKS, MANIFEST_REJECTS, manifest
 from cxr_pipeline.defs.raw import RAW, raw_mimic_cxr
 from cxr_pipeline.defs.reports import GENERATED_REPORTS, REPORT_ADAPTER, REPORT_ASSETS, REPORT_METRICS, REPORT_PAIRS
@@ -87,7 +88,13 @@ def build_defs() -> dg.Definitions:
         sensors=sensors,
         asset_checks=[*MANIFEST_CHECKS, *SHARD_CHECKS],
         jobs=list(jobs.values()),
-        resources={"storage": CxrStorage.from_env(), "mlflow": MlflowTracking.from_env(), "compute": Compute()},
+        resources={
+            "storage": CxrStorage.from_env(),
+            "mlflow": MlflowTracking.from_env(),
+            "compute": Compute(),
+            "io_manager": TableIOManager.from_env(),  # tables between assets (defs.io)
+            "handles": HandleLoader.from_env(),  # handles to the files of the file assets
+        },
     )
 
 

@@ -118,6 +118,17 @@ class ClassifierFiles:
 
 
 @dataclass(frozen=True)
+class ClassifierSet:
+    """The classifiers' folder: one ``ClassifierFiles`` per finding, and the multi-label model's (a handle the
+    summary assets receive; ``vision.fit``'s tables read through it)."""
+
+    root: Path
+
+    def classifier(self, label_slug: str) -> ClassifierFiles:
+        return ClassifierFiles(self.root / label_slug)
+
+
+@dataclass(frozen=True)
 class Paths:
     """Every path under ``CXR_HOME`` (and the dataset root), named once.
 
@@ -184,7 +195,7 @@ class Paths:
         return self.assets / "classifier"
 
     def classifier(self, label_slug: str) -> ClassifierFiles:
-        return ClassifierFiles(self.classifiers / label_slug)
+        return ClassifierSet(self.classifiers).classifier(label_slug)
 
     @property
     def classifier_metrics(self) -> Path:
@@ -232,6 +243,21 @@ class Paths:
     @property
     def report_differences(self) -> Path:
         return self.reports / "report_differences.parquet"
+
+    def table(self, asset: str) -> Path:
+        """The Parquet file of a table asset: where the IO manager writes it and every other reader finds it."""
+        tables = {
+            "manifest": self.manifest,
+            "manifest_rejects": self.manifest_rejects,
+            "classifier_metrics": self.classifier_metrics,
+            "classifier_predictions": self.classifier_predictions,
+            "report_pairs": self.report_pairs,
+            "generated_reports": self.generated_reports,
+            "report_metrics": self.report_metrics,
+        }
+        if asset not in tables:
+            raise KeyError(f"{asset}: not a table asset (tables: {', '.join(tables)})")
+        return tables[asset]
 
 
 def paths() -> Paths:

@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +23,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from cxr_pipeline.data.synthetic import SynthConfig, generate  # noqa: E402
+from cxr_pipeline.defs.raw import RAW  # noqa: E402
 
 REPLICA = SynthConfig(patients=40, seed=7, image_size=96, workers=2)
 
@@ -62,3 +64,25 @@ def cxr_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("CXR_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return home
+
+
+# --- shared by the Dagster asset tests (defs/) ---------------------------------------------
+
+
+@pytest.fixture
+def env(replica_copy, cxr_home, monkeypatch):
+    monkeypatch.setenv("CXR_RAW_DIR", str(replica_copy))
+    return replica_copy
+
+
+def run_job(defs, name, instance, **kw):
+    result = defs.resolve_job_def(name).execute_in_process(instance=instance, raise_on_error=False, **kw)
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    return result
+
+
+def raw_version(instance):
+    from dagster._core.definitions.data_version import extract_data_version_from_entry
+
+    rec = instance.get_latest_data_version_record(dg.AssetKey(RAW), is_source=True)
+    return extract_data_version_from_entry(rec.event_log_entry).value

@@ -89,18 +89,18 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
         seen[section] = values
         raise Reached(section)
 
-    import cxr_pipeline.defs.classifier as dclf
+    import cxr_pipeline.data.shards as shards
     import cxr_pipeline.defs.manifest as dman
-    import cxr_pipeline.defs.reports as drep
     import cxr_pipeline.defs.shards as dsh
     import cxr_pipeline.reports.pairs as pairs
     import cxr_pipeline.reports.vlm as vlm
     import cxr_pipeline.vision.fit as fit
 
     manifest = pl.DataFrame({"dicom_id": ["d1"], "path": ["files/p10/p10000001/s50000001/d1.dcm"], "split": ["test"]})
+    p = paths()
+    p.manifest.parent.mkdir(parents=True)
+    manifest.write_parquet(p.manifest)  # the manifest table its consumers receive
     monkeypatch.setattr(dman, "build_manifest", lambda raw, policy: record("manifest", **vars(policy)))
-    for mod in (dsh, dclf, drep):
-        monkeypatch.setattr(mod, "read_manifest", lambda storage: manifest)
 
     def build_partition(raw, out, items, spec, progress=None):
         # the first size's build; the run records every size it will build in MLflow before building any
@@ -119,7 +119,6 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
     monkeypatch.setattr(fit, "load_multilabel_data", lambda m, root, cfg: record("multilabel_classifier", **vars(cfg)))
     monkeypatch.setattr(pairs, "build_pairs", lambda m, cfg: record("report_pairs", **vars(cfg)))
     monkeypatch.setattr(vlm, "adapter_training_set", lambda p, root, cfg, *a: record("report_adapter", **vars(cfg)))
-    p = paths()
     p.reports.mkdir(parents=True)
     test_rows = pl.DataFrame({"dicom_id": [f"d{i}" for i in range(9)], "split": ["test"] * 9, "text": ["x"] * 9})
     test_rows.write_parquet(p.report_pairs)
@@ -130,7 +129,7 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
         seen["_test_rows"] = rows.height
         return [], rows
 
-    monkeypatch.setattr(drep, "load_images", load_images)
+    monkeypatch.setattr(shards, "load_images", load_images)
 
     def generate_reports(base, adapter, images, prompts, **kw):
         compute = {"device": str(kw["device"]), "threads": torch.get_num_threads()}

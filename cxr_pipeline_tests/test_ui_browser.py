@@ -114,6 +114,9 @@ def test_dagster_ui_shows_groups_partitions_metadata_checks_and_automation(state
         for check in ("manifest_files_exist", "manifest_label_domain", "manifest_splits_patient_disjoint", "manifest_unique_dicom_id"):
             assert check in text
         assert "This is a blocking asset check." in text
+        # the manifest is a table travelling through the IO manager: the catalog shows its columns
+        text = visit(page, f"{base}/assets/manifest", "dagster-manifest-columns", "Columns", "dicom_id")
+        assert "subject_id" in text and "view_position" in text
         text = visit(page, f"{base}/automation", "dagster-automation", "Automation condition sensor")
         loc = "cxr_pipeline.definitions"
         sensor = visit(page, f"{base}/locations/{loc}/sensors/automation", "dagster-automation-sensor", "automation", "Running")

@@ -20,10 +20,12 @@ from cxr_pipeline.defs.helpers import (
     run_settings,
     table_metadata,
 )
-from cxr_pipeline.defs.manifest import MANIFEST, read_manifest
+from cxr_pipeline.defs.io import ShardSet
+from cxr_pipeline.defs.manifest import MANIFEST
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.shards import IMAGE_SHARDS
 from cxr_pipeline.labels import SLUGS, slug
+from cxr_pipeline.settings import ClassifierSet
 from cxr_pipeline.tracking import TrackedRun, register_version, retire_aliases
 from cxr_pipeline.vision.fit import MULTILABEL, registered_name
 from cxr_pipeline.vision.fit import MultilabelConfig as MultilabelSettings
@@ -113,122 +115,150 @@ def _register(run: TrackedRun, data, row: dict) -> dict:
     )
 
 
-ALL_SHARDS = every_partition_of(IMAGE_SHARDS)
 ALL_CLASSIFIERS = every_partition_of(CLASSIFIER)
+# what a classifier reads: the manifest (a table), every shard partition (a handle to the files)
+TRAINING_INPUTS = {
+    "manifest": dg.AssetIn(MANIFEST),
+    "image_shards": dg.AssetIn(IMAGE_SHARDS, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles"),
+}
+
+
+def _fit_metadata(outcome, reg: dict, files) -> dict:
+    """A trained classifier's materialization metadata: headline test metrics, training, registry."""
+    row, result = outcome.row, outcome.trained
+    md = {**_headline(row, HEADLINE), **_headline(outcome.radiologist_row, ("roc_auc", "n_pos", "n_neg"), "radiologist_")}
+    md.update(evaluable=row["evaluable"], reason=row["reason"], best_epoch=result.best_epoch, epochs_run=result.epochs_run)
+    md.update(resumed_from_epoch=result.resumed_from, train_images_per_second=round(result.images_per_second, 1))
+    md.update(checkpoint=dg.MetadataValue.path(str(files.checkpoint)), registered_model=_registered(reg))
+    return md
+
+
+def _registered(reg: dict) -> str:
+    return f"{reg['name']} v{reg['version']}" + (" (champion)" if reg["champion"] else "")
+
+
+def _epoch_logger(run: TrackedRun):
+    return lambda row: run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
 
 @_asset(
     CLASSIFIER,
-    [ALL_SHARDS, MANIFEST],
+    [],
     "One binary CNN per CheXpert observation: best-validation-loss weights (safetensors), test metrics with CIs, MLflow run and registered model.",
     {"pytorch", "safetensors"},
     partitions_def=label_partitions,
+    ins=TRAINING_INPUTS,
     **gpu_asset(),
 )
 def classifier(
-    context: dg.AssetExecutionContext, config: ClassifierConfig, storage: CxrStorage, mlflow: MlflowTracking, compute: Compute
+    context: dg.AssetExecutionContext,
+    manifest: pl.DataFrame,
+    image_shards: ShardSet,
+    config: ClassifierConfig,
+    storage: CxrStorage,
+    mlflow: MlflowTracking,
+    compute: Compute,
 ) -> dg.MaterializeResult:
     from cxr_pipeline.vision.fit import fit_and_save, load_data, record_untrainable
 
     label_slug, paths = context.partition_key, storage.paths
     cfg: TrainConfig = run_settings(context, paths)
-    device, files, shards = compute.torch_device(paths), paths.classifier(label_slug), paths.shard_root(cfg.size)
-    manifest = read_manifest(storage)
+    device, files, shards = compute.torch_device(paths), paths.classifier(label_slug), image_shards.root(cfg.size)
     data = load_data(manifest, shards, label_slug, cfg)
     context.log.info(f"{data.label}: {data.counts} on {compute.describe(paths)}")
     with mlflow.run(context, {"pathology": data.label}) as run:
         run.log_params({**params(cfg), **compute.params(paths), **data.counts})
-        if data.untrainable_reason:
-            # rare labels on small subsets: record why, keep no model, never crash the backfill
+        if data.untrainable_reason:  # rare labels on small subsets: record why, keep no model, never crash the backfill
             context.log.warning(f"{data.label}: {data.untrainable_reason}")
             record_untrainable(data, files)
             retired = retire_aliases(run.client, registered_name(label_slug), data.untrainable_reason)
             md = {"evaluable": False, "reason": data.untrainable_reason, "retired_aliases": dg.MetadataValue.json(retired)}
             return dg.MaterializeResult(metadata=asset_metadata(run, **md, **data.counts, **resolved_metadata(cfg)))
-
-        def on_epoch(row: dict) -> None:
-            run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-
         _log_datasets(run, data, cfg.size, shards, ["target"])
-        outcome = fit_and_save(data, manifest, shards, cfg, device, files, log=context.log.info, on_epoch=on_epoch)
+        outcome = fit_and_save(data, manifest, shards, cfg, device, files, log=context.log.info, on_epoch=_epoch_logger(run))
         _log_fit(run, outcome)
-        row = outcome.row
-        reg = _register(run, data, row)
-        y_test, p_test = outcome.test_curve
-        sheet = _saliency(run, files.checkpoint, data.splits["test"].images.numpy(), y_test, p_test, files.saliency)
-        context.log.info(f"registered {reg['name']} v{reg['version']} (candidate{', champion' if reg['champion'] else ''})")
-    headline = {**_headline(row, HEADLINE), **_headline(outcome.radiologist_row, ("roc_auc", "n_pos", "n_neg"), "radiologist_")}
-    result = outcome.trained
-    md = {"evaluable": row["evaluable"], "reason": row["reason"], "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
-    md.update(resumed_from_epoch=result.resumed_from, train_images_per_second=round(result.images_per_second, 1))
-    md.update(checkpoint=dg.MetadataValue.path(str(files.checkpoint)))
-    md["registered_model"] = f"{reg['name']} v{reg['version']}" + (" (champion)" if reg["champion"] else "")
-    return dg.MaterializeResult(metadata=asset_metadata(run, **headline, **md, **sheet, **resolved_metadata(cfg)))
+        reg = _register(run, data, outcome.row)
+        sheet = _saliency(run, files.checkpoint, data.splits["test"].images.numpy(), *outcome.test_curve, files.saliency)
+    context.log.info(f"registered {_registered(reg)}")
+    return dg.MaterializeResult(metadata=asset_metadata(run, **_fit_metadata(outcome, reg, files), **sheet, **resolved_metadata(cfg)))
+
+
+def _register_multilabel(run: TrackedRun, rows: list[dict]) -> dict:
+    """The multi-label checkpoint as a registry version; champion on mean **validation** AUC (see ``_register``)."""
+    import math
+
+    auto = [r for r in rows if r["test_labels"] != "radiologist"]
+    vals = [r["val_roc_auc"] for r in auto if r["val_roc_auc"] is not None and not math.isnan(r["val_roc_auc"])]
+    tests = [r["roc_auc"] for r in auto if r["evaluable"]]
+    run.log_metrics({f"{r['slug']}.test_roc_auc": r["roc_auc"] for r in auto if r["evaluable"]})
+    reg = register_version(
+        run,
+        registered_name(MULTILABEL),
+        MODEL_ARTIFACT,
+        score_tag="val_auc",
+        score=sum(vals) / len(vals) if vals else None,
+        description="Multi-label CNN, 14 CheXpert observations, on chest radiographs (cxr_pipeline)",
+        tags={"labels": "14", "test_auc": f"{sum(tests) / len(tests):.6f}" if tests else "nan"},
+    )
+    return {**reg, "mean_test_roc_auc": round(sum(tests) / len(tests), 4) if tests else float("nan"), "evaluable_labels": len(tests)}
+
+
+def _report_hints(run: TrackedRun, data, cfg, device, files, log) -> str:
+    """Out-of-fold hint probabilities for the report prompts (``oof_folds`` models over training patients)."""
+    from cxr_pipeline.vision.fit import fit_out_of_fold, hint_predictions
+
+    if cfg.oof_folds <= 1:
+        files.hints.unlink(missing_ok=True)
+        return "none"
+    oof, _ = fit_out_of_fold(data, cfg, device, cfg.oof_folds, log=log)
+    write_parquet(hint_predictions(oof, pl.read_parquet(files.predictions)), files.hints)
+    run.log_params({"oof_images": oof.height})
+    return f"out-of-fold, {cfg.oof_folds} folds over training patients"
 
 
 @_asset(
     MULTILABEL_CLASSIFIER,
-    [ALL_SHARDS, MANIFEST],
+    [],
     "One CNN with 14 outputs (the field's standard: CheXNet, TorchXRayVision): masked loss over the labels usable under the "
     "policy, the per-pathology recipe (pipeline.yaml's classifier section), each label evaluated like a per-pathology model.",
     {"pytorch", "safetensors"},
+    ins=TRAINING_INPUTS,
     **gpu_asset(),
 )
 def multilabel_classifier(
-    context: dg.AssetExecutionContext, config: MultilabelConfig, storage: CxrStorage, mlflow: MlflowTracking, compute: Compute
+    context: dg.AssetExecutionContext,
+    manifest: pl.DataFrame,
+    image_shards: ShardSet,
+    config: MultilabelConfig,
+    storage: CxrStorage,
+    mlflow: MlflowTracking,
+    compute: Compute,
 ) -> dg.MaterializeResult:
-    import math
-
-    from cxr_pipeline.vision.fit import fit_multilabel, fit_out_of_fold, hint_predictions, load_multilabel_data
+    from cxr_pipeline.vision.fit import fit_multilabel, load_multilabel_data
 
     paths = storage.paths
     cfg: MultilabelSettings = run_settings(context, paths)  # the classifier section, then this asset's own
-    device, files, shards = compute.torch_device(paths), paths.classifier(MULTILABEL), paths.shard_root(cfg.size)
-    manifest = read_manifest(storage)
+    device, files, shards = compute.torch_device(paths), paths.classifier(MULTILABEL), image_shards.root(cfg.size)
     data = load_multilabel_data(manifest, shards, cfg)
     counts = {f"n_{s}": data.splits[s].rows.height for s in ("train", "validate", "test")}
     context.log.info(f"multi-label: {counts} on {compute.describe(paths)}")
     with mlflow.run(context, {"model": MULTILABEL}) as run:
         run.log_params({**params(cfg), **compute.params(paths), **counts})
         _log_datasets(run, data, cfg.size, shards, [f"t_{s}" for s in SLUGS])
-
-        def on_epoch(row: dict) -> None:
-            run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-
-        rows, result = fit_multilabel(data, manifest, shards, cfg, device, files, log=context.log.info, on_epoch=on_epoch)
-        auto = [r for r in rows if r["test_labels"] != "radiologist"]
-        run.log_metrics({f"{r['slug']}.test_roc_auc": r["roc_auc"] for r in auto if r["evaluable"]})
+        rows, result = fit_multilabel(data, manifest, shards, cfg, device, files, log=context.log.info, on_epoch=_epoch_logger(run))
         run.log_metrics(
             {"best_epoch": result.best_epoch, "train_images_per_second": result.images_per_second, "train_seconds": result.seconds}
         )
         log_model(run, files.checkpoint)
         run.log_dict({"rows": rows}, "metrics.json")
         test = data.splits["test"]
-        p_test = test.rows.select("dicom_id").join(pl.read_parquet(files.predictions), on="dicom_id", how="left")
-        sheet = _saliency(run, files.checkpoint, test.images.numpy(), test.targets.numpy(), p_test.select(SLUGS).to_numpy(), files.saliency)
-        vals = [r["val_roc_auc"] for r in auto if r["val_roc_auc"] is not None and not math.isnan(r["val_roc_auc"])]
-        tests = [r["roc_auc"] for r in auto if r["evaluable"]]
-        reg = register_version(
-            run,
-            registered_name(MULTILABEL),
-            MODEL_ARTIFACT,
-            score_tag="val_auc",  # mean validation AUC over labels; never test (see _register)
-            score=sum(vals) / len(vals) if vals else None,
-            description="Multi-label CNN, 14 CheXpert observations, on chest radiographs (cxr_pipeline)",
-            tags={"labels": "14", "test_auc": f"{sum(tests) / len(tests):.6f}" if tests else "nan"},
-        )
-        if cfg.oof_folds > 1:
-            oof, _ = fit_out_of_fold(data, cfg, device, cfg.oof_folds, log=context.log.info)
-            write_parquet(hint_predictions(oof, pl.read_parquet(files.predictions)), files.hints)
-            run.log_params({"oof_images": oof.height})
-        else:
-            files.hints.unlink(missing_ok=True)
+        p_test = test.rows.select("dicom_id").join(pl.read_parquet(files.predictions), on="dicom_id", how="left").select(SLUGS)
+        sheet = _saliency(run, files.checkpoint, test.images.numpy(), test.targets.numpy(), p_test.to_numpy(), files.saliency)
+        reg = _register_multilabel(run, rows)
+        hints = _report_hints(run, data, cfg, device, files, context.log.info)
     md = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1)}
-    md["mean_test_roc_auc"] = round(sum(tests) / len(tests), 4) if tests else float("nan")
-    md["evaluable_labels"] = len(tests)
-    md["registered_model"] = f"{reg['name']} v{reg['version']}" + (" (champion)" if reg["champion"] else "")
-    md["checkpoint"] = dg.MetadataValue.path(str(files.checkpoint))
-    md["report_hints"] = f"out-of-fold, {cfg.oof_folds} folds over training patients" if cfg.oof_folds > 1 else "none"
+    md.update(mean_test_roc_auc=reg["mean_test_roc_auc"], evaluable_labels=reg["evaluable_labels"], registered_model=_registered(reg))
+    md.update(checkpoint=dg.MetadataValue.path(str(files.checkpoint)), report_hints=hints)
     return dg.MaterializeResult(metadata=asset_metadata(run, **counts, **md, **sheet, **resolved_metadata(cfg)))
 
 
@@ -257,64 +287,58 @@ METRICS_SHOWN = (
 )
 
 
+ALL_CLASSIFIERS_IN = {"classifier": dg.AssetIn(CLASSIFIER, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles")}
+
+
 @_asset(
     CLASSIFIER_METRICS,
-    [ALL_CLASSIFIERS, MULTILABEL_CLASSIFIER],
+    [MULTILABEL_CLASSIFIER],  # its folder is inside the classifiers' (read through the same handle)
     "Model (per-pathology, multi-label) x pathology x accuracy / F1 / sensitivity / specificity / ROC-AUC / AP with 95% bootstrap CIs, "
     "next to the 2024 seeds' AUC.",
     {"polars", "parquet"},
+    ins=ALL_CLASSIFIERS_IN,
 )
-def classifier_metrics(context: dg.AssetExecutionContext, storage: CxrStorage, mlflow: MlflowTracking) -> dg.MaterializeResult:
+def classifier_metrics(
+    context: dg.AssetExecutionContext, classifier: ClassifierSet, mlflow: MlflowTracking, storage: CxrStorage
+) -> dg.Output:
     from cxr_pipeline.vision.evaluate import save_curves
     from cxr_pipeline.vision.fit import curves_of_test_split, metrics_table, test_scores_table
 
-    paths = storage.paths
-    df = metrics_table(paths)
+    df = metrics_table(classifier)
     if df.height == 0:
         raise dg.Failure("no classifier partition has been materialized yet")
-    path = write_parquet(df, paths.classifier_metrics)
-    show = df.select(METRICS_SHOWN)
+    show, curves = df.select(METRICS_SHOWN), storage.paths.classifier_curves
     with mlflow.run(context) as run:
-        run.log_datasets("classifier-test-scores", {"test": test_scores_table(paths)}, paths.classifier_metrics)
+        run.log_datasets("classifier-test-scores", {"test": test_scores_table(classifier)}, storage.paths.classifier_metrics)
         run.log_table(show, "classifier_metrics")
         for r in show.filter(pl.col("evaluable")).iter_rows(named=True):
             prefix = ("multilabel." if r["model"] == "multilabel" else "") + slug(r["pathology"])
             prefix += ".radiologist" if r["test_labels"] == "radiologist" else ""
             run.log_metrics({f"{prefix}.roc_auc": r["roc_auc"], f"{prefix}.f1": r["f1"]})
-        run.log_artifact(
-            save_curves(curves_of_test_split(paths, df["slug"].to_list()), paths.classifier_curves, "All pathologies, test split")
-        )
+        run.log_artifact(save_curves(curves_of_test_split(classifier, df["slug"].to_list()), curves, "All pathologies, test split"))
     ev = show.filter(pl.col("evaluable") & (pl.col("test_labels") != "radiologist") & (pl.col("model") == "per_pathology"))
-    return dg.MaterializeResult(
-        metadata=asset_metadata(
-            run,
-            path,
-            table=table_metadata(show.with_columns(pl.col(pl.Float64).round(4))),
-            pathologies=df.height,
-            evaluable=ev.height,
-            mean_roc_auc=float(ev["roc_auc"].mean()) if ev.height else float("nan"),
-            roc_pr=dg.MetadataValue.path(str(paths.classifier_curves)),
-        )
-    )
+    md = {"table": table_metadata(show.with_columns(pl.col(pl.Float64).round(4))), "pathologies": df.height, "evaluable": ev.height}
+    md.update(mean_roc_auc=float(ev["roc_auc"].mean()) if ev.height else float("nan"), roc_pr=dg.MetadataValue.path(str(curves)))
+    return dg.Output(df, metadata=asset_metadata(run, **md))
 
 
 @_asset(
     CLASSIFIER_PREDICTIONS,
-    [ALL_CLASSIFIERS],
+    [],
     "Per-image probability for each trained pathology (all splits; report generation uses the test split).",
     {"polars", "parquet"},
+    ins=ALL_CLASSIFIERS_IN,
 )
-def classifier_predictions(context: dg.AssetExecutionContext, storage: CxrStorage, mlflow: MlflowTracking) -> dg.MaterializeResult:
+def classifier_predictions(context: dg.AssetExecutionContext, classifier: ClassifierSet, mlflow: MlflowTracking) -> dg.Output:
     from cxr_pipeline.vision.fit import predictions_table
 
-    wide, done = predictions_table(storage.paths)
+    wide, done = predictions_table(classifier)
     if wide is None:
         raise dg.Failure("no classifier partition has been materialized yet")
-    path = write_parquet(wide, storage.paths.classifier_predictions)
     context.log.info(f"predictions for {wide.height} images x {len(done)} pathologies")
     with mlflow.run(context) as run:
         run.log_metrics({"images": wide.height, "pathologies": len(done)})
-    return dg.MaterializeResult(metadata=asset_metadata(run, path, wide.height, pathologies=dg.MetadataValue.json(done)))
+    return dg.Output(wide, metadata=asset_metadata(run, pathologies=dg.MetadataValue.json(done)))
 
 
 CLASSIFIER_ASSETS = [classifier, multilabel_classifier, classifier_metrics, classifier_predictions]

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 
 from cxr_pipeline.config import params
 from cxr_pipeline.data.shards import (
@@ -30,7 +31,7 @@ from cxr_pipeline.defs.helpers import (
     table_metadata,
     upstream_data_version,
 )
-from cxr_pipeline.defs.manifest import MANIFEST, read_manifest
+from cxr_pipeline.defs.manifest import MANIFEST
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 
 IMAGE_SHARDS = "image_shards"
@@ -62,18 +63,21 @@ def _progress(context: dg.AssetExecutionContext, part: str):
             ),
             SHARD_REJECTS: ("Images of the partition that could not be decoded or found: dicom_id, path, reason.", {"parquet"}),
         },
-        deps=[MANIFEST],
+        deps=[MANIFEST],  # read as the ``manifest`` input below
         group="images",
         code_version=SHARDS_CODE_VERSION,
         partitions_def=partitions_def,
     ),
     partitions_def=partitions_def,
+    ins={"manifest": dg.AssetIn(MANIFEST)},
     can_subset=True,
 )
-def image_shards(context: dg.AssetExecutionContext, config: ShardConfig, storage: CxrStorage, mlflow: MlflowTracking):
+def image_shards(
+    context: dg.AssetExecutionContext, manifest: pl.DataFrame, config: ShardConfig, storage: CxrStorage, mlflow: MlflowTracking
+):
     part, paths = context.partition_key, storage.paths
     settings: ShardSettings = run_settings(context, paths)  # sizes: what the consumers' resolved settings read
-    items = read_manifest(storage).filter(partition_column() == part)
+    items = manifest.filter(partition_column() == part)
     sizes = settings.sizes
     out = paths.shard_partition(sizes[0], part)  # where the index and rejects of the first size live
     context.log.info(f"{part}: {items.height} manifest images, {settings.workers} decode processes, sizes {sizes} px")

@@ -30,7 +30,7 @@ from cxr_pipeline.config import setting
 from cxr_pipeline.data.io import atomic_path, write_parquet
 from cxr_pipeline.data.shards import load_images
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
-from cxr_pipeline.settings import ClassifierFiles, Paths
+from cxr_pipeline.settings import ClassifierFiles, ClassifierSet
 from cxr_pipeline.vision.evaluate import REFERENCE_AUC, evaluate, roc_auc_or_nan, save_curves, stored_threshold
 from cxr_pipeline.vision.targets import targets
 from cxr_pipeline.vision.train import (
@@ -287,7 +287,7 @@ def trained_with(cfg: TrainConfig, size: int) -> dict:
     return record(dataclasses.replace(cfg, size=size))
 
 
-def metrics_table(paths: Paths) -> pl.DataFrame:
+def metrics_table(paths: ClassifierSet) -> pl.DataFrame:
     """Every pathology's metrics row (trained or not), in label order, beside the seeds' reference AUC.
 
     Columns are the same whether or not any pathology could be trained, so a table of
@@ -319,7 +319,7 @@ def _metrics_rows(path: Path) -> list[dict]:
     return data if isinstance(data, list) else [{"test_labels": "chexpert", **data}]
 
 
-def curves_of_test_split(paths: Paths, slugs: list[str]) -> dict[str, tuple]:
+def curves_of_test_split(paths: ClassifierSet, slugs: list[str]) -> dict[str, tuple]:
     """(y, p) of the test split for each slug that has scores."""
     curves = {}
     for s in slugs:
@@ -330,7 +330,7 @@ def curves_of_test_split(paths: Paths, slugs: list[str]) -> dict[str, tuple]:
     return curves
 
 
-def test_scores_table(paths: Paths) -> pl.DataFrame:
+def test_scores_table(paths: ClassifierSet) -> pl.DataFrame:
     """Every model's test-split scores, long: model, slug, dicom_id, target, prob (what the metrics are computed from).
 
     The multi-label model's rows carry no target (its targets are the manifest's under the same policy)."""
@@ -347,7 +347,7 @@ def test_scores_table(paths: Paths) -> pl.DataFrame:
     return pl.concat([p.cast(schema) for p in parts]) if parts else pl.DataFrame(schema=schema)
 
 
-def predictions_table(paths: Paths) -> tuple[pl.DataFrame | None, list[str]]:
+def predictions_table(paths: ClassifierSet) -> tuple[pl.DataFrame | None, list[str]]:
     """One row per image, one probability column per trained pathology."""
     wide, done = None, []
     for s in SLUGS:
@@ -360,14 +360,28 @@ def predictions_table(paths: Paths) -> tuple[pl.DataFrame | None, list[str]]:
     return (wide.sort("dicom_id") if wide is not None else None), done
 
 
-def classifier_thresholds(paths: Paths) -> dict[str, float]:
-    """Each trained pathology's validation-chosen threshold (0.5 where none was chosen)."""
-    out = {}
-    for s in SLUGS:
-        f = paths.classifier(s).metrics
-        if f.exists():
-            out[s] = stored_threshold(_metrics_rows(f)[0].get("threshold"))
-    return out
+def report_hints(
+    multilabel: ClassifierFiles, predictions: pl.DataFrame | None, metrics: pl.DataFrame | None
+) -> tuple[pl.DataFrame | None, dict[str, float], str]:
+    """The classifier probabilities report prompts and the retrieval baseline use, their per-finding
+    thresholds, and where they come from.
+
+    The multi-label model's (``multilabel``: its files): out-of-fold for training images (a hint never
+    comes from a model that saw the image, so training prompts are as good as test prompts, not better),
+    out-of-sample for the other splits, with its validation-chosen thresholds. Without them
+    (``oof_folds`` 0 or 1), the per-pathology ``predictions`` table, in-sample on the training split and
+    named so, with the thresholds of the ``metrics`` table.
+    """
+    if multilabel.hints.exists():
+        config = json.loads((multilabel.checkpoint / "config.json").read_text())
+        return pl.read_parquet(multilabel.hints), config.get("thresholds", {}), "multilabel_out_of_fold"
+    if predictions is not None:
+        rows = (
+            metrics.filter((pl.col("model") == "per_pathology") & (pl.col("test_labels") != RADIOLOGIST)) if metrics is not None else None
+        )
+        thresholds = {r["slug"]: stored_threshold(r["threshold"]) for r in rows.iter_rows(named=True)} if rows is not None else {}
+        return predictions, thresholds, "per_pathology_in_sample"
+    return None, {}, "none"
 
 
 # --- the multi-label model: one backbone, 14 logits, masked loss -----------------------------------

@@ -97,7 +97,8 @@ def resolve_precision(precision: str, device) -> str:
     return "bf16"  # measured faster than fp32 on this project's 2-core CPUs (26 vs 13 img/s)
 
 
-def _autocast(device, precision: str):
+def autocast(device, precision: str):
+    """Mixed precision for a resolved ``precision`` on ``device`` (a no-op for fp32): training and the benchmarks."""
     import contextlib
 
     import torch
@@ -154,14 +155,14 @@ def predict(model, images, device, batch_size: int = 128, precision: str = "fp32
 
     model.to(device).eval()
     probs = []
-    with torch.no_grad(), _autocast(device, precision):
+    with torch.no_grad(), autocast(device, precision):
         for i in range(0, images.shape[0], batch_size):
             x = to_input(images[i : i + batch_size], device, channels_last)
             probs.append(torch.sigmoid(model(x).float().squeeze(1)).cpu())
     return torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
 
 
-def _bce(logits, y, pos_weight=None):
+def masked_bce(logits, y, pos_weight=None):
     """Mean binary cross-entropy; with several labels, over the known (non-NaN) targets only."""
     import torch
     import torch.nn.functional as F
@@ -326,10 +327,10 @@ def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, p
         x = to_input(train_images[idx], device, cfg.channels_last)
         x = augment(x, cfg.rotation, cfg.hflip, t.gen)
         y = y_train[idx].to(device)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             logits = t.model(x)
             logits = logits.squeeze(1) if y.dim() == 1 else logits
-        loss = _bce(logits.float(), y, pos_weight)
+        loss = masked_bce(logits.float(), y, pos_weight)
         t.scaler.scale(loss / cfg.accumulation).backward()
         running += float(loss.detach()) * len(idx)
         seen += len(idx)

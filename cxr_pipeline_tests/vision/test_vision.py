@@ -258,11 +258,11 @@ def test_a_last_batch_of_one_image_does_not_break_batchnorm(effusion):
 def test_masked_loss_ignores_unusable_labels():
     logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
     y = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
-    got = train_mod._bce(logits, y)
+    got = train_mod.masked_bce(logits, y)
     known = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor([2.0, 0.5, 3.0]), torch.tensor([1.0, 0.0, 1.0]))
     assert got == pytest.approx(float(known))
     # changing the logit of an unusable label changes nothing
-    assert train_mod._bce(torch.tensor([[2.0, 99.0], [0.5, 3.0]]), y) == pytest.approx(float(got))
+    assert train_mod.masked_bce(torch.tensor([[2.0, 99.0], [0.5, 3.0]]), y) == pytest.approx(float(got))
 
 
 def test_multilabel_training_learns_two_findings_with_missing_labels():

@@ -1,0 +1,165 @@
+"""The classifier, summary and report assets through Dagster, end to end on the test replica."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from cxr_pipeline.definitions import build_defs
+from cxr_pipeline.tracking import get_client
+from cxr_pipeline_tests.conftest import raw_version, run_job  # noqa: F401
+
+
+def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, monkeypatch):
+    from cxr_pipeline.data.shards import partition_of
+
+    defs = build_defs()
+    size = 32
+    with dg.DagsterInstance.ephemeral() as instance:
+        run_job(defs, "manifest_job", instance, run_config={"ops": {"manifest": {"config": {"views": [], "one_image_per_subject": False}}}})
+        m = pl.read_parquet(cxr_home / "assets" / "manifest" / "manifest.parquet")
+        for part in sorted(set(m["path"].map_elements(partition_of, return_dtype=pl.String))):
+            run_job(
+                defs,
+                "shards_job",
+                instance,
+                partition_key=part,
+                run_config={"ops": {"image_shards": {"config": {"sizes": [size], "workers": 1}}}},
+            )
+        cfg = {
+            "ops": {
+                "classifier": {
+                    "config": {"size": size, "epochs": 2, "blank": "zeros", "bootstrap": 50, "batch_size": 16, "accumulation": 1}
+                }
+            }
+        }
+        first = run_job(defs, "classifier_job", instance, partition_key="support_devices", run_config=cfg)
+        md = next(e.materialization for e in first.get_asset_materialization_events()).metadata
+        assert md["evaluable"].value is True and 0.0 <= md["roc_auc"].value <= 1.0
+        assert md["registered_model"].value.startswith("cxr-support-devices v1")
+        ckpt = cxr_home / "assets" / "classifier" / "support_devices" / "checkpoint"
+        assert (ckpt / "model.safetensors").exists() and (ckpt / "config.json").exists()
+        assert not (ckpt.parent / "resume.pt").exists()
+        client, _ = get_client()
+        run = client.get_run(md["mlflow_run_id"].value)
+        assert "val_loss" in run.data.metrics and "test_roc_auc" in run.data.metrics
+        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == md["epochs_run"].value
+        assert str(client.get_model_version_by_alias("cxr-support-devices", "candidate").version) == "1"
+        assert str(client.get_model_version_by_alias("cxr-support-devices", "champion").version) == "1"
+        # the registered version is an MLflow model: MLflow's own loader applies it to the shard images
+        import mlflow.pyfunc
+        import numpy as np
+
+        from cxr_pipeline.data.shards import load_images
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", get_client()[1])  # as a user points MLflow at the pipeline's store
+        loaded = mlflow.pyfunc.load_model("models:/cxr-support-devices@champion")
+        test_rows = m.filter(pl.col("split") == "test").head(4)
+        imgs, test_rows = load_images(cxr_home / "assets" / "shards" / f"s{size}", test_rows, size)
+        out = loaded.predict(imgs.numpy())
+        stored = pl.read_parquet(ckpt.parent / "predictions.parquet")
+        expect = test_rows.select("dicom_id").join(stored, on="dicom_id", how="left")["prob"].to_numpy()
+        np.testing.assert_allclose(out["support_devices"].to_numpy(), expect, atol=1e-5)
+        threshold = json.loads((ckpt / "config.json").read_text())["threshold"]
+        assert (out["support_devices_call"].to_numpy() == (out["support_devices"].to_numpy() >= threshold)).all()
+        # what the model saw, in MLflow's dataset tracking: one dataset per split, digests of the rows
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        assert set(inputs) == {"train", "validate", "test"} and inputs["train"].name == f"mimic-cxr-{size}px"
+        assert json.loads(inputs["train"].profile)["num_rows"] == int(run.data.params["n_train"])
+        assert len({d.digest for d in inputs.values()}) == 3
+        # the Grad-CAM sheet: inline in the metadata, a file beside the checkpoint, an MLflow artifact
+        assert md["saliency"].value.startswith("![") and "data:image/png;base64," in md["saliency"].value
+        assert (ckpt.parent / "saliency.png").exists()
+        assert "saliency.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        run_job(defs, "classifier_job", instance, partition_key="no_finding", run_config=cfg)
+        summary = run_job(defs, "classifier_summary_job", instance, run_config={"ops": {"multilabel_classifier": cfg["ops"]["classifier"]}})
+        mats = {e.asset_key.to_user_string(): e.materialization for e in summary.get_asset_materialization_events()}
+        table = pl.read_parquet(mats["classifier_metrics"].metadata["path"].value)
+        per = table.filter(pl.col("model") == "per_pathology")
+        assert set(per["slug"]) == {"support_devices", "no_finding"}
+        # the multi-label model: one row per label and test label source, evaluated like the others
+        multi = table.filter(pl.col("model") == "multilabel")
+        assert multi.height == 2 * 14 and set(multi["test_labels"]) == {"chexpert", "radiologist"}
+        assert multi.filter(pl.col("slug") == "support_devices")["evaluable"].to_list()[0] is True
+        assert mats["multilabel_classifier"].metadata["registered_model"].value.startswith("cxr-multilabel v1")
+        assert "saliency" in mats["multilabel_classifier"].metadata
+        assert str(client.get_model_version_by_alias("cxr-multilabel", "champion").version) == "1"
+        for col in ("roc_auc_lo", "roc_auc_hi", "f1", "sensitivity", "specificity", "average_precision", "threshold", "n_pos", "n_neg"):
+            assert col in table.columns
+        preds = pl.read_parquet(mats["classifier_predictions"].metadata["path"].value)
+        assert {"dicom_id", "split", "support_devices", "no_finding"} <= set(preds.columns) and preds.height == m.height
+
+        # the report branch end to end on the tiny offline Mllama
+        rcfg = {
+            "ops": {
+                "report_adapter": {"config": {"size": size, "max_steps": 3, "batch_size": 2, "accumulation": 1, "max_train_pairs": 12}},
+                "generated_reports": {"config": {"max_new_tokens": 6, "max_test_pairs": 6}},
+            }
+        }
+        rep = run_job(defs, "report_job", instance, run_config=rcfg)
+        rmats = {e.asset_key.to_user_string(): e.materialization for e in rep.get_asset_materialization_events()}
+        assert set(rmats) == {"report_pairs", "report_adapter", "generated_reports", "report_metrics"}
+        assert rmats["report_adapter"].metadata["prompt_variant"].value == "instruction+classifier_findings"
+        # training prompts carry out-of-fold hints from the multi-label model's 5 fold models
+        assert rmats["report_adapter"].metadata["hint_source"].value == "multilabel_out_of_fold"
+        hints = pl.read_parquet(cxr_home / "assets" / "classifier" / "multilabel" / "hint_predictions.parquet")
+        assert set(hints.filter(pl.col("split") == "train")["source"]) == {"out_of_fold"}
+        arun = client.get_run(rmats["report_adapter"].metadata["mlflow_run_id"].value)
+        assert arun.data.params["base_model"].startswith("cxr-tiny-mllama") and "loss" in arun.data.metrics
+        # every training and metrics run says what it read (MLflow dataset tracking)
+        assert [(i.dataset.name, i.tags[0].value) for i in arun.inputs.dataset_inputs] == [(f"report-pairs-{size}px", "train")]
+        mrun = client.get_run(mats["classifier_metrics"].metadata["mlflow_run_id"].value)
+        assert [(i.dataset.name, i.tags[0].value) for i in mrun.inputs.dataset_inputs] == [("classifier-test-scores", "test")]
+        assert any(a.path == "adapter" for a in client.list_artifacts(arun.info.run_id))
+        # each configured asset's run recorded the configuration it resolved, whole, with no auto left
+        for key, mat in {**mats, **rmats}.items():
+            if key in ("classifier_metrics", "classifier_predictions", "report_metrics"):
+                continue  # no configuration of their own
+            resolved = mat.metadata["resolved_config"].value
+            assert None not in resolved.values() and "auto" not in resolved.values(), (key, resolved)
+            params = client.get_run(mat.metadata["mlflow_run_id"].value).data.params
+            assert all(params[k] == (json.dumps(v) if isinstance(v, list) else str(v)) for k, v in resolved.items()), key
+        assert rmats["report_adapter"].metadata["resolved_config"].value["size"] == size
+        assert rmats["generated_reports"].metadata["resolved_config"].value["max_new_tokens"] == 6
+        card = json.loads((cxr_home / "assets" / "reports" / "adapter" / "cxr_adapter.json").read_text())
+        assert card["config"] == rmats["report_adapter"].metadata["resolved_config"].value
+        gen = pl.read_parquet(rmats["generated_reports"].metadata["path"].value)
+        assert gen.height == 6 and {"reference", "adapter", "template", "retrieval"} <= set(gen.columns)
+        rm = pl.read_parquet(rmats["report_metrics"].metadata["path"].value)
+        assert rm.filter(pl.col("test_labels") == "labeler")["system"].to_list() == ["adapter", "template", "retrieval"]
+        rad = gen.filter(pl.col("radiologist_labelled")).height
+        assert rm.filter(pl.col("test_labels") == "radiologist")["system"].to_list() == (
+            ["adapter", "template", "retrieval"] if rad else []
+        )
+        import shutil
+
+        for col in (
+            "BLEU_1",
+            "BLEU_4",
+            "ROUGE_L",
+            "CIDEr",
+            "ce_micro14_f1",
+            "ce_macro5_f1",
+            "ce_upos_micro14_f1",
+            "ce_upos_macro5_f1",
+            *(["METEOR"] if shutil.which("java") else []),
+        ):
+            assert col in rm.columns
+        from cxr_pipeline.reports.labeler import labeler_version
+
+        # the references are named (this test caps the test pairs: not the R2Gen convention), the labeler versioned
+        assert set(rm["evaluation"]) == {"findings references, first 6 test pairs"}
+        assert set(rm["labeler"]) == {labeler_version()}
+        mrun = client.get_run(rmats["report_metrics"].metadata["mlflow_run_id"].value)
+        assert mrun.data.params["labeler"] == labeler_version()
+        lab = rm.filter(pl.col("test_labels") == "labeler")
+        assert lab["ce_micro14_f1_lo"].is_not_null().all() and (lab["ROUGE_L_lo"] <= lab["ROUGE_L"]).all()
+        diffs = pl.read_parquet(Path(rmats["report_metrics"].metadata["path"].value).with_name("report_differences.parquet"))
+        assert {(a, b) for a, b in diffs.select("a", "b").iter_rows()} == {
+            ("adapter", "template"),
+            ("adapter", "retrieval"),
+            ("template", "retrieval"),
+        }
