@@ -48,6 +48,19 @@ def setting(default: Any, doc: str, *, auto: str | None = None, null: str | None
     return dataclasses.field(default=default, metadata=meta)
 
 
+def at_least_one(obj: Any, *names: str) -> None:
+    """Refuse 0 (or less) on limit and count fields: "no limit" and "work it out" are null, never a magic 0."""
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be at least 1, or null ({_null_meaning(obj, name)}), not {v}")
+
+
+def _null_meaning(obj: Any, name: str) -> str:
+    f = next(f for f in dataclasses.fields(obj) if f.name == name)
+    return f.metadata.get("null") or f"auto: {f.metadata.get('auto')}"
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the file, section and field."""
 

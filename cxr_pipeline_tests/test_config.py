@@ -194,9 +194,13 @@ def test_resolution_works_out_every_auto_and_records_no_placeholder(cxr_home, mo
     assert C.resolve(p, "report_adapter").size == 560 and C.resolve(p, "image_shards").sizes == [96, 560]
     with pytest.raises(C.ConfigError, match="max_new_tokens still auto"):
         C.resolve(p, "generated_reports")  # a run never starts with an auto left
-    # a real zero stays a zero
-    write_pipeline_config(p, {"report_adapter": {"dropout": 0.0, "seed": 0}, "classifier": {"steps_per_epoch": 0}}, "zeros")
-    assert C.resolve(p, "classifier").steps_per_epoch == 0
+    # a real zero stays a zero; a zero that would mean "no limit" is refused (that is null)
+    write_pipeline_config(p, {"report_adapter": {"dropout": 0.0, "seed": 0, "warmup_steps": 0}}, "zeros")
+    adapter = C.resolve(p, "report_adapter")
+    assert (adapter.dropout, adapter.seed, adapter.warmup_steps) == (0.0, 0, 0)
+    write_pipeline_config(p, {"classifier": {"steps_per_epoch": 0}}, "old magic zero")
+    with pytest.raises(C.ConfigError, match=r"steps_per_epoch must be at least 1, or null \(the whole training split\)"):
+        C.resolve(p, "classifier")
 
 
 def test_the_learning_recipe_is_a_pipeline_yaml(cxr_home):

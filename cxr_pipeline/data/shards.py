@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cxr_pipeline.config import setting
+from cxr_pipeline.config import at_least_one, setting
 from cxr_pipeline.data.decode_worker import init_worker, work
 from cxr_pipeline.data.io import atomic_path, write_parquet
 
@@ -101,6 +101,11 @@ class ShardSettings:
     )
     images_per_shard: int = setting(1024, "images per shard file")
     workers: int | None = setting(None, "decode processes", auto="one per CPU core")
+
+    def __post_init__(self) -> None:
+        at_least_one(self, "workers", "images_per_shard")
+        if self.sizes is not None and (not self.sizes or min(self.sizes) < 8):
+            raise ValueError(f"sizes must be a list of sizes of at least 8 px, or null (every size a consumer reads), not {self.sizes}")
 
     def spec(self, size: int) -> ShardSpec:
         """The build of one size."""

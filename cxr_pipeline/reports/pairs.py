@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from cxr_pipeline.config import setting
+from cxr_pipeline.config import at_least_one, setting
 
 TEXT_SOURCES = ("findings", "impression", "findings+impression", "findings_only")
 R2GEN_SOURCE = "findings_only"  # R2Gen's MIMIC-CXR convention: FINDINGS only, studies without them left out
@@ -50,6 +50,7 @@ class PairsConfig:
     def __post_init__(self) -> None:
         if self.text_source not in TEXT_SOURCES:
             raise ValueError(f"text_source must be one of {TEXT_SOURCES}, not {self.text_source!r}")
+        at_least_one(self, "max_words")
 
 
 def build_pairs(manifest: pl.DataFrame, cfg: PairsConfig = PairsConfig()) -> pl.DataFrame:

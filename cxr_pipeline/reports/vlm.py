@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_pipeline.config import setting
+from cxr_pipeline.config import at_least_one, setting
 
 INSTRUCTION = "You are an expert radiographer. Describe accurately what you see in this image."
 SPECIAL_TOKENS = (
@@ -367,6 +367,9 @@ class AdapterConfig:
     quantize: bool = setting(True, "4-bit NF4 base with double quantisation and bf16 compute (QLoRA)")
     seed: int = setting(0, "seed of LoRA initialisation, data order and pair sampling")
 
+    def __post_init__(self) -> None:
+        at_least_one(self, "size", "max_train_pairs", "max_steps")
+
 
 @dataclass(frozen=True)
 class GenerateConfig:
@@ -378,6 +381,9 @@ class GenerateConfig:
     num_beams: int = setting(1, "1: greedy; more: beam search (never sampling)")
     batch_size: int = setting(8, "images per generation batch")
     max_test_pairs: int | None = setting(None, "test pairs written (the first by dicom_id)", null="every test pair")
+
+    def __post_init__(self) -> None:
+        at_least_one(self, "max_new_tokens", "max_test_pairs", "batch_size")
 
 
 def ensure_base(cfg: AdapterConfig, tiny_dir: Path, texts: Sequence[str], log=None) -> Path:

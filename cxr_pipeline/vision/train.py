@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_pipeline.config import setting
+from cxr_pipeline.config import at_least_one, setting
 from cxr_pipeline.data.io import atomic_path
 
 # Grey uint8 -> [-1, 1]: ((x / 255) - MEAN) / STD. The saved checkpoint's config records them.
@@ -67,6 +67,7 @@ class TrainConfig:
             raise ValueError(f"imbalance must be pos_weight, sampler or none, not {self.imbalance!r}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, not {self.precision!r}")
+        at_least_one(self, "steps_per_epoch", "size")
 
     def fingerprint(self) -> str:
         import hashlib

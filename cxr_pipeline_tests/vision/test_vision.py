@@ -249,7 +249,7 @@ def test_a_last_batch_of_one_image_does_not_break_batchnorm(effusion):
 
     assert [micro_batches(n, 16) for n in (1, 15, 16, 17, 18, 33)] == [1, 1, 1, 1, 2, 2]
     # steps_per_epoch caps optimizer steps (x accumulation micro-batches), never raises the count
-    assert [micro_batches(1000, 16, 4, k) for k in (0, 1, 3, 100)] == [63, 4, 12, 63]
+    assert [micro_batches(1000, 16, 4, k) for k in (None, 1, 3, 100)] == [63, 4, 12, 63]
     xtr, ytr, xva, yva, *_ = effusion
     res = train(xtr[:17], ytr[:17], xva, yva, TrainConfig(**{**FAST.__dict__, "epochs": 1, "batch_size": 16}), CPU)
     assert res.epochs_run == 1 and np.isfinite(res.history[0]["train_loss"])
