@@ -37,8 +37,11 @@ DEMO_RUN_CONFIG = {
 }
 # The report adapter's recipe: "short" (above: a pipeline check in under a minute), or "learning", the
 # recipe bench_vlm.py --learning proves (benchmarks/recipes/learning.yaml's report_adapter section, read
-# from that file, at the demo's shard size). The default is the one that beats the template's CE
-# micro-F1 at demo size, as measured (README, "Two commands").
+# from that file, at the demo's shard size). The default is the one that beats the template's CE micro-F1
+# at demo size: measured 2026-11-30 (`cxr-pipeline demo --adapter-recipe learning`, commit 02f756f), the
+# learning recipe's adapter scored CE micro-F1 0.212 against the template's 0.325 on the demo's 246 test
+# reports (300-patient replica: about 740 training pairs, a quarter of the benchmark's), so it does not,
+# and the demo keeps the short run, saying so.
 ADAPTER_RECIPES = ("short", "learning")
 DEMO_ADAPTER_RECIPE = "short"
 RECIPES = Path(__file__).resolve().parent.parent / "benchmarks" / "recipes"
@@ -143,7 +146,8 @@ def run_all() -> bool:
 
 
 ADAPTER_NOTE = {
-    "short": "the adapter is a tiny random Mllama fine-tuned for 80 steps: a pipeline check",
+    "short": "the adapter is a tiny random Mllama fine-tuned for 80 steps: a pipeline check; the learning recipe did not beat"
+    " the template at this size (CE micro-F1 0.212 vs 0.325, 2026-11-30)",
     "learning": "the adapter follows benchmarks/recipes/learning.yaml: a wider tiny Mllama, language-pretrained, 1,000 steps",
 }
 
