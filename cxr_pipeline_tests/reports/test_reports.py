@@ -41,25 +41,32 @@ def test_empty_and_malformed_reports_are_blank_not_errors():
 
 
 def test_labeler_agrees_with_replica_labels(replica):
-    """On the replica's reports (written from the truth), the labeler recovers most labels."""
+    """On the replica's reports (written from the truth, with a few realistic label slips), the labeler
+    recovers each finding: per-label F1 against the replica's CheXpert labels over every study. Per label,
+    because agreement over all 14 cells is mostly agreeing on absences: an all-blank labeler reached 0.93."""
     import polars as pl
+    from sklearn.metrics import f1_score
 
     from cxr_pipeline.data.mimic import ReportReader, report_relpath
     from cxr_pipeline.data.sections import parse_report
     from cxr_pipeline.labels import LABELS
 
-    truth = pl.read_csv(replica / "mimic-cxr-2.1.0-test-set-labeled.csv", infer_schema=False).rename({"Airspace Opacity": "Lung Opacity"})
+    truth = pl.read_csv(replica / "mimic-cxr-2.0.0-chexpert.csv.gz", infer_schema=False).drop("subject_id")
     study = pl.read_csv(replica / "cxr-study-list.csv.gz", infer_schema=False)
     reader = ReportReader(replica)
-    agree = total = 0
+    want, got = {lab: [] for lab in LABELS}, {lab: [] for lab in LABELS}
     for row in truth.join(study, on="study_id").iter_rows(named=True):
         sec = parse_report(reader.read(report_relpath(int(row["subject_id"]), int(row["study_id"]))))
-        got = label_report(" ".join(x for x in (sec.findings, sec.impression, sec.last_paragraph) if x))
-        for lab_ in LABELS:
-            want = None if row[lab_] is None else float(row[lab_])
-            total += 1
-            agree += (got[lab_] == 1.0) == (want == 1.0)
-    assert agree / total > 0.9
+        labels = label_report(" ".join(x for x in (sec.findings, sec.impression, sec.last_paragraph) if x))
+        for lab in LABELS:
+            want[lab].append(row[lab] is not None and float(row[lab]) == 1.0)
+            got[lab].append(labels[lab] == 1.0)
+    common = [lab for lab in LABELS if sum(want[lab]) >= 5]
+    assert len(common) >= 8  # enough positives to judge
+    f1 = {lab: f1_score(want[lab], got[lab]) for lab in common}
+    assert min(f1.values()) >= 0.7, f1  # measured 0.76 (Atelectasis) to 0.99 on this replica
+    assert sum(f1.values()) / len(f1) >= 0.85, f1
+    assert all(f1_score(want[lab], [False] * len(want[lab]), zero_division=0) == 0 for lab in common)  # all-blank: 0
 
 
 def test_clean_report_like_r2gen():
