@@ -200,29 +200,53 @@ def registered_model_or_none(client, name: str):
 
 
 def register_version(
-    run: TrackedRun, name: str, artifact_path: str, *, score_tag: str, score: float | None, description: str, tags: Mapping[str, str]
+    run: TrackedRun,
+    name: str,
+    artifact_path: str,
+    *,
+    score_tag: str,
+    score: float | None,
+    description: str,
+    tags: Mapping[str, str],
+    data_version: str = "",
 ) -> dict:
     """Register the run's ``artifact_path`` as a new version of ``name``.
 
     The new version gets the alias ``candidate``; it becomes ``champion`` when its
     ``score`` (recorded as tag ``score_tag``) beats the champion's, or when there
-    is none. The champion is read from the registered model's aliases, so any error
-    talking to the tracking server fails the registration instead of promoting.
+    is none. Scores are compared only on the same data: ``data_version`` (a digest of
+    the validation set the score was computed on) is recorded as a tag, and a champion
+    scored on other data is no benchmark for the new version (after a data change a stale
+    model would otherwise stay champion on an old, unrelated figure), so the comparison
+    resets and the new version is promoted, with the reason in ``comparison``. The champion
+    is read from the registered model's aliases, so any error talking to the tracking server
+    fails the registration instead of promoting.
     """
     client = run.client
     model = registered_model_or_none(client, name) or client.create_registered_model(name, description=description)
     source = f"{client.get_run(run.run_id).info.artifact_uri}/{artifact_path}"
-    all_tags = {**tags, score_tag: "nan" if score is None else f"{score:.6f}"}
+    all_tags = {**tags, score_tag: "nan" if score is None else f"{score:.6f}", "data_version": data_version}
     mv = client.create_model_version(name, source=source, run_id=run.run_id, tags=all_tags)
     client.set_registered_model_alias(name, "candidate", mv.version)
     champion_version = (model.aliases or {}).get("champion")
-    champion_score = None
+    champion_score, comparison = None, "no champion yet"
     if champion_version is not None:
-        champion_score = float(client.get_model_version(name, str(champion_version)).tags.get(score_tag, "nan"))
+        champion_tags = client.get_model_version(name, str(champion_version)).tags
+        champion_score = float(champion_tags.get(score_tag, "nan"))
+        same_data = champion_tags.get("data_version", "") == data_version
+        comparison = "same data" if same_data else "reset: the champion was scored on other data"
+        if not same_data:
+            champion_score = None
     promoted = score is not None and (champion_score is None or champion_score != champion_score or score > champion_score)
     if promoted:
         client.set_registered_model_alias(name, "champion", mv.version)
-    return {"name": name, "version": int(mv.version), "champion": promoted, "previous_champion_score": champion_score}
+    return {
+        "name": name,
+        "version": int(mv.version),
+        "champion": promoted,
+        "previous_champion_score": champion_score,
+        "comparison": comparison,
+    }
 
 
 def retire_aliases(client, name: str, reason: str, aliases: tuple[str, ...] = ("champion", "candidate")) -> list[str]:

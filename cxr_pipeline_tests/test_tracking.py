@@ -83,11 +83,9 @@ def test_orphans_are_closed_by_a_run_of_any_of_their_assets(cxr_home):
 def test_champion_follows_validation_auc_not_test_auc(cxr_home):
     """Version 2 is better on validation and worse on test: it becomes champion (selecting on test
     would make the champion's test figure optimistic); both AUCs are on the version."""
-    from types import SimpleNamespace
-
     from cxr_pipeline.defs.classifier import _register
 
-    data = SimpleNamespace(label_slug="edema", label="Edema")
+    data = validation_data(["d1", "d2"])
     outcomes = []
     for val_auc, test_auc in ((0.80, 0.90), (0.85, 0.70), (0.83, 0.95)):
         with tracked_run("t") as run:
@@ -97,3 +95,32 @@ def test_champion_follows_validation_auc_not_test_auc(cxr_home):
     champ = client.get_model_version_by_alias("cxr-edema", "champion")
     assert str(champ.version) == "2"
     assert champ.tags["val_auc"] == "0.850000" and champ.tags["test_auc"] == "0.700000"
+
+
+def validation_data(ids: list[str]):
+    """A classifier's data as ``_register`` reads it: its label and its validation rows."""
+    from types import SimpleNamespace
+
+    import polars as pl
+
+    rows = pl.DataFrame({"dicom_id": ids, "content_hash": [f"h{i}" for i in ids], "target": [1.0, 0.0] * (len(ids) // 2)})
+    return SimpleNamespace(label_slug="edema", label="Edema", splits={"validate": SimpleNamespace(rows=rows)})
+
+
+def test_champion_is_compared_on_the_same_validation_data(cxr_home):
+    """After a data change the champion's validation AUC was computed on other images: it is no benchmark.
+    The old rule compared 0.80 (new data) with 0.95 (old data) and kept a stale champion."""
+    from cxr_pipeline.defs.classifier import _register
+
+    def reg(data, val_auc):
+        with tracked_run("t") as run:
+            return _register(run, data, {"val_roc_auc": val_auc, "roc_auc": 0.5, "evaluable": True})
+
+    old, new = validation_data(["d1", "d2"]), validation_data(["d1", "d2", "d3", "d4"])
+    assert reg(old, 0.95)["champion"]
+    moved = reg(new, 0.80)  # lower, but on other data: the comparison resets
+    assert moved["champion"] and moved["comparison"].startswith("reset")
+    same = reg(new, 0.79)  # now on the same data: the ordinary rule
+    assert not same["champion"] and same["comparison"] == "same data"
+    client, _ = get_client()
+    assert str(client.get_model_version_by_alias("cxr-edema", "champion").version) == "2"

@@ -27,7 +27,7 @@ from cxr_pipeline.defs.shards import IMAGE_SHARDS
 from cxr_pipeline.labels import SLUGS, slug
 from cxr_pipeline.settings import ClassifierSet
 from cxr_pipeline.tracking import TrackedRun, register_version, retire_aliases
-from cxr_pipeline.vision.fit import MULTILABEL, registered_name
+from cxr_pipeline.vision.fit import MULTILABEL, registered_name, validation_digest
 from cxr_pipeline.vision.fit import MultilabelConfig as MultilabelSettings
 from cxr_pipeline.vision.train import TrainConfig
 
@@ -112,6 +112,7 @@ def _register(run: TrackedRun, data, row: dict) -> dict:
         score=val_auc if val_auc is not None and val_auc == val_auc else None,
         description=f"Binary {data.label} classifier on chest radiographs (cxr_pipeline)",
         tags={"pathology": data.label, "test_auc": "nan" if test_auc is None else f"{test_auc:.6f}"},
+        data_version=validation_digest(data),
     )
 
 
@@ -183,7 +184,7 @@ def classifier(
     return dg.MaterializeResult(metadata=asset_metadata(run, **_fit_metadata(outcome, reg, files), **sheet, **resolved_metadata(cfg)))
 
 
-def _register_multilabel(run: TrackedRun, rows: list[dict]) -> dict:
+def _register_multilabel(run: TrackedRun, data, rows: list[dict]) -> dict:
     """The multi-label checkpoint as a registry version; champion on mean **validation** AUC (see ``_register``)."""
     import math
 
@@ -199,6 +200,7 @@ def _register_multilabel(run: TrackedRun, rows: list[dict]) -> dict:
         score=sum(vals) / len(vals) if vals else None,
         description="Multi-label CNN, 14 CheXpert observations, on chest radiographs (cxr_pipeline)",
         tags={"labels": "14", "test_auc": f"{sum(tests) / len(tests):.6f}" if tests else "nan"},
+        data_version=validation_digest(data),
     )
     return {**reg, "mean_test_roc_auc": round(sum(tests) / len(tests), 4) if tests else float("nan"), "evaluable_labels": len(tests)}
 
@@ -254,7 +256,7 @@ def multilabel_classifier(
         test = data.splits["test"]
         p_test = test.rows.select("dicom_id").join(pl.read_parquet(files.predictions), on="dicom_id", how="left").select(SLUGS)
         sheet = _saliency(run, files.checkpoint, test.images.numpy(), test.targets.numpy(), p_test.to_numpy(), files.saliency)
-        reg = _register_multilabel(run, rows)
+        reg = _register_multilabel(run, data, rows)
         hints = _report_hints(run, data, cfg, device, files, context.log.info)
     md = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1)}
     md.update(mean_test_roc_auc=reg["mean_test_roc_auc"], evaluable_labels=reg["evaluable_labels"], registered_model=_registered(reg))

@@ -31,7 +31,7 @@ def test_split_reports(pairs: pl.DataFrame, shard_root: Path, adapter_dir: Path,
     template, retrieval = baseline_reports(rows, pairs.filter(pl.col("split") == "train"), preds, thresholds)
     radiologist = [c for c in rows.columns if c.startswith("radiologist_")]
     source = pairs["text_source"][0] if "text_source" in pairs.columns and pairs.height else "findings"
-    out = rows.select("dicom_id", "study_id", pl.col("text").alias("reference"), *radiologist).with_columns(
+    out = rows.select("dicom_id", "subject_id", "study_id", pl.col("text").alias("reference"), *radiologist).with_columns(
         *[pl.Series(name, texts, dtype=pl.String) for name, texts in zip(SYSTEMS, (adapter_out, template, retrieval), strict=True)],
         pl.lit(evaluation_name(source, cfg.max_test_pairs or 0)).alias("evaluation"),
     )

@@ -121,6 +121,9 @@ def clinical_efficacy(
 
 
 INTERVAL_METRICS = ("ce_micro14_f1", "ce_upos_micro14_f1", "ROUGE_L")
+# ce_macro*: an observation absent from both the references and the reports has no F1; scikit-learn's
+# zero_division=0 counts it as 0 in the mean (other papers leave it out). Named in the metrics table.
+CE_MACRO_CONVENTION = "an observation absent from both references and reports counts as F1 0"
 
 
 def _per_report(references: Sequence[str], hyps: Sequence[str], ref_labels: list[dict]) -> dict[str, np.ndarray]:
@@ -151,14 +154,16 @@ def _interval_values(per: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, f
 def report_intervals(
     references: Sequence[str],
     systems: dict[str, Sequence[str]],
-    studies: Sequence,
+    patients: Sequence,
     reference_labels: Sequence[dict] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> tuple[list[dict], list[dict]]:
-    """95% bootstrap intervals over test studies for CE micro-F1 (both conventions) and ROUGE-L of each
+    """95% bootstrap intervals over test patients for CE micro-F1 (both conventions) and ROUGE-L of each
     system, and paired intervals for each difference between two systems (same resamples for both),
-    so "better" means the interval of the difference excludes 0.
+    so "better" means the interval of the difference excludes 0. ``patients``: each report's patient
+    (``subject_id``); a patient's reports are resampled together (MIMIC has about 3.5 studies a patient,
+    so resampling studies would make the intervals too narrow), as the classifiers' intervals are.
 
     Corpus BLEU and CIDEr are left out: their corpus statistics (n-gram counts, document
     frequencies) would have to be recomputed per resample. Returns (per-system rows, difference rows).
@@ -172,7 +177,7 @@ def report_intervals(
     rng = np.random.default_rng(seed)
     draws: dict[str, list[dict]] = {name: [] for name in systems}
     for _ in range(n_boot if n else 0):
-        idx, _unit = resample_indices(n, np.asarray(studies), rng)
+        idx, _unit = resample_indices(n, np.asarray(patients), rng)
         for name, p in per.items():
             draws[name].append(_interval_values(p, idx))
 
@@ -262,8 +267,12 @@ def score_reports(gen: pl.DataFrame, systems: Sequence[str], meteor: bool) -> Sc
         )
         rows += more
     evaluation = gen["evaluation"][0] if "evaluation" in gen.columns and gen.height else "findings references"
-    table = pl.DataFrame(rows).with_columns(pl.lit(evaluation).alias("evaluation"), pl.lit(labeler_version()).alias("labeler"))
-    iv, diffs = report_intervals(gen["reference"].to_list(), hyps, gen["study_id"].to_list())
+    table = pl.DataFrame(rows).with_columns(
+        pl.lit(evaluation).alias("evaluation"), pl.lit(labeler_version()).alias("labeler"), pl.lit(CE_MACRO_CONVENTION).alias("ce_macro")
+    )
+    # by patient; a generated_reports table written before it carried subject_id falls back to studies
+    groups = gen["subject_id"] if "subject_id" in gen.columns else gen["study_id"]
+    iv, diffs = report_intervals(gen["reference"].to_list(), hyps, groups.to_list())
     bounds = [f"{m}_{b}" for m in INTERVAL_METRICS for b in ("lo", "hi")]
     iv_table = pl.DataFrame(iv).select("system", *bounds).with_columns(pl.lit("labeler").alias("test_labels"))
     table = table.join(iv_table, on=["system", "test_labels"], how="left")

@@ -360,6 +360,14 @@ def predictions_table(paths: ClassifierSet) -> tuple[pl.DataFrame | None, list[s
     return (wide.sort("dicom_id") if wide is not None else None), done
 
 
+def validation_digest(data: ClassifierData | MultilabelData) -> str:
+    """What a validation score is computed on: a digest of the validation rows' ids, image content and targets.
+    The registry compares champions only between versions with the same digest (``tracking.register_version``)."""
+    rows = data.splits["validate"].rows
+    cols = [c for c in rows.columns if c in ("dicom_id", "content_hash", "target") or c.startswith("t_")]
+    return hashlib.sha256(rows.select(sorted(cols)).sort("dicom_id").write_csv().encode()).hexdigest()[:16]
+
+
 def report_hints(
     multilabel: ClassifierFiles, predictions: pl.DataFrame | None, metrics: pl.DataFrame | None
 ) -> tuple[pl.DataFrame | None, dict[str, float], str]:

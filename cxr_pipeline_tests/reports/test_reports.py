@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -40,25 +41,32 @@ def test_empty_and_malformed_reports_are_blank_not_errors():
 
 
 def test_labeler_agrees_with_replica_labels(replica):
-    """On the replica's reports (written from the truth), the labeler recovers most labels."""
+    """On the replica's reports (written from the truth, with a few realistic label slips), the labeler
+    recovers each finding: per-label F1 against the replica's CheXpert labels over every study. Per label,
+    because agreement over all 14 cells is mostly agreeing on absences: an all-blank labeler reached 0.93."""
     import polars as pl
+    from sklearn.metrics import f1_score
 
     from cxr_pipeline.data.mimic import ReportReader, report_relpath
     from cxr_pipeline.data.sections import parse_report
     from cxr_pipeline.labels import LABELS
 
-    truth = pl.read_csv(replica / "mimic-cxr-2.1.0-test-set-labeled.csv", infer_schema=False).rename({"Airspace Opacity": "Lung Opacity"})
+    truth = pl.read_csv(replica / "mimic-cxr-2.0.0-chexpert.csv.gz", infer_schema=False).drop("subject_id")
     study = pl.read_csv(replica / "cxr-study-list.csv.gz", infer_schema=False)
     reader = ReportReader(replica)
-    agree = total = 0
+    want, got = {lab: [] for lab in LABELS}, {lab: [] for lab in LABELS}
     for row in truth.join(study, on="study_id").iter_rows(named=True):
         sec = parse_report(reader.read(report_relpath(int(row["subject_id"]), int(row["study_id"]))))
-        got = label_report(" ".join(x for x in (sec.findings, sec.impression, sec.last_paragraph) if x))
-        for lab_ in LABELS:
-            want = None if row[lab_] is None else float(row[lab_])
-            total += 1
-            agree += (got[lab_] == 1.0) == (want == 1.0)
-    assert agree / total > 0.9
+        labels = label_report(" ".join(x for x in (sec.findings, sec.impression, sec.last_paragraph) if x))
+        for lab in LABELS:
+            want[lab].append(row[lab] is not None and float(row[lab]) == 1.0)
+            got[lab].append(labels[lab] == 1.0)
+    common = [lab for lab in LABELS if sum(want[lab]) >= 5]
+    assert len(common) >= 8  # enough positives to judge
+    f1 = {lab: f1_score(want[lab], got[lab]) for lab in common}
+    assert min(f1.values()) >= 0.7, f1  # measured 0.76 (Atelectasis) to 0.99 on this replica
+    assert sum(f1.values()) / len(f1) >= 0.85, f1
+    assert all(f1_score(want[lab], [False] * len(want[lab]), zero_division=0) == 0 for lab in common)  # all-blank: 0
 
 
 def test_clean_report_like_r2gen():
@@ -82,7 +90,8 @@ def test_bleu_rouge_cider_against_hand_computed_values():
     assert s["ROUGE_L"] == pytest.approx(8 / 9, abs=1e-4)
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs java")
+# METEOR needs Java: skipped on a machine without it, never under CI (.ci/run installs a headless JRE)
+@pytest.mark.skipif(shutil.which("java") is None and os.environ.get("CI") != "true", reason="METEOR needs java")
 def test_meteor_runs_and_ranks():
     refs = ["the heart is enlarged . small left pleural effusion ."]
     good = nlg_scores(refs, ["the heart is enlarged . small left effusion ."])["METEOR"]
@@ -203,14 +212,14 @@ def test_r2gen_references_are_findings_only_and_named():
     assert not evaluation_name("findings", 0).startswith("R2Gen")
 
 
-def test_report_intervals_are_paired_over_studies():
-    """The better system's paired difference excludes 0; two images of one study move together."""
+def test_report_intervals_are_paired_over_patients():
+    """The better system's paired difference excludes 0; a patient's reports move together."""
     from cxr_pipeline.reports.metrics import report_intervals
 
     refs = ["Large left pleural effusion.", "Moderate cardiomegaly.", "Right lower lobe pneumonia.", "Small right pneumothorax."] * 6
     good = list(refs)
     bad = ["No acute cardiopulmonary process."] * len(refs)
-    studies = [i // 2 for i in range(len(refs))]  # two images per study
+    studies = [i // 2 for i in range(len(refs))]  # two reports per patient
     rows, diffs = report_intervals(refs, {"good": good, "bad": bad}, studies, n_boot=200)
     by = {r["system"]: r for r in rows}
     assert by["good"]["ce_micro14_f1"] == 1.0 and by["bad"]["ce_micro14_f1"] == 0.0
@@ -221,3 +230,35 @@ def test_report_intervals_are_paired_over_studies():
     assert same[0]["ROUGE_L"] == same[1]["ROUGE_L"]
     _, d2 = report_intervals(refs, {"a": good, "b": list(good)}, studies, n_boot=50)
     assert all(d["better"] == "neither" and d["lo"] == d["hi"] == 0 for d in d2)
+
+
+def test_report_intervals_resample_patients_not_reports():
+    """A patient's reports are right or wrong together: resampling patients gives the wider, honest interval."""
+    from cxr_pipeline.reports.metrics import report_intervals
+
+    refs = ["Large left pleural effusion."] * 40
+    patients = [i // 4 for i in range(40)]  # 10 patients, 4 reports each
+    hyps = [refs[i] if (i // 4) % 2 == 0 else "No acute cardiopulmonary process." for i in range(40)]
+    by_patient = report_intervals(refs, {"s": hyps}, patients, n_boot=300)[0][0]
+    by_report = report_intervals(refs, {"s": hyps}, list(range(40)), n_boot=300)[0][0]
+
+    def width(r: dict) -> float:
+        return r["ce_micro14_f1_hi"] - r["ce_micro14_f1_lo"]
+
+    assert by_patient["ce_micro14_f1"] == by_report["ce_micro14_f1"]  # same point estimate
+    assert width(by_patient) > 1.3 * width(by_report)
+
+
+def test_ce_macro_counts_an_observation_absent_from_both_sides_as_zero_and_says_so():
+    """One observation, right every time: micro-F1 1; macro over 14 is 1/14 (13 absent from both count as 0),
+    and the metrics table names that convention."""
+    import polars as pl
+
+    from cxr_pipeline.reports.metrics import CE_MACRO_CONVENTION, clinical_efficacy, score_reports
+
+    refs = ["Large left pleural effusion."] * 4
+    ce, _ = clinical_efficacy(refs, list(refs))
+    assert ce["ce_micro14_f1"] == 1.0 and ce["ce_macro14_f1"] == pytest.approx(1 / 14)
+    gen = pl.DataFrame({"dicom_id": list("abcd"), "subject_id": [1, 1, 2, 2], "study_id": [1, 2, 3, 4], "reference": refs, "s": refs})
+    scored = score_reports(gen, ("s",), meteor=False)
+    assert set(scored.table["ce_macro"]) == {CE_MACRO_CONVENTION}
