@@ -22,6 +22,16 @@ same images, ``--epochs``; labels drawn at random, a fraction ``--unusable`` of 
 unusable under the policy, which a per-pathology model leaves out and the multi-label
 loss masks) after a warm-up training, timed end to end (training and validation passes), in one
 run. Last line: ``multilabel: X s; 14 per-pathology: Y s; ratio Y/X; device: NAME``.
+
+``--streaming``: the classifiers' two data modes (``vision.images``) at two dataset sizes
+(``--sizes 5000,40000`` images at ``--size``), each run in its own process so its peak memory is its
+own: ``vision.train.train`` for ``--steps`` optimizer steps (batch ``--batch``) on the images placed
+``resident`` (one tensor) or ``streamed`` (read per batch from the memory-mapped shards by the loader).
+It prints the peak anonymous memory (``Pss_Anon`` of the process and its loader workers, sampled every
+20 ms: RssAnon with the pages a forked worker shares with its parent counted once; shard pages are
+file-backed page cache and do not count) and the training images/s. The larger
+sets repeat the ``--n`` rendered images in new shard files (what is in a pixel does not change memory
+or speed). Last line: ``streaming: peak <GB> GB at <n> images vs <GB> GB at <m>; <f> of resident speed``.
 """
 
 from __future__ import annotations
@@ -100,6 +110,103 @@ def multilabel(args) -> int:
     return 0
 
 
+def ensure_repeated_shards(layout, base: pl.DataFrame, size: int, n: int) -> Path:
+    """A shard folder of ``n`` images repeating the rendered ones (1024 per file, as the builder writes)."""
+    from cxr_pipeline.data.shards import INDEX, gather, read_index
+
+    out = layout.home / f"repeated-{n}" / f"s{size}"
+    if (out / "p10" / INDEX).exists():
+        return out
+    src = gather(layout.shard_root(size), read_index(layout.shard_root(size)).join(base.select("dicom_id"), on="dicom_id"), size)
+    (out / "p10").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, start in enumerate(range(0, n, 1024)):
+        pick = np.arange(start, min(start + 1024, n)) % len(src)
+        src[pick].tofile(out / "p10" / f"shard-{k:05d}.u8")
+        rows += [
+            {"dicom_id": f"r{i:06d}", "path": "", "shard": f"shard-{k:05d}.u8", "offset": j}
+            for j, i in enumerate(range(start, start + len(pick)))
+        ]
+    pl.DataFrame(rows).with_columns(pl.lit("h").alias("content_hash")).write_parquet(out / "p10" / INDEX)
+    return out
+
+
+def _anon(pid: int) -> int:
+    """Anonymous memory (bytes) of a process: its share (``Pss_Anon``), so the pages a forked loader worker
+    still shares with its parent count once, not twice as summed ``RssAnon`` would; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss_Anon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def streaming_child(args) -> int:
+    """One (mode, n) arm in this process: place the images, train --steps steps, print a JSON line."""
+    import json
+    import threading
+
+    import psutil
+    import torch
+
+    from cxr_pipeline.vision.images import open_images, place
+    from cxr_pipeline.vision.train import TrainConfig, train
+
+    root = Path(args.child_root)
+    me, peak, stop = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            total = _anon(me.pid) + sum(_anon(c.pid) for c in me.children(recursive=True))
+            peak[0] = max(peak[0], total)
+            stop.wait(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ids = pl.read_parquet(root / "p10" / "index.parquet").select("dicom_id")
+    lazy_tr, _ = open_images(root, ids.slice(256), args.size)
+    lazy_va, _ = open_images(root, ids.head(256), args.size)
+    cfg = TrainConfig(arch=args.arch, batch_size=args.batch, accumulation=1, epochs=1, steps_per_epoch=args.steps, data=args.child_mode)
+    (xtr, xva), mode = place([lazy_tr, lazy_va], cfg.data, device, cfg.memory_budget)
+    y = torch.from_numpy((np.arange(len(lazy_tr)) % 2).astype(np.float32))
+    yva = torch.from_numpy((np.arange(len(lazy_va)) % 2).astype(np.float32))
+    res = train(xtr, y, xva, yva, cfg, device)
+    stop.set()
+    print(json.dumps({"mode": mode, "n": len(lazy_tr) + len(lazy_va), "peak": peak[0], "ips": res.images_per_second}))
+    return 0
+
+
+def streaming(args) -> int:
+    import json
+    import subprocess
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
+    layout = Paths(home=Path(args.data), raw=Path(args.data) / "src")
+    base = ensure_shards(layout, args.n, args.size)
+    counts = [int(c) for c in args.sizes.split(",")]
+    out: dict[tuple[str, int], dict] = {}
+    for n in counts:
+        root = ensure_repeated_shards(layout, base, args.size, n)
+        for mode in ("resident", "streamed"):
+            cmd = [sys.executable, __file__, "--child-root", str(root), "--child-mode", mode, "--size", str(args.size)]
+            cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--arch", args.arch]
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            r = out[(mode, n)] = json.loads(line)
+            print(f"{mode:>8} {n:>7} images: peak anonymous {r['peak'] / 1e9:.2f} GB, {r['ips']:.1f} img/s")
+    small, large = counts[0], counts[-1]
+    speed = np.mean([out[("streamed", n)]["ips"] / out[("resident", n)]["ips"] for n in counts])
+    print(f"{args.arch} at {args.size}px, batch {args.batch}, {args.steps} steps per arm; device: {device}")
+    print(
+        f"streaming: peak {out[('streamed', small)]['peak'] / 1e9:.2f} GB at {small} images vs "
+        f"{out[('streamed', large)]['peak'] / 1e9:.2f} GB at {large}; {speed:.2f} of resident speed"
+    )
+    return 0
+
+
 def main() -> int:
     import torch
 
@@ -122,7 +229,15 @@ def main() -> int:
         default=0.05,
         help="fraction of labels unusable under the policy (--multilabel; 0.05: uncertain left out, blank = 0)",
     )
+    ap.add_argument("--streaming", action="store_true", help="resident vs streamed images: peak memory and speed at two sizes")
+    ap.add_argument("--sizes", default="5000,40000", help="dataset sizes (images) for --streaming")
+    ap.add_argument("--child-root", help=argparse.SUPPRESS)
+    ap.add_argument("--child-mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_root:
+        return streaming_child(args)
+    if args.streaming:
+        return streaming(args)
     if args.multilabel:
         return multilabel(args)
 

@@ -187,10 +187,12 @@ def _adapter_base(cfg) -> tuple[str | None, bool]:
 def _resolve_train(cfg, paths: Paths, derived):
     import torch
 
+    from cxr_pipeline.vision.images import default_workers
     from cxr_pipeline.vision.train import resolve_precision
 
     precision = resolve_precision(cfg.precision, torch.device(resolve(paths, "compute").device))
-    return dataclasses.replace(cfg, size=cfg.size or int(env("CXR_IMAGE_SIZE")), precision=precision)
+    workers = default_workers() if cfg.loader_workers is None else cfg.loader_workers
+    return dataclasses.replace(cfg, size=cfg.size or int(env("CXR_IMAGE_SIZE")), precision=precision, loader_workers=workers)
 
 
 def _resolve_adapter(cfg, paths: Paths, derived):

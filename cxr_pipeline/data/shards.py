@@ -424,41 +424,71 @@ def load_images(shard_root: Path, manifest: pl.DataFrame, size: int, device: str
     """
     import torch
 
-    idx = read_index(shard_root).select("dicom_id", "partition", "shard", "offset", "content_hash")
-    rows = manifest.drop("content_hash", strict=False).join(idx, on="dicom_id", how="inner", maintain_order="left")
-    images = torch.from_numpy(gather(shard_root, rows, size))
+    lazy, rows = open_images(shard_root, manifest, size)
+    images = torch.from_numpy(lazy.take(np.arange(len(lazy))))
     if device is not None and device != "cpu":
         images = images.pin_memory().to(device, non_blocking=True) if str(device).startswith("cuda") else images.to(device)
-    return images, rows.drop("partition", "shard", "offset")
+    return images, rows
 
 
-class ShardImages:
-    """The images of some index rows, read from the memory-mapped shards one at a time, on demand.
+class StreamedImages:
+    """Images named by (shard file, offset), read on demand from the memory-mapped shards.
 
-    What ``load_images`` returns in one array, for consumers that want a few images at a
-    time out of many (the report adapter's training pairs): memory stays one shard map
-    per file, not the images.
+    What ``load_images`` returns in one array, for consumers that must not hold the images: the
+    report adapter's training pairs (one image at a time, ``images[i]``) and a classifier too large
+    for memory (a batch at a time, ``take``; ``vision.images``). Memory stays one map per shard
+    file. Picklable without its maps (each loader worker opens its own).
     """
 
-    def __init__(self, shard_root: Path, index_rows: pl.DataFrame, size: int):
-        self.root, self.size = Path(shard_root), size
-        self.files = [f"{p}/{s}" for p, s in index_rows.select("partition", "shard").iter_rows()]
-        self.offsets = index_rows["offset"].to_numpy()
+    def __init__(self, root: Path, files: np.ndarray, offsets: np.ndarray, size: int):
+        self.root, self.files, self.offsets, self.size = Path(root), files, offsets, size
         self._maps: dict[str, np.memmap] = {}
 
-    def __len__(self) -> int:
-        return len(self.files)
+    @classmethod
+    def of_rows(cls, root: Path, rows: pl.DataFrame, size: int) -> StreamedImages:
+        """The images of index rows (columns ``partition, shard, offset``), in row order."""
+        files = np.array([f"{p}/{s}" for p, s in rows.select("partition", "shard").iter_rows()], dtype=object)
+        return cls(root, files, rows["offset"].to_numpy().astype(np.int64), size)
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        f = self.files[i]
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": {}}
+
+    def _map(self, f: str) -> np.memmap:
         mm = self._maps.get(f)
         if mm is None:
             mm = self._maps[f] = np.memmap(self.root / f, dtype=np.uint8, mode="r").reshape(-1, self.size, self.size)
-        return np.array(mm[self.offsets[i]])
+        return mm
+
+    def __getitem__(self, i) -> np.ndarray:
+        """One image (an int) or several (a list or array of positions), as numpy."""
+        if np.ndim(i):
+            return self.take(np.asarray(i))
+        return np.array(self._map(self.files[i])[self.offsets[i]])
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """The images at positions ``idx`` (in that order) as one (b, size, size) uint8 array, each file read in offset order."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty((len(idx), self.size, self.size), dtype=np.uint8)
+        files = self.files[idx]
+        for f in dict.fromkeys(files.tolist()):
+            at = np.flatnonzero(files == f)
+            at = at[np.argsort(self.offsets[idx[at]], kind="stable")]
+            out[at] = self._map(f)[self.offsets[idx[at]]]
+        return out
+
+    def subset(self, idx: np.ndarray) -> StreamedImages:
+        return StreamedImages(self.root, self.files[idx], self.offsets[idx], self.size)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.size * self.size
 
 
-def lazy_images(shard_root: Path, manifest: pl.DataFrame, size: int) -> tuple[ShardImages, pl.DataFrame]:
-    """``load_images`` without loading: a ``ShardImages`` aligned with the returned rows."""
+def open_images(shard_root: Path, manifest: pl.DataFrame, size: int) -> tuple[StreamedImages, pl.DataFrame]:
+    """``load_images`` without loading: ``StreamedImages`` aligned with the returned rows (with ``content_hash``)."""
     idx = read_index(shard_root).select("dicom_id", "partition", "shard", "offset", "content_hash")
     rows = manifest.drop("content_hash", strict=False).join(idx, on="dicom_id", how="inner", maintain_order="left")
-    return ShardImages(shard_root, rows, size), rows.drop("partition", "shard", "offset")
+    return StreamedImages.of_rows(shard_root, rows, size), rows.drop("partition", "shard", "offset")

@@ -165,10 +165,10 @@ def classifier(
     label_slug, paths = context.partition_key, storage.paths
     cfg: TrainConfig = run_settings(context, paths)
     device, files, shards = compute.torch_device(paths), paths.classifier(label_slug), image_shards.root(cfg.size)
-    data = load_data(manifest, shards, label_slug, cfg)
-    context.log.info(f"{data.label}: {data.counts} on {compute.describe(paths)}")
+    data = load_data(manifest, shards, label_slug, cfg, device)
+    context.log.info(f"{data.label}: {data.counts} on {compute.describe(paths)}, images {data.mode}")
     with mlflow.run(context, {"pathology": data.label}) as run:
-        run.log_params({**params(cfg), **compute.params(paths), **data.counts})
+        run.log_params({**params(cfg), **compute.params(paths), **data.counts, "images": data.mode})
         if data.untrainable_reason:  # rare labels on small subsets: record why, keep no model, never crash the backfill
             context.log.warning(f"{data.label}: {data.untrainable_reason}")
             record_untrainable(data, files)
@@ -179,7 +179,7 @@ def classifier(
         outcome = fit_and_save(data, manifest, shards, cfg, device, files, log=context.log.info, on_epoch=_epoch_logger(run))
         _log_fit(run, outcome)
         reg = _register(run, data, outcome.row)
-        sheet = _saliency(run, files.checkpoint, data.splits["test"].images.numpy(), *outcome.test_curve, files.saliency)
+        sheet = _saliency(run, files.checkpoint, data.splits["test"].images, *outcome.test_curve, files.saliency)
     context.log.info(f"registered {_registered(reg)}")
     return dg.MaterializeResult(metadata=asset_metadata(run, **_fit_metadata(outcome, reg, files), **sheet, **resolved_metadata(cfg)))
 
@@ -241,11 +241,11 @@ def multilabel_classifier(
     paths = storage.paths
     cfg: MultilabelSettings = run_settings(context, paths)  # the classifier section, then this asset's own
     device, files, shards = compute.torch_device(paths), paths.classifier(MULTILABEL), image_shards.root(cfg.size)
-    data = load_multilabel_data(manifest, shards, cfg)
+    data = load_multilabel_data(manifest, shards, cfg, device)
     counts = {f"n_{s}": data.splits[s].rows.height for s in ("train", "validate", "test")}
-    context.log.info(f"multi-label: {counts} on {compute.describe(paths)}")
+    context.log.info(f"multi-label: {counts} on {compute.describe(paths)}, images {data.mode}")
     with mlflow.run(context, {"model": MULTILABEL}) as run:
-        run.log_params({**params(cfg), **compute.params(paths), **counts})
+        run.log_params({**params(cfg), **compute.params(paths), **counts, "images": data.mode})
         _log_datasets(run, data, cfg.size, shards, [f"t_{s}" for s in SLUGS])
         rows, result = fit_multilabel(data, manifest, shards, cfg, device, files, log=context.log.info, on_epoch=_epoch_logger(run))
         run.log_metrics(
@@ -255,7 +255,7 @@ def multilabel_classifier(
         run.log_dict({"rows": rows}, "metrics.json")
         test = data.splits["test"]
         p_test = test.rows.select("dicom_id").join(pl.read_parquet(files.predictions), on="dicom_id", how="left").select(SLUGS)
-        sheet = _saliency(run, files.checkpoint, test.images.numpy(), test.targets.numpy(), p_test.to_numpy(), files.saliency)
+        sheet = _saliency(run, files.checkpoint, test.images, test.targets.numpy(), p_test.to_numpy(), files.saliency)
         reg = _register_multilabel(run, data, rows)
         hints = _report_hints(run, data, cfg, device, files, context.log.info)
     md = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1)}

@@ -315,7 +315,7 @@ class MllamaCollator:
 
 @dataclass
 class TrainingPairs:
-    """(image, prompt, report) examples as a map-style dataset; ``images`` may be lazy (``data.shards.ShardImages``)."""
+    """(image, prompt, report) examples as a map-style dataset; ``images`` may be lazy (``data.shards.StreamedImages``)."""
 
     images: Sequence
     prompts: Sequence[str]
@@ -405,12 +405,12 @@ def adapter_training_set(pairs, shard_root: Path, cfg: AdapterConfig, hints=None
     and ``hints`` (probabilities per ``dicom_id``) are given."""
     import polars as pl
 
-    from cxr_pipeline.data.shards import lazy_images
+    from cxr_pipeline.data.shards import open_images
 
     train = pairs.filter(pl.col("split") == "train")
     if cfg.max_train_pairs is not None:
         train = train.sample(min(cfg.max_train_pairs, train.height), seed=cfg.seed)
-    images, rows = lazy_images(shard_root, train, cfg.size)
+    images, rows = open_images(shard_root, train, cfg.size)
     prompts, variant = prompts_for(rows, hints, cfg.use_classifier_findings, thresholds)
     return TrainingPairs(images, prompts, rows["text"].to_list()), rows, variant
 
@@ -513,7 +513,7 @@ def train_adapter(
         ),
     )
     # TRL wants a datasets.Dataset; it holds only the row number, prompt and report, and the collator
-    # reads each batch's images (from the shards, for ``TrainingPairs`` built on ``ShardImages``). Images
+    # reads each batch's images (from the shards, for ``TrainingPairs`` built on ``StreamedImages``). Images
     # stored in the dataset as Python lists cost ~1.8 MB per 224-px image, ~85 GB at MIMIC's 47k pairs.
     pairs = train_examples if isinstance(train_examples, TrainingPairs) else TrainingPairs.from_examples(train_examples)
     ds = Dataset.from_dict({"idx": list(range(len(pairs))), "prompt": list(pairs.prompts), "report": list(pairs.reports)})

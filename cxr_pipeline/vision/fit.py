@@ -28,7 +28,7 @@ import polars as pl
 
 from cxr_pipeline.config import setting
 from cxr_pipeline.data.io import atomic_path, write_parquet
-from cxr_pipeline.data.shards import load_images
+from cxr_pipeline.data.shards import open_images
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
 from cxr_pipeline.settings import ClassifierFiles, ClassifierSet
 from cxr_pipeline.vision.evaluate import REFERENCE_AUC, evaluate, roc_auc_or_nan, save_curves, stored_threshold
@@ -38,6 +38,7 @@ from cxr_pipeline.vision.train import (
     NORMALISE_STD,
     TrainConfig,
     TrainResult,
+    loader_workers,
     predict,
     train,
 )
@@ -66,9 +67,14 @@ class MultilabelConfig(TrainConfig):
 
 @dataclass
 class Split:
-    images: object  # uint8 tensor (n, size, size)
+    images: object  # vision.images: resident (uint8 tensor (n, size, size)) or streamed from the shards
     targets: object  # float tensor (n,)
     rows: pl.DataFrame  # manifest rows aligned with the images (with content_hash)
+
+    def __post_init__(self) -> None:
+        from cxr_pipeline.vision.images import as_images
+
+        self.images = as_images(self.images)  # a tensor in hand is resident
 
 
 @dataclass
@@ -81,6 +87,7 @@ class ClassifierData:
     blank: str
     splits: dict[str, Split]  # train / validate / test (automatic labels) / radiologist
     label_source: str = "chexpert"  # the automatic labels' source (the manifest's label_source)
+    mode: str = "resident"  # where the images are: resident or streamed (``vision.images.choose_mode``)
 
     @property
     def label(self) -> str:
@@ -117,9 +124,21 @@ def _label_source(manifest: pl.DataFrame) -> str:
     return manifest["label_source"][0] if manifest.height and "label_source" in manifest.columns else "chexpert"
 
 
-def load_data(manifest: pl.DataFrame, shard_root: Path, label_slug: str, cfg: TrainConfig) -> ClassifierData:
+def _place_splits(named_rows: list[tuple[str, pl.DataFrame]], shard_root: Path, cfg: TrainConfig, device, target) -> tuple[dict, str]:
+    """Each split's shard images (resident or streamed, one decision for all: ``cfg.data``, ``cfg.memory_budget``)
+    with its targets (``target(rows)``)."""
+    import torch
+
+    from cxr_pipeline.vision.images import place
+
+    opened = [(name, *open_images(shard_root, rows, cfg.size)) for name, rows in named_rows]
+    placed, mode = place([o[1] for o in opened], cfg.data, torch.device(device or "cpu"), cfg.memory_budget)
+    return {name: Split(imgs, target(rows), rows) for (name, _, rows), imgs in zip(opened, placed, strict=True)}, mode
+
+
+def load_data(manifest: pl.DataFrame, shard_root: Path, label_slug: str, cfg: TrainConfig, device=None) -> ClassifierData:
     """The label's targets under the policy (``cfg.uncertain``, ``cfg.blank``), joined with the shard images
-    (``cfg.size``, resolved) of each split."""
+    (``cfg.size``, resolved) of each split: resident on ``device`` or streamed (``cfg.data``)."""
     import torch
 
     size, uncertain, blank = cfg.size, cfg.uncertain, cfg.blank
@@ -133,13 +152,9 @@ def load_data(manifest: pl.DataFrame, shard_root: Path, label_slug: str, cfg: Tr
     )
     if rad is not None:
         rad = targets(rad.with_columns(pl.col(f"radiologist_{label_slug}").alias(label_slug)), label_slug, uncertain, "zeros")
-    splits = {}
-    for name, rows in [*((s, usable.filter(pl.col("split") == s)) for s in SPLITS), (RADIOLOGIST, rad)]:
-        if rows is None:
-            rows = usable.clear()
-        imgs, rows = load_images(shard_root, rows, size)
-        splits[name] = Split(imgs, torch.tensor(rows["target"].to_numpy(), dtype=torch.float32), rows)
-    return ClassifierData(label_slug, size, uncertain, blank, splits, _label_source(manifest))
+    named = [*((s, usable.filter(pl.col("split") == s)) for s in SPLITS), (RADIOLOGIST, rad if rad is not None else usable.clear())]
+    splits, mode = _place_splits(named, shard_root, cfg, device, lambda rows: torch.tensor(rows["target"].to_numpy(), dtype=torch.float32))
+    return ClassifierData(label_slug, size, uncertain, blank, splits, _label_source(manifest), mode)
 
 
 EVAL_PRECISION = "fp32"
@@ -218,7 +233,7 @@ def fit_and_save(
     def probs(images):
         # fp32 whatever the training precision: bf16 logits have 8 significant bits, and the ties
         # they create move ROC-AUC and the chosen threshold
-        return predict(result.model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last)
+        return predict(result.model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg))
 
     p_val, p_test, p_rad = probs(sp["validate"].images), probs(sp["test"].images), probs(sp[RADIOLOGIST].images)
     y_test, y_val = sp["test"].targets.numpy(), sp["validate"].targets.numpy()
@@ -236,8 +251,9 @@ def fit_and_save(
         rad["reason"] = "no radiologist-labelled test images"
     rad_row = {**rad, **common, "test_labels": RADIOLOGIST}
 
-    # every manifest image that has a shard gets a probability (report generation uses them)
-    all_imgs, all_rows = load_images(shard_root, manifest.select("dicom_id", "split"), data.size)
+    # every manifest image that has a shard gets a probability (report generation uses them), streamed in
+    # order from the shards: never a second copy of the images
+    all_imgs, all_rows = open_images(shard_root, manifest.select("dicom_id", "split"), data.size)
     write_parquet(
         all_rows.select("dicom_id", "split").with_columns(pl.Series("prob", probs(all_imgs), dtype=pl.Float32)), files.predictions
     )
@@ -284,7 +300,7 @@ def trained_with(cfg: TrainConfig, size: int) -> dict:
 
     from cxr_pipeline.config import record
 
-    return record(dataclasses.replace(cfg, size=size))
+    return record(dataclasses.replace(cfg, size=size, loader_workers=loader_workers(cfg)))
 
 
 def metrics_table(paths: ClassifierSet) -> pl.DataFrame:
@@ -405,6 +421,7 @@ class MultilabelData:
     blank: str
     splits: dict[str, Split]
     label_source: str = "chexpert"
+    mode: str = "resident"
 
     def digest(self) -> str:
         h = hashlib.sha256(f"{MULTILABEL}:{self.size}:{self.uncertain}:{self.blank}\n".encode())
@@ -424,8 +441,8 @@ def _target_matrix(rows: pl.DataFrame, uncertain: str, blank: str) -> pl.DataFra
     return out
 
 
-def load_multilabel_data(manifest: pl.DataFrame, shard_root: Path, cfg: TrainConfig) -> MultilabelData:
-    """All 14 labels' targets under the policy, joined with the shard images of each split."""
+def load_multilabel_data(manifest: pl.DataFrame, shard_root: Path, cfg: TrainConfig, device=None) -> MultilabelData:
+    """All 14 labels' targets under the policy, joined with the shard images of each split (resident or streamed)."""
     import torch
 
     size, uncertain, blank = cfg.size, cfg.uncertain, cfg.blank
@@ -437,13 +454,14 @@ def load_multilabel_data(manifest: pl.DataFrame, shard_root: Path, cfg: TrainCon
     if "radiologist_labelled" in manifest.columns:
         rad = manifest.filter((pl.col("split") == "test") & pl.col("radiologist_labelled"))
         rad = _target_matrix(rad.with_columns(pl.col(f"radiologist_{s}").alias(s) for s in SLUGS), uncertain, "zeros")
-    splits = {}
-    for name, rows in [*((s, m.filter(pl.col("split") == s)) for s in SPLITS), (RADIOLOGIST, rad)]:
-        rows = m.clear() if rows is None else rows
-        imgs, rows = load_images(shard_root, rows, size)
+
+    def target(rows: pl.DataFrame):
         y = rows.select(tcols).to_numpy().astype("float32") if rows.height else torch.zeros(0, len(SLUGS)).numpy()
-        splits[name] = Split(imgs, torch.from_numpy(y).reshape(-1, len(SLUGS)), rows)
-    return MultilabelData(size, uncertain, blank, splits, _label_source(manifest))
+        return torch.from_numpy(y).reshape(-1, len(SLUGS))
+
+    named = [*((s, m.filter(pl.col("split") == s)) for s in SPLITS), (RADIOLOGIST, m.clear() if rad is None else rad)]
+    splits, mode = _place_splits(named, shard_root, cfg, device, target)
+    return MultilabelData(size, uncertain, blank, splits, _label_source(manifest), mode)
 
 
 def fit_multilabel(
@@ -470,7 +488,7 @@ def fit_multilabel(
     )  # fmt: skip
 
     def probs(images):
-        p = predict(result.model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last)
+        p = predict(result.model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg))
         return p.reshape(-1, len(SLUGS))
 
     p_val, p_test, p_rad = probs(sp["validate"].images), probs(sp["test"].images), probs(sp[RADIOLOGIST].images)
@@ -488,7 +506,7 @@ def fit_multilabel(
             rows.append({**row, **common, "test_labels": source})
         thresholds[s] = rows[-2]["threshold"]
 
-    all_imgs, all_rows = load_images(shard_root, manifest.select("dicom_id", "split"), data.size)
+    all_imgs, all_rows = open_images(shard_root, manifest.select("dicom_id", "split"), data.size)  # streamed, as above
     p_all = probs(all_imgs)
     write_parquet(
         all_rows.select("dicom_id", "split").with_columns(pl.Series(s, p_all[:, j], dtype=pl.Float32) for j, s in enumerate(SLUGS)),
@@ -535,8 +553,12 @@ def fit_out_of_fold(
             continue
         if log:
             log(f"out-of-fold model {f + 1}/{k}: trains on {len(outside)} images, predicts {len(inside)}")
-        res = train(sp.images[outside], sp.targets[outside], data.splits["validate"].images, data.splits["validate"].targets, cfg, device)
-        p = predict(res.model, sp.images[inside], device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last).reshape(-1, len(SLUGS))
+        val = data.splits["validate"]
+        res = train(sp.images.subset(outside), sp.targets[outside], val.images, val.targets, cfg, device)  # a view, not a copy
+        p = predict(
+            res.model, sp.images.subset(inside), device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg)
+        )
+        p = p.reshape(-1, len(SLUGS))
         ids = rows["dicom_id"].to_numpy()
         trained_on[f] = set(ids[outside].tolist())
         part = pl.DataFrame({"dicom_id": ids[inside], "fold": np.full(len(inside), f, dtype=np.int32)})

@@ -32,6 +32,7 @@ from cxr_pipeline.data.io import atomic_path
 NORMALISE_MEAN = 0.5
 NORMALISE_STD = 0.5
 RESUME_FILE = "resume.pt"
+NOT_TRAINED = ("bootstrap", "eval_batch_size", "data", "memory_budget", "loader_workers")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,15 @@ class TrainConfig:
     uncertain: str = setting("ignore", "uncertain (-1) labels: ignore (left out), zeros (U-Zeros) or ones (U-Ones)")
     blank: str = setting("zeros", "blank (not mentioned) labels: zeros (negative) or ignore (left out)")
     bootstrap: int = setting(1000, "bootstrap resamples (by patient) for the test metrics' 95% intervals")
+    data: str = setting(
+        "auto",
+        "where the images are while training and predicting: resident (the splits in one tensor on the device), "
+        "streamed (read from the memory-mapped shards batch by batch), or auto (resident when it fits memory_budget)",
+    )
+    memory_budget: float = setting(0.5, "share of the free memory (the GPU's on CUDA, else the host's) resident images may take")
+    loader_workers: int | None = setting(
+        None, "processes reading streamed batches ahead (0: the training process)", auto="half the cores, at most 8"
+    )
 
     def __post_init__(self) -> None:
         if self.imbalance not in ("pos_weight", "sampler", "none"):
@@ -68,12 +78,17 @@ class TrainConfig:
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, not {self.precision!r}")
         at_least_one(self, "steps_per_epoch", "size")
+        if self.data not in ("auto", "resident", "streamed"):
+            raise ValueError(f"data must be auto, resident or streamed, not {self.data!r}")
+        if not 0 < self.memory_budget <= 1:
+            raise ValueError(f"memory_budget must be a share of free memory in (0, 1], not {self.memory_budget}")
 
     def fingerprint(self) -> str:
         import hashlib
 
-        # what the trained weights depend on (a resumed run must match it); evaluation-only fields are left out
-        trained = {k: v for k, v in asdict(self).items() if k not in ("bootstrap", "eval_batch_size")}
+        # what the trained weights depend on (a resumed run must match it): evaluation-only fields and where
+        # the images are read from (both modes train the same model) are left out
+        trained = {k: v for k, v in asdict(self).items() if k not in NOT_TRAINED}
         return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -150,15 +165,21 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
-def predict(model, images, device, batch_size: int = 128, precision: str = "fp32", channels_last: bool = True) -> np.ndarray:
-    """Probabilities (n,) for uint8 images (n, s, s), computed on ``device`` (the model is moved there)."""
+def predict(
+    model, images, device, batch_size: int = 128, precision: str = "fp32", channels_last: bool = True, workers: int = 0
+) -> np.ndarray:
+    """Probabilities (n,) (or (n, k)) for uint8 images (n, s, s): a tensor, or resident or streamed
+    ``vision.images``; computed on ``device`` (the model is moved there)."""
     import torch
 
+    from cxr_pipeline.vision.images import as_images, batches, sequential
+
+    images = as_images(images)
     model.to(device).eval()
     probs = []
     with torch.no_grad(), autocast(device, precision):
-        for i in range(0, images.shape[0], batch_size):
-            x = to_input(images[i : i + batch_size], device, channels_last)
+        for xb in batches(images, sequential(len(images), batch_size), device, workers):
+            x = to_input(xb, device, channels_last)
             probs.append(torch.sigmoid(model(x).float().squeeze(1)).cpu())
     return torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
 
@@ -202,7 +223,7 @@ def mean_auc(y: np.ndarray, p: np.ndarray) -> float:
 def evaluate_loss(model, images, targets, device, cfg: TrainConfig, precision: str) -> tuple[float, np.ndarray]:
     import torch
 
-    p = predict(model, images, device, cfg.eval_batch_size, precision, cfg.channels_last)
+    p = predict(model, images, device, cfg.eval_batch_size, precision, cfg.channels_last, loader_workers(cfg))
     if len(p) == 0:
         return float("nan"), p.reshape(tuple(targets.shape))
     pt = torch.from_numpy(p).double().clamp(1e-7, 1 - 1e-7)
@@ -308,11 +329,21 @@ def _build_trainer(cfg: TrainConfig, device, n: int, precision: str, outputs: in
     return _Trainer(model, opt, sched, scaler, torch.Generator().manual_seed(cfg.seed))
 
 
+def loader_workers(cfg: TrainConfig) -> int:
+    """The configured loader processes (a recipe built without resolution: the default)."""
+    from cxr_pipeline.vision.images import default_workers
+
+    return default_workers() if cfg.loader_workers is None else cfg.loader_workers
+
+
 def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, precision: str, pos_weight) -> float:
-    """One pass over the training split; returns the mean training loss."""
+    """One pass over the training split; returns the mean training loss. The batch order and the
+    augmentation come from the trainer's generator here, whatever reads the images (``vision.images``)."""
     import torch
 
-    n = int(train_images.shape[0])
+    from cxr_pipeline.vision.images import batches
+
+    n = len(train_images)
     n_pos = float(y_train.sum()) if y_train.dim() == 1 else 0.0  # the sampler balances one label only
     micro_per_epoch = micro_batches(n, cfg.batch_size, cfg.accumulation, cfg.steps_per_epoch)
     t.model.train()
@@ -323,9 +354,10 @@ def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, p
         order = torch.randperm(n, generator=t.gen)
     running, seen = 0.0, 0
     t.opt.zero_grad(set_to_none=True)
-    for k in range(micro_per_epoch):
-        idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-        x = to_input(train_images[idx], device, cfg.channels_last)
+    index_batches = [order[k * cfg.batch_size : (k + 1) * cfg.batch_size] for k in range(micro_per_epoch)]
+    read = batches(train_images, [i.numpy() for i in index_batches], device, loader_workers(cfg))
+    for k, (idx, xb) in enumerate(zip(index_batches, read, strict=True)):
+        x = to_input(xb, device, cfg.channels_last)
         x = augment(x, cfg.rotation, cfg.hflip, t.gen)
         y = y_train[idx].to(device)
         with autocast(device, precision):
@@ -357,6 +389,7 @@ def train(
 ) -> TrainResult:
     """Train with early stopping; returns the best-validation-loss model.
 
+    Images are a uint8 tensor or ``vision.images`` (resident or streamed: the same model either way).
     ``train_targets`` (n,) trains one logit; (n, k) with NaN for unusable labels trains k
     logits with the masked loss (the multi-label model).
 
@@ -368,10 +401,13 @@ def train(
     """
     import torch
 
+    from cxr_pipeline.vision.images import as_images
+
     say = log or (lambda _m: None)
     t_start = time.perf_counter()
     precision = resolve_precision(cfg.precision, device)
-    n = int(train_images.shape[0])
+    train_images, val_images = as_images(train_images), as_images(val_images)
+    n = len(train_images)
     y_train = train_targets.float()
     outputs = 1 if y_train.dim() == 1 else int(y_train.shape[1])
     t = _build_trainer(cfg, device, n, precision, outputs)

@@ -186,17 +186,20 @@ def test_load_images_aligns_with_manifest_rows(replica_copy, items, tmp_path):
         np.testing.assert_array_equal(imgs[k].numpy(), prepare(replica_copy / rel, SIZE))
 
 
-def test_lazy_images_read_what_load_images_loads(replica_copy, items, tmp_path):
-    from cxr_pipeline.data.shards import lazy_images
+def test_open_images_read_what_load_images_loads(replica_copy, items, tmp_path):
+    from cxr_pipeline.data.shards import open_images
 
     root = tmp_path / "shards"
     build(replica_copy, root / items["part"][0], items, images_per_shard=4)  # several shard files
     sel = items.sample(10, seed=2)
     eager, rows = load_images(root, sel, SIZE)
-    lazy, lazy_rows = lazy_images(root, sel, SIZE)
+    lazy, lazy_rows = open_images(root, sel, SIZE)
     assert lazy_rows.equals(rows) and len(lazy) == 10 and not lazy._maps  # nothing read yet
     for k in range(10):
         np.testing.assert_array_equal(lazy[k], eager[k].numpy())
+    shuffled = np.array([7, 2, 9, 2, 0])  # across shard files, out of order, one repeated
+    np.testing.assert_array_equal(lazy.take(shuffled), eager.numpy()[shuffled])
+    np.testing.assert_array_equal(lazy.subset(shuffled[:3]).take(np.array([2, 0])), eager.numpy()[[9, 7]])
 
 
 def test_partition_of():

@@ -294,3 +294,46 @@ def test_multilabel_training_learns_two_findings_with_missing_labels():
     aucs = [roc_auc_or_nan(yte[:, j].numpy(), p[:, j]) for j in range(2)]
     assert min(aucs) > 0.8, aucs
     assert res.history[-1]["val_auc"] == res.history[-1]["val_auc"]  # the mean over labels, not NaN
+
+
+def _as_shards(tmp_path, images: torch.Tensor, per_file: int = 50):
+    """The tensor written as shard files (``per_file`` images each), opened as streamed images."""
+    from cxr_pipeline.data.shards import StreamedImages
+
+    n, size = images.shape[0], images.shape[1]
+    (tmp_path / "p10").mkdir(parents=True, exist_ok=True)
+    files, offsets = [], []
+    for k, start in enumerate(range(0, n, per_file)):
+        images[start : start + per_file].numpy().tofile(tmp_path / "p10" / f"shard-{k:05d}.u8")
+        files += [f"p10/shard-{k:05d}.u8"] * len(images[start : start + per_file])
+        offsets += list(range(len(images[start : start + per_file])))
+    return StreamedImages(tmp_path, np.array(files, dtype=object), np.array(offsets), size)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streamed_images_train_the_same_model_as_resident_ones(effusion, tmp_path, workers):
+    """Same seed, same batches, same augmentation, same weights and validation curve, whether the split is one
+    tensor in memory or read batch by batch from the memory-mapped shards (in loader worker processes or not)."""
+    xtr, ytr, xva, yva, *_ = effusion
+    cfg = TrainConfig(**{**FAST.__dict__, "epochs": 2, "loader_workers": workers})
+    resident = train(xtr, ytr, xva, yva, cfg, CPU)
+    streamed = train(_as_shards(tmp_path / "tr", xtr), ytr, _as_shards(tmp_path / "va", xva), yva, cfg, CPU)
+    assert [r["val_loss"] for r in streamed.history] == [r["val_loss"] for r in resident.history]
+    for (k, a), b in zip(resident.model.state_dict().items(), streamed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_the_data_mode_follows_the_memory_budget(effusion, tmp_path):
+    from cxr_pipeline.vision.images import ResidentImages, choose_mode, place
+
+    xtr, *_ = effusion
+    lazy = _as_shards(tmp_path, xtr)
+    assert choose_mode("auto", lazy.nbytes, CPU, 0.5) == "resident"  # 384 kB fits any host
+    assert choose_mode("auto", 10**16, CPU, 0.5) == "streamed"  # 10 PB does not
+    assert choose_mode("streamed", 1, CPU, 0.5) == "streamed"  # as configured, whatever fits
+    (placed,), mode = place([lazy], "resident", CPU, 0.5)
+    assert mode == "resident" and isinstance(placed, ResidentImages) and torch.equal(placed.tensor, xtr)
+    sub = placed.subset(np.array([5, 3])).subset(np.array([1]))  # a view of a view: image 3
+    assert torch.equal(sub.take(np.array([0])), xtr[[3]]) and np.array_equal(lazy.subset(np.array([5, 3]))[1], xtr[3].numpy())
+    with pytest.raises(ValueError, match="data must be"):
+        TrainConfig(data="gpu")
