@@ -87,7 +87,7 @@ def warm(pool: ProcessPoolExecutor, workers: int) -> float:
     from cxr_pipeline.data.decode_worker import work
 
     t0 = time.perf_counter()
-    list(pool.map(work, ["."] * workers * 2, [224] * workers * 2, [[]] * workers * 2))
+    list(pool.map(work, ["."] * workers * 2, [[]] * workers * 2))
     return time.perf_counter() - t0
 
 

@@ -22,24 +22,27 @@ def content_hash(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def _decode_one(rel: str, data, size: int) -> tuple:
-    """(pixels, rows, cols, reason) for one file's bytes (or memory map)."""
+def _decode_one(rel: str, data, sizes: list[int]) -> tuple:
+    """(pixels per size, rows, cols, reason) for one file's bytes (or memory map): decoded once, at the
+    resolution the largest size needs, and letterboxed to each size from that one decode."""
     try:
-        dec = decode_native_reduced(data, size, rel) if rel.lower().endswith(".dcm") else None
+        top = max(sizes)
+        dec = decode_native_reduced(data, top, rel) if rel.lower().endswith(".dcm") else None
         if dec is None:
-            dec = decode(bytes(data), min_size=size, name=rel)
-        return letterbox(dec.image, size).tobytes(), dec.rows, dec.cols, None
+            dec = decode(bytes(data), min_size=top, name=rel)
+        return {s: letterbox(dec.image, s).tobytes() for s in sizes}, dec.rows, dec.cols, None
     except DecodeError as e:
         return None, 0, 0, str(e).removeprefix(f"{rel}: ")
     except Exception as e:  # never fail the partition for one image
         return None, 0, 0, f"decode failed ({type(e).__name__})"
 
 
-def work(root: str, size: int, tasks: list[tuple[int, str, str | None]]) -> list[tuple]:
-    """Read, hash and (unless the hash is already known) decode + letterbox.
+def work(root: str, tasks: list[tuple[int, str, dict[int, str | None]]]) -> list[tuple]:
+    """Read, hash and decode + letterbox at the sizes whose indexed hash differs.
 
-    Returns per task (i, hash, pixels bytes | None, rows, cols, reason | None);
-    pixels None with reason None means "unchanged content". Files are memory-mapped:
+    A task is (i, relative path, {size: that size's indexed content hash, or None}). Returns per task
+    (i, hash, {size: pixel bytes} | None, rows, cols, reason | None); a size left out of the pixels
+    (or pixels None with reason None) means "unchanged content" at that size. Files are memory-mapped:
     hashing and the uncompressed fast path read the page cache in place, no copy.
     """
     out = []
@@ -51,10 +54,11 @@ def work(root: str, size: int, tasks: list[tuple[int, str, str | None]]) -> list
                     continue
                 with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ, flags=_MAP_FLAGS) as mm:
                     h = content_hash(mm)
-                    if known is not None and h == known:
+                    need = sorted(s for s, k in known.items() if k != h)
+                    if not need:
                         out.append((i, h, None, 0, 0, None))
                         continue
-                    px, rows, cols, reason = _decode_one(rel, mm, size)
+                    px, rows, cols, reason = _decode_one(rel, mm, need)
         except FileNotFoundError:
             out.append((i, None, None, 0, 0, "file missing"))
             continue

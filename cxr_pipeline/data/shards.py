@@ -138,27 +138,27 @@ def decoder_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _run_tasks(
-    root: Path, size: int, tasks: list[tuple[int, str, str | None]], workers: int, chunk: int, pool: ProcessPoolExecutor | None = None
+    root: Path, tasks: list[tuple[int, str, dict]], workers: int, chunk: int, pool: ProcessPoolExecutor | None = None
 ) -> Iterable[tuple]:
     """Yield worker results in task order, keeping a bounded number of chunks in flight."""
     chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
     if pool is None and (workers <= 1 or len(tasks) <= chunk):
         init_worker()
         for c in chunks:
-            yield from work(str(root), size, c)
+            yield from work(str(root), c)
         return
     with contextlib.nullcontext(pool) if pool is not None else decoder_pool(workers) as ex:
         pending: deque[Future] = deque()
         it = iter(chunks)
         for c in it:
-            pending.append(ex.submit(work, str(root), size, c))
+            pending.append(ex.submit(work, str(root), c))
             if len(pending) >= 4 * workers:
                 break
         while pending:
             yield from pending.popleft().result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(ex.submit(work, str(root), size, nxt))
+                pending.append(ex.submit(work, str(root), nxt))
 
 
 # ------------------------------------------------------------------ builder
@@ -283,55 +283,82 @@ def build_partition(
     progress: Callable[[int, int], None] | None = None,
     pool: ProcessPoolExecutor | None = None,
 ) -> BuildResult:
-    """Bring the shards in ``out`` up to date with ``items`` (columns ``dicom_id, path``).
+    """Bring the shards in ``out`` up to date with ``items`` (columns ``dicom_id, path``): ``build_sizes`` at one size."""
+    return build_sizes(root, {spec.size: Path(out)}, items, spec, progress, pool)[spec.size]
 
-    ``pool``: an already started ``decoder_pool`` to use instead of starting one
-    (a long-lived caller building many partitions pays process start-up once).
+
+def build_sizes(
+    root: Path,
+    outs: dict[int, Path],
+    items: pl.DataFrame,
+    spec: ShardSpec,
+    progress: Callable[[int, int], None] | None = None,
+    pool: ProcessPoolExecutor | None = None,
+) -> dict[int, BuildResult]:
+    """Bring one partition's shards at every size in ``outs`` (size -> folder) up to date with ``items``.
+
+    Each file that any size needs is read and decoded **once**, at the resolution the largest size
+    needing it asks for, and letterboxed to each of those sizes from that decode: two sizes cost one
+    decode, not two; a size added later decodes only its own missing images (the others' are
+    unchanged). ``spec`` gives the shard length, workers and chunking (its ``size`` is ignored).
+    ``pool``: an already started ``decoder_pool`` (a long-lived caller pays process start-up once).
     """
     t0 = time.perf_counter()
-    root, out = Path(root), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_spec(out, spec)
-    index = _read_or_empty(out / INDEX, INDEX_SCHEMA)
-    orphans = _clean(out, index)
-    plan = plan_partition(root, items, index, _read_or_empty(out / REJECTS, REJECT_SCHEMA))
-    stats: dict[str, float] = {
-        "images": len(plan.keep_rows) + len(plan.reject_rows) + len(plan.tasks),
-        "unchanged": len(plan.keep_rows),
-        "to_read": len(plan.tasks),
-        "orphan_shards_removed": orphans,
-    }
-    writer = _ShardWriter(out, plan, _next_shard_number(index), spec.images_per_shard)
-    decoded = hashed_only = done = 0
-    for i, h, px, rows, cols, reason in _run_tasks(root, spec.size, plan.tasks, spec.workers, spec.chunk, pool):
-        did, rel, fsize, mtime = plan.task_meta[i]
+    root = Path(root)
+    plans, writers, stats = {}, {}, {}
+    for size, out in sorted(outs.items()):
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _check_spec(out, ShardSpec(size, spec.images_per_shard, spec.workers, spec.chunk))
+        index = _read_or_empty(out / INDEX, INDEX_SCHEMA)
+        orphans = _clean(out, index)
+        plan = plans[size] = plan_partition(root, items, index, _read_or_empty(out / REJECTS, REJECT_SCHEMA))
+        writers[size] = _ShardWriter(out, plan, _next_shard_number(index), spec.images_per_shard)
+        stats[size] = {"images": len(plan.keep_rows) + len(plan.reject_rows) + len(plan.tasks), "unchanged": len(plan.keep_rows)}
+        stats[size].update(to_read=len(plan.tasks), orphan_shards_removed=orphans, decoded=0, hash_unchanged=0)
+    # one task per file that any size must read: {size: that size's indexed hash}
+    wanted: dict[str, dict[int, tuple[int, str | None]]] = {}
+    paths: dict[str, str] = {}
+    for size, plan in plans.items():
+        for (i, rel, known), (did, *_rest) in zip(plan.tasks, plan.task_meta, strict=True):
+            wanted.setdefault(did, {})[size] = (i, known)
+            paths[did] = rel
+    order = list(wanted.values())
+    tasks = [(j, paths[did], {s: k for s, (_, k) in by.items()}) for j, (did, by) in enumerate(wanted.items())]
+    done = files_decoded = 0
+    for j, h, px, rows, cols, reason in _run_tasks(root, tasks, spec.workers, spec.chunk, pool):
+        files_decoded += px is not None
+        for size, (i, _known) in order[j].items():
+            _apply(plans[size], writers[size], stats[size], i, h, None if px is None else px.get(size), rows, cols, reason)
         done += 1
-        if reason is not None:
-            plan.reject_rows.append({"dicom_id": did, "path": rel, "reason": reason, "file_size": fsize, "mtime_ns": mtime})
-        elif px is None:  # same bytes as indexed: refresh size/mtime only
-            plan.keep_rows.append({**plan.previous[did], "file_size": fsize, "mtime_ns": mtime})
-            hashed_only += 1
-        else:
-            row = {"dicom_id": did, "path": rel, "shard": "", "offset": 0, "file_size": fsize, "mtime_ns": mtime}
-            writer.add({**row, "content_hash": h, "rows": rows, "cols": cols}, px)
-            decoded += 1
         if progress:
-            progress(done, len(plan.tasks))
-    writer.flush()
-    idx, rej = writer.write_index()
-    _clean(out, idx)
+            progress(done, len(tasks))
     secs = time.perf_counter() - t0
-    stats.update(
-        decoded=decoded,
-        hash_unchanged=hashed_only,
-        rejected=rej.height,
-        indexed=idx.height,
-        shard_files=len(list(out.glob(SHARD_GLOB))),
-        shard_bytes=sum(p.stat().st_size for p in out.glob(SHARD_GLOB)),
-        seconds=round(secs, 3),
-        decoded_per_second=round(decoded / secs, 2) if secs > 0 else 0.0,
-    )
-    return BuildResult(index=idx, rejects=rej, stats=stats)
+    results = {}
+    for size, writer in writers.items():
+        writer.flush()
+        idx, rej = writer.write_index()
+        _clean(outs[size], idx)
+        st = stats[size]
+        st.update(rejected=rej.height, indexed=idx.height, shard_files=len(list(Path(outs[size]).glob(SHARD_GLOB))))
+        st.update(shard_bytes=sum(p.stat().st_size for p in Path(outs[size]).glob(SHARD_GLOB)), seconds=round(secs, 3))
+        st.update(files_decoded=files_decoded, decoded_per_second=round(files_decoded / secs, 2) if secs > 0 else 0.0)
+        results[size] = BuildResult(index=idx, rejects=rej, stats=st)
+    return results
+
+
+def _apply(plan: Plan, writer: _ShardWriter, st: dict, i: int, h, px: bytes | None, rows: int, cols: int, reason: str | None) -> None:
+    """One file's outcome at one size: a reject, an unchanged row refreshed, or new pixels appended."""
+    did, rel, fsize, mtime = plan.task_meta[i]
+    if reason is not None:
+        plan.reject_rows.append({"dicom_id": did, "path": rel, "reason": reason, "file_size": fsize, "mtime_ns": mtime})
+    elif px is None:  # same bytes as indexed at this size: refresh size/mtime only
+        plan.keep_rows.append({**plan.previous[did], "file_size": fsize, "mtime_ns": mtime})
+        st["hash_unchanged"] += 1
+    else:
+        row = {"dicom_id": did, "path": rel, "shard": "", "offset": 0, "file_size": fsize, "mtime_ns": mtime}
+        writer.add({**row, "content_hash": h, "rows": rows, "cols": cols}, px)
+        st["decoded"] += 1
 
 
 def data_version(index: pl.DataFrame, size: int) -> str:

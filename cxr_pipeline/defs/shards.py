@@ -10,8 +10,7 @@ from cxr_pipeline.data.shards import (
     PARTITIONS,
     REJECTS,
     ShardSettings,
-    ShardSpec,
-    build_partition,
+    build_sizes,
     data_version,
     gather,
     partition_column,
@@ -83,16 +82,15 @@ def image_shards(
     context.log.info(f"{part}: {items.height} manifest images, {settings.workers} decode processes, sizes {sizes} px")
     with mlflow.run(context, {"dagster.data_version": upstream_data_version(context, MANIFEST, is_source=False)}) as run:
         run.log_params({**params(settings), "partition": part})
-        built = {size: _build_size(context, run, paths, part, items, settings.spec(size)) for size in sizes}
+        built = _build(context, run, paths, part, items, settings)
         result, sheet = built[sizes[0]][0], built[sizes[-1]][1]
         rejects = result.rejects.select("dicom_id", "path", "reason")  # a file that cannot be decoded fails at every size
         if rejects.height:
             run.log_table(rejects, "shard_rejects")
             context.log.warning(f"{part}: {rejects.height} images rejected (see shard_rejects)")
     stats = [b[0].stats for b in built.values()]
-    total = {
-        k: sum(float(st[k]) for st in stats) for k in ("decoded", "unchanged", "hash_unchanged", "shard_files", "shard_bytes", "seconds")
-    }
+    total = {k: sum(float(st[k]) for st in stats) for k in ("decoded", "unchanged", "hash_unchanged", "shard_files", "shard_bytes")}
+    decode_pass = result.stats  # one decode pass served every size: its files and seconds are shared
     if IMAGE_SHARDS in selected_keys(context):
         md = asset_metadata(
             run,
@@ -103,7 +101,8 @@ def image_shards(
             rejected=int(result.stats["rejected"]),
             shard_files=int(total["shard_files"]),
             shard_bytes=int(total["shard_bytes"]),
-            images_per_second=round(total["decoded"] / max(total["seconds"], 1e-9), 1),
+            files_decoded=int(decode_pass["files_decoded"]),
+            images_per_second=round(decode_pass["files_decoded"] / max(decode_pass["seconds"], 1e-9), 1),
             sizes=dg.MetadataValue.json(sizes),
             manifest_fingerprint=slice_fingerprint(items),  # what automation compares with the manifest's partition_fingerprints
             **resolved_metadata(settings),
@@ -118,19 +117,23 @@ def image_shards(
         yield dg.MaterializeResult(asset_key=SHARD_REJECTS, metadata=md)
 
 
-def _build_size(context: dg.AssetExecutionContext, run, paths, part: str, items, spec: ShardSpec) -> tuple:
-    """One size of the partition: (BuildResult, contact sheet or None); unchanged images are not decoded again."""
-    result = build_partition(paths.raw, paths.shard_partition(spec.size, part), items, spec, progress=_progress(context, part))
-    st = result.stats
-    run.log_metrics({f"s{spec.size}_{k}": v for k, v in st.items()})
-    sheet = write_contact_sheet(paths.shard_root(spec.size), result.index, part, spec.size)
-    if sheet is not None:
-        run.log_artifact(sheet)
-    unchanged = int(st["unchanged"] + st["hash_unchanged"])
-    context.log.info(
-        f"{part} at {spec.size} px: decoded {st['decoded']}, unchanged {unchanged}, rejected {st['rejected']} in {st['seconds']} s"
-    )
-    return result, sheet
+def _build(context: dg.AssetExecutionContext, run, paths, part: str, items, settings: ShardSettings) -> dict[int, tuple]:
+    """Every size of the partition in one decode pass: size -> (BuildResult, contact sheet or None)."""
+    outs = {size: paths.shard_partition(size, part) for size in settings.sizes}
+    results = build_sizes(paths.raw, outs, items, settings.spec(settings.sizes[0]), progress=_progress(context, part))
+    built = {}
+    for size, result in results.items():
+        st = result.stats
+        run.log_metrics({f"s{size}_{k}": v for k, v in st.items()})
+        sheet = write_contact_sheet(paths.shard_root(size), result.index, part, size)
+        if sheet is not None:
+            run.log_artifact(sheet)
+        unchanged = int(st["unchanged"] + st["hash_unchanged"])
+        context.log.info(f"{part} at {size} px: new {st['decoded']}, unchanged {unchanged}, rejected {st['rejected']}")
+        built[size] = (result, sheet)
+    first = results[settings.sizes[0]].stats
+    context.log.info(f"{part}: {first['files_decoded']} files decoded once for sizes {settings.sizes} in {first['seconds']} s")
+    return built
 
 
 @dg.asset_check(
