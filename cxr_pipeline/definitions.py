@@ -28,6 +28,7 @@ from cxr_pipeline.defs.raw import RAW, raw_mimic_cxr
 from cxr_pipeline.defs.reports import GENERATED_REPORTS, REPORT_ADAPTER, REPORT_ASSETS, REPORT_METRICS, REPORT_PAIRS
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.shards import IMAGE_SHARDS, SHARD_CHECKS, SHARD_REJECTS, image_shards
+from cxr_pipeline.defs.slots import dead_run_sensor, release_on_load
 from cxr_pipeline.settings import env, paths
 
 # name: (assets, partitions, description)
@@ -85,7 +86,7 @@ def build_defs() -> dg.Definitions:
             *with_config_versions(with_automation([manifest, image_shards, *CLASSIFIER_ASSETS, *REPORT_ASSETS]), paths()),
         ],
         schedules=schedules,
-        sensors=sensors,
+        sensors=[*sensors, dead_run_sensor],
         asset_checks=[*MANIFEST_CHECKS, *SHARD_CHECKS],
         jobs=list(jobs.values()),
         resources={
@@ -99,3 +100,4 @@ def build_defs() -> dg.Definitions:
 
 
 defs = build_defs()
+release_on_load()  # a run killed mid-step must not hold its GPU slot for good (defs.slots)

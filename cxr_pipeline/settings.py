@@ -50,6 +50,12 @@ ENVIRONMENT: dict[str, EnvVar] = {
         ),
         EnvVar("CXR_OBSERVE_CRON", "0 * * * *", "when the raw dataset is observed (cron)"),
         EnvVar("CXR_AUTOMATION_INTERVAL", "60", "seconds between evaluations of the automation sensor"),
+        EnvVar(
+            "CXR_GPUS",
+            "",
+            "the GPUs the pipeline may use: a count (`4`) or CUDA ordinals (`0,2,5`); GPU steps run that many at once, one device"
+            " each; empty: every GPU torch sees (on a host without one: one step at a time)",
+        ),
         EnvVar("CXR_EXECUTOR", "", "`k8s`: one Kubernetes pod per step; `in_process`: steps in the run's process; empty: multiprocess"),
         EnvVar("CXR_MLFLOW_UI", "http://127.0.0.1:5000", "where run links point when tracking to a database (the MLflow UI's address)"),
         EnvVar("CXR_CACHE", "", "cache of fetched test material (the IU X-ray reports); empty: `~/.cache/cxr_pipeline`"),

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from pydantic import PrivateAttr
 
 from cxr_pipeline import __version__
 from cxr_pipeline.settings import Paths, paths, read_pipeline_config
@@ -133,7 +134,28 @@ def close_orphaned_runs(
 class _Compute(dg.ConfigurableResource):
     """Where training and inference run: ``pipeline.yaml``'s ``compute`` section (``config.ComputeSettings``),
     resolved when a run starts (``auto``: CUDA when present, else the CPU); a field set in a run's resource
-    config overrides the file for that run."""
+    config overrides the file for that run.
+
+    For the life of a step it holds a lease on one GPU (``devices.lease``: on a machine with N GPUs the
+    ``gpu`` pool admits N steps and each is given its own device), and it records the run's worker
+    process so that a run killed mid-step gives its pool slot back (``defs.slots``)."""
+
+    _lease: Any = PrivateAttr(default=None)
+
+    def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator["_Compute"]:
+        from cxr_pipeline.defs.slots import record_run_worker
+        from cxr_pipeline.devices import lease
+
+        if context.instance is not None and context.run_id:
+            record_run_worker(context.instance, context.run_id)
+        held = lease(paths().home / "locks", say=context.log.info if context.log else None)
+        self._lease = held
+        if held.ordinal is not None and context.log:
+            context.log.info(f"leased GPU slot {held.ordinal}")
+        try:
+            yield self
+        finally:
+            held.release()
 
     def settings(self, paths: Paths):
         from cxr_pipeline.config import ConfigError, resolve
@@ -145,12 +167,12 @@ class _Compute(dg.ConfigurableResource):
             raise dg.Failure(str(e)) from None
 
     def torch_device(self, paths: Paths):
-        """The resolved device, with torch's CPU threads set."""
+        """The resolved device (a ``cuda`` device: the one this step leased), with torch's CPU threads set."""
         import torch
 
         s = self.settings(paths)
         torch.set_num_threads(s.threads)
-        return torch.device(s.device)
+        return torch.device(self._lease.device(s.device) if self._lease is not None else s.device)
 
     def params(self, paths: Paths) -> dict[str, str]:
         from cxr_pipeline.config import params

@@ -336,8 +336,8 @@ def loader_workers(cfg: TrainConfig) -> int:
     return default_workers() if cfg.loader_workers is None else cfg.loader_workers
 
 
-def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, precision: str, pos_weight) -> float:
-    """One pass over the training split; returns the mean training loss. The batch order and the
+def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, precision: str, pos_weight) -> tuple[float, int]:
+    """One pass over the training split (or ``steps_per_epoch`` of it); returns the mean training loss and the images trained on. The batch order and the
     augmentation come from the trainer's generator here, whatever reads the images (``vision.images``)."""
     import torch
 
@@ -372,7 +372,7 @@ def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, p
             t.scaler.update()
             t.opt.zero_grad(set_to_none=True)
             t.sched.step()
-    return running / seen
+    return running / seen, seen
 
 
 def train(
@@ -432,10 +432,10 @@ def train(
         if state.bad_epochs >= cfg.patience:
             break
         t0 = time.perf_counter()
-        train_loss = _train_epoch(t, train_images, y_train, cfg, device, precision, pos_weight)
+        train_loss, seen = _train_epoch(t, train_images, y_train, cfg, device, precision, pos_weight)
         dt = time.perf_counter() - t0
         t_train += dt
-        images_seen += n
+        images_seen += seen
         val_loss, val_p = evaluate_loss(t.model, val_images, val_targets, device, cfg, precision)
         val_auc = mean_auc(val_targets.numpy(), val_p)
         row = {
@@ -444,7 +444,7 @@ def train(
             "val_loss": val_loss,
             "val_auc": val_auc,
             "lr": t.opt.param_groups[0]["lr"],
-            "images_per_second": n / dt,
+            "images_per_second": seen / dt,
         }
         state.history.append(row)
         if val_loss < state.best_loss - 1e-6:

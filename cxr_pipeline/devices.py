@@ -1,0 +1,88 @@
+"""One GPU per step: which devices the pipeline may use, and a lease on one of them for the life of a step.
+
+Dagster's ``gpu`` pool limits how many GPU steps run at once (its limit follows the device count,
+``defs.slots.sync_gpu_pool``), but it does not say *which* GPU a step may use: without more, every step
+would land on ``cuda:0``. So each GPU step leases one device here: an exclusive ``flock`` on
+``$CXR_HOME/locks/gpu-<id>.lock``, tried in device order. The kernel drops a lock when its process
+exits, however it exits (``kill -9``, the OOM killer), so a crashed step can never keep a device.
+A step that finds every device leased waits for one (the pool makes that rare: it admits N steps).
+
+``CXR_GPUS`` names the devices: a count (``4``: ``0..3``) or a list of CUDA ordinals (``0,2,5``);
+empty: every device torch sees. On a CPU host it simulates a device list (the tests run two
+classifier steps at once and see them leased different slots); the step still computes on the CPU.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxr_pipeline.settings import env
+
+
+def gpu_ids() -> list[int]:
+    """The CUDA ordinals the pipeline may use (``CXR_GPUS``, else every device torch sees; [] on a CPU host)."""
+    spec = env("CXR_GPUS").strip()
+    if not spec:
+        import torch
+
+        return list(range(torch.cuda.device_count()))
+    try:
+        ids = [int(x) for x in spec.split(",")] if "," in spec else list(range(int(spec)))
+    except ValueError:
+        raise ValueError(f"CXR_GPUS must be a count (4) or a list of CUDA ordinals (0,2,5), not {spec!r}") from None
+    if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"CXR_GPUS: ordinals must be distinct and not negative, not {spec!r}")
+    return ids
+
+
+def gpu_slots() -> int:
+    """How many GPU steps may run at once: one per device, and one on a host without any."""
+    return max(1, len(gpu_ids()))
+
+
+@dataclass
+class Lease:
+    """A device held by this process until ``release`` or exit."""
+
+    ordinal: int | None  # the CUDA ordinal; None on a host without devices (no lease needed)
+    fd: int | None = None
+
+    def device(self, kind: str) -> str:
+        """The torch device for a step of this ``kind`` (``cuda`` or ``cpu``) on this lease."""
+        return f"cuda:{self.ordinal}" if kind == "cuda" and self.ordinal is not None else kind
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+def lease(lock_dir: Path, wait_s: float = 24 * 3600, say: Callable[[str], None] | None = None, poll_s: float = 1.0) -> Lease:
+    """Lease the first free device of ``gpu_ids()``, waiting (up to ``wait_s``) while all are leased."""
+    ids = gpu_ids()
+    if not ids:
+        return Lease(None)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    deadline, told = time.monotonic() + wait_s, False
+    while True:
+        for i in ids:
+            fd = os.open(lock_dir / f"gpu-{i}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking
+            return Lease(i, fd)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no free GPU among {ids} after {wait_s:.0f} s (locks in {lock_dir})")
+        if say and not told:
+            say(f"every GPU of {ids} is leased; waiting for one")
+            told = True
+        time.sleep(poll_s)
