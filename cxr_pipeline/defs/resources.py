@@ -142,6 +142,7 @@ class _Compute(dg.ConfigurableResource):
 
     _lease: Any = PrivateAttr(default=None)
 
+    @contextmanager
     def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator["_Compute"]:
         from cxr_pipeline.defs.slots import record_run_worker
         from cxr_pipeline.devices import lease

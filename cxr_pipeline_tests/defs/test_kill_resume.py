@@ -1,7 +1,9 @@
-"""A real Dagster run of a classifier partition, killed mid-training, re-executed from failure.
+"""A real Dagster run of a classifier partition, killed mid-training (``kill -9`` of its process group, what
+the OOM killer does to a run), then materialized again as a user would.
 
-The retry (what the daemon's run retries do: re-execute from failure) must pick
-up the epoch checkpoint the killed run left, not start over.
+The dead run held the ``gpu`` pool's only slot and nobody was left to report its end; the next
+``dagster asset materialize`` must find that, say so, mark it failed and free the slot (``defs.slots``),
+then start within 5 minutes and pick up the epoch checkpoint the killed run left, not start over.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import time
 import dagster as dg
 import pytest
 import torch
-from dagster._core.definitions.reconstruct import ReconstructableRepository
 
 from cxr_pipeline.tracking import get_client
 from cxr_pipeline_tests.services import BIN, ROOT
@@ -27,7 +28,7 @@ EPOCHS = 40
 def test_killed_classifier_run_resumes_from_its_checkpoint(replica_copy, tmp_path, monkeypatch):
     home, dh = tmp_path / "home", tmp_path / "dagster_home"
     dh.mkdir()
-    (dh / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    (dh / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())  # the project's instance: a gpu pool of 1
     for k, v in {"CXR_HOME": str(home), "CXR_RAW_DIR": str(replica_copy), "DAGSTER_HOME": str(dh)}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -72,21 +73,28 @@ def test_killed_classifier_run_resumes_from_its_checkpoint(replica_copy, tmp_pat
 
         (killed,) = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": "cardiomegaly"}))
         assert killed.status == dg.DagsterRunStatus.STARTED  # nobody was left to report the end
-        instance.report_run_failed(killed)  # what run monitoring does when a run's worker is gone
+        holders = {c.run_id for c in instance.event_log_storage.get_concurrency_info("gpu").claimed_slots}
+        assert holders == {killed.run_id}  # ... and it still holds the only gpu slot
 
-        # the killed run's own job (the implicit asset job of `dagster asset materialize`), as the daemon reloads it
-        repo = ReconstructableRepository.for_module("cxr_pipeline.definitions", "defs", working_directory=str(ROOT))
-        recon = repo.get_reconstructable_job(killed.job_name)
-        options = dg.ReexecutionOptions.from_failure(killed.run_id, instance)
-        # the daemon's retries carry the parent's tags (its partition among them) the same way
-        with dg.execute_job(recon, instance=instance, reexecution_options=options, tags=killed.tags) as retry:
-            assert retry.success
-            (mat,) = [e.event_specific_data.materialization for e in retry.all_events if e.event_type_value == "ASSET_MATERIALIZATION"]
-        md = mat.metadata
-        assert mat.partition == "cardiomegaly"
-        assert md["resumed_from_epoch"].value >= killed_after  # the retry went on from the checkpoint
+        # the next materialization, as a user starts it: it frees the dead run's slot and resumes
+        t0 = time.time()
+        again = subprocess.run(cmd, cwd=ROOT, env={**os.environ}, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert f"run {killed.run_id}: its run worker" in again.stderr and "pool slots freed" in again.stderr
+        assert time.time() - t0 < 300
+        killed = instance.get_run_by_id(killed.run_id)
+        assert killed.status == dg.DagsterRunStatus.FAILURE
+        retry = next(
+            r for r in instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": "cardiomegaly"})) if r.run_id != killed.run_id
+        )
+        assert retry.status == dg.DagsterRunStatus.SUCCESS
+        event = instance.get_latest_materialization_event(dg.AssetKey("classifier"))
+        assert event.run_id == retry.run_id and event.asset_materialization.partition == "cardiomegaly"
+        md = event.asset_materialization.metadata
+        assert md["resumed_from_epoch"].value >= killed_after  # it went on from the checkpoint
         assert md["epochs_run"].value == EPOCHS
         assert not ckpt.exists()  # a finished run leaves no resume point behind
+        assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
 
     # MLflow: the killed run's MLflow run, left RUNNING by the dead process, was closed by the retry
     client, _ = get_client()
