@@ -151,3 +151,12 @@ def test_the_docker_socket_only_where_runs_are_launched():
     assert load("dagster.yaml")["run_coordinator"]["class"] == "QueuedRunCoordinator"  # the UI only queues
     opt_in = load("compose.terminate-from-ui.yaml")["services"]
     assert set(opt_in) == {"webserver"} and "docker.sock" in str(opt_in["webserver"]["volumes"])
+
+
+def test_the_helm_chart_version_is_the_installed_dagster():
+    """The chart runs the webserver and daemon, the image the user code: one Dagster version for both."""
+    import re
+    from importlib.metadata import version
+
+    pins = re.findall(r"helm install .*--version (\S+)", (DOCKER / "helm" / "values.yaml").read_text())
+    assert pins == [version("dagster")]

@@ -14,7 +14,8 @@ weights inside it are the unchanged ``checkpoint/`` folder (``model.safetensors`
   builder decodes them (``data.dicom.prepare``: VOI LUT / windowing, MONOCHROME1 inverted,
   letterboxed); the image batch may then be empty.
 
-It returns one row per image: ``<slug>`` (probability) and ``<slug>_call`` (probability at or
+``params={"device": "cuda:1"}`` picks the device (default ``auto``: the first GPU when there is one, else
+the CPU; ``mlflow models serve`` on a GPU host so predicts on the GPU). It returns one row per image: ``<slug>`` (probability) and ``<slug>_call`` (probability at or
 above the validation-chosen threshold) for every label the model has.
 
 Saliency is Grad-CAM from captum (``LayerGradCam`` on the last convolutional block) rather than
@@ -57,6 +58,15 @@ class LoadedClassifier:
         p = predict(self.net, x, torch.device(device), batch_size, "fp32", channels_last=False)
         self.net.cpu()
         return p.reshape(-1, len(self.slugs)).astype(np.float32)
+
+
+def serving_device(device: str = "auto") -> str:
+    """The device a served model predicts on: ``auto`` is the first GPU when there is one, else the CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_checkpoint(folder: Path) -> LoadedClassifier:
@@ -139,7 +149,7 @@ try:
             paths = [p for p in (params or {}).get("paths") or [] if p]
             if paths:
                 images = np.concatenate([images, decode_files(paths, m.size)])
-            return prediction_frame(m, m.probabilities(images))
+            return prediction_frame(m, m.probabilities(images, serving_device((params or {}).get("device") or "auto")))
 finally:
     warnings.showwarning = _showwarning
 
@@ -166,7 +176,7 @@ def save_pyfunc(checkpoint: Path, out: Path) -> Path:
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, m.size, m.size))]),
         outputs=Schema(outputs),
-        params=ParamSchema([ParamSpec("paths", DataType.string, [""], (-1,))]),
+        params=ParamSchema([ParamSpec("paths", DataType.string, [""], (-1,)), ParamSpec("device", DataType.string, "auto")]),
     )
     labels = [LABEL_BY_SLUG[s] for s in m.slugs]
     mlflow.pyfunc.save_model(
