@@ -190,8 +190,9 @@ def _resolve_train(cfg, paths: Paths, derived):
     from cxr_pipeline.vision.images import default_workers
     from cxr_pipeline.vision.train import resolve_precision
 
-    precision = resolve_precision(cfg.precision, torch.device(resolve(paths, "compute").device))
-    workers = default_workers() if cfg.loader_workers is None else cfg.loader_workers
+    device = torch.device(resolve(paths, "compute").device)
+    precision = resolve_precision(cfg.precision, device)
+    workers = default_workers(device) if cfg.loader_workers is None else cfg.loader_workers
     return dataclasses.replace(cfg, size=cfg.size or int(env("CXR_IMAGE_SIZE")), precision=precision, loader_workers=workers)
 
 

@@ -33,6 +33,7 @@ CHOICES = {
     "device": "cpu",
     "views": ["AP", "LATERAL"],
     "sizes": [40, 48],
+    "data": "streamed",
 }
 
 
@@ -102,8 +103,8 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
     manifest.write_parquet(p.manifest)  # the manifest table its consumers receive
     monkeypatch.setattr(dman, "build_manifest", lambda raw, policy: record("manifest", **vars(policy)))
 
-    def build_partition(raw, out, items, spec, progress=None):
-        # the first size's build; the run records every size it will build in MLflow before building any
+    def build_sizes(raw, outs, items, spec, progress=None):
+        # every size in one pass; the run records every size it builds in MLflow before building any
         from cxr_pipeline.tracking import get_client
 
         client, _ = get_client()
@@ -111,12 +112,12 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
             [client.get_experiment_by_name("cxr_pipeline").experiment_id], "tags.`dagster.asset_key` = 'image_shards'"
         )
         sizes = json.loads(run.data.params["sizes"])
-        assert spec.size == sizes[0] and out.parent.name == f"s{sizes[0]}"
+        assert sorted(outs) == sizes and all(out.parent.name == f"s{size}" for size, out in outs.items())
         record("image_shards", sizes=sizes, images_per_shard=spec.images_per_shard, workers=spec.workers)
 
-    monkeypatch.setattr(dsh, "build_partition", build_partition)
-    monkeypatch.setattr(fit, "load_data", lambda m, root, label, cfg: record("classifier", **vars(cfg)))
-    monkeypatch.setattr(fit, "load_multilabel_data", lambda m, root, cfg: record("multilabel_classifier", **vars(cfg)))
+    monkeypatch.setattr(dsh, "build_sizes", build_sizes)
+    monkeypatch.setattr(fit, "load_data", lambda m, root, label, cfg, *a: record("classifier", **vars(cfg)))
+    monkeypatch.setattr(fit, "load_multilabel_data", lambda m, root, cfg, *a: record("multilabel_classifier", **vars(cfg)))
     monkeypatch.setattr(pairs, "build_pairs", lambda m, cfg: record("report_pairs", **vars(cfg)))
     monkeypatch.setattr(vlm, "adapter_training_set", lambda p, root, cfg, *a: record("report_adapter", **vars(cfg)))
     p.reports.mkdir(parents=True)

@@ -233,7 +233,7 @@ def fit_and_save(
     def probs(images):
         # fp32 whatever the training precision: bf16 logits have 8 significant bits, and the ties
         # they create move ROC-AUC and the chosen threshold
-        return predict(result.model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg))
+        return predict(result.model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg, device))
 
     p_val, p_test, p_rad = probs(sp["validate"].images), probs(sp["test"].images), probs(sp[RADIOLOGIST].images)
     y_test, y_val = sp["test"].targets.numpy(), sp["validate"].targets.numpy()
@@ -488,7 +488,7 @@ def fit_multilabel(
     )  # fmt: skip
 
     def probs(images):
-        p = predict(result.model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg))
+        p = predict(result.model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg, device))
         return p.reshape(-1, len(SLUGS))
 
     p_val, p_test, p_rad = probs(sp["validate"].images), probs(sp["test"].images), probs(sp[RADIOLOGIST].images)
@@ -556,7 +556,7 @@ def fit_out_of_fold(
         val = data.splits["validate"]
         res = train(sp.images.subset(outside), sp.targets[outside], val.images, val.targets, cfg, device)  # a view, not a copy
         p = predict(
-            res.model, sp.images.subset(inside), device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg)
+            res.model, sp.images.subset(inside), device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg, device)
         )
         p = p.reshape(-1, len(SLUGS))
         ids = rows["dicom_id"].to_numpy()

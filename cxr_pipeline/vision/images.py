@@ -9,7 +9,7 @@ One interface, two modes, the same batches:
   Shard pages are file-backed page cache, so the process's own (anonymous) memory does not grow with
   the number of images: MIMIC's 243k frontal images at 512 px (64 GB) train on a host that has far less.
 
-``choose_mode`` picks one from a memory budget (``TrainConfig.data``, ``memory_budget``). The training
+``choose_mode`` picks one from a memory budget (``TrainConfig.data`` null, ``memory_budget``). The training
 loop draws the batch order and the augmentation from its own generator, in the main process, after a
 batch has reached the device, so both modes train the same model from the same seed (tested).
 """
@@ -25,7 +25,7 @@ from cxr_pipeline.data.shards import StreamedImages, open_images
 
 __all__ = ["StreamedImages", "open_images"]
 
-MODES = ("auto", "resident", "streamed")
+MODES = ("resident", "streamed")
 
 
 class ResidentImages:
@@ -77,12 +77,12 @@ def free_memory(device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def choose_mode(mode: str, nbytes: int, device, budget: float) -> str:
-    """``resident`` or ``streamed``: as configured, or (``auto``) resident when the images take at most
+def choose_mode(mode: str | None, nbytes: int, device, budget: float) -> str:
+    """``resident`` or ``streamed``: as configured, or (None) resident when the images take at most
     ``budget`` of the memory free where they would live (``free_memory``)."""
-    if mode not in MODES:
-        raise ValueError(f"data must be one of {', '.join(MODES)}, not {mode!r}")
-    if mode != "auto":
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"data must be one of {', '.join(MODES)} or null, not {mode!r}")
+    if mode is not None:
         return mode
     return "resident" if nbytes <= budget * free_memory(device) else "streamed"
 
@@ -97,7 +97,7 @@ def make_resident(images: StreamedImages, device) -> ResidentImages:
     return ResidentImages(t.to(device))
 
 
-def place(images: Sequence[StreamedImages], mode: str, device, budget: float) -> tuple[list[Images], str]:
+def place(images: Sequence[StreamedImages], mode: str | None, device, budget: float) -> tuple[list[Images], str]:
     """The images of several splits, all resident or all streamed (one decision for what one run holds at once)."""
     chosen = choose_mode(mode, sum(i.nbytes for i in images), device, budget)
     return ([make_resident(i, device) for i in images] if chosen == "resident" else list(images)), chosen
@@ -118,9 +118,11 @@ class _Batches:
         return torch.from_numpy(self.images.take(self.batches[k]))
 
 
-def default_workers() -> int:
-    """Loader processes when not configured: half the cores (the rest feed the device), at most 8."""
-    return max(0, min(8, (os.cpu_count() or 1) // 2))
+def default_workers(device="cuda") -> int:
+    """Loader processes when not configured: on a GPU half the cores (the rest feed the device), at most 8;
+    on the CPU none (training there uses every core, and a reader process would only take cores from it)."""
+    kind = getattr(device, "type", str(device).split(":")[0])
+    return max(0, min(8, (os.cpu_count() or 1) // 2)) if kind == "cuda" else 0
 
 
 def batches(images: Images, index_batches: Sequence[np.ndarray], device, workers: int = 0) -> Iterator:

@@ -62,14 +62,17 @@ class TrainConfig:
     uncertain: str = setting("ignore", "uncertain (-1) labels: ignore (left out), zeros (U-Zeros) or ones (U-Ones)")
     blank: str = setting("zeros", "blank (not mentioned) labels: zeros (negative) or ignore (left out)")
     bootstrap: int = setting(1000, "bootstrap resamples (by patient) for the test metrics' 95% intervals")
-    data: str = setting(
-        "auto",
-        "where the images are while training and predicting: resident (the splits in one tensor on the device), "
-        "streamed (read from the memory-mapped shards batch by batch), or auto (resident when it fits memory_budget)",
+    data: str | None = setting(
+        None,
+        "where the images are while training and predicting: resident (the splits in one tensor on the device) "
+        "or streamed (read from the memory-mapped shards batch by batch)",
+        null="chosen per run: resident when the splits fit memory_budget, else streamed",
     )
     memory_budget: float = setting(0.5, "share of the free memory (the GPU's on CUDA, else the host's) resident images may take")
     loader_workers: int | None = setting(
-        None, "processes reading streamed batches ahead (0: the training process)", auto="half the cores, at most 8"
+        None,
+        "processes reading streamed batches ahead (0: the training process)",
+        auto="on a GPU half the cores, at most 8; on the CPU 0 (training uses every core)",
     )
 
     def __post_init__(self) -> None:
@@ -78,8 +81,8 @@ class TrainConfig:
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, not {self.precision!r}")
         at_least_one(self, "steps_per_epoch", "size")
-        if self.data not in ("auto", "resident", "streamed"):
-            raise ValueError(f"data must be auto, resident or streamed, not {self.data!r}")
+        if self.data not in (None, "resident", "streamed"):
+            raise ValueError(f"data must be resident, streamed or null (chosen per run), not {self.data!r}")
         if not 0 < self.memory_budget <= 1:
             raise ValueError(f"memory_budget must be a share of free memory in (0, 1], not {self.memory_budget}")
 
@@ -223,7 +226,7 @@ def mean_auc(y: np.ndarray, p: np.ndarray) -> float:
 def evaluate_loss(model, images, targets, device, cfg: TrainConfig, precision: str) -> tuple[float, np.ndarray]:
     import torch
 
-    p = predict(model, images, device, cfg.eval_batch_size, precision, cfg.channels_last, loader_workers(cfg))
+    p = predict(model, images, device, cfg.eval_batch_size, precision, cfg.channels_last, loader_workers(cfg, device))
     if len(p) == 0:
         return float("nan"), p.reshape(tuple(targets.shape))
     pt = torch.from_numpy(p).double().clamp(1e-7, 1 - 1e-7)
@@ -329,11 +332,11 @@ def _build_trainer(cfg: TrainConfig, device, n: int, precision: str, outputs: in
     return _Trainer(model, opt, sched, scaler, torch.Generator().manual_seed(cfg.seed))
 
 
-def loader_workers(cfg: TrainConfig) -> int:
-    """The configured loader processes (a recipe built without resolution: the default)."""
+def loader_workers(cfg: TrainConfig, device="cpu") -> int:
+    """The configured loader processes (a recipe built without resolution: the default for ``device``)."""
     from cxr_pipeline.vision.images import default_workers
 
-    return default_workers() if cfg.loader_workers is None else cfg.loader_workers
+    return default_workers(device) if cfg.loader_workers is None else cfg.loader_workers
 
 
 def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, precision: str, pos_weight) -> tuple[float, int]:
@@ -355,7 +358,7 @@ def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, p
     running, seen = 0.0, 0
     t.opt.zero_grad(set_to_none=True)
     index_batches = [order[k * cfg.batch_size : (k + 1) * cfg.batch_size] for k in range(micro_per_epoch)]
-    read = batches(train_images, [i.numpy() for i in index_batches], device, loader_workers(cfg))
+    read = batches(train_images, [i.numpy() for i in index_batches], device, loader_workers(cfg, device))
     for k, (idx, xb) in enumerate(zip(index_batches, read, strict=True)):
         x = to_input(xb, device, cfg.channels_last)
         x = augment(x, cfg.rotation, cfg.hflip, t.gen)

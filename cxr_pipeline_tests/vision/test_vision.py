@@ -328,8 +328,8 @@ def test_the_data_mode_follows_the_memory_budget(effusion, tmp_path):
 
     xtr, *_ = effusion
     lazy = _as_shards(tmp_path, xtr)
-    assert choose_mode("auto", lazy.nbytes, CPU, 0.5) == "resident"  # 384 kB fits any host
-    assert choose_mode("auto", 10**16, CPU, 0.5) == "streamed"  # 10 PB does not
+    assert choose_mode(None, lazy.nbytes, CPU, 0.5) == "resident"  # 384 kB fits any host
+    assert choose_mode(None, 10**16, CPU, 0.5) == "streamed"  # 10 PB does not
     assert choose_mode("streamed", 1, CPU, 0.5) == "streamed"  # as configured, whatever fits
     (placed,), mode = place([lazy], "resident", CPU, 0.5)
     assert mode == "resident" and isinstance(placed, ResidentImages) and torch.equal(placed.tensor, xtr)
