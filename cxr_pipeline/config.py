@@ -80,6 +80,7 @@ def sections() -> dict[str, type]:
     from cxr_pipeline.reports.pairs import PairsConfig
     from cxr_pipeline.reports.vlm import AdapterConfig, GenerateConfig
     from cxr_pipeline.vision.fit import MultilabelConfig
+    from cxr_pipeline.vision.subgroups import AuditSettings
     from cxr_pipeline.vision.train import TrainConfig
 
     return {
@@ -87,6 +88,7 @@ def sections() -> dict[str, type]:
         "image_shards": ShardSettings,
         "classifier": TrainConfig,
         "multilabel_classifier": MultilabelConfig,
+        "subgroup_metrics": AuditSettings,
         "report_pairs": PairsConfig,
         "report_adapter": AdapterConfig,
         "generated_reports": GenerateConfig,

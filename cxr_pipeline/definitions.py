@@ -29,11 +29,12 @@ from cxr_pipeline.defs.reports import GENERATED_REPORTS, REPORT_ADAPTER, REPORT_
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.shards import IMAGE_SHARDS, SHARD_CHECKS, SHARD_REJECTS, image_shards
 from cxr_pipeline.defs.slots import dead_run_sensor, release_on_load
+from cxr_pipeline.defs.subgroups import MIMIC_IV, SUBGROUP_METRICS, mimic_iv_demographics, subgroup_metrics
 from cxr_pipeline.settings import env, paths
 
 # name: (assets, partitions, description)
 JOBS = {
-    "observe_raw": ([RAW], None, "Observe the raw dataset's data version."),
+    "observe_raw": ([RAW, MIMIC_IV], None, "Observe the raw dataset's and the MIMIC-IV demographics' data versions."),
     "manifest_job": ([MANIFEST, MANIFEST_REJECTS], None, "raw -> manifest (+ rejects) and its checks."),
     "shards_job": (
         [IMAGE_SHARDS, SHARD_REJECTS],
@@ -46,9 +47,9 @@ JOBS = {
         "Train and evaluate one pathology's classifier (one partition per CheXpert label).",
     ),
     "classifier_summary_job": (
-        [MULTILABEL_CLASSIFIER, CLASSIFIER_METRICS, CLASSIFIER_PREDICTIONS],
+        [MULTILABEL_CLASSIFIER, CLASSIFIER_METRICS, CLASSIFIER_PREDICTIONS, SUBGROUP_METRICS],
         None,
-        "The multi-label model, then the metrics table (per-pathology and multi-label) and the predictions table.",
+        "The multi-label model, then the metrics table (per-pathology and multi-label), the predictions table and the subgroup audit.",
     ),
     "report_job": (
         [REPORT_PAIRS, REPORT_ADAPTER, GENERATED_REPORTS, REPORT_METRICS],
@@ -83,7 +84,8 @@ def build_defs() -> dg.Definitions:
         # code versions carry each asset's pipeline.yaml section digest: the UI shows whose configuration changed
         assets=[
             raw_mimic_cxr,
-            *with_config_versions(with_automation([manifest, image_shards, *CLASSIFIER_ASSETS, *REPORT_ASSETS]), paths()),
+            mimic_iv_demographics,
+            *with_config_versions(with_automation([manifest, image_shards, *CLASSIFIER_ASSETS, subgroup_metrics, *REPORT_ASSETS]), paths()),
         ],
         schedules=schedules,
         sensors=[*sensors, dead_run_sensor],

@@ -22,6 +22,10 @@ from cxr_pipeline.settings import Paths, env, paths, write_pipeline_config
 DEMO_PATIENTS = 300
 # A larger test split than MIMIC's (0.5% of patients) so rare findings have test positives.
 DEMO_SPLIT = {"validate_fraction": 0.15, "test_fraction": 0.2}
+# A planted subgroup effect for the audit (subgroup_metrics) to find: cardiomegaly drawn at 0.3x its strength
+# in female patients' images. The replica's other findings are drawn alike in every group (no gap to find).
+DEMO_EFFECT = "Cardiomegaly:sex=F:0.3"
+DEMO_REPLICA = {**DEMO_SPLIT, "effect": DEMO_EFFECT}
 DEMO_REPLICA_IMAGE_SIZE = 256  # the replica's radiographs (rows, px); the shards are DEMO_SHARD_SIZE
 # The demo's run config: frontal views, every image (not one per subject), small
 # shards and few epochs so that all 14 classifiers train on a 2-core CPU in minutes.
@@ -72,8 +76,8 @@ def ensure_demo_replica(patients: int = DEMO_PATIENTS, image_size: int = DEMO_RE
 
     p = paths()
     marker = p.raw / ".replica.json"
-    cfg = SynthConfig(patients=patients, image_size=image_size, workers=workers or max(1, os.cpu_count() or 1), **DEMO_SPLIT)
-    want = {"patients": cfg.patients, "seed": cfg.seed, "image_size": cfg.image_size, "fmt": cfg.fmt, **DEMO_SPLIT}
+    cfg = SynthConfig(patients=patients, image_size=image_size, workers=workers or max(1, os.cpu_count() or 1), **DEMO_REPLICA)
+    want = {"patients": cfg.patients, "seed": cfg.seed, "image_size": cfg.image_size, "fmt": cfg.fmt, **DEMO_REPLICA}
     if marker.exists() and json.loads(marker.read_text()).get("config") == want:
         return p.raw
     say(f"generating a {patients}-patient MIMIC-CXR replica in {p.raw} ...")
@@ -210,6 +214,7 @@ def print_summary(p: Paths, adapter_recipe: str = DEMO_ADAPTER_RECIPE) -> None:
     if "evaluation" in rm.columns and rm.height:
         print(f"  references: {rm['evaluation'][0]}; labeler {rm['labeler'][0]}; ce_* counts uncertain as absent, ce_upos_* as present")
     print(f"  {p.reports}  (report_pairs, adapter/, generated_reports.parquet, report_metrics.parquet)")
+    print_subgroups(p)
     print(f"dataset:  {p.raw}")
     print(f"state:    {p.home}  (Dagster home {os.environ['DAGSTER_HOME']}, MLflow {p.tracking_uri})")
     print("look:     make ui         -> Dagster UI  http://127.0.0.1:3000 (asset graph, runs, checks)")
@@ -218,6 +223,35 @@ def print_summary(p: Paths, adapter_recipe: str = DEMO_ADAPTER_RECIPE) -> None:
     )
     print("use:      .venv/bin/cxr-pipeline predict FILE.dcm --cam cams/  -> the champions on a radiograph, Grad-CAM per positive")
     print("          make serve MODEL=cxr-cardiomegaly@champion              -> mlflow models serve on http://127.0.0.1:5001")
+
+
+def print_subgroups(p: Paths, effect: str = DEMO_EFFECT) -> None:
+    """The subgroup audit: the planted effect beside what the audit measured for it, then the largest gaps."""
+    from cxr_pipeline.data.synthetic import planted_effect
+    from cxr_pipeline.labels import slug
+    from cxr_pipeline.vision.subgroups import largest_gaps, publishable
+
+    if not p.subgroup_metrics.exists():
+        return
+    t = pl.read_parquet(p.subgroup_metrics)
+    if not t.height:
+        print("\nsubgroups: no MIMIC-IV demographics (CXR_MIMIC_IV_DIR): the audit is empty")
+        return
+    fmt = pl.format("{} [{}, {}]", *(pl.col(c).round(3) for c in ("tpr_gap", "tpr_gap_lo", "tpr_gap_hi")))
+    print("\nsubgroups (MIMIC-IV demographics; TPR at the validation threshold, gap to the other patients, 95% paired patient bootstrap):")
+    if not env("CXR_RAW_DIR"):
+        finding, attribute, group, scale = planted_effect(effect)
+        planted = t.filter((pl.col("slug") == slug(finding)) & (pl.col("attribute") == attribute) & (pl.col("group") == group))
+        print(f"  planted in the replica: {finding} drawn at {scale}x its strength for {attribute} = {group}; measured TPR gap:")
+        with pl.Config(tbl_rows=10, fmt_str_lengths=40, **TABLE_STYLE):
+            print(publishable(planted).select("view", "labels", "model", "n_patients", "n_pos", fmt.alias("tpr gap [95% CI]")))
+    gaps = publishable(largest_gaps(t, 6))
+    print("  largest gaps whose interval excludes 0:" if gaps.height else "  no gap's interval excludes 0")
+    if gaps.height:
+        with pl.Config(tbl_rows=10, fmt_str_lengths=40, **TABLE_STYLE):
+            print(gaps.select("view", "model", "slug", "attribute", "group", fmt.alias("tpr gap [95% CI]")))
+    print(f"  {p.subgroups}  (subgroup_metrics.parquet, tpr_gap_*.png, underdiagnosis.png); MIMIC's test split has 293 patients:")
+    print("  most test intervals there include 0, the out-of-fold view over the training patients has many more")
 
 
 def demo(

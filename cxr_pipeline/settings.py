@@ -48,6 +48,12 @@ ENVIRONMENT: dict[str, EnvVar] = {
             "local directory of the report model's base (e.g. Llama-3.2-11B-Vision-Instruct) where `report_adapter.base` is null;"
             " empty: the tiny offline Mllama",
         ),
+        EnvVar(
+            "CXR_MIMIC_IV_DIR",
+            "",
+            "a MIMIC-IV root (`hosp/patients.csv.gz`, `hosp/admissions.csv.gz`) for the subgroup audit; empty: `$CXR_RAW_DIR/mimic-iv`"
+            " (the replica writes one there)",
+        ),
         EnvVar("CXR_OBSERVE_CRON", "0 * * * *", "when the raw dataset is observed (cron)"),
         EnvVar("CXR_AUTOMATION_INTERVAL", "60", "seconds between evaluations of the automation sensor"),
         EnvVar(
@@ -215,6 +221,20 @@ class Paths:
     def classifier_predictions(self) -> Path:
         return self.classifiers / "classifier_predictions.parquet"
 
+    # subgroup audit
+    @property
+    def mimic_iv(self) -> Path:
+        """The MIMIC-IV root whose ``hosp/`` demographics the subgroup audit reads (the replica writes one in its root)."""
+        return Path(env("CXR_MIMIC_IV_DIR")).expanduser().resolve() if env("CXR_MIMIC_IV_DIR") else self.raw / "mimic-iv"
+
+    @property
+    def subgroups(self) -> Path:
+        return self.classifiers / "subgroups"
+
+    @property
+    def subgroup_metrics(self) -> Path:
+        return self.subgroups / "subgroup_metrics.parquet"
+
     # report generation
     @property
     def reports(self) -> Path:
@@ -257,6 +277,7 @@ class Paths:
             "manifest_rejects": self.manifest_rejects,
             "classifier_metrics": self.classifier_metrics,
             "classifier_predictions": self.classifier_predictions,
+            "subgroup_metrics": self.subgroup_metrics,
             "report_pairs": self.report_pairs,
             "generated_reports": self.generated_reports,
             "report_metrics": self.report_metrics,

@@ -38,13 +38,16 @@ def replica(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def replica_copy(replica, tmp_path) -> Path:
-    """A writable copy of the replica's CSVs and reports; ``files/`` images are symlinked."""
+    """A writable copy of the replica's CSVs, reports and MIMIC-IV files; ``files/`` images are symlinked."""
     out = tmp_path / "raw"
     out.mkdir()
     for p in replica.iterdir():
         if p.name == "files":
             continue
-        shutil.copy(p, out / p.name)
+        if p.is_dir():  # mimic-iv/: the replica's MIMIC-IV demographics
+            shutil.copytree(p, out / p.name)
+        else:
+            shutil.copy(p, out / p.name)
     (out / "files").mkdir()
     for pnn in (replica / "files").iterdir():
         for subj in pnn.iterdir():

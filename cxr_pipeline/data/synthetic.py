@@ -77,8 +77,16 @@ class SynthConfig:
     # 1.66 images a study); the full-count rehearsal asks for MIMIC's own 227,835 and 377,110
     studies: int = 0
     images: int = 0
+    # MIMIC-IV's hosp/patients and hosp/admissions for these patients, under mimic-iv/ in the replica root
+    mimic_iv: bool = True
+    # a planted subgroup effect, "<finding>:<attribute>=<group>:<scale>" (attribute sex, race or insurance;
+    # race as its group, e.g. Black): that finding is drawn at <scale> x its strength in that group's images
+    # (fainter, so harder to see), so an audit has a known gap to find; "": none
+    effect: str = ""
 
     def __post_init__(self) -> None:
+        if self.effect:
+            planted_effect(self.effect)  # fails on a malformed one
         if self.fmt not in ("dicom", "jpg"):
             raise ValueError(f"fmt must be 'dicom' or 'jpg', not {self.fmt!r}")
         if self.patients < 1:
@@ -94,6 +102,19 @@ class SynthConfig:
             raise ValueError(f"studies ({self.studies}) must be 0 or at least the patient count ({self.patients})")
         if self.images and self.studies and not self.studies <= self.images:
             raise ValueError(f"images ({self.images}) must be 0 or at least the study count ({self.studies})")
+
+
+def planted_effect(spec: str) -> tuple[str, str, str, float]:
+    """``"Cardiomegaly:sex=F:0.4"`` -> (finding, attribute, group, scale)."""
+    try:
+        finding, cond, scale = spec.split(":")
+        attribute, group = cond.split("=")
+        value = float(scale)
+    except ValueError:
+        raise ValueError(f"effect must look like Cardiomegaly:sex=F:0.4, not {spec!r}") from None
+    if finding not in PATHOLOGIES or attribute not in ("sex", "race", "insurance") or not 0 <= value:
+        raise ValueError(f"effect {spec!r}: a finding of {', '.join(PATHOLOGIES)}, attribute sex, race or insurance, scale >= 0")
+    return finding, attribute, group, value
 
 
 RADIOLOGIST_HEADER = tuple("Airspace Opacity" if lab == "Lung Opacity" else lab for lab in LABELS)
@@ -314,6 +335,75 @@ class _Patient:
     subject_id: int
     split: str
     studies: list[dict]
+    demo: dict  # what MIMIC-IV says about the patient (``_draw_demographics``)
+
+
+# MIMIC-IV's race strings (a selection of the 33) and insurance values, with rough shares of MIMIC-CXR's patients
+_RACES = {
+    "WHITE": 0.52, "WHITE - OTHER EUROPEAN": 0.03, "BLACK/AFRICAN AMERICAN": 0.16, "BLACK/CAPE VERDEAN": 0.01,
+    "HISPANIC/LATINO - PUERTO RICAN": 0.03, "HISPANIC OR LATINO": 0.03, "ASIAN - CHINESE": 0.02, "ASIAN": 0.02,
+    "OTHER": 0.04, "UNKNOWN": 0.08, "UNABLE TO OBTAIN": 0.02, "PATIENT DECLINED TO ANSWER": 0.01,
+    "PORTUGUESE": 0.01, "SOUTH AMERICAN": 0.02,
+}  # fmt: skip
+_INSURANCE = {"Medicare": 0.44, "Medicaid": 0.13, "Private": 0.34, "Other": 0.08, "No charge": 0.01}
+_YEAR_GROUPS = ("2008 - 2010", "2011 - 2013", "2014 - 2016", "2017 - 2019")
+_ADMISSION_TYPES = ("EW EMER.", "URGENT", "ELECTIVE", "OBSERVATION ADMIT", "DIRECT EMER.")
+
+
+def _choice(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    keys = list(weights)
+    p = np.array([weights[k] for k in keys])
+    return str(keys[int(rng.choice(len(keys), p=p / p.sum()))])
+
+
+def _draw_demographics(cfg: SynthConfig, index: int, sex: str, age: int, studies: list[dict]) -> dict:
+    """The patient in MIMIC-IV: anchor age/year from the first study, race and insurance, 0-5 admissions.
+
+    Its own generator (seed, index, 9): the rest of the replica is the same with or without it. Earlier
+    admissions sometimes record another race string or insurance, as real records do; the most recent
+    one holds the values below."""
+    rng = np.random.default_rng([cfg.seed, index, 9])
+    first = date(int(studies[0]["date"][:4]), int(studies[0]["date"][4:6]), int(studies[0]["date"][6:]))
+    race, insurance = _choice(rng, _RACES), _choice(rng, _INSURANCE)
+    n_adm = 0 if rng.uniform() < 0.12 else int(min(5, rng.geometric(0.55)))
+    admissions = []
+    for k in range(n_adm):
+        st = studies[int(rng.integers(0, len(studies)))]
+        day = date(int(st["date"][:4]), int(st["date"][4:6]), int(st["date"][6:])) - timedelta(days=int(rng.integers(0, 3)))
+        last = k == n_adm - 1
+        admissions.append(
+            {
+                "time": f"{day.isoformat()} {int(rng.integers(0, 24)):02d}:{int(rng.integers(0, 60)):02d}:00",
+                "race": race if last or rng.uniform() < 0.8 else "UNKNOWN",
+                "insurance": insurance if last or rng.uniform() < 0.85 else _choice(rng, _INSURANCE),
+                "type": str(rng.choice(_ADMISSION_TYPES)),
+            }
+        )
+    admissions.sort(key=lambda a: a["time"])
+    if admissions:  # the most recent stay carries the patient's current values
+        admissions[-1].update(race=race, insurance=insurance)
+    return {
+        "sex": sex,
+        "anchor_age": 91 if age > 89 else age,
+        "anchor_year": first.year,
+        "anchor_year_group": str(rng.choice(_YEAR_GROUPS)),
+        "race": race,
+        "insurance": insurance,
+        "admissions": admissions,
+    }
+
+
+def _in_group(demo: dict, attribute: str, group: str) -> bool:
+    """Whether the patient is in the planted effect's group, as the audit groups patients (``data.demographics``)."""
+    if attribute == "race":
+        import polars as pl
+
+        from cxr_pipeline.data.demographics import race_group
+
+        return pl.select(race_group(pl.lit(demo["race"]))).item() == group
+    if attribute == "insurance":
+        return (demo["insurance"] if demo["insurance"] in ("Medicaid", "Medicare", "Private") else "Other") == group
+    return demo[attribute] == group
 
 
 def _plan_patient(cfg: SynthConfig, index: int, subject_id: int, study_ids: list[int]) -> _Patient:
@@ -363,7 +453,7 @@ def _plan_patient(cfg: SynthConfig, index: int, subject_id: int, study_ids: list
                 "anatomy_seed": int(rng.integers(0, 2**63)),
             }
         )
-    return _Patient(subject_id=subject_id, split=split, studies=studies)
+    return _Patient(subject_id=subject_id, split=split, studies=studies, demo=_draw_demographics(cfg, index, sex, age, studies))
 
 
 def _exact_studies(rng: np.random.Generator, n_studies: np.ndarray, target: int) -> np.ndarray:
@@ -404,6 +494,8 @@ def _write_images(cfg: SynthConfig, out: Path, patient: _Patient) -> int:
 
     total = 0
     anatomy = None
+    effect = planted_effect(cfg.effect) if cfg.effect else None
+    fainter = effect is not None and _in_group(patient.demo, effect[1], effect[2])
     for st in patient.studies:
         if anatomy is None:
             anatomy = Anatomy.draw(np.random.default_rng(st["anatomy_seed"]))
@@ -412,6 +504,8 @@ def _write_images(cfg: SynthConfig, out: Path, patient: _Patient) -> int:
         for im in st["images"]:
             rng = np.random.default_rng(im["image_seed"])
             strengths = planted_strengths(rng, st["states"])
+            if fainter and effect[0] in strengths:
+                strengths[effect[0]] *= effect[3]
             pixels = render(rng, im["rows"], im["cols"], im["view"] or "PA", strengths, anatomy)
             if cfg.fmt == "jpg":
                 path = folder / f"{im['dicom_id']}.jpg"
@@ -440,6 +534,32 @@ def _gz_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
                 gz.write(data)
         else:
             f.write(data)
+
+
+ADMISSIONS_HEADER = [
+    "subject_id", "hadm_id", "admittime", "dischtime", "deathtime", "admission_type", "admit_provider_id",
+    "admission_location", "discharge_location", "insurance", "language", "marital_status", "race",
+    "edregtime", "edouttime", "hospital_expire_flag",
+]  # fmt: skip
+
+
+def write_mimic_iv(root: Path, patients: list[_Patient]) -> None:
+    """MIMIC-IV's ``hosp/patients.csv.gz`` and ``hosp/admissions.csv.gz`` (real headers) for the replica's patients."""
+    pats, adms = [], []
+    hadm = 20_000_000
+    for p in patients:
+        d = p.demo
+        pats.append([str(p.subject_id), d["sex"], str(d["anchor_age"]), str(d["anchor_year"]), d["anchor_year_group"], ""])
+        for a in d["admissions"]:
+            hadm += 1
+            out_time = a["time"][:11] + "23:00:00"
+            adms.append(
+                [str(p.subject_id), str(hadm), a["time"], out_time, "", a["type"], "P00000", "EMERGENCY ROOM", "HOME",
+                 a["insurance"], "ENGLISH", "", a["race"], "", "", "0"]
+            )  # fmt: skip
+    (root / "hosp").mkdir(parents=True, exist_ok=True)
+    _gz_csv(root / "hosp" / "patients.csv.gz", ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"], pats)
+    _gz_csv(root / "hosp" / "admissions.csv.gz", ADMISSIONS_HEADER, adms)
 
 
 def generate(cfg: SynthConfig, out: Path, progress: Callable[[str], None] | None = None) -> dict[str, int]:
@@ -543,6 +663,10 @@ def generate(cfg: SynthConfig, out: Path, progress: Callable[[str], None] | None
             (out / d).mkdir(parents=True, exist_ok=True)
             made_dirs.add(d)
         (out / rel).write_text(text)
+
+    if cfg.mimic_iv:
+        say("writing MIMIC-IV demographics")
+        write_mimic_iv(out / "mimic-iv", patients)
 
     n_bytes = 0
     if not cfg.metadata_only:

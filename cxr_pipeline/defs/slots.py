@@ -8,7 +8,7 @@ stays taken, so every later GPU step waits forever. Each GPU step therefore reco
 every in-progress run holding or waiting for a pool slot whose recorded worker no longer exists on this
 host, and frees its slots. It runs in the daemon (``dead_run_sensor``), when the code location loads
 (``dagster dev``/``make ui`` start, and every ``dagster asset materialize``, which so finds a slot held
-by a dead run, says so and frees it) and as ``cxr-pipeline release-dead-runs``. A worker on another host
+by a dead run, says so and frees it). A worker on another host
 (a Kubernetes pod) is left to dagster-k8s' run monitoring.
 """
 

@@ -145,7 +145,9 @@ def test_one_data_change_runs_each_asset_once_with_current_inputs(tmp_path):
         expected = Counter({("manifest", None): 1, ("manifest_rejects", None): 1})
         expected.update({(k, p): 1 for p in changed for k in ("image_shards", "shard_rejects")})
         expected.update({("classifier", s): 1 for s in SLUGS})
-        expected.update({(k, None): 1 for k in ("multilabel_classifier", "classifier_metrics", "classifier_predictions")})
+        expected.update(
+            {(k, None): 1 for k in ("multilabel_classifier", "classifier_metrics", "classifier_predictions", "subgroup_metrics")}
+        )
         expected.update({(k, None): 1 for k in ("report_pairs", "report_adapter", "generated_reports", "report_metrics")})
         assert counts == expected, f"runs: {[(r['keys'], r['partition']) for r in runs]}"
 
@@ -163,6 +165,7 @@ def test_one_data_change_runs_each_asset_once_with_current_inputs(tmp_path):
             ("classifier", "classifier_predictions"),
             ("image_shards", "multilabel_classifier"),
             ("multilabel_classifier", "classifier_metrics"),
+            ("classifier_metrics", "subgroup_metrics"),
             ("multilabel_classifier", "report_adapter"),
             ("classifier_predictions", "report_adapter"),
             ("image_shards", "report_adapter"),

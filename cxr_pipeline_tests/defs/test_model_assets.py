@@ -92,6 +92,21 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
             assert col in table.columns
         preds = pl.read_parquet(mats["classifier_predictions"].metadata["path"].value)
         assert {"dicom_id", "split", "support_devices", "no_finding"} <= set(preds.columns) and preds.height == m.height
+        # the subgroup audit, from the replica's MIMIC-IV files: every trained model, finding and attribute
+        sub = mats["subgroup_metrics"].metadata
+        audit = pl.read_parquet(sub["path"].value)
+        assert set(audit["attribute"]) == {"sex", "age_band", "race", "insurance"} and set(audit["view"]) >= {"test", "train_out_of_fold"}
+        assert set(audit.filter(pl.col("model") == "per_pathology")["slug"]) == {"support_devices", "no_finding"}
+        assert audit.filter(pl.col("small_cell"))["tpr"].null_count() == audit["small_cell"].sum()  # small cells carry no value
+        assert all(sub[f"chart_{a}"].value.startswith("![") for a in ("sex", "age_band", "race", "insurance", "underdiagnosis"))
+        assert sub["patients"].value == m["subject_id"].n_unique()
+        srun = client.get_run(sub["mlflow_run_id"].value)
+        logged = {a.path for a in client.list_artifacts(srun.info.run_id)}
+        assert {"subgroup_metrics.json", "tpr_gap_sex.png", "underdiagnosis.png"} <= logged
+        doc = json.loads(Path(client.download_artifacts(srun.info.run_id, "subgroup_metrics.json")).read_text())
+        published = pl.DataFrame(doc["data"], schema=doc["columns"], orient="row", infer_schema_length=None)
+        small = published.filter(pl.col("small_cell"))
+        assert small["n_patients"].null_count() == small.height  # not even a small cell's count leaves the machine
 
         # the report branch end to end on the tiny offline Mllama
         rcfg = {

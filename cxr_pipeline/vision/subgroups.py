@@ -1,0 +1,265 @@
+"""Who the models fail: per-subgroup AUC, TPR and FPR with patient-bootstrap intervals, and the gap to the rest.
+
+As CheXclusion (Seyyed-Kalantari et al., PSB 2021) measured it: for a model, a finding and a subgroup
+(a sex, an age band, a race group, an insurance), the true-positive rate at the model's own
+validation-chosen threshold in that subgroup against the rest of the patients whose attribute is known;
+and, as the underdiagnosis study (Nature Medicine 2021) did, the false-positive rate of "No Finding":
+patients with a finding whom the model calls healthy.
+
+Intervals resample **patients** (all of a patient's images together), and a gap's interval comes from
+the same resamples as both of its sides (paired), so it is the interval of the difference, not two
+intervals compared by eye. Cells with fewer than ``min_patients`` patients are kept as rows (their
+count shown) but carry no metric: they are too small to mean anything and too small to publish
+(a cell of 3 patients is close to identifying them).
+
+Written here rather than taken from a library: fairlearn's ``MetricFrame`` computes per-group metrics,
+but neither its bootstrap (by row, unpaired) nor its metrics (no threshold from another split) are the
+patient-level paired ones an audit of repeated-study data needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from cxr_pipeline.config import at_least_one, setting
+from cxr_pipeline.data.demographics import ATTRIBUTES
+
+METRICS = ("auc", "tpr", "fpr", "tpr_gap", "fpr_gap")
+COLUMNS = {
+    "view": pl.String, "labels": pl.String, "model": pl.String, "slug": pl.String, "attribute": pl.String, "group": pl.String,
+    "n_patients": pl.Int64, "n_images": pl.Int64, "n_pos": pl.Int64, "small_cell": pl.Boolean, "threshold": pl.Float64,
+    "prevalence": pl.Float64,
+    **{f"{m}{s}": pl.Float64 for m in METRICS for s in ("", "_lo", "_hi")},
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The subgroup audit (``pipeline.yaml``'s ``subgroup_metrics`` section)."""
+
+    min_patients: int = setting(10, "a subgroup cell with fewer patients is marked, shows no metric and never leaves the machine")
+    bootstrap: int = setting(200, "patient resamples for each cell's 95% intervals (paired for the gaps)")
+    seed: int = setting(0, "random seed of the resamples")
+
+    def __post_init__(self) -> None:
+        at_least_one(self, "min_patients", "bootstrap")
+
+
+def _weighted_auc(y: np.ndarray, rank: np.ndarray, n_ranks: int, w: np.ndarray) -> float:
+    """AUC with per-image weights (a bootstrap's patient counts); ``rank``: each score's dense rank (ties share one)."""
+    pos = np.bincount(rank, weights=w * (y == 1), minlength=n_ranks)
+    neg = np.bincount(rank, weights=w * (y == 0), minlength=n_ranks)
+    wp, wn = pos.sum(), neg.sum()
+    if wp == 0 or wn == 0:
+        return float("nan")
+    below = np.cumsum(neg) - neg  # negatives with a lower score
+    return float((pos * (below + 0.5 * neg)).sum() / (wp * wn))
+
+
+def _rates(y: np.ndarray, called: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """(TPR, FPR) with per-image weights."""
+    wp, wn = (w * (y == 1)).sum(), (w * (y == 0)).sum()
+    tpr = (w * (y == 1) * called).sum() / wp if wp else float("nan")
+    fpr = (w * (y == 0) * called).sum() / wn if wn else float("nan")
+    return float(tpr), float(fpr)
+
+
+def _cell_stats(y, p, rank, n_ranks, called, in_g, w) -> dict[str, float]:
+    wg, wr = w * in_g, w * ~in_g
+    tpr_g, fpr_g = _rates(y, called, wg)
+    tpr_r, fpr_r = _rates(y, called, wr)
+    return {
+        "auc": _weighted_auc(y, rank, n_ranks, wg),
+        "tpr": tpr_g,
+        "fpr": fpr_g,
+        "tpr_gap": tpr_g - tpr_r,
+        "fpr_gap": fpr_g - fpr_r,
+    }
+
+
+def audit_cell(y: np.ndarray, p: np.ndarray, threshold: float, patients: np.ndarray, in_group: np.ndarray, cfg: AuditSettings) -> dict:
+    """One (model, finding, subgroup) cell over the images whose attribute is known: the group's metrics and
+    its gaps to the rest, with 95% percentile intervals over ``cfg.bootstrap`` patient resamples (paired)."""
+    y = np.asarray(y, dtype=np.int64)
+    _, inverse = np.unique(np.asarray(p), return_inverse=True)
+    n_ranks = int(inverse.max()) + 1 if len(p) else 0
+    called = np.asarray(p) >= threshold
+    pid, codes = np.unique(patients, return_inverse=True)
+    n_pat_g = int(np.unique(codes[in_group]).size)
+    row = {"n_patients": n_pat_g, "n_images": int(in_group.sum()), "n_pos": int((y[in_group] == 1).sum()), "threshold": threshold}
+    row["small_cell"] = n_pat_g < cfg.min_patients
+    row["prevalence"] = float(y[in_group].mean()) if in_group.any() else float("nan")
+    if row["small_cell"]:
+        row["prevalence"] = float("nan")
+        return row  # too few patients to mean anything or to publish: the count only
+    point = _cell_stats(y, p, inverse, n_ranks, called, in_group, np.ones(len(y)))
+    rng = np.random.default_rng(cfg.seed)
+    draws = {m: [] for m in METRICS}
+    for _ in range(cfg.bootstrap):
+        counts = np.bincount(rng.integers(0, len(pid), len(pid)), minlength=len(pid))
+        s = _cell_stats(y, p, inverse, n_ranks, called, in_group, counts[codes].astype(float))
+        for m in METRICS:
+            draws[m].append(s[m])
+    for m in METRICS:
+        d = np.asarray(draws[m])
+        d = d[~np.isnan(d)]
+        row[m] = point[m]
+        lo, hi = (np.percentile(d, [2.5, 97.5]) if len(d) else (np.nan, np.nan)) if not np.isnan(point[m]) else (np.nan, np.nan)
+        row[f"{m}_lo"], row[f"{m}_hi"] = float(lo), float(hi)
+    return row
+
+
+def audit(scores: pl.DataFrame, cfg: AuditSettings) -> pl.DataFrame:
+    """Every cell of ``scores`` (one row per image and model/finding: ``view, labels, model, slug, subject_id,
+    target, prob, threshold`` and the attributes ``sex, age_band, race, insurance``) by every subgroup."""
+    rows = []
+    keys = ["view", "labels", "model", "slug"]
+    for key, part in scores.filter(pl.col("target").is_not_null()).group_by(keys, maintain_order=True):
+        head = dict(zip(keys, key, strict=True))
+        threshold = float(part["threshold"][0])
+        for attribute in ATTRIBUTES:
+            known = part.filter(pl.col(attribute).is_not_null())
+            if not known.height:
+                continue
+            y, p = known["target"].to_numpy(), known["prob"].to_numpy()
+            patients, values = known["subject_id"].to_numpy(), known[attribute].to_numpy()
+            for group in sorted(set(values.tolist())):
+                cell = audit_cell(y, p, threshold, patients, values == group, cfg)
+                rows.append({**head, "attribute": attribute, "group": group, **cell})
+    if not rows:
+        return pl.DataFrame(schema=COLUMNS)
+    df = pl.DataFrame(rows, infer_schema_length=None)
+    df = df.with_columns(pl.lit(None, t).alias(c) for c, t in COLUMNS.items() if c not in df.columns)
+    return df.select(list(COLUMNS)).cast(COLUMNS).with_columns(pl.col(pl.Float64).fill_nan(None))
+
+
+def publishable(table: pl.DataFrame) -> pl.DataFrame:
+    """The table as it may leave the machine (MLflow, logs): small cells keep their row and flag, never a value
+    (their patient count is shown as ``<k``)."""
+    metric_cols = [c for c in table.columns if table.schema[c] == pl.Float64 and c != "threshold"]
+    return table.with_columns(
+        *(pl.when(pl.col("small_cell")).then(None).otherwise(pl.col(c)).alias(c) for c in metric_cols),
+        *(pl.when(pl.col("small_cell")).then(None).otherwise(pl.col(c)).alias(c) for c in ("n_images", "n_pos", "n_patients")),
+    )
+
+
+def largest_gaps(table: pl.DataFrame, n: int = 5, metric: str = "tpr_gap") -> pl.DataFrame:
+    """The ``n`` gaps furthest from 0 whose interval excludes 0 (none if no interval does), largest first."""
+    t = table.filter(~pl.col("small_cell") & pl.col(metric).is_not_null())
+    t = t.filter((pl.col(f"{metric}_lo") > 0) | (pl.col(f"{metric}_hi") < 0))
+    return t.sort(pl.col(metric).abs(), descending=True).head(n)
+
+
+def audit_scores(classifiers, metrics: pl.DataFrame, manifest: pl.DataFrame, people: pl.DataFrame) -> pl.DataFrame:
+    """The long table ``audit`` reads: every trained model's probability, target and threshold per image of
+    each view, with the image's patient attributes (``people``: ``data.demographics.per_image``).
+
+    Views: the test split with the automatic labels and with the radiologist's (the threshold stays the one
+    chosen on validation), and for the multi-label model its out-of-fold predictions over the training
+    patients (many more patients than the test split: MIMIC's has 293). Targets follow the label policy
+    each model was trained with (its metrics row)."""
+    from cxr_pipeline.vision.evaluate import stored_threshold
+    from cxr_pipeline.vision.fit import MULTILABEL, RADIOLOGIST
+    from cxr_pipeline.vision.targets import targets
+
+    source = manifest["label_source"][0] if manifest.height and "label_source" in manifest.columns else "chexpert"
+    test = manifest.filter(pl.col("split") == "test")
+    rad = test.filter(pl.col("radiologist_labelled")) if "radiologist_labelled" in test.columns else test.clear()
+    train = manifest.filter(pl.col("split") == "train")
+    hints = classifiers.classifier(MULTILABEL).hints
+    oof = pl.read_parquet(hints).filter(pl.col("source") == "out_of_fold") if hints.exists() else None
+    parts = []
+    usable = metrics.filter((pl.col("test_labels") != RADIOLOGIST) & pl.col("threshold").is_not_null())
+    for r in usable.iter_rows(named=True):
+        model, s, unc, blank = r["model"], r["slug"], r["uncertain_policy"], r["blank_policy"]
+        folder = classifiers.classifier(MULTILABEL if model == MULTILABEL else s)
+        if not folder.predictions.exists():
+            continue
+        probs = pl.read_parquet(folder.predictions).select("dicom_id", pl.col("prob" if model != MULTILABEL else s).alias("prob"))
+        head = {"model": model, "slug": s, "threshold": stored_threshold(r["threshold"])}
+        views = [("test", source, targets(test, s, unc, blank), probs)]
+        if rad.height:
+            views.append(("test", RADIOLOGIST, targets(rad.with_columns(pl.col(f"radiologist_{s}").alias(s)), s, unc, "zeros"), probs))
+        if model == MULTILABEL and oof is not None:
+            views.append(("train_out_of_fold", source, targets(train, s, unc, blank), oof.select("dicom_id", pl.col(s).alias("prob"))))
+        for view, labels, rows, p in views:
+            t = rows.select("dicom_id", pl.col("target").cast(pl.Float64)).join(p, on="dicom_id", how="inner")
+            parts.append(
+                t.with_columns(pl.lit(view).alias("view"), pl.lit(labels).alias("labels"), *(pl.lit(v).alias(k) for k, v in head.items()))
+            )
+    if not parts:
+        return pl.DataFrame()
+    return pl.concat(parts, how="diagonal_relaxed").join(people, on="dicom_id", how="inner")
+
+
+def gap_chart(table: pl.DataFrame, attribute: str, out, view: str = "test", model: str = "per_pathology"):
+    """CheXclusion's figure for one attribute: TPR gap (subgroup - rest) per finding (rows) and subgroup
+    (columns), with its paired interval; small cells hatched grey, gaps whose interval excludes 0 in bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cxr_pipeline.data.io import atomic_path
+    from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
+
+    t = table.filter((pl.col("attribute") == attribute) & (pl.col("view") == view) & (pl.col("model") == model))
+    t = t.filter(pl.col("labels") == t["labels"][0]) if t.height else t  # the automatic labels (the first source)
+    groups = sorted(set(t["group"].to_list()))
+    slugs = [s for s in SLUGS if s in set(t["slug"].to_list())]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.25 * max(1, len(groups)), 0.9 + 0.38 * max(1, len(slugs))))
+    try:
+        grid = np.full((len(slugs), len(groups)), np.nan)
+        for r in t.iter_rows(named=True):
+            i, j = slugs.index(r["slug"]), groups.index(r["group"])
+            grid[i, j] = np.nan if r["small_cell"] or r["tpr_gap"] is None else r["tpr_gap"]
+            label = "n<k" if r["small_cell"] else "-" if r["tpr_gap"] is None else f"{r['tpr_gap']:+.2f}"
+            sig = not r["small_cell"] and r["tpr_gap_lo"] is not None and (r["tpr_gap_lo"] > 0 or r["tpr_gap_hi"] < 0)
+            ax.text(j, i, label, ha="center", va="center", fontsize=7, fontweight="bold" if sig else "normal")
+        ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu", vmin=-0.5, vmax=0.5, aspect="auto")
+        ax.set_facecolor("#dddddd")
+        ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(slugs)), [LABEL_BY_SLUG[s] for s in slugs], fontsize=8)
+        ax.set_title(f"TPR gap by {attribute} ({model}, {view}); bold: 95% interval excludes 0", fontsize=9)
+        fig.tight_layout()
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return out
+
+
+def underdiagnosis_chart(table: pl.DataFrame, out, view: str = "test", model: str = "per_pathology"):
+    """The underdiagnosis figure: per subgroup, the share of patients with a finding whom the "No Finding"
+    model calls healthy (its FPR), with 95% intervals; one panel per attribute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cxr_pipeline.data.io import atomic_path
+
+    t = table.filter((pl.col("slug") == "no_finding") & (pl.col("view") == view) & (pl.col("model") == model) & ~pl.col("small_cell"))
+    t = t.filter(pl.col("labels") == t["labels"][0]) if t.height else t
+    fig, axes = plt.subplots(1, len(ATTRIBUTES), figsize=(3.2 * len(ATTRIBUTES), 3.0), sharey=True)
+    try:
+        for ax, attribute in zip(axes, ATTRIBUTES, strict=True):
+            a = t.filter((pl.col("attribute") == attribute) & pl.col("fpr").is_not_null()).sort("group")
+            x = np.arange(a.height)
+            if a.height:
+                fpr = a["fpr"].to_numpy()
+                err = np.vstack([fpr - a["fpr_lo"].fill_null(np.nan).to_numpy(), a["fpr_hi"].fill_null(np.nan).to_numpy() - fpr])
+                ax.bar(x, fpr, yerr=np.nan_to_num(err), capsize=3, color="#b2182b")
+            ax.set_xticks(x, a["group"].to_list(), rotation=30, ha="right", fontsize=8)
+            ax.set_title(attribute, fontsize=9)
+        axes[0].set_ylabel('"No Finding" called, patients with a finding')
+        fig.suptitle(f"Underdiagnosis ({model}, {view})", fontsize=10)
+        fig.tight_layout()
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return out
