@@ -3,7 +3,7 @@
 For each of the ten observations MeSH maps to (``reports/iu_xray.py``), precision, recall and
 F1 of "positive" (label 1; uncertain counted as negative, and as positive on the macro line
 below it) against "MeSH names it", over the even-id IU reports with text. Beside it, a plain
-negation-aware keyword labeler with the same vocabulary's phrases: a mention is positive
+negation-aware keyword labeler with the vocabulary's plain phrases (not its token patterns): a mention is positive
 unless "no", "not", "without", "negative for", "free of" or "clear of" comes earlier in its
 sentence; what ConText adds is the difference. Throughput: reports per second on one core
 (spaCy runs single-threaded), the pipeline built before the clock starts.

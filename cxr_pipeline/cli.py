@@ -22,6 +22,7 @@ def _synth(args: argparse.Namespace) -> int:
             fmt=args.format,
             metadata_only=args.metadata_only,
             workers=args.workers,
+            effect=args.effect,
         )
     except ValueError as e:
         print(f"synth: {e}", file=sys.stderr)
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--format", choices=["dicom", "jpg"], default="dicom", help="jpg: the MIMIC-CXR-JPG variant")
     s.add_argument("--metadata-only", action="store_true", help="CSVs and reports only (scale tests)")
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument(
+        "--effect", default="", help="plant a subgroup effect for the audit, e.g. Cardiomegaly:sex=F:0.3 (that finding at 0.3x strength)"
+    )
     s.set_defaults(fn=_synth)
 
     d = sub.add_parser("demo", help="generate the demo replica (unless CXR_RAW_DIR is set) and run the whole graph")
