@@ -15,8 +15,9 @@ export DAGSTER_HOME ?= $(CXR_HOME)/dagster
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install test demo ui mlflow-ui serve bench lint clean
+.PHONY: install test demo ui mlflow-ui serve bench lint docs docs-serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -53,6 +54,13 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_manifest.py
 	$(BIN)/python benchmarks/bench_labeler.py
+
+# The documentation site (MkDocs Material); docs/reference/ is regenerated from the code by every build.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	$(BIN)/mkdocs serve -a 127.0.0.1:8000
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -147,7 +147,8 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (its reference page, ``docs/reference/cli.md``, is generated from this)."""
     ap = argparse.ArgumentParser(prog="cxr-pipeline", description="MIMIC-CXR pipeline on Dagster and MLflow")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -205,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     c.add_argument("asset", nargs="?", default="", help="one asset (default: every configured asset)")
     c.set_defaults(fn=_config)
+    return ap
 
-    args = ap.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     return int(args.fn(args) or 0)
 
 

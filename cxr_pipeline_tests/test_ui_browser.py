@@ -160,3 +160,20 @@ def test_mlflow_ui_lists_classifier_runs_and_compares_two(state, browser):
         page.close()
     finally:
         stop(proc)
+
+
+def test_the_documentation_site_shows_the_configuration_reference(browser, tmp_path):
+    """The built site in a browser: the configuration page links to the generated reference, which shows a field."""
+    site = tmp_path / "site"
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    subprocess.run([str(BIN / "mkdocs"), "build", "--strict", "-d", str(site)], cwd=ROOT, env=env, check=True, capture_output=True)
+    page = browser.new_page()
+    try:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        text = visit(page, (site / "configuration.html").as_uri(), "docs-configuration", "pipeline.yaml")
+        assert "pipeline.yaml reference" in text
+        page.get_by_role("link", name="pipeline.yaml reference").first.click()
+        page.get_by_text("memory_budget").first.wait_for(timeout=10_000)
+        assert "oof_folds" in page.inner_text("body") and "CXR_GPUS" not in page.inner_text("body")
+    finally:
+        page.close()
