@@ -8,7 +8,9 @@ afterwards shows the same runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -51,6 +53,9 @@ ADAPTER_RECIPES = ("short", "learning")
 DEMO_ADAPTER_RECIPE = "short"
 RECIPES = Path(__file__).resolve().parent.parent / "benchmarks" / "recipes"
 TABLE_STYLE = {"tbl_width_chars": 200, "tbl_cols": 20, "tbl_hide_dataframe_shape": True, "tbl_hide_column_data_types": True}
+
+
+log = logging.getLogger("cxr_pipeline.demo")
 
 
 def say(message: str) -> None:
@@ -122,32 +127,44 @@ class _Runner:
         self.instance = dg.DagsterInstance.get()
 
     def __call__(self, job: str, partition: str | None = None) -> bool:
-        say(f"running {job}{f' [{partition}]' if partition else ''} ...")
+        log.info(f"running {job}{f' [{partition}]' if partition else ''}")
         run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
         result = self.defs.resolve_job_def(job).execute_in_process(
             instance=self.instance, run_config=run_config, partition_key=partition, raise_on_error=False
         )
         if not result.success:
-            say(f"{job} failed; see the run in the Dagster UI (make ui)")
+            say(f"{job}{f' [{partition}]' if partition else ''} failed; see the run in the Dagster UI (make ui)")
         return result.success
 
 
-def run_all() -> bool:
+def run_all(console=None) -> bool:
     """Every asset, in dependency order, under ``pipeline.yaml``; stops at the first failure.
 
     The raw source is observed first, so automation (``make ui``) later sees the data
-    as already handled and starts nothing until it changes.
+    as already handled and starts nothing until it changes. ``console``: one progress
+    line or bar per stage group (``console.Console``); without it, stages are logged.
     """
     from cxr_pipeline.data.shards import PARTITIONS
     from cxr_pipeline.labels import SLUGS
 
     run = _Runner()
-    if not (run("observe_raw") and run("manifest_job")):
-        return False
-    # all ten partitions, empty ones too: a partition left missing would be built by automation later
-    steps = [("shards_job", p) for p in PARTITIONS] + [("classifier_job", s) for s in SLUGS]
-    steps += [("classifier_summary_job", None), ("report_job", None)]
-    return all(run(job, part) for job, part in steps)
+    stages = [
+        ("observe", [("observe_raw", None)]),
+        ("manifest", [("manifest_job", None)]),
+        # all ten partitions, empty ones too: a partition left missing would be built by automation later
+        ("image shards", [("shards_job", p) for p in PARTITIONS]),
+        ("classifiers", [("classifier_job", s) for s in SLUGS]),
+        ("multi-label+audit", [("classifier_summary_job", None)]),
+        ("report branch", [("report_job", None)]),
+    ]
+    for name, steps in stages:
+        stage = console.stage(name, len(steps) if len(steps) > 1 else None) if console else contextlib.nullcontext(lambda: None)
+        with stage as advance:
+            for job, part in steps:
+                if not run(job, part):
+                    return False
+                advance()
+    return True
 
 
 ADAPTER_NOTE = {
@@ -155,6 +172,34 @@ ADAPTER_NOTE = {
     " the template at this size (CE micro-F1 0.212 vs 0.325, 2026-11-30)",
     "learning": "the adapter follows benchmarks/recipes/learning.yaml: a wider tiny Mllama, language-pretrained, 1,000 steps",
 }
+
+
+def classifier_table(metrics: pl.DataFrame) -> pl.DataFrame:
+    """One row per finding: each model's AUC [CI] on both test label sources side by side, positives, the seeds' AUC."""
+    if "model" not in metrics.columns:
+        metrics = metrics.with_columns(pl.lit("per_pathology").alias("model"))
+    cell = (
+        pl.when(pl.col("roc_auc").is_null())
+        .then(pl.lit("-"))
+        .when(pl.col("roc_auc_lo").is_null())
+        .then(pl.format("{}", pl.col("roc_auc").round(3)))
+        .otherwise(pl.format("{} [{}-{}]", pl.col("roc_auc").round(3), pl.col("roc_auc_lo").round(2), pl.col("roc_auc_hi").round(2)))
+    )
+    source = pl.when(pl.col("test_labels") == "radiologist").then(pl.lit("rad")).otherwise(pl.lit("auto"))
+    model = pl.when(pl.col("model") == "multilabel").then(pl.lit("multi-label")).otherwise(pl.lit("per-finding"))
+    long = metrics.select(
+        "pathology", "reference_auc", (model + " " + source).alias("column"), cell.alias("auc"), "n_pos", source.alias("src")
+    )
+    wide = long.pivot(on="column", index="pathology", values="auc", aggregate_function="first")
+    pos = long.filter(pl.col("column").str.starts_with("per-finding")).pivot(
+        on="src", index="pathology", values="n_pos", aggregate_function="first"
+    )
+    pos = pos.select(
+        "pathology", pl.format("{}/{}", *(pl.col(c) if c in pos.columns else pl.lit("-") for c in ("auto", "rad"))).alias("n_pos auto/rad")
+    )
+    seeds = long.group_by("pathology", maintain_order=True).agg(pl.col("reference_auc").first().alias("seeds' auc"))
+    cols = [c for c in ("per-finding auto", "per-finding rad", "multi-label auto", "multi-label rad") if c in wide.columns]
+    return wide.select("pathology", *cols).join(pos, on="pathology", how="left").join(seeds, on="pathology", how="left")
 
 
 def print_summary(p: Paths, adapter_recipe: str = DEMO_ADAPTER_RECIPE) -> None:
@@ -169,37 +214,12 @@ def print_summary(p: Paths, adapter_recipe: str = DEMO_ADAPTER_RECIPE) -> None:
     print(
         f"shards:   {n_shard} images in {len(indexes)} partitions ({n_srej} rejected); contact sheets: {p.shards}/s*/p*/contact_sheet.png"
     )
-    metrics = pl.read_parquet(p.classifier_metrics)
+    print("\nclassifiers: test-split ROC-AUC [95% CI by patient], threshold chosen on validation; auto = the automatic labels,")
     print(
-        "\nclassifiers: one binary model per pathology beside the one multi-label model (threshold chosen on validation; 95%\n"
-        "bootstrap CI by patient; seeds' AUC for comparison). Two test sets: the test split\n"
-        "with the automatic labels (chexpert), and its radiologist-labelled studies with the radiologist's labels (blank = negative):"
+        "rad = the radiologist-labelled studies with the radiologist's labels; one binary model per finding beside the multi-label model:"
     )
-    ci = pl.when(pl.col("roc_auc_lo").is_not_null()).then(pl.format("{}-{}", pl.col("roc_auc_lo").round(2), pl.col("roc_auc_hi").round(2)))
-    if "model" not in metrics.columns:
-        metrics = metrics.with_columns(pl.lit("per_pathology").alias("model"))
-    multi = metrics.filter(pl.col("model") == "multilabel").select(
-        "pathology", "test_labels", pl.col("roc_auc").round(3).alias("multi-label auc"), ci.alias("multi-label CI")
-    )
-    table = (
-        metrics.filter(pl.col("model") == "per_pathology")
-        .select(
-            "pathology",
-            "test_labels",
-            "n_pos",
-            "n_neg",
-            pl.col("roc_auc").round(3).alias("auc"),
-            ci.alias("auc 95% CI"),
-            pl.col("average_precision").round(3).alias("AP"),
-            pl.col("f1").round(3).alias("F1"),
-            pl.col("reference_auc").alias("seeds' auc"),
-            pl.col("reason").str.slice(0, 30).alias("note"),
-        )
-        .join(multi, on=["pathology", "test_labels"], how="left", maintain_order="left")
-        .rename({"test_labels": "test labels"})
-    )
-    with pl.Config(tbl_rows=40, fmt_str_lengths=40, **TABLE_STYLE):
-        print(table)
+    with pl.Config(tbl_rows=20, fmt_str_lengths=40, **TABLE_STYLE):
+        print(classifier_table(pl.read_parquet(p.classifier_metrics)))
     print(f"  {p.classifiers}  (checkpoints, metrics, roc_pr_all.png)")
     rm = pl.read_parquet(p.report_metrics)
     print(
@@ -246,10 +266,15 @@ def print_subgroups(p: Paths, effect: str = DEMO_EFFECT) -> None:
         with pl.Config(tbl_rows=10, fmt_str_lengths=40, **TABLE_STYLE):
             print(publishable(planted).select("view", "labels", "model", "n_patients", "n_pos", fmt.alias("tpr gap [95% CI]")))
     gaps = publishable(largest_gaps(t, 6))
-    print("  largest gaps whose interval excludes 0:" if gaps.height else "  no gap's interval excludes 0")
+    tested = t.filter(pl.col("tpr_gap").is_not_null())
+    excl = largest_gaps(t, tested.height).height
+    print(
+        f"  {excl} of {tested.height} TPR-gap intervals exclude 0; with no effect anywhere about {0.05 * tested.height:.0f} would"
+        " by chance (95% intervals, not corrected for the many cells):"
+    )
     if gaps.height:
         with pl.Config(tbl_rows=10, fmt_str_lengths=40, **TABLE_STYLE):
-            print(gaps.select("view", "model", "slug", "attribute", "group", fmt.alias("tpr gap [95% CI]")))
+            print(gaps.select("view", "labels", "model", "slug", "attribute", "group", fmt.alias("tpr gap [95% CI]")))
     print(f"  {p.subgroups}  (subgroup_metrics.parquet, tpr_gap_*.png, underdiagnosis.png); MIMIC's test split has 293 patients:")
     print("  most test intervals there include 0, the out-of-fold view over the training patients has many more")
 
@@ -261,12 +286,19 @@ def demo(
     adapter_recipe: str = DEMO_ADAPTER_RECIPE,
 ) -> int:
     """The whole demo; returns the process exit code."""
+    from cxr_pipeline.console import quiet
+
     t0 = time.perf_counter()
-    if not env("CXR_RAW_DIR"):
-        ensure_demo_replica(patients, image_size)
-    ensure_dagster_home()
-    say(f"configuration: {write_demo_config(epochs, adapter_recipe)} (report adapter recipe: {adapter_recipe})")
-    if not run_all():
+    with quiet(paths().home / "logs", "demo") as (console, log_file):
+        console.say(f"demo: progress here; every log line in {log_file}")
+        if not env("CXR_RAW_DIR"):
+            with console.stage("replica"):
+                ensure_demo_replica(patients, image_size)
+        ensure_dagster_home()
+        console.say(f"demo: configuration {write_demo_config(epochs, adapter_recipe)} (report adapter recipe: {adapter_recipe})")
+        ok = run_all(console)
+    if not ok:
+        say(f"failed: see {log_file} and the run in the Dagster UI (make ui)")
         return 1
     print_summary(paths(), adapter_recipe)
     print(f"demo: done in {time.perf_counter() - t0:.0f} s")

@@ -42,10 +42,15 @@ class AuditSettings:
 
     min_patients: int = setting(10, "a subgroup cell with fewer patients is marked, shows no metric and never leaves the machine")
     bootstrap: int = setting(200, "patient resamples for each cell's 95% intervals (paired for the gaps)")
+    min_positives: int = setting(
+        5,
+        "TPR and its gap need at least this many patients with the finding in the subgroup and in the rest (FPR: without it; "
+        "AUC: both); below it they are left empty, as their intervals would be degenerate",
+    )
     seed: int = setting(0, "random seed of the resamples")
 
     def __post_init__(self) -> None:
-        at_least_one(self, "min_patients", "bootstrap")
+        at_least_one(self, "min_patients", "bootstrap", "min_positives")
 
 
 def _weighted_auc(y: np.ndarray, rank: np.ndarray, n_ranks: int, w: np.ndarray) -> float:
@@ -103,7 +108,17 @@ def audit_cell(y: np.ndarray, p: np.ndarray, threshold: float, patients: np.ndar
         s = _cell_stats(y, p, inverse, n_ranks, called, in_group, counts[codes].astype(float))
         for m in METRICS:
             draws[m].append(s[m])
+    # too few patients with (without) the finding on either side: TPR (FPR) and its gap would rest on a handful
+    enough = {}
+    for kind, mask in (("pos", y == 1), ("neg", y == 0)):
+        n_g, n_r = np.unique(codes[mask & in_group]).size, np.unique(codes[mask & ~in_group]).size
+        enough[kind] = min(n_g, n_r) >= cfg.min_positives
+    usable = {"tpr": enough["pos"], "tpr_gap": enough["pos"], "fpr": enough["neg"], "fpr_gap": enough["neg"]}
+    usable["auc"] = enough["pos"] and enough["neg"]
     for m in METRICS:
+        if not usable[m]:
+            row[m] = row[f"{m}_lo"] = row[f"{m}_hi"] = float("nan")
+            continue
         d = np.asarray(draws[m])
         d = d[~np.isnan(d)]
         row[m] = point[m]
@@ -195,35 +210,54 @@ def audit_scores(classifiers, metrics: pl.DataFrame, manifest: pl.DataFrame, peo
     return pl.concat(parts, how="diagonal_relaxed").join(people, on="dicom_id", how="inner")
 
 
-def gap_chart(table: pl.DataFrame, attribute: str, out, view: str = "test", model: str = "per_pathology"):
-    """CheXclusion's figure for one attribute: TPR gap (subgroup - rest) per finding (rows) and subgroup
-    (columns), with its paired interval; small cells hatched grey, gaps whose interval excludes 0 in bold."""
+VIEWS = (("test", "per_pathology"), ("test", "multilabel"), ("train_out_of_fold", "multilabel"))
+
+
+def _gap_panel(ax, t: pl.DataFrame, slugs: list[str], title: str) -> None:
+    """One heat map: TPR gap per finding (rows) and subgroup (columns); small or thin cells grey, bold where the interval excludes 0."""
+    from cxr_pipeline.labels import LABEL_BY_SLUG
+
+    groups = sorted(set(t["group"].to_list()))
+    grid = np.full((len(slugs), len(groups)), np.nan)
+    for r in t.iter_rows(named=True):
+        i, j = slugs.index(r["slug"]), groups.index(r["group"])
+        gap = None if r["small_cell"] else r["tpr_gap"]
+        grid[i, j] = np.nan if gap is None else gap
+        label = "n<k" if r["small_cell"] else "-" if gap is None else f"{gap:+.2f}"
+        sig = gap is not None and (r["tpr_gap_lo"] > 0 or r["tpr_gap_hi"] < 0)
+        ax.text(j, i, label, ha="center", va="center", fontsize=7, fontweight="bold" if sig else "normal")
+    ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu", vmin=-0.5, vmax=0.5, aspect="auto")
+    ax.set_facecolor("#dddddd")
+    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(slugs)), [LABEL_BY_SLUG[s] for s in slugs], fontsize=8)
+    ax.set_title(title, fontsize=8)
+
+
+def gap_chart(table: pl.DataFrame, attribute: str, out):
+    """CheXclusion's figure for one attribute: TPR gap (subgroup - rest) per finding and subgroup, one panel per
+    view (per-pathology and multi-label on the test split, the multi-label out-of-fold over training patients),
+    automatic labels; grey: too few patients (n<k) or positives (-); bold: the paired 95% interval excludes 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from cxr_pipeline.data.io import atomic_path
-    from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
+    from cxr_pipeline.labels import SLUGS
 
-    t = table.filter((pl.col("attribute") == attribute) & (pl.col("view") == view) & (pl.col("model") == model))
-    t = t.filter(pl.col("labels") == t["labels"][0]) if t.height else t  # the automatic labels (the first source)
-    groups = sorted(set(t["group"].to_list()))
+    t = table.filter((pl.col("attribute") == attribute) & (pl.col("labels") != "radiologist"))
+    views = [(v, m) for v, m in VIEWS if t.filter((pl.col("view") == v) & (pl.col("model") == m)).height]
     slugs = [s for s in SLUGS if s in set(t["slug"].to_list())]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.25 * max(1, len(groups)), 0.9 + 0.38 * max(1, len(slugs))))
+    n_groups = max(1, t["group"].n_unique())
+    fig, axes = plt.subplots(
+        1, max(1, len(views)), figsize=(2.4 + 1.6 * n_groups * max(1, len(views)), 1.4 + 0.36 * max(1, len(slugs))), squeeze=False
+    )
     try:
-        grid = np.full((len(slugs), len(groups)), np.nan)
-        for r in t.iter_rows(named=True):
-            i, j = slugs.index(r["slug"]), groups.index(r["group"])
-            grid[i, j] = np.nan if r["small_cell"] or r["tpr_gap"] is None else r["tpr_gap"]
-            label = "n<k" if r["small_cell"] else "-" if r["tpr_gap"] is None else f"{r['tpr_gap']:+.2f}"
-            sig = not r["small_cell"] and r["tpr_gap_lo"] is not None and (r["tpr_gap_lo"] > 0 or r["tpr_gap_hi"] < 0)
-            ax.text(j, i, label, ha="center", va="center", fontsize=7, fontweight="bold" if sig else "normal")
-        ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu", vmin=-0.5, vmax=0.5, aspect="auto")
-        ax.set_facecolor("#dddddd")
-        ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(range(len(slugs)), [LABEL_BY_SLUG[s] for s in slugs], fontsize=8)
-        ax.set_title(f"TPR gap by {attribute} ({model}, {view}); bold: 95% interval excludes 0", fontsize=9)
+        for ax, (view, model) in zip(axes[0], views, strict=False):
+            _gap_panel(ax, t.filter((pl.col("view") == view) & (pl.col("model") == model)), slugs, f"{model}, {view}")
+        for ax in axes[0][1:]:
+            ax.set_yticklabels([])
+        fig.suptitle(f"TPR gap by {attribute} (subgroup - other patients); bold: 95% paired interval excludes 0", fontsize=9)
         fig.tight_layout()
         with atomic_path(out) as tmp:
             fig.savefig(tmp, format="png", dpi=110)

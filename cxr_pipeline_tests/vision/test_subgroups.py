@@ -7,7 +7,7 @@ import polars as pl
 
 from cxr_pipeline.vision.subgroups import AuditSettings, audit, audit_cell, largest_gaps, publishable
 
-CFG = AuditSettings(min_patients=10, bootstrap=300, seed=0)
+CFG = AuditSettings(min_patients=10, bootstrap=300, seed=0, min_positives=5)
 
 
 def scores(n_patients: int, tpr_a: float, tpr_b: float, seed: int, images_per_patient: int = 3):
@@ -51,7 +51,7 @@ def test_intervals_resample_patients_not_images():
 
 def test_small_cells_are_marked_kept_and_never_published_with_values():
     y, p, pid, _ = scores(100, 0.8, 0.8, seed=4)
-    attr = np.where(pid < 6, "rare", "common")  # 6 patients < 10
+    attr = np.where(pid < 6, "rare", np.where(pid < 53, "common", "other"))  # 6 patients < 10
     df = pl.DataFrame({"view": "test", "labels": "chexpert", "model": "per_pathology", "slug": "edema", "subject_id": pid,
                        "target": y.astype(float), "prob": p, "threshold": 0.5, "sex": attr, "age_band": None, "race": None,
                        "insurance": None})  # fmt: skip
@@ -63,3 +63,15 @@ def test_small_cells_are_marked_kept_and_never_published_with_values():
     shown = publishable(table).filter(pl.col("group") == "rare").row(0, named=True)
     assert shown["n_patients"] is None and shown["n_images"] is None and shown["tpr"] is None
     assert largest_gaps(table).filter(pl.col("group") == "rare").height == 0
+
+
+def test_a_rate_resting_on_a_handful_of_patients_is_left_empty_not_given_a_degenerate_interval():
+    """One positive patient in the subgroup: its TPR is 0 or 1 in every resample that has it, an 'interval' of one
+    value. The rate and its gap stay empty; FPR (many negative patients) is still given."""
+    y, p, pid, group = scores(200, 0.8, 0.8, seed=5, images_per_patient=1)
+    in_g = pid < 30
+    y = np.where(in_g & (pid > 0), 0, y)  # the subgroup's only possible positive: patient 0
+    y[0] = 1
+    cell = audit_cell(y, p, 0.5, pid, in_g, CFG)
+    assert np.isnan(cell["tpr"]) and np.isnan(cell["tpr_gap_lo"]) and np.isnan(cell["auc"])
+    assert not np.isnan(cell["fpr"]) and cell["fpr_lo"] <= cell["fpr"] <= cell["fpr_hi"]
