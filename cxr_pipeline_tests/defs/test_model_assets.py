@@ -179,3 +179,14 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
             ("adapter", "retrieval"),
             ("template", "retrieval"),
         }
+
+        # without MIMIC-IV the audit runs empty and says why; the rest of the graph is untouched
+        import shutil as sh
+
+        sh.rmtree(env / "mimic-iv")
+        audit_job = defs.resolve_job_def("classifier_summary_job")
+        res = audit_job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("subgroup_metrics")], raise_on_error=False)
+        assert res.success
+        (mat,) = [e.materialization for e in res.get_asset_materialization_events()]
+        assert "MIMIC-IV demographics not found" in mat.metadata["reason"].value and "CXR_MIMIC_IV_DIR" in mat.metadata["reason"].value
+        assert pl.read_parquet(mat.metadata["path"].value).height == 0
