@@ -96,13 +96,19 @@ def _label_reports(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     """Registered classifiers (MLflow registry, by alias) applied to radiograph files."""
+    from cxr_pipeline.console import quiet
     from cxr_pipeline.data.dicom import DecodeError
+    from cxr_pipeline.settings import paths
     from cxr_pipeline.vision.predict import PredictError, predict_files
 
-    try:
-        results = predict_files([Path(p) for p in args.images], alias=args.alias, model=args.model, cam_dir=args.cam)
-    except (DecodeError, PredictError) as e:
-        print(f"predict: {e}", file=sys.stderr)
+    error = None
+    with quiet(paths().home / "logs", "predict"):  # MLflow's and torch's messages go to the log, the answer to the terminal
+        try:
+            results = predict_files([Path(p) for p in args.images], alias=args.alias, model=args.model, cam_dir=args.cam)
+        except (DecodeError, PredictError) as e:
+            error = e
+    if error is not None:
+        print(f"predict: {error}", file=sys.stderr)
         return 2
     for r in results:
         print(r.table())

@@ -137,6 +137,9 @@ def test_predict_command_on_real_radiographs_prints_14_rows_and_writes_overlays(
         rows = [ln for ln in block.splitlines()[2:] if ln.startswith("  ") and not ln.startswith("  finding")]
         assert len(rows) >= 14, out
     assert "cxr-cardiomegaly v1" in out and "POSITIVE" in out
+    from cxr_pipeline.settings import paths
+
+    assert list((paths().home / "logs").glob("predict-*.log"))  # the libraries' messages went to a log, not the terminal
     assert out.count("no champion model") == 2 * 12  # 12 findings have no registered per-pathology model
     # cardiomegaly is positive (threshold 0): one overlay per image, RGB
     from PIL import Image
