@@ -242,7 +242,6 @@ def gap_chart(table: pl.DataFrame, attribute: str, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cxr_pipeline.data.io import atomic_path
     from cxr_pipeline.labels import SLUGS
 
     t = table.filter((pl.col("attribute") == attribute) & (pl.col("labels") != "radiologist"))
@@ -258,11 +257,10 @@ def gap_chart(table: pl.DataFrame, attribute: str, out):
         for ax in axes[0][1:]:
             ax.set_yticklabels([])
         fig.suptitle(f"TPR gap by {attribute} (subgroup - other patients); bold: 95% paired interval excludes 0", fontsize=9)
-        fig.tight_layout()
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
+    except BaseException:
         plt.close(fig)
+        raise
+    _save(fig, out)
     return out
 
 
@@ -273,8 +271,6 @@ def underdiagnosis_chart(table: pl.DataFrame, out, view: str = "test", model: st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from cxr_pipeline.data.io import atomic_path
 
     t = table.filter((pl.col("slug") == "no_finding") & (pl.col("view") == view) & (pl.col("model") == model) & ~pl.col("small_cell"))
     t = t.filter(pl.col("labels") == t["labels"][0]) if t.height else t
@@ -291,9 +287,22 @@ def underdiagnosis_chart(table: pl.DataFrame, out, view: str = "test", model: st
             ax.set_title(attribute, fontsize=9)
         axes[0].set_ylabel('"No Finding" called, patients with a finding')
         fig.suptitle(f"Underdiagnosis ({model}, {view})", fontsize=10)
+    except BaseException:
+        plt.close(fig)
+        raise
+    _save(fig, out)
+    return out
+
+
+def _save(fig, out) -> None:
+    """Lay out, write atomically as PNG, and close the figure (charts are drawn in a long-lived process)."""
+    import matplotlib.pyplot as plt
+
+    from cxr_pipeline.data.io import atomic_path
+
+    try:
         fig.tight_layout()
         with atomic_path(out) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
-    return out
