@@ -138,6 +138,19 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
         record("generated_reports", **{k: kw[k] for k in ("max_new_tokens", "num_beams", "batch_size")}, max_test_pairs=seen["_test_rows"])
 
     monkeypatch.setattr(vlm, "generate_reports", generate_reports)
+
+    # the subgroup audit: its statistics are the domain call; demographics and scores stand in, empty
+    import cxr_pipeline.defs.subgroups as dsub
+    import cxr_pipeline.vision.subgroups as vsub
+    from cxr_pipeline.data.demographics import Demographics
+
+    p.classifier_metrics.parent.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame({"model": ["per_pathology"], "slug": ["edema"]}).write_parquet(p.classifier_metrics)
+    monkeypatch.setattr(dsub, "missing_reason", lambda root: None)
+    monkeypatch.setattr(dsub, "read_demographics", lambda root: Demographics(pl.DataFrame(), pl.DataFrame(), root))
+    monkeypatch.setattr(dsub, "per_image", lambda m, d: (pl.DataFrame(), {}))
+    monkeypatch.setattr(vsub, "audit_scores", lambda *a: pl.DataFrame())
+    monkeypatch.setattr(vsub, "audit", lambda scores, cfg: record("subgroup_metrics", **vars(cfg)))
     threads = torch.get_num_threads()
     try:
         for asset, partition in [
@@ -145,6 +158,7 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
             ("image_shards", "p10"),
             ("classifier", "edema"),
             ("multilabel_classifier", None),
+            ("subgroup_metrics", None),
             ("report_pairs", None),
             ("report_adapter", None),
             ("generated_reports", None),
