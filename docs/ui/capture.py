@@ -1,10 +1,11 @@
-"""Re-take the README's UI screenshots from a real state (e.g. after ``make demo``).
+"""Re-take the README's and the manual's UI screenshots from a real state (e.g. after ``make demo``).
 
     .venv/bin/python docs/ui/capture.py [CXR_HOME]      # default: .cxr
 
 Starts ``dagster-webserver`` and ``mlflow server`` (one worker) on free local ports against
 that state, drives Debian's Chromium with Playwright (nothing downloads a browser) and
-writes ``docs/ui/*.png``. The browser test (``cxr_pipeline_tests/test_ui_browser.py``) visits
+writes ``docs/ui/*.png``: the asset graph with every group expanded (assets and arrows visible), a
+classifier partition's Grad-CAM sheet, and the MLflow runs table. The browser test (``cxr_pipeline_tests/test_ui_browser.py``) visits
 the same pages on a small state and asserts what they show; this script only photographs.
 """
 
@@ -23,6 +24,24 @@ sys.path.insert(0, str(ROOT))
 from cxr_pipeline_tests.services import BIN, free_port, mlflow_server, start, stop, wait_http  # noqa: E402
 
 OUT = ROOT / "docs" / "ui"
+
+
+def asset_graph(page, port: int) -> None:
+    """Global asset lineage with every group expanded (Dagster's Alt+E), navigation hidden, zoomed to fit the
+    1600 x 1300 viewport (three clicks on the zoom-out control, bottom right), cropped to the graph."""
+    page.goto(f"http://127.0.0.1:{port}/asset-groups")
+    page.get_by_text("Hide navigation").first.click(timeout=60_000)
+    page.locator("button").nth(5).click()  # the asset tree's toggle beside the search box
+    page.wait_for_timeout(1000)
+    page.keyboard.press("Alt+e")  # expand all groups
+    page.wait_for_timeout(3000)
+    for _ in range(3):
+        page.mouse.click(1572, 1151)  # zoom out
+        page.wait_for_timeout(700)
+    page.mouse.move(10, 500)
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(OUT / "dagster-asset-graph.png"), clip={"x": 330, "y": 180, "width": 1020, "height": 940})
+    page.close()
 
 
 def main() -> int:
@@ -50,6 +69,7 @@ def main() -> int:
         exp_id = exp["experiment"]["experiment_id"]
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"])
+            asset_graph(browser.new_page(viewport={"width": 1600, "height": 1300}), dport)
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(f"http://127.0.0.1:{dport}/assets/classifier?view=partitions&partition=cardiomegaly")
             page.get_by_text("[Show Markdown]").first.click(timeout=60_000)
@@ -69,7 +89,7 @@ def main() -> int:
     finally:
         stop(web)
         stop(ml)
-    print(f"capture: {OUT / 'dagster-classifier-saliency.png'}, {OUT / 'mlflow-runs-datasets.png'}")
+    print(f"capture: {OUT / 'dagster-asset-graph.png'}, {OUT / 'dagster-classifier-saliency.png'}, {OUT / 'mlflow-runs-datasets.png'}")
     return 0
 
 
