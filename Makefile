@@ -32,8 +32,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# DEMO_ARGS: options for `cxr-pipeline demo` (the README test runs `make demo` on a smaller replica)
 demo: $(STAMP)
-	$(BIN)/cxr-pipeline demo
+	$(BIN)/cxr-pipeline demo $(DEMO_ARGS)
 
 ui: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)

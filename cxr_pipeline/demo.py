@@ -257,24 +257,26 @@ def print_subgroups(p: Paths, effect: str = DEMO_EFFECT) -> None:
     if not t.height:
         print("\nsubgroups: no MIMIC-IV demographics (CXR_MIMIC_IV_DIR): the audit is empty")
         return
-    fmt = pl.format("{} [{}, {}]", *(pl.col(c).round(3) for c in ("tpr_gap", "tpr_gap_lo", "tpr_gap_hi")))
-    print("\nsubgroups (MIMIC-IV demographics; TPR at the validation threshold, gap to the other patients, 95% paired patient bootstrap):")
+
+    def line(r: dict) -> str:
+        where = f"{r['view']}, {r['labels']} labels, {r['model']}"
+        return f"    {where}: {r['tpr_gap']:+.3f} [{r['tpr_gap_lo']:+.3f}, {r['tpr_gap_hi']:+.3f}] ({r['n_patients']} patients)"
+
+    print("\nsubgroups (MIMIC-IV demographics; TPR gap to the other patients at the validation threshold, 95% paired patient bootstrap):")
     if not env("CXR_RAW_DIR"):
         finding, attribute, group, scale = planted_effect(effect)
         planted = t.filter((pl.col("slug") == slug(finding)) & (pl.col("attribute") == attribute) & (pl.col("group") == group))
-        print(f"  planted in the replica: {finding} drawn at {scale}x its strength for {attribute} = {group}; measured TPR gap:")
-        with pl.Config(tbl_rows=10, fmt_str_lengths=40, **TABLE_STYLE):
-            print(publishable(planted).select("view", "labels", "model", "n_patients", "n_pos", fmt.alias("tpr gap [95% CI]")))
-    gaps = publishable(largest_gaps(t, 6))
+        print(f"  planted in the replica: {finding} drawn at {scale}x its strength for {attribute} = {group}; measured:")
+        for r in publishable(planted).filter(pl.col("tpr_gap").is_not_null()).iter_rows(named=True):
+            print(line(r))
     tested = t.filter(pl.col("tpr_gap").is_not_null())
-    excl = largest_gaps(t, tested.height).height
+    gaps = publishable(largest_gaps(t, tested.height))
     print(
-        f"  {excl} of {tested.height} TPR-gap intervals exclude 0; with no effect anywhere about {0.05 * tested.height:.0f} would"
-        " by chance (95% intervals, not corrected for the many cells):"
+        f"  {gaps.height} of {tested.height} gap intervals exclude 0 (about {0.05 * tested.height:.0f} would by chance: per-cell"
+        " 95% intervals, not corrected for the many cells); the largest:"
     )
-    if gaps.height:
-        with pl.Config(tbl_rows=10, fmt_str_lengths=40, **TABLE_STYLE):
-            print(gaps.select("view", "labels", "model", "slug", "attribute", "group", fmt.alias("tpr gap [95% CI]")))
+    for r in gaps.head(4).iter_rows(named=True):
+        print(line(r).replace(": ", f", {r['slug']}, {r['attribute']} = {r['group']}: ", 1))
     print(f"  {p.subgroups}  (subgroup_metrics.parquet, tpr_gap_*.png, underdiagnosis.png); MIMIC's test split has 293 patients:")
     print("  most test intervals there include 0, the out-of-fold view over the training patients has many more")
 

@@ -1,0 +1,111 @@
+"""Every command in the README, run on a clean state, as written, except the ones ``NOT_RUN`` names with why.
+
+The README's code blocks are parsed, not copied here, so a command added to the README without a way to run
+it fails this test. ``make demo`` runs on a smaller replica (``DEMO_ARGS``: the same command and code path as
+the README's, 16 patients, one epoch) so the suite stays within its time budget; the demo's own output is
+checked here too: a console that shows progress, not logs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from cxr_pipeline_tests.services import ROOT
+
+README = ROOT / "README.md"
+# command (as it starts in the README) -> why this test does not run it
+NOT_RUN = {
+    "make test": "the test suite itself (CI runs it: .ci/run)",
+    "make ui": "a long-running server (the browser, daemon and services tests start dagster dev / the webserver)",
+    "make serve": "a long-running server (test_serving.py serves a registered model with mlflow models serve)",
+    "make mlflow-ui": "a long-running server (the browser test starts mlflow server)",
+    "make docs-serve": "a long-running server (test_docs.py builds the same site)",
+    "export CXR_RAW_DIR=": "real MIMIC-CXR (credentialed; not on this machine)",
+    "export CXR_MIMIC_IV_DIR=": "real MIMIC-IV (credentialed; not on this machine)",
+    "export CXR_VLM_BASE=": "a real Llama-3.2-11B-Vision base (no weights can be downloaded here)",
+}
+DEMO_ARGS = "--patients 16 --image-size 48 --epochs 1"
+
+
+def blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def commands() -> list[str]:
+    """Every shell command of the README's bash blocks, comments stripped."""
+    out = []
+    for block in blocks("bash"):
+        for line in block.splitlines():
+            cmd = re.sub(r"\s+#.*$", "", line).strip()
+            if cmd:
+                out.append(cmd)
+    return out
+
+
+def test_every_readme_command_runs_on_a_clean_state(tmp_path):
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CXR_RAW_DIR", "DAGSTER_HOME")}
+    env.update(CXR_HOME=str(home), HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true")
+    work = tmp_path / "work"  # where a user's own files are: study.dcm, cams/
+    work.mkdir()
+    ran, skipped = [], []
+    for cmd in commands():
+        reason = next((why for start, why in NOT_RUN.items() if cmd.startswith(start)), None)
+        if reason:
+            skipped.append(cmd)
+            continue
+        if cmd == "make demo":
+            out = _run(["make", "-C", str(ROOT), "demo", f"DEMO_ARGS={DEMO_ARGS}"], env, work)
+            _check_demo_console(out, home)
+            dicom = next((home / "raw" / "files").rglob("*.dcm"))
+            shutil.copy(dicom, work / "study.dcm")  # the radiograph the README's predict commands name
+        elif cmd.startswith(".venv/bin/"):
+            out = _run([str(ROOT / cmd.split()[0]), *cmd.split()[1:]], env, work)
+            assert "cxr-cardiomegaly" in out.stdout  # the champion's table for the radiograph
+        elif cmd.startswith("make "):
+            _run(["make", "-C", str(ROOT), *cmd.split()[1:]], env, work)
+        else:
+            raise AssertionError(f"README command {cmd!r}: neither run by this test nor listed in NOT_RUN with a reason")
+        ran.append(cmd)
+    assert "make demo" in ran and any(c.startswith(".venv/bin/cxr-pipeline predict") for c in ran)
+    assert {"make lint", "make docs"} <= set(ran)
+    _run_python_blocks(env, work)
+
+
+def _run(cmd: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{' '.join(cmd)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def _check_demo_console(out: subprocess.CompletedProcess, home: Path) -> None:
+    """What the demo shows: progress and the summary, not logs; every library line in the log file."""
+    text = out.stdout + out.stderr
+    assert "manifest:" in out.stdout and "make ui" in out.stdout and "threshold chosen on validation" in out.stdout
+    # one row per finding: both models and both test label sources side by side
+    for column in ("per-finding auto", "per-finding rad", "multi-label auto", "multi-label rad"):
+        assert column in out.stdout
+    assert out.stdout.count("│ Cardiomegaly ") == 1 and "┆ labeler" in out.stdout and "┆ radiologist" in out.stdout
+    assert "subgroups (MIMIC-IV demographics" in out.stdout and "planted in the replica: Cardiomegaly" in out.stdout
+    (log,) = (home / "logs").glob("demo-*.log")
+    assert str(log) in out.stderr and "classifiers" in out.stderr and "report branch" in out.stderr
+    assert "dagster - INFO" not in text and "Warning" not in text and "Validating input example" not in text
+    assert "dagster - INFO" in log.read_text()
+    shown = [line for line in text.split("\n") if not line.startswith("make")]  # make's own "Entering directory" lines
+    assert len(shown) <= 100, text  # lines as a terminal shows them (a bar redraws in place with \r)
+
+
+def _run_python_blocks(env: dict, work: Path) -> None:
+    """The README's Python, in the user's working directory, against the demo's MLflow store; ``images`` is the
+    user's own data (here: black images at the registered model's size)."""
+    code = "\n".join(blocks("python"))
+    script = work / "readme_snippet.py"
+    size = 64  # the demo's shard size
+    script.write_text(f"import numpy as np\nimages = np.zeros((2, {size}, {size}), np.uint8)\n" + code + "\nprint('ok')\n")
+    mlflow_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{Path(env['CXR_HOME']) / 'mlflow.db'}"}
+    out = _run([str(ROOT / ".venv" / "bin" / "python"), str(script)], mlflow_env, work)
+    assert out.stdout.strip().endswith("ok")
