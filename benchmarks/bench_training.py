@@ -151,7 +151,8 @@ def streaming_child(args) -> int:
     import psutil
     import torch
 
-    from cxr_pipeline.vision.images import open_images, place
+    from cxr_pipeline.data.shards import open_images
+    from cxr_pipeline.vision.images import place
     from cxr_pipeline.vision.train import TrainConfig, train
 
     root = Path(args.child_root)

@@ -26,6 +26,7 @@ paths run, a GPU run gives the figures.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import resource
 import sys
@@ -132,7 +133,7 @@ def pyfunc(device, size: int, work: Path) -> None:
     net = build_model("resnet18")
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(ckpt / "model.safetensors"))
     config = {"arch": "resnet18", "dropout": 0.2, "size": size, "pathology": "Cardiomegaly", "threshold": 0.5}
-    (ckpt / "config.json").write_text(__import__("json").dumps({**config, "normalise": {"mean": 0.5, "std": 0.5}}))
+    (ckpt / "config.json").write_text(json.dumps({**config, "normalise": {"mean": 0.5, "std": 0.5}}))
     model = mlflow.pyfunc.load_model(str(save_pyfunc(ckpt, work / "pyfunc")))
     images = np.random.default_rng(0).integers(0, 256, (64, size, size), dtype=np.uint8)
     t0 = time.perf_counter()

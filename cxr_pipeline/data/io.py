@@ -25,6 +25,26 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextmanager
+def png_figure(path: Path, *subplots_args, dpi: int = 80, **subplots_kw) -> Iterator:
+    """``(fig, axes)`` from ``plt.subplots``; when the block ends without error the figure is laid out and written
+    atomically as PNG at ``path``, and it is closed either way (pyplot keeps every open figure alive, so a
+    long-lived process drawing charts would grow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(*subplots_args, **subplots_kw)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
 def write_parquet(df: pl.DataFrame, path: Path) -> Path:
     with atomic_path(path) as tmp:
         df.write_parquet(tmp, compression="zstd", statistics=True)

@@ -198,11 +198,14 @@ class Plan:
     previous: dict[str, dict]  # the index rows before this build, by dicom_id
 
 
-def plan_partition(root: Path, items: pl.DataFrame, index: pl.DataFrame, old_rejects: pl.DataFrame) -> Plan:
+def plan_partition(
+    root: Path, items: pl.DataFrame, index: pl.DataFrame, old_rejects: pl.DataFrame, stat: Callable[[Path], os.stat_result] = os.stat
+) -> Plan:
     """Compare the wanted ``(dicom_id, path)`` rows with the index: only new or changed files are read.
 
     Reads nothing but ``stat``: a file with the indexed (size, mtime) keeps its row, a
     known-bad file with the same (size, mtime) keeps its reject, anything else is a task.
+    (``stat``: shared by the plans of several sizes, so each file is stat'ed once.)
     """
     wanted = items.select("dicom_id", "path").unique("dicom_id", keep="first", maintain_order=True)
     by_id = {r["dicom_id"]: r for r in index.iter_rows(named=True)}
@@ -210,7 +213,7 @@ def plan_partition(root: Path, items: pl.DataFrame, index: pl.DataFrame, old_rej
     plan = Plan([], [], [], [], by_id)
     for did, rel in wanted.iter_rows():
         try:
-            st = os.stat(root / rel)
+            st = stat(root / rel)
         except FileNotFoundError:
             plan.reject_rows.append({"dicom_id": did, "path": rel, "reason": "file missing", "file_size": None, "mtime_ns": None})
             continue
@@ -303,16 +306,19 @@ def build_sizes(
     unchanged). ``spec`` gives the shard length, workers and chunking (its ``size`` is ignored).
     ``pool``: an already started ``decoder_pool`` (a long-lived caller pays process start-up once).
     """
+    import functools
+
     t0 = time.perf_counter()
     root = Path(root)
     plans, writers, stats = {}, {}, {}
+    stat = functools.cache(os.stat)  # every size plans from the same files: stat each once (network file systems)
     for size, out in sorted(outs.items()):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         _check_spec(out, ShardSpec(size, spec.images_per_shard, spec.workers, spec.chunk))
         index = _read_or_empty(out / INDEX, INDEX_SCHEMA)
         orphans = _clean(out, index)
-        plan = plans[size] = plan_partition(root, items, index, _read_or_empty(out / REJECTS, REJECT_SCHEMA))
+        plan = plans[size] = plan_partition(root, items, index, _read_or_empty(out / REJECTS, REJECT_SCHEMA), stat)
         writers[size] = _ShardWriter(out, plan, _next_shard_number(index), spec.images_per_shard)
         stats[size] = {"images": len(plan.keep_rows) + len(plan.reject_rows) + len(plan.tasks), "unchanged": len(plan.keep_rows)}
         stats[size].update(to_read=len(plan.tasks), orphan_shards_removed=orphans, decoded=0, hash_unchanged=0)
@@ -438,24 +444,19 @@ def write_png(arr: np.ndarray, path: Path) -> Path:
     return path
 
 
-def load_images(shard_root: Path, manifest: pl.DataFrame, size: int, device: str | None = None):
+def load_images(shard_root: Path, manifest: pl.DataFrame, size: int):
     """A split's images as one uint8 tensor (n, size, size), rows aligned with the returned frame.
 
     ``manifest`` is any selection of manifest rows (a split, a label subset);
     rows whose image is not in the shards (rejected, or a partition not built)
-    are left out and counted in the frame's absence. With ``device`` set to a
-    CUDA device the tensor is moved there (the 224-pixel PA subset of MIMIC is
-    a few GB, which fits on one GPU); normalisation happens there, not here.
-    The frame carries each image's source ``content_hash`` (what a digest of the
+    are left out and counted in the frame's absence (``vision.images.make_resident``
+    places images on a device). The frame carries each image's source ``content_hash`` (what a digest of the
     data a model saw is made from).
     """
     import torch
 
     lazy, rows = open_images(shard_root, manifest, size)
-    images = torch.from_numpy(lazy.take(np.arange(len(lazy))))
-    if device is not None and device != "cpu":
-        images = images.pin_memory().to(device, non_blocking=True) if str(device).startswith("cuda") else images.to(device)
-    return images, rows
+    return torch.from_numpy(lazy.take(np.arange(len(lazy)))), rows
 
 
 class StreamedImages:

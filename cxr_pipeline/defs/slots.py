@@ -109,7 +109,8 @@ def release_on_load() -> None:
     import sys
     import warnings
 
-    if not os.environ.get("DAGSTER_HOME"):
+    # a multiprocess executor's step is a child of its run worker, which swept when it loaded the code
+    if not os.environ.get("DAGSTER_HOME") or multiprocessing.parent_process() is not None:
         return
     try:
         with warnings.catch_warnings():

@@ -121,7 +121,7 @@ def subgroup_metrics(
             )
         ),
         "demographics_rejects": demo.rejects.height,
-        **{k: v for k, v in counts.items()},
+        **counts,
         **{f"chart_{k}": inline_png(v, f"subgroup chart {k}") for k, v in charts.items()},
         **resolved_metadata(cfg),
     }

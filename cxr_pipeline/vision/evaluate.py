@@ -130,16 +130,11 @@ def evaluate(y_test, p_test, y_val, p_val, n_boot: int = 1000, seed: int = 0, gr
 
 def save_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str = "") -> Path:
     """ROC and PR curves for several pathologies, written to a PNG (the figure is closed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    from cxr_pipeline.data.io import atomic_path
+    from cxr_pipeline.data.io import png_figure
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5))
-    try:
+    with png_figure(path, 1, 2, figsize=(11, 5)) as (fig, (ax1, ax2)):
         for name, (y, p) in curves.items():
             y = np.asarray(y).astype(int)
             if len(y) == 0 or y.min() == y.max():
@@ -156,9 +151,4 @@ def save_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, ti
             ax.grid(alpha=0.3)
         if title:
             fig.suptitle(title)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=80, format="png")
-    finally:
-        plt.close(fig)  # pyplot keeps every open figure alive: a long-lived process would grow
     return path

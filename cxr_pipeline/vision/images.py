@@ -21,9 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from cxr_pipeline.data.shards import StreamedImages, open_images
-
-__all__ = ["StreamedImages", "open_images"]
+from cxr_pipeline.data.shards import StreamedImages
 
 MODES = ("resident", "streamed")
 
@@ -92,9 +90,7 @@ def make_resident(images: StreamedImages, device) -> ResidentImages:
     import torch
 
     t = torch.from_numpy(images.take(np.arange(len(images))))
-    if device.type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
-    return ResidentImages(t.to(device))
+    return ResidentImages(t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device))
 
 
 def place(images: Sequence[StreamedImages], mode: str | None, device, budget: float) -> tuple[list[Images], str]:

@@ -236,28 +236,18 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
 
 def saliency_sheet(panels: Sequence[tuple[np.ndarray, str]], title: str, out: Path, ncols: int = 6) -> Path:
     """RGB panels with captions in one PNG (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cxr_pipeline.data.io import atomic_path
+    from cxr_pipeline.data.io import png_figure
 
     n = max(1, len(panels))
     ncols = min(ncols, n)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.45 * nrows + 0.3), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (img, caption) in zip(axes.flat, panels, strict=False):
-        ax.imshow(img)
-        ax.set_title(caption, fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    with png_figure(out, nrows, ncols, figsize=(2.2 * ncols, 2.45 * nrows + 0.3), squeeze=False) as (fig, axes):
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (img, caption) in zip(axes.flat, panels, strict=False):
+            ax.imshow(img)
+            ax.set_title(caption, fontsize=8)
+        fig.suptitle(title, fontsize=9)
     return out
 
 

@@ -186,14 +186,17 @@ def audit_scores(classifiers, metrics: pl.DataFrame, manifest: pl.DataFrame, peo
     train = manifest.filter(pl.col("split") == "train")
     hints = classifiers.classifier(MULTILABEL).hints
     oof = pl.read_parquet(hints).filter(pl.col("source") == "out_of_fold") if hints.exists() else None
-    parts = []
+    parts, read = [], {}  # the multi-label model's wide table serves all 14 findings: read it once
     usable = metrics.filter((pl.col("test_labels") != RADIOLOGIST) & pl.col("threshold").is_not_null())
     for r in usable.iter_rows(named=True):
         model, s, unc, blank = r["model"], r["slug"], r["uncertain_policy"], r["blank_policy"]
         folder = classifiers.classifier(MULTILABEL if model == MULTILABEL else s)
         if not folder.predictions.exists():
             continue
-        probs = pl.read_parquet(folder.predictions).select("dicom_id", pl.col("prob" if model != MULTILABEL else s).alias("prob"))
+        table = read.get(folder.predictions)
+        if table is None:
+            table = read[folder.predictions] = pl.read_parquet(folder.predictions)
+        probs = table.select("dicom_id", pl.col("prob" if model != MULTILABEL else s).alias("prob"))
         head = {"model": model, "slug": s, "threshold": stored_threshold(r["threshold"])}
         views = [("test", source, targets(test, s, unc, blank), probs)]
         if rad.height:
@@ -237,45 +240,31 @@ def gap_chart(table: pl.DataFrame, attribute: str, out):
     """CheXclusion's figure for one attribute: TPR gap (subgroup - rest) per finding and subgroup, one panel per
     view (per-pathology and multi-label on the test split, the multi-label out-of-fold over training patients),
     automatic labels; grey: too few patients (n<k) or positives (-); bold: the paired 95% interval excludes 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from cxr_pipeline.data.io import png_figure
     from cxr_pipeline.labels import SLUGS
 
     t = table.filter((pl.col("attribute") == attribute) & (pl.col("labels") != "radiologist"))
     views = [(v, m) for v, m in VIEWS if t.filter((pl.col("view") == v) & (pl.col("model") == m)).height]
     slugs = [s for s in SLUGS if s in set(t["slug"].to_list())]
     n_groups = max(1, t["group"].n_unique())
-    fig, axes = plt.subplots(
-        1, max(1, len(views)), figsize=(2.4 + 1.6 * n_groups * max(1, len(views)), 1.4 + 0.36 * max(1, len(slugs))), squeeze=False
-    )
-    try:
+    size = (2.4 + 1.6 * n_groups * max(1, len(views)), 1.4 + 0.36 * max(1, len(slugs)))
+    with png_figure(out, 1, max(1, len(views)), dpi=110, figsize=size, squeeze=False) as (fig, axes):
         for ax, (view, model) in zip(axes[0], views, strict=False):
             _gap_panel(ax, t.filter((pl.col("view") == view) & (pl.col("model") == model)), slugs, f"{model}, {view}")
         for ax in axes[0][1:]:
             ax.set_yticklabels([])
         fig.suptitle(f"TPR gap by {attribute} (subgroup - other patients); bold: 95% paired interval excludes 0", fontsize=9)
-    except BaseException:
-        plt.close(fig)
-        raise
-    _save(fig, out)
     return out
 
 
 def underdiagnosis_chart(table: pl.DataFrame, out, view: str = "test", model: str = "per_pathology"):
     """The underdiagnosis figure: per subgroup, the share of patients with a finding whom the "No Finding"
     model calls healthy (its FPR), with 95% intervals; one panel per attribute."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cxr_pipeline.data.io import png_figure
 
     t = table.filter((pl.col("slug") == "no_finding") & (pl.col("view") == view) & (pl.col("model") == model) & ~pl.col("small_cell"))
     t = t.filter(pl.col("labels") == t["labels"][0]) if t.height else t
-    fig, axes = plt.subplots(1, len(ATTRIBUTES), figsize=(3.2 * len(ATTRIBUTES), 3.0), sharey=True)
-    try:
+    with png_figure(out, 1, len(ATTRIBUTES), dpi=110, figsize=(3.2 * len(ATTRIBUTES), 3.0), sharey=True) as (fig, axes):
         for ax, attribute in zip(axes, ATTRIBUTES, strict=True):
             a = t.filter((pl.col("attribute") == attribute) & pl.col("fpr").is_not_null()).sort("group")
             x = np.arange(a.height)
@@ -287,22 +276,4 @@ def underdiagnosis_chart(table: pl.DataFrame, out, view: str = "test", model: st
             ax.set_title(attribute, fontsize=9)
         axes[0].set_ylabel('"No Finding" called, patients with a finding')
         fig.suptitle(f"Underdiagnosis ({model}, {view})", fontsize=10)
-    except BaseException:
-        plt.close(fig)
-        raise
-    _save(fig, out)
     return out
-
-
-def _save(fig, out) -> None:
-    """Lay out, write atomically as PNG, and close the figure (charts are drawn in a long-lived process)."""
-    import matplotlib.pyplot as plt
-
-    from cxr_pipeline.data.io import atomic_path
-
-    try:
-        fig.tight_layout()
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
-        plt.close(fig)
