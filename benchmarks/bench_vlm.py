@@ -45,6 +45,8 @@ reduced-depth measured: <tok/s> tokens/s, peak <GB> GB; device: <name>``
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import shutil
 import sys
@@ -221,8 +223,8 @@ def _recipe_state(recipe: Path, work: Path):
     return p
 
 
-def _learning_data(p, workers: int):
-    """The replica (600 patients, built once), then what the manifest, image_shards and report_pairs assets
+def _learning_data(p, workers: int, patients: int = 600):
+    """The replica (``patients``, 600 by default, built once), then what the manifest, image_shards and report_pairs assets
     compute from it under the recipe, with the same domain calls; only the report model's shard size is built."""
     from cxr_pipeline.config import resolve
     from cxr_pipeline.data.mimic import build_manifest
@@ -232,8 +234,8 @@ def _learning_data(p, workers: int):
     from cxr_pipeline.reports.pairs import build_pairs
 
     if not (p.raw / ".done").exists():
-        print(f"generating a 600-patient replica in {p.raw} (once) ...", file=sys.stderr, flush=True)
-        synth = SynthConfig(patients=600, image_size=128, jpeg2000_fraction=0.0, workers=workers, validate_fraction=0.1, test_fraction=0.15)
+        print(f"generating a {patients}-patient replica in {p.raw} (once) ...", file=sys.stderr, flush=True)
+        synth = SynthConfig(patients=patients, image_size=128, jpeg2000_fraction=0.0, workers=workers, validate_fraction=0.1, test_fraction=0.15)
         generate(synth, p.raw)
         (p.raw / ".done").write_text("ok")
     manifest = build_manifest(p.raw, resolve(p, "manifest")).manifest
@@ -259,77 +261,158 @@ class _Blank:
         return np.zeros_like(np.asarray(self.images[i]))
 
 
-def learning(args, device, name: str) -> None:
+def _split_reports(pairs, split: str, cap: int | None, shard_root: Path, size: int):
+    """A split's pairs (the first ``cap`` by dicom_id, as generated_reports takes them), their images, the
+    planted findings as reference labels and each report's patient."""
     import polars as pl
 
-    from cxr_pipeline.config import resolve
     from cxr_pipeline.data.shards import load_images
     from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
-    from cxr_pipeline.reports.baselines import template_report
-    from cxr_pipeline.reports.metrics import clinical_efficacy
-    from cxr_pipeline.reports.vlm import (
-        TrainingPairs,
-        adapter_training_set,
-        ensure_base,
-        generate_reports,
-        report_token_budget,
-        train_adapter,
-    )
-    from cxr_pipeline.settings import paths
 
-    recipe = Path(args.recipe) if args.recipe.endswith(".yaml") else RECIPES / f"{args.recipe}.yaml"
-    p = _recipe_state(recipe, Path(args.work or paths().bench("vlm-learning")))
-    t_start = time.perf_counter()
-    pairs = _learning_data(p, os.cpu_count() or 1)
-    cfg = resolve(p, "report_adapter")
-    examples, rows, variant = adapter_training_set(pairs, p.shard_root(cfg.size), cfg)  # the recipe's prompt: no hints
-    base = ensure_base(cfg, p.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps), examples.reports, log=print)
-    texts = examples.reports
-    gen = resolve(p, "generated_reports", derived={"max_new_tokens": lambda: report_token_budget(base, texts)})
-    test = pairs.filter(pl.col("split") == "test").sort("dicom_id")
-    test = test.head(gen.max_test_pairs) if gen.max_test_pairs is not None else test
-    test_images, test_rows = load_images(p.shard_root(cfg.size), test, cfg.size)
-    test_prompts = [examples.prompts[0]] * test_rows.height  # the instruction-only prompt
-    refs = [{LABEL_BY_SLUG[s]: r[s] for s in SLUGS} for r in test_rows.select(SLUGS).iter_rows(named=True)]
-    print(
-        f"recipe {recipe.name}: {len(texts)} training pairs ({variant}), {test_rows.height} test reports, base {base.name}, "
-        f"{cfg.max_steps} steps each; LoRA on {cfg.target}, lr {cfg.lr:g}"
-        + (f", trained in full: {cfg.train_full}" if cfg.train_full else ""),
-        flush=True,
-    )
-    scores = {}
-    for blank in (False, True):
-        arm = TrainingPairs(_Blank(examples.images) if blank else examples.images, examples.prompts, texts)
-        tests = [np.zeros_like(im.numpy()) if blank else im.numpy() for im in test_images]
-        adapter, ckpt = (p.reports / "adapter_blank", p.reports / "ckpt_blank") if blank else (p.adapter, p.adapter_checkpoints)
-        for stale in (adapter, ckpt):  # a fresh run each time, never a resume
-            shutil.rmtree(stale, ignore_errors=True)
+    rows = pairs.filter(pl.col("split") == split).sort("dicom_id")
+    rows = rows.head(cap) if cap is not None else rows
+    images, rows = load_images(shard_root, rows, size)
+    refs = [{LABEL_BY_SLUG[s]: r[s] for s in SLUGS} for r in rows.select(SLUGS).iter_rows(named=True)]
+    return [im.numpy() for im in images], refs, rows["subject_id"].to_list()
+
+
+class _Runs:
+    """Each adapter the benchmark trains, with the reports it wrote, kept in ``runs.json`` under the work folder
+    so that a killed benchmark resumes where it stopped. A run is keyed by its resolved recipe, arm and split."""
+
+    def __init__(self, p, examples, device, time_limit: float) -> None:
+        self.p, self.examples, self.device, self.time_limit = p, examples, device, time_limit
+        self.file = p.home / "runs.json"
+        self.done = json.loads(self.file.read_text()) if self.file.exists() else {}
+
+    def reports(self, cfg, blank: bool, split: str, images: list, log) -> tuple[list[str], int]:
+        from cxr_pipeline.config import record, resolve
+        from cxr_pipeline.reports.vlm import (
+            TrainingPairs,
+            ensure_base,
+            generate_reports,
+            report_token_budget,
+            train_adapter,
+        )
+
+        ex = self.examples
+        key = json.dumps({"recipe": record(cfg), "blank": blank, "split": split, "n": len(images)}, sort_keys=True, default=str)
+        if key in self.done:
+            return self.done[key]["reports"], self.done[key]["steps"]
+        base = ensure_base(cfg, self.p.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps), ex.reports, log=log)
+        gen = resolve(self.p, "generated_reports", derived={"max_new_tokens": lambda: report_token_budget(base, ex.reports)})
+        # one adapter per recipe and arm scores both splits; a half-trained one is retrained from scratch, never resumed
+        train_key = json.dumps({"recipe": record(cfg), "blank": blank}, sort_keys=True, default=str)
+        adapter = self.p.reports / "runs" / hashlib.sha256(train_key.encode()).hexdigest()[:12]
         t0 = time.perf_counter()
-        res = train_adapter(base, arm, cfg, adapter, ckpt, device=device, time_budget_s=args.time_limit)
-        steps = sum(1 for h in res["log_history"] if "loss" in h)  # one log line per optimizer step
+        steps_file = adapter / "steps.txt"
+        if not steps_file.exists():
+            ckpt = adapter.with_name(adapter.name + ".ckpt")
+            for stale in (adapter, ckpt):
+                shutil.rmtree(stale, ignore_errors=True)
+            arm = TrainingPairs(_Blank(ex.images) if blank else ex.images, ex.prompts, ex.reports)
+            res = train_adapter(base, arm, cfg, adapter, ckpt, device=self.device, time_budget_s=self.time_limit)
+            steps_file.write_text(str(sum(1 for h in res["log_history"] if "loss" in h)))  # one log line per optimizer step
+            shutil.rmtree(ckpt, ignore_errors=True)
+        steps = int(steps_file.read_text())
+        ims = [np.zeros_like(im) for im in images] if blank else images
         hyps = generate_reports(
             base,
             adapter,
-            tests,
-            test_prompts,
+            ims,
+            [ex.prompts[0]] * len(ims),  # the recipe's instruction-only prompt
             max_new_tokens=gen.max_new_tokens,
             num_beams=gen.num_beams,
             batch_size=gen.batch_size,
-            device=device,
+            device=self.device,
         )
-        ce, _ = clinical_efficacy([""] * len(hyps), hyps, refs)
-        scores[blank] = (ce["ce_micro14_f1"], steps)
-        what = "images blanked" if blank else "with images"
-        print(
-            f"  {what}: {steps} steps in {time.perf_counter() - t0:.0f} s (training + generation); CE micro-F1 {ce['ce_micro14_f1']:.3f}, "
-            f"macro-F1 {ce['ce_macro14_f1']:.3f}; e.g. {hyps[0][:100]!r}",
-            flush=True,
-        )
-    template, _ = clinical_efficacy([""] * len(refs), [template_report({})] * len(refs), refs)
-    print(f"template baseline (no classifier): CE micro-F1 {template['ce_micro14_f1']:.3f}")
-    print(f"whole benchmark {time.perf_counter() - t_start:.0f} s on {name}")
-    (f_img, s_img), (f_blank, s_blank) = scores[False], scores[True]
-    print(f"learning: with images {f_img:.3f}, images blanked {f_blank:.3f}, steps {s_img} and {s_blank}, recipe {recipe.name}")
+        self.done[key] = {"reports": hyps, "steps": steps, "seconds": round(time.perf_counter() - t0)}
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done))
+        tmp.replace(self.file)
+        return hyps, steps
+
+
+def learning(args, device, name: str) -> None:
+    import yaml
+
+    from cxr_pipeline.config import resolve
+    from cxr_pipeline.reports.baselines import best_constant_report, template_report
+    from cxr_pipeline.reports.metrics import clinical_efficacy, seed_mean_intervals
+    from cxr_pipeline.reports.vlm import adapter_training_set
+    from cxr_pipeline.settings import paths
+
+    recipe = Path(args.recipe) if args.recipe.endswith(".yaml") else RECIPES / f"{args.recipe}.yaml"
+    candidates = yaml.safe_load(Path(args.candidates).read_text())["candidates"]
+    seeds = list(range(args.seeds))
+    p = _recipe_state(recipe, Path(args.work or paths().bench("vlm-learning")))
+    t_start = time.perf_counter()
+    pairs = _learning_data(p, os.cpu_count() or 1, args.patients)
+    shipped = resolve(p, "report_adapter")
+    examples, rows, variant = adapter_training_set(pairs, p.shard_root(shipped.size), shipped)  # the recipe's prompt: no hints
+    cap = resolve(p, "generated_reports", derived={"max_new_tokens": lambda: 1}).max_test_pairs
+    val = _split_reports(pairs, "validate", cap, p.shard_root(shipped.size), shipped.size)
+    test = _split_reports(pairs, "test", cap, p.shard_root(shipped.size), shipped.size)
+    runs = _Runs(p, examples, device, args.time_limit)
+    print(
+        f"{len(examples.reports)} training pairs ({variant}), {len(val[0])} validate and {len(test[0])} test reports "
+        f"({len(set(val[2]))} and {len(set(test[2]))} patients); {shipped.max_steps} optimizer steps per adapter; "
+        f"seeds {seeds}; references: the planted findings",
+        flush=True,
+    )
+
+    # 1. choose the recipe on the validate split (with images, the first seed); test is not looked at
+    print(f"choice on validate ({Path(args.candidates).name}, seed {seeds[0]}):", flush=True)
+    chosen = {}
+    for cname, overlay in candidates.items():
+        cfg = resolve(p, "report_adapter", explicit={**overlay, "seed": seeds[0]})
+        hyps, steps = runs.reports(cfg, False, "validate", val[0], log=print)
+        ce, _ = clinical_efficacy([""] * len(hyps), hyps, val[1])
+        chosen[cname] = (ce["ce_micro14_f1"], cfg)
+        print(f"  {cname:24} validate CE micro-F1 {ce['ce_micro14_f1']:.3f}, macro-F1 {ce['ce_macro14_f1']:.3f}, {steps} steps", flush=True)
+    winner = max(chosen, key=lambda c: chosen[c][0])  # ties: the first listed
+    cfg_w = chosen[winner][1]
+    same = all(getattr(shipped, k) == getattr(cfg_w, k) for k in candidates[winner])
+    print(
+        f"chosen on validate: {winner} ({chosen[winner][0]:.3f}); {recipe.name} "
+        + ("holds it" if same else f"does NOT hold it: set {candidates[winner]} in {recipe}"),
+        flush=True,
+    )
+
+    # 2. the chosen recipe on the test split, once per arm and seed (equal steps, same seeds)
+    arms: dict[str, list[list[str]]] = {"with images": [], "images blanked": []}
+    steps_seen = set()
+    for seed in seeds:
+        cfg = resolve(p, "report_adapter", explicit={**candidates[winner], "seed": seed})
+        for arm, blank in (("with images", False), ("images blanked", True)):
+            hyps, steps = runs.reports(cfg, blank, "test", test[0], log=print)
+            steps_seen.add(steps)
+            arms[arm].append(hyps)
+            ce, _ = clinical_efficacy([""] * len(hyps), hyps, test[1])
+            print(
+                f"  seed {seed} {arm:15} test CE micro-F1 {ce['ce_micro14_f1']:.3f}, macro-F1 {ce['ce_macro14_f1']:.3f}, "
+                f"{steps} steps; e.g. {hyps[0][:90]!r}",
+                flush=True,
+            )
+    # 3. the best constant report: chosen among the training reports on validate, scored on test
+    constant, f_val = best_constant_report(examples.reports, val[1])
+    arms["best constant"] = [[constant] * len(test[1])]
+    template, _ = clinical_efficacy([""] * len(test[1]), [template_report({})] * len(test[1]), test[1])
+    stats, diffs = seed_mean_intervals(test[1], arms, test[2], n_boot=args.n_boot)
+    print(f"best constant report (validate CE micro-F1 {f_val:.3f}): {constant[:120]!r}")
+    for arm, (f, lo, hi) in stats.items():
+        print(f"  {arm:15} test CE micro-F1 {f:.3f} [{lo:.3f}-{hi:.3f}] (mean over {len(arms[arm])} run(s); patients resampled)")
+    for (a, b), (d, lo, hi) in diffs.items():
+        print(f"  {a} - {b}: {d:+.3f} [{lo:+.3f}-{hi:+.3f}] (paired, {args.n_boot} patient resamples)")
+    print(f"template baseline (no classifier): test CE micro-F1 {template['ce_micro14_f1']:.3f}")
+    print(f"whole benchmark {time.perf_counter() - t_start:.0f} s on {name} (finished runs are reused from {runs.file})")
+    (f_img, lo_img, hi_img), (f_blank, *_), (f_const, *_) = stats["with images"], stats["images blanked"], stats["best constant"]
+    d, lo, hi = diffs[("with images", "images blanked")]
+    steps_txt = "/".join(str(s) for s in sorted(steps_seen))
+    print(
+        f"learning: with images {f_img:.3f} [{lo_img:.3f}-{hi_img:.3f}], images blanked {f_blank:.3f}, best constant {f_const:.3f}, "
+        f"difference {d:.3f} [{lo:.3f}-{hi:.3f}], seeds {len(seeds)}, steps {steps_txt}"
+    )
 
 
 def main() -> int:
@@ -346,7 +429,11 @@ def main() -> int:
     ap.add_argument("--text-tokens", type=int, default=256, help="prompt + report tokens per example (--real-shape)")
     ap.add_argument("--learning", action="store_true", help="with images against images blanked, same recipe and steps")
     ap.add_argument("--recipe", default="learning", help="a pipeline.yaml recipe: a name under benchmarks/recipes/ or a path (--learning)")
-    ap.add_argument("--time-limit", type=float, default=900, help="safety limit in seconds per adapter (--learning)")
+    ap.add_argument("--time-limit", type=float, default=1800, help="safety limit in seconds per adapter (--learning)")
+    ap.add_argument("--candidates", default=str(RECIPES / "candidates" / "learning.yaml"), help="recipes chosen among on validate (--learning)")
+    ap.add_argument("--patients", type=int, default=600, help="replica patients (--learning; a quick trial: fewer)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per arm on test (--learning)")
+    ap.add_argument("--n-boot", type=int, default=1000, help="patient resamples for the intervals (--learning)")
     ap.add_argument("--work", default="", help="state folder (--learning; default $CXR_HOME/bench/vlm-learning)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -72,3 +72,30 @@ def baseline_reports(
     train = train_pairs.join(predictions, on="dicom_id", how="inner")
     retrieval = nearest_reports(train.select(cols).to_numpy(), train["text"].to_list(), pt.select(cols).to_numpy())
     return template, retrieval
+
+
+def best_constant_report(candidates: Sequence[str], reference_labels: Sequence[Mapping[str, float | None]]) -> tuple[str, float]:
+    """The one report that, written for every study, scores the highest CE micro-F1 (14 observations,
+    uncertain as absent) against ``reference_labels``: the bar a report model that ignores its image can
+    reach at best. Pick it on validation labels and score it on test, like any other choice.
+
+    Each distinct candidate is labelled once; a constant report's micro-F1 follows from its label vector
+    and the references' column sums. Ties go to the first candidate in sorted order. Returns (report, F1).
+    """
+    from cxr_pipeline.labels import LABELS
+    from cxr_pipeline.reports.labeler import label_reports
+
+    texts = sorted({t for t in candidates if isinstance(t, str) and t.strip()})
+    if not texts:
+        raise ValueError("best_constant_report: no non-empty candidate report")
+    labels, _ = label_reports(texts)
+    hyp = np.array([[1 if row.get(n) == 1.0 else 0 for n in LABELS] for row in labels], dtype=float)
+    ref = np.array([[1 if row.get(n) == 1.0 else 0 for n in LABELS] for row in reference_labels], dtype=float)
+    positives, n = ref.sum(0), len(ref)
+    tp = hyp @ positives  # a constant report is right on every reference positive of a finding it names
+    fp = hyp.sum(1) * n - tp
+    fn = positives.sum() - tp
+    denom = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    best = int(np.argmax(f1))
+    return texts[best], float(f1[best])

@@ -126,9 +126,9 @@ INTERVAL_METRICS = ("ce_micro14_f1", "ce_upos_micro14_f1", "ROUGE_L")
 CE_MACRO_CONVENTION = "an observation absent from both references and reports counts as F1 0"
 
 
-def _per_report(references: Sequence[str], hyps: Sequence[str], ref_labels: list[dict]) -> dict[str, np.ndarray]:
+def _per_report(references: Sequence[str], hyps: Sequence[str], ref_labels: list[dict], rouge: bool = True) -> dict[str, np.ndarray]:
     """What each report adds to the interval metrics: CE true/false positive and false negative counts
-    over the 14 observations (both conventions), and its ROUGE-L."""
+    over the 14 observations (both conventions), and its ROUGE-L (NaN without ``rouge``)."""
     from pycocoevalcap.rouge.rouge import Rouge
 
     hyp_labels, _ = label_reports(hyps)
@@ -136,6 +136,9 @@ def _per_report(references: Sequence[str], hyps: Sequence[str], ref_labels: list
     for prefix, present in CE_CONVENTIONS.values():
         y, p = _binary(ref_labels, LABELS, present), _binary(hyp_labels, LABELS, present)
         out[f"{prefix}_tp"], out[f"{prefix}_fp"], out[f"{prefix}_fn"] = (y & p).sum(1), ((1 - y) & p).sum(1), (y & (1 - p)).sum(1)
+    if not rouge:
+        out["rouge"] = np.full(len(hyps), np.nan)
+        return out
     gts = {i: [clean_report(r) or "."] for i, r in enumerate(references)}
     res = {i: [clean_report(h) or "."] for i, h in enumerate(hyps)}
     out["rouge"] = np.asarray(Rouge().compute_score(gts, res)[1], dtype=float) if len(hyps) else np.zeros(0)
@@ -181,26 +184,61 @@ def report_intervals(
         for name, p in per.items():
             draws[name].append(_interval_values(p, idx))
 
-    def ci(values: list[float]) -> tuple[float | None, float | None]:
-        v = np.asarray([x for x in values if x == x])
-        return (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) if len(v) else (None, None)
-
     rows, diffs = [], []
     for name in systems:
         row = {"system": name, "n": n, "resamples": n_boot}
         for m in INTERVAL_METRICS:
             row[m] = point[name][m]
-            row[f"{m}_lo"], row[f"{m}_hi"] = ci([d[m] for d in draws[name]])
+            row[f"{m}_lo"], row[f"{m}_hi"] = _ci([d[m] for d in draws[name]])
         rows.append(row)
     names = list(systems)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             for m in INTERVAL_METRICS:
                 d = [x[m] - y[m] for x, y in zip(draws[a], draws[b], strict=True)]
-                lo, hi = ci(d)
+                lo, hi = _ci(d)
                 better = None if lo is None else (a if lo > 0 else b if hi < 0 else "neither")
                 diffs.append({"a": a, "b": b, "metric": m, "difference": point[a][m] - point[b][m], "lo": lo, "hi": hi, "better": better})
     return rows, diffs
+
+
+def _ci(values) -> tuple[float | None, float | None]:
+    v = np.asarray([x for x in values if x == x])
+    return (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) if len(v) else (None, None)
+
+
+def seed_mean_intervals(
+    reference_labels: Sequence[dict],
+    arms: dict[str, Sequence[Sequence[str]]],
+    patients: Sequence,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[dict[str, tuple[float, float | None, float | None]], dict[tuple[str, str], tuple[float, float | None, float | None]]]:
+    """CE micro-F1 (14, uncertain as absent) of arms that were each trained with several seeds, averaged over
+    the seeds, with a 95% bootstrap interval over patients, and the paired interval of every difference
+    between two arms: one patient resample scores every seed of every arm, so seed-to-seed and
+    patient-to-patient variation both reach the interval of the seed mean, and the difference is paired.
+
+    ``arms``: name -> one list of reports per seed, each aligned with ``reference_labels`` and ``patients``.
+    (``report_intervals`` compares single systems; this averages seeds inside each resample first.)
+    Returns ({arm: (point, lo, hi)}, {(a, b): (a - b, lo, hi)}).
+    """
+    from cxr_pipeline.vision.evaluate import resample_indices
+
+    refs = list(reference_labels)
+    per = {a: [_per_report([""] * len(refs), hyps, refs, rouge=False) for hyps in seeds] for a, seeds in arms.items()}
+    n = len(refs)
+
+    def score(idx: np.ndarray) -> dict[str, float]:
+        return {a: float(np.mean([_interval_values(p, idx)["ce_micro14_f1"] for p in runs])) for a, runs in per.items()}
+
+    point = score(np.arange(n))
+    rng = np.random.default_rng(seed)
+    draws = [score(resample_indices(n, np.asarray(patients), rng)[0]) for _ in range(n_boot if n else 0)]
+    out = {a: (point[a], *_ci([d[a] for d in draws])) for a in arms}
+    names = list(arms)
+    diffs = {(a, b): (point[a] - point[b], *_ci([d[a] - d[b] for d in draws])) for i, a in enumerate(names) for b in names[i + 1 :]}
+    return out, diffs
 
 
 def score_systems(
