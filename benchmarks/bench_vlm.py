@@ -235,7 +235,9 @@ def _learning_data(p, workers: int, patients: int = 600):
 
     if not (p.raw / ".done").exists():
         print(f"generating a {patients}-patient replica in {p.raw} (once) ...", file=sys.stderr, flush=True)
-        synth = SynthConfig(patients=patients, image_size=128, jpeg2000_fraction=0.0, workers=workers, validate_fraction=0.1, test_fraction=0.15)
+        synth = SynthConfig(
+            patients=patients, image_size=128, jpeg2000_fraction=0.0, workers=workers, validate_fraction=0.1, test_fraction=0.15
+        )
         generate(synth, p.raw)
         (p.raw / ".done").write_text("ok")
     manifest = build_manifest(p.raw, resolve(p, "manifest")).manifest
@@ -430,7 +432,9 @@ def main() -> int:
     ap.add_argument("--learning", action="store_true", help="with images against images blanked, same recipe and steps")
     ap.add_argument("--recipe", default="learning", help="a pipeline.yaml recipe: a name under benchmarks/recipes/ or a path (--learning)")
     ap.add_argument("--time-limit", type=float, default=1800, help="safety limit in seconds per adapter (--learning)")
-    ap.add_argument("--candidates", default=str(RECIPES / "candidates" / "learning.yaml"), help="recipes chosen among on validate (--learning)")
+    ap.add_argument(
+        "--candidates", default=str(RECIPES / "candidates" / "learning.yaml"), help="recipes chosen among on validate (--learning)"
+    )
     ap.add_argument("--patients", type=int, default=600, help="replica patients (--learning; a quick trial: fewer)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm on test (--learning)")
     ap.add_argument("--n-boot", type=int, default=1000, help="patient resamples for the intervals (--learning)")
