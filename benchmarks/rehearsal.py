@@ -8,18 +8,27 @@ DICOM release is uncompressed). Each configuration then runs every asset with
 the default policies, one Dagster run per step, each in a fresh process:
 
     observe -> manifest -> image_shards (10 partitions) -> classifier (14, a few
-    steps each) -> classifier_metrics/predictions -> report_pairs ->
-    report_adapter (tiny base, every training pair loaded) -> generated_reports
-    (the whole test split) -> report_metrics
+    steps each) -> multilabel_classifier (with its 5 out-of-fold models) ->
+    classifier_metrics -> classifier_predictions -> subgroup_metrics (MIMIC-IV
+    demographics from the replica) -> report_pairs -> report_adapter (tiny base)
+    -> generated_reports (the whole test split) -> report_metrics (the labeler
+    over every reference and generated report)
 
 Configurations: ``default`` (PA, one image per subject: the seeds' policy) and
 ``frontal`` (PA and AP, every image: about 243k images). The classifiers run
 at ``--size`` (32) so that the counts, not the pixels, are what is rehearsed;
 the report model reads shards at its base's tile (56 px for the tiny base), as
-by default, so ``image_shards`` builds both sizes.
+by default, so ``image_shards`` builds both sizes. What is shortened (``SHORT``)
+is printed first: optimizer steps, epochs, the generation cap. Everything else
+runs in full: every training image is loaded (resident, as this host chooses) or
+indexed (the adapter's pairs, read a batch at a time), every validate and test
+image is evaluated, every manifest image predicted. The memory of the
+classifiers' data path at 224 px comes from ``bench_training.py --streaming``,
+not from here (a 224-px rehearsal would take hours on 2 cores).
 
 Per step it prints wall time, the peak resident memory of the step's process
-tree (sampled every 20 ms) and the rows the step wrote; at the end of each
+tree (sampled every 20 ms), the images it read from the shards (or decoded from
+the DICOMs) and the rows the step wrote; at the end of each
 configuration the Dagster storage size, the MLflow database size and the shard
 folder size, and a line ``rehearsal[<config>]: ...``. The last line is
 ``rehearsal: <images> images, <reports> reports, <secs> s, peak <GB> GB, dagster db <MB> MB``
@@ -42,6 +51,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 MIMIC_COUNTS = {"patients": 65_379, "studies": 227_835, "images": 377_110}
 # MIMIC-CXR's official split: 500 validate and 293 test patients; the radiologist labelled 687 of 3,269 test studies
@@ -67,7 +78,8 @@ def _steps() -> list[tuple[str, str, str | None, str | None]]:
     steps = [("observe", "observe_raw", None, None), ("manifest", "manifest_job", None, None)]
     steps += [(f"image_shards[{p}]", "shards_job", None, p) for p in PARTITIONS]
     steps += [(f"classifier[{s}]", "classifier_job", None, s) for s in SLUGS]
-    steps += [("classifier_metrics+predictions", "classifier_summary_job", None, None)]
+    summary = ("multilabel_classifier", "classifier_metrics", "classifier_predictions", "subgroup_metrics")
+    steps += [(a, "classifier_summary_job", a, None) for a in summary]
     steps += [(a, "report_job", a, None) for a in ("report_pairs", "report_adapter", "generated_reports", "report_metrics")]
     return steps
 
@@ -138,6 +150,7 @@ def _child(spec: str) -> None:
     from cxr_pipeline.definitions import build_defs
 
     job, asset, partition = json.loads(spec)
+    read = _count_shard_reads()
     defs = build_defs()
     result = defs.resolve_job_def(job).execute_in_process(
         instance=dg.DagsterInstance.get(),
@@ -149,10 +162,35 @@ def _child(spec: str) -> None:
     for ev in result.get_asset_materialization_events():
         mat = ev.step_materialization_data.materialization
         key = mat.asset_key.to_user_string()
-        for name in ("dagster/row_count", "n_train", "train_pairs"):  # tables; classifier training images; adapter pairs
+        for name in ("dagster/row_count", "n_train", "train_pairs", "images"):  # tables; training images; adapter pairs; data mode
             if name in mat.metadata:
                 rows[key if name == "dagster/row_count" else f"{key}.{name}"] = mat.metadata[name].value
-    print(json.dumps({"success": result.success, "rows": rows}))
+        if "files_decoded" in mat.metadata:
+            read["decoded"] += mat.metadata["files_decoded"].value
+    print(json.dumps({"success": result.success, "rows": rows, "read": read}))
+
+
+def _count_shard_reads() -> dict:
+    """Count the images this process reads from the shards (every read goes through ``StreamedImages``: a
+    resident split is one ``take`` of all its images, a streamed batch one ``take``, an adapter pair one
+    ``__getitem__``), so the table can say what a shortened step still read. The benchmark wraps the class
+    in its own process; the product carries no counter."""
+    from cxr_pipeline.data.shards import StreamedImages
+
+    read = {"shards": 0, "decoded": 0}
+    take, getitem = StreamedImages.take, StreamedImages.__getitem__
+
+    def counted_take(self, idx):
+        read["shards"] += len(idx)
+        return take(self, idx)
+
+    def counted_getitem(self, i):
+        if not np.ndim(i):  # a list or array goes through take
+            read["shards"] += 1
+        return getitem(self, i)
+
+    StreamedImages.take, StreamedImages.__getitem__ = counted_take, counted_getitem
+    return read
 
 
 def _du(path: Path) -> int:
@@ -177,7 +215,8 @@ def rehearse(root: Path, name: str, size: int, fresh: bool) -> dict:
     state_file = home / "rehearsal.json"
     done = json.loads(state_file.read_text()) if state_file.exists() else {}
     print(f"\n[{name}] {json.dumps(CONFIGS[name] or 'default policies')}; state in {home}", flush=True)
-    print(f"{'step':34} {'wall s':>8} {'peak GB':>8}  rows written", flush=True)
+    print(f"shortened: {json.dumps(SHORT)}; everything else as it ships", flush=True)
+    print(f"{'step':34} {'wall s':>8} {'peak GB':>8} {'images read':>12}  rows written", flush=True)
     with open(home / "rehearsal.log", "a") as log:
         for step, job, asset, partition in _steps():
             if done.get(step, {}).get("success"):
@@ -187,8 +226,10 @@ def rehearse(root: Path, name: str, size: int, fresh: bool) -> dict:
                 done[step] = r
                 state_file.write_text(json.dumps(done, indent=1))
             rows = ", ".join(f"{k} {v}" for k, v in r["rows"].items() if v is not None)
+            read = r.get("read") or {}
+            n_read = f"{read['decoded']} dcm" if read.get("decoded") else str(read.get("shards", ""))
             print(
-                f"{step:34} {r['seconds']:8.1f} {r['peak_gb']:8.2f}  {rows}{'' if r['success'] else '  FAILED (see rehearsal.log)'}",
+                f"{step:34} {r['seconds']:8.1f} {r['peak_gb']:8.2f} {n_read:>12}  {rows}{'' if r['success'] else '  FAILED (see rehearsal.log)'}",
                 flush=True,
             )
             if not r["success"]:

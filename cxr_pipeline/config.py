@@ -24,14 +24,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cxr_pipeline.settings import Paths, env, read_pipeline_config
+from cxr_pipeline.settings import Paths, env, read_pipeline_config, usable_cpus
 
 MISSING = dataclasses.MISSING
 
@@ -70,7 +69,7 @@ class ComputeSettings:
     """Where training and inference run (the ``compute`` section; the Dagster ``Compute`` resource)."""
 
     device: str = setting("auto", "torch device: cpu, cuda, cuda:N, or auto (CUDA when present, else the CPU)")
-    threads: int | None = setting(None, "CPU threads torch uses", auto="every CPU core")
+    threads: int | None = setting(None, "CPU threads torch uses", auto="every CPU core this process may use (its affinity)")
 
 
 def sections() -> dict[str, type]:
@@ -212,7 +211,7 @@ def _resolve_shards(cfg, paths: Paths, derived):
     # the consumers' sizes as their runs resolve them (without resolving their devices: no torch import here)
     classifier_size = load(paths, "classifier").size or int(env("CXR_IMAGE_SIZE"))
     sizes = cfg.sizes or sorted({classifier_size, _resolve_adapter(load(paths, "report_adapter"), paths, {}).size})
-    return dataclasses.replace(cfg, sizes=sorted(set(sizes)), workers=cfg.workers or os.cpu_count() or 1)
+    return dataclasses.replace(cfg, sizes=sorted(set(sizes)), workers=cfg.workers or usable_cpus())
 
 
 def _resolve_compute(cfg, paths: Paths, derived):
@@ -221,7 +220,7 @@ def _resolve_compute(cfg, paths: Paths, derived):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return dataclasses.replace(cfg, device=device, threads=cfg.threads or os.cpu_count() or 1)
+    return dataclasses.replace(cfg, device=device, threads=cfg.threads or usable_cpus())
 
 
 def _resolve_derived(cfg, paths: Paths, derived):

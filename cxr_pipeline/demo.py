@@ -19,7 +19,7 @@ from pathlib import Path
 
 import polars as pl
 
-from cxr_pipeline.settings import Paths, env, paths, write_pipeline_config
+from cxr_pipeline.settings import Paths, env, paths, usable_cpus, write_pipeline_config
 
 DEMO_PATIENTS = 300
 # A larger test split than MIMIC's (0.5% of patients) so rare findings have test positives.
@@ -81,7 +81,7 @@ def ensure_demo_replica(patients: int = DEMO_PATIENTS, image_size: int = DEMO_RE
 
     p = paths()
     marker = p.raw / ".replica.json"
-    cfg = SynthConfig(patients=patients, image_size=image_size, workers=workers or max(1, os.cpu_count() or 1), **DEMO_REPLICA)
+    cfg = SynthConfig(patients=patients, image_size=image_size, workers=workers or usable_cpus(), **DEMO_REPLICA)
     want = {"patients": cfg.patients, "seed": cfg.seed, "image_size": cfg.image_size, "fmt": cfg.fmt, **DEMO_REPLICA}
     if marker.exists() and json.loads(marker.read_text()).get("config") == want:
         return p.raw

@@ -69,6 +69,16 @@ ENVIRONMENT: dict[str, EnvVar] = {
 }
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on: its affinity (``taskset``, a container's cpuset), which
+    ``os.cpu_count()`` overstates for a pinned process; torch threads and worker pools sized by the
+    machine's count would oversubscribe the cores they were given (OpenMP threads then spin-wait)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def env(name: str) -> str:
     """An environment variable declared in :data:`ENVIRONMENT`, or its default; read now, never at import."""
     if name not in ENVIRONMENT:

@@ -100,7 +100,7 @@ class ShardSettings:
         auto="every size a consumer reads: the classifiers' size and the report model's (its base's tile)",
     )
     images_per_shard: int = setting(1024, "images per shard file")
-    workers: int | None = setting(None, "decode processes", auto="one per CPU core")
+    workers: int | None = setting(None, "decode processes", auto="one per CPU core this process may use (its affinity)")
 
     def __post_init__(self) -> None:
         at_least_one(self, "workers", "images_per_shard")

@@ -181,7 +181,8 @@ def classifier(
         reg = _register(run, data, outcome.row)
         sheet = _saliency(run, files.checkpoint, data.splits["test"].images, *outcome.test_curve, files.saliency)
     context.log.info(f"registered {_registered(reg)}")
-    return dg.MaterializeResult(metadata=asset_metadata(run, **_fit_metadata(outcome, reg, files), **sheet, **resolved_metadata(cfg)))
+    md = {**_fit_metadata(outcome, reg, files), **data.counts, "images": data.mode}  # split sizes and the data mode, as logged
+    return dg.MaterializeResult(metadata=asset_metadata(run, **md, **sheet, **resolved_metadata(cfg)))
 
 
 def _register_multilabel(run: TrackedRun, data, rows: list[dict]) -> dict:
@@ -261,7 +262,7 @@ def multilabel_classifier(
     md = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1)}
     md.update(mean_test_roc_auc=reg["mean_test_roc_auc"], evaluable_labels=reg["evaluable_labels"], registered_model=_registered(reg))
     md.update(checkpoint=dg.MetadataValue.path(str(files.checkpoint)), report_hints=hints)
-    return dg.MaterializeResult(metadata=asset_metadata(run, **counts, **md, **sheet, **resolved_metadata(cfg)))
+    return dg.MaterializeResult(metadata=asset_metadata(run, **counts, images=data.mode, **md, **sheet, **resolved_metadata(cfg)))
 
 
 METRICS_SHOWN = (

@@ -16,12 +16,12 @@ batch has reached the device, so both modes train the same model from the same s
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from cxr_pipeline.data.shards import StreamedImages
+from cxr_pipeline.settings import usable_cpus
 
 MODES = ("resident", "streamed")
 
@@ -118,7 +118,7 @@ def default_workers(device="cuda") -> int:
     """Loader processes when not configured: on a GPU half the cores (the rest feed the device), at most 8;
     on the CPU none (training there uses every core, and a reader process would only take cores from it)."""
     kind = getattr(device, "type", str(device).split(":")[0])
-    return max(0, min(8, (os.cpu_count() or 1) // 2)) if kind == "cuda" else 0
+    return max(0, min(8, usable_cpus() // 2)) if kind == "cuda" else 0
 
 
 def batches(images: Images, index_batches: Sequence[np.ndarray], device, workers: int = 0) -> Iterator:

@@ -262,3 +262,36 @@ def test_ce_macro_counts_an_observation_absent_from_both_sides_as_zero_and_says_
     gen = pl.DataFrame({"dicom_id": list("abcd"), "subject_id": [1, 1, 2, 2], "study_id": [1, 2, 3, 4], "reference": refs, "s": refs})
     scored = score_reports(gen, ("s",), meteor=False)
     assert set(scored.table["ce_macro"]) == {CE_MACRO_CONVENTION}
+
+
+def test_best_constant_report_is_the_one_that_scores_highest_when_written_for_every_study():
+    """The learning check's bar for a report model that ignores its image: chosen by its CE micro-F1, which
+    must equal what clinical_efficacy gives the same constant report."""
+    from cxr_pipeline.reports.baselines import best_constant_report
+
+    refs = [{"Pleural Effusion": 1.0, "Cardiomegaly": 1.0 if i % 4 == 0 else 0.0} for i in range(12)]
+    candidates = ["No acute cardiopulmonary process.", "Moderate cardiomegaly.", "Small left pleural effusion.", "", None]
+    text, f1 = best_constant_report(candidates, refs)
+    assert text == "Small left pleural effusion."
+    scored = {c: clinical_efficacy([""] * 12, [c] * 12, refs)[0]["ce_micro14_f1"] for c in candidates[:3]}
+    assert f1 == pytest.approx(scored[text]) and f1 == max(scored.values()) > scored["Moderate cardiomegaly."]
+    with pytest.raises(ValueError, match="no non-empty candidate"):
+        best_constant_report(["", None], refs)
+
+
+def test_seed_mean_intervals_average_seeds_and_pair_the_difference():
+    from cxr_pipeline.reports.metrics import seed_mean_intervals
+
+    refs = [{"Pleural Effusion": float(i % 2), "Cardiomegaly": float(i % 3 == 0)} for i in range(60)]
+    right = ["Small left pleural effusion." if r["Pleural Effusion"] else "No effusion." for r in refs]
+    half = [t if i < 30 else "No effusion." for i, t in enumerate(right)]
+    blind = ["No effusion."] * 60
+    patients = [i // 3 for i in range(60)]  # three studies a patient
+    stats, diffs = seed_mean_intervals(refs, {"sees": [right, half], "blind": [blind, blind]}, patients, n_boot=200)
+    per_seed = [clinical_efficacy([""] * 60, h, refs)[0]["ce_micro14_f1"] for h in (right, half)]
+    f, lo, hi = stats["sees"]
+    assert f == pytest.approx(sum(per_seed) / 2) and lo < f < hi
+    d, dlo, dhi = diffs[("sees", "blind")]
+    assert d == pytest.approx(f - stats["blind"][0]) and dlo > 0  # a real difference is found
+    _, same_lo, same_hi = seed_mean_intervals(refs, {"a": [right], "b": [right]}, patients, n_boot=50)[1][("a", "b")]
+    assert same_lo == same_hi == 0.0
