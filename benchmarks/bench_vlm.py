@@ -22,20 +22,31 @@ device (tokens/s, peak memory).
 
     python benchmarks/bench_vlm.py [--steps 10] [--batch 4] [--gen 32]
     python benchmarks/bench_vlm.py --real-shape [--text-tokens 256]
-    python benchmarks/bench_vlm.py --learning [--recipe learning]
+    python benchmarks/bench_vlm.py --learning [--recipe learning] [--seeds 3]
 
-``--learning``: proof that the image reaches the text, run with the product's recipe and code. The
-recipe is a ``pipeline.yaml`` (``benchmarks/recipes/learning.yaml``: copied to
-``$CXR_HOME/pipeline.yaml``, the pipeline trains the same adapter), resolved by
-``cxr_pipeline.config`` exactly as a run resolves it. A replica (600 patients) is built once;
-the manifest, the shards at the report model's size and the report pairs are computed from it
-with the calls the assets make, and the tiny base of the recipe's width and language pretraining
-(``reports.vlm.ensure_base``). The adapter is then trained twice for the recipe's ``max_steps``:
-once on the images, once with every image blanked (training and test). Each writes the test
-split's reports (the recipe's ``generated_reports``), scored by clinical efficacy against the
-replica's CheXpert labels, which are the findings planted in the pixels. A cut-off image path
-makes the two equal. ``--time-limit`` is a safety stop only.
-Last line: ``learning: with images <f1>, images blanked <f1>, steps <n> and <m>, recipe <file>``.
+``--learning``: does the report model use the image? Run with the product's recipe and code. The
+recipe is a ``pipeline.yaml`` (``benchmarks/recipes/learning.yaml``: copied to ``$CXR_HOME/pipeline.yaml``,
+the pipeline trains the same adapter), resolved by ``cxr_pipeline.config`` exactly as a run resolves it.
+A replica (600 patients, every frontal image) is built once; the manifest, the shards at the report
+model's size and the report pairs are computed from it with the calls the assets make, and the tiny
+base of the recipe's width and language pretraining (``reports.vlm.ensure_base``).
+
+1. **Choice, on validate only.** Each candidate in ``recipes/candidates/learning.yaml`` (the recipes
+   tried so far, each a ``report_adapter`` overlay on learning.yaml) trains with images (the first
+   seed, the recipe's ``max_steps``) and writes the validate split's reports (the first
+   ``max_test_pairs`` by dicom_id), scored by CE micro-F1 against the planted findings. The best is
+   chosen; the benchmark says whether learning.yaml holds it.
+2. **Test, once per arm and seed.** The chosen recipe trains with images and with every image blanked
+   (training and test), ``--seeds`` seeds each (the same seeds, the same ``max_steps`` optimizer steps),
+   and writes the test split's reports.
+3. **The bars.** The best constant report (the training report with the highest validate CE micro-F1,
+   written for every test study) and the template baseline; the seed-averaged CE micro-F1 of each arm
+   with a 95% interval over test patients, and paired intervals of the differences
+   (``reports.metrics.seed_mean_intervals``).
+
+Finished runs (adapter steps and reports) are kept in ``<work>/runs.json``: a killed benchmark resumes.
+``--time-limit`` is a safety stop only. Last line: ``learning: with images <f> [<lo>-<hi>], images
+blanked <f>, best constant <f>, difference <d> [<lo>-<hi>], seeds <n>, steps <s>``.
 
 Last line: ``qlora: X tokens/s, peak Y GB; generate: Z reports/s; device: NAME``, or with
 ``--real-shape``: ``qlora 11B estimate: weights <GB> GB, step bs1 <GB> GB, bs8 <GB> GB;

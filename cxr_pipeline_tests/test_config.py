@@ -228,7 +228,21 @@ def test_the_learning_recipe_is_a_pipeline_yaml(cxr_home):
         for section in yaml.safe_load(recipe.read_text()):
             C.resolve(paths(), section, derived={"max_new_tokens": lambda: 8} if section == "generated_reports" else None)
     learning = yaml.safe_load((ROOT / "benchmarks" / "recipes" / "learning.yaml").read_text())["report_adapter"]
-    assert learning["train_full"] == "multi_modal_projector" and learning["use_classifier_findings"] is False
+    assert learning["use_classifier_findings"] is False  # the check asks what the image adds: no classifier hints
+
+
+def test_the_learning_recipe_holds_the_candidate_chosen_on_validate(cxr_home):
+    """bench_vlm --learning chooses among recipes/candidates/learning.yaml on the validate split; learning.yaml
+    (what the test-split figures and a user's pipeline.yaml run) must be the base plus the candidate named
+    ``chosen``, so the recipe cannot drift from the choice. Every candidate must resolve as a run would."""
+    candidates = yaml.safe_load((ROOT / "benchmarks" / "recipes" / "candidates" / "learning.yaml").read_text())
+    paths().home.mkdir(parents=True, exist_ok=True)
+    paths().pipeline_config.write_text((ROOT / "benchmarks" / "recipes" / "learning.yaml").read_text())
+    resolved = {name: C.record(C.resolve(paths(), "report_adapter", overlay)) for name, overlay in candidates["candidates"].items()}
+    assert len({json.dumps(r, sort_keys=True, default=str) for r in resolved.values()}) == len(resolved), (
+        "two candidates are the same recipe"
+    )
+    assert C.record(C.resolve(paths(), "report_adapter")) == resolved[candidates["chosen"]]
 
 
 def test_config_cli_prints_the_resolved_configuration(cxr_home, capsys, monkeypatch):
@@ -301,3 +315,20 @@ def test_every_field_is_documented_and_says_what_null_means():
             assert d.doc, f"{section}.{d.name} has no documentation"
             assert not (d.auto and d.null), f"{section}.{d.name}: null cannot mean both auto and a value"
             assert "null" not in d.type or d.auto or d.null, f"{section}.{d.name}: say what null means (auto= or null=)"
+
+
+def test_auto_threads_and_workers_follow_the_cpu_affinity(cxr_home):
+    """A process pinned to one core (taskset, a container's cpuset) resolves one torch thread and one decode
+    worker, not the machine's core count: more would oversubscribe the core it was given."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from cxr_pipeline import config as C; from cxr_pipeline.settings import paths; "
+        "print(C.resolve(paths(), 'compute').threads, C.resolve(paths(), 'image_shards').workers)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], preexec_fn=lambda: os.sched_setaffinity(0, {0}), capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["1", "1"]
