@@ -274,7 +274,12 @@ def main() -> int:
         _child(args.step)
         return 0
     root = Path(args.root).resolve()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}", flush=True)
+    from cxr_pipeline.settings import usable_cpus
+
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores ({usable_cpus()} usable by this run), Python {platform.python_version()}",
+        flush=True,
+    )
     counts = ensure_replica(root, args.size, args.scale)
     print(f"replica: {counts['patients']} subjects, {counts['studies']} studies, {counts['images']} images in {root / 'raw'}", flush=True)
     names = list(CONFIGS) if args.config == "both" else [args.config]
