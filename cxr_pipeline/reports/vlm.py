@@ -332,6 +332,10 @@ class TrainingPairs:
         return cls([e["image"] for e in examples], [e["prompt"] for e in examples], [e["report"] for e in examples])
 
 
+# pipeline.yaml's lr_schedule -> transformers' scheduler (both warm up linearly for warmup_steps first)
+LR_SCHEDULES = {"linear": "linear", "constant": "constant_with_warmup"}
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """The report adapter's recipe (``pipeline.yaml``'s ``report_adapter`` section): its base, prompt and QLoRA
@@ -357,7 +361,10 @@ class AdapterConfig:
     train_full: str = setting(
         "", "modules trained in full beside LoRA (peft modules_to_save), comma-separated, e.g. multi_modal_projector; empty: LoRA only"
     )
-    lr: float = setting(1e-4, "learning rate (linear schedule)")
+    lr: float = setting(1e-4, "peak learning rate (after the warm-up; see lr_schedule)")
+    lr_schedule: str = setting(
+        "linear", "learning-rate schedule after the warm-up: linear (decays to 0 at max_steps, the seeds' recipe) or constant"
+    )
     warmup_steps: int = setting(5, "linear warm-up steps")
     max_steps: int = setting(200, "optimizer steps")
     batch_size: int = setting(8, "pairs per micro-batch")
@@ -369,6 +376,8 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         at_least_one(self, "size", "max_train_pairs", "max_steps")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {sorted(LR_SCHEDULES)}, not {self.lr_schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -536,7 +545,7 @@ def train_adapter(
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.accumulation,
         learning_rate=cfg.lr,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=LR_SCHEDULES[cfg.lr_schedule],
         warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
         optim="adamw_torch" if device.type == "cpu" else "adamw_bnb_8bit",
