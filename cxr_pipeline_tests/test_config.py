@@ -34,6 +34,7 @@ CHOICES = {
     "views": ["AP", "LATERAL"],
     "sizes": [40, 48],
     "data": "streamed",
+    "lr_schedule": "constant",
 }
 
 

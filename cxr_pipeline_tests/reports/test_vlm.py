@@ -181,3 +181,17 @@ def test_hints_use_each_findings_own_threshold():
     thresholds = {"pleural_effusion": 0.25, "edema": 0.50, "cardiomegaly": 0.70}
     # effusion is named at 0.30 (its threshold 0.25); edema and cardiomegaly are not, though 0.6 > 0.5
     assert vlm.findings_hint(probs, thresholds) == "Classifier findings: pleural effusion 0.30"
+
+
+def test_lr_schedule_reaches_the_trainer(base, tmp_path):
+    """pipeline.yaml's lr_schedule is what the optimizer sees: linear decays to 0 at max_steps, constant holds
+    the peak after the warm-up (the 2026-11 learning recipes ran at an effectively constant rate)."""
+    rates = {}
+    for schedule in ("linear", "constant"):
+        cfg = vlm.AdapterConfig(max_steps=4, batch_size=2, accumulation=1, lr=1e-3, warmup_steps=1, lr_schedule=schedule)
+        res = vlm.train_adapter(base, examples(8), cfg, tmp_path / schedule, tmp_path / f"{schedule}.ckpt")
+        rates[schedule] = [h["learning_rate"] for h in res["log_history"] if "learning_rate" in h]
+    assert rates["constant"][1:] == pytest.approx([1e-3] * 3)
+    assert rates["linear"][1] == pytest.approx(1e-3) and rates["linear"][-1] < 0.5e-3
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        vlm.AdapterConfig(lr_schedule="cosine")
