@@ -259,6 +259,41 @@ def _summary(name: str, home: Path, p, done: dict) -> dict:
     return {"images": images, "reports": reports, "seconds": secs, "peak": peak, "dagster_mb": sizes["dagster"] / 1e6}
 
 
+def table(root: Path, names: list[str]) -> str:
+    """The Deployment page's table, from the finished runs' ``rehearsal.json`` (not copied by hand): per step
+    (partitioned steps summed over their runs) wall seconds, peak GB and images read, for each configuration."""
+    groups: dict[str, dict[str, dict]] = {}
+    images = {}
+    for name in names:
+        done = json.loads((root / name / "rehearsal.json").read_text())
+        images[name] = next((r["rows"]["manifest"] for r in done.values() if "manifest" in r.get("rows", {})), None)
+        for step, r in done.items():
+            base, runs = step.split("[")[0], step.count("[")
+            g = groups.setdefault(base, {}).setdefault(name, {"seconds": 0.0, "peak": 0.0, "read": 0, "dcm": 0, "runs": 0})
+            g["seconds"] += r["seconds"]
+            g["peak"] = max(g["peak"], r["peak_gb"])
+            g["read"] += (r.get("read") or {}).get("shards", 0)
+            g["dcm"] += (r.get("read") or {}).get("decoded", 0)
+            g["runs"] += runs
+    head = "| step | " + " | ".join(f"{n}: wall s | peak GB | images read" for n in names) + " |"
+    out = [head, "|---|" + "---|---|---|" * len(names)]
+    for base, by in groups.items():
+        runs = max(g["runs"] for g in by.values())
+        cells = []
+        for n in names:
+            g = by.get(n)
+            read = "" if g is None else (f"{g['dcm']:,} decoded" if g["dcm"] else f"{g['read']:,}" if g["read"] else "0")
+            cells.append("| | " if g is None else f"{g['seconds']:.0f} | {g['peak']:.2f} | {read}")
+        out.append(f"| {base}{f' ({runs} runs)' if runs > 1 else ''} | " + " | ".join(cells) + " |")
+    totals = []
+    for n in names:
+        secs = sum(by[n]["seconds"] for by in groups.values() if n in by)
+        peak = max(by[n]["peak"] for by in groups.values() if n in by)
+        totals.append(f"**{secs:.0f}** | **{peak:.2f}** | {images[n]:,} manifest images")
+    out.append("| **total** | " + " | ".join(totals) + " |")
+    return "\n".join(out)
+
+
 def main() -> int:
     from cxr_pipeline.settings import paths
 
@@ -268,12 +303,17 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=32, help="replica image rows and shard size (px)")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of MIMIC's counts (a quick trial of the script)")
     ap.add_argument("--fresh", action="store_true", help="forget finished steps (the replica is kept)")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of the finished configurations and stop")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.step:
         _child(args.step)
         return 0
     root = Path(args.root).resolve()
+    if args.table:
+        names = [n for n in (list(CONFIGS) if args.config == "both" else [args.config]) if (root / n / "rehearsal.json").exists()]
+        print(table(root, names))
+        return 0
     from cxr_pipeline.settings import usable_cpus
 
     print(
