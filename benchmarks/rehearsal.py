@@ -167,7 +167,9 @@ def _child(spec: str) -> None:
                 rows[key if name == "dagster/row_count" else f"{key}.{name}"] = mat.metadata[name].value
         if "files_decoded" in mat.metadata:
             read["decoded"] += mat.metadata["files_decoded"].value
-    print(json.dumps({"success": result.success, "rows": rows, "read": read}))
+    from cxr_pipeline.settings import usable_cpus
+
+    print(json.dumps({"success": result.success, "rows": rows, "read": read, "cores": usable_cpus()}))
 
 
 def _count_shard_reads() -> dict:
@@ -269,7 +271,8 @@ def table(root: Path, names: list[str]) -> str:
         images[name] = next((r["rows"]["manifest"] for r in done.values() if "manifest" in r.get("rows", {})), None)
         for step, r in done.items():
             base, runs = step.split("[")[0], step.count("[")
-            g = groups.setdefault(base, {}).setdefault(name, {"seconds": 0.0, "peak": 0.0, "read": 0, "dcm": 0, "runs": 0})
+            g = groups.setdefault(base, {}).setdefault(name, {"seconds": 0.0, "peak": 0.0, "read": 0, "dcm": 0, "runs": 0, "cores": set()})
+            g["cores"].add(r.get("cores"))
             g["seconds"] += r["seconds"]
             g["peak"] = max(g["peak"], r["peak_gb"])
             g["read"] += (r.get("read") or {}).get("shards", 0)
@@ -283,7 +286,9 @@ def table(root: Path, names: list[str]) -> str:
         for n in names:
             g = by.get(n)
             read = "" if g is None else (f"{g['dcm']:,} decoded" if g["dcm"] else f"{g['read']:,}" if g["read"] else "0")
-            cells.append("| | " if g is None else f"{g['seconds']:.0f} | {g['peak']:.2f} | {read}")
+            cores = sorted(c for c in g["cores"] if c) if g else []
+            on = f" ({'-'.join(map(str, cores))} cores)" if cores and cores != [1] else ""  # said when not one core
+            cells.append("| | " if g is None else f"{g['seconds']:.0f}{on} | {g['peak']:.2f} | {read}")
         out.append(f"| {base}{f' ({runs} runs)' if runs > 1 else ''} | " + " | ".join(cells) + " |")
     totals = []
     for n in names:
