@@ -300,6 +300,7 @@ class _Runs:
 
     def reports(self, cfg, blank: bool, split: str, images: list, log) -> tuple[list[str], int]:
         from cxr_pipeline.config import record, resolve
+        from cxr_pipeline.data.io import atomic_path
         from cxr_pipeline.reports.vlm import (
             TrainingPairs,
             ensure_base,
@@ -309,13 +310,14 @@ class _Runs:
         )
 
         ex = self.examples
-        key = json.dumps({"recipe": record(cfg), "blank": blank, "split": split, "n": len(images)}, sort_keys=True, default=str)
+        recipe = record(cfg)
+        key = json.dumps({"recipe": recipe, "blank": blank, "split": split, "n": len(images)}, sort_keys=True, default=str)
         if key in self.done:
             return self.done[key]["reports"], self.done[key]["steps"]
         base = ensure_base(cfg, self.p.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps), ex.reports, log=log)
         gen = resolve(self.p, "generated_reports", derived={"max_new_tokens": lambda: report_token_budget(base, ex.reports)})
         # one adapter per recipe and arm scores both splits; a half-trained one is retrained from scratch, never resumed
-        train_key = json.dumps({"recipe": record(cfg), "blank": blank}, sort_keys=True, default=str)
+        train_key = json.dumps({"recipe": recipe, "blank": blank}, sort_keys=True, default=str)
         adapter = self.p.reports / "runs" / hashlib.sha256(train_key.encode()).hexdigest()[:12]
         t0 = time.perf_counter()
         steps_file = adapter / "steps.txt"
@@ -340,9 +342,8 @@ class _Runs:
             device=self.device,
         )
         self.done[key] = {"reports": hyps, "steps": steps, "seconds": round(time.perf_counter() - t0)}
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done))
-        tmp.replace(self.file)
+        with atomic_path(self.file) as tmp:  # the project's atomic write: a kill never leaves half a runs.json
+            tmp.write_text(json.dumps(self.done))
         return hyps, steps
 
 

@@ -84,13 +84,13 @@ def best_constant_report(candidates: Sequence[str], reference_labels: Sequence[M
     """
     from cxr_pipeline.labels import LABELS
     from cxr_pipeline.reports.labeler import label_reports
+    from cxr_pipeline.reports.metrics import _binary
 
     texts = sorted({t for t in candidates if isinstance(t, str) and t.strip()})
     if not texts:
         raise ValueError("best_constant_report: no non-empty candidate report")
     labels, _ = label_reports(texts)
-    hyp = np.array([[1 if row.get(n) == 1.0 else 0 for n in LABELS] for row in labels], dtype=float)
-    ref = np.array([[1 if row.get(n) == 1.0 else 0 for n in LABELS] for row in reference_labels], dtype=float)
+    hyp, ref = _binary(labels, LABELS).astype(float), _binary(list(reference_labels), LABELS).astype(float)  # as CE scores them
     positives, n = ref.sum(0), len(ref)
     tp = hyp @ positives  # a constant report is right on every reference positive of a finding it names
     fp = hyp.sum(1) * n - tp
