@@ -76,7 +76,7 @@ def ensure_shards(layout, n: int, size: int) -> pl.DataFrame:
 def multilabel(args) -> int:
     import torch
 
-    from cxr_pipeline.data.shards import load_images
+    from cxr_pipeline.data.shard_reader import load_images
     from cxr_pipeline.labels import SLUGS
     from cxr_pipeline.vision.train import TrainConfig, train
 
@@ -112,7 +112,7 @@ def multilabel(args) -> int:
 
 def ensure_repeated_shards(layout, base: pl.DataFrame, size: int, n: int) -> Path:
     """A shard folder of ``n`` images repeating the rendered ones (1024 per file, as the builder writes)."""
-    from cxr_pipeline.data.shards import INDEX, gather, read_index
+    from cxr_pipeline.data.shard_reader import INDEX, gather, read_index
 
     out = layout.home / f"repeated-{n}" / f"s{size}"
     if (out / "p10" / INDEX).exists():
@@ -151,7 +151,7 @@ def streaming_child(args) -> int:
     import psutil
     import torch
 
-    from cxr_pipeline.data.shards import open_images
+    from cxr_pipeline.data.shard_reader import open_images
     from cxr_pipeline.vision.images import place
     from cxr_pipeline.vision.train import TrainConfig, train
 
@@ -211,7 +211,7 @@ def streaming(args) -> int:
 def main() -> int:
     import torch
 
-    from cxr_pipeline.data.shards import load_images
+    from cxr_pipeline.data.shard_reader import load_images
     from cxr_pipeline.vision.models import build_model
     from cxr_pipeline.vision.train import TrainConfig, augment, autocast, masked_bce, resolve_precision, to_input
 

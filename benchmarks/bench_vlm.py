@@ -91,7 +91,8 @@ def step_rate(base: Path, quantize: bool, batch: int, steps: int, device) -> flo
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import MllamaProcessor
 
-    from cxr_pipeline.reports.vlm import MllamaCollator, load_base, lora_target, user_prompt
+    from cxr_pipeline.reports.prompts import MllamaCollator, user_prompt
+    from cxr_pipeline.reports.vlm import load_base, lora_target
 
     proc = MllamaProcessor.from_pretrained(str(base))
     model = load_base(base, quantize, device)
@@ -239,7 +240,8 @@ def _learning_data(p, workers: int, patients: int = 600):
     compute from it under the recipe, with the same domain calls; only the report model's shard size is built."""
     from cxr_pipeline.config import resolve
     from cxr_pipeline.data.mimic import build_manifest
-    from cxr_pipeline.data.shards import PARTITIONS, build_partition, partition_column
+    from cxr_pipeline.data.shard_reader import PARTITIONS
+    from cxr_pipeline.data.shards import build_partition, partition_column
     from cxr_pipeline.data.synthetic import SynthConfig, generate
     from cxr_pipeline.labels import SLUGS
     from cxr_pipeline.reports.pairs import build_pairs
@@ -247,7 +249,7 @@ def _learning_data(p, workers: int, patients: int = 600):
     if not (p.raw / ".done").exists():
         print(f"generating a {patients}-patient replica in {p.raw} (once) ...", file=sys.stderr, flush=True)
         synth = SynthConfig(
-            patients=patients, image_size=128, jpeg2000_fraction=0.0, workers=workers, validate_fraction=0.1, test_fraction=0.15
+            patients=patients, source_rows=128, jpeg2000_fraction=0.0, workers=workers, validate_fraction=0.1, test_fraction=0.15
         )
         generate(synth, p.raw)
         (p.raw / ".done").write_text("ok")
@@ -279,7 +281,7 @@ def _split_reports(pairs, split: str, cap: int | None, shard_root: Path, size: i
     planted findings as reference labels and each report's patient."""
     import polars as pl
 
-    from cxr_pipeline.data.shards import load_images
+    from cxr_pipeline.data.shard_reader import load_images
     from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
 
     rows = pairs.filter(pl.col("split") == split).sort("dicom_id")
@@ -299,15 +301,11 @@ class _Runs:
         self.done = json.loads(self.file.read_text()) if self.file.exists() else {}
 
     def reports(self, cfg, blank: bool, split: str, images: list, log) -> tuple[list[str], int]:
-        from cxr_pipeline.config import record, resolve
-        from cxr_pipeline.data.io import atomic_path
-        from cxr_pipeline.reports.vlm import (
-            TrainingPairs,
-            ensure_base,
-            generate_reports,
-            report_token_budget,
-            train_adapter,
-        )
+        from cxr_pipeline.config import resolve
+        from cxr_pipeline.fields import record
+        from cxr_pipeline.files import atomic_path
+        from cxr_pipeline.reports.prompts import TrainingPairs
+        from cxr_pipeline.reports.vlm import ensure_base, generate_reports, report_token_budget, train_adapter
 
         ex = self.examples
         recipe = record(cfg)
@@ -432,7 +430,9 @@ def learning(args, device, name: str) -> None:
 def main() -> int:
     import torch
 
-    from cxr_pipeline.reports.vlm import build_tiny_base, generate_reports, user_prompt
+    from cxr_pipeline.reports.prompts import user_prompt
+    from cxr_pipeline.reports.tiny_base import build_tiny_base
+    from cxr_pipeline.reports.vlm import generate_reports
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)

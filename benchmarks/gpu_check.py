@@ -55,7 +55,7 @@ def _peak_gb(device) -> float:
 def training(device, size: int, batch: int, steps: int, work: Path) -> None:
     import torch
 
-    from cxr_pipeline.data.shards import StreamedImages
+    from cxr_pipeline.data.shard_reader import StreamedImages
     from cxr_pipeline.vision.images import make_resident
     from cxr_pipeline.vision.train import TrainConfig, train
 
@@ -83,7 +83,9 @@ def report_model(device, small: bool, work: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoProcessor
 
-    from cxr_pipeline.reports.vlm import build_tiny_base, load_base, messages, to_rgb, user_prompt
+    from cxr_pipeline.reports.prompts import messages, to_rgb, user_prompt
+    from cxr_pipeline.reports.tiny_base import build_tiny_base
+    from cxr_pipeline.reports.vlm import load_base
 
     texts = ["FINDINGS: The lungs are clear. IMPRESSION: No acute cardiopulmonary process."] * 8
     if small:

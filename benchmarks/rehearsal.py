@@ -72,31 +72,31 @@ GB = 1024**3
 
 def _steps() -> list[tuple[str, str, str | None, str | None]]:
     """(name, job, asset, partition) in dependency order."""
-    from cxr_pipeline.data.shards import PARTITIONS
+    from cxr_pipeline.data.shard_reader import PARTITIONS
     from cxr_pipeline.labels import SLUGS
 
     steps = [("observe", "observe_raw", None, None), ("manifest", "manifest_job", None, None)]
     steps += [(f"image_shards[{p}]", "shards_job", None, p) for p in PARTITIONS]
     steps += [(f"classifier[{s}]", "classifier_job", None, s) for s in SLUGS]
-    summary = ("multilabel_classifier", "classifier_metrics", "classifier_predictions", "subgroup_metrics")
+    summary = ("multilabel_classifier", "classifier_metrics", "classifier_predictions", "report_hints", "subgroup_metrics")
     steps += [(a, "classifier_summary_job", a, None) for a in summary]
     steps += [(a, "report_job", a, None) for a in ("report_pairs", "report_adapter", "generated_reports", "report_metrics")]
     return steps
 
 
-def ensure_replica(root: Path, image_size: int, scale: float = 1.0) -> dict:
+def ensure_replica(root: Path, source_rows: int, scale: float = 1.0) -> dict:
     from cxr_pipeline.data.synthetic import SynthConfig, generate
 
     raw = root / "raw"
     marker = raw / ".rehearsal.json"
     counts = {k: round(v * scale) for k, v in MIMIC_COUNTS.items()}
-    want = {**counts, **MIMIC_SPLIT, "image_size": image_size}
+    want = {**counts, **MIMIC_SPLIT, "source_rows": source_rows}
     if marker.exists() and json.loads(marker.read_text()).get("config") == want:
         return json.loads(marker.read_text())["counts"]
     shutil.rmtree(raw, ignore_errors=True)
     print(f"generating the full-count replica in {raw} (once; about 25 min on 2 cores) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    cfg = SynthConfig(image_size=image_size, jpeg2000_fraction=0.0, workers=os.cpu_count() or 1, **counts, **MIMIC_SPLIT)
+    cfg = SynthConfig(source_rows=source_rows, jpeg2000_fraction=0.0, workers=os.cpu_count() or 1, **counts, **MIMIC_SPLIT)
     counts = generate(cfg, raw, progress=lambda m: print(f"  synth: {m}", file=sys.stderr, flush=True))
     counts["seconds"] = round(time.perf_counter() - t0)
     marker.write_text(json.dumps({"config": want, "counts": counts}))
@@ -177,7 +177,7 @@ def _count_shard_reads() -> dict:
     resident split is one ``take`` of all its images, a streamed batch one ``take``, an adapter pair one
     ``__getitem__``), so the table can say what a shortened step still read. The benchmark wraps the class
     in its own process; the product carries no counter."""
-    from cxr_pipeline.data.shards import StreamedImages
+    from cxr_pipeline.data.shard_reader import StreamedImages
 
     read = {"shards": 0, "decoded": 0}
     take, getitem = StreamedImages.take, StreamedImages.__getitem__
@@ -207,13 +207,15 @@ def rehearse(root: Path, name: str, size: int, fresh: bool) -> dict:
         shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CXR_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"), "CXR_RAW_DIR": str(root / "raw")}
-    env.update({"CXR_IMAGE_SIZE": str(size), "CXR_EXECUTOR": "in_process", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"})
+    env.update({"CXR_EXECUTOR": "in_process", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"})
     env.pop("MLFLOW_TRACKING_URI", None)
     (home / "dagster").mkdir(exist_ok=True)
     shutil.copy(Path(__file__).resolve().parent.parent / "dagster.yaml", home / "dagster" / "dagster.yaml")
     os.environ.update({k: env[k] for k in ("CXR_HOME", "CXR_RAW_DIR")})
     p = Paths(home=home, raw=root / "raw")
-    write_pipeline_config(p, {**CONFIGS[name], **SHORT}, f"benchmarks/rehearsal.py, configuration {name!r}")
+    config = {**CONFIGS[name], **SHORT}
+    config["classifier"] = {**config["classifier"], "size": size}
+    write_pipeline_config(p, config, f"benchmarks/rehearsal.py, configuration {name!r}")
     state_file = home / "rehearsal.json"
     done = json.loads(state_file.read_text()) if state_file.exists() else {}
     print(f"\n[{name}] {json.dumps(CONFIGS[name] or 'default policies')}; state in {home}", flush=True)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from cxr_pipeline.demo import ADAPTER_RECIPES, DEMO_ADAPTER_RECIPE, DEMO_EPOCHS, DEMO_PATIENTS, DEMO_REPLICA_IMAGE_SIZE
+from cxr_pipeline.demo import ADAPTER_RECIPES, DEMO_ADAPTER_RECIPE, DEMO_EPOCHS, DEMO_PATIENTS, DEMO_SOURCE_ROWS
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -18,7 +18,7 @@ def _synth(args: argparse.Namespace) -> int:
         cfg = SynthConfig(
             patients=args.patients,
             seed=args.seed,
-            image_size=args.image_size,
+            source_rows=args.source_rows,
             fmt=args.format,
             metadata_only=args.metadata_only,
             workers=args.workers,
@@ -37,12 +37,12 @@ def _synth(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from cxr_pipeline.demo import demo
 
-    return demo(args.patients, args.image_size, args.epochs, args.adapter_recipe)
+    return demo(args.patients, args.source_rows, args.epochs, args.adapter_recipe)
 
 
 def _preview(args: argparse.Namespace) -> int:
     from cxr_pipeline.data.dicom import DecodeError, prepare
-    from cxr_pipeline.data.shards import write_png
+    from cxr_pipeline.data.shard_reader import write_png
 
     try:
         img = prepare(args.input, args.size, name=args.input)
@@ -59,8 +59,8 @@ def _label_reports(args: argparse.Namespace) -> int:
     import csv
     import re
 
-    from cxr_pipeline.data.io import atomic_path
     from cxr_pipeline.data.sections import parse_report
+    from cxr_pipeline.files import atomic_path
     from cxr_pipeline.labels import LABELS
     from cxr_pipeline.reports.labeler import label_reports
 
@@ -134,7 +134,8 @@ def _config(args: argparse.Namespace) -> int:
     """The resolved configuration each asset would run with now: pipeline.yaml, environment, every auto worked out."""
     import yaml
 
-    from cxr_pipeline.config import ConfigError, resolved_all, sections
+    from cxr_pipeline.config import resolved_all, sections
+    from cxr_pipeline.fields import ConfigError
     from cxr_pipeline.settings import paths
 
     p = paths()
@@ -162,7 +163,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir")
     s.add_argument("--patients", type=int, default=200)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=384, help="image rows in pixels (columns are 83-100%% of it)")
+    s.add_argument("--source-rows", type=int, default=384, help="image rows in pixels (columns are 83-100%% of it)")
     s.add_argument("--format", choices=["dicom", "jpg"], default="dicom", help="jpg: the MIMIC-CXR-JPG variant")
     s.add_argument("--metadata-only", action="store_true", help="CSVs and reports only (scale tests)")
     s.add_argument("--workers", type=int, default=1)
@@ -173,7 +174,7 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="generate the demo replica (unless CXR_RAW_DIR is set) and run the whole graph")
     d.add_argument("--patients", type=int, default=DEMO_PATIENTS)
-    d.add_argument("--image-size", type=int, default=DEMO_REPLICA_IMAGE_SIZE, help="the replica's image rows in pixels")
+    d.add_argument("--source-rows", type=int, default=DEMO_SOURCE_ROWS, help="the replica's image rows in pixels")
     d.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="classifier epochs")
     d.add_argument(
         "--adapter-recipe",

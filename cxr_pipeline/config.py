@@ -5,13 +5,13 @@ of documentation, and what ``null`` means): ``ManifestPolicy``, ``ShardSettings`
 (the classifiers), ``MultilabelConfig``, ``PairsConfig``, ``AdapterConfig``, ``GenerateConfig`` and
 :class:`ComputeSettings`. ``$CXR_HOME/pipeline.yaml`` has one section per asset (:func:`sections`),
 whose fields are exactly those of the section's dataclass. Everything else is derived from these
-dataclasses: the Dagster run configs (``defs.helpers.dagster_config``), the ``cxr-pipeline config``
+dataclasses: the Dagster run configs (``defs.run_config.dagster_config``), the ``cxr-pipeline config``
 output, the MLflow params and the generated reference page. A field added to a dataclass is
 settable from ``pipeline.yaml``, the launchpad and ``dagster asset materialize --config`` at once.
 
 A value that means "work it out" is ``null`` on a field declared ``auto=...``; :func:`resolve`
-works all of them out when a run starts (image sizes from ``CXR_IMAGE_SIZE`` and the report base's
-tile, the base path, shard sizes from their consumers, worker and thread counts, the generation
+works all of them out when a run starts (the report model's image size from its base's tile, the base
+path, shard sizes from their consumers, worker and thread counts, the generation
 budget), and the run uses and records that resolved configuration. ``null`` on a field declared
 ``null=...`` is a value with a meaning of its own ("no limit", "random initialisation") and is
 recorded as that meaning. A real zero (``seed: 0``, ``dropout: 0.0``) is a zero.
@@ -30,38 +30,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cxr_pipeline.fields import MISSING, ConfigError, setting
 from cxr_pipeline.settings import Paths, env, read_pipeline_config, usable_cpus
-
-MISSING = dataclasses.MISSING
-
-
-def setting(default: Any, doc: str, *, auto: str | None = None, null: str | None = None) -> Any:
-    """A configuration field: its default and documentation, and what ``null`` means.
-
-    ``auto``: null is worked out at run start by :func:`resolve` (the text says how).
-    ``null``: null is a value with this meaning (for example "no limit"), kept as it is.
-    """
-    meta = {"doc": doc, "auto": auto, "null": null}
-    if isinstance(default, list | dict | set):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-def at_least_one(obj: Any, *names: str) -> None:
-    """Refuse 0 (or less) on limit and count fields: "no limit" and "work it out" are null, never a magic 0."""
-    for name in names:
-        v = getattr(obj, name)
-        if v is not None and v < 1:
-            raise ValueError(f"{name} must be at least 1, or null ({_null_meaning(obj, name)}), not {v}")
-
-
-def _null_meaning(obj: Any, name: str) -> str:
-    f = next(f for f in dataclasses.fields(obj) if f.name == name)
-    return f.metadata.get("null") or f"auto: {f.metadata.get('auto')}"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the file, section and field."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +48,7 @@ def sections() -> dict[str, type]:
     from cxr_pipeline.data.shards import ShardSettings
     from cxr_pipeline.reports.pairs import PairsConfig
     from cxr_pipeline.reports.vlm import AdapterConfig, GenerateConfig
-    from cxr_pipeline.vision.fit import MultilabelConfig
+    from cxr_pipeline.vision.multilabel import MultilabelConfig
     from cxr_pipeline.vision.subgroups import AuditSettings
     from cxr_pipeline.vision.train import TrainConfig
 
@@ -194,11 +164,11 @@ def _resolve_train(cfg, paths: Paths, derived):
     device = torch.device(resolve(paths, "compute").device)
     precision = resolve_precision(cfg.precision, device)
     workers = default_workers(device) if cfg.loader_workers is None else cfg.loader_workers
-    return dataclasses.replace(cfg, size=cfg.size or int(env("CXR_IMAGE_SIZE")), precision=precision, loader_workers=workers)
+    return dataclasses.replace(cfg, precision=precision, loader_workers=workers)
 
 
 def _resolve_adapter(cfg, paths: Paths, derived):
-    from cxr_pipeline.reports.vlm import base_tile_size
+    from cxr_pipeline.reports.tiny_base import base_tile_size
 
     base, tiny = _adapter_base(cfg)
     if tiny:
@@ -207,10 +177,23 @@ def _resolve_adapter(cfg, paths: Paths, derived):
     return dataclasses.replace(cfg, base=base, size=size)
 
 
+# the sections whose runs read the shards, and how each works out its size (the same code its own run uses;
+# no device is resolved for it: no torch import here)
+SHARD_CONSUMERS: dict[str, Callable] = {
+    "classifier": lambda cfg, paths: cfg.size,
+    "multilabel_classifier": lambda cfg, paths: cfg.size,
+    "report_adapter": lambda cfg, paths: _resolve_adapter(cfg, paths, {}).size,
+}
+
+
+def shard_sizes(paths: Paths) -> list[int]:
+    """Every size a shard consumer reads, as its run will resolve it: what ``image_shards`` builds when its
+    ``sizes`` is null."""
+    return sorted({size_of(load(paths, section), paths) for section, size_of in SHARD_CONSUMERS.items()})
+
+
 def _resolve_shards(cfg, paths: Paths, derived):
-    # the consumers' sizes as their runs resolve them (without resolving their devices: no torch import here)
-    classifier_size = load(paths, "classifier").size or int(env("CXR_IMAGE_SIZE"))
-    sizes = cfg.sizes or sorted({classifier_size, _resolve_adapter(load(paths, "report_adapter"), paths, {}).size})
+    sizes = cfg.sizes or shard_sizes(paths)
     return dataclasses.replace(cfg, sizes=sorted(set(sizes)), workers=cfg.workers or usable_cpus())
 
 
@@ -259,25 +242,6 @@ def resolve(
     if left and not partial:
         raise ConfigError(f"{section}: {', '.join(left)} still auto after resolution")
     return cfg
-
-
-def record(cfg: Any) -> dict[str, Any]:
-    """A resolved configuration as it is recorded (MLflow params, Dagster metadata, cards): every field, and a
-    null that means something (``null=``) written as its meaning. An auto field still null is an error."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if v is None:
-            if f.metadata.get("auto"):
-                raise ConfigError(f"{type(cfg).__name__}.{f.name}: not resolved (auto: {f.metadata['auto']})")
-            v = f.metadata.get("null") or "none"
-        out[f.name] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def params(cfg: Any, prefix: str = "") -> dict[str, str]:
-    """``record(cfg)`` as MLflow params (strings; lists as JSON)."""
-    return {prefix + k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in record(cfg).items()}
 
 
 def section_digest(paths: Paths, section: str) -> str:

@@ -13,23 +13,36 @@ import dagster as dg
 
 from cxr_pipeline import settings  # noqa: F401  (sets the no-telemetry / offline defaults first)
 from cxr_pipeline.defs.automation import schedules_and_sensors, with_automation
-from cxr_pipeline.defs.classifier import (
+from cxr_pipeline.defs.classifier import classifier
+from cxr_pipeline.defs.classifier_tables import classifier_metrics, classifier_predictions
+from cxr_pipeline.defs.io import HandleLoader, TableIOManager
+from cxr_pipeline.defs.keys import (
     CLASSIFIER,
-    CLASSIFIER_ASSETS,
     CLASSIFIER_METRICS,
     CLASSIFIER_PREDICTIONS,
+    GENERATED_REPORTS,
+    IMAGE_SHARDS,
+    MANIFEST,
+    MANIFEST_REJECTS,
+    MIMIC_IV,
     MULTILABEL_CLASSIFIER,
-    classifier,
+    RAW,
+    REPORT_ADAPTER,
+    REPORT_HINTS,
+    REPORT_METRICS,
+    REPORT_PAIRS,
+    SHARD_REJECTS,
+    SUBGROUP_METRICS,
 )
-from cxr_pipeline.defs.helpers import with_config_versions
-from cxr_pipeline.defs.io import HandleLoader, TableIOManager
-from cxr_pipeline.defs.manifest import MANIFEST, MANIFEST_CHECKS, MANIFEST_REJECTS, manifest
-from cxr_pipeline.defs.raw import RAW, raw_mimic_cxr
-from cxr_pipeline.defs.reports import GENERATED_REPORTS, REPORT_ADAPTER, REPORT_ASSETS, REPORT_METRICS, REPORT_PAIRS
+from cxr_pipeline.defs.manifest import MANIFEST_CHECKS, manifest
+from cxr_pipeline.defs.multilabel import multilabel_classifier, report_hints
+from cxr_pipeline.defs.raw import raw_mimic_cxr
+from cxr_pipeline.defs.reports import REPORT_ASSETS
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
-from cxr_pipeline.defs.shards import IMAGE_SHARDS, SHARD_CHECKS, SHARD_REJECTS, image_shards
+from cxr_pipeline.defs.run_config import with_config_versions
+from cxr_pipeline.defs.shards import SHARD_CHECKS, image_shards
 from cxr_pipeline.defs.slots import dead_run_sensor, release_on_load
-from cxr_pipeline.defs.subgroups import MIMIC_IV, SUBGROUP_METRICS, mimic_iv_demographics, subgroup_metrics
+from cxr_pipeline.defs.subgroups import mimic_iv_demographics, subgroup_metrics
 from cxr_pipeline.settings import env, paths
 
 # name: (assets, partitions, description)
@@ -47,9 +60,10 @@ JOBS = {
         "Train and evaluate one pathology's classifier (one partition per CheXpert label).",
     ),
     "classifier_summary_job": (
-        [MULTILABEL_CLASSIFIER, CLASSIFIER_METRICS, CLASSIFIER_PREDICTIONS, SUBGROUP_METRICS],
+        [MULTILABEL_CLASSIFIER, REPORT_HINTS, CLASSIFIER_METRICS, CLASSIFIER_PREDICTIONS, SUBGROUP_METRICS],
         None,
-        "The multi-label model, then the metrics table (per-pathology and multi-label), the predictions table and the subgroup audit.",
+        "The multi-label model and its report hints, then the metrics table (per-pathology and multi-label), the predictions "
+        "table and the subgroup audit.",
     ),
     "report_job": (
         [REPORT_PAIRS, REPORT_ADAPTER, GENERATED_REPORTS, REPORT_METRICS],
@@ -77,26 +91,30 @@ def _executor():
     return None
 
 
+ASSETS = [manifest, image_shards, classifier, multilabel_classifier, report_hints, classifier_metrics, classifier_predictions]
+
+
 def build_defs() -> dg.Definitions:
     schedules, sensors = schedules_and_sensors(jobs["observe_raw"], jobs["manifest_job"])
+    storage = CxrStorage.from_env()
     return dg.Definitions(
         executor=_executor(),
         # code versions carry each asset's pipeline.yaml section digest: the UI shows whose configuration changed
         assets=[
             raw_mimic_cxr,
             mimic_iv_demographics,
-            *with_config_versions(with_automation([manifest, image_shards, *CLASSIFIER_ASSETS, subgroup_metrics, *REPORT_ASSETS]), paths()),
+            *with_config_versions(with_automation([*ASSETS, subgroup_metrics, *REPORT_ASSETS]), paths()),
         ],
         schedules=schedules,
         sensors=[*sensors, dead_run_sensor],
         asset_checks=[*MANIFEST_CHECKS, *SHARD_CHECKS],
         jobs=list(jobs.values()),
         resources={
-            "storage": CxrStorage.from_env(),
+            "storage": storage,
             "mlflow": MlflowTracking.from_env(),
             "compute": Compute(),
-            "io_manager": TableIOManager.from_env(),  # tables between assets (defs.io)
-            "handles": HandleLoader.from_env(),  # handles to the files of the file assets
+            "io_manager": TableIOManager(storage=storage),  # tables between assets (defs.io)
+            "handles": HandleLoader(storage=storage),  # handles to the files of the file assets
         },
     )
 

@@ -28,7 +28,7 @@ DEMO_SPLIT = {"validate_fraction": 0.15, "test_fraction": 0.2}
 # in female patients' images. The replica's other findings are drawn alike in every group (no gap to find).
 DEMO_EFFECT = "Cardiomegaly:sex=F:0.3"
 DEMO_REPLICA = {**DEMO_SPLIT, "effect": DEMO_EFFECT}
-DEMO_REPLICA_IMAGE_SIZE = 256  # the replica's radiographs (rows, px); the shards are DEMO_SHARD_SIZE
+DEMO_SOURCE_ROWS = 256  # the replica's radiographs (rows, px); the shards are DEMO_SHARD_SIZE
 # The demo's run config: frontal views, every image (not one per subject), small
 # shards and few epochs so that all 14 classifiers train on a 2-core CPU in minutes.
 DEMO_SHARD_SIZE = 64
@@ -75,14 +75,14 @@ def ensure_dagster_home() -> Path:
     return home
 
 
-def ensure_demo_replica(patients: int = DEMO_PATIENTS, image_size: int = DEMO_REPLICA_IMAGE_SIZE, workers: int | None = None) -> Path:
+def ensure_demo_replica(patients: int = DEMO_PATIENTS, source_rows: int = DEMO_SOURCE_ROWS, workers: int | None = None) -> Path:
     """Generate the demo replica under CXR_HOME/raw once (a marker records it finished)."""
     from cxr_pipeline.data.synthetic import SynthConfig, generate
 
     p = paths()
     marker = p.raw / ".replica.json"
-    cfg = SynthConfig(patients=patients, image_size=image_size, workers=workers or usable_cpus(), **DEMO_REPLICA)
-    want = {"patients": cfg.patients, "seed": cfg.seed, "image_size": cfg.image_size, "fmt": cfg.fmt, **DEMO_REPLICA}
+    cfg = SynthConfig(patients=patients, source_rows=source_rows, workers=workers or usable_cpus(), **DEMO_REPLICA)
+    want = {"patients": cfg.patients, "seed": cfg.seed, "source_rows": cfg.source_rows, "fmt": cfg.fmt, **DEMO_REPLICA}
     if marker.exists() and json.loads(marker.read_text()).get("config") == want:
         return p.raw
     say(f"generating a {patients}-patient MIMIC-CXR replica in {p.raw} ...")
@@ -144,7 +144,7 @@ def run_all(console=None) -> bool:
     as already handled and starts nothing until it changes. ``console``: one progress
     line or bar per stage group (``console.Console``); without it, stages are logged.
     """
-    from cxr_pipeline.data.shards import PARTITIONS
+    from cxr_pipeline.data.shard_reader import PARTITIONS
     from cxr_pipeline.labels import SLUGS
 
     run = _Runner()
@@ -283,7 +283,7 @@ def print_subgroups(p: Paths, effect: str = DEMO_EFFECT) -> None:
 
 def demo(
     patients: int = DEMO_PATIENTS,
-    image_size: int = DEMO_REPLICA_IMAGE_SIZE,
+    source_rows: int = DEMO_SOURCE_ROWS,
     epochs: int = DEMO_EPOCHS,
     adapter_recipe: str = DEMO_ADAPTER_RECIPE,
 ) -> int:
@@ -295,7 +295,7 @@ def demo(
         console.say(f"demo: progress here; every log line in {log_file}")
         if not env("CXR_RAW_DIR"):
             with console.stage("replica"):
-                ensure_demo_replica(patients, image_size)
+                ensure_demo_replica(patients, source_rows)
         ensure_dagster_home()
         console.say(f"demo: configuration {write_demo_config(epochs, adapter_recipe)} (report adapter recipe: {adapter_recipe})")
         ok = run_all(console)

@@ -38,11 +38,6 @@ ENVIRONMENT: dict[str, EnvVar] = {
             "DAGSTER_HOME", "", "the Dagster instance folder; empty: `$CXR_HOME/dagster` (the repository's `dagster.yaml` is copied there)"
         ),
         EnvVar(
-            "CXR_IMAGE_SIZE",
-            "224",
-            "the classifiers' image size where `pipeline.yaml` leaves `classifier.size` null (auto); read when a run starts",
-        ),
-        EnvVar(
             "CXR_VLM_BASE",
             "",
             "local directory of the report model's base (e.g. Llama-3.2-11B-Vision-Instruct) where `report_adapter.base` is null;"
@@ -109,11 +104,6 @@ class ClassifierFiles:
         return self.dir / "checkpoint"
 
     @property
-    def hints(self) -> Path:
-        """The multi-label model's report-hint probabilities (out-of-fold for training images)."""
-        return self.dir / "hint_predictions.parquet"
-
-    @property
     def metrics(self) -> Path:
         return self.dir / "metrics.json"
 
@@ -156,7 +146,7 @@ class Paths:
 
     The Dagster assets, the CLI, the demo and the benchmarks all find files
     through this object; nothing else spells out the layout. Properties only
-    name paths; writers create parent folders (``data.io.atomic_path``).
+    name paths; writers create parent folders (``files.atomic_path``).
     """
 
     home: Path
@@ -208,6 +198,11 @@ class Paths:
     def shard_root(self, size: int) -> Path:
         return self.shards / f"s{size}"
 
+    def shard_sizes(self) -> list[int]:
+        """The sizes whose shard folder exists (``shard_root``), smallest first."""
+        found = self.shards.glob("s*") if self.shards.is_dir() else []
+        return sorted(int(d.name[1:]) for d in found if d.is_dir() and d.name[1:].isdigit())
+
     def shard_partition(self, size: int, partition: str) -> Path:
         return self.shard_root(size) / partition
 
@@ -230,6 +225,11 @@ class Paths:
     @property
     def classifier_predictions(self) -> Path:
         return self.classifiers / "classifier_predictions.parquet"
+
+    @property
+    def report_hints(self) -> Path:
+        """The report prompts' classifier probabilities and thresholds (``vision.folds.report_hints``)."""
+        return self.classifiers / "report_hints.parquet"
 
     # subgroup audit
     @property
@@ -287,6 +287,7 @@ class Paths:
             "manifest_rejects": self.manifest_rejects,
             "classifier_metrics": self.classifier_metrics,
             "classifier_predictions": self.classifier_predictions,
+            "report_hints": self.report_hints,
             "subgroup_metrics": self.subgroup_metrics,
             "report_pairs": self.report_pairs,
             "generated_reports": self.generated_reports,
@@ -331,7 +332,7 @@ def write_pipeline_config(p: Paths, config: dict[str, dict], note: str) -> Path:
     """Write ``config`` as ``pipeline.yaml`` (atomically), with ``note`` as its header comment."""
     import yaml
 
-    from cxr_pipeline.data.io import atomic_path
+    from cxr_pipeline.files import atomic_path
 
     header = "".join(f"# {line}\n" for line in note.splitlines())
     with atomic_path(p.pipeline_config) as tmp:

@@ -23,9 +23,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from cxr_pipeline.data.synthetic import SynthConfig, generate  # noqa: E402
-from cxr_pipeline.defs.raw import RAW  # noqa: E402
+from cxr_pipeline.defs.keys import RAW  # noqa: E402
 
-REPLICA = SynthConfig(patients=40, seed=7, image_size=96, workers=2)
+REPLICA = SynthConfig(patients=40, seed=7, source_rows=96, workers=2)
 
 
 @pytest.fixture(scope="session")

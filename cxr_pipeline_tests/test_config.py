@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from cxr_pipeline import config as C
+from cxr_pipeline import fields as F
 from cxr_pipeline.cli import main
 from cxr_pipeline.settings import ENVIRONMENT, environment_table, paths, write_pipeline_config
 
@@ -176,46 +177,45 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
 
 def test_an_unknown_field_or_a_bad_value_fails_naming_file_section_and_field(cxr_home):
     write_pipeline_config(paths(), {"report_adapter": {"train_ful": "x"}}, "typo")
-    with pytest.raises(C.ConfigError, match=r"pipeline.yaml: report_adapter: unknown field\(s\) train_ful"):
+    with pytest.raises(F.ConfigError, match=r"pipeline.yaml: report_adapter: unknown field\(s\) train_ful"):
         C.resolve(paths(), "report_adapter")
     write_pipeline_config(paths(), {"classifier": {"epochs": "many"}}, "bad type")
-    with pytest.raises(C.ConfigError, match=r"pipeline.yaml: classifier: epochs: "):
+    with pytest.raises(F.ConfigError, match=r"pipeline.yaml: classifier: epochs: "):
         C.resolve(paths(), "classifier")
     write_pipeline_config(paths(), {"classifier": {"imbalance": "smote"}}, "bad choice")
-    with pytest.raises(C.ConfigError, match="imbalance must be"):
+    with pytest.raises(F.ConfigError, match="imbalance must be"):
         C.resolve(paths(), "classifier")
 
 
 def test_resolution_works_out_every_auto_and_records_no_placeholder(cxr_home, monkeypatch, tmp_path):
-    monkeypatch.setenv("CXR_IMAGE_SIZE", "96")
     monkeypatch.delenv("CXR_VLM_BASE", raising=False)
     p = paths()
     budget = {"max_new_tokens": lambda: 41}
     for section in C.sections():
         cfg = C.resolve(p, section, derived=budget if section == "generated_reports" else None)
-        rec = C.record(cfg)
+        rec = F.record(cfg)
         assert set(rec) == {d.name for d in C.field_docs(section)}
         assert not [k for k, v in rec.items() if v is None or v == "auto"], (section, rec)
-    assert C.resolve(p, "classifier").size == 96
+    assert C.resolve(p, "classifier").size == 224  # a pipeline.yaml default like every other
     tiny = C.resolve(p, "report_adapter")
     assert tiny.size == 56 and tiny.base == str(p.tiny_base_dir(1, 0))  # the tiny base's tile
     assert C.resolve(p, "image_shards").sizes == [56, 96]  # every size a consumer reads, from their resolved settings
     assert C.resolve(p, "generated_reports", derived=budget).max_new_tokens == 41
-    assert C.resolve(p, "report_pairs").max_words is None and C.record(C.resolve(p, "report_pairs"))["max_words"] == "no limit"
+    assert C.resolve(p, "report_pairs").max_words is None and F.record(C.resolve(p, "report_pairs"))["max_words"] == "no limit"
     # a real base: its tile decides the report model's size, and so a second shard size
     base = tmp_path / "llama"
     base.mkdir()
     (base / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 560, "width": 560}}))
     monkeypatch.setenv("CXR_VLM_BASE", str(base))
     assert C.resolve(p, "report_adapter").size == 560 and C.resolve(p, "image_shards").sizes == [96, 560]
-    with pytest.raises(C.ConfigError, match="max_new_tokens still auto"):
+    with pytest.raises(F.ConfigError, match="max_new_tokens still auto"):
         C.resolve(p, "generated_reports")  # a run never starts with an auto left
     # a real zero stays a zero; a zero that would mean "no limit" is refused (that is null)
     write_pipeline_config(p, {"report_adapter": {"dropout": 0.0, "seed": 0, "warmup_steps": 0}}, "zeros")
     adapter = C.resolve(p, "report_adapter")
     assert (adapter.dropout, adapter.seed, adapter.warmup_steps) == (0.0, 0, 0)
     write_pipeline_config(p, {"classifier": {"steps_per_epoch": 0}}, "old magic zero")
-    with pytest.raises(C.ConfigError, match=r"steps_per_epoch must be at least 1, or null \(the whole training split\)"):
+    with pytest.raises(F.ConfigError, match=r"steps_per_epoch must be at least 1, or null \(the whole training split\)"):
         C.resolve(p, "classifier")
 
 
@@ -239,16 +239,16 @@ def test_the_learning_recipe_holds_the_candidate_chosen_on_validate(cxr_home):
     candidates = yaml.safe_load((ROOT / "benchmarks" / "recipes" / "candidates" / "learning.yaml").read_text())
     paths().home.mkdir(parents=True, exist_ok=True)
     paths().pipeline_config.write_text((ROOT / "benchmarks" / "recipes" / "learning.yaml").read_text())
-    resolved = {name: C.record(C.resolve(paths(), "report_adapter", overlay)) for name, overlay in candidates["candidates"].items()}
+    resolved = {name: F.record(C.resolve(paths(), "report_adapter", overlay)) for name, overlay in candidates["candidates"].items()}
     assert len({json.dumps(r, sort_keys=True, default=str) for r in resolved.values()}) == len(resolved), (
         "two candidates are the same recipe"
     )
-    assert C.record(C.resolve(paths(), "report_adapter")) == resolved[candidates["chosen"]]
+    assert F.record(C.resolve(paths(), "report_adapter")) == resolved[candidates["chosen"]]
 
 
 def test_config_cli_prints_the_resolved_configuration(cxr_home, capsys, monkeypatch):
-    monkeypatch.setenv("CXR_IMAGE_SIZE", "128")
-    write_pipeline_config(paths(), {"report_adapter": {"train_full": "multi_modal_projector", "lr": 5e-4}}, "test")
+    config = {"classifier": {"size": 128}, "report_adapter": {"train_full": "multi_modal_projector", "lr": 5e-4}}
+    write_pipeline_config(paths(), config, "test")
     assert main(["config", "report_adapter"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)["report_adapter"]
     assert shown["train_full"] == "multi_modal_projector" and shown["lr"] == 5e-4 and shown["size"] == 56
@@ -333,3 +333,14 @@ def test_auto_threads_and_workers_follow_the_cpu_affinity(cxr_home):
         [sys.executable, "-c", code], preexec_fn=lambda: os.sched_setaffinity(0, {0}), capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["1", "1"]
+
+
+def test_the_shards_are_built_at_every_size_a_consumer_reads(cxr_home):
+    """One resolver for the shard sizes, from each consumer's own resolution: a size set for the multi-label
+    model alone is built too (it once read only the per-pathology section)."""
+    monkey = {"classifier": {"size": 64}, "multilabel_classifier": {"size": 96}}
+    write_pipeline_config(paths(), monkey, "test")
+    assert C.resolve(paths(), "image_shards").sizes == [56, 64, 96]  # 56: the tiny report base's tile
+    assert C.resolve(paths(), "multilabel_classifier").size == 96 and C.resolve(paths(), "classifier").size == 64
+    write_pipeline_config(paths(), {**monkey, "image_shards": {"sizes": [32]}}, "test")
+    assert C.resolve(paths(), "image_shards").sizes == [32]  # set: as set

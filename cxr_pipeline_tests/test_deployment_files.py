@@ -14,7 +14,7 @@ from cxr_pipeline.definitions import build_defs
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 MODULE = "cxr_pipeline.definitions"
-ENV = {"CXR_HOME", "CXR_RAW_DIR", "CXR_IMAGE_SIZE", "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "HF_HUB_OFFLINE"}
+ENV = {"CXR_HOME", "CXR_RAW_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "HF_HUB_OFFLINE"}
 
 
 def load(name: str) -> dict:
@@ -53,11 +53,10 @@ def test_the_passed_environment_is_what_the_code_reads(tmp_path, monkeypatch):
 
     monkeypatch.setenv("CXR_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CXR_RAW_DIR", str(tmp_path / "mimic"))
-    monkeypatch.setenv("CXR_IMAGE_SIZE", "96")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     p = paths()
     assert p.home == tmp_path / "home" and p.raw == tmp_path / "mimic" and p.tracking_uri == "http://mlflow:5000"
-    assert resolve(p, "classifier").size == 96 and resolve(p, "classifier", {"size": 64}).size == 64
+    assert resolve(p, "classifier", {"size": 64}).size == 64
     resources = build().resources
     assert resources["storage"].raw_dir == str(tmp_path / "mimic") and resources["storage"].home == str(tmp_path / "home")
     assert resources["mlflow"].tracking_uri == "http://mlflow:5000" and resources["mlflow"].artifact_root is None

@@ -28,7 +28,7 @@ NOT_RUN = {
     "export CXR_MIMIC_IV_DIR=": "real MIMIC-IV (credentialed; not on this machine)",
     "export CXR_VLM_BASE=": "a real Llama-3.2-11B-Vision base (no weights can be downloaded here)",
 }
-DEMO_ARGS = "--patients 40 --image-size 48 --epochs 1"  # enough validation patients for a champion (val AUC needs both classes)
+DEMO_ARGS = "--patients 40 --source-rows 48 --epochs 1"  # enough validation patients for a champion (val AUC needs both classes)
 
 
 def blocks(lang: str) -> list[str]:

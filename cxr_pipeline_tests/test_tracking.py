@@ -83,13 +83,13 @@ def test_orphans_are_closed_by_a_run_of_any_of_their_assets(cxr_home):
 def test_champion_follows_validation_auc_not_test_auc(cxr_home):
     """Version 2 is better on validation and worse on test: it becomes champion (selecting on test
     would make the champion's test figure optimistic); both AUCs are on the version."""
-    from cxr_pipeline.defs.classifier import _register
+    from cxr_pipeline.defs.classifier import register_classifier
 
     data = validation_data(["d1", "d2"])
     outcomes = []
     for val_auc, test_auc in ((0.80, 0.90), (0.85, 0.70), (0.83, 0.95)):
         with tracked_run("t") as run:
-            outcomes.append(_register(run, data, {"val_roc_auc": val_auc, "roc_auc": test_auc, "evaluable": True}))
+            outcomes.append(register_classifier(run, data, {"val_roc_auc": val_auc, "roc_auc": test_auc, "evaluable": True}))
     assert [o["champion"] for o in outcomes] == [True, True, False]
     client, _ = get_client()
     champ = client.get_model_version_by_alias("cxr-edema", "champion")
@@ -98,7 +98,7 @@ def test_champion_follows_validation_auc_not_test_auc(cxr_home):
 
 
 def validation_data(ids: list[str]):
-    """A classifier's data as ``_register`` reads it: its label and its validation rows."""
+    """A classifier's data as ``register_classifier`` reads it: its label and its validation rows."""
     from types import SimpleNamespace
 
     import polars as pl
@@ -110,11 +110,11 @@ def validation_data(ids: list[str]):
 def test_champion_is_compared_on_the_same_validation_data(cxr_home):
     """After a data change the champion's validation AUC was computed on other images: it is no benchmark.
     The old rule compared 0.80 (new data) with 0.95 (old data) and kept a stale champion."""
-    from cxr_pipeline.defs.classifier import _register
+    from cxr_pipeline.defs.classifier import register_classifier
 
     def reg(data, val_auc):
         with tracked_run("t") as run:
-            return _register(run, data, {"val_roc_auc": val_auc, "roc_auc": 0.5, "evaluable": True})
+            return register_classifier(run, data, {"val_roc_auc": val_auc, "roc_auc": 0.5, "evaluable": True})
 
     old, new = validation_data(["d1", "d2"]), validation_data(["d1", "d2", "d3", "d4"])
     assert reg(old, 0.95)["champion"]

@@ -35,7 +35,7 @@ from cxr_pipeline.demo import _Runner, ensure_dagster_home
 from cxr_pipeline.settings import paths, write_pipeline_config
 
 layout = paths()
-generate(SynthConfig(patients=8, seed=11, image_size=48), layout.raw)
+generate(SynthConfig(patients=8, seed=11, source_rows=48), layout.raw)
 write_pipeline_config(layout, {
     "manifest": {"views": ["PA", "AP"], "one_image_per_subject": False},
     "image_shards": {"sizes": [32], "workers": 1},

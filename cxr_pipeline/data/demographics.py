@@ -32,7 +32,7 @@ from pathlib import Path
 
 import polars as pl
 
-from cxr_pipeline.data.mimic import REJECT_SCHEMA, DatasetError, _first_reason, _rejects, read_csv
+from cxr_pipeline.data.csvs import REJECT_SCHEMA, DatasetError, first_reason, read_csv, rejects_table
 
 PATIENTS = "hosp/patients.csv.gz"
 ADMISSIONS = "hosp/admissions.csv.gz"
@@ -49,7 +49,7 @@ SCHEMA |= {"insurance": pl.String, "admissions": pl.UInt32}
 @dataclass
 class Demographics:
     patients: pl.DataFrame  # one row per patient: SCHEMA
-    rejects: pl.DataFrame  # mimic.REJECT_SCHEMA
+    rejects: pl.DataFrame  # csvs.REJECT_SCHEMA
     root: Path
 
 
@@ -90,7 +90,7 @@ def _read_patients(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
         pl.col("anchor_year").cast(pl.Int64, strict=False).alias("_year"),
     )
     df = df.with_columns(
-        _first_reason(
+        first_reason(
             (pl.col("_sid").is_null(), "subject_id is not a number"),
             (~pl.col("gender").is_in(["M", "F"]), pl.format("gender {} is not M or F", pl.col("gender").fill_null(""))),
             (pl.col("_age").is_null() | (pl.col("_age") < 0), "anchor_age is not an age"),
@@ -104,7 +104,7 @@ def _read_patients(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
         pl.col("_age").alias("anchor_age"),
         pl.col("_year").alias("anchor_year"),
     )
-    return ok, _rejects(df, path.name)
+    return ok, rejects_table(df, path.name)
 
 
 def _read_admissions(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -118,7 +118,7 @@ def _read_admissions(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
         pl.col(race_col).alias("_race"),
     )
     df = df.with_columns(
-        _first_reason(
+        first_reason(
             (pl.col("_sid").is_null(), "subject_id is not a number"),
             (pl.col("_time").is_null(), "admittime is not a time"),
         ).alias("_reason")
@@ -138,7 +138,7 @@ def _read_admissions(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
         .alias("insurance"),
         pl.col("admissions").cast(pl.UInt32),
     )
-    return latest, _rejects(df, path.name)
+    return latest, rejects_table(df, path.name)
 
 
 def read_demographics(root: Path) -> Demographics:

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-from cxr_pipeline.config import setting
-from cxr_pipeline.data.sections import parse_report, parse_report_files
+from cxr_pipeline.data.csvs import REJECT_SCHEMA, DatasetError, as_int, find_csv, first_reason, read_csv, rejects_table, require_csv
+from cxr_pipeline.data.mimic_reports import REPORTS_ZIP, parse_reports
+from cxr_pipeline.fields import setting
 from cxr_pipeline.labels import LABELS, SLUGS, slug
 
 RECORD_LIST = "cxr-record-list"
@@ -29,24 +30,10 @@ CHEXPERT = "mimic-cxr-2.0.0-chexpert"
 NEGBIO = "mimic-cxr-2.0.0-negbio"
 SPLIT = "mimic-cxr-2.0.0-split"
 TEST_LABELED = "mimic-cxr-2.1.0-test-set-labeled"
-REPORTS_ZIP = "mimic-cxr-reports.zip"
 CSV_STEMS = (RECORD_LIST, STUDY_LIST, METADATA, CHEXPERT, NEGBIO, SPLIT, TEST_LABELED)
 
 SPLITS = ("train", "validate", "test")
 _LABEL_TEXT = {"1.0": 1, "1": 1, "0.0": 0, "0": 0, "-1.0": -1, "-1": -1}
-
-REJECT_SCHEMA = {
-    "source": pl.String,
-    "line": pl.Int64,
-    "dicom_id": pl.String,
-    "subject_id": pl.String,
-    "study_id": pl.String,
-    "reason": pl.String,
-}
-
-
-class DatasetError(ValueError):
-    """The dataset cannot be read at all; the message names the file and field."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +60,12 @@ class ManifestResult:
     manifest: pl.DataFrame
     rejects: pl.DataFrame
     stats: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time of the build
+
+    @property
+    def prevalence(self) -> pl.DataFrame:
+        """Each label's counts of 1 / 0 / -1 / blank among the kept images (``label_prevalence``)."""
+        return label_prevalence(self.manifest)
 
     def reject_reasons(self) -> pl.DataFrame:
         """``reason, len``: how many input rows each reason rejected, most first."""
@@ -88,70 +81,6 @@ class ManifestResult:
         if not self.manifest.height:
             return {}
         return {f"prevalence.{lab}": float((self.manifest[col] == 1).mean() or 0.0) for lab, col in zip(LABELS, SLUGS, strict=True)}
-
-
-# ---------------------------------------------------------------- reading CSVs
-
-
-def find_csv(root: Path, stem: str) -> Path | None:
-    """``stem.csv.gz`` or ``stem.csv`` under ``root``; None when neither exists."""
-    for name in (f"{stem}.csv.gz", f"{stem}.csv"):
-        p = root / name
-        if p.is_file():
-            return p
-    return None
-
-
-def require_csv(root: Path, stem: str) -> Path:
-    p = find_csv(root, stem)
-    if p is None:
-        raise DatasetError(f"{root}: required file {stem}.csv.gz (or .csv) not found")
-    return p
-
-
-def read_csv(path: Path, required: Iterable[str]) -> pl.DataFrame:
-    """Every column as text plus ``_line`` (the 1-based line in the file).
-
-    Columns are read by name; extra columns are kept and ignored. A missing
-    required column raises ``DatasetError`` naming the file and the column.
-    """
-    try:
-        df = pl.read_csv(path, infer_schema=False, quote_char='"')
-    except (pl.exceptions.PolarsError, OSError) as e:  # OSError: a truncated or corrupt .gz
-        raise DatasetError(f"{path}: cannot be read as CSV: {e}") from e
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(df.columns)})")
-    df = df.with_columns(pl.col(c).str.strip_chars() for c in df.columns)
-    return df.with_row_index("_line", offset=2).with_columns(pl.col("_line").cast(pl.Int64))
-
-
-def _int(col: str) -> pl.Expr:
-    return pl.col(col).cast(pl.Int64, strict=False)
-
-
-def _first_reason(*rules: tuple[pl.Expr, str | pl.Expr]) -> pl.Expr:
-    """The first rule whose condition holds gives the row's reject reason."""
-    expr: pl.Expr | None = None
-    for cond, reason in reversed(rules):
-        value = pl.lit(reason) if isinstance(reason, str) else reason
-        expr = pl.when(cond).then(value).otherwise(expr if expr is not None else pl.lit(None, pl.String))
-    assert expr is not None
-    return expr
-
-
-def _rejects(df: pl.DataFrame, source: str) -> pl.DataFrame:
-    """Rows with a non-null ``_reason`` in the common rejects layout."""
-    out = df.filter(pl.col("_reason").is_not_null())
-    cols = {
-        "source": pl.lit(source),
-        "line": pl.col("_line") if "_line" in out.columns else pl.lit(None, pl.Int64),
-        "dicom_id": pl.col("dicom_id").cast(pl.String) if "dicom_id" in out.columns else pl.lit(None, pl.String),
-        "subject_id": pl.col("subject_id").cast(pl.String) if "subject_id" in out.columns else pl.lit(None, pl.String),
-        "study_id": pl.col("study_id").cast(pl.String) if "study_id" in out.columns else pl.lit(None, pl.String),
-        "reason": pl.col("_reason"),
-    }
-    return out.select(**cols).cast(REJECT_SCHEMA)
 
 
 # Other names an observation's column has in a released file: the radiologist test-label file
@@ -179,7 +108,7 @@ def _read_labels(path: Path, key: tuple[str, ...]) -> tuple[pl.DataFrame, pl.Dat
     if missing:
         raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(df.columns)})")
     for k in key:
-        df = df.with_columns(_int(k).alias(k))
+        df = df.with_columns(as_int(k).alias(k))
     unknown = [
         pl.when(pl.col(lab).is_not_null() & ~pl.col(lab).is_in(list(_LABEL_TEXT))).then(
             pl.format("unknown label value '{}' in column '{}'", pl.col(lab), pl.lit(lab))
@@ -187,14 +116,14 @@ def _read_labels(path: Path, key: tuple[str, ...]) -> tuple[pl.DataFrame, pl.Dat
         for lab in LABELS
     ]
     df = df.with_columns(
-        _first_reason(
+        first_reason(
             *[(pl.col(k).is_null(), f"unparseable {k}") for k in key],
             (pl.col("study_id").is_duplicated(), "study_id listed twice"),
         )
         .fill_null(pl.coalesce(unknown))
         .alias("_reason")
     )
-    rejects = _rejects(df, path.name)
+    rejects = rejects_table(df, path.name)
     good = df.filter(pl.col("_reason").is_null()).select(
         "study_id",
         *[pl.col(lab).replace_strict(_LABEL_TEXT, default=None, return_dtype=pl.Int8).alias(slug(lab)) for lab in LABELS],
@@ -238,92 +167,6 @@ def _hash_split(subjects: pl.Series, validate: float, test: float) -> pl.Series:
     return pl.Series("split", out, dtype=pl.String)
 
 
-# ------------------------------------------------------------------- reports
-
-
-class ReportReader:
-    """Reads ``files/pNN/pSSSSSSSS/sTTTTTTTT.txt`` from the folder or from the zip.
-
-    The zip (``mimic-cxr-reports.zip``, with or without a ``mimic-cxr-reports/``
-    prefix inside) is opened only when a report is not found extracted: reading
-    its directory of 227k entries costs seconds.
-    """
-
-    def __init__(self, root: Path):
-        self.root = str(root)
-        self._zip: zipfile.ZipFile | None = None
-        self._names: set[str] = set()
-        self._prefix = ""
-        self._zip_tried = False
-
-    def _open_zip(self) -> None:
-        self._zip_tried = True
-        zpath = os.path.join(self.root, REPORTS_ZIP)
-        if os.path.isfile(zpath):
-            self._zip = zipfile.ZipFile(zpath)
-            names = self._zip.namelist()
-            if names and names[0].startswith("mimic-cxr-reports/"):
-                self._prefix = "mimic-cxr-reports/"
-            self._names = set(names)
-
-    def read(self, relpath: str) -> str | None:
-        try:
-            with open(os.path.join(self.root, relpath), "rb") as f:
-                return f.read().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            pass
-        if not self._zip_tried:
-            self._open_zip()
-        if self._zip is not None:
-            name = self._prefix + relpath
-            if name in self._names:
-                return self._zip.read(name).decode("utf-8", errors="replace")
-        return None
-
-    def close(self) -> None:
-        if self._zip is not None:
-            self._zip.close()
-
-
-def report_relpath(subject_id: int, study_id: int) -> str:
-    s = str(subject_id)
-    return f"files/p{s[:2]}/p{s}/s{study_id}.txt"
-
-
-def _parse_reports(root: Path, subjects: list[int], studies: list[int]) -> dict[str, list]:
-    """FINDINGS / IMPRESSION / last paragraph of each study's report.
-
-    Extracted files are read first; reports found only in the zip are read
-    afterwards. (A process pool was tried for MIMIC scale: on 2 cores its start-up
-    ate the gain, and spawn re-imports the caller's main module.)
-    """
-    unique = list(dict.fromkeys(studies))
-    sub_of = dict(zip(studies, subjects, strict=True))
-    rels = [report_relpath(sub_of[s], s) for s in unique]
-    parsed = parse_report_files(str(root), rels)
-    reader = ReportReader(root)
-    by_study: dict[int, tuple] = {}
-    try:
-        for sid, rel, got in zip(unique, rels, parsed, strict=True):
-            if got is None:
-                text = reader.read(rel)
-                if text is None:
-                    by_study[sid] = (None, None, None, False)
-                    continue
-                r = parse_report(text)
-                got = (r.findings, r.impression, r.last_paragraph)
-            by_study[sid] = (*got, True)
-    finally:
-        reader.close()
-    rows = [by_study[s] for s in studies]
-    return {
-        "findings": [r[0] for r in rows],
-        "impression": [r[1] for r in rows],
-        "last_paragraph": [r[2] for r in rows],
-        "has_report": [r[3] for r in rows],
-    }
-
-
 # ------------------------------------------------------------------ manifest
 
 
@@ -338,7 +181,7 @@ class _Build:
 
     def keep_good(self, df: pl.DataFrame, source: str) -> pl.DataFrame:
         """Send rows with a ``_reason`` to the rejects (named by ``source``); keep the rest."""
-        self.rejects.append(_rejects(df, source))
+        self.rejects.append(rejects_table(df, source))
         return df.filter(pl.col("_reason").is_null()).drop("_reason")
 
 
@@ -350,10 +193,10 @@ def _records(b: _Build, meta: pl.DataFrame, meta_name: str) -> tuple[pl.DataFram
     else:
         rec, source = _records_from_metadata(meta), meta_name
     b.stats["records"] = rec.height
-    sub_i, stu_i = _int("subject_id"), _int("study_id")
+    sub_i, stu_i = as_int("subject_id"), as_int("study_id")
     p = pl.col("path")
     rec = rec.with_columns(
-        _first_reason(
+        first_reason(
             (pl.col("dicom_id").is_null(), "missing dicom_id"),
             (sub_i.is_null(), "unparseable subject_id"),
             (stu_i.is_null(), "unparseable study_id"),
@@ -381,11 +224,11 @@ def _with_metadata(b: _Build, df: pl.DataFrame, meta: pl.DataFrame, meta_name: s
         pl.col("StudyDate").str.strptime(pl.Date, "%Y%m%d", strict=False).alias("_date"),
         _study_time_seconds("StudyTime").alias("_secs"),
         pl.col("dicom_id").is_duplicated().alias("_dup"),
-        _int("subject_id").alias("_m_subject"),
-        _int("study_id").alias("_m_study"),
+        as_int("subject_id").alias("_m_subject"),
+        as_int("study_id").alias("_m_study"),
     ).select("dicom_id", "ViewPosition", "_date", "_secs", "_dup", "_m_subject", "_m_study", pl.col("_line").alias("_m_line"))
     df = df.join(meta, on="dicom_id", how="left").with_columns(
-        _first_reason(
+        first_reason(
             (pl.col("_m_line").is_null(), f"no row in {meta_name}"),
             (pl.col("_dup"), f"dicom_id listed twice in {meta_name}"),
             (
@@ -417,7 +260,7 @@ def _with_split(b: _Build, df: pl.DataFrame, source: str) -> pl.DataFrame:
         return df.join(pl.DataFrame({"subject_id": subjects, "split": split}), on="subject_id", how="left")
     split = read_csv(split_path, ["dicom_id", "study_id", "subject_id", "split"])
     split = split.with_columns(
-        _first_reason(
+        first_reason(
             (~pl.col("split").is_in(list(SPLITS)), pl.format("unknown split '{}'", pl.col("split"))),
             (pl.col("dicom_id").is_duplicated(), "dicom_id listed twice"),
         ).alias("_reason")
@@ -426,7 +269,7 @@ def _with_split(b: _Build, df: pl.DataFrame, source: str) -> pl.DataFrame:
     df = df.join(split, on="dicom_id", how="left")
     n_splits = pl.col("split").drop_nulls().n_unique().over("subject_id")
     df = df.with_columns(
-        _first_reason(
+        first_reason(
             (pl.col("split").is_null(), f"no usable row in {split_path.name}"),
             (n_splits > 1, f"subject in several splits in {split_path.name} (patient leakage)"),
         ).alias("_reason")
@@ -504,7 +347,7 @@ def _with_reports(b: _Build, df: pl.DataFrame) -> pl.DataFrame:
         return df.with_columns(
             *[pl.lit(None, pl.String).alias(c) for c in ("findings", "impression", "last_paragraph")], pl.lit(False).alias("has_report")
         )
-    cols = _parse_reports(b.root, df["subject_id"].to_list(), df["study_id"].to_list())
+    cols = parse_reports(b.root, df["subject_id"].to_list(), df["study_id"].to_list())
     df = df.with_columns(
         *[pl.Series(c, cols[c], dtype=pl.String) for c in ("findings", "impression", "last_paragraph")],
         pl.Series("has_report", cols["has_report"], dtype=pl.Boolean),
@@ -534,6 +377,7 @@ MANIFEST_COLUMNS = (
 
 def build_manifest(root: Path, policy: ManifestPolicy | None = None) -> ManifestResult:
     """Apply ``policy`` to the MIMIC-CXR dataset at ``root``, step by step (each step's rejects kept)."""
+    started = time.perf_counter()
     b = _Build(Path(root), policy or ManifestPolicy())
     if not b.root.is_dir():
         raise DatasetError(f"{b.root}: dataset root does not exist (set CXR_RAW_DIR)")
@@ -562,7 +406,7 @@ def build_manifest(root: Path, policy: ManifestPolicy | None = None) -> Manifest
     b.stats["rows"] = manifest.height
     for s in SPLITS:
         b.stats[f"rows_{s}"] = manifest.filter(pl.col("split") == s).height
-    return ManifestResult(manifest=manifest, rejects=rejects, stats=b.stats)
+    return ManifestResult(manifest=manifest, rejects=rejects, stats=b.stats, seconds=round(time.perf_counter() - started, 3))
 
 
 def label_prevalence(manifest: pl.DataFrame) -> pl.DataFrame:

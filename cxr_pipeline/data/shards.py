@@ -34,29 +34,16 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
-from cxr_pipeline.config import at_least_one, setting
 from cxr_pipeline.data.decode_worker import init_worker, work
-from cxr_pipeline.data.io import atomic_path, write_parquet
+from cxr_pipeline.data.shard_reader import INDEX, INDEX_SCHEMA, PARTITIONS, contact_sheet, gather, write_png
+from cxr_pipeline.fields import at_least_one, setting
+from cxr_pipeline.files import atomic_path, write_parquet
 
-INDEX = "index.parquet"
 REJECTS = "rejects.parquet"
 SHARD_GLOB = "shard-*.u8"
-INDEX_SCHEMA = {
-    "dicom_id": pl.String,
-    "path": pl.String,
-    "shard": pl.String,
-    "offset": pl.Int64,
-    "file_size": pl.Int64,
-    "mtime_ns": pl.Int64,
-    "content_hash": pl.String,
-    "rows": pl.Int32,
-    "cols": pl.Int32,
-}
 REJECT_SCHEMA = {"dicom_id": pl.String, "path": pl.String, "reason": pl.String, "file_size": pl.Int64, "mtime_ns": pl.Int64}
-PARTITIONS = tuple(f"p{n}" for n in range(10, 20))
 
 
 def partition_of(path: str) -> str:
@@ -97,7 +84,7 @@ class ShardSettings:
     sizes: list[int] | None = setting(
         None,
         "square sizes (px) built, letterboxed; a size already built is only updated",
-        auto="every size a consumer reads: the classifiers' size and the report model's (its base's tile)",
+        auto="every size a consumer reads: the per-pathology and multi-label classifiers' sizes and the report model's (its base's tile)",
     )
     images_per_shard: int = setting(1024, "images per shard file")
     workers: int | None = setting(None, "decode processes", auto="one per CPU core this process may use (its affinity)")
@@ -389,134 +376,60 @@ def _write_index(out: Path, rows: list[dict], reject_rows: list[dict]) -> tuple[
     return idx, rej
 
 
-# ------------------------------------------------------------------- reader
+@dataclass
+class PartitionBuild:
+    """One partition brought up to date at every size: each size's ``BuildResult`` and contact sheet."""
 
-
-def read_index(shard_root: Path, partitions: Iterable[str] = PARTITIONS) -> pl.DataFrame:
-    """The index of every built partition under ``shard_root`` (with a ``partition`` column)."""
-    frames = []
-    for p in partitions:
-        f = Path(shard_root) / p / INDEX
-        if f.exists():
-            frames.append(pl.read_parquet(f).with_columns(pl.lit(p).alias("partition")))
-    return pl.concat(frames) if frames else pl.DataFrame(schema={**INDEX_SCHEMA, "partition": pl.String})
-
-
-def gather(shard_root: Path, index_rows: pl.DataFrame, size: int) -> np.ndarray:
-    """The images of ``index_rows`` (in that order) as one (n, size, size) uint8 array.
-
-    Each shard is memory-mapped and read in offset order, so the page cache
-    serves sequential runs; no pickle, no per-image files.
-    """
-    n = index_rows.height
-    out = np.empty((n, size, size), dtype=np.uint8)
-    if n == 0:
-        return out
-    rows = index_rows.select("partition", "shard", "offset").with_row_index("_pos")
-    for (part, shard), grp in rows.group_by(["partition", "shard"], maintain_order=True):
-        path = Path(shard_root) / part / shard
-        mm = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, size, size)
-        g = grp.sort("offset")
-        out[g["_pos"].to_numpy()] = mm[g["offset"].to_numpy()]
-        del mm
-    return out
-
-
-def contact_sheet(images: np.ndarray, ncols: int = 8) -> np.ndarray:
-    """A grid of uint8 images (n, s, s) with 2-pixel grey gutters."""
-    n, s = images.shape[0], images.shape[1]
-    if n == 0:
-        return np.zeros((s, s), dtype=np.uint8)
-    ncols = min(ncols, n)
-    nrows = -(-n // ncols)
-    sheet = np.full((nrows * (s + 2) - 2, ncols * (s + 2) - 2), 96, dtype=np.uint8)
-    for k in range(n):
-        r, c = divmod(k, ncols)
-        sheet[r * (s + 2) : r * (s + 2) + s, c * (s + 2) : c * (s + 2) + s] = images[k]
-    return sheet
-
-
-def write_png(arr: np.ndarray, path: Path) -> Path:
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
-    return path
-
-
-def load_images(shard_root: Path, manifest: pl.DataFrame, size: int):
-    """A split's images as one uint8 tensor (n, size, size), rows aligned with the returned frame.
-
-    ``manifest`` is any selection of manifest rows (a split, a label subset);
-    rows whose image is not in the shards (rejected, or a partition not built)
-    are left out and counted in the frame's absence (``vision.images.make_resident``
-    places images on a device). The frame carries each image's source ``content_hash`` (what a digest of the
-    data a model saw is made from).
-    """
-    import torch
-
-    lazy, rows = open_images(shard_root, manifest, size)
-    return torch.from_numpy(lazy.take(np.arange(len(lazy)))), rows
-
-
-class StreamedImages:
-    """Images named by (shard file, offset), read on demand from the memory-mapped shards.
-
-    What ``load_images`` returns in one array, for consumers that must not hold the images: the
-    report adapter's training pairs (one image at a time, ``images[i]``) and a classifier too large
-    for memory (a batch at a time, ``take``; ``vision.images``). Memory stays one map per shard
-    file. Picklable without its maps (each loader worker opens its own).
-    """
-
-    def __init__(self, root: Path, files: np.ndarray, offsets: np.ndarray, size: int):
-        self.root, self.files, self.offsets, self.size = Path(root), files, offsets, size
-        self._maps: dict[str, np.memmap] = {}
-
-    @classmethod
-    def of_rows(cls, root: Path, rows: pl.DataFrame, size: int) -> StreamedImages:
-        """The images of index rows (columns ``partition, shard, offset``), in row order."""
-        files = np.array([f"{p}/{s}" for p, s in rows.select("partition", "shard").iter_rows()], dtype=object)
-        return cls(root, files, rows["offset"].to_numpy().astype(np.int64), size)
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": {}}
-
-    def _map(self, f: str) -> np.memmap:
-        mm = self._maps.get(f)
-        if mm is None:
-            mm = self._maps[f] = np.memmap(self.root / f, dtype=np.uint8, mode="r").reshape(-1, self.size, self.size)
-        return mm
-
-    def __getitem__(self, i) -> np.ndarray:
-        """One image (an int) or several (a list or array of positions), as numpy."""
-        if np.ndim(i):
-            return self.take(np.asarray(i))
-        return np.array(self._map(self.files[i])[self.offsets[i]])
-
-    def take(self, idx: np.ndarray) -> np.ndarray:
-        """The images at positions ``idx`` (in that order) as one (b, size, size) uint8 array, each file read in offset order."""
-        idx = np.asarray(idx, dtype=np.int64)
-        out = np.empty((len(idx), self.size, self.size), dtype=np.uint8)
-        files = self.files[idx]
-        for f in dict.fromkeys(files.tolist()):
-            at = np.flatnonzero(files == f)
-            at = at[np.argsort(self.offsets[idx[at]], kind="stable")]
-            out[at] = self._map(f)[self.offsets[idx[at]]]
-        return out
-
-    def subset(self, idx: np.ndarray) -> StreamedImages:
-        return StreamedImages(self.root, self.files[idx], self.offsets[idx], self.size)
+    partition: str
+    folders: dict[int, Path]  # size -> the partition's folder at that size
+    results: dict[int, BuildResult]
+    sheets: dict[int, Path | None]
+    fingerprint: str  # ``slice_fingerprint`` of the manifest rows it was built from
 
     @property
-    def nbytes(self) -> int:
-        return len(self) * self.size * self.size
+    def first(self) -> BuildResult:
+        """The smallest size's result: its index and rejects, and the one decode pass every size shared."""
+        return self.results[min(self.results)]
+
+    @property
+    def rejects(self) -> pl.DataFrame:
+        """Files that could not be decoded or found (a file that cannot be decoded fails at every size)."""
+        return self.first.rejects.select("dicom_id", "path", "reason")
+
+    @property
+    def sheet(self) -> Path | None:
+        """The largest size's contact sheet."""
+        return self.sheets[max(self.sheets)]
+
+    def totals(self) -> dict[str, int]:
+        """Images decoded, unchanged and rejected, shard files and bytes over every size; the shared decode pass."""
+        stats = [r.stats for r in self.results.values()]
+        total = {
+            k: int(sum(float(st[k]) for st in stats)) for k in ("decoded", "unchanged", "hash_unchanged", "shard_files", "shard_bytes")
+        }
+        decode = self.first.stats  # one decode pass served every size: its files and seconds are shared
+        return {
+            "decoded": total["decoded"],
+            "unchanged": total["unchanged"] + total["hash_unchanged"],
+            "rejected": int(decode["rejected"]),
+            "shard_files": total["shard_files"],
+            "shard_bytes": total["shard_bytes"],
+            "files_decoded": int(decode["files_decoded"]),
+            "images_per_second": round(decode["files_decoded"] / max(decode["seconds"], 1e-9), 1),
+        }
+
+    @property
+    def data_version(self) -> str:
+        """What the partition's shards hold at every size (``data_version`` of each size, joined)."""
+        return "+".join(data_version(r.index, size) for size, r in self.results.items())
 
 
-def open_images(shard_root: Path, manifest: pl.DataFrame, size: int) -> tuple[StreamedImages, pl.DataFrame]:
-    """``load_images`` without loading: ``StreamedImages`` aligned with the returned rows (with ``content_hash``)."""
-    idx = read_index(shard_root).select("dicom_id", "partition", "shard", "offset", "content_hash")
-    rows = manifest.drop("content_hash", strict=False).join(idx, on="dicom_id", how="inner", maintain_order="left")
-    return StreamedImages.of_rows(shard_root, rows, size), rows.drop("partition", "shard", "offset")
+def build_partition_sizes(
+    paths, partition: str, items: pl.DataFrame, settings: ShardSettings, progress: Callable[[int, int], None] | None = None
+) -> PartitionBuild:
+    """One partition of the manifest (``items``: its rows) at every size ``settings`` resolved, in one decode pass
+    (``build_sizes``), each size with its contact sheet; ``paths``: the layout (``settings.Paths``)."""
+    folders = {size: paths.shard_partition(size, partition) for size in settings.sizes}
+    results = build_sizes(paths.raw, folders, items, settings.spec(settings.sizes[0]), progress=progress)
+    sheets = {size: write_contact_sheet(paths.shard_root(size), r.index, partition, size) for size, r in results.items()}
+    return PartitionBuild(partition, folders, results, sheets, slice_fingerprint(items))

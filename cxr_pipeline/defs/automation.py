@@ -29,10 +29,8 @@ daemon over a whole data change.
 
 import dagster as dg
 
-from cxr_pipeline.defs.helpers import latest_metadata
-from cxr_pipeline.defs.manifest import MANIFEST
-from cxr_pipeline.defs.raw import RAW
-from cxr_pipeline.defs.shards import IMAGE_SHARDS, SHARD_REJECTS
+from cxr_pipeline.defs.history import latest_metadata
+from cxr_pipeline.defs.keys import IMAGE_SHARDS, MANIFEST, RAW, SHARD_REJECTS
 from cxr_pipeline.settings import env, observe_cron
 
 # built by one step from the same rows: their slices are checked once, on image_shards

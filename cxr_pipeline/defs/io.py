@@ -1,11 +1,13 @@
 """What travels between assets: tables as polars DataFrames, large artefacts as small handles.
 
 ``TableIOManager`` stores every table asset (the manifest and its rejects, report pairs, the
-classifier metrics and predictions, generated reports, report metrics) as one Parquet file
-where ``settings.Paths.table`` names it, written atomically, and hands it to consumers as a
-DataFrame parameter. Each stored table's materialization carries Dagster's table schema and row
-count, so the catalog shows its columns and size. The demo, the benchmarks and ``predict`` read
-the same files through the same ``Paths``.
+classifier metrics and predictions, the report hints, generated reports, report metrics) as one
+Parquet file where ``settings.Paths.table`` names it, written atomically, and hands it to consumers
+as a DataFrame parameter. Each stored table's materialization carries Dagster's table schema with
+every column's meaning (``columns``) and its row count, so the catalog shows what each column holds.
+An asset that writes its tables itself (the manifest writes its rejects whatever is selected) goes
+through the same :func:`write_table`. The demo, the benchmarks and ``predict`` read the same files
+through the same ``Paths``.
 
 dagster-polars' ``PolarsParquetIOManager`` is the library made for this, but its newest release
 on PyPI (0.27.12) passes ``rechunk=`` to ``polars.scan_parquet``, which polars 2 removed, so every
@@ -15,74 +17,65 @@ table asset (no table here is partitioned).
 ``HandleLoader`` gives the consumers of file assets (shards, classifier checkpoints, the
 adapter) a small typed handle to what those assets wrote, never an array or a model: the
 shards are opened (memory-mapped) by whoever reads them, batch by batch.
+
+Both take the storage resource (``CxrStorage``): one root for everything under ``CXR_HOME``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
-from cxr_pipeline.data.io import write_parquet
-from cxr_pipeline.settings import ClassifierFiles, ClassifierSet, Paths, paths
+from cxr_pipeline.columns import describe
+from cxr_pipeline.defs.resources import CxrStorage
+from cxr_pipeline.files import file_digest, write_parquet
+from cxr_pipeline.settings import ClassifierFiles, ClassifierSet, Paths
 
 
-def table_schema(df: pl.DataFrame) -> dg.TableSchema:
-    """A polars schema as Dagster's table schema (column name and type)."""
-    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in df.schema.items()])
+def table_schema(key: str, df: pl.DataFrame) -> dg.TableSchema:
+    """A table's schema as Dagster shows it: each column's name, type and meaning (``columns.describe``)."""
+    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype), description=describe(key, name)) for name, dtype in df.schema.items()])
 
 
-def table_digest(df: pl.DataFrame) -> str:
-    """A content digest of a table: the SHA-256 of its Parquet bytes as ``write_parquet`` writes them, so the same
-    rows give the same data version (automation starts nothing below a rebuild that changed nothing)."""
-    buf = io.BytesIO()
-    df.write_parquet(buf, compression="zstd", statistics=True)
-    return hashlib.sha256(buf.getvalue()).hexdigest()[:32]
+@dataclass(frozen=True)
+class WrittenTable:
+    """A table asset's file as written: its materialization metadata and its content's data version."""
+
+    metadata: dict[str, dg.MetadataValue]
+    data_version: dg.DataVersion
 
 
-class _UnderHome(dg.ConfigurableIOManager):
-    """An IO manager rooted in ``CXR_HOME``'s layout (``settings.Paths``)."""
-
-    home: str
-    raw_dir: str
-
-    @classmethod
-    def from_env(cls):
-        p = paths()
-        return cls(home=str(p.home), raw_dir=str(p.raw))
-
-    @property
-    def paths(self) -> Paths:
-        return Paths(home=Path(self.home), raw=Path(self.raw_dir))
+def write_table(paths: Paths, key: str, df: pl.DataFrame) -> WrittenTable:
+    """Write a table asset's Parquet file atomically; its metadata (path, column schema, row count) and data
+    version (the SHA-256 of the bytes written: the same rows give the same version, so automation starts
+    nothing below a rebuild that changed nothing)."""
+    path = write_parquet(df, paths.table(key))
+    metadata = {
+        "path": dg.MetadataValue.path(str(path)),
+        "dagster/column_schema": dg.MetadataValue.table_schema(table_schema(key, df)),
+        "dagster/row_count": dg.MetadataValue.int(df.height),
+    }
+    return WrittenTable(metadata, dg.DataVersion(file_digest(path)))
 
 
-class TableIOManager(_UnderHome):
+class TableIOManager(dg.ConfigurableIOManager):
     """Table assets as Parquet files under ``CXR_HOME`` (``settings.Paths.table``)."""
 
-    def handle_output(self, context: dg.OutputContext, obj: pl.DataFrame | None) -> None:
-        if obj is None:  # an asset that wrote files of its own (MaterializeResult) stores nothing here
-            return
-        path = write_parquet(obj, self.paths.table(context.asset_key.to_user_string()))
-        context.add_output_metadata(
-            {
-                "path": dg.MetadataValue.path(str(path)),
-                "dagster/column_schema": dg.MetadataValue.table_schema(table_schema(obj)),
-                "dagster/row_count": dg.MetadataValue.int(obj.height),
-            }
-        )
+    storage: CxrStorage
 
-    def load_input(self, context: dg.InputContext) -> pl.DataFrame | None:
-        """The table; a table never materialized is an error, or None for an input declared optional
-        (``AssetIn(metadata={"optional": True})``: the report hints fall back when a classifier table is absent)."""
+    def handle_output(self, context: dg.OutputContext, obj: pl.DataFrame | None) -> None:
+        if obj is None:  # an asset that wrote its files itself (MaterializeResult) stores nothing here
+            return
+        context.add_output_metadata(write_table(self.storage.paths, context.asset_key.to_user_string(), obj).metadata)
+
+    def load_input(self, context: dg.InputContext) -> pl.DataFrame:
+        """The table; a table never materialized is an error that names it."""
         key = context.asset_key.to_user_string()
-        path = self.paths.table(key)
+        path = self.storage.paths.table(key)
         if not path.exists():
-            if (context.definition_metadata or {}).get("optional"):
-                return None
             raise dg.Failure(f"{path}: {key} not materialized yet")
         return pl.read_parquet(path)
 
@@ -91,35 +84,58 @@ class TableIOManager(_UnderHome):
 class ShardSet:
     """The image shards (every partition, every size built): ``root(size)`` is what the shard readers open."""
 
-    base: Path
+    paths: Paths
 
     def root(self, size: int) -> Path:
-        return self.base / f"s{size}"
+        return self.paths.shard_root(size)
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """A trained report adapter: its folder (peft weights, processor and ``cxr_adapter.json``)."""
+    """A trained report adapter: its folder (peft weights, processor, the card) and what it was trained with
+    (``card``: base, quantisation, image size, prompt variant; ``reports.vlm.write_adapter_card``)."""
 
     dir: Path
+    card: dict
+
+    @property
+    def size(self) -> int:
+        """The shard size the adapter was trained on, which generation must read."""
+        return int(self.card["size"])
+
+    @property
+    def base(self) -> Path:
+        return Path(self.card["base"])
 
 
-class HandleLoader(_UnderHome):
-    """Handles to the files a file asset wrote: ``image_shards`` -> ``ShardSet``, ``classifier`` -> ``ClassifierSet``, ``multilabel_classifier`` -> its ``ClassifierFiles``, ``report_adapter`` -> ``Adapter``. Nothing is
-    pickled: those assets write their files themselves (atomically) and return no value."""
+class HandleLoader(dg.ConfigurableIOManager):
+    """Handles to the files a file asset wrote: ``image_shards`` -> ``ShardSet``, ``classifier`` -> ``ClassifierSet``,
+    ``multilabel_classifier`` -> its ``ClassifierFiles``, ``report_adapter`` -> ``Adapter``. Nothing is pickled: those
+    assets write their files themselves (atomically) and return no value."""
+
+    storage: CxrStorage
 
     def handle_output(self, context: dg.OutputContext, obj: object) -> None:
         if obj is not None:
             raise TypeError(f"{context.asset_key.to_user_string()}: a file asset returns no value (got {type(obj).__name__})")
 
     def load_input(self, context: dg.InputContext) -> ShardSet | ClassifierSet | ClassifierFiles | Adapter:
-        p, key = self.paths, context.asset_key.to_user_string()
+        p, key = self.storage.paths, context.asset_key.to_user_string()
         handles = {
-            "image_shards": lambda: ShardSet(p.shards),
+            "image_shards": lambda: ShardSet(p),
             "classifier": lambda: ClassifierSet(p.classifiers),
             "multilabel_classifier": lambda: p.classifier("multilabel"),
-            "report_adapter": lambda: Adapter(p.adapter),
+            "report_adapter": lambda: _adapter(p.adapter),
         }
         if key not in handles:
             raise KeyError(f"{key}: no handle (handles: {', '.join(handles)})")
         return handles[key]()
+
+
+def _adapter(folder: Path) -> Adapter:
+    from cxr_pipeline.reports.vlm import read_adapter_card
+
+    try:
+        return Adapter(folder, read_adapter_card(folder))
+    except FileNotFoundError as e:
+        raise dg.Failure(f"report_adapter not materialized yet: {e}") from None

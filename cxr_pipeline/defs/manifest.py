@@ -1,87 +1,79 @@
 """raw_mimic_cxr -> manifest + manifest_rejects, and the manifest's checks."""
 
-import time
-
 import dagster as dg
 import polars as pl
 
-from cxr_pipeline.config import params
-from cxr_pipeline.data.mimic import RADIOLOGIST_COLUMNS, DatasetError, ManifestPolicy, build_manifest, label_prevalence
+from cxr_pipeline.data.csvs import DatasetError
+from cxr_pipeline.data.mimic import RADIOLOGIST_COLUMNS, ManifestPolicy, ManifestResult, build_manifest
 from cxr_pipeline.data.shards import partition_fingerprints
-from cxr_pipeline.defs.helpers import (
-    asset_metadata,
-    dagster_config,
-    resolved_metadata,
-    run_settings,
-    selected_keys,
-    table_metadata,
-    upstream_data_version,
-)
-from cxr_pipeline.defs.io import table_digest
-from cxr_pipeline.defs.raw import RAW
+from cxr_pipeline.defs.history import upstream_data_version
+from cxr_pipeline.defs.io import write_table
+from cxr_pipeline.defs.keys import MANIFEST, MANIFEST_REJECTS, RAW
+from cxr_pipeline.defs.metadata import asset_metadata, materialized, resolved_metadata, table_metadata
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
+from cxr_pipeline.defs.run_config import dagster_config, run_settings
+from cxr_pipeline.defs.specs import asset_specs
+from cxr_pipeline.fields import params
 from cxr_pipeline.labels import SLUGS
+from cxr_pipeline.tracking import TrackedRun
 
-MANIFEST = "manifest"
-MANIFEST_REJECTS = "manifest_rejects"
 MANIFEST_CODE_VERSION = "1"
+# how the manifest's consumers read it: the table the manifest step wrote (defs.io.TableIOManager)
+MANIFEST_IN = dg.AssetIn(MANIFEST, input_manager_key="io_manager")
 
 
 ManifestConfig = dagster_config(MANIFEST, "ManifestConfig")
 
 
 @dg.multi_asset(
-    outs={
-        MANIFEST: dg.AssetOut(
-            description="One row per kept image: ids, path, view, study datetime, official split, the 14 labels (1/0/-1/null) "
-            "and the report's FINDINGS / IMPRESSION.",
-            kinds={"polars", "parquet"},
-            code_version=MANIFEST_CODE_VERSION,
-            group_name="manifest",
-            is_required=False,  # subsettable: either table may be materialized alone
-        ),
-        MANIFEST_REJECTS: dg.AssetOut(
-            description="Every input row the manifest could not use, with its file, line and reason.",
-            kinds={"polars", "parquet"},
-            code_version=MANIFEST_CODE_VERSION,
-            group_name="manifest",
-            is_required=False,  # subsettable: either table may be materialized alone
-        ),
-    },
-    deps=[RAW],
-    # Either key may be selected alone: one computation makes both tables, the selected ones are stored.
+    specs=asset_specs(
+        {
+            MANIFEST: (
+                "One row per kept image: ids, path, view, study datetime, official split, the 14 labels (1/0/-1/null) "
+                "and the report's FINDINGS / IMPRESSION.",
+                {"polars", "parquet"},
+            ),
+            MANIFEST_REJECTS: ("Every input row the manifest could not use, with its file, line and reason.", {"polars", "parquet"}),
+        },
+        deps=[RAW],
+        group="manifest",
+        code_version=MANIFEST_CODE_VERSION,
+    ),
+    # Either key may be selected (a catalog page's Materialize button, ``--select manifest``): one build
+    # makes both tables and both are written and recorded, so a manifest never stands beside stale rejects.
     can_subset=True,
 )
 def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, storage: CxrStorage, mlflow: MlflowTracking):
     policy: ManifestPolicy = run_settings(context, storage.paths)
     data_version = upstream_data_version(context, RAW, is_source=True)
     with mlflow.run(context, {"dagster.data_version": data_version}) as run:
-        t0 = time.perf_counter()
         try:
             result = build_manifest(storage.paths.raw, policy)
         except DatasetError as e:
             raise dg.Failure(str(e)) from e
-        seconds = round(time.perf_counter() - t0, 3)
-        prevalence, reasons = label_prevalence(result.manifest), result.reject_reasons()
-        _log_manifest(run, policy, result, prevalence, reasons, seconds)
+        _log_manifest(run, policy, result)
     if result.rejects.height:
         context.log.warning(f"{result.rejects.height} input rows rejected (manifest_rejects)")
-    selected = selected_keys(context)
-    if MANIFEST in selected:
-        md = asset_metadata(run, rows_by_split=dg.MetadataValue.json(result.rows_by_split()), stats=dg.MetadataValue.json(result.stats))
-        md.update(label_prevalence=table_metadata(prevalence), raw_data_version=data_version, seconds=seconds, **resolved_metadata(policy))
-        # per shard partition: which rows it is built from (automation re-builds only changed ones)
-        md["partition_fingerprints"] = dg.MetadataValue.json(partition_fingerprints(result.manifest))
-        yield dg.Output(result.manifest, MANIFEST, data_version=dg.DataVersion(table_digest(result.manifest)), metadata=md)
-    if MANIFEST_REJECTS in selected:
-        md = asset_metadata(run, reasons=table_metadata(reasons))
-        yield dg.Output(result.rejects, MANIFEST_REJECTS, data_version=dg.DataVersion(table_digest(result.rejects)), metadata=md)
+    for key, (table, md) in _tables(run, policy, result, data_version).items():
+        written = write_table(storage.paths, key, table)
+        yield from materialized(context, key, {**written.metadata, **md}, written.data_version)
 
 
-def _log_manifest(run, policy: ManifestPolicy, result, prevalence: pl.DataFrame, reasons: pl.DataFrame, seconds: float) -> None:
+def _tables(run: TrackedRun, policy: ManifestPolicy, result: ManifestResult, raw_version: str) -> dict[str, tuple[pl.DataFrame, dict]]:
+    """Both tables with what each one's materialization records."""
+    md = asset_metadata(run, rows_by_split=dg.MetadataValue.json(result.rows_by_split()), stats=dg.MetadataValue.json(result.stats))
+    md.update(label_prevalence=table_metadata(result.prevalence), raw_data_version=raw_version, seconds=result.seconds)
+    # per shard partition: which rows it is built from (automation re-builds only changed ones)
+    md.update(partition_fingerprints=dg.MetadataValue.json(partition_fingerprints(result.manifest)), **resolved_metadata(policy))
+    rejects_md = asset_metadata(run, reasons=table_metadata(result.reject_reasons()))
+    return {MANIFEST: (result.manifest, md), MANIFEST_REJECTS: (result.rejects, rejects_md)}
+
+
+def _log_manifest(run: TrackedRun, policy: ManifestPolicy, result: ManifestResult) -> None:
     run.log_params(params(policy))
-    run.log_metrics({**result.stats, "seconds": seconds, **result.prevalence_metrics()})
-    run.log_table(prevalence, "label_prevalence")
+    run.log_metrics({**result.stats, "seconds": result.seconds, **result.prevalence_metrics()})
+    run.log_table(result.prevalence, "label_prevalence")
+    reasons = result.reject_reasons()
     if reasons.height:
         run.log_table(reasons, "reject_reasons")
 

@@ -2,10 +2,10 @@
 
 import dagster as dg
 
-from cxr_pipeline.data.mimic import CSV_STEMS, find_csv, fingerprint
+from cxr_pipeline.data.csvs import find_csv
+from cxr_pipeline.data.mimic import CSV_STEMS, fingerprint
+from cxr_pipeline.defs.keys import RAW
 from cxr_pipeline.defs.resources import CxrStorage
-
-RAW = "raw_mimic_cxr"
 
 
 @dg.observable_source_asset(

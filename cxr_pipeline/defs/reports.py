@@ -10,28 +10,18 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from cxr_pipeline.config import params
-from cxr_pipeline.data.io import write_parquet
-from cxr_pipeline.defs.classifier import CLASSIFIER_METRICS, CLASSIFIER_PREDICTIONS, MULTILABEL_CLASSIFIER
-from cxr_pipeline.defs.helpers import (
-    asset_factory,
-    asset_metadata,
-    dagster_config,
-    gpu_asset,
-    resolved_metadata,
-    run_settings,
-    table_metadata,
-)
 from cxr_pipeline.defs.io import Adapter, ShardSet
+from cxr_pipeline.defs.keys import GENERATED_REPORTS, REPORT_ADAPTER, REPORT_HINTS, REPORT_METRICS, REPORT_PAIRS
+from cxr_pipeline.defs.manifest import MANIFEST_IN
+from cxr_pipeline.defs.metadata import asset_metadata, resolved_metadata, table_metadata
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
-from cxr_pipeline.defs.shards import IMAGE_SHARDS
+from cxr_pipeline.defs.run_config import dagster_config, run_settings
+from cxr_pipeline.defs.shards import ALL_SHARDS_IN
+from cxr_pipeline.defs.specs import asset_factory, gpu_asset
+from cxr_pipeline.fields import params
+from cxr_pipeline.files import write_parquet
 from cxr_pipeline.reports.generate import SYSTEMS
-from cxr_pipeline.settings import ClassifierFiles
 
-REPORT_PAIRS = "report_pairs"
-REPORT_ADAPTER = "report_adapter"
-GENERATED_REPORTS = "generated_reports"
-REPORT_METRICS = "report_metrics"
 REPORTS_CODE_VERSION = "1"
 
 
@@ -48,6 +38,7 @@ GenerateConfig = dagster_config(GENERATED_REPORTS, "GenerateConfig")
     [],
     "Image reference + target report text per manifest image, in the manifest's patient-level split (a study never spans two splits).",
     {"polars", "parquet"},
+    ins={"manifest": MANIFEST_IN},
 )
 def report_pairs(
     context: dg.AssetExecutionContext, manifest: pl.DataFrame, config: PairsConfig, storage: CxrStorage, mlflow: MlflowTracking
@@ -74,71 +65,57 @@ def _log_pairs(run, rows: pl.DataFrame, prompts: list[str], size: int, context: 
     run.log_datasets(f"report-pairs-{size}px", {context: seen.with_columns(pl.Series("prompt", prompts))}, source)
 
 
-# The classifiers' hints for the prompts and the retrieval baseline: the multi-label model's out-of-fold
-# probabilities (its files), else the per-pathology predictions with the metrics table's thresholds.
-HINT_INPUTS = {
-    "multilabel_classifier": dg.AssetIn(MULTILABEL_CLASSIFIER, input_manager_key="handles"),
-    "classifier_predictions": dg.AssetIn(CLASSIFIER_PREDICTIONS, metadata={"optional": True}),
-    "classifier_metrics": dg.AssetIn(CLASSIFIER_METRICS, metadata={"optional": True}),
-}
-
-
 @_asset(
     REPORT_ADAPTER,
     [],
     "QLoRA adapter (4-bit NF4 base, LoRA on the language model's attention incl. cross-attention and MLP) that writes a report from an image.",
     {"pytorch", "peft"},
-    ins={
-        "report_pairs": dg.AssetIn(REPORT_PAIRS),
-        "image_shards": dg.AssetIn(IMAGE_SHARDS, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles"),
-        **HINT_INPUTS,
-    },
+    ins={"report_pairs": dg.AssetIn(REPORT_PAIRS), "image_shards": ALL_SHARDS_IN, "report_hints": dg.AssetIn(REPORT_HINTS)},
     **gpu_asset(),
 )
 def report_adapter(
     context: dg.AssetExecutionContext,
     report_pairs: pl.DataFrame,
     image_shards: ShardSet,
-    multilabel_classifier: ClassifierFiles,
-    classifier_predictions: pl.DataFrame | None,
-    classifier_metrics: pl.DataFrame | None,
+    report_hints: pl.DataFrame,
     config: AdapterAssetConfig,
     storage: CxrStorage,
     mlflow: MlflowTracking,
     compute: Compute,
 ) -> dg.MaterializeResult:
-    from cxr_pipeline.reports.vlm import AdapterConfig, adapter_training_set, base_info, ensure_base, train_adapter
-    from cxr_pipeline.vision.fit import report_hints
+    from cxr_pipeline.reports.prompts import hint_source
+    from cxr_pipeline.reports.vlm import AdapterConfig, adapter_training_set, base_info, train_adapter
 
-    paths = storage.paths
+    paths, source = storage.paths, hint_source(report_hints)
     cfg: AdapterConfig = run_settings(context, paths)
-    hints, thresholds, hint_source = report_hints(multilabel_classifier, classifier_predictions, classifier_metrics)
-    examples, rows, variant = adapter_training_set(report_pairs, image_shards.root(cfg.size), cfg, hints, thresholds)
+    hw = compute.resolved(paths)
+    examples, rows, variant = adapter_training_set(report_pairs, image_shards.root(cfg.size), cfg, report_hints)
+    base = _base(cfg, paths, examples, rows, context.log.info)
+    with mlflow.run(context, {"prompt_variant": variant}) as run:
+        run.log_params({**params(cfg), **hw.params, **base_info(base), "train_pairs": len(examples)})
+        run.log_params({"prompt_variant": variant, "hint_source": source})
+        _log_pairs(run, rows, examples.prompts, cfg.size, "train", paths.report_pairs)
+        card = {"prompt_variant": variant, "size": cfg.size, "hint_source": source}
+        res = train_adapter(
+            base, examples, cfg, paths.adapter, paths.adapter_checkpoints, device=hw.device, card=card, log=context.log.info,
+            on_log=lambda step, logs: run.log_metrics({k: v for k, v in logs.items() if isinstance(v, int | float)}, step=step),
+        )  # fmt: skip
+        run.log_artifact(paths.adapter, "adapter")
+    return dg.MaterializeResult(metadata=asset_metadata(run, **_adapter_metadata(res, paths, variant, source, len(examples), cfg)))
+
+
+def _base(cfg, paths, examples, rows: pl.DataFrame, log) -> Path:
+    """The base model the adapter trains on (the tiny offline base is built from the training reports when missing)."""
+    from cxr_pipeline.reports.vlm import ensure_base
+
     if rows.height == 0:
         raise dg.Failure(
             f"no training pairs with {cfg.size}-px shard images: materialize image_shards (it builds every size its consumers read)"
         )
     try:
-        base = ensure_base(cfg, paths.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps), examples.reports, context.log.info)
+        return ensure_base(cfg, paths.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps), examples.reports, log)
     except FileNotFoundError as e:
         raise dg.Failure(str(e)) from None
-    with mlflow.run(context, {"prompt_variant": variant}) as run:
-        run.log_params({**params(cfg), **compute.params(paths), **base_info(base), "train_pairs": len(examples)})
-        run.log_params({"prompt_variant": variant, "hint_source": hint_source})
-        _log_pairs(run, rows, examples.prompts, cfg.size, "train", paths.report_pairs)
-        res = train_adapter(
-            base,
-            examples,
-            cfg,
-            paths.adapter,
-            paths.adapter_checkpoints,
-            device=compute.torch_device(paths),
-            card={"prompt_variant": variant, "size": cfg.size, "hint_source": hint_source},
-            log=context.log.info,
-            on_log=lambda step, logs: run.log_metrics({k: v for k, v in logs.items() if isinstance(v, int | float)}, step=step),
-        )
-        run.log_artifact(paths.adapter, "adapter")
-    return dg.MaterializeResult(metadata=asset_metadata(run, **_adapter_metadata(res, paths, variant, hint_source, len(examples), cfg)))
 
 
 def _adapter_metadata(res: dict, paths, variant: str, hint_source: str, n_pairs: int, cfg) -> dict:
@@ -157,8 +134,8 @@ def _adapter_metadata(res: dict, paths, variant: str, hint_source: str, n_pairs:
     ins={
         "report_adapter": dg.AssetIn(REPORT_ADAPTER, input_manager_key="handles"),
         "report_pairs": dg.AssetIn(REPORT_PAIRS),
-        "image_shards": dg.AssetIn(IMAGE_SHARDS, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles"),
-        **HINT_INPUTS,
+        "image_shards": ALL_SHARDS_IN,
+        "report_hints": dg.AssetIn(REPORT_HINTS),
     },
     **gpu_asset(),
 )
@@ -167,29 +144,25 @@ def generated_reports(
     report_adapter: Adapter,
     report_pairs: pl.DataFrame,
     image_shards: ShardSet,
-    multilabel_classifier: ClassifierFiles,
-    classifier_predictions: pl.DataFrame | None,
-    classifier_metrics: pl.DataFrame | None,
+    report_hints: pl.DataFrame,
     config: GenerateConfig,
     storage: CxrStorage,
     mlflow: MlflowTracking,
     compute: Compute,
 ) -> dg.Output:
     from cxr_pipeline.reports.generate import test_split_reports
-    from cxr_pipeline.reports.vlm import read_adapter_card, report_token_budget
-    from cxr_pipeline.vision.fit import report_hints
+    from cxr_pipeline.reports.vlm import report_token_budget
 
-    paths, card = storage.paths, read_adapter_card(report_adapter.dir)  # the adapter's base, quantisation, size and prompt variant
+    paths, card = storage.paths, report_adapter.card  # the card: the adapter's base, size, prompt variant
+    hw = compute.resolved(paths)
     train_texts = report_pairs.filter(pl.col("split") == "train")["text"].to_list()
-    cfg = run_settings(context, paths, derived={"max_new_tokens": lambda: report_token_budget(Path(card["base"]), train_texts)})
-    hints = report_hints(multilabel_classifier, classifier_predictions, classifier_metrics)
-    out, rows, prompts, variant = test_split_reports(
-        report_pairs, image_shards.root(int(card["size"])), report_adapter.dir, card, hints, cfg, compute.torch_device(paths)
-    )
+    cfg = run_settings(context, paths, derived={"max_new_tokens": lambda: report_token_budget(report_adapter.base, train_texts)})
+    shards = image_shards.root(report_adapter.size)
+    out, rows, prompts, variant = test_split_reports(report_pairs, shards, report_adapter.dir, card, report_hints, cfg, hw.device)
     with mlflow.run(context, {"prompt_variant": variant}) as run:
-        run.log_params({**params(cfg), **compute.params(paths), "prompt_variant": variant, "base": card["base"]})
+        run.log_params({**params(cfg), **hw.params, "prompt_variant": variant, "base": card["base"]})
         run.log_params({"quantize": card.get("quantize", True)})
-        _log_pairs(run, rows, prompts, int(card["size"]), "test", paths.report_pairs)
+        _log_pairs(run, rows, prompts, report_adapter.size, "test", paths.report_pairs)
         run.log_metrics({"reports": out.height, "empty_adapter_reports": sum(1 for t in out["adapter"].to_list() if not (t or "").strip())})
         run.log_table(out.head(50), "generated_reports")
     md = {"prompt_variant": variant, "decoding": "greedy" if cfg.num_beams == 1 else f"beam {cfg.num_beams}"}

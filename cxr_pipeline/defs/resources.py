@@ -4,6 +4,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,16 +132,34 @@ def close_orphaned_runs(
     return closed
 
 
+@dataclass(frozen=True)
+class Hardware:
+    """A step's compute, resolved once: the settings it ran with, the torch device (its leased GPU on a
+    machine with several) and how to say so."""
+
+    settings: Any  # config.ComputeSettings, every auto worked out
+    device: Any  # torch.device
+    description: str
+
+    @property
+    def params(self) -> dict[str, str]:
+        """The settings as MLflow params (``compute.<field>``)."""
+        from cxr_pipeline.fields import params
+
+        return params(self.settings, "compute.")
+
+
 class _Compute(dg.ConfigurableResource):
     """Where training and inference run: ``pipeline.yaml``'s ``compute`` section (``config.ComputeSettings``),
-    resolved when a run starts (``auto``: CUDA when present, else the CPU); a field set in a run's resource
-    config overrides the file for that run.
+    resolved once per step (``resolved``: ``auto`` is CUDA when present, else the CPU); a field set in a run's
+    resource config overrides the file for that run.
 
     For the life of a step it holds a lease on one GPU (``devices.lease``: on a machine with N GPUs the
     ``gpu`` pool admits N steps and each is given its own device), and it records the run's worker
     process so that a run killed mid-step gives its pool slot back (``defs.slots``)."""
 
     _lease: Any = PrivateAttr(default=None)
+    _resolved: Any = PrivateAttr(default=None)
 
     @contextmanager
     def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator["_Compute"]:
@@ -150,7 +169,7 @@ class _Compute(dg.ConfigurableResource):
         if context.instance is not None and context.run_id:
             record_run_worker(context.instance, context.run_id)
         held = lease(paths().home / "locks", say=context.log.info if context.log else None)
-        self._lease = held
+        self._lease, self._resolved = held, None  # resolved again for each run (pipeline.yaml may have changed)
         if held.ordinal is not None and context.log:
             context.log.info(f"leased GPU slot {held.ordinal}")
         try:
@@ -158,35 +177,27 @@ class _Compute(dg.ConfigurableResource):
         finally:
             held.release()
 
-    def settings(self, paths: Paths):
-        from cxr_pipeline.config import ConfigError, resolve
+    def resolved(self, paths: Paths) -> Hardware:
+        """The step's settings and device (torch's CPU threads set), worked out on the first call and kept."""
+        if self._resolved is None:
+            self._resolved = self._resolve(paths)
+        return self._resolved
+
+    def _resolve(self, paths: Paths) -> Hardware:
+        import torch
+
+        from cxr_pipeline.config import resolve
+        from cxr_pipeline.fields import ConfigError
 
         explicit = {k: v for k, v in self.model_dump().items() if v is not None}
         try:
-            return resolve(paths, "compute", explicit)
+            s = resolve(paths, "compute", explicit)
         except ConfigError as e:
             raise dg.Failure(str(e)) from None
-
-    def torch_device(self, paths: Paths):
-        """The resolved device (a ``cuda`` device: the one this step leased), with torch's CPU threads set."""
-        import torch
-
-        s = self.settings(paths)
         torch.set_num_threads(s.threads)
-        return torch.device(self._lease.device(s.device) if self._lease is not None else s.device)
-
-    def params(self, paths: Paths) -> dict[str, str]:
-        from cxr_pipeline.config import params
-
-        return params(self.settings(paths), "compute.")
-
-    def describe(self, paths: Paths) -> str:
-        import torch
-
-        dev = self.torch_device(paths)
-        if dev.type == "cuda":
-            return f"cuda: {torch.cuda.get_device_name(dev)}"
-        return f"cpu: {torch.get_num_threads()} threads"
+        dev = torch.device(self._lease.device(s.device) if self._lease is not None else s.device)
+        described = f"cuda: {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else f"cpu: {torch.get_num_threads()} threads"
+        return Hardware(s, dev, described)
 
 
 def _compute_resource() -> type[_Compute]:

@@ -1,7 +1,7 @@
 """MIMIC-IV demographics (an observable source) + the classifiers -> subgroup_metrics (who the models fail).
 
-The work is in ``data.demographics`` (reading and joining) and ``vision.subgroups`` (the statistics and
-charts); this module observes the source, reads config, logs to MLflow and returns metadata.
+The work is in ``data.demographics`` (reading and joining) and ``vision.subgroups`` (the audit, its statistics and
+charts); this module observes the source, reads config, calls the audit, logs to MLflow and returns metadata.
 """
 
 import hashlib
@@ -9,25 +9,18 @@ import hashlib
 import dagster as dg
 import polars as pl
 
-from cxr_pipeline.config import params
-from cxr_pipeline.data.demographics import ATTRIBUTES, files, missing_reason, per_image, read_demographics
-from cxr_pipeline.data.io import write_parquet
-from cxr_pipeline.defs.classifier import ALL_CLASSIFIERS_IN, CLASSIFIER_CODE_VERSION, CLASSIFIER_METRICS, MULTILABEL_CLASSIFIER
-from cxr_pipeline.defs.helpers import (
-    asset_factory,
-    asset_metadata,
-    dagster_config,
-    inline_png,
-    resolved_metadata,
-    run_settings,
-    table_metadata,
-)
-from cxr_pipeline.defs.manifest import MANIFEST
+from cxr_pipeline.data.demographics import files, missing_reason
+from cxr_pipeline.defs.classifier import classifiers_asset
+from cxr_pipeline.defs.classifier_tables import ALL_CLASSIFIERS_IN
+from cxr_pipeline.defs.keys import CLASSIFIER_METRICS, MIMIC_IV, MULTILABEL_CLASSIFIER, REPORT_HINTS, SUBGROUP_METRICS
+from cxr_pipeline.defs.manifest import MANIFEST_IN
+from cxr_pipeline.defs.metadata import asset_metadata, inline_png, resolved_metadata, table_metadata
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
+from cxr_pipeline.defs.run_config import dagster_config, run_settings
+from cxr_pipeline.fields import params
 from cxr_pipeline.settings import ClassifierSet
+from cxr_pipeline.tracking import TrackedRun
 
-MIMIC_IV = "mimic_iv_demographics"
-SUBGROUP_METRICS = "subgroup_metrics"
 TEST_NOTE = (
     "MIMIC-CXR's test split has 293 patients, so most test-split gaps have intervals that include 0; the out-of-fold "
     "view (the multi-label model over the training patients) has many more patients. Cells under min_patients are marked "
@@ -56,73 +49,68 @@ def mimic_iv_demographics(context: dg.AssetExecutionContext, storage: CxrStorage
 
 
 SubgroupConfig = dagster_config(SUBGROUP_METRICS, "SubgroupConfig")
-_asset = asset_factory("classifiers", CLASSIFIER_CODE_VERSION)
 
 
-def _charts(table: pl.DataFrame, storage: CxrStorage) -> dict:
-    from cxr_pipeline.vision.subgroups import gap_chart, underdiagnosis_chart
-
-    folder = storage.paths.subgroups
-    out = {a: gap_chart(table, a, folder / f"tpr_gap_{a}.png") for a in ATTRIBUTES}
-    out["underdiagnosis"] = underdiagnosis_chart(table, folder / "underdiagnosis.png")
-    return out
-
-
-@_asset(
+@classifiers_asset(
     SUBGROUP_METRICS,
     [MIMIC_IV, MULTILABEL_CLASSIFIER],
     "Per model, finding and subgroup (sex, age band, race group, insurance; MIMIC-IV): n, prevalence, AUC, TPR and FPR at the "
     "validation-chosen threshold with patient-bootstrap intervals, and the paired gap to the other patients; No Finding's FPR "
     "is underdiagnosis. Test split (both label sources) and out-of-fold training predictions. " + TEST_NOTE,
     {"polars", "parquet"},
-    ins={**ALL_CLASSIFIERS_IN, "manifest": dg.AssetIn(MANIFEST), "classifier_metrics": dg.AssetIn(CLASSIFIER_METRICS)},
+    ins={
+        **ALL_CLASSIFIERS_IN,
+        "manifest": MANIFEST_IN,
+        "classifier_metrics": dg.AssetIn(CLASSIFIER_METRICS),
+        "report_hints": dg.AssetIn(REPORT_HINTS),
+    },
 )
 def subgroup_metrics(
     context: dg.AssetExecutionContext,
     classifier: ClassifierSet,
     manifest: pl.DataFrame,
     classifier_metrics: pl.DataFrame,
+    report_hints: pl.DataFrame,
     config: SubgroupConfig,
     storage: CxrStorage,
     mlflow: MlflowTracking,
 ) -> dg.Output:
-    from cxr_pipeline.vision.subgroups import COLUMNS, audit, audit_scores, largest_gaps, publishable
+    from cxr_pipeline.vision.subgroups import subgroup_audit
 
     paths = storage.paths
     cfg = run_settings(context, paths)
-    reason = missing_reason(paths.mimic_iv)
+    result = subgroup_audit(classifier, classifier_metrics, manifest, report_hints, paths.mimic_iv, cfg, paths.subgroups)
     with mlflow.run(context) as run:
         run.log_params(params(cfg))
-        if reason:  # demographics are optional: the audit says why it is empty, the pipeline runs on
-            context.log.warning(f"subgroup audit skipped: {reason}")
-            run.set_tags({"skipped": reason})
-            empty = pl.DataFrame(schema=COLUMNS)
-            return dg.Output(empty, metadata=asset_metadata(run, reason=reason, **resolved_metadata(cfg)))
-        demo = read_demographics(paths.mimic_iv)
-        people, counts = per_image(manifest, demo.patients)
-        write_parquet(demo.rejects, paths.subgroups / "demographics_rejects.parquet")
-        table = audit(audit_scores(classifier, classifier_metrics, manifest, people), cfg)
-        charts = _charts(table, storage)
-        shown = publishable(table)
-        run.log_table(shown, "subgroup_metrics")
-        if demo.rejects.height:
-            run.log_table(demo.rejects.select("source", "line", "reason"), "demographics_rejects")
-        run.log_metrics({**counts, "demographics_rejects": demo.rejects.height, "cells": table.height})
-        run.log_metrics({"small_cells": int(table["small_cell"].sum())} if table.height else {})
-        for png in charts.values():
-            run.log_artifact(png)
-    gaps = publishable(largest_gaps(table, 8))
-    context.log.info(f"subgroup audit: {table.height} cells, {counts}")
-    md = {
-        "note": TEST_NOTE,
-        "largest_gaps": table_metadata(
-            gaps.select("view", "labels", "model", "slug", "attribute", "group", "tpr_gap", "tpr_gap_lo", "tpr_gap_hi").with_columns(
-                pl.col(pl.Float64).round(3)
-            )
-        ),
-        "demographics_rejects": demo.rejects.height,
-        **counts,
-        **{f"chart_{k}": inline_png(v, f"subgroup chart {k}") for k, v in charts.items()},
-        **resolved_metadata(cfg),
-    }
-    return dg.Output(table, metadata=asset_metadata(run, **md))
+        _log_audit(run, result)
+    if result.skipped:  # demographics are optional: the audit says why it is empty, the pipeline runs on
+        context.log.warning(f"subgroup audit skipped: {result.skipped}")
+        return dg.Output(result.table, metadata=asset_metadata(run, reason=result.skipped, **resolved_metadata(cfg)))
+    context.log.info(f"subgroup audit: {result.table.height} cells, {result.counts}")
+    return dg.Output(result.table, metadata=asset_metadata(run, **_audit_metadata(result), **resolved_metadata(cfg)))
+
+
+def _log_audit(run: TrackedRun, result) -> None:
+    """What leaves the machine for MLflow: the publishable table (small cells without values), counts, charts."""
+    from cxr_pipeline.vision.subgroups import publishable
+
+    if result.skipped:
+        run.set_tags({"skipped": result.skipped})
+        return
+    run.log_table(publishable(result.table), "subgroup_metrics")
+    if result.rejects.height:
+        run.log_table(result.rejects.select("source", "line", "reason"), "demographics_rejects")
+    run.log_metrics({**result.counts, "demographics_rejects": result.rejects.height, "cells": result.table.height})
+    run.log_metrics({"small_cells": result.small_cells} if result.table.height else {})
+    for png in result.charts.values():
+        run.log_artifact(png)
+
+
+def _audit_metadata(result) -> dict:
+    from cxr_pipeline.vision.subgroups import largest_gaps, publishable
+
+    gaps = publishable(largest_gaps(result.table, 8))
+    shown = gaps.select("view", "labels", "model", "slug", "attribute", "group", "tpr_gap", "tpr_gap_lo", "tpr_gap_hi")
+    md = {"note": TEST_NOTE, "largest_gaps": table_metadata(shown.with_columns(pl.col(pl.Float64).round(3)))}
+    md.update(demographics_rejects=result.rejects.height, **result.counts)
+    return {**md, **{f"chart_{k}": inline_png(v, f"subgroup chart {k}") for k, v in result.charts.items()}}

@@ -56,21 +56,22 @@ def nearest_reports(train_vectors: np.ndarray, train_texts: Sequence[str], query
     return [train_texts[i] for i in idx]
 
 
-def baseline_reports(
-    test_rows: pl.DataFrame, train_pairs: pl.DataFrame, predictions: pl.DataFrame | None, thresholds: Mapping[str, float]
-) -> tuple[list[str], list[str]]:
-    """The template and retrieval reports for each test row (``dicom_id``), from the classifier predictions.
+def baseline_reports(test_rows: pl.DataFrame, train_pairs: pl.DataFrame, hints: pl.DataFrame | None) -> tuple[list[str], list[str]]:
+    """The template and retrieval reports for each test row (``dicom_id``), from the report hints table
+    (``vision.folds.report_hints``: probabilities, and the thresholds the template reads them at).
 
     ``train_pairs``: training rows with ``dicom_id`` and ``text`` (the retrieval corpus).
-    Without predictions the template says "normal" and retrieval has nothing to go on.
+    Without hints the template says "normal" and retrieval has nothing to go on.
     """
-    cols = [s for s in SLUGS if predictions is not None and s in predictions.columns]
+    from cxr_pipeline.reports.prompts import row_hints
+
+    cols = [s for s in SLUGS if hints is not None and s in hints.columns]
     if not cols:
         return [template_report({})] * test_rows.height, [""] * test_rows.height
-    pt = test_rows.select("dicom_id").join(predictions, on="dicom_id", how="left", maintain_order="left")
-    template = [template_report({c: r[c] for c in cols}, thresholds) for r in pt.iter_rows(named=True)]
-    train = train_pairs.join(predictions, on="dicom_id", how="inner")
-    retrieval = nearest_reports(train.select(cols).to_numpy(), train["text"].to_list(), pt.select(cols).to_numpy())
+    template = [template_report(p, t) for p, t in row_hints(test_rows, hints)]
+    query = test_rows.select("dicom_id").join(hints, on="dicom_id", how="left", maintain_order="left").select(cols)
+    train = train_pairs.join(hints, on="dicom_id", how="inner")
+    retrieval = nearest_reports(train.select(cols).to_numpy(), train["text"].to_list(), query.to_numpy())
     return template, retrieval
 
 
@@ -84,13 +85,13 @@ def best_constant_report(candidates: Sequence[str], reference_labels: Sequence[M
     """
     from cxr_pipeline.labels import LABELS
     from cxr_pipeline.reports.labeler import label_reports
-    from cxr_pipeline.reports.metrics import _binary
+    from cxr_pipeline.reports.metrics import binary_labels
 
     texts = sorted({t for t in candidates if isinstance(t, str) and t.strip()})
     if not texts:
         raise ValueError("best_constant_report: no non-empty candidate report")
     labels, _ = label_reports(texts)
-    hyp, ref = _binary(labels, LABELS).astype(float), _binary(list(reference_labels), LABELS).astype(float)  # as CE scores them
+    hyp, ref = binary_labels(labels, LABELS).astype(float), binary_labels(list(reference_labels), LABELS).astype(float)  # as CE scores them
     positives, n = ref.sum(0), len(ref)
     tp = hyp @ positives  # a constant report is right on every reference positive of a finding it names
     fp = hyp.sum(1) * n - tp

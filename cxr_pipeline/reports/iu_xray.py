@@ -138,7 +138,7 @@ def cache_dir() -> Path:
 
 def archive(cache: Path | None = None) -> Path:
     """The reports archive, downloaded (once) with pip from PyPI's torchxrayvision wheel."""
-    from cxr_pipeline.data.io import atomic_path
+    from cxr_pipeline.files import atomic_path
 
     cache = Path(cache or cache_dir()) / "iu-xray"
     out = cache / "NLMCXR_reports.tgz"

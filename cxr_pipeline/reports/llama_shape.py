@@ -189,7 +189,7 @@ def build_real_shape_base(
     import torch
     from transformers import MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor
 
-    from cxr_pipeline.reports.vlm import CHAT_TEMPLATE, open_cross_attention_gates
+    from cxr_pipeline.reports.tiny_base import CHAT_TEMPLATE, open_cross_attention_gates
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

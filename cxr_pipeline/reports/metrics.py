@@ -90,7 +90,7 @@ CE_CONVENTIONS: dict[str, tuple[str, tuple[float, ...]]] = {
 }
 
 
-def _binary(labels: list[dict[str, float | None]], names: Sequence[str], present: tuple[float, ...] = (1.0,)) -> np.ndarray:
+def binary_labels(labels: list[dict[str, float | None]], names: Sequence[str], present: tuple[float, ...] = (1.0,)) -> np.ndarray:
     return np.array([[1 if row.get(n) in present else 0 for n in names] for row in labels], dtype=int).reshape(len(labels), len(names))
 
 
@@ -111,7 +111,7 @@ def clinical_efficacy(
     out: dict[str, float] = {}
     for prefix, present in CE_CONVENTIONS.values():
         for tag, names in (("14", LABELS), ("5", COMMON5)):
-            y, p = _binary(ref_labels, names, present), _binary(hyp_labels, names, present)
+            y, p = binary_labels(ref_labels, names, present), binary_labels(hyp_labels, names, present)
             for avg in ("micro", "macro"):
                 pr, rc, f1, _ = precision_recall_fscore_support(y, p, average=avg, zero_division=0)
                 out[f"{prefix}_{avg}{tag}_precision"] = float(pr)
@@ -134,7 +134,7 @@ def _per_report(references: Sequence[str], hyps: Sequence[str], ref_labels: list
     hyp_labels, _ = label_reports(hyps)
     out = {}
     for prefix, present in CE_CONVENTIONS.values():
-        y, p = _binary(ref_labels, LABELS, present), _binary(hyp_labels, LABELS, present)
+        y, p = binary_labels(ref_labels, LABELS, present), binary_labels(hyp_labels, LABELS, present)
         out[f"{prefix}_tp"], out[f"{prefix}_fp"], out[f"{prefix}_fn"] = (y & p).sum(1), ((1 - y) & p).sum(1), (y & (1 - p)).sum(1)
     if not rouge:
         out["rouge"] = np.full(len(hyps), np.nan)

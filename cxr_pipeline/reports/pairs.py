@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from cxr_pipeline.config import at_least_one, setting
+from cxr_pipeline.fields import at_least_one, setting
 
 TEXT_SOURCES = ("findings", "impression", "findings+impression", "findings_only")
 R2GEN_SOURCE = "findings_only"  # R2Gen's MIMIC-CXR convention: FINDINGS only, studies without them left out

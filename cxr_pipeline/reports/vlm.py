@@ -1,4 +1,4 @@
-"""LLaMA-3.2-Vision (Mllama) report generation: the tiny offline base, the collator, QLoRA, generation.
+"""LLaMA-3.2-Vision (Mllama) report generation: the QLoRA adapter's recipe, training and generation.
 
 The real base is ``meta-llama/Llama-3.2-11B-Vision-Instruct`` from a local
 directory (``CXR_VLM_BASE``); nothing downloads at run time. The embedded
@@ -13,323 +13,20 @@ bitsandbytes can, LoRA, TRL's SFTTrainer) runs on a CPU in seconds.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cxr_pipeline.config import at_least_one, setting
+from cxr_pipeline.fields import at_least_one, setting
+from cxr_pipeline.reports.prompts import MllamaCollator, TrainingPairs, messages, prompts_for, to_rgb
+from cxr_pipeline.reports.tiny_base import base_info, ensure_tiny_base
 
-INSTRUCTION = "You are an expert radiographer. Describe accurately what you see in this image."
-SPECIAL_TOKENS = (
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-    "<|finetune_right_pad_id|>",
-    "<|python_tag|>",
-    "<|image|>",
-)
-# Llama-3 chat format (the 11B-Vision-Instruct template without its tool-calling branches).
-CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}"
-    "{%- else %}{%- for content in message['content'] %}"
-    "{%- if content['type'] == 'image' %}{{- '<|image|>' }}{%- elif content['type'] == 'text' %}{{- content['text'] }}{%- endif %}"
-    "{%- endfor %}{%- endif %}"
-    "{{- '<|eot_id|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
-)
-TINY_MARKER = "cxr_tiny_mllama.json"
-TINY_TILE = 56  # the tiny base's tile (build_tiny_base); the real 11B's is 560
 # Kept out of 4-bit quantisation, as full module prefixes (bitsandbytes matches them against module names).
 UNQUANTISED_MODULES = ("model.vision_model", "model.multi_modal_projector", "lm_head")
 # Saved beside the adapter: what generation must reproduce (base, quantisation, image size, prompt variant).
 ADAPTER_CARD = "cxr_adapter.json"
-
-
-CROSS_ATTENTION_GATES = ("cross_attn_attn_gate", "cross_attn_mlp_gate")
-
-
-def open_cross_attention_gates(model, value: float = 1.0) -> None:
-    """Set the text model's cross-attention gates as pretraining leaves them: open.
-
-    Mllama multiplies each cross-attention layer's output by ``tanh(gate)``, and a freshly
-    initialised model's gates are 0: the image cannot reach the text at all, and LoRA cannot
-    open them (they are not linear layers). A pretrained base has them open; a randomly
-    initialised stand-in must too, or every test of the report branch is image-blind.
-    """
-    import torch
-
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(CROSS_ATTENTION_GATES):
-                param.fill_(value)
-
-
-def build_tiny_base(
-    out_dir: Path, texts: Iterable[str], seed: int = 0, tile: int = TINY_TILE, vocab_size: int = 2000, width: int = 1
-) -> Path:
-    """Train a tokenizer on ``texts`` and save a tiny random Mllama + processor to ``out_dir``.
-
-    ``width`` multiplies every hidden size (1: about 250k parameters; ``bench_vlm.py --learning`` uses a wider one).
-    """
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor, PreTrainedTokenizerFast
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    corpus = [t for t in texts if t] + [INSTRUCTION, "Classifier findings: none", "user assistant system"]
-    tok.train_from_iterator(corpus, trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>"
-    )
-    hf.chat_template = CHAT_TEMPLATE
-    processor = MllamaProcessor(
-        image_processor=MllamaImageProcessor(size={"height": tile, "width": tile}, max_image_tiles=1),
-        tokenizer=hf,
-        chat_template=CHAT_TEMPLATE,
-    )
-    cfg = MllamaConfig(
-        vision_config={
-            "hidden_size": 32 * width,
-            "num_hidden_layers": 2,
-            "num_global_layers": 1,
-            "attention_heads": 2,
-            "intermediate_size": 64 * width,
-            "image_size": tile,
-            "patch_size": 14,
-            "max_num_tiles": 1,
-            "supported_aspect_ratios": [[1, 1]],
-            "intermediate_layers_indices": [0],
-            "vision_output_dim": 64 * width,  # hidden_size x (1 + len(intermediate_layers_indices))
-        },
-        text_config={
-            "vocab_size": len(hf),
-            "hidden_size": 64 * width,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "intermediate_size": 128 * width,
-            "cross_attention_layers": [1, 3],
-            "max_position_embeddings": 2048,
-            "bos_token_id": hf.bos_token_id,
-            "eos_token_id": hf.eos_token_id,
-            "pad_token_id": hf.pad_token_id,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
-        },
-        image_token_index=hf.convert_tokens_to_ids("<|image|>"),
-    )
-    torch.manual_seed(seed)
-    model = MllamaForConditionalGeneration(cfg)
-    open_cross_attention_gates(model)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    (out_dir / TINY_MARKER).write_text(
-        json.dumps({"name": "cxr-tiny-mllama", "seed": seed, "parameters": int(sum(p.numel() for p in model.parameters()))})
-    )
-    return out_dir
-
-
-def pretrain_language(base_dir: Path, texts: Sequence[str], steps: int, lr: float = 1e-3, batch: int = 16, seed: int = 0) -> None:
-    """Train a tiny base's language model on the training reports, images blank: a stand-in for what a real base brings.
-
-    Llama-3.2-11B-Vision arrives knowing English and radiology phrasing; a random tiny base knows
-    nothing, and an adapter given minutes on a CPU spends them learning to spell, then falls back to the
-    most frequent sentence whatever the image. Only the language model's own weights train (not the
-    vision tower, the projector or the cross-attention layers, which stay as built), so what the image
-    adds is left for the adapter to learn. Saved in place.
-    """
-    import torch
-    from transformers import MllamaForConditionalGeneration, MllamaProcessor
-
-    processor = MllamaProcessor.from_pretrained(str(base_dir))
-    model = MllamaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32)
-    for name, param in model.named_parameters():
-        param.requires_grad = "language_model" in name and "cross_attn" not in name
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    collate, blank, prompt = MllamaCollator(processor), np.zeros((8, 8), np.uint8), user_prompt()
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        batch_ = collate([{"image": blank, "prompt": prompt, "report": texts[i]} for i in rng.integers(0, len(texts), batch)])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=model.device.type == "cpu"):
-            loss = model(**batch_).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(str(base_dir))
-
-
-def ensure_tiny_base(out_dir: Path, texts: Sequence[str], width: int = 1, pretrain_steps: int = 0, log=None) -> Path:
-    """The tiny offline base of this width and pretraining in ``out_dir``: built once (atomically: a killed
-    build leaves no half base behind), then reused."""
-    import shutil
-
-    out_dir = Path(out_dir)
-    if (out_dir / TINY_MARKER).exists():
-        return out_dir
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if log:
-        log(f"building the tiny offline Mllama base (width {width}, {pretrain_steps} language pretraining steps) in {out_dir}")
-    build_tiny_base(tmp, texts, width=width)
-    if pretrain_steps:
-        pretrain_language(tmp, [t for t in texts if t], pretrain_steps)
-    marker = json.loads((tmp / TINY_MARKER).read_text())
-    (tmp / TINY_MARKER).write_text(json.dumps({**marker, "width": width, "pretrain_steps": pretrain_steps}))
-    tmp.replace(out_dir)
-    return out_dir
-
-
-def base_tile_size(base_dir: Path | str | None) -> int:
-    """The image size a base model sees: its image processor's tile (560 for Llama-3.2-11B-Vision); the tiny
-    default base's (``TINY_TILE``) when ``base_dir`` is None. Read from ``preprocessor_config.json``, without
-    loading the model, so the shard sizes can be planned before any training."""
-    if base_dir is None:
-        return TINY_TILE
-    f = Path(base_dir) / "preprocessor_config.json"
-    if not f.exists():
-        raise FileNotFoundError(f"{f}: not found; a base model directory holds its image processor's preprocessor_config.json")
-    size = json.loads(f.read_text()).get("size") or {}
-    if "height" not in size:
-        raise ValueError(f"{f}: field 'size' has no 'height' (has: {size})")
-    return int(size["height"])
-
-
-def base_info(base_dir: Path) -> dict:
-    """Name and revision of a base model directory, for MLflow params."""
-    base_dir = Path(base_dir)
-    marker = base_dir / TINY_MARKER
-    if marker.exists():
-        m = json.loads(marker.read_text())
-        return {
-            "base_model": f"cxr-tiny-mllama w{m.get('width', 1)} lm{m.get('pretrain_steps', 0)} (random init, built offline)",
-            "base_revision": m.get("seed", 0),
-        }
-    cfg = json.loads((base_dir / "config.json").read_text()) if (base_dir / "config.json").exists() else {}
-    return {"base_model": cfg.get("_name_or_path") or base_dir.name, "base_revision": cfg.get("transformers_version", "unknown")}
-
-
-def user_prompt(findings_hint: str | None = None) -> str:
-    """The one instruction used at training and at inference (optionally with classifier findings)."""
-    return INSTRUCTION if not findings_hint else f"{INSTRUCTION}\n{findings_hint}"
-
-
-def findings_hint(probs: dict[str, float], thresholds: dict[str, float] | None = None, top: int = 5) -> str:
-    """'Classifier findings: pleural effusion 0.91, ...' from per-pathology probabilities; a finding is
-    named when it reaches its own validation-chosen threshold (0.5 where none is given)."""
-    thresholds = thresholds or {}
-    picked = sorted(((p, k) for k, p in probs.items() if p is not None and p >= thresholds.get(k, 0.5)), reverse=True)[:top]
-    if not picked:
-        return "Classifier findings: none"
-    return "Classifier findings: " + ", ".join(f"{k.replace('_', ' ').lower()} {p:.2f}" for p, k in picked)
-
-
-def prompts_for(rows, predictions, use_findings: bool, thresholds: dict[str, float] | None = None) -> tuple[list[str], str]:
-    """The prompt of each row (a polars frame with ``dicom_id``) and the prompt variant's name.
-
-    With ``use_findings`` and a predictions table (``dicom_id`` + one probability
-    column per pathology slug), each prompt carries that image's classifier findings.
-    """
-    from cxr_pipeline.labels import SLUGS
-
-    if not use_findings or predictions is None:
-        return [user_prompt()] * rows.height, "instruction"
-    cols = [s for s in SLUGS if s in predictions.columns]
-    j = rows.select("dicom_id").join(predictions, on="dicom_id", how="left", maintain_order="left")
-    return [
-        user_prompt(findings_hint({c: r[c] for c in cols}, thresholds)) for r in j.iter_rows(named=True)
-    ], "instruction+classifier_findings"
-
-
-def messages(prompt: str, report: str | None = None) -> list[dict]:
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    if report is not None:
-        msgs.append({"role": "assistant", "content": [{"type": "text", "text": report}]})
-    return msgs
-
-
-def to_rgb(img: np.ndarray):
-    """A uint8 grey shard image -> the RGB PIL image the processor expects."""
-    from PIL import Image
-
-    return Image.fromarray(np.asarray(img, dtype=np.uint8), mode="L").convert("RGB")
-
-
-@dataclass
-class MllamaCollator:
-    """Batches (image, prompt, report) for SFT, with the loss on the report tokens only.
-
-    TRL's built-in vision collator leaves Mllama's ``<|image|>`` token in the
-    labels and does not keep ``cross_attention_mask`` the length of a truncated
-    sequence; this one masks the prompt (everything up to and including the
-    assistant header), padding and the image token with -100, and truncates
-    ``input_ids``, ``attention_mask``, ``labels`` and ``cross_attention_mask``
-    together.
-    """
-
-    processor: object
-    max_length: int = 2048
-    images: Sequence | None = None  # examples carrying ``idx`` instead of ``image`` are read from here
-
-    def __call__(self, examples: Sequence[dict]) -> dict:
-        proc = self.processor
-        tok = proc.tokenizer
-        full = [proc.apply_chat_template(messages(e["prompt"], e["report"])) for e in examples]
-        prompts = [proc.apply_chat_template(messages(e["prompt"]), add_generation_prompt=True) for e in examples]
-        images = [[to_rgb(e["image"] if "image" in e else self.images[e["idx"]])] for e in examples]
-        tok.padding_side = "right"
-        # the chat template already writes <|begin_of_text|>: a tokenizer that adds one itself (Llama-3's
-        # does) must not add a second, and the prompt length below counts the same tokens
-        batch = proc(images=images, text=full, return_tensors="pt", padding=True, add_special_tokens=False)
-        ids = batch["input_ids"]
-        labels = ids.clone()
-        for i, p in enumerate(prompts):
-            n_prompt = len(tok(p, add_special_tokens=False)["input_ids"])
-            labels[i, :n_prompt] = -100
-        labels[batch["attention_mask"] == 0] = -100
-        labels[ids == proc.image_token_id] = -100
-        batch["labels"] = labels
-        if ids.shape[1] > self.max_length:
-            for k in ("input_ids", "attention_mask", "labels", "cross_attention_mask"):
-                batch[k] = batch[k][:, : self.max_length]
-        return dict(batch)
-
-
-@dataclass
-class TrainingPairs:
-    """(image, prompt, report) examples as a map-style dataset; ``images`` may be lazy (``data.shards.StreamedImages``)."""
-
-    images: Sequence
-    prompts: Sequence[str]
-    reports: Sequence[str]
-
-    def __len__(self) -> int:
-        return len(self.reports)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "prompt": self.prompts[i], "report": self.reports[i]}
-
-    @classmethod
-    def from_examples(cls, examples: Sequence[dict]) -> TrainingPairs:
-        return cls([e["image"] for e in examples], [e["prompt"] for e in examples], [e["report"] for e in examples])
 
 
 # pipeline.yaml's lr_schedule -> transformers' scheduler (both warm up linearly for warmup_steps first)
@@ -407,20 +104,20 @@ def ensure_base(cfg: AdapterConfig, tiny_dir: Path, texts: Sequence[str], log=No
     return base
 
 
-def adapter_training_set(pairs, shard_root: Path, cfg: AdapterConfig, hints=None, thresholds: dict[str, float] | None = None):
+def adapter_training_set(pairs, shard_root: Path, cfg: AdapterConfig, hints=None):
     """The training split's (image, prompt, report) examples under a resolved ``cfg``, the rows they come
     from and the prompt variant. ``max_train_pairs`` samples (seeded); images are read from the shards at
     ``cfg.size`` batch by batch; prompts carry the classifiers' findings when ``use_classifier_findings``
     and ``hints`` (probabilities per ``dicom_id``) are given."""
     import polars as pl
 
-    from cxr_pipeline.data.shards import open_images
+    from cxr_pipeline.data.shard_reader import open_images
 
     train = pairs.filter(pl.col("split") == "train")
     if cfg.max_train_pairs is not None:
         train = train.sample(min(cfg.max_train_pairs, train.height), seed=cfg.seed)
     images, rows = open_images(shard_root, train, cfg.size)
-    prompts, variant = prompts_for(rows, hints, cfg.use_classifier_findings, thresholds)
+    prompts, variant = prompts_for(rows, hints, cfg.use_classifier_findings)
     return TrainingPairs(images, prompts, rows["text"].to_list()), rows, variant
 
 
@@ -460,7 +157,7 @@ def default_device():
 
 
 def write_adapter_card(adapter_dir: Path, card: dict) -> None:
-    from cxr_pipeline.data.io import atomic_path
+    from cxr_pipeline.files import atomic_path
 
     with atomic_path(Path(adapter_dir) / ADAPTER_CARD) as tmp:
         tmp.write_text(json.dumps(card, indent=2))
@@ -577,7 +274,7 @@ def train_adapter(
     trainer.train(resume_from_checkpoint=last)
     model.save_pretrained(str(adapter_dir))
     processor.save_pretrained(str(adapter_dir))
-    from cxr_pipeline.config import record
+    from cxr_pipeline.fields import record
 
     config = record(cfg) if cfg.base is not None and cfg.size is not None else None  # a resolved config is recorded whole
     card = {"base": str(base_dir), "quantize": cfg.quantize, **base_info(base_dir), "config": config, **(card or {})}

@@ -132,7 +132,7 @@ def save_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, ti
     """ROC and PR curves for several pathologies, written to a PNG (the figure is closed)."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    from cxr_pipeline.data.io import png_figure
+    from cxr_pipeline.files import png_figure
 
     with png_figure(path, 1, 2, figsize=(11, 5)) as (fig, (ax1, ax2)):
         for name, (y, p) in curves.items():

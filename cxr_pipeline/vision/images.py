@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from cxr_pipeline.data.shards import StreamedImages
+from cxr_pipeline.data.shard_reader import StreamedImages
 from cxr_pipeline.settings import usable_cpus
 
 MODES = ("resident", "streamed")

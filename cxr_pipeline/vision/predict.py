@@ -66,8 +66,9 @@ def predict_files(
 ) -> list[ImageResult]:
     """Every file through every registered model; with ``cam_dir``, a Grad-CAM overlay per positive call."""
     from cxr_pipeline.tracking import get_client
-    from cxr_pipeline.vision.fit import MULTILABEL, registered_name
+    from cxr_pipeline.vision.registry import registered_name
     from cxr_pipeline.vision.serving import decode_files, grad_cam, overlay, write_rgb
+    from cxr_pipeline.vision.splits import MULTILABEL
 
     client, uri = get_client()  # MLFLOW_TRACKING_URI if set, else the pipeline's own store
     names = [registered_name(MULTILABEL)] if model == "multilabel" else [registered_name(s) for s in SLUGS]

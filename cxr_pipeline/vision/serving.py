@@ -236,7 +236,7 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
 
 def saliency_sheet(panels: Sequence[tuple[np.ndarray, str]], title: str, out: Path, ncols: int = 6) -> Path:
     """RGB panels with captions in one PNG (written atomically)."""
-    from cxr_pipeline.data.io import png_figure
+    from cxr_pipeline.files import png_figure
 
     n = max(1, len(panels))
     ncols = min(ncols, n)
@@ -287,7 +287,7 @@ def write_rgb(rgb: np.ndarray, out: Path, min_side: int = 0) -> Path:
     """An RGB uint8 array as a PNG, written atomically; enlarged (bilinear) to ``min_side`` for viewing."""
     from PIL import Image
 
-    from cxr_pipeline.data.shards import write_png
+    from cxr_pipeline.data.shard_reader import write_png
 
     im = Image.fromarray(rgb, mode="RGB")
     if min(im.size) < min_side:

@@ -20,12 +20,13 @@ patient-level paired ones an audit of repeated-study data needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from cxr_pipeline.config import at_least_one, setting
 from cxr_pipeline.data.demographics import ATTRIBUTES
+from cxr_pipeline.fields import at_least_one, setting
 
 METRICS = ("auc", "tpr", "fpr", "tpr_gap", "fpr_gap")
 COLUMNS = {
@@ -168,24 +169,26 @@ def largest_gaps(table: pl.DataFrame, n: int = 5, metric: str = "tpr_gap") -> pl
     return t.sort(pl.col(metric).abs(), descending=True).head(n)
 
 
-def audit_scores(classifiers, metrics: pl.DataFrame, manifest: pl.DataFrame, people: pl.DataFrame) -> pl.DataFrame:
+def audit_scores(
+    classifiers, metrics: pl.DataFrame, manifest: pl.DataFrame, people: pl.DataFrame, hints: pl.DataFrame | None
+) -> pl.DataFrame:
     """The long table ``audit`` reads: every trained model's probability, target and threshold per image of
     each view, with the image's patient attributes (``people``: ``data.demographics.per_image``).
 
     Views: the test split with the automatic labels and with the radiologist's (the threshold stays the one
     chosen on validation), and for the multi-label model its out-of-fold predictions over the training
-    patients (many more patients than the test split: MIMIC's has 293). Targets follow the label policy
+    patients (``hints``: the report hints table; many more patients than the test split: MIMIC's has 293). Targets follow the label policy
     each model was trained with (its metrics row)."""
     from cxr_pipeline.vision.evaluate import stored_threshold
-    from cxr_pipeline.vision.fit import MULTILABEL, RADIOLOGIST
+    from cxr_pipeline.vision.splits import MULTILABEL, RADIOLOGIST
     from cxr_pipeline.vision.targets import targets
 
     source = manifest["label_source"][0] if manifest.height and "label_source" in manifest.columns else "chexpert"
     test = manifest.filter(pl.col("split") == "test")
     rad = test.filter(pl.col("radiologist_labelled")) if "radiologist_labelled" in test.columns else test.clear()
     train = manifest.filter(pl.col("split") == "train")
-    hints = classifiers.classifier(MULTILABEL).hints
-    oof = pl.read_parquet(hints).filter(pl.col("source") == "out_of_fold") if hints.exists() else None
+    oof = hints.filter(pl.col("source") == "out_of_fold") if hints is not None else None
+    oof = oof if oof is not None and oof.height else None
     parts, read = [], {}  # the multi-label model's wide table serves all 14 findings: read it once
     usable = metrics.filter((pl.col("test_labels") != RADIOLOGIST) & pl.col("threshold").is_not_null())
     for r in usable.iter_rows(named=True):
@@ -240,7 +243,7 @@ def gap_chart(table: pl.DataFrame, attribute: str, out):
     """CheXclusion's figure for one attribute: TPR gap (subgroup - rest) per finding and subgroup, one panel per
     view (per-pathology and multi-label on the test split, the multi-label out-of-fold over training patients),
     automatic labels; grey: too few patients (n<k) or positives (-); bold: the paired 95% interval excludes 0."""
-    from cxr_pipeline.data.io import png_figure
+    from cxr_pipeline.files import png_figure
     from cxr_pipeline.labels import SLUGS
 
     t = table.filter((pl.col("attribute") == attribute) & (pl.col("labels") != "radiologist"))
@@ -260,7 +263,7 @@ def gap_chart(table: pl.DataFrame, attribute: str, out):
 def underdiagnosis_chart(table: pl.DataFrame, out, view: str = "test", model: str = "per_pathology"):
     """The underdiagnosis figure: per subgroup, the share of patients with a finding whom the "No Finding"
     model calls healthy (its FPR), with 95% intervals; one panel per attribute."""
-    from cxr_pipeline.data.io import png_figure
+    from cxr_pipeline.files import png_figure
 
     t = table.filter((pl.col("slug") == "no_finding") & (pl.col("view") == view) & (pl.col("model") == model) & ~pl.col("small_cell"))
     t = t.filter(pl.col("labels") == t["labels"][0]) if t.height else t
@@ -277,3 +280,41 @@ def underdiagnosis_chart(table: pl.DataFrame, out, view: str = "test", model: st
         axes[0].set_ylabel('"No Finding" called, patients with a finding')
         fig.suptitle(f"Underdiagnosis ({model}, {view})", fontsize=10)
     return out
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """A subgroup audit: the full table (small cells included: it stays on the machine), the demographics
+    rows that could not be used, the counts of images and patients without demographics, the charts; or the
+    reason it could not run (no MIMIC-IV demographics)."""
+
+    table: pl.DataFrame
+    rejects: pl.DataFrame
+    counts: dict[str, int]
+    charts: dict[str, Path]
+    skipped: str | None = None
+
+    @property
+    def small_cells(self) -> int:
+        return int(self.table["small_cell"].sum()) if self.table.height else 0
+
+
+def subgroup_audit(
+    classifiers, metrics: pl.DataFrame, manifest: pl.DataFrame, hints: pl.DataFrame | None, mimic_iv: Path, cfg: AuditSettings, out: Path
+) -> AuditResult:
+    """Every model's subgroup cells on the test split (both label sources) and the fold models' out-of-fold
+    predictions (``hints``), by the MIMIC-IV demographics under ``mimic_iv``; the demographics rejects and the
+    charts are written under ``out``. Without the demographics the audit is empty and says why."""
+    from cxr_pipeline.data.demographics import missing_reason, per_image, read_demographics
+    from cxr_pipeline.files import write_parquet
+
+    reason = missing_reason(mimic_iv)
+    if reason:
+        return AuditResult(pl.DataFrame(schema=COLUMNS), pl.DataFrame(), {}, {}, skipped=reason)
+    demo = read_demographics(mimic_iv)
+    people, counts = per_image(manifest, demo.patients)
+    write_parquet(demo.rejects, out / "demographics_rejects.parquet")
+    table = audit(audit_scores(classifiers, metrics, manifest, people, hints), cfg)
+    charts = {a: gap_chart(table, a, out / f"tpr_gap_{a}.png") for a in ATTRIBUTES}
+    charts["underdiagnosis"] = underdiagnosis_chart(table, out / "underdiagnosis.png")
+    return AuditResult(table, demo.rejects, counts, charts)

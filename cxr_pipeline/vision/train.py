@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_pipeline.config import at_least_one, setting
-from cxr_pipeline.data.io import atomic_path
+from cxr_pipeline.fields import at_least_one, setting
+from cxr_pipeline.files import atomic_path
 
 # Grey uint8 -> [-1, 1]: ((x / 255) - MEAN) / STD. The saved checkpoint's config records them.
 NORMALISE_MEAN = 0.5
@@ -43,7 +43,7 @@ class TrainConfig:
     arch: str = setting("resnet18", "torchvision backbone: resnet18, resnet50, densenet121, vgg16")
     dropout: float = setting(0.2, "dropout before the logit head")
     weights: str | None = setting(None, "local backbone weights (.safetensors / .pt)", null="random initialisation")
-    size: int | None = setting(None, "shard size (px) the classifier reads", auto="CXR_IMAGE_SIZE (224)")
+    size: int = setting(224, "shard size (px) the classifier reads (the image shards are built at every size a consumer reads)")
     epochs: int = setting(20, "maximum epochs (early stopping on validation loss may end sooner)")
     batch_size: int = setting(32, "images per micro-batch")
     accumulation: int = setting(4, "micro-batches per optimizer step")

@@ -8,8 +8,8 @@ from datetime import datetime
 import polars as pl
 import pytest
 
+from cxr_pipeline.data.csvs import DatasetError
 from cxr_pipeline.data.demographics import missing_reason, per_image, read_demographics
-from cxr_pipeline.data.mimic import DatasetError
 
 # MIMIC-IV v2.2 / v3.1 hosp/patients.csv.gz and hosp/admissions.csv.gz headers, as released
 PATIENTS = "subject_id,gender,anchor_age,anchor_year,anchor_year_group,dod"

@@ -10,7 +10,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from cxr_pipeline.data.mimic import RADIOLOGIST_COLUMNS, DatasetError, ManifestPolicy, build_manifest
+from cxr_pipeline.data.csvs import DatasetError
+from cxr_pipeline.data.mimic import RADIOLOGIST_COLUMNS, ManifestPolicy, build_manifest
 from cxr_pipeline.data.synthetic import SynthConfig, generate
 from cxr_pipeline.labels import LABELS, SLUGS
 
@@ -250,7 +251,7 @@ def test_reports_read_from_zip_when_not_extracted(replica_copy):
 
 def test_jpg_release_without_record_list(tmp_path):
     out = tmp_path / "jpg"
-    generate(SynthConfig(patients=6, seed=5, image_size=64, fmt="jpg"), out)
+    generate(SynthConfig(patients=6, seed=5, source_rows=64, fmt="jpg"), out)
     res = build_manifest(out, ALL)
     assert res.rejects.height == 0 and res.manifest.height > 0
     assert res.manifest["path"].str.ends_with(".jpg").all()

@@ -16,7 +16,8 @@ import pytest
 
 from cxr_pipeline.data.dicom import prepare
 from cxr_pipeline.data.mimic import ManifestPolicy, build_manifest
-from cxr_pipeline.data.shards import INDEX, ShardSpec, build_partition, gather, load_images, partition_column, partition_of, read_index
+from cxr_pipeline.data.shard_reader import INDEX, gather, load_images, read_index
+from cxr_pipeline.data.shards import ShardSpec, build_partition, partition_column, partition_of
 
 SIZE = 48
 
@@ -187,7 +188,7 @@ def test_load_images_aligns_with_manifest_rows(replica_copy, items, tmp_path):
 
 
 def test_open_images_read_what_load_images_loads(replica_copy, items, tmp_path):
-    from cxr_pipeline.data.shards import open_images
+    from cxr_pipeline.data.shard_reader import open_images
 
     root = tmp_path / "shards"
     build(replica_copy, root / items["part"][0], items, images_per_shard=4)  # several shard files

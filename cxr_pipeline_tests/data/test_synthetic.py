@@ -15,7 +15,8 @@ import pytest
 
 from cxr_pipeline.cli import main
 from cxr_pipeline.data.phantom import Anatomy, render
-from cxr_pipeline.data.synthetic import N_TRAIN_STUDIES, PREVALENCE, SynthConfig, generate
+from cxr_pipeline.data.replica_findings import N_TRAIN_STUDIES, PREVALENCE
+from cxr_pipeline.data.synthetic import SynthConfig, generate
 from cxr_pipeline.labels import LABELS
 
 HEADERS = {
@@ -121,9 +122,9 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 def test_same_seed_same_bytes_any_worker_count(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    generate(SynthConfig(patients=5, seed=3, image_size=48, workers=1), a)
-    generate(SynthConfig(patients=5, seed=3, image_size=48, workers=2), b)
-    generate(SynthConfig(patients=5, seed=4, image_size=48, workers=1), c)
+    generate(SynthConfig(patients=5, seed=3, source_rows=48, workers=1), a)
+    generate(SynthConfig(patients=5, seed=3, source_rows=48, workers=2), b)
+    generate(SynthConfig(patients=5, seed=4, source_rows=48, workers=1), c)
     da, db = _tree_digest(a), _tree_digest(b)
     assert da == db
     assert da != _tree_digest(c)
@@ -199,7 +200,7 @@ def test_planted_findings_are_visible(seed):
 
 def test_jpg_variant_has_no_record_list(tmp_path):
     out = tmp_path / "jpg"
-    generate(SynthConfig(patients=3, seed=2, image_size=64, fmt="jpg"), out)
+    generate(SynthConfig(patients=3, seed=2, source_rows=64, fmt="jpg"), out)
     assert not (out / "cxr-record-list.csv.gz").exists()
     jpgs = list((out / "files").rglob("*.jpg"))
     assert jpgs and not list((out / "files").rglob("*.dcm"))
@@ -207,13 +208,13 @@ def test_jpg_variant_has_no_record_list(tmp_path):
 
 
 def test_cli_synth(tmp_path, capsys):
-    assert main(["synth", str(tmp_path / "x"), "--patients", "2", "--image-size", "48", "--seed", "9"]) == 0
+    assert main(["synth", str(tmp_path / "x"), "--patients", "2", "--source-rows", "48", "--seed", "9"]) == 0
     assert '"patients": 2' in capsys.readouterr().out
     assert (tmp_path / "x" / "mimic-cxr-2.0.0-metadata.csv.gz").exists()
 
 
 @pytest.mark.parametrize(
-    ("flag", "value", "field"), [("--patients", "-5", "patients"), ("--image-size", "8", "image_size"), ("--workers", "0", "workers")]
+    ("flag", "value", "field"), [("--patients", "-5", "patients"), ("--source-rows", "8", "source_rows"), ("--workers", "0", "workers")]
 )
 def test_cli_synth_bad_arguments_are_one_line(tmp_path, capsys, flag, value, field):
     assert main(["synth", str(tmp_path / "x"), flag, value]) == 2
@@ -233,4 +234,4 @@ def test_exact_counts_as_the_full_count_rehearsal_asks(tmp_path):
     with pytest.raises(ValueError, match="studies"):
         SynthConfig(patients=40, studies=39)
     with pytest.raises(ValueError, match="JPEG 2000"):
-        SynthConfig(image_size=32)
+        SynthConfig(source_rows=32)

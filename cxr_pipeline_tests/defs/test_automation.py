@@ -10,10 +10,10 @@ from cxr_pipeline.data.shards import partition_fingerprints
 from cxr_pipeline.data.synthetic import SynthConfig, generate
 from cxr_pipeline.definitions import build_defs
 from cxr_pipeline.defs.automation import with_automation
-from cxr_pipeline.defs.helpers import with_config_versions
 from cxr_pipeline.defs.manifest import MANIFEST_CHECKS
 from cxr_pipeline.defs.manifest import manifest as manifest_assets
 from cxr_pipeline.defs.raw import raw_mimic_cxr
+from cxr_pipeline.defs.run_config import with_config_versions
 from cxr_pipeline.defs.shards import image_shards
 from cxr_pipeline.settings import paths
 
@@ -31,7 +31,7 @@ def requested(result) -> dict[str, set]:
 @pytest.fixture
 def small(tmp_path, monkeypatch):
     raw = tmp_path / "raw"
-    generate(SynthConfig(patients=6, seed=11, image_size=48), raw)
+    generate(SynthConfig(patients=6, seed=11, source_rows=48), raw)
     monkeypatch.setenv("CXR_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CXR_RAW_DIR", str(raw))
     return raw, tmp_path / "home"
@@ -79,7 +79,7 @@ def test_new_data_is_requested_downstream_and_unchanged_data_is_not(small):
         assert "report_pairs" not in requested(built)  # the manifest was rebuilt with the same content
         before = partition_fingerprints(pl.read_parquet(home / "assets/manifest/manifest.parquet"))
 
-        generate(SynthConfig(patients=10, seed=11, image_size=48), small)  # new patients arrive
+        generate(SynthConfig(patients=10, seed=11, source_rows=48), small)  # new patients arrive
         observe.execute_in_process(instance=instance)
         changed = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=built.cursor)
         assert {"manifest", "manifest_rejects"} <= requested(changed).keys()

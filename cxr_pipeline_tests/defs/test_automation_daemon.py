@@ -95,7 +95,7 @@ def materialized(runs: list[dict]) -> Counter:
 def test_one_data_change_runs_each_asset_once_with_current_inputs(tmp_path):
     raw, home = tmp_path / "raw", tmp_path / "home"
     layout = Paths(home=home, raw=raw)
-    generate(SynthConfig(patients=8, seed=11, image_size=48), raw)
+    generate(SynthConfig(patients=8, seed=11, source_rows=48), raw)
     write_pipeline_config(layout, TINY, "test configuration")
     env = {
         **os.environ,
@@ -134,7 +134,7 @@ def test_one_data_change_runs_each_asset_once_with_current_inputs(tmp_path):
 
         # 2. new patients: each asset once, after its inputs
         before = partition_fingerprints(pl.read_parquet(layout.manifest))
-        generate(SynthConfig(patients=12, seed=11, image_size=48), raw)
+        generate(SynthConfig(patients=12, seed=11, source_rows=48), raw)
         observed = d.observe()
         runs = d.settle(known, 5 * INTERVAL, time.time() + 1500, tail)
         after = partition_fingerprints(pl.read_parquet(layout.manifest))
@@ -146,7 +146,10 @@ def test_one_data_change_runs_each_asset_once_with_current_inputs(tmp_path):
         expected.update({(k, p): 1 for p in changed for k in ("image_shards", "shard_rejects")})
         expected.update({("classifier", s): 1 for s in SLUGS})
         expected.update(
-            {(k, None): 1 for k in ("multilabel_classifier", "classifier_metrics", "classifier_predictions", "subgroup_metrics")}
+            {
+                (k, None): 1
+                for k in ("multilabel_classifier", "report_hints", "classifier_metrics", "classifier_predictions", "subgroup_metrics")
+            }
         )
         expected.update({(k, None): 1 for k in ("report_pairs", "report_adapter", "generated_reports", "report_metrics")})
         assert counts == expected, f"runs: {[(r['keys'], r['partition']) for r in runs]}"

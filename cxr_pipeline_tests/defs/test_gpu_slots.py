@@ -17,7 +17,7 @@ import dagster as dg
 from cxr_pipeline.defs.resources import Compute
 from cxr_pipeline.settings import paths
 with dg.build_resources({"compute": Compute(device="cuda")}) as r:
-    print(f"{time.time():.3f} {r.compute.torch_device(paths())}", flush=True)
+    print(f"{time.time():.3f} {r.compute.resolved(paths()).device}", flush=True)
     time.sleep(float(sys.argv[1]))
 """
 

@@ -137,15 +137,6 @@ def test_no_dicom_header_text_in_logs_or_tracking(env, cxr_home):
     assert not leaked
 
 
-def test_manifest_alone_can_be_selected(env):
-    defs = build_defs()
-    with dg.DagsterInstance.ephemeral() as instance:
-        job = defs.resolve_implicit_global_asset_job_def()
-        result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("manifest")])
-        assert result.success
-        assert [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()] == ["manifest"]
-
-
 def test_pipeline_yaml_is_every_run_s_configuration_and_run_config_overrides_it(env, cxr_home):
     from cxr_pipeline.settings import paths, write_pipeline_config
 
@@ -171,3 +162,56 @@ def test_pipeline_yaml_is_every_run_s_configuration_and_run_config_overrides_it(
         result = defs.resolve_job_def("manifest_job").execute_in_process(instance=instance, raise_on_error=False)
         failure = next(e for e in result.all_events if e.is_step_failure)
         assert "pipeline.yaml: manifest: unknown field(s) view" in failure.step_failure_data.error.message
+
+
+def test_manifest_alone_writes_and_records_its_rejects(env, cxr_home):
+    """Selecting only ``manifest`` (a catalog page's Materialize button, ``dagster asset materialize --select
+    manifest``) still writes the rejects beside it, and records them as materialized by the same run: every
+    planted bad row is in the rejects table, none is lost."""
+    import gzip
+    import os
+    import subprocess
+    import sys
+
+    rec_path = env / "cxr-record-list.csv.gz"
+    lines = gzip.decompress(rec_path.read_bytes()).decode().splitlines()
+    header, rows = lines[0].split(","), [r.split(",") for r in lines[1:]]
+    i_path, i_did = header.index("path"), header.index("dicom_id")
+    outside, missing = rows[0][i_did], rows[1][i_did]
+    rows[0][i_path] = "../../etc/passwd"
+    rows[1][i_path] = rows[1][i_path].replace(".dcm", ".missing.dcm")
+    rec_path.write_bytes(gzip.compress(("\n".join([",".join(header), *(",".join(r) for r in rows)]) + "\n").encode()))
+    from cxr_pipeline.settings import paths, write_pipeline_config
+
+    write_pipeline_config(paths(), {"manifest": {"views": [], "one_image_per_subject": False}}, "every image")  # no policy exclusion first
+
+    defs = build_defs()
+    with dg.DagsterInstance.ephemeral() as instance:
+        job = defs.resolve_implicit_global_asset_job_def()
+        result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("manifest")])
+        assert result.success
+        rejects = pl.read_parquet(cxr_home / "assets" / "manifest" / "manifest_rejects.parquet")
+        assert {outside, missing} <= set(rejects["dicom_id"])
+        recorded = instance.get_latest_materialization_event(dg.AssetKey("manifest_rejects"))
+        assert recorded is not None and recorded.run_id == result.run_id  # current, not stale
+        assert recorded.asset_materialization.metadata["dagster/row_count"].value == rejects.height
+        manifest_event = instance.get_latest_materialization_event(dg.AssetKey("manifest"))
+        assert (
+            manifest_event.asset_materialization.metadata["dagster/row_count"].value
+            == pl.read_parquet(cxr_home / "assets" / "manifest" / "manifest.parquet").height
+        )
+
+    # the command line, on a clean state
+    shutil.rmtree(cxr_home / "assets")
+    environ = {**os.environ, "CXR_RAW_DIR": str(env), "CXR_HOME": str(cxr_home), "DAGSTER_HOME": str(cxr_home / "dagster")}
+    (cxr_home / "dagster").mkdir(parents=True, exist_ok=True)
+    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
+    done = subprocess.run(
+        [dagster, "asset", "materialize", "-m", "cxr_pipeline.definitions", "--select", "manifest"],
+        env=environ,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rejects = pl.read_parquet(cxr_home / "assets" / "manifest" / "manifest_rejects.parquet")
+    assert {outside, missing} <= set(rejects["dicom_id"])

@@ -54,7 +54,7 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         import mlflow.pyfunc
         import numpy as np
 
-        from cxr_pipeline.data.shards import load_images
+        from cxr_pipeline.data.shard_reader import load_images
 
         monkeypatch.setenv("MLFLOW_TRACKING_URI", get_client()[1])  # as a user points MLflow at the pipeline's store
         loaded = mlflow.pyfunc.load_model("models:/cxr-support-devices@champion")
@@ -121,8 +121,13 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert rmats["report_adapter"].metadata["prompt_variant"].value == "instruction+classifier_findings"
         # training prompts carry out-of-fold hints from the multi-label model's 5 fold models
         assert rmats["report_adapter"].metadata["hint_source"].value == "multilabel_out_of_fold"
-        hints = pl.read_parquet(cxr_home / "assets" / "classifier" / "multilabel" / "hint_predictions.parquet")
+        hints = pl.read_parquet(mats["report_hints"].metadata["path"].value)  # one table, read by the adapter as one input
         assert set(hints.filter(pl.col("split") == "train")["source"]) == {"out_of_fold"}
+        assert mats["report_hints"].metadata["fold_models"].value == 5 and hints.height == m.height
+        thresholds = json.loads((cxr_home / "assets" / "classifier" / "multilabel" / "checkpoint" / "config.json").read_text())[
+            "thresholds"
+        ]
+        assert hints["threshold_support_devices"].unique().to_list() == [thresholds["support_devices"]]
         arun = client.get_run(rmats["report_adapter"].metadata["mlflow_run_id"].value)
         assert arun.data.params["base_model"].startswith("cxr-tiny-mllama") and "loss" in arun.data.metrics
         # every training and metrics run says what it read (MLflow dataset tracking)
@@ -179,6 +184,14 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
             ("adapter", "retrieval"),
             ("template", "retrieval"),
         }
+
+        # every column of every table says what it holds, in the catalog's column schema (cxr_pipeline.columns)
+        tables = ("manifest", "manifest_rejects", "classifier_metrics", "classifier_predictions", "report_hints", "subgroup_metrics")
+        for key in (*tables, "report_pairs", "generated_reports", "report_metrics"):
+            event = instance.get_latest_materialization_event(dg.AssetKey(key))
+            schema = event.asset_materialization.metadata["dagster/column_schema"].value
+            undescribed = [c.name for c in schema.columns if not c.description]
+            assert not undescribed and schema.columns, (key, undescribed)
 
         # without MIMIC-IV the audit runs empty and says why; the rest of the graph is untouched
         import shutil as sh

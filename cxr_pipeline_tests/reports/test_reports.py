@@ -47,7 +47,7 @@ def test_labeler_agrees_with_replica_labels(replica):
     import polars as pl
     from sklearn.metrics import f1_score
 
-    from cxr_pipeline.data.mimic import ReportReader, report_relpath
+    from cxr_pipeline.data.mimic_reports import ReportReader, report_relpath
     from cxr_pipeline.data.sections import parse_report
     from cxr_pipeline.labels import LABELS
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr_pipeline.reports import vlm
+from cxr_pipeline.reports import prompts, tiny_base, vlm
 
 TEXTS = ["The heart is enlarged. Small left pleural effusion.", "No acute cardiopulmonary process.", "No pneumothorax. Lungs are clear."]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return vlm.build_tiny_base(tmp_path_factory.mktemp("vlm") / "base", TEXTS * 20)
+    return tiny_base.build_tiny_base(tmp_path_factory.mktemp("vlm") / "base", TEXTS * 20)
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,15 @@ def processor(base):
 
 def examples(n, seed=0):
     rng = np.random.default_rng(seed)
-    return [{"image": (rng.random((64, 64)) * 255).astype(np.uint8), "prompt": vlm.user_prompt(), "report": TEXTS[i % 3]} for i in range(n)]
+    return [
+        {"image": (rng.random((64, 64)) * 255).astype(np.uint8), "prompt": prompts.user_prompt(), "report": TEXTS[i % 3]} for i in range(n)
+    ]
 
 
 def test_collator_puts_the_loss_on_report_tokens_only(processor):
     ex = examples(3)
     ex[1]["report"] = "Short."
-    batch = vlm.MllamaCollator(processor)(ex)
+    batch = prompts.MllamaCollator(processor)(ex)
     tok = processor.tokenizer
     ids, labels = batch["input_ids"], batch["labels"]
     assert batch["cross_attention_mask"].shape[:2] == ids.shape
@@ -39,17 +41,19 @@ def test_collator_puts_the_loss_on_report_tokens_only(processor):
         assert tok.decode(kept) == e["report"] + "<|eot_id|>"
     assert not (labels == processor.image_token_id).any()
     assert (labels[batch["attention_mask"] == 0] == -100).all()
-    truncated = vlm.MllamaCollator(processor, max_length=20)(ex)
+    truncated = prompts.MllamaCollator(processor, max_length=20)(ex)
     assert all(truncated[k].shape[1] == 20 for k in ("input_ids", "attention_mask", "labels", "cross_attention_mask"))
 
 
 def test_same_prompt_at_training_and_inference(processor):
-    train_text = processor.apply_chat_template(vlm.messages(vlm.user_prompt(), "X."))
-    infer_text = processor.apply_chat_template(vlm.messages(vlm.user_prompt()), add_generation_prompt=True)
-    assert train_text.startswith(infer_text) and vlm.INSTRUCTION in infer_text
-    hint = vlm.findings_hint({"Pleural Effusion": 0.91, "Edema": 0.2, "Cardiomegaly": 0.75})
+    train_text = processor.apply_chat_template(prompts.messages(prompts.user_prompt(), "X."))
+    infer_text = processor.apply_chat_template(prompts.messages(prompts.user_prompt()), add_generation_prompt=True)
+    assert train_text.startswith(infer_text) and prompts.INSTRUCTION in infer_text
+    hint = prompts.findings_hint({"Pleural Effusion": 0.91, "Edema": 0.2, "Cardiomegaly": 0.75})
     assert hint == "Classifier findings: pleural effusion 0.91, cardiomegaly 0.75"
-    assert vlm.user_prompt(hint).startswith(vlm.INSTRUCTION) and vlm.findings_hint({"Edema": 0.1}) == "Classifier findings: none"
+    assert (
+        prompts.user_prompt(hint).startswith(prompts.INSTRUCTION) and prompts.findings_hint({"Edema": 0.1}) == "Classifier findings: none"
+    )
 
 
 def test_tiny_qlora_lowers_loss_and_adapter_round_trips(base, tmp_path, capsys):
@@ -68,10 +72,10 @@ def test_tiny_qlora_lowers_loss_and_adapter_round_trips(base, tmp_path, capsys):
     model = PeftModel.from_pretrained(vlm.load_base(base, quantize=True), str(adapter))
     assert any("lora_A" in n for n, _ in model.named_parameters())
     ims = [e["image"] for e in examples(3, seed=1)]
-    a = vlm.generate_reports(base, adapter, ims, [vlm.user_prompt()] * 3, max_new_tokens=6)
-    b = vlm.generate_reports(base, adapter, ims, [vlm.user_prompt()] * 3, max_new_tokens=6, batch_size=2)
+    a = vlm.generate_reports(base, adapter, ims, [prompts.user_prompt()] * 3, max_new_tokens=6)
+    b = vlm.generate_reports(base, adapter, ims, [prompts.user_prompt()] * 3, max_new_tokens=6, batch_size=2)
     assert a == b and len(a) == 3  # deterministic, and batching does not change it
-    assert all("<|" not in t and vlm.INSTRUCTION not in t for t in a)  # only new tokens
+    assert all("<|" not in t and prompts.INSTRUCTION not in t for t in a)  # only new tokens
 
 
 def test_generation_loads_the_base_as_the_adapter_was_trained(base, tmp_path, monkeypatch):
@@ -91,7 +95,7 @@ def test_generation_loads_the_base_as_the_adapter_was_trained(base, tmp_path, mo
         return real(base_dir, quantize, device)
 
     monkeypatch.setattr(vlm, "load_base", spy)
-    vlm.generate_reports(base, adapter, [e["image"] for e in examples(1)], [vlm.user_prompt()], max_new_tokens=2, device="cpu")
+    vlm.generate_reports(base, adapter, [e["image"] for e in examples(1)], [prompts.user_prompt()], max_new_tokens=2, device="cpu")
     assert loads == [(False, torch.device("cpu"))]
 
 
@@ -111,7 +115,7 @@ def test_modules_trained_in_full_travel_with_the_adapter(base, tmp_path):
     original = next(v for n, v in params.items() if "multi_modal_projector" in n and n.endswith("weight")).detach()
     assert trained.shape == original.shape
     assert not torch.equal(trained.to(original.dtype), original)  # it was trained, not copied
-    out = vlm.generate_reports(base, adapter, [e["image"] for e in examples(1)], [vlm.user_prompt()], max_new_tokens=2, device="cpu")
+    out = vlm.generate_reports(base, adapter, [e["image"] for e in examples(1)], [prompts.user_prompt()], max_new_tokens=2, device="cpu")
     assert len(out) == 1
 
 
@@ -140,7 +144,7 @@ def test_one_bos_and_labels_on_the_reply_only_with_a_bos_adding_tokenizer(bos_pr
     tok = bos_processor.tokenizer
     bos = tok.convert_tokens_to_ids("<|begin_of_text|>")
     ex = examples(3)
-    batch = vlm.MllamaCollator(bos_processor)(ex)
+    batch = prompts.MllamaCollator(bos_processor)(ex)
     for i, e in enumerate(ex):
         ids = batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist()
         assert ids.count(bos) == 1 and ids[0] == bos
@@ -166,10 +170,10 @@ def test_the_image_reaches_the_text(base, processor):
     from transformers import MllamaForConditionalGeneration
 
     model = MllamaForConditionalGeneration.from_pretrained(str(base)).eval()
-    text = processor.apply_chat_template(vlm.messages(vlm.user_prompt()), add_generation_prompt=True)
+    text = processor.apply_chat_template(prompts.messages(prompts.user_prompt()), add_generation_prompt=True)
     logits = []
     for fill in (0, 255):
-        image = vlm.to_rgb(np.full((64, 64), fill, dtype=np.uint8))
+        image = prompts.to_rgb(np.full((64, 64), fill, dtype=np.uint8))
         batch = processor(images=[[image]], text=[text], return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             logits.append(model(**batch).logits[0, -1].float())
@@ -180,7 +184,7 @@ def test_hints_use_each_findings_own_threshold():
     probs = {"pleural_effusion": 0.30, "edema": 0.45, "cardiomegaly": 0.60}
     thresholds = {"pleural_effusion": 0.25, "edema": 0.50, "cardiomegaly": 0.70}
     # effusion is named at 0.30 (its threshold 0.25); edema and cardiomegaly are not, though 0.6 > 0.5
-    assert vlm.findings_hint(probs, thresholds) == "Classifier findings: pleural effusion 0.30"
+    assert prompts.findings_hint(probs, thresholds) == "Classifier findings: pleural effusion 0.30"
 
 
 def test_lr_schedule_reaches_the_trainer(base, tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr_pipeline.reports import vlm
+from cxr_pipeline.reports import prompts, tiny_base, vlm
 from cxr_pipeline.reports.llama_shape import LLAMA3_SPECIAL_IDS, PUBLISHED_11B, build_real_shape_base
 
 TEXTS = [
@@ -36,7 +36,8 @@ def processor(base):
 def examples(n: int, size: int = 96, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [
-        {"image": (rng.random((size, size)) * 255).astype(np.uint8), "prompt": vlm.user_prompt(), "report": TEXTS[i % 3]} for i in range(n)
+        {"image": (rng.random((size, size)) * 255).astype(np.uint8), "prompt": prompts.user_prompt(), "report": TEXTS[i % 3]}
+        for i in range(n)
     ]
 
 
@@ -58,14 +59,14 @@ def test_published_ids_tiles_and_head_dimensions(base, processor):
     from safetensors import safe_open
 
     with safe_open(str(next(base.glob("*.safetensors"))), "pt") as f:
-        gates = [f.get_tensor(k) for k in f.keys() if k.endswith(vlm.CROSS_ATTENTION_GATES)]
+        gates = [f.get_tensor(k) for k in f.keys() if k.endswith(tiny_base.CROSS_ATTENTION_GATES)]
     assert gates and all(float(g.abs().min()) > 0.5 for g in gates)  # open, as pretraining leaves them: the image reaches the text
 
 
 def test_one_bos_reply_only_labels_and_the_real_tile_dimension(processor):
     tok = processor.tokenizer
     ex = examples(3)
-    batch = vlm.MllamaCollator(processor)(ex)
+    batch = prompts.MllamaCollator(processor)(ex)
     for i, e in enumerate(ex):
         ids = batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist()
         assert ids.count(128000) == 1 and ids[0] == 128000
@@ -85,6 +86,6 @@ def test_a_4bit_qlora_step_and_batched_generation_on_the_cpu(base, tmp_path):
     assert len(losses) == 1 and np.isfinite(losses[0])
     assert vlm.read_adapter_card(adapter)["quantize"] is True
     ims = [e["image"] for e in examples(2, seed=1)]
-    out = vlm.generate_reports(base, adapter, ims, [vlm.user_prompt()] * 2, max_new_tokens=2, batch_size=2, device="cpu")
+    out = vlm.generate_reports(base, adapter, ims, [prompts.user_prompt()] * 2, max_new_tokens=2, batch_size=2, device="cpu")
     assert len(out) == 2
-    assert all(vlm.INSTRUCTION not in t and "assistant" not in t for t in out)  # the new tokens only
+    assert all(prompts.INSTRUCTION not in t and "assistant" not in t for t in out)  # the new tokens only

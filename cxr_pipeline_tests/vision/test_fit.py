@@ -9,8 +9,8 @@ import polars as pl
 import torch
 
 from cxr_pipeline.settings import Paths
-from cxr_pipeline.vision import fit
-from cxr_pipeline.vision.fit import ClassifierData, Split
+from cxr_pipeline.vision import fit, folds, multilabel, tables
+from cxr_pipeline.vision.splits import ClassifierData, Split
 from cxr_pipeline.vision.train import TrainConfig, TrainResult
 
 
@@ -43,8 +43,8 @@ def test_an_untrainable_label_leaves_no_model_from_an_earlier_run(tmp_path):
 def test_metrics_table_of_untrainable_labels_only_has_every_column(tmp_path):
     paths = Paths(home=tmp_path, raw=tmp_path / "raw")
     fit.record_untrainable(data(train_pos=0), paths.classifier("edema"))
-    table = fit.metrics_table(paths)
-    from cxr_pipeline.defs.classifier import METRICS_SHOWN
+    table = tables.metrics_table(paths)
+    from cxr_pipeline.defs.classifier_tables import METRICS_SHOWN
 
     shown = table.select(METRICS_SHOWN)  # raised ColumnNotFoundError before
     assert shown["test_labels"].to_list() == ["chexpert", "radiologist"]
@@ -116,7 +116,7 @@ def test_out_of_fold_hints_never_come_from_a_model_that_saw_the_image(monkeypatc
     y = torch.full((n, len(SLUGS)), float("nan"))
     y[:, 0] = torch.tensor([i % 2 for i in range(n)], dtype=torch.float32)
     val = Split(torch.zeros(4, 8, 8, dtype=torch.uint8), torch.zeros(4, len(SLUGS)), rows.head(0))
-    data = fit.MultilabelData(8, "ignore", "zeros", {"train": Split(images, y, rows), "validate": val})
+    data = multilabel.MultilabelData(8, "ignore", "zeros", {"train": Split(images, y, rows), "validate": val})
     seen_by = []
 
     def train(xtr, ytr, xva, yva, cfg, device, **k):
@@ -126,21 +126,21 @@ def test_out_of_fold_hints_never_come_from_a_model_that_saw_the_image(monkeypatc
     def predict(model, imgs, *a, **k):  # every output = the fold model's index
         return np.full((len(imgs), len(SLUGS)), float(model))
 
-    monkeypatch.setattr(fit, "train", train)
-    monkeypatch.setattr(fit, "predict", predict)
-    oof, trained_on = fit.fit_out_of_fold(data, TrainConfig(), torch.device("cpu"), k=5)
+    monkeypatch.setattr(folds, "train", train)
+    monkeypatch.setattr(folds, "predict", predict)
+    oof, trained_on = folds.fit_out_of_fold(data, TrainConfig(), torch.device("cpu"), k=5)
     assert sorted(oof["dicom_id"]) == sorted(ids)  # every training image, once
     for did, fold, model in oof.select("dicom_id", "fold", SLUGS[0]).iter_rows():
         assert did not in trained_on[fold]  # the bookkeeping
         assert int(did[1:]) not in seen_by[int(model)]  # the images the predicting model was really given
-    folds = dict(zip(oof["dicom_id"], oof["fold"], strict=True))
+    fold_of = dict(zip(oof["dicom_id"], oof["fold"], strict=True))
     for s in set(subjects):
-        assert len({folds[d] for d, sub in zip(ids, subjects, strict=True) if sub == s}) == 1
+        assert len({fold_of[d] for d, sub in zip(ids, subjects, strict=True) if sub == s}) == 1
     # the hint table: out-of-fold for training images, the final model's for the others
     every = pl.DataFrame({"dicom_id": [*ids, "t0"], "split": ["train"] * n + ["test"]}).with_columns(
         pl.lit(0.5, pl.Float32).alias(s) for s in SLUGS
     )
-    hints = fit.hint_predictions(oof, every)
+    hints = folds.hint_predictions(oof, every)
     assert hints.height == n + 1 and set(hints.filter(pl.col("split") == "train")["source"]) == {"out_of_fold"}
     assert hints.filter(pl.col("dicom_id") == "t0")["source"].to_list() == ["held_out"]
 

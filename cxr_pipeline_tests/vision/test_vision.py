@@ -298,7 +298,7 @@ def test_multilabel_training_learns_two_findings_with_missing_labels():
 
 def _as_shards(tmp_path, images: torch.Tensor, per_file: int = 50):
     """The tensor written as shard files (``per_file`` images each), opened as streamed images."""
-    from cxr_pipeline.data.shards import StreamedImages
+    from cxr_pipeline.data.shard_reader import StreamedImages
 
     n, size = images.shape[0], images.shape[1]
     (tmp_path / "p10").mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,160 @@
+"""What every column of every table asset means: one line each, declared once.
+
+The table IO manager attaches these to each materialization's column schema (the Columns panel of an
+asset in Dagster's catalog) and ``reference`` writes them into the generated reference page. A column
+family that repeats for every finding is one entry with ``{slug}`` in its name (the 14 CheXpert slugs
+of ``labels``) and ``{finding}`` in its text; the subgroup metrics and the report metrics have families
+of their own (``{metric}``, ``{system}``). A test materializes every table and fails on a column this
+module does not describe.
+"""
+
+from __future__ import annotations
+
+import re
+
+from cxr_pipeline.labels import LABEL_BY_SLUG
+
+_IDS = {
+    "dicom_id": "MIMIC-CXR's image id (the DICOM's file name)",
+    "subject_id": "the patient (MIMIC's subject_id)",
+    "study_id": "the radiology study (one report) the image belongs to",
+    "split": "train, validate or test: the official split, patients never in two",
+}
+
+_INTERVAL = {
+    "{metric}_lo": "lower end of the 95% patient-bootstrap interval of {metric}",
+    "{metric}_hi": "upper end of the 95% patient-bootstrap interval of {metric}",
+}
+
+TABLES: dict[str, dict[str, str]] = {
+    "manifest": {
+        **_IDS,
+        "path": "the image file relative to the dataset root (files/pNN/pSSSSSSSS/sTTTTTTTT/<dicom_id>.dcm)",
+        "view_position": "DICOM ViewPosition from the metadata CSV (PA, AP, LATERAL, ...)",
+        "study_datetime": "StudyDate + StudyTime of the metadata CSV (MIMIC's shifted dates)",
+        "label_source": "which automatic labeller the finding columns come from (chexpert or negbio)",
+        "{slug}": "{finding} from the automatic labeller: 1 positive, 0 negative, -1 uncertain, null not mentioned",
+        "radiologist_labelled": "the study is among the 687 test studies a radiologist labelled",
+        "radiologist_{slug}": "{finding} as the radiologist labelled it (same codes; null where not labelled)",
+        "findings": "the report's FINDINGS section (null when it has none)",
+        "impression": "the report's IMPRESSION section (null when it has none)",
+        "last_paragraph": "the report's last paragraph (the text used when neither section exists)",
+        "has_report": "a report was found for the study",
+    },
+    "manifest_rejects": {
+        "source": "the input file the row came from",
+        "line": "the row's line in that file (the header is line 1)",
+        "dicom_id": "the image id on that row, where it had one",
+        "subject_id": "the patient id on that row, as written",
+        "study_id": "the study id on that row, as written",
+        "reason": "why the row could not be used",
+    },
+    "classifier_metrics": {
+        "model": "per_pathology (one binary model per finding) or multilabel (one model, 14 outputs)",
+        "pathology": "the CheXpert finding",
+        "slug": "the finding's slug (column name elsewhere)",
+        "test_labels": "which test labels the row is scored on: the automatic labeller's, or radiologist",
+        "evaluable": "the test split has both classes, so the metrics exist",
+        "reason": "why the row is not evaluable or not trainable (empty otherwise)",
+        "n_test": "test images scored",
+        "n_pos": "test images with the finding",
+        "n_neg": "test images without it",
+        "threshold": "the operating point, chosen on the validation split",
+        "threshold_rule": "how the threshold was chosen (Youden's J on validation, or the fallback used)",
+        "{metric}": "{metric} on the test split at the validation-chosen threshold",
+        **_INTERVAL,
+        "bootstrap_unit": "what the bootstrap resamples: patients (all of a patient's images together) or images",
+        "bootstrap_skipped": "resamples skipped because they held only one class",
+        "val_roc_auc": "ROC-AUC on the validation split (what the registry's champion is chosen on)",
+        "best_epoch": "the epoch whose weights were kept (lowest validation loss)",
+        "epochs_run": "epochs trained (early stopping may end before the configured number)",
+        "train_seconds": "wall time of the training",
+        "uncertain_policy": "how uncertain (-1) labels were treated in training (ignore, zeros, ones)",
+        "blank_policy": "how blank labels were treated in training (ignore, zeros)",
+        "reference_auc": "the 2024 course project's AUC for the finding (the floor to beat)",
+    },
+    "classifier_predictions": {
+        "dicom_id": _IDS["dicom_id"],
+        "split": _IDS["split"],
+        "{slug}": "the per-pathology {finding} model's probability (null where it was not trained)",
+    },
+    "report_hints": {
+        "dicom_id": _IDS["dicom_id"],
+        "split": _IDS["split"],
+        "fold": "the fold model that scored a training image (null: the final multi-label model)",
+        "source": "out_of_fold (a fold model that never saw the image), held_out (the final model, other splits) or in_sample",
+        "{slug}": "probability of {finding} given to the report prompts and the retrieval baseline",
+        "threshold_{slug}": "the threshold the {finding} probability is read at (validation-chosen)",
+    },
+    "subgroup_metrics": {
+        "view": "the predictions audited: test (the test split) or train_out_of_fold (fold models over training patients)",
+        "labels": "the labels the view is scored on: the automatic labeller's, or radiologist",
+        "model": "per_pathology or multilabel",
+        "slug": "the finding",
+        "attribute": "sex, age_band, race_group or insurance (MIMIC-IV)",
+        "group": "the subgroup within the attribute",
+        "n_patients": "patients in the cell",
+        "n_images": "images in the cell",
+        "n_pos": "images with the finding in the cell",
+        "small_cell": "fewer patients than min_patients: no value is published for the cell",
+        "threshold": "the model's validation-chosen threshold the rates are read at",
+        "prevalence": "share of the cell's images with the finding",
+        "{metric}": "{metric} in the subgroup",
+        **_INTERVAL,
+    },
+    "report_pairs": {
+        **_IDS,
+        "path": "the image file relative to the dataset root",
+        "view_position": "DICOM ViewPosition",
+        "radiologist_{slug}": "{finding} as the radiologist labelled the study (null where not labelled)",
+        "text": "the target report text the adapter learns to write",
+        "text_source": "which part of the report the text is (findings, impression, or both)",
+        "words": "words in the text",
+    },
+    "generated_reports": {
+        **{k: v for k, v in _IDS.items() if k != "split"},
+        "reference": "the radiologist's report text (the target)",
+        "radiologist_{slug}": "{finding} as the radiologist labelled the study (null where not labelled)",
+        "{system}": "the report the {system} system wrote for the image",
+        "evaluation": "the evaluation's name: which text is the reference and how many test images",
+    },
+    "report_metrics": {
+        "system": "adapter, template or retrieval",
+        "test_labels": "the labels clinical efficacy is scored against: the labeller's on the reference, or radiologist",
+        "evaluation": "the evaluation's name: which text is the reference and how many test images",
+        "n": "reports scored",
+        "bootstrap_unit": "what the intervals resample: patients",
+        "{metric}": "{metric} of the system's reports against the references",
+        **_INTERVAL,
+    },
+}
+
+# the families' members: metric names as the tables spell them, and the report systems
+_METRIC = r"(?P<metric>[a-z][a-z0-9_]*?)"
+_SYSTEM = r"(?P<system>adapter|template|retrieval)"
+_SLUG = r"(?P<slug>" + "|".join(sorted(LABEL_BY_SLUG, key=len, reverse=True)) + ")"
+
+
+def _pattern(name: str) -> re.Pattern:
+    return re.compile(
+        "^" + re.escape(name).replace(r"\{slug\}", _SLUG).replace(r"\{metric\}", _METRIC).replace(r"\{system\}", _SYSTEM) + "$"
+    )
+
+
+def describe(table: str, column: str) -> str | None:
+    """One line on what ``column`` of ``table`` holds, or None when this module does not describe it.
+
+    An exact entry wins; then a finding family (``{slug}``), then the system and metric families
+    (a metric family matches any lower-case name, so it is tried last)."""
+    entries = TABLES.get(table, {})
+    if column in entries:
+        return entries[column]
+    families = sorted((k for k in entries if "{" in k), key=lambda k: ("{metric}" in k, "{system}" in k, -len(k)))
+    for name in families:
+        m = _pattern(name).match(column)
+        if m:
+            parts = m.groupdict()
+            if "slug" in parts:
+                parts["finding"] = LABEL_BY_SLUG[parts["slug"]]
+            return entries[name].format(**parts)
+    return None

@@ -1,0 +1,90 @@
+"""The classifiers' folders -> classifier_metrics and classifier_predictions: the tables every trained model
+contributes to (read by ``vision.tables``), tracked in MLflow."""
+
+import dagster as dg
+import polars as pl
+
+from cxr_pipeline.defs.classifier import classifiers_asset
+from cxr_pipeline.defs.keys import CLASSIFIER, CLASSIFIER_METRICS, CLASSIFIER_PREDICTIONS, MULTILABEL_CLASSIFIER
+from cxr_pipeline.defs.metadata import asset_metadata, table_metadata
+from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
+from cxr_pipeline.labels import slug
+from cxr_pipeline.settings import ClassifierSet
+
+METRICS_SHOWN = (
+    "model",
+    "pathology",
+    "test_labels",
+    "evaluable",
+    "n_pos",
+    "n_neg",
+    "roc_auc",
+    "roc_auc_lo",
+    "roc_auc_hi",
+    "average_precision",
+    "accuracy",
+    "f1",
+    "sensitivity",
+    "specificity",
+    "threshold",
+    "val_roc_auc",
+    "uncertain_policy",
+    "blank_policy",
+    "bootstrap_skipped",
+    "reference_auc",
+    "reason",
+)
+
+
+ALL_CLASSIFIERS_IN = {"classifier": dg.AssetIn(CLASSIFIER, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles")}
+
+
+@classifiers_asset(
+    CLASSIFIER_METRICS,
+    [MULTILABEL_CLASSIFIER],  # its folder is inside the classifiers' (read through the same handle)
+    "Model (per-pathology, multi-label) x pathology x accuracy / F1 / sensitivity / specificity / ROC-AUC / AP with 95% bootstrap CIs, "
+    "next to the 2024 seeds' AUC.",
+    {"polars", "parquet"},
+    ins=ALL_CLASSIFIERS_IN,
+)
+def classifier_metrics(
+    context: dg.AssetExecutionContext, classifier: ClassifierSet, mlflow: MlflowTracking, storage: CxrStorage
+) -> dg.Output:
+    from cxr_pipeline.vision.evaluate import save_curves
+    from cxr_pipeline.vision.tables import curves_of_test_split, metrics_table, test_scores_table
+
+    df = metrics_table(classifier)
+    if df.height == 0:
+        raise dg.Failure("no classifier partition has been materialized yet")
+    show, curves = df.select(METRICS_SHOWN), storage.paths.classifier_curves
+    with mlflow.run(context) as run:
+        run.log_datasets("classifier-test-scores", {"test": test_scores_table(classifier)}, storage.paths.classifier_metrics)
+        run.log_table(show, "classifier_metrics")
+        for r in show.filter(pl.col("evaluable")).iter_rows(named=True):
+            prefix = ("multilabel." if r["model"] == "multilabel" else "") + slug(r["pathology"])
+            prefix += ".radiologist" if r["test_labels"] == "radiologist" else ""
+            run.log_metrics({f"{prefix}.roc_auc": r["roc_auc"], f"{prefix}.f1": r["f1"]})
+        run.log_artifact(save_curves(curves_of_test_split(classifier, df["slug"].to_list()), curves, "All pathologies, test split"))
+    ev = show.filter(pl.col("evaluable") & (pl.col("test_labels") != "radiologist") & (pl.col("model") == "per_pathology"))
+    md = {"table": table_metadata(show.with_columns(pl.col(pl.Float64).round(4))), "pathologies": df.height, "evaluable": ev.height}
+    md.update(mean_roc_auc=float(ev["roc_auc"].mean()) if ev.height else float("nan"), roc_pr=dg.MetadataValue.path(str(curves)))
+    return dg.Output(df, metadata=asset_metadata(run, **md))
+
+
+@classifiers_asset(
+    CLASSIFIER_PREDICTIONS,
+    [],
+    "Per-image probability for each trained pathology (all splits; report generation uses the test split).",
+    {"polars", "parquet"},
+    ins=ALL_CLASSIFIERS_IN,
+)
+def classifier_predictions(context: dg.AssetExecutionContext, classifier: ClassifierSet, mlflow: MlflowTracking) -> dg.Output:
+    from cxr_pipeline.vision.tables import predictions_table
+
+    wide, done = predictions_table(classifier)
+    if wide is None:
+        raise dg.Failure("no classifier partition has been materialized yet")
+    context.log.info(f"predictions for {wide.height} images x {len(done)} pathologies")
+    with mlflow.run(context) as run:
+        run.log_metrics({"images": wide.height, "pathologies": len(done)})
+    return dg.Output(wide, metadata=asset_metadata(run, pathologies=dg.MetadataValue.json(done)))

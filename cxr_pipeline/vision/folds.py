@@ -1,0 +1,142 @@
+"""Out-of-fold predictions of the multi-label recipe: k fold models over the training patients, each applied
+to the fold it did not see, so that no training image's report hint comes from a model that saw it.
+Together with the final model's held-out predictions they make the report hints table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import polars as pl
+
+from cxr_pipeline.labels import SLUGS
+from cxr_pipeline.settings import ClassifierFiles
+from cxr_pipeline.vision.evaluate import stored_threshold
+from cxr_pipeline.vision.fit import EVAL_PRECISION
+from cxr_pipeline.vision.multilabel import MultilabelData
+from cxr_pipeline.vision.splits import RADIOLOGIST
+from cxr_pipeline.vision.train import TrainConfig, loader_workers, predict, train
+
+
+def assign_folds(rows: pl.DataFrame, k: int, seed: int = 0) -> pl.DataFrame:
+    """``rows`` (with ``subject_id``) with a ``fold`` column in 0..k-1: whole patients per fold, shuffled."""
+    import numpy as np
+
+    patients = rows["subject_id"].unique().sort().to_numpy()
+    order = np.random.default_rng(seed).permutation(len(patients))
+    fold_of = {p: int(i % k) for i, p in zip(order, patients, strict=True)}
+    return rows.with_columns(pl.col("subject_id").replace_strict(fold_of, return_dtype=pl.Int32).alias("fold"))
+
+
+def fit_out_of_fold(
+    data: MultilabelData, cfg: TrainConfig, device, k: int, log: Callable[[str], None] | None = None
+) -> tuple[pl.DataFrame, dict[int, set[str]]]:
+    """Out-of-fold probabilities for every training image: k multi-label models, each trained on the
+    training patients outside one fold (early stopping on the validation split) and applied to that
+    fold only, so no image's hint comes from a model that saw it. Returns (``dicom_id``, ``fold``,
+    one column per slug) and, per fold, the ids its model trained on (for the audit in the tests)."""
+    import numpy as np
+
+    sp = data.splits["train"]
+    rows = assign_folds(sp.rows, k, cfg.seed)
+    folds = rows["fold"].to_numpy()
+    parts, trained_on = [], {}
+    for f in range(k):
+        inside, outside = np.flatnonzero(folds == f), np.flatnonzero(folds != f)
+        if len(inside) == 0:
+            continue
+        if log:
+            log(f"out-of-fold model {f + 1}/{k}: trains on {len(outside)} images, predicts {len(inside)}")
+        val = data.splits["validate"]
+        res = train(sp.images.subset(outside), sp.targets[outside], val.images, val.targets, cfg, device)  # a view, not a copy
+        p = predict(
+            res.model, sp.images.subset(inside), device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg, device)
+        )
+        p = p.reshape(-1, len(SLUGS))
+        ids = rows["dicom_id"].to_numpy()
+        trained_on[f] = set(ids[outside].tolist())
+        part = pl.DataFrame({"dicom_id": ids[inside], "fold": np.full(len(inside), f, dtype=np.int32)})
+        parts.append(part.with_columns(pl.Series(s, p[:, j], dtype=pl.Float32) for j, s in enumerate(SLUGS)))
+    schema = {"dicom_id": pl.String, "fold": pl.Int32, **dict.fromkeys(SLUGS, pl.Float32)}
+    return (pl.concat(parts) if parts else pl.DataFrame(schema=schema)), trained_on
+
+
+def hint_predictions(oof: pl.DataFrame, all_predictions: pl.DataFrame) -> pl.DataFrame:
+    """The probabilities report prompts and retrieval use: out-of-fold for training images, the
+    final model's (out-of-sample) for every other split. ``source`` says which."""
+    other = all_predictions.filter(pl.col("split") != "train").with_columns(
+        pl.lit(None, pl.Int32).alias("fold"), pl.lit("held_out").alias("source")
+    )
+    train = oof.join(all_predictions.select("dicom_id", "split"), on="dicom_id", how="left").with_columns(
+        pl.lit("out_of_fold").alias("source")
+    )
+    cols = ["dicom_id", "split", "fold", "source", *SLUGS]
+    return pl.concat([train.select(cols), other.select(cols)]).sort("dicom_id")
+
+
+def threshold_column(slug: str) -> str:
+    """The hints table's column holding the threshold a finding's probability is read at."""
+    return f"threshold_{slug}"
+
+
+HINT_SCHEMA = {
+    "dicom_id": pl.String,
+    "split": pl.String,
+    "fold": pl.Int32,
+    "source": pl.String,
+    **dict.fromkeys(SLUGS, pl.Float32),
+    **{threshold_column(s): pl.Float64 for s in SLUGS},
+}
+
+
+@dataclass(frozen=True)
+class ReportHints:
+    """The report hints table and how it was made."""
+
+    table: pl.DataFrame  # HINT_SCHEMA: one row per manifest image with a shard
+    source: str  # multilabel_out_of_fold, or per_pathology_in_sample when no fold models are trained
+    folds: int  # fold models trained (0: none)
+
+    @property
+    def out_of_fold_images(self) -> int:
+        return int((self.table["source"] == "out_of_fold").sum())
+
+
+def report_hints(
+    cfg: TrainConfig,
+    device,
+    multilabel: ClassifierFiles,
+    predictions: pl.DataFrame,
+    metrics: pl.DataFrame,
+    load: Callable[[], MultilabelData],
+    log: Callable[[str], None] | None = None,
+) -> ReportHints:
+    """The classifier probabilities the report prompts and the retrieval baseline read, and the thresholds
+    they are read at, one row per image.
+
+    With ``cfg.oof_folds`` k > 1: the multi-label model's (``multilabel``: its files), out-of-fold for training
+    images (k fold models over the training patients, their data from ``load``: a hint never comes from a model
+    that saw the image, so training prompts are as good as test prompts, not better), the final model's for the
+    other splits, each finding read at the final model's validation-chosen threshold. Otherwise the
+    per-pathology ``predictions`` (the ``classifier_predictions`` table), in-sample on the training split and
+    named so, at the thresholds of the ``metrics`` table (``classifier_metrics``).
+    """
+    if cfg.oof_folds > 1:
+        final = pl.read_parquet(multilabel.predictions)
+        thresholds = json.loads((multilabel.checkpoint / "config.json").read_text())["thresholds"]
+        oof, _ = fit_out_of_fold(load(), cfg, device, cfg.oof_folds, log=log)
+        table = hint_predictions(oof, final).with_columns(pl.lit(float(thresholds[s])).alias(threshold_column(s)) for s in SLUGS)
+        return ReportHints(_hint_table(table), "multilabel_out_of_fold", cfg.oof_folds)
+    rows = metrics.filter((pl.col("model") == "per_pathology") & (pl.col("test_labels") != RADIOLOGIST))
+    thresholds = {r["slug"]: stored_threshold(r["threshold"]) for r in rows.iter_rows(named=True)}
+    in_sample = pl.when(pl.col("split") == "train").then(pl.lit("in_sample")).otherwise(pl.lit("held_out"))
+    table = predictions.with_columns(pl.lit(None, pl.Int32).alias("fold"), in_sample.alias("source"))
+    table = table.with_columns(pl.lit(thresholds.get(s), pl.Float64).alias(threshold_column(s)) for s in SLUGS)
+    return ReportHints(_hint_table(table), "per_pathology_in_sample", 0)
+
+
+def _hint_table(table: pl.DataFrame) -> pl.DataFrame:
+    """``table`` in ``HINT_SCHEMA`` (a finding no model was trained for: null), sorted by image."""
+    missing = [pl.lit(None, dtype).alias(c) for c, dtype in HINT_SCHEMA.items() if c not in table.columns]
+    return table.with_columns(missing).select(list(HINT_SCHEMA)).cast(HINT_SCHEMA).sort("dicom_id")
