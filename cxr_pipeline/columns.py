@@ -29,7 +29,7 @@ _INTERVAL = {
 TABLES: dict[str, dict[str, str]] = {
     "manifest": {
         **_IDS,
-        "path": "the image file relative to the dataset root (files/pNN/pSSSSSSSS/sTTTTTTTT/<dicom_id>.dcm)",
+        "path": "the image file relative to the dataset root (files/pNN/pSSSSSSSS/sTTTTTTTT/DICOM_ID.dcm)",
         "view_position": "DICOM ViewPosition from the metadata CSV (PA, AP, LATERAL, ...)",
         "study_datetime": "StudyDate + StudyTime of the metadata CSV (MIMIC's shifted dates)",
         "label_source": "which automatic labeller the finding columns come from (chexpert or negbio)",
@@ -106,6 +106,7 @@ TABLES: dict[str, dict[str, str]] = {
         **_IDS,
         "path": "the image file relative to the dataset root",
         "view_position": "DICOM ViewPosition",
+        "radiologist_labelled": "the study is among the test studies a radiologist labelled",
         "radiologist_{slug}": "{finding} as the radiologist labelled the study (null where not labelled)",
         "text": "the target report text the adapter learns to write",
         "text_source": "which part of the report the text is (findings, impression, or both)",
@@ -114,6 +115,7 @@ TABLES: dict[str, dict[str, str]] = {
     "generated_reports": {
         **{k: v for k, v in _IDS.items() if k != "split"},
         "reference": "the radiologist's report text (the target)",
+        "radiologist_labelled": "the study is among the test studies a radiologist labelled",
         "radiologist_{slug}": "{finding} as the radiologist labelled the study (null where not labelled)",
         "{system}": "the report the {system} system wrote for the image",
         "evaluation": "the evaluation's name: which text is the reference and how many test images",
@@ -123,14 +125,15 @@ TABLES: dict[str, dict[str, str]] = {
         "test_labels": "the labels clinical efficacy is scored against: the labeller's on the reference, or radiologist",
         "evaluation": "the evaluation's name: which text is the reference and how many test images",
         "n": "reports scored",
-        "bootstrap_unit": "what the intervals resample: patients",
+        "labeler": "the report labeler's version (clinical efficacy labels both sides with it)",
+        "ce_macro": "how the macro clinical-efficacy F1 treats a finding absent from both sides",
         "{metric}": "{metric} of the system's reports against the references",
         **_INTERVAL,
     },
 }
 
 # the families' members: metric names as the tables spell them, and the report systems
-_METRIC = r"(?P<metric>[a-z][a-z0-9_]*?)"
+_METRIC = r"(?P<metric>[A-Za-z][A-Za-z0-9_]*?)"
 _SYSTEM = r"(?P<system>adapter|template|retrieval)"
 _SLUG = r"(?P<slug>" + "|".join(sorted(LABEL_BY_SLUG, key=len, reverse=True)) + ")"
 
@@ -145,7 +148,7 @@ def describe(table: str, column: str) -> str | None:
     """One line on what ``column`` of ``table`` holds, or None when this module does not describe it.
 
     An exact entry wins; then a finding family (``{slug}``), then the system and metric families
-    (a metric family matches any lower-case name, so it is tried last)."""
+    (a metric family matches any name, so it is tried last)."""
     entries = TABLES.get(table, {})
     if column in entries:
         return entries[column]

@@ -1,11 +1,17 @@
 """One GPU per step: which devices the pipeline may use, and a lease on one of them for the life of a step.
 
-Dagster's ``gpu`` pool limits how many GPU steps run at once (its limit follows the device count,
-``defs.slots.sync_gpu_pool``), but it does not say *which* GPU a step may use: without more, every step
-would land on ``cuda:0``. So each GPU step leases one device here: an exclusive ``flock`` on
-``$CXR_HOME/locks/gpu-<id>.lock``, tried in device order. The kernel drops a lock when its process
-exits, however it exits (``kill -9``, the OOM killer), so a crashed step can never keep a device.
-A step that finds every device leased waits for one (the pool makes that rare: it admits N steps).
+On one host, Dagster's ``gpu`` pool limits how many GPU steps run at once (its limit follows the device
+count, ``defs.slots.sync_gpu_pool``), but it does not say *which* GPU a step may use: without more, every
+step would land on ``cuda:0``. So where there are several devices each GPU step leases one here: an
+exclusive ``flock`` on ``gpu-<id>.lock`` in a node-local folder (``lock_dir``: ``CXR_LOCK_DIR``, else the
+system's temporary folder; never ``CXR_HOME``, a volume a cluster shares, where every pod would queue
+behind the same ``gpu-0``), tried in device order. The kernel drops a lock when its process exits,
+however it exits (``kill -9``, the OOM killer), so a crashed step can never keep a device. A step that
+finds every device leased waits for one (the pool makes that rare: it admits N steps).
+
+The lease decides something only there. With one device there is nothing to choose; on a cluster
+(``CXR_EXECUTOR`` ``k8s``) the engine gave the step its device (the pod's ``nvidia.com/gpu``), so the
+step uses the first device it sees and takes no lock.
 
 ``CXR_GPUS`` names the devices: a count (``4``: ``0..3``) or a list of CUDA ordinals (``0,2,5``);
 empty: every device torch sees. On a CPU host it simulates a device list (the tests run two
@@ -21,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr_pipeline.settings import env
+from cxr_pipeline.settings import cluster_executor, env
 
 
 def gpu_ids() -> list[int]:
@@ -62,16 +68,28 @@ class Lease:
             self.fd = None
 
 
-def lease(lock_dir: Path, wait_s: float = 24 * 3600, say: Callable[[str], None] | None = None, poll_s: float = 1.0) -> Lease:
-    """Lease the first free device of ``gpu_ids()``, waiting (up to ``wait_s``) while all are leased."""
+def lock_dir() -> Path:
+    """Where the device locks live: node-local (``CXR_LOCK_DIR``, else the system's temporary folder)."""
+    import tempfile
+
+    return Path(env("CXR_LOCK_DIR") or Path(tempfile.gettempdir()) / "cxr_pipeline-gpu-locks")
+
+
+def lease(locks: Path | None = None, wait_s: float = 24 * 3600, say: Callable[[str], None] | None = None, poll_s: float = 1.0) -> Lease:
+    """Lease the first free device of ``gpu_ids()`` (locks in ``locks``, default ``lock_dir()``), waiting (up to
+    ``wait_s``) while all are leased; no lock where there is nothing to decide (no device, one device, or a
+    cluster engine that gave the step its device)."""
     ids = gpu_ids()
     if not ids:
         return Lease(None)
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    if len(ids) == 1 or cluster_executor():
+        return Lease(ids[0] if len(ids) == 1 else 0)
+    lock_dir_ = locks or lock_dir()
+    lock_dir_.mkdir(parents=True, exist_ok=True)
     deadline, told = time.monotonic() + wait_s, False
     while True:
         for i in ids:
-            fd = os.open(lock_dir / f"gpu-{i}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock_dir_ / f"gpu-{i}.lock", os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -81,7 +99,7 @@ def lease(lock_dir: Path, wait_s: float = 24 * 3600, say: Callable[[str], None] 
             os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking
             return Lease(i, fd)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no free GPU among {ids} after {wait_s:.0f} s (locks in {lock_dir})")
+            raise TimeoutError(f"no free GPU among {ids} after {wait_s:.0f} s (locks in {lock_dir_})")
         if say and not told:
             say(f"every GPU of {ids} is leased; waiting for one")
             told = True

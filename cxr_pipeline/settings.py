@@ -57,7 +57,28 @@ ENVIRONMENT: dict[str, EnvVar] = {
             "the GPUs the pipeline may use: a count (`4`) or CUDA ordinals (`0,2,5`); GPU steps run that many at once, one device"
             " each; empty: every GPU torch sees (on a host without one: one step at a time)",
         ),
-        EnvVar("CXR_EXECUTOR", "", "`k8s`: one Kubernetes pod per step; `in_process`: steps in the run's process; empty: multiprocess"),
+        EnvVar(
+            "CXR_EXECUTOR",
+            "",
+            "`k8s`: one Kubernetes pod per step (the deployment owns the `gpu` pool's limit); `in_process`: steps in the run's"
+            " process; empty: multiprocess on one host",
+        ),
+        EnvVar(
+            "CXR_LOCK_DIR",
+            "",
+            "node-local folder of the GPU device locks on one host with several GPUs (never a shared volume); empty:"
+            " `cxr_pipeline-gpu-locks` in the system's temporary folder",
+        ),
+        EnvVar(
+            "CXR_K8S_GPU_TOLERATIONS",
+            '[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]',
+            "JSON list: the tolerations of a GPU step's pod (GPU node pools are usually tainted; NVIDIA's taint by default)",
+        ),
+        EnvVar(
+            "CXR_K8S_GPU_NODE_SELECTOR",
+            '{"nvidia.com/gpu.present": "true"}',
+            "JSON object: the node selector of a GPU step's pod (NVIDIA GPU feature discovery's label by default; `{}`: none)",
+        ),
         EnvVar("CXR_MLFLOW_UI", "http://127.0.0.1:5000", "where run links point when tracking to a database (the MLflow UI's address)"),
         EnvVar("CXR_CACHE", "", "cache of fetched test material (the IU X-ray reports); empty: `~/.cache/cxr_pipeline`"),
     )
@@ -65,13 +86,31 @@ ENVIRONMENT: dict[str, EnvVar] = {
 
 
 def usable_cpus() -> int:
-    """The CPU cores this process may run on: its affinity (``taskset``, a container's cpuset), which
-    ``os.cpu_count()`` overstates for a pinned process; torch threads and worker pools sized by the
-    machine's count would oversubscribe the cores they were given (OpenMP threads then spin-wait)."""
+    """The CPU cores this process may run on: its affinity (``taskset``, a container's cpuset), capped by a
+    container's CPU quota (cgroup v2 ``cpu.max``: a Kubernetes pod's CPU limit), both of which
+    ``os.cpu_count()`` overstates; torch threads and worker pools sized by the machine's count would
+    oversubscribe the cores they were given (OpenMP threads then spin-wait)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(n, quota) if quota else n)
+
+
+def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """The cgroup v2 CPU limit in whole cores (rounded up), or None where there is none."""
+    try:
+        quota, period = open(path).read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else -(-int(quota) // int(period))
+
+
+def cluster_executor() -> bool:
+    """Whether steps run on a cluster engine (``CXR_EXECUTOR`` ``k8s``): the engine places each step and gives it
+    its device, and the deployment, not the code, owns the ``gpu`` pool's limit."""
+    return env("CXR_EXECUTOR") in ("k8s", "ray")
 
 
 def env(name: str) -> str:

@@ -9,13 +9,14 @@ folders are ``defs.classifier_tables``.
 import dagster as dg
 import polars as pl
 
+from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.io import ShardSet
 from cxr_pipeline.defs.keys import CLASSIFIER, IMAGE_SHARDS
 from cxr_pipeline.defs.manifest import MANIFEST_IN
 from cxr_pipeline.defs.metadata import asset_metadata, inline_png, resolved_metadata
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
-from cxr_pipeline.defs.specs import asset_factory, every_partition_of, gpu_asset
+from cxr_pipeline.defs.specs import asset_factory, every_partition_of
 from cxr_pipeline.fields import params
 from cxr_pipeline.labels import SLUGS
 from cxr_pipeline.settings import ClassifierFiles
@@ -136,7 +137,7 @@ def epoch_logger(run: TrackedRun):
     {"pytorch", "safetensors"},
     partitions_def=label_partitions,
     ins=TRAINING_INPUTS,
-    **gpu_asset(),
+    **needs.CNN.asset_args(),
 )
 def classifier(
     context: dg.AssetExecutionContext,

@@ -4,6 +4,7 @@ contributes to (read by ``vision.tables``), tracked in MLflow."""
 import dagster as dg
 import polars as pl
 
+from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.classifier import classifiers_asset
 from cxr_pipeline.defs.keys import CLASSIFIER, CLASSIFIER_METRICS, CLASSIFIER_PREDICTIONS, MULTILABEL_CLASSIFIER
 from cxr_pipeline.defs.metadata import asset_metadata, table_metadata
@@ -46,6 +47,7 @@ ALL_CLASSIFIERS_IN = {"classifier": dg.AssetIn(CLASSIFIER, partition_mapping=dg.
     "next to the 2024 seeds' AUC.",
     {"polars", "parquet"},
     ins=ALL_CLASSIFIERS_IN,
+    **needs.TABLE.asset_args(),
 )
 def classifier_metrics(
     context: dg.AssetExecutionContext, classifier: ClassifierSet, mlflow: MlflowTracking, storage: CxrStorage
@@ -77,6 +79,7 @@ def classifier_metrics(
     "Per-image probability for each trained pathology (all splits; report generation uses the test split).",
     {"polars", "parquet"},
     ins=ALL_CLASSIFIERS_IN,
+    **needs.TABLE.asset_args(),
 )
 def classifier_predictions(context: dg.AssetExecutionContext, classifier: ClassifierSet, mlflow: MlflowTracking) -> dg.Output:
     from cxr_pipeline.vision.tables import predictions_table

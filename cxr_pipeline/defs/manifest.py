@@ -6,6 +6,7 @@ import polars as pl
 from cxr_pipeline.data.csvs import DatasetError
 from cxr_pipeline.data.mimic import RADIOLOGIST_COLUMNS, ManifestPolicy, ManifestResult, build_manifest
 from cxr_pipeline.data.shards import partition_fingerprints
+from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.history import upstream_data_version
 from cxr_pipeline.defs.io import write_table
 from cxr_pipeline.defs.keys import MANIFEST, MANIFEST_REJECTS, RAW
@@ -42,6 +43,7 @@ ManifestConfig = dagster_config(MANIFEST, "ManifestConfig")
     # Either key may be selected (a catalog page's Materialize button, ``--select manifest``): one build
     # makes both tables and both are written and recorded, so a manifest never stands beside stale rejects.
     can_subset=True,
+    op_tags=needs.MANIFEST.tags(),
 )
 def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, storage: CxrStorage, mlflow: MlflowTracking):
     policy: ManifestPolicy = run_settings(context, storage.paths)

@@ -12,6 +12,7 @@ import math
 import dagster as dg
 import polars as pl
 
+from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.classifier import (
     MODEL_ARTIFACT,
     TRAINING_INPUTS,
@@ -27,7 +28,6 @@ from cxr_pipeline.defs.keys import CLASSIFIER_METRICS, CLASSIFIER_PREDICTIONS, M
 from cxr_pipeline.defs.metadata import asset_metadata, resolved_metadata
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
-from cxr_pipeline.defs.specs import gpu_asset
 from cxr_pipeline.fields import params
 from cxr_pipeline.labels import SLUGS
 from cxr_pipeline.settings import ClassifierFiles
@@ -51,7 +51,7 @@ def _split_counts(data) -> dict[str, int]:
     "policy, the per-pathology recipe (pipeline.yaml's classifier section), each label evaluated like a per-pathology model.",
     {"pytorch", "safetensors"},
     ins=TRAINING_INPUTS,
-    **gpu_asset(),
+    **needs.CNN.asset_args(),
 )
 def multilabel_classifier(
     context: dg.AssetExecutionContext,
@@ -125,7 +125,7 @@ def _register_multilabel(run: TrackedRun, data, rows: list[dict]) -> dict:
         "classifier_predictions": dg.AssetIn(CLASSIFIER_PREDICTIONS),
         "classifier_metrics": dg.AssetIn(CLASSIFIER_METRICS),
     },
-    **gpu_asset(),
+    **needs.CNN.asset_args(),
 )
 def report_hints(
     context: dg.AssetExecutionContext,

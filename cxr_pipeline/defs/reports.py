@@ -10,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.io import Adapter, ShardSet
 from cxr_pipeline.defs.keys import GENERATED_REPORTS, REPORT_ADAPTER, REPORT_HINTS, REPORT_METRICS, REPORT_PAIRS
 from cxr_pipeline.defs.manifest import MANIFEST_IN
@@ -17,7 +18,7 @@ from cxr_pipeline.defs.metadata import asset_metadata, resolved_metadata, table_
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
 from cxr_pipeline.defs.shards import ALL_SHARDS_IN
-from cxr_pipeline.defs.specs import asset_factory, gpu_asset
+from cxr_pipeline.defs.specs import asset_factory
 from cxr_pipeline.fields import params
 from cxr_pipeline.files import write_parquet
 from cxr_pipeline.reports.generate import SYSTEMS
@@ -39,6 +40,7 @@ GenerateConfig = dagster_config(GENERATED_REPORTS, "GenerateConfig")
     "Image reference + target report text per manifest image, in the manifest's patient-level split (a study never spans two splits).",
     {"polars", "parquet"},
     ins={"manifest": MANIFEST_IN},
+    **needs.TABLE.asset_args(),
 )
 def report_pairs(
     context: dg.AssetExecutionContext, manifest: pl.DataFrame, config: PairsConfig, storage: CxrStorage, mlflow: MlflowTracking
@@ -71,7 +73,7 @@ def _log_pairs(run, rows: pl.DataFrame, prompts: list[str], size: int, context: 
     "QLoRA adapter (4-bit NF4 base, LoRA on the language model's attention incl. cross-attention and MLP) that writes a report from an image.",
     {"pytorch", "peft"},
     ins={"report_pairs": dg.AssetIn(REPORT_PAIRS), "image_shards": ALL_SHARDS_IN, "report_hints": dg.AssetIn(REPORT_HINTS)},
-    **gpu_asset(),
+    **needs.VLM.asset_args(),
 )
 def report_adapter(
     context: dg.AssetExecutionContext,
@@ -137,7 +139,7 @@ def _adapter_metadata(res: dict, paths, variant: str, hint_source: str, n_pairs:
         "image_shards": ALL_SHARDS_IN,
         "report_hints": dg.AssetIn(REPORT_HINTS),
     },
-    **gpu_asset(),
+    **needs.VLM.asset_args(),
 )
 def generated_reports(
     context: dg.AssetExecutionContext,
@@ -175,6 +177,7 @@ def generated_reports(
     [],
     "System x BLEU-1..4 / METEOR / ROUGE-L / CIDEr (pycocoevalcap) and clinical-efficacy P/R/F1 from the report labeler.",
     {"polars", "parquet"},
+    **needs.TABLE.asset_args(),
 )
 def report_metrics(
     context: dg.AssetExecutionContext, generated_reports: pl.DataFrame, storage: CxrStorage, mlflow: MlflowTracking

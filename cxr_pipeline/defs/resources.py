@@ -12,6 +12,7 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from cxr_pipeline import __version__
+from cxr_pipeline.defs.run_config import section_model
 from cxr_pipeline.settings import Paths, paths, read_pipeline_config
 from cxr_pipeline.tracking import TrackedRun, tracked_run
 
@@ -139,7 +140,15 @@ class Hardware:
 
     settings: Any  # config.ComputeSettings, every auto worked out
     device: Any  # torch.device
-    description: str
+
+    @property
+    def description(self) -> str:
+        """The device as a log line says it: the GPU's name, or the CPU threads torch uses."""
+        import torch
+
+        if self.device.type == "cuda":
+            return f"cuda: {torch.cuda.get_device_name(self.device)}"
+        return f"cpu: {torch.get_num_threads()} threads"
 
     @property
     def params(self) -> dict[str, str]:
@@ -154,9 +163,10 @@ class _Compute(dg.ConfigurableResource):
     resolved once per step (``resolved``: ``auto`` is CUDA when present, else the CPU); a field set in a run's
     resource config overrides the file for that run.
 
-    For the life of a step it holds a lease on one GPU (``devices.lease``: on a machine with N GPUs the
-    ``gpu`` pool admits N steps and each is given its own device), and it records the run's worker
-    process so that a run killed mid-step gives its pool slot back (``defs.slots``)."""
+    For the life of a step it holds a lease on one GPU where that decides something (``devices.lease``: on
+    one machine with N GPUs the ``gpu`` pool admits N steps and each is given its own device; on a cluster
+    the engine gives the step its device), and it records the run's worker process so that a run killed
+    mid-step gives its pool slot back (``defs.slots``)."""
 
     _lease: Any = PrivateAttr(default=None)
     _resolved: Any = PrivateAttr(default=None)
@@ -168,7 +178,7 @@ class _Compute(dg.ConfigurableResource):
 
         if context.instance is not None and context.run_id:
             record_run_worker(context.instance, context.run_id)
-        held = lease(paths().home / "locks", say=context.log.info if context.log else None)
+        held = lease(say=context.log.info if context.log else None)
         self._lease, self._resolved = held, None  # resolved again for each run (pipeline.yaml may have changed)
         if held.ordinal is not None and context.log:
             context.log.info(f"leased GPU slot {held.ordinal}")
@@ -195,22 +205,8 @@ class _Compute(dg.ConfigurableResource):
         except ConfigError as e:
             raise dg.Failure(str(e)) from None
         torch.set_num_threads(s.threads)
-        dev = torch.device(self._lease.device(s.device) if self._lease is not None else s.device)
-        described = f"cuda: {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else f"cpu: {torch.get_num_threads()} threads"
-        return Hardware(s, dev, described)
+        return Hardware(s, torch.device(self._lease.device(s.device) if self._lease is not None else s.device))
 
 
-def _compute_resource() -> type[_Compute]:
-    """``Compute`` with one optional field per ``ComputeSettings`` field (null: as ``pipeline.yaml`` says)."""
-    import typing
-
-    import pydantic
-
-    from cxr_pipeline.config import ComputeSettings, field_docs
-
-    hints = typing.get_type_hints(ComputeSettings)
-    fields = {d.name: (hints[d.name] | None, pydantic.Field(default=None, description=d.doc)) for d in field_docs("compute")}
-    return pydantic.create_model("Compute", __base__=_Compute, **fields)
-
-
-Compute = _compute_resource()
+# ``Compute`` with one optional field per ``ComputeSettings`` field (null: as ``pipeline.yaml`` says)
+Compute = section_model("compute", "Compute", _Compute, optional=True)

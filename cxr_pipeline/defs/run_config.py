@@ -9,10 +9,10 @@ import dagster as dg
 from cxr_pipeline.settings import Paths
 
 
-def dagster_config(section: str, name: str) -> type[dg.Config]:
-    """The Dagster run config of an asset, generated from its ``pipeline.yaml`` section's dataclass
-    (``cxr_pipeline.config``): same fields, types, defaults and descriptions, so the launchpad and
-    ``dagster asset materialize --config`` accept exactly what ``pipeline.yaml`` does, with no second list."""
+def section_model(section: str, name: str, base: type, *, optional: bool = False, doc: str | None = None) -> type:
+    """A pydantic model (a Dagster config class or a resource) with one field per field of a ``pipeline.yaml``
+    section's dataclass (``cxr_pipeline.config``): same names, types, defaults and descriptions. ``optional``:
+    every field defaults to null, meaning "as ``pipeline.yaml`` says" (a resource's overrides)."""
     import typing
 
     import pydantic
@@ -21,17 +21,23 @@ def dagster_config(section: str, name: str) -> type[dg.Config]:
 
     hints = typing.get_type_hints(sections()[section])
 
-    def dagster_type(t):  # Dagster config has lists, not tuples
-        if typing.get_origin(t) is tuple:
-            return list[typing.get_args(t)[0]]
-        return t
+    def field(d):
+        t = hints[d.name]
+        if typing.get_origin(t) is tuple:  # Dagster config has lists, not tuples
+            t = list[typing.get_args(t)[0]]
+        if optional:
+            return t | None, pydantic.Field(default=None, description=d.doc)
+        return t, pydantic.Field(default=d.default, description=_field_description(d))
 
-    fields = {
-        d.name: (dagster_type(hints[d.name]), pydantic.Field(default=d.default, description=_field_description(d)))
-        for d in field_docs(section)
-    }
+    return pydantic.create_model(name, __base__=base, __doc__=doc or base.__doc__, **{d.name: field(d) for d in field_docs(section)})
+
+
+def dagster_config(section: str, name: str) -> type[dg.Config]:
+    """The Dagster run config of an asset, generated from its ``pipeline.yaml`` section's dataclass, so the
+    launchpad and ``dagster asset materialize --config`` accept exactly what ``pipeline.yaml`` does, with no
+    second list."""
     doc = f"``pipeline.yaml`` section ``{section}``: this run's own values override the file's, field by field."
-    return pydantic.create_model(name, __base__=dg.Config, __doc__=doc, **fields)
+    return section_model(section, name, dg.Config, doc=doc)
 
 
 def _field_description(d) -> str:

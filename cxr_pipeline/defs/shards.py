@@ -5,6 +5,7 @@ import polars as pl
 
 from cxr_pipeline.data.shard_reader import INDEX, PARTITIONS, gather, read_index
 from cxr_pipeline.data.shards import REJECTS, PartitionBuild, ShardSettings, build_partition_sizes, partition_column
+from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.history import upstream_data_version
 from cxr_pipeline.defs.keys import IMAGE_SHARDS, MANIFEST, SHARD_REJECTS
 from cxr_pipeline.defs.manifest import MANIFEST_IN
@@ -13,7 +14,7 @@ from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
 from cxr_pipeline.defs.specs import asset_specs, selected_keys
 from cxr_pipeline.fields import params
-from cxr_pipeline.settings import Paths
+from cxr_pipeline.settings import Paths, paths
 from cxr_pipeline.tracking import TrackedRun
 
 SHARDS_CODE_VERSION = "1"
@@ -23,6 +24,20 @@ ALL_SHARDS_IN = dg.AssetIn(IMAGE_SHARDS, partition_mapping=dg.AllPartitionMappin
 
 
 ShardConfig = dagster_config(IMAGE_SHARDS, "ShardConfig")
+DEFAULT_SHARD_CPUS = 4  # what a shard step asks a cluster for when pipeline.yaml leaves image_shards.workers null
+
+
+def requested_workers() -> int:
+    """The decode processes a shard step runs, as a cluster pod is sized for them: ``image_shards.workers`` when
+    ``pipeline.yaml`` sets it, else ``DEFAULT_SHARD_CPUS`` (the step's auto then finds that many: its CPU
+    limit equals its request, ``settings.usable_cpus``)."""
+    from cxr_pipeline.config import load
+    from cxr_pipeline.fields import ConfigError
+
+    try:
+        return load(paths(), IMAGE_SHARDS).workers or DEFAULT_SHARD_CPUS
+    except (ConfigError, OSError, ValueError):  # a broken file fails the run itself, naming it
+        return DEFAULT_SHARD_CPUS
 
 
 def _progress(context: dg.AssetExecutionContext, part: str):
@@ -53,6 +68,7 @@ def _progress(context: dg.AssetExecutionContext, part: str):
     partitions_def=partitions_def,
     ins={"manifest": MANIFEST_IN},
     can_subset=True,
+    op_tags=needs.shards(requested_workers()).tags(),
 )
 def image_shards(
     context: dg.AssetExecutionContext, manifest: pl.DataFrame, config: ShardConfig, storage: CxrStorage, mlflow: MlflowTracking

@@ -1,4 +1,7 @@
-"""GPU pool slots: the limit follows the device count, and a run whose worker is gone gives its slots back.
+"""GPU pool slots: on one host the limit follows the device count, and a run whose worker is gone gives its
+slots back. On a cluster (``CXR_EXECUTOR`` ``k8s``) the deployment owns the limit and the code never writes it:
+every process that loads the code there (the code server, each step's pod, the daemon's sensor) sees no GPU
+or one, and would set the limit of the whole cluster to 1.
 
 Dagster frees a run's pool slots once the run is over (``run_monitoring.free_slots_after_run_end_seconds``),
 but a run whose worker process was killed (``kill -9``, the OOM killer) is never over: nobody is left
@@ -53,10 +56,14 @@ def worker_gone(tag: str) -> bool:
         return True
 
 
-def sync_gpu_pool(instance: dg.DagsterInstance) -> int:
-    """Set the ``gpu`` pool's limit to the devices the pipeline may use (``devices.gpu_slots``); returns it."""
+def sync_gpu_pool(instance: dg.DagsterInstance) -> int | None:
+    """On one host, set the ``gpu`` pool's limit to the devices the pipeline may use (``devices.gpu_slots``) and
+    return it; on a cluster leave the deployment's limit alone and return None."""
     from cxr_pipeline.devices import gpu_slots
+    from cxr_pipeline.settings import cluster_executor
 
+    if cluster_executor():
+        return None
     n = gpu_slots()
     storage = instance.event_log_storage
     if storage.get_concurrency_info(GPU_POOL).slot_count != n:
@@ -96,7 +103,7 @@ def release_dead_runs(instance: dg.DagsterInstance, log=None) -> list[str]:
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Every 30 s: runs whose worker process is gone are marked failed and their GPU pool slots freed; "
-    "the gpu pool's limit is kept at the device count.",
+    "on one host the gpu pool's limit is kept at the device count (on a cluster the deployment sets it).",
 )
 def dead_run_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
     sync_gpu_pool(context.instance)

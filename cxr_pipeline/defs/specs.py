@@ -1,5 +1,5 @@
 """How assets are declared: one decorator per group, the specs of multi-assets computed together, the
-dependency on every partition, the selected keys of a subset run, and what a GPU step asks for."""
+dependency on every partition, the selected keys of a subset run, (what a step asks for is ``defs.needs``)."""
 
 from collections.abc import Mapping
 from typing import Any
@@ -47,12 +47,3 @@ def every_partition_of(key: str) -> dg.AssetDep:
 def selected_keys(context: dg.AssetExecutionContext) -> set[str]:
     """The asset keys this step was asked for (a multi-asset may be subset)."""
     return {k.to_user_string() for k in context.selected_asset_keys}
-
-
-# On Kubernetes (docker/helm/values.yaml) the step pod of a GPU asset asks for one GPU.
-GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
-
-
-def gpu_asset() -> dict[str, Any]:
-    """Decorator arguments of every GPU asset: the ``gpu`` pool, the GPU request on Kubernetes, one retry."""
-    return {"pool": "gpu", "op_tags": GPU_TAGS, "retry_policy": dg.RetryPolicy(max_retries=1, delay=10)}

@@ -10,6 +10,7 @@ import dagster as dg
 import polars as pl
 
 from cxr_pipeline.data.demographics import files, missing_reason
+from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.classifier import classifiers_asset
 from cxr_pipeline.defs.classifier_tables import ALL_CLASSIFIERS_IN
 from cxr_pipeline.defs.keys import CLASSIFIER_METRICS, MIMIC_IV, MULTILABEL_CLASSIFIER, REPORT_HINTS, SUBGROUP_METRICS
@@ -64,6 +65,7 @@ SubgroupConfig = dagster_config(SUBGROUP_METRICS, "SubgroupConfig")
         "classifier_metrics": dg.AssetIn(CLASSIFIER_METRICS),
         "report_hints": dg.AssetIn(REPORT_HINTS),
     },
+    **needs.TABLE.asset_args(),
 )
 def subgroup_metrics(
     context: dg.AssetExecutionContext,

@@ -26,8 +26,9 @@ def _step(hold_s: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", STEP, str(hold_s)], stdout=subprocess.PIPE, text=True, env={**os.environ})
 
 
-def test_concurrent_gpu_steps_are_given_different_devices_and_a_third_waits(cxr_home, monkeypatch):
+def test_concurrent_gpu_steps_are_given_different_devices_and_a_third_waits(cxr_home, monkeypatch, tmp_path):
     monkeypatch.setenv("CXR_GPUS", "2")
+    monkeypatch.setenv("CXR_LOCK_DIR", str(tmp_path / "locks"))
     first, second = _step(6), _step(6)
     time.sleep(2)  # both hold their device
     started = time.time()
@@ -39,8 +40,9 @@ def test_concurrent_gpu_steps_are_given_different_devices_and_a_third_waits(cxr_
     assert outs[2][1] in ("cuda:0", "cuda:1")
 
 
-def test_a_killed_step_never_keeps_its_device(cxr_home, monkeypatch):
-    monkeypatch.setenv("CXR_GPUS", "1")
+def test_a_killed_step_never_keeps_its_device(cxr_home, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXR_GPUS", "2")  # several devices: the step leases one (with one there is nothing to lease)
+    monkeypatch.setenv("CXR_LOCK_DIR", str(tmp_path / "locks"))
     holder = _step(600)
     assert holder.stdout.readline().split()[1] == "cuda:0"
     holder.kill()  # SIGKILL: no teardown runs; the kernel drops the lock with the process

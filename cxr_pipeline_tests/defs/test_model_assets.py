@@ -76,7 +76,10 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert (ckpt.parent / "saliency.png").exists()
         assert "saliency.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
         run_job(defs, "classifier_job", instance, partition_key="no_finding", run_config=cfg)
-        summary = run_job(defs, "classifier_summary_job", instance, run_config={"ops": {"multilabel_classifier": cfg["ops"]["classifier"]}})
+        recipe = cfg["ops"]["classifier"]  # the multi-label model's and its fold models' (both read that section)
+        summary = run_job(
+            defs, "classifier_summary_job", instance, run_config={"ops": {"multilabel_classifier": recipe, "report_hints": recipe}}
+        )
         mats = {e.asset_key.to_user_string(): e.materialization for e in summary.get_asset_materialization_events()}
         table = pl.read_parquet(mats["classifier_metrics"].metadata["path"].value)
         per = table.filter(pl.col("model") == "per_pathology")

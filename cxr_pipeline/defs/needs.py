@@ -1,0 +1,81 @@
+"""What an asset's step needs to run: a GPU or not, CPUs, memory, shared memory. Declared once, beside each
+asset (``NEEDS`` in its module), and translated here into each executor's terms:
+
+- one host (multiprocess, in-process): a GPU step takes a slot of Dagster's ``gpu`` pool (``defs.slots``);
+- Kubernetes (``dagster-k8s/config``, read by dagster-k8s' ``k8s_job_executor`` and run launcher): CPU and
+  memory requests, a memory limit, ``nvidia.com/gpu`` as a limit, the GPU node pool's tolerations and node
+  selector (``CXR_K8S_GPU_TOLERATIONS``, ``CXR_K8S_GPU_NODE_SELECTOR``: they differ between clusters; NVIDIA's
+  by default), and a memory-backed ``/dev/shm`` (the container default of 64 MB kills PyTorch loader workers).
+
+A GPU step also gets one retry: a lost node or an evicted pod re-runs it, and training resumes from its
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+
+from cxr_pipeline.defs.slots import GPU_POOL
+from cxr_pipeline.settings import env
+
+SHM_VOLUME = "dshm"
+
+
+def _quantity(gib: float) -> str:
+    """GiB as a Kubernetes quantity (whole MiB)."""
+    return f"{round(gib * 1024)}Mi"
+
+
+@dataclass(frozen=True)
+class Needs:
+    """One step's needs: ``gpus`` devices, ``cpus`` cores, ``memory_gib`` of memory, ``shm_gib`` of /dev/shm."""
+
+    gpus: int = 0
+    cpus: float = 1.0
+    memory_gib: float = 2.0
+    shm_gib: float = 0.0
+
+    def k8s_config(self) -> dict[str, Any]:
+        """The ``dagster-k8s/config`` tag: the step pod's resources, GPU scheduling and shared memory."""
+        requests = {"cpu": f"{self.cpus:g}", "memory": _quantity(self.memory_gib)}
+        # CPU limit = request: the step sizes its threads and workers by its quota (settings.usable_cpus)
+        limits: dict[str, str] = dict(requests)
+        container: dict[str, Any] = {"resources": {"requests": requests, "limits": limits}}
+        pod: dict[str, Any] = {}
+        if self.gpus:
+            limits["nvidia.com/gpu"] = str(self.gpus)
+            pod["tolerations"] = json.loads(env("CXR_K8S_GPU_TOLERATIONS"))
+            selector = json.loads(env("CXR_K8S_GPU_NODE_SELECTOR"))
+            if selector:
+                pod["node_selector"] = selector
+        if self.shm_gib:
+            container["volume_mounts"] = [{"name": SHM_VOLUME, "mount_path": "/dev/shm"}]
+            pod["volumes"] = [{"name": SHM_VOLUME, "empty_dir": {"medium": "Memory", "size_limit": _quantity(self.shm_gib)}}]
+        return {"container_config": container, **({"pod_spec_config": pod} if pod else {})}
+
+    def tags(self) -> dict[str, Any]:
+        """The op tags every executor reads its part of."""
+        return {"dagster-k8s/config": self.k8s_config()}
+
+    def asset_args(self) -> dict[str, Any]:
+        """Decorator arguments of an asset with these needs: op tags; for a GPU step the ``gpu`` pool and one retry."""
+        args: dict[str, Any] = {"op_tags": self.tags()}
+        if self.gpus:
+            args.update(pool=GPU_POOL, retry_policy=dg.RetryPolicy(max_retries=1, delay=10))
+        return args
+
+
+# What the project's steps need, by kind; each asset module names the one it uses (``NEEDS``).
+TABLE = Needs(cpus=1, memory_gib=4)  # metrics, predictions, pairs, report metrics: polars over small tables
+MANIFEST = Needs(cpus=1, memory_gib=8)  # MIMIC-CXR's CSVs (377k images) in polars
+CNN = Needs(gpus=1, cpus=4, memory_gib=16, shm_gib=8)  # a classifier: loader workers, images resident or streamed
+VLM = Needs(gpus=1, cpus=4, memory_gib=48, shm_gib=8)  # the 11B base is loaded on the host before it is quantised
+
+
+def shards(workers: int) -> Needs:
+    """A shard partition: one CPU per decode worker (``image_shards.workers``) and memory for their decodes."""
+    return Needs(cpus=workers, memory_gib=2 + workers)
