@@ -43,7 +43,7 @@ from cxr_pipeline.defs.run_config import with_config_versions
 from cxr_pipeline.defs.shards import SHARD_CHECKS, image_shards
 from cxr_pipeline.defs.slots import dead_run_sensor, release_on_load
 from cxr_pipeline.defs.subgroups import mimic_iv_demographics, subgroup_metrics
-from cxr_pipeline.settings import env, paths
+from cxr_pipeline.settings import ENVIRONMENT, env, paths
 
 # name: (assets, partitions, description)
 JOBS = {
@@ -78,14 +78,21 @@ jobs = {
 
 
 def _executor():
-    """CXR_EXECUTOR: ``k8s`` runs every step in its own Kubernetes pod (needs dagster-k8s, as the image has);
-    ``in_process`` runs a run's steps in the run's own process (small machines: no process start per step);
-    unset: Dagster's multiprocess executor."""
+    """CXR_EXECUTOR: ``k8s`` runs every step in its own Kubernetes pod (dagster-k8s); ``ray`` submits every step as
+    a Ray job to the cluster at ``RAY_ADDRESS`` (dagster-ray), which places it on a node with what the asset
+    asks for (``defs.needs``); ``in_process`` runs a run's steps in the run's own process (small machines: no
+    process start per step); unset: Dagster's multiprocess executor."""
     kind = env("CXR_EXECUTOR")
     if kind == "k8s":
         from dagster_k8s import k8s_job_executor
 
         return k8s_job_executor
+    if kind == "ray":
+        from dagster_ray import ray_executor
+
+        # a step runs in a Ray job on any node: it gets the deployment's variables (those set where the run starts)
+        passed = [*ENVIRONMENT, "DAGSTER_HOME", "MLFLOW_DISABLE_TELEMETRY", "HF_HUB_OFFLINE"]
+        return ray_executor.configured({"ray": {"address": {"env": "RAY_ADDRESS"}, "env_vars": passed}})
     if kind == "in_process":
         return dg.in_process_executor
     return None

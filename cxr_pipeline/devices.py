@@ -104,3 +104,21 @@ def lease(locks: Path | None = None, wait_s: float = 24 * 3600, say: Callable[[s
             say(f"every GPU of {ids} is leased; waiting for one")
             told = True
         time.sleep(poll_s)
+
+
+def placement() -> dict[str, str]:
+    """Where this step runs: the node (the Ray node id in a Ray job, else the host name) and the GPUs it was
+    given (``CUDA_VISIBLE_DEVICES`` as the engine set it; empty: none set). Recorded with a GPU step's
+    materialization, so a cluster run shows which device on which node computed what."""
+    import socket
+
+    node = socket.gethostname()
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray job's driver (dagster-ray's ray_executor)
+        import ray
+
+        ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
+        try:
+            node = ray.get_runtime_context().get_node_id()
+        finally:
+            ray.shutdown()
+    return {"node": node, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}

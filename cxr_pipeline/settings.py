@@ -60,9 +60,10 @@ ENVIRONMENT: dict[str, EnvVar] = {
         EnvVar(
             "CXR_EXECUTOR",
             "",
-            "`k8s`: one Kubernetes pod per step (the deployment owns the `gpu` pool's limit); `in_process`: steps in the run's"
-            " process; empty: multiprocess on one host",
+            "`k8s`: one Kubernetes pod per step; `ray`: one Ray job per step on the cluster at `RAY_ADDRESS` (on both the"
+            " deployment owns the `gpu` pool's limit); `in_process`: steps in the run's process; empty: multiprocess on one host",
         ),
+        EnvVar("RAY_ADDRESS", "", "the Ray cluster `CXR_EXECUTOR=ray` submits steps to (its job server, e.g. `http://head:8265`)"),
         EnvVar(
             "CXR_LOCK_DIR",
             "",
@@ -108,8 +109,8 @@ def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
 
 
 def cluster_executor() -> bool:
-    """Whether steps run on a cluster engine (``CXR_EXECUTOR`` ``k8s``): the engine places each step and gives it
-    its device, and the deployment, not the code, owns the ``gpu`` pool's limit."""
+    """Whether steps run on a cluster engine (``CXR_EXECUTOR`` ``k8s`` or ``ray``): the engine places each step and
+    gives it its device, and the deployment, not the code, owns the ``gpu`` pool's limit."""
     return env("CXR_EXECUTOR") in ("k8s", "ray")
 
 

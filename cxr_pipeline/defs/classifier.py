@@ -165,7 +165,8 @@ def classifier(
         outcome = fit_and_save(data, manifest, shards, cfg, hw.device, files, log=context.log.info, on_epoch=epoch_logger(run))
         md = _record_fit(run, data, outcome, files)
     context.log.info(f"registered {md['registered_model']}")
-    return dg.MaterializeResult(metadata=asset_metadata(run, **md, **data.counts, images=data.mode, **resolved_metadata(cfg)))
+    md.update(data.counts, images=data.mode, **hw.placement)
+    return dg.MaterializeResult(metadata=asset_metadata(run, **md, **resolved_metadata(cfg)))
 
 
 def _untrainable(

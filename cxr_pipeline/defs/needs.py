@@ -5,7 +5,10 @@ asset (``NEEDS`` in its module), and translated here into each executor's terms:
 - Kubernetes (``dagster-k8s/config``, read by dagster-k8s' ``k8s_job_executor`` and run launcher): CPU and
   memory requests, a memory limit, ``nvidia.com/gpu`` as a limit, the GPU node pool's tolerations and node
   selector (``CXR_K8S_GPU_TOLERATIONS``, ``CXR_K8S_GPU_NODE_SELECTOR``: they differ between clusters; NVIDIA's
-  by default), and a memory-backed ``/dev/shm`` (the container default of 64 MB kills PyTorch loader workers).
+  by default), and a memory-backed ``/dev/shm`` (the container default of 64 MB kills PyTorch loader workers);
+- Ray (``dagster-ray/config``, read by dagster-ray's ``ray_executor``): the step's Ray job reserves
+  ``num_cpus``, ``num_gpus`` and ``memory`` on the node Ray places it on, which gives it its GPU
+  (``CUDA_VISIBLE_DEVICES``).
 
 A GPU step also gets one retry: a lost node or an evicted pod re-runs it, and training resumes from its
 checkpoint.
@@ -57,9 +60,13 @@ class Needs:
             pod["volumes"] = [{"name": SHM_VOLUME, "empty_dir": {"medium": "Memory", "size_limit": _quantity(self.shm_gib)}}]
         return {"container_config": container, **({"pod_spec_config": pod} if pod else {})}
 
+    def ray_config(self) -> dict[str, Any]:
+        """The ``dagster-ray/config`` tag: what the step's Ray job reserves (Ray's memory is in bytes)."""
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus, "memory": int(self.memory_gib * 2**30)}
+
     def tags(self) -> dict[str, Any]:
         """The op tags every executor reads its part of."""
-        return {"dagster-k8s/config": self.k8s_config()}
+        return {"dagster-k8s/config": self.k8s_config(), "dagster-ray/config": self.ray_config()}
 
     def asset_args(self) -> dict[str, Any]:
         """Decorator arguments of an asset with these needs: op tags; for a GPU step the ``gpu`` pool and one retry."""

@@ -140,6 +140,7 @@ class Hardware:
 
     settings: Any  # config.ComputeSettings, every auto worked out
     device: Any  # torch.device
+    placement: dict  # the node and the GPUs the engine gave the step (devices.placement)
 
     @property
     def description(self) -> str:
@@ -205,7 +206,9 @@ class _Compute(dg.ConfigurableResource):
         except ConfigError as e:
             raise dg.Failure(str(e)) from None
         torch.set_num_threads(s.threads)
-        return Hardware(s, torch.device(self._lease.device(s.device) if self._lease is not None else s.device))
+        from cxr_pipeline.devices import placement
+
+        return Hardware(s, torch.device(self._lease.device(s.device) if self._lease is not None else s.device), placement())
 
 
 # ``Compute`` with one optional field per ``ComputeSettings`` field (null: as ``pipeline.yaml`` says)
