@@ -88,7 +88,7 @@ def _step_span(instance: dg.DagsterInstance, run_id: str) -> tuple[float, float]
 
 
 @pytest.mark.slow
-def test_classifier_steps_on_two_ray_nodes_each_on_its_own_device(ray_cluster, replica, tmp_path):
+def test_classifier_steps_on_two_ray_nodes_each_on_its_own_device(ray_cluster, replica, tmp_path, monkeypatch):
     address, ray_env = ray_cluster
     from ray.job_submission import JobSubmissionClient
 
@@ -98,6 +98,7 @@ def test_classifier_steps_on_two_ray_nodes_each_on_its_own_device(ray_cluster, r
     base.update(MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1")
     base.pop("MLFLOW_TRACKING_URI", None)
     layout.dagster_home.mkdir(parents=True)
+    monkeypatch.setenv("DAGSTER_HOME", str(layout.dagster_home))  # this process reads the same instance
     shutil.copy(ROOT / "dagster.yaml", layout.dagster_home / "dagster.yaml")
     # the inputs, on one host (the manifest and the ten shard partitions)
     script = "from cxr_pipeline.demo import _Runner; from cxr_pipeline.data.shard_reader import PARTITIONS as P; r = _Runner(); "
