@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
@@ -90,7 +91,7 @@ def _step_span(instance: dg.DagsterInstance, run_id: str) -> tuple[float, float]
 @pytest.mark.slow
 def test_classifier_steps_on_two_ray_nodes_each_on_its_own_device(ray_cluster, replica, tmp_path, monkeypatch):
     address, ray_env = ray_cluster
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
     layout = Paths(home=tmp_path / "home", raw=replica)
     write_pipeline_config(layout, TINY, "test configuration")
@@ -114,8 +115,13 @@ def test_classifier_steps_on_two_ray_nodes_each_on_its_own_device(ray_cluster, r
     with ThreadPoolExecutor(4) as threads:
         results = list(threads.map(lambda p: _materialize(on_ray, p), PARTITIONS))
     assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results if r.returncode]
-    jobs = [j for j in JobSubmissionClient(address).list_jobs() if (j.metadata or {}).get("dagster/op") == "classifier"]
-    assert len(jobs) == len(PARTITIONS) and all(j.status == "SUCCEEDED" for j in jobs)
+    client, deadline = JobSubmissionClient(address), time.time() + 60
+    while True:  # a Ray job reports its end a moment after its driver (the step) exits
+        jobs = [j for j in client.list_jobs() if (j.metadata or {}).get("dagster/op") == "classifier"]
+        if all(j.status.is_terminal() for j in jobs) or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert len(jobs) == len(PARTITIONS) and all(j.status == JobStatus.SUCCEEDED for j in jobs), [(j.submission_id, j.status) for j in jobs]
     assert len({j.driver_node_id for j in jobs}) == 2  # both nodes ran steps
     with dg.DagsterInstance.get() as instance:
         ray_runs = _aucs(instance)
