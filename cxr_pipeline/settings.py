@@ -238,11 +238,6 @@ class Paths:
     def shard_root(self, size: int) -> Path:
         return self.shards / f"s{size}"
 
-    def shard_sizes(self) -> list[int]:
-        """The sizes whose shard folder exists (``shard_root``), smallest first."""
-        found = self.shards.glob("s*") if self.shards.is_dir() else []
-        return sorted(int(d.name[1:]) for d in found if d.is_dir() and d.name[1:].isdigit())
-
     def shard_partition(self, size: int, partition: str) -> Path:
         return self.shard_root(size) / partition
 

@@ -92,12 +92,13 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
         seen[section] = values
         raise Reached(section)
 
-    import cxr_pipeline.data.shards as shards
+    import cxr_pipeline.data.shard_reader as shard_reader
     import cxr_pipeline.defs.manifest as dman
     import cxr_pipeline.defs.shards as dsh
     import cxr_pipeline.reports.pairs as pairs
     import cxr_pipeline.reports.vlm as vlm
-    import cxr_pipeline.vision.fit as fit
+    import cxr_pipeline.vision.multilabel as multilabel
+    import cxr_pipeline.vision.splits as splits
 
     manifest = pl.DataFrame({"dicom_id": ["d1"], "path": ["files/p10/p10000001/s50000001/d1.dcm"], "split": ["test"]})
     p = paths()
@@ -105,7 +106,7 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
     manifest.write_parquet(p.manifest)  # the manifest table its consumers receive
     monkeypatch.setattr(dman, "build_manifest", lambda raw, policy: record("manifest", **vars(policy)))
 
-    def build_sizes(raw, outs, items, spec, progress=None):
+    def build_partition_sizes(layout, partition, items, settings, progress=None):
         # every size in one pass; the run records every size it builds in MLflow before building any
         from cxr_pipeline.tracking import get_client
 
@@ -114,12 +115,12 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
             [client.get_experiment_by_name("cxr_pipeline").experiment_id], "tags.`dagster.asset_key` = 'image_shards'"
         )
         sizes = json.loads(run.data.params["sizes"])
-        assert sorted(outs) == sizes and all(out.parent.name == f"s{size}" for size, out in outs.items())
-        record("image_shards", sizes=sizes, images_per_shard=spec.images_per_shard, workers=spec.workers)
+        assert settings.sizes == sizes and all(layout.shard_partition(size, partition).parent.name == f"s{size}" for size in sizes)
+        record("image_shards", sizes=sizes, images_per_shard=settings.images_per_shard, workers=settings.workers)
 
-    monkeypatch.setattr(dsh, "build_sizes", build_sizes)
-    monkeypatch.setattr(fit, "load_data", lambda m, root, label, cfg, *a: record("classifier", **vars(cfg)))
-    monkeypatch.setattr(fit, "load_multilabel_data", lambda m, root, cfg, *a: record("multilabel_classifier", **vars(cfg)))
+    monkeypatch.setattr(dsh, "build_partition_sizes", build_partition_sizes)
+    monkeypatch.setattr(splits, "load_data", lambda m, root, label, cfg, *a: record("classifier", **vars(cfg)))
+    monkeypatch.setattr(multilabel, "load_multilabel_data", lambda m, root, cfg, *a: record("multilabel_classifier", **vars(cfg)))
     monkeypatch.setattr(pairs, "build_pairs", lambda m, cfg: record("report_pairs", **vars(cfg)))
     monkeypatch.setattr(vlm, "adapter_training_set", lambda p, root, cfg, *a: record("report_adapter", **vars(cfg)))
     p.reports.mkdir(parents=True)
@@ -132,7 +133,7 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
         seen["_test_rows"] = rows.height
         return [], rows
 
-    monkeypatch.setattr(shards, "load_images", load_images)
+    monkeypatch.setattr(shard_reader, "load_images", load_images)
 
     def generate_reports(base, adapter, images, prompts, **kw):
         compute = {"device": str(kw["device"]), "threads": torch.get_num_threads()}
@@ -142,15 +143,20 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
     monkeypatch.setattr(vlm, "generate_reports", generate_reports)
 
     # the subgroup audit: its statistics are the domain call; demographics and scores stand in, empty
+    import cxr_pipeline.data.demographics as demographics
     import cxr_pipeline.defs.subgroups as dsub
     import cxr_pipeline.vision.subgroups as vsub
     from cxr_pipeline.data.demographics import Demographics
 
     p.classifier_metrics.parent.mkdir(parents=True, exist_ok=True)
     pl.DataFrame({"model": ["per_pathology"], "slug": ["edema"]}).write_parquet(p.classifier_metrics)
-    monkeypatch.setattr(dsub, "missing_reason", lambda root: None)
-    monkeypatch.setattr(dsub, "read_demographics", lambda root: Demographics(pl.DataFrame(), pl.DataFrame(), root))
-    monkeypatch.setattr(dsub, "per_image", lambda m, d: (pl.DataFrame(), {}))
+    from cxr_pipeline.vision.folds import HINT_SCHEMA
+
+    pl.DataFrame(schema=HINT_SCHEMA).write_parquet(p.report_hints)  # the classifier hints: none yet
+    for module in (dsub, demographics):
+        monkeypatch.setattr(module, "missing_reason", lambda root: None)
+    monkeypatch.setattr(demographics, "read_demographics", lambda root: Demographics(pl.DataFrame(), pl.DataFrame(), root))
+    monkeypatch.setattr(demographics, "per_image", lambda m, d: (pl.DataFrame(), {}))
     monkeypatch.setattr(vsub, "audit_scores", lambda *a: pl.DataFrame())
     monkeypatch.setattr(vsub, "audit", lambda scores, cfg: record("subgroup_metrics", **vars(cfg)))
     threads = torch.get_num_threads()
@@ -199,7 +205,7 @@ def test_resolution_works_out_every_auto_and_records_no_placeholder(cxr_home, mo
     assert C.resolve(p, "classifier").size == 224  # a pipeline.yaml default like every other
     tiny = C.resolve(p, "report_adapter")
     assert tiny.size == 56 and tiny.base == str(p.tiny_base_dir(1, 0))  # the tiny base's tile
-    assert C.resolve(p, "image_shards").sizes == [56, 96]  # every size a consumer reads, from their resolved settings
+    assert C.resolve(p, "image_shards").sizes == [56, 224]  # every size a consumer reads, from their resolved settings
     assert C.resolve(p, "generated_reports", derived=budget).max_new_tokens == 41
     assert C.resolve(p, "report_pairs").max_words is None and F.record(C.resolve(p, "report_pairs"))["max_words"] == "no limit"
     # a real base: its tile decides the report model's size, and so a second shard size
@@ -207,7 +213,7 @@ def test_resolution_works_out_every_auto_and_records_no_placeholder(cxr_home, mo
     base.mkdir()
     (base / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 560, "width": 560}}))
     monkeypatch.setenv("CXR_VLM_BASE", str(base))
-    assert C.resolve(p, "report_adapter").size == 560 and C.resolve(p, "image_shards").sizes == [96, 560]
+    assert C.resolve(p, "report_adapter").size == 560 and C.resolve(p, "image_shards").sizes == [224, 560]
     with pytest.raises(F.ConfigError, match="max_new_tokens still auto"):
         C.resolve(p, "generated_reports")  # a run never starts with an auto left
     # a real zero stays a zero; a zero that would mean "no limit" is refused (that is null)
@@ -287,7 +293,8 @@ def test_code_version_follows_the_asset_s_section(cxr_home):
     v2 = versions()
     assert changed(v1, v2) == {"report_adapter", "image_shards", "shard_rejects"}  # a new size for the shards to build
     write_pipeline_config(paths(), {"report_adapter": {"max_steps": 7, "size": 64}, "classifier": {"epochs": 2}}, "test")
-    assert changed(v2, versions()) == {"classifier", "multilabel_classifier"}  # the multi-label model follows the recipe
+    # the multi-label model follows the recipe, and so do the report hints its fold models compute
+    assert changed(v2, versions()) == {"classifier", "multilabel_classifier", "report_hints"}
 
 
 def test_environment_is_declared_once_and_the_reference_table_is_generated_from_it():
@@ -297,7 +304,8 @@ def test_environment_is_declared_once_and_the_reference_table_is_generated_from_
     read = set()
     for f in (ROOT / "cxr_pipeline").rglob("*.py"):
         text = f.read_text()
-        read |= set(re.findall(r'env\("([A-Z_]+)"\)', text))
+        read |= set(re.findall(r'env\("([A-Z0-9_]+)"\)', text))
+        read |= set(re.findall(r'\{"env": "([A-Z0-9_]+)"\}', text))  # a Dagster config value read from the environment
         if f.name != "settings.py":
             assert not re.search(r'os\.environ\.get\("CXR_|os\.getenv\("CXR_', text), f"{f}: read CXR_* through settings.env"
     assert read <= set(ENVIRONMENT) and set(ENVIRONMENT) <= read | {"CXR_HOME", "CXR_RAW_DIR"}

@@ -3,10 +3,10 @@
 import dagster as dg
 import polars as pl
 
-from cxr_pipeline.data.shard_reader import INDEX, PARTITIONS, gather, read_index
+from cxr_pipeline.data.shard_reader import PARTITIONS, gather, read_index
 from cxr_pipeline.data.shards import REJECTS, PartitionBuild, ShardSettings, build_partition_sizes, partition_column
 from cxr_pipeline.defs import needs
-from cxr_pipeline.defs.history import upstream_data_version
+from cxr_pipeline.defs.history import latest_metadata, upstream_data_version
 from cxr_pipeline.defs.keys import IMAGE_SHARDS, MANIFEST, SHARD_REJECTS
 from cxr_pipeline.defs.manifest import MANIFEST_IN
 from cxr_pipeline.defs.metadata import asset_metadata, inline_png, resolved_metadata, table_metadata
@@ -128,7 +128,8 @@ def _log_build(context: dg.AssetExecutionContext, run: TrackedRun, built: Partit
 )
 def image_shards_readable(context: dg.AssetCheckExecutionContext, storage: CxrStorage) -> dg.AssetCheckResult:
     part, paths = context.partition_key, storage.paths
-    sizes = [size for size in paths.shard_sizes() if (paths.shard_partition(size, part) / INDEX).exists()]
+    # the sizes this partition was just built at: a broken build at another size must not block this one
+    sizes = latest_metadata(context.instance, IMAGE_SHARDS, part, "sizes")
     if not sizes:
         return dg.AssetCheckResult(passed=False, metadata={"reason": "partition not materialized"})
     results = [_readable(paths, part, size) for size in sizes]
