@@ -68,7 +68,7 @@ class AdapterConfig:
     accumulation: int = setting(4, "micro-batches per optimizer step")
     weight_decay: float = setting(0.01, "AdamW weight decay")
     max_length: int = setting(2048, "tokens per training sequence (longer ones are truncated)")
-    quantize: bool = setting(True, "4-bit NF4 base with double quantisation and bf16 compute (QLoRA)")
+    quantize: bool = setting(True, "4-bit NF4 base with double quantisation (QLoRA); bf16 compute on a GPU, float32 on a CPU")
     seed: int = setting(0, "seed of LoRA initialisation, data order and pair sampling")
 
     def __post_init__(self) -> None:
@@ -131,18 +131,29 @@ def lora_target(target: str) -> str:
     raise ValueError(f"target must be 'language' or 'language+vision', not {target!r}")
 
 
-def load_base(base_dir: Path, quantize: bool, device=None):
-    """The base model, 4-bit NF4 (vision tower, projector and lm_head kept unquantised) when asked."""
+def compute_dtype(device=None):
+    """bf16 on a GPU; float32 on a CPU. Most CPUs have no bf16 arithmetic (no AMX or AVX512-BF16), so PyTorch
+    emulates it in scalar loops: one QLoRA step of the Llama-3.2-11B-shaped base at reduced depth spends many
+    minutes in bf16 attention backward on a 2-core CPU (``benchmarks/bench_cpu_dtype.py`` measures both). The
+    4-bit weights are the same; only the arithmetic differs."""
     import torch
+
+    return torch.bfloat16 if device is not None and getattr(device, "type", "cpu") == "cuda" else torch.float32
+
+
+def load_base(base_dir: Path, quantize: bool, device=None):
+    """The base model, 4-bit NF4 (vision tower, projector and lm_head kept unquantised) when asked, computing
+    in ``compute_dtype(device)``."""
     from transformers import BitsAndBytesConfig, MllamaForConditionalGeneration
 
-    kwargs: dict = {"dtype": torch.bfloat16}
+    dtype = compute_dtype(device)
+    kwargs: dict = {"dtype": dtype}
     if quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=dtype,
             llm_int8_skip_modules=list(UNQUANTISED_MODULES),
         )
     if device is not None and getattr(device, "type", "cpu") == "cuda":
@@ -246,7 +257,7 @@ def train_adapter(
         warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
         optim="adamw_torch" if device.type == "cpu" else "adamw_bnb_8bit",
-        bf16=True,
+        bf16=device.type == "cuda",  # float32 on a CPU (compute_dtype)
         activation_checkpointing=False,  # already enabled (non-reentrant) by prepare_model_for_kbit_training
         logging_steps=1,
         save_strategy="steps",
