@@ -29,8 +29,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Two workers, a test file each at a time (pytest-xdist): the long end-to-end tests wait mostly on process
+# starts and single-threaded Dagster work, so two of them side by side fill this 2-core machine.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # DEMO_ARGS: options for `cxr-pipeline demo` (the README test runs `make demo` on a smaller replica)
 demo: $(STAMP)

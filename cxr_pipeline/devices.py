@@ -114,11 +114,22 @@ def placement() -> dict[str, str]:
 
     node = socket.gethostname()
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray job's driver (dagster-ray's ray_executor)
-        import ray
-
-        ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
-        try:
-            node = ray.get_runtime_context().get_node_id()
-        finally:
-            ray.shutdown()
+        node = _ray_node_id() or node
     return {"node": node, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node this process runs under: the ``--node_id`` of the raylet above it (a Ray job's driver is
+    the child of its supervisor, a worker of that node's raylet). Read from the process tree rather than
+    ``ray.init``: a driver connects to a raylet by IP address, which names the wrong node when several share
+    one (a local multi-node cluster), and connecting costs a second."""
+    import psutil
+
+    proc = psutil.Process()
+    while proc is not None:
+        args = proc.cmdline() if proc.name() == "raylet" else []
+        for arg in args:
+            if arg.startswith("--node_id="):
+                return arg.split("=", 1)[1]
+        proc = proc.parent()
+    return None

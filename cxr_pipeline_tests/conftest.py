@@ -25,6 +25,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from cxr_pipeline.data.synthetic import SynthConfig, generate  # noqa: E402
 from cxr_pipeline.defs.keys import RAW  # noqa: E402
 
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first, the rest in their order: ``make test`` runs the files on two workers
+    (pytest-xdist, ``--dist loadfile``), and the long ones started last would leave one worker idle."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group is kept
+
+
 REPLICA = SynthConfig(patients=40, seed=7, source_rows=96, workers=2)
 
 

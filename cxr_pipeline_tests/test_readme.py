@@ -14,6 +14,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from cxr_pipeline_tests.services import ROOT
 
 README = ROOT / "README.md"
@@ -46,6 +48,7 @@ def commands() -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_every_readme_command_runs_on_a_clean_state(tmp_path):
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CXR_RAW_DIR", "DAGSTER_HOME")}

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+import pytest
 
 from cxr_pipeline.definitions import build_defs
 from cxr_pipeline.tracking import get_client
 from cxr_pipeline_tests.conftest import raw_version, run_job  # noqa: F401
 
 
+@pytest.mark.slow
 def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, monkeypatch):
     from cxr_pipeline.data.shards import partition_of
 

@@ -1,0 +1,81 @@
+"""A local Ray cluster of two nodes on loopback, for the cluster test and ``benchmarks/scale_out.py``: a head and a
+worker node (two raylets, each its own ports, one GPU declared on each), started with ``ray start`` as on two
+machines, and stopped with ``ray stop --force`` (which stops every Ray process of this machine)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import psutil
+
+from cxr_pipeline_tests.services import BIN, free_port
+
+HEAD_ONLY = "cxr_test_head"  # a resource only the head declares: pins a job there
+
+
+@dataclass
+class Cluster:
+    address: str  # the job server (dashboard) the executor submits to
+    env: dict  # PATH and Ray's settings, for processes that talk to the cluster
+    worker_raylet_port: int  # the second node's raylet
+    temp: str  # the cluster's temporary folder (its raylets' sockets live there)
+
+    def node_ids(self) -> dict[str, str]:
+        """{"head" | "worker": Ray node id} of the running nodes, from their raylets' command lines."""
+        ids = {}
+        for p in psutil.process_iter(["name", "cmdline"]):
+            args = dict(a.split("=", 1) for a in (p.info["cmdline"] or []) if a.startswith("--") and "=" in a)
+            if p.info["name"] == "raylet" and args.get("--raylet_socket_name", "").startswith(self.temp):
+                ids["worker" if args.get("--node_manager_port") == str(self.worker_raylet_port) else "head"] = args["--node_id"]
+        return ids
+
+    def kill_worker(self) -> int:
+        """``kill -9`` the worker node: its raylet and every process under it; how many were killed."""
+        raylets = [
+            p for p in psutil.process_iter(["cmdline"]) if f"--node_manager_port={self.worker_raylet_port}" in (p.info["cmdline"] or [])
+        ]
+        assert len(raylets) == 1, "the worker node's raylet is not running"
+        doomed = [raylets[0], *raylets[0].children(recursive=True)]
+        for p in doomed:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        return len(doomed)
+
+
+def _ray_start(env: dict, *args: str) -> None:
+    done = subprocess.run([str(BIN / "ray"), "start", *args], env=env, capture_output=True, text=True, timeout=180)
+    if done.returncode:
+        raise RuntimeError(f"ray start {' '.join(args)}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+
+@contextmanager
+def two_node_cluster(cpus_per_node: int = 4) -> Iterator[Cluster]:
+    """The cluster, one GPU declared per node; the head notices a dead node in about 3 s (Ray's default: ~30 s)."""
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.update(RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000", RAY_health_check_failure_threshold="3")
+    gcs, dashboard, worker_raylet = free_port(), free_port(), free_port()
+    common = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}", "--num-gpus=1", f"--memory={64 * 2**30}"]
+    common.append("--disable-usage-stats")
+
+    def ports(raylet: int) -> list[str]:
+        names = ("object-manager", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export")
+        return [f"--node-manager-port={raylet}", *(f"--{n}-port={free_port()}" for n in names)]
+
+    head = ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}"]
+    try:
+        _ray_start(env, *head, *common, *ports(free_port()), f'--resources={{"{HEAD_ONLY}": 1}}')
+        _ray_start(env, f"--address=127.0.0.1:{gcs}", *common, *ports(worker_raylet))
+        yield Cluster(f"http://127.0.0.1:{dashboard}", env, worker_raylet, temp)
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
