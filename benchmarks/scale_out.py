@@ -82,6 +82,7 @@ def main() -> None:
     raw, home = work / "raw", work / "home"
     generate(SynthConfig(patients=args.patients, seed=7, source_rows=96), raw)
     layout = Paths(home=home, raw=raw)
+    os.environ.pop("DAGSTER_HOME", None)  # the benchmark's own instance, under its CXR_HOME
     recipe = {
         "manifest": {"views": [], "one_image_per_subject": False},
         "image_shards": {"sizes": [args.size], "workers": 1},

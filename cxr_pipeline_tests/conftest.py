@@ -21,6 +21,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` exports the user's DAGSTER_HOME (under .cxr): a test's instance is its own (cxr_home, or a layout's home)
+os.environ.pop("DAGSTER_HOME", None)
 
 from cxr_pipeline.data.synthetic import SynthConfig, generate  # noqa: E402
 from cxr_pipeline.defs.keys import RAW  # noqa: E402

@@ -47,6 +47,7 @@ class Home:
 def home(cluster, replica, tmp_path_factory) -> Home:
     """The test's CXR_HOME with the classifiers' inputs built on one host (the manifest, ten shard partitions)."""
     layout = Paths(home=tmp_path_factory.mktemp("ray") / "home", raw=replica)
+    assert layout.dagster_home == layout.home / "dagster", "DAGSTER_HOME is set: the test would use that instance"
     write_pipeline_config(layout, TINY, "test configuration")
     base = {**cluster.env, "CXR_HOME": str(layout.home), "CXR_RAW_DIR": str(replica), "DAGSTER_HOME": str(layout.dagster_home)}
     base.update(MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1")
