@@ -31,14 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the local cluster helper lives beside the tests
 
-from cxr_pipeline_tests.ray_local import two_node_cluster  # noqa: E402
-
-BIN = Path(sys.executable).parent
+from cxr_pipeline_tests.ray_local import classifier_inputs, materialize_cmd, set_gpu_pool, two_node_cluster  # noqa: E402
 
 
 def materialize(env: dict, partition: str) -> None:
-    cmd = [str(BIN / "dagster"), "asset", "materialize", "-m", "cxr_pipeline.definitions", "--select", "classifier"]
-    done = subprocess.run([*cmd, "--partition", partition], env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(materialize_cmd(partition), env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     if done.returncode:
         raise SystemExit(f"{partition}: {done.stderr[-3000:]}")
 
@@ -76,28 +73,19 @@ def main() -> None:
 
     from cxr_pipeline.data.synthetic import SynthConfig, generate
     from cxr_pipeline.labels import SLUGS
-    from cxr_pipeline.settings import Paths, write_pipeline_config
+    from cxr_pipeline.settings import Paths
 
     work = Path(tempfile.mkdtemp(prefix="scale_out"))
     raw, home = work / "raw", work / "home"
     generate(SynthConfig(patients=args.patients, seed=7, source_rows=96), raw)
     layout = Paths(home=home, raw=raw)
-    os.environ.pop("DAGSTER_HOME", None)  # the benchmark's own instance, under its CXR_HOME
     recipe = {
         "manifest": {"views": [], "one_image_per_subject": False},
         "image_shards": {"sizes": [args.size], "workers": 1},
         "classifier": {"size": args.size, "epochs": args.epochs, "batch_size": 16, "accumulation": 1, "bootstrap": 20},
         "compute": {"threads": 1},
     }
-    write_pipeline_config(layout, recipe, "scale-out benchmark")
-    env = {**os.environ, "CXR_HOME": str(home), "CXR_RAW_DIR": str(raw), "DAGSTER_HOME": str(layout.dagster_home)}
-    env.update(MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1", CXR_EXECUTOR="in_process")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    layout.dagster_home.mkdir(parents=True)
-    shutil.copy(ROOT / "dagster.yaml", layout.dagster_home / "dagster.yaml")
-    script = "from cxr_pipeline.demo import _Runner; from cxr_pipeline.data.shard_reader import PARTITIONS as P; r = _Runner(); "
-    script += "ok = r('manifest_job') and all([r('shards_job', p) for p in P]); raise SystemExit(0 if ok else 1)"
-    subprocess.run([str(BIN / "python"), "-c", script], env=env, check=True, capture_output=True)
+    env = {**classifier_inputs(layout, recipe), "CXR_EXECUTOR": "in_process"}
     partitions = list(SLUGS)
 
     t0 = time.time()
@@ -109,7 +97,7 @@ def main() -> None:
 
     with two_node_cluster() as cluster:
         on_ray = {**env, **cluster.env, "CXR_HOME": str(home), "CXR_EXECUTOR": "ray", "RAY_ADDRESS": cluster.address}
-        subprocess.run([str(BIN / "dagster"), "instance", "concurrency", "set", "gpu", "2"], env=on_ray, check=True, capture_output=True)
+        set_gpu_pool(on_ray, 2)
         nodes = set(cluster.node_ids().values())
         t0 = time.time()
         with ThreadPoolExecutor(len(partitions)) as pool:

@@ -12,10 +12,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
-from cxr_pipeline_tests.services import BIN, free_port
+from cxr_pipeline_tests.services import BIN, ROOT, free_port
 
 HEAD_ONLY = "cxr_test_head"  # a resource only the head declares: pins a job there
 
@@ -79,3 +80,40 @@ def two_node_cluster(cpus_per_node: int = 4) -> Iterator[Cluster]:
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def materialize_cmd(partition: str) -> list[str]:
+    """``dagster asset materialize`` of one classifier partition: each its own run, as a user launches it."""
+    cmd = [str(BIN / "dagster"), "asset", "materialize", "-m", "cxr_pipeline.definitions", "--select", "classifier"]
+    return [*cmd, "--partition", partition]
+
+
+def classifier_inputs(layout, recipe: dict) -> dict:
+    """``layout`` (a ``settings.Paths``) with ``recipe`` as its pipeline.yaml, its own Dagster instance, and the
+    classifiers' inputs (the manifest, the ten shard partitions) built on one host; the environment a run in it
+    is started with (add ``CXR_EXECUTOR``)."""
+    from cxr_pipeline.settings import write_pipeline_config
+
+    dagster_home = layout.home / "dagster"
+    write_pipeline_config(layout, recipe, "test configuration")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DAGSTER_HOME")}
+    env.update(CXR_HOME=str(layout.home), CXR_RAW_DIR=str(layout.raw), DAGSTER_HOME=str(dagster_home))
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1")
+    dagster_home.mkdir(parents=True)
+    shutil.copy(ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+    script = "from cxr_pipeline.demo import _Runner; from cxr_pipeline.data.shard_reader import PARTITIONS as P; r = _Runner(); "
+    script += "ok = r('manifest_job') and all([r('shards_job', p) for p in P]); raise SystemExit(0 if ok else 1)"
+    done = subprocess.run([str(BIN / "python"), "-c", script], env={**env, "CXR_EXECUTOR": "in_process"}, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"building the classifiers' inputs in {Path(layout.home)}:\n{done.stderr[-3000:]}")
+    return env
+
+
+def set_gpu_pool(env: dict, limit: int) -> None:
+    """What a cluster deployment does: the ``gpu`` pool's limit set to the cluster's GPUs (the code leaves it alone
+    under a cluster executor)."""
+    done = subprocess.run(
+        [str(BIN / "dagster"), "instance", "concurrency", "set", "gpu", str(limit)], env=env, capture_output=True, text=True
+    )
+    if done.returncode:
+        raise RuntimeError(done.stderr[-2000:])

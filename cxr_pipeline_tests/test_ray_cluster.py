@@ -8,7 +8,6 @@ What this does not show: a real GPU, or nodes on separate machines (a shared fil
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,8 +18,8 @@ import dagster as dg
 import pytest
 
 from cxr_pipeline.settings import Paths, write_pipeline_config
-from cxr_pipeline_tests.ray_local import HEAD_ONLY, Cluster, two_node_cluster
-from cxr_pipeline_tests.services import BIN, ROOT
+from cxr_pipeline_tests.ray_local import HEAD_ONLY, Cluster, classifier_inputs, materialize_cmd, set_gpu_pool, two_node_cluster
+from cxr_pipeline_tests.services import ROOT
 
 TINY = {
     "manifest": {"views": [], "one_image_per_subject": False},
@@ -47,39 +46,14 @@ class Home:
 def home(cluster, replica, tmp_path_factory) -> Home:
     """The test's CXR_HOME with the classifiers' inputs built on one host (the manifest, ten shard partitions)."""
     layout = Paths(home=tmp_path_factory.mktemp("ray") / "home", raw=replica)
-    assert layout.dagster_home == layout.home / "dagster", "DAGSTER_HOME is set: the test would use that instance"
-    write_pipeline_config(layout, TINY, "test configuration")
-    base = {**cluster.env, "CXR_HOME": str(layout.home), "CXR_RAW_DIR": str(replica), "DAGSTER_HOME": str(layout.dagster_home)}
-    base.update(MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1")
-    base.pop("MLFLOW_TRACKING_URI", None)
-    layout.dagster_home.mkdir(parents=True)
-    shutil.copy(ROOT / "dagster.yaml", layout.dagster_home / "dagster.yaml")
-    script = "from cxr_pipeline.demo import _Runner; from cxr_pipeline.data.shard_reader import PARTITIONS as P; r = _Runner(); "
-    script += "ok = r('manifest_job') and all([r('shards_job', p) for p in P]); raise SystemExit(0 if ok else 1)"
-    done = subprocess.run([str(BIN / "python"), "-c", script], env={**base, "CXR_EXECUTOR": "in_process"}, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    # the deployment sets the gpu pool's limit to the cluster's GPUs (the code leaves it alone under ray)
-    pool = subprocess.run([str(BIN / "dagster"), "instance", "concurrency", "set", "gpu", "2"], env=base, capture_output=True, text=True)
-    assert pool.returncode == 0, pool.stderr[-2000:]
+    base = {**cluster.env, **classifier_inputs(layout, TINY)}
+    assert base["DAGSTER_HOME"] == str(layout.dagster_home), "DAGSTER_HOME is set: the test would use that instance"
+    set_gpu_pool(base, 2)
     return Home(layout, {**base, "CXR_EXECUTOR": "ray", "RAY_ADDRESS": cluster.address})
 
 
-def _materialize_cmd(partition: str) -> list[str]:
-    return [
-        str(BIN / "dagster"),
-        "asset",
-        "materialize",
-        "-m",
-        "cxr_pipeline.definitions",
-        "--select",
-        "classifier",
-        "--partition",
-        partition,
-    ]
-
-
 def _materialize(env: dict, partition: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_materialize_cmd(partition), env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    return subprocess.run(materialize_cmd(partition), env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
 
 
 def _latest(instance: dg.DagsterInstance, partition: str) -> tuple[dict, str]:
@@ -174,7 +148,7 @@ def test_a_lost_node_s_step_is_retried_on_the_surviving_node_and_resumes(cluster
     while ray.get_job_status(hold) != JobStatus.RUNNING and time.time() < deadline:
         time.sleep(0.5)
     resume = home.layout.classifier(partition).dir / "resume.pt"
-    run = subprocess.Popen(_materialize_cmd(partition), env=home.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(materialize_cmd(partition), env=home.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
         while not resume.exists() and run.poll() is None and time.time() < deadline:

@@ -138,7 +138,11 @@ def compute_dtype(device=None):
     4-bit weights are the same; only the arithmetic differs."""
     import torch
 
-    return torch.bfloat16 if device is not None and getattr(device, "type", "cpu") == "cuda" else torch.float32
+    return torch.bfloat16 if _on_gpu(device) else torch.float32
+
+
+def _on_gpu(device) -> bool:
+    return device is not None and getattr(device, "type", "cpu") == "cuda"
 
 
 def load_base(base_dir: Path, quantize: bool, device=None):
@@ -156,7 +160,7 @@ def load_base(base_dir: Path, quantize: bool, device=None):
             bnb_4bit_compute_dtype=dtype,
             llm_int8_skip_modules=list(UNQUANTISED_MODULES),
         )
-    if device is not None and getattr(device, "type", "cpu") == "cuda":
+    if _on_gpu(device):
         kwargs["device_map"] = {"": device.index or 0}
     return MllamaForConditionalGeneration.from_pretrained(str(base_dir), **kwargs)
 
@@ -257,7 +261,7 @@ def train_adapter(
         warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
         optim="adamw_torch" if device.type == "cpu" else "adamw_bnb_8bit",
-        bf16=device.type == "cuda",  # float32 on a CPU (compute_dtype)
+        bf16=compute_dtype(device) == torch.bfloat16,
         activation_checkpointing=False,  # already enabled (non-reentrant) by prepare_model_for_kbit_training
         logging_steps=1,
         save_strategy="steps",
