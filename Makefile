@@ -29,10 +29,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Two workers, a test file each at a time (pytest-xdist), long files first (conftest): short tests run beside
-# the long end-to-end ones; two long ones side by side mostly share the cores (measured: 31 min, not half).
+# Two workers, a test file each at a time (pytest-xdist), the longest files first (conftest orders them by their
+# slow(minutes=...) marks; --no-loadscope-reorder keeps that order), each worker on its own core (conftest).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # DEMO_ARGS: options for `cxr-pipeline demo` (the README test runs `make demo` on a smaller replica)
 demo: $(STAMP)

@@ -28,11 +28,27 @@ from cxr_pipeline.data.synthetic import SynthConfig, generate  # noqa: E402
 from cxr_pipeline.defs.keys import RAW  # noqa: E402
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker keeps to its share of the cores, and so do the processes its tests start
+    (they inherit the affinity; the product sizes torch threads and decode workers from it, ``settings.usable_cpus``).
+    Two workers with two torch threads each on two cores oversubscribe them: OpenMP threads spin-wait on cores
+    the other worker holds, and the README's demo ran past twice its time beside the daemon test."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and count > 1 and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) >= count:
+            os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % count :: count])
+
+
 def pytest_collection_modifyitems(config, items):
-    """Files with slow tests first, the rest in their order: ``make test`` runs the files on two workers
-    (pytest-xdist, ``--dist loadfile``), and the long ones started last would leave one worker idle."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group is kept
+    """The longest files first (a file's ``slow(minutes=...)`` summed), the rest in their order: ``make test``
+    runs the files on two workers (pytest-xdist, ``--dist loadfile --no-loadscope-reorder``, which keeps this
+    order), and a long file started last would leave the other worker idle while it runs."""
+    minutes: dict = {}
+    for item in items:
+        for mark in item.iter_markers("slow"):
+            minutes[item.path] = minutes.get(item.path, 0) + mark.kwargs.get("minutes", 1)
+    items.sort(key=lambda item: -minutes.get(item.path, 0))  # stable: the order within each group is kept
 
 
 REPLICA = SynthConfig(patients=40, seed=7, source_rows=96, workers=2)

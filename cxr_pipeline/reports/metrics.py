@@ -19,15 +19,20 @@ macro, over the 14 observations and over the five common ones.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from cxr_pipeline.labels import COMMON5, LABELS
 from cxr_pipeline.reports.labeler import label_reports
+
+if TYPE_CHECKING:
+    from pycocoevalcap.meteor.meteor import Meteor
 
 
 def clean_report(text: str | None) -> str:
@@ -45,14 +50,20 @@ def clean_report(text: str | None) -> str:
     return " . ".join(sents) + " ." if sents else ""
 
 
-def nlg_scores(references: Sequence[str], hypotheses: Sequence[str], meteor: bool = True) -> dict[str, float]:
-    """Corpus BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) over paired reports."""
+def nlg_scores(references: Sequence[str], hypotheses: Sequence[str], meteor: bool | Meteor = True) -> dict[str, float]:
+    """Corpus BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) over paired reports.
+
+    ``meteor``: True starts a METEOR process for this call, False skips METEOR, and a running one
+    (``meteor_process``) is reused: scoring several systems, start it once."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    if meteor is True:
+        with meteor_process() as running:
+            return nlg_scores(references, hypotheses, running)
     # An empty hypothesis would crash the scorers; score it as the empty token "."
     gts = {i: [clean_report(r) or "."] for i, r in enumerate(references)}
     res = {i: [clean_report(h) or "."] for i, h in enumerate(hypotheses)}
@@ -61,19 +72,31 @@ def nlg_scores(references: Sequence[str], hypotheses: Sequence[str], meteor: boo
     for n, b in enumerate(bleu, start=1):
         out[f"BLEU_{n}"] = float(b)
     if meteor:
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        m = Meteor()
-        try:
-            out["METEOR"] = float(m.compute_score(gts, res)[0])
-        finally:
-            _close_meteor(m)
+        out["METEOR"] = float(meteor.compute_score(gts, res)[0])
     out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     return out
 
 
-def _close_meteor(m) -> None:
+@contextlib.contextmanager
+def meteor_process(enabled: bool = True) -> Iterator[Meteor | None]:
+    """One METEOR 1.5 process (a JVM) for many scorings, closed at the end; None when ``enabled`` is False.
+
+    Its first score costs about 8 s here (the JVM and the paraphrase table), every later one milliseconds:
+    ``report_metrics`` scores three systems on two label sources, and started one process for each (48 s)."""
+    if not enabled:
+        yield None
+        return
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    m = Meteor()
+    try:
+        yield m
+    finally:
+        _close_meteor(m)
+
+
+def _close_meteor(m: Meteor) -> None:
     try:
         with m.lock:
             m.meteor_p.stdin.close()
@@ -244,7 +267,7 @@ def seed_mean_intervals(
 def score_systems(
     references: Sequence[str],
     systems: dict[str, Sequence[str]],
-    meteor: bool = True,
+    meteor: bool | Meteor = True,
     reference_labels: Sequence[dict] | None = None,
     test_labels: str = "labeler",
 ) -> tuple[list[dict], int]:
@@ -297,13 +320,14 @@ def score_reports(gen: pl.DataFrame, systems: Sequence[str], meteor: bool) -> Sc
     from cxr_pipeline.reports.labeler import labeler_version
 
     hyps = {s: gen[s].to_list() for s in systems}
-    rows, bad_total = score_systems(gen["reference"].to_list(), hyps, meteor=meteor)
-    if "radiologist_labelled" in gen.columns and gen["radiologist_labelled"].any():
-        rad = gen.filter(pl.col("radiologist_labelled"))
-        more, _ = score_systems(
-            rad["reference"].to_list(), {s: rad[s].to_list() for s in systems}, meteor, radiologist_labels(rad), "radiologist"
-        )
-        rows += more
+    with meteor_process(meteor) as running:  # one METEOR process for every system and label source
+        rows, bad_total = score_systems(gen["reference"].to_list(), hyps, meteor=running or False)
+        if "radiologist_labelled" in gen.columns and gen["radiologist_labelled"].any():
+            rad = gen.filter(pl.col("radiologist_labelled"))
+            more, _ = score_systems(
+                rad["reference"].to_list(), {s: rad[s].to_list() for s in systems}, running or False, radiologist_labels(rad), "radiologist"
+            )
+            rows += more
     evaluation = gen["evaluation"][0] if "evaluation" in gen.columns and gen.height else "findings references"
     table = pl.DataFrame(rows).with_columns(
         pl.lit(evaluation).alias("evaluation"), pl.lit(labeler_version()).alias("labeler"), pl.lit(CE_MACRO_CONVENTION).alias("ce_macro")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import polars as pl
 import pytest
 
 from cxr_pipeline.reports.labeler import label_report, label_reports
@@ -92,11 +93,25 @@ def test_bleu_rouge_cider_against_hand_computed_values():
 
 # METEOR needs Java: skipped on a machine without it, never under CI (.ci/run installs a headless JRE)
 @pytest.mark.skipif(shutil.which("java") is None and os.environ.get("CI") != "true", reason="METEOR needs java")
-def test_meteor_runs_and_ranks():
-    refs = ["the heart is enlarged . small left pleural effusion ."]
-    good = nlg_scores(refs, ["the heart is enlarged . small left effusion ."])["METEOR"]
-    bad = nlg_scores(refs, ["no acute process ."])["METEOR"]
-    assert 0 <= bad < good <= 1
+def test_one_meteor_process_scores_every_system_as_its_own_process_would(monkeypatch):
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    from cxr_pipeline.reports.metrics import score_reports
+
+    refs = ["the heart is enlarged . small left pleural effusion .", "no acute process .", "moderate pulmonary edema ."]
+    systems = {
+        "good": ["the heart is enlarged . small left effusion .", "no acute process .", "mild edema ."],
+        "bad": ["no acute process ."] * 3,
+    }
+    alone = {name: nlg_scores(refs, hyps)["METEOR"] for name, hyps in systems.items()}  # a process each
+    started = []
+    init = Meteor.__init__
+    monkeypatch.setattr(Meteor, "__init__", lambda self: (started.append(1), init(self))[1])
+    gen = pl.DataFrame({"study_id": [1, 2, 3], "subject_id": [1, 2, 3], "reference": refs, **systems})
+    scored = score_reports(gen, tuple(systems), meteor=True)
+    assert len(started) == 1
+    got = dict(zip(scored.table["system"], scored.table["METEOR"], strict=True))
+    assert got == pytest.approx(alone) and 0 <= alone["bad"] < alone["good"] <= 1
 
 
 def test_clinical_efficacy_hand_computed():
