@@ -247,35 +247,38 @@ def print_summary(p: Paths, adapter_recipe: str = DEMO_ADAPTER_RECIPE) -> None:
 
 def print_subgroups(p: Paths, effect: str = DEMO_EFFECT) -> None:
     """The subgroup audit: the planted effect beside what the audit measured for it, then the largest gaps."""
+    from cxr_pipeline.config import resolve
     from cxr_pipeline.data.synthetic import planted_effect
     from cxr_pipeline.labels import slug
-    from cxr_pipeline.vision.subgroups import largest_gaps, publishable
+    from cxr_pipeline.vision.subgroups import gap_tests, largest_gaps, publishable
 
     if not p.subgroup_metrics.exists():
         return
-    t = pl.read_parquet(p.subgroup_metrics)
+    t = publishable(pl.read_parquet(p.subgroup_metrics))
     if not t.height:
         print("\nsubgroups: no MIMIC-IV demographics (CXR_MIMIC_IV_DIR): the audit is empty")
         return
 
     def line(r: dict) -> str:
         where = f"{r['view']}, {r['labels']} labels, {r['model']}"
-        return f"    {where}: {r['tpr_gap']:+.3f} [{r['tpr_gap_lo']:+.3f}, {r['tpr_gap_hi']:+.3f}] ({r['n_patients']} patients)"
+        gap = f"{r['tpr_gap']:+.3f} [{r['tpr_gap_lo']:+.3f}, {r['tpr_gap_hi']:+.3f}]"
+        return f"    {where}: {gap} q={r['tpr_gap_q']:.3g} ({r['n_patients']} patients)"
 
     print("\nsubgroups (MIMIC-IV demographics; TPR gap to the other patients at the validation threshold, 95% paired patient bootstrap):")
     if not env("CXR_RAW_DIR"):
         finding, attribute, group, scale = planted_effect(effect)
         planted = t.filter((pl.col("slug") == slug(finding)) & (pl.col("attribute") == attribute) & (pl.col("group") == group))
         print(f"  planted in the replica: {finding} drawn at {scale}x its strength for {attribute} = {group}; measured:")
-        for r in publishable(planted).filter(pl.col("tpr_gap").is_not_null()).iter_rows(named=True):
+        for r in planted.filter(pl.col("tpr_gap").is_not_null()).iter_rows(named=True):
             print(line(r))
-    tested = t.filter(pl.col("tpr_gap").is_not_null())
-    gaps = publishable(largest_gaps(t, tested.height))
+    tests = gap_tests(t)
+    found = largest_gaps(t, tests.height)
+    resamples = resolve(p, "subgroup_metrics").bootstrap
     print(
-        f"  {gaps.height} of {tested.height} gap intervals exclude 0 (about {0.05 * tested.height:.0f} would by chance: per-cell"
-        " 95% intervals, not corrected for the many cells); the largest:"
+        f"  {found.height} of {tests.height} TPR-gap tests have a Benjamini-Hochberg q-value below 0.05 (a two-group attribute"
+        f" tested once; {resamples} patient resamples; at that rate about 1 in 20 of them is expected to be a false lead); the largest:"
     )
-    for r in gaps.head(4).iter_rows(named=True):
+    for r in found.head(4).iter_rows(named=True):
         print(line(r).replace(": ", f", {r['slug']}, {r['attribute']} = {r['group']}: ", 1))
     print(f"  {p.subgroups}  (subgroup_metrics.parquet, tpr_gap_*.png, underdiagnosis.png); MIMIC's test split has 293 patients:")
     print("  most test intervals there include 0, the out-of-fold view over the training patients has many more")

@@ -24,8 +24,9 @@ from cxr_pipeline.tracking import TrackedRun
 
 TEST_NOTE = (
     "MIMIC-CXR's test split has 293 patients, so most test-split gaps have intervals that include 0; the out-of-fold "
-    "view (the multi-label model over the training patients) has many more patients. Cells under min_patients are marked "
-    "and show no value."
+    "view (the five fold models of the multi-label recipe over the training patients, each at its own threshold, AUC "
+    "pooled) has many more patients. Groups under min_patients are pooled into one row; q: Benjamini-Hochberg over "
+    "every gap of the table."
 )
 
 
@@ -93,7 +94,7 @@ def subgroup_metrics(
 
 
 def _log_audit(run: TrackedRun, result) -> None:
-    """What leaves the machine for MLflow: the publishable table (small cells without values), counts, charts."""
+    """What leaves the machine for MLflow: the publishable table (small groups pooled), counts, charts."""
     from cxr_pipeline.vision.subgroups import publishable
 
     if result.skipped:
@@ -103,7 +104,8 @@ def _log_audit(run: TrackedRun, result) -> None:
     if result.rejects.height:
         run.log_table(result.rejects.select("source", "line", "reason"), "demographics_rejects")
     run.log_metrics({**result.counts, "demographics_rejects": result.rejects.height, "cells": result.table.height})
-    run.log_metrics({"small_cells": result.small_cells} if result.table.height else {})
+    if result.table.height:
+        run.log_metrics({"small_cells": result.small_cells, "pooled_rows": int(result.table["pooled"].sum())})
     for png in result.charts.values():
         run.log_artifact(png)
 
@@ -112,7 +114,7 @@ def _audit_metadata(result) -> dict:
     from cxr_pipeline.vision.subgroups import largest_gaps, publishable
 
     gaps = publishable(largest_gaps(result.table, 8))
-    shown = gaps.select("view", "labels", "model", "slug", "attribute", "group", "tpr_gap", "tpr_gap_lo", "tpr_gap_hi")
+    shown = gaps.select("view", "labels", "model", "slug", "attribute", "group", "tpr_gap", "tpr_gap_lo", "tpr_gap_hi", "tpr_gap_q")
     md = {"note": TEST_NOTE, "largest_gaps": table_metadata(shown.with_columns(pl.col(pl.Float64).round(3)))}
     md.update(demographics_rejects=result.rejects.height, **result.counts)
     return {**md, **{f"chart_{k}": inline_png(v, f"subgroup chart {k}") for k, v in result.charts.items()}}

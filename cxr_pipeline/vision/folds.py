@@ -34,9 +34,13 @@ def fit_out_of_fold(
 ) -> tuple[pl.DataFrame, dict[int, set[str]]]:
     """Out-of-fold probabilities for every training image: k multi-label models, each trained on the
     training patients outside one fold (early stopping on the validation split) and applied to that
-    fold only, so no image's hint comes from a model that saw it. Returns (``dicom_id``, ``fold``,
-    one column per slug) and, per fold, the ids its model trained on (for the audit in the tests)."""
+    fold only, so no image's hint comes from a model that saw it. Each fold model's thresholds are its own,
+    chosen on the validation split as the final model's are (``evaluate.choose_threshold``): five models with
+    their own calibration are not read at one model's thresholds. Returns (``dicom_id``, ``fold``, one column
+    per slug, ``threshold_{slug}``) and, per fold, the ids its model trained on (for the audit in the tests)."""
     import numpy as np
+
+    from cxr_pipeline.vision.evaluate import choose_threshold
 
     sp = data.splits["train"]
     rows = assign_folds(sp.rows, k, cfg.seed)
@@ -50,29 +54,42 @@ def fit_out_of_fold(
             log(f"out-of-fold model {f + 1}/{k}: trains on {len(outside)} images, predicts {len(inside)}")
         val = data.splits["validate"]
         res = train(sp.images.subset(outside), sp.targets[outside], val.images, val.targets, cfg, device)  # a view, not a copy
-        p = predict(
-            res.model, sp.images.subset(inside), device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg, device)
-        )
-        p = p.reshape(-1, len(SLUGS))
+
+        def probs(images, model=res.model):
+            out = predict(model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg, device))
+            return out.reshape(-1, len(SLUGS))
+
+        p, p_val, y_val = probs(sp.images.subset(inside)), probs(val.images), val.targets.numpy()
+        known = ~np.isnan(y_val)
+        thresholds = [choose_threshold(y_val[known[:, j], j], p_val[known[:, j], j])[0] for j in range(len(SLUGS))]
         ids = rows["dicom_id"].to_numpy()
         trained_on[f] = set(ids[outside].tolist())
         part = pl.DataFrame({"dicom_id": ids[inside], "fold": np.full(len(inside), f, dtype=np.int32)})
-        parts.append(part.with_columns(pl.Series(s, p[:, j], dtype=pl.Float32) for j, s in enumerate(SLUGS)))
-    schema = {"dicom_id": pl.String, "fold": pl.Int32, **dict.fromkeys(SLUGS, pl.Float32)}
+        part = part.with_columns(pl.Series(s, p[:, j], dtype=pl.Float32) for j, s in enumerate(SLUGS))
+        parts.append(part.with_columns(pl.lit(float(t)).alias(threshold_column(s)) for s, t in zip(SLUGS, thresholds, strict=True)))
+    schema = {
+        "dicom_id": pl.String,
+        "fold": pl.Int32,
+        **dict.fromkeys(SLUGS, pl.Float32),
+        **{threshold_column(s): pl.Float64 for s in SLUGS},
+    }
     return (pl.concat(parts) if parts else pl.DataFrame(schema=schema)), trained_on
 
 
-def hint_predictions(oof: pl.DataFrame, all_predictions: pl.DataFrame) -> pl.DataFrame:
-    """The probabilities report prompts and retrieval use: out-of-fold for training images, the
-    final model's (out-of-sample) for every other split. ``source`` says which."""
+def hint_predictions(oof: pl.DataFrame, all_predictions: pl.DataFrame, thresholds: dict[str, float]) -> pl.DataFrame:
+    """The probabilities report prompts and retrieval use and the thresholds they are read at: out-of-fold for
+    training images (each at its fold model's thresholds), the final model's (out-of-sample) for every other
+    split (at the final model's ``thresholds``). ``source`` says which."""
     other = all_predictions.filter(pl.col("split") != "train").with_columns(
-        pl.lit(None, pl.Int32).alias("fold"), pl.lit("held_out").alias("source")
+        pl.lit(None, pl.Int32).alias("fold"),
+        pl.lit("held_out").alias("source"),
+        *(pl.lit(float(thresholds[s])).alias(threshold_column(s)) for s in SLUGS),
     )
     train = oof.join(all_predictions.select("dicom_id", "split"), on="dicom_id", how="left").with_columns(
         pl.lit("out_of_fold").alias("source")
     )
-    cols = ["dicom_id", "split", "fold", "source", *SLUGS]
-    return pl.concat([train.select(cols), other.select(cols)]).sort("dicom_id")
+    cols = ["dicom_id", "split", "fold", "source", *SLUGS, *(threshold_column(s) for s in SLUGS)]
+    return pl.concat([train.select(cols), other.select(cols)], how="vertical_relaxed").sort("dicom_id")
 
 
 def threshold_column(slug: str) -> str:
@@ -117,8 +134,8 @@ def report_hints(
 
     With ``cfg.oof_folds`` k > 1: the multi-label model's (``multilabel``: its files), out-of-fold for training
     images (k fold models over the training patients, their data from ``load``: a hint never comes from a model
-    that saw the image, so training prompts are as good as test prompts, not better), the final model's for the
-    other splits, each finding read at the final model's validation-chosen threshold. Otherwise the
+    that saw the image, so training prompts are as good as test prompts, not better), each read at its fold
+    model's validation-chosen thresholds; the final model's for the other splits, at its thresholds. Otherwise the
     per-pathology ``predictions`` (the ``classifier_predictions`` table), in-sample on the training split and
     named so, at the thresholds of the ``metrics`` table (``classifier_metrics``).
     """
@@ -126,7 +143,7 @@ def report_hints(
         final = pl.read_parquet(multilabel.predictions)
         thresholds = json.loads((multilabel.checkpoint / "config.json").read_text())["thresholds"]
         oof, _ = fit_out_of_fold(load(), cfg, device, cfg.oof_folds, log=log)
-        table = hint_predictions(oof, final).with_columns(pl.lit(float(thresholds[s])).alias(threshold_column(s)) for s in SLUGS)
+        table = hint_predictions(oof, final, thresholds)
         return ReportHints(_hint_table(table), "multilabel_out_of_fold", cfg.oof_folds)
     rows = metrics.filter((pl.col("model") == "per_pathology") & (pl.col("test_labels") != RADIOLOGIST))
     thresholds = {r["slug"]: stored_threshold(r["threshold"]) for r in rows.iter_rows(named=True)}

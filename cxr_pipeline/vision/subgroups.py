@@ -8,9 +8,18 @@ patients with a finding whom the model calls healthy.
 
 Intervals resample **patients** (all of a patient's images together), and a gap's interval comes from
 the same resamples as both of its sides (paired), so it is the interval of the difference, not two
-intervals compared by eye. Cells with fewer than ``min_patients`` patients are kept as rows (their
-count shown) but carry no metric: they are too small to mean anything and too small to publish
-(a cell of 3 patients is close to identifying them).
+intervals compared by eye. Each gap also has a p-value (the gap over its bootstrap standard error) and a
+Benjamini-Hochberg q-value over every gap of the table (a two-group attribute's two gaps are one test: one
+is minus the other).
+
+Small groups are pooled, not blanked (``pool_groups``): a group with fewer than ``min_patients``
+patients in a block (view, labels, model, finding, attribute) is never a row of its own; the block's
+small groups make one row together ("Asian + Other"), which takes in the smallest other groups until it
+has ``min_patients`` patients. Blanking a small cell and publishing its neighbours does not hide it: its
+count is the block's total (published in ``classifier_metrics``) minus theirs, and with two groups its
+rate is the other group's rate minus its gap. With pooling every published row has ``min_patients``
+patients or more, and the rows of a block partition its patients, so a small group's values are in no
+sum or difference of published ones.
 
 Written here rather than taken from a library: fairlearn's ``MetricFrame`` computes per-group metrics,
 but neither its bootstrap (by row, unpaired) nor its metrics (no threshold from another split) are the
@@ -29,11 +38,14 @@ from cxr_pipeline.data.demographics import ATTRIBUTES
 from cxr_pipeline.fields import at_least_one, setting
 
 METRICS = ("auc", "tpr", "fpr", "tpr_gap", "fpr_gap")
+GAPS = ("tpr_gap", "fpr_gap")
+POOL = " + "  # joins the names of pooled groups
 COLUMNS = {
     "view": pl.String, "labels": pl.String, "model": pl.String, "slug": pl.String, "attribute": pl.String, "group": pl.String,
-    "n_patients": pl.Int64, "n_images": pl.Int64, "n_pos": pl.Int64, "small_cell": pl.Boolean, "threshold": pl.Float64,
-    "prevalence": pl.Float64,
+    "pooled": pl.Boolean, "n_patients": pl.Int64, "n_images": pl.Int64, "n_pos": pl.Int64, "small_cell": pl.Boolean,
+    "threshold": pl.Float64, "prevalence": pl.Float64,
     **{f"{m}{s}": pl.Float64 for m in METRICS for s in ("", "_lo", "_hi")},
+    **{f"{g}{s}": pl.Float64 for g in GAPS for s in ("_p", "_q")},
 }  # fmt: skip
 
 
@@ -41,8 +53,10 @@ COLUMNS = {
 class AuditSettings:
     """The subgroup audit (``pipeline.yaml``'s ``subgroup_metrics`` section)."""
 
-    min_patients: int = setting(10, "a subgroup cell with fewer patients is marked, shows no metric and never leaves the machine")
-    bootstrap: int = setting(200, "patient resamples for each cell's 95% intervals (paired for the gaps)")
+    min_patients: int = setting(
+        10, "a subgroup with fewer patients in a block is never a row of its own: the block's small groups are pooled into one row"
+    )
+    bootstrap: int = setting(1000, "patient resamples for each cell's 95% percentile intervals and the gaps' standard errors (paired)")
     min_positives: int = setting(
         5,
         "TPR and its gap need at least this many patients with the finding in the subgroup and in the rest (FPR: without it; "
@@ -86,16 +100,22 @@ def _cell_stats(y, p, rank, n_ranks, called, in_g, w) -> dict[str, float]:
     }
 
 
-def audit_cell(y: np.ndarray, p: np.ndarray, threshold: float, patients: np.ndarray, in_group: np.ndarray, cfg: AuditSettings) -> dict:
+def audit_cell(
+    y: np.ndarray, p: np.ndarray, threshold: float | np.ndarray, patients: np.ndarray, in_group: np.ndarray, cfg: AuditSettings
+) -> dict:
     """One (model, finding, subgroup) cell over the images whose attribute is known: the group's metrics and
-    its gaps to the rest, with 95% percentile intervals over ``cfg.bootstrap`` patient resamples (paired)."""
+    its gaps to the rest, with 95% percentile intervals over ``cfg.bootstrap`` patient resamples (paired) and
+    each gap's two-sided bootstrap p-value. ``threshold``: one for every image, or one per image (out-of-fold
+    predictions are each read at their own fold model's threshold); the row's ``threshold`` is null then."""
     y = np.asarray(y, dtype=np.int64)
     _, inverse = np.unique(np.asarray(p), return_inverse=True)
     n_ranks = int(inverse.max()) + 1 if len(p) else 0
     called = np.asarray(p) >= threshold
     pid, codes = np.unique(patients, return_inverse=True)
     n_pat_g = int(np.unique(codes[in_group]).size)
-    row = {"n_patients": n_pat_g, "n_images": int(in_group.sum()), "n_pos": int((y[in_group] == 1).sum()), "threshold": threshold}
+    one = np.unique(threshold)
+    row = {"n_patients": n_pat_g, "n_images": int(in_group.sum()), "n_pos": int((y[in_group] == 1).sum())}
+    row["threshold"] = float(one[0]) if one.size == 1 else float("nan")
     row["small_cell"] = n_pat_g < cfg.min_patients
     row["prevalence"] = float(y[in_group].mean()) if in_group.any() else float("nan")
     if row["small_cell"]:
@@ -125,7 +145,72 @@ def audit_cell(y: np.ndarray, p: np.ndarray, threshold: float, patients: np.ndar
         row[m] = point[m]
         lo, hi = (np.percentile(d, [2.5, 97.5]) if len(d) else (np.nan, np.nan)) if not np.isnan(point[m]) else (np.nan, np.nan)
         row[f"{m}_lo"], row[f"{m}_hi"] = float(lo), float(hi)
+        if m in GAPS:
+            row[f"{m}_p"] = bootstrap_p(point[m], d)
     return row
+
+
+def bootstrap_p(point: float, draws: np.ndarray) -> float:
+    """Two-sided p-value of "no gap": the gap over its patient-bootstrap standard error, read on the normal (a
+    Wald test with a bootstrap SE). The share of draws past 0 is not used: it cannot go below 2/(B+1) (0.002 at
+    1,000 resamples), too coarse to survive a Benjamini-Hochberg correction over hundreds of gaps."""
+    from scipy.stats import norm
+
+    d = np.asarray(draws, dtype=float)
+    d = d[~np.isnan(d)]
+    sd = float(np.std(d, ddof=1)) if len(d) > 1 else float("nan")
+    if np.isnan(point) or not sd > 0:
+        return float("nan")
+    return float(2 * norm.sf(abs(point) / sd))
+
+
+def pool_groups(values: np.ndarray, patients: np.ndarray, min_patients: int) -> list[tuple[str, np.ndarray, bool]]:
+    """The rows one block (its images' attribute ``values``) is published by: (name, image mask, pooled).
+
+    Every group with ``min_patients`` patients or more alone; the groups with fewer pooled into one row, which
+    takes in the smallest other groups (fewest patients first) until it has ``min_patients`` patients, named
+    by its members joined with " + ". The rows partition the block's images, so no published number, alone or
+    with the block's total, is a small group's own. A block whose patients are all fewer than
+    ``min_patients`` is one row (``audit_cell`` marks it small and gives it no value)."""
+    groups = sorted(set(values.tolist()))
+
+    def size(members: list) -> int:
+        return int(np.unique(patients[np.isin(values, members)]).size)
+
+    alone = [g for g in groups if size([g]) >= min_patients]
+    pool = [g for g in groups if g not in alone]
+    while pool and alone and size(pool) < min_patients:
+        pool.append(alone.pop(min(range(len(alone)), key=lambda i: (size([alone[i]]), alone[i]))))
+    rows = [(str(g), values == g, False) for g in alone]
+    if pool:
+        rows.append((POOL.join(str(g) for g in sorted(pool)), np.isin(values, pool), len(pool) > 1))
+    return rows
+
+
+def adjust_gaps(table: pl.DataFrame) -> pl.DataFrame:
+    """Benjamini-Hochberg q-values (``{gap}_q``) over every gap p-value of the table (TPR and FPR gaps, every
+    view, model, finding and attribute): the family a reader scans for bold cells. A block with two groups has
+    one test, not two (each gap is minus the other's): its first group's p-value enters the family and both
+    rows carry that q-value."""
+    from scipy.stats import false_discovery_control
+
+    if not table.height:
+        return table
+    block = ["view", "labels", "model", "slug", "attribute"]
+    t = table.with_row_index("_row").with_columns(
+        (pl.len().over(block) == 2).alias("_two"), (pl.col("group").rank("ordinal").over(block) == 1).alias("_first")
+    )
+    tests = []  # (row, gap, p) of each test in the family
+    for gap in GAPS:
+        own = t.filter(pl.col(f"{gap}_p").is_not_null() & (~pl.col("_two") | pl.col("_first")))
+        tests += [(r, gap, pv) for r, pv in own.select("_row", f"{gap}_p").iter_rows()]
+    q = false_discovery_control([pv for _, _, pv in tests], method="bh") if tests else []
+    q_of = {(r, gap): float(v) for (r, gap, _), v in zip(tests, q, strict=True)}
+    block_first = t.select("_row", pl.col("_row").filter(pl.col("_first")).first().over(block).alias("_lead"), "_two")
+    out = {}
+    for gap in GAPS:
+        out[f"{gap}_q"] = [q_of.get((lead if two else r, gap)) for r, lead, two in block_first.iter_rows()]
+    return table.with_columns(pl.Series(k, v, dtype=pl.Float64) for k, v in out.items())
 
 
 def audit(scores: pl.DataFrame, cfg: AuditSettings) -> pl.DataFrame:
@@ -135,26 +220,27 @@ def audit(scores: pl.DataFrame, cfg: AuditSettings) -> pl.DataFrame:
     keys = ["view", "labels", "model", "slug"]
     for key, part in scores.filter(pl.col("target").is_not_null()).group_by(keys, maintain_order=True):
         head = dict(zip(keys, key, strict=True))
-        threshold = float(part["threshold"][0])
         for attribute in ATTRIBUTES:
             known = part.filter(pl.col(attribute).is_not_null())
             if not known.height:
                 continue
-            y, p = known["target"].to_numpy(), known["prob"].to_numpy()
+            y, p, threshold = known["target"].to_numpy(), known["prob"].to_numpy(), known["threshold"].to_numpy()
             patients, values = known["subject_id"].to_numpy(), known[attribute].to_numpy()
-            for group in sorted(set(values.tolist())):
-                cell = audit_cell(y, p, threshold, patients, values == group, cfg)
-                rows.append({**head, "attribute": attribute, "group": group, **cell})
+            for group, in_group, pooled in pool_groups(values, patients, cfg.min_patients):
+                cell = audit_cell(y, p, threshold, patients, in_group, cfg)
+                rows.append({**head, "attribute": attribute, "group": group, "pooled": pooled, **cell})
     if not rows:
         return pl.DataFrame(schema=COLUMNS)
     df = pl.DataFrame(rows, infer_schema_length=None)
     df = df.with_columns(pl.lit(None, t).alias(c) for c, t in COLUMNS.items() if c not in df.columns)
-    return df.select(list(COLUMNS)).cast(COLUMNS).with_columns(pl.col(pl.Float64).fill_nan(None))
+    df = df.select(list(COLUMNS)).cast(COLUMNS).with_columns(pl.col(pl.Float64).fill_nan(None))
+    return adjust_gaps(df.drop([f"{g}_q" for g in GAPS])).select(list(COLUMNS))
 
 
 def publishable(table: pl.DataFrame) -> pl.DataFrame:
-    """The table as it may leave the machine (MLflow, logs): small cells keep their row and flag, never a value
-    (their patient count is shown as ``<k``)."""
+    """The table as it may leave the machine (MLflow, logs). Small groups are already pooled (``pool_groups``); a
+    row still marked small (a whole block under ``min_patients`` patients) keeps its row and flag, and its counts
+    and metrics are null."""
     metric_cols = [c for c in table.columns if table.schema[c] == pl.Float64 and c != "threshold"]
     return table.with_columns(
         *(pl.when(pl.col("small_cell")).then(None).otherwise(pl.col(c)).alias(c) for c in metric_cols),
@@ -162,11 +248,19 @@ def publishable(table: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def largest_gaps(table: pl.DataFrame, n: int = 5, metric: str = "tpr_gap") -> pl.DataFrame:
-    """The ``n`` gaps furthest from 0 whose interval excludes 0 (none if no interval does), largest first."""
-    t = table.filter(~pl.col("small_cell") & pl.col(metric).is_not_null())
-    t = t.filter((pl.col(f"{metric}_lo") > 0) | (pl.col(f"{metric}_hi") < 0))
+def largest_gaps(table: pl.DataFrame, n: int = 5, metric: str = "tpr_gap", q: float = 0.05) -> pl.DataFrame:
+    """The ``n`` gaps furthest from 0 among those with a Benjamini-Hochberg q-value below ``q``, largest first (a
+    two-group block once: its first group's row)."""
+    t = gap_tests(table, metric).filter(~pl.col("small_cell") & (pl.col(f"{metric}_q") < q))
     return t.sort(pl.col(metric).abs(), descending=True).head(n)
+
+
+def gap_tests(table: pl.DataFrame, metric: str = "tpr_gap") -> pl.DataFrame:
+    """The rows that are distinct tests of ``metric`` (a two-group block's second row repeats its first)."""
+    block = ["view", "labels", "model", "slug", "attribute"]
+    t = table.filter(pl.col(f"{metric}_p").is_not_null())
+    two = pl.len().over(block) == 2
+    return t.filter(~two | (pl.col("group").rank("ordinal").over(block) == 1))
 
 
 def audit_scores(
@@ -177,9 +271,12 @@ def audit_scores(
 
     Views: the test split with the automatic labels and with the radiologist's (the threshold stays the one
     chosen on validation), and for the multi-label model its out-of-fold predictions over the training
-    patients (``hints``: the report hints table; many more patients than the test split: MIMIC's has 293). Targets follow the label policy
-    each model was trained with (its metrics row)."""
+    patients (``hints``: the report hints table; many more patients than the test split: MIMIC's has 293), each
+    image read at its fold model's threshold: that view audits the five fold models (each trained on four fifths
+    of the training patients), not the registered model, and its AUC pools their scores. Targets follow the
+    label policy each model was trained with (its metrics row)."""
     from cxr_pipeline.vision.evaluate import stored_threshold
+    from cxr_pipeline.vision.folds import threshold_column
     from cxr_pipeline.vision.splits import MULTILABEL, RADIOLOGIST
     from cxr_pipeline.vision.targets import targets
 
@@ -199,13 +296,15 @@ def audit_scores(
         table = read.get(folder.predictions)
         if table is None:
             table = read[folder.predictions] = pl.read_parquet(folder.predictions)
-        probs = table.select("dicom_id", pl.col("prob" if model != MULTILABEL else s).alias("prob"))
-        head = {"model": model, "slug": s, "threshold": stored_threshold(r["threshold"])}
+        at = pl.lit(stored_threshold(r["threshold"])).alias("threshold")  # the model's validation-chosen threshold
+        probs = table.select("dicom_id", pl.col("prob" if model != MULTILABEL else s).alias("prob"), at)
+        head = {"model": model, "slug": s}
         views = [("test", source, targets(test, s, unc, blank), probs)]
         if rad.height:
             views.append(("test", RADIOLOGIST, targets(rad.with_columns(pl.col(f"radiologist_{s}").alias(s)), s, unc, "zeros"), probs))
-        if model == MULTILABEL and oof is not None:
-            views.append(("train_out_of_fold", source, targets(train, s, unc, blank), oof.select("dicom_id", pl.col(s).alias("prob"))))
+        if model == MULTILABEL and oof is not None:  # each image at its own fold model's threshold
+            fold_probs = oof.select("dicom_id", pl.col(s).alias("prob"), pl.col(threshold_column(s)).alias("threshold"))
+            views.append(("train_out_of_fold", source, targets(train, s, unc, blank), fold_probs))
         for view, labels, rows, p in views:
             t = rows.select("dicom_id", pl.col("target").cast(pl.Float64)).join(p, on="dicom_id", how="inner")
             parts.append(
@@ -220,7 +319,7 @@ VIEWS = (("test", "per_pathology"), ("test", "multilabel"), ("train_out_of_fold"
 
 
 def _gap_panel(ax, t: pl.DataFrame, slugs: list[str], title: str) -> None:
-    """One heat map: TPR gap per finding (rows) and subgroup (columns); small or thin cells grey, bold where the interval excludes 0."""
+    """One heat map: TPR gap per finding (rows) and subgroup (columns); small or thin cells grey, bold where q < 0.05."""
     from cxr_pipeline.labels import LABEL_BY_SLUG
 
     groups = sorted(set(t["group"].to_list()))
@@ -230,7 +329,7 @@ def _gap_panel(ax, t: pl.DataFrame, slugs: list[str], title: str) -> None:
         gap = None if r["small_cell"] else r["tpr_gap"]
         grid[i, j] = np.nan if gap is None else gap
         label = "n<k" if r["small_cell"] else "-" if gap is None else f"{gap:+.2f}"
-        sig = gap is not None and (r["tpr_gap_lo"] > 0 or r["tpr_gap_hi"] < 0)
+        sig = gap is not None and r["tpr_gap_q"] is not None and r["tpr_gap_q"] < 0.05
         ax.text(j, i, label, ha="center", va="center", fontsize=7, fontweight="bold" if sig else "normal")
     ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu", vmin=-0.5, vmax=0.5, aspect="auto")
     ax.set_facecolor("#dddddd")
@@ -242,7 +341,7 @@ def _gap_panel(ax, t: pl.DataFrame, slugs: list[str], title: str) -> None:
 def gap_chart(table: pl.DataFrame, attribute: str, out):
     """CheXclusion's figure for one attribute: TPR gap (subgroup - rest) per finding and subgroup, one panel per
     view (per-pathology and multi-label on the test split, the multi-label out-of-fold over training patients),
-    automatic labels; grey: too few patients (n<k) or positives (-); bold: the paired 95% interval excludes 0."""
+    automatic labels; grey: too few patients (n<k) or positives (-); bold: Benjamini-Hochberg q < 0.05 over the table."""
     from cxr_pipeline.files import png_figure
     from cxr_pipeline.labels import SLUGS
 
@@ -256,13 +355,14 @@ def gap_chart(table: pl.DataFrame, attribute: str, out):
             _gap_panel(ax, t.filter((pl.col("view") == view) & (pl.col("model") == model)), slugs, f"{model}, {view}")
         for ax in axes[0][1:]:
             ax.set_yticklabels([])
-        fig.suptitle(f"TPR gap by {attribute} (subgroup - other patients); bold: 95% paired interval excludes 0", fontsize=9)
+        fig.suptitle(f"TPR gap by {attribute} (subgroup - other patients); bold: BH q < 0.05", fontsize=9)
     return out
 
 
 def underdiagnosis_chart(table: pl.DataFrame, out, view: str = "test", model: str = "per_pathology"):
     """The underdiagnosis figure: per subgroup, the share of patients with a finding whom the "No Finding"
-    model calls healthy (its FPR), with 95% intervals; one panel per attribute."""
+    model calls healthy (its FPR: images with a finding called "No Finding"), with 95% patient-bootstrap
+    intervals; one panel per attribute."""
     from cxr_pipeline.files import png_figure
 
     t = table.filter((pl.col("slug") == "no_finding") & (pl.col("view") == view) & (pl.col("model") == model) & ~pl.col("small_cell"))
@@ -277,7 +377,7 @@ def underdiagnosis_chart(table: pl.DataFrame, out, view: str = "test", model: st
                 ax.bar(x, fpr, yerr=np.nan_to_num(err), capsize=3, color="#b2182b")
             ax.set_xticks(x, a["group"].to_list(), rotation=30, ha="right", fontsize=8)
             ax.set_title(attribute, fontsize=9)
-        axes[0].set_ylabel('"No Finding" called, patients with a finding')
+        axes[0].set_ylabel('"No Finding" called, images with a finding')
         fig.suptitle(f"Underdiagnosis ({model}, {view})", fontsize=10)
     return out
 

@@ -112,6 +112,8 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         published = pl.DataFrame(doc["data"], schema=doc["columns"], orient="row", infer_schema_length=None)
         small = published.filter(pl.col("small_cell"))
         assert small["n_patients"].null_count() == small.height  # not even a small cell's count leaves the machine
+        assert (published.filter(~pl.col("small_cell"))["n_patients"] >= 10).all()  # every other row: min_patients or more
+        assert {"tpr_gap_p", "tpr_gap_q", "pooled"} <= set(published.columns)
 
         # the report branch end to end on the tiny offline Mllama
         rcfg = {

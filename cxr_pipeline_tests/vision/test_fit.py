@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import polars as pl
+import pytest
 import torch
 
 from cxr_pipeline.settings import Paths
@@ -140,9 +141,39 @@ def test_out_of_fold_hints_never_come_from_a_model_that_saw_the_image(monkeypatc
     every = pl.DataFrame({"dicom_id": [*ids, "t0"], "split": ["train"] * n + ["test"]}).with_columns(
         pl.lit(0.5, pl.Float32).alias(s) for s in SLUGS
     )
-    hints = folds.hint_predictions(oof, every)
+    hints = folds.hint_predictions(oof, every, dict.fromkeys(SLUGS, 0.25))
     assert hints.height == n + 1 and set(hints.filter(pl.col("split") == "train")["source"]) == {"out_of_fold"}
     assert hints.filter(pl.col("dicom_id") == "t0")["source"].to_list() == ["held_out"]
+    assert hints.filter(pl.col("dicom_id") == "t0")[folds.threshold_column(SLUGS[0])].to_list() == [0.25]  # the final model's
+
+
+def test_each_fold_model_is_read_at_its_own_validation_threshold(monkeypatch):
+    """Fold model 2 scores everything 0.3 higher (its own calibration): its thresholds, chosen on the validation
+    split like the final model's, are 0.3 higher too, and the images it scored carry them."""
+    from cxr_pipeline.labels import SLUGS
+
+    n = 30
+    rows = pl.DataFrame({"dicom_id": [f"d{i}" for i in range(n)], "subject_id": [f"s{i}" for i in range(n)], "split": ["train"] * n})
+    rows = rows.with_columns(pl.lit("h").alias("content_hash"))
+    y_val = torch.tensor([[1.0] * len(SLUGS), [0.0] * len(SLUGS)] * 4)  # 8 validation images, both classes
+    val = Split(torch.zeros(8, 8, 8, dtype=torch.uint8), y_val, rows.head(0))
+    images = torch.zeros(n, 8, 8, dtype=torch.uint8)
+    data = multilabel.MultilabelData(8, "ignore", "zeros", {"train": Split(images, torch.zeros(n, len(SLUGS)), rows), "validate": val})
+    models = iter(range(5))
+    monkeypatch.setattr(folds, "train", lambda *a, **k: TrainResult(model=next(models)))
+
+    def predict(model, imgs, *a, **k):
+        shift = 0.3 if model == 2 else 0.0
+        if len(imgs) == 8:  # the validation split: positives 0.6, negatives 0.1, plus the fold model's shift
+            return y_val.numpy() * 0.5 + 0.1 + shift
+        return np.full((len(imgs), len(SLUGS)), 0.5 + shift)
+
+    monkeypatch.setattr(folds, "predict", predict)
+    oof, _ = folds.fit_out_of_fold(data, TrainConfig(), torch.device("cpu"), k=5)
+    by_fold = oof.group_by("fold").agg(pl.col(folds.threshold_column(s)).unique() for s in SLUGS[:2]).sort("fold")
+    for fold, *thresholds in by_fold.iter_rows():
+        for t in thresholds:
+            assert t == [pytest.approx(0.9 if fold == 2 else 0.6)]
 
 
 def test_bootstrap_counts_the_resamples_it_had_to_skip():
