@@ -164,27 +164,40 @@ def bootstrap_p(point: float, draws: np.ndarray) -> float:
     return float(2 * norm.sf(abs(point) / sd))
 
 
-def pool_groups(values: np.ndarray, patients: np.ndarray, min_patients: int) -> list[tuple[str, np.ndarray, bool]]:
+def pool_groups(
+    values: np.ndarray, patients: np.ndarray, min_patients: int, units: list[tuple[str, ...]] | None = None
+) -> list[tuple[str, np.ndarray, bool]]:
     """The rows one block (its images' attribute ``values``) is published by: (name, image mask, pooled).
 
-    Every group with ``min_patients`` patients or more alone; the groups with fewer pooled into one row, which
-    takes in the smallest other groups (fewest patients first) until it has ``min_patients`` patients, named
-    by its members joined with " + ". The rows partition the block's images, so no published number, alone or
-    with the block's total, is a small group's own. A block whose patients are all fewer than
-    ``min_patients`` is one row (``audit_cell`` marks it small and gives it no value)."""
-    groups = sorted(set(values.tolist()))
+    Every unit (a group, or a pool of groups decided for the whole view: ``units``) with ``min_patients`` patients
+    or more in the block alone; the units with fewer pooled into one row, which takes in the smallest other units
+    (fewest patients first) until it has ``min_patients`` patients, named by its groups joined with " + ". The rows
+    partition the block's images, so no published number, alone or with the block's total, is a small group's
+    own. A block whose patients are all fewer than ``min_patients`` is one row (``audit_cell`` marks it small)."""
+    units = units if units is not None else [(g,) for g in sorted(set(values.tolist()))]
+    units = [u for u in units if np.isin(values, u).any()]
 
     def size(members: list) -> int:
         return int(np.unique(patients[np.isin(values, members)]).size)
 
-    alone = [g for g in groups if size([g]) >= min_patients]
-    pool = [g for g in groups if g not in alone]
+    alone = [u for u in units if size(list(u)) >= min_patients]
+    pool = [g for u in units if u not in alone for g in u]
     while pool and alone and size(pool) < min_patients:
-        pool.append(alone.pop(min(range(len(alone)), key=lambda i: (size([alone[i]]), alone[i]))))
-    rows = [(str(g), values == g, False) for g in alone]
+        pool.extend(alone.pop(min(range(len(alone)), key=lambda i: (size(list(alone[i])), alone[i]))))
+    rows = [(POOL.join(map(str, u)), np.isin(values, u), len(u) > 1) for u in alone]
     if pool:
         rows.append((POOL.join(str(g) for g in sorted(pool)), np.isin(values, pool), len(pool) > 1))
     return rows
+
+
+def view_units(view: pl.DataFrame, attribute: str, min_patients: int) -> list[tuple[str, ...]]:
+    """The groups of ``attribute`` a view (every model and finding of it together) pools before any block does.
+    A finding's block holds the view's images less those without that finding's label, so a group can fall under
+    the minimum in one finding and not in another; deciding the pools once for the view keeps a small group inside
+    the same pool in every block, so no difference between two findings' rows isolates it."""
+    known = view.filter(pl.col(attribute).is_not_null())
+    rows = pool_groups(known[attribute].to_numpy(), known["subject_id"].to_numpy(), min_patients)
+    return [tuple(name.split(POOL)) for name, _, _ in rows]
 
 
 def adjust_gaps(table: pl.DataFrame) -> pl.DataFrame:
@@ -218,7 +231,11 @@ def audit(scores: pl.DataFrame, cfg: AuditSettings) -> pl.DataFrame:
     target, prob, threshold`` and the attributes ``sex, age_band, race, insurance``) by every subgroup."""
     rows = []
     keys = ["view", "labels", "model", "slug"]
-    for key, part in scores.filter(pl.col("target").is_not_null()).group_by(keys, maintain_order=True):
+    scores = scores.filter(pl.col("target").is_not_null())
+    units = {}  # (view, labels, attribute) -> the view's pools
+    for (view, labels), part in scores.group_by(["view", "labels"], maintain_order=True):
+        units.update({(view, labels, a): view_units(part, a, cfg.min_patients) for a in ATTRIBUTES})
+    for key, part in scores.group_by(keys, maintain_order=True):
         head = dict(zip(keys, key, strict=True))
         for attribute in ATTRIBUTES:
             known = part.filter(pl.col(attribute).is_not_null())
@@ -226,7 +243,8 @@ def audit(scores: pl.DataFrame, cfg: AuditSettings) -> pl.DataFrame:
                 continue
             y, p, threshold = known["target"].to_numpy(), known["prob"].to_numpy(), known["threshold"].to_numpy()
             patients, values = known["subject_id"].to_numpy(), known[attribute].to_numpy()
-            for group, in_group, pooled in pool_groups(values, patients, cfg.min_patients):
+            base = units[(head["view"], head["labels"], attribute)]
+            for group, in_group, pooled in pool_groups(values, patients, cfg.min_patients, base):
                 cell = audit_cell(y, p, threshold, patients, in_group, cfg)
                 rows.append({**head, "attribute": attribute, "group": group, "pooled": pooled, **cell})
     if not rows:

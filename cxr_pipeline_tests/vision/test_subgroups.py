@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from cxr_pipeline.vision.subgroups import POOL, AuditSettings, audit, audit_cell, largest_gaps, publishable, gap_tests
+from cxr_pipeline.vision.subgroups import POOL, AuditSettings, audit, audit_cell, gap_tests, largest_gaps, publishable
 
 CFG = AuditSettings(min_patients=10, bootstrap=300, seed=0, min_positives=5)
 
@@ -145,6 +145,20 @@ def test_the_attacker_recovers_no_small_group_from_the_published_table():
     got = _recover(new, truth, categories)
     assert not {(b[-1], g) for b, g in got} & small
     assert {(b[-1], g) for b, g in got} >= {("race", "B"), ("age_band", "60-79")}  # published alone
+
+
+def test_a_small_group_stays_in_the_same_pool_in_every_finding():
+    """Group C (4 patients) pooled with A (12) for the view; in a finding where C's images have no label, A alone
+    would be published, and A + C (another finding) minus A would be C: the view's pool holds in both."""
+    y, p, pid, _ = scores(100, 0.8, 0.8, seed=10)
+    race = np.select([pid < 4, pid < 16], ["C", "A"], "B")
+    x = _table(pid, y, p, race=race)
+    no_label_for_c = x.with_columns(
+        pl.lit("pleural_effusion").alias("slug"), pl.when(pl.col("race") == "C").then(None).otherwise(pl.col("target")).alias("target")
+    )
+    table = audit(pl.concat([x, no_label_for_c]), CFG)
+    for slug in ("edema", "pleural_effusion"):
+        assert set(table.filter(pl.col("slug") == slug)["group"]) == {"A + C", "B"}, slug
 
 
 def test_a_fold_model_s_own_threshold_reads_its_shifted_scores():
