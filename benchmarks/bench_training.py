@@ -32,6 +32,11 @@ It prints the peak anonymous memory (``Pss_Anon`` of the process and its loader 
 file-backed page cache and do not count) and the training images/s. The larger
 sets repeat the ``--n`` rendered images in new shard files (what is in a pixel does not change memory
 or speed). Last line: ``streaming: peak <GB> GB at <n> images vs <GB> GB at <m>; <f> of resident speed``.
+
+``--precision``: the same training steps (forward, backward, AdamW; ``--arch`` at ``--size``, batch ``--batch``,
+``--steps`` after 2 warm-up steps, random images) in fp32 and under bf16 autocast, in one run, and the precision
+``auto`` resolves to on this device (``vision.train.resolve_precision``). Last line:
+``precision: fp32 X img/s, bf16 Y img/s, bf16/fp32 R; auto: P; device: NAME``.
 """
 
 from __future__ import annotations
@@ -208,6 +213,45 @@ def streaming(args) -> int:
     return 0
 
 
+def precision_arms(args) -> int:
+    """fp32 against bf16 autocast on the same steps: on a CPU without native bf16 the emulation is far slower."""
+    import torch
+    import torch.nn.functional as F
+
+    from cxr_pipeline.vision.models import build_model
+    from cxr_pipeline.vision.train import autocast, resolve_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (args.batch, 1), generator=gen).float().to(device)
+    speed = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = build_model(args.arch).to(device).to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for i in range(2 + args.steps):
+            if i == 2:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            with autocast(device, precision):
+                loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        speed[precision] = args.steps * args.batch / (time.perf_counter() - t0)
+    print(f"{args.arch} at {args.size}px, batch {args.batch}, {args.steps} steps per arm after 2 warm-up steps")
+    print(
+        f"precision: fp32 {speed['fp32']:.1f} img/s, bf16 {speed['bf16']:.1f} img/s, bf16/fp32 {speed['bf16'] / speed['fp32']:.2f};"
+        f" auto: {resolve_precision('auto', device)}; device: {name}"
+    )
+    return 0
+
+
 def main() -> int:
     import torch
 
@@ -232,6 +276,7 @@ def main() -> int:
     )
     ap.add_argument("--streaming", action="store_true", help="resident vs streamed images: peak memory and speed at two sizes")
     ap.add_argument("--sizes", default="5000,40000", help="dataset sizes (images) for --streaming")
+    ap.add_argument("--precision", action="store_true", help="fp32 against bf16 autocast on the same steps, and what auto picks")
     ap.add_argument("--child-root", help=argparse.SUPPRESS)
     ap.add_argument("--child-mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -239,6 +284,8 @@ def main() -> int:
         return streaming_child(args)
     if args.streaming:
         return streaming(args)
+    if args.precision:
+        return precision_arms(args)
     if args.multilabel:
         return multilabel(args)
 

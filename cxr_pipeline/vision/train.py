@@ -107,13 +107,18 @@ class TrainResult:
 
 
 def resolve_precision(precision: str, device) -> str:
+    """``auto``: bf16 on a GPU that has it (else fp16); on a CPU, bf16 only where oneDNN runs it natively
+    (AVX-512 or newer: ``torch.ops.mkldnn._is_mkldnn_bf16_supported``), fp32 elsewhere. On an AVX-512 machine
+    bf16 trained ResNet-18 about twice as fast as fp32 (26 vs 13 img/s at 224 px, 2026-11); on an AVX2-only
+    CPU (this project's 2026-12-03 machine, an AMD EPYC) bf16 is emulated and fell to a twentieth of fp32
+    (``benchmarks/bench_training.py --precision`` measures both arms on the machine at hand)."""
     import torch
 
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16"  # measured faster than fp32 on this project's 2-core CPUs (26 vs 13 img/s)
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def autocast(device, precision: str):

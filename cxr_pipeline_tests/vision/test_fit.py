@@ -187,3 +187,15 @@ def test_bootstrap_counts_the_resamples_it_had_to_skip():
     assert 300 * 0.2 < row["bootstrap_skipped"] < 300 * 0.5  # expected 100 of 300
     both = evaluate([1, 1, 1, 0, 0, 0], p_test, y_val, p_val, n_boot=300, seed=0)
     assert both["bootstrap_skipped"] < row["bootstrap_skipped"] / 4  # (1/2)^6 x 2: about 9
+
+
+def test_auto_precision_on_a_cpu_is_bf16_only_where_onednn_runs_it_natively(monkeypatch):
+    """An AVX2-only CPU emulates bf16 at a fifteenth of fp32's speed (benchmarks/bench_training.py --precision);
+    an AVX-512 one runs it natively and faster than fp32."""
+    from cxr_pipeline.vision.train import resolve_precision
+
+    cpu = torch.device("cpu")
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert resolve_precision("auto", cpu) == expected
+    assert resolve_precision("bf16", cpu) == "bf16"  # an explicit choice stands
