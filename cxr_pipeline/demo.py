@@ -275,8 +275,9 @@ def print_subgroups(p: Paths, effect: str = DEMO_EFFECT) -> None:
     found = largest_gaps(t, tests.height)
     resamples = resolve(p, "subgroup_metrics").bootstrap
     print(
-        f"  {found.height} of {tests.height} TPR-gap tests have a Benjamini-Hochberg q-value below 0.05 (a two-group attribute"
-        f" tested once; {resamples} patient resamples; at that rate about 1 in 20 of them is expected to be a false lead); the largest:"
+        f"  {found.height} of {tests.height} TPR-gap tests have a q-value below 0.05 (Benjamini-Hochberg within each view, label"
+        f" source and model; a two-group attribute tested once; p against {resamples} random patient groups of the same size):"
+        " at that false discovery rate about 1 in 20 of them is a false lead; the largest:"
     )
     for r in found.head(4).iter_rows(named=True):
         print(line(r).replace(": ", f", {r['slug']}, {r['attribute']} = {r['group']}: ", 1))

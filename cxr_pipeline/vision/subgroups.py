@@ -8,9 +8,10 @@ patients with a finding whom the model calls healthy.
 
 Intervals resample **patients** (all of a patient's images together), and a gap's interval comes from
 the same resamples as both of its sides (paired), so it is the interval of the difference, not two
-intervals compared by eye. Each gap also has a p-value (the gap over its bootstrap standard error) and a
-Benjamini-Hochberg q-value over every gap of the table (a two-group attribute's two gaps are one test: one
-is minus the other).
+intervals compared by eye. Each gap also has a p-value (the gap against the gaps of random groups of the
+same patient count: a permutation null) and a Benjamini-Hochberg q-value within its panel (a view, label
+source and model: the family one chart shows; TPR and FPR gaps apart); a two-group attribute's two gaps are
+one test, since one is minus the other.
 
 Small groups are pooled, not blanked (``pool_groups``): a group with fewer than ``min_patients``
 patients in a block (view, labels, model, finding, attribute) is never a row of its own; the block's
@@ -56,7 +57,10 @@ class AuditSettings:
     min_patients: int = setting(
         10, "a subgroup with fewer patients in a block is never a row of its own: the block's small groups are pooled into one row"
     )
-    bootstrap: int = setting(1000, "patient resamples for each cell's 95% percentile intervals and the gaps' standard errors (paired)")
+    bootstrap: int = setting(
+        1000,
+        "patient resamples for each cell's 95% intervals (paired for the gaps), and as many random patient groups for the gaps' p-values",
+    )
     min_positives: int = setting(
         5,
         "TPR and its gap need at least this many patients with the finding in the subgroup and in the rest (FPR: without it; "
@@ -105,7 +109,7 @@ def audit_cell(
 ) -> dict:
     """One (model, finding, subgroup) cell over the images whose attribute is known: the group's metrics and
     its gaps to the rest, with 95% percentile intervals over ``cfg.bootstrap`` patient resamples (paired) and
-    each gap's two-sided bootstrap p-value. ``threshold``: one for every image, or one per image (out-of-fold
+    each gap's two-sided p-value against random groups (``null_gaps``). ``threshold``: one for every image, or one per image (out-of-fold
     predictions are each read at their own fold model's threshold); the row's ``threshold`` is null then."""
     y = np.asarray(y, dtype=np.int64)
     _, inverse = np.unique(np.asarray(p), return_inverse=True)
@@ -129,6 +133,7 @@ def audit_cell(
         s = _cell_stats(y, p, inverse, n_ranks, called, in_group, counts[codes].astype(float))
         for m in METRICS:
             draws[m].append(s[m])
+    null = null_gaps(y, p, inverse, n_ranks, called, in_group, codes, len(pid), cfg)
     # too few patients with (without) the finding on either side: TPR (FPR) and its gap would rest on a handful
     enough = {}
     for kind, mask in (("pos", y == 1), ("neg", y == 0)):
@@ -146,19 +151,37 @@ def audit_cell(
         lo, hi = (np.percentile(d, [2.5, 97.5]) if len(d) else (np.nan, np.nan)) if not np.isnan(point[m]) else (np.nan, np.nan)
         row[f"{m}_lo"], row[f"{m}_hi"] = float(lo), float(hi)
         if m in GAPS:
-            row[f"{m}_p"] = bootstrap_p(point[m], d)
+            row[f"{m}_p"] = permutation_p(point[m], null[m])
     return row
 
 
-def bootstrap_p(point: float, draws: np.ndarray) -> float:
-    """Two-sided p-value of "no gap": the gap over its patient-bootstrap standard error, read on the normal (a
-    Wald test with a bootstrap SE). The share of draws past 0 is not used: it cannot go below 2/(B+1) (0.002 at
-    1,000 resamples), too coarse to survive a Benjamini-Hochberg correction over hundreds of gaps."""
+def null_gaps(y, p, rank, n_ranks, called, in_group, codes, n_patients: int, cfg: AuditSettings) -> dict[str, np.ndarray]:
+    """The TPR and FPR gaps of ``cfg.bootstrap`` groups of the same patients count drawn at random (the group's
+    patient labels permuted, each patient's images kept together): what the gaps look like when membership means
+    nothing. The group's own rate never enters, so a rate of 1.0 in a small group (no bootstrap spread at all)
+    is judged against how far random groups of its size stray."""
+    member = np.zeros(n_patients, dtype=bool)
+    member[np.unique(codes[in_group])] = True
+    rng = np.random.default_rng(cfg.seed + 1)
+    out: dict[str, list] = {g: [] for g in GAPS}
+    ones = np.ones(len(y))
+    for _ in range(cfg.bootstrap):
+        s = _cell_stats(y, p, rank, n_ranks, called, rng.permutation(member)[codes], ones)
+        for g in GAPS:
+            out[g].append(s[g])
+    return {g: np.asarray(v) for g, v in out.items()}
+
+
+def permutation_p(point: float, null: np.ndarray) -> float:
+    """Two-sided p-value of "no gap": the gap over the spread of the random groups' gaps (``null_gaps``), read on
+    the normal. The share of random gaps past the observed one is not used: it cannot go below 1/(B+1), too
+    coarse to survive a Benjamini-Hochberg correction over hundreds of gaps. Not the bootstrap's spread either:
+    a group whose rate is 0 or 1 has none, and its gap came out significant on 7 positives."""
     from scipy.stats import norm
 
-    d = np.asarray(draws, dtype=float)
+    d = np.asarray(null, dtype=float)
     d = d[~np.isnan(d)]
-    sd = float(np.std(d, ddof=1)) if len(d) > 1 else float("nan")
+    sd = float(np.sqrt(np.mean(d**2))) if len(d) > 1 else float("nan")  # spread around 0, the null's centre
     if np.isnan(point) or not sd > 0:
         return float("nan")
     return float(2 * norm.sf(abs(point) / sd))
@@ -200,25 +223,28 @@ def view_units(view: pl.DataFrame, attribute: str, min_patients: int) -> list[tu
     return [tuple(name.split(POOL)) for name, _, _ in rows]
 
 
+PANEL = ["view", "labels", "model"]  # one chart panel: a family of tests
+
+
 def adjust_gaps(table: pl.DataFrame) -> pl.DataFrame:
-    """Benjamini-Hochberg q-values (``{gap}_q``) over every gap p-value of the table (TPR and FPR gaps, every
-    view, model, finding and attribute): the family a reader scans for bold cells. A block with two groups has
-    one test, not two (each gap is minus the other's): its first group's p-value enters the family and both
-    rows carry that q-value."""
+    """Benjamini-Hochberg q-values (``{gap}_q``) within each panel: the TPR (or FPR) gaps of one view, label
+    source and model over every finding and subgroup, the family one gap chart shows and a reader scans for
+    bold cells. A block with two groups is one test, not two (each gap is minus the other's): its first group's
+    p-value enters the family and both rows carry that q-value."""
     from scipy.stats import false_discovery_control
 
     if not table.height:
         return table
-    block = ["view", "labels", "model", "slug", "attribute"]
+    block = [*PANEL, "slug", "attribute"]
     t = table.with_row_index("_row").with_columns(
         (pl.len().over(block) == 2).alias("_two"), (pl.col("group").rank("ordinal").over(block) == 1).alias("_first")
     )
-    tests = []  # (row, gap, p) of each test in the family
+    q_of = {}
     for gap in GAPS:
         own = t.filter(pl.col(f"{gap}_p").is_not_null() & (~pl.col("_two") | pl.col("_first")))
-        tests += [(r, gap, pv) for r, pv in own.select("_row", f"{gap}_p").iter_rows()]
-    q = false_discovery_control([pv for _, _, pv in tests], method="bh") if tests else []
-    q_of = {(r, gap): float(v) for (r, gap, _), v in zip(tests, q, strict=True)}
+        for _, family in own.group_by(PANEL):
+            q = false_discovery_control(family[f"{gap}_p"].to_numpy(), method="bh")
+            q_of.update({(r, gap): float(v) for r, v in zip(family["_row"], q, strict=True)})
     block_first = t.select("_row", pl.col("_row").filter(pl.col("_first")).first().over(block).alias("_lead"), "_two")
     out = {}
     for gap in GAPS:
@@ -359,7 +385,7 @@ def _gap_panel(ax, t: pl.DataFrame, slugs: list[str], title: str) -> None:
 def gap_chart(table: pl.DataFrame, attribute: str, out):
     """CheXclusion's figure for one attribute: TPR gap (subgroup - rest) per finding and subgroup, one panel per
     view (per-pathology and multi-label on the test split, the multi-label out-of-fold over training patients),
-    automatic labels; grey: too few patients (n<k) or positives (-); bold: Benjamini-Hochberg q < 0.05 over the table."""
+    automatic labels; grey: too few patients (n<k) or positives (-); bold: Benjamini-Hochberg q < 0.05 in the panel."""
     from cxr_pipeline.files import png_figure
     from cxr_pipeline.labels import SLUGS
 

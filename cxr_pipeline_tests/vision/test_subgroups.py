@@ -174,6 +174,18 @@ def test_a_fold_model_s_own_threshold_reads_its_shifted_scores():
     assert one["fpr"] > base["fpr"] + 0.05
 
 
+def test_a_small_group_that_every_positive_is_called_in_is_not_a_finding_by_itself():
+    """No gap planted (TPR 0.9 everywhere); in a group of 10 patients every positive happens to be called. Its TPR is
+    1.0 in every resample, so the bootstrap interval of the gap is narrow and excludes 0, and a p-value from the
+    bootstrap's spread would be tiny; against random groups of 10 patients it is not."""
+    y, p, pid, _ = scores(200, 0.9, 0.9, seed=11)
+    in_g = pid < 10
+    p = np.where(in_g & (y == 1), 0.9, p)
+    cell = audit_cell(y, p, 0.5, pid, in_g, AuditSettings(min_patients=10, bootstrap=1000, seed=0, min_positives=5))
+    assert cell["tpr"] == 1.0 and cell["tpr_gap_lo"] > 0  # the degenerate interval
+    assert cell["tpr_gap_p"] > 0.05
+
+
 def test_q_values_count_a_two_group_comparison_once_and_find_the_planted_gap():
     y, p, pid, group = scores(300, 0.5, 0.9, seed=9)  # gap -0.4 by "sex"
     noise = np.random.default_rng(1).choice(["x", "y", "z"], size=300)[pid]  # no gap by "race"
