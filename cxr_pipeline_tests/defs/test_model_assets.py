@@ -134,7 +134,10 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         thresholds = json.loads((cxr_home / "assets" / "classifier" / "multilabel" / "checkpoint" / "config.json").read_text())[
             "thresholds"
         ]
-        assert hints["threshold_support_devices"].unique().to_list() == [thresholds["support_devices"]]
+        held_out = hints.filter(pl.col("source") == "held_out")  # the final model's, at its thresholds
+        assert held_out["threshold_support_devices"].unique().to_list() == [thresholds["support_devices"]]
+        per_fold = hints.filter(pl.col("source") == "out_of_fold").group_by("fold").agg(pl.col("threshold_support_devices").n_unique())
+        assert per_fold.height == 5 and per_fold["threshold_support_devices"].to_list() == [1] * 5  # each fold model its own
         arun = client.get_run(rmats["report_adapter"].metadata["mlflow_run_id"].value)
         assert arun.data.params["base_model"].startswith("cxr-tiny-mllama") and "loss" in arun.data.metrics
         # every training and metrics run says what it read (MLflow dataset tracking)
