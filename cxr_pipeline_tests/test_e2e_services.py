@@ -17,7 +17,7 @@ import pytest
 from cxr_pipeline_tests.services import BIN, ROOT, free_port, mlflow_runs_for, mlflow_server, post, start, stop, wait_http
 
 
-@pytest.mark.slow(minutes=1)
+@pytest.mark.slow(minutes=0.7)
 def test_graphql_launch_and_mlflow_rest(replica_copy, tmp_path):
     home = tmp_path / "home"
     dh = home / "dagster"

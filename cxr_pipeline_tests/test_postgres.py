@@ -67,7 +67,7 @@ def _count(url: str, sql: str) -> int:
         return cur.fetchone()[0]
 
 
-@pytest.mark.slow(minutes=1)
+@pytest.mark.slow(minutes=1.2)
 def test_dagster_on_postgres_with_mlflow_server_on_postgres(databases, replica_copy, tmp_path, monkeypatch):
     home, dh = tmp_path / "home", tmp_path / "dagster_home"
     dh.mkdir(parents=True)

@@ -83,7 +83,7 @@ def _ray_jobs(address: str, wait: float = 60) -> list:
         time.sleep(1)
 
 
-@pytest.mark.slow(minutes=4)
+@pytest.mark.slow(minutes=2.9)
 def test_classifier_steps_on_two_ray_nodes_each_on_its_own_device(cluster, home, monkeypatch):
     from ray.job_submission import JobStatus
 
@@ -128,7 +128,7 @@ def test_classifier_steps_on_two_ray_nodes_each_on_its_own_device(cluster, home,
         assert (a != a and b != b) or abs(a - b) <= 0.005, (p, a, b)
 
 
-@pytest.mark.slow(minutes=2.5)
+@pytest.mark.slow(minutes=1.2)
 def test_a_lost_node_s_step_is_retried_on_the_surviving_node_and_resumes(cluster, home, monkeypatch):
     from mlflow import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient

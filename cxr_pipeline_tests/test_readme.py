@@ -48,7 +48,7 @@ def commands() -> list[str]:
     return out
 
 
-@pytest.mark.slow(minutes=9.5)
+@pytest.mark.slow(minutes=4)
 def test_every_readme_command_runs_on_a_clean_state(tmp_path):
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CXR_RAW_DIR", "DAGSTER_HOME")}

@@ -91,7 +91,7 @@ def materialized(runs: list[dict]) -> Counter:
     return Counter((k, r["partition"]) for r in runs for k in r["keys"] if k != "raw_mimic_cxr")
 
 
-@pytest.mark.slow(minutes=13)
+@pytest.mark.slow(minutes=11.5)
 def test_one_data_change_runs_each_asset_once_with_current_inputs(tmp_path):
     raw, home = tmp_path / "raw", tmp_path / "home"
     layout = Paths(home=home, raw=raw)

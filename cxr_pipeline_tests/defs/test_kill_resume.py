@@ -24,7 +24,7 @@ from cxr_pipeline_tests.services import BIN, ROOT
 EPOCHS = 40
 
 
-@pytest.mark.slow(minutes=4.5)
+@pytest.mark.slow(minutes=1.3)
 def test_killed_classifier_run_resumes_from_its_checkpoint(replica_copy, tmp_path, monkeypatch):
     home, dh = tmp_path / "home", tmp_path / "dagster_home"
     dh.mkdir()

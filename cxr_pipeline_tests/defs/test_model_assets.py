@@ -15,7 +15,7 @@ from cxr_pipeline.tracking import get_client
 from cxr_pipeline_tests.conftest import raw_version, run_job  # noqa: F401
 
 
-@pytest.mark.slow(minutes=3.5)
+@pytest.mark.slow(minutes=1.7)
 def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, monkeypatch):
     from cxr_pipeline.data.shards import partition_of
 

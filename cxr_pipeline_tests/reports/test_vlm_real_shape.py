@@ -76,7 +76,7 @@ def test_one_bos_reply_only_labels_and_the_real_tile_dimension(processor):
     assert tuple(batch["pixel_values"].shape[1:]) == (1, 4, 3, 560, 560)
 
 
-@pytest.mark.slow(minutes=1.5)
+@pytest.mark.slow(minutes=1.3)
 def test_a_4bit_qlora_step_and_batched_generation_on_the_cpu(base, tmp_path):
     import torch
 
