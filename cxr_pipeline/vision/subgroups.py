@@ -241,8 +241,7 @@ def adjust_gaps(table: pl.DataFrame) -> pl.DataFrame:
     )
     q_of = {}
     for gap in GAPS:
-        own = t.filter(pl.col(f"{gap}_p").is_not_null() & (~pl.col("_two") | pl.col("_first")))
-        for _, family in own.group_by(PANEL):
+        for _, family in gap_tests(t, gap).group_by(PANEL):
             q = false_discovery_control(family[f"{gap}_p"].to_numpy(), method="bh")
             q_of.update({(r, gap): float(v) for r, v in zip(family["_row"], q, strict=True)})
     block_first = t.select("_row", pl.col("_row").filter(pl.col("_first")).first().over(block).alias("_lead"), "_two")
@@ -300,11 +299,12 @@ def largest_gaps(table: pl.DataFrame, n: int = 5, metric: str = "tpr_gap", q: fl
 
 
 def gap_tests(table: pl.DataFrame, metric: str = "tpr_gap") -> pl.DataFrame:
-    """The rows that are distinct tests of ``metric`` (a two-group block's second row repeats its first)."""
+    """The rows that are distinct tests of ``metric`` (a block with exactly two rows is one test: its second row's
+    gap is minus its first's), the family ``adjust_gaps`` corrects."""
     block = ["view", "labels", "model", "slug", "attribute"]
-    t = table.filter(pl.col(f"{metric}_p").is_not_null())
-    two = pl.len().over(block) == 2
-    return t.filter(~two | (pl.col("group").rank("ordinal").over(block) == 1))
+    two = pl.len().over(block) == 2  # counted over the whole block, before rows without a p-value drop out
+    first = pl.col("group").rank("ordinal").over(block) == 1
+    return table.filter(~two | first).filter(pl.col(f"{metric}_p").is_not_null())
 
 
 def audit_scores(
