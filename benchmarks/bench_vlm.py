@@ -25,28 +25,41 @@ device (tokens/s, peak memory).
     python benchmarks/bench_vlm.py --learning [--recipe learning] [--seeds 3]
 
 ``--learning``: does the report model use the image? Run with the product's recipe and code. The
-recipe is a ``pipeline.yaml`` (``benchmarks/recipes/learning.yaml``: copied to ``$CXR_HOME/pipeline.yaml``,
+recipe is a ``pipeline.yaml`` (``benchmarks/recipes/learning.yaml``: copied to a CXR_HOME's ``pipeline.yaml``,
 the pipeline trains the same adapter), resolved by ``cxr_pipeline.config`` exactly as a run resolves it.
-A replica (600 patients, every frontal image) is built once; the manifest, the shards at the report
-model's size and the report pairs are computed from it with the calls the assets make, and the tiny
-base of the recipe's width and language pretraining (``reports.vlm.ensure_base``).
+Two replicas (600 patients each, every frontal image), each in its own CXR_HOME under the work folder: the
+choice replica (``--choice-replica-seed``, 0) and a fresh test replica (``--replica-seed``, 1) that no
+candidate was chosen on. For each, the manifest, the shards at the report model's size and the report pairs
+are computed with the calls the assets make, and the tiny base of the recipe's width and language
+pretraining (``reports.vlm.ensure_base``) on that replica's training reports. References: the replica's
+CheXpert labels (the planted findings with 2% of labels flipped, as a labeller errs).
 
-1. **Choice, on validate only.** Each candidate in ``recipes/candidates/learning.yaml`` (the recipes
-   tried so far, each a ``report_adapter`` overlay on learning.yaml) trains with images (the first
-   seed, the recipe's ``max_steps``) and writes the validate split's reports (the first
-   ``max_test_pairs`` by dicom_id), scored by CE micro-F1 against the planted findings. The best is
-   chosen; the benchmark says whether learning.yaml holds it.
-2. **Test, once per arm and seed.** The chosen recipe trains with images and with every image blanked
-   (training and test), ``--seeds`` seeds each (the same seeds, the same ``max_steps`` optimizer steps),
-   and writes the test split's reports.
-3. **The bars.** The best constant report (the training report with the highest validate CE micro-F1,
-   written for every test study) and the template baseline; the seed-averaged CE micro-F1 of each arm
-   with a 95% interval over test patients, and paired intervals of the differences
-   (``reports.metrics.seed_mean_intervals``).
+1. **Choice, on the choice replica's validate split only.** Each candidate in
+   ``recipes/candidates/learning.yaml`` (the recipes tried so far, each a ``report_adapter`` overlay on
+   learning.yaml) trains with images (the first seed, the recipe's ``max_steps``) and writes the validate
+   split's reports (the first ``max_test_pairs`` by dicom_id), scored by CE micro-F1.
+   ``reports.learning_check.choose_candidate`` picks the best; its scores go to ``<work>/learning-validate.json``
+   (committed as ``recipes/candidates/learning-validate.json``, which a test re-runs the choice on), and the
+   benchmark says whether learning.yaml holds the winner.
+2. **Test, on the fresh replica, once per arm and seed.** The chosen recipe trains with images and with every
+   image blanked (training and test), ``--seeds`` seeds each (the same seeds, the same ``max_steps`` optimizer
+   steps), and writes the test split's reports.
+3. **The image-blind bars**, each chosen on the fresh replica's validate split and scored on its test split:
+   shuffled references (each seed's with-images reports scored against references permuted across patients,
+   ``reports.baselines.shuffled_references``: the model's outputs kept, their link to the image broken); the
+   best constant report (the training report with the highest validate CE micro-F1, written for every test
+   study); the optimal constant report (the template's report of the findings validate prevalence favours,
+   ``reports.baselines.optimal_constant_report``); and the template baseline. Seed-averaged CE micro-F1 with
+   95% intervals from a two-stage bootstrap (seeds with replacement, then test patients;
+   ``reports.metrics.seed_mean_intervals``), paired across arms; each seed's difference is printed too.
 
-Finished runs (adapter steps and reports) are kept in ``<work>/runs.json``: a killed benchmark resumes.
-``--time-limit`` is a safety stop only. Last line: ``learning: with images <f> [<lo>-<hi>], images
-blanked <f>, best constant <f>, difference <d> [<lo>-<hi>], seeds <n>, steps <s>``.
+Finished runs (adapter steps and reports) are kept in each replica's ``runs.json``, keyed by the recipe, the
+arm, the data's digest, the patients, the replica seed and the code version: a killed benchmark resumes, and a
+changed replica or package retrains. ``--time-limit`` is a safety stop only. Exits 1 when the test arms trained
+unequal steps (or other than the recipe's ``max_steps``) or when learning.yaml does not hold the validate
+winner. Last line: ``learning: with images F [lo-hi], images blanked F, shuffled references F, best constant F,
+optimal constant F, images vs best constant D [lo-hi], images vs blanked D [lo-hi], seeds N, steps S, test
+replica seed R``.
 
 Last line: ``qlora: X tokens/s, peak Y GB; generate: Z reports/s; device: NAME``, or with
 ``--real-shape``: ``qlora 11B estimate: weights <GB> GB, step bs1 <GB> GB, bs8 <GB> GB;
@@ -223,21 +236,38 @@ def real_shape(args, device, name: str) -> None:
 
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
+CHOICE_SCORES = RECIPES / "candidates" / "learning-validate.json"  # the last choice's validate scores, committed
 
 
-def _recipe_state(recipe: Path, work: Path):
-    """``work`` as a CXR_HOME whose ``pipeline.yaml`` is the recipe: what the pipeline would resolve, resolved."""
+def _code_version() -> str:
+    """A digest of the package's source: a kept run is reused only by the code that made it."""
+    import cxr_pipeline
+
+    root = Path(cxr_pipeline.__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _recipe_state(recipe: Path, home: Path):
+    """``home`` as a CXR_HOME whose ``pipeline.yaml`` is the recipe: what the pipeline would resolve, resolved."""
     from cxr_pipeline.settings import Paths
 
-    p = Paths(home=work, raw=work / "raw")
-    work.mkdir(parents=True, exist_ok=True)
+    p = Paths(home=home, raw=home / "raw")
+    home.mkdir(parents=True, exist_ok=True)
     p.pipeline_config.write_text(recipe.read_text())
     return p
 
 
-def _learning_data(p, workers: int, patients: int = 600):
-    """The replica (``patients``, 600 by default, built once), then what the manifest, image_shards and report_pairs assets
-    compute from it under the recipe, with the same domain calls; only the report model's shard size is built."""
+def _learning_data(recipe: Path, work: Path, patients: int, replica_seed: int, workers: int):
+    """One replica (``patients``, drawn with ``replica_seed``) in its own CXR_HOME under ``work``, then what the
+    manifest, image_shards and report_pairs assets compute from it under the recipe, with the same domain calls;
+    only the report model's shard size is built. A home whose replica was drawn otherwise is wiped and redrawn
+    (its marker holds the replica's settings), never reused. Returns (paths, pairs with labels, data digest):
+    the digest covers the pairs (ids, splits, texts, labels) and the shard files the reports are read from."""
+    from dataclasses import asdict
+
     from cxr_pipeline.config import resolve
     from cxr_pipeline.data.mimic import build_manifest
     from cxr_pipeline.data.shard_reader import PARTITIONS
@@ -246,21 +276,37 @@ def _learning_data(p, workers: int, patients: int = 600):
     from cxr_pipeline.labels import SLUGS
     from cxr_pipeline.reports.pairs import build_pairs
 
-    if not (p.raw / ".done").exists():
-        print(f"generating a {patients}-patient replica in {p.raw} (once) ...", file=sys.stderr, flush=True)
-        synth = SynthConfig(
-            patients=patients, source_rows=128, jpeg2000_fraction=0.0, workers=workers, validate_fraction=0.1, test_fraction=0.15
-        )
+    home = work / f"replica-seed{replica_seed}-{patients}p"
+    synth = SynthConfig(
+        patients=patients,
+        seed=replica_seed,
+        source_rows=128,
+        jpeg2000_fraction=0.0,
+        workers=workers,
+        validate_fraction=0.1,
+        test_fraction=0.15,
+    )
+    marker = home / "replica.json"
+    want = json.dumps({k: v for k, v in asdict(synth).items() if k != "workers"}, sort_keys=True)
+    if home.exists() and (not marker.exists() or marker.read_text() != want):
+        print(f"{home}: drawn with other settings or unfinished: redrawn", file=sys.stderr, flush=True)
+        shutil.rmtree(home)
+    p = _recipe_state(recipe, home)
+    if not marker.exists():
+        print(f"generating a {patients}-patient replica (seed {replica_seed}) in {p.raw} (once) ...", file=sys.stderr, flush=True)
         generate(synth, p.raw)
-        (p.raw / ".done").write_text("ok")
+        marker.write_text(want)
     manifest = build_manifest(p.raw, resolve(p, "manifest")).manifest
     size, shards = resolve(p, "report_adapter").size, resolve(p, "image_shards")
     for part in PARTITIONS:
         items = manifest.filter(partition_column() == part)
         if items.height:
             build_partition(p.raw, p.shard_partition(size, part), items, shards.spec(size))
-    pairs = build_pairs(manifest, resolve(p, "report_pairs"))
-    return pairs.join(manifest.select("dicom_id", *SLUGS), on="dicom_id", how="left")
+    pairs = build_pairs(manifest, resolve(p, "report_pairs")).join(manifest.select("dicom_id", *SLUGS), on="dicom_id", how="left")
+    h = hashlib.sha256(pairs.select("dicom_id", "subject_id", "split", "text", *SLUGS).sort("dicom_id").write_csv().encode())
+    for f in sorted(q for q in p.shard_root(size).rglob("*") if q.is_file()):
+        h.update(f.name.encode() + f.read_bytes())
+    return p, pairs, h.hexdigest()[:16]
 
 
 class _Blank:
@@ -278,7 +324,8 @@ class _Blank:
 
 def _split_reports(pairs, split: str, cap: int | None, shard_root: Path, size: int):
     """A split's pairs (the first ``cap`` by dicom_id, as generated_reports takes them), their images, the
-    planted findings as reference labels and each report's patient."""
+    replica's CheXpert labels as reference labels (the planted findings, 2% of them flipped as a labeller errs)
+    and each report's patient."""
     import polars as pl
 
     from cxr_pipeline.data.shard_reader import load_images
@@ -292,11 +339,13 @@ def _split_reports(pairs, split: str, cap: int | None, shard_root: Path, size: i
 
 
 class _Runs:
-    """Each adapter the benchmark trains, with the reports it wrote, kept in ``runs.json`` under the work folder
-    so that a killed benchmark resumes where it stopped. A run is keyed by its resolved recipe, arm and split."""
+    """Each adapter the benchmark trains, with the reports it wrote, kept in ``runs.json`` in its replica's home
+    so that a killed benchmark resumes where it stopped. A run is keyed by its resolved recipe, arm and split,
+    the data's digest, the replica's patients and seed, and the code version: a run is reused only for the
+    data and the code that made it."""
 
-    def __init__(self, p, examples, device, time_limit: float) -> None:
-        self.p, self.examples, self.device, self.time_limit = p, examples, device, time_limit
+    def __init__(self, p, examples, device, time_limit: float, data: dict) -> None:
+        self.p, self.examples, self.device, self.time_limit, self.data = p, examples, device, time_limit, data
         self.file = p.home / "runs.json"
         self.done = json.loads(self.file.read_text()) if self.file.exists() else {}
 
@@ -309,13 +358,13 @@ class _Runs:
 
         ex = self.examples
         recipe = record(cfg)
-        key = json.dumps({"recipe": recipe, "blank": blank, "split": split, "n": len(images)}, sort_keys=True, default=str)
+        key = json.dumps({"recipe": recipe, "blank": blank, "split": split, "n": len(images), **self.data}, sort_keys=True, default=str)
         if key in self.done:
             return self.done[key]["reports"], self.done[key]["steps"]
         base = ensure_base(cfg, self.p.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps), ex.reports, log=log)
         gen = resolve(self.p, "generated_reports", derived={"max_new_tokens": lambda: report_token_budget(base, ex.reports)})
         # one adapter per recipe and arm scores both splits; a half-trained one is retrained from scratch, never resumed
-        train_key = json.dumps({"recipe": recipe, "blank": blank}, sort_keys=True, default=str)
+        train_key = json.dumps({"recipe": recipe, "blank": blank, **self.data}, sort_keys=True, default=str)
         adapter = self.p.reports / "runs" / hashlib.sha256(train_key.encode()).hexdigest()[:12]
         t0 = time.perf_counter()
         steps_file = adapter / "steps.txt"
@@ -345,86 +394,142 @@ class _Runs:
         return hyps, steps
 
 
-def learning(args, device, name: str) -> None:
-    import yaml
-
+def _replica_runs(args, recipe: Path, work: Path, replica_seed: int, device, code: str):
+    """A replica's data, its training examples under the recipe, its validate and test reports, and its runs."""
     from cxr_pipeline.config import resolve
-    from cxr_pipeline.reports.baselines import best_constant_report, template_report
-    from cxr_pipeline.reports.metrics import clinical_efficacy, seed_mean_intervals
     from cxr_pipeline.reports.vlm import adapter_training_set
-    from cxr_pipeline.settings import paths
 
-    recipe = Path(args.recipe) if args.recipe.endswith(".yaml") else RECIPES / f"{args.recipe}.yaml"
-    candidates = yaml.safe_load(Path(args.candidates).read_text())["candidates"]
-    seeds = list(range(args.seeds))
-    p = _recipe_state(recipe, Path(args.work or paths().bench("vlm-learning")))
-    t_start = time.perf_counter()
-    pairs = _learning_data(p, os.cpu_count() or 1, args.patients)
+    p, pairs, digest = _learning_data(recipe, work, args.patients, replica_seed, os.cpu_count() or 1)
     shipped = resolve(p, "report_adapter")
-    examples, rows, variant = adapter_training_set(pairs, p.shard_root(shipped.size), shipped)  # the recipe's prompt: no hints
+    examples, _rows, variant = adapter_training_set(pairs, p.shard_root(shipped.size), shipped)  # the recipe's prompt: no hints
     cap = resolve(p, "generated_reports", derived={"max_new_tokens": lambda: 1}).max_test_pairs
     val = _split_reports(pairs, "validate", cap, p.shard_root(shipped.size), shipped.size)
     test = _split_reports(pairs, "test", cap, p.shard_root(shipped.size), shipped.size)
-    runs = _Runs(p, examples, device, args.time_limit)
+    data = {"data": digest, "patients": args.patients, "replica_seed": replica_seed, "code": code}
     print(
-        f"{len(examples.reports)} training pairs ({variant}), {len(val[0])} validate and {len(test[0])} test reports "
-        f"({len(set(val[2]))} and {len(set(test[2]))} patients); {shipped.max_steps} optimizer steps per adapter; "
-        f"seeds {seeds}; references: the planted findings",
+        f"replica seed {replica_seed} ({args.patients} patients, data {digest}): {len(examples.reports)} training pairs ({variant}), "
+        f"{len(val[0])} validate and {len(test[0])} test reports ({len(set(val[2]))} and {len(set(test[2]))} patients)",
         flush=True,
     )
+    return p, shipped, examples, val, test, _Runs(p, examples, device, args.time_limit, data)
 
-    # 1. choose the recipe on the validate split (with images, the first seed); test is not looked at
-    print(f"choice on validate ({Path(args.candidates).name}, seed {seeds[0]}):", flush=True)
-    chosen = {}
+
+def learning(args, device, name: str) -> int:
+    """The learning check (module docstring). Returns the exit status: 1 when the arms trained unequal steps
+    or when the recipe file does not hold the candidate chosen on validate, else 0."""
+    import yaml
+
+    from cxr_pipeline.config import resolve
+    from cxr_pipeline.files import atomic_path
+    from cxr_pipeline.reports.baselines import best_constant_report, optimal_constant_report, shuffled_references, template_report
+    from cxr_pipeline.reports.learning_check import choose_candidate, recipe_holds
+    from cxr_pipeline.reports.metrics import clinical_efficacy, seed_mean_intervals
+    from cxr_pipeline.settings import paths
+
+    if args.replica_seed == args.choice_replica_seed:
+        raise SystemExit(f"--replica-seed {args.replica_seed}: the test replica must be drawn with another seed than the choice's")
+    recipe = Path(args.recipe) if args.recipe.endswith(".yaml") else RECIPES / f"{args.recipe}.yaml"
+    candidates = yaml.safe_load(Path(args.candidates).read_text())["candidates"]
+    seeds = list(range(args.seeds))
+    work = Path(args.work or paths().bench("vlm-learning"))
+    code = _code_version()
+    t_start = time.perf_counter()
+    print(f"code {code}; seeds {seeds}; references: the replica's CheXpert labels (planted findings, 2% flipped)", flush=True)
+
+    # 1. choose the recipe on the validate split of the choice replica (with images, the first seed)
+    p0, shipped, _ex0, val0, _test0, runs0 = _replica_runs(args, recipe, work, args.choice_replica_seed, device, code)
+    print(f"choice on validate of replica seed {args.choice_replica_seed} ({Path(args.candidates).name}, seed {seeds[0]}):", flush=True)
+    scores, cand_steps = {}, {}
     for cname, overlay in candidates.items():
-        cfg = resolve(p, "report_adapter", explicit={**overlay, "seed": seeds[0]})
-        hyps, steps = runs.reports(cfg, False, "validate", val[0], log=print)
-        ce, _ = clinical_efficacy([""] * len(hyps), hyps, val[1])
-        chosen[cname] = (ce["ce_micro14_f1"], cfg)
-        print(f"  {cname:24} validate CE micro-F1 {ce['ce_micro14_f1']:.3f}, macro-F1 {ce['ce_macro14_f1']:.3f}, {steps} steps", flush=True)
-    winner = max(chosen, key=lambda c: chosen[c][0])  # ties: the first listed
-    cfg_w = chosen[winner][1]
-    same = all(getattr(shipped, k) == getattr(cfg_w, k) for k in candidates[winner])
+        cfg = resolve(p0, "report_adapter", explicit={**overlay, "seed": seeds[0]})
+        hyps, cand_steps[cname] = runs0.reports(cfg, False, "validate", val0[0], log=print)
+        ce, _ = clinical_efficacy([""] * len(hyps), hyps, val0[1])
+        scores[cname] = ce["ce_micro14_f1"]
+        print(
+            f"  {cname:24} validate CE micro-F1 {ce['ce_micro14_f1']:.3f}, macro-F1 {ce['ce_macro14_f1']:.3f}, {cand_steps[cname]} steps",
+            flush=True,
+        )
+    winner = choose_candidate(scores)
+    drift = recipe_holds(shipped, candidates[winner])
+    record = {
+        "replica_seed": args.choice_replica_seed,
+        "patients": args.patients,
+        "code": code,
+        "seed": seeds[0],
+        "validate_ce_micro14_f1": scores,
+    }
+    with atomic_path(work / "learning-validate.json") as tmp:  # benchmarks/recipes/candidates/learning-validate.json is a copy
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
     print(
-        f"chosen on validate: {winner} ({chosen[winner][0]:.3f}); {recipe.name} "
-        + ("holds it" if same else f"does NOT hold it: set {candidates[winner]} in {recipe}"),
+        f"chosen on validate: {winner} ({scores[winner]:.3f}); {recipe.name} "
+        + ("holds it" if not drift else f"does NOT hold it ({'; '.join(drift)}): set {candidates[winner]} in {recipe}"),
         flush=True,
     )
 
-    # 2. the chosen recipe on the test split, once per arm and seed (equal steps, same seeds)
+    # 2. the chosen recipe on the test split of a replica drawn with a new seed, once per arm and seed
+    p, shipped1, examples, val, test, runs = _replica_runs(args, recipe, work, args.replica_seed, device, code)
     arms: dict[str, list[list[str]]] = {"with images": [], "images blanked": []}
-    steps_seen = set()
+    steps_by_arm: dict[str, list[int]] = {"with images": [], "images blanked": []}
     for seed in seeds:
         cfg = resolve(p, "report_adapter", explicit={**candidates[winner], "seed": seed})
         for arm, blank in (("with images", False), ("images blanked", True)):
             hyps, steps = runs.reports(cfg, blank, "test", test[0], log=print)
-            steps_seen.add(steps)
+            steps_by_arm[arm].append(steps)
             arms[arm].append(hyps)
             ce, _ = clinical_efficacy([""] * len(hyps), hyps, test[1])
             print(
                 f"  seed {seed} {arm:15} test CE micro-F1 {ce['ce_micro14_f1']:.3f}, macro-F1 {ce['ce_macro14_f1']:.3f}, "
-                f"{steps} steps; e.g. {hyps[0][:90]!r}",
+                f"{steps} steps, {len(set(hyps))} distinct reports; e.g. {hyps[0][:90]!r}",
                 flush=True,
             )
-    # 3. the best constant report: chosen among the training reports on validate, scored on test
-    constant, f_val = best_constant_report(examples.reports, val[1])
+    # 3. the image-blind bars, chosen on the test replica's validate split and scored on its test split
+    shuffled = [shuffled_references(test[1], test[2], seed=s) for s in seeds]
+    arms["shuffled references"] = arms["with images"]
+    constant, f_best_val = best_constant_report(examples.reports, val[1])
+    optimal, f_opt_val = optimal_constant_report(val[1])
     arms["best constant"] = [[constant] * len(test[1])]
+    arms["optimal constant"] = [[optimal] * len(test[1])]
+    stats, diffs = seed_mean_intervals(test[1], arms, test[2], n_boot=args.n_boot, arm_references={"shuffled references": shuffled})
     template, _ = clinical_efficacy([""] * len(test[1]), [template_report({})] * len(test[1]), test[1])
-    stats, diffs = seed_mean_intervals(test[1], arms, test[2], n_boot=args.n_boot)
-    print(f"best constant report (validate CE micro-F1 {f_val:.3f}): {constant[:120]!r}")
+    print(f"best constant report (among the training reports; validate CE micro-F1 {f_best_val:.3f}): {constant[:120]!r}")
+    print(f"optimal constant report (the findings validate prevalence favours; validate {f_opt_val:.3f}): {optimal[:120]!r}")
     for arm, (f, lo, hi) in stats.items():
-        print(f"  {arm:15} test CE micro-F1 {f:.3f} [{lo:.3f}-{hi:.3f}] (mean over {len(arms[arm])} run(s); patients resampled)")
+        print(f"  {arm:19} test CE micro-F1 {f:.3f} [{lo:.3f}-{hi:.3f}] (mean over {len(arms[arm])} run(s))")
     for (a, b), (d, lo, hi) in diffs.items():
-        print(f"  {a} - {b}: {d:+.3f} [{lo:+.3f}-{hi:+.3f}] (paired, {args.n_boot} patient resamples)")
-    print(f"template baseline (no classifier): test CE micro-F1 {template['ce_micro14_f1']:.3f}")
-    print(f"whole benchmark {time.perf_counter() - t_start:.0f} s on {name} (finished runs are reused from {runs.file})")
-    (f_img, lo_img, hi_img), (f_blank, *_), (f_const, *_) = stats["with images"], stats["images blanked"], stats["best constant"]
-    d, lo, hi = diffs[("with images", "images blanked")]
-    steps_txt = "/".join(str(s) for s in sorted(steps_seen))
+        if a == "with images":
+            each = [
+                clinical_efficacy([""] * len(test[1]), arms[a][i], test[1])[0]["ce_micro14_f1"]
+                - clinical_efficacy(
+                    [""] * len(test[1]), arms[b][i if len(arms[b]) > 1 else 0], shuffled[i] if b == "shuffled references" else test[1]
+                )[0]["ce_micro14_f1"]
+                for i in range(len(seeds))
+            ]
+            print(f"  {a} - {b}: {d:+.3f} [{lo:+.3f}-{hi:+.3f}]; by seed {', '.join(f'{x:+.3f}' for x in each)}")
     print(
-        f"learning: with images {f_img:.3f} [{lo_img:.3f}-{hi_img:.3f}], images blanked {f_blank:.3f}, best constant {f_const:.3f}, "
-        f"difference {d:.3f} [{lo:.3f}-{hi:.3f}], seeds {len(seeds)}, steps {steps_txt}"
+        f"intervals: 95%, two-stage bootstrap ({args.n_boot} resamples: the {len(seeds)} seeds with replacement, then the "
+        f"{len(set(test[2]))} test patients), paired across arms"
     )
+    print(f"template baseline (no classifier): test CE micro-F1 {template['ce_micro14_f1']:.3f}")
+    print(f"whole benchmark {time.perf_counter() - t_start:.0f} s on {name} (finished runs are reused from {runs0.file} and {runs.file})")
+    all_steps = steps_by_arm["with images"] + steps_by_arm["images blanked"]
+    (f_img, lo_img, hi_img) = stats["with images"]
+    dc, dclo, dchi = diffs[("with images", "best constant")]
+    db, dblo, dbhi = diffs[("with images", "images blanked")]
+    steps_txt = "/".join(str(s) for s in sorted(set(all_steps)))
+    print(
+        f"learning: with images {f_img:.3f} [{lo_img:.3f}-{hi_img:.3f}], images blanked {stats['images blanked'][0]:.3f}, "
+        f"shuffled references {stats['shuffled references'][0]:.3f}, best constant {stats['best constant'][0]:.3f}, "
+        f"optimal constant {stats['optimal constant'][0]:.3f}, images vs best constant {dc:+.3f} [{dclo:+.3f}-{dchi:+.3f}], "
+        f"images vs blanked {db:+.3f} [{dblo:+.3f}-{dbhi:+.3f}], seeds {len(seeds)}, steps {steps_txt}, test replica seed {args.replica_seed}"
+    )
+    status = 0
+    if len(set(all_steps)) != 1 or all_steps[0] != shipped1.max_steps:
+        print(f"FAILED: the arms trained unequal steps {steps_by_arm} (the recipe asks {shipped1.max_steps})", file=sys.stderr)
+        status = 1
+    if drift:
+        print(f"FAILED: {recipe} does not hold the candidate chosen on validate ({winner})", file=sys.stderr)
+        status = 1
+    return status
 
 
 def main() -> int:
@@ -449,6 +554,8 @@ def main() -> int:
     )
     ap.add_argument("--patients", type=int, default=600, help="replica patients (--learning; a quick trial: fewer)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm on test (--learning)")
+    ap.add_argument("--choice-replica-seed", type=int, default=0, help="the replica the candidates are chosen on (--learning)")
+    ap.add_argument("--replica-seed", type=int, default=1, help="the fresh replica the chosen recipe is tested on (--learning)")
     ap.add_argument("--n-boot", type=int, default=1000, help="patient resamples for the intervals (--learning)")
     ap.add_argument("--work", default="", help="state folder (--learning; default $CXR_HOME/bench/vlm-learning)")
     args = ap.parse_args()
@@ -458,8 +565,7 @@ def main() -> int:
         real_shape(args, device, name)
         return 0
     if args.learning:
-        learning(args, device, name)
-        return 0
+        return learning(args, device, name)
     with tempfile.TemporaryDirectory() as d:
         base = build_tiny_base(Path(d) / "base", TEXTS * 50)
         bf16 = step_rate(base, False, args.batch, args.steps, device)

@@ -132,6 +132,7 @@ TABLES: dict[str, dict[str, str]] = {
         "n": "reports scored",
         "labeler": "the report labeler's version (clinical efficacy labels both sides with it)",
         "ce_macro": "how the macro clinical-efficacy F1 treats a finding absent from both sides",
+        "bootstrap_unit": "what the intervals resample: patients (all of a patient's reports together), studies, or reports",
         "{metric}": "{metric} of the system's reports against the references",
         **_INTERVAL,
     },

@@ -1,4 +1,5 @@
-"""Two report baselines every run is compared with: a template and nearest-neighbour retrieval."""
+"""Two report baselines every run is compared with (a template and nearest-neighbour retrieval), and the
+image-blind bars of the learning check (the best and the optimal constant report, shuffled references)."""
 
 from __future__ import annotations
 
@@ -100,3 +101,54 @@ def best_constant_report(candidates: Sequence[str], reference_labels: Sequence[M
     f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
     best = int(np.argmax(f1))
     return texts[best], float(f1[best])
+
+
+def optimal_constant_report(reference_labels: Sequence[Mapping[str, float | None]]) -> tuple[str, float]:
+    """The constant report that states the findings the references' prevalence favours, written like the
+    template, and its CE micro-F1 (14, uncertain as absent) on those references: the strongest report a
+    model that ignores its image can write, where ``best_constant_report`` only searches reports that exist.
+
+    For a constant report naming a set S of findings, micro-F1 = 2 TP / (TP + |S| n + P) with TP the
+    references' positives of S and P all their positives: for a given |S| it is highest when S holds the
+    |S| most prevalent findings. So the candidates are the template's report for the top k findings by
+    prevalence, k = 0 (the normal report) to every finding the template can state; each is labelled by the
+    labeler, as every report is scored, and the best is kept. Choose it on validation labels, score it on test.
+    """
+    from cxr_pipeline.labels import LABEL_BY_SLUG
+
+    refs = list(reference_labels)
+    prevalence = {s: sum(1 for r in refs if r.get(LABEL_BY_SLUG[s]) == 1.0) for s in POSITIVE}
+    ranked = sorted(POSITIVE, key=lambda s: -prevalence[s])  # stable: ties keep the template's order
+    candidates = [template_report({s: 1.0 if s in ranked[:k] else 0.0 for s in POSITIVE}) for k in range(len(ranked) + 1)]
+    return best_constant_report(candidates, refs)
+
+
+def shuffled_references(reference_labels: Sequence, patients: Sequence, seed: int = 0) -> list:
+    """The references permuted across patients: every report gets the reference of a report of another
+    patient, so a system scored against them keeps its own outputs (how often it names each finding) but
+    loses their link to the image. The control for "are the reports about this image": a system that scores
+    no better against the true references than against these does not read the image.
+
+    Patients are put in a random order (``seed``), their reports laid out in it, and each report takes the
+    reference lying the largest patient's report count further on (cyclically): never its own patient's.
+    """
+    refs, pts = list(reference_labels), list(patients)
+    if len(refs) != len(pts):
+        raise ValueError(f"shuffled_references: {len(refs)} references but {len(pts)} patients")
+    groups: dict = {}
+    for i, p in enumerate(pts):
+        groups.setdefault(p, []).append(i)
+    if not groups:
+        return []
+    largest = max(len(g) for g in groups.values())
+    if len(refs) < 2 * largest:
+        raise ValueError(
+            f"shuffled_references: one patient has {largest} of {len(refs)} reports; the references cannot leave every patient"
+        )
+    keys = list(groups)
+    order = [groups[keys[j]] for j in np.random.default_rng(seed).permutation(len(keys))]
+    laid = [i for g in order for i in g]
+    out = [None] * len(refs)
+    for pos, i in enumerate(laid):
+        out[i] = refs[laid[(pos + largest) % len(laid)]]
+    return out

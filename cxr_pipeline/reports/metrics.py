@@ -202,14 +202,16 @@ def report_intervals(
     point = {name: _interval_values(p, np.arange(n)) for name, p in per.items()}
     rng = np.random.default_rng(seed)
     draws: dict[str, list[dict]] = {name: [] for name in systems}
+    unit = "report"
     for _ in range(n_boot if n else 0):
-        idx, _unit = resample_indices(n, np.asarray(patients), rng)
+        idx, drawn = resample_indices(n, np.asarray(patients), rng)
+        unit = "report" if drawn == "image" else "patient"  # whole groups when a patient has several reports
         for name, p in per.items():
             draws[name].append(_interval_values(p, idx))
 
     rows, diffs = [], []
     for name in systems:
-        row = {"system": name, "n": n, "resamples": n_boot}
+        row = {"system": name, "n": n, "resamples": n_boot, "bootstrap_unit": unit}
         for m in INTERVAL_METRICS:
             row[m] = point[name][m]
             row[f"{m}_lo"], row[f"{m}_hi"] = _ci([d[m] for d in draws[name]])
@@ -236,28 +238,50 @@ def seed_mean_intervals(
     patients: Sequence,
     n_boot: int = 1000,
     seed: int = 0,
+    arm_references: dict[str, Sequence[Sequence[dict]]] | None = None,
 ) -> tuple[dict[str, tuple[float, float | None, float | None]], dict[tuple[str, str], tuple[float, float | None, float | None]]]:
     """CE micro-F1 (14, uncertain as absent) of arms that were each trained with several seeds, averaged over
-    the seeds, with a 95% bootstrap interval over patients, and the paired interval of every difference
-    between two arms: one patient resample scores every seed of every arm, so seed-to-seed and
-    patient-to-patient variation both reach the interval of the seed mean, and the difference is paired.
+    the seeds, with a 95% two-stage bootstrap interval (seeds, then patients) and the paired interval of every
+    difference between two arms.
+
+    Each resample first draws the seeds with replacement (seed index i of every multi-seed arm is the same
+    seed, so the arms stay paired by seed), then the test patients with replacement; an arm's value is the mean
+    over the drawn seeds of its micro-F1 on the drawn patients. So the interval carries the seed-to-seed
+    spread as well as the patients' (with three seeds the seed stage is coarse: it cannot show more spread
+    than the three seeds have). Arms with one run (a constant report) take that run in every resample.
 
     ``arms``: name -> one list of reports per seed, each aligned with ``reference_labels`` and ``patients``.
-    (``report_intervals`` compares single systems; this averages seeds inside each resample first.)
+    ``arm_references``: name -> one reference list per run, for an arm scored against other references than
+    ``reference_labels`` (the shuffled-references control); its reports are resampled with the same indices,
+    so the control is paired with the arms it is compared with.
     Returns ({arm: (point, lo, hi)}, {(a, b): (a - b, lo, hi)}).
     """
     from cxr_pipeline.vision.evaluate import resample_indices
 
     refs = list(reference_labels)
-    per = {a: [_per_report([""] * len(refs), hyps, refs, rouge=False) for hyps in seeds] for a, seeds in arms.items()}
+    other = arm_references or {}
+    per = {
+        a: [_per_report([""] * len(refs), hyps, list(other[a][i]) if a in other else refs, rouge=False) for i, hyps in enumerate(runs)]
+        for a, runs in arms.items()
+    }
+    counts = {len(runs) for runs in per.values()} - {1}
+    if len(counts) > 1:
+        raise ValueError(f"seed_mean_intervals: multi-seed arms must have the same number of seeds, not {sorted(counts)}")
+    n_seeds = counts.pop() if counts else 1
     n = len(refs)
 
-    def score(idx: np.ndarray) -> dict[str, float]:
-        return {a: float(np.mean([_interval_values(p, idx)["ce_micro14_f1"] for p in runs])) for a, runs in per.items()}
+    def score(idx: np.ndarray, seeds: np.ndarray) -> dict[str, float]:
+        return {
+            a: float(np.mean([_interval_values(runs[s if len(runs) > 1 else 0], idx)["ce_micro14_f1"] for s in seeds]))
+            for a, runs in per.items()
+        }
 
-    point = score(np.arange(n))
+    point = score(np.arange(n), np.arange(n_seeds))
     rng = np.random.default_rng(seed)
-    draws = [score(resample_indices(n, np.asarray(patients), rng)[0]) for _ in range(n_boot if n else 0)]
+    draws = []
+    for _ in range(n_boot if n else 0):
+        seeds = rng.integers(0, n_seeds, n_seeds)
+        draws.append(score(resample_indices(n, np.asarray(patients), rng)[0], seeds))
     out = {a: (point[a], *_ci([d[a] for d in draws])) for a in arms}
     names = list(arms)
     diffs = {(a, b): (point[a] - point[b], *_ci([d[a] - d[b] for d in draws])) for i, a in enumerate(names) for b in names[i + 1 :]}
@@ -316,7 +340,9 @@ class ScoredReports:
 def score_reports(gen: pl.DataFrame, systems: Sequence[str], meteor: bool) -> ScoredReports:
     """Score every system's reports against the references (``generated_reports``' columns): NLG metrics and CE
     with the labeler on the references; again on the radiologist-labelled studies with the radiologist's labels;
-    95% intervals over test studies for the labeler rows and paired intervals for each difference between systems."""
+    95% intervals for the labeler rows and paired intervals for each difference between systems, from resamples
+    of test patients (each patient's reports together; a table without ``subject_id``, written before it carried
+    one, resamples studies). The table's ``bootstrap_unit`` says which: patient, study, or report."""
     from cxr_pipeline.reports.labeler import labeler_version
 
     hyps = {s: gen[s].to_list() for s in systems}
@@ -336,7 +362,12 @@ def score_reports(gen: pl.DataFrame, systems: Sequence[str], meteor: bool) -> Sc
     groups = gen["subject_id"] if "subject_id" in gen.columns else gen["study_id"]
     iv, diffs = report_intervals(gen["reference"].to_list(), hyps, groups.to_list())
     bounds = [f"{m}_{b}" for m in INTERVAL_METRICS for b in ("lo", "hi")]
-    iv_table = pl.DataFrame(iv).select("system", *bounds).with_columns(pl.lit("labeler").alias("test_labels"))
+    unit = {"patient": "patient" if "subject_id" in gen.columns else "study", "report": "report"}
+    iv_table = (
+        pl.DataFrame(iv)
+        .select("system", *bounds, pl.col("bootstrap_unit").replace_strict(unit))
+        .with_columns(pl.lit("labeler").alias("test_labels"))
+    )
     table = table.join(iv_table, on=["system", "test_labels"], how="left")
     differences = pl.DataFrame(diffs, schema_overrides={"lo": pl.Float64, "hi": pl.Float64, "better": pl.String})
     return ScoredReports(table, differences, rows, bad_total, evaluation)

@@ -280,6 +280,14 @@ def train_adapter(
     # with the progress bar off, transformers prints every step's log dict to stdout (PrinterCallback);
     # those numbers go to MLflow through ``on_log``, so the console (``make demo``) stays one line per stage
     trainer.remove_callback(PrinterCallback)
+    if compute_dtype(device) != torch.bfloat16:
+        # TRL casts a quantised model's trainable weights to bf16 (the QLoRA paper's advice) whatever the compute dtype.
+        # On a CPU the model computes in float32 (compute_dtype): a module trained in full (train_full) would meet
+        # float32 activations with bf16 weights, and LoRA would run in emulated bf16. The optimizer is built at
+        # train(), so casting back here is what it sees.
+        for param in model.parameters():
+            if param.requires_grad and param.dtype == torch.bfloat16:
+                param.data = param.data.to(compute_dtype(device))
     last = None
     if ckpt_dir.exists():
         cks = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))

@@ -99,13 +99,16 @@ def test_generation_loads_the_base_as_the_adapter_was_trained(base, tmp_path, mo
     assert loads == [(False, torch.device("cpu"))]
 
 
-def test_modules_trained_in_full_travel_with_the_adapter(base, tmp_path):
-    """``train_full`` (peft modules_to_save): the projector is trained whole, saved in the adapter, used at generation."""
+@pytest.mark.parametrize("quantize", [False, True])
+def test_modules_trained_in_full_travel_with_the_adapter(base, tmp_path, quantize):
+    """``train_full`` (peft modules_to_save): the projector is trained whole, saved in the adapter, used at generation.
+    Quantised too (the learning recipe's QLoRA): TRL casts a quantised model's trainable weights to bf16, which a
+    CPU's float32 activations met in the projector ("mat1 and mat2 must have the same dtype")."""
     import torch
     from safetensors import safe_open
 
     adapter = tmp_path / "adapter"
-    cfg = vlm.AdapterConfig(max_steps=2, batch_size=2, accumulation=1, lr=1e-2, quantize=False, train_full="multi_modal_projector")
+    cfg = vlm.AdapterConfig(max_steps=2, batch_size=2, accumulation=1, lr=1e-2, quantize=quantize, train_full="multi_modal_projector")
     vlm.train_adapter(base, examples(4), cfg, adapter, device=torch.device("cpu"))
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
         saved = [k for k in f.keys() if "multi_modal_projector" in k and k.endswith("weight")]
