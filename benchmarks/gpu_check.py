@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import resource
 import sys
@@ -52,6 +53,14 @@ def _peak_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def measured(what: str, value: float) -> float:
+    """``value`` when it is a finite positive measurement; else the check fails, naming it. A step that trained
+    no images or timed nothing gives NaN or 0 img/s, which must not pass as a figure."""
+    if not (math.isfinite(value) and value > 0):
+        raise SystemExit(f"gpu_check: {what} measured {value!r}: not a rate or a loss (did the step run?)")
+    return value
+
+
 def training(device, size: int, batch: int, steps: int, work: Path) -> None:
     import torch
 
@@ -73,7 +82,7 @@ def training(device, size: int, batch: int, steps: int, work: Path) -> None:
             _sync(device)
             res = train(images, y, images.subset(np.arange(batch)), y[:batch], cfg, device)
             print(
-                f"train {arch} {mode}: {res.images_per_second:,.0f} img/s at {size} px, batch {batch}, {steps} steps (torch.compile: not used)"
+                f"train {arch} {mode}: {measured(f'train {arch} {mode}', res.images_per_second):,.0f} img/s at {size} px, batch {batch}, {steps} steps (torch.compile: not used)"
             )
             del images
 
@@ -111,7 +120,8 @@ def report_model(device, small: bool, work: Path) -> None:
     out.loss.backward()
     opt.step()
     _sync(device)
-    print(f"qlora step: {time.perf_counter() - t0:.2f} s for 4 pairs, loss {float(out.loss):.3f}, 4-bit NF4 on {device}")
+    step_s, loss = time.perf_counter() - t0, measured("qlora loss", float(out.loss))
+    print(f"qlora step: {measured('qlora step', step_s):.2f} s for 4 pairs, loss {loss:.3f}, 4-bit NF4 on {device}")
     model.eval()
     gen_in = processor(images=[[image]] * 4, text=[prompt] * 4, return_tensors="pt", padding=True).to(device)
     t0 = time.perf_counter()
@@ -119,7 +129,7 @@ def report_model(device, small: bool, work: Path) -> None:
         gen = model.generate(**gen_in, max_new_tokens=32, do_sample=False, min_new_tokens=32)
     _sync(device)
     new = (gen.shape[1] - gen_in["input_ids"].shape[1]) * gen.shape[0]
-    print(f"generate: {new / (time.perf_counter() - t0):,.1f} new tokens/s (batch 4, 32 tokens each)")
+    print(f"generate: {measured('generate', new / (time.perf_counter() - t0)):,.1f} new tokens/s (batch 4, 32 tokens each)")
 
 
 def pyfunc(device, size: int, work: Path) -> None:
@@ -142,7 +152,9 @@ def pyfunc(device, size: int, work: Path) -> None:
     out = model.predict(images, params={"device": str(device)})
     _sync(device)
     assert len(out) == 64 and torch.isfinite(torch.tensor(out["cardiomegaly"].to_numpy())).all()
-    print(f"pyfunc predict: {64 / (time.perf_counter() - t0):,.0f} img/s on {device} through mlflow.pyfunc.load_model")
+    print(
+        f"pyfunc predict: {measured('pyfunc predict', 64 / (time.perf_counter() - t0)):,.0f} img/s on {device} through mlflow.pyfunc.load_model"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

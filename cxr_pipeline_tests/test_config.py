@@ -239,17 +239,40 @@ def test_the_learning_recipe_is_a_pipeline_yaml(cxr_home):
 
 
 def test_the_learning_recipe_holds_the_candidate_chosen_on_validate(cxr_home):
-    """bench_vlm --learning chooses among recipes/candidates/learning.yaml on the validate split; learning.yaml
-    (what the test-split figures and a user's pipeline.yaml run) must be the base plus the candidate named
-    ``chosen``, so the recipe cannot drift from the choice. Every candidate must resolve as a run would."""
-    candidates = yaml.safe_load((ROOT / "benchmarks" / "recipes" / "candidates" / "learning.yaml").read_text())
+    """bench_vlm --learning chooses among recipes/candidates/learning.yaml on the validate split and records the
+    scores (recipes/candidates/learning-validate.json); the choice is re-run here on those scores, and learning.yaml
+    (what the test-split figures and a user's pipeline.yaml run) must be the base plus the winner, so the recipe
+    cannot drift from the choice. Every candidate must resolve as a run would, and every one was scored."""
+    from cxr_pipeline.reports.learning_check import choose_candidate, recipe_holds
+
+    folder = ROOT / "benchmarks" / "recipes" / "candidates"
+    candidates = yaml.safe_load((folder / "learning.yaml").read_text())["candidates"]
     paths().home.mkdir(parents=True, exist_ok=True)
     paths().pipeline_config.write_text((ROOT / "benchmarks" / "recipes" / "learning.yaml").read_text())
-    resolved = {name: F.record(C.resolve(paths(), "report_adapter", overlay)) for name, overlay in candidates["candidates"].items()}
+    resolved = {name: F.record(C.resolve(paths(), "report_adapter", overlay)) for name, overlay in candidates.items()}
     assert len({json.dumps(r, sort_keys=True, default=str) for r in resolved.values()}) == len(resolved), (
         "two candidates are the same recipe"
     )
-    assert F.record(C.resolve(paths(), "report_adapter")) == resolved[candidates["chosen"]]
+    scores = json.loads((folder / "learning-validate.json").read_text())["validate_ce_micro14_f1"]
+    assert list(scores) == list(candidates), "the recorded scores are not those of the candidates file"
+    winner = choose_candidate(scores)
+    assert recipe_holds(C.resolve(paths(), "report_adapter"), candidates[winner]) == []
+    assert F.record(C.resolve(paths(), "report_adapter")) == resolved[winner]
+
+
+def test_the_choice_among_candidates_takes_the_best_and_breaks_ties_by_order():
+    from cxr_pipeline.reports.learning_check import choose_candidate, recipe_holds
+
+    assert choose_candidate({"a": 0.30, "b": 0.41, "c": 0.40}) == "b"
+    assert choose_candidate({"a": 0.40, "b": 0.41, "c": 0.41}) == "b"  # a tie: the first listed
+    assert choose_candidate({"a": float("nan"), "b": 0.1}) == "b"  # NaN never wins
+    with pytest.raises(ValueError, match="every score is NaN"):
+        choose_candidate({"a": float("nan")})
+
+    class Recipe:
+        lr, target = 5e-4, "language+vision"
+
+    assert recipe_holds(Recipe(), {"lr": 5e-4}) == [] and recipe_holds(Recipe(), {"lr": 2e-3}) == ["lr: 0.0005 != 0.002"]
 
 
 def test_config_cli_prints_the_resolved_configuration(cxr_home, capsys, monkeypatch):

@@ -41,9 +41,18 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         }
         first = run_job(defs, "classifier_job", instance, partition_key="support_devices", run_config=cfg)
         md = next(e.materialization for e in first.get_asset_materialization_events()).metadata
-        assert md["evaluable"].value is True and 0.0 <= md["roc_auc"].value <= 1.0
         assert md["registered_model"].value.startswith("cxr-support-devices v1")
         ckpt = cxr_home / "assets" / "classifier" / "support_devices" / "checkpoint"
+        # the AUC shown is the model's on the test split: recomputed with scikit-learn from the probabilities the
+        # asset wrote for every image (two epochs at 32 px learn little here: the planted-signal floor is in
+        # vision/test_vision.py, where training runs long enough to learn)
+        from sklearn.metrics import roc_auc_score
+
+        scored = pl.read_parquet(ckpt.parent / "test_scores.parquet").select("dicom_id", "target")
+        assert set(scored["dicom_id"]) <= set(m.filter(pl.col("split") == "test")["dicom_id"]) and scored.height == md["n_test"].value
+        every = scored.join(pl.read_parquet(ckpt.parent / "predictions.parquet"), on="dicom_id", how="left")
+        assert md["evaluable"].value is True
+        assert md["roc_auc"].value == pytest.approx(roc_auc_score(every["target"].to_numpy(), every["prob"].to_numpy()), abs=1e-4)
         assert (ckpt / "model.safetensors").exists() and (ckpt / "config.json").exists()
         assert not (ckpt.parent / "resume.pt").exists()
         client, _ = get_client()
@@ -102,7 +111,9 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         audit = pl.read_parquet(sub["path"].value)
         assert set(audit["attribute"]) == {"sex", "age_band", "race", "insurance"} and set(audit["view"]) >= {"test", "train_out_of_fold"}
         assert set(audit.filter(pl.col("model") == "per_pathology")["slug"]) == {"support_devices", "no_finding"}
-        assert audit.filter(pl.col("small_cell"))["tpr"].null_count() == audit["small_cell"].sum()  # small cells carry no value
+        # the test replica's radiologist-labelled test block has fewer than 10 patients: small cells exist, and carry no value
+        small_rows = audit.filter(pl.col("small_cell"))
+        assert small_rows.height > 0 and small_rows["tpr"].null_count() == small_rows["fpr"].null_count() == small_rows.height
         assert all(sub[f"chart_{a}"].value.startswith("![") for a in ("sex", "age_band", "race", "insurance", "underdiagnosis"))
         assert sub["patients"].value == m["subject_id"].n_unique()
         srun = client.get_run(sub["mlflow_run_id"].value)
@@ -111,6 +122,7 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         doc = json.loads(Path(client.download_artifacts(srun.info.run_id, "subgroup_metrics.json")).read_text())
         published = pl.DataFrame(doc["data"], schema=doc["columns"], orient="row", infer_schema_length=None)
         small = published.filter(pl.col("small_cell"))
+        assert small.height == small_rows.height > 0
         assert small["n_patients"].null_count() == small.height  # not even a small cell's count leaves the machine
         assert (published.filter(~pl.col("small_cell"))["n_patients"] >= 10).all()  # every other row: min_patients or more
         assert {"tpr_gap_p", "tpr_gap_q", "pooled"} <= set(published.columns)
@@ -187,7 +199,16 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         mrun = client.get_run(rmats["report_metrics"].metadata["mlflow_run_id"].value)
         assert mrun.data.params["labeler"] == labeler_version()
         lab = rm.filter(pl.col("test_labels") == "labeler")
-        assert lab["ce_micro14_f1_lo"].is_not_null().all() and (lab["ROUGE_L_lo"] <= lab["ROUGE_L"]).all()
+        # the intervals resample the generated reports' patients (each patient's reports together), and say so
+        from cxr_pipeline.reports.metrics import report_intervals
+
+        systems = lab["system"].to_list()
+        redrawn, _ = report_intervals(gen["reference"].to_list(), {s: gen[s].to_list() for s in systems}, gen["subject_id"].to_list())
+        for row, want in zip(lab.iter_rows(named=True), redrawn, strict=True):
+            for col in ("ce_micro14_f1_lo", "ce_micro14_f1_hi", "ROUGE_L_lo", "ROUGE_L_hi"):
+                assert row[col] == pytest.approx(want[col]), (row["system"], col)
+        repeats = gen["subject_id"].n_unique() < gen.height
+        assert set(lab["bootstrap_unit"]) == {"patient" if repeats else "report"}
         diffs = pl.read_parquet(Path(rmats["report_metrics"].metadata["path"].value).with_name("report_differences.parquet"))
         assert {(a, b) for a, b in diffs.select("a", "b").iter_rows()} == {
             ("adapter", "template"),

@@ -55,7 +55,18 @@ def test_shard_partitions_materialize_incrementally(env, cxr_home):
             for e in r.get_asset_materialization_events()
             if e.asset_key.to_user_string() == "image_shards"
         ]
-        assert v[0] == v[1]
+        # the version is what the partition holds: its images' ids and source bytes, recomputed here from the files
+        import hashlib
+
+        import xxhash
+
+        from cxr_pipeline.settings import paths as _paths
+
+        rows = m.filter(m["path"].map_elements(partition_of, return_dtype=pl.String) == part).sort("dicom_id")
+        held = "".join(
+            f"{d}:{xxhash.xxh3_128_hexdigest((_paths().raw / p).read_bytes())}\n" for d, p in rows.select("dicom_id", "path").iter_rows()
+        )
+        assert v[0] == v[1] == f"s64-{hashlib.sha256(held.encode()).hexdigest()[:24]}"
         # size 0 (the default): every size a consumer reads, here the classifiers' 64 and the tiny report
         # base's 56-px tile. The second size is built beside the first; the first is not rebuilt.
         from cxr_pipeline.settings import paths, write_pipeline_config

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -238,11 +239,17 @@ def test_report_intervals_are_paired_over_patients():
     rows, diffs = report_intervals(refs, {"good": good, "bad": bad}, studies, n_boot=200)
     by = {r["system"]: r for r in rows}
     assert by["good"]["ce_micro14_f1"] == 1.0 and by["bad"]["ce_micro14_f1"] == 0.0
-    assert by["good"]["ce_micro14_f1_lo"] <= by["good"]["ce_micro14_f1"] <= by["good"]["ce_micro14_f1_hi"]
     ce = next(d for d in diffs if d["metric"] == "ce_micro14_f1")
     assert (ce["a"], ce["b"], ce["better"]) == ("good", "bad", "good") and ce["lo"] > 0
-    same, _ = report_intervals(refs, {"a": good, "b": list(good)}, studies, n_boot=50)
-    assert same[0]["ROUGE_L"] == same[1]["ROUGE_L"]
+    # right on every report of the first six patients, wrong on the others': a patient's reports are alike, so
+    # resampling patients (together) must give a wider interval than treating each report as its own patient
+    half = [r if studies[i] < 6 else "No acute cardiopulmonary process." for i, r in enumerate(refs)]
+    by_patient = report_intervals(refs, {"half": half}, studies, n_boot=400)[0][0]
+    by_report = report_intervals(refs, {"half": half}, list(range(len(refs))), n_boot=400)[0][0]
+    assert by_patient["bootstrap_unit"] == "patient" and by_report["bootstrap_unit"] == "report"
+    width = {k: r["ce_micro14_f1_hi"] - r["ce_micro14_f1_lo"] for k, r in (("patient", by_patient), ("report", by_report))}
+    assert by_patient["ce_micro14_f1_lo"] < by_patient["ce_micro14_f1"] < by_patient["ce_micro14_f1_hi"]
+    assert width["patient"] > 1.2 * width["report"], width
     _, d2 = report_intervals(refs, {"a": good, "b": list(good)}, studies, n_boot=50)
     assert all(d["better"] == "neither" and d["lo"] == d["hi"] == 0 for d in d2)
 
@@ -294,7 +301,7 @@ def test_best_constant_report_is_the_one_that_scores_highest_when_written_for_ev
         best_constant_report(["", None], refs)
 
 
-def test_seed_mean_intervals_average_seeds_and_pair_the_difference():
+def test_seed_mean_intervals_average_seeds_carry_their_spread_and_pair_the_difference():
     from cxr_pipeline.reports.metrics import seed_mean_intervals
 
     refs = [{"Pleural Effusion": float(i % 2), "Cardiomegaly": float(i % 3 == 0)} for i in range(60)]
@@ -308,5 +315,59 @@ def test_seed_mean_intervals_average_seeds_and_pair_the_difference():
     assert f == pytest.approx(sum(per_seed) / 2) and lo < f < hi
     d, dlo, dhi = diffs[("sees", "blind")]
     assert d == pytest.approx(f - stats["blind"][0]) and dlo > 0  # a real difference is found
-    _, same_lo, same_hi = seed_mean_intervals(refs, {"a": [right], "b": [right]}, patients, n_boot=50)[1][("a", "b")]
-    assert same_lo == same_hi == 0.0
+    # the seeds are resampled too: a resample that draws the good seed twice reaches its F1, one that draws the
+    # weak seed twice falls to the weak seed's; patients alone (seeds fixed) would stay near their mean
+    assert hi > per_seed[0] - 0.05 and lo < per_seed[1] + 0.05, (lo, hi, per_seed)
+    with pytest.raises(ValueError, match="same number of seeds"):
+        seed_mean_intervals(refs, {"a": [right, half], "b": [right, half, blind]}, patients, n_boot=5)
+
+
+def test_shuffled_references_leave_each_patient_and_keep_what_a_constant_scores():
+    """The control keeps a system's outputs and breaks their link to the image: every report is scored against
+    another patient's reference. A constant report scores exactly as it did (micro-F1 of a constant depends on the
+    references' totals only); a report that reads its image loses."""
+    from cxr_pipeline.reports.baselines import shuffled_references
+    from cxr_pipeline.reports.metrics import seed_mean_intervals
+
+    refs = [{"Pleural Effusion": float(i % 2), "Cardiomegaly": float(i % 3 == 0)} for i in range(60)]
+    patients = [i // 3 for i in range(60)]
+    order = shuffled_references(list(range(60)), patients, seed=3)
+    assert sorted(order) == list(range(60)) and all(patients[j] != patients[i] for i, j in enumerate(order))
+    assert order != shuffled_references(list(range(60)), patients, seed=4)  # the seed draws the patients' order
+    shuffled = [refs[j] for j in order]
+    assert shuffled == shuffled_references(refs, patients, seed=3)
+    right = ["Small left pleural effusion." if r["Pleural Effusion"] else "No effusion." for r in refs]
+    constant = ["Small left pleural effusion."] * 60
+    stats, _ = seed_mean_intervals(
+        refs,
+        {"right": [right], "right shuffled": [right], "constant": [constant], "constant shuffled": [constant]},
+        patients,
+        n_boot=20,
+        arm_references={"right shuffled": [shuffled], "constant shuffled": [shuffled]},
+    )
+    assert stats["constant shuffled"][0] == pytest.approx(stats["constant"][0])
+    assert stats["right shuffled"][0] < stats["right"][0] - 0.1, stats
+    with pytest.raises(ValueError, match="cannot leave every patient"):
+        shuffled_references([1, 2, 3], [0, 0, 1])
+
+
+def test_the_optimal_constant_report_beats_every_template_constant():
+    """Brute force: every set of the findings present, written by the template, scored by clinical efficacy; the
+    optimal constant report scores the highest of them, and at least what the best existing report scores."""
+    from itertools import combinations
+
+    from cxr_pipeline.reports.baselines import best_constant_report, optimal_constant_report, template_report
+
+    rng = np.random.default_rng(0)
+    rates = {"Pleural Effusion": 0.6, "Cardiomegaly": 0.45, "Edema": 0.2, "Atelectasis": 0.35}
+    refs = [{k: float(rng.uniform() < r) for k, r in rates.items()} for _ in range(80)]
+    text, f1 = optimal_constant_report(refs)
+    slugs = ["pleural_effusion", "cardiomegaly", "edema", "atelectasis"]
+    best = 0.0
+    for k in range(len(slugs) + 1):
+        for chosen in combinations(slugs, k):
+            report = template_report({s: 1.0 if s in chosen else 0.0 for s in slugs})
+            best = max(best, clinical_efficacy([""] * 80, [report] * 80, refs)[0]["ce_micro14_f1"])
+    assert f1 == pytest.approx(best) == pytest.approx(clinical_efficacy([""] * 80, [text] * 80, refs)[0]["ce_micro14_f1"])
+    existing = ["Small left pleural effusion.", "Moderate cardiomegaly. Small effusion.", "No acute cardiopulmonary process."]
+    assert f1 >= best_constant_report(existing, refs)[1]

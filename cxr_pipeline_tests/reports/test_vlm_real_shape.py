@@ -87,6 +87,44 @@ def test_a_4bit_qlora_step_and_batched_generation_on_the_cpu(base, tmp_path):
     assert len(losses) == 1 and np.isfinite(losses[0])
     assert vlm.read_adapter_card(adapter)["quantize"] is True
     ims = [e["image"] for e in examples(2, seed=1)]
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:  # LoRA B starts at zero: one step moved it
+        assert any(float(f.get_tensor(k).abs().max()) > 0 for k in f.keys() if "lora_B" in k)
     out = vlm.generate_reports(base, adapter, ims, [prompts.user_prompt()] * 2, max_new_tokens=2, batch_size=2, device="cpu")
-    assert len(out) == 2
+    assert out[0] == _greedy(base, adapter, ims[0], 2)  # batched generate = a plain greedy loop over the model's logits
     assert all(prompts.INSTRUCTION not in t and "assistant" not in t for t in out)  # the new tokens only
+
+
+def _greedy(base, adapter, image, n: int) -> str:
+    """Greedy decoding written out: the full forward each step, the argmax appended, the cross-attention mask's
+    last row repeated for the new token (as Mllama's generation does), stop at an end token."""
+    import torch
+    from peft import PeftModel
+    from transformers import MllamaProcessor
+
+    proc = MllamaProcessor.from_pretrained(str(base))
+    model = PeftModel.from_pretrained(vlm.load_base(base, True, torch.device("cpu")), str(adapter)).eval()
+    text = proc.apply_chat_template(prompts.messages(prompts.user_prompt()), add_generation_prompt=True)
+    x = proc(images=[[prompts.to_rgb(image)]], text=[text], return_tensors="pt", add_special_tokens=False)
+    ids, cam = x["input_ids"], x["cross_attention_mask"]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    new: list[int] = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=x["pixel_values"],
+                aspect_ratio_ids=x["aspect_ratio_ids"],
+                aspect_ratio_mask=x["aspect_ratio_mask"],
+                cross_attention_mask=cam,
+                use_cache=False,
+            ).logits
+        token = int(logits[0, -1].argmax())
+        new.append(token)
+        if token in eos:
+            break
+        ids, cam = torch.cat([ids, torch.tensor([[token]])], 1), torch.cat([cam, cam[:, -1:]], 1)
+    return proc.tokenizer.decode(new, skip_special_tokens=True).strip()

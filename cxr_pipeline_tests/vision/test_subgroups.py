@@ -208,4 +208,6 @@ def test_a_rate_resting_on_a_handful_of_patients_is_left_empty_not_given_a_degen
     y[0] = 1
     cell = audit_cell(y, p, 0.5, pid, in_g, CFG)
     assert np.isnan(cell["tpr"]) and np.isnan(cell["tpr_gap_lo"]) and np.isnan(cell["auc"])
-    assert not np.isnan(cell["fpr"]) and cell["fpr_lo"] <= cell["fpr"] <= cell["fpr_hi"]
+    neg = in_g & (y == 0)
+    assert cell["fpr"] == pytest.approx(((p >= 0.5) & neg).sum() / neg.sum())  # the subgroup's own false-positive rate
+    assert cell["fpr_lo"] < cell["fpr"] < cell["fpr_hi"]
