@@ -72,6 +72,13 @@ TABLES: dict[str, dict[str, str]] = {
         "uncertain_policy": "how uncertain (-1) labels were treated in training (ignore, zeros, ones)",
         "blank_policy": "how blank labels were treated in training (ignore, zeros)",
         "reference_auc": "the 2024 course project's AUC for the finding (the floor to beat)",
+        "calibration": "the map from the network's score to a probability, fitted on validate: platt, or none",
+        "calibration_fit": "the calibration map and its parameters, or why there is none",
+        "ece_binning": "how expected calibration error is binned",
+        "ece_before": "expected calibration error on the test split of the network's own scores",
+        "ece_after": "expected calibration error on the test split of the calibrated probabilities (what the registered model returns)",
+        "brier_before": "Brier score on the test split of the network's own scores",
+        "brier_after": "Brier score on the test split of the calibrated probabilities",
     },
     "classifier_predictions": {
         "dicom_id": _IDS["dicom_id"],

@@ -202,6 +202,30 @@ def classifier_table(metrics: pl.DataFrame) -> pl.DataFrame:
     return wide.select("pathology", *cols).join(pos, on="pathology", how="left").join(seeds, on="pathology", how="left")
 
 
+def calibration_table(metrics: pl.DataFrame) -> pl.DataFrame:
+    """One row per finding and model: ECE and Brier on the test split before -> after the validate-fitted map,
+    on both label sources (``vision.calibration``); a table written before calibration gives no rows."""
+    if "ece_before" not in metrics.columns or "model" not in metrics.columns:
+        return pl.DataFrame()
+    t = metrics.filter(pl.col("evaluable") & pl.col("ece_before").is_not_null())
+
+    def arrow(m: str) -> pl.Expr:
+        return pl.format("{} -> {}", pl.col(f"{m}_before").round(3), pl.col(f"{m}_after").round(3))
+
+    source = pl.when(pl.col("test_labels") == "radiologist").then(pl.lit("rad")).otherwise(pl.lit("auto"))
+    long = t.select(
+        "pathology",
+        pl.when(pl.col("model") == "multilabel").then(pl.lit("multi-label")).otherwise(pl.lit("per-finding")).alias("model"),
+        source.alias("src"),
+        arrow("ece").alias("ece"),
+        arrow("brier").alias("brier"),
+        "n_pos",
+    )
+    wide = long.pivot(on="src", index=["pathology", "model"], values=["ece", "brier", "n_pos"], aggregate_function="first")
+    cols = [c for c in ("n_pos_auto", "ece_auto", "brier_auto", "n_pos_rad", "ece_rad", "brier_rad") if c in wide.columns]
+    return wide.select("pathology", "model", *cols)
+
+
 def print_summary(p: Paths, adapter_recipe: str = DEMO_ADAPTER_RECIPE) -> None:
     """What the demo built: counts, the classifier table, the report table, where to look next."""
     m, rej = pl.read_parquet(p.manifest), pl.read_parquet(p.manifest_rejects)
@@ -221,6 +245,13 @@ def print_summary(p: Paths, adapter_recipe: str = DEMO_ADAPTER_RECIPE) -> None:
     with pl.Config(tbl_rows=20, fmt_str_lengths=40, **TABLE_STYLE):
         print(classifier_table(pl.read_parquet(p.classifier_metrics)))
     print(f"  {p.classifiers}  (checkpoints, metrics, roc_pr_all.png)")
+    calibration = calibration_table(pl.read_parquet(p.classifier_metrics))
+    if calibration.height:
+        from cxr_pipeline.vision.calibration import ECE_BINNING
+
+        print(f"\ncalibration (test split, before -> after Platt scaling fitted on validate; ECE: {ECE_BINNING}):")
+        with pl.Config(tbl_rows=40, fmt_str_lengths=40, **TABLE_STYLE):
+            print(calibration)
     rm = pl.read_parquet(p.report_metrics)
     print(
         "\nreport generation (test split, CE against the labeler on the reference reports, and on the radiologist-labelled\n"

@@ -29,6 +29,8 @@ from cxr_pipeline.data.shard_reader import open_images
 from cxr_pipeline.fields import record
 from cxr_pipeline.files import atomic_path, write_parquet
 from cxr_pipeline.settings import ClassifierFiles
+from cxr_pipeline.vision.calibration import calibration_row, fit_platt
+from cxr_pipeline.vision.calibration import describe as describe_calibration
 from cxr_pipeline.vision.evaluate import evaluate, roc_auc_or_nan, save_curves
 from cxr_pipeline.vision.splits import RADIOLOGIST, ClassifierData, patients
 from cxr_pipeline.vision.train import NORMALISE_MEAN, NORMALISE_STD, TrainConfig, TrainResult, loader_workers, predict, train
@@ -115,12 +117,19 @@ def fit_and_save(
     # both test sets use the threshold chosen on validation (automatic labels); resampling is by
     # patient whenever a patient has more than one test image
     row = evaluate(y_test, p_test, y_val, p_val, n_boot=cfg.bootstrap, seed=cfg.seed, groups=patients(sp["test"].rows))
+    # the calibration map, fitted on validate only; measured on both test label sources, shipped in config.json
+    calibration = fit_platt(y_val, p_val)
+    common["calibration_fit"] = describe_calibration(calibration)
+    row.update(calibration_row(y_test, p_test, calibration, patients(sp["test"].rows), cfg.bootstrap, cfg.seed))
     row = {**row, **common, "test_labels": data.label_source}
     rad = evaluate(
         sp[RADIOLOGIST].targets.numpy(), p_rad, y_val, p_val, n_boot=cfg.bootstrap, seed=cfg.seed, groups=patients(sp[RADIOLOGIST].rows)
     )
     if not sp[RADIOLOGIST].rows.height:
         rad["reason"] = "no radiologist-labelled test images"
+    rad.update(
+        calibration_row(sp[RADIOLOGIST].targets.numpy(), p_rad, calibration, patients(sp[RADIOLOGIST].rows), cfg.bootstrap, cfg.seed)
+    )
     rad_row = {**rad, **common, "test_labels": RADIOLOGIST}
 
     # every manifest image that has a shard gets a probability (report generation uses them), streamed in
@@ -132,7 +141,7 @@ def fit_and_save(
     scores = sp["test"].rows.select("dicom_id", "target").with_columns(pl.Series("prob", p_test, dtype=pl.Float32))
     write_parquet(scores, files.test_scores)
 
-    save_checkpoint(result.model, files, checkpoint_config(cfg, data, row["threshold"]))
+    save_checkpoint(result.model, files, checkpoint_config(cfg, data, row["threshold"], calibration))
     write_json(files.metrics, [row, rad_row])
     files.resume.unlink(missing_ok=True)  # finished: the next materialization trains afresh
     if row["evaluable"]:
@@ -152,14 +161,16 @@ def save_checkpoint(model, files: ClassifierFiles, config: dict) -> None:
     write_json(files.checkpoint / "config.json", config)
 
 
-def checkpoint_config(cfg: TrainConfig, data: ClassifierData, threshold: float) -> dict:
-    """What a reader of the checkpoint needs to apply it (no pickle: the weights are safetensors)."""
+def checkpoint_config(cfg: TrainConfig, data: ClassifierData, threshold: float, calibration: dict | None = None) -> dict:
+    """What a reader of the checkpoint needs to apply it (no pickle: the weights are safetensors). ``threshold``
+    is on the network's scores; ``calibration`` the map to probabilities fitted on validate (``vision.calibration``)."""
     return {
         "arch": cfg.arch,
         "dropout": cfg.dropout,
         "size": data.size,
         "pathology": data.label,
         "threshold": threshold,
+        "calibration": calibration,
         "normalise": {"mean": NORMALISE_MEAN, "std": NORMALISE_STD},
         "input": "grey uint8 letterboxed, repeated to 3 channels",
         "training_config": trained_with(cfg, data.size),

@@ -16,6 +16,8 @@ from cxr_pipeline.fields import setting
 from cxr_pipeline.files import write_parquet
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
 from cxr_pipeline.settings import ClassifierFiles
+from cxr_pipeline.vision.calibration import calibration_row, fit_platt
+from cxr_pipeline.vision.calibration import describe as describe_calibration
 from cxr_pipeline.vision.evaluate import evaluate, roc_auc_or_nan
 from cxr_pipeline.vision.fit import EVAL_PRECISION, save_checkpoint, trained_with, write_json
 from cxr_pipeline.vision.splits import MULTILABEL, RADIOLOGIST, SPLITS, Split, label_source, patients, place_splits
@@ -117,16 +119,19 @@ def fit_multilabel(
 
     p_val, p_test, p_rad = probs(sp["validate"].images), probs(sp["test"].images), probs(sp[RADIOLOGIST].images)
     y_val, y_test, y_rad = (sp[s].targets.numpy() for s in ("validate", "test", RADIOLOGIST))
-    rows, thresholds = [], {}
+    rows, thresholds, calibrations = [], {}, {}
     for j, s in enumerate(SLUGS):
         kv = ~np.isnan(y_val[:, j])
+        calibrations[s] = fit_platt(y_val[kv, j], p_val[kv, j])  # each output its own map, on its validation labels
         common = {"pathology": LABEL_BY_SLUG[s], "slug": s, "model": MULTILABEL, "best_epoch": result.best_epoch}
         common.update(epochs_run=result.epochs_run, train_seconds=round(result.seconds, 1), uncertain_policy=data.uncertain)
         common.update(blank_policy=data.blank, val_roc_auc=roc_auc_or_nan(y_val[kv, j], p_val[kv, j]))
+        common.update(calibration_fit=describe_calibration(calibrations[s]))
         for split, source, y, p in (("test", data.label_source, y_test, p_test), (RADIOLOGIST, RADIOLOGIST, y_rad, p_rad)):
             k = ~np.isnan(y[:, j])
             groups = patients(sp[split].rows.filter(pl.Series(k))) if len(k) else None
             row = evaluate(y[k, j], p[k, j], y_val[kv, j], p_val[kv, j], n_boot=cfg.bootstrap, seed=cfg.seed, groups=groups)
+            row.update(calibration_row(y[k, j], p[k, j], calibrations[s], groups, cfg.bootstrap, cfg.seed))
             rows.append({**row, **common, "test_labels": source})
         thresholds[s] = rows[-2]["threshold"]
 
@@ -138,6 +143,7 @@ def fit_multilabel(
     )
     config = {"arch": cfg.arch, "dropout": cfg.dropout, "size": data.size, "labels": [LABEL_BY_SLUG[s] for s in SLUGS]}
     config.update(thresholds=thresholds, normalise={"mean": NORMALISE_MEAN, "std": NORMALISE_STD}, outputs=len(SLUGS))
+    config["calibration"] = calibrations  # per label, fitted on validate (vision.calibration); thresholds stay on the scores
     config["training_config"] = trained_with(cfg, data.size)
     save_checkpoint(result.model, files, config)
     write_json(files.metrics, rows)

@@ -93,9 +93,10 @@ def predict_files(
         if cm.size not in decoded:
             decoded[cm.size] = decode_files(images, cm.size)
         out = pyfunc.predict(decoded[cm.size])
+        source = label if cm.calibrated else f"{label}, uncalibrated"  # a version registered before calibration says so
         for j, s in enumerate(cm.slugs):
             for i in range(len(images)):
-                f = Finding(s, float(out[s].iloc[i]), cm.thresholds[j], bool(out[f"{s}_call"].iloc[i]), label)
+                f = Finding(s, float(out[s].iloc[i]), cm.served_thresholds[j], bool(out[f"{s}_call"].iloc[i]), source)
                 per_image[i][s] = f
                 if cam_dir is not None and f.call:
                     cam = grad_cam(cm, decoded[cm.size][i : i + 1], j)[0]

@@ -15,8 +15,11 @@ weights inside it are the unchanged ``checkpoint/`` folder (``model.safetensors`
   letterboxed); the image batch may then be empty.
 
 ``params={"device": "cuda:1"}`` picks the device (default ``auto``: the first GPU when there is one, else
-the CPU; ``mlflow models serve`` on a GPU host so predicts on the GPU). It returns one row per image: ``<slug>`` (probability) and ``<slug>_call`` (probability at or
-above the validation-chosen threshold) for every label the model has.
+the CPU; ``mlflow models serve`` on a GPU host so predicts on the GPU). It returns one row per image:
+``<slug>`` (the calibrated probability: the network's score through the map fitted on validate,
+``vision.calibration``) and ``<slug>_call`` (the score at or above the validation-chosen threshold; the same
+call as the calibrated probability at the threshold carried through the map) for every label the model has.
+A checkpoint written before calibration returns the network's scores and its metadata says so.
 
 Saliency is Grad-CAM from captum (``LayerGradCam`` on the last convolutional block) rather than
 hand-written hooks.
@@ -46,10 +49,33 @@ class LoadedClassifier:
     arch: str
     size: int
     slugs: list[str]  # output j is label slugs[j]
-    thresholds: list[float]
+    thresholds: list[float]  # validation-chosen, on the network's own scores
+    calibrations: list[dict | None] | None = None  # per output: the map fitted on validate (vision.calibration); None: none
+
+    @property
+    def calibrated(self) -> bool:
+        return any((c or {}).get("method") == "platt" for c in self.calibrations or [])
+
+    def calibration(self, j: int) -> dict | None:
+        return (self.calibrations or [None] * len(self.slugs))[j]
+
+    def calibrate(self, probs: np.ndarray) -> np.ndarray:
+        """The network's scores (n, labels) -> calibrated probabilities, column by column (identity where none)."""
+        from cxr_pipeline.vision.calibration import apply
+
+        probs = np.asarray(probs).reshape(-1, len(self.slugs))
+        return np.stack([apply(self.calibration(j), probs[:, j]) for j in range(len(self.slugs))], axis=1) if len(probs) else probs
+
+    @property
+    def served_thresholds(self) -> list[float]:
+        """The thresholds on the calibrated scale (each carried through its strictly increasing map)."""
+        from cxr_pipeline.vision.calibration import calibrated_threshold
+
+        return [calibrated_threshold(self.calibration(j), t) for j, t in enumerate(self.thresholds)]
 
     def probabilities(self, images: np.ndarray, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
-        """(n, len(slugs)) float32 for uint8 images (n, size, size); fp32, as evaluation does."""
+        """(n, len(slugs)) float32 network scores (before calibration) for uint8 images (n, size, size); fp32,
+        as evaluation does."""
         import torch
 
         from cxr_pipeline.vision.train import predict
@@ -84,12 +110,14 @@ def load_checkpoint(folder: Path) -> LoadedClassifier:
     if "labels" in cfg:  # multi-label
         slugs = [slug(x) for x in cfg["labels"]]
         thresholds = [stored_threshold(cfg["thresholds"].get(s)) for s in slugs]
+        calibrations = [(cfg.get("calibration") or {}).get(s) for s in slugs]
     else:
         slugs = [slug(cfg["pathology"])]
         thresholds = [stored_threshold(cfg.get("threshold"))]
+        calibrations = [cfg.get("calibration")]  # absent in a checkpoint written before calibration: uncalibrated
     net = build_model(cfg["arch"], cfg.get("dropout", 0.0), outputs=len(slugs))
     net.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return LoadedClassifier(net.eval(), cfg["arch"], int(cfg["size"]), slugs, thresholds)
+    return LoadedClassifier(net.eval(), cfg["arch"], int(cfg["size"]), slugs, thresholds, calibrations)
 
 
 def decode_files(paths: Sequence[str | Path], size: int) -> np.ndarray:
@@ -117,14 +145,18 @@ def as_image_batch(model_input: Any, size: int) -> np.ndarray:
     return arr
 
 
-def prediction_frame(model: LoadedClassifier, probs: np.ndarray):
-    """One row per image: ``<slug>`` probability and ``<slug>_call`` for each label."""
+def prediction_frame(model: LoadedClassifier, scores: np.ndarray):
+    """One row per image: ``<slug>`` calibrated probability and ``<slug>_call`` for each label. The call is read
+    on the network's own score at the validation threshold: the same call as the calibrated probability at the
+    carried threshold (the map is strictly increasing), without a rounding tie at the threshold."""
     import pandas as pd
 
+    scores = np.asarray(scores).reshape(-1, len(model.slugs))
+    probs = model.calibrate(scores)
     cols: dict[str, Any] = {}
     for j, s in enumerate(model.slugs):
         cols[s] = probs[:, j].astype(np.float64)
-        cols[f"{s}_call"] = probs[:, j] >= model.thresholds[j]
+        cols[f"{s}_call"] = scores[:, j] >= model.thresholds[j]
     return pd.DataFrame(cols)
 
 
@@ -171,6 +203,8 @@ def save_pyfunc(checkpoint: Path, out: Path) -> Path:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 
+    from cxr_pipeline.vision.calibration import describe as describe_calibration
+
     m = load_checkpoint(checkpoint)
     outputs = [c for s in m.slugs for c in (ColSpec(DataType.double, s), ColSpec(DataType.boolean, f"{s}_call"))]
     signature = ModelSignature(
@@ -186,7 +220,15 @@ def save_pyfunc(checkpoint: Path, out: Path) -> Path:
         signature=signature,
         input_example=np.zeros((1, m.size, m.size), dtype=np.uint8),
         pip_requirements=_requirements(),
-        metadata={"labels": labels, "thresholds": dict(zip(m.slugs, m.thresholds, strict=True)), "arch": m.arch, "size": m.size},
+        metadata={
+            "labels": labels,
+            "thresholds": dict(zip(m.slugs, m.served_thresholds, strict=True)),  # on the calibrated probabilities it returns
+            "thresholds_uncalibrated": dict(zip(m.slugs, m.thresholds, strict=True)),
+            "calibration": {s: describe_calibration(m.calibration(j)) for j, s in enumerate(m.slugs)},
+            "calibration_parameters": {s: m.calibration(j) for j, s in enumerate(m.slugs)},
+            "arch": m.arch,
+            "size": m.size,
+        },
     )
     return out
 

@@ -20,6 +20,7 @@ def metrics_table(paths: ClassifierSet) -> pl.DataFrame:
     Columns are the same whether or not any pathology could be trained, so a table of
     untrainable rows only is still a table.
     """
+    from cxr_pipeline.vision.calibration import CALIBRATION_COLUMNS
     from cxr_pipeline.vision.evaluate import METRICS
 
     rows = [{"model": "per_pathology", **r} for s in SLUGS if (f := paths.classifier(s).metrics).exists() for r in _metrics_rows(f)]
@@ -28,8 +29,9 @@ def metrics_table(paths: ClassifierSet) -> pl.DataFrame:
     if not rows:
         return pl.DataFrame()
     df = pl.DataFrame(rows, infer_schema_length=None)
-    floats = [m for m in METRICS] + [f"{m}_{b}" for m in METRICS for b in ("lo", "hi")] + ["threshold", "val_roc_auc"]
+    floats = [m for m in METRICS] + [f"{m}_{b}" for m in METRICS for b in ("lo", "hi")] + ["threshold", "val_roc_auc", *CALIBRATION_COLUMNS]
     typed = {**dict.fromkeys(floats, pl.Float64), "bootstrap_skipped": pl.Int64, "uncertain_policy": pl.String, "blank_policy": pl.String}
+    typed.update(calibration=pl.String, calibration_fit=pl.String, ece_binning=pl.String)  # rows written before calibration: null
     df = df.with_columns(pl.lit(None, dtype).alias(c) for c, dtype in typed.items() if c not in df.columns)
     df = df.with_columns(pl.col("pathology").replace_strict(REFERENCE_AUC, default=None, return_dtype=pl.Float64).alias("reference_auc"))
     order = {LABEL_BY_SLUG[s]: i for i, s in enumerate(SLUGS)}

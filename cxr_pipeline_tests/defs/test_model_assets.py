@@ -73,10 +73,19 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         imgs, test_rows = load_images(cxr_home / "assets" / "shards" / f"s{size}", test_rows, size)
         out = loaded.predict(imgs.numpy())
         stored = pl.read_parquet(ckpt.parent / "predictions.parquet")
-        expect = test_rows.select("dicom_id").join(stored, on="dicom_id", how="left")["prob"].to_numpy()
-        np.testing.assert_allclose(out["support_devices"].to_numpy(), expect, atol=1e-5)
-        threshold = json.loads((ckpt / "config.json").read_text())["threshold"]
-        assert (out["support_devices_call"].to_numpy() == (out["support_devices"].to_numpy() >= threshold)).all()
+        raw = test_rows.select("dicom_id").join(stored, on="dicom_id", how="left")["prob"].to_numpy()
+        from cxr_pipeline.vision.calibration import apply, calibrated_threshold
+
+        ckpt_cfg = json.loads((ckpt / "config.json").read_text())
+        calibration, threshold = ckpt_cfg["calibration"], ckpt_cfg["threshold"]
+        assert calibration["fitted_on"] == "validate" and calibration["method"] in ("platt", "none")
+        np.testing.assert_allclose(out["support_devices"].to_numpy(), apply(calibration, raw), atol=1e-5)  # calibrated
+        assert (out["support_devices_call"].to_numpy() == (raw >= threshold)).all()  # the calls of the raw scores
+        assert (
+            out["support_devices_call"].to_numpy() == (out["support_devices"].to_numpy() >= calibrated_threshold(calibration, threshold))
+        ).all()
+        shipped = loaded.metadata.metadata
+        assert shipped["calibration_parameters"]["support_devices"] == calibration and "calibration" in shipped
         # what the model saw, in MLflow's dataset tracking: one dataset per split, digests of the rows
         inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
         assert set(inputs) == {"train", "validate", "test"} and inputs["train"].name == f"mimic-cxr-{size}px"
@@ -104,6 +113,11 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert str(client.get_model_version_by_alias("cxr-multilabel", "champion").version) == "1"
         for col in ("roc_auc_lo", "roc_auc_hi", "f1", "sensitivity", "specificity", "average_precision", "threshold", "n_pos", "n_neg"):
             assert col in table.columns
+        # calibration before and after, every evaluable row of both models and both label sources
+        evaluable = table.filter(pl.col("evaluable"))
+        for col in ("ece_before", "ece_after", "ece_after_lo", "ece_after_hi", "brier_before", "brier_after"):
+            assert evaluable[col].null_count() == 0, col
+        assert set(evaluable["calibration"]) <= {"platt", "none"} and evaluable["calibration_fit"].null_count() == 0
         preds = pl.read_parquet(mats["classifier_predictions"].metadata["path"].value)
         assert {"dicom_id", "split", "support_devices", "no_finding"} <= set(preds.columns) and preds.height == m.height
         # the subgroup audit, from the replica's MIMIC-IV files: every trained model, finding and attribute

@@ -1,0 +1,153 @@
+"""Calibrated probabilities: a map fitted on the validation split, shipped with the checkpoint.
+
+A classifier trained with ``pos_weight`` (the default) is pushed on purpose to score positives higher than their
+frequency: its score ranks images well but is not a probability anyone can read as one. A temperature alone
+(dividing the logit) cannot remove that offset, so the map is **Platt scaling**: a logistic regression of the
+validation labels on the model's logit, ``p' = sigmoid(a * logit(p) + b)``, two parameters, fitted on validation
+only (scikit-learn's ``LogisticRegression`` without a penalty: the same fit ``CalibratedClassifierCV(method=
+"sigmoid")`` makes, here on probabilities already computed rather than an estimator). With ``a > 0`` the map is
+strictly increasing, so the threshold chosen on validation is carried through it and every call is unchanged.
+Isotonic regression is not used: it is a step function, so it ties scores (the ROC curve and the calls move) and
+on a validation split of a few dozen positives it overfits.
+
+A validation split with one class, or a fit whose slope is not positive, gives the identity map, stated as such
+(``method: "none"`` with the reason). A checkpoint written before calibration has no ``calibration`` entry: it
+loads as uncalibrated and says so.
+
+The measures are the libraries': expected calibration error from torchmetrics (``binary_calibration_error``,
+10 equal-width bins, L1: the weighted mean gap between the mean score and the positive rate of each bin) and the
+Brier score from scikit-learn; the reliability diagram from scikit-learn's ``calibration_curve``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+ECE_BINS = 10
+ECE_BINNING = f"{ECE_BINS} equal-width bins over [0, 1], L1 (torchmetrics binary_calibration_error)"
+CALIBRATION_COLUMNS = tuple(
+    f"{m}_{w}{b}" for m in ("ece", "brier") for w in ("before", "after") for b in ("", "_lo", "_hi") if m == "ece" or not b
+)
+UNCALIBRATED = {"method": "none", "reason": "registered before calibration: scores are the network's own"}
+_EPS = 1e-6
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
+    return np.log(p / (1 - p))
+
+
+def fit_platt(y_val, p_val) -> dict:
+    """The calibration map fitted on the validation split: ``{"method": "platt", "a", "b", "n", "n_pos"}``,
+    or the identity (``method: "none"``) with the reason when it cannot be fitted."""
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(y_val).astype(int)
+    p = np.asarray(p_val, dtype=np.float64)
+    base = {"fitted_on": "validate", "n": int(len(y)), "n_pos": int(y.sum()) if len(y) else 0}
+    if len(y) == 0 or y.min() == y.max():
+        return {"method": "none", "reason": "validation split has one class", **base}
+    lr = LogisticRegression(penalty=None, solver="lbfgs", max_iter=1000).fit(_logit(p)[:, None], y)
+    a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    if not (a > 0 and np.isfinite(a) and np.isfinite(b)):
+        return {"method": "none", "reason": f"fitted slope {a:.3g} is not positive: the scores do not rank validation", **base}
+    return {"method": "platt", "a": a, "b": b, **base}
+
+
+def apply(calibration: Mapping | None, p) -> np.ndarray:
+    """Calibrated probabilities for scores ``p`` (the identity for ``None`` or ``method: "none"``)."""
+    p = np.asarray(p, dtype=np.float64)
+    if not calibration or calibration.get("method") != "platt":
+        return p
+    return 1.0 / (1.0 + np.exp(-(calibration["a"] * _logit(p) + calibration["b"])))
+
+
+def calibrated_threshold(calibration: Mapping | None, threshold: float) -> float:
+    """The validation threshold carried through the map: ``p >= t`` exactly when ``apply(p) >= apply(t)``
+    (the map is strictly increasing), so the calibrated model makes the same calls."""
+    return float(apply(calibration, np.array([threshold]))[0])
+
+
+def describe(calibration: Mapping | None) -> str:
+    """One line for metadata and model cards."""
+    if not calibration:
+        return "none: " + UNCALIBRATED["reason"]
+    if calibration.get("method") != "platt":
+        return f"none: {calibration.get('reason', '')}"
+    return (
+        f"Platt scaling on validate (n={calibration['n']}, {calibration['n_pos']} positive): "
+        f"p' = sigmoid({calibration['a']:.3f} * logit(p) {'+' if calibration['b'] >= 0 else '-'} {abs(calibration['b']):.3f})"
+    )
+
+
+def ece(y, p) -> float:
+    """Expected calibration error (``ECE_BINNING``); NaN for no images."""
+    import torch
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    y = np.asarray(y).astype(int)
+    if len(y) == 0:
+        return float("nan")
+    preds = torch.from_numpy(np.clip(np.asarray(p, dtype=np.float32), 0.0, 1.0))
+    return float(binary_calibration_error(preds, torch.from_numpy(y), n_bins=ECE_BINS, norm="l1"))
+
+
+def brier(y, p) -> float:
+    from sklearn.metrics import brier_score_loss
+
+    y = np.asarray(y).astype(int)
+    return float(brier_score_loss(y, np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0))) if len(y) else float("nan")
+
+
+def calibration_row(y_test, p_raw, calibration: Mapping | None, groups=None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """ECE and Brier on the test split before (the network's scores) and after the map, ECE with 95% intervals
+    from the same patient resamples as the other metrics (``evaluate.resample_indices``)."""
+    from cxr_pipeline.vision.evaluate import resample_indices
+
+    y = np.asarray(y_test).astype(int)
+    before, after = np.asarray(p_raw, dtype=np.float64), apply(calibration, p_raw)
+    row = {
+        "calibration": (calibration or UNCALIBRATED).get("method", "none"),
+        "ece_binning": ECE_BINNING,
+        "ece_before": ece(y, before),
+        "ece_after": ece(y, after),
+        "brier_before": brier(y, before),
+        "brier_after": brier(y, after),
+    }
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {"before": [], "after": []}
+    for _ in range(n_boot if len(y) else 0):
+        idx, _unit = resample_indices(len(y), groups, rng)
+        draws["before"].append(ece(y[idx], before[idx]))
+        draws["after"].append(ece(y[idx], after[idx]))
+    for k, v in draws.items():
+        lo, hi = (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) if v else (None, None)
+        row[f"ece_{k}_lo"], row[f"ece_{k}_hi"] = lo, hi
+    return row
+
+
+def reliability_diagram(curves: Mapping[str, tuple], path: Path, title: str = "") -> Path | None:
+    """One figure, every finding: the positive rate against the mean score in 10 equal-width bins, before
+    (dotted) and after (solid) calibration. ``curves``: name -> (y, p_before, p_after)."""
+    from sklearn.calibration import calibration_curve
+
+    from cxr_pipeline.files import png_figure
+
+    drawable = {k: v for k, v in curves.items() if len(v[0]) and np.asarray(v[0]).min() != np.asarray(v[0]).max()}
+    if not drawable:
+        return None
+    with png_figure(path, 1, 1, figsize=(6.5, 6)) as (fig, ax):
+        for i, (name, (y, before, after)) in enumerate(drawable.items()):
+            colour = f"C{i % 10}"
+            for p, style, label in ((before, ":", None), (after, "-", name)):
+                frac, mean = calibration_curve(np.asarray(y).astype(int), np.clip(p, 0, 1), n_bins=ECE_BINS, strategy="uniform")
+                ax.plot(mean, frac, style, marker="o", ms=3, color=colour, label=label)
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set(xlabel="mean predicted probability", ylabel="fraction positive", xlim=(0, 1), ylim=(0, 1))
+        ax.set_title(title or "Reliability (test split): dotted before, solid after calibration")
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3)
+    return path
