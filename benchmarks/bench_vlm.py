@@ -55,7 +55,9 @@ CheXpert labels (the planted findings with 2% of labels flipped, as a labeller e
 
 Finished runs (adapter steps and reports) are kept in each replica's ``runs.json``, keyed by the recipe, the
 arm, the data's digest, the patients, the replica seed and the code version: a killed benchmark resumes, and a
-changed replica or package retrains. ``--time-limit`` is a safety stop only. Exits 1 when the test arms trained
+changed replica or package retrains. A second process with ``--reverse`` (the same arguments, on another core)
+takes the runs from the other end: replicas, bases and adapters are locked (``flock``), so each is built once and
+the processes share the work; either prints the same figures. ``--time-limit`` is a safety stop only. Exits 1 when the test arms trained
 unequal steps (or other than the recipe's ``max_steps``) or when learning.yaml does not hold the validate
 winner. Last line: ``learning: with images F [lo-hi], images blanked F, shuffled references F, best constant F,
 optimal constant F, images vs best constant D [lo-hi], images vs blanked D [lo-hi], seeds N, steps S, test
@@ -69,6 +71,7 @@ reduced-depth measured: <tok/s> tokens/s, peak <GB> GB; device: <name>``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -239,6 +242,21 @@ RECIPES = Path(__file__).resolve().parent / "recipes"
 CHOICE_SCORES = RECIPES / "candidates" / "learning-validate.json"  # the last choice's validate scores, committed
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive ``flock`` on ``path`` (created): several benchmark processes on one machine (``--reverse``, one
+    per core) share a work folder, and each replica, base and adapter is built by one of them while the others wait."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _code_version() -> str:
     """A digest of the package's source: a kept run is reused only by the code that made it."""
     import cxr_pipeline
@@ -288,20 +306,21 @@ def _learning_data(recipe: Path, work: Path, patients: int, replica_seed: int, w
     )
     marker = home / "replica.json"
     want = json.dumps({k: v for k, v in asdict(synth).items() if k != "workers"}, sort_keys=True)
-    if home.exists() and (not marker.exists() or marker.read_text() != want):
-        print(f"{home}: drawn with other settings or unfinished: redrawn", file=sys.stderr, flush=True)
-        shutil.rmtree(home)
-    p = _recipe_state(recipe, home)
-    if not marker.exists():
-        print(f"generating a {patients}-patient replica (seed {replica_seed}) in {p.raw} (once) ...", file=sys.stderr, flush=True)
-        generate(synth, p.raw)
-        marker.write_text(want)
-    manifest = build_manifest(p.raw, resolve(p, "manifest")).manifest
-    size, shards = resolve(p, "report_adapter").size, resolve(p, "image_shards")
-    for part in PARTITIONS:
-        items = manifest.filter(partition_column() == part)
-        if items.height:
-            build_partition(p.raw, p.shard_partition(size, part), items, shards.spec(size))
+    with _locked(work / f"{home.name}.lock"):
+        if home.exists() and (not marker.exists() or marker.read_text() != want):
+            print(f"{home}: drawn with other settings or unfinished: redrawn", file=sys.stderr, flush=True)
+            shutil.rmtree(home)
+        p = _recipe_state(recipe, home)
+        if not marker.exists():
+            print(f"generating a {patients}-patient replica (seed {replica_seed}) in {p.raw} (once) ...", file=sys.stderr, flush=True)
+            generate(synth, p.raw)
+            marker.write_text(want)
+        manifest = build_manifest(p.raw, resolve(p, "manifest")).manifest
+        size, shards = resolve(p, "report_adapter").size, resolve(p, "image_shards")
+        for part in PARTITIONS:
+            items = manifest.filter(partition_column() == part)
+            if items.height:
+                build_partition(p.raw, p.shard_partition(size, part), items, shards.spec(size))
     pairs = build_pairs(manifest, resolve(p, "report_pairs")).join(manifest.select("dicom_id", *SLUGS), on="dicom_id", how="left")
     h = hashlib.sha256(pairs.select("dicom_id", "subject_id", "split", "text", *SLUGS).sort("dicom_id").write_csv().encode())
     for f in sorted(q for q in p.shard_root(size).rglob("*") if q.is_file()):
@@ -347,25 +366,47 @@ class _Runs:
     def __init__(self, p, examples, device, time_limit: float, data: dict) -> None:
         self.p, self.examples, self.device, self.time_limit, self.data = p, examples, device, time_limit, data
         self.file = p.home / "runs.json"
-        self.done = json.loads(self.file.read_text()) if self.file.exists() else {}
+
+    @property
+    def done(self) -> dict:
+        """The finished runs, read afresh: another process sharing the folder may have added some."""
+        return json.loads(self.file.read_text()) if self.file.exists() else {}
+
+    def _record(self, key: str, entry: dict) -> None:
+        from cxr_pipeline.files import atomic_path
+
+        with _locked(self.file.with_suffix(".lock")):  # read-merge-write: no process loses another's runs
+            done = self.done
+            done[key] = entry
+            with atomic_path(self.file) as tmp:  # the project's atomic write: a kill never leaves half a runs.json
+                tmp.write_text(json.dumps(done))
 
     def reports(self, cfg, blank: bool, split: str, images: list, log) -> tuple[list[str], int]:
-        from cxr_pipeline.config import resolve
         from cxr_pipeline.fields import record
-        from cxr_pipeline.files import atomic_path
+
+        key = json.dumps(
+            {"recipe": record(cfg), "blank": blank, "split": split, "n": len(images), **self.data}, sort_keys=True, default=str
+        )
+        train_key = json.dumps({"recipe": record(cfg), "blank": blank, **self.data}, sort_keys=True, default=str)
+        adapter = self.p.reports / "runs" / hashlib.sha256(train_key.encode()).hexdigest()[:12]
+        if key not in self.done:
+            with _locked(adapter.with_name(adapter.name + ".lock")):  # one process trains it; another waits, then reads it
+                if key not in self.done:
+                    self._record(key, self._run(cfg, blank, images, adapter, log))
+        entry = self.done[key]
+        return entry["reports"], entry["steps"]
+
+    def _run(self, cfg, blank: bool, images: list, adapter: Path, log) -> dict:
+        from cxr_pipeline.config import resolve
         from cxr_pipeline.reports.prompts import TrainingPairs
         from cxr_pipeline.reports.vlm import ensure_base, generate_reports, report_token_budget, train_adapter
 
         ex = self.examples
-        recipe = record(cfg)
-        key = json.dumps({"recipe": recipe, "blank": blank, "split": split, "n": len(images), **self.data}, sort_keys=True, default=str)
-        if key in self.done:
-            return self.done[key]["reports"], self.done[key]["steps"]
-        base = ensure_base(cfg, self.p.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps), ex.reports, log=log)
+        tiny = self.p.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps)
+        with _locked(tiny.with_name(tiny.name + ".lock")):
+            base = ensure_base(cfg, tiny, ex.reports, log=log)
         gen = resolve(self.p, "generated_reports", derived={"max_new_tokens": lambda: report_token_budget(base, ex.reports)})
         # one adapter per recipe and arm scores both splits; a half-trained one is retrained from scratch, never resumed
-        train_key = json.dumps({"recipe": recipe, "blank": blank, **self.data}, sort_keys=True, default=str)
-        adapter = self.p.reports / "runs" / hashlib.sha256(train_key.encode()).hexdigest()[:12]
         t0 = time.perf_counter()
         steps_file = adapter / "steps.txt"
         if not steps_file.exists():
@@ -388,10 +429,7 @@ class _Runs:
             batch_size=gen.batch_size,
             device=self.device,
         )
-        self.done[key] = {"reports": hyps, "steps": steps, "seconds": round(time.perf_counter() - t0)}
-        with atomic_path(self.file) as tmp:  # the project's atomic write: a kill never leaves half a runs.json
-            tmp.write_text(json.dumps(self.done))
-        return hyps, steps
+        return {"reports": hyps, "steps": steps, "seconds": round(time.perf_counter() - t0)}
 
 
 def _replica_runs(args, recipe: Path, work: Path, replica_seed: int, device, code: str):
@@ -412,6 +450,10 @@ def _replica_runs(args, recipe: Path, work: Path, replica_seed: int, device, cod
         flush=True,
     )
     return p, shipped, examples, val, test, _Runs(p, examples, device, args.time_limit, data)
+
+
+def _order(items: list, reverse: bool) -> list:
+    return items[::-1] if reverse else items
 
 
 def learning(args, device, name: str) -> int:
@@ -440,6 +482,9 @@ def learning(args, device, name: str) -> int:
     p0, shipped, _ex0, val0, _test0, runs0 = _replica_runs(args, recipe, work, args.choice_replica_seed, device, code)
     print(f"choice on validate of replica seed {args.choice_replica_seed} ({Path(args.candidates).name}, seed {seeds[0]}):", flush=True)
     scores, cand_steps = {}, {}
+    for cname in _order(list(candidates), args.reverse):  # a --reverse helper trains from the other end
+        cfg = resolve(p0, "report_adapter", explicit={**candidates[cname], "seed": seeds[0]})
+        runs0.reports(cfg, False, "validate", val0[0], log=print)
     for cname, overlay in candidates.items():
         cfg = resolve(p0, "report_adapter", explicit={**overlay, "seed": seeds[0]})
         hyps, cand_steps[cname] = runs0.reports(cfg, False, "validate", val0[0], log=print)
@@ -470,6 +515,8 @@ def learning(args, device, name: str) -> int:
     p, shipped1, examples, val, test, runs = _replica_runs(args, recipe, work, args.replica_seed, device, code)
     arms: dict[str, list[list[str]]] = {"with images": [], "images blanked": []}
     steps_by_arm: dict[str, list[int]] = {"with images": [], "images blanked": []}
+    for seed, blank in _order([(s, b) for s in seeds for b in (False, True)], args.reverse):  # train (shared with a helper)
+        runs.reports(resolve(p, "report_adapter", explicit={**candidates[winner], "seed": seed}), blank, "test", test[0], log=print)
     for seed in seeds:
         cfg = resolve(p, "report_adapter", explicit={**candidates[winner], "seed": seed})
         for arm, blank in (("with images", False), ("images blanked", True)):
@@ -556,6 +603,11 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm on test (--learning)")
     ap.add_argument("--choice-replica-seed", type=int, default=0, help="the replica the candidates are chosen on (--learning)")
     ap.add_argument("--replica-seed", type=int, default=1, help="the fresh replica the chosen recipe is tested on (--learning)")
+    ap.add_argument(
+        "--reverse",
+        action="store_true",
+        help="take the runs from the other end: a second process on another core shares the work (--learning)",
+    )
     ap.add_argument("--n-boot", type=int, default=1000, help="patient resamples for the intervals (--learning)")
     ap.add_argument("--work", default="", help="state folder (--learning; default $CXR_HOME/bench/vlm-learning)")
     args = ap.parse_args()

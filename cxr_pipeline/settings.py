@@ -258,6 +258,10 @@ class Paths:
         return self.classifiers / "roc_pr_all.png"
 
     @property
+    def classifier_reliability(self) -> Path:
+        return self.classifiers / "reliability_all.png"
+
+    @property
     def classifier_predictions(self) -> Path:
         return self.classifiers / "classifier_predictions.parquet"
 

@@ -16,6 +16,8 @@ the output does not depend on the number of worker processes either.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -370,4 +372,8 @@ def generate(cfg: SynthConfig, out: Path, progress: Callable[[str], None] | None
                 n_bytes = sum(ex.map(_images_job, jobs))
         else:
             n_bytes = sum(map(_images_job, jobs))
+    # the replica says it is one (a model card trained on it says so); MIMIC-CXR's release has no such file
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workers"}
+    with atomic_path(out / "REPLICA.json") as tmp:
+        tmp.write_text(json.dumps({"generator": "cxr_pipeline.data.synthetic", **settings}, sort_keys=True))
     return {"patients": len(patients), "studies": len(study_list), "images": len(records), "image_bytes": n_bytes}

@@ -163,7 +163,7 @@ def classifier(
             return _untrainable(context, run, data, files, cfg)
         log_datasets(run, data, cfg.size, shards, ["target"])
         outcome = fit_and_save(data, manifest, shards, cfg, hw.device, files, log=context.log.info, on_epoch=epoch_logger(run))
-        md = _record_fit(run, data, outcome, files)
+        md = _record_fit(run, data, outcome, files, manifest, paths.raw)
     context.log.info(f"registered {md['registered_model']}")
     md.update(data.counts, images=data.mode, **hw.placement)
     return dg.MaterializeResult(metadata=asset_metadata(run, **md, **resolved_metadata(cfg)))
@@ -182,9 +182,49 @@ def _untrainable(
     return dg.MaterializeResult(metadata=asset_metadata(run, **md, **data.counts, **resolved_metadata(cfg)))
 
 
-def _record_fit(run: TrackedRun, data, outcome, files: ClassifierFiles) -> dict:
-    """A fit in MLflow (metrics, model, curves), the registry (a new version) and a Grad-CAM sheet; its metadata."""
+def _record_fit(run: TrackedRun, data, outcome, files: ClassifierFiles, manifest: pl.DataFrame, raw_dir) -> dict:
+    """A fit in MLflow (metrics, model, curves), the registry (a new version, its model card) and a Grad-CAM sheet;
+    its metadata."""
     _log_fit(run, outcome)
     reg = register_classifier(run, data, outcome.row)
+    c = data.counts
+    counts = {s: {"images": c[f"n_{s}"], "positives": c[f"n_{s}_pos"]} for s in ("train", "validate", "test")}
+    card = publish_model_card(run, reg, files.checkpoint, outcome.rows, counts, manifest, data.digest(), raw_dir)
     sheet = saliency_sheet(run, files.checkpoint, data.splits["test"].images, *outcome.test_curve, files.saliency)
-    return {**_fit_metadata(outcome, reg, files), **sheet}
+    return {**_fit_metadata(outcome, reg, files), **sheet, **card}
+
+
+def publish_model_card(
+    run: TrackedRun, reg: dict, checkpoint, rows: list[dict], counts: dict, manifest: pl.DataFrame, digest: str, raw_dir
+) -> dict:
+    """The registered version's model card (``vision.model_card``), generated from the checkpoint and the metrics
+    rows: Markdown and JSON artifacts under ``model_card/`` in the run, and the version's description (which
+    MLflow's UI renders as Markdown) links them and carries the Markdown. Returns the materialization metadata."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from cxr_pipeline.vision.model_card import CARD_DIR, CARD_JSON, CARD_MD, build_card, data_source
+
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    views = sorted(v for v in manifest["view_position"].unique().to_list() if v) if "view_position" in manifest.columns else []
+    md, card = build_card(
+        name=reg["name"],
+        version=str(reg["version"]),
+        run_id=run.run_id,
+        config=config,
+        rows=rows,
+        counts=counts,
+        views=views,
+        manifest_version=digest,
+        source=data_source(raw_dir),
+    )
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / CARD_DIR
+        folder.mkdir()
+        (folder / CARD_MD).write_text(md)
+        (folder / CARD_JSON).write_text(json.dumps(card, indent=1, default=str))
+        run.log_artifact(folder, CARD_DIR)
+    link = f"runs:/{run.run_id}/{CARD_DIR}/{CARD_MD}"
+    run.client.update_model_version(reg["name"], str(reg["version"]), description=f"Model card: `{link}` (JSON beside it)\n\n{md}")
+    return {"model_card": dg.MetadataValue.md(md), "model_card_uri": link}

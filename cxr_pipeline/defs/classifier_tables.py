@@ -33,6 +33,13 @@ METRICS_SHOWN = (
     "blank_policy",
     "bootstrap_skipped",
     "reference_auc",
+    "calibration",
+    "ece_before",
+    "ece_after",
+    "ece_after_lo",
+    "ece_after_hi",
+    "brier_before",
+    "brier_after",
     "reason",
 )
 
@@ -52,8 +59,10 @@ ALL_CLASSIFIERS_IN = {"classifier": dg.AssetIn(CLASSIFIER, partition_mapping=dg.
 def classifier_metrics(
     context: dg.AssetExecutionContext, classifier: ClassifierSet, mlflow: MlflowTracking, storage: CxrStorage
 ) -> dg.Output:
+    from cxr_pipeline.defs.metadata import inline_png
+    from cxr_pipeline.vision.calibration import reliability_diagram
     from cxr_pipeline.vision.evaluate import save_curves
-    from cxr_pipeline.vision.tables import curves_of_test_split, metrics_table, test_scores_table
+    from cxr_pipeline.vision.tables import curves_of_test_split, metrics_table, reliability_of_test_split, test_scores_table
 
     df = metrics_table(classifier)
     if df.height == 0:
@@ -66,10 +75,20 @@ def classifier_metrics(
             prefix = ("multilabel." if r["model"] == "multilabel" else "") + slug(r["pathology"])
             prefix += ".radiologist" if r["test_labels"] == "radiologist" else ""
             run.log_metrics({f"{prefix}.roc_auc": r["roc_auc"], f"{prefix}.f1": r["f1"]})
+            run.log_metrics({f"{prefix}.{m}": r[m] for m in ("ece_before", "ece_after", "brier_before", "brier_after") if r[m] is not None})
         run.log_artifact(save_curves(curves_of_test_split(classifier, df["slug"].to_list()), curves, "All pathologies, test split"))
+        reliability = reliability_diagram(
+            reliability_of_test_split(classifier, df["slug"].unique(maintain_order=True).to_list()),
+            storage.paths.classifier_reliability,
+            "Per-finding models, test split: dotted before, solid after calibration",
+        )
+        if reliability is not None:
+            run.log_artifact(reliability)
     ev = show.filter(pl.col("evaluable") & (pl.col("test_labels") != "radiologist") & (pl.col("model") == "per_pathology"))
     md = {"table": table_metadata(show.with_columns(pl.col(pl.Float64).round(4))), "pathologies": df.height, "evaluable": ev.height}
     md.update(mean_roc_auc=float(ev["roc_auc"].mean()) if ev.height else float("nan"), roc_pr=dg.MetadataValue.path(str(curves)))
+    if reliability is not None:
+        md["reliability"] = inline_png(reliability, "Reliability diagram, test split, before and after calibration")
     return dg.Output(df, metadata=asset_metadata(run, **md))
 
 

@@ -20,6 +20,7 @@ from cxr_pipeline.defs.classifier import (
     epoch_logger,
     log_datasets,
     log_model,
+    publish_model_card,
     registered_label,
     saliency_sheet,
 )
@@ -74,12 +75,15 @@ def multilabel_classifier(
         run.log_params({**params(cfg), **hw.params, **counts, "images": data.mode})
         log_datasets(run, data, cfg.size, shards, [f"t_{s}" for s in SLUGS])
         rows, result = fit_multilabel(data, manifest, shards, cfg, hw.device, files, log=context.log.info, on_epoch=epoch_logger(run))
-        md = _record_multilabel(run, data, rows, result, files)
+        md, reg = _record_multilabel(run, data, rows, result, files)
+        counts_by_split = {s: {"images": data.splits[s].rows.height} for s in ("train", "validate", "test")}
+        md.update(publish_model_card(run, reg, files.checkpoint, rows, counts_by_split, manifest, data.digest(), paths.raw))
     return dg.MaterializeResult(metadata=asset_metadata(run, **counts, images=data.mode, **md, **resolved_metadata(cfg)))
 
 
-def _record_multilabel(run: TrackedRun, data, rows: list[dict], result, files: ClassifierFiles) -> dict:
-    """The multi-label fit in MLflow (metrics, model), its Grad-CAM sheet and registry version; its metadata."""
+def _record_multilabel(run: TrackedRun, data, rows: list[dict], result, files: ClassifierFiles) -> tuple[dict, dict]:
+    """The multi-label fit in MLflow (metrics, model), its Grad-CAM sheet and registry version; its metadata and
+    the registry version."""
     run.log_metrics({"best_epoch": result.best_epoch, "train_images_per_second": result.images_per_second, "train_seconds": result.seconds})
     log_model(run, files.checkpoint)
     run.log_dict({"rows": rows}, "metrics.json")
@@ -89,7 +93,7 @@ def _record_multilabel(run: TrackedRun, data, rows: list[dict], result, files: C
     reg = _register_multilabel(run, data, rows)
     md = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1)}
     md.update(mean_test_roc_auc=reg["mean_test_roc_auc"], evaluable_labels=reg["evaluable_labels"], registered_model=registered_label(reg))
-    return {**md, "checkpoint": dg.MetadataValue.path(str(files.checkpoint)), **sheet}
+    return {**md, "checkpoint": dg.MetadataValue.path(str(files.checkpoint)), **sheet}, reg
 
 
 def _register_multilabel(run: TrackedRun, data, rows: list[dict]) -> dict:

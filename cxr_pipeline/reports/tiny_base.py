@@ -145,6 +145,8 @@ def pretrain_language(base_dir: Path, texts: Sequence[str], steps: int, lr: floa
     import torch
     from transformers import MllamaForConditionalGeneration, MllamaProcessor
 
+    from cxr_pipeline.vision.train import resolve_precision
+
     processor = MllamaProcessor.from_pretrained(str(base_dir))
     model = MllamaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32)
     for name, param in model.named_parameters():
@@ -154,9 +156,12 @@ def pretrain_language(base_dir: Path, texts: Sequence[str], steps: int, lr: floa
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     model.train()
+    # bf16 autocast only where the CPU runs bf16 natively (the classifiers' rule, vision.train.resolve_precision): on
+    # an AVX2-only CPU it is emulated, and 1,500 steps took over 20 minutes instead of about one (2026-12-03)
+    bf16 = model.device.type == "cpu" and resolve_precision("auto", model.device) == "bf16"
     for _ in range(steps):
         batch_ = collate([{"image": blank, "prompt": prompt, "report": texts[i]} for i in rng.integers(0, len(texts), batch)])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=model.device.type == "cpu"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(**batch_).loss
         loss.backward()
         opt.step()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
+from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS, slug
 from cxr_pipeline.settings import ClassifierSet
 from cxr_pipeline.vision.evaluate import REFERENCE_AUC
 from cxr_pipeline.vision.splits import MULTILABEL, RADIOLOGIST
@@ -87,3 +87,16 @@ def predictions_table(paths: ClassifierSet) -> tuple[pl.DataFrame | None, list[s
         wide = p if wide is None else wide.join(p.drop("split"), on="dicom_id", how="full", coalesce=True)
         done.append(s)
     return (wide.sort("dicom_id") if wide is not None else None), done
+
+
+def reliability_of_test_split(paths: ClassifierSet, slugs: list[str]) -> dict[str, tuple]:
+    """(y, score, calibrated probability) of the test split for each per-finding model with scores, the map read
+    from its checkpoint (``vision.calibration``; identity for a checkpoint from before calibration)."""
+    from cxr_pipeline.vision.calibration import apply
+
+    out = {}
+    for label, (y, p) in curves_of_test_split(paths, slugs).items():
+        cfg_file = paths.classifier(slug(label)).checkpoint / "config.json"
+        calibration = json.loads(cfg_file.read_text()).get("calibration") if cfg_file.exists() else None
+        out[label] = (y, p, apply(calibration, p))
+    return out

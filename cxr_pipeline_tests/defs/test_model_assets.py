@@ -84,6 +84,15 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert (
             out["support_devices_call"].to_numpy() == (out["support_devices"].to_numpy() >= calibrated_threshold(calibration, threshold))
         ).all()
+        # the version's model card: generated, logged beside the model, linked from the description, its figures the run's
+        version = client.get_model_version("cxr-support-devices", "1")
+        assert version.description.startswith(f"Model card: `runs:/{run.info.run_id}/model_card/model_card.md`")
+        card = json.loads(Path(client.download_artifacts(run.info.run_id, "model_card/model_card.json")).read_text())
+        assert card["training_data"]["source"]["kind"] == "replica" and card["model_details"]["version"] == "1"
+        assert card["training_data"]["splits"]["train"]["images"] == int(run.data.params["n_train"])
+        auto_row = next(r for r in card["metrics"] if r["test_labels"] != "radiologist")
+        assert auto_row["roc_auc"] == pytest.approx(md["roc_auc"].value, abs=1e-4) and auto_row["ece_after"] is not None
+        assert "## Intended use" in version.description and "Not for:" in version.description
         shipped = loaded.metadata.metadata
         assert shipped["calibration_parameters"]["support_devices"] == calibration and "calibration" in shipped
         # what the model saw, in MLflow's dataset tracking: one dataset per split, digests of the rows
@@ -170,6 +179,10 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert [(i.dataset.name, i.tags[0].value) for i in arun.inputs.dataset_inputs] == [(f"report-pairs-{size}px", "train")]
         mrun = client.get_run(mats["classifier_metrics"].metadata["mlflow_run_id"].value)
         assert [(i.dataset.name, i.tags[0].value) for i in mrun.inputs.dataset_inputs] == [("classifier-test-scores", "test")]
+        # the reliability diagram (every per-finding model, before and after calibration): MLflow and the catalog
+        assert "reliability_all.png" in {a.path for a in client.list_artifacts(mrun.info.run_id)}
+        assert mats["classifier_metrics"].metadata["reliability"].value.startswith("![")
+        assert "support_devices.ece_after" in mrun.data.metrics
         assert any(a.path == "adapter" for a in client.list_artifacts(arun.info.run_id))
         # each configured asset's run recorded the configuration it resolved, whole, with no auto left
         for key, mat in {**mats, **rmats}.items():

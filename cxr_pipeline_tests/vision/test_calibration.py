@@ -110,3 +110,30 @@ def test_the_demo_prints_calibration_before_and_after_for_every_finding_model_an
     assert table.height == 2 and set(table["model"]) == {"per-finding", "multi-label"}
     assert table["ece_auto"].to_list() == ["0.2 -> 0.05"] * 2 and table["brier_rad"].to_list() == ["0.3 -> 0.2"] * 2
     assert calibration_table(pl.DataFrame({"pathology": ["Edema"], "roc_auc": [0.8]})).height == 0  # a table from before
+
+
+def test_a_model_card_is_built_from_the_run_s_records(tmp_path):
+    from cxr_pipeline.vision.model_card import REPLICA_MARKER, build_card, data_source
+
+    fit = cal.fit_platt(*shifted_scores(300, seed=6))
+    config = {"arch": "resnet18", "size": 224, "pathology": "Edema", "threshold": 0.4, "calibration": fit}
+    config["training_config"] = {"uncertain": "ignore", "blank": "zeros", "lr": 1e-4}
+    row = {"pathology": "Edema", "test_labels": "chexpert", "evaluable": True, "n_test": 120, "n_pos": 31, "roc_auc": 0.81}
+    row |= {"roc_auc_lo": 0.72, "roc_auc_hi": 0.88, "ece_before": 0.21, "ece_after": 0.04, "brier_before": 0.2, "brier_after": 0.15}
+    rad = {"pathology": "Edema", "test_labels": "radiologist", "evaluable": False, "reason": "test split has only negatives", "n_test": 9}
+    (tmp_path / REPLICA_MARKER).write_text(json.dumps({"patients": 300, "seed": 0}))
+    md, card = build_card(
+        name="cxr-edema", version="3", run_id="abc", config=config, rows=[row, rad],
+        counts={"train": {"images": 900, "positives": 200}}, views=["AP", "PA"], manifest_version="d1", source=data_source(tmp_path),
+    )  # fmt: skip
+    assert card["training_data"]["source"] == {
+        "kind": "replica",
+        "note": card["training_data"]["source"]["note"],
+        "patients": 300,
+        "seed": 0,
+    }
+    assert card["calibration"]["maps"]["Edema"].startswith("Platt scaling on validate")
+    assert card["training_data"]["label_policy"] == {"uncertain": "ignore", "blank": "zeros"}
+    assert "| Edema | chexpert | 120 (31) | 0.810 [0.720-0.880] |" in md and "not evaluable: test split has only negatives" in md
+    assert "Trained and tested on the replica only" in md and "## Intended use" in md and "| train | 900 | 200 |" in md
+    assert data_source(tmp_path / "elsewhere")["kind"] == "MIMIC-CXR"
