@@ -170,7 +170,7 @@ def run_all(console=None) -> bool:
 ADAPTER_NOTE = {
     "short": "the adapter is a tiny random Mllama fine-tuned for 80 steps: a pipeline check; the learning recipe did not beat"
     " the template at this size (CE micro-F1 0.212 vs 0.325, 2026-11-30)",
-    "learning": "the adapter follows benchmarks/recipes/learning.yaml: a wider tiny Mllama, language-pretrained, 1,000 steps",
+    "learning": "the adapter follows benchmarks/recipes/learning.yaml: a 4x wider tiny Mllama, LoRA on language and vision, 1,000 steps",
 }
 
 

@@ -4,7 +4,7 @@ A classifier trained with ``pos_weight`` (the default) is pushed on purpose to s
 frequency: its score ranks images well but is not a probability anyone can read as one. A temperature alone
 (dividing the logit) cannot remove that offset, so the map is **Platt scaling**: a logistic regression of the
 validation labels on the model's logit, ``p' = sigmoid(a * logit(p) + b)``, two parameters, fitted on validation
-only (scikit-learn's ``LogisticRegression`` without a penalty: the same fit ``CalibratedClassifierCV(method=
+only (scikit-learn's ``LogisticRegression`` without a penalty, ``C=inf``: the same fit ``CalibratedClassifierCV(method=
 "sigmoid")`` makes, here on probabilities already computed rather than an estimator). With ``a > 0`` the map is
 strictly increasing, so the threshold chosen on validation is carried through it and every call is unchanged.
 Isotonic regression is not used: it is a step function, so it ties scores (the ROC curve and the calls move) and
@@ -50,7 +50,7 @@ def fit_platt(y_val, p_val) -> dict:
     base = {"fitted_on": "validate", "n": int(len(y)), "n_pos": int(y.sum()) if len(y) else 0}
     if len(y) == 0 or y.min() == y.max():
         return {"method": "none", "reason": "validation split has one class", **base}
-    lr = LogisticRegression(penalty=None, solver="lbfgs", max_iter=1000).fit(_logit(p)[:, None], y)
+    lr = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000).fit(_logit(p)[:, None], y)  # C=inf: no penalty
     a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
     if not (a > 0 and np.isfinite(a) and np.isfinite(b)):
         return {"method": "none", "reason": f"fitted slope {a:.3g} is not positive: the scores do not rank validation", **base}
