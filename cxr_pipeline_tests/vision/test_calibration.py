@@ -110,6 +110,11 @@ def test_the_demo_prints_calibration_before_and_after_for_every_finding_model_an
     assert table.height == 2 and set(table["model"]) == {"per-finding", "multi-label"}
     assert table["ece_auto"].to_list() == ["0.2 -> 0.05"] * 2 and table["brier_rad"].to_list() == ["0.3 -> 0.2"] * 2
     assert calibration_table(pl.DataFrame({"pathology": ["Edema"], "roc_auc": [0.8]})).height == 0  # a table from before
+    from cxr_pipeline.demo import classifier_table
+
+    auc = {"roc_auc": 0.8, "roc_auc_lo": 0.7, "roc_auc_hi": 0.9, "reference_auc": 0.72}
+    shown = classifier_table(pl.DataFrame([{**r, **auc} for r in rows[:4]]))
+    assert shown.height == 1 and shown["ece auto"].to_list() == ["0.2 -> 0.05"] and shown["brier auto"].to_list() == ["0.3 -> 0.2"]
 
 
 def test_a_model_card_is_built_from_the_run_s_records(tmp_path):
