@@ -542,15 +542,16 @@ def learning(args, device, name: str) -> int:
     print(f"optimal constant report (the findings validate prevalence favours; validate {f_opt_val:.3f}): {optimal[:120]!r}")
     for arm, (f, lo, hi) in stats.items():
         print(f"  {arm:19} test CE micro-F1 {f:.3f} [{lo:.3f}-{hi:.3f}] (mean over {len(arms[arm])} run(s))")
+    refs_of = {"shuffled references": shuffled}  # the control's references; every other arm's are the test labels
+
+    def seed_f1(arm: str, i: int) -> float:  # one run's CE micro-F1, seed i (a constant arm has one run)
+        j = i if len(arms[arm]) > 1 else 0
+        return clinical_efficacy([""] * len(test[1]), arms[arm][j], refs_of[arm][i] if arm in refs_of else test[1])[0]["ce_micro14_f1"]
+
+    with_images = [seed_f1("with images", i) for i in range(len(seeds))]
     for (a, b), (d, lo, hi) in diffs.items():
         if a == "with images":
-            each = [
-                clinical_efficacy([""] * len(test[1]), arms[a][i], test[1])[0]["ce_micro14_f1"]
-                - clinical_efficacy(
-                    [""] * len(test[1]), arms[b][i if len(arms[b]) > 1 else 0], shuffled[i] if b == "shuffled references" else test[1]
-                )[0]["ce_micro14_f1"]
-                for i in range(len(seeds))
-            ]
+            each = [with_images[i] - seed_f1(b, i) for i in range(len(seeds))]
             print(f"  {a} - {b}: {d:+.3f} [{lo:+.3f}-{hi:+.3f}]; by seed {', '.join(f'{x:+.3f}' for x in each)}")
     print(
         f"intervals: 95%, two-stage bootstrap ({args.n_boot} resamples: the {len(seeds)} seeds with replacement, then the "

@@ -28,8 +28,10 @@ import numpy as np
 
 ECE_BINS = 10
 ECE_BINNING = f"{ECE_BINS} equal-width bins over [0, 1], L1 (torchmetrics binary_calibration_error)"
-CALIBRATION_COLUMNS = tuple(
-    f"{m}_{w}{b}" for m in ("ece", "brier") for w in ("before", "after") for b in ("", "_lo", "_hi") if m == "ece" or not b
+CALIBRATION_COLUMNS = (
+    *(f"ece_{w}{b}" for w in ("before", "after") for b in ("", "_lo", "_hi")),
+    "brier_before",
+    "brier_after",
 )
 UNCALIBRATED = {"method": "none", "reason": "registered before calibration: scores are the network's own"}
 _EPS = 1e-6
