@@ -168,6 +168,11 @@ class ClassifierFiles:
     def resume(self) -> Path:
         return self.dir / "resume.pt"
 
+    @property
+    def model_card(self) -> Path:
+        """The registered version's model card (JSON) and which version it is: the subgroup audit adds its gaps."""
+        return self.dir / "model_card.json"
+
 
 @dataclass(frozen=True)
 class ClassifierSet:

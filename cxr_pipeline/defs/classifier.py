@@ -189,24 +189,22 @@ def _record_fit(run: TrackedRun, data, outcome, files: ClassifierFiles, manifest
     reg = register_classifier(run, data, outcome.row)
     c = data.counts
     counts = {s: {"images": c[f"n_{s}"], "positives": c[f"n_{s}_pos"]} for s in ("train", "validate", "test")}
-    card = publish_model_card(run, reg, files.checkpoint, outcome.rows, counts, manifest, data.digest(), raw_dir)
+    card = publish_model_card(run, reg, files, outcome.rows, counts, manifest, data.digest(), raw_dir)
     sheet = saliency_sheet(run, files.checkpoint, data.splits["test"].images, *outcome.test_curve, files.saliency)
     return {**_fit_metadata(outcome, reg, files), **sheet, **card}
 
 
 def publish_model_card(
-    run: TrackedRun, reg: dict, checkpoint, rows: list[dict], counts: dict, manifest: pl.DataFrame, digest: str, raw_dir
+    run: TrackedRun, reg: dict, files: ClassifierFiles, rows: list[dict], counts: dict, manifest: pl.DataFrame, digest: str, raw_dir
 ) -> dict:
     """The registered version's model card (``vision.model_card``), generated from the checkpoint and the metrics
     rows: Markdown and JSON artifacts under ``model_card/`` in the run, and the version's description (which
     MLflow's UI renders as Markdown) links them and carries the Markdown. Returns the materialization metadata."""
     import json
-    import tempfile
-    from pathlib import Path
 
-    from cxr_pipeline.vision.model_card import CARD_DIR, CARD_JSON, CARD_MD, build_card, data_source
+    from cxr_pipeline.vision.model_card import build_card, data_source
 
-    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    config = json.loads((files.checkpoint / "config.json").read_text())
     views = sorted(v for v in manifest["view_position"].unique().to_list() if v) if "view_position" in manifest.columns else []
     md, card = build_card(
         name=reg["name"],
@@ -219,12 +217,28 @@ def publish_model_card(
         manifest_version=digest,
         source=data_source(raw_dir),
     )
+    return write_model_card(run.client, reg["name"], str(reg["version"]), run.run_id, md, card, files)
+
+
+def write_model_card(client, name: str, version: str, run_id: str, md: str, card: dict, files: ClassifierFiles) -> dict:
+    """The card as artifacts of the version's run (``model_card/``), in its description, and in the classifier's
+    folder (``model_card.json``, with the version it belongs to: how the subgroup audit finds the card to add its
+    gaps to). Returns the materialization metadata."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from cxr_pipeline.files import atomic_path
+    from cxr_pipeline.vision.model_card import CARD_DIR, CARD_JSON, CARD_MD
+
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d) / CARD_DIR
         folder.mkdir()
         (folder / CARD_MD).write_text(md)
         (folder / CARD_JSON).write_text(json.dumps(card, indent=1, default=str))
-        run.log_artifact(folder, CARD_DIR)
-    link = f"runs:/{run.run_id}/{CARD_DIR}/{CARD_MD}"
-    run.client.update_model_version(reg["name"], str(reg["version"]), description=f"Model card: `{link}` (JSON beside it)\n\n{md}")
+        client.log_artifacts(run_id, str(folder), CARD_DIR)
+    link = f"runs:/{run_id}/{CARD_DIR}/{CARD_MD}"
+    client.update_model_version(name, version, description=f"Model card: `{link}` (JSON beside it)\n\n{md}")
+    with atomic_path(files.model_card) as tmp:
+        tmp.write_text(json.dumps({"name": name, "version": version, "run_id": run_id, "card": card}, indent=1, default=str))
     return {"model_card": dg.MetadataValue.md(md), "model_card_uri": link}

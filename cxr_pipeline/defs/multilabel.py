@@ -77,7 +77,7 @@ def multilabel_classifier(
         rows, result = fit_multilabel(data, manifest, shards, cfg, hw.device, files, log=context.log.info, on_epoch=epoch_logger(run))
         md, reg = _record_multilabel(run, data, rows, result, files)
         counts_by_split = {s: {"images": data.splits[s].rows.height} for s in ("train", "validate", "test")}
-        md.update(publish_model_card(run, reg, files.checkpoint, rows, counts_by_split, manifest, data.digest(), paths.raw))
+        md.update(publish_model_card(run, reg, files, rows, counts_by_split, manifest, data.digest(), paths.raw))
     return dg.MaterializeResult(metadata=asset_metadata(run, **counts, images=data.mode, **md, **resolved_metadata(cfg)))
 
 
@@ -143,6 +143,7 @@ def report_hints(
     mlflow: MlflowTracking,
     compute: Compute,
 ) -> dg.Output:
+    from cxr_pipeline.vision.folds import per_finding_calibrations
     from cxr_pipeline.vision.folds import report_hints as build_hints
     from cxr_pipeline.vision.multilabel import load_multilabel_data
 
@@ -152,7 +153,10 @@ def report_hints(
     load = lambda: load_multilabel_data(manifest, image_shards.root(cfg.size), cfg, hw.device)  # noqa: E731  (only for fold models)
     with mlflow.run(context, {"model": MULTILABEL}) as run:
         run.log_params({**params(cfg), **hw.params})
-        hints = build_hints(cfg, hw.device, multilabel_classifier, classifier_predictions, classifier_metrics, load, context.log.info)
+        calibrations = per_finding_calibrations(paths, classifier_metrics)
+        hints = build_hints(
+            cfg, hw.device, multilabel_classifier, classifier_predictions, classifier_metrics, load, context.log.info, calibrations
+        )
         run.log_params({"oof_images": hints.out_of_fold_images, "hint_source": hints.source})
     context.log.info(f"report hints: {hints.table.height} images, {hints.source} ({hints.folds} fold models)")
     md = {"hint_source": hints.source, "fold_models": hints.folds, "out_of_fold_images": hints.out_of_fold_images}

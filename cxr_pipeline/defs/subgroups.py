@@ -86,6 +86,8 @@ def subgroup_metrics(
     with mlflow.run(context) as run:
         run.log_params(params(cfg))
         _log_audit(run, result)
+        cards = _add_to_model_cards(run, classifier, classifier_metrics, result)
+    context.log.info(f"subgroup gaps added to {len(cards)} model cards: {', '.join(cards) or '-'}")
     if result.skipped:  # demographics are optional: the audit says why it is empty, the pipeline runs on
         context.log.warning(f"subgroup audit skipped: {result.skipped}")
         return dg.Output(result.table, metadata=asset_metadata(run, reason=result.skipped, **resolved_metadata(cfg)))
@@ -108,6 +110,33 @@ def _log_audit(run: TrackedRun, result) -> None:
         run.log_metrics({"small_cells": result.small_cells, "pooled_rows": int(result.table["pooled"].sum())})
     for png in result.charts.values():
         run.log_artifact(png)
+
+
+def _add_to_model_cards(run: TrackedRun, classifiers: ClassifierSet, metrics: pl.DataFrame, result) -> list[str]:
+    """Each trained model's card (``vision.model_card.with_subgroups``) gains its publishable gaps on the test split
+    (or the reason the audit was skipped), re-published as its registered version's artifacts and description.
+    Returns the versions updated (``name vN``)."""
+    import json
+
+    from cxr_pipeline.defs.classifier import write_model_card
+    from cxr_pipeline.vision.model_card import with_subgroups
+    from cxr_pipeline.vision.splits import MULTILABEL
+    from cxr_pipeline.vision.subgroups import publishable
+
+    table = publishable(result.table) if result.table.height else result.table
+    done = []
+    for model, folder in [(MULTILABEL, MULTILABEL), *(("per_pathology", s) for s in metrics["slug"].unique().sort().to_list())]:
+        files = classifiers.classifier(folder)
+        if not files.model_card.exists():
+            continue
+        kept = json.loads(files.model_card.read_text())
+        mine = table.filter((pl.col("view") == "test") & (pl.col("model") == model)) if table.height else table
+        if model != MULTILABEL and mine.height:
+            mine = mine.filter(pl.col("slug") == folder)
+        md, card = with_subgroups(kept["card"], mine, run.run_id, result.skipped)
+        write_model_card(run.client, kept["name"], kept["version"], kept["run_id"], md, card, files)
+        done.append(f"{kept['name']} v{kept['version']}")
+    return done
 
 
 def _audit_metadata(result) -> dict:

@@ -4,8 +4,8 @@ A classifier trained with ``pos_weight`` (the default) is pushed on purpose to s
 frequency: its score ranks images well but is not a probability anyone can read as one. A temperature alone
 (dividing the logit) cannot remove that offset, so the map is **Platt scaling**: a logistic regression of the
 validation labels on the model's logit, ``p' = sigmoid(a * logit(p) + b)``, two parameters, fitted on validation
-only (scikit-learn's ``LogisticRegression`` without a penalty, ``C=inf``: the same fit ``CalibratedClassifierCV(method=
-"sigmoid")`` makes, here on probabilities already computed rather than an estimator). With ``a > 0`` the map is
+only (scikit-learn's ``LogisticRegression`` without a penalty, ``C=inf``, on Platt's smoothed targets: the fit
+``CalibratedClassifierCV(method="sigmoid")`` makes, here on probabilities already computed rather than an estimator). With ``a > 0`` the map is
 strictly increasing, so the threshold chosen on validation is carried through it and every call is unchanged.
 Isotonic regression is not used: it is a step function, so it ties scores (the ROC curve and the calls move) and
 on a validation split of a few dozen positives it overfits.
@@ -52,7 +52,16 @@ def fit_platt(y_val, p_val) -> dict:
     base = {"fitted_on": "validate", "n": int(len(y)), "n_pos": int(y.sum()) if len(y) else 0}
     if len(y) == 0 or y.min() == y.max():
         return {"method": "none", "reason": "validation split has one class", **base}
-    lr = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000).fit(_logit(p)[:, None], y)  # C=inf: no penalty
+    # Platt's (1999) targets, as scikit-learn's sigmoid calibration uses: (n+ + 1) / (n+ + 2) for a positive and
+    # 1 / (n- + 2) for a negative, not 1 and 0, so a validation split the scores separate perfectly (common with a
+    # few dozen positives) gives a finite slope rather than a step to 0 and 1. Soft targets are fitted as each image
+    # twice, once positive and once negative, weighted by its target.
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    target = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    x = np.concatenate([_logit(p), _logit(p)])[:, None]
+    labels = np.concatenate([np.ones(len(y), int), np.zeros(len(y), int)])
+    lr = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000)  # C=inf: no penalty
+    lr.fit(x, labels, sample_weight=np.concatenate([target, 1 - target]))
     a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
     if not (a > 0 and np.isfinite(a) and np.isfinite(b)):
         return {"method": "none", "reason": f"fitted slope {a:.3g} is not positive: the scores do not rank validation", **base}

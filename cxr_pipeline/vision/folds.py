@@ -12,6 +12,7 @@ import polars as pl
 
 from cxr_pipeline.labels import SLUGS
 from cxr_pipeline.settings import ClassifierFiles
+from cxr_pipeline.vision.calibration import apply, calibrated_threshold, fit_platt
 from cxr_pipeline.vision.evaluate import stored_threshold
 from cxr_pipeline.vision.fit import EVAL_PRECISION
 from cxr_pipeline.vision.multilabel import MultilabelData
@@ -29,15 +30,23 @@ def assign_folds(rows: pl.DataFrame, k: int, seed: int = 0) -> pl.DataFrame:
     return rows.with_columns(pl.col("subject_id").replace_strict(fold_of, return_dtype=pl.Int32).alias("fold"))
 
 
-def fit_out_of_fold(
-    data: MultilabelData, cfg: TrainConfig, device, k: int, log: Callable[[str], None] | None = None
-) -> tuple[pl.DataFrame, dict[int, set[str]]]:
+@dataclass(frozen=True)
+class OutOfFold:
+    """The fold models' predictions and how each was read."""
+
+    table: pl.DataFrame  # dicom_id, fold, one calibrated probability per slug, threshold_{slug} (calibrated)
+    trained_on: dict[int, set[str]]  # per fold, the ids its model trained on (for the audit in the tests)
+    fits: dict[int, dict[str, dict]]  # per fold and slug: {"threshold": on the network's scores, "calibration": map}
+
+
+def fit_out_of_fold(data: MultilabelData, cfg: TrainConfig, device, k: int, log: Callable[[str], None] | None = None) -> OutOfFold:
     """Out-of-fold probabilities for every training image: k multi-label models, each trained on the
     training patients outside one fold (early stopping on the validation split) and applied to that
-    fold only, so no image's hint comes from a model that saw it. Each fold model's thresholds are its own,
-    chosen on the validation split as the final model's are (``evaluate.choose_threshold``): five models with
-    their own calibration are not read at one model's thresholds. Returns (``dicom_id``, ``fold``, one column
-    per slug, ``threshold_{slug}``) and, per fold, the ids its model trained on (for the audit in the tests)."""
+    fold only, so no image's hint comes from a model that saw it. Each fold model's thresholds and calibration
+    are its own, chosen and fitted on the validation split as the final model's are (``evaluate.choose_threshold``,
+    ``calibration.fit_platt``): five models with their own score scales are not read at one model's thresholds.
+    The table holds calibrated probabilities and each threshold carried through its fold's map (a strictly
+    increasing map: the calls are those of the network's scores at the validation threshold)."""
     import numpy as np
 
     from cxr_pipeline.vision.evaluate import choose_threshold
@@ -45,7 +54,7 @@ def fit_out_of_fold(
     sp = data.splits["train"]
     rows = assign_folds(sp.rows, k, cfg.seed)
     folds = rows["fold"].to_numpy()
-    parts, trained_on = [], {}
+    parts, trained_on, fits = [], {}, {}
     for f in range(k):
         inside, outside = np.flatnonzero(folds == f), np.flatnonzero(folds != f)
         if len(inside) == 0:
@@ -61,29 +70,42 @@ def fit_out_of_fold(
 
         p, p_val, y_val = probs(sp.images.subset(inside)), probs(val.images), val.targets.numpy()
         known = ~np.isnan(y_val)
-        thresholds = [choose_threshold(y_val[known[:, j], j], p_val[known[:, j], j])[0] for j in range(len(SLUGS))]
+        fits[f] = {
+            s: {
+                "threshold": float(choose_threshold(y_val[known[:, j], j], p_val[known[:, j], j])[0]),
+                "calibration": fit_platt(y_val[known[:, j], j], p_val[known[:, j], j]),
+            }
+            for j, s in enumerate(SLUGS)
+        }
         ids = rows["dicom_id"].to_numpy()
         trained_on[f] = set(ids[outside].tolist())
         part = pl.DataFrame({"dicom_id": ids[inside], "fold": np.full(len(inside), f, dtype=np.int32)})
-        part = part.with_columns(pl.Series(s, p[:, j], dtype=pl.Float32) for j, s in enumerate(SLUGS))
-        parts.append(part.with_columns(pl.lit(float(t)).alias(threshold_column(s)) for s, t in zip(SLUGS, thresholds, strict=True)))
+        part = part.with_columns(pl.Series(s, apply(fits[f][s]["calibration"], p[:, j]), dtype=pl.Float32) for j, s in enumerate(SLUGS))
+        at = {s: calibrated_threshold(fit["calibration"], fit["threshold"]) for s, fit in fits[f].items()}
+        parts.append(part.with_columns(pl.lit(t).alias(threshold_column(s)) for s, t in at.items()))
     schema = {
         "dicom_id": pl.String,
         "fold": pl.Int32,
         **dict.fromkeys(SLUGS, pl.Float32),
         **{threshold_column(s): pl.Float64 for s in SLUGS},
     }
-    return (pl.concat(parts) if parts else pl.DataFrame(schema=schema)), trained_on
+    return OutOfFold(pl.concat(parts) if parts else pl.DataFrame(schema=schema), trained_on, fits)
 
 
-def hint_predictions(oof: pl.DataFrame, all_predictions: pl.DataFrame, thresholds: dict[str, float]) -> pl.DataFrame:
+def hint_predictions(
+    oof: pl.DataFrame, all_predictions: pl.DataFrame, thresholds: dict[str, float], calibrations: dict[str, dict] | None = None
+) -> pl.DataFrame:
     """The probabilities report prompts and retrieval use and the thresholds they are read at: out-of-fold for
     training images (each at its fold model's thresholds), the final model's (out-of-sample) for every other
-    split (at the final model's ``thresholds``). ``source`` says which."""
-    other = all_predictions.filter(pl.col("split") != "train").with_columns(
+    split (at the final model's ``thresholds``, on its network scores, carried through its ``calibrations``
+    with the probabilities). ``source`` says which."""
+    calibrations = calibrations or {}
+    other = all_predictions.filter(pl.col("split") != "train")
+    other = other.with_columns(
         pl.lit(None, pl.Int32).alias("fold"),
         pl.lit("held_out").alias("source"),
-        *(pl.lit(float(thresholds[s])).alias(threshold_column(s)) for s in SLUGS),
+        *(pl.Series(s, apply(calibrations.get(s), other[s].to_numpy()), dtype=pl.Float32) for s in SLUGS),
+        *(pl.lit(calibrated_threshold(calibrations.get(s), thresholds[s])).alias(threshold_column(s)) for s in SLUGS),
     )
     train = oof.join(all_predictions.select("dicom_id", "split"), on="dicom_id", how="left").with_columns(
         pl.lit("out_of_fold").alias("source")
@@ -128,6 +150,7 @@ def report_hints(
     metrics: pl.DataFrame,
     load: Callable[[], MultilabelData],
     log: Callable[[str], None] | None = None,
+    calibrations: dict[str, dict] | None = None,
 ) -> ReportHints:
     """The classifier probabilities the report prompts and the retrieval baseline read, and the thresholds
     they are read at, one row per image.
@@ -137,20 +160,41 @@ def report_hints(
     that saw the image, so training prompts are as good as test prompts, not better), each read at its fold
     model's validation-chosen thresholds; the final model's for the other splits, at its thresholds. Otherwise the
     per-pathology ``predictions`` (the ``classifier_predictions`` table), in-sample on the training split and
-    named so, at the thresholds of the ``metrics`` table (``classifier_metrics``).
+    named so, at the thresholds of the ``metrics`` table (``classifier_metrics``), each model's probabilities
+    and threshold carried through its calibration (``calibrations``: slug -> map, from its checkpoint).
+
+    Every probability in the table is calibrated (``vision.calibration``; the prompts print them, so they
+    should read as probabilities) and every threshold is carried through the same map, so the findings a
+    prompt names are those the network's scores name at the validation thresholds.
     """
     if cfg.oof_folds > 1:
         final = pl.read_parquet(multilabel.predictions)
-        thresholds = json.loads((multilabel.checkpoint / "config.json").read_text())["thresholds"]
-        oof, _ = fit_out_of_fold(load(), cfg, device, cfg.oof_folds, log=log)
-        table = hint_predictions(oof, final, thresholds)
+        config = json.loads((multilabel.checkpoint / "config.json").read_text())
+        oof = fit_out_of_fold(load(), cfg, device, cfg.oof_folds, log=log).table
+        table = hint_predictions(oof, final, config["thresholds"], config.get("calibration"))
         return ReportHints(_hint_table(table), "multilabel_out_of_fold", cfg.oof_folds)
     rows = metrics.filter((pl.col("model") == "per_pathology") & (pl.col("test_labels") != RADIOLOGIST))
     thresholds = {r["slug"]: stored_threshold(r["threshold"]) for r in rows.iter_rows(named=True)}
+    calibrations = calibrations or {}
     in_sample = pl.when(pl.col("split") == "train").then(pl.lit("in_sample")).otherwise(pl.lit("held_out"))
     table = predictions.with_columns(pl.lit(None, pl.Int32).alias("fold"), in_sample.alias("source"))
-    table = table.with_columns(pl.lit(thresholds.get(s), pl.Float64).alias(threshold_column(s)) for s in SLUGS)
+    table = table.with_columns(
+        pl.Series(s, apply(calibrations.get(s), table[s].to_numpy()), dtype=pl.Float32) for s in SLUGS if s in table.columns
+    )
+    at = {s: calibrated_threshold(calibrations.get(s), t) if t is not None else None for s, t in thresholds.items()}
+    table = table.with_columns(pl.lit(at.get(s), pl.Float64).alias(threshold_column(s)) for s in SLUGS)
     return ReportHints(_hint_table(table), "per_pathology_in_sample", 0)
+
+
+def per_finding_calibrations(paths, metrics: pl.DataFrame) -> dict[str, dict]:
+    """Each per-finding model's calibration map (its checkpoint's ``config.json``), for the findings in ``metrics``
+    (``classifier_metrics``); a checkpoint written before calibration gives none (its scores are used as they are)."""
+    out = {}
+    for s in metrics.filter(pl.col("model") == "per_pathology")["slug"].unique().to_list():
+        config = paths.classifier(s).checkpoint / "config.json"
+        if config.exists() and (cal := json.loads(config.read_text()).get("calibration")):
+            out[s] = cal
+    return out
 
 
 def _hint_table(table: pl.DataFrame) -> pl.DataFrame:

@@ -90,8 +90,9 @@ def build_card(
         },
         "intended_use": INTENDED_USE,
         "not_for": NOT_FOR,
-        "factors": "Subgroups by sex, age band, race and insurance (MIMIC-IV) are audited by the subgroup_metrics asset; "
-        "its publishable table (small groups pooled) is the place to read them.",
+        "factors": "Subgroups by sex, age band, race and insurance (MIMIC-IV) are audited by the subgroup_metrics asset, "
+        "which adds this model's publishable gaps (small groups pooled) to its card when it runs.",
+        "subgroups": {"status": "not yet audited: the subgroup_metrics asset adds them", "rows": []},
         "training_data": {
             "source": dict(source),
             "manifest_version": manifest_version,
@@ -136,6 +137,56 @@ def build_card(
         + ([f"Trained and tested on the replica only: {source['note']}."] if source.get("kind") == "replica" else []),
     }
     return _markdown(card), card
+
+
+SUBGROUP_FIELDS = ("labels", "slug", "attribute", "group", "n_patients", "n_pos", "tpr", "tpr_gap", "tpr_gap_lo", "tpr_gap_hi", "tpr_gap_q")
+SUBGROUP_SHOWN = 12
+
+
+def with_subgroups(card: dict, table, audit_run: str, skipped: str = "") -> tuple[str, dict]:
+    """The card with its **publishable** subgroup gaps added (``table``: ``vision.subgroups.publishable`` of the audit,
+    this model's rows on the test split: small groups already pooled, so no cell a data-use agreement forbids):
+    (Markdown, JSON). The JSON keeps every row; the Markdown the largest TPR gaps by size."""
+    import polars as pl
+
+    card = dict(card)
+    if skipped:
+        card["subgroups"] = {"status": f"not audited: {skipped}", "audit_run": audit_run, "rows": []}
+        return _markdown(card), card
+    rows = table.filter(pl.col("tpr_gap").is_not_null()).select([c for c in SUBGROUP_FIELDS if c in table.columns])
+    rows = rows.sort(pl.col("tpr_gap").abs(), descending=True)
+    card["subgroups"] = {
+        "status": "audited on the test split (subgroup_metrics; patient-bootstrap intervals, BH q-values)",
+        "audit_run": audit_run,
+        "rows": rows.to_dicts(),
+    }
+    return _markdown(card), card
+
+
+def _subgroup_lines(sub: Mapping) -> list[str]:
+    rows = sub.get("rows") or []
+    lines = ["## Subgroup gaps (test split; publishable: small groups pooled)", f"{sub.get('status', '')}."]
+    if not rows:
+        return lines
+    lines += [
+        "",
+        f"The {min(len(rows), SUBGROUP_SHOWN)} largest true-positive-rate gaps to the other patients of {len(rows)} (every row in the JSON):",
+        "",
+        "| labels | finding | attribute | group | patients | TPR | TPR gap [95% CI] | q |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows[:SUBGROUP_SHOWN]:
+        tpr = "-" if r.get("tpr") is None else f"{r['tpr']:.3f}"
+        q = "-" if r.get("tpr_gap_q") is None else f"{r['tpr_gap_q']:.3f}"
+        gap = (
+            f"{r['tpr_gap']:+.3f} [{r['tpr_gap_lo']:+.3f}, {r['tpr_gap_hi']:+.3f}]"
+            if r.get("tpr_gap_lo") is not None
+            else f"{r['tpr_gap']:+.3f}"
+        )
+        lines.append(
+            f"| {r.get('labels')} | {r.get('slug')} | {r.get('attribute')} | {r.get('group')} | {r.get('n_patients')} | {tpr} | {gap} | {q} |"
+        )
+    return lines
 
 
 def _markdown(card: dict) -> str:
@@ -189,6 +240,8 @@ def _markdown(card: dict) -> str:
         "",
         "## Factors",
         card["factors"],
+        "",
+        *_subgroup_lines(card.get("subgroups") or {}),
         "",
         "## Recipe",
         "```json",

@@ -149,6 +149,19 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert small["n_patients"].null_count() == small.height  # not even a small cell's count leaves the machine
         assert (published.filter(~pl.col("small_cell"))["n_patients"] >= 10).all()  # every other row: min_patients or more
         assert {"tpr_gap_p", "tpr_gap_q", "pooled"} <= set(published.columns)
+        # the audit adds each model's publishable test-split gaps to its registered version's card
+        carded = 0  # (with_subgroups' rows and table: test_model_card)
+        for name, model, slug in (("cxr-support-devices", "per_pathology", "support_devices"), ("cxr-multilabel", "multilabel", None)):
+            desc = client.get_model_version(name, "1").description
+            assert "## Subgroup gaps (test split; publishable: small groups pooled)" in desc and "not yet audited" not in desc
+            vrun = client.get_model_version(name, "1").run_id
+            card = json.loads(Path(client.download_artifacts(vrun, "model_card/model_card.json")).read_text())
+            mine = published.filter((pl.col("view") == "test") & (pl.col("model") == model) & pl.col("tpr_gap").is_not_null())
+            mine = mine.filter(pl.col("slug") == slug) if slug else mine
+            assert len(card["subgroups"]["rows"]) == mine.height and card["subgroups"]["audit_run"] == srun.info.run_id
+            assert card["subgroups"]["status"].startswith("audited on the test split")
+            assert all(r["n_patients"] >= 10 for r in card["subgroups"]["rows"])  # never a small group's row
+            carded += mine.height  # the test replica's test split is under min_patients per block: none here
 
         # the report branch end to end on the tiny offline Mllama
         rcfg = {

@@ -42,6 +42,25 @@ def test_the_map_is_strictly_increasing_so_every_call_stays_the_same():
         assert np.array_equal(p >= t, mapped >= cal.calibrated_threshold(fit, t))
 
 
+def test_the_fit_is_scikit_learns_platt_fit_and_stays_finite_when_validate_is_separable():
+    """The same map as scikit-learn's own sigmoid calibration (its private ``_SigmoidCalibration``: Platt's smoothed
+    targets, an independent implementation) on the same logits; and a validation split the scores separate
+    perfectly gives a finite slope, probabilities strictly inside (0, 1), not a step to 0 and 1."""
+    from sklearn.calibration import _SigmoidCalibration
+
+    y_val, p_val = shifted_scores(300, seed=8)
+    p_new = np.random.default_rng(9).uniform(0.01, 0.99, 200)
+    reference = _SigmoidCalibration().fit(cal._logit(p_val), y_val).predict(cal._logit(p_new))
+    assert np.allclose(cal.apply(cal.fit_platt(y_val, p_val), p_new), reference, atol=2e-3)
+    y = np.array([0] * 12 + [1] * 8)
+    p = np.concatenate([np.linspace(0.05, 0.3, 12), np.linspace(0.6, 0.95, 8)])  # every positive above every negative
+    fit = cal.fit_platt(y, p)
+    assert fit["method"] == "platt" and np.isfinite(fit["a"]) and fit["a"] < 50
+    mapped = cal.apply(fit, p)
+    assert 0.01 < mapped.min() and mapped.max() < 0.99  # Platt's targets: 1/14 and 9/10
+    assert mapped[y == 1].mean() == pytest.approx(9 / 10, abs=0.06) and mapped[y == 0].mean() == pytest.approx(1 / 14, abs=0.06)
+
+
 def test_a_validation_split_it_cannot_fit_on_gives_the_identity_and_says_why():
     one_class = cal.fit_platt(np.zeros(20), np.linspace(0, 1, 20))
     assert one_class["method"] == "none" and "one class" in one_class["reason"]

@@ -129,9 +129,10 @@ def test_out_of_fold_hints_never_come_from_a_model_that_saw_the_image(monkeypatc
 
     monkeypatch.setattr(folds, "train", train)
     monkeypatch.setattr(folds, "predict", predict)
-    oof, trained_on = folds.fit_out_of_fold(data, TrainConfig(), torch.device("cpu"), k=5)
+    fitted = folds.fit_out_of_fold(data, TrainConfig(), torch.device("cpu"), k=5)
+    oof, trained_on = fitted.table, fitted.trained_on
     assert sorted(oof["dicom_id"]) == sorted(ids)  # every training image, once
-    for did, fold, model in oof.select("dicom_id", "fold", SLUGS[0]).iter_rows():
+    for did, fold, model in oof.select("dicom_id", "fold", SLUGS[0]).iter_rows():  # one-class validate: no map
         assert did not in trained_on[fold]  # the bookkeeping
         assert int(did[1:]) not in seen_by[int(model)]  # the images the predicting model was really given
     fold_of = dict(zip(oof["dicom_id"], oof["fold"], strict=True))
@@ -145,35 +146,61 @@ def test_out_of_fold_hints_never_come_from_a_model_that_saw_the_image(monkeypatc
     assert hints.height == n + 1 and set(hints.filter(pl.col("split") == "train")["source"]) == {"out_of_fold"}
     assert hints.filter(pl.col("dicom_id") == "t0")["source"].to_list() == ["held_out"]
     assert hints.filter(pl.col("dicom_id") == "t0")[folds.threshold_column(SLUGS[0])].to_list() == [0.25]  # the final model's
+    # the final model's calibration carries its probabilities and its threshold alike
+    platt = {"method": "platt", "a": 1.0, "b": -1.0, "n": 10, "n_pos": 3}
+    held = folds.hint_predictions(oof, every, dict.fromkeys(SLUGS, 0.25), dict.fromkeys(SLUGS, platt)).filter(pl.col("dicom_id") == "t0")
+    assert held[SLUGS[0]][0] == pytest.approx(1 / (1 + np.e)) and held[folds.threshold_column(SLUGS[0])][0] == pytest.approx(
+        1 / (1 + 3 * np.e)
+    )
 
 
-def test_each_fold_model_is_read_at_its_own_validation_threshold(monkeypatch):
-    """Fold model 2 scores everything 0.3 higher (its own calibration): its thresholds, chosen on the validation
-    split like the final model's, are 0.3 higher too, and the images it scored carry them."""
+def test_each_fold_model_is_calibrated_and_read_at_its_own_validation_threshold(monkeypatch):
+    """Fold model 2 scores everything 0.3 higher (its own score scale): its thresholds, chosen on the validation
+    split like the final model's, are 0.3 higher too (0.9 against 0.6), and its own calibration map, fitted on the
+    same split, carries both its scores and its thresholds. The hints hold calibrated probabilities, and every
+    image's call at its stored threshold is its fold network's call at that fold's validation threshold."""
     from cxr_pipeline.labels import SLUGS
+    from cxr_pipeline.vision import calibration
 
     n = 30
     rows = pl.DataFrame({"dicom_id": [f"d{i}" for i in range(n)], "subject_id": [f"s{i}" for i in range(n)], "split": ["train"] * n})
     rows = rows.with_columns(pl.lit("h").alias("content_hash"))
-    y_val = torch.tensor([[1.0] * len(SLUGS), [0.0] * len(SLUGS)] * 4)  # 8 validation images, both classes
-    val = Split(torch.zeros(8, 8, 8, dtype=torch.uint8), y_val, rows.head(0))
+    y_val = torch.tensor([[1.0] * len(SLUGS), [0.0] * len(SLUGS), [1.0] * len(SLUGS), [0.0] * len(SLUGS)] * 3)
+    y_val[0] = 0.0  # 12 validation images, both classes, not separable: one negative scored as a positive
+    val = Split(torch.zeros(12, 8, 8, dtype=torch.uint8), y_val, rows.head(0))
     images = torch.zeros(n, 8, 8, dtype=torch.uint8)
     data = multilabel.MultilabelData(8, "ignore", "zeros", {"train": Split(images, torch.zeros(n, len(SLUGS)), rows), "validate": val})
     models = iter(range(5))
     monkeypatch.setattr(folds, "train", lambda *a, **k: TrainResult(model=next(models)))
+    positive_like = np.array([1.0, 0, 1, 0] * 3)[:, None] * np.ones(len(SLUGS))  # what the network "sees" on validate
+    raw_train = np.linspace(0.02, 0.6, n)  # the training images' scores before a fold's shift
+
+    def shift(model):
+        return 0.3 if model == 2 else 0.0
 
     def predict(model, imgs, *a, **k):
-        shift = 0.3 if model == 2 else 0.0
-        if len(imgs) == 8:  # the validation split: positives 0.6, negatives 0.1, plus the fold model's shift
-            return y_val.numpy() * 0.5 + 0.1 + shift
-        return np.full((len(imgs), len(SLUGS)), 0.5 + shift)
+        if len(imgs) == 12:  # the validation split: positive-looking 0.6, the others 0.1, plus the fold model's shift
+            return positive_like * 0.5 + 0.1 + shift(model)
+        return np.repeat(raw_train[: len(imgs), None], len(SLUGS), axis=1) + shift(model)
 
     monkeypatch.setattr(folds, "predict", predict)
-    oof, _ = folds.fit_out_of_fold(data, TrainConfig(), torch.device("cpu"), k=5)
-    by_fold = oof.group_by("fold").agg(pl.col(folds.threshold_column(s)).unique() for s in SLUGS[:2]).sort("fold")
-    for fold, *thresholds in by_fold.iter_rows():
-        for t in thresholds:
-            assert t == [pytest.approx(0.9 if fold == 2 else 0.6)]
+    fitted = folds.fit_out_of_fold(data, TrainConfig(), torch.device("cpu"), k=5)
+    for fold, fits in fitted.fits.items():
+        for s in SLUGS[:2]:
+            assert fits[s]["threshold"] == pytest.approx(0.9 if fold == 2 else 0.6)
+            assert fits[s]["calibration"]["method"] == "platt" and fits[s]["calibration"]["fitted_on"] == "validate"
+    oof = fitted.table
+    for fold in range(5):
+        part = oof.filter(pl.col("fold") == fold)
+        raw = raw_train[: part.height] + shift(fold)
+        for s in SLUGS[:2]:
+            fit = fitted.fits[fold][s]
+            assert np.allclose(part[s].to_numpy(), calibration.apply(fit["calibration"], raw), atol=1e-6)  # calibrated
+            assert part[folds.threshold_column(s)].unique().to_list() == [
+                pytest.approx(calibration.calibrated_threshold(fit["calibration"], fit["threshold"]))
+            ]
+            calls = part[s].to_numpy() >= part[folds.threshold_column(s)].to_numpy()
+            assert np.array_equal(calls, raw.astype(np.float32) >= fit["threshold"])  # the fold network's own calls
 
 
 def test_bootstrap_counts_the_resamples_it_had_to_skip():
