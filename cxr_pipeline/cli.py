@@ -34,6 +34,44 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _external_labels(args: argparse.Namespace) -> int:
+    """Read one external label file, print what it holds, write its rejects; the last line is the summary."""
+    from cxr_pipeline.data.csvs import DatasetError
+    from cxr_pipeline.data.external import FORMAT_NAMES, NOT_MAPPED, read_labels, scored_findings
+    from cxr_pipeline.files import write_parquet
+    from cxr_pipeline.labels import LABELS
+    from cxr_pipeline.settings import paths
+
+    t0 = time.perf_counter()
+    try:
+        found = read_labels(args.format, Path(args.file))
+    except (DatasetError, FileNotFoundError) as e:
+        print(f"external-labels: {e}", file=sys.stderr)
+        return 2
+    out = args.rejects or paths().home / "external" / f"{args.format}-label-rejects.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        write_parquet(found.rejects, out)
+    else:
+        from cxr_pipeline.files import atomic_path
+
+        with atomic_path(out) as tmp:
+            found.rejects.write_csv(tmp)
+    m = found.manifest
+    print(f"{FORMAT_NAMES[args.format]} label file {args.file}: {found.records} records in {time.perf_counter() - t0:.1f} s")
+    print(f"  views: {', '.join(f'{v}={n}' for v, n in m['view_position'].value_counts(sort=True).iter_rows())}")
+    unscored = [lab for lab in LABELS if lab not in scored_findings(args.format)]
+    print(f"  not scored in this dataset (null, never negative): {', '.join(unscored) or 'none'}")
+    if NOT_MAPPED[args.format]:
+        print(f"  its own labels not mapped: {NOT_MAPPED[args.format]}")
+    if found.rejects.height:
+        for reason, n in found.rejects.group_by("reason").len().sort("len", descending=True).head(5).iter_rows():
+            print(f"  rejected {n}: {reason}")
+    print(f"  rejects file: {out}")
+    print(found.summary_line())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from cxr_pipeline.demo import demo
 
@@ -189,6 +227,20 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("output")
     v.add_argument("--size", type=int, default=224)
     v.set_defaults(fn=_preview)
+
+    ex = sub.add_parser(
+        "external-labels",
+        help="read an external label file (CheXpert, NIH ChestX-ray14, PadChest) as the external validation does; print its counts",
+        description="Every record is kept or rejected (with its record number and reason, into the rejects file); the findings "
+        "are harmonised to the 14 CheXpert names (the reference's external-validation table). The last line: "
+        "'external-labels: <format>: <N> images, <P> patients, <R> rejected; positives: <Finding>=<n>, ...' (definite positives).",
+    )
+    ex.add_argument("file", help="the label file as released (.csv or .csv.gz)")
+    ex.add_argument("--format", choices=["chexpert", "nih", "padchest"], required=True)
+    ex.add_argument(
+        "--rejects", type=Path, help="where the rejects go (.csv or .parquet; default $CXR_HOME/external/<format>-label-rejects.csv)"
+    )
+    ex.set_defaults(fn=_external_labels)
 
     lr = sub.add_parser("label-reports", help="CheXpert-style labels for a folder of MIMIC .txt reports or a CSV study_id,text")
     lr.add_argument("input")

@@ -32,18 +32,10 @@ from __future__ import annotations
 
 import io
 import re
-import subprocess
-import sys
 import tarfile
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from cxr_pipeline.settings import env
-
-WHEEL = "torchxrayvision==1.5.7"
-ARCHIVE_IN_WHEEL = "torchxrayvision/data/NLMCXR_reports.tgz"
 
 # MeSH root -> (CheXpert observation, the first qualifier must be one of these, or None for any).
 MESH_TO_CHEXPERT: dict[str, list[tuple[str, frozenset[str] | None]]] = {
@@ -131,29 +123,11 @@ class IUReport:
         return out
 
 
-def cache_dir() -> Path:
-    """``$CXR_CACHE`` or ``~/.cache/cxr_pipeline``: outside the repository and kept between clones."""
-    return Path(env("CXR_CACHE") or Path.home() / ".cache" / "cxr_pipeline")
-
-
 def archive(cache: Path | None = None) -> Path:
-    """The reports archive, downloaded (once) with pip from PyPI's torchxrayvision wheel."""
-    from cxr_pipeline.files import atomic_path
+    """The reports archive, downloaded (once) with pip from PyPI's torchxrayvision wheel (``wheel_data``)."""
+    from cxr_pipeline.wheel_data import IU_REPORTS, wheel_file
 
-    cache = Path(cache or cache_dir()) / "iu-xray"
-    out = cache / "NLMCXR_reports.tgz"
-    if out.exists():
-        return out
-    cache.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache), WHEEL]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(cache.glob("torchxrayvision-*.whl"))
-    if res.returncode != 0 or not wheels:
-        raise RuntimeError(f"could not download {WHEEL} from PyPI into {cache}: {res.stderr.strip()[-500:]}")
-    with zipfile.ZipFile(wheels[-1]) as z, atomic_path(out) as tmp:
-        tmp.write_bytes(z.read(ARCHIVE_IN_WHEEL))
-    wheels[-1].unlink()
-    return out
+    return wheel_file(IU_REPORTS, cache)
 
 
 _NAME = re.compile(r"(?:.*/)?(\d+)\.xml")
