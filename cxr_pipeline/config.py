@@ -44,6 +44,7 @@ class ComputeSettings:
 
 def sections() -> dict[str, type]:
     """``pipeline.yaml`` section -> the dataclass its fields come from (imported here: domain modules import this one)."""
+    from cxr_pipeline.data.external import ExternalSettings
     from cxr_pipeline.data.mimic import ManifestPolicy
     from cxr_pipeline.data.shards import ShardSettings
     from cxr_pipeline.reports.pairs import PairsConfig
@@ -58,6 +59,7 @@ def sections() -> dict[str, type]:
         "classifier": TrainConfig,
         "multilabel_classifier": MultilabelConfig,
         "subgroup_metrics": AuditSettings,
+        "external_validation": ExternalSettings,
         "report_pairs": PairsConfig,
         "report_adapter": AdapterConfig,
         "generated_reports": GenerateConfig,

@@ -15,11 +15,14 @@ from cxr_pipeline import settings  # noqa: F401  (sets the no-telemetry / offlin
 from cxr_pipeline.defs.automation import schedules_and_sensors, with_automation
 from cxr_pipeline.defs.classifier import classifier
 from cxr_pipeline.defs.classifier_tables import classifier_metrics, classifier_predictions
+from cxr_pipeline.defs.external import EXTERNAL_PARTITIONS, external_datasets, external_validation
 from cxr_pipeline.defs.io import HandleLoader, TableIOManager
 from cxr_pipeline.defs.keys import (
     CLASSIFIER,
     CLASSIFIER_METRICS,
     CLASSIFIER_PREDICTIONS,
+    EXTERNAL_DATASETS,
+    EXTERNAL_VALIDATION,
     GENERATED_REPORTS,
     IMAGE_SHARDS,
     MANIFEST,
@@ -65,6 +68,16 @@ JOBS = {
         "The multi-label model and its report hints, then the metrics table (per-pathology and multi-label), the predictions "
         "table and the subgroup audit.",
     ),
+    "observe_external": (
+        [EXTERNAL_DATASETS],
+        EXTERNAL_PARTITIONS,
+        "Observe the external validation sets' data versions (one partition per dataset; absent ones are versioned 'absent').",
+    ),
+    "external_job": (
+        [EXTERNAL_VALIDATION],
+        EXTERNAL_PARTITIONS,
+        "Score every champion classifier on one external set (one partition per dataset: chexpert, nih, padchest).",
+    ),
     "report_job": (
         [REPORT_PAIRS, REPORT_ADAPTER, GENERATED_REPORTS, REPORT_METRICS],
         None,
@@ -102,7 +115,7 @@ ASSETS = [manifest, image_shards, classifier, multilabel_classifier, report_hint
 
 
 def build_defs() -> dg.Definitions:
-    schedules, sensors = schedules_and_sensors(jobs["observe_raw"], jobs["manifest_job"])
+    schedules, sensors = schedules_and_sensors(jobs["observe_raw"], jobs["manifest_job"], jobs["observe_external"])
     storage = CxrStorage.from_env()
     return dg.Definitions(
         executor=_executor(),
@@ -110,7 +123,8 @@ def build_defs() -> dg.Definitions:
         assets=[
             raw_mimic_cxr,
             mimic_iv_demographics,
-            *with_config_versions(with_automation([*ASSETS, subgroup_metrics, *REPORT_ASSETS]), paths()),
+            external_datasets,
+            *with_config_versions(with_automation([*ASSETS, subgroup_metrics, external_validation, *REPORT_ASSETS]), paths()),
         ],
         schedules=schedules,
         sensors=[*sensors, dead_run_sensor],

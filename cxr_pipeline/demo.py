@@ -9,6 +9,7 @@ afterwards shows the same runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -91,6 +92,26 @@ def ensure_demo_replica(patients: int = DEMO_PATIENTS, source_rows: int = DEMO_S
     return p.raw
 
 
+def ensure_external_replicas(patients: int, source_rows: int = DEMO_SOURCE_ROWS) -> dict[str, Path]:
+    """Replicas of CheXpert, NIH ChestX-ray14 and PadChest under ``$CXR_HOME/external`` (where the external
+    validation looks by default), each with its own equipment shift (``replica_external.DEMO_SHIFTS``); once."""
+    from cxr_pipeline.data.external import FORMATS
+    from cxr_pipeline.data.replica_external import DEMO_SHIFTS, ExternalReplica, generate_external
+
+    out = {}
+    for fmt in FORMATS:
+        cfg = ExternalReplica(fmt, patients=patients, source_rows=source_rows, **DEMO_SHIFTS[fmt])
+        folder = out[fmt] = paths().external / fmt
+        marker = folder / ".replica.json"
+        want = dataclasses.asdict(cfg)
+        if marker.exists() and json.loads(marker.read_text()).get("config") == want:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        counts = generate_external(cfg, folder)
+        marker.write_text(json.dumps({"config": want, "counts": counts}))
+    return out
+
+
 def demo_config(epochs: int = DEMO_EPOCHS, adapter_recipe: str = DEMO_ADAPTER_RECIPE) -> dict[str, dict]:
     """The demo's ``pipeline.yaml``: ``DEMO_RUN_CONFIG`` with its epochs and the adapter recipe chosen."""
     import yaml
@@ -144,6 +165,7 @@ def run_all(console=None) -> bool:
     as already handled and starts nothing until it changes. ``console``: one progress
     line or bar per stage group (``console.Console``); without it, stages are logged.
     """
+    from cxr_pipeline.data.external import FORMATS
     from cxr_pipeline.data.shard_reader import PARTITIONS
     from cxr_pipeline.labels import SLUGS
 
@@ -155,6 +177,7 @@ def run_all(console=None) -> bool:
         ("image shards", [("shards_job", p) for p in PARTITIONS]),
         ("classifiers", [("classifier_job", s) for s in SLUGS]),
         ("multi-label+audit", [("classifier_summary_job", None)]),
+        ("external sets", [("external_job", fmt) for fmt in FORMATS]),
         ("report branch", [("report_job", None)]),
     ]
     for name, steps in stages:
@@ -269,6 +292,7 @@ def print_summary(p: Paths, adapter_recipe: str = DEMO_ADAPTER_RECIPE) -> None:
     if "evaluation" in rm.columns and rm.height:
         print(f"  references: {rm['evaluation'][0]}; labeler {rm['labeler'][0]}; ce_* counts uncertain as absent, ce_upos_* as present")
     print(f"  {p.reports}  (report_pairs, adapter/, generated_reports.parquet, report_metrics.parquet)")
+    print_external(p)
     print_subgroups(p)
     print(f"dataset:  {p.raw}")
     print(f"state:    {p.home}  (Dagster home {os.environ['DAGSTER_HOME']}, MLflow {p.tracking_uri})")
@@ -278,6 +302,44 @@ def print_summary(p: Paths, adapter_recipe: str = DEMO_ADAPTER_RECIPE) -> None:
     )
     print("use:      .venv/bin/cxr-pipeline predict FILE.dcm --cam cams/  -> the champions on a radiograph, Grad-CAM per positive")
     print("          make serve MODEL=cxr-cardiomegaly@champion              -> mlflow models serve on http://127.0.0.1:5001")
+
+
+def external_table(tables: list[pl.DataFrame]) -> pl.DataFrame:
+    """One row per finding scored by at least two external sets: the per-finding champion's AUC [CI] on each set
+    and its change from the internal test split."""
+    t = pl.concat([x for x in tables if x.height], how="diagonal_relaxed").filter(pl.col("model") == "per_pathology")
+    t = t.filter(pl.col("evaluable"))
+    if not t.height:
+        return t
+    cell = pl.format(
+        "{} [{}-{}] {}",
+        pl.col("roc_auc").round(2),
+        pl.col("roc_auc_lo").round(2),
+        pl.col("roc_auc_hi").round(2),
+        pl.when(pl.col("roc_auc_change").is_null()).then(pl.lit("")).otherwise(pl.format("({})", pl.col("roc_auc_change").round(2))),
+    )
+    wide = t.with_columns(cell.alias("auc")).pivot("dataset", index="pathology", values="auc")
+    sets = [c for c in ("chexpert", "nih", "padchest") if c in wide.columns]
+    return wide.filter(pl.sum_horizontal(pl.col(c).is_not_null() for c in sets) >= 2).sort("pathology").select("pathology", *sets)
+
+
+def print_external(p: Paths) -> None:
+    """The external validation: every champion on each external set (here replicas of their formats)."""
+    files = sorted(p.external_validation.glob("*.parquet"))
+    tables = [pl.read_parquet(f) for f in files]
+    if not any(t.height for t in tables):
+        return
+    replica = any(t.height and t["replica"].any() for t in tables)
+    print(
+        "\nexternal validation: the per-finding champions on other hospitals' images, AUC [95% CI by patient] (change from the"
+        "\ninternal test split), at the internal threshold"
+        + ("; these sets are the project's REPLICAS of CheXpert, NIH and PadChest (their files, shifted equipment):" if replica else ":")
+    )
+    with pl.Config(tbl_rows=20, fmt_str_lengths=30, **TABLE_STYLE):
+        print(external_table(tables))
+    print(
+        f"  {p.external_validation}  (every champion, both models, sensitivity, specificity, ECE; findings a set cannot score are absent)"
+    )
 
 
 def print_subgroups(p: Paths, effect: str = DEMO_EFFECT) -> None:
@@ -335,6 +397,7 @@ def demo(
         if not env("CXR_RAW_DIR"):
             with console.stage("replica"):
                 ensure_demo_replica(patients, source_rows)
+                ensure_external_replicas(max(20, patients // 3), source_rows)
         ensure_dagster_home()
         console.say(f"demo: configuration {write_demo_config(epochs, adapter_recipe)} (report adapter recipe: {adapter_recipe})")
         ok = run_all(console)

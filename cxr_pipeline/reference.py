@@ -110,8 +110,28 @@ def tables_page() -> str:
     out.append("same descriptions in each asset's Columns panel. `{slug}` stands for each of the 14 CheXpert findings' slugs, ")
     out.append("`{metric}` for each metric column, `{system}` for each report system.\n")
     for table, columns in TABLES.items():
-        out.append(f"\n## `{table}`\n\n`{layout.table(table)}`\n\n| column | meaning |\n|---|---|\n")
+        where = layout.external_validation / "<dataset>.parquet" if table == "external_validation" else layout.table(table)
+        out.append(f"\n## `{table}`\n\n`{where}`\n\n| column | meaning |\n|---|---|\n")
         out.extend(f"| `{name}` | {_cell(text)} |\n" for name, text in columns.items())
+        if table == "external_validation":
+            out.append(harmonisation_section())
+    return "".join(out)
+
+
+def harmonisation_section() -> str:
+    """The external sets' labels as the 14 CheXpert findings (``data.external.HARMONISATION``), one table."""
+    from cxr_pipeline.data.external import FORMAT_NAMES, FORMATS, NOT_MAPPED, harmonisation_table
+
+    out = ["\n### Harmonisation of the external sets' labels\n\n"]
+    out.append("From `cxr_pipeline/data/external.py` (`HARMONISATION`): the dataset's own labels that make a positive of each CheXpert ")
+    out.append("finding; a finding marked *not scored* is null in that dataset (never a negative) and has no row in its table.\n\n")
+    out.append("| finding | " + " | ".join(FORMAT_NAMES[f] for f in FORMATS) + " |\n|---|" + "---|" * len(FORMATS) + "\n")
+    cells: dict[str, dict[str, str]] = {}
+    for dataset, finding, source in harmonisation_table():
+        cells.setdefault(finding, {})[dataset] = source
+    for finding, by in cells.items():
+        out.append(f"| {finding} | " + " | ".join(by[FORMAT_NAMES[f]] for f in FORMATS) + " |\n")
+    out.append("\nNot mapped: " + "; ".join(f"{FORMAT_NAMES[f]}: {NOT_MAPPED[f]}" for f in FORMATS if NOT_MAPPED[f]) + ".\n")
     return "".join(out)
 
 

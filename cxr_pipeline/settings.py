@@ -246,6 +246,19 @@ class Paths:
     def shard_partition(self, size: int, partition: str) -> Path:
         return self.shard_root(size) / partition
 
+    @property
+    def external(self) -> Path:
+        """Where the external validation sets live by default (one folder per dataset) and what is built from them."""
+        return self.home / "external"
+
+    def external_shard_root(self, dataset: str, size: int) -> Path:
+        """An external set's shards: one partition folder, ``all`` (``data.external``)."""
+        return self.home / "assets" / "external_shards" / dataset / f"s{size}"
+
+    @property
+    def external_validation(self) -> Path:
+        return self.home / "assets" / "external_validation"
+
     # classifiers
     @property
     def classifiers(self) -> Path:

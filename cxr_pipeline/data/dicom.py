@@ -295,13 +295,20 @@ def decode_native_reduced(buffer, min_size: int | None, name: str = "") -> Decod
 
 
 def decode_jpg(source: str | Path | bytes, min_size: int | None = None, name: str = "") -> Decoded:
-    """MIMIC-CXR-JPG: 8-bit grey, already inverted and equalised."""
+    """MIMIC-CXR-JPG, CheXpert's JPGs and NIH's PNGs: 8-bit grey, already windowed, read as they are. PadChest's
+    PNGs are 16-bit (12 bits stored, no window in the file): Pillow's conversion to 8 bits would clip every value
+    above 255 to white, so their values are windowed like a DICOM without a VOI (``percentile_window``)."""
     from PIL import Image, UnidentifiedImageError
 
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
         im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         cols, rows = im.size
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            if getattr(im, "n_frames", 1) > 1:
+                raise DecodeError(f"{label}: multi-frame image")
+            values = np.asarray(im).astype(np.float32)
+            return Decoded(image=percentile_window(values), rows=rows, cols=cols, reduce=0, window="percentile (16-bit)")
         if min_size and im.format == "JPEG":
             im.draft("L", (min_size, min_size))  # DCT scaling: never below the requested size
         im = im.convert("L")

@@ -87,8 +87,8 @@ NIH_VOCABULARY = (
 NOT_MAPPED = {
     "chexpert": "",
     "nih": "Infiltration (ambiguous between Lung Opacity, Consolidation and Edema), Emphysema, Fibrosis, Pleural_Thickening, Hernia",
-    "padchest": "every other PadChest label (nodule, mass, infiltrates and pulmonary edema among them); "
-    "their presence makes no negative of a mapped finding",
+    "padchest": "every other PadChest label (nodule, mass, infiltrates and pulmonary edema among them): an image "
+    "labelled only with those is a negative for each mapped finding and for No Finding",
 }
 
 EXTERNAL_COLUMNS = ("dicom_id", "subject_id", "study_id", "path", "view_position", "split", "label_source", *(slug(x) for x in LABELS))

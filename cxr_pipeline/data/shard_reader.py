@@ -154,8 +154,11 @@ class StreamedImages:
         return len(self) * self.size * self.size
 
 
-def open_images(shard_root: Path, manifest: pl.DataFrame, size: int) -> tuple[StreamedImages, pl.DataFrame]:
-    """``load_images`` without loading: ``StreamedImages`` aligned with the returned rows (with ``content_hash``)."""
-    idx = read_index(shard_root).select("dicom_id", "partition", "shard", "offset", "content_hash")
+def open_images(
+    shard_root: Path, manifest: pl.DataFrame, size: int, partitions: Iterable[str] = PARTITIONS
+) -> tuple[StreamedImages, pl.DataFrame]:
+    """``load_images`` without loading: ``StreamedImages`` aligned with the returned rows (with ``content_hash``).
+    ``partitions``: MIMIC's pNN folders, or an external set's one (``all``)."""
+    idx = read_index(shard_root, partitions).select("dicom_id", "partition", "shard", "offset", "content_hash")
     rows = manifest.drop("content_hash", strict=False).join(idx, on="dicom_id", how="inner", maintain_order="left")
     return StreamedImages.of_rows(shard_root, rows, size), rows.drop("partition", "shard", "offset")

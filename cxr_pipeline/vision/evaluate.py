@@ -91,9 +91,14 @@ def evaluate(y_test, p_test, y_val, p_val, n_boot: int = 1000, seed: int = 0, gr
 
     ``groups`` (e.g. the test images' subject ids): resample patients when one has several images.
     """
+    threshold, how = choose_threshold(np.asarray(y_val).astype(int), np.asarray(p_val, dtype=float))
+    return evaluate_at(y_test, p_test, threshold, how, n_boot, seed, groups)
+
+
+def evaluate_at(y_test, p_test, threshold: float, how: str = "given", n_boot: int = 1000, seed: int = 0, groups=None) -> dict:
+    """``evaluate`` at a threshold chosen elsewhere (an external set is read at the internal validation threshold)."""
     y_test = np.asarray(y_test).astype(int)
     p_test = np.asarray(p_test, dtype=float)
-    threshold, how = choose_threshold(np.asarray(y_val).astype(int), np.asarray(p_val, dtype=float))
     row: dict = {
         "n_test": int(len(y_test)),
         "n_pos": int(y_test.sum()),

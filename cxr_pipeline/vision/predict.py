@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +62,21 @@ def _load(client, name: str, alias: str):
     return mlflow.pyfunc.load_model(f"models:/{name}@{alias}"), f"{name} v{rm.aliases[alias]}"
 
 
+def load_registered(client, uri: str, names: list[str], alias: str = "champion") -> dict[str, tuple[Any, str]]:
+    """name -> (pyfunc model, 'name vN') for each of ``names`` with a version under ``alias`` in the store at ``uri``.
+    MLflow's loader resolves models:/ URIs against the environment's store; it is set for the loads only, rather
+    than with mlflow.set_tracking_uri, which would pin this store for the rest of the process."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        return {n: m for n in names if (m := _load(client, n, alias)) is not None}
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
 def predict_files(
     images: list[Path], alias: str = "champion", model: str = "per-pathology", cam_dir: Path | None = None
 ) -> list[ImageResult]:
@@ -72,17 +88,7 @@ def predict_files(
 
     client, uri = get_client()  # MLFLOW_TRACKING_URI if set, else the pipeline's own store
     names = [registered_name(MULTILABEL)] if model == "multilabel" else [registered_name(s) for s in SLUGS]
-    # MLflow's loader resolves models:/ URIs against the environment's store; set it for the loads only,
-    # rather than mlflow.set_tracking_uri, which would pin this store for the rest of the process
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        loaded = {n: m for n in names if (m := _load(client, n, alias)) is not None}
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
+    loaded = load_registered(client, uri, names, alias)
     if not loaded:
         raise PredictError(f"no model registered under alias {alias!r} ({', '.join(names[:2])}, ...) at {uri}")
     decoded: dict[int, np.ndarray] = {}  # size -> (n, size, size), each file decoded once per size

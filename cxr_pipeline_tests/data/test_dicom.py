@@ -228,3 +228,22 @@ def test_box_reduce_of_integers_equals_pillow_reduce():
             a = rng.integers(lo, hi, shape).astype(dtype)
             ref = np.asarray(Image.fromarray(a.astype(np.float32), mode="F").reduce(factor))
             np.testing.assert_allclose(box_reduce(a, factor), ref, rtol=1e-6, atol=1e-3)
+
+
+def test_a_16_bit_png_is_windowed_not_clipped_white(tmp_path):
+    """PadChest's PNGs hold 12 bits in 16: read as 8-bit they would be white wherever a value passes 255."""
+    import numpy as np
+    from PIL import Image
+
+    from cxr_pipeline.data.dicom import decode, prepare
+
+    ramp = np.tile(np.linspace(0, 4095, 300), (240, 1)).astype(np.uint16)  # dark left, bright right
+    path = tmp_path / "padchest.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")
+    dec = decode(path)
+    assert dec.window.startswith("percentile") and (dec.rows, dec.cols) == (240, 300)
+    row = dec.image[120]
+    assert row[5] < 0.05 and row[-5] > 0.95 and 0.4 < row[150] < 0.6  # the ramp survives, windowed onto [0, 1]
+    small = prepare(path, 64)
+    assert small.dtype == np.uint8 and small[32, 5] < 20 and small[32, 58] > 230

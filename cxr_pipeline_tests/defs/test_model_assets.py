@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -10,7 +11,9 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from cxr_pipeline.data.external import scored_findings
 from cxr_pipeline.definitions import build_defs
+from cxr_pipeline.labels import slug as finding_slug
 from cxr_pipeline.tracking import get_client
 from cxr_pipeline_tests.conftest import raw_version, run_job  # noqa: F401
 
@@ -163,6 +166,43 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
             assert all(r["n_patients"] >= 10 for r in card["subgroups"]["rows"])  # never a small group's row
             carded += mine.height  # the test replica's test split is under min_patients per block: none here
 
+        # external validation: every champion on replicas of CheXpert and NIH (their real file formats); PadChest absent
+        from cxr_pipeline.data.replica_external import ExternalReplica, generate_external
+
+        for fmt in ("chexpert", "nih"):
+            generate_external(ExternalReplica(fmt, patients=25, source_rows=64, noise=0.02), cxr_home / "external" / fmt)
+        ext = {}
+        for fmt in ("chexpert", "nih", "padchest"):
+            res = run_job(
+                defs,
+                "external_job",
+                instance,
+                partition_key=fmt,
+                run_config={"ops": {"external_validation": {"config": {"bootstrap": 50}}}},
+            )
+            (mat,) = [e.materialization for e in res.get_asset_materialization_events()]
+            ext[fmt] = (mat.metadata, pl.read_parquet(mat.metadata["path"].value))
+        assert "PadChest: folder" in ext["padchest"][0]["reason"].value and ext["padchest"][1].height == 0
+        chex, nih = ext["chexpert"][1], ext["nih"][1]
+        assert set(chex["registered"]) == {"cxr-support-devices v1", "cxr-no-finding v1", "cxr-multilabel v1"} and chex["replica"].all()
+        assert "support_devices" not in set(nih["slug"])  # NIH cannot score support devices: no row, never all-negative
+        assert set(nih.filter(pl.col("model") == "multilabel")["slug"]) <= {finding_slug(x) for x in scored_findings("nih")}
+        sd = chex.filter((pl.col("model") == "per_pathology") & (pl.col("slug") == "support_devices")).row(0, named=True)
+        assert sd["threshold"] == pytest.approx(json.loads((ckpt / "config.json").read_text())["threshold"])  # the internal one
+        assert sd["internal_roc_auc"] == pytest.approx(md["roc_auc"].value, abs=1e-4)
+        assert sd["roc_auc_change"] == pytest.approx(sd["roc_auc"] - sd["internal_roc_auc"])
+        # scored on every frontal image with a definite label under the model's policy (blank: zeros): counted from the file
+        with open(cxr_home / "external" / "chexpert" / "CheXpert-v1.0-small" / "valid.csv", newline="") as f:
+            frontal = [r for r in csv.DictReader(f) if r["Frontal/Lateral"] == "Frontal"]
+        assert sd["n_test"] == sum(r["Support Devices"] in ("1.0", "0.0", "") for r in frontal)
+        assert sd["n_pos"] == sum(r["Support Devices"] == "1.0" for r in frontal)
+        shown = {c.name for c in ext["chexpert"][0]["external_validation"].value.schema.columns}
+        assert {"roc_auc", "roc_auc_change", "ece_after"} <= shown
+        undescribed = [c.name for c in ext["chexpert"][0]["dagster/column_schema"].value.columns if not c.description]
+        assert not undescribed, undescribed  # every column in the catalog says what it holds (columns.py)
+        erun = client.get_run(ext["chexpert"][0]["mlflow_run_id"].value)
+        assert "external_validation.json" in {a.path for a in client.list_artifacts(erun.info.run_id)}
+
         # the report branch end to end on the tiny offline Mllama
         rcfg = {
             "ops": {
@@ -179,11 +219,12 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         hints = pl.read_parquet(mats["report_hints"].metadata["path"].value)  # one table, read by the adapter as one input
         assert set(hints.filter(pl.col("split") == "train")["source"]) == {"out_of_fold"}
         assert mats["report_hints"].metadata["fold_models"].value == 5 and hints.height == m.height
-        thresholds = json.loads((cxr_home / "assets" / "classifier" / "multilabel" / "checkpoint" / "config.json").read_text())[
-            "thresholds"
-        ]
-        held_out = hints.filter(pl.col("source") == "held_out")  # the final model's, at its thresholds
-        assert held_out["threshold_support_devices"].unique().to_list() == [thresholds["support_devices"]]
+        ml_config = json.loads((cxr_home / "assets" / "classifier" / "multilabel" / "checkpoint" / "config.json").read_text())
+        from cxr_pipeline.vision.calibration import calibrated_threshold
+
+        held_out = hints.filter(pl.col("source") == "held_out")  # the final model's, at its thresholds through its map
+        at = calibrated_threshold(ml_config["calibration"]["support_devices"], ml_config["thresholds"]["support_devices"])
+        assert held_out["threshold_support_devices"].unique().to_list() == [pytest.approx(at)]
         per_fold = hints.filter(pl.col("source") == "out_of_fold").group_by("fold").agg(pl.col("threshold_support_devices").n_unique())
         assert per_fold.height == 5 and per_fold["threshold_support_devices"].to_list() == [1] * 5  # each fold model its own
         arun = client.get_run(rmats["report_adapter"].metadata["mlflow_run_id"].value)

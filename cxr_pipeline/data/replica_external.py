@@ -1,0 +1,252 @@
+"""Replicas of the external validation sets: CheXpert, NIH ChestX-ray14 and PadChest as released, made here.
+
+The same phantom and planted findings as the MIMIC-CXR replica (``data.phantom``, ``data.replica_findings``),
+another hospital's equipment as a **shift** in exposure (a gain on the image's brightness), noise (added before
+the file is written) and resolution (the rows the image is rendered at). Each is written in its dataset's real
+layout and format: CheXpert's ``CheXpert-v1.0-small/valid.csv`` (its header, 1.0 / 0.0 / -1.0 / blank) and 8-bit
+JPGs under ``valid/patientNNNNN/studyN/``; NIH's ``Data_Entry_2017_v2020.csv`` (its header with the unquoted
+commas, ``|``-separated labels) and 8-bit PNGs split into ``images_001/images/`` ... as the release is; PadChest's
+36-column label file (labels as a Python list written as text, a few quoted multi-line reports and ``nan``
+labels, as in the real file) and 16-bit PNGs with 12 bits stored under numbered folders. A ``REPLICA.json`` says
+it is a replica. The readers (``data.external``) cannot tell these from the real files but by their content.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxr_pipeline.data.external import DEFAULT_LABEL_FILES, FORMATS
+from cxr_pipeline.data.phantom import Anatomy, render
+from cxr_pipeline.data.replica_findings import draw_states, labeller_view, planted_strengths
+from cxr_pipeline.files import atomic_path
+
+CHEXPERT_ORDER = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+NIH_HEADER = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+)
+PADCHEST_HEADER = (
+    ",ImageID,ImageDir,StudyDate_DICOM,StudyID,PatientID,PatientBirth,PatientSex_DICOM,ViewPosition_DICOM,Projection,"
+    "MethodProjection,Pediatric,Modality_DICOM,Manufacturer_DICOM,PhotometricInterpretation_DICOM,PixelRepresentation_DICOM,"
+    "PixelAspectRatio_DICOM,SpatialResolution_DICOM,BitsStored_DICOM,WindowCenter_DICOM,WindowWidth_DICOM,Rows_DICOM,"
+    "Columns_DICOM,XRayTubeCurrent_DICOM,Exposure_DICOM,ExposureInuAs_DICOM,ExposureTime,RelativeXRayExposure_DICOM,ReportID,"
+    "Report,MethodLabel,Labels,Localizations,LabelsLocalizationsBySentence,labelCUIS,LocalizationsCUIS"
+).split(",")
+# CheXpert finding -> the dataset's own words for it (the first is the one the harmonisation maps back)
+NIH_WORDS = {
+    "Atelectasis": ("Atelectasis",),
+    "Cardiomegaly": ("Cardiomegaly",),
+    "Consolidation": ("Consolidation",),
+    "Edema": ("Edema",),
+    "Lung Lesion": ("Nodule", "Mass"),
+    "Lung Opacity": ("Infiltration",),
+    "Pleural Effusion": ("Effusion",),
+    "Pleural Other": ("Pleural_Thickening",),
+    "Pneumonia": ("Pneumonia",),
+    "Pneumothorax": ("Pneumothorax",),
+}
+PADCHEST_WORDS = {
+    "Atelectasis": ("atelectasis",),
+    "Cardiomegaly": ("cardiomegaly",),
+    "Consolidation": ("consolidation",),
+    "Edema": ("pulmonary edema",),
+    "Lung Lesion": ("nodule", "mass"),
+    "Lung Opacity": ("infiltrates",),
+    "Pleural Effusion": ("pleural effusion",),
+    "Pneumonia": ("pneumonia",),
+    "Pneumothorax": ("pneumothorax",),
+    "Fracture": ("callus rib fracture",),
+    "Support Devices": ("pacemaker", "NSG tube"),
+}
+
+
+@dataclass(frozen=True)
+class ExternalReplica:
+    """One external replica: its format, size and the equipment shift from the MIMIC-CXR replica."""
+
+    fmt: str
+    patients: int = 150
+    seed: int = 11
+    source_rows: int = 256  # before the resolution shift
+    exposure: float = 1.0  # gain on brightness (MIMIC's replica: 1.0)
+    noise: float = 0.0  # extra Gaussian noise (sd, on [0, 1])
+    resolution: float = 1.0  # rows rendered = source_rows * resolution
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, not {self.fmt!r}")
+        if self.patients < 1 or self.exposure <= 0 or self.noise < 0 or self.resolution <= 0:
+            raise ValueError(f"{self}: patients >= 1, exposure > 0, noise >= 0 and resolution > 0")
+
+
+# The demo's three hospitals: darker and noisier, brighter and sharper, larger and noisier.
+DEMO_SHIFTS = {
+    "chexpert": {"exposure": 0.85, "noise": 0.02, "resolution": 0.8, "seed": 11},
+    "nih": {"exposure": 1.15, "noise": 0.01, "resolution": 1.0, "seed": 12},
+    "padchest": {"exposure": 1.0, "noise": 0.03, "resolution": 1.25, "seed": 13},
+}
+
+
+def _image(rng: np.random.Generator, cfg: ExternalReplica, anatomy: Anatomy, view: str, states: dict) -> np.ndarray:
+    rows = max(64, int(round(cfg.source_rows * cfg.resolution)))
+    cols = int(round(rows * rng.uniform(0.83, 1.0)))
+    pixels = render(rng, rows, cols, view, planted_strengths(rng, states), anatomy)
+    pixels = pixels * cfg.exposure + (rng.normal(0, cfg.noise, pixels.shape) if cfg.noise else 0.0)
+    return np.clip(pixels, 0.0, 1.0).astype(np.float32)
+
+
+def _save(path: Path, pixels: np.ndarray, kind: str) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "u16":  # 12 bits stored in a 16-bit PNG, as PadChest's
+        img = Image.fromarray(np.round(pixels * 4095).astype(np.uint16))
+    else:
+        img = Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="JPEG" if kind == "jpg" else "PNG", **({"quality": 95} if kind == "jpg" else {}))
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.1f}"
+
+
+def _present(labels: dict) -> list[str]:
+    return [lab for lab in CHEXPERT_ORDER if lab != "No Finding" and labels.get(lab) == 1.0]
+
+
+def generate_external(cfg: ExternalReplica, out: Path) -> dict[str, int]:
+    """Write the replica of ``cfg.fmt`` into ``out`` (its label file at ``DEFAULT_LABEL_FILES[fmt]``); returns counts."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([cfg.seed, 7])
+    records: list = []
+    images = 0
+    for i in range(cfg.patients):
+        prng = np.random.default_rng([cfg.seed, i])
+        anatomy = Anatomy.draw(prng)
+        age, sex = int(prng.integers(20, 90)), str(prng.choice(["M", "F"]))
+        for s in range(int(min(prng.geometric(0.6), 3))):  # 1-3 studies a patient
+            states = draw_states(prng)
+            labels = labeller_view(prng, states, flip=0.02)
+            views = _views(prng, cfg.fmt)
+            for k, view in enumerate(views):
+                pixels = _image(np.random.default_rng([cfg.seed, i, s, k]), cfg, anatomy, view, states)
+                records.append(_write_one(cfg, out, prng, i, s, k, view, pixels, labels, age, sex))
+                images += 1
+    _write_labels(cfg, out, records, rng)
+    with atomic_path(out / "REPLICA.json") as tmp:
+        tmp.write_text(json.dumps({"generator": "cxr_pipeline.data.replica_external", **asdict(cfg)}, sort_keys=True))
+    return {"patients": cfg.patients, "images": images, "records": len(records)}
+
+
+def _views(rng: np.random.Generator, fmt: str) -> list[str]:
+    if fmt == "nih":
+        return ["PA" if rng.uniform() < 0.6 else "AP"]
+    if fmt == "chexpert":
+        return ["AP"] if rng.uniform() < 0.7 else ["PA", "LATERAL"]
+    return ["PA", "LATERAL"] if rng.uniform() < 0.6 else ["AP"]
+
+
+def _write_one(cfg, out, rng, i, s, k, view, pixels, labels, age, sex) -> dict:
+    rows, cols = pixels.shape
+    if cfg.fmt == "chexpert":
+        kind = "frontal" if view != "LATERAL" else "lateral"
+        rel = f"CheXpert-v1.0-small/valid/patient{64541 + i:05d}/study{s + 1}/view{k + 1}_{kind}.jpg"
+        _save(out / rel, pixels, "jpg")
+        return {"path": rel, "view": view, "labels": labels, "age": age, "sex": sex}
+    if cfg.fmt == "nih":
+        name = f"{i + 1:08d}_{s:03d}.png"
+        _save(out / f"images_{1 + i % 2:03d}" / "images" / name, pixels, "u8")
+        return {"name": name, "patient": i + 1, "followup": s, "view": view, "labels": labels, "age": age, "sex": sex, "size": (cols, rows)}
+    image_id = f"{rng.integers(10**17, 10**18)}{rng.integers(10**17, 10**18)}_{rng.integers(10**5, 10**6)}.png"
+    folder = str(int(rng.integers(0, 4)))
+    _save(out / folder / image_id, pixels, "u16")
+    return {
+        "name": image_id,
+        "dir": folder,
+        "patient": f"p{cfg.seed}{i:07d}",
+        "study": f"s{cfg.seed}{i:05d}{s}",
+        "view": view,
+        "labels": labels,
+    }
+
+
+def _write_labels(cfg: ExternalReplica, out: Path, records: list[dict], rng: np.random.Generator) -> None:
+    target = out / DEFAULT_LABEL_FILES[cfg.fmt]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if target.name.endswith(".gz") else open
+    with atomic_path(target) as tmp, opener(tmp, "wt", newline="") as f:
+        if cfg.fmt == "chexpert":
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_ORDER])
+            for r in records:
+                lateral = r["view"] == "LATERAL"
+                sex = "Male" if r["sex"] == "M" else "Female"
+                w.writerow(
+                    [
+                        r["path"],
+                        sex,
+                        r["age"],
+                        "Lateral" if lateral else "Frontal",
+                        "" if lateral else r["view"],
+                        *(_fmt(r["labels"][lab]) for lab in CHEXPERT_ORDER),
+                    ]
+                )
+        elif cfg.fmt == "nih":
+            f.write(NIH_HEADER + "\n")  # written by hand: its header's unquoted commas are the release's
+            for r in records:
+                words = [str(rng.choice(NIH_WORDS[lab])) for lab in _present(r["labels"]) if lab in NIH_WORDS]
+                found = "|".join(dict.fromkeys(words)) or "No Finding"
+                f.write(
+                    f"{r['name']},{found},{r['followup']},{r['patient']},{r['age']},{r['sex']},{r['view']},{r['size'][0]},{r['size'][1]},0.143,0.143\n"
+                )
+        else:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(PADCHEST_HEADER)
+            projections = {"PA": "PA", "LATERAL": "L", "AP": "AP_horizontal"}
+            for n, r in enumerate(records):
+                words = [str(rng.choice(PADCHEST_WORDS[lab])) for lab in _present(r["labels"]) if lab in PADCHEST_WORDS]
+                labels = "nan" if rng.uniform() < 0.01 else repr(list(dict.fromkeys(words)) or ["normal"])
+                report = (
+                    " sin hallazg patolog ." if not words else " hallazg .\n" + " ".join(words) + " ."
+                )  # some span lines, as real ones do
+                row = {c: "None" for c in PADCHEST_HEADER}
+                row.update(
+                    {
+                        "": str(n),
+                        "ImageID": r["name"],
+                        "ImageDir": r["dir"],
+                        "StudyID": r["study"],
+                        "PatientID": r["patient"],
+                        "Projection": projections[r["view"]],
+                        "Modality_DICOM": "CR",
+                        "PhotometricInterpretation_DICOM": "MONOCHROME2",
+                        "BitsStored_DICOM": "12",
+                        "Report": report,
+                        "MethodLabel": "Physician",
+                        "Labels": labels,
+                    }
+                )
+                w.writerow([row[c] for c in PADCHEST_HEADER])

@@ -1,0 +1,168 @@
+"""External validation: every champion classifier scored on another hospital's images (``data.external``).
+
+For each registered champion (each per-finding model and the multi-label model) and each finding it outputs that
+the dataset can score (``data.external.HARMONISATION``): the ROC AUC with a patient-bootstrap interval,
+sensitivity and specificity at the model's **internal** validation threshold (no threshold is re-chosen on the
+external set: that would use its labels), the calibration error of the calibrated probabilities (and of the
+network's scores), and the change of each from the model's own internal test split (its run's ``metrics.json``,
+the automatic labels). Targets follow the label policy the model was trained with, as on the internal test split.
+
+The images go through the same shard builder as MIMIC's (one decode, letterboxed), into each dataset's own shard
+root, incrementally; a corrupt file is rejected by name and counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from cxr_pipeline.data.external import ExternalSettings, read_labels, resolve_images, scored_findings, select_images
+from cxr_pipeline.labels import LABEL_BY_SLUG, slug
+
+EXTERNAL_PARTITION = "all"  # an external set's shards are one partition folder
+INTERNAL_METRICS = ("roc_auc", "sensitivity", "specificity", "ece_after")
+
+
+@dataclass
+class Champion:
+    """A registered champion, loaded: its network (``serving.LoadedClassifier``) and its internal test rows."""
+
+    name: str  # the registry name, cxr-<finding> or cxr-multilabel
+    version: str
+    model: Any  # vision.serving.LoadedClassifier
+    internal: dict[str, dict]  # slug -> its metrics.json row on the internal test split (automatic labels)
+    policy: dict[str, str] = field(default_factory=dict)  # uncertain / blank policy it was trained with
+
+    @property
+    def kind(self) -> str:
+        return "multilabel" if len(self.model.slugs) > 1 else "per_pathology"
+
+
+def load_champions(client, uri: str, names: list[str], alias: str = "champion") -> list[Champion]:
+    """Every one of ``names`` with a version under ``alias``: its model through MLflow's loader, its internal rows
+    from its run's ``metrics.json``."""
+    from cxr_pipeline.vision.predict import load_registered
+
+    out = []
+    for name, (pyfunc, _label) in load_registered(client, uri, names, alias).items():
+        mv = client.get_model_version_by_alias(name, alias)
+        model = pyfunc.unwrap_python_model().model
+        try:
+            rows = json.loads(Path(client.download_artifacts(mv.run_id, "metrics.json")).read_text())["rows"]
+        except Exception:  # a version logged without its rows: scored, without a change from internal
+            rows = []
+        internal = {
+            slug(r["pathology"]): r for r in rows if r.get("test_labels") != "radiologist" and r.get("pathology") in LABEL_BY_SLUG.values()
+        }
+        config = (pyfunc.metadata.metadata or {}).get("training_config") or {}
+        first = next(iter(internal.values()), {})
+        policy = {
+            "uncertain": first.get("uncertain_policy") or config.get("uncertain") or "zeros",
+            "blank": first.get("blank_policy") or "zeros",
+        }
+        out.append(Champion(name, str(mv.version), model, internal, policy))
+    return out
+
+
+def build_external_shards(paths, fmt: str, folder: Path, rows: pl.DataFrame, sizes: list[int], workers: int = 1) -> dict:
+    """The selected rows' images into the dataset's shard root at every size (one decode per file, incremental);
+    returns {size: BuildResult}."""
+    from cxr_pipeline.data.shards import ShardSpec, build_sizes
+
+    outs = {s: paths.external_shard_root(fmt, s) / EXTERNAL_PARTITION for s in sizes}
+    spec = ShardSpec(sizes[0], workers=workers)
+    return build_sizes(folder, outs, rows.select("dicom_id", "path"), spec)
+
+
+def score_champion(champ: Champion, fmt: str, rows: pl.DataFrame, scores: np.ndarray, n_boot: int, seed: int) -> list[dict]:
+    """One row per finding the champion outputs and the dataset scores; ``rows`` aligned with ``scores`` (the
+    network's scores, images x outputs)."""
+    from cxr_pipeline.vision.calibration import calibration_row
+    from cxr_pipeline.vision.evaluate import evaluate_at
+    from cxr_pipeline.vision.targets import targets
+
+    m = champ.model
+    can = {slug(x) for x in scored_findings(fmt)}
+    out = []
+    for j, s in enumerate(m.slugs):
+        if s not in can:
+            continue
+        t = targets(rows.with_row_index("_i"), s, champ.policy["uncertain"], champ.policy["blank"])  # the model's policy
+        idx = t["_i"].to_numpy()
+        y, raw, groups = t["target"].to_numpy().astype(int), scores[idx, j], t["subject_id"].to_numpy()
+        row = {
+            "dataset": fmt,
+            "model": champ.kind,
+            "registered": f"{champ.name} v{champ.version}",
+            "slug": s,
+            "pathology": LABEL_BY_SLUG[s],
+            "n_patients": int(len(np.unique(groups))),
+            **evaluate_at(y, raw, m.thresholds[j], "internal validation threshold", n_boot, seed, groups),
+        }
+        if row["evaluable"]:
+            row.update(calibration_row(y, raw, m.calibration(j), groups, n_boot, seed))
+        internal = champ.internal.get(s, {})
+        for k in INTERNAL_METRICS:
+            v = internal.get(k)
+            row[f"internal_{k}"] = v
+            row[f"{k}_change"] = row.get(k) - v if row.get(k) is not None and v is not None else None
+        out.append(row)
+    return out
+
+
+@dataclass
+class ExternalResult:
+    """One dataset's external validation: the table, what was read, built and skipped."""
+
+    dataset: str
+    table: pl.DataFrame
+    skipped: str = ""
+    counts: dict = field(default_factory=dict)
+    label_rejects: pl.DataFrame | None = None
+    image_rejects: pl.DataFrame | None = None
+
+
+def external_validation(
+    paths, fmt: str, cfg: ExternalSettings, champions: list[Champion], workers: int = 1, log: Callable[[str], None] | None = None
+) -> ExternalResult:
+    """Read ``fmt``'s label file, build its shards at every champion's size, score every champion."""
+    from cxr_pipeline.data.shard_reader import open_images
+
+    say = log or (lambda _m: None)
+    reason = cfg.absent_reason(fmt, paths.home)
+    if reason:
+        return ExternalResult(fmt, pl.DataFrame(), skipped=reason)
+    if not champions:
+        return ExternalResult(fmt, pl.DataFrame(), skipped="no champion classifier is registered yet")
+    folder, label_file = cfg.dataset(fmt, paths.home)
+    found = read_labels(fmt, label_file)
+    rows = resolve_images(folder, select_images(found.manifest, cfg.views, cfg.max_images, cfg.seed))
+    say(f"{fmt}: {found.manifest.height} images read ({found.rejects.height} rejected), {rows.height} scored views")
+    sizes = sorted({c.model.size for c in champions})
+    built = build_external_shards(paths, fmt, folder, rows, sizes, workers)
+    image_rejects = next(iter(built.values())).rejects
+    parts = []
+    for size in sizes:
+        lazy, kept = open_images(paths.external_shard_root(fmt, size), rows, size, [EXTERNAL_PARTITION])
+        images = lazy.take(np.arange(len(lazy)))
+        for champ in (c for c in champions if c.model.size == size):
+            scores = champ.model.probabilities(images)
+            parts.extend(score_champion(champ, fmt, kept, scores, cfg.bootstrap, cfg.seed))
+    replica = (folder / "REPLICA.json").exists()
+    table = pl.DataFrame(parts, infer_schema_length=None).with_columns(pl.lit(replica).alias("replica")) if parts else pl.DataFrame()
+    counts = {
+        "records": found.records,
+        "label_rejects": found.rejects.height,
+        "images_selected": rows.height,
+        "image_rejects": image_rejects.height,
+        "images_scored": int(table["n_test"].max()) if table.height else 0,
+        "patients": rows["subject_id"].n_unique(),
+        "replica": replica,
+    }
+    return ExternalResult(fmt, table, "", counts, found.rejects, image_rejects)
