@@ -54,3 +54,14 @@ def test_the_site_builds_strict_without_a_warning(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "WARNING" not in out.stderr, out.stderr[-3000:]
     assert (tmp_path / "site" / "reference" / "pipeline-yaml.html").exists()
+
+
+def test_the_example_model_card_is_what_the_code_renders_from_its_json():
+    """docs/model-card-example.md is generated (never typed): re-rendered here from its JSON with today's code."""
+    import json
+
+    from cxr_pipeline.vision.model_card import example_page
+
+    kept = json.loads((ROOT / "docs" / "model-card-example.json").read_text())
+    assert (ROOT / "docs" / "model-card-example.md").read_text() == example_page(kept["card"], kept["provenance"])
+    assert kept["card"]["subgroups"]["rows"] and kept["card"]["training_data"]["source"]["kind"] == "replica"

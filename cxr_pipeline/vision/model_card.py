@@ -253,3 +253,28 @@ def _markdown(card: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+EXAMPLE_NOTE = (
+    '!!! note "A generated card"\n'
+    "    This page is a model card exactly as the pipeline writes it (`vision/model_card.py`), for one registered version "
+    "of the demo's replica, after the subgroup audit added its gaps: {provenance}. Its JSON is "
+    "`docs/model-card-example.json`; the test suite re-renders this page from it with the current code. Regenerate with "
+    '`python -m cxr_pipeline.vision.model_card $CXR_HOME/assets/classifier/<finding>/model_card.json "<provenance>"`.\n'
+)
+
+
+def example_page(card: dict, provenance: str) -> str:
+    """The documentation's example card: the card's Markdown with a note on where it came from after its title."""
+    title, rest = _markdown(card).split("\n", 1)
+    return f"{title}\n\n{EXAMPLE_NOTE.format(provenance=provenance)}{rest}"
+
+
+if __name__ == "__main__":  # python -m cxr_pipeline.vision.model_card CARD_JSON PROVENANCE: writes the docs' example
+    import sys
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    kept = json.loads(Path(sys.argv[1]).read_text())
+    example = {"provenance": sys.argv[2], "card": kept["card"]}
+    (docs / "model-card-example.json").write_text(json.dumps(example, indent=1, default=str) + "\n")
+    (docs / "model-card-example.md").write_text(example_page(kept["card"], sys.argv[2]))

@@ -72,11 +72,12 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
 
         monkeypatch.setenv("MLFLOW_TRACKING_URI", get_client()[1])  # as a user points MLflow at the pipeline's store
         loaded = mlflow.pyfunc.load_model("models:/cxr-support-devices@champion")
-        test_rows = m.filter(pl.col("split") == "test").head(4)
+        test_rows = m.filter(pl.col("split").is_in(["validate", "test"]))  # every validate and test image: the calls must not move
         imgs, test_rows = load_images(cxr_home / "assets" / "shards" / f"s{size}", test_rows, size)
         out = loaded.predict(imgs.numpy())
         stored = pl.read_parquet(ckpt.parent / "predictions.parquet")
         raw = test_rows.select("dicom_id").join(stored, on="dicom_id", how="left")["prob"].to_numpy()
+        assert len(raw) == imgs.shape[0] > 10 and not np.isnan(raw).any()
         from cxr_pipeline.vision.calibration import apply, calibrated_threshold
 
         ckpt_cfg = json.loads((ckpt / "config.json").read_text())
