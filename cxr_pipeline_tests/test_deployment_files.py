@@ -159,3 +159,45 @@ def test_the_helm_chart_version_is_the_installed_dagster():
 
     pins = re.findall(r"helm install .*--version (\S+)", (DOCKER / "helm" / "values.yaml").read_text())
     assert pins == [version("dagster")]
+
+
+def test_the_smoke_run_and_its_overrides_agree_with_the_compose_file():
+    """docker/smoke.sh and the two overrides it selects name the services, ports, volumes and variables the
+    compose file has: a rename there breaks this test, not a 20-minute image build."""
+    compose = load("docker-compose.yaml")
+    services = compose["services"]
+    smoke = (DOCKER / "smoke.sh").read_text()
+    for override in ("compose.debian-postgres.yaml", "compose.cpu.yaml"):
+        assert set(load(override)["services"]) <= set(services), override
+        assert f'"$ROOT/docker/{override}"' in smoke
+    assert set(load("compose.cpu.yaml")["services"]) == {"code", "webserver", "daemon"}  # every Dagster process
+    # the CPU instance is the one dagster.yaml without the GPU device request, derived in the image
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert "/opt/dagster/home-cpu" in dockerfile and "pop('device_requests')" in dockerfile
+    assert {s["environment"]["DAGSTER_HOME"] for s in load("compose.cpu.yaml")["services"].values()} == {"/opt/dagster/home-cpu"}
+    assert "device_requests" in load("dagster.yaml")["run_launcher"]["config"]["container_kwargs"]
+    # ports the smoke run checks are the ones published; the network its client joins is the compose network
+    published = {str(p).rsplit(":", 2)[-2] for s in services.values() for p in s.get("ports", [])}
+    assert published == {"3000", "5000"} and "127.0.0.1:3000" in smoke and "127.0.0.1:5000" in smoke
+    assert f"--network {compose['networks']['cxr']['name']}" in smoke
+    assert 'DagsterGraphQLClient("webserver", port_number=3000)' in smoke
+    # the volumes the run launcher mounts by name are the compose volumes' own names (no project prefix)
+    launcher_mounts = {v.split(":")[0] for v in load("dagster.yaml")["run_launcher"]["config"]["container_kwargs"]["volumes"]}
+    named = {v["name"] for v in compose["volumes"].values()}
+    assert {"cxr_home", "mimic"} <= launcher_mounts and {"cxr_home", "mimic"} <= named
+    assert all(f"{v}:" in smoke for v in ("mimic",)) and all(v in smoke for v in named)
+    # the variables the compose file requires are the ones the smoke run exports
+    required = set(re.findall(r"\$\{(\w+):\?", (DOCKER / "docker-compose.yaml").read_text()))
+    assert required == {"POSTGRES_PASSWORD"} and "export POSTGRES_USER=cxr POSTGRES_PASSWORD" in smoke
+    assert "DOCKER_SOCKET" in smoke and "${DOCKER_SOCKET:-/var/run/docker.sock}" in (DOCKER / "docker-compose.yaml").read_text()
+    assert 'echo "docker smoke: ${#RUNS[@]} runs in containers succeeded' in smoke
+    assert "ARG BASE=" in dockerfile and "FROM ${BASE}" in dockerfile
+    assert "args: {BASE:" in (DOCKER / "compose.debian-postgres.yaml").read_text()
+
+
+def test_every_variable_the_run_launcher_passes_is_set_in_the_daemon():
+    """DockerRunLauncher copies each name in env_vars from the daemon's environment and fails the launch when one
+    is unset (found by docker/smoke.sh: CXR_VLM_BASE was listed but not set)."""
+    passed = set(load("dagster.yaml")["run_launcher"]["config"]["env_vars"])
+    daemon = set(load("docker-compose.yaml")["services"]["daemon"]["environment"])
+    assert passed <= daemon, passed - daemon

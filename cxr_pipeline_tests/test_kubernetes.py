@@ -70,7 +70,7 @@ def _step_jobs(monkeypatch) -> dict[str, dict]:
 
 def test_every_step_job_validates_and_gpu_steps_carry_what_gpu_nodes_need(monkeypatch):
     jobs = _step_jobs(monkeypatch)
-    assert len(jobs) == 14  # every materializable asset (the two observable sources run no step)
+    assert len(jobs) == 15  # every materializable asset (the three observable sources run no step)
     for key, job in jobs.items():
         _validate(job)
         pod = job["spec"]["template"]["spec"]
@@ -80,7 +80,14 @@ def test_every_step_job_validates_and_gpu_steps_carry_what_gpu_nodes_need(monkey
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert {"/data/cxr", "/data/mimic-cxr"} <= mounts, key
     gpu_steps = {k for k, j in jobs.items() if "nvidia.com/gpu" in j["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]}
-    assert gpu_steps == {"classifier", "multilabel_classifier", "report_hints", "report_adapter", "generated_reports"}
+    assert gpu_steps == {
+        "classifier",
+        "multilabel_classifier",
+        "report_hints",
+        "external_validation",
+        "report_adapter",
+        "generated_reports",
+    }
     for key in gpu_steps:
         pod = jobs[key]["spec"]["template"]["spec"]
         (container,) = pod["containers"]
