@@ -176,4 +176,5 @@ COMPOSE_UP=""
 left="$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT") $(docker volume ls -q | grep -Ex 'cxr_home|mimic|cxr_pgdata|cxr_mlartifacts' || true)"
 [ -z "${left// /}" ] || fail "left behind: $left"
 stage "teardown" "stack, run containers, network and volumes removed"
+cleanup; trap - EXIT  # the engine stops before the last line
 echo "docker smoke: ${#RUNS[@]} runs in containers succeeded, $(( $(date +%s) - STARTED )) s"
