@@ -322,12 +322,11 @@ def print_external(p: Paths) -> None:
         f" (every champion and finding with 95% CIs, sensitivity, specificity, ECE: {p.external_validation}):"
     )
     for ds in sorted(set(t["dataset"])):
-        d = t.filter(pl.col("dataset") == ds).sort("roc_auc_change")
-        worst = d.row(0, named=True)
-        print(
-            f"  {ds}: {d.height} findings, median AUC {d['roc_auc'].median():.3f}, median change {d['roc_auc_change'].median():+.3f};"
-            f" largest drop {worst['pathology']} {worst['roc_auc_change']:+.3f}"
-        )
+        d = t.filter(pl.col("dataset") == ds)
+        changed = d.drop_nulls("roc_auc_change").sort("roc_auc_change")  # a finding without an internal row has no change
+        median = f"{changed['roc_auc_change'].median():+.3f}" if changed.height else "-"
+        worst = f"{changed['pathology'][0]} {changed['roc_auc_change'][0]:+.3f}" if changed.height else "-"
+        print(f"  {ds}: {d.height} findings, median AUC {d['roc_auc'].median():.3f}, median change {median}; largest drop {worst}")
 
 
 def print_subgroups(p: Paths, effect: str = DEMO_EFFECT) -> None:
