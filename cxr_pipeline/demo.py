@@ -174,8 +174,7 @@ def run_all(console=None) -> bool:
 
     run = _Runner()
     stages = [
-        ("observe", [("observe_raw", None)]),
-        ("manifest", [("manifest_job", None)]),
+        ("observe+manifest", [("observe_raw", None), ("manifest_job", None)]),
         # all ten partitions, empty ones too: a partition left missing would be built by automation later
         ("image shards", [("shards_job", p) for p in PARTITIONS]),
         ("classifiers", [("classifier_job", s) for s in SLUGS]),
@@ -263,45 +262,45 @@ def print_summary(p: Paths, adapter_recipe: str = DEMO_ADAPTER_RECIPE) -> None:
     """What the demo built: counts, the classifier table, the report table, where to look next."""
     m, rej = pl.read_parquet(p.manifest), pl.read_parquet(p.manifest_rejects)
     by_split = ", ".join(f"{s} {n}" for s, n in m.group_by("split").len().sort("split").iter_rows())
-    print(f"\nmanifest: {m.height} images ({by_split}); {rej.height} rejected rows")
-    print(f"  {p.manifest}")
+    print(f"\nmanifest: {m.height} images ({by_split}); {rej.height} rejected rows: {p.manifest}")
     indexes = sorted(p.shards.glob("s*/p*/index.parquet"))
     n_shard = sum(pl.read_parquet(f).height for f in indexes)
     n_srej = sum(pl.read_parquet(f.parent / "rejects.parquet").height for f in indexes if (f.parent / "rejects.parquet").exists())
     print(
         f"shards:   {n_shard} images in {len(indexes)} partitions ({n_srej} rejected); contact sheets: {p.shards}/s*/p*/contact_sheet.png"
     )
-    print("\nclassifiers: test-split ROC-AUC [95% CI by patient], threshold chosen on validation; auto = the automatic labels,")
     print(
-        "rad = the radiologist-labelled studies with the radiologist's labels; one binary model per finding beside the multi-label model:"
+        "\nclassifiers: test-split ROC-AUC [95% CI by patient], threshold chosen on validation; auto: the automatic labels, rad: the"
+        " radiologist-labelled studies with the radiologist's labels; one binary model per finding beside the multi-label model:"
     )
     with pl.Config(tbl_rows=20, fmt_str_lengths=40, **TABLE_STYLE):
         print(classifier_table(pl.read_parquet(p.classifier_metrics)))
-    print(f"  {p.classifiers}  (checkpoints, metrics, roc_pr_all.png)")
     print(
         "  ece / brier auto: the per-finding model's calibration on the test split, before -> after Platt scaling fitted on"
-        " validate (ECE: 10 equal-width bins); both models and label sources: classifier_metrics"
+        f" validate (ECE: 10 equal-width bins); both models and label sources, checkpoints, roc_pr_all.png: {p.classifiers}"
     )
     rm = pl.read_parquet(p.report_metrics)
     print(
-        "\nreport generation (test split, CE against the labeler on the reference reports, and on the radiologist-labelled\n"
-        f"studies against the radiologist's labels; report adapter recipe {adapter_recipe!r}: {ADAPTER_NOTE[adapter_recipe]}):"
+        "\nreport generation (test split, CE against the labeler on the reference reports, and on the radiologist-labelled"
+        f" studies against the radiologist's labels; report adapter recipe {adapter_recipe!r}: {ADAPTER_NOTE[adapter_recipe]}):"
     )
     from cxr_pipeline.reports.metrics import HEADLINE
 
     cols = ("system", "test_labels", "n", *HEADLINE, "ce_upos_micro14_f1")
     with pl.Config(float_precision=3, **TABLE_STYLE):
         print(rm.select([c for c in cols if c in rm.columns]))
+    where = f"report_pairs, adapter/, generated_reports.parquet, report_metrics.parquet: {p.reports}"
     if "evaluation" in rm.columns and rm.height:
-        print(f"  references: {rm['evaluation'][0]}; labeler {rm['labeler'][0]}; ce_* counts uncertain as absent, ce_upos_* as present")
-    print(f"  {p.reports}  (report_pairs, adapter/, generated_reports.parquet, report_metrics.parquet)")
+        where = (
+            f"references: {rm['evaluation'][0]}; labeler {rm['labeler'][0]}; ce_* count uncertain as absent, ce_upos_* as present; {where}"
+        )
+    print(f"  {where}")
     print_external(p)
     print_subgroups(p)
-    print(f"dataset:  {p.raw}")
-    print(f"state:    {p.home}  (Dagster home {os.environ['DAGSTER_HOME']}, MLflow {p.tracking_uri})")
-    print("look:     make ui         -> Dagster UI  http://127.0.0.1:3000 (asset graph, runs, checks)")
+    print(f"data:     {p.raw}; state {p.home} (Dagster home {os.environ['DAGSTER_HOME']}, MLflow {p.tracking_uri})")
     print(
-        "          make mlflow-ui  -> MLflow UI   http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (experiment cxr_pipeline)"
+        "look:     make ui -> Dagster UI http://127.0.0.1:3000 (asset graph, runs, checks); make mlflow-ui -> MLflow UI"
+        " http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (experiment cxr_pipeline)"
     )
     print("use:      .venv/bin/cxr-pipeline predict FILE.dcm --cam cams/  -> the champions on a radiograph, Grad-CAM per positive")
     print("          make serve MODEL=cxr-cardiomegaly@champion              -> mlflow models serve on http://127.0.0.1:5001")
@@ -365,7 +364,7 @@ def print_subgroups(p: Paths, effect: str = DEMO_EFFECT) -> None:
         f" source and model; a two-group attribute tested once; p against {resamples} random patient groups of the same size):"
         " at that false discovery rate about 1 in 20 of them is a false lead; the largest:"
     )
-    for r in found.head(4).iter_rows(named=True):
+    for r in found.head(3).iter_rows(named=True):
         print(line(r).replace(": ", f", {r['slug']}, {r['attribute']} = {r['group']}: ", 1))
     print(
         f"  {p.subgroups}  (subgroup_metrics.parquet, tpr_gap_*.png, underdiagnosis.png); MIMIC's test split has 293 patients:"
