@@ -7,8 +7,6 @@ STAMP := $(VENV)/.installed
 # torch/torchvision are pinned to the builds this machine serves from local disk;
 # other versions download gigabytes, and PyPI torchvision fails beside a CPU torch.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
-# The labeler's medspaCy: its pins (spacy<3.8 on Python 3.11) would pull numpy 1.x; see pyproject.
-MEDSPACY_NODEPS := medspacy==1.3.1 PyRuSH==1.0.13 medspacy_quickumls==3.2 medspacy_unqlite==0.9.8 pysimstring==1.3.0
 
 export CXR_HOME ?= $(CURDIR)/.cxr
 export DAGSTER_HOME ?= $(CXR_HOME)/dagster
@@ -19,12 +17,12 @@ export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: install test demo ui mlflow-ui serve bench lint docs docs-serve clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements-nodeps.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIN)
 	$(BIN)/pip install --quiet -e ".[dev]" $(TORCH_PIN)
-	$(BIN)/pip install --quiet --no-deps $(MEDSPACY_NODEPS)
+	$(BIN)/pip install --quiet --no-deps -r requirements-nodeps.txt  # the labeler's medspaCy: see the file
 	touch $(STAMP)
 
 install: $(STAMP)

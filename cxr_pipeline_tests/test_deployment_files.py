@@ -195,6 +195,29 @@ def test_the_smoke_run_and_its_overrides_agree_with_the_compose_file():
     assert "args: {BASE:" in (DOCKER / "compose.debian-postgres.yaml").read_text()
 
 
+def test_the_image_installs_what_make_installs_and_its_dependencies_before_the_code():
+    """The image's environment comes from the lists the Makefile installs: pyproject's dependencies and
+    requirements-nodeps.txt (medspaCy: without it every report run failed in a container, which the smoke run's
+    manifest and shard runs never showed). The dependency layer is built from those two files only, before the
+    code and README are copied: an edit there must not reinstall PyTorch, Dagster and MLflow (minutes)."""
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    for text in (dockerfile, (ROOT / "Makefile").read_text()):
+        assert "--no-deps -r requirements-nodeps.txt" in text
+    assert "!requirements-nodeps.txt" in (ROOT / ".dockerignore").read_text().splitlines()
+    assert "medspacy==" in (ROOT / "requirements-nodeps.txt").read_text()
+    order = [
+        "COPY pyproject.toml requirements-nodeps.txt ./",
+        "pip install $links -r /tmp/requirements.txt",
+        "COPY README.md ./",
+        "COPY cxr_pipeline ./cxr_pipeline",
+        "pip install --no-deps --no-build-isolation -e .",
+    ]
+    assert [dockerfile.index(step) for step in order] == sorted(dockerfile.index(step) for step in order)
+    assert "p['project']['dependencies'] + p['build-system']['requires']" in dockerfile
+    # the smoke run checks what only a report run would otherwise find: the labeler and Java in the image
+    assert "label_report(" in (DOCKER / "smoke.sh").read_text() and "java -version" in (DOCKER / "smoke.sh").read_text()
+
+
 def test_every_variable_the_run_launcher_passes_is_set_in_the_daemon():
     """DockerRunLauncher copies each name in env_vars from the daemon's environment and fails the launch when one
     is unset (found by docker/smoke.sh: CXR_VLM_BASE was listed but not set)."""

@@ -90,6 +90,20 @@ docker build -q --build-arg "BASE=$DEBIAN_IMAGE" -t cxr-pipeline:latest -f "$ROO
   || { tail -30 "$WORK/build.log"; fail "image build (see $WORK/build.log)"; }
 rm -rf "$EXTRA/wheels" "$EXTRA/ca.crt"
 stage "image" "cxr-pipeline:latest ($(docker image inspect -f '{{.Size}}' cxr-pipeline:latest | awk '{printf "%.1f GB", $1/1e9}'))"
+# what only a report or metrics run would otherwise find missing: every module imports, the labeler (medspaCy,
+# installed apart: requirements-nodeps.txt) labels a sentence, METEOR's Java is there
+docker run --rm cxr-pipeline:latest python -c '
+import importlib, pkgutil, cxr_pipeline
+skip = ("cxr_pipeline.definitions",)  # loading it opens the Dagster instance: the stack does that below
+mods = [m.name for m in pkgutil.walk_packages(cxr_pipeline.__path__, "cxr_pipeline.") if m.name not in skip]
+for name in mods:
+    importlib.import_module(name)
+from cxr_pipeline.reports.labeler import label_report
+got = label_report("Moderate cardiomegaly. No pneumothorax.")
+assert got["Cardiomegaly"] == 1.0 and got["Pneumothorax"] == 0.0, got
+print(len(mods))' >"$WORK/contents.log" 2>&1 && docker run --rm cxr-pipeline:latest java -version >>"$WORK/contents.log" 2>&1 \
+  || { tail -20 "$WORK/contents.log"; fail "image contents (see $WORK/contents.log)"; }
+stage "image contents" "$(head -1 "$WORK/contents.log") modules import; the labeler labels; java runs"
 
 # 4. the stack, with a password made here (never written to a file)
 export POSTGRES_USER=cxr POSTGRES_PASSWORD DEBIAN_BASE="$DEBIAN_IMAGE" CXR_BIND_ADDRESS=127.0.0.1

@@ -9,7 +9,11 @@ to report its end, the default run launcher cannot see that the process is gone,
 stays taken, so every later GPU step waits forever. Each GPU step therefore records its run worker
 (host, pid, process start time) as a run tag, and ``release_dead_runs`` marks failed, with the reason,
 every in-progress run holding or waiting for a pool slot whose recorded worker no longer exists on this
-host, and frees its slots. It runs in the daemon (``dead_run_sensor``), when the code location loads
+host, and frees its slots. A run killed before its GPU step began has no such tag: killed while its step
+waited for the slot, its queued step is later *given* the freed slot (Dagster assigns a freed slot to the
+oldest waiting step) and keeps it for good. For such a run on this host (the default run launcher, or a
+run executed in process) the worker is the process its executor named when the run started: Dagster
+logs it as an engine event ("Executing steps in process (pid: N)", "Started process for run (pid: N)"). It runs in the daemon (``dead_run_sensor``), when the code location loads
 (``dagster dev``/``make ui`` start, and every ``dagster asset materialize``, which so finds a slot held
 by a dead run, says so and frees it). A worker on another host
 (a Kubernetes pod) is left to dagster-k8s' run monitoring.
@@ -44,16 +48,40 @@ def record_run_worker(instance: dg.DagsterInstance, run_id: str) -> None:
 
 
 def worker_gone(tag: str) -> bool:
-    """True when the recorded worker ran on this host and that process (same pid, same start) is gone."""
+    """True when the recorded worker ran on this host and that process (same pid, same start) is gone.
+
+    ``start`` is the process's start time, or ``<=T`` where only a time it had started by is known (``run_worker``)."""
     import psutil
 
     host, pid, start = tag.rsplit(":", 2)
     if host != socket.gethostname():
         return False
     try:
-        return abs(psutil.Process(int(pid)).create_time() - float(start)) > 0.01  # pid reused by another process
+        created = psutil.Process(int(pid)).create_time()
     except psutil.NoSuchProcess:
         return True
+    if start.startswith("<="):
+        return created > float(start[2:]) + 0.01  # started after the run's worker named itself: the pid was reused
+    return abs(created - float(start)) > 0.01  # pid reused by another process
+
+
+def run_worker(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
+    """The run's worker as ``worker_gone`` reads it: the tag its GPU step recorded; else, where every run of this
+    instance runs on this host (the default run launcher; not a cluster), the first process a run event names
+    (its executor's, or the run launcher's worker), as started by that event's time; else None (unknown)."""
+    from cxr_pipeline.settings import cluster_executor
+
+    if WORKER_TAG in run.tags:
+        return run.tags[WORKER_TAG]
+    if cluster_executor() or not isinstance(instance.run_launcher, dg.DefaultRunLauncher):
+        return None  # a worker in another container or pod: its pid means nothing here
+    records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT, limit=50).records
+    for record in records:
+        data = record.event_log_entry.dagster_event.event_specific_data
+        pid = (getattr(data, "metadata", None) or {}).get("pid")
+        if pid is not None:
+            return f"{socket.gethostname()}:{pid.value}:<={record.event_log_entry.timestamp}"
+    return None
 
 
 def sync_gpu_pool(instance: dg.DagsterInstance) -> int | None:
@@ -87,7 +115,7 @@ def release_dead_runs(instance: dg.DagsterInstance, log=None) -> list[str]:
     for run_id in sorted(run_ids):
         run = instance.get_run_by_id(run_id)
         if run is not None and not run.is_finished:
-            tag = run.tags.get(WORKER_TAG)
+            tag = run_worker(instance, run)
             if tag is None or not worker_gone(tag):
                 continue
             reason = f"its run worker (pid {tag.rsplit(':', 2)[1]} on {socket.gethostname()}) is gone: killed or out of memory"

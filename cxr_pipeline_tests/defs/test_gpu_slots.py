@@ -22,6 +22,24 @@ with dg.build_resources({"compute": Compute(device="cuda")}) as r:
 """
 
 
+# a run with one step in the gpu pool, executed in process as ``dagster asset materialize`` and the demo do
+POOL_RUN = """
+import sys, time
+import dagster as dg
+
+@dg.op(pool="gpu")
+def gpu_step():
+    time.sleep(float(sys.argv[1]))
+
+@dg.job
+def gpu_job():
+    gpu_step()
+
+with dg.DagsterInstance.get() as instance:
+    print(gpu_job.execute_in_process(instance=instance).success, flush=True)
+"""
+
+
 def _step(hold_s: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", STEP, str(hold_s)], stdout=subprocess.PIPE, text=True, env={**os.environ})
 
@@ -64,3 +82,50 @@ def test_gpu_pool_limit_follows_the_device_count(monkeypatch):
     monkeypatch.setenv("CXR_GPUS", "two")
     with pytest.raises(ValueError, match="CXR_GPUS must be a count"):
         gpu_ids()
+
+
+def _wait_for(check, what: str, timeout: float = 60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if found := check():
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def test_a_run_killed_while_its_step_waits_for_the_slot_never_keeps_it(monkeypatch, tmp_path):
+    """Killed while waiting, a run's queued step is later given the freed slot and, with nobody to claim or free it,
+    would keep it for good; the run was killed before any GPU step began, so it carries no worker tag."""
+    from cxr_pipeline.defs.slots import GPU_POOL, WORKER_TAG, release_dead_runs
+    from cxr_pipeline_tests.services import ROOT
+
+    (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())  # the project's instance: a gpu pool of 1
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    run = lambda hold: subprocess.Popen([sys.executable, "-c", POOL_RUN, str(hold)], stdout=subprocess.PIPE, text=True)  # noqa: E731
+    with dg.DagsterInstance.get() as instance:
+        storage = instance.event_log_storage
+        holder = run(6)
+        (held,) = _wait_for(lambda: storage.get_concurrency_info(GPU_POOL).claimed_slots, "the first run holds the slot")
+        waiter = run(0)
+        (waiting,) = _wait_for(
+            lambda: [s for s in storage.get_concurrency_info(GPU_POOL).pending_steps if s.run_id != held.run_id], "a second waits"
+        )
+        waiter.kill()  # SIGKILL while it waits: nobody is left to report its end
+        waiter.wait()
+        assert holder.communicate(timeout=60)[0].strip() == "True"
+        # Dagster gave the freed slot to the dead run's queued step: nobody else can have it now
+        assigned = _wait_for(
+            lambda: [
+                s for s in storage.get_concurrency_info(GPU_POOL).pending_steps if s.run_id == waiting.run_id and s.assigned_timestamp
+            ],
+            "the freed slot assigned to the dead run's step",
+        )
+        assert assigned and WORKER_TAG not in instance.get_run_by_id(waiting.run_id).tags
+        assert not storage.has_unassigned_slots(GPU_POOL)
+
+        assert release_dead_runs(instance) == [waiting.run_id]  # its worker found from the run's own events
+        assert instance.get_run_by_id(waiting.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert storage.has_unassigned_slots(GPU_POOL)
+        assert release_dead_runs(instance) == []  # the finished holder and a live process are left alone
+        nxt = run(0)
+        assert nxt.communicate(timeout=60)[0].strip() == "True"  # the next GPU step starts
