@@ -101,8 +101,8 @@ for name in mods:
 from cxr_pipeline.reports.labeler import label_report
 got = label_report("Moderate cardiomegaly. No pneumothorax.")
 assert got["Cardiomegaly"] == 1.0 and got["Pneumothorax"] == 0.0, got
-print(len(mods))' >"$WORK/contents.log" 2>&1 && docker run --rm cxr-pipeline:latest java -version >>"$WORK/contents.log" 2>&1 \
-  || { tail -20 "$WORK/contents.log"; fail "image contents (see $WORK/contents.log)"; }
+print(len(mods))' >"$WORK/contents.log" 2>"$WORK/contents.err" && docker run --rm cxr-pipeline:latest java -version 2>>"$WORK/contents.err" \
+  || { tail -20 "$WORK/contents.err"; fail "image contents (see $WORK/contents.err)"; }
 stage "image contents" "$(head -1 "$WORK/contents.log") modules import; the labeler labels; java runs"
 
 # 4. the stack, with a password made here (never written to a file)
