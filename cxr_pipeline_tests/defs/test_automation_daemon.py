@@ -70,17 +70,19 @@ class Dagster:
         ticks = post(self.gql, {"query": query})["data"]["sensorOrError"]["sensorState"]["ticks"]
         failed = [t for t in ticks if t["status"] == "FAILURE"]
         assert not failed, failed[0]["error"]
-        return len(ticks)
+        return sum(t["status"] != "STARTED" for t in ticks)  # the evaluations that finished
 
-    def settle(self, known: set[str], quiet: float, deadline: float, log) -> list[dict]:
-        """Wait until no run is active and nothing new started for ``quiet`` seconds; the runs not in ``known``."""
-        last_change, seen = time.time(), None
+    def settle(self, known: set[str], quiet: float, deadline: float, log, ticks: int = 3) -> list[dict]:
+        """Wait until no run is active and nothing new started for ``quiet`` seconds and ``ticks`` finished automation
+        evaluations (on a loaded machine an evaluation can take longer than ``quiet``); the runs not in ``known``."""
+        last_change, seen, ticks_then = time.time(), None, self.sensor_ticks()
         while time.time() < deadline:
             runs = [r for r in self.runs() if r["runId"] not in known]
             state = sorted((r["runId"], r["status"]) for r in runs)
             if state != seen:
-                seen, last_change = state, time.time()
-            if not any(r["status"] in ACTIVE for r in runs) and time.time() - last_change >= quiet:
+                seen, last_change, ticks_then = state, time.time(), self.sensor_ticks()
+            quiet_for = time.time() - last_change
+            if not any(r["status"] in ACTIVE for r in runs) and quiet_for >= quiet and self.sensor_ticks() - ticks_then >= ticks:
                 return sorted(runs, key=lambda r: r["startTime"] or 0)
             time.sleep(2)
         raise AssertionError(f"automation did not settle: {[(r['keys'], r['partition'], r['status']) for r in runs]}\n{log()}")

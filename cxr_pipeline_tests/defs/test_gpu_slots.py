@@ -25,11 +25,14 @@ with dg.build_resources({"compute": Compute(device="cuda")}) as r:
 # a run with one step in the gpu pool, executed in process as ``dagster asset materialize`` and the demo do
 POOL_RUN = """
 import sys, time
+from pathlib import Path
 import dagster as dg
 
 @dg.op(pool="gpu")
-def gpu_step():
-    time.sleep(float(sys.argv[1]))
+def gpu_step():  # holds the slot until the file named by argv[1] exists ("-": not at all)
+    deadline = time.time() + 300
+    while sys.argv[1] != "-" and not Path(sys.argv[1]).exists() and time.time() < deadline:
+        time.sleep(0.05)
 
 @dg.job
 def gpu_job():
@@ -101,17 +104,19 @@ def test_a_run_killed_while_its_step_waits_for_the_slot_never_keeps_it(monkeypat
 
     (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())  # the project's instance: a gpu pool of 1
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    run = lambda hold: subprocess.Popen([sys.executable, "-c", POOL_RUN, str(hold)], stdout=subprocess.PIPE, text=True)  # noqa: E731
+    run = lambda until: subprocess.Popen([sys.executable, "-c", POOL_RUN, until], stdout=subprocess.PIPE, text=True)  # noqa: E731
+    release = tmp_path / "release"  # the holder keeps the slot until this exists: no race with the waiter's start
     with dg.DagsterInstance.get() as instance:
         storage = instance.event_log_storage
-        holder = run(6)
+        holder = run(str(release))
         (held,) = _wait_for(lambda: storage.get_concurrency_info(GPU_POOL).claimed_slots, "the first run holds the slot")
-        waiter = run(0)
+        waiter = run("-")
         (waiting,) = _wait_for(
             lambda: [s for s in storage.get_concurrency_info(GPU_POOL).pending_steps if s.run_id != held.run_id], "a second waits"
         )
         waiter.kill()  # SIGKILL while it waits: nobody is left to report its end
         waiter.wait()
+        release.touch()
         assert holder.communicate(timeout=60)[0].strip() == "True"
         # Dagster gave the freed slot to the dead run's queued step: nobody else can have it now
         assigned = _wait_for(
@@ -127,5 +132,5 @@ def test_a_run_killed_while_its_step_waits_for_the_slot_never_keeps_it(monkeypat
         assert instance.get_run_by_id(waiting.run_id).status == dg.DagsterRunStatus.FAILURE
         assert storage.has_unassigned_slots(GPU_POOL)
         assert release_dead_runs(instance) == []  # the finished holder and a live process are left alone
-        nxt = run(0)
+        nxt = run("-")
         assert nxt.communicate(timeout=60)[0].strip() == "True"  # the next GPU step starts
