@@ -72,9 +72,11 @@ class Dagster:
         assert not failed, failed[0]["error"]
         return sum(t["status"] != "STARTED" for t in ticks)  # the evaluations that finished
 
-    def settle(self, known: set[str], quiet: float, deadline: float, log, ticks: int = 3) -> list[dict]:
+    def settle(self, known: set[str], quiet: float, deadline: float, log, ticks: int = 2) -> list[dict]:
         """Wait until no run is active and nothing new started for ``quiet`` seconds and ``ticks`` finished automation
-        evaluations (on a loaded machine an evaluation can take longer than ``quiet``); the runs not in ``known``."""
+        evaluations (on a loaded machine one can take 30 s: a fixed quiet time let the test stop while the evaluation
+        that would request the next run was under way); two suffice: the second began after the first had finished,
+        so after the last change. The runs not in ``known``."""
         last_change, seen, ticks_then = time.time(), None, self.sensor_ticks()
         while time.time() < deadline:
             runs = [r for r in self.runs() if r["runId"] not in known]
@@ -130,7 +132,7 @@ def test_one_data_change_runs_each_asset_once_with_current_inputs(tmp_path):
 
         # 1. an observation of unchanged data starts nothing
         observed = d.observe()
-        quiet = d.settle(known, 4 * INTERVAL, time.time() + 180, tail)
+        quiet = d.settle(known, INTERVAL, time.time() + 180, tail)
         assert [r["runId"] for r in quiet] == [observed] and quiet[0]["status"] == "SUCCESS"
         known |= {observed}
 
@@ -138,7 +140,7 @@ def test_one_data_change_runs_each_asset_once_with_current_inputs(tmp_path):
         before = partition_fingerprints(pl.read_parquet(layout.manifest))
         generate(SynthConfig(patients=12, seed=11, source_rows=48), raw)
         observed = d.observe()
-        runs = d.settle(known, 5 * INTERVAL, time.time() + 1500, tail)
+        runs = d.settle(known, INTERVAL, time.time() + 1500, tail)
         after = partition_fingerprints(pl.read_parquet(layout.manifest))
         changed = {p for p in after if after[p] != before[p]}
         assert changed and len(changed) < len(after)
@@ -184,7 +186,7 @@ def test_one_data_change_runs_each_asset_once_with_current_inputs(tmp_path):
 
         # 3. observed again, unchanged: nothing
         observed = d.observe()
-        quiet = d.settle(known, 4 * INTERVAL, time.time() + 180, tail)
+        quiet = d.settle(known, INTERVAL, time.time() + 180, tail)
         assert [r["runId"] for r in quiet] == [observed]
     finally:
         stop(proc)
