@@ -13,7 +13,8 @@ host, and frees its slots. A run killed before its GPU step began has no such ta
 waited for the slot, its queued step is later *given* the freed slot (Dagster assigns a freed slot to the
 oldest waiting step) and keeps it for good. For such a run on this host (the default run launcher, or a
 run executed in process) the worker is the process its executor named when the run started: Dagster
-logs it as an engine event ("Executing steps in process (pid: N)", "Started process for run (pid: N)"). It runs in the daemon (``dead_run_sensor``), when the code location loads
+logs it as an engine event ("Executing steps in process (pid: N)", "Started process for run (pid: N)").
+The sweep runs in the daemon (``dead_run_sensor``), when the code location loads
 (``dagster dev``/``make ui`` start, and every ``dagster asset materialize``, which so finds a slot held
 by a dead run, says so and frees it). A worker on another host
 (a Kubernetes pod) is left to dagster-k8s' run monitoring.
