@@ -277,7 +277,8 @@ def print_summary(p: Paths, adapter_recipe: str = DEMO_ADAPTER_RECIPE) -> None:
         print(classifier_table(pl.read_parquet(p.classifier_metrics)))
     print(
         "  ece / brier auto: the per-finding model's calibration on the test split, before -> after Platt scaling fitted on"
-        f" validate (ECE: 10 equal-width bins); both models and label sources, checkpoints, roc_pr_all.png: {p.classifiers}"
+        f" validate (ECE: 10 equal-width bins, biased upward on a small test split); both models and label sources, checkpoints,"
+        f" roc_pr_all.png: {p.classifiers}"
     )
     rm = pl.read_parquet(p.report_metrics)
     print(

@@ -35,10 +35,20 @@ NEGATIVE = {
 NORMAL = "No acute cardiopulmonary process."
 
 
-def template_report(probs: Mapping[str, float | None], thresholds: Mapping[str, float] | None = None, negative_below: float = 0.1) -> str:
-    """A sentence per finding above its threshold, negated sentences for confident negatives."""
-    thresholds = thresholds or {}
-    pos = [s for s in POSITIVE if probs.get(s) is not None and probs[s] >= thresholds.get(s, 0.5)]
+def template_report(
+    probs: Mapping[str, float | None],
+    thresholds: Mapping[str, float] | None = None,
+    negative_below: float = 0.1,
+    calls: Mapping[str, bool] | None = None,
+) -> str:
+    """A sentence per finding called positive (``calls``: the hints table's, read on the network's score; a finding
+    without a call: its probability at or above its threshold), negated sentences for confident negatives."""
+    thresholds, calls = thresholds or {}, calls or {}
+
+    def called(s: str) -> bool:
+        return calls[s] if calls.get(s) is not None else probs[s] >= thresholds.get(s, 0.5)
+
+    pos = [s for s in POSITIVE if probs.get(s) is not None and called(s)]
     neg = [NEGATIVE[s] for s in NEGATIVE if s not in pos and probs.get(s) is not None and probs[s] < negative_below]
     sentences = [POSITIVE[s] for s in pos] + neg
     if not [s for s in pos if s != "support_devices"]:
@@ -64,12 +74,13 @@ def baseline_reports(test_rows: pl.DataFrame, train_pairs: pl.DataFrame, hints: 
     ``train_pairs``: training rows with ``dicom_id`` and ``text`` (the retrieval corpus).
     Without hints the template says "normal" and retrieval has nothing to go on.
     """
-    from cxr_pipeline.reports.prompts import row_hints
+    from cxr_pipeline.reports.prompts import row_calls, row_hints
 
     cols = [s for s in SLUGS if hints is not None and s in hints.columns]
     if not cols:
         return [template_report({})] * test_rows.height, [""] * test_rows.height
-    template = [template_report(p, t) for p, t in row_hints(test_rows, hints)]
+    found = zip(row_hints(test_rows, hints), row_calls(test_rows, hints), strict=True)
+    template = [template_report(p, t, calls=c) for (p, t), c in found]
     query = test_rows.select("dicom_id").join(hints, on="dicom_id", how="left", maintain_order="left").select(cols)
     train = train_pairs.join(hints, on="dicom_id", how="inner")
     retrieval = nearest_reports(train.select(cols).to_numpy(), train["text"].to_list(), query.to_numpy())

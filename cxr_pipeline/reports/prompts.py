@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from cxr_pipeline.labels import SLUGS
-from cxr_pipeline.vision.folds import threshold_column
+from cxr_pipeline.vision.folds import call_column, threshold_column
 
 INSTRUCTION = "You are an expert radiographer. Describe accurately what you see in this image."
 
@@ -24,11 +24,19 @@ def user_prompt(findings_hint: str | None = None) -> str:
     return INSTRUCTION if not findings_hint else f"{INSTRUCTION}\n{findings_hint}"
 
 
-def findings_hint(probs: dict[str, float], thresholds: dict[str, float] | None = None, top: int = 5) -> str:
+def findings_hint(
+    probs: dict[str, float | None], thresholds: dict[str, float] | None = None, top: int = 5, calls: dict[str, bool] | None = None
+) -> str:
     """'Classifier findings: pleural effusion 0.91, ...' from per-pathology probabilities; a finding is
-    named when it reaches its own validation-chosen threshold (0.5 where none is given)."""
-    thresholds = thresholds or {}
-    picked = sorted(((p, k) for k, p in probs.items() if p is not None and p >= thresholds.get(k, 0.5)), reverse=True)[:top]
+    named when its call says so (``calls``: the hints table's, decided on the network's score, so a calibrated
+    probability tied with its carried threshold at the map's clip cannot flip it), else, for a finding without
+    a call, when its probability reaches its own threshold (0.5 where none is given)."""
+    thresholds, calls = thresholds or {}, calls or {}
+
+    def named(k: str, p: float) -> bool:
+        return calls[k] if calls.get(k) is not None else p >= thresholds.get(k, 0.5)
+
+    picked = sorted(((p, k) for k, p in probs.items() if p is not None and named(k, p)), reverse=True)[:top]
     if not picked:
         return "Classifier findings: none"
     return "Classifier findings: " + ", ".join(f"{k.replace('_', ' ').lower()} {p:.2f}" for p, k in picked)
@@ -42,9 +50,9 @@ def hint_source(hints: pl.DataFrame | None) -> str:
 
 
 def row_hints(rows: pl.DataFrame, hints: pl.DataFrame) -> list[tuple[dict[str, float | None], dict[str, float]]]:
-    """For each row (``dicom_id``), its findings' probabilities and the thresholds they are read at, from the
-    report hints table (``vision.folds.report_hints``: one probability and one threshold column per slug);
-    a row the table does not have gets no probabilities."""
+    """For each row (``dicom_id``), its findings' probabilities and their carried thresholds, from the report
+    hints table (``vision.folds.report_hints``: one probability and one threshold column per slug); a row the
+    table does not have gets no probabilities. The thresholds are for display: a call comes from ``row_calls``."""
     cols = [s for s in SLUGS if s in hints.columns]
     j = rows.select("dicom_id").join(hints, on="dicom_id", how="left", maintain_order="left")
     out = []
@@ -54,15 +62,26 @@ def row_hints(rows: pl.DataFrame, hints: pl.DataFrame) -> list[tuple[dict[str, f
     return out
 
 
+def row_calls(rows: pl.DataFrame, hints: pl.DataFrame) -> list[dict[str, bool]]:
+    """For each row (``dicom_id``), its findings' calls from the report hints table (``vision.folds.call_column``:
+    decided on the network's score at its threshold, before calibration); a finding without one is left out (a
+    table from before the calls were carried has none: ``findings_hint`` then reads the thresholds)."""
+    cols = [s for s in SLUGS if call_column(s) in hints.columns]
+    calls = hints.select("dicom_id", *(call_column(s) for s in cols))
+    j = rows.select("dicom_id").join(calls, on="dicom_id", how="left", maintain_order="left")
+    return [{c: r[call_column(c)] for c in cols if r[call_column(c)] is not None} for r in j.iter_rows(named=True)]
+
+
 def prompts_for(rows: pl.DataFrame, hints: pl.DataFrame | None, use_findings: bool) -> tuple[list[str], str]:
     """The prompt of each row (a polars frame with ``dicom_id``) and the prompt variant's name.
 
     With ``use_findings`` and a hints table, each prompt carries that image's classifier findings, each
-    named when its probability reaches the threshold the table gives it.
+    named when the table's call for it says so (the network's score at its threshold).
     """
     if not use_findings or hints is None:
         return [user_prompt()] * rows.height, "instruction"
-    return [user_prompt(findings_hint(p, t)) for p, t in row_hints(rows, hints)], "instruction+classifier_findings"
+    found = zip(row_hints(rows, hints), row_calls(rows, hints), strict=True)
+    return [user_prompt(findings_hint(p, t, calls=c)) for (p, t), c in found], "instruction+classifier_findings"
 
 
 def messages(prompt: str, report: str | None = None) -> list[dict]:

@@ -6,7 +6,10 @@ frequency: its score ranks images well but is not a probability anyone can read 
 validation labels on the model's logit, ``p' = sigmoid(a * logit(p) + b)``, two parameters, fitted on validation
 only (scikit-learn's ``LogisticRegression`` without a penalty, ``C=inf``, on Platt's smoothed targets: the fit
 ``CalibratedClassifierCV(method="sigmoid")`` makes, here on probabilities already computed rather than an estimator). With ``a > 0`` the map is
-strictly increasing, so the threshold chosen on validation is carried through it and every call is unchanged.
+strictly increasing between the clip (``_EPS``: the logit of a score within 1e-6 of 0 or 1 is that of ``_EPS`` or
+``1 - _EPS``) and non-decreasing across it: at the clip different scores become one probability, so a call is read
+on the network's score at the validation threshold, never on a calibrated probability against the threshold carried
+through the map (that carried threshold is for display).
 Isotonic regression is not used: it is a step function, so it ties scores (the ROC curve and the calls move) and
 on a validation split of a few dozen positives it overfits.
 
@@ -17,6 +20,11 @@ loads as uncalibrated and says so.
 The measures are the libraries': expected calibration error from torchmetrics (``binary_calibration_error``,
 10 equal-width bins, L1: the weighted mean gap between the mean score and the positive rate of each bin) and the
 Brier score from scikit-learn; the reliability diagram from scikit-learn's ``calibration_curve``.
+
+Binned ECE is biased upward: each bin's gap is measured on a sample, its noise adds to the gap, and a perfectly
+calibrated model scores above 0 (0.05 on 250 test images). Each bootstrap resample's ECE carries that bias again,
+so the percentile interval is an interval of a biased statistic: it sits above the true ECE on a small test split
+and can exclude it (``ECE_INTERVAL_NOTE``, said where the intervals are shown). No debiased ECE is reported.
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ CALIBRATION_COLUMNS = (
     *(f"ece_{w}{b}" for w in ("before", "after") for b in ("", "_lo", "_hi")),
     "brier_before",
     "brier_after",
+)
+ECE_INTERVAL_NOTE = (
+    "ECE is biased upward (bin noise adds to every gap: a calibrated model scores above 0 on a finite test split) and "
+    "its interval is a percentile interval of that biased statistic: it can lie wholly above the true ECE"
 )
 UNCALIBRATED = {"method": "none", "reason": "registered before calibration: scores are the network's own"}
 _EPS = 1e-6
@@ -77,8 +89,10 @@ def apply(calibration: Mapping | None, p) -> np.ndarray:
 
 
 def calibrated_threshold(calibration: Mapping | None, threshold: float) -> float:
-    """The validation threshold carried through the map: ``p >= t`` exactly when ``apply(p) >= apply(t)``
-    (the map is strictly increasing), so the calibrated model makes the same calls."""
+    """The validation threshold carried through the map, to show beside calibrated probabilities. Not for
+    deciding a call: ``p >= t`` implies ``apply(p) >= apply(t)``, but at the clip (``_EPS``) a score below the
+    threshold maps to the same probability (raw 0.9999992 and 0.9999997 both read as ``1 - _EPS``), so a call
+    is read on the network's score at ``threshold``."""
     return float(apply(calibration, np.array([threshold]))[0])
 
 
@@ -115,7 +129,8 @@ def brier(y, p) -> float:
 
 def calibration_row(y_test, p_raw, calibration: Mapping | None, groups=None, n_boot: int = 1000, seed: int = 0) -> dict:
     """ECE and Brier on the test split before (the network's scores) and after the map, ECE with 95% intervals
-    from the same patient resamples as the other metrics (``evaluate.resample_indices``)."""
+    from the same patient resamples as the other metrics (``evaluate.resample_indices``): percentile intervals of
+    an upward-biased statistic (``ECE_INTERVAL_NOTE``), a statement of its spread, not of where the true ECE lies."""
     from cxr_pipeline.vision.evaluate import resample_indices
 
     y = np.asarray(y_test).astype(int)

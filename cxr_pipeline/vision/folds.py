@@ -34,7 +34,7 @@ def assign_folds(rows: pl.DataFrame, k: int, seed: int = 0) -> pl.DataFrame:
 class OutOfFold:
     """The fold models' predictions and how each was read."""
 
-    table: pl.DataFrame  # dicom_id, fold, one calibrated probability per slug, threshold_{slug} (calibrated)
+    table: pl.DataFrame  # dicom_id, fold, per slug: calibrated probability, threshold_{slug} (calibrated), call_{slug}
     trained_on: dict[int, set[str]]  # per fold, the ids its model trained on (for the audit in the tests)
     fits: dict[int, dict[str, dict]]  # per fold and slug: {"threshold": on the network's scores, "calibration": map}
 
@@ -45,8 +45,10 @@ def fit_out_of_fold(data: MultilabelData, cfg: TrainConfig, device, k: int, log:
     fold only, so no image's hint comes from a model that saw it. Each fold model's thresholds and calibration
     are its own, chosen and fitted on the validation split as the final model's are (``evaluate.choose_threshold``,
     ``calibration.fit_platt``): five models with their own score scales are not read at one model's thresholds.
-    The table holds calibrated probabilities and each threshold carried through its fold's map (a strictly
-    increasing map: the calls are those of the network's scores at the validation threshold)."""
+    The table holds calibrated probabilities, each threshold carried through its fold's map (for display), and
+    each call, read on the fold network's score at its validation threshold (``call_column``): the map clips
+    scores within ``calibration._EPS`` of 0 or 1 and rounds to Float32, so near the ends two scores either side of
+    a threshold can become one probability, and a call read through the map would flip."""
     import numpy as np
 
     from cxr_pipeline.vision.evaluate import choose_threshold
@@ -81,27 +83,23 @@ def fit_out_of_fold(data: MultilabelData, cfg: TrainConfig, device, k: int, log:
         trained_on[f] = set(ids[outside].tolist())
         part = pl.DataFrame({"dicom_id": ids[inside], "fold": np.full(len(inside), f, dtype=np.int32)})
         part = part.with_columns(pl.Series(s, apply(fits[f][s]["calibration"], p[:, j]), dtype=pl.Float32) for j, s in enumerate(SLUGS))
+        part = part.with_columns(pl.Series(call_column(s), p[:, j] >= fits[f][s]["threshold"]) for j, s in enumerate(SLUGS))
         at = {s: calibrated_threshold(fit["calibration"], fit["threshold"]) for s, fit in fits[f].items()}
         parts.append(part.with_columns(pl.lit(t).alias(threshold_column(s)) for s, t in at.items()))
-    schema = {
-        "dicom_id": pl.String,
-        "fold": pl.Int32,
-        **dict.fromkeys(SLUGS, pl.Float32),
-        **{threshold_column(s): pl.Float64 for s in SLUGS},
-    }
+    schema = {c: t for c, t in HINT_SCHEMA.items() if c not in ("split", "source")}
     return OutOfFold(pl.concat(parts) if parts else pl.DataFrame(schema=schema), trained_on, fits)
 
 
 def hint_predictions(
     oof: pl.DataFrame, all_predictions: pl.DataFrame, thresholds: dict[str, float], calibrations: dict[str, dict] | None = None
 ) -> pl.DataFrame:
-    """The probabilities report prompts and retrieval use and the thresholds they are read at: out-of-fold for
+    """The probabilities report prompts and retrieval use, their thresholds and calls: out-of-fold for
     training images (each at its fold model's thresholds), the final model's (out-of-sample) for every other
-    split (at the final model's ``thresholds``, on its network scores, carried through its ``calibrations``
-    with the probabilities). ``source`` says which."""
+    split (at the final model's ``thresholds``, on its network scores: each call is read there, and the
+    probability and the threshold are carried through its ``calibrations`` for display). ``source`` says which."""
     calibrations = calibrations or {}
     other = all_predictions.filter(pl.col("split") != "train")
-    other = other.with_columns(
+    other = other.with_columns(_raw_calls(thresholds)).with_columns(
         pl.lit(None, pl.Int32).alias("fold"),
         pl.lit("held_out").alias("source"),
         *(pl.Series(s, apply(calibrations.get(s), other[s].to_numpy()), dtype=pl.Float32) for s in SLUGS),
@@ -110,13 +108,29 @@ def hint_predictions(
     train = oof.join(all_predictions.select("dicom_id", "split"), on="dicom_id", how="left").with_columns(
         pl.lit("out_of_fold").alias("source")
     )
-    cols = ["dicom_id", "split", "fold", "source", *SLUGS, *(threshold_column(s) for s in SLUGS)]
+    cols = list(HINT_SCHEMA)
     return pl.concat([train.select(cols), other.select(cols)], how="vertical_relaxed").sort("dicom_id")
 
 
 def threshold_column(slug: str) -> str:
-    """The hints table's column holding the threshold a finding's probability is read at."""
+    """The hints table's column holding a finding's threshold carried through the calibration map: for display
+    beside the probability, not for deciding the call (``call_column``: near 0 or 1 the map ties scores)."""
     return f"threshold_{slug}"
+
+
+def call_column(slug: str) -> str:
+    """The hints table's column holding a finding's call: the network's score at or above its validation threshold,
+    decided before calibration, so that a consumer reads the network's call rather than re-deriving it from two
+    calibrated values that the map's clip and Float32 rounding can tie or reorder."""
+    return f"call_{slug}"
+
+
+def _raw_calls(thresholds: dict[str, float | None]) -> list[pl.Expr]:
+    """Each finding's call on the network's scores (the columns as they are, before calibration) at its threshold;
+    null where there is no score or no threshold."""
+    return [
+        (pl.col(s) >= t if t is not None else pl.lit(None, pl.Boolean)).alias(call_column(s)) for s, t in thresholds.items() if s in SLUGS
+    ]
 
 
 HINT_SCHEMA = {
@@ -126,6 +140,7 @@ HINT_SCHEMA = {
     "source": pl.String,
     **dict.fromkeys(SLUGS, pl.Float32),
     **{threshold_column(s): pl.Float64 for s in SLUGS},
+    **{call_column(s): pl.Boolean for s in SLUGS},
 }
 
 
@@ -152,8 +167,8 @@ def report_hints(
     log: Callable[[str], None] | None = None,
     calibrations: dict[str, dict] | None = None,
 ) -> ReportHints:
-    """The classifier probabilities the report prompts and the retrieval baseline read, and the thresholds
-    they are read at, one row per image.
+    """The classifier probabilities the report prompts and the retrieval baseline read, their thresholds and
+    their calls, one row per image.
 
     With ``cfg.oof_folds`` k > 1: the multi-label model's (``multilabel``: its files), out-of-fold for training
     images (k fold models over the training patients, their data from ``load``: a hint never comes from a model
@@ -164,8 +179,10 @@ def report_hints(
     and threshold carried through its calibration (``calibrations``: slug -> map, from its checkpoint).
 
     Every probability in the table is calibrated (``vision.calibration``; the prompts print them, so they
-    should read as probabilities) and every threshold is carried through the same map, so the findings a
-    prompt names are those the network's scores name at the validation thresholds.
+    should read as probabilities) and every threshold is carried through the same map, for display. Every call
+    (``call_column``) is decided on the network's score at the validation threshold, before the map: the map is
+    only non-decreasing at its clip (scores within ``calibration._EPS`` of 0 or 1 become one probability), so
+    the findings a prompt names are read from the calls, never from a probability against a carried threshold.
     """
     if cfg.oof_folds > 1:
         final = pl.read_parquet(multilabel.predictions)
@@ -178,6 +195,7 @@ def report_hints(
     calibrations = calibrations or {}
     in_sample = pl.when(pl.col("split") == "train").then(pl.lit("in_sample")).otherwise(pl.lit("held_out"))
     table = predictions.with_columns(pl.lit(None, pl.Int32).alias("fold"), in_sample.alias("source"))
+    table = table.with_columns(_raw_calls({s: t for s, t in thresholds.items() if s in table.columns}))
     table = table.with_columns(
         pl.Series(s, apply(calibrations.get(s), table[s].to_numpy()), dtype=pl.Float32) for s in SLUGS if s in table.columns
     )

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cxr_pipeline.vision.calibration import ECE_INTERVAL_NOTE
+
 CARD_DIR = "model_card"
 CARD_MD, CARD_JSON = "model_card.md", "model_card.json"
 REPLICA_MARKER = "REPLICA.json"  # written by data.synthetic.generate in the replica's root; MIMIC-CXR has none
@@ -233,7 +235,9 @@ def _markdown(card: dict) -> str:
         )
     lines += [
         "",
-        f"Intervals resample {card['metrics'][0].get('bootstrap_unit') or 'patients'}s; ECE: {card['calibration']['binning']}.",
+        f"Intervals resample {card['metrics'][0].get('bootstrap_unit') or 'patients'}s; ECE: {card['calibration']['binning']}; "
+        + ECE_INTERVAL_NOTE
+        + ".",
         "",
         "## Calibration (fitted on validate)",
         *[f"- {lab}: {desc}" for lab, desc in card["calibration"]["maps"].items()],

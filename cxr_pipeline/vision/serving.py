@@ -17,9 +17,13 @@ weights inside it are the unchanged ``checkpoint/`` folder (``model.safetensors`
 ``params={"device": "cuda:1"}`` picks the device (default ``auto``: the first GPU when there is one, else
 the CPU; ``mlflow models serve`` on a GPU host so predicts on the GPU). It returns one row per image:
 ``<slug>`` (the calibrated probability: the network's score through the map fitted on validate,
-``vision.calibration``) and ``<slug>_call`` (the score at or above the validation-chosen threshold; the same
-call as the calibrated probability at the threshold carried through the map) for every label the model has.
-A checkpoint written before calibration returns the network's scores and its metadata says so.
+``vision.calibration``) and ``<slug>_call`` (the network's score at or above the validation-chosen threshold) for
+every label the model has. Read the call, not the probability against a threshold: the map clips scores within
+1e-6 of 0 or 1, so there a score below the threshold and the threshold itself give one probability. The model's
+metadata says so (``calls``) and names its thresholds by scale (``thresholds_uncalibrated``: the network's, where
+the calls are read; ``thresholds_calibrated``: carried through the map, for display), with no bare ``thresholds``
+a reader could compare the probabilities with. A checkpoint written before calibration returns the network's scores
+and its metadata says so.
 
 Saliency is Grad-CAM from captum (``LayerGradCam`` on the last convolutional block) rather than
 hand-written hooks.
@@ -68,7 +72,8 @@ class LoadedClassifier:
 
     @property
     def served_thresholds(self) -> list[float]:
-        """The thresholds on the calibrated scale (each carried through its strictly increasing map)."""
+        """The thresholds on the calibrated scale (each carried through its map), to show beside the probabilities;
+        the calls are read on the network's scores at ``thresholds`` (``prediction_frame``)."""
         from cxr_pipeline.vision.calibration import calibrated_threshold
 
         return [calibrated_threshold(self.calibration(j), t) for j, t in enumerate(self.thresholds)]
@@ -147,8 +152,8 @@ def as_image_batch(model_input: Any, size: int) -> np.ndarray:
 
 def prediction_frame(model: LoadedClassifier, scores: np.ndarray):
     """One row per image: ``<slug>`` calibrated probability and ``<slug>_call`` for each label. The call is read
-    on the network's own score at the validation threshold: the same call as the calibrated probability at the
-    carried threshold (the map is strictly increasing), without a rounding tie at the threshold."""
+    on the network's own score at the validation threshold: the calibrated probability against the carried
+    threshold would tie at the map's clip (scores within 1e-6 of 0 or 1) and could flip it."""
     import pandas as pd
 
     scores = np.asarray(scores).reshape(-1, len(model.slugs))
@@ -158,6 +163,25 @@ def prediction_frame(model: LoadedClassifier, scores: np.ndarray):
         cols[s] = probs[:, j].astype(np.float64)
         cols[f"{s}_call"] = scores[:, j] >= model.thresholds[j]
     return pd.DataFrame(cols)
+
+
+CALL_RULE = (
+    "<slug>_call is the network's score >= thresholds_uncalibrated[<slug>]; read it rather than comparing <slug> "
+    "(calibrated) with thresholds_calibrated[<slug>]: the map clips scores within 1e-6 of 0 or 1, so there a score "
+    "below the threshold gets the threshold's probability"
+)
+
+
+def threshold_metadata(model: LoadedClassifier) -> dict[str, Any]:
+    """The registered model's thresholds, each named by its scale, and the rule its calls follow. There is no bare
+    ``thresholds``: an earlier version gave the calibrated ones under that name, inviting a reader to compare the
+    served probabilities with them, which flips calls at the clip; a reader of the old key now fails loudly
+    rather than reading the network's thresholds against calibrated probabilities."""
+    return {
+        "calls": CALL_RULE,
+        "thresholds_uncalibrated": dict(zip(model.slugs, model.thresholds, strict=True)),  # where the calls are read
+        "thresholds_calibrated": dict(zip(model.slugs, model.served_thresholds, strict=True)),  # for display
+    }
 
 
 from mlflow.pyfunc import PythonModel  # noqa: E402  (after the helpers, which need no MLflow)
@@ -222,8 +246,7 @@ def save_pyfunc(checkpoint: Path, out: Path) -> Path:
         pip_requirements=_requirements(),
         metadata={
             "labels": labels,
-            "thresholds": dict(zip(m.slugs, m.served_thresholds, strict=True)),  # on the calibrated probabilities it returns
-            "thresholds_uncalibrated": dict(zip(m.slugs, m.thresholds, strict=True)),
+            **threshold_metadata(m),
             "calibration": {s: describe_calibration(m.calibration(j)) for j, s in enumerate(m.slugs)},
             "calibration_parameters": {s: m.calibration(j) for j, s in enumerate(m.slugs)},
             "arch": m.arch,

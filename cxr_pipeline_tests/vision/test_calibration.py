@@ -61,6 +61,25 @@ def test_the_fit_is_scikit_learns_platt_fit_and_stays_finite_when_validate_is_se
     assert mapped[y == 1].mean() == pytest.approx(9 / 10, abs=0.06) and mapped[y == 0].mean() == pytest.approx(1 / 14, abs=0.06)
 
 
+def test_at_the_clip_the_map_ties_scores_so_calls_are_read_on_the_network_s_score():
+    """A threshold of 0.9999997 and a score of 0.9999992: both clip to ``1 - _EPS`` and map to one probability,
+    so the calibrated probability "reaches" the carried threshold though the network's score does not. The
+    served call is the network's, and the model's metadata names each threshold by its scale, with no bare
+    ``thresholds`` to compare the served probabilities with."""
+    from cxr_pipeline.vision.serving import LoadedClassifier, prediction_frame, threshold_metadata
+
+    fit = cal.fit_platt(*shifted_scores(300, seed=10))
+    t, below = 0.9999997, 0.9999992
+    assert cal.apply(fit, [below])[0] >= cal.calibrated_threshold(fit, t)  # read through the map: a (wrong) positive
+    model = LoadedClassifier(None, "resnet18", 32, ["edema"], [t], [fit])
+    frame = prediction_frame(model, np.array([[below], [t], [0.2]], dtype=np.float32))
+    assert frame["edema_call"].tolist() == [False, True, False]
+    meta = threshold_metadata(model)
+    assert "thresholds" not in meta and meta["thresholds_uncalibrated"] == {"edema": t}
+    assert meta["thresholds_calibrated"]["edema"] == pytest.approx(cal.calibrated_threshold(fit, t))
+    assert "edema_call" in meta["calls"].replace("<slug>", "edema")
+
+
 def test_a_validation_split_it_cannot_fit_on_gives_the_identity_and_says_why():
     one_class = cal.fit_platt(np.zeros(20), np.linspace(0, 1, 20))
     assert one_class["method"] == "none" and "one class" in one_class["reason"]

@@ -201,6 +201,74 @@ def test_each_fold_model_is_calibrated_and_read_at_its_own_validation_threshold(
             ]
             calls = part[s].to_numpy() >= part[folds.threshold_column(s)].to_numpy()
             assert np.array_equal(calls, raw.astype(np.float32) >= fit["threshold"])  # the fold network's own calls
+            assert part[folds.call_column(s)].to_list() == (raw >= fit["threshold"]).tolist()  # and the calls it carries
+
+
+# At the calibration map's clip (scores within 1e-6 of 1) a raw threshold of 0.9999997 and a score of 0.9999992 map to one
+# probability: read through the map, the score "reaches" the threshold; the network's own call is that it does not.
+EDGE_THRESHOLD, BELOW, ABOVE = 0.9999997, 0.9999992, 0.9999999
+PLATT = {"method": "platt", "a": 1.0, "b": -1.0, "n": 10, "n_pos": 3}
+
+
+def test_a_hint_at_the_calibration_clip_is_called_on_the_network_s_score():
+    """The hints carry each finding's call, decided on the network's score at its threshold, and the prompts name
+    what the calls name: both ways the hints are built without fold models (the final model's held-out predictions,
+    and the per-finding models'), for a score just under the threshold and one just over it."""
+    from types import SimpleNamespace
+
+    from cxr_pipeline.labels import SLUGS
+    from cxr_pipeline.reports.prompts import prompts_for
+
+    s = "pleural_effusion"
+    rows = pl.DataFrame({"dicom_id": ["t0", "t1"]})
+    scores = pl.DataFrame({"dicom_id": ["t0", "t1"], "split": ["test", "test"]}).with_columns(
+        pl.Series(x, [BELOW, ABOVE] if x == s else [0.0, 0.0], dtype=pl.Float32) for x in SLUGS
+    )
+    no_folds = pl.DataFrame(schema={c: t for c, t in folds.HINT_SCHEMA.items() if c not in ("split", "source")})
+    thresholds = {x: EDGE_THRESHOLD if x == s else 0.5 for x in SLUGS}
+    held_out = folds.hint_predictions(no_folds, scores, thresholds, {s: PLATT})
+    metrics = pl.DataFrame({"model": ["per_pathology"], "test_labels": ["chexpert"], "slug": [s], "threshold": [EDGE_THRESHOLD]})
+    per_finding_scores = scores.select("dicom_id", "split", s)
+    per_finding = folds.report_hints(SimpleNamespace(oof_folds=0), None, None, per_finding_scores, metrics, None, None, {s: PLATT}).table
+    for hints in (held_out, per_finding):
+        assert hints[s].n_unique() == 1  # the map made the two scores one probability: it cannot tell them apart
+        prompts, _ = prompts_for(rows, hints, use_findings=True)
+        assert "pleural effusion" not in prompts[0] and "pleural effusion" in prompts[1], prompts
+        assert hints[folds.call_column(s)].to_list() == [False, True]
+
+
+def test_a_fold_model_s_hint_at_the_calibration_clip_is_its_network_s_call(monkeypatch):
+    """A fold model whose validation threshold is at the clip: its training images just under it are not called,
+    those at or over it are, though their calibrated probabilities are one value."""
+    from cxr_pipeline.labels import SLUGS
+
+    n = 10
+    rows = pl.DataFrame({"dicom_id": [f"d{i}" for i in range(n)], "subject_id": [f"s{i}" for i in range(n)], "split": ["train"] * n})
+    rows = rows.with_columns(pl.lit("h").alias("content_hash"))
+    y_val = torch.tensor([[1.0], [0.0], [1.0], [0.0]] * 3).repeat(1, len(SLUGS))
+    y_val[1] = 1.0  # not separable: Platt's fit has a finite slope
+    val = Split(torch.zeros(12, 8, 8, dtype=torch.uint8), y_val, rows.head(0))
+    train = Split(torch.zeros(n, 8, 8, dtype=torch.uint8), torch.zeros(n, len(SLUGS)), rows)
+    data = multilabel.MultilabelData(8, "ignore", "zeros", {"train": train, "validate": val})
+    monkeypatch.setattr(folds, "train", lambda *a, **k: TrainResult(model=0))
+    train_scores = np.array([BELOW, EDGE_THRESHOLD, ABOVE] * 4)
+
+    def predict(model, imgs, *a, **k):
+        if len(imgs) == 12:  # validate: positives at the threshold, negatives at 0.2
+            return np.repeat(np.where(np.arange(12) % 2 == 0, EDGE_THRESHOLD, 0.2)[:, None], len(SLUGS), axis=1)
+        return np.repeat(train_scores[: len(imgs), None], len(SLUGS), axis=1)
+
+    monkeypatch.setattr(folds, "predict", predict)
+    fitted = folds.fit_out_of_fold(data, TrainConfig(), torch.device("cpu"), k=2)
+    s = SLUGS[0]
+    for fold in (0, 1):
+        fit = fitted.fits[fold][s]
+        assert fit["threshold"] == EDGE_THRESHOLD and fit["calibration"]["method"] == "platt"
+        part = fitted.table.filter(pl.col("fold") == fold)
+        raw = train_scores[: part.height]
+        assert part[s].n_unique() == 1  # one probability for every score at the clip
+        assert part[folds.call_column(s)].to_list() == (raw >= EDGE_THRESHOLD).tolist()
+        assert not part[folds.call_column(s)].all() and part[folds.call_column(s)].any()
 
 
 def test_bootstrap_counts_the_resamples_it_had_to_skip():

@@ -88,6 +88,8 @@ def test_registered_version_loads_with_mlflow_and_predicts_images_and_files(regi
     expect = load_checkpoint(registry["cardiomegaly"]).probabilities(imgs)[:, 0]
     np.testing.assert_allclose(out["cardiomegaly"].to_numpy(), expect, atol=1e-6)
     assert out["cardiomegaly_call"].all()  # threshold 0
+    meta = model.metadata.metadata  # thresholds named by their scale; the calls are read on the network's scores
+    assert "thresholds" not in meta and meta["thresholds_uncalibrated"] == {"cardiomegaly": 0.0} and "calls" in meta
     # file paths through the shard decoder: a real CR (DICOM, MONOCHROME1) and a PNG
     png = tmp_path / "x.png"
     Image.fromarray(np.linspace(0, 255, 64 * 48, dtype=np.uint8).reshape(64, 48)).save(png)
