@@ -37,7 +37,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _external_labels(args: argparse.Namespace) -> int:
     """Read one external label file, print what it holds, write its rejects; the last line is the summary."""
     from cxr_pipeline.data.csvs import DatasetError
-    from cxr_pipeline.data.external import FORMAT_NAMES, NOT_MAPPED, read_labels, scored_findings
+    from cxr_pipeline.data.external import FORMAT_NAMES, NOT_MAPPED, NULL_IS_UNSCORABLE, read_labels, scored_findings
     from cxr_pipeline.files import write_parquet
     from cxr_pipeline.labels import LABELS
     from cxr_pipeline.settings import paths
@@ -64,6 +64,8 @@ def _external_labels(args: argparse.Namespace) -> int:
     print(f"  not scored in this dataset (null, never negative): {', '.join(unscored) or 'none'}")
     if NOT_MAPPED[args.format]:
         print(f"  its own labels not mapped: {NOT_MAPPED[args.format]}")
+    if args.format in NULL_IS_UNSCORABLE:  # CheXpert's blanks are 'not mentioned', read under the model's policy
+        print(f"  null (this record cannot be scored for it): {', '.join(f'{k}={v}' for k, v in found.nulls().items())}")
     if found.rejects.height:
         for reason, n in found.rejects.group_by("reason").len().sort("len", descending=True).head(5).iter_rows():
             print(f"  rejected {n}: {reason}")

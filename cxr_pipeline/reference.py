@@ -119,19 +119,37 @@ def tables_page() -> str:
 
 
 def harmonisation_section() -> str:
-    """The external sets' labels as the 14 CheXpert findings (``data.external.HARMONISATION``), one table."""
-    from cxr_pipeline.data.external import FORMAT_NAMES, FORMATS, NOT_MAPPED, harmonisation_table
+    """The external sets' labels as the 14 CheXpert findings (``data.harmonisation.HARMONISATION``): which terms make a
+    positive, which make a record unscorable (null) and why, so the rules the readers apply are the ones listed."""
+    from cxr_pipeline.data.external import FORMAT_NAMES, FORMATS, NOT_MAPPED, PADCHEST_UNMAPPED, harmonisation_table
 
+    rows = harmonisation_table()
     out = ["\n### Harmonisation of the external sets' labels\n\n"]
-    out.append("From `cxr_pipeline/data/external.py` (`HARMONISATION`): the dataset's own labels that make a positive of each CheXpert ")
-    out.append("finding; a finding marked *not scored* is null in that dataset (never a negative) and has no row in its table.\n\n")
+    out.append("From `cxr_pipeline/data/harmonisation.py` (`HARMONISATION`, `NOT_SCORED`). A finding marked *not scored* is null in ")
+    out.append("that dataset for every record (never a negative) and has no row in its table. NIH's and PadChest's labels are ")
+    out.append("lists of the terms present: a finding is 1 when any of its terms below is present; else **null** (this record ")
+    out.append("cannot be scored for it, and scoring drops it whatever the model's blank policy) when any of its *null* terms ")
+    out.append("is; else 0. PadChest's terms are whole subtrees of its hierarchy (Bustos et al. 2020, *Medical Image Analysis* ")
+    out.append("66:101797; `PADCHEST_TREE`): `laminar atelectasis` is an atelectasis. No Finding is derived from the others, ")
+    out.append("as CheXpert derives it: 0 when a finding other than Support Devices is 1; 1 when its own term is present and ")
+    out.append("no other finding is 1 or null; null otherwise, so an image labelled only outside the 14 is never a negative. ")
+    out.append("A PadChest record naming no finding (an empty list; only `unchanged`, `exclude`, `suboptimal study`) is ")
+    out.append("rejected. CheXpert's own columns are read as they are, blanks under the model's policy as MIMIC's.\n\n")
     out.append("| finding | " + " | ".join(FORMAT_NAMES[f] for f in FORMATS) + " |\n|---|" + "---|" * len(FORMATS) + "\n")
     cells: dict[str, dict[str, str]] = {}
-    for dataset, finding, source in harmonisation_table():
-        cells.setdefault(finding, {})[dataset] = source
+    for dataset, finding, positive, _null, _why in rows:
+        cells.setdefault(finding, {})[dataset] = positive
     for finding, by in cells.items():
-        out.append(f"| {finding} | " + " | ".join(by[FORMAT_NAMES[f]] for f in FORMATS) + " |\n")
+        out.append(f"| {finding} | " + " | ".join(_cell(by[FORMAT_NAMES[f]]) for f in FORMATS) + " |\n")
+    for fmt in ("nih", "padchest"):
+        out.append(
+            f"\n#### {FORMAT_NAMES[fmt]}: null terms and reasons\n\n| finding | null when no positive term and any of | why |\n|---|---|---|\n"
+        )
+        for dataset, finding, _positive, null, why in rows:
+            if dataset == FORMAT_NAMES[fmt] and (null or why):
+                out.append(f"| {finding} | {_cell(null)} | {_cell(why)} |\n")
     out.append("\nNot mapped: " + "; ".join(f"{FORMAT_NAMES[f]}: {NOT_MAPPED[f]}" for f in FORMATS if NOT_MAPPED[f]) + ".\n")
+    out.append("\n`PADCHEST_UNMAPPED`: " + ", ".join(f"`{t}`" for t in PADCHEST_UNMAPPED) + ".\n")
     return "".join(out)
 
 

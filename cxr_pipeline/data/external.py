@@ -7,21 +7,24 @@ from 1, not the physical line, since PadChest's reports hold quoted line breaks,
 kept or rejected, none lost (``records == kept + rejected``); every view is kept (the view policy applies later,
 as for MIMIC).
 
-The harmonisation to the 14 CheXpert findings is one table, ``HARMONISATION``, listed in the generated reference:
-a finding a dataset cannot provide is **null** there (not scored: never a negative), never 0.
+The harmonisation to the 14 CheXpert findings is one table, ``HARMONISATION`` (a ``Rule`` per dataset and finding),
+listed with its reasons in the generated reference. A finding a dataset cannot provide is not scored there
+(``NOT_SCORED``: null, no row in its table), never 0. In NIH and PadChest, whose labels are lists of the terms
+present, an absent term is a negative and a null means the record cannot be scored for that finding: a borderline
+term (``Rule.unknown``) or No Finding for labels outside the 14; scoring drops such records (``NULL_IS_UNSCORABLE``).
 
 - CheXpert: the same 14 columns (1.0 / 0.0 / -1.0 / blank), read under the project's uncertain and blank
   policies later, exactly as MIMIC's; the patient and study from the path (``patientNNNNN/studyN``).
 - NIH ChestX-ray14: ``Finding Labels`` is a ``|``-separated list of its 14 findings or ``No Finding``. A label
   absent from the list is a negative for the findings it maps to (NIH's labels are exhaustive over its own 14).
-  ``Effusion`` is Pleural Effusion; ``Mass`` and ``Nodule`` are both Lung Lesion (CheXpert's Lung Lesion is a
-  nodule or mass); ``Infiltration`` is **not** mapped: NIH's text-mined term covers opacities CheXpert splits
-  among Lung Opacity, Consolidation and Edema, and it would make Lung Opacity's negatives wrong; so NIH cannot
-  score Enlarged Cardiomediastinum, Lung Opacity, Pleural Other, Fracture or Support Devices. Emphysema,
-  Fibrosis, Pleural_Thickening and Hernia have no CheXpert finding.
-- PadChest: ``Labels`` is a Python list written as text; ``cardiomegaly``, ``pneumothorax``, ``pleural effusion``,
-  ``atelectasis``, ``consolidation`` and ``pneumonia`` map to the same-named findings and ``normal`` to No
-  Finding; a record whose labels cannot be read as a list (103 say ``nan``) is rejected with the reason.
+  ``Effusion`` is Pleural Effusion; ``Mass`` and ``Nodule`` are both Lung Lesion; ``Infiltration``,
+  ``Emphysema``, ``Fibrosis``, ``Pleural_Thickening`` and ``Hernia`` map to none, and an image with only those
+  (13,100 in the release) has No Finding null: neither a finding of the 14 nor a normal film is said.
+- PadChest: ``Labels`` is a Python list written as text of UMLS-based terms in a hierarchy (``PADCHEST_TREE``,
+  transcribed from Bustos et al. 2020); a finding is positive when any term of its subtree is present
+  ('laminar atelectasis' is an atelectasis). A record whose labels cannot be read as a list (103 say ``nan``)
+  or name no finding (777 empty lists; 5,422 with only 'unchanged', 'exclude' or 'suboptimal study') is rejected
+  with the reason: a negative for everything would be a guess.
 
 No Dagster here.
 """
@@ -36,60 +39,23 @@ from pathlib import Path
 import polars as pl
 
 from cxr_pipeline.data.csvs import DatasetError
+from cxr_pipeline.data.harmonisation import (  # noqa: F401  (re-exported: the readers' callers import them from here)
+    FORMAT_NAMES,
+    FORMATS,
+    HARMONISATION,
+    NIH_VOCABULARY,
+    NOT_MAPPED,
+    NOT_SCORED,
+    NULL_IS_UNSCORABLE,
+    PADCHEST_NO_FINDING_NAMED,
+    PADCHEST_TREE,
+    PADCHEST_UNMAPPED,
+    harmonisation_table,
+    harmonise,
+    scored_findings,
+)
 from cxr_pipeline.fields import setting
 from cxr_pipeline.labels import LABELS, slug
-
-FORMATS = ("chexpert", "nih", "padchest")
-FORMAT_NAMES = {"chexpert": "CheXpert", "nih": "NIH ChestX-ray14", "padchest": "PadChest"}
-
-# format -> CheXpert finding -> the dataset's own labels that are a positive for it. A finding a format does not
-# list is not scored in that dataset (null). CheXpert's own columns are read as they are.
-HARMONISATION: dict[str, dict[str, tuple[str, ...]]] = {
-    "chexpert": {lab: (lab,) for lab in LABELS},
-    "nih": {
-        "Atelectasis": ("Atelectasis",),
-        "Cardiomegaly": ("Cardiomegaly",),
-        "Consolidation": ("Consolidation",),
-        "Edema": ("Edema",),
-        "Lung Lesion": ("Mass", "Nodule"),
-        "No Finding": ("No Finding",),
-        "Pleural Effusion": ("Effusion",),
-        "Pneumonia": ("Pneumonia",),
-        "Pneumothorax": ("Pneumothorax",),
-    },
-    "padchest": {
-        "Atelectasis": ("atelectasis",),
-        "Cardiomegaly": ("cardiomegaly",),
-        "Consolidation": ("consolidation",),
-        "No Finding": ("normal",),
-        "Pleural Effusion": ("pleural effusion",),
-        "Pneumonia": ("pneumonia",),
-        "Pneumothorax": ("pneumothorax",),
-    },
-}
-NIH_VOCABULARY = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Effusion",
-    "Emphysema",
-    "Fibrosis",
-    "Hernia",
-    "Infiltration",
-    "Mass",
-    "No Finding",
-    "Nodule",
-    "Pleural_Thickening",
-    "Pneumonia",
-    "Pneumothorax",
-)
-NOT_MAPPED = {
-    "chexpert": "",
-    "nih": "Infiltration (ambiguous between Lung Opacity, Consolidation and Edema), Emphysema, Fibrosis, Pleural_Thickening, Hernia",
-    "padchest": "every other PadChest label (nodule, mass, infiltrates and pulmonary edema among them): an image "
-    "labelled only with those is a negative for each mapped finding and for No Finding",
-}
 
 EXTERNAL_COLUMNS = ("dicom_id", "subject_id", "study_id", "path", "view_position", "split", "label_source", *(slug(x) for x in LABELS))
 EXTERNAL_REJECT_SCHEMA = {"source": pl.String, "record": pl.Int64, "dicom_id": pl.String, "subject_id": pl.String, "reason": pl.String}
@@ -101,22 +67,6 @@ DEFAULT_LABEL_FILES = {
     "nih": "Data_Entry_2017_v2020.csv",
     "padchest": "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz",
 }
-
-
-def harmonisation_table() -> list[tuple[str, str, str]]:
-    """(dataset, CheXpert finding, its source labels or 'not scored') for every dataset and finding: the
-    generated reference's table."""
-    rows = []
-    for fmt in FORMATS:
-        for lab in LABELS:
-            src = HARMONISATION[fmt].get(lab)
-            rows.append((FORMAT_NAMES[fmt], lab, ", ".join(f"`{s}`" for s in src) if src else "not scored"))
-    return rows
-
-
-def scored_findings(fmt: str) -> tuple[str, ...]:
-    """The CheXpert findings ``fmt`` can score, in ``LABELS`` order."""
-    return tuple(lab for lab in LABELS if lab in HARMONISATION[fmt])
 
 
 @dataclass
@@ -133,6 +83,11 @@ class ExternalLabels:
     def positives(self) -> dict[str, int]:
         """Definite positives (1) per finding the dataset scores."""
         return {lab: int((self.manifest[slug(lab)] == 1).sum()) for lab in scored_findings(self.fmt)}
+
+    def nulls(self) -> dict[str, int]:
+        """Kept records null per finding the dataset scores: for NIH and PadChest, the records that cannot be scored
+        for it (``NULL_IS_UNSCORABLE``); for CheXpert, its blanks (read under the model's blank policy)."""
+        return {lab: int(self.manifest[slug(lab)].is_null().sum()) for lab in scored_findings(self.fmt)}
 
     def summary_line(self) -> str:
         """``external-labels: <format>: <N> images, <P> patients, <R> rejected; positives: <Finding>=<n>, ...``"""
@@ -244,7 +199,7 @@ def read_nih(path: Path) -> ExternalLabels:
         if reason:
             rejects.append({"source": path.name, "record": rec, "dicom_id": image or None, "subject_id": patient or None, "reason": reason})
             continue
-        labels = {lab: int(any(t in found for t in src)) for lab, src in HARMONISATION["nih"].items()}
+        labels = harmonise("nih", set(found))
         view = (r["View Position"] or "").strip() or "UNKNOWN"
         rows.append(_row("nih", rec, image, patient, image.rsplit(".", 1)[0], f"images/{image}", view, labels))
     return _finish("nih", path, rows, rejects, df.height)
@@ -271,10 +226,12 @@ def padchest_labels(text: str | None) -> list[str]:
 
 def read_padchest(path: Path) -> ExternalLabels:
     """PadChest's ``PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv``: the image at ``<ImageDir>/<ImageID>``;
-    every projection kept (PA, AP, AP_horizontal as AP, L as LATERAL, the others as written)."""
+    every projection kept (PA, AP, AP_horizontal as AP, L as LATERAL, the others as written); the findings by whole
+    subtrees of its term hierarchy (``harmonise``). A record naming no finding is rejected, not made a negative."""
     path = Path(path)
     df = _read(path, ("ImageID", "ImageDir", "StudyID", "PatientID", "Projection", "Labels"))
     rows, rejects = [], []
+    no_finding_named = frozenset(PADCHEST_NO_FINDING_NAMED)
     for r in df.iter_rows(named=True):
         rec, image, patient = r["_record"], (r["ImageID"] or "").strip(), (r["PatientID"] or "").strip()
         reason, found = None, []
@@ -285,10 +242,15 @@ def read_padchest(path: Path) -> ExternalLabels:
                 found = padchest_labels(r["Labels"])
             except ValueError as e:
                 reason = str(e)
+            else:
+                if not found:
+                    reason = "Labels is an empty list: the report names no finding"
+                elif no_finding_named.issuperset(found):
+                    reason = f"Labels name no finding, only {sorted(set(found))}"
         if reason:
             rejects.append({"source": path.name, "record": rec, "dicom_id": image or None, "subject_id": patient or None, "reason": reason})
             continue
-        labels = {lab: int(any(t in found for t in src)) for lab, src in HARMONISATION["padchest"].items()}
+        labels = harmonise("padchest", set(found))
         proj = (r["Projection"] or "").strip()
         view = _PADCHEST_VIEWS.get(proj, proj or "UNKNOWN")
         folder = (r["ImageDir"] or "").strip()

@@ -7,8 +7,9 @@ layout and format: CheXpert's ``CheXpert-v1.0-small/valid.csv`` (its header, 1.0
 JPGs under ``valid/patientNNNNN/studyN/``; NIH's ``Data_Entry_2017_v2020.csv`` (its header with the unquoted
 commas, ``|``-separated labels) and 8-bit PNGs split into ``images_001/images/`` ... as the release is; PadChest's
 36-column label file (labels as a Python list written as text, a few quoted multi-line reports and ``nan``
-labels, as in the real file) and 16-bit PNGs with 12 bits stored under numbered folders. A ``REPLICA.json`` says
-it is a replica. The readers (``data.external``) cannot tell these from the real files but by their content.
+labels, the variant terms of its hierarchy, lists naming no finding (empty, 'unchanged' only) and films labelled
+only with terms outside the 14, as in the real file) and 16-bit PNGs with 12 bits stored under numbered folders.
+A ``REPLICA.json`` says it is a replica. The readers (``data.external``) cannot tell these from the real files but by their content.
 """
 
 from __future__ import annotations
@@ -66,19 +67,30 @@ NIH_WORDS = {
     "Pneumonia": ("Pneumonia",),
     "Pneumothorax": ("Pneumothorax",),
 }
+# PadChest's terms for each finding, the variants of its hierarchy first among them (a reader matching exact
+# strings scores 'laminar atelectasis' or 'atypical pneumonia' as negatives: the replica must catch that). The k-th
+# record positive for a finding is written with its k-th word, in turn, so every variant occurs.
 PADCHEST_WORDS = {
-    "Atelectasis": ("atelectasis",),
+    "Atelectasis": ("laminar atelectasis", "atelectasis", "lobar atelectasis", "segmental atelectasis", "atelectasis basal"),
     "Cardiomegaly": ("cardiomegaly",),
-    "Consolidation": ("consolidation",),
+    "Consolidation": ("consolidation", "air bronchogram"),
     "Edema": ("pulmonary edema",),
-    "Lung Lesion": ("nodule", "mass"),
-    "Lung Opacity": ("infiltrates",),
-    "Pleural Effusion": ("pleural effusion",),
-    "Pneumonia": ("pneumonia",),
+    "Enlarged Cardiomediastinum": ("mediastinal enlargement", "superior mediastinal enlargement"),
+    "Lung Lesion": ("nodule", "pulmonary mass", "multiple nodules"),
+    "Lung Opacity": ("interstitial pattern", "increased density", "ground glass pattern"),
+    "Pleural Effusion": ("loculated pleural effusion", "pleural effusion", "loculated fissural effusion"),
+    "Pleural Other": ("apical pleural thickening", "pleural thickening"),
+    "Pneumonia": ("atypical pneumonia", "pneumonia"),
     "Pneumothorax": ("pneumothorax",),
-    "Fracture": ("callus rib fracture",),
-    "Support Devices": ("pacemaker", "NSG tube"),
+    "Fracture": ("callus rib fracture", "rib fracture", "clavicle fracture", "vertebral fracture"),
+    "Support Devices": ("pacemaker", "NSG tube", "central venous catheter via jugular vein", "endotracheal tube", "dual chamber device"),
 }
+# Records (by number, modulo 50) whose labels name no finding, as 6,199 of the real file's do: rejected by the reader.
+PADCHEST_NO_FINDING_LISTS = {7: [], 19: ["unchanged"], 31: ["exclude"], 43: ["suboptimal study", "unchanged"]}
+# A film with none of the 14 is labelled 'normal', or (records numbered 3 and 6, modulo 10) only with terms outside
+# the 14, as the real file's often are: No Finding is null for those, not 1.
+PADCHEST_OUTSIDE = {3: ["COPD signs"], 6: ["aortic elongation", "scoliosis"]}
+NIH_OUTSIDE = {5: "Emphysema", 9: "Hernia"}  # likewise NIH's labels outside the 14 (13,100 real images)
 
 
 @dataclass(frozen=True)
@@ -216,9 +228,9 @@ def _write_labels(cfg: ExternalReplica, out: Path, records: list[dict], rng: np.
                 )
         elif cfg.fmt == "nih":
             f.write(NIH_HEADER + "\n")  # written by hand: its header's unquoted commas are the release's
-            for r in records:
+            for n, r in enumerate(records):
                 words = [str(rng.choice(NIH_WORDS[lab])) for lab in _present(r["labels"]) if lab in NIH_WORDS]
-                found = "|".join(dict.fromkeys(words)) or "No Finding"
+                found = "|".join(dict.fromkeys(words)) or NIH_OUTSIDE.get(n % 10, "No Finding")
                 f.write(
                     f"{r['name']},{found},{r['followup']},{r['patient']},{r['age']},{r['sex']},{r['view']},{r['size'][0]},{r['size'][1]},0.143,0.143\n"
                 )
@@ -226,9 +238,16 @@ def _write_labels(cfg: ExternalReplica, out: Path, records: list[dict], rng: np.
             w = csv.writer(f, lineterminator="\n")
             w.writerow(PADCHEST_HEADER)
             projections = {"PA": "PA", "LATERAL": "L", "AP": "AP_horizontal"}
+            turn = dict.fromkeys(PADCHEST_WORDS, 0)
             for n, r in enumerate(records):
-                words = [str(rng.choice(PADCHEST_WORDS[lab])) for lab in _present(r["labels"]) if lab in PADCHEST_WORDS]
-                labels = "nan" if rng.uniform() < 0.01 else repr(list(dict.fromkeys(words)) or ["normal"])
+                words = []
+                for lab in (x for x in _present(r["labels"]) if x in PADCHEST_WORDS):
+                    words.append(PADCHEST_WORDS[lab][turn[lab] % len(PADCHEST_WORDS[lab])])
+                    turn[lab] += 1
+                terms = list(dict.fromkeys(words)) or PADCHEST_OUTSIDE.get(n % 10, ["normal"])
+                terms = PADCHEST_NO_FINDING_LISTS.get(n % 50, terms)
+                terms = [t if k == 0 or n % 2 == 0 else f" {t}" for k, t in enumerate(terms)]  # the real file's spaces
+                labels = "nan" if rng.uniform() < 0.01 else repr(terms)
                 report = (
                     " sin hallazg patolog ." if not words else " hallazg .\n" + " ".join(words) + " ."
                 )  # some span lines, as real ones do

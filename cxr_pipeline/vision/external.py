@@ -1,7 +1,7 @@
 """External validation: every champion classifier scored on another hospital's images (``data.external``).
 
 For each registered champion (each per-finding model and the multi-label model) and each finding it outputs that
-the dataset can score (``data.external.HARMONISATION``): the ROC AUC with a patient-bootstrap interval,
+the dataset can score (``data.harmonisation.HARMONISATION``): the ROC AUC with a patient-bootstrap interval,
 sensitivity and specificity at the model's **internal** validation threshold (no threshold is re-chosen on the
 external set: that would use its labels), the calibration error of the calibrated probabilities (and of the
 network's scores), and the change of each from the model's own internal test split (its run's ``metrics.json``,
@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from cxr_pipeline.data.external import ExternalSettings, read_labels, resolve_images, scored_findings, select_images
+from cxr_pipeline.data.external import (
+    NULL_IS_UNSCORABLE,
+    ExternalSettings,
+    read_labels,
+    resolve_images,
+    scored_findings,
+    select_images,
+)
 from cxr_pipeline.labels import LABEL_BY_SLUG, slug
 
 EXTERNAL_PARTITION = "all"  # an external set's shards are one partition folder
@@ -82,18 +89,22 @@ def build_external_shards(paths, fmt: str, folder: Path, rows: pl.DataFrame, siz
 
 def score_champion(champ: Champion, fmt: str, rows: pl.DataFrame, scores: np.ndarray, n_boot: int, seed: int) -> list[dict]:
     """One row per finding the champion outputs and the dataset scores; ``rows`` aligned with ``scores`` (the
-    network's scores, images x outputs)."""
+    network's scores, images x outputs). In NIH and PadChest a null label means the record cannot be scored for
+    that finding (``data.harmonisation.NULL_IS_UNSCORABLE``), so it is dropped before the model's label policy applies:
+    ``targets`` would make it a negative under blank policy zeros, and a null No Finding a negative always."""
     from cxr_pipeline.vision.calibration import calibration_row
     from cxr_pipeline.vision.evaluate import evaluate_at
     from cxr_pipeline.vision.targets import targets
 
     m = champ.model
     can = {slug(x) for x in scored_findings(fmt)}
+    indexed = rows.with_row_index("_i")
     out = []
     for j, s in enumerate(m.slugs):
         if s not in can:
             continue
-        t = targets(rows.with_row_index("_i"), s, champ.policy["uncertain"], champ.policy["blank"])  # the model's policy
+        usable = indexed.filter(pl.col(s).is_not_null()) if fmt in NULL_IS_UNSCORABLE else indexed
+        t = targets(usable, s, champ.policy["uncertain"], champ.policy["blank"])  # the model's policy
         idx = t["_i"].to_numpy()
         y, raw, groups = t["target"].to_numpy().astype(int), scores[idx, j], t["subject_id"].to_numpy()
         row = {

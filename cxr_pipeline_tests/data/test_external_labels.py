@@ -44,6 +44,87 @@ def _expected_line(fmt: str, n: int, patients: int, rejected: int, positives: di
     return f"external-labels: {fmt}: {n} images, {patients} patients, {rejected} rejected; positives: {pos}"
 
 
+def _null_line(nulls: dict[str, int]) -> str:
+    return "  null (this record cannot be scored for it): " + ", ".join(f"{k}={v}" for k, v in nulls.items())
+
+
+# PadChest's findings as this test reads them, typed out here apart from the reader's table: finding -> (the terms
+# of its subtree in PadChest's hierarchy, a positive; the borderline terms that make it null without one).
+ATELECTASIS = {"atelectasis", "total atelectasis", "lobar atelectasis", "segmental atelectasis", "laminar atelectasis"}
+ATELECTASIS |= {"round atelectasis", "atelectasis basal"}
+PNEUMONIA = {"pneumonia", "atypical pneumonia"}
+INFILTRATES = {"infiltrates", "interstitial pattern", "ground glass pattern", "reticular interstitial pattern"}
+INFILTRATES |= {"reticulonodular interstitial pattern", "miliary opacities", "alveolar pattern", "consolidation", "air bronchogram"}
+LESION = {"nodule", "multiple nodules", "pulmonary mass", "lung metastasis"}
+LESION_UNKNOWN = {"mass", "cavitation", "lepidic adenocarcinoma"}
+SURGERY = {"sternotomy", "suture material", "metal", "osteosynthesis material", "bone cement", "prosthesis"}
+SURGERY |= {"humeral prosthesis", "mammary prosthesis", "surgery breast", "surgery neck", "surgery lung", "surgery heart"}
+SURGERY |= {"surgery humeral", "surgery"}
+DEVICES = {"catheter", "central venous catheter", "central venous catheter via jugular vein", "reservoir central venous catheter"}
+DEVICES |= {"central venous catheter via subclavian vein", "central venous catheter via umbilical vein"}
+DEVICES |= {"electrical device", "pacemaker", "dual chamber device", "single chamber device", "dai"}
+DEVICES |= {"artificial heart valve", "artificial mitral heart valve", "artificial aortic heart valve"}
+DEVICES |= {"endotracheal tube", "tracheostomy tube", "NSG tube", "chest drain tube", "ventriculoperitoneal drain tube"}
+DEVICES |= {"gastrostomy tube", "nephrostomy tube", "double J stent", "endoprosthesis", "aortic endoprosthesis"}
+MEDIASTINUM = {"mediastinal enlargement", "superior mediastinal enlargement", "goiter", "supra aortic elongation"}
+MEDIASTINUM |= {"descendent aortic elongation", "ascendent aortic elongation", "aortic aneurysm", "mediastinal mass", "hiatal hernia"}
+PADCHEST = {
+    "Atelectasis": (ATELECTASIS, {"volume loss"}),
+    "Cardiomegaly": ({"cardiomegaly"}, set()),
+    "Consolidation": ({"consolidation", "air bronchogram"}, {"infiltrates", "alveolar pattern"}),
+    "Edema": (
+        {"pulmonary edema"},
+        {"heart insufficiency", "hilar congestion", "vascular redistribution", "central vascular redistribution", "kerley lines"}
+        | {"pulmonary venous hypertension", "respiratory distress"},
+    ),
+    "Fracture": (
+        {"fracture", "clavicle fracture", "humeral fracture", "vertebral fracture", "rib fracture", "callus rib fracture"},
+        {"vertebral compression", "vertebral anterior compression"},
+    ),
+    "Lung Lesion": (LESION, LESION_UNKNOWN),
+    "Lung Opacity": (
+        INFILTRATES | {"increased density", "pulmonary edema"} | ATELECTASIS | PNEUMONIA,
+        LESION
+        | LESION_UNKNOWN
+        | {"fibrotic band", "pulmonary fibrosis", "post radiotherapy changes", "asbestosis signs"}
+        | {"lymphangitis carcinomatosa", "respiratory distress"},
+    ),
+    "Pleural Effusion": (
+        {"pleural effusion", "loculated pleural effusion", "loculated fissural effusion", "hydropneumothorax", "empyema"},
+        {"costophrenic angle blunting"},
+    ),
+    "Pleural Other": (
+        {"pleural thickening", "apical pleural thickening", "calcified pleural thickening", "pleural plaques"}
+        | {"calcified pleural plaques", "pleural mass"},
+        {"costophrenic angle blunting", "fissure thickening", "minor fissure thickening", "major fissure thickening"}
+        | {"asbestosis signs"},
+    ),
+    "Pneumonia": (PNEUMONIA, {"tuberculosis", "abscess"}),
+    "Pneumothorax": ({"pneumothorax", "hydropneumothorax"}, set()),
+    "Support Devices": (DEVICES, SURGERY | {"abnormal foreign body", "external foreign body"}),
+}
+
+
+def _padchest_values(terms: set[str]) -> dict[str, int | None]:
+    """One record's 14 findings as this test reads PadChest (Enlarged Cardiomediastinum is not scored)."""
+    out = {}
+    for lab, (pos, unknown) in PADCHEST.items():
+        out[lab] = 1 if terms & pos else None if terms & unknown else 0
+    others = [v for lab, v in out.items() if lab != "Support Devices"]
+    if 1 in others:
+        out["No Finding"] = 0
+    elif "normal" in terms and None not in others and not terms & MEDIASTINUM:
+        out["No Finding"] = 1
+    else:
+        out["No Finding"] = None
+    return {lab: out[lab] for lab in LABELS if lab in out}
+
+
+def _padchest_terms(text: str) -> set[str] | None:
+    """The record's terms, or None where the labels are 'nan'; plain Python, not the reader's code."""
+    return None if text.strip() == "nan" else {t.strip() for t in ast.literal_eval(text) if t.strip()}
+
+
 def test_chexpert_training_labels_match_an_independent_count(capsys, tmp_path):
     path = _wheel("chexpert_train.csv.gz")
     rows = _records(path)
@@ -74,36 +155,106 @@ def test_nih_labels_match_an_independent_count(capsys, tmp_path):
             ("Pneumothorax", {"Pneumothorax"}),
         )
     }
+    # labels all outside the 14 (and not No Finding): No Finding null for them, never a negative
+    outside = {"Emphysema", "Fibrosis", "Hernia", "Infiltration", "Pleural_Thickening"}
+    assert sum(f <= outside for f in finds) == 13_100
     assert main(["external-labels", "--format", "nih", str(path), "--rejects", str(tmp_path / "rej.csv")]) == 0
-    assert _last_line(capsys) == _expected_line("nih", len(rows), len({r[3] for r in rows}), 0, positives)
-    # not scored in NIH (null, never a negative): the CLI names them and leaves them out of the positives
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == _expected_line("nih", len(rows), len({r[3] for r in rows}), 0, positives)
+    nulls = {lab: 13_100 if lab == "No Finding" else 0 for lab in positives}
+    assert _null_line(nulls) in out
 
 
-def test_padchest_rejects_its_unreadable_labels_and_loses_no_other_record(capsys, tmp_path):
+def test_padchest_labels_match_an_independent_count_by_subtree(capsys, tmp_path):
+    """Positives by whole subtrees ('laminar atelectasis' is an atelectasis), the borderline terms null, and every
+    record that names no finding rejected: recounted here from the raw file with csv and ast."""
     path = _wheel("PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz")
     rows = _records(path)
     assert len(rows) == 160_861
-    unreadable = [i + 1 for i, r in enumerate(rows) if r["Labels"].strip() == "nan"]
-    assert len(unreadable) == 103
-    labelled = [(i + 1, r) for i, r in enumerate(rows) if r["Labels"].strip() != "nan"]
-    sets = [{t.strip() for t in ast.literal_eval(r["Labels"])} for _, r in labelled]
-    names = {
-        "Atelectasis": "atelectasis",
-        "Cardiomegaly": "cardiomegaly",
-        "Consolidation": "consolidation",
-        "No Finding": "normal",
-        "Pleural Effusion": "pleural effusion",
-        "Pneumonia": "pneumonia",
-        "Pneumothorax": "pneumothorax",
-    }
-    positives = {lab: sum(term in s for s in sets) for lab, term in names.items()}
-    patients = {r["PatientID"] for _, r in labelled}
+    terms = [_padchest_terms(r["Labels"]) for r in rows]
+    reasons = {}
+    for i, t in enumerate(terms, start=1):
+        if t is None:
+            reasons[i] = "Labels is 'nan': the report was not labelled"
+        elif not t:
+            reasons[i] = "Labels is an empty list: the report names no finding"
+        elif t <= {"unchanged", "exclude", "suboptimal study"}:
+            reasons[i] = f"Labels name no finding, only {sorted(t)}"
+    assert sum(t is None for t in terms) == 103 and sum(t == set() for t in terms) == 777
+    assert len(reasons) == 103 + 777 + 5_422
+    kept = [(r, t) for i, (r, t) in enumerate(zip(rows, terms, strict=True), start=1) if i not in reasons]
+    values = [_padchest_values(t) for _, t in kept]
+    positives = {lab: sum(v[lab] == 1 for v in values) for lab in values[0]}
+    nulls = {lab: sum(v[lab] is None for v in values) for lab in values[0]}
+    # the figures the issue names: exact-string matching missed these
+    assert sum("laminar atelectasis" in t and "atelectasis" not in t for _, t in kept) > 4_000
+    assert positives["Atelectasis"] > sum("atelectasis" in t for _, t in kept) + 5_000
+    assert nulls["Pleural Effusion"] == sum("costophrenic angle blunting" in t and not t & PADCHEST["Pleural Effusion"][0] for _, t in kept)
     out = tmp_path / "rej.csv"
     assert main(["external-labels", "--format", "padchest", str(path), "--rejects", str(out)]) == 0
-    assert _last_line(capsys) == _expected_line("padchest", len(labelled), len(patients), 103, positives)
+    printed = capsys.readouterr().out.strip().splitlines()
+    patients = {r["PatientID"] for r, _ in kept}
+    assert printed[-1] == _expected_line("padchest", len(kept), len(patients), len(reasons), positives)
+    assert _null_line(nulls) in printed
     rejects = pl.read_csv(out, infer_schema=False).with_columns(pl.col("record").cast(pl.Int64))
-    assert rejects["record"].to_list() == unreadable  # the data row from 1, not the physical line
-    assert set(rejects["reason"]) == {"Labels is 'nan': the report was not labelled"}
+    assert dict(rejects.select("record", "reason").iter_rows()) == reasons  # the data row from 1, not the physical line
+
+
+def test_padchest_mapping_covers_the_released_terms_exactly():
+    """Every term the table names occurs in the real file (a typo would silently score nothing), and every term of
+    the file is in the table, named as outside the 14, or names no finding: a new release's term needs a decision."""
+    path = _wheel("PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz")
+    released = set().union(*(t for t in (_padchest_terms(r["Labels"]) for r in _records(path)) if t))
+    assert len(released) == 193
+    rules = external.HARMONISATION["padchest"]
+    named = {t for rule in rules.values() for t in (*rule.positive, *rule.unknown)}
+    assert named <= released, sorted(named - released)
+    assert released == named | set(external.PADCHEST_UNMAPPED) | set(external.PADCHEST_NO_FINDING_NAMED)
+    assert not named & set(external.PADCHEST_UNMAPPED)
+
+
+def test_the_padchest_replica_fails_exact_string_matching(tmp_path):
+    """The replica writes the hierarchy's variants, lists naming no finding and films labelled only outside the 14,
+    as the real file does: a reader matching 'atelectasis' exactly, or making an empty list a negative, fails here."""
+    from cxr_pipeline.data.replica_external import ExternalReplica, generate_external
+
+    generate_external(ExternalReplica("padchest", patients=60, source_rows=64), tmp_path)
+    path = tmp_path / external.DEFAULT_LABEL_FILES["padchest"]
+    rows = _records(path)
+    terms = [_padchest_terms(r["Labels"]) for r in rows]
+    got = external.read_padchest(path)
+    kept = [t for t in terms if t and not t <= {"unchanged", "exclude", "suboptimal study"}]
+    assert got.manifest.height == len(kept) and got.records == len(rows)
+    reasons = set(got.rejects["reason"])
+    assert {"Labels is an empty list: the report names no finding", "Labels name no finding, only ['unchanged']"} <= reasons
+    values = [_padchest_values(t) for t in kept]
+    positives = got.positives()
+    for lab, exact in (("Atelectasis", "atelectasis"), ("Pleural Effusion", "pleural effusion"), ("Pneumonia", "pneumonia")):
+        assert positives[lab] == sum(v[lab] == 1 for v in values)
+        assert positives[lab] > sum(exact in t for t in kept), f"the replica has no {lab} variant"
+    assert got.nulls()["No Finding"] == sum(v["No Finding"] is None for v in values) > 0  # e.g. only 'COPD signs'
+    copd = got.manifest.filter(pl.col("dicom_id").is_in([r["ImageID"] for r, t in zip(rows, terms, strict=True) if t == {"COPD signs"}]))
+    assert copd.height and copd["no_finding"].is_null().all() and (copd["atelectasis"] == 0).all()
+
+
+def test_a_null_label_is_dropped_when_scored_never_a_negative():
+    """NIH and PadChest: a null is 'cannot be scored for this finding', dropped whatever the model's blank policy
+    (targets() would make a blank No Finding a negative); CheXpert's blanks follow the policy as MIMIC's do."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from cxr_pipeline.vision.external import Champion, score_champion
+
+    model = SimpleNamespace(slugs=["no_finding"], thresholds=[0.5], calibration=lambda _j: None)
+    champ = Champion("cxr-no-finding", "1", model, {}, {"uncertain": "zeros", "blank": "zeros"})
+    rows = pl.DataFrame(
+        {"subject_id": ["1", "2", "3", "4", "5"], "no_finding": [1, 0, None, None, 1]}, schema_overrides={"no_finding": pl.Int8}
+    )
+    scores = np.array([[0.9], [0.2], [0.1], [0.1], [0.8]])
+    for fmt, n in (("padchest", 3), ("nih", 3), ("chexpert", 5)):
+        (row,) = score_champion(champ, fmt, rows, scores, n_boot=5, seed=0)
+        assert (row["n_test"], row["n_pos"]) == (n, 2), fmt
 
 
 def _gz(path: Path, text: str) -> Path:
@@ -120,17 +271,29 @@ def test_padchest_record_numbers_count_rows_not_lines_and_name_each_reason(tmp_p
         "c.png,3,s3,p2,AP_horizontal,x,\"['cardiomegaly', ' pleural effusion']\"\n"
         "d.png,3,s4,p3,COSTAL,x,\"['cardiomegaly'\"\n"  # record 4: a broken list
         "a.png,0,s1,p1,PA,x,['normal']\n"  # record 5: the same image again
+        "e.png,0,s5,p4,PA,x,[]\n"  # record 6: names no finding
+        "f.png,0,s6,p4,PA,x,\"['unchanged', ' exclude']\"\n"  # record 7: names no finding either
+        "g.png,0,s7,p5,PA,x,\"['laminar atelectasis', ' costophrenic angle blunting', 'NSG tube']\"\n"
+        "h.png,0,s8,p5,PA,x,\"['COPD signs']\"\n"  # outside the 14: No Finding null
     )
     got = external.read_padchest(_gz(tmp_path / "pc.csv.gz", header + body))
-    assert got.records == 5 and got.manifest["dicom_id"].to_list() == ["a.png", "c.png"]
+    assert got.records == 9 and got.manifest["dicom_id"].to_list() == ["a.png", "c.png", "g.png", "h.png"]
     assert got.rejects.select("record", "reason").rows() == [
         (2, "Labels is 'nan': the report was not labelled"),
         (4, "Labels \"['cardiomegaly'\" cannot be read as a list of labels"),
         (5, "image listed twice"),
+        (6, "Labels is an empty list: the report names no finding"),
+        (7, "Labels name no finding, only ['exclude', 'unchanged']"),
+    ]
+    cols = ["atelectasis", "cardiomegaly", "pleural_effusion", "support_devices", "edema", "enlarged_cardiomediastinum", "no_finding"]
+    assert got.manifest.select(cols).rows() == [
+        (0, 0, 0, 0, 0, None, 1),  # a: normal
+        (0, 1, 1, 0, 0, None, 0),  # c: Enlarged Cardiomediastinum is never scored in PadChest
+        (1, 0, None, 1, 0, None, 0),  # g: a subtree term is a positive, the angle's blunting null for the effusion
+        (0, 0, 0, 0, 0, None, None),  # h: no finding of the 14 named, nor a normal film
     ]
     c = got.manifest.row(1, named=True)
-    assert (c["cardiomegaly"], c["pleural_effusion"], c["no_finding"], c["view_position"], c["path"]) == (1, 1, 0, "AP", "3/c.png")
-    assert c["edema"] is None  # PadChest cannot score Edema here
+    assert (c["view_position"], c["path"]) == ("AP", "3/c.png")
 
 
 def test_nih_and_chexpert_name_the_record_and_field_of_a_bad_row(tmp_path):
@@ -166,10 +329,20 @@ def test_nih_and_chexpert_name_the_record_and_field_of_a_bad_row(tmp_path):
     ]
 
 
-def test_the_harmonisation_is_one_table_every_dataset_and_finding():
+def test_the_harmonisation_is_one_table_every_dataset_and_finding_with_its_reasons():
     table = external.harmonisation_table()
     assert len(table) == 3 * 14
-    as_dict = {(d, f): s for d, f, s in table}
-    assert as_dict[("NIH ChestX-ray14", "Lung Lesion")] == "`Mass`, `Nodule`"
-    assert as_dict[("NIH ChestX-ray14", "Lung Opacity")] == "not scored"
-    assert as_dict[("PadChest", "No Finding")] == "`normal`"
+    as_dict = {(d, f): rest for d, f, *rest in table}
+    assert as_dict[("NIH ChestX-ray14", "Lung Lesion")][0] == "`Mass`, `Nodule`"
+    assert (
+        as_dict[("NIH ChestX-ray14", "Lung Opacity")][0] == "not scored"
+        and "Infiltration" in as_dict[("NIH ChestX-ray14", "Lung Opacity")][2]
+    )
+    assert "13,100" in as_dict[("NIH ChestX-ray14", "No Finding")][2]  # the rule for labels outside the 14
+    assert "`laminar atelectasis`" in as_dict[("PadChest", "Atelectasis")][0]
+    assert as_dict[("PadChest", "Enlarged Cardiomediastinum")][0] == "not scored"
+    # every PadChest finding says why: scored or not, and each borderline term the issue names is reasoned
+    assert all(as_dict[("PadChest", lab)][2] for lab in LABELS)
+    why = " ".join(as_dict[("PadChest", lab)][2] for lab in LABELS)
+    for term in ("pericardial effusion", "air bronchogram", "costophrenic angle blunting", "heart insufficiency", "alveolar pattern"):
+        assert f"`{term}`" in why, term
