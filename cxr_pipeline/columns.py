@@ -85,7 +85,7 @@ TABLES: dict[str, dict[str, str]] = {
         "replica": "true when the set is the project's replica of that dataset's format (REPLICA.json in its folder), not the real one",
         "model": "per_pathology (one binary model per finding) or multilabel (one model, 14 outputs)",
         "registered": "the registered champion scored (name and version)",
-        "pathology": "the CheXpert finding (the dataset's own labels harmonised: data.external.HARMONISATION)",
+        "pathology": "the CheXpert finding (the dataset's own labels harmonised: data.harmonisation.HARMONISATION)",
         "slug": "the finding's slug",
         "evaluable": "the external set has both classes for the finding, so the metrics exist",
         "reason": "why the row is not evaluable (empty otherwise)",
@@ -120,7 +120,9 @@ TABLES: dict[str, dict[str, str]] = {
         "fold": "the fold model that scored a training image (null: the final multi-label model)",
         "source": "out_of_fold (a fold model that never saw the image), held_out (the final model, other splits) or in_sample",
         "{slug}": "calibrated probability of {finding} given to the report prompts and the retrieval baseline",
-        "threshold_{slug}": "the threshold the {finding} probability is read at: validation-chosen, carried through the same calibration map",
+        "threshold_{slug}": "the validation-chosen threshold carried through the same calibration map (for display: calls are call_{slug})",
+        "call_{slug}": "whether {finding} is called: the network's score at or above its validation threshold, decided before "
+        "calibration (read it, not {slug} against threshold_{slug}: at the map's clip the two can tie)",
     },
     "subgroup_metrics": {
         "view": "the predictions audited: test (the test split) or train_out_of_fold (fold models over training patients)",
@@ -128,19 +130,23 @@ TABLES: dict[str, dict[str, str]] = {
         "model": "per_pathology or multilabel",
         "slug": "the finding",
         "attribute": "sex, age_band, race_group or insurance (MIMIC-IV)",
-        "group": "the subgroup within the attribute; groups under min_patients patients pooled, their names joined with ' + '",
-        "pooled": "the row pools several groups (each alone under min_patients, or taken in to bring the pool up to it)",
-        "n_patients": "patients in the cell",
-        "n_images": "images in the cell",
-        "n_pos": "images with the finding in the cell",
-        "small_cell": "the whole block (every group together) has fewer patients than min_patients: no value for it",
+        "group": "the subgroup within the attribute ('not recorded': the attribute unknown); groups pooled until none of "
+        "under min_patients patients is recoverable (vision.disclosure), names joined with ' + '; 'all': every group",
+        "pooled": "the row pools several groups (each alone under min_patients, or taken in so that no difference isolates one)",
+        "n_patients": "patients of the group in the view and label source (the same in every finding's and model's row)",
+        "n_images": "images of the group in the view and label source (the same in every finding's and model's row; the rates "
+        "read only those with a label for the finding under the model's policy)",
+        "n_pos": "images of the group with the finding",
+        "small_cell": "the view has fewer patients than min_patients: one row, 'all', with no value",
         "threshold": "the validation-chosen threshold the rates are read at (null out of fold: each fold model's own)",
-        "prevalence": "share of the cell's images with the finding",
+        "prevalence": "n_pos / n_images: share of the group's images with the finding",
         "{metric}": "{metric} in the subgroup",
         **_INTERVAL,
-        "tpr_gap_p": "two-sided p-value of no tpr_gap: against the gaps of random groups of as many patients (permutation null, normal)",
+        "tpr_gap_p": "two-sided Monte-Carlo p-value of no tpr_gap, (k+1)/(B+1): against random groups with as many patients "
+        "with the finding (each patient's images together)",
         "tpr_gap_q": "Benjamini-Hochberg q-value of the tpr_gap among the tpr_gaps of its view, labels and model (a two-group attribute counted once)",
-        "fpr_gap_p": "two-sided p-value of no fpr_gap: against the gaps of random groups of as many patients (permutation null, normal)",
+        "fpr_gap_p": "two-sided Monte-Carlo p-value of no fpr_gap, (k+1)/(B+1): against random groups with as many patients "
+        "without the finding (each patient's images together)",
         "fpr_gap_q": "Benjamini-Hochberg q-value of the fpr_gap among the fpr_gaps of its view, labels and model (a two-group attribute counted once)",
     },
     "report_pairs": {

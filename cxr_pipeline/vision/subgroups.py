@@ -2,25 +2,30 @@
 
 As CheXclusion (Seyyed-Kalantari et al., PSB 2021) measured it: for a model, a finding and a subgroup
 (a sex, an age band, a race group, an insurance), the true-positive rate at the model's own
-validation-chosen threshold in that subgroup against the rest of the patients whose attribute is known;
-and, as the underdiagnosis study (Nature Medicine 2021) did, the false-positive rate of "No Finding":
-patients with a finding whom the model calls healthy.
+validation-chosen threshold in that subgroup against the rest of the patients; and, as the underdiagnosis
+study (Nature Medicine 2021) did, the false-positive rate of "No Finding": patients with a finding whom the
+model calls healthy.
 
 Intervals resample **patients** (all of a patient's images together), and a gap's interval comes from
 the same resamples as both of its sides (paired), so it is the interval of the difference, not two
-intervals compared by eye. Each gap also has a p-value (the gap against the gaps of random groups of the
-same patient count: a permutation null) and a Benjamini-Hochberg q-value within its panel (a view, label
-source and model: the family one chart shows; TPR and FPR gaps apart); a two-group attribute's two gaps are
-one test, since one is minus the other.
+intervals compared by eye. Each gap also has a Monte-Carlo permutation p-value against random groups with as
+many patients with the finding (without it, for FPR gaps) as the group has (``vision.gap_statistics``), and a
+Benjamini-Hochberg q-value within its panel (a view, label source and model: the family one chart shows; TPR
+and FPR gaps apart); a two-group attribute's two gaps are one test, since one is minus the other. The false
+discovery rate holds within each panel, not across a list drawn from several panels.
 
-Small groups are pooled, not blanked (``pool_groups``): a group with fewer than ``min_patients``
-patients in a block (view, labels, model, finding, attribute) is never a row of its own; the block's
-small groups make one row together ("Asian + Other"), which takes in the smallest other groups until it
-has ``min_patients`` patients. Blanking a small cell and publishing its neighbours does not hide it: its
-count is the block's total (published in ``classifier_metrics``) minus theirs, and with two groups its
-rate is the other group's rate minus its gap. With pooling every published row has ``min_patients``
-patients or more, and the rows of a block partition its patients, so a small group's values are in no
-sum or difference of published ones.
+**What is published leaks no small group** (``vision.disclosure``): every attribute has a "not recorded"
+group; a row's ``n_patients`` and ``n_images`` count its group in the view and label source (the same in every
+finding's row; ``prevalence`` is ``n_pos`` over them), while its rates read the block's labelled images; the
+groups are pooled once per view, over every region two published numbers can be differenced across, and the plan
+is coarsened until a linear attacker who knows every published number and the test split's totals recovers no
+group of fewer than ``min_patients`` patients. Every published row has ``min_patients`` patients or more in each
+such region; a view smaller than that is one row, ``all``, marked small and published without numbers.
+
+**Across data versions** the guarantee does not hold: a patient added or removed between two data versions
+changes every row it is in, so the difference of two versions' published tables is the changed patients' counts,
+however few. A deployment that publishes outside the team should publish one version (the audit of a frozen test
+split), or let the data change only in batches of ``min_patients`` patients or more.
 
 Written here rather than taken from a library: fairlearn's ``MetricFrame`` computes per-group metrics,
 but neither its bootstrap (by row, unpaired) nor its metrics (no threshold from another split) are the
@@ -37,10 +42,10 @@ import polars as pl
 
 from cxr_pipeline.data.demographics import ATTRIBUTES
 from cxr_pipeline.fields import at_least_one, setting
+from cxr_pipeline.vision.disclosure import POOL, UNKNOWN, plan_units, unit_name, units_present, with_unknown
+from cxr_pipeline.vision.gap_statistics import GAPS, METRICS, cell_statistics, null_gaps, permutation_p, permutations_for
 
-METRICS = ("auc", "tpr", "fpr", "tpr_gap", "fpr_gap")
-GAPS = ("tpr_gap", "fpr_gap")
-POOL = " + "  # joins the names of pooled groups
+__all__ = ["POOL", "UNKNOWN", "AuditSettings", "audit", "audit_cell", "publishable", "largest_gaps", "gap_tests"]
 COLUMNS = {
     "view": pl.String, "labels": pl.String, "model": pl.String, "slug": pl.String, "attribute": pl.String, "group": pl.String,
     "pooled": pl.Boolean, "n_patients": pl.Int64, "n_images": pl.Int64, "n_pos": pl.Int64, "small_cell": pl.Boolean,
@@ -48,6 +53,7 @@ COLUMNS = {
     **{f"{m}{s}": pl.Float64 for m in METRICS for s in ("", "_lo", "_hi")},
     **{f"{g}{s}": pl.Float64 for g in GAPS for s in ("_p", "_q")},
 }  # fmt: skip
+SMALL_CELL_RULE = 10  # the usual data-use rule: no published cell of fewer than 10 patients
 
 
 @dataclass(frozen=True)
@@ -55,148 +61,102 @@ class AuditSettings:
     """The subgroup audit (``pipeline.yaml``'s ``subgroup_metrics`` section)."""
 
     min_patients: int = setting(
-        10, "a subgroup with fewer patients in a block is never a row of its own: the block's small groups are pooled into one row"
+        10,
+        "no group of fewer patients has a row of its own or any count a linear combination of published numbers gives "
+        "(vision.disclosure); below 10 only with allow_small_cells",
     )
-    bootstrap: int = setting(
-        1000,
-        "patient resamples for each cell's 95% intervals (paired for the gaps), and as many random patient groups for the gaps' p-values",
+    allow_small_cells: bool = setting(
+        False,
+        "let min_patients go below 10: breaks the usual data-use rule (no published cell of fewer than 10 patients); "
+        "for audits that never leave the team",
+    )
+    bootstrap: int = setting(1000, "patient resamples for each cell's 95% intervals (paired for the gaps)")
+    permutations: int | None = setting(
+        None,
+        "random patient groups for each gap's Monte-Carlo p-value",
+        null="auto: enough that the smallest attainable p-value passes Benjamini-Hochberg at 0.05 in the largest panel "
+        "(20 x its tests), and at least 1000",
     )
     min_positives: int = setting(
         5,
         "TPR and its gap need at least this many patients with the finding in the subgroup and in the rest (FPR: without it; "
-        "AUC: both); below it they are left empty, as their intervals would be degenerate",
+        "AUC: both); below it they are left empty (reported, not scored), as their intervals would be degenerate",
     )
     seed: int = setting(0, "random seed of the resamples")
 
     def __post_init__(self) -> None:
-        at_least_one(self, "min_patients", "bootstrap", "min_positives")
+        at_least_one(self, "min_patients", "bootstrap", "min_positives", "permutations")
+        if self.min_patients < SMALL_CELL_RULE and not self.allow_small_cells:
+            raise ValueError(
+                f"subgroup_metrics.min_patients: {self.min_patients} is below {SMALL_CELL_RULE}, the usual data-use rule for "
+                "published cells; set allow_small_cells: true to publish smaller groups (only for audits that stay in the team)"
+            )
 
 
-def _weighted_auc(y: np.ndarray, rank: np.ndarray, n_ranks: int, w: np.ndarray) -> float:
-    """AUC with per-image weights (a bootstrap's patient counts); ``rank``: each score's dense rank (ties share one)."""
-    pos = np.bincount(rank, weights=w * (y == 1), minlength=n_ranks)
-    neg = np.bincount(rank, weights=w * (y == 0), minlength=n_ranks)
-    wp, wn = pos.sum(), neg.sum()
-    if wp == 0 or wn == 0:
-        return float("nan")
-    below = np.cumsum(neg) - neg  # negatives with a lower score
-    return float((pos * (below + 0.5 * neg)).sum() / (wp * wn))
-
-
-def _rates(y: np.ndarray, called: np.ndarray, w: np.ndarray) -> tuple[float, float]:
-    """(TPR, FPR) with per-image weights."""
-    wp, wn = (w * (y == 1)).sum(), (w * (y == 0)).sum()
-    tpr = (w * (y == 1) * called).sum() / wp if wp else float("nan")
-    fpr = (w * (y == 0) * called).sum() / wn if wn else float("nan")
-    return float(tpr), float(fpr)
-
-
-def _cell_stats(y, p, rank, n_ranks, called, in_g, w) -> dict[str, float]:
-    wg, wr = w * in_g, w * ~in_g
-    tpr_g, fpr_g = _rates(y, called, wg)
-    tpr_r, fpr_r = _rates(y, called, wr)
+def _enough(y: np.ndarray, codes: np.ndarray, in_group: np.ndarray, min_positives: int) -> dict[str, bool]:
+    """Which metrics have ``min_positives`` patients with (TPR), without (FPR) or both (AUC) on each side."""
+    enough = {}
+    for kind, mask in (("pos", y == 1), ("neg", y == 0)):
+        n_g, n_r = np.unique(codes[mask & in_group]).size, np.unique(codes[mask & ~in_group]).size
+        enough[kind] = min(n_g, n_r) >= min_positives
     return {
-        "auc": _weighted_auc(y, rank, n_ranks, wg),
-        "tpr": tpr_g,
-        "fpr": fpr_g,
-        "tpr_gap": tpr_g - tpr_r,
-        "fpr_gap": fpr_g - fpr_r,
+        "tpr": enough["pos"],
+        "tpr_gap": enough["pos"],
+        "fpr": enough["neg"],
+        "fpr_gap": enough["neg"],
+        "auc": enough["pos"] and enough["neg"],
     }
 
 
 def audit_cell(
-    y: np.ndarray, p: np.ndarray, threshold: float | np.ndarray, patients: np.ndarray, in_group: np.ndarray, cfg: AuditSettings
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float | np.ndarray,
+    patients: np.ndarray,
+    in_group: np.ndarray,
+    cfg: AuditSettings,
+    permutations: int | None = None,
+    called: np.ndarray | None = None,
 ) -> dict:
-    """One (model, finding, subgroup) cell over the images whose attribute is known: the group's metrics and
-    its gaps to the rest, with 95% percentile intervals over ``cfg.bootstrap`` patient resamples (paired) and
-    each gap's two-sided p-value against random groups (``null_gaps``). ``threshold``: one for every image, or one per image (out-of-fold
-    predictions are each read at their own fold model's threshold); the row's ``threshold`` is null then."""
-    y = np.asarray(y, dtype=np.int64)
-    _, inverse = np.unique(np.asarray(p), return_inverse=True)
-    n_ranks = int(inverse.max()) + 1 if len(p) else 0
-    called = np.asarray(p) >= threshold
-    pid, codes = np.unique(patients, return_inverse=True)
+    """One (model, finding, subgroup) cell over a block's images: the group's metrics and its gaps to the rest, with
+    95% percentile intervals over ``cfg.bootstrap`` patient resamples (paired) and each gap's Monte-Carlo p-value
+    against ``permutations`` random groups (``gap_statistics.null_gaps``; default ``cfg.permutations`` or 1000).
+    ``threshold``: one for every image, or one per image (out-of-fold predictions are each read at their own fold
+    model's threshold); the row's ``threshold`` is null then. ``called``: each image's call where it was read
+    before calibration (the fold models'), else ``p >= threshold``. The counts are the block's (``audit`` replaces
+    ``n_patients`` and ``n_images`` with the group's in the view)."""
+    y, p, in_group = np.asarray(y, dtype=np.int64), np.asarray(p, dtype=float), np.asarray(in_group, dtype=bool)
+    called = p >= threshold if called is None else np.asarray(called, dtype=bool)
+    _, codes = np.unique(patients, return_inverse=True)
     n_pat_g = int(np.unique(codes[in_group]).size)
     one = np.unique(threshold)
     row = {"n_patients": n_pat_g, "n_images": int(in_group.sum()), "n_pos": int((y[in_group] == 1).sum())}
     row["threshold"] = float(one[0]) if one.size == 1 else float("nan")
     row["small_cell"] = n_pat_g < cfg.min_patients
-    row["prevalence"] = float(y[in_group].mean()) if in_group.any() else float("nan")
+    row["prevalence"] = float(y[in_group].mean()) if in_group.any() and not row["small_cell"] else float("nan")
     if row["small_cell"]:
-        row["prevalence"] = float("nan")
         return row  # too few patients to mean anything or to publish: the count only
-    point = _cell_stats(y, p, inverse, n_ranks, called, in_group, np.ones(len(y)))
-    rng = np.random.default_rng(cfg.seed)
-    draws = {m: [] for m in METRICS}
-    for _ in range(cfg.bootstrap):
-        counts = np.bincount(rng.integers(0, len(pid), len(pid)), minlength=len(pid))
-        s = _cell_stats(y, p, inverse, n_ranks, called, in_group, counts[codes].astype(float))
-        for m in METRICS:
-            draws[m].append(s[m])
-    null = null_gaps(y, p, inverse, n_ranks, called, in_group, codes, len(pid), cfg)
-    # too few patients with (without) the finding on either side: TPR (FPR) and its gap would rest on a handful
-    enough = {}
-    for kind, mask in (("pos", y == 1), ("neg", y == 0)):
-        n_g, n_r = np.unique(codes[mask & in_group]).size, np.unique(codes[mask & ~in_group]).size
-        enough[kind] = min(n_g, n_r) >= cfg.min_positives
-    usable = {"tpr": enough["pos"], "tpr_gap": enough["pos"], "fpr": enough["neg"], "fpr_gap": enough["neg"]}
-    usable["auc"] = enough["pos"] and enough["neg"]
+    point, draws = cell_statistics(y, p, called, patients, in_group, cfg.bootstrap, cfg.seed)
+    usable = _enough(y, codes, in_group, cfg.min_positives)
+    null = null_gaps(y, called, patients, in_group, permutations or cfg.permutations or 1000, cfg.seed + 1)
     for m in METRICS:
-        if not usable[m]:
+        if not usable[m] or np.isnan(point[m]):
             row[m] = row[f"{m}_lo"] = row[f"{m}_hi"] = float("nan")
             continue
-        d = np.asarray(draws[m])
-        d = d[~np.isnan(d)]
+        d = draws[m][~np.isnan(draws[m])]
         row[m] = point[m]
-        lo, hi = (np.percentile(d, [2.5, 97.5]) if len(d) else (np.nan, np.nan)) if not np.isnan(point[m]) else (np.nan, np.nan)
-        row[f"{m}_lo"], row[f"{m}_hi"] = float(lo), float(hi)
+        row[f"{m}_lo"], row[f"{m}_hi"] = (float(v) for v in (np.percentile(d, [2.5, 97.5]) if len(d) else (np.nan, np.nan)))
         if m in GAPS:
             row[f"{m}_p"] = permutation_p(point[m], null[m])
     return row
 
 
-def null_gaps(y, p, rank, n_ranks, called, in_group, codes, n_patients: int, cfg: AuditSettings) -> dict[str, np.ndarray]:
-    """The TPR and FPR gaps of ``cfg.bootstrap`` groups of the same patients count drawn at random (the group's
-    patient labels permuted, each patient's images kept together): what the gaps look like when membership means
-    nothing. The group's own rate never enters, so a rate of 1.0 in a small group (no bootstrap spread at all)
-    is judged against how far random groups of its size stray."""
-    member = np.zeros(n_patients, dtype=bool)
-    member[np.unique(codes[in_group])] = True
-    rng = np.random.default_rng(cfg.seed + 1)
-    out: dict[str, list] = {g: [] for g in GAPS}
-    ones = np.ones(len(y))
-    for _ in range(cfg.bootstrap):
-        s = _cell_stats(y, p, rank, n_ranks, called, rng.permutation(member)[codes], ones)
-        for g in GAPS:
-            out[g].append(s[g])
-    return {g: np.asarray(v) for g, v in out.items()}
-
-
-def permutation_p(point: float, null: np.ndarray) -> float:
-    """Two-sided p-value of "no gap": the gap over the spread of the random groups' gaps (``null_gaps``), read on
-    the normal. The share of random gaps past the observed one is not used: it cannot go below 1/(B+1), too
-    coarse to survive a Benjamini-Hochberg correction over hundreds of gaps. Not the bootstrap's spread either:
-    a group whose rate is 0 or 1 has none, and its gap came out significant on 7 positives."""
-    from scipy.stats import norm
-
-    d = np.asarray(null, dtype=float)
-    d = d[~np.isnan(d)]
-    sd = float(np.sqrt(np.mean(d**2))) if len(d) > 1 else float("nan")  # spread around 0, the null's centre
-    if np.isnan(point) or not sd > 0:
-        return float("nan")
-    return float(2 * norm.sf(abs(point) / sd))
-
-
 def pool_groups(
     values: np.ndarray, patients: np.ndarray, min_patients: int, units: list[tuple[str, ...]] | None = None
 ) -> list[tuple[str, np.ndarray, bool]]:
-    """The rows one block (its images' attribute ``values``) is published by: (name, image mask, pooled).
-
-    Every unit (a group, or a pool of groups decided for the whole view: ``units``) with ``min_patients`` patients
-    or more in the block alone; the units with fewer pooled into one row, which takes in the smallest other units
-    (fewest patients first) until it has ``min_patients`` patients, named by its groups joined with " + ". The rows
-    partition the block's images, so no published number, alone or with the block's total, is a small group's
-    own. A block whose patients are all fewer than ``min_patients`` is one row (``audit_cell`` marks it small)."""
+    """One block's rows by the rule before ``vision.disclosure`` (kept to show what the attacker finds in it): every
+    unit with ``min_patients`` patients or more in the block alone, the others pooled into one row that takes in the
+    smallest other units until it has ``min_patients`` patients; unknown values are left out."""
     units = units if units is not None else [(g,) for g in sorted(set(values.tolist()))]
     units = [u for u in units if np.isin(values, u).any()]
 
@@ -211,16 +171,6 @@ def pool_groups(
     if pool:
         rows.append((POOL.join(str(g) for g in sorted(pool)), np.isin(values, pool), len(pool) > 1))
     return rows
-
-
-def view_units(view: pl.DataFrame, attribute: str, min_patients: int) -> list[tuple[str, ...]]:
-    """The groups of ``attribute`` a view (every model and finding of it together) pools before any block does.
-    A finding's block holds the view's images less those without that finding's label, so a group can fall under
-    the minimum in one finding and not in another; deciding the pools once for the view keeps a small group inside
-    the same pool in every block, so no difference between two findings' rows isolates it."""
-    known = view.filter(pl.col(attribute).is_not_null())
-    rows = pool_groups(known[attribute].to_numpy(), known["subject_id"].to_numpy(), min_patients)
-    return [tuple(name.split(POOL)) for name, _, _ in rows]
 
 
 PANEL = ["view", "labels", "model"]  # one chart panel: a family of tests
@@ -251,33 +201,79 @@ def adjust_gaps(table: pl.DataFrame) -> pl.DataFrame:
     return table.with_columns(pl.Series(k, v, dtype=pl.Float64) for k, v in out.items())
 
 
+def _group_counts(scores: pl.DataFrame, units: dict) -> dict:
+    """Each unit's patients and images in its view and label source: the counts a row publishes."""
+    out = {}
+    for (view, labels), part in scores.group_by(["view", "labels"], maintain_order=True):
+        images = part.unique("dicom_id")
+        for a in ATTRIBUTES:
+            for u in units[(view, a)]:
+                m = images.filter(pl.col(a).is_in(list(u)))
+                out[(view, labels, a, u)] = (m["subject_id"].n_unique(), m.height)
+    return out
+
+
+def prepare(scores: pl.DataFrame) -> pl.DataFrame:
+    """The rows an audit (and ``disclosure.recoverable``) reads: images with a target, unknown attributes as
+    ``UNKNOWN``, each image's call at its threshold, ``raw`` and ``policy`` (null and "ignore" where not given)."""
+    scores = with_unknown(scores.filter(pl.col("target").is_not_null()))
+    return scores.with_columns(
+        *(pl.lit(v, t).alias(c) for c, v, t in (("raw", None, pl.Float64), ("policy", "ignore", pl.String)) if c not in scores.columns),
+        pl.coalesce(*(["called"] if "called" in scores.columns else []), pl.col("prob") >= pl.col("threshold")).alias("called"),
+    )
+
+
 def audit(scores: pl.DataFrame, cfg: AuditSettings) -> pl.DataFrame:
     """Every cell of ``scores`` (one row per image and model/finding: ``view, labels, model, slug, subject_id,
-    target, prob, threshold`` and the attributes ``sex, age_band, race, insurance``) by every subgroup."""
-    rows = []
+    target, prob, threshold``, the attributes ``sex, age_band, race, insurance``, and ``raw`` (the label as
+    released) and ``policy`` (the model's uncertain policy) when known) by every planned group (``plan_units``)."""
     keys = ["view", "labels", "model", "slug"]
-    scores = scores.filter(pl.col("target").is_not_null())
-    units = {}  # (view, labels, attribute) -> the view's pools
-    for (view, labels), part in scores.group_by(["view", "labels"], maintain_order=True):
-        units.update({(view, labels, a): view_units(part, a, cfg.min_patients) for a in ATTRIBUTES})
+    scores = prepare(scores)
+    if not scores.height:
+        return pl.DataFrame(schema=COLUMNS)
+    units = plan_units(scores, cfg.min_patients)
+    counts = _group_counts(scores, units)
+    cells = []
     for key, part in scores.group_by(keys, maintain_order=True):
         head = dict(zip(keys, key, strict=True))
+        y, p, threshold = part["target"].to_numpy(), part["prob"].to_numpy(), part["threshold"].to_numpy()
+        patients, called = part["subject_id"].to_numpy(), part["called"].to_numpy()
         for attribute in ATTRIBUTES:
-            known = part.filter(pl.col(attribute).is_not_null())
-            if not known.height:
-                continue
-            y, p, threshold = known["target"].to_numpy(), known["prob"].to_numpy(), known["threshold"].to_numpy()
-            patients, values = known["subject_id"].to_numpy(), known[attribute].to_numpy()
-            base = units[(head["view"], head["labels"], attribute)]
-            for group, in_group, pooled in pool_groups(values, patients, cfg.min_patients, base):
-                cell = audit_cell(y, p, threshold, patients, in_group, cfg)
-                rows.append({**head, "attribute": attribute, "group": group, "pooled": pooled, **cell})
-    if not rows:
-        return pl.DataFrame(schema=COLUMNS)
+            values, plan = part[attribute].to_numpy(), units[(head["view"], attribute)]
+            for u in plan:
+                in_group = np.isin(values, u)
+                if in_group.any():
+                    cells.append((head, attribute, u, unit_name(u, units_present(plan)), y, p, threshold, patients, in_group, called))
+    b = cfg.permutations or permutations_for(_largest_panel(cells, cfg))
+    rows = []
+    for head, attribute, u, name, y, p, threshold, patients, in_group, called in cells:
+        cell = audit_cell(y, p, threshold, patients, in_group, cfg, b, called)
+        n_patients, n_images = counts[(head["view"], head["labels"], attribute, u)]
+        cell.update(n_patients=n_patients, n_images=n_images)
+        if not cell["small_cell"]:
+            cell["prevalence"] = cell["n_pos"] / n_images
+        rows.append({**head, "attribute": attribute, "group": name, "pooled": len(u) > 1, **cell})
     df = pl.DataFrame(rows, infer_schema_length=None)
     df = df.with_columns(pl.lit(None, t).alias(c) for c, t in COLUMNS.items() if c not in df.columns)
     df = df.select(list(COLUMNS)).cast(COLUMNS).with_columns(pl.col(pl.Float64).fill_nan(None))
     return adjust_gaps(df.drop([f"{g}_q" for g in GAPS])).select(list(COLUMNS))
+
+
+def _largest_panel(cells: list, cfg: AuditSettings) -> int:
+    """The most TPR- or FPR-gap tests one panel will hold (a two-group block once), from the cells' counts alone."""
+    tests: dict = {}
+    blocks: dict = {}
+    for head, attribute, _, _, y, _, _, patients, in_group, _ in cells:
+        blocks.setdefault((*[head[k] for k in ("view", "labels", "model", "slug")], attribute), []).append((head, y, patients, in_group))
+    for (view, labels, model, _, _), members in blocks.items():
+        for gap in GAPS:
+            ok = []
+            for _, y, patients, in_group in members:
+                _, codes = np.unique(patients, return_inverse=True)
+                ok.append(_enough(y, codes, in_group, cfg.min_positives)[gap] and np.unique(codes[in_group]).size >= cfg.min_patients)
+            n = (1 if any(ok[:1]) else 0) if len(members) == 2 else sum(ok)
+            tests[(view, labels, model, gap)] = tests.get((view, labels, model, gap), 0) + n
+    return max(tests.values(), default=0)
 
 
 def publishable(table: pl.DataFrame) -> pl.DataFrame:
@@ -320,7 +316,7 @@ def audit_scores(
     of the training patients), not the registered model, and its AUC pools their scores. Targets follow the
     label policy each model was trained with (its metrics row)."""
     from cxr_pipeline.vision.evaluate import stored_threshold
-    from cxr_pipeline.vision.folds import threshold_column
+    from cxr_pipeline.vision.folds import call_column, threshold_column
     from cxr_pipeline.vision.splits import MULTILABEL, RADIOLOGIST
     from cxr_pipeline.vision.targets import targets
 
@@ -347,10 +343,13 @@ def audit_scores(
         if rad.height:
             views.append(("test", RADIOLOGIST, targets(rad.with_columns(pl.col(f"radiologist_{s}").alias(s)), s, unc, "zeros"), probs))
         if model == MULTILABEL and oof is not None:  # each image at its own fold model's threshold
-            fold_probs = oof.select("dicom_id", pl.col(s).alias("prob"), pl.col(threshold_column(s)).alias("threshold"))
+            # the fold network's own call (read before calibration: at the map's clip a probability can tie its threshold)
+            called = [pl.col(call_column(s)).alias("called")] if call_column(s) in oof.columns else []
+            fold_probs = oof.select("dicom_id", pl.col(s).alias("prob"), pl.col(threshold_column(s)).alias("threshold"), *called)
             views.append(("train_out_of_fold", source, targets(train, s, unc, blank), fold_probs))
         for view, labels, rows, p in views:
-            t = rows.select("dicom_id", pl.col("target").cast(pl.Float64)).join(p, on="dicom_id", how="inner")
+            t = rows.select("dicom_id", pl.col("target").cast(pl.Float64), pl.col(s).cast(pl.Float64).alias("raw"))
+            t = t.join(p, on="dicom_id", how="inner").with_columns(pl.lit(unc).alias("policy"))
             parts.append(
                 t.with_columns(pl.lit(view).alias("view"), pl.lit(labels).alias("labels"), *(pl.lit(v).alias(k) for k, v in head.items()))
             )
@@ -429,7 +428,8 @@ def underdiagnosis_chart(table: pl.DataFrame, out, view: str = "test", model: st
 @dataclass(frozen=True)
 class AuditResult:
     """A subgroup audit: the full table (small cells included: it stays on the machine), the demographics
-    rows that could not be used, the counts of images and patients without demographics, the charts; or the
+    rows that could not be used, the publishable counts (images and patients of the manifest), the charts, and how
+    many small groups the attacker recovers from the publishable table (``vision.disclosure``: 0 by design); or the
     reason it could not run (no MIMIC-IV demographics)."""
 
     table: pl.DataFrame
@@ -437,6 +437,7 @@ class AuditResult:
     counts: dict[str, int]
     charts: dict[str, Path]
     skipped: str | None = None
+    recovered: pl.DataFrame | None = None
 
     @property
     def small_cells(self) -> int:
@@ -448,9 +449,12 @@ def subgroup_audit(
 ) -> AuditResult:
     """Every model's subgroup cells on the test split (both label sources) and the fold models' out-of-fold
     predictions (``hints``), by the MIMIC-IV demographics under ``mimic_iv``; the demographics rejects and the
-    charts are written under ``out``. Without the demographics the audit is empty and says why."""
+    charts are written under ``out``. Without the demographics the audit is empty and says why. The counts of
+    patients without demographics or without an admission are not published: they are the "not recorded" groups,
+    published as rows only when they are large enough."""
     from cxr_pipeline.data.demographics import missing_reason, per_image, read_demographics
     from cxr_pipeline.files import write_parquet
+    from cxr_pipeline.vision.disclosure import recoverable
 
     reason = missing_reason(mimic_iv)
     if reason:
@@ -458,7 +462,10 @@ def subgroup_audit(
     demo = read_demographics(mimic_iv)
     people, counts = per_image(manifest, demo.patients)
     write_parquet(demo.rejects, out / "demographics_rejects.parquet")
-    table = audit(audit_scores(classifiers, metrics, manifest, people, hints), cfg)
+    scores = audit_scores(classifiers, metrics, manifest, people, hints)
+    table = audit(scores, cfg)
+    recovered = recoverable(prepare(scores), publishable(table), cfg.min_patients) if table.height else None
     charts = {a: gap_chart(table, a, out / f"tpr_gap_{a}.png") for a in ATTRIBUTES}
     charts["underdiagnosis"] = underdiagnosis_chart(table, out / "underdiagnosis.png")
-    return AuditResult(table, demo.rejects, counts, charts)
+    published = {k: counts[k] for k in ("images", "patients")}
+    return AuditResult(table, demo.rejects, published, charts, recovered=recovered)

@@ -1,0 +1,130 @@
+"""The subgroup audit's statistics, vectorised over resamples: patient-bootstrap intervals and a permutation null
+that keeps the group's positive (negative) patients.
+
+Everything a cell needs reduces to per-patient sums (a patient's positive and called-positive images inside the
+group and outside it, the same for negatives), so a resample is a vector of patient weights and all resamples
+at once are one matrix product; only the AUC needs the images themselves (their scores' order), and it too is
+one pass over the sorted scores for every resample together.
+
+**The null** (``null_gaps``): a gap's p-value asks how often a group drawn at random would stray as far from the
+rest. A TPR gap's spread depends on how many patients with the finding the group has, not on its size: a group of
+60 patients with 6 positives against a rest at prevalence 0.5 strays far more than one with 30 positives. So the
+random groups keep the group's count of patients with a positive image (for TPR gaps; with a negative image for
+FPR gaps) and each patient's images together: membership is permuted among the patients with a positive image,
+the only ones a TPR depends on. The p-value is the Monte-Carlo one, ``(k + 1) / (B + 1)`` with ``k`` random gaps
+at least as far from 0 as the observed (Phipson & Smyth 2010), exact for the permutation test up to Monte-Carlo
+error; ``B`` is chosen so that the smallest attainable p-value can pass Benjamini-Hochberg at 0.05 in the largest
+panel (``permutations_for``).
+
+Written here rather than with a library: scipy's ``permutation_test`` permutes observations, not patients within
+strata, and calls the statistic once per resample (minutes for the audit's thousands of cells).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+METRICS = ("auc", "tpr", "fpr", "tpr_gap", "fpr_gap")
+GAPS = ("tpr_gap", "fpr_gap")
+FDR = 0.05  # the level the panels' Benjamini-Hochberg q-values are read at
+
+
+def permutations_for(largest_panel: int, floor: int = 1000) -> int:
+    """Random groups per gap so that the smallest p-value a permutation test can give, 1 / (B + 1), passes
+    Benjamini-Hochberg at ``FDR`` when it is the smallest of ``largest_panel`` tests (BH rejects the smallest
+    p-value of m only if it is at most FDR / m): B + 1 >= m / FDR, and never fewer than ``floor``."""
+    return max(floor, int(np.ceil(largest_panel / FDR)) - 1 + 1)
+
+
+def _patient_sums(y: np.ndarray, called: np.ndarray, codes: np.ndarray, n_patients: int, in_group: np.ndarray) -> np.ndarray:
+    """(n_patients, 8): per patient, inside the group then outside it: positives, true positives, negatives, false
+    positives."""
+    cols = []
+    for side in (in_group, ~in_group):
+        for mask in ((y == 1), (y == 1) & called, (y == 0), (y == 0) & called):
+            cols.append(np.bincount(codes, weights=(side & mask).astype(float), minlength=n_patients))
+    return np.stack(cols, axis=1)
+
+
+def _rates(sums: np.ndarray) -> dict[str, np.ndarray]:
+    """TPR and FPR in the group and their gaps to the rest, from weighted sums (..., 8)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr_g, fpr_g = sums[..., 1] / sums[..., 0], sums[..., 3] / sums[..., 2]
+        tpr_r, fpr_r = sums[..., 5] / sums[..., 4], sums[..., 7] / sums[..., 6]
+    return {"tpr": tpr_g, "fpr": fpr_g, "tpr_gap": tpr_g - tpr_r, "fpr_gap": fpr_g - fpr_r}
+
+
+def _auc(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC-AUC of (y, p) under each row of image ``weights`` (resamples x images); ties count one half. The scores
+    are sorted once; each resample's positive and negative weight per distinct score come from one ``reduceat``."""
+    if not len(y):
+        return np.full(weights.shape[0], np.nan)
+    order = np.argsort(p, kind="stable")
+    ps = p[order]
+    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
+    w = weights[:, order]
+    pos = np.add.reduceat(w * (y[order] == 1), starts, axis=1)
+    neg = np.add.reduceat(w * (y[order] == 0), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    wp, wn = pos.sum(axis=1), neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((wp > 0) & (wn > 0), (pos * (below + 0.5 * neg)).sum(axis=1) / (wp * wn), np.nan)
+
+
+def cell_statistics(
+    y: np.ndarray, p: np.ndarray, called: np.ndarray, patients: np.ndarray, in_group: np.ndarray, bootstrap: int, seed: int
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The group's AUC, TPR and FPR and its TPR and FPR gaps to the rest: point estimates and ``bootstrap`` paired
+    patient resamples of each (both sides of a gap from the same resample)."""
+    _, codes = np.unique(patients, return_inverse=True)
+    n = int(codes.max()) + 1 if len(codes) else 0
+    sums = _patient_sums(y, called, codes, n, in_group)
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=bootstrap).astype(float) if n else np.zeros((bootstrap, 0))
+    point = {k: float(v) for k, v in _rates(sums.sum(axis=0)).items()}
+    draws = _rates(counts @ sums)
+    g = np.flatnonzero(in_group)
+    point["auc"] = float(_auc(y[g], p[g], np.ones((1, g.size)))[0])
+    draws["auc"] = _auc(y[g], p[g], counts[:, codes[g]])
+    return point, draws
+
+
+def null_gaps(
+    y: np.ndarray, called: np.ndarray, patients: np.ndarray, in_group: np.ndarray, permutations: int, seed: int
+) -> dict[str, np.ndarray]:
+    """The TPR and FPR gaps of ``permutations`` random groups: a patient is a member when any of its images is in
+    the group; membership is permuted among the patients with a positive image (TPR: the group keeps its count of
+    them) and, apart, among those with a negative image (FPR), each patient's images together."""
+    _, codes = np.unique(patients, return_inverse=True)
+    n = int(codes.max()) + 1 if len(codes) else 0
+    member = np.zeros(n, dtype=bool)
+    member[codes[in_group]] = True
+    rng = np.random.default_rng(seed)
+    out = {}
+    for gap, label in (("tpr_gap", 1), ("fpr_gap", 0)):
+        total = np.bincount(codes, weights=(y == label).astype(float), minlength=n)
+        hit = np.bincount(codes, weights=((y == label) & called).astype(float), minlength=n)
+        stratum = np.flatnonzero(total > 0)  # the patients this rate depends on
+        k = int(member[stratum].sum())
+        if k == 0 or k == stratum.size:
+            out[gap] = np.full(permutations, np.nan)
+            continue
+        pick = np.argpartition(rng.random((permutations, stratum.size)), k - 1, axis=1)[:, :k]
+        m = np.zeros((permutations, stratum.size))
+        np.put_along_axis(m, pick, 1.0, axis=1)
+        t, h = total[stratum], hit[stratum]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[gap] = m @ h / (m @ t) - (1 - m) @ h / ((1 - m) @ t)
+    return out
+
+
+def permutation_p(point: float, null: np.ndarray) -> float:
+    """Two-sided Monte-Carlo p-value of "no gap": (k + 1) / (B + 1), k the random gaps at least as far from 0 as
+    ``point`` (a relative tolerance keeps a random gap equal to the observed one, as ties are in a discrete
+    statistic, among the k)."""
+    d = np.asarray(null, dtype=float)
+    d = d[~np.isnan(d)]
+    if np.isnan(point) or not len(d):
+        return float("nan")
+    k = int((np.abs(d) >= abs(point) * (1 - 1e-9) - 1e-12).sum())
+    return float((k + 1) / (len(d) + 1))
