@@ -331,7 +331,6 @@ def print_external(p: Paths) -> None:
 
 def print_subgroups(p: Paths, effect: str = DEMO_EFFECT) -> None:
     """The subgroup audit: the planted effect beside what the audit measured for it, then the largest gaps."""
-    from cxr_pipeline.config import resolve
     from cxr_pipeline.data.synthetic import planted_effect
     from cxr_pipeline.labels import slug
     from cxr_pipeline.vision.subgroups import gap_tests, largest_gaps, publishable
@@ -359,11 +358,10 @@ def print_subgroups(p: Paths, effect: str = DEMO_EFFECT) -> None:
             print(line(r))
     tests = gap_tests(t)
     found = largest_gaps(t, tests.height)
-    resamples = resolve(p, "subgroup_metrics").bootstrap
     print(
         f"  {found.height} of {tests.height} TPR-gap tests have a q-value below 0.05 (Benjamini-Hochberg within each view, label"
-        f" source and model; a two-group attribute tested once; p against {resamples} random patient groups of the same size):"
-        " at that false discovery rate about 1 in 20 of them is a false lead; the largest:"
+        " source and model, so the 5% holds within a panel, not across this list; a two-group attribute tested once; p against"
+        " random groups with as many patients with the finding): about 1 in 20 of them is a false lead; the largest:"
     )
     for r in found.head(3).iter_rows(named=True):
         print(line(r).replace(": ", f", {r['slug']}, {r['attribute']} = {r['group']}: ", 1))

@@ -86,14 +86,15 @@ class _View:
             totals = {"n_pos": float((y == 1).sum()), "tp": float(((y == 1) & called).sum()), "fp": float(((y == 0) & called).sum())}
             self.blocks[tuple(key)] = (mask, unc, part["policy"][0], totals | {"n_images": float(len(y))})
         self.source = {L: np.any([b[0] for k, b in self.blocks.items() if k[1] == L], axis=0) for L in self.sources}
-        regions = {"the view": np.ones(n, bool)}
+        regions, self.involves = {"the view": np.ones(n, bool)}, {"the view": set()}
         for L in self.sources:
-            regions[f"{L} images"] = self.source[L]
+            regions[f"{L} images"], self.involves[f"{L} images"] = self.source[L], {L}
             for L2 in self.sources:
                 if L2 != L and (self.source[L] & ~self.source[L2]).any():
                     regions[f"{L} images without {L2}"] = self.source[L] & ~self.source[L2]
+                    self.involves[f"{L} images without {L2}"] = {L, L2}
         for k, b in self.blocks.items():
-            regions[f"labelled for {k[3]} ({k[1]}, {k[2]})"] = b[0]
+            regions[f"labelled for {k[3]} ({k[1]}, {k[2]})"], self.involves[f"labelled for {k[3]} ({k[1]}, {k[2]})"] = b[0], {k[1]}
         self.unit_regions = dict(regions)  # where a published unit must have min_patients patients or none (rule 3)
         for k, b in self.blocks.items():  # a group's unlabelled images: a group too, though no row counts them
             regions[f"not labelled for {k[3]} ({k[1]}, {k[2]})"] = self.source[k[1]] & ~b[0]
@@ -122,9 +123,17 @@ class _View:
         return ((atom_sets.astype(np.float32) @ self.incidence.T) > 0).sum(axis=1)
 
 
-def _unit_ok(view: _View, attribute: str, unit: tuple[str, ...], min_patients: int) -> bool:
+def small_sources(scores: pl.DataFrame, min_patients: int) -> set[tuple[str, str]]:
+    """The (view, label source) pairs with fewer than ``min_patients`` patients: published as one row per attribute,
+    ``all``, without numbers (``audit`` marks it small), so they constrain no pool."""
+    counts = scores.group_by("view", "labels").agg(pl.col("subject_id").n_unique().alias("n"))
+    return {(v, L) for v, L, n in counts.iter_rows() if n < min_patients}
+
+
+def _unit_ok(view: _View, attribute: str, unit: tuple[str, ...], min_patients: int, small: set[str]) -> bool:
     m = np.isin(view.attrs[attribute], unit)
-    return all(not (0 < view.patients(m & r) < min_patients) for r in view.unit_regions.values())
+    regions = (r for k, r in view.unit_regions.items() if not view.involves[k] & small)
+    return all(not (0 < view.patients(m & r) < min_patients) for r in regions)
 
 
 def _merge_smallest(view: _View, attribute: str, units: list[tuple[str, ...]], bad: list[tuple[str, ...]]) -> list:
@@ -146,12 +155,14 @@ def plan_units(scores: pl.DataFrame, min_patients: int, max_rounds: int = 200) -
     out = {}
     for (name,), part in scores.group_by(["view"], maintain_order=True):
         view = _View(part)
+        small = {L for v, L in small_sources(part, min_patients)}
         units = {a: [(v,) for v in sorted(set(view.attrs[a].tolist()))] for a in ATTRIBUTES}
         for a in ATTRIBUTES:
-            while len(units[a]) > 1 and (bad := [u for u in units[a] if not _unit_ok(view, a, u, min_patients)]):
+            while len(units[a]) > 1 and (bad := [u for u in units[a] if not _unit_ok(view, a, u, min_patients, small)]):
                 units[a] = _merge_smallest(view, a, units[a], bad)
         for _ in range(max_rounds):
-            found = _recover(view, publication_shape(part, {(name, a): u for a, u in units.items()}), min_patients, "view", True)
+            shape = publication_shape(part, {(name, a): u for a, u in units.items()}, min_patients)
+            found = _recover(view, shape, min_patients, "view", True)
             if not found:
                 break
             units = _coarsen(view, units, found)
@@ -174,12 +185,16 @@ def _coarsen(view: _View, units: dict, found: list[dict]) -> dict:
     return {**units, a: _merge_smallest(view, a, units[a], hit or units[a])}
 
 
-def publication_shape(scores: pl.DataFrame, units: dict) -> pl.DataFrame:
-    """The rows a plan publishes, with every count and rate marked present (1.0) where the audit could publish it:
-    what ``recoverable`` needs to judge a plan before any statistic is computed."""
+def publication_shape(scores: pl.DataFrame, units: dict, min_patients: int) -> pl.DataFrame:
+    """The rows a plan publishes, with every count and rate marked present (1.0) where the audit could publish it
+    (a small label source publishes none): what ``recoverable`` needs to judge a plan before any statistic is
+    computed."""
     s = with_unknown(scores)
+    small = small_sources(s, min_patients)
     rows = []
     for key, part in s.group_by(BLOCK, maintain_order=True):
+        if (key[0], key[1]) in small:
+            continue
         for a in ATTRIBUTES:
             for u in units[(key[0], a)]:
                 if part[a].is_in(list(u)).any():

@@ -42,7 +42,7 @@ import polars as pl
 
 from cxr_pipeline.data.demographics import ATTRIBUTES
 from cxr_pipeline.fields import at_least_one, setting
-from cxr_pipeline.vision.disclosure import POOL, UNKNOWN, plan_units, unit_name, units_present, with_unknown
+from cxr_pipeline.vision.disclosure import POOL, UNKNOWN, plan_units, small_sources, unit_name, units_present, with_unknown
 from cxr_pipeline.vision.gap_statistics import GAPS, METRICS, cell_statistics, null_gaps, permutation_p, permutations_for
 
 __all__ = ["POOL", "UNKNOWN", "AuditSettings", "audit", "audit_cell", "publishable", "largest_gaps", "gap_tests"]
@@ -207,7 +207,8 @@ def _group_counts(scores: pl.DataFrame, units: dict) -> dict:
     for (view, labels), part in scores.group_by(["view", "labels"], maintain_order=True):
         images = part.unique("dicom_id")
         for a in ATTRIBUTES:
-            for u in units[(view, a)]:
+            whole = tuple(v for unit in units[(view, a)] for v in unit)  # a small source's one row
+            for u in [*units[(view, a)], whole]:
                 m = images.filter(pl.col(a).is_in(list(u)))
                 out[(view, labels, a, u)] = (m["subject_id"].n_unique(), m.height)
     return out
@@ -232,6 +233,7 @@ def audit(scores: pl.DataFrame, cfg: AuditSettings) -> pl.DataFrame:
     if not scores.height:
         return pl.DataFrame(schema=COLUMNS)
     units = plan_units(scores, cfg.min_patients)
+    small = small_sources(scores, cfg.min_patients)
     counts = _group_counts(scores, units)
     cells = []
     for key, part in scores.group_by(keys, maintain_order=True):
@@ -240,6 +242,8 @@ def audit(scores: pl.DataFrame, cfg: AuditSettings) -> pl.DataFrame:
         patients, called = part["subject_id"].to_numpy(), part["called"].to_numpy()
         for attribute in ATTRIBUTES:
             values, plan = part[attribute].to_numpy(), units[(head["view"], attribute)]
+            if (head["view"], head["labels"]) in small:  # one row, "all", without numbers: no group's name shown
+                plan = [tuple(v for u in plan for v in u)]
             for u in plan:
                 in_group = np.isin(values, u)
                 if in_group.any():

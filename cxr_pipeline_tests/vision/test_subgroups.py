@@ -280,3 +280,19 @@ def test_a_p_value_is_the_monte_carlo_share_of_random_gaps_at_least_as_large():
     obs = called[(y == 1) & in_g].mean() - called[(y == 1) & ~in_g].mean()
     assert permutation_p(obs, null["tpr_gap"]) == pytest.approx(1 / 1000)
     assert permutations_for(60) + 1 >= 60 / 0.05 and permutations_for(3) == 1000  # BH can reach 0.05 in a panel of 60
+
+
+def test_a_label_source_under_the_minimum_is_one_unnamed_row_and_does_not_coarsen_the_others():
+    """Radiologist labels for 6 patients: their rows are one ``all`` row per attribute, small and without numbers (no
+    group's name says who they are); the automatic labels' rows keep their groups, as the small source publishes no
+    number a difference could use."""
+    from cxr_pipeline.vision.disclosure import recoverable
+    from cxr_pipeline.vision.subgroups import prepare
+
+    raw = _attack_fixture().filter((pl.col("labels") != "radiologist") | (pl.col("subject_id") < 6))
+    table = publishable(audit(raw, AuditSettings(min_patients=10, bootstrap=20, permutations=20, seed=0, min_positives=1)))
+    rad = table.filter(pl.col("labels") == "radiologist")
+    assert set(rad["group"]) == {"all"} and rad["small_cell"].all() and rad["n_images"].is_null().all()
+    auto = table.filter((pl.col("labels") == "chexpert") & (pl.col("attribute") == "race"))
+    assert auto["group"].n_unique() >= 2 and not auto["small_cell"].any()
+    assert recoverable(prepare(raw), table, 10).height == 0
