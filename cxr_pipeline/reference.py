@@ -131,10 +131,11 @@ def harmonisation_section() -> str:
     out.append("cannot be scored for it, and scoring drops it whatever the model's blank policy) when any of its *null* terms ")
     out.append("is; else 0. PadChest's terms are whole subtrees of its hierarchy (Bustos et al. 2020, *Medical Image Analysis* ")
     out.append("66:101797; `PADCHEST_TREE`): `laminar atelectasis` is an atelectasis. No Finding is derived from the others, ")
-    out.append("as CheXpert derives it: 0 when a finding other than Support Devices is 1; 1 when its own term is present and ")
-    out.append("no other finding is 1 or null; null otherwise, so an image labelled only outside the 14 is never a negative. ")
-    out.append("A PadChest record naming no finding (an empty list; only `unchanged`, `exclude`, `suboptimal study`) is ")
-    out.append("rejected. CheXpert's own columns are read as they are, blanks under the model's policy as MIMIC's.\n\n")
+    out.append("as CheXpert's labeller derives it: 0 when a finding other than Support Devices is 1; 1 when every label is ")
+    out.append("its own term or a Support Devices term (besides labels naming no finding) and no other finding is null; null ")
+    out.append("otherwise, so an image labelled only outside the 14 is never a negative. A PadChest record naming no finding ")
+    out.append("(an empty list; only `unchanged`, `suboptimal study`), or carrying `exclude`, is rejected. CheXpert's own ")
+    out.append("columns are read as they are, blanks under the model's policy as MIMIC's.\n\n")
     out.append("| finding | " + " | ".join(FORMAT_NAMES[f] for f in FORMATS) + " |\n|---|" + "---|" * len(FORMATS) + "\n")
     cells: dict[str, dict[str, str]] = {}
     for dataset, finding, positive, _null, _why in rows:

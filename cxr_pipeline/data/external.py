@@ -17,14 +17,16 @@ term (``Rule.unknown``) or No Finding for labels outside the 14; scoring drops s
   policies later, exactly as MIMIC's; the patient and study from the path (``patientNNNNN/studyN``).
 - NIH ChestX-ray14: ``Finding Labels`` is a ``|``-separated list of its 14 findings or ``No Finding``. A label
   absent from the list is a negative for the findings it maps to (NIH's labels are exhaustive over its own 14).
-  ``Effusion`` is Pleural Effusion; ``Mass`` and ``Nodule`` are both Lung Lesion; ``Infiltration``,
-  ``Emphysema``, ``Fibrosis``, ``Pleural_Thickening`` and ``Hernia`` map to none, and an image with only those
-  (13,100 in the release) has No Finding null: neither a finding of the 14 nor a normal film is said.
+  ``Effusion`` is Pleural Effusion; ``Mass`` and ``Nodule`` are both Lung Lesion; ``Infiltration`` makes
+  Consolidation, Edema and Pneumonia null; ``Infiltration``, ``Emphysema``, ``Fibrosis``, ``Pleural_Thickening``
+  and ``Hernia`` map to no positive, and an image with only those (13,100 in the release) has No Finding null:
+  neither a finding of the 14 nor a normal film is said.
 - PadChest: ``Labels`` is a Python list written as text of UMLS-based terms in a hierarchy (``PADCHEST_TREE``,
-  transcribed from Bustos et al. 2020); a finding is positive when any term of its subtree is present
-  ('laminar atelectasis' is an atelectasis). A record whose labels cannot be read as a list (103 say ``nan``)
-  or name no finding (777 empty lists; 5,422 with only 'unchanged', 'exclude' or 'suboptimal study') is rejected
-  with the reason: a negative for everything would be a guess.
+  transcribed from the release's tree file); a finding is positive when any term of its subtree is present
+  ('laminar atelectasis' is an atelectasis). A record whose labels cannot be read as a list (103 say ``nan``),
+  name no finding (777 empty lists; 5,422 with only 'unchanged', 'exclude' or 'suboptimal study') or carry
+  'exclude' among findings (28: PadChest's mark of a study to leave out) is rejected with the reason: a negative
+  for everything would be a guess.
 
 No Dagster here.
 """
@@ -47,6 +49,7 @@ from cxr_pipeline.data.harmonisation import (  # noqa: F401  (re-exported: the r
     NOT_MAPPED,
     NOT_SCORED,
     NULL_IS_UNSCORABLE,
+    PADCHEST_EXCLUDE,
     PADCHEST_NO_FINDING_NAMED,
     PADCHEST_TREE,
     PADCHEST_UNMAPPED,
@@ -227,7 +230,8 @@ def padchest_labels(text: str | None) -> list[str]:
 def read_padchest(path: Path) -> ExternalLabels:
     """PadChest's ``PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv``: the image at ``<ImageDir>/<ImageID>``;
     every projection kept (PA, AP, AP_horizontal as AP, L as LATERAL, the others as written); the findings by whole
-    subtrees of its term hierarchy (``harmonise``). A record naming no finding is rejected, not made a negative."""
+    subtrees of its term hierarchy (``harmonise``). A record naming no finding, or carrying 'exclude', is rejected,
+    not made a negative."""
     path = Path(path)
     df = _read(path, ("ImageID", "ImageDir", "StudyID", "PatientID", "Projection", "Labels"))
     rows, rejects = [], []
@@ -247,6 +251,8 @@ def read_padchest(path: Path) -> ExternalLabels:
                     reason = "Labels is an empty list: the report names no finding"
                 elif no_finding_named.issuperset(found):
                     reason = f"Labels name no finding, only {sorted(set(found))}"
+                elif PADCHEST_EXCLUDE in found:
+                    reason = f"Labels carry {PADCHEST_EXCLUDE!r}: PadChest marks the study to leave out"
         if reason:
             rejects.append({"source": path.name, "record": rec, "dicom_id": image or None, "subject_id": patient or None, "reason": reason})
             continue

@@ -7,9 +7,10 @@ layout and format: CheXpert's ``CheXpert-v1.0-small/valid.csv`` (its header, 1.0
 JPGs under ``valid/patientNNNNN/studyN/``; NIH's ``Data_Entry_2017_v2020.csv`` (its header with the unquoted
 commas, ``|``-separated labels) and 8-bit PNGs split into ``images_001/images/`` ... as the release is; PadChest's
 36-column label file (labels as a Python list written as text, a few quoted multi-line reports and ``nan``
-labels, the variant terms of its hierarchy, lists naming no finding (empty, 'unchanged' only) and films labelled
-only with terms outside the 14, as in the real file) and 16-bit PNGs with 12 bits stored under numbered folders.
-A ``REPLICA.json`` says it is a replica. The readers (``data.external``) cannot tell these from the real files but by their content.
+labels, the variant terms of its hierarchy and its borderline terms, lists naming no finding (empty, 'unchanged'
+only) or carrying 'exclude', and films labelled only with terms outside the 14, as in the real file) and 16-bit
+PNGs with 12 bits stored under numbered folders. A ``REPLICA.json`` says it is a replica. The readers
+(``data.external``) cannot tell these from the real files but by their content.
 """
 
 from __future__ import annotations
@@ -67,26 +68,51 @@ NIH_WORDS = {
     "Pneumonia": ("Pneumonia",),
     "Pneumothorax": ("Pneumothorax",),
 }
-# PadChest's terms for each finding, the variants of its hierarchy first among them (a reader matching exact
-# strings scores 'laminar atelectasis' or 'atypical pneumonia' as negatives: the replica must catch that). The k-th
-# record positive for a finding is written with its k-th word, in turn, so every variant occurs.
+# PadChest's terms for each finding, a variant of its hierarchy first (a reader matching exact strings, or a rule
+# whose subtree is cut to one term, scores 'laminar atelectasis' or 'air bronchogram' as negatives: the replica must
+# catch that). The k-th record positive for a finding is written with its k-th word, in turn, so every variant occurs.
 PADCHEST_WORDS = {
     "Atelectasis": ("laminar atelectasis", "atelectasis", "lobar atelectasis", "segmental atelectasis", "atelectasis basal"),
     "Cardiomegaly": ("cardiomegaly",),
-    "Consolidation": ("consolidation", "air bronchogram"),
+    "Consolidation": ("air bronchogram", "consolidation"),
     "Edema": ("pulmonary edema",),
     "Enlarged Cardiomediastinum": ("mediastinal enlargement", "superior mediastinal enlargement"),
-    "Lung Lesion": ("nodule", "pulmonary mass", "multiple nodules"),
-    "Lung Opacity": ("interstitial pattern", "increased density", "ground glass pattern"),
-    "Pleural Effusion": ("loculated pleural effusion", "pleural effusion", "loculated fissural effusion"),
-    "Pleural Other": ("apical pleural thickening", "pleural thickening"),
+    "Lung Lesion": ("multiple nodules", "nodule", "pulmonary mass", "lung metastasis", "lepidic adenocarcinoma"),
+    "Lung Opacity": ("interstitial pattern", "increased density", "ground glass pattern", "infiltrates"),
+    "Pleural Effusion": ("loculated pleural effusion", "pleural effusion", "loculated fissural effusion", "empyema"),
+    "Pleural Other": ("apical pleural thickening", "pleural thickening", "calcified pleural plaques"),
     "Pneumonia": ("atypical pneumonia", "pneumonia"),
-    "Pneumothorax": ("pneumothorax",),
+    "Pneumothorax": ("hydropneumothorax", "pneumothorax"),
     "Fracture": ("callus rib fracture", "rib fracture", "clavicle fracture", "vertebral fracture"),
     "Support Devices": ("pacemaker", "NSG tube", "central venous catheter via jugular vein", "endotracheal tube", "dual chamber device"),
 }
-# Records (by number, modulo 50) whose labels name no finding, as 6,199 of the real file's do: rejected by the reader.
+# Where the labeller is uncertain (-1), PadChest's borderline terms for the finding, in turn: each makes a finding
+# null (data.harmonisation), so the replica's nulls are worth counting.
+PADCHEST_BORDERLINE_WORDS = {
+    "Atelectasis": ("volume loss",),
+    "Consolidation": ("alveolar pattern", "infiltrates"),
+    "Edema": ("heart insufficiency", "hilar congestion", "kerley lines"),
+    "Fracture": ("vertebral anterior compression", "vertebral compression"),
+    "Lung Lesion": ("mass", "mediastinal mass", "cavitation"),
+    "Lung Opacity": ("fibrotic band", "pulmonary fibrosis"),
+    "Pleural Effusion": ("costophrenic angle blunting",),
+    "Pleural Other": ("minor fissure thickening", "post radiotherapy changes"),
+    "Pneumonia": ("tuberculosis", "abscess"),
+    "Support Devices": ("sternotomy", "suture material", "metal"),
+}
+# Records (by number, modulo 50) whose labels name no finding, as 6,199 of the real file's do: rejected by the reader;
+# and one whose findings carry 'exclude' (28 real ones), rejected too.
 PADCHEST_NO_FINDING_LISTS = {7: [], 19: ["unchanged"], 31: ["exclude"], 43: ["suboptimal study", "unchanged"]}
+PADCHEST_EXCLUDED = 37
+# Findings too rare to be drawn in a small replica (Pleural Other, Fracture: 1-2% of MIMIC's studies): records
+# numbered 11 (modulo 25) carry one of these terms too, in turn, so their variants and borderline terms are read.
+PADCHEST_RARE = (
+    "apical pleural thickening",
+    "vertebral anterior compression",
+    "calcified pleural plaques",
+    "clavicle fracture",
+    "callus rib fracture",
+)
 # A film with none of the 14 is labelled 'normal', or (records numbered 3 and 6, modulo 10) only with terms outside
 # the 14, as the real file's often are: No Finding is null for those, not 1.
 PADCHEST_OUTSIDE = {3: ["COPD signs"], 6: ["aortic elongation", "scoliosis"]}
@@ -239,12 +265,20 @@ def _write_labels(cfg: ExternalReplica, out: Path, records: list[dict], rng: np.
             w.writerow(PADCHEST_HEADER)
             projections = {"PA": "PA", "LATERAL": "L", "AP": "AP_horizontal"}
             turn = dict.fromkeys(PADCHEST_WORDS, 0)
+            unsure = dict.fromkeys(PADCHEST_BORDERLINE_WORDS, 0)
             for n, r in enumerate(records):
                 words = []
                 for lab in (x for x in _present(r["labels"]) if x in PADCHEST_WORDS):
                     words.append(PADCHEST_WORDS[lab][turn[lab] % len(PADCHEST_WORDS[lab])])
                     turn[lab] += 1
+                for lab in (x for x in CHEXPERT_ORDER if x in unsure and r["labels"].get(x) == -1.0):
+                    words.append(PADCHEST_BORDERLINE_WORDS[lab][unsure[lab] % len(PADCHEST_BORDERLINE_WORDS[lab])])
+                    unsure[lab] += 1
+                if n % 25 == 11:
+                    words.append(PADCHEST_RARE[n // 25 % len(PADCHEST_RARE)])
                 terms = list(dict.fromkeys(words)) or PADCHEST_OUTSIDE.get(n % 10, ["normal"])
+                if n % 50 == PADCHEST_EXCLUDED:
+                    terms = [*terms, "exclude"]
                 terms = PADCHEST_NO_FINDING_LISTS.get(n % 50, terms)
                 terms = [t if k == 0 or n % 2 == 0 else f" {t}" for k, t in enumerate(terms)]  # the real file's spaces
                 labels = "nan" if rng.uniform() < 0.01 else repr(terms)
