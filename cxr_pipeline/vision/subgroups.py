@@ -42,7 +42,16 @@ import polars as pl
 
 from cxr_pipeline.data.demographics import ATTRIBUTES
 from cxr_pipeline.fields import at_least_one, setting
-from cxr_pipeline.vision.disclosure import POOL, UNKNOWN, plan_units, small_sources, unit_name, units_present, with_unknown
+from cxr_pipeline.vision.disclosure import (
+    POOL,
+    UNKNOWN,
+    fpr_publishable,
+    plan_units,
+    small_sources,
+    unit_name,
+    units_present,
+    with_unknown,
+)
 from cxr_pipeline.vision.gap_statistics import GAPS, METRICS, cell_statistics, null_gaps, permutation_p, permutations_for
 
 __all__ = ["POOL", "UNKNOWN", "AuditSettings", "audit", "audit_cell", "publishable", "largest_gaps", "gap_tests"]
@@ -147,30 +156,8 @@ def audit_cell(
         row[m] = point[m]
         row[f"{m}_lo"], row[f"{m}_hi"] = (float(v) for v in (np.percentile(d, [2.5, 97.5]) if len(d) else (np.nan, np.nan)))
         if m in GAPS:
-            row[f"{m}_p"] = permutation_p(point[m], null[m])
+            row[f"{m}_p"] = permutation_p(*null[m])
     return row
-
-
-def pool_groups(
-    values: np.ndarray, patients: np.ndarray, min_patients: int, units: list[tuple[str, ...]] | None = None
-) -> list[tuple[str, np.ndarray, bool]]:
-    """One block's rows by the rule before ``vision.disclosure`` (kept to show what the attacker finds in it): every
-    unit with ``min_patients`` patients or more in the block alone, the others pooled into one row that takes in the
-    smallest other units until it has ``min_patients`` patients; unknown values are left out."""
-    units = units if units is not None else [(g,) for g in sorted(set(values.tolist()))]
-    units = [u for u in units if np.isin(values, u).any()]
-
-    def size(members: list) -> int:
-        return int(np.unique(patients[np.isin(values, members)]).size)
-
-    alone = [u for u in units if size(list(u)) >= min_patients]
-    pool = [g for u in units if u not in alone for g in u]
-    while pool and alone and size(pool) < min_patients:
-        pool.extend(alone.pop(min(range(len(alone)), key=lambda i: (size(list(alone[i])), alone[i]))))
-    rows = [(POOL.join(map(str, u)), np.isin(values, u), len(u) > 1) for u in alone]
-    if pool:
-        rows.append((POOL.join(str(g) for g in sorted(pool)), np.isin(values, pool), len(pool) > 1))
-    return rows
 
 
 PANEL = ["view", "labels", "model"]  # one chart panel: a family of tests
@@ -197,7 +184,9 @@ def adjust_gaps(table: pl.DataFrame) -> pl.DataFrame:
     block_first = t.select("_row", pl.col("_row").filter(pl.col("_first")).first().over(block).alias("_lead"), "_two")
     out = {}
     for gap in GAPS:
+        p = t[f"{gap}_p"].to_list()
         out[f"{gap}_q"] = [q_of.get((lead if two else r, gap)) for r, lead, two in block_first.iter_rows()]
+        out[f"{gap}_p"] = [p[lead] if two else p[r] for r, lead, two in block_first.iter_rows()]  # one test, one p-value
     return table.with_columns(pl.Series(k, v, dtype=pl.Float64) for k, v in out.items())
 
 
@@ -216,8 +205,23 @@ def _group_counts(scores: pl.DataFrame, units: dict) -> dict:
 
 def prepare(scores: pl.DataFrame) -> pl.DataFrame:
     """The rows an audit (and ``disclosure.recoverable``) reads: images with a target, unknown attributes as
-    ``UNKNOWN``, each image's call at its threshold, ``raw`` and ``policy`` (null and "ignore" where not given)."""
+    ``UNKNOWN``, every attribute the patient's within a view (age: the band of its first study there, so a patient
+    is in one group of each attribute, as the null's random groups and the published patient counts assume), each
+    image's call at its threshold, ``raw`` and ``policy`` (null and "ignore" where not given)."""
     scores = with_unknown(scores.filter(pl.col("target").is_not_null()))
+    if scores.height:  # an attribute of the patient, not the image: the age band of its first study in the view
+        order = "age" if "age" in scores.columns else "age_band"
+        first = (
+            scores.filter(pl.col("age_band") != UNKNOWN)
+            .sort(order, "dicom_id")
+            .group_by("view", "subject_id")
+            .agg(pl.col("age_band").first().alias("_band"))
+        )
+        scores = (
+            scores.join(first, on=["view", "subject_id"], how="left")
+            .with_columns(pl.col("_band").fill_null(UNKNOWN).alias("age_band"))
+            .drop("_band")
+        )
     return scores.with_columns(
         *(pl.lit(v, t).alias(c) for c, v, t in (("raw", None, pl.Float64), ("policy", "ignore", pl.String)) if c not in scores.columns),
         pl.coalesce(*(["called"] if "called" in scores.columns else []), pl.col("prob") >= pl.col("threshold")).alias("called"),
@@ -235,6 +239,7 @@ def audit(scores: pl.DataFrame, cfg: AuditSettings) -> pl.DataFrame:
     units = plan_units(scores, cfg.min_patients)
     small = small_sources(scores, cfg.min_patients)
     counts = _group_counts(scores, units)
+    sources = {k: part["dicom_id"].n_unique() for k, part in scores.group_by(["view", "labels"])}
     cells = []
     for key, part in scores.group_by(keys, maintain_order=True):
         head = dict(zip(keys, key, strict=True))
@@ -253,6 +258,8 @@ def audit(scores: pl.DataFrame, cfg: AuditSettings) -> pl.DataFrame:
     for head, attribute, u, name, y, p, threshold, patients, in_group, called in cells:
         cell = audit_cell(y, p, threshold, patients, in_group, cfg, b, called)
         n_patients, n_images = counts[(head["view"], head["labels"], attribute, u)]
+        if not fpr_publishable(sources[(head["view"], head["labels"])], len(y)):  # vision.disclosure, rule 3
+            cell.update({f"fpr{x}": float("nan") for x in ("", "_lo", "_hi", "_gap", "_gap_lo", "_gap_hi", "_gap_p")})
         cell.update(n_patients=n_patients, n_images=n_images)
         if not cell["small_cell"]:
             cell["prevalence"] = cell["n_pos"] / n_images
