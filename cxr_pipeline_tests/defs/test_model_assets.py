@@ -84,10 +84,15 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         calibration, threshold = ckpt_cfg["calibration"], ckpt_cfg["threshold"]
         assert calibration["fitted_on"] == "validate" and calibration["method"] in ("platt", "none")
         np.testing.assert_allclose(out["support_devices"].to_numpy(), apply(calibration, raw), atol=1e-5)  # calibrated
-        assert (out["support_devices_call"].to_numpy() == (raw >= threshold)).all()  # the calls of the raw scores
-        assert (
-            out["support_devices_call"].to_numpy() == (out["support_devices"].to_numpy() >= calibrated_threshold(calibration, threshold))
-        ).all()
+        # the calls of the raw scores; the threshold is a validate image's own score (Youden's J picks one), and the served
+        # model recomputes that image's score, so at the tie one float32 ulp decides: that image is left out here
+        off = np.abs(raw - threshold) > 1e-6
+        assert off.sum() >= len(raw) - 1 and (out["support_devices_call"].to_numpy() == (raw >= threshold))[off].all()
+        # through the map the calls agree wherever the calibrated value is not tied with the carried threshold (at the
+        # map's clip two scores either side of the threshold can become one probability: calls are read on the raw score)
+        cal, at = out["support_devices"].to_numpy(), calibrated_threshold(calibration, threshold)
+        apart = np.abs(cal - at) > 1e-6
+        assert (out["support_devices_call"].to_numpy()[apart] == (cal >= at)[apart]).all()
         # the version's model card: generated, logged beside the model, linked from the description, its figures the run's
         version = client.get_model_version("cxr-support-devices", "1")
         assert version.description.startswith(f"Model card: `runs:/{run.info.run_id}/model_card/model_card.md`")
