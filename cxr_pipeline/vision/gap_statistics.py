@@ -28,6 +28,7 @@ import numpy as np
 
 METRICS = ("auc", "tpr", "fpr", "tpr_gap", "fpr_gap")
 GAPS = ("tpr_gap", "fpr_gap")
+IMAGE_BINS = (2, 3, 5)  # a patient's positive (negative) images: 1, 2, 3-4, 5 or more
 FDR = 0.05  # the level the panels' Benjamini-Hochberg q-values are read at
 
 
@@ -96,11 +97,13 @@ def _studentized(m: np.ndarray, t: np.ndarray, h: np.ndarray) -> np.ndarray:
     membership matrix ``m`` (patients' totals ``t`` and hits ``h``): the ratio estimator's sandwich variance on each
     side, as a cluster-robust standard error of a proportion is computed, with the n / (n - 1) correction."""
 
+    pooled = h.sum() / t.sum()  # under "no gap" both sides share the overall rate: residuals about it (a score test's)
+
     def side(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         tw, hw, n = w @ t, w @ h, w.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             rate = hw / tw
-            ss = w @ (h * h) - 2 * rate * (w @ (h * t)) + rate**2 * (w @ (t * t))
+            ss = w @ (h * h) - 2 * pooled * (w @ (h * t)) + pooled**2 * (w @ (t * t))
             var = np.where(n > 1, ss / tw**2 * n / np.maximum(n - 1, 1), np.nan)
         return rate, var
 
@@ -117,7 +120,8 @@ def null_gaps(
     """For the TPR and the FPR gap: the observed studentized gap and those of ``permutations`` random groups. A
     patient is a member when any of its images is in the group; membership is permuted among the patients with a
     positive image (TPR: the group keeps its count of them) and, apart, among those with a negative image (FPR),
-    each patient's images together. The gap is studentized (``_studentized``) because the random groups differ
+    each patient's images together, and within bins of how many such images a patient has (``IMAGE_BINS``), so a
+    random group has the group's mix of one-image and many-image patients. The gap is studentized (``_studentized``) because the random groups differ
     from the group in how many images their patients have: a raw gap's spread depends on that, a studentized one's
     far less (a permutation test of a studentized statistic stays valid when the groups' variances differ: Janssen
     1997; Chung & Romano 2013)."""
@@ -137,9 +141,15 @@ def null_gaps(
             continue
         t, h = total[stratum], hit[stratum]
         observed = float(_studentized(member[stratum][None].astype(float), t, h)[0])
-        pick = np.argpartition(rng.random((permutations, stratum.size)), k - 1, axis=1)[:, :k]
         m = np.zeros((permutations, stratum.size))
-        np.put_along_axis(m, pick, 1.0, axis=1)
+        bins = np.digitize(t, IMAGE_BINS)  # permuted within patients with about as many such images
+        for b in np.unique(bins):
+            idx = np.flatnonzero(bins == b)
+            kb = int(member[stratum][idx].sum())
+            if kb == 0:
+                continue
+            pick = np.argpartition(rng.random((permutations, idx.size)), kb - 1, axis=1)[:, :kb]
+            m[np.arange(permutations)[:, None], idx[pick]] = 1.0
         out[gap] = (observed, _studentized(m, t, h))
     return out
 

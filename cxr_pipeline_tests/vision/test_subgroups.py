@@ -349,19 +349,19 @@ def test_a_rate_resting_on_a_handful_of_patients_is_left_empty_not_given_a_degen
 
 
 def test_with_no_gap_a_low_prevalence_group_is_not_called_significant_more_than_one_time_in_twenty():
-    """The null keeps the group's patients with the finding (``benchmarks/bench_subgroup_null.py`` runs every cell of
-    the issue's grid at 1,000 repetitions): 60 patients at prevalence 0.1 against 200 at 0.5, and 60 patients with one
-    image each against 200 with six, no gap. The stratified, studentized p-value rejects at 0.05 in at most 5% (+2
-    Monte-Carlo SE) of repetitions; the size-only null it replaced rejects in a quarter or more (the check that this
-    test can fail)."""
+    """The null keeps the group's patients with the finding and their image-count mix, the gap studentized
+    (``benchmarks/bench_subgroup_null.py`` runs the issue's grid and more at 1,000 repetitions): 60 patients at
+    prevalence 0.1 against 200 at 0.5; 30 patients with 1 + Poisson(1.5) images against 200 with 1 + Poisson(3.5);
+    no gap. The audit's p-value rejects at 0.05 in at most 5% (+2 Monte-Carlo SE) of repetitions; the size-only null
+    it replaced rejects in about a quarter and an eighth (the check that this test can fail)."""
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[2] / "benchmarks" / "bench_subgroup_null.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    for prevalence, images in ((0.1, "2 each"), (0.5, "1 vs 6")):  # the second: one image a patient against six
-        res = bench.run(size=60, prevalence=prevalence, reps=150, permutations=400, seed=3, images=images)
+    for size, prevalence, images, reps in ((60, 0.1, "2 each", 150), (30, 0.5, "Poisson", 250)):
+        res = bench.run(size=size, prevalence=prevalence, reps=reps, permutations=400, seed=3, images=images)
         new, old = (np.asarray(res["hits"][k]["tpr_gap"], float) for k in ("stratified", "size only"))
         bound = 0.05 + 2 * np.sqrt(0.05 * 0.95 / len(new))
         assert len(new) >= 100 and new.mean() <= bound, images
