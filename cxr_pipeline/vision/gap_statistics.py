@@ -36,7 +36,7 @@ def permutations_for(largest_panel: int, floor: int = 1000) -> int:
     """Random groups per gap so that the smallest p-value a permutation test can give, 1 / (B + 1), passes
     Benjamini-Hochberg at ``FDR`` when it is the smallest of ``largest_panel`` tests (BH rejects the smallest
     p-value of m only if it is at most FDR / m): B + 1 >= m / FDR, and never fewer than ``floor``."""
-    return max(floor, int(np.ceil(largest_panel / FDR)) - 1 + 1)
+    return max(floor, int(np.ceil(largest_panel / FDR)))
 
 
 def _patient_sums(y: np.ndarray, called: np.ndarray, codes: np.ndarray, n_patients: int, in_group: np.ndarray) -> np.ndarray:
