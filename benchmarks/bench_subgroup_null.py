@@ -14,7 +14,8 @@ FPR gaps get a p-value from:
 
 A calibrated test rejects at p < 0.05 in at most 5% of repetitions (plus Monte-Carlo error: the bound printed is
 0.05 + 2 standard errors at 0.05). A cell where ``min_positives`` (5) leaves the TPR gap unscored counts as
-unscored, not as a rejection. Exit 1 if the stratified null exceeds the bound in any cell.
+unscored, not as a rejection, as does one the audit leaves without a p-value (its patients' image counts are
+the group: ``gap_statistics.CONFOUNDED``). Exit 1 if the stratified null exceeds the bound in any cell.
 
     python benchmarks/bench_subgroup_null.py [--reps 1000] [--permutations 1000]
 """
@@ -96,10 +97,11 @@ def run(size: int, prevalence: float, reps: int, permutations: int, seed: int, i
         new = null_gaps(y, called, pid, in_group, permutations, seed=r)
         old = size_only_p(y, called, pid, in_group, permutations, rng)
         for gap, label in (("tpr_gap", 1), ("fpr_gap", 0)):
-            if not scored(y, pid, in_group, label):
+            p = permutation_p(*new[gap])
+            if not scored(y, pid, in_group, label) or np.isnan(p):  # min_positives, or a group that is its image mix
                 unscored[gap] += 1
                 continue
-            hits["stratified"][gap].append(permutation_p(*new[gap]) < 0.05)
+            hits["stratified"][gap].append(p < 0.05)
             hits["size only"][gap].append(old[gap] < 0.05)
     return {"hits": hits, "unscored": unscored}
 

@@ -14,7 +14,8 @@ alone or intersected with a label source, the difference of two, a block's label
 difference of two blocks' labelled images, or a block's uncertain labels) is recovered when its indicator lies in
 the row space. Patients have a system of their own (a patient is in a row when any of its images is): atoms are
 the patients sharing attribute values and label sources, equations the published patient counts. AUCs and
-interval ends are not linear in the counts and are not used. A group that is exactly an attribute-free set (a
+interval ends are not linear in the counts and are not used; an AUC's exact value does name its negatives, so rule 3
+hides it wherever its negatives are not public already. A group that is exactly an attribute-free set (a
 label source's images, a block's unlabelled images) is what ``classifier_metrics`` publishes anyway; not counted.
 
 Findings share only the image counts (a block's positives, true and false positives are that finding's alone), so
@@ -29,10 +30,12 @@ table: the same row space for every question it can answer, at a size a 2-core m
 2. *Counts describe the group, not the block.* A row's ``n_patients`` and ``n_images`` are its group's in the view
    and label source, the same in every finding's row. Publishing each block's labelled images would publish, by
    difference with a finding that drops none, each group's uncertain images.
-3. *An FPR is published only where its block reads every image of the label source*: where a block leaves some
-   out (uncertain labels under U-Ignore, blanks under a blank policy of ignore), the FPR equations (the group's and,
-   through the gap, the rest's) and the block's totals solve for a group's labelled images, and so its unlabelled
-   ones. TPR (over the positives, published) and "No Finding"'s FPR (underdiagnosis: no label of it is ever left
+3. *An FPR, and an AUC, are published only where their block reads every image of the label source*: where a
+   block leaves some out (uncertain labels under U-Ignore, blanks under a blank policy of ignore), the FPR equations
+   (the group's and, through the gap, the rest's) and the block's totals solve for a group's labelled images, and so
+   its unlabelled ones; so does an AUC, not linearly but exactly (C / (n_pos x N) in full precision has few integer
+   N, and the rows' N must sum to the block's negatives). Where the block reads every image, N = n_images - n_pos is
+   public already. TPR (over the positives, published) and "No Finding"'s FPR and AUC (no label of it is ever left
    out) stay.
 4. *Pools are decided once per view*: a unit (a group or a pool of groups) must have ``min_patients`` patients or
    none in each label source, in each difference of label sources (patients with no image in the other too), and
@@ -90,8 +93,8 @@ def small_sources(scores: pl.DataFrame, min_patients: int) -> set[tuple[str, str
 
 
 def fpr_publishable(source_images: int, block_images: int) -> bool:
-    """Rule 3: an FPR (and its gap, whose other side is the rest of the block) is published only where the block reads
-    every image of its label source: otherwise the FPR equations and the totals solve for a group's labelled images."""
+    """Rule 3: an FPR (and its gap, whose other side is the rest of the block) and an AUC are published only where the
+    block reads every image of its label source: otherwise they and the totals solve for a group's labelled images."""
     return source_images == block_images
 
 

@@ -29,6 +29,7 @@ import numpy as np
 METRICS = ("auc", "tpr", "fpr", "tpr_gap", "fpr_gap")
 GAPS = ("tpr_gap", "fpr_gap")
 IMAGE_BINS = (2, 3, 5)  # a patient's positive (negative) images: 1, 2, 3-4, 5 or more
+CONFOUNDED = 0.5  # below this share of the group's patients in a bin that also holds others, a gap has no p-value
 FDR = 0.05  # the level the panels' Benjamini-Hochberg q-values are read at
 
 
@@ -121,7 +122,10 @@ def null_gaps(
     patient is a member when any of its images is in the group; membership is permuted among the patients with a
     positive image (TPR: the group keeps its count of them) and, apart, among those with a negative image (FPR),
     each patient's images together, and within bins of how many such images a patient has (``IMAGE_BINS``), so a
-    random group has the group's mix of one-image and many-image patients. The gap is studentized (``_studentized``) because the random groups differ
+    random group has the group's mix of one-image and many-image patients. The test is conditional on that mix:
+    where fewer than half of the group's patients share a bin with other patients (``CONFOUNDED``), the group is its
+    image mix and the gap gets no p-value (null, reported) rather than a p of 1 from random groups that are the
+    group itself. The gap is studentized (``_studentized``) because the random groups differ
     from the group in how many images their patients have: a raw gap's spread depends on that, a studentized one's
     far less (a permutation test of a studentized statistic stays valid when the groups' variances differ: Janssen
     1997; Chung & Romano 2013)."""
@@ -143,13 +147,18 @@ def null_gaps(
         observed = float(_studentized(member[stratum][None].astype(float), t, h)[0])
         m = np.zeros((permutations, stratum.size))
         bins = np.digitize(t, IMAGE_BINS)  # permuted within patients with about as many such images
+        exchangeable = 0
         for b in np.unique(bins):
             idx = np.flatnonzero(bins == b)
             kb = int(member[stratum][idx].sum())
             if kb == 0:
                 continue
+            exchangeable += kb if kb < idx.size else 0
             pick = np.argpartition(rng.random((permutations, idx.size)), kb - 1, axis=1)[:, :kb]
             m[np.arange(permutations)[:, None], idx[pick]] = 1.0
+        if exchangeable < CONFOUNDED * k:  # the group is its image mix: no random group can tell them apart
+            out[gap] = (float("nan"), np.full(permutations, np.nan))
+            continue
         out[gap] = (observed, _studentized(m, t, h))
     return out
 

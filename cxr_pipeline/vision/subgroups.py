@@ -259,7 +259,8 @@ def audit(scores: pl.DataFrame, cfg: AuditSettings) -> pl.DataFrame:
         cell = audit_cell(y, p, threshold, patients, in_group, cfg, b, called)
         n_patients, n_images = counts[(head["view"], head["labels"], attribute, u)]
         if not fpr_publishable(sources[(head["view"], head["labels"])], len(y)):  # vision.disclosure, rule 3
-            cell.update({f"fpr{x}": float("nan") for x in ("", "_lo", "_hi", "_gap", "_gap_lo", "_gap_hi", "_gap_p")})
+            hidden = [f"fpr{x}" for x in ("", "_lo", "_hi", "_gap", "_gap_lo", "_gap_hi", "_gap_p")] + ["auc", "auc_lo", "auc_hi"]
+            cell.update(dict.fromkeys(hidden, float("nan")))  # an AUC is C / (n_pos x negatives): its exact value names them
         cell.update(n_patients=n_patients, n_images=n_images)
         if not cell["small_cell"]:
             cell["prevalence"] = cell["n_pos"] / n_images

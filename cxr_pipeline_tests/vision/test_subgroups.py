@@ -212,8 +212,10 @@ def _independent_attack(truth: pl.DataFrame, table: pl.DataFrame) -> list[str]:
     images = truth.unique("dicom_id").sort("dicom_id")
     idx = {d: i for i, d in enumerate(images["dicom_id"])}
     n, blocks = images.height, truth.select("labels", "model", "slug").unique().sort(pl.all()).rows()
-    col = {("img", None): 0, **{(q, b): (1 + 3 * j + k) * n for j, b in enumerate(blocks) for k, q in enumerate(("pos", "tp", "fp"))}}
-    width = (1 + 3 * len(blocks)) * n
+    pairs = sorted({(b[0], b[2]) for b in blocks})  # positives are the label source's, shared by every model
+    col = {("img", None): 0, **{("pos", pr): (1 + j) * n for j, pr in enumerate(pairs)}}
+    col |= {(q, b): (1 + len(pairs) + 2 * j + k) * n for j, b in enumerate(blocks) for k, q in enumerate(("tp", "fp"))}
+    width = (1 + len(pairs) + 2 * len(blocks)) * n
     rows = []
 
     def eq(terms):
@@ -222,28 +224,34 @@ def _independent_attack(truth: pl.DataFrame, table: pl.DataFrame) -> list[str]:
             r[col[(q, b)] : col[(q, b)] + n] += c * mask
         rows.append(r)
 
-    label = {}
+    def positives(b, g, c=1.0):  # n_pos: the raw positives, and under U-Ones the uncertain labels too
+        terms = [(("pos", (b[0], b[2])), g * label[b] * (1 - unc[b]), c)]
+        return terms + ([(("img", None), g * label[b] * unc[b], c)] if ones[b] else [])
+
+    label, unc, ones = {}, {}, {}
     for b in blocks:
         part = truth.filter((pl.col("labels") == b[0]) & (pl.col("model") == b[1]) & (pl.col("slug") == b[2]))
-        lab = np.zeros(n)
+        lab, u = np.zeros(n), np.zeros(n)
         lab[[idx[d] for d in part["dicom_id"]]] = 1
-        label[b] = lab
-        eq([(("img", None), lab, 1.0)]), eq([(("pos", b), lab, 1.0)]), eq([(("tp", b), lab, 1.0)]), eq([(("fp", b), lab, 1.0)])
+        u[[idx[d] for d in part.filter(pl.col("raw") == -1)["dicom_id"]]] = 1
+        label[b], unc[b], ones[b] = lab, u, part["policy"][0] == "ones"
+        eq([(("img", None), lab, 1.0)]), eq(positives(b, np.ones(n))), eq([(("tp", b), lab, 1.0)]), eq([(("fp", b), lab, 1.0)])
     source = {L: np.max([label[b] for b in blocks if b[0] == L], axis=0) for L in {b[0] for b in blocks}}
     for r in table.filter(pl.col("n_images").is_not_null()).iter_rows(named=True):
         b = (r["labels"], r["model"], r["slug"])
         values = images[r["attribute"]].fill_null(UNKNOWN).to_numpy()
         g = np.isin(values, r["group"].split(POOL) if r["group"] != "all" else list(set(values))).astype(float)
         eq([(("img", None), g * source[r["labels"]], 1.0)])
-        eq([(("pos", b), g * label[b], 1.0)])
+        eq(positives(b, g))
         for side, sign in ((g, 1), (1 - g, -1)):
             for rate, q, neg in (("tpr", "tp", False), ("fpr", "fp", True)):
                 v = r[rate] if sign == 1 else (None if r[f"{rate}_gap"] is None else r[rate] - r[f"{rate}_gap"])
                 if v is not None:
-                    terms = [((q, b), side * label[b], 1.0), (("pos", b), side * label[b], v if neg else -v)]
+                    terms = [((q, b), side * label[b], 1.0), *positives(b, side, v if neg else -v)]
                     eq(terms + ([(("img", None), side * label[b], -v)] if neg else []))
-    a = np.array(rows)
-    rank = np.linalg.matrix_rank(a)
+    from scipy.linalg import orth
+
+    basis = orth(np.array(rows).T, rcond=1e-9)[:n]  # an orthonormal basis of the row space, its image-count coordinates
     found = []
     attrs = {x: images[x].fill_null(UNKNOWN).to_numpy() for x in ("sex", "age_band", "race", "insurance")}
     cands = [(f"{x}={v}", attrs[x] == v) for x in attrs for v in set(attrs[x])]
@@ -257,9 +265,8 @@ def _independent_attack(truth: pl.DataFrame, table: pl.DataFrame) -> list[str]:
     subject = images["subject_id"].to_numpy()
     for name, m in cands:
         if 0 < np.unique(subject[m]).size < 10:
-            v = np.zeros(width)
-            v[:n] = m
-            if np.linalg.matrix_rank(np.vstack([a, v])) == rank:
+            v = m.astype(float)
+            if v @ v - np.sum((basis.T @ v) ** 2) < (1e-6 * max(1.0, np.linalg.norm(v))) ** 2:  # no residual: in the row space
                 found.append(name)
     return found
 
@@ -274,7 +281,11 @@ def test_a_second_independent_attacker_recovers_nothing_from_the_new_publication
     raw = _attack_fixture()
     truth = subgroups.prepare(raw)
     cfg = AuditSettings(min_patients=10, bootstrap=20, permutations=20, seed=0, min_positives=1)
-    assert _independent_attack(truth, publishable(audit(raw, cfg))) == []
+    new = publishable(audit(raw, cfg))
+    assert _independent_attack(truth, new) == []
+    # an AUC is C / (n_pos x negatives) exactly: hidden with the FPR wherever the negatives are not public (rule 3)
+    assert new.filter(pl.col("fpr").is_null() & pl.col("auc").is_not_null() & ~pl.col("small_cell")).height == 0
+    assert new.filter(pl.col("slug") == "pleural_effusion")["auc"].drop_nulls().len() > 0  # read in full: published
     old = _old_publication(raw).with_columns(pl.lit(None, pl.Float64).alias("tpr_gap"), pl.lit(None, pl.Float64).alias("fpr_gap"))
     assert "sex=not recorded" in _independent_attack(truth, old)
     monkeypatch.setattr(subgroups, "fpr_publishable", lambda source, block: True)
