@@ -126,7 +126,9 @@ def main() -> int:
             new, old = (np.asarray(res["hits"][k][gap], float) for k in ("stratified", "size only"))
             n = len(new)
             if not n:
-                print(f"{size:>5} {prevalence:>5} {images:>8} {gap:>8} {0:>7}  (unscored in every repetition: min_positives)")
+                print(
+                    f"{size:>5} {prevalence:>5} {images:>8} {gap:>8} {0:>7}  (unscored in every repetition: min_positives, or no p-value)"
+                )
                 continue
             bound = 0.05 + 2 * np.sqrt(0.05 * 0.95 / n)
             ok = new.mean() <= bound
