@@ -159,12 +159,17 @@ class _View:
         return out
 
 
-def _unit_ok(view: _View, attribute: str, unit: tuple[str, ...], min_patients: int, small: set[str]) -> bool:
-    """Rule 4: ``min_patients`` patients or none in every region a published count rests on."""
-    m = np.isin(view.attrs[attribute], unit)
+def _sized_regions(view: _View, small: set[str]) -> list[np.ndarray]:
+    """Rule 4's regions: the view's, and each block's labelled images, less those of a small label source."""
     sized = [r for k, (r, on) in view.regions(None).items() if not on & small]
     for slug in view.slugs:
         sized += [r for k, (r, on) in view.regions(slug).items() if k.startswith("labelled for") and " by " not in k and not on & small]
+    return sized
+
+
+def _unit_ok(view: _View, attribute: str, unit: tuple[str, ...], min_patients: int, sized: list[np.ndarray]) -> bool:
+    """Rule 4: ``min_patients`` patients or none in every region a published count rests on (``_sized_regions``)."""
+    m = np.isin(view.attrs[attribute], unit)
     return all(not (0 < view.patients(m & r) < min_patients) for r in sized)
 
 
@@ -197,8 +202,9 @@ def plan_units(scores: pl.DataFrame, min_patients: int, max_rounds: int = 200) -
         view = _View(part)
         small = {L for _, L in small_sources(part, min_patients)}
         units = {a: [(v,) for v in sorted(set(view.attrs[a].tolist()))] for a in ATTRIBUTES}
+        sized = _sized_regions(view, small)  # once per view, not per unit checked
         for a in ATTRIBUTES:
-            while len(units[a]) > 1 and (bad := [u for u in units[a] if not _unit_ok(view, a, u, min_patients, small)]):
+            while len(units[a]) > 1 and (bad := [u for u in units[a] if not _unit_ok(view, a, u, min_patients, sized)]):
                 units[a] = _merge_smallest(view, a, units[a], bad)
         for _ in range(max_rounds):
             shape = publication_shape(part, {(name, a): u for a, u in units.items()}, min_patients, rng)
@@ -285,7 +291,7 @@ def _rest(r: dict, rate: str) -> float | None:
     return None if r.get(rate) is None or r.get(f"{rate}_gap") is None else r[rate] - r[f"{rate}_gap"]
 
 
-def _atoms(view: _View, signature: list[np.ndarray]) -> np.ndarray:
+def _atoms(signature: list[np.ndarray]) -> np.ndarray:
     return np.unique(np.stack(signature, axis=1), axis=0, return_inverse=True)[1].ravel()
 
 
@@ -393,7 +399,7 @@ def _recover_patients(view: _View, rows: list, min_patients: int, counts: str, f
     basis_masks = {L: member(view.source[L]) for L in view.sources} | {b: member(blk[0]) for b, blk in view.blocks.items()}
     sig = _attribute_codes(view)
     sig = [c[first] for c in sig] + [m.astype(int) for m in basis_masks.values()]
-    atom = _atoms(view, sig)
+    atom = _atoms(sig)
     A = int(atom.max()) + 1 if len(atom) else 0
 
     def atoms(pmask: np.ndarray) -> np.ndarray:
@@ -424,7 +430,7 @@ def _recover_finding(view: _View, slug: str, rows: list, min_patients: int, coun
     mine = {k: b for k, b in view.blocks.items() if k[3] == slug}
     sig = _attribute_codes(view) + [view.source[L].astype(int) for L in view.sources]
     sig += [b[0].astype(int) + b[1] for b in mine.values()]
-    atom = _atoms(view, sig)
+    atom = _atoms(sig)
     A = int(atom.max()) + 1
 
     def atoms(mask: np.ndarray) -> np.ndarray:
