@@ -22,16 +22,14 @@ import argparse
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the local cluster helper lives beside the tests
+from cxr_pipeline.local_ray import classifier_inputs, materialize_cmd, set_gpu_pool, two_node_cluster
 
-from cxr_pipeline_tests.ray_local import classifier_inputs, materialize_cmd, set_gpu_pool, two_node_cluster  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def materialize(env: dict, partition: str) -> None:

@@ -1,7 +1,8 @@
 """The house's rules, as the architecture issue (#32) set them: floors and no import cycle (the import-linter
 contract in pyproject.toml, imports inside functions counted), no private name taken from another module,
 modules a reader can hold (500 lines at most), Dagster glue that stays thin (no function in defs/ over 40
-lines, counted from its ``def`` line to its last line, decorators not counted)."""
+lines, counted from its ``def`` line to its last line, decorators not counted); and no benchmark that imports
+the test tree (#46: what a benchmark and a test share lives in the package, e.g. ``local_ray``)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,23 @@ def test_no_module_imports_another_modules_private_name():
                     for a in node.names
                     if a.name.startswith("_") and not a.name.endswith("__")
                 ]
+    assert not found, found
+
+
+def _imports_test_tree(source: str) -> bool:
+    for node in ast.walk(ast.parse(source)):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        if any(n == "cxr_pipeline_tests" or n.startswith("cxr_pipeline_tests.") for n in names):
+            return True
+    return False
+
+
+def test_no_benchmark_imports_the_test_tree():
+    assert _imports_test_tree("from cxr_pipeline_tests.services import ROOT")  # the check can fail
+    assert _imports_test_tree("def f():\n    import cxr_pipeline_tests.services")
+    assert not _imports_test_tree("from cxr_pipeline.local_ray import two_node_cluster")
+    found = [str(f.relative_to(ROOT)) for f in sorted((ROOT / "benchmarks").rglob("*.py")) if _imports_test_tree(f.read_text())]
     assert not found, found
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import dagster as dg
 import pytest
 
+from cxr_pipeline.local_ray import HEAD_ONLY, Cluster, classifier_inputs, materialize_cmd, set_gpu_pool, two_node_cluster
 from cxr_pipeline.settings import Paths, write_pipeline_config
-from cxr_pipeline_tests.ray_local import HEAD_ONLY, Cluster, classifier_inputs, materialize_cmd, set_gpu_pool, two_node_cluster
 from cxr_pipeline_tests.services import ROOT
 
 TINY = {

@@ -1,13 +1,19 @@
 """A local Ray cluster of two nodes on loopback, for the cluster test and ``benchmarks/scale_out.py``: a head and a
 worker node (two raylets, each its own ports, one GPU declared on each), started with ``ray start`` as on two
-machines, and stopped with ``ray stop --force`` (which stops every Ray process of this machine)."""
+machines, and stopped with ``ray stop --force`` (which stops every Ray process of this machine).
+
+It lives in the package, not beside the tests, so that the benchmark does not import the test tree (#46); the
+pytest fixtures stay in ``cxr_pipeline_tests/test_ray_cluster.py``. Like ``demo``, it needs a source checkout
+(the repository's ``dagster.yaml``) and the environment's ``ray``, ``dagster`` and ``python`` executables."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,9 +22,15 @@ from pathlib import Path
 
 import psutil
 
-from cxr_pipeline_tests.services import BIN, ROOT, free_port
-
+ROOT = Path(__file__).resolve().parent.parent  # the source checkout: its dagster.yaml
+BIN = Path(sys.executable).parent  # the environment's executables: ray, dagster, python
 HEAD_ONLY = "cxr_test_head"  # a resource only the head declares: pins a job there
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass
