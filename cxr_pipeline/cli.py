@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from cxr_pipeline.demo import ADAPTER_RECIPES, DEMO_ADAPTER_RECIPE, DEMO_EPOCHS, DEMO_PATIENTS, DEMO_SOURCE_ROWS
+from cxr_pipeline.vision.checkpoint import ALIASES, CHAMPION
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -256,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
         "(default: the pipeline's own store under CXR_HOME). Nothing is downloaded.",
     )
     pr.add_argument("images", nargs="+")
-    pr.add_argument("--alias", default="champion", help="registry alias to load (champion, candidate, ...)")
+    pr.add_argument("--alias", default=CHAMPION, help=f"registry alias to load ({', '.join(ALIASES)}, ...)")
     pr.add_argument("--model", choices=["per-pathology", "multilabel"], default="per-pathology")
     pr.add_argument("--cam", metavar="OUT_DIR", type=Path, help="write a Grad-CAM overlay PNG per positive finding here")
     pr.set_defaults(fn=_predict)

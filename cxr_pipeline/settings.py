@@ -133,59 +133,6 @@ def observe_cron() -> str:
 
 
 @dataclass(frozen=True)
-class ClassifierFiles:
-    """What one pathology's classifier folder holds."""
-
-    dir: Path
-
-    @property
-    def checkpoint(self) -> Path:
-        """``model.safetensors`` + ``config.json``: the weights inside the registered MLflow model."""
-        return self.dir / "checkpoint"
-
-    @property
-    def metrics(self) -> Path:
-        return self.dir / "metrics.json"
-
-    @property
-    def predictions(self) -> Path:
-        return self.dir / "predictions.parquet"
-
-    @property
-    def test_scores(self) -> Path:
-        return self.dir / "test_scores.parquet"
-
-    @property
-    def curves(self) -> Path:
-        return self.dir / "roc_pr.png"
-
-    @property
-    def saliency(self) -> Path:
-        """Grad-CAM overlays of a few test true positives, false positives and false negatives."""
-        return self.dir / "saliency.png"
-
-    @property
-    def resume(self) -> Path:
-        return self.dir / "resume.pt"
-
-    @property
-    def model_card(self) -> Path:
-        """The registered version's model card (JSON) and which version it is: the subgroup audit adds its gaps."""
-        return self.dir / "model_card.json"
-
-
-@dataclass(frozen=True)
-class ClassifierSet:
-    """The classifiers' folder: one ``ClassifierFiles`` per finding, and the multi-label model's (a handle the
-    summary assets receive; ``vision.fit``'s tables read through it)."""
-
-    root: Path
-
-    def classifier(self, label_slug: str) -> ClassifierFiles:
-        return ClassifierFiles(self.root / label_slug)
-
-
-@dataclass(frozen=True)
 class Paths:
     """Every path under ``CXR_HOME`` (and the dataset root), named once.
 
@@ -262,10 +209,8 @@ class Paths:
     # classifiers
     @property
     def classifiers(self) -> Path:
+        """One folder per classifier inside (``vision.checkpoint.ClassifierSet`` names what each holds)."""
         return self.assets / "classifier"
-
-    def classifier(self, label_slug: str) -> ClassifierFiles:
-        return ClassifierSet(self.classifiers).classifier(label_slug)
 
     @property
     def classifier_metrics(self) -> Path:

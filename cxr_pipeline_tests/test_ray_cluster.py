@@ -19,6 +19,7 @@ import pytest
 
 from cxr_pipeline.local_ray import HEAD_ONLY, Cluster, classifier_inputs, materialize_cmd, set_gpu_pool, two_node_cluster
 from cxr_pipeline.settings import Paths, write_pipeline_config
+from cxr_pipeline.vision.checkpoint import ClassifierSet
 from cxr_pipeline_tests.services import ROOT
 
 TINY = {
@@ -147,7 +148,7 @@ def test_a_lost_node_s_step_is_retried_on_the_surviving_node_and_resumes(cluster
     deadline = time.time() + 60
     while ray.get_job_status(hold) != JobStatus.RUNNING and time.time() < deadline:
         time.sleep(0.5)
-    resume = home.layout.classifier(partition).dir / "resume.pt"
+    resume = ClassifierSet.of(home.layout).classifier(partition).resume
     run = subprocess.Popen(materialize_cmd(partition), env=home.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300

@@ -1,4 +1,4 @@
-"""MLflow bookkeeping: registry aliases, orphaned runs."""
+"""MLflow bookkeeping: registry aliases (``vision.checkpoint.register``), orphaned runs."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import dagster as dg
 import pytest
 
 from cxr_pipeline.defs.resources import close_orphaned_runs
-from cxr_pipeline.tracking import get_client, register_version, retire_aliases, tracked_run
+from cxr_pipeline.tracking import get_client, tracked_run
+from cxr_pipeline.vision.checkpoint import register as register_version
+from cxr_pipeline.vision.checkpoint import retire_aliases
 
 
 def register(auc, name="cxr-edema"):
     with tracked_run("t") as run:
-        return register_version(run, name, "checkpoint", score_tag="test_auc", score=auc, description="d", tags={"pathology": "Edema"})
+        return register_version(run, name, score=auc, description="d", tags={"pathology": "Edema"})
 
 
 def test_registry_aliases_follow_the_score(cxr_home):
@@ -21,7 +23,7 @@ def test_registry_aliases_follow_the_score(cxr_home):
     client, _ = get_client()
     assert str(client.get_model_version_by_alias("cxr-edema", "champion").version) == "3"
     assert str(client.get_model_version_by_alias("cxr-edema", "candidate").version) == "4"
-    assert client.get_model_version("cxr-edema", "3").tags["test_auc"] == "0.900000"
+    assert client.get_model_version("cxr-edema", "3").tags["val_auc"] == "0.900000"
 
 
 def test_a_tracking_server_error_does_not_promote(cxr_home, monkeypatch):
@@ -83,7 +85,7 @@ def test_orphans_are_closed_by_a_run_of_any_of_their_assets(cxr_home):
 def test_champion_follows_validation_auc_not_test_auc(cxr_home):
     """Version 2 is better on validation and worse on test: it becomes champion (selecting on test
     would make the champion's test figure optimistic); both AUCs are on the version."""
-    from cxr_pipeline.defs.classifier import register_classifier
+    from cxr_pipeline.vision.record import register_finding as register_classifier
 
     data = validation_data(["d1", "d2"])
     outcomes = []
@@ -110,7 +112,7 @@ def validation_data(ids: list[str]):
 def test_champion_is_compared_on_the_same_validation_data(cxr_home):
     """After a data change the champion's validation AUC was computed on other images: it is no benchmark.
     The old rule compared 0.80 (new data) with 0.95 (old data) and kept a stale champion."""
-    from cxr_pipeline.defs.classifier import register_classifier
+    from cxr_pipeline.vision.record import register_finding as register_classifier
 
     def reg(data, val_auc):
         with tracked_run("t") as run:

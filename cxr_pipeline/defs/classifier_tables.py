@@ -5,12 +5,12 @@ import dagster as dg
 import polars as pl
 
 from cxr_pipeline.defs import needs
-from cxr_pipeline.defs.classifier import classifiers_asset
-from cxr_pipeline.defs.keys import CLASSIFIER, CLASSIFIER_METRICS, CLASSIFIER_PREDICTIONS, MULTILABEL_CLASSIFIER
+from cxr_pipeline.defs.keys import CLASSIFIER_METRICS, CLASSIFIER_PREDICTIONS, MULTILABEL_CLASSIFIER
 from cxr_pipeline.defs.metadata import asset_metadata, table_metadata
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
+from cxr_pipeline.defs.specs import ALL_CLASSIFIERS_IN, classifiers_asset
 from cxr_pipeline.labels import slug
-from cxr_pipeline.settings import ClassifierSet
+from cxr_pipeline.vision.checkpoint import ClassifierSet
 
 METRICS_SHOWN = (
     "model",
@@ -44,16 +44,13 @@ METRICS_SHOWN = (
 )
 
 
-ALL_CLASSIFIERS_IN = {"classifier": dg.AssetIn(CLASSIFIER, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles")}
-
-
 @classifiers_asset(
     CLASSIFIER_METRICS,
     [MULTILABEL_CLASSIFIER],  # its folder is inside the classifiers' (read through the same handle)
     "Model (per-pathology, multi-label) x pathology x accuracy / F1 / sensitivity / specificity / ROC-AUC / AP with 95% bootstrap CIs, "
     "next to the 2024 seeds' AUC.",
     {"polars", "parquet"},
-    ins=ALL_CLASSIFIERS_IN,
+    ins={"classifier": ALL_CLASSIFIERS_IN},
     **needs.TABLE.asset_args(),
 )
 def classifier_metrics(
@@ -97,7 +94,7 @@ def classifier_metrics(
     [],
     "Per-image probability for each trained pathology (all splits; report generation uses the test split).",
     {"polars", "parquet"},
-    ins=ALL_CLASSIFIERS_IN,
+    ins={"classifier": ALL_CLASSIFIERS_IN},
     **needs.TABLE.asset_args(),
 )
 def classifier_predictions(context: dg.AssetExecutionContext, classifier: ClassifierSet, mlflow: MlflowTracking) -> dg.Output:

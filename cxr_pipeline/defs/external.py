@@ -14,13 +14,12 @@ import polars as pl
 
 from cxr_pipeline.data.external import FORMAT_NAMES, FORMATS, ExternalSettings
 from cxr_pipeline.defs import needs
-from cxr_pipeline.defs.classifier import classifiers_asset
 from cxr_pipeline.defs.io import table_schema
 from cxr_pipeline.defs.keys import CLASSIFIER, EXTERNAL_DATASETS, EXTERNAL_VALIDATION, MULTILABEL_CLASSIFIER
 from cxr_pipeline.defs.metadata import asset_metadata, resolved_metadata, table_metadata
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
-from cxr_pipeline.defs.specs import every_partition_of
+from cxr_pipeline.defs.specs import classifiers_asset, every_partition_of
 from cxr_pipeline.fields import params
 from cxr_pipeline.files import file_digest, write_parquet
 
@@ -91,10 +90,10 @@ def external_validation(
     context: dg.AssetExecutionContext, config: ExternalValidationConfig, storage: CxrStorage, mlflow: MlflowTracking
 ) -> dg.MaterializeResult:
     from cxr_pipeline.labels import SLUGS
+    from cxr_pipeline.vision.checkpoint import MULTILABEL
     from cxr_pipeline.vision.external import external_validation as validate
     from cxr_pipeline.vision.external import load_champions
     from cxr_pipeline.vision.registry import registered_name
-    from cxr_pipeline.vision.splits import MULTILABEL
 
     fmt, paths = context.partition_key, storage.paths
     cfg: ExternalSettings = run_settings(context, paths)

@@ -32,7 +32,8 @@ import polars as pl
 from cxr_pipeline.columns import describe
 from cxr_pipeline.defs.resources import CxrStorage
 from cxr_pipeline.files import file_digest, write_parquet
-from cxr_pipeline.settings import ClassifierFiles, ClassifierSet, Paths
+from cxr_pipeline.settings import Paths
+from cxr_pipeline.vision.checkpoint import MULTILABEL, ClassifierFiles, ClassifierSet
 
 
 def table_schema(key: str, df: pl.DataFrame) -> dg.TableSchema:
@@ -123,8 +124,8 @@ class HandleLoader(dg.ConfigurableIOManager):
         p, key = self.storage.paths, context.asset_key.to_user_string()
         handles = {
             "image_shards": lambda: ShardSet(p),
-            "classifier": lambda: ClassifierSet(p.classifiers),
-            "multilabel_classifier": lambda: p.classifier("multilabel"),
+            "classifier": lambda: ClassifierSet.of(p),
+            "multilabel_classifier": lambda: ClassifierSet.of(p).classifier(MULTILABEL),
             "report_adapter": lambda: _adapter(p.adapter),
         }
         if key not in handles:

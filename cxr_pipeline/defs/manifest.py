@@ -20,7 +20,6 @@ from cxr_pipeline.tracking import TrackedRun
 
 MANIFEST_CODE_VERSION = "1"
 # how the manifest's consumers read it: the table the manifest step wrote (defs.io.TableIOManager)
-MANIFEST_IN = dg.AssetIn(MANIFEST, input_manager_key="io_manager")
 
 
 ManifestConfig = dagster_config(MANIFEST, "ManifestConfig")

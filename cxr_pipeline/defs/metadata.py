@@ -71,3 +71,18 @@ def materialized(
     context.log_event(
         dg.AssetMaterialization(key, description="written with the selected assets of this step", metadata=metadata, tags=tags)
     )
+
+
+def fit_metadata(recorded: Any, files: Any) -> dict[str, Any]:
+    """A recorded fit (``vision.record.Recorded``) as metadata: the checkpoint, the registered version, the model
+    card and the Grad-CAM sheet (inline)."""
+    from cxr_pipeline.vision.checkpoint import registered_label
+
+    sheet = recorded.saliency
+    return {
+        "checkpoint": dg.MetadataValue.path(str(files.checkpoint)),
+        "registered_model": registered_label(recorded.registration),
+        "saliency": inline_png(sheet, "Grad-CAM on test images") if sheet is not None else "no test case to show",
+        "model_card": dg.MetadataValue.md(recorded.card.markdown),
+        "model_card_uri": recorded.card.uri,
+    }

@@ -7,35 +7,20 @@ their metadata. Both read the ``multilabel_classifier`` section of ``pipeline.ya
 recipe, then this model's own fields, ``oof_folds`` among them).
 """
 
-import math
-
 import dagster as dg
 import polars as pl
 
 from cxr_pipeline.defs import needs
-from cxr_pipeline.defs.classifier import (
-    MODEL_ARTIFACT,
-    TRAINING_INPUTS,
-    classifiers_asset,
-    epoch_logger,
-    log_datasets,
-    log_model,
-    publish_model_card,
-    registered_label,
-    saliency_sheet,
-)
 from cxr_pipeline.defs.io import ShardSet
 from cxr_pipeline.defs.keys import CLASSIFIER_METRICS, CLASSIFIER_PREDICTIONS, MULTILABEL_CLASSIFIER, REPORT_HINTS
-from cxr_pipeline.defs.metadata import asset_metadata, resolved_metadata
+from cxr_pipeline.defs.metadata import asset_metadata, fit_metadata, resolved_metadata
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
+from cxr_pipeline.defs.specs import ALL_CLASSIFIERS_IN, TRAINING_INPUTS, classifiers_asset
 from cxr_pipeline.fields import params
 from cxr_pipeline.labels import SLUGS
-from cxr_pipeline.settings import ClassifierFiles
-from cxr_pipeline.tracking import TrackedRun, register_version
+from cxr_pipeline.vision.checkpoint import MULTILABEL, ClassifierFiles, ClassifierSet
 from cxr_pipeline.vision.multilabel import MultilabelConfig as MultilabelSettings
-from cxr_pipeline.vision.registry import registered_name, validation_digest
-from cxr_pipeline.vision.splits import MULTILABEL, RADIOLOGIST
 
 MultilabelConfig = dagster_config(MULTILABEL_CLASSIFIER, "MultilabelConfig")
 ReportHintsConfig = dagster_config(MULTILABEL_CLASSIFIER, "ReportHintsConfig")  # the fold models follow the model's recipe
@@ -64,55 +49,23 @@ def multilabel_classifier(
     compute: Compute,
 ) -> dg.MaterializeResult:
     from cxr_pipeline.vision.multilabel import fit_multilabel, load_multilabel_data
+    from cxr_pipeline.vision.record import epoch_logger, log_datasets, record_multilabel
 
     paths = storage.paths
     cfg: MultilabelSettings = run_settings(context, paths)  # the classifier section, then this asset's own
-    hw, files, shards = compute.resolved(paths), paths.classifier(MULTILABEL), image_shards.root(cfg.size)
+    hw, files, shards = compute.resolved(paths), ClassifierSet.of(paths).classifier(MULTILABEL), image_shards.root(cfg.size)
     data = load_multilabel_data(manifest, shards, cfg, hw.device)
     counts = _split_counts(data)
     context.log.info(f"multi-label: {counts} on {hw.description}, images {data.mode}")
     with mlflow.run(context, {"model": MULTILABEL}) as run:
         run.log_params({**params(cfg), **hw.params, **counts, "images": data.mode})
-        log_datasets(run, data, cfg.size, shards, [f"t_{s}" for s in SLUGS])
-        rows, result = fit_multilabel(data, manifest, shards, cfg, hw.device, files, log=context.log.info, on_epoch=epoch_logger(run))
-        md, reg = _record_multilabel(run, data, rows, result, files)
-        counts_by_split = {s: {"images": data.splits[s].rows.height} for s in ("train", "validate", "test")}
-        md.update(publish_model_card(run, reg, files, rows, counts_by_split, manifest, data.digest(), paths.raw))
-    return dg.MaterializeResult(metadata=asset_metadata(run, **counts, images=data.mode, **md, **resolved_metadata(cfg)))
-
-
-def _record_multilabel(run: TrackedRun, data, rows: list[dict], result, files: ClassifierFiles) -> tuple[dict, dict]:
-    """The multi-label fit in MLflow (metrics, model), its Grad-CAM sheet and registry version; its metadata and
-    the registry version."""
-    run.log_metrics({"best_epoch": result.best_epoch, "train_images_per_second": result.images_per_second, "train_seconds": result.seconds})
-    log_model(run, files.checkpoint)
-    run.log_dict({"rows": rows}, "metrics.json")
-    test = data.splits["test"]
-    p_test = test.rows.select("dicom_id").join(pl.read_parquet(files.predictions), on="dicom_id", how="left").select(SLUGS)
-    sheet = saliency_sheet(run, files.checkpoint, test.images, test.targets.numpy(), p_test.to_numpy(), files.saliency)
-    reg = _register_multilabel(run, data, rows)
+        log_datasets(run, data, shards, [f"t_{s}" for s in SLUGS])
+        fitted = fit_multilabel(data, manifest, shards, cfg, hw.device, files, log=context.log.info, on_epoch=epoch_logger(run))
+        recorded = record_multilabel(run, data, fitted, manifest, paths.raw)
+    result, reg = fitted.trained, recorded.registration
     md = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1)}
-    md.update(mean_test_roc_auc=reg["mean_test_roc_auc"], evaluable_labels=reg["evaluable_labels"], registered_model=registered_label(reg))
-    return {**md, "checkpoint": dg.MetadataValue.path(str(files.checkpoint)), **sheet}, reg
-
-
-def _register_multilabel(run: TrackedRun, data, rows: list[dict]) -> dict:
-    """The multi-label checkpoint as a registry version; champion on mean **validation** AUC (see ``defs.classifier.register_classifier``)."""
-    auto = [r for r in rows if r["test_labels"] != RADIOLOGIST]
-    vals = [r["val_roc_auc"] for r in auto if r["val_roc_auc"] is not None and not math.isnan(r["val_roc_auc"])]
-    tests = [r["roc_auc"] for r in auto if r["evaluable"]]
-    run.log_metrics({f"{r['slug']}.test_roc_auc": r["roc_auc"] for r in auto if r["evaluable"]})
-    reg = register_version(
-        run,
-        registered_name(MULTILABEL),
-        MODEL_ARTIFACT,
-        score_tag="val_auc",
-        score=sum(vals) / len(vals) if vals else None,
-        description="Multi-label CNN, 14 CheXpert observations, on chest radiographs (cxr_pipeline)",
-        tags={"labels": "14", "test_auc": f"{sum(tests) / len(tests):.6f}" if tests else "nan"},
-        data_version=validation_digest(data),
-    )
-    return {**reg, "mean_test_roc_auc": round(sum(tests) / len(tests), 4) if tests else float("nan"), "evaluable_labels": len(tests)}
+    md.update(mean_test_roc_auc=reg["mean_test_roc_auc"], evaluable_labels=reg["evaluable_labels"], **fit_metadata(recorded, files))
+    return dg.MaterializeResult(metadata=asset_metadata(run, **counts, images=data.mode, **md, **resolved_metadata(cfg)))
 
 
 @classifiers_asset(
@@ -126,6 +79,7 @@ def _register_multilabel(run: TrackedRun, data, rows: list[dict]) -> dict:
     ins={
         **TRAINING_INPUTS,
         "multilabel_classifier": dg.AssetIn(MULTILABEL_CLASSIFIER, input_manager_key="handles"),
+        "classifier": ALL_CLASSIFIERS_IN,  # the per-pathology checkpoints: their calibration maps
         "classifier_predictions": dg.AssetIn(CLASSIFIER_PREDICTIONS),
         "classifier_metrics": dg.AssetIn(CLASSIFIER_METRICS),
     },
@@ -136,6 +90,7 @@ def report_hints(
     manifest: pl.DataFrame,
     image_shards: ShardSet,
     multilabel_classifier: ClassifierFiles,
+    classifier: ClassifierSet,
     classifier_predictions: pl.DataFrame,
     classifier_metrics: pl.DataFrame,
     config: ReportHintsConfig,
@@ -153,7 +108,7 @@ def report_hints(
     load = lambda: load_multilabel_data(manifest, image_shards.root(cfg.size), cfg, hw.device)  # noqa: E731  (only for fold models)
     with mlflow.run(context, {"model": MULTILABEL}) as run:
         run.log_params({**params(cfg), **hw.params})
-        calibrations = per_finding_calibrations(paths, classifier_metrics)
+        calibrations = per_finding_calibrations(classifier, classifier_metrics)
         hints = build_hints(
             cfg, hw.device, multilabel_classifier, classifier_predictions, classifier_metrics, load, context.log.info, calibrations
         )

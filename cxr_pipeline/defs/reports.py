@@ -13,12 +13,10 @@ import polars as pl
 from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.io import Adapter, ShardSet
 from cxr_pipeline.defs.keys import GENERATED_REPORTS, REPORT_ADAPTER, REPORT_HINTS, REPORT_METRICS, REPORT_PAIRS
-from cxr_pipeline.defs.manifest import MANIFEST_IN
 from cxr_pipeline.defs.metadata import asset_metadata, resolved_metadata, table_metadata
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
-from cxr_pipeline.defs.shards import ALL_SHARDS_IN
-from cxr_pipeline.defs.specs import asset_factory
+from cxr_pipeline.defs.specs import ALL_SHARDS_IN, MANIFEST_IN, asset_factory
 from cxr_pipeline.fields import params
 from cxr_pipeline.files import write_parquet
 from cxr_pipeline.reports.generate import SYSTEMS

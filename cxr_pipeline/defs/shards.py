@@ -8,19 +8,16 @@ from cxr_pipeline.data.shards import REJECTS, PartitionBuild, ShardSettings, bui
 from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.history import latest_metadata, upstream_data_version
 from cxr_pipeline.defs.keys import IMAGE_SHARDS, MANIFEST, SHARD_REJECTS
-from cxr_pipeline.defs.manifest import MANIFEST_IN
 from cxr_pipeline.defs.metadata import asset_metadata, inline_png, resolved_metadata, table_metadata
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
-from cxr_pipeline.defs.specs import asset_specs, selected_keys
+from cxr_pipeline.defs.specs import MANIFEST_IN, asset_specs, selected_keys
 from cxr_pipeline.fields import params
 from cxr_pipeline.settings import Paths, paths
 from cxr_pipeline.tracking import TrackedRun
 
 SHARDS_CODE_VERSION = "1"
 partitions_def = dg.StaticPartitionsDefinition(list(PARTITIONS))
-# how a consumer reads the shards: every partition, as a handle to the files (defs.io.ShardSet)
-ALL_SHARDS_IN = dg.AssetIn(IMAGE_SHARDS, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles")
 
 
 ShardConfig = dagster_config(IMAGE_SHARDS, "ShardConfig")

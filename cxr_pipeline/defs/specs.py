@@ -1,10 +1,16 @@
-"""How assets are declared: one decorator per group, the specs of multi-assets computed together, the
-dependency on every partition, the selected keys of a subset run, (what a step asks for is ``defs.needs``)."""
+"""How assets are declared, and the declarations more than one asset module shares: one decorator per group,
+the specs of multi-assets computed together, the dependency on every partition, the inputs several assets read
+(the manifest, every shard partition, every classifier), the selected keys of a subset run (what a step asks for
+is ``defs.needs``). Asset modules import from here and the other plumbing modules, never from each other."""
 
 from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
+
+from cxr_pipeline.defs.keys import CLASSIFIER, IMAGE_SHARDS, MANIFEST
+
+CLASSIFIER_CODE_VERSION = "1"
 
 
 def asset_specs(
@@ -47,3 +53,15 @@ def every_partition_of(key: str) -> dg.AssetDep:
 def selected_keys(context: dg.AssetExecutionContext) -> set[str]:
     """The asset keys this step was asked for (a multi-asset may be subset)."""
     return {k.to_user_string() for k in context.selected_asset_keys}
+
+
+# the manifest as a table (defs.io.TableIOManager)
+MANIFEST_IN = dg.AssetIn(MANIFEST, input_manager_key="io_manager")
+# every shard partition, as a handle to the files (defs.io.ShardSet)
+ALL_SHARDS_IN = dg.AssetIn(IMAGE_SHARDS, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles")
+# every classifier partition, as a handle to the folders (vision.checkpoint.ClassifierSet)
+ALL_CLASSIFIERS_IN = dg.AssetIn(CLASSIFIER, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles")
+# what a classifier trains on: the manifest, every shard partition
+TRAINING_INPUTS = {"manifest": MANIFEST_IN, "image_shards": ALL_SHARDS_IN}
+
+classifiers_asset = asset_factory("classifiers", CLASSIFIER_CODE_VERSION)

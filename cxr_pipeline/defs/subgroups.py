@@ -11,16 +11,14 @@ import polars as pl
 
 from cxr_pipeline.data.demographics import files, missing_reason
 from cxr_pipeline.defs import needs
-from cxr_pipeline.defs.classifier import classifiers_asset
-from cxr_pipeline.defs.classifier_tables import ALL_CLASSIFIERS_IN
 from cxr_pipeline.defs.keys import CLASSIFIER_METRICS, MIMIC_IV, MULTILABEL_CLASSIFIER, REPORT_HINTS, SUBGROUP_METRICS
-from cxr_pipeline.defs.manifest import MANIFEST_IN
 from cxr_pipeline.defs.metadata import asset_metadata, inline_png, resolved_metadata, table_metadata
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
+from cxr_pipeline.defs.specs import ALL_CLASSIFIERS_IN, MANIFEST_IN, classifiers_asset
 from cxr_pipeline.fields import params
-from cxr_pipeline.settings import ClassifierSet
 from cxr_pipeline.tracking import TrackedRun
+from cxr_pipeline.vision.checkpoint import ClassifierSet
 
 TEST_NOTE = (
     "MIMIC-CXR's test split has 293 patients, so most test-split gaps have intervals that include 0; the out-of-fold "
@@ -63,7 +61,7 @@ SubgroupConfig = dagster_config(SUBGROUP_METRICS, "SubgroupConfig")
     "is underdiagnosis. Test split (both label sources) and out-of-fold training predictions. " + TEST_NOTE,
     {"polars", "parquet"},
     ins={
-        **ALL_CLASSIFIERS_IN,
+        "classifier": ALL_CLASSIFIERS_IN,
         "manifest": MANIFEST_IN,
         "classifier_metrics": dg.AssetIn(CLASSIFIER_METRICS),
         "report_hints": dg.AssetIn(REPORT_HINTS),
@@ -121,22 +119,19 @@ def _log_audit(run: TrackedRun, result) -> None:
 
 def _add_to_model_cards(run: TrackedRun, classifiers: ClassifierSet, metrics: pl.DataFrame, result) -> list[str]:
     """Each trained model's card (``vision.model_card.with_subgroups``) gains its publishable gaps on the test split
-    (or the reason the audit was skipped), re-published as its registered version's artifacts and description.
-    Returns the versions updated (``name vN``)."""
-    import json
-
-    from cxr_pipeline.defs.classifier import write_model_card
+    (or the reason the audit was skipped), re-published as its registered version's artifacts and description
+    (``vision.checkpoint.write_model_card``). Returns the versions updated (``name vN``)."""
+    from cxr_pipeline.vision.checkpoint import MULTILABEL, read_model_card, write_model_card
     from cxr_pipeline.vision.model_card import with_subgroups
-    from cxr_pipeline.vision.splits import MULTILABEL
     from cxr_pipeline.vision.subgroups import publishable
 
     table = publishable(result.table) if result.table.height else result.table
     done = []
     for model, folder in [(MULTILABEL, MULTILABEL), *(("per_pathology", s) for s in metrics["slug"].unique().sort().to_list())]:
         files = classifiers.classifier(folder)
-        if not files.model_card.exists():
+        kept = read_model_card(files)
+        if kept is None:
             continue
-        kept = json.loads(files.model_card.read_text())
         mine = table.filter((pl.col("view") == "test") & (pl.col("model") == model)) if table.height else table
         if model != MULTILABEL and mine.height:
             mine = mine.filter(pl.col("slug") == folder)

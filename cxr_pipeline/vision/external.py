@@ -5,7 +5,8 @@ the dataset can score (``data.harmonisation.HARMONISATION``): the ROC AUC with a
 sensitivity and specificity at the model's **internal** validation threshold (no threshold is re-chosen on the
 external set: that would use its labels), the calibration error of the calibrated probabilities (and of the
 network's scores), and the change of each from the model's own internal test split (its run's ``metrics.json``,
-the automatic labels). Targets follow the label policy the model was trained with, as on the internal test split.
+the automatic labels). Targets follow the label policy the model was trained with (its checkpoint's recipe), as on
+the internal test split.
 
 The images go through the same shard builder as MIMIC's (one decode, letterboxed), into each dataset's own shard
 root, incrementally; a corrupt file is rejected by name and counted.
@@ -13,7 +14,6 @@ root, incrementally; a corrupt file is rejected by name and counted.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,8 @@ from cxr_pipeline.data.external import (
     select_images,
 )
 from cxr_pipeline.labels import LABEL_BY_SLUG, slug
+from cxr_pipeline.vision.checkpoint import CHAMPION, load_registered
+from cxr_pipeline.vision.splits import RADIOLOGIST
 
 EXTERNAL_PARTITION = "all"  # an external set's shards are one partition folder
 INTERNAL_METRICS = ("roc_auc", "sensitivity", "specificity", "ece_after")
@@ -38,42 +40,34 @@ INTERNAL_METRICS = ("roc_auc", "sensitivity", "specificity", "ece_after")
 
 @dataclass
 class Champion:
-    """A registered champion, loaded: its network (``serving.LoadedClassifier``) and its internal test rows."""
+    """A registered champion, loaded: its network (``vision.checkpoint.LoadedClassifier``, which carries the label
+    policy it was trained with) and its internal test rows."""
 
     name: str  # the registry name, cxr-<finding> or cxr-multilabel
     version: str
-    model: Any  # vision.serving.LoadedClassifier
+    model: Any  # vision.checkpoint.LoadedClassifier
     internal: dict[str, dict]  # slug -> its metrics.json row on the internal test split (automatic labels)
-    policy: dict[str, str] = field(default_factory=dict)  # uncertain / blank policy it was trained with
 
     @property
     def kind(self) -> str:
-        return "multilabel" if len(self.model.slugs) > 1 else "per_pathology"
+        return self.model.config.kind
+
+    @property
+    def policy(self) -> dict[str, str]:
+        """The uncertain / blank policy the model was trained with, from the model itself."""
+        return self.model.config.policy
 
 
-def load_champions(client, uri: str, names: list[str], alias: str = "champion") -> list[Champion]:
+def load_champions(client, uri: str, names: list[str], alias: str = CHAMPION) -> list[Champion]:
     """Every one of ``names`` with a version under ``alias``: its model through MLflow's loader, its internal rows
-    from its run's ``metrics.json``."""
-    from cxr_pipeline.vision.predict import load_registered
-
+    from its run's metrics."""
     out = []
-    for name, (pyfunc, _label) in load_registered(client, uri, names, alias).items():
-        mv = client.get_model_version_by_alias(name, alias)
-        model = pyfunc.unwrap_python_model().model
-        try:
-            rows = json.loads(Path(client.download_artifacts(mv.run_id, "metrics.json")).read_text())["rows"]
-        except Exception:  # a version logged without its rows: scored, without a change from internal
-            rows = []
+    for reg in load_registered(client, uri, names, alias):
+        rows = reg.internal_rows(client)  # a version logged without its rows: scored, without a change from internal
         internal = {
-            slug(r["pathology"]): r for r in rows if r.get("test_labels") != "radiologist" and r.get("pathology") in LABEL_BY_SLUG.values()
+            slug(r["pathology"]): r for r in rows if r.get("test_labels") != RADIOLOGIST and r.get("pathology") in LABEL_BY_SLUG.values()
         }
-        config = (pyfunc.metadata.metadata or {}).get("training_config") or {}
-        first = next(iter(internal.values()), {})
-        policy = {
-            "uncertain": first.get("uncertain_policy") or config.get("uncertain") or "zeros",
-            "blank": first.get("blank_policy") or "zeros",
-        }
-        out.append(Champion(name, str(mv.version), model, internal, policy))
+        out.append(Champion(reg.name, reg.version, reg.model, internal))
     return out
 
 

@@ -1,15 +1,18 @@
-"""One pathology's classifier from its data to saved files: fit, evaluate, save (the multi-label model is
-``vision.multilabel``, which saves the same way).
+"""A classifier from its data to saved files: one skeleton for both model kinds (train, fp32 scores, the metrics
+rows, every shard image's score, the checkpoint, the metrics file), each kind supplying only what differs: how its
+rows, thresholds and calibration maps are computed and what its predictions columns are called. The per-finding
+kind is here (``fit_and_save``); the multi-label kind is ``vision.multilabel``.
 
 The Dagster asset calls ``vision.splits.load_data`` then either ``record_untrainable`` or
 ``fit_and_save``; the CLI and benchmarks can do the same without Dagster. What
-lands in the classifier folder (``settings.ClassifierFiles``):
+lands in the classifier folder (``vision.checkpoint.ClassifierFiles``):
 
-- ``checkpoint/model.safetensors`` + ``config.json`` (architecture, size,
-  normalisation, validation-chosen threshold): the registered model's source;
-- ``metrics.json``: the metrics row (or the reason it is not trainable);
-- ``predictions.parquet``: a probability for every manifest image with a shard;
-- ``test_scores.parquet`` and ``roc_pr.png``: the test split's scores and curves.
+- ``checkpoint/`` (``vision.checkpoint.write_checkpoint``: weights and the configuration applying them needs:
+  architecture, size, normalisation, validation-chosen thresholds, calibration maps, the recipe): the registered
+  model's source;
+- ``metrics.json``: the metrics rows (or the reason the finding is not trainable);
+- ``predictions.parquet``: a score for every manifest image with a shard;
+- ``test_scores.parquet`` and ``roc_pr.png`` (per-finding): the test split's scores and curves.
 
 A label that cannot be trained on the current data leaves no model files
 behind from an earlier run (they would read as current).
@@ -17,50 +20,120 @@ behind from an earlier run (they would read as current).
 
 from __future__ import annotations
 
-import json
-import shutil
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any, NamedTuple
 
+import numpy as np
 import polars as pl
 
 from cxr_pipeline.data.shard_reader import open_images
 from cxr_pipeline.fields import record
-from cxr_pipeline.files import atomic_path, write_parquet
-from cxr_pipeline.settings import ClassifierFiles
+from cxr_pipeline.files import write_parquet
 from cxr_pipeline.vision.calibration import calibration_row, fit_platt
 from cxr_pipeline.vision.calibration import describe as describe_calibration
+from cxr_pipeline.vision.checkpoint import CheckpointConfig, ClassifierFiles, write_checkpoint, write_json
 from cxr_pipeline.vision.evaluate import evaluate, roc_auc_or_nan, save_curves
 from cxr_pipeline.vision.splits import RADIOLOGIST, ClassifierData, patients
 from cxr_pipeline.vision.train import NORMALISE_MEAN, NORMALISE_STD, TrainConfig, TrainResult, loader_workers, predict, train
 
 EVAL_PRECISION = "fp32"
+SCORED = ("validate", "test", RADIOLOGIST)  # the splits every fit scores before it evaluates
+
+
+class Evaluated(NamedTuple):
+    """What a model kind computes from its scores: its metrics rows and, per finding (slug), the threshold on the
+    network's scores and the calibration map, both from validate."""
+
+    rows: list[dict]
+    thresholds: dict[str, float | None]
+    calibration: dict[str, dict | None]
 
 
 @dataclass
-class FitOutcome:
-    row: dict  # the metrics row on the test split with the automatic labels
+class Fitted:
+    """A finished fit: its metrics rows, the training result, its files, and each scored split's network scores
+    (n, outputs)."""
+
+    rows: list[dict]
     trained: TrainResult
     files: ClassifierFiles
-    test_curve: tuple  # (y, p) of the test split
-    radiologist_row: dict  # the radiologist-labelled test studies with the radiologist's labels
+    scores: dict[str, np.ndarray]
 
     @property
-    def rows(self) -> list[dict]:
-        """Both rows, as in metrics.json."""
-        return [self.row, self.radiologist_row]
+    def row(self) -> dict:
+        """The per-finding fit's row on the test split with the automatic labels."""
+        return self.rows[0]
+
+    @property
+    def radiologist_row(self) -> dict:
+        """The per-finding fit's row on the radiologist-labelled test studies, with the radiologist's labels."""
+        return self.rows[1]
 
 
-def _clear_model_files(files: ClassifierFiles) -> None:
-    shutil.rmtree(files.checkpoint, ignore_errors=True)
-    for f in (files.predictions, files.test_scores, files.curves, files.saliency, files.resume):
-        f.unlink(missing_ok=True)
+def fit_model(
+    data: Any,
+    manifest: pl.DataFrame,
+    shard_root,
+    cfg: TrainConfig,
+    device,
+    files: ClassifierFiles,
+    *,
+    labels: Sequence[str],
+    evaluate_scores: Callable[[dict[str, np.ndarray], TrainResult], Evaluated],
+    prediction_columns: Sequence[str],
+    extra: Callable[[dict[str, np.ndarray], Evaluated], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> Fitted:
+    """The skeleton both kinds run. ``data``: a ``ClassifierData`` or ``MultilabelData`` (``splits``, ``size``,
+    ``digest()``); ``labels``: the findings in output order; ``evaluate_scores``: the kind's rows from the scored
+    splits (``SCORED``); ``prediction_columns``: the predictions file's score column per output; ``extra``: the
+    kind's further files from the scores and rows, written before the checkpoint (so a killed run leaves no checkpoint
+    without them). Trains (resuming a killed run of the same config and data), scores in fp32, writes the folder."""
+    files.dir.mkdir(parents=True, exist_ok=True)
+    sp = data.splits
+    result = train(
+        sp["train"].images, sp["train"].targets, sp["validate"].images, sp["validate"].targets, cfg, device,
+        checkpoint_dir=files.dir, log=log, on_epoch=on_epoch, data_digest=data.digest(),
+    )  # fmt: skip
+
+    def scores(images) -> np.ndarray:
+        # fp32 whatever the training precision: bf16 logits have 8 significant bits, and the ties
+        # they create move ROC-AUC and the chosen threshold
+        p = predict(result.model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg, device))
+        return p.reshape(-1, len(labels))
+
+    scored = {s: scores(sp[s].images) for s in SCORED}
+    evaluated = evaluate_scores(scored, result)
+    # every manifest image that has a shard gets a score (report generation uses them), streamed in order from
+    # the shards: never a second copy of the images
+    all_imgs, all_rows = open_images(shard_root, manifest.select("dicom_id", "split"), data.size)
+    p_all = scores(all_imgs)
+    columns = (pl.Series(c, p_all[:, j], dtype=pl.Float32) for j, c in enumerate(prediction_columns))
+    write_parquet(all_rows.select("dicom_id", "split").with_columns(columns), files.predictions)
+    if extra is not None:
+        extra(scored, evaluated)
+    config = CheckpointConfig(
+        arch=cfg.arch,
+        size=data.size,
+        labels=tuple(labels),
+        thresholds=evaluated.thresholds,
+        calibration=evaluated.calibration,
+        dropout=cfg.dropout,
+        normalise={"mean": NORMALISE_MEAN, "std": NORMALISE_STD},
+        training_config=trained_with(cfg, data.size),
+    )
+    write_checkpoint(result.model, files, config)
+    write_json(files.metrics, evaluated.rows)
+    files.resume.unlink(missing_ok=True)  # finished: the next materialization trains afresh
+    return Fitted(evaluated.rows, result, files, scored)
 
 
-def write_json(path: Path, data: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2))
+def trained_with(cfg: TrainConfig, size: int) -> dict:
+    """The resolved recipe a checkpoint was trained with, recorded whole in its configuration."""
+    return record(dataclasses.replace(cfg, size=size, loader_workers=loader_workers(cfg)))
 
 
 def record_untrainable(data: ClassifierData, files: ClassifierFiles) -> list[dict]:
@@ -72,7 +145,7 @@ def record_untrainable(data: ClassifierData, files: ClassifierFiles) -> list[dic
         row = {"pathology": data.label, "slug": data.label_slug, "test_labels": source, "evaluable": False}
         row.update(uncertain_policy=data.uncertain, blank_policy=data.blank)
         rows.append({**row, "reason": data.untrainable_reason, "n_test": n, "n_pos": pos, "n_neg": n - pos})
-    _clear_model_files(files)
+    files.clear_model()
     write_json(files.metrics, rows)
     return rows
 
@@ -80,105 +153,53 @@ def record_untrainable(data: ClassifierData, files: ClassifierFiles) -> list[dic
 def fit_and_save(
     data: ClassifierData,
     manifest: pl.DataFrame,
-    shard_root: Path,
+    shard_root,
     cfg: TrainConfig,
     device,
     files: ClassifierFiles,
     *,
     log: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
-) -> FitOutcome:
-    """Train (resuming a killed run of the same config and data), evaluate on ``device``, write the folder."""
-    files.dir.mkdir(parents=True, exist_ok=True)
+) -> Fitted:
+    """One finding's model through the skeleton: its two rows (both test label sources at the threshold chosen on
+    validation with the automatic labels; resampling by patient), its calibration map, its test scores and curves."""
     sp = data.splits
-    result = train(
-        sp["train"].images,
-        sp["train"].targets,
-        sp["validate"].images,
-        sp["validate"].targets,
-        cfg,
-        device,
-        checkpoint_dir=files.dir,
-        log=log,
-        on_epoch=on_epoch,
-        data_digest=data.digest(),
-    )
-
-    def probs(images):
-        # fp32 whatever the training precision: bf16 logits have 8 significant bits, and the ties
-        # they create move ROC-AUC and the chosen threshold
-        return predict(result.model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg, device))
-
-    p_val, p_test, p_rad = probs(sp["validate"].images), probs(sp["test"].images), probs(sp[RADIOLOGIST].images)
     y_test, y_val = sp["test"].targets.numpy(), sp["validate"].targets.numpy()
-    common = {"pathology": data.label, "slug": data.label_slug, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
-    common.update(train_seconds=round(result.seconds, 1), val_roc_auc=roc_auc_or_nan(y_val, p_val))
-    common.update(uncertain_policy=data.uncertain, blank_policy=data.blank)
-    # both test sets use the threshold chosen on validation (automatic labels); resampling is by
-    # patient whenever a patient has more than one test image
-    row = evaluate(y_test, p_test, y_val, p_val, n_boot=cfg.bootstrap, seed=cfg.seed, groups=patients(sp["test"].rows))
-    # the calibration map, fitted on validate only; measured on both test label sources, shipped in config.json
-    calibration = fit_platt(y_val, p_val)
-    common["calibration_fit"] = describe_calibration(calibration)
-    row.update(calibration_row(y_test, p_test, calibration, patients(sp["test"].rows), cfg.bootstrap, cfg.seed))
-    row = {**row, **common, "test_labels": data.label_source}
-    rad = evaluate(
-        sp[RADIOLOGIST].targets.numpy(), p_rad, y_val, p_val, n_boot=cfg.bootstrap, seed=cfg.seed, groups=patients(sp[RADIOLOGIST].rows)
-    )
-    if not sp[RADIOLOGIST].rows.height:
-        rad["reason"] = "no radiologist-labelled test images"
-    rad.update(
-        calibration_row(sp[RADIOLOGIST].targets.numpy(), p_rad, calibration, patients(sp[RADIOLOGIST].rows), cfg.bootstrap, cfg.seed)
-    )
-    rad_row = {**rad, **common, "test_labels": RADIOLOGIST}
 
-    # every manifest image that has a shard gets a probability (report generation uses them), streamed in
-    # order from the shards: never a second copy of the images
-    all_imgs, all_rows = open_images(shard_root, manifest.select("dicom_id", "split"), data.size)
-    write_parquet(
-        all_rows.select("dicom_id", "split").with_columns(pl.Series("prob", probs(all_imgs), dtype=pl.Float32)), files.predictions
-    )
-    scores = sp["test"].rows.select("dicom_id", "target").with_columns(pl.Series("prob", p_test, dtype=pl.Float32))
-    write_parquet(scores, files.test_scores)
+    def evaluate_scores(p: dict[str, np.ndarray], result: TrainResult) -> Evaluated:
+        p_val, p_test, p_rad = (p[s][:, 0] for s in SCORED)
+        common = {"pathology": data.label, "slug": data.label_slug, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
+        common.update(train_seconds=round(result.seconds, 1), val_roc_auc=roc_auc_or_nan(y_val, p_val))
+        common.update(uncertain_policy=data.uncertain, blank_policy=data.blank)
+        row = evaluate(y_test, p_test, y_val, p_val, n_boot=cfg.bootstrap, seed=cfg.seed, groups=patients(sp["test"].rows))
+        # the calibration map, fitted on validate only; measured on both test label sources, shipped in the checkpoint
+        calibration = fit_platt(y_val, p_val)
+        common["calibration_fit"] = describe_calibration(calibration)
+        row.update(calibration_row(y_test, p_test, calibration, patients(sp["test"].rows), cfg.bootstrap, cfg.seed))
+        row = {**row, **common, "test_labels": data.label_source}
+        y_rad, g_rad = sp[RADIOLOGIST].targets.numpy(), patients(sp[RADIOLOGIST].rows)
+        rad = evaluate(y_rad, p_rad, y_val, p_val, n_boot=cfg.bootstrap, seed=cfg.seed, groups=g_rad)
+        if not sp[RADIOLOGIST].rows.height:
+            rad["reason"] = "no radiologist-labelled test images"
+        rad.update(calibration_row(y_rad, p_rad, calibration, g_rad, cfg.bootstrap, cfg.seed))
+        rad_row = {**rad, **common, "test_labels": RADIOLOGIST}
+        return Evaluated([row, rad_row], {data.label_slug: row["threshold"]}, {data.label_slug: calibration})
 
-    save_checkpoint(result.model, files, checkpoint_config(cfg, data, row["threshold"], calibration))
-    write_json(files.metrics, [row, rad_row])
-    files.resume.unlink(missing_ok=True)  # finished: the next materialization trains afresh
-    if row["evaluable"]:
-        save_curves({data.label: (y_test, p_test)}, files.curves, title=f"{data.label} ({cfg.arch})")
-    else:
-        files.curves.unlink(missing_ok=True)
-    return FitOutcome(row=row, trained=result, files=files, test_curve=(y_test, p_test), radiologist_row=rad_row)
+    def test_files(p: dict[str, np.ndarray], evaluated: Evaluated) -> None:
+        p_test = p["test"][:, 0]
+        scores = sp["test"].rows.select("dicom_id", "target").with_columns(pl.Series("prob", p_test, dtype=pl.Float32))
+        write_parquet(scores, files.test_scores)
+        if evaluated.rows[0]["evaluable"]:
+            save_curves({data.label: (y_test, p_test)}, files.curves, title=f"{data.label} ({cfg.arch})")
+        else:
+            files.curves.unlink(missing_ok=True)
+
+    return fit_model(
+        data, manifest, shard_root, cfg, device, files, labels=[data.label], evaluate_scores=evaluate_scores,
+        prediction_columns=["prob"], extra=test_files, log=log, on_epoch=on_epoch,
+    )  # fmt: skip
 
 
-def save_checkpoint(model, files: ClassifierFiles, config: dict) -> None:
-    """``model.safetensors`` (no pickle) and ``config.json``, each written atomically."""
-    from safetensors.torch import save_file
-
-    files.checkpoint.mkdir(parents=True, exist_ok=True)
-    with atomic_path(files.checkpoint / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in model.cpu().state_dict().items()}, str(tmp))
-    write_json(files.checkpoint / "config.json", config)
-
-
-def checkpoint_config(cfg: TrainConfig, data: ClassifierData, threshold: float, calibration: dict | None = None) -> dict:
-    """What a reader of the checkpoint needs to apply it (no pickle: the weights are safetensors). ``threshold``
-    is on the network's scores; ``calibration`` the map to probabilities fitted on validate (``vision.calibration``)."""
-    return {
-        "arch": cfg.arch,
-        "dropout": cfg.dropout,
-        "size": data.size,
-        "pathology": data.label,
-        "threshold": threshold,
-        "calibration": calibration,
-        "normalise": {"mean": NORMALISE_MEAN, "std": NORMALISE_STD},
-        "input": "grey uint8 letterboxed, repeated to 3 channels",
-        "training_config": trained_with(cfg, data.size),
-    }
-
-
-def trained_with(cfg: TrainConfig, size: int) -> dict:
-    """The resolved recipe a checkpoint was trained with, recorded whole in its ``config.json``."""
-    import dataclasses
-
-    return record(dataclasses.replace(cfg, size=size, loader_workers=loader_workers(cfg)))
+def test_curve(fitted: Fitted, data: ClassifierData) -> tuple[np.ndarray, np.ndarray]:
+    """(y, p) of a per-finding fit's test split."""
+    return data.splits["test"].targets.numpy(), fitted.scores["test"][:, 0]

@@ -4,15 +4,14 @@ Together with the final model's held-out predictions they make the report hints 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import polars as pl
 
 from cxr_pipeline.labels import SLUGS
-from cxr_pipeline.settings import ClassifierFiles
 from cxr_pipeline.vision.calibration import apply, calibrated_threshold, fit_platt
+from cxr_pipeline.vision.checkpoint import ClassifierFiles, ClassifierSet, calibration_maps, read_config
 from cxr_pipeline.vision.evaluate import stored_threshold
 from cxr_pipeline.vision.fit import EVAL_PRECISION
 from cxr_pipeline.vision.multilabel import MultilabelData
@@ -186,9 +185,9 @@ def report_hints(
     """
     if cfg.oof_folds > 1:
         final = pl.read_parquet(multilabel.predictions)
-        config = json.loads((multilabel.checkpoint / "config.json").read_text())
+        config = read_config(multilabel.checkpoint)
         oof = fit_out_of_fold(load(), cfg, device, cfg.oof_folds, log=log).table
-        table = hint_predictions(oof, final, config["thresholds"], config.get("calibration"))
+        table = hint_predictions(oof, final, dict(config.thresholds), dict(config.calibration))
         return ReportHints(_hint_table(table), "multilabel_out_of_fold", cfg.oof_folds)
     rows = metrics.filter((pl.col("model") == "per_pathology") & (pl.col("test_labels") != RADIOLOGIST))
     thresholds = {r["slug"]: stored_threshold(r["threshold"]) for r in rows.iter_rows(named=True)}
@@ -204,14 +203,12 @@ def report_hints(
     return ReportHints(_hint_table(table), "per_pathology_in_sample", 0)
 
 
-def per_finding_calibrations(paths, metrics: pl.DataFrame) -> dict[str, dict]:
-    """Each per-finding model's calibration map (its checkpoint's ``config.json``), for the findings in ``metrics``
+def per_finding_calibrations(classifiers: ClassifierSet, metrics: pl.DataFrame) -> dict[str, dict]:
+    """Each per-finding model's calibration map (from its checkpoint), for the findings in ``metrics``
     (``classifier_metrics``); a checkpoint written before calibration gives none (its scores are used as they are)."""
     out = {}
     for s in metrics.filter(pl.col("model") == "per_pathology")["slug"].unique().to_list():
-        config = paths.classifier(s).checkpoint / "config.json"
-        if config.exists() and (cal := json.loads(config.read_text()).get("calibration")):
-            out[s] = cal
+        out.update(calibration_maps(classifiers.classifier(s)))
     return out
 
 

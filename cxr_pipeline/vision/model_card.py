@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cxr_pipeline.labels import slug
 from cxr_pipeline.vision.calibration import ECE_INTERVAL_NOTE
 
 CARD_DIR = "model_card"
@@ -70,15 +71,15 @@ def build_card(
     manifest_version: str,
     source: Mapping[str, Any],
 ) -> tuple[str, dict]:
-    """(Markdown, JSON) of one registered version. ``config``: the checkpoint's ``config.json``; ``rows``: the metrics
+    """(Markdown, JSON) of one registered version. ``config``: the checkpoint's configuration
+    (``vision.checkpoint.CheckpointConfig.as_json``); ``rows``: the metrics
     rows (one per finding and test label source); ``counts``: split -> {"images", "positives"} (per finding for a
     multi-label model: the total images only); ``views``: the views trained on."""
     from cxr_pipeline.vision.calibration import ECE_BINNING
     from cxr_pipeline.vision.calibration import describe as describe_calibration
 
-    labels = config.get("labels") or [config.get("pathology")]
-    cal = config.get("calibration")
-    calibrations = cal if isinstance(cal, Mapping) and "method" not in cal else {labels[0]: cal}
+    labels = list(config["labels"])
+    calibrations = {lab: config["calibration"].get(slug(lab)) for lab in labels}  # by finding name, either kind
     recipe = config.get("training_config", {})
     card = {
         "model_details": {

@@ -9,20 +9,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
-from cxr_pipeline.data.shard_reader import open_images
 from cxr_pipeline.fields import setting
-from cxr_pipeline.files import write_parquet
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
-from cxr_pipeline.settings import ClassifierFiles
 from cxr_pipeline.vision.calibration import calibration_row, fit_platt
 from cxr_pipeline.vision.calibration import describe as describe_calibration
+from cxr_pipeline.vision.checkpoint import MULTILABEL, ClassifierFiles
 from cxr_pipeline.vision.evaluate import evaluate, roc_auc_or_nan
-from cxr_pipeline.vision.fit import EVAL_PRECISION, save_checkpoint, trained_with, write_json
-from cxr_pipeline.vision.splits import MULTILABEL, RADIOLOGIST, SPLITS, Split, label_source, patients, place_splits
+from cxr_pipeline.vision.fit import SCORED, Evaluated, Fitted, fit_model
+from cxr_pipeline.vision.splits import RADIOLOGIST, SPLITS, Split, label_source, patients, place_splits
 from cxr_pipeline.vision.targets import targets
-from cxr_pipeline.vision.train import NORMALISE_MEAN, NORMALISE_STD, TrainConfig, TrainResult, loader_workers, predict, train
+from cxr_pipeline.vision.train import TrainConfig, TrainResult
 
 
 @dataclass(frozen=True)
@@ -93,59 +92,40 @@ def load_multilabel_data(manifest: pl.DataFrame, shard_root: Path, cfg: TrainCon
 def fit_multilabel(
     data: MultilabelData,
     manifest: pl.DataFrame,
-    shard_root: Path,
+    shard_root,
     cfg: TrainConfig,
     device,
     files: ClassifierFiles,
     *,
     log: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
-) -> tuple[list[dict], TrainResult]:
-    """Train the multi-label model and evaluate each label exactly as a per-pathology model is
-    (validation-chosen threshold, bootstrap CIs by patient, both test label sources); rows carry
-    ``model: multilabel``. Writes checkpoint, metrics.json and a wide predictions.parquet."""
-    import numpy as np
-
-    files.dir.mkdir(parents=True, exist_ok=True)
+) -> Fitted:
+    """The multi-label model through the skeleton (``vision.fit.fit_model``), each label evaluated exactly as a
+    per-pathology model is (its own validation-chosen threshold and calibration map, bootstrap CIs by patient,
+    both test label sources); rows carry ``model: multilabel``; the predictions file has one column per label."""
     sp = data.splits
-    result = train(
-        sp["train"].images, sp["train"].targets, sp["validate"].images, sp["validate"].targets, cfg, device,
-        checkpoint_dir=files.dir, log=log, on_epoch=on_epoch, data_digest=data.digest(),
+    y_val, y_test, y_rad = (sp[s].targets.numpy() for s in SCORED)
+
+    def evaluate_scores(p: dict[str, np.ndarray], result: TrainResult) -> Evaluated:
+        p_val, p_test, p_rad = (p[s] for s in SCORED)
+        rows, thresholds, calibrations = [], {}, {}
+        for j, s in enumerate(SLUGS):
+            kv = ~np.isnan(y_val[:, j])
+            calibrations[s] = fit_platt(y_val[kv, j], p_val[kv, j])  # each output its own map, on its validation labels
+            common = {"pathology": LABEL_BY_SLUG[s], "slug": s, "model": MULTILABEL, "best_epoch": result.best_epoch}
+            common.update(epochs_run=result.epochs_run, train_seconds=round(result.seconds, 1), uncertain_policy=data.uncertain)
+            common.update(blank_policy=data.blank, val_roc_auc=roc_auc_or_nan(y_val[kv, j], p_val[kv, j]))
+            common.update(calibration_fit=describe_calibration(calibrations[s]))
+            for split, source, y, pj in (("test", data.label_source, y_test, p_test), (RADIOLOGIST, RADIOLOGIST, y_rad, p_rad)):
+                k = ~np.isnan(y[:, j])
+                groups = patients(sp[split].rows.filter(pl.Series(k))) if len(k) else None
+                row = evaluate(y[k, j], pj[k, j], y_val[kv, j], p_val[kv, j], n_boot=cfg.bootstrap, seed=cfg.seed, groups=groups)
+                row.update(calibration_row(y[k, j], pj[k, j], calibrations[s], groups, cfg.bootstrap, cfg.seed))
+                rows.append({**row, **common, "test_labels": source})
+            thresholds[s] = rows[-2]["threshold"]
+        return Evaluated(rows, thresholds, calibrations)
+
+    return fit_model(
+        data, manifest, shard_root, cfg, device, files, labels=[LABEL_BY_SLUG[s] for s in SLUGS],
+        evaluate_scores=evaluate_scores, prediction_columns=SLUGS, log=log, on_epoch=on_epoch,
     )  # fmt: skip
-
-    def probs(images):
-        p = predict(result.model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg, device))
-        return p.reshape(-1, len(SLUGS))
-
-    p_val, p_test, p_rad = probs(sp["validate"].images), probs(sp["test"].images), probs(sp[RADIOLOGIST].images)
-    y_val, y_test, y_rad = (sp[s].targets.numpy() for s in ("validate", "test", RADIOLOGIST))
-    rows, thresholds, calibrations = [], {}, {}
-    for j, s in enumerate(SLUGS):
-        kv = ~np.isnan(y_val[:, j])
-        calibrations[s] = fit_platt(y_val[kv, j], p_val[kv, j])  # each output its own map, on its validation labels
-        common = {"pathology": LABEL_BY_SLUG[s], "slug": s, "model": MULTILABEL, "best_epoch": result.best_epoch}
-        common.update(epochs_run=result.epochs_run, train_seconds=round(result.seconds, 1), uncertain_policy=data.uncertain)
-        common.update(blank_policy=data.blank, val_roc_auc=roc_auc_or_nan(y_val[kv, j], p_val[kv, j]))
-        common.update(calibration_fit=describe_calibration(calibrations[s]))
-        for split, source, y, p in (("test", data.label_source, y_test, p_test), (RADIOLOGIST, RADIOLOGIST, y_rad, p_rad)):
-            k = ~np.isnan(y[:, j])
-            groups = patients(sp[split].rows.filter(pl.Series(k))) if len(k) else None
-            row = evaluate(y[k, j], p[k, j], y_val[kv, j], p_val[kv, j], n_boot=cfg.bootstrap, seed=cfg.seed, groups=groups)
-            row.update(calibration_row(y[k, j], p[k, j], calibrations[s], groups, cfg.bootstrap, cfg.seed))
-            rows.append({**row, **common, "test_labels": source})
-        thresholds[s] = rows[-2]["threshold"]
-
-    all_imgs, all_rows = open_images(shard_root, manifest.select("dicom_id", "split"), data.size)  # streamed, as above
-    p_all = probs(all_imgs)
-    write_parquet(
-        all_rows.select("dicom_id", "split").with_columns(pl.Series(s, p_all[:, j], dtype=pl.Float32) for j, s in enumerate(SLUGS)),
-        files.predictions,
-    )
-    config = {"arch": cfg.arch, "dropout": cfg.dropout, "size": data.size, "labels": [LABEL_BY_SLUG[s] for s in SLUGS]}
-    config.update(thresholds=thresholds, normalise={"mean": NORMALISE_MEAN, "std": NORMALISE_STD}, outputs=len(SLUGS))
-    config["calibration"] = calibrations  # per label, fitted on validate (vision.calibration); thresholds stay on the scores
-    config["training_config"] = trained_with(cfg, data.size)
-    save_checkpoint(result.model, files, config)
-    write_json(files.metrics, rows)
-    files.resume.unlink(missing_ok=True)
-    return rows, result

@@ -1,20 +1,22 @@
 """``cxr-pipeline predict``: the registered classifiers applied to radiograph files.
 
 Models come from the MLflow registry by alias through MLflow's own loader
-(``mlflow.pyfunc.load_model("models:/cxr-<finding>@champion")``), so what runs is exactly
+(``vision.checkpoint.load_registered``: ``models:/cxr-<finding>@<alias>``), so what runs is exactly
 what is registered; files are decoded exactly as the shard builder decodes them.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
+from cxr_pipeline.tracking import get_client
+from cxr_pipeline.vision.checkpoint import CHAMPION, MULTILABEL, load_registered
+from cxr_pipeline.vision.registry import registered_name
+from cxr_pipeline.vision.serving import decode_files, grad_cam, overlay, write_rgb
 
 OVERLAY_SIDE = 256  # overlays are drawn at the model's input size, then enlarged to at least this for viewing
 
@@ -50,42 +52,10 @@ class ImageResult:
         return "\n".join(lines)
 
 
-def _load(client, name: str, alias: str):
-    """(pyfunc model, 'name vN') or None when ``name`` has no version under ``alias``."""
-    import mlflow.pyfunc
-
-    from cxr_pipeline.tracking import registered_model_or_none
-
-    rm = registered_model_or_none(client, name)
-    if rm is None or alias not in (rm.aliases or {}):
-        return None
-    return mlflow.pyfunc.load_model(f"models:/{name}@{alias}"), f"{name} v{rm.aliases[alias]}"
-
-
-def load_registered(client, uri: str, names: list[str], alias: str = "champion") -> dict[str, tuple[Any, str]]:
-    """name -> (pyfunc model, 'name vN') for each of ``names`` with a version under ``alias`` in the store at ``uri``.
-    MLflow's loader resolves models:/ URIs against the environment's store; it is set for the loads only, rather
-    than with mlflow.set_tracking_uri, which would pin this store for the rest of the process."""
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        return {n: m for n in names if (m := _load(client, n, alias)) is not None}
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
-
-
 def predict_files(
-    images: list[Path], alias: str = "champion", model: str = "per-pathology", cam_dir: Path | None = None
+    images: list[Path], alias: str = CHAMPION, model: str = "per-pathology", cam_dir: Path | None = None
 ) -> list[ImageResult]:
     """Every file through every registered model; with ``cam_dir``, a Grad-CAM overlay per positive call."""
-    from cxr_pipeline.tracking import get_client
-    from cxr_pipeline.vision.registry import registered_name
-    from cxr_pipeline.vision.serving import decode_files, grad_cam, overlay, write_rgb
-    from cxr_pipeline.vision.splits import MULTILABEL
-
     client, uri = get_client()  # MLFLOW_TRACKING_URI if set, else the pipeline's own store
     names = [registered_name(MULTILABEL)] if model == "multilabel" else [registered_name(s) for s in SLUGS]
     loaded = load_registered(client, uri, names, alias)
@@ -94,12 +64,12 @@ def predict_files(
     decoded: dict[int, np.ndarray] = {}  # size -> (n, size, size), each file decoded once per size
     results = [ImageResult(p, []) for p in images]
     per_image: list[dict[str, Finding]] = [{} for _ in images]
-    for pyfunc, label in loaded.values():
-        cm = pyfunc.unwrap_python_model().model  # the LoadedClassifier behind the pyfunc
+    for reg in loaded:
+        cm = reg.model  # the LoadedClassifier behind the pyfunc
         if cm.size not in decoded:
             decoded[cm.size] = decode_files(images, cm.size)
-        out = pyfunc.predict(decoded[cm.size])
-        source = label if cm.calibrated else f"{label}, uncalibrated"  # a version registered before calibration says so
+        out = reg.pyfunc.predict(decoded[cm.size])
+        source = reg.label if cm.calibrated else f"{reg.label}, uncalibrated"  # a version registered before calibration says so
         for j, s in enumerate(cm.slugs):
             for i in range(len(images)):
                 f = Finding(s, float(out[s].iloc[i]), cm.served_thresholds[j], bool(out[f"{s}_call"].iloc[i]), source)

@@ -4,7 +4,8 @@ Each registered version (``cxr-<label>`` and ``cxr-multilabel``) is an MLflow *p
 so ``mlflow.pyfunc.load_model("models:/cxr-cardiomegaly@champion")``, ``mlflow models serve``
 and the registry's model page all work. It is logged as a model *from code*
 (``pyfunc_entry.py`` is the model's code file): MLflow stores no pickle of ours, and the
-weights inside it are the unchanged ``checkpoint/`` folder (``model.safetensors`` + ``config.json``).
+weights inside it are the unchanged checkpoint folder (``vision.checkpoint``: the format, and the loader this
+model's ``load_context`` calls).
 
 ``predict`` takes what a user has:
 
@@ -31,64 +32,17 @@ hand-written hooks.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cxr_pipeline.labels import LABEL_BY_SLUG, slug
+from cxr_pipeline.labels import LABEL_BY_SLUG
+from cxr_pipeline.vision.checkpoint import MODEL_ARTIFACT, LoadedClassifier, load_checkpoint
 
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
-
-
-@dataclass
-class LoadedClassifier:
-    """A checkpoint folder made usable: the network (eval mode, CPU) and what applying it needs."""
-
-    net: Any
-    arch: str
-    size: int
-    slugs: list[str]  # output j is label slugs[j]
-    thresholds: list[float]  # validation-chosen, on the network's own scores
-    calibrations: list[dict | None] | None = None  # per output: the map fitted on validate (vision.calibration); None: none
-
-    @property
-    def calibrated(self) -> bool:
-        return any((c or {}).get("method") == "platt" for c in self.calibrations or [])
-
-    def calibration(self, j: int) -> dict | None:
-        return (self.calibrations or [None] * len(self.slugs))[j]
-
-    def calibrate(self, probs: np.ndarray) -> np.ndarray:
-        """The network's scores (n, labels) -> calibrated probabilities, column by column (identity where none)."""
-        from cxr_pipeline.vision.calibration import apply
-
-        probs = np.asarray(probs).reshape(-1, len(self.slugs))
-        return np.stack([apply(self.calibration(j), probs[:, j]) for j in range(len(self.slugs))], axis=1) if len(probs) else probs
-
-    @property
-    def served_thresholds(self) -> list[float]:
-        """The thresholds on the calibrated scale (each carried through its map), to show beside the probabilities;
-        the calls are read on the network's scores at ``thresholds`` (``prediction_frame``)."""
-        from cxr_pipeline.vision.calibration import calibrated_threshold
-
-        return [calibrated_threshold(self.calibration(j), t) for j, t in enumerate(self.thresholds)]
-
-    def probabilities(self, images: np.ndarray, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
-        """(n, len(slugs)) float32 network scores (before calibration) for uint8 images (n, size, size); fp32,
-        as evaluation does."""
-        import torch
-
-        from cxr_pipeline.vision.train import predict
-
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
-        p = predict(self.net, x, torch.device(device), batch_size, "fp32", channels_last=False)
-        self.net.cpu()
-        return p.reshape(-1, len(self.slugs)).astype(np.float32)
 
 
 def serving_device(device: str = "auto") -> str:
@@ -98,31 +52,6 @@ def serving_device(device: str = "auto") -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_checkpoint(folder: Path) -> LoadedClassifier:
-    """``model.safetensors`` + ``config.json`` (per-pathology or multi-label) -> network in eval mode."""
-    from safetensors.torch import load_file
-
-    from cxr_pipeline.vision.evaluate import stored_threshold
-    from cxr_pipeline.vision.models import build_model
-
-    folder = Path(folder)
-    cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json (not a cxr_pipeline classifier checkpoint)")
-    cfg = json.loads(cfg_file.read_text())
-    if "labels" in cfg:  # multi-label
-        slugs = [slug(x) for x in cfg["labels"]]
-        thresholds = [stored_threshold(cfg["thresholds"].get(s)) for s in slugs]
-        calibrations = [(cfg.get("calibration") or {}).get(s) for s in slugs]
-    else:
-        slugs = [slug(cfg["pathology"])]
-        thresholds = [stored_threshold(cfg.get("threshold"))]
-        calibrations = [cfg.get("calibration")]  # absent in a checkpoint written before calibration: uncalibrated
-    net = build_model(cfg["arch"], cfg.get("dropout", 0.0), outputs=len(slugs))
-    net.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return LoadedClassifier(net.eval(), cfg["arch"], int(cfg["size"]), slugs, thresholds, calibrations)
 
 
 def decode_files(paths: Sequence[str | Path], size: int) -> np.ndarray:
@@ -340,12 +269,21 @@ def classifier_saliency_sheet(
     return saliency_sheet(panels, f"{label}: Grad-CAM on test images (threshold {model.thresholds[output]:.2f})", out)
 
 
-def log_model(run, checkpoint: Path, artifact_path: str = "model") -> None:
-    """The checkpoint as an MLflow model in ``run`` (a ``TrackedRun``), under ``artifact_path``."""
+def log_model(run, checkpoint: Path) -> None:
+    """The checkpoint as an MLflow model in ``run`` (a ``TrackedRun``), where registration looks for it."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        run.log_artifact(save_pyfunc(checkpoint, Path(d) / artifact_path), artifact_path)
+        run.log_artifact(save_pyfunc(checkpoint, Path(d) / MODEL_ARTIFACT), MODEL_ARTIFACT)
+
+
+def saliency_for(checkpoint: Path, images: np.ndarray, y: np.ndarray, p: np.ndarray, out: Path) -> Path | None:
+    """The Grad-CAM sheet a fit shows, by model kind: a few test TPs / FPs / FNs (per-finding) or each finding's
+    best TP (multi-label). ``y``, ``p``: (n,) or (n, labels) test targets and probabilities. None if no case."""
+    model = load_checkpoint(checkpoint)
+    if len(model.slugs) > 1:
+        return multilabel_saliency_sheet(model, images, y, p, out)
+    return classifier_saliency_sheet(model, images, y, p, out)
 
 
 def write_rgb(rgb: np.ndarray, out: Path, min_side: int = 0) -> Path:

@@ -17,7 +17,6 @@ from cxr_pipeline.vision.train import TrainConfig
 
 SPLITS = ("train", "validate", "test")
 RADIOLOGIST = "radiologist"  # the second test set: radiologist-labelled test studies, with those labels
-MULTILABEL = "multilabel"  # its folder under classifier/ and its ``model`` value in the metrics rows
 
 
 def patients(rows: pl.DataFrame):

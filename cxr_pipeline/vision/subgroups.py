@@ -327,9 +327,10 @@ def audit_scores(
     image read at its fold model's threshold: that view audits the five fold models (each trained on four fifths
     of the training patients), not the registered model, and its AUC pools their scores. Targets follow the
     label policy each model was trained with (its metrics row)."""
+    from cxr_pipeline.vision.checkpoint import MULTILABEL
     from cxr_pipeline.vision.evaluate import stored_threshold
     from cxr_pipeline.vision.folds import call_column, threshold_column
-    from cxr_pipeline.vision.splits import MULTILABEL, RADIOLOGIST
+    from cxr_pipeline.vision.splits import RADIOLOGIST
     from cxr_pipeline.vision.targets import targets
 
     source = manifest["label_source"][0] if manifest.height and "label_source" in manifest.columns else "chexpert"

@@ -9,9 +9,9 @@ from pathlib import Path
 import polars as pl
 
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS, slug
-from cxr_pipeline.settings import ClassifierSet
+from cxr_pipeline.vision.checkpoint import MULTILABEL, ClassifierSet, calibration_maps
 from cxr_pipeline.vision.evaluate import REFERENCE_AUC
-from cxr_pipeline.vision.splits import MULTILABEL, RADIOLOGIST
+from cxr_pipeline.vision.splits import RADIOLOGIST
 
 
 def metrics_table(paths: ClassifierSet) -> pl.DataFrame:
@@ -96,7 +96,6 @@ def reliability_of_test_split(paths: ClassifierSet, slugs: list[str]) -> dict[st
 
     out = {}
     for label, (y, p) in curves_of_test_split(paths, slugs).items():
-        cfg_file = paths.classifier(slug(label)).checkpoint / "config.json"
-        calibration = json.loads(cfg_file.read_text()).get("calibration") if cfg_file.exists() else None
+        calibration = calibration_maps(paths.classifier(slug(label))).get(slug(label))
         out[label] = (y, p, apply(calibration, p))
     return out

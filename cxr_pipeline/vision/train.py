@@ -31,7 +31,7 @@ from cxr_pipeline.files import atomic_path
 # Grey uint8 -> [-1, 1]: ((x / 255) - MEAN) / STD. The saved checkpoint's config records them.
 NORMALISE_MEAN = 0.5
 NORMALISE_STD = 0.5
-RESUME_FILE = "resume.pt"
+RESUME_FILE = "resume.pt"  # in the classifier folder (vision.checkpoint.ClassifierFiles.resume)
 NOT_TRAINED = ("bootstrap", "eval_batch_size", "data", "memory_budget", "loader_workers")
 
 

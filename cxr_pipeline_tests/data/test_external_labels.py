@@ -260,14 +260,15 @@ def test_the_padchest_replica_fails_exact_string_matching(tmp_path):
 def test_a_null_label_is_dropped_when_scored_never_a_negative():
     """NIH and PadChest: a null is 'cannot be scored for this finding', dropped whatever the model's blank policy
     (targets() would make a blank No Finding a negative); CheXpert's blanks follow the policy as MIMIC's do."""
-    from types import SimpleNamespace
-
     import numpy as np
 
+    from cxr_pipeline.vision.checkpoint import CheckpointConfig, LoadedClassifier
     from cxr_pipeline.vision.external import Champion, score_champion
 
-    model = SimpleNamespace(slugs=["no_finding"], thresholds=[0.5], calibration=lambda _j: None)
-    champ = Champion("cxr-no-finding", "1", model, {}, {"uncertain": "zeros", "blank": "zeros"})
+    recipe = {"uncertain": "zeros", "blank": "zeros"}  # the policy travels in the model's own configuration
+    config = CheckpointConfig("resnet18", 64, ("No Finding",), {"no_finding": 0.5}, {"no_finding": None}, training_config=recipe)
+    champ = Champion("cxr-no-finding", "1", LoadedClassifier(None, config), {})
+    assert champ.policy == recipe
     rows = pl.DataFrame(
         {"subject_id": ["1", "2", "3", "4", "5"], "no_finding": [1, 0, None, None, 1]}, schema_overrides={"no_finding": pl.Int8}
     )

@@ -15,6 +15,7 @@ from cxr_pipeline.data.external import scored_findings
 from cxr_pipeline.definitions import build_defs
 from cxr_pipeline.labels import slug as finding_slug
 from cxr_pipeline.tracking import get_client
+from cxr_pipeline.vision.checkpoint import ClassifierSet, read_config
 from cxr_pipeline_tests.conftest import raw_version, run_job  # noqa: F401
 
 
@@ -45,7 +46,8 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         first = run_job(defs, "classifier_job", instance, partition_key="support_devices", run_config=cfg)
         md = next(e.materialization for e in first.get_asset_materialization_events()).metadata
         assert md["registered_model"].value.startswith("cxr-support-devices v1")
-        ckpt = cxr_home / "assets" / "classifier" / "support_devices" / "checkpoint"
+        files = ClassifierSet(cxr_home / "assets" / "classifier").classifier("support_devices")
+        ckpt = files.checkpoint
         # the AUC shown is the model's on the test split: recomputed with scikit-learn from the probabilities the
         # asset wrote for every image (two epochs at 32 px learn little here: the planted-signal floor is in
         # vision/test_vision.py, where training runs long enough to learn)
@@ -56,7 +58,7 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         every = scored.join(pl.read_parquet(ckpt.parent / "predictions.parquet"), on="dicom_id", how="left")
         assert md["evaluable"].value is True
         assert md["roc_auc"].value == pytest.approx(roc_auc_score(every["target"].to_numpy(), every["prob"].to_numpy()), abs=1e-4)
-        assert (ckpt / "model.safetensors").exists() and (ckpt / "config.json").exists()
+        assert files.weights.exists() and files.config.exists()
         assert not (ckpt.parent / "resume.pt").exists()
         client, _ = get_client()
         run = client.get_run(md["mlflow_run_id"].value)
@@ -80,8 +82,8 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert len(raw) == imgs.shape[0] > 10 and not np.isnan(raw).any()
         from cxr_pipeline.vision.calibration import apply, calibrated_threshold
 
-        ckpt_cfg = json.loads((ckpt / "config.json").read_text())
-        calibration, threshold = ckpt_cfg["calibration"], ckpt_cfg["threshold"]
+        ckpt_cfg = read_config(ckpt)
+        calibration, threshold = ckpt_cfg.calibration["support_devices"], ckpt_cfg.thresholds["support_devices"]
         assert calibration["fitted_on"] == "validate" and calibration["method"] in ("platt", "none")
         np.testing.assert_allclose(out["support_devices"].to_numpy(), apply(calibration, raw), atol=1e-5)  # calibrated
         # the calls of the raw scores; the threshold is a validate image's own score (Youden's J picks one), and the served
@@ -194,7 +196,7 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert "support_devices" not in set(nih["slug"])  # NIH cannot score support devices: no row, never all-negative
         assert set(nih.filter(pl.col("model") == "multilabel")["slug"]) <= {finding_slug(x) for x in scored_findings("nih")}
         sd = chex.filter((pl.col("model") == "per_pathology") & (pl.col("slug") == "support_devices")).row(0, named=True)
-        assert sd["threshold"] == pytest.approx(json.loads((ckpt / "config.json").read_text())["threshold"])  # the internal one
+        assert sd["threshold"] == pytest.approx(read_config(ckpt).thresholds["support_devices"])  # the internal one
         assert sd["internal_roc_auc"] == pytest.approx(md["roc_auc"].value, abs=1e-4)
         assert sd["roc_auc_change"] == pytest.approx(sd["roc_auc"] - sd["internal_roc_auc"])
         # scored on every frontal image with a definite label under the model's policy (blank: zeros): counted from the file
@@ -225,11 +227,11 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         hints = pl.read_parquet(mats["report_hints"].metadata["path"].value)  # one table, read by the adapter as one input
         assert set(hints.filter(pl.col("split") == "train")["source"]) == {"out_of_fold"}
         assert mats["report_hints"].metadata["fold_models"].value == 5 and hints.height == m.height
-        ml_config = json.loads((cxr_home / "assets" / "classifier" / "multilabel" / "checkpoint" / "config.json").read_text())
+        ml_config = read_config(ClassifierSet(cxr_home / "assets" / "classifier").classifier("multilabel").checkpoint)
         from cxr_pipeline.vision.calibration import calibrated_threshold
 
         held_out = hints.filter(pl.col("source") == "held_out")  # the final model's, at its thresholds through its map
-        at = calibrated_threshold(ml_config["calibration"]["support_devices"], ml_config["thresholds"]["support_devices"])
+        at = calibrated_threshold(ml_config.calibration["support_devices"], ml_config.thresholds["support_devices"])
         assert held_out["threshold_support_devices"].unique().to_list() == [pytest.approx(at)]
         per_fold = hints.filter(pl.col("source") == "out_of_fold").group_by("fold").agg(pl.col("threshold_support_devices").n_unique())
         assert per_fold.height == 5 and per_fold["threshold_support_devices"].to_list() == [1] * 5  # each fold model its own

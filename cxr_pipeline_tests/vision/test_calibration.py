@@ -66,12 +66,13 @@ def test_at_the_clip_the_map_ties_scores_so_calls_are_read_on_the_network_s_scor
     so the calibrated probability "reaches" the carried threshold though the network's score does not. The
     served call is the network's, and the model's metadata names each threshold by its scale, with no bare
     ``thresholds`` to compare the served probabilities with."""
-    from cxr_pipeline.vision.serving import LoadedClassifier, prediction_frame, threshold_metadata
+    from cxr_pipeline.vision.checkpoint import CheckpointConfig, LoadedClassifier
+    from cxr_pipeline.vision.serving import prediction_frame, threshold_metadata
 
     fit = cal.fit_platt(*shifted_scores(300, seed=10))
     t, below = 0.9999997, 0.9999992
     assert cal.apply(fit, [below])[0] >= cal.calibrated_threshold(fit, t)  # read through the map: a (wrong) positive
-    model = LoadedClassifier(None, "resnet18", 32, ["edema"], [t], [fit])
+    model = LoadedClassifier(None, CheckpointConfig("resnet18", 32, ("Edema",), {"edema": t}, {"edema": fit}))
     frame = prediction_frame(model, np.array([[below], [t], [0.2]], dtype=np.float32))
     assert frame["edema_call"].tolist() == [False, True, False]
     meta = threshold_metadata(model)
@@ -101,8 +102,9 @@ def test_ece_is_the_binned_gap_between_confidence_and_frequency():
 def test_a_checkpoint_from_before_calibration_loads_and_says_it_is_uncalibrated(tmp_path):
     from safetensors.torch import save_file
 
+    from cxr_pipeline.vision.checkpoint import load_checkpoint
     from cxr_pipeline.vision.models import build_model
-    from cxr_pipeline.vision.serving import load_checkpoint, prediction_frame
+    from cxr_pipeline.vision.serving import prediction_frame
 
     net = build_model("resnet18")
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "model.safetensors"))
@@ -156,6 +158,7 @@ def test_the_demo_prints_calibration_before_and_after_for_every_finding_model_an
 
 
 def test_a_model_card_is_built_from_the_run_s_records(tmp_path):
+    from cxr_pipeline.vision.checkpoint import config_from_json
     from cxr_pipeline.vision.model_card import REPLICA_MARKER, build_card, data_source
 
     fit = cal.fit_platt(*shifted_scores(300, seed=6))
@@ -166,7 +169,7 @@ def test_a_model_card_is_built_from_the_run_s_records(tmp_path):
     rad = {"pathology": "Edema", "test_labels": "radiologist", "evaluable": False, "reason": "test split has only negatives", "n_test": 9}
     (tmp_path / REPLICA_MARKER).write_text(json.dumps({"patients": 300, "seed": 0}))
     md, card = build_card(
-        name="cxr-edema", version="3", run_id="abc", config=config, rows=[row, rad],
+        name="cxr-edema", version="3", run_id="abc", config=config_from_json(config).as_json(), rows=[row, rad],
         counts={"train": {"images": 900, "positives": 200}}, views=["AP", "PA"], manifest_version="d1", source=data_source(tmp_path),
     )  # fmt: skip
     assert card["training_data"]["source"] == {

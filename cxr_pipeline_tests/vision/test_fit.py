@@ -11,6 +11,7 @@ import torch
 
 from cxr_pipeline.settings import Paths
 from cxr_pipeline.vision import fit, folds, multilabel, tables
+from cxr_pipeline.vision.checkpoint import ClassifierSet, read_config
 from cxr_pipeline.vision.splits import ClassifierData, Split
 from cxr_pipeline.vision.train import TrainConfig, TrainResult
 
@@ -28,10 +29,9 @@ def data(train_pos: int = 4) -> ClassifierData:
 
 
 def test_an_untrainable_label_leaves_no_model_from_an_earlier_run(tmp_path):
-    paths = Paths(home=tmp_path, raw=tmp_path / "raw")
-    files = paths.classifier("edema")
+    files = ClassifierSet.of(Paths(home=tmp_path, raw=tmp_path / "raw")).classifier("edema")
     files.checkpoint.mkdir(parents=True)
-    for f in (files.checkpoint / "model.safetensors", files.curves, files.predictions, files.test_scores, files.resume):
+    for f in (files.weights, files.curves, files.predictions, files.test_scores, files.resume):
         f.write_bytes(b"old")
     d = data(train_pos=0)
     assert d.untrainable_reason.startswith("not trainable: the training split has 0 positives of 8")
@@ -42,9 +42,9 @@ def test_an_untrainable_label_leaves_no_model_from_an_earlier_run(tmp_path):
 
 
 def test_metrics_table_of_untrainable_labels_only_has_every_column(tmp_path):
-    paths = Paths(home=tmp_path, raw=tmp_path / "raw")
-    fit.record_untrainable(data(train_pos=0), paths.classifier("edema"))
-    table = tables.metrics_table(paths)
+    classifiers = ClassifierSet.of(Paths(home=tmp_path, raw=tmp_path / "raw"))
+    fit.record_untrainable(data(train_pos=0), classifiers.classifier("edema"))
+    table = tables.metrics_table(classifiers)
     from cxr_pipeline.defs.classifier_tables import METRICS_SHOWN
 
     shown = table.select(METRICS_SHOWN)  # raised ColumnNotFoundError before
@@ -71,17 +71,18 @@ def test_evaluation_and_predictions_run_on_the_training_device(tmp_path, monkeyp
     d = data()
     every = pl.DataFrame({"dicom_id": ["d0", "d1"], "split": ["test", "train"]})
     monkeypatch.setattr(fit, "open_images", lambda *a, **k: (torch.zeros(2, 8, 8, dtype=torch.uint8), every))
-    files = Paths(home=tmp_path, raw=tmp_path).classifier("edema")
+    files = ClassifierSet.of(Paths(home=tmp_path, raw=tmp_path)).classifier("edema")
     out = fit.fit_and_save(d, every, tmp_path, TrainConfig(precision="bf16", bootstrap=10), cuda, files)
     assert used == [cuda, cuda, cuda, cuda]  # validation, test, radiologist test, every image
     assert precisions == ["fp32"] * 4  # trained in bf16, evaluated in fp32 (bf16 logits tie and move AUC)
     # validation targets 1,1,1,0,0,0 against rising stand-in probabilities: AUC 0, from validation
     assert out.row["val_roc_auc"] == 0.0 and out.row["blank_policy"] == "zeros"
-    assert out.row["evaluable"] and (files.checkpoint / "model.safetensors").exists()
+    assert out.row["evaluable"] and files.weights.exists()
     assert [r["test_labels"] for r in json.loads(files.metrics.read_text())] == ["chexpert", "radiologist"]
     assert out.radiologist_row["n_pos"] == 2 and out.radiologist_row["threshold"] == out.row["threshold"]
-    cfg = json.loads((files.checkpoint / "config.json").read_text())
-    assert cfg["normalise"] == {"mean": 0.5, "std": 0.5} and cfg["size"] == 8
+    cfg = read_config(files.checkpoint)
+    assert cfg.normalise == {"mean": 0.5, "std": 0.5} and cfg.size == 8 and cfg.kind == "per_pathology"
+    assert cfg.thresholds == {"edema": out.row["threshold"]} and cfg.policy == {"uncertain": "ignore", "blank": "zeros"}
 
 
 def test_curve_figures_are_closed(tmp_path):

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import polars as pl
 
+from cxr_pipeline.vision.checkpoint import config_from_json
 from cxr_pipeline.vision.model_card import SUBGROUP_SHOWN, build_card, with_subgroups
 
 
 def _card() -> dict:
-    config = {"arch": "resnet18", "size": 64, "pathology": "Edema", "calibration": {"method": "none", "reason": "x"}}
+    config = config_from_json({"arch": "resnet18", "size": 64, "pathology": "Edema", "calibration": {"method": "none", "reason": "x"}})
     _md, card = build_card(
         name="cxr-edema",
         version="3",
         run_id="r1",
-        config=config,
+        config=config.as_json(),
         rows=[{"pathology": "Edema", "test_labels": "chexpert", "evaluable": False, "reason": "few"}],
         counts={"train": {"images": 10, "positives": 2}},
         views=["PA"],

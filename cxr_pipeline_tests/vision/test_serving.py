@@ -19,10 +19,11 @@ from safetensors.torch import save_file
 
 from cxr_pipeline.cli import main
 from cxr_pipeline.data.dicom import prepare
-from cxr_pipeline.labels import LABELS, SLUGS
-from cxr_pipeline.tracking import register_version, tracked_run
+from cxr_pipeline.labels import LABELS, SLUGS, slug
+from cxr_pipeline.tracking import get_client, tracked_run
+from cxr_pipeline.vision.checkpoint import CheckpointConfig, ClassifierFiles, load_checkpoint, load_registered, register, write_checkpoint
 from cxr_pipeline.vision.models import build_model
-from cxr_pipeline.vision.serving import load_checkpoint, log_model, pick_cases
+from cxr_pipeline.vision.serving import log_model, pick_cases
 from cxr_pipeline_tests import services
 
 DATA = Path(pydicom.__file__).resolve().parent.parent / "data_store" / "data"
@@ -30,8 +31,10 @@ REAL = [DATA / "RG1_UNCR.dcm", DATA / "RG3_UNCR.dcm"]  # real CR chest radiograp
 SIZE = 32
 
 
-def _checkpoint(folder: Path, label: str | None, threshold: float, seed: int) -> Path:
-    """A random-init ResNet-18 checkpoint in the pipeline's format (per-pathology, or multi-label if label is None)."""
+def _legacy_checkpoint(folder: Path, label: str | None, threshold: float, seed: int) -> Path:
+    """A random-init ResNet-18 checkpoint as the pipeline wrote it before ``vision.checkpoint`` (format 1, up to
+    commit af43cf9): per-pathology (``pathology``/``threshold``, no calibration) or multi-label if label is None
+    (``labels``/``thresholds``/``outputs``), written by hand here so that the old shape stays what is tested."""
     import torch
 
     torch.manual_seed(seed)
@@ -48,28 +51,63 @@ def _checkpoint(folder: Path, label: str | None, threshold: float, seed: int) ->
     return folder
 
 
+def _checkpoint(folder: Path, label: str, threshold: float, seed: int) -> Path:
+    """The same through today's writer (``vision.checkpoint.write_checkpoint``, format 2)."""
+    import torch
+
+    torch.manual_seed(seed)
+    files = ClassifierFiles(folder)
+    recipe = {"arch": "resnet18", "uncertain": "ones", "blank": "zeros"}
+    config = CheckpointConfig("resnet18", SIZE, (label,), {slug(label): threshold}, {slug(label): None}, 0.2, training_config=recipe)
+    write_checkpoint(build_model("resnet18", 0.2, outputs=1), files, config)
+    return files.checkpoint
+
+
 def _register(folder: Path, name: str) -> None:
     with tracked_run(f"test[{name}]") as run:
         log_model(run, folder)
-        register_version(run, name, "model", score_tag="val_auc", score=0.7, description="test", tags={})
+        register(run, name, score=0.7, description="test", tags={})
 
 
 @pytest.fixture
 def registry(cxr_home, tmp_path, monkeypatch):
-    """cxr-cardiomegaly (threshold 0: always positive) and cxr-edema registered as champions, plus cxr-multilabel."""
+    """cxr-cardiomegaly (threshold 0: always positive; registered before format 2) and cxr-edema (today's format)
+    registered as champions, plus cxr-multilabel (before format 2)."""
     from cxr_pipeline.settings import paths
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", paths().tracking_uri)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     ck = {
-        "cardiomegaly": _checkpoint(tmp_path / "ck_card", "Cardiomegaly", 0.0, 1),
+        "cardiomegaly": _legacy_checkpoint(tmp_path / "ck_card", "Cardiomegaly", 0.0, 1),
         "edema": _checkpoint(tmp_path / "ck_edema", "Edema", 0.99, 2),
-        "multilabel": _checkpoint(tmp_path / "ck_multi", None, 0.5, 3),
+        "multilabel": _legacy_checkpoint(tmp_path / "ck_multi", None, 0.5, 3),
     }
     _register(ck["cardiomegaly"], "cxr-cardiomegaly")
     _register(ck["edema"], "cxr-edema")
     _register(ck["multilabel"], "cxr-multilabel")
     return ck
+
+
+def test_models_registered_before_format_2_load_by_alias_as_todays_do(registry):
+    """``load_registered`` (what predict, serve's users and external validation call) returns the registered
+    versions, old and new shapes alike, each with its configuration typed: kind, thresholds, policy."""
+    from cxr_pipeline.settings import paths
+
+    client, uri = get_client()
+    names = ["cxr-cardiomegaly", "cxr-edema", "cxr-multilabel", "cxr-atelectasis"]  # the last was never registered
+    loaded = {r.name: r for r in load_registered(client, uri, names)}
+    assert sorted(loaded) == ["cxr-cardiomegaly", "cxr-edema", "cxr-multilabel"]
+    card, edema, multi = loaded["cxr-cardiomegaly"].model, loaded["cxr-edema"].model, loaded["cxr-multilabel"].model
+    assert (card.config.kind, card.slugs, card.thresholds, card.calibrated) == ("per_pathology", ["cardiomegaly"], [0.0], False)
+    assert card.config.policy == {"uncertain": "ignore", "blank": "zeros"}  # not recorded then: the recipe's defaults
+    assert edema.config.policy == {"uncertain": "ones", "blank": "zeros"}  # recorded: read from the model itself
+    assert (multi.config.kind, multi.slugs, multi.thresholds) == ("multilabel", list(SLUGS), [0.5] * len(SLUGS))
+    imgs = _images()
+    for name, folder in (("cxr-cardiomegaly", registry["cardiomegaly"]), ("cxr-multilabel", registry["multilabel"])):
+        direct = load_checkpoint(folder).probabilities(imgs)
+        np.testing.assert_allclose(loaded[name].model.probabilities(imgs), direct, atol=1e-6)
+        assert loaded[name].label == f"{name} v1"
+    assert paths().tracking_uri == uri
 
 
 def _images(n: int = 3) -> np.ndarray:
@@ -101,7 +139,8 @@ def test_registered_version_loads_with_mlflow_and_predicts_images_and_files(regi
     assert list(multi.columns) == [c for s in SLUGS for c in (s, f"{s}_call")]
     # the weights inside the MLflow model are the unchanged safetensors checkpoint (no pickle of ours)
     local = Path(mlflow.artifacts.download_artifacts("models:/cxr-edema@champion"))
-    assert (local / "artifacts" / "ck_edema" / "model.safetensors").read_bytes() == (registry["edema"] / "model.safetensors").read_bytes()
+    weights = ClassifierFiles(registry["edema"].parent).weights
+    assert (local / "artifacts" / "checkpoint" / weights.name).read_bytes() == weights.read_bytes()
     assert not list(local.rglob("*.pkl"))
     with pytest.raises(Exception, match="uint8|shape|dtype"):
         model.predict(np.zeros((1, SIZE + 1, SIZE), np.uint8))
