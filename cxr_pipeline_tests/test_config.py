@@ -106,6 +106,10 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
 
     manifest = pl.DataFrame({"dicom_id": ["d1"], "path": ["files/p10/p10000001/s50000001/d1.dcm"], "split": ["test"]})
     p = paths()
+    # every size a consumer reads, built (a spec.json is what the checked handle opens): 40, the adapter card's below
+    for size in {wanted[s]["size"] for s in ("classifier", "multilabel_classifier", "report_adapter")} | {40}:
+        p.shard_partition(size, "p10").mkdir(parents=True, exist_ok=True)
+        (p.shard_partition(size, "p10") / "spec.json").write_text(json.dumps({"size": size}))
     p.manifest.parent.mkdir(parents=True)
     manifest.write_parquet(p.manifest)  # the manifest table its consumers receive
     monkeypatch.setattr(dman, "build_manifest", lambda raw, policy: record("manifest", **vars(policy)))
@@ -133,7 +137,7 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
     p.adapter.mkdir()
     (p.adapter / "cxr_adapter.json").write_text(json.dumps({"base": str(tmp_path / "base"), "size": 40, "prompt_variant": "instruction"}))
 
-    def load_images(root, rows, size):
+    def load_images(shards, rows):
         seen["_test_rows"] = rows.height
         return [], rows
 

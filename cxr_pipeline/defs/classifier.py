@@ -57,10 +57,10 @@ def _log_fit(run: TrackedRun, outcome) -> None:
 classifiers_asset = asset_factory("classifiers", CLASSIFIER_CODE_VERSION)
 
 
-def log_datasets(run: TrackedRun, data, size: int, shard_root, targets: list[str]) -> None:
+def log_datasets(run: TrackedRun, data, shards, targets: list[str]) -> None:
     """The rows each split used (ids, image content hashes, the policy's targets) as MLflow datasets."""
     splits = {s: data.splits[s].rows.select("dicom_id", "content_hash", *targets) for s in ("train", "validate", "test")}
-    run.log_datasets(f"mimic-cxr-{size}px", splits, shard_root)
+    run.log_datasets(f"mimic-cxr-{shards.size}px", splits, shards.root)
 
 
 def saliency_sheet(run: TrackedRun, checkpoint, images, y, p, out) -> dict:
@@ -154,14 +154,14 @@ def classifier(
     label_slug, paths = context.partition_key, storage.paths
     cfg: TrainConfig = run_settings(context, paths)
     hw = compute.resolved(paths)
-    files, shards = paths.classifier(label_slug), image_shards.root(cfg.size)
+    files, shards = paths.classifier(label_slug), image_shards.at(cfg.size)
     data = load_data(manifest, shards, label_slug, cfg, hw.device)
     context.log.info(f"{data.label}: {data.counts} on {hw.description}, images {data.mode}")
     with mlflow.run(context, {"pathology": data.label}) as run:
         run.log_params({**params(cfg), **hw.params, **data.counts, "images": data.mode})
         if data.untrainable_reason:  # rare labels on small subsets: record why, keep no model, never crash the backfill
             return _untrainable(context, run, data, files, cfg)
-        log_datasets(run, data, cfg.size, shards, ["target"])
+        log_datasets(run, data, shards, ["target"])
         outcome = fit_and_save(data, manifest, shards, cfg, hw.device, files, log=context.log.info, on_epoch=epoch_logger(run))
         md = _record_fit(run, data, outcome, files, manifest, paths.raw)
     context.log.info(f"registered {md['registered_model']}")

@@ -67,13 +67,13 @@ def multilabel_classifier(
 
     paths = storage.paths
     cfg: MultilabelSettings = run_settings(context, paths)  # the classifier section, then this asset's own
-    hw, files, shards = compute.resolved(paths), paths.classifier(MULTILABEL), image_shards.root(cfg.size)
+    hw, files, shards = compute.resolved(paths), paths.classifier(MULTILABEL), image_shards.at(cfg.size)
     data = load_multilabel_data(manifest, shards, cfg, hw.device)
     counts = _split_counts(data)
     context.log.info(f"multi-label: {counts} on {hw.description}, images {data.mode}")
     with mlflow.run(context, {"model": MULTILABEL}) as run:
         run.log_params({**params(cfg), **hw.params, **counts, "images": data.mode})
-        log_datasets(run, data, cfg.size, shards, [f"t_{s}" for s in SLUGS])
+        log_datasets(run, data, shards, [f"t_{s}" for s in SLUGS])
         rows, result = fit_multilabel(data, manifest, shards, cfg, hw.device, files, log=context.log.info, on_epoch=epoch_logger(run))
         md, reg = _record_multilabel(run, data, rows, result, files)
         counts_by_split = {s: {"images": data.splits[s].rows.height} for s in ("train", "validate", "test")}
@@ -150,7 +150,7 @@ def report_hints(
     paths = storage.paths
     cfg: MultilabelSettings = run_settings(context, paths, MULTILABEL_CLASSIFIER)
     hw = compute.resolved(paths)
-    load = lambda: load_multilabel_data(manifest, image_shards.root(cfg.size), cfg, hw.device)  # noqa: E731  (only for fold models)
+    load = lambda: load_multilabel_data(manifest, image_shards.at(cfg.size), cfg, hw.device)  # noqa: E731  (only for fold models)
     with mlflow.run(context, {"model": MULTILABEL}) as run:
         run.log_params({**params(cfg), **hw.params})
         calibrations = per_finding_calibrations(paths, classifier_metrics)

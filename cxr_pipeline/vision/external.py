@@ -143,7 +143,7 @@ def external_validation(
     paths, fmt: str, cfg: ExternalSettings, champions: list[Champion], workers: int = 1, log: Callable[[str], None] | None = None
 ) -> ExternalResult:
     """Read ``fmt``'s label file, build its shards at every champion's size, score every champion."""
-    from cxr_pipeline.data.shard_reader import open_images
+    from cxr_pipeline.data.shard_reader import Shards, open_images
 
     say = log or (lambda _m: None)
     reason = cfg.absent_reason(fmt, paths.home)
@@ -160,7 +160,7 @@ def external_validation(
     image_rejects = next(iter(built.values())).rejects
     parts = []
     for size in sizes:
-        lazy, kept = open_images(paths.external_shard_root(fmt, size), rows, size, [EXTERNAL_PARTITION])
+        lazy, kept = open_images(Shards.open(paths.external_shard_root(fmt, size), size, [EXTERNAL_PARTITION]), rows)
         images = lazy.take(np.arange(len(lazy)))
         for champ in (c for c in champions if c.model.size == size):
             scores = champ.model.probabilities(images)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import polars as pl
 
-from cxr_pipeline.data.shard_reader import open_images
+from cxr_pipeline.data.shard_reader import Shards, open_images
 from cxr_pipeline.fields import record
 from cxr_pipeline.files import atomic_path, write_parquet
 from cxr_pipeline.settings import ClassifierFiles
@@ -80,7 +80,7 @@ def record_untrainable(data: ClassifierData, files: ClassifierFiles) -> list[dic
 def fit_and_save(
     data: ClassifierData,
     manifest: pl.DataFrame,
-    shard_root: Path,
+    shards: Shards,
     cfg: TrainConfig,
     device,
     files: ClassifierFiles,
@@ -134,7 +134,7 @@ def fit_and_save(
 
     # every manifest image that has a shard gets a probability (report generation uses them), streamed in
     # order from the shards: never a second copy of the images
-    all_imgs, all_rows = open_images(shard_root, manifest.select("dicom_id", "split"), data.size)
+    all_imgs, all_rows = open_images(shards, manifest.select("dicom_id", "split"))
     write_parquet(
         all_rows.select("dicom_id", "split").with_columns(pl.Series("prob", probs(all_imgs), dtype=pl.Float32)), files.predictions
     )

@@ -7,11 +7,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import polars as pl
 
-from cxr_pipeline.data.shard_reader import open_images
+from cxr_pipeline.data.shard_reader import Shards, open_images
 from cxr_pipeline.fields import setting
 from cxr_pipeline.files import write_parquet
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
@@ -67,7 +66,7 @@ def target_matrix(rows: pl.DataFrame, uncertain: str, blank: str) -> pl.DataFram
     return out
 
 
-def load_multilabel_data(manifest: pl.DataFrame, shard_root: Path, cfg: TrainConfig, device=None) -> MultilabelData:
+def load_multilabel_data(manifest: pl.DataFrame, shards: Shards, cfg: TrainConfig, device=None) -> MultilabelData:
     """All 14 labels' targets under the policy, joined with the shard images of each split (resident or streamed)."""
     import torch
 
@@ -86,14 +85,14 @@ def load_multilabel_data(manifest: pl.DataFrame, shard_root: Path, cfg: TrainCon
         return torch.from_numpy(y).reshape(-1, len(SLUGS))
 
     named = [*((s, m.filter(pl.col("split") == s)) for s in SPLITS), (RADIOLOGIST, m.clear() if rad is None else rad)]
-    splits, mode = place_splits(named, shard_root, cfg, device, target)
+    splits, mode = place_splits(named, shards, cfg, device, target)
     return MultilabelData(size, uncertain, blank, splits, label_source(manifest), mode)
 
 
 def fit_multilabel(
     data: MultilabelData,
     manifest: pl.DataFrame,
-    shard_root: Path,
+    shards: Shards,
     cfg: TrainConfig,
     device,
     files: ClassifierFiles,
@@ -135,7 +134,7 @@ def fit_multilabel(
             rows.append({**row, **common, "test_labels": source})
         thresholds[s] = rows[-2]["threshold"]
 
-    all_imgs, all_rows = open_images(shard_root, manifest.select("dicom_id", "split"), data.size)  # streamed, as above
+    all_imgs, all_rows = open_images(shards, manifest.select("dicom_id", "split"))  # streamed, as above
     p_all = probs(all_imgs)
     write_parquet(
         all_rows.select("dicom_id", "split").with_columns(pl.Series(s, p_all[:, j], dtype=pl.Float32) for j, s in enumerate(SLUGS)),
