@@ -11,12 +11,12 @@ import polars as pl
 
 from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.io import ShardSet
-from cxr_pipeline.defs.keys import CLASSIFIER, IMAGE_SHARDS
+from cxr_pipeline.defs.keys import CLASSIFIER
 from cxr_pipeline.defs.manifest import MANIFEST_IN
 from cxr_pipeline.defs.metadata import asset_metadata, inline_png, resolved_metadata
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
-from cxr_pipeline.defs.specs import asset_factory, every_partition_of
+from cxr_pipeline.defs.specs import ALL_SHARDS_IN, asset_factory, every_partition_of
 from cxr_pipeline.fields import params
 from cxr_pipeline.labels import SLUGS
 from cxr_pipeline.settings import ClassifierFiles
@@ -108,7 +108,7 @@ ALL_CLASSIFIERS = every_partition_of(CLASSIFIER)
 # what a classifier reads: the manifest (a table), every shard partition (a handle to the files)
 TRAINING_INPUTS = {
     "manifest": MANIFEST_IN,
-    "image_shards": dg.AssetIn(IMAGE_SHARDS, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles"),
+    "image_shards": ALL_SHARDS_IN,
 }
 
 

@@ -17,8 +17,7 @@ from cxr_pipeline.defs.manifest import MANIFEST_IN
 from cxr_pipeline.defs.metadata import asset_metadata, resolved_metadata, table_metadata
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
-from cxr_pipeline.defs.shards import ALL_SHARDS_IN
-from cxr_pipeline.defs.specs import asset_factory
+from cxr_pipeline.defs.specs import ALL_SHARDS_IN, asset_factory
 from cxr_pipeline.fields import params
 from cxr_pipeline.files import write_parquet
 from cxr_pipeline.reports.generate import SYSTEMS

@@ -19,8 +19,6 @@ from cxr_pipeline.tracking import TrackedRun
 
 SHARDS_CODE_VERSION = "1"
 partitions_def = dg.StaticPartitionsDefinition(list(PARTITIONS))
-# how a consumer reads the shards: every partition, as a handle to the files (defs.io.ShardSet)
-ALL_SHARDS_IN = dg.AssetIn(IMAGE_SHARDS, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles")
 
 
 ShardConfig = dagster_config(IMAGE_SHARDS, "ShardConfig")

@@ -6,6 +6,8 @@ from typing import Any
 
 import dagster as dg
 
+from cxr_pipeline.defs.keys import IMAGE_SHARDS
+
 
 def asset_specs(
     keys: Mapping[str, tuple[str, set[str]]],
@@ -42,6 +44,16 @@ def asset_factory(group: str, code_version: str):
 def every_partition_of(key: str) -> dg.AssetDep:
     """A dependency on all partitions of ``key`` (a classifier reads every shard partition)."""
     return dg.AssetDep(key, partition_mapping=dg.AllPartitionMapping())
+
+
+def every_partition_handle(key: str) -> dg.AssetIn:
+    """An input of every partition of a file asset, loaded as its handle (``defs.io.HandleLoader``), not its data."""
+    return dg.AssetIn(key, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles")
+
+
+# how every consumer reads the shards (the classifiers, the report hints, the report adapter and generation):
+# all partitions, as a ``defs.io.ShardSet`` whose ``at(size)`` opens the checked handle the readers take
+ALL_SHARDS_IN = every_partition_handle(IMAGE_SHARDS)
 
 
 def selected_keys(context: dg.AssetExecutionContext) -> set[str]:
