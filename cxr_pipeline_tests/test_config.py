@@ -169,7 +169,11 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
     monkeypatch.setattr(vsub, "audit", lambda scores, cfg: record("subgroup_metrics", **vars(cfg)))
     import cxr_pipeline.vision.external as vext
 
-    monkeypatch.setattr(vext, "external_validation", lambda paths, fmt, cfg, champions, **k: record("external_validation", **vars(cfg)))
+    def external_validation(paths, fmt, cfg, champions, shards, **k):
+        seen["external_shards"] = vars(shards)  # an external set's shards are built with the image_shards settings
+        record("external_validation", **vars(cfg))
+
+    monkeypatch.setattr(vext, "external_validation", external_validation)
     threads = torch.get_num_threads()
     try:
         for asset, partition in [
@@ -186,6 +190,10 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
             materialize(asset, partition)
     finally:
         torch.set_num_threads(threads)
+    shard_settings = wanted["image_shards"]
+    assert {k: seen["external_shards"][k] for k in ("images_per_shard", "workers")} == {
+        k: shard_settings[k] for k in ("images_per_shard", "workers")
+    }
     for section, values in wanted.items():
         got = seen[section]
         for name, value in values.items():
