@@ -81,7 +81,7 @@ def ensure_shards(layout, n: int, size: int) -> pl.DataFrame:
 def multilabel(args) -> int:
     import torch
 
-    from cxr_pipeline.data.shard_reader import load_images
+    from cxr_pipeline.data.shard_reader import Shards, load_images
     from cxr_pipeline.labels import SLUGS
     from cxr_pipeline.vision.train import TrainConfig, train
 
@@ -89,7 +89,7 @@ def multilabel(args) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
     layout = Paths(home=Path(args.data), raw=Path(args.data) / "src")
     items = ensure_shards(layout, args.n, args.size)
-    images, _rows = load_images(layout.shard_root(args.size), items, args.size)
+    images, _rows = load_images(Shards.open(layout.shard_root(args.size), args.size), items)
     n_val = max(16, args.n // 8)
     xtr, xva = images[n_val:], images[:n_val]
     rng = np.random.default_rng(0)
@@ -117,12 +117,13 @@ def multilabel(args) -> int:
 
 def ensure_repeated_shards(layout, base: pl.DataFrame, size: int, n: int) -> Path:
     """A shard folder of ``n`` images repeating the rendered ones (1024 per file, as the builder writes)."""
-    from cxr_pipeline.data.shard_reader import INDEX, gather, read_index
+    from cxr_pipeline.data.shard_reader import INDEX, Shards, gather, read_index
 
     out = layout.home / f"repeated-{n}" / f"s{size}"
     if (out / "p10" / INDEX).exists():
         return out
-    src = gather(layout.shard_root(size), read_index(layout.shard_root(size)).join(base.select("dicom_id"), on="dicom_id"), size)
+    built = Shards.open(layout.shard_root(size), size)
+    src = gather(built, read_index(built).join(base.select("dicom_id"), on="dicom_id"))
     (out / "p10").mkdir(parents=True, exist_ok=True)
     rows = []
     for k, start in enumerate(range(0, n, 1024)):
@@ -156,7 +157,7 @@ def streaming_child(args) -> int:
     import psutil
     import torch
 
-    from cxr_pipeline.data.shard_reader import open_images
+    from cxr_pipeline.data.shard_reader import Shards, open_images
     from cxr_pipeline.vision.images import place
     from cxr_pipeline.vision.train import TrainConfig, train
 
@@ -172,8 +173,9 @@ def streaming_child(args) -> int:
     threading.Thread(target=sample, daemon=True).start()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ids = pl.read_parquet(root / "p10" / "index.parquet").select("dicom_id")
-    lazy_tr, _ = open_images(root, ids.slice(256), args.size)
-    lazy_va, _ = open_images(root, ids.head(256), args.size)
+    repeated = Shards(root, args.size)  # written by ensure_repeated_shards, without a spec.json: not opened
+    lazy_tr, _ = open_images(repeated, ids.slice(256))
+    lazy_va, _ = open_images(repeated, ids.head(256))
     cfg = TrainConfig(arch=args.arch, batch_size=args.batch, accumulation=1, epochs=1, steps_per_epoch=args.steps, data=args.child_mode)
     (xtr, xva), mode = place([lazy_tr, lazy_va], cfg.data, device, cfg.memory_budget)
     y = torch.from_numpy((np.arange(len(lazy_tr)) % 2).astype(np.float32))
@@ -255,7 +257,7 @@ def precision_arms(args) -> int:
 def main() -> int:
     import torch
 
-    from cxr_pipeline.data.shard_reader import load_images
+    from cxr_pipeline.data.shard_reader import Shards, load_images
     from cxr_pipeline.vision.models import build_model
     from cxr_pipeline.vision.train import TrainConfig, augment, autocast, masked_bce, resolve_precision, to_input
 
@@ -295,7 +297,7 @@ def main() -> int:
     precision = resolve_precision(cfg.precision, device)
     layout = Paths(home=Path(args.data), raw=Path(args.data) / "src")
     items = ensure_shards(layout, args.n, args.size)
-    images, rows = load_images(layout.shard_root(args.size), items, args.size)
+    images, rows = load_images(Shards.open(layout.shard_root(args.size), args.size), items)
     y_all = torch.tensor(rows["target"].to_numpy(), dtype=torch.float32)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -341,7 +341,7 @@ class _Blank:
         return np.zeros_like(np.asarray(self.images[i]))
 
 
-def _split_reports(pairs, split: str, cap: int | None, shard_root: Path, size: int):
+def _split_reports(pairs, split: str, cap: int | None, shards):
     """A split's pairs (the first ``cap`` by dicom_id, as generated_reports takes them), their images, the
     replica's CheXpert labels as reference labels (the planted findings, 2% of them flipped as a labeller errs)
     and each report's patient."""
@@ -352,7 +352,7 @@ def _split_reports(pairs, split: str, cap: int | None, shard_root: Path, size: i
 
     rows = pairs.filter(pl.col("split") == split).sort("dicom_id")
     rows = rows.head(cap) if cap is not None else rows
-    images, rows = load_images(shard_root, rows, size)
+    images, rows = load_images(shards, rows)
     refs = [{LABEL_BY_SLUG[s]: r[s] for s in SLUGS} for r in rows.select(SLUGS).iter_rows(named=True)]
     return [im.numpy() for im in images], refs, rows["subject_id"].to_list()
 
@@ -435,14 +435,16 @@ class _Runs:
 def _replica_runs(args, recipe: Path, work: Path, replica_seed: int, device, code: str):
     """A replica's data, its training examples under the recipe, its validate and test reports, and its runs."""
     from cxr_pipeline.config import resolve
+    from cxr_pipeline.data.shard_reader import Shards
     from cxr_pipeline.reports.vlm import adapter_training_set
 
     p, pairs, digest = _learning_data(recipe, work, args.patients, replica_seed, os.cpu_count() or 1)
     shipped = resolve(p, "report_adapter")
-    examples, _rows, variant = adapter_training_set(pairs, p.shard_root(shipped.size), shipped)  # the recipe's prompt: no hints
+    shards = Shards.open(p.shard_root(shipped.size), shipped.size)
+    examples, _rows, variant = adapter_training_set(pairs, shards, shipped)  # the recipe's prompt: no hints
     cap = resolve(p, "generated_reports", derived={"max_new_tokens": lambda: 1}).max_test_pairs
-    val = _split_reports(pairs, "validate", cap, p.shard_root(shipped.size), shipped.size)
-    test = _split_reports(pairs, "test", cap, p.shard_root(shipped.size), shipped.size)
+    val = _split_reports(pairs, "validate", cap, shards)
+    test = _split_reports(pairs, "test", cap, shards)
     data = {"data": digest, "patients": args.patients, "replica_seed": replica_seed, "code": code}
     print(
         f"replica seed {replica_seed} ({args.patients} patients, data {digest}): {len(examples.reports)} training pairs ({variant}), "

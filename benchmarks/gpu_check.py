@@ -64,7 +64,7 @@ def measured(what: str, value: float) -> float:
 def training(device, size: int, batch: int, steps: int, work: Path) -> None:
     import torch
 
-    from cxr_pipeline.data.shard_reader import StreamedImages
+    from cxr_pipeline.data.shard_reader import Shards, StreamedImages
     from cxr_pipeline.vision.images import make_resident
     from cxr_pipeline.vision.train import TrainConfig, train
 
@@ -72,7 +72,7 @@ def training(device, size: int, batch: int, steps: int, work: Path) -> None:
     rng = np.random.default_rng(0)
     (work / "p10").mkdir(parents=True, exist_ok=True)
     rng.integers(0, 256, (n, size, size), dtype=np.uint8).tofile(work / "p10" / "shard-00000.u8")
-    streamed = StreamedImages(work, np.array(["p10/shard-00000.u8"] * n, dtype=object), np.arange(n), size)
+    streamed = StreamedImages(Shards(work, size), np.array(["p10/shard-00000.u8"] * n, dtype=object), np.arange(n))
     y = torch.from_numpy((rng.uniform(size=n) < 0.3).astype(np.float32))
     for arch in ("resnet18", "densenet121"):
         cfg = TrainConfig(arch=arch, batch_size=batch, accumulation=1, epochs=1, steps_per_epoch=steps, precision="auto")

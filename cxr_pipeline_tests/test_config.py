@@ -106,6 +106,10 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
 
     manifest = pl.DataFrame({"dicom_id": ["d1"], "path": ["files/p10/p10000001/s50000001/d1.dcm"], "split": ["test"]})
     p = paths()
+    # every size a consumer reads, built (a spec.json is what the checked handle opens): 40, the adapter card's below
+    for size in {wanted[s]["size"] for s in ("classifier", "multilabel_classifier", "report_adapter")} | {40}:
+        p.shard_partition(size, "p10").mkdir(parents=True, exist_ok=True)
+        (p.shard_partition(size, "p10") / "spec.json").write_text(json.dumps({"size": size}))
     p.manifest.parent.mkdir(parents=True)
     manifest.write_parquet(p.manifest)  # the manifest table its consumers receive
     monkeypatch.setattr(dman, "build_manifest", lambda raw, policy: record("manifest", **vars(policy)))
@@ -133,7 +137,7 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
     p.adapter.mkdir()
     (p.adapter / "cxr_adapter.json").write_text(json.dumps({"base": str(tmp_path / "base"), "size": 40, "prompt_variant": "instruction"}))
 
-    def load_images(root, rows, size):
+    def load_images(shards, rows):
         seen["_test_rows"] = rows.height
         return [], rows
 
@@ -165,7 +169,11 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
     monkeypatch.setattr(vsub, "audit", lambda scores, cfg: record("subgroup_metrics", **vars(cfg)))
     import cxr_pipeline.vision.external as vext
 
-    monkeypatch.setattr(vext, "external_validation", lambda paths, fmt, cfg, champions, **k: record("external_validation", **vars(cfg)))
+    def external_validation(paths, fmt, cfg, champions, shards, **k):
+        seen["external_shards"] = vars(shards)  # an external set's shards are built with the image_shards settings
+        record("external_validation", **vars(cfg))
+
+    monkeypatch.setattr(vext, "external_validation", external_validation)
     threads = torch.get_num_threads()
     try:
         for asset, partition in [
@@ -182,6 +190,10 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
             materialize(asset, partition)
     finally:
         torch.set_num_threads(threads)
+    shard_settings = wanted["image_shards"]
+    assert {k: seen["external_shards"][k] for k in ("images_per_shard", "workers")} == {
+        k: shard_settings[k] for k in ("images_per_shard", "workers")
+    }
     for section, values in wanted.items():
         got = seen[section]
         for name, value in values.items():

@@ -37,7 +37,7 @@ from pathlib import Path
 import polars as pl
 
 from cxr_pipeline.data.decode_worker import init_worker, work
-from cxr_pipeline.data.shard_reader import INDEX, INDEX_SCHEMA, PARTITIONS, contact_sheet, gather, write_png
+from cxr_pipeline.data.shard_reader import INDEX, INDEX_SCHEMA, PARTITIONS, SPEC, Shards, contact_sheet, gather, write_png
 from cxr_pipeline.fields import at_least_one, setting
 from cxr_pipeline.files import atomic_path, write_parquet
 
@@ -256,7 +256,9 @@ class _ShardWriter:
 
 
 def _check_spec(out: Path, spec: ShardSpec) -> None:
-    spec_file = out / "spec.json"
+    """Record the size a partition folder is built at (``spec.json``, what ``Shards.open`` checks), or refuse a
+    folder already built at another size."""
+    spec_file = out / SPEC
     if not spec_file.exists():
         spec_file.write_text(json.dumps({"size": spec.size, "dtype": "uint8", "layout": "n,size,size"}))
         return
@@ -360,12 +362,12 @@ def data_version(index: pl.DataFrame, size: int) -> str:
     return f"s{size}-{digest.hexdigest()[:24]}"
 
 
-def write_contact_sheet(shard_root: Path, index: pl.DataFrame, partition: str, size: int, n: int = 16) -> Path | None:
+def write_contact_sheet(shards: Shards, index: pl.DataFrame, partition: str, n: int = 16) -> Path | None:
     """A grid of ``n`` sampled images of the partition (seeded), as ``contact_sheet.png`` in its folder."""
     if not index.height:
         return None
     sample = index.sample(min(n, index.height), seed=0).sort("dicom_id").with_columns(pl.lit(partition).alias("partition"))
-    return write_png(contact_sheet(gather(shard_root, sample, size), ncols=8), Path(shard_root) / partition / "contact_sheet.png")
+    return write_png(contact_sheet(gather(shards, sample), ncols=8), shards.folder(partition) / "contact_sheet.png")
 
 
 def _write_index(out: Path, rows: list[dict], reject_rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -431,5 +433,8 @@ def build_partition_sizes(
     (``build_sizes``), each size with its contact sheet; ``paths``: the layout (``settings.Paths``)."""
     folders = {size: paths.shard_partition(size, partition) for size in settings.sizes}
     results = build_sizes(paths.raw, folders, items, settings.spec(settings.sizes[0]), progress=progress)
-    sheets = {size: write_contact_sheet(paths.shard_root(size), r.index, partition, size) for size, r in results.items()}
+    sheets = {}
+    for size, r in results.items():
+        shards = Shards.open(paths.shard_root(size), size, [partition])  # just built: its spec.json says ``size``
+        sheets[size] = write_contact_sheet(shards, r.index, partition)
     return PartitionBuild(partition, folders, results, sheets, slice_fingerprint(items))

@@ -60,7 +60,7 @@ def classifier(
     label_slug, paths = context.partition_key, storage.paths
     cfg: TrainConfig = run_settings(context, paths)
     hw = compute.resolved(paths)
-    files, shards = ClassifierSet.of(paths).classifier(label_slug), image_shards.root(cfg.size)
+    files, shards = ClassifierSet.of(paths).classifier(label_slug), image_shards.at(cfg.size)
     data = load_data(manifest, shards, label_slug, cfg, hw.device)
     context.log.info(f"{data.label}: {data.counts} on {hw.description}, images {data.mode}")
     with mlflow.run(context, {"pathology": data.label}) as run:

@@ -55,6 +55,18 @@ def dataset_version(cfg: ExternalSettings, fmt: str, home) -> str:
     return h.hexdigest()[:32]
 
 
+def _shard_settings(paths):
+    """``pipeline.yaml``'s ``image_shards`` settings (images per shard, decode processes; ``config.shard_build_settings``):
+    an external set's shards are built as MIMIC's are. This run's own config is the external_validation section's."""
+    from cxr_pipeline.config import shard_build_settings
+    from cxr_pipeline.fields import ConfigError
+
+    try:
+        return shard_build_settings(paths)
+    except ConfigError as e:
+        raise dg.Failure(str(e)) from None
+
+
 @dg.observable_source_asset(
     name=EXTERNAL_DATASETS,
     group_name="raw",
@@ -101,7 +113,7 @@ def external_validation(
         run.log_params(params(cfg))
         names = [registered_name(s) for s in SLUGS] + [registered_name(MULTILABEL)]
         champions = load_champions(run.client, mlflow.tracking_uri, names) if not cfg.absent_reason(fmt, paths.home) else []
-        result = validate(paths, fmt, cfg, champions, log=context.log.info)
+        result = validate(paths, fmt, cfg, champions, shards=_shard_settings(paths), log=context.log.info)
         path = write_parquet(result.table, paths.external_validation / f"{fmt}.parquet")
         if result.skipped:
             run.set_tags({"skipped": result.skipped})

@@ -16,7 +16,8 @@ table asset (no table here is partitioned).
 
 ``HandleLoader`` gives the consumers of file assets (shards, classifier checkpoints, the
 adapter) a small typed handle to what those assets wrote, never an array or a model: the
-shards are opened (memory-mapped) by whoever reads them, batch by batch.
+shards are opened (memory-mapped) by whoever reads them, batch by batch, through the checked
+``data.shard_reader.Shards`` handle that ``ShardSet.at(size)`` returns.
 
 Both take the storage resource (``CxrStorage``): one root for everything under ``CXR_HOME``.
 """
@@ -30,6 +31,7 @@ import dagster as dg
 import polars as pl
 
 from cxr_pipeline.columns import describe
+from cxr_pipeline.data.shard_reader import Shards, ShardsNotBuilt
 from cxr_pipeline.defs.resources import CxrStorage
 from cxr_pipeline.files import file_digest, write_parquet
 from cxr_pipeline.settings import Paths
@@ -83,12 +85,32 @@ class TableIOManager(dg.ConfigurableIOManager):
 
 @dataclass(frozen=True)
 class ShardSet:
-    """The image shards (every partition, every size built): ``root(size)`` is what the shard readers open."""
+    """The image shards (every partition, every size built): ``at(size)`` is the handle the shard readers take."""
 
     paths: Paths
 
-    def root(self, size: int) -> Path:
-        return self.paths.shard_root(size)
+    def at(self, size: int) -> Shards:
+        """The shards at ``size``, checked against their ``spec.json`` (``Shards.open``). A size never built fails
+        the run, naming the size, how to build it and the sizes ``image_shards`` builds now (the builder's own
+        resolution, ``config.resolve``): a size set only in a consumer's run config is not among them, and
+        reading it must not silently yield no images."""
+        try:
+            return Shards.open(self.paths.shard_root(size), size)
+        except ShardsNotBuilt as e:
+            raise dg.Failure(f"{e}; image_shards now builds {_built_sizes(self.paths)}") from None
+        except ValueError as e:
+            raise dg.Failure(str(e)) from None
+
+
+def _built_sizes(paths: Paths) -> str:
+    """The sizes ``image_shards`` resolves now, as an error message shows them."""
+    from cxr_pipeline.config import resolve
+    from cxr_pipeline.fields import ConfigError
+
+    try:
+        return f"{resolve(paths, 'image_shards').sizes} px"
+    except (ConfigError, OSError, ValueError) as e:  # a broken pipeline.yaml: say so, the run fails anyway
+        return f"no sizes ({e})"
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ def multilabel_classifier(
 
     paths = storage.paths
     cfg: MultilabelSettings = run_settings(context, paths)  # the classifier section, then this asset's own
-    hw, files, shards = compute.resolved(paths), ClassifierSet.of(paths).classifier(MULTILABEL), image_shards.root(cfg.size)
+    hw, files, shards = compute.resolved(paths), ClassifierSet.of(paths).classifier(MULTILABEL), image_shards.at(cfg.size)
     data = load_multilabel_data(manifest, shards, cfg, hw.device)
     counts = _split_counts(data)
     context.log.info(f"multi-label: {counts} on {hw.description}, images {data.mode}")
@@ -105,7 +105,7 @@ def report_hints(
     paths = storage.paths
     cfg: MultilabelSettings = run_settings(context, paths, MULTILABEL_CLASSIFIER)
     hw = compute.resolved(paths)
-    load = lambda: load_multilabel_data(manifest, image_shards.root(cfg.size), cfg, hw.device)  # noqa: E731  (only for fold models)
+    load = lambda: load_multilabel_data(manifest, image_shards.at(cfg.size), cfg, hw.device)  # noqa: E731  (only for fold models)
     with mlflow.run(context, {"model": MULTILABEL}) as run:
         run.log_params({**params(cfg), **hw.params})
         calibrations = per_finding_calibrations(classifier, classifier_metrics)

@@ -89,7 +89,7 @@ def report_adapter(
     paths, source = storage.paths, hint_source(report_hints)
     cfg: AdapterConfig = run_settings(context, paths)
     hw = compute.resolved(paths)
-    examples, rows, variant = adapter_training_set(report_pairs, image_shards.root(cfg.size), cfg, report_hints)
+    examples, rows, variant = adapter_training_set(report_pairs, image_shards.at(cfg.size), cfg, report_hints)
     base = _base(cfg, paths, examples, rows, context.log.info)
     with mlflow.run(context, {"prompt_variant": variant}) as run:
         run.log_params({**params(cfg), **hw.params, **base_info(base), "train_pairs": len(examples)})
@@ -157,7 +157,7 @@ def generated_reports(
     hw = compute.resolved(paths)
     train_texts = report_pairs.filter(pl.col("split") == "train")["text"].to_list()
     cfg = run_settings(context, paths, derived={"max_new_tokens": lambda: report_token_budget(report_adapter.base, train_texts)})
-    shards = image_shards.root(report_adapter.size)
+    shards = image_shards.at(report_adapter.size)
     out, rows, prompts, variant = test_split_reports(report_pairs, shards, report_adapter.dir, card, report_hints, cfg, hw.device)
     with mlflow.run(context, {"prompt_variant": variant}) as run:
         run.log_params({**params(cfg), **hw.params, "prompt_variant": variant, "base": card["base"]})

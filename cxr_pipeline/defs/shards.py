@@ -3,7 +3,7 @@
 import dagster as dg
 import polars as pl
 
-from cxr_pipeline.data.shard_reader import PARTITIONS, gather, read_index
+from cxr_pipeline.data.shard_reader import PARTITIONS, Shards, gather, read_index
 from cxr_pipeline.data.shards import REJECTS, PartitionBuild, ShardSettings, build_partition_sizes, partition_column
 from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.history import latest_metadata, upstream_data_version
@@ -138,16 +138,20 @@ def image_shards_readable(context: dg.AssetCheckExecutionContext, storage: CxrSt
 
 def _readable(paths: Paths, part: str, size: int) -> dict:
     root = paths.shard_root(size)
-    idx = read_index(root, [part])
+    try:
+        shards = Shards.open(root, size, [part])
+    except (FileNotFoundError, ValueError) as e:  # not built at this size, or built at another: unreadable as this size
+        return {"size": size, "images": 0, "bad_shards": [f"{root.name}/{part}: {e}"], "blank_in_sample": 0}
+    idx = read_index(shards)
     bad: list[str] = []
     for (shard,), grp in idx.group_by(["shard"]):
-        f = root / part / shard
+        f = shards.folder(part) / shard
         n = f.stat().st_size // (size * size) if f.exists() else 0
         if grp["offset"].max() >= n:
             bad.append(f"{root.name}/{part}/{shard}")
     blank = 0
     if idx.height and not bad:
-        imgs = gather(root, idx.sample(min(64, idx.height), seed=0), size)
+        imgs = gather(shards, idx.sample(min(64, idx.height), seed=0))
         blank = int((imgs.reshape(len(imgs), -1).std(axis=1) < 1.0).sum())
     return {"size": size, "images": idx.height, "bad_shards": bad, "blank_in_sample": blank}
 

@@ -50,6 +50,11 @@ def every_partition_of(key: str) -> dg.AssetDep:
     return dg.AssetDep(key, partition_mapping=dg.AllPartitionMapping())
 
 
+def every_partition_handle(key: str) -> dg.AssetIn:
+    """An input of every partition of a file asset, loaded as its handle (``defs.io.HandleLoader``), not its data."""
+    return dg.AssetIn(key, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles")
+
+
 def selected_keys(context: dg.AssetExecutionContext) -> set[str]:
     """The asset keys this step was asked for (a multi-asset may be subset)."""
     return {k.to_user_string() for k in context.selected_asset_keys}
@@ -57,10 +62,11 @@ def selected_keys(context: dg.AssetExecutionContext) -> set[str]:
 
 # the manifest as a table (defs.io.TableIOManager)
 MANIFEST_IN = dg.AssetIn(MANIFEST, input_manager_key="io_manager")
-# every shard partition, as a handle to the files (defs.io.ShardSet)
-ALL_SHARDS_IN = dg.AssetIn(IMAGE_SHARDS, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles")
+# how every consumer reads the shards (the classifiers, the report hints, the report adapter and generation):
+# all partitions, as a ``defs.io.ShardSet`` whose ``at(size)`` opens the checked handle the readers take
+ALL_SHARDS_IN = every_partition_handle(IMAGE_SHARDS)
 # every classifier partition, as a handle to the folders (vision.checkpoint.ClassifierSet)
-ALL_CLASSIFIERS_IN = dg.AssetIn(CLASSIFIER, partition_mapping=dg.AllPartitionMapping(), input_manager_key="handles")
+ALL_CLASSIFIERS_IN = every_partition_handle(CLASSIFIER)
 # what a classifier trains on: the manifest, every shard partition
 TRAINING_INPUTS = {"manifest": MANIFEST_IN, "image_shards": ALL_SHARDS_IN}
 

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import polars as pl
 
+from cxr_pipeline.data.shard_reader import Shards
+
 SYSTEMS = ("adapter", "template", "retrieval")
 
 
-def test_split_reports(pairs: pl.DataFrame, shard_root: Path, adapter_dir: Path, card: dict, hints: pl.DataFrame | None, cfg, device):
+def test_split_reports(pairs: pl.DataFrame, shards: Shards, adapter_dir: Path, card: dict, hints: pl.DataFrame | None, cfg, device):
     """Reports for the test split (the first ``cfg.max_test_pairs`` by ``dicom_id``) from the adapter (deterministic
     decoding under the resolved ``GenerateConfig``), a template and nearest-neighbour retrieval from the
     report hints table (``vision.folds.report_hints``). Returns the table (one row per test image: ids,
@@ -23,7 +25,7 @@ def test_split_reports(pairs: pl.DataFrame, shard_root: Path, adapter_dir: Path,
 
     test = pairs.filter(pl.col("split") == "test").sort("dicom_id")
     test = test.head(cfg.max_test_pairs) if cfg.max_test_pairs is not None else test
-    images, rows = load_images(shard_root, test, int(card["size"]))
+    images, rows = load_images(shards, test)  # at the adapter's size (``card["size"]``)
     prompts, variant = prompts_for(rows, hints, card["prompt_variant"] != "instruction")
     gen = {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": device}
     adapter_out = generate_reports(Path(card["base"]), adapter_dir, [im.numpy() for im in images], prompts, **gen)

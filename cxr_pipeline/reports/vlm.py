@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_pipeline.data.shard_reader import Shards
 from cxr_pipeline.fields import at_least_one, setting
 from cxr_pipeline.reports.prompts import MllamaCollator, TrainingPairs, messages, prompts_for, to_rgb
 from cxr_pipeline.reports.tiny_base import base_info, ensure_tiny_base
@@ -104,10 +105,10 @@ def ensure_base(cfg: AdapterConfig, tiny_dir: Path, texts: Sequence[str], log=No
     return base
 
 
-def adapter_training_set(pairs, shard_root: Path, cfg: AdapterConfig, hints=None):
+def adapter_training_set(pairs, shards: Shards, cfg: AdapterConfig, hints=None):
     """The training split's (image, prompt, report) examples under a resolved ``cfg``, the rows they come
-    from and the prompt variant. ``max_train_pairs`` samples (seeded); images are read from the shards at
-    ``cfg.size`` batch by batch; prompts carry the classifiers' findings when ``use_classifier_findings``
+    from and the prompt variant. ``max_train_pairs`` samples (seeded); images are read from ``shards`` (at
+    ``cfg.size``) batch by batch; prompts carry the classifiers' findings when ``use_classifier_findings``
     and ``hints`` (probabilities per ``dicom_id``) are given."""
     import polars as pl
 
@@ -116,7 +117,7 @@ def adapter_training_set(pairs, shard_root: Path, cfg: AdapterConfig, hints=None
     train = pairs.filter(pl.col("split") == "train")
     if cfg.max_train_pairs is not None:
         train = train.sample(min(cfg.max_train_pairs, train.height), seed=cfg.seed)
-    images, rows = open_images(shard_root, train, cfg.size)
+    images, rows = open_images(shards, train)
     prompts, variant = prompts_for(rows, hints, cfg.use_classifier_findings)
     return TrainingPairs(images, prompts, rows["text"].to_list()), rows, variant
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -33,6 +33,9 @@ from cxr_pipeline.data.external import (
 from cxr_pipeline.labels import LABEL_BY_SLUG, slug
 from cxr_pipeline.vision.checkpoint import CHAMPION, load_registered
 from cxr_pipeline.vision.splits import RADIOLOGIST
+
+if TYPE_CHECKING:
+    from cxr_pipeline.data.shards import ShardSettings
 
 EXTERNAL_PARTITION = "all"  # an external set's shards are one partition folder
 INTERNAL_METRICS = ("roc_auc", "sensitivity", "specificity", "ece_after")
@@ -71,14 +74,14 @@ def load_champions(client, uri: str, names: list[str], alias: str = CHAMPION) ->
     return out
 
 
-def build_external_shards(paths, fmt: str, folder: Path, rows: pl.DataFrame, sizes: list[int], workers: int = 1) -> dict:
-    """The selected rows' images into the dataset's shard root at every size (one decode per file, incremental);
+def build_external_shards(paths, fmt: str, folder: Path, rows: pl.DataFrame, sizes: list[int], shards: ShardSettings) -> dict:
+    """The selected rows' images into the dataset's shard root at every size (one decode per file, incremental),
+    built as MIMIC's are (``shards``: the resolved ``image_shards`` settings, images per shard and workers);
     returns {size: BuildResult}."""
-    from cxr_pipeline.data.shards import ShardSpec, build_sizes
+    from cxr_pipeline.data.shards import build_sizes
 
     outs = {s: paths.external_shard_root(fmt, s) / EXTERNAL_PARTITION for s in sizes}
-    spec = ShardSpec(sizes[0], workers=workers)
-    return build_sizes(folder, outs, rows.select("dicom_id", "path"), spec)
+    return build_sizes(folder, outs, rows.select("dicom_id", "path"), shards.spec(sizes[0]))
 
 
 def score_champion(champ: Champion, fmt: str, rows: pl.DataFrame, scores: np.ndarray, n_boot: int, seed: int) -> list[dict]:
@@ -134,10 +137,17 @@ class ExternalResult:
 
 
 def external_validation(
-    paths, fmt: str, cfg: ExternalSettings, champions: list[Champion], workers: int = 1, log: Callable[[str], None] | None = None
+    paths,
+    fmt: str,
+    cfg: ExternalSettings,
+    champions: list[Champion],
+    shards: ShardSettings | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ExternalResult:
-    """Read ``fmt``'s label file, build its shards at every champion's size, score every champion."""
-    from cxr_pipeline.data.shard_reader import open_images
+    """Read ``fmt``'s label file, build its shards at every champion's size (``shards``: the resolved ``image_shards``
+    settings; the defaults when None), score every champion."""
+    from cxr_pipeline.data.shard_reader import Shards, open_images
+    from cxr_pipeline.data.shards import ShardSettings
 
     say = log or (lambda _m: None)
     reason = cfg.absent_reason(fmt, paths.home)
@@ -150,11 +160,11 @@ def external_validation(
     rows = resolve_images(folder, select_images(found.manifest, cfg.views, cfg.max_images, cfg.seed))
     say(f"{fmt}: {found.manifest.height} images read ({found.rejects.height} rejected), {rows.height} scored views")
     sizes = sorted({c.model.size for c in champions})
-    built = build_external_shards(paths, fmt, folder, rows, sizes, workers)
+    built = build_external_shards(paths, fmt, folder, rows, sizes, shards or ShardSettings())
     image_rejects = next(iter(built.values())).rejects
     parts = []
     for size in sizes:
-        lazy, kept = open_images(paths.external_shard_root(fmt, size), rows, size, [EXTERNAL_PARTITION])
+        lazy, kept = open_images(Shards.open(paths.external_shard_root(fmt, size), size, [EXTERNAL_PARTITION]), rows)
         images = lazy.take(np.arange(len(lazy)))
         for champ in (c for c in champions if c.model.size == size):
             scores = champ.model.probabilities(images)

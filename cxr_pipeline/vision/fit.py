@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import polars as pl
 
-from cxr_pipeline.data.shard_reader import open_images
+from cxr_pipeline.data.shard_reader import Shards, open_images
 from cxr_pipeline.fields import record
 from cxr_pipeline.files import write_parquet
 from cxr_pipeline.vision.calibration import calibration_row, fit_platt
@@ -75,7 +75,7 @@ class Fitted:
 def fit_model(
     data: Any,
     manifest: pl.DataFrame,
-    shard_root,
+    shards: Shards,
     cfg: TrainConfig,
     device,
     files: ClassifierFiles,
@@ -109,7 +109,7 @@ def fit_model(
     evaluated = evaluate_scores(scored, result)
     # every manifest image that has a shard gets a score (report generation uses them), streamed in order from
     # the shards: never a second copy of the images
-    all_imgs, all_rows = open_images(shard_root, manifest.select("dicom_id", "split"), data.size)
+    all_imgs, all_rows = open_images(shards, manifest.select("dicom_id", "split"))
     p_all = scores(all_imgs)
     columns = (pl.Series(c, p_all[:, j], dtype=pl.Float32) for j, c in enumerate(prediction_columns))
     write_parquet(all_rows.select("dicom_id", "split").with_columns(columns), files.predictions)
@@ -153,7 +153,7 @@ def record_untrainable(data: ClassifierData, files: ClassifierFiles) -> list[dic
 def fit_and_save(
     data: ClassifierData,
     manifest: pl.DataFrame,
-    shard_root,
+    shards: Shards,
     cfg: TrainConfig,
     device,
     files: ClassifierFiles,
@@ -195,7 +195,7 @@ def fit_and_save(
             files.curves.unlink(missing_ok=True)
 
     return fit_model(
-        data, manifest, shard_root, cfg, device, files, labels=[data.label], evaluate_scores=evaluate_scores,
+        data, manifest, shards, cfg, device, files, labels=[data.label], evaluate_scores=evaluate_scores,
         prediction_columns=["prob"], extra=test_files, log=log, on_epoch=on_epoch,
     )  # fmt: skip
 

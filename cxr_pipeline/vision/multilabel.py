@@ -7,11 +7,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from cxr_pipeline.data.shard_reader import Shards
 from cxr_pipeline.fields import setting
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
 from cxr_pipeline.vision.calibration import calibration_row, fit_platt
@@ -66,7 +66,7 @@ def target_matrix(rows: pl.DataFrame, uncertain: str, blank: str) -> pl.DataFram
     return out
 
 
-def load_multilabel_data(manifest: pl.DataFrame, shard_root: Path, cfg: TrainConfig, device=None) -> MultilabelData:
+def load_multilabel_data(manifest: pl.DataFrame, shards: Shards, cfg: TrainConfig, device=None) -> MultilabelData:
     """All 14 labels' targets under the policy, joined with the shard images of each split (resident or streamed)."""
     import torch
 
@@ -85,14 +85,14 @@ def load_multilabel_data(manifest: pl.DataFrame, shard_root: Path, cfg: TrainCon
         return torch.from_numpy(y).reshape(-1, len(SLUGS))
 
     named = [*((s, m.filter(pl.col("split") == s)) for s in SPLITS), (RADIOLOGIST, m.clear() if rad is None else rad)]
-    splits, mode = place_splits(named, shard_root, cfg, device, target)
+    splits, mode = place_splits(named, shards, cfg, device, target)
     return MultilabelData(size, uncertain, blank, splits, label_source(manifest), mode)
 
 
 def fit_multilabel(
     data: MultilabelData,
     manifest: pl.DataFrame,
-    shard_root,
+    shards: Shards,
     cfg: TrainConfig,
     device,
     files: ClassifierFiles,
@@ -126,6 +126,6 @@ def fit_multilabel(
         return Evaluated(rows, thresholds, calibrations)
 
     return fit_model(
-        data, manifest, shard_root, cfg, device, files, labels=[LABEL_BY_SLUG[s] for s in SLUGS],
+        data, manifest, shards, cfg, device, files, labels=[LABEL_BY_SLUG[s] for s in SLUGS],
         evaluate_scores=evaluate_scores, prediction_columns=SLUGS, log=log, on_epoch=on_epoch,
     )  # fmt: skip

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from cxr_pipeline.data.shard_reader import Shards
 from cxr_pipeline.labels import SLUGS
 from cxr_pipeline.tracking import TrackedRun
 from cxr_pipeline.vision.checkpoint import METRICS, MULTILABEL, PublishedCard, publish_model_card, register
@@ -41,10 +42,10 @@ def epoch_logger(run: TrackedRun) -> Callable[[dict], None]:
     return lambda row: run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
 
-def log_datasets(run: TrackedRun, data, shard_root, targets: Sequence[str]) -> None:
+def log_datasets(run: TrackedRun, data, shards: Shards, targets: Sequence[str]) -> None:
     """The rows each split used (ids, image content hashes, the policy's targets) as MLflow datasets."""
     splits = {s: data.splits[s].rows.select("dicom_id", "content_hash", *targets) for s in ("train", "validate", "test")}
-    run.log_datasets(f"mimic-cxr-{data.size}px", splits, shard_root)
+    run.log_datasets(f"mimic-cxr-{shards.size}px", splits, shards.root)
 
 
 def _log_fit(run: TrackedRun, fitted: Fitted) -> None:

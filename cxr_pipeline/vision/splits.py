@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import polars as pl
 
-from cxr_pipeline.data.shard_reader import open_images
+from cxr_pipeline.data.shard_reader import Shards, open_images
 from cxr_pipeline.labels import LABEL_BY_SLUG
 from cxr_pipeline.vision.targets import targets
 from cxr_pipeline.vision.train import TrainConfig
@@ -82,19 +81,22 @@ def label_source(manifest: pl.DataFrame) -> str:
     return manifest["label_source"][0] if manifest.height and "label_source" in manifest.columns else "chexpert"
 
 
-def place_splits(named_rows: list[tuple[str, pl.DataFrame]], shard_root: Path, cfg: TrainConfig, device, target) -> tuple[dict, str]:
+def place_splits(named_rows: list[tuple[str, pl.DataFrame]], shards: Shards, cfg: TrainConfig, device, target) -> tuple[dict, str]:
     """Each split's shard images (resident or streamed, one decision for all: ``cfg.data``, ``cfg.memory_budget``)
-    with its targets (``target(rows)``)."""
+    with its targets (``target(rows)``). ``shards`` must be at ``cfg.size``: the size the model and its
+    checkpoint record is the one its images were read at."""
     import torch
 
     from cxr_pipeline.vision.images import place
 
-    opened = [(name, *open_images(shard_root, rows, cfg.size)) for name, rows in named_rows]
+    if shards.size != cfg.size:
+        raise ValueError(f"{shards.root}: shards at {shards.size} px, but the model's size is {cfg.size} px")
+    opened = [(name, *open_images(shards, rows)) for name, rows in named_rows]
     placed, mode = place([o[1] for o in opened], cfg.data, torch.device(device or "cpu"), cfg.memory_budget)
     return {name: Split(imgs, target(rows), rows) for (name, _, rows), imgs in zip(opened, placed, strict=True)}, mode
 
 
-def load_data(manifest: pl.DataFrame, shard_root: Path, label_slug: str, cfg: TrainConfig, device=None) -> ClassifierData:
+def load_data(manifest: pl.DataFrame, shards: Shards, label_slug: str, cfg: TrainConfig, device=None) -> ClassifierData:
     """The label's targets under the policy (``cfg.uncertain``, ``cfg.blank``), joined with the shard images
     (``cfg.size``, resolved) of each split: resident on ``device`` or streamed (``cfg.data``)."""
     import torch
@@ -111,5 +113,5 @@ def load_data(manifest: pl.DataFrame, shard_root: Path, label_slug: str, cfg: Tr
     if rad is not None:
         rad = targets(rad.with_columns(pl.col(f"radiologist_{label_slug}").alias(label_slug)), label_slug, uncertain, "zeros")
     named = [*((s, usable.filter(pl.col("split") == s)) for s in SPLITS), (RADIOLOGIST, rad if rad is not None else usable.clear())]
-    splits, mode = place_splits(named, shard_root, cfg, device, lambda rows: torch.tensor(rows["target"].to_numpy(), dtype=torch.float32))
+    splits, mode = place_splits(named, shards, cfg, device, lambda rows: torch.tensor(rows["target"].to_numpy(), dtype=torch.float32))
     return ClassifierData(label_slug, size, uncertain, blank, splits, label_source(manifest), mode)

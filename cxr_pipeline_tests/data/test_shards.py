@@ -16,7 +16,7 @@ import pytest
 
 from cxr_pipeline.data.dicom import prepare
 from cxr_pipeline.data.mimic import ManifestPolicy, build_manifest
-from cxr_pipeline.data.shard_reader import INDEX, gather, load_images, read_index
+from cxr_pipeline.data.shard_reader import INDEX, Shards, ShardsNotBuilt, gather, load_images, read_index
 from cxr_pipeline.data.shards import ShardSpec, build_partition, partition_column, partition_of
 
 SIZE = 48
@@ -48,9 +48,10 @@ def test_round_trip_equals_prepare(replica_copy, items, tmp_path):
     res = build(replica_copy, out, items)
     assert res.stats["decoded"] == items.height and res.rejects.height == 0
     assert res.stats["shard_files"] == -(-items.height // 8)
-    idx = read_index(tmp_path / "s", ["pX"])
+    shards = Shards.open(tmp_path / "s", SIZE, ["pX"])
+    idx = read_index(shards)
     rows = items.join(idx, on="dicom_id", maintain_order="left")
-    imgs = gather(tmp_path / "s", rows, SIZE)
+    imgs = gather(shards, rows)
     for k, rel in enumerate(rows["path"].to_list()):
         np.testing.assert_array_equal(imgs[k], prepare(replica_copy / rel, SIZE))
     # raw uint8 files: n * size * size bytes, nothing else
@@ -76,7 +77,8 @@ def test_rerun_decodes_nothing_and_changes_decode_only_what_changed(replica_copy
     assert changed.stats["decoded"] == 1
     idx = changed.index
     moved = idx.filter(pl.col("dicom_id") == items["dicom_id"][0])
-    np.testing.assert_array_equal(gather(out.parent, moved.with_columns(pl.lit("pX").alias("partition")), SIZE)[0], prepare(other, SIZE))
+    shards = Shards.open(out.parent, SIZE, ["pX"])
+    np.testing.assert_array_equal(gather(shards, moved.with_columns(pl.lit("pX").alias("partition")))[0], prepare(other, SIZE))
     # a removed manifest row leaves the index
     fewer = build(replica_copy, out, items.slice(2))
     assert fewer.index.height == items.height - 2 and fewer.stats["decoded"] == 0
@@ -153,8 +155,9 @@ def test_killed_build_leaves_no_torn_shard_and_resumes(replica_copy, items, tmp_
     assert resumed.stats["decoded"] == items.height - idx.height
     assert not list(out.glob(".*.tmp"))
     clean = build(replica_copy, tmp_path / "clean", items, images_per_shard=4)
-    a = gather(tmp_path, resumed.index.with_columns(pl.lit("pX").alias("partition")), SIZE)
-    b = gather(tmp_path, clean.index.with_columns(pl.lit("clean").alias("partition")), SIZE)
+    shards = Shards.open(tmp_path, SIZE, ["pX", "clean"])
+    a = gather(shards, resumed.index.with_columns(pl.lit("pX").alias("partition")))
+    b = gather(shards, clean.index.with_columns(pl.lit("clean").alias("partition")))
     np.testing.assert_array_equal(a, b)
 
 
@@ -179,7 +182,7 @@ def test_load_images_aligns_with_manifest_rows(replica_copy, items, tmp_path):
     root = tmp_path / "shards"
     build(replica_copy, root / items["part"][0], items)
     sel = items.sample(12, seed=1)
-    imgs, rows = load_images(root, sel, SIZE)
+    imgs, rows = load_images(Shards.open(root, SIZE), sel)
     assert imgs.shape == (12, SIZE, SIZE) and str(imgs.dtype) == "torch.uint8"
     assert rows["dicom_id"].to_list() == sel["dicom_id"].to_list()
     assert rows["cardiomegaly"].to_list() == sel["cardiomegaly"].to_list()
@@ -193,14 +196,38 @@ def test_open_images_read_what_load_images_loads(replica_copy, items, tmp_path):
     root = tmp_path / "shards"
     build(replica_copy, root / items["part"][0], items, images_per_shard=4)  # several shard files
     sel = items.sample(10, seed=2)
-    eager, rows = load_images(root, sel, SIZE)
-    lazy, lazy_rows = open_images(root, sel, SIZE)
+    shards = Shards.open(root, SIZE)
+    eager, rows = load_images(shards, sel)
+    lazy, lazy_rows = open_images(shards, sel)
     assert lazy_rows.equals(rows) and len(lazy) == 10 and not lazy._maps  # nothing read yet
     for k in range(10):
         np.testing.assert_array_equal(lazy[k], eager[k].numpy())
     shuffled = np.array([7, 2, 9, 2, 0])  # across shard files, out of order, one repeated
     np.testing.assert_array_equal(lazy.take(shuffled), eager.numpy()[shuffled])
     np.testing.assert_array_equal(lazy.subset(shuffled[:3]).take(np.array([2, 0])), eager.numpy()[[9, 7]])
+
+
+def test_opening_a_size_never_built_is_an_error_naming_the_size_and_how_to_build_it(replica_copy, items, tmp_path):
+    root = tmp_path / "shards"
+    build(replica_copy, root / items["part"][0], items)
+    with pytest.raises(ShardsNotBuilt, match=r"no image shards at 64 px .*materialize image_shards with 64 among its sizes") as e:
+        Shards.open(tmp_path / "s64", 64)  # a size whose folder does not exist: not an empty index
+    assert "image_shards.sizes in pipeline.yaml" in str(e.value)
+    with pytest.raises(ShardsNotBuilt, match="no image shards at 48 px"):
+        Shards.open(root, SIZE, ["p19"])  # partitions none of which was built
+    assert read_index(Shards.open(root, SIZE)).height == items.height  # a partition not built yet is left out, as before
+
+
+def test_a_spec_json_of_another_size_is_refused_by_the_reader(replica_copy, items, tmp_path):
+    root = tmp_path / "shards"
+    build(replica_copy, root / items["part"][0], items)
+    with pytest.raises(ValueError, match=rf"opened at 64 px, .*{items['part'][0]} at 48 px"):
+        Shards.open(root, 64)  # a folder renamed or copied under another size's root: never read at the wrong size
+    other = root / "p19"
+    other.mkdir()
+    (other / "spec.json").write_text('{"size": 96}')
+    with pytest.raises(ValueError, match=r"p19 at 96 px"):
+        Shards.open(root, SIZE)  # every built partition is checked, not only the first
 
 
 def test_partition_of():

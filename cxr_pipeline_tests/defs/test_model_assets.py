@@ -70,12 +70,12 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         import mlflow.pyfunc
         import numpy as np
 
-        from cxr_pipeline.data.shard_reader import load_images
+        from cxr_pipeline.data.shard_reader import Shards, load_images
 
         monkeypatch.setenv("MLFLOW_TRACKING_URI", get_client()[1])  # as a user points MLflow at the pipeline's store
         loaded = mlflow.pyfunc.load_model("models:/cxr-support-devices@champion")
         test_rows = m.filter(pl.col("split").is_in(["validate", "test"]))  # every validate and test image: the calls must not move
-        imgs, test_rows = load_images(cxr_home / "assets" / "shards" / f"s{size}", test_rows, size)
+        imgs, test_rows = load_images(Shards.open(cxr_home / "assets" / "shards" / f"s{size}", size), test_rows)
         out = loaded.predict(imgs.numpy())
         stored = pl.read_parquet(ckpt.parent / "predictions.parquet")
         raw = test_rows.select("dicom_id").join(stored, on="dicom_id", how="left")["prob"].to_numpy()

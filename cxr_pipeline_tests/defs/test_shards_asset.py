@@ -78,3 +78,34 @@ def test_shard_partitions_materialize_incrementally(env, cxr_home):
         assert md3.metadata["decoded"].value == n_part and md3.metadata["unchanged"].value == n_part
         assert (cxr_home / "assets" / "shards" / "s56" / part / "index.parquet").exists()
         assert all(c.passed for c in both.get_asset_check_evaluations())
+
+
+def test_a_consumer_asking_for_a_size_never_built_fails_naming_it_and_how_to_build_it(cxr_home, tmp_path, monkeypatch):
+    """The classifier's run config (the launchpad) asks for 128 px; image_shards resolves its sizes from pipeline.yaml,
+    so it never built them: the run fails saying so and how to build them, instead of training on no images."""
+    import json
+
+    from cxr_pipeline.config import resolve
+    from cxr_pipeline.settings import paths
+
+    monkeypatch.setenv("CXR_RAW_DIR", str(tmp_path / "raw"))
+    p = paths()
+    built = resolve(p, "image_shards").sizes
+    assert 128 not in built
+    for size in built:  # every size image_shards builds, built (its spec.json is what the handle checks)
+        p.shard_partition(size, "p10").mkdir(parents=True)
+        (p.shard_partition(size, "p10") / "spec.json").write_text(json.dumps({"size": size}))
+    p.manifest.parent.mkdir(parents=True)
+    pl.DataFrame({"dicom_id": ["d1"], "path": ["files/p10/p10000001/s50000001/d1.dcm"], "split": ["test"]}).write_parquet(p.manifest)
+    job = build_defs().resolve_implicit_global_asset_job_def()
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = job.execute_in_process(
+            instance=instance,
+            asset_selection=[dg.AssetKey("classifier")],
+            partition_key="edema",
+            run_config={"ops": {"classifier": {"config": {"size": 128}}}},
+            raise_on_error=False,
+        )
+    (error,) = [e.step_failure_data.error.to_string() for e in result.all_events if e.is_step_failure]
+    assert "no image shards at 128 px" in error and "materialize image_shards with 128 among its sizes" in error
+    assert "image_shards.sizes in pipeline.yaml" in error and f"image_shards now builds {built} px" in error

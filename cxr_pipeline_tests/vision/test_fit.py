@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 import torch
 
+from cxr_pipeline.data.shard_reader import Shards
 from cxr_pipeline.settings import Paths
 from cxr_pipeline.vision import fit, folds, multilabel, tables
 from cxr_pipeline.vision.checkpoint import ClassifierSet, read_config
@@ -72,7 +73,7 @@ def test_evaluation_and_predictions_run_on_the_training_device(tmp_path, monkeyp
     every = pl.DataFrame({"dicom_id": ["d0", "d1"], "split": ["test", "train"]})
     monkeypatch.setattr(fit, "open_images", lambda *a, **k: (torch.zeros(2, 8, 8, dtype=torch.uint8), every))
     files = ClassifierSet.of(Paths(home=tmp_path, raw=tmp_path)).classifier("edema")
-    out = fit.fit_and_save(d, every, tmp_path, TrainConfig(precision="bf16", bootstrap=10), cuda, files)
+    out = fit.fit_and_save(d, every, Shards(tmp_path, 8), TrainConfig(precision="bf16", bootstrap=10), cuda, files)
     assert used == [cuda, cuda, cuda, cuda]  # validation, test, radiologist test, every image
     assert precisions == ["fp32"] * 4  # trained in bf16, evaluated in fp32 (bf16 logits tie and move AUC)
     # validation targets 1,1,1,0,0,0 against rising stand-in probabilities: AUC 0, from validation

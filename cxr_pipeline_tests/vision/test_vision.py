@@ -304,7 +304,7 @@ def test_multilabel_training_learns_two_findings_with_missing_labels():
 
 def _as_shards(tmp_path, images: torch.Tensor, per_file: int = 50):
     """The tensor written as shard files (``per_file`` images each), opened as streamed images."""
-    from cxr_pipeline.data.shard_reader import StreamedImages
+    from cxr_pipeline.data.shard_reader import Shards, StreamedImages
 
     n, size = images.shape[0], images.shape[1]
     (tmp_path / "p10").mkdir(parents=True, exist_ok=True)
@@ -313,7 +313,7 @@ def _as_shards(tmp_path, images: torch.Tensor, per_file: int = 50):
         images[start : start + per_file].numpy().tofile(tmp_path / "p10" / f"shard-{k:05d}.u8")
         files += [f"p10/shard-{k:05d}.u8"] * len(images[start : start + per_file])
         offsets += list(range(len(images[start : start + per_file])))
-    return StreamedImages(tmp_path, np.array(files, dtype=object), np.array(offsets), size)
+    return StreamedImages(Shards(tmp_path, size), np.array(files, dtype=object), np.array(offsets))
 
 
 @pytest.mark.parametrize("workers", [0, 1])
