@@ -8,12 +8,25 @@ import sys
 import time
 from pathlib import Path
 
-from cxr_pipeline.demo import ADAPTER_RECIPES, DEMO_ADAPTER_RECIPE, DEMO_EPOCHS, DEMO_PATIENTS, DEMO_SOURCE_ROWS
+from cxr_pipeline.config import resolved_all, sections
+from cxr_pipeline.console import quiet
+from cxr_pipeline.data.csvs import DatasetError
+from cxr_pipeline.data.dicom import DecodeError, prepare
+from cxr_pipeline.data.external import FORMAT_NAMES, NOT_MAPPED, NULL_IS_UNSCORABLE, read_labels, scored_findings
+from cxr_pipeline.data.sections import parse_report
+from cxr_pipeline.data.shard_reader import write_png
+from cxr_pipeline.data.synthetic import SynthConfig, generate
+from cxr_pipeline.demo import ADAPTER_RECIPES, DEMO_ADAPTER_RECIPE, DEMO_EPOCHS, DEMO_PATIENTS, DEMO_SOURCE_ROWS, demo
+from cxr_pipeline.fields import ConfigError
+from cxr_pipeline.files import atomic_path, write_parquet
+from cxr_pipeline.labels import LABELS
+from cxr_pipeline.reports.labeler import label_reports
+from cxr_pipeline.reports.vlm import read_adapter_card, report_token_budget
+from cxr_pipeline.settings import paths
 from cxr_pipeline.vision.checkpoint import ALIASES, CHAMPION
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from cxr_pipeline.data.synthetic import SynthConfig, generate
 
     try:
         cfg = SynthConfig(
@@ -37,11 +50,6 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _external_labels(args: argparse.Namespace) -> int:
     """Read one external label file, print what it holds, write its rejects; the last line is the summary."""
-    from cxr_pipeline.data.csvs import DatasetError
-    from cxr_pipeline.data.external import FORMAT_NAMES, NOT_MAPPED, NULL_IS_UNSCORABLE, read_labels, scored_findings
-    from cxr_pipeline.files import write_parquet
-    from cxr_pipeline.labels import LABELS
-    from cxr_pipeline.settings import paths
 
     t0 = time.perf_counter()
     try:
@@ -54,8 +62,6 @@ def _external_labels(args: argparse.Namespace) -> int:
     if out.suffix == ".parquet":
         write_parquet(found.rejects, out)
     else:
-        from cxr_pipeline.files import atomic_path
-
         with atomic_path(out) as tmp:
             found.rejects.write_csv(tmp)
     m = found.manifest
@@ -76,14 +82,11 @@ def _external_labels(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from cxr_pipeline.demo import demo
 
     return demo(args.patients, args.source_rows, args.epochs, args.adapter_recipe)
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from cxr_pipeline.data.dicom import DecodeError, prepare
-    from cxr_pipeline.data.shard_reader import write_png
 
     try:
         img = prepare(args.input, args.size, name=args.input)
@@ -99,11 +102,6 @@ def _label_reports(args: argparse.Namespace) -> int:
     """MIMIC-style .txt reports (a folder) or a CSV (study_id,text) -> MIMIC chexpert-layout CSV."""
     import csv
     import re
-
-    from cxr_pipeline.data.sections import parse_report
-    from cxr_pipeline.files import atomic_path
-    from cxr_pipeline.labels import LABELS
-    from cxr_pipeline.reports.labeler import label_reports
 
     src = Path(args.input)
     rows: list[tuple[str, str, str | None]] = []
@@ -137,9 +135,6 @@ def _label_reports(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     """Registered classifiers (MLflow registry, by alias) applied to radiograph files."""
-    from cxr_pipeline.console import quiet
-    from cxr_pipeline.data.dicom import DecodeError
-    from cxr_pipeline.settings import paths
     from cxr_pipeline.vision.predict import PredictError, predict_files
 
     error = None
@@ -162,8 +157,6 @@ def _generation_budget(p):
     """The generation budget as ``generated_reports`` would work it out now, when its inputs exist."""
     import polars as pl
 
-    from cxr_pipeline.reports.vlm import read_adapter_card, report_token_budget
-
     if not (p.report_pairs.exists() and (p.adapter / "cxr_adapter.json").exists()):
         return {}
     base = Path(read_adapter_card(p.adapter)["base"])
@@ -174,10 +167,6 @@ def _generation_budget(p):
 def _config(args: argparse.Namespace) -> int:
     """The resolved configuration each asset would run with now: pipeline.yaml, environment, every auto worked out."""
     import yaml
-
-    from cxr_pipeline.config import resolved_all, sections
-    from cxr_pipeline.fields import ConfigError
-    from cxr_pipeline.settings import paths
 
     p = paths()
     section = {"manifest_rejects": "manifest", "shard_rejects": "image_shards"}.get(args.asset, args.asset)

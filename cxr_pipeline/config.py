@@ -30,8 +30,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cxr_pipeline.data.external import ExternalSettings
+from cxr_pipeline.data.mimic import ManifestPolicy
+from cxr_pipeline.data.shards import ShardSettings
 from cxr_pipeline.fields import MISSING, ConfigError, setting
+from cxr_pipeline.reports.pairs import PairsConfig
+from cxr_pipeline.reports.tiny_base import base_tile_size
+from cxr_pipeline.reports.vlm import AdapterConfig, GenerateConfig
 from cxr_pipeline.settings import Paths, env, read_pipeline_config, usable_cpus
+from cxr_pipeline.vision.images import default_workers
+from cxr_pipeline.vision.multilabel import MultilabelConfig
+from cxr_pipeline.vision.subgroups import AuditSettings
+from cxr_pipeline.vision.train import TrainConfig, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -44,14 +54,6 @@ class ComputeSettings:
 
 def sections() -> dict[str, type]:
     """``pipeline.yaml`` section -> the dataclass its fields come from (imported here: domain modules import this one)."""
-    from cxr_pipeline.data.external import ExternalSettings
-    from cxr_pipeline.data.mimic import ManifestPolicy
-    from cxr_pipeline.data.shards import ShardSettings
-    from cxr_pipeline.reports.pairs import PairsConfig
-    from cxr_pipeline.reports.vlm import AdapterConfig, GenerateConfig
-    from cxr_pipeline.vision.multilabel import MultilabelConfig
-    from cxr_pipeline.vision.subgroups import AuditSettings
-    from cxr_pipeline.vision.train import TrainConfig
 
     return {
         "manifest": ManifestPolicy,
@@ -160,9 +162,6 @@ def _adapter_base(cfg) -> tuple[str | None, bool]:
 def _resolve_train(cfg, paths: Paths, derived):
     import torch
 
-    from cxr_pipeline.vision.images import default_workers
-    from cxr_pipeline.vision.train import resolve_precision
-
     device = torch.device(resolve(paths, "compute").device)
     precision = resolve_precision(cfg.precision, device)
     workers = default_workers(device) if cfg.loader_workers is None else cfg.loader_workers
@@ -170,7 +169,6 @@ def _resolve_train(cfg, paths: Paths, derived):
 
 
 def _resolve_adapter(cfg, paths: Paths, derived):
-    from cxr_pipeline.reports.tiny_base import base_tile_size
 
     base, tiny = _adapter_base(cfg)
     if tiny:

@@ -20,7 +20,15 @@ from pathlib import Path
 
 import polars as pl
 
+from cxr_pipeline.console import quiet
+from cxr_pipeline.data.external import FORMATS
+from cxr_pipeline.data.replica_external import DEMO_SHIFTS, ExternalReplica, generate_external
+from cxr_pipeline.data.shard_reader import PARTITIONS
+from cxr_pipeline.data.synthetic import SynthConfig, generate, planted_effect
+from cxr_pipeline.labels import SLUGS, slug
+from cxr_pipeline.reports.metrics import HEADLINE
 from cxr_pipeline.settings import Paths, env, paths, usable_cpus, write_pipeline_config
+from cxr_pipeline.vision.subgroups import gap_tests, largest_gaps, publishable
 
 DEMO_PATIENTS = 300
 # A larger test split than MIMIC's (0.5% of patients) so rare findings have test positives.
@@ -81,7 +89,6 @@ def ensure_dagster_home() -> Path:
 
 def ensure_demo_replica(patients: int = DEMO_PATIENTS, source_rows: int = DEMO_SOURCE_ROWS, workers: int | None = None) -> Path:
     """Generate the demo replica under CXR_HOME/raw once (a marker records it finished)."""
-    from cxr_pipeline.data.synthetic import SynthConfig, generate
 
     p = paths()
     marker = p.raw / ".replica.json"
@@ -98,8 +105,6 @@ def ensure_demo_replica(patients: int = DEMO_PATIENTS, source_rows: int = DEMO_S
 def ensure_external_replicas(patients: int, source_rows: int = DEMO_SOURCE_ROWS) -> dict[str, Path]:
     """Replicas of CheXpert, NIH ChestX-ray14 and PadChest under ``$CXR_HOME/external`` (where the external
     validation looks by default), each with its own equipment shift (``replica_external.DEMO_SHIFTS``); once."""
-    from cxr_pipeline.data.external import FORMATS
-    from cxr_pipeline.data.replica_external import DEMO_SHIFTS, ExternalReplica, generate_external
 
     out = {}
     for fmt in FORMATS:
@@ -168,9 +173,6 @@ def run_all(console=None) -> bool:
     as already handled and starts nothing until it changes. ``console``: one progress
     line or bar per stage group (``console.Console``); without it, stages are logged.
     """
-    from cxr_pipeline.data.external import FORMATS
-    from cxr_pipeline.data.shard_reader import PARTITIONS
-    from cxr_pipeline.labels import SLUGS
 
     run = _Runner()
     stages = [
@@ -285,7 +287,6 @@ def print_summary(p: Paths, adapter_recipe: str = DEMO_ADAPTER_RECIPE) -> None:
         "\nreport generation (test split, CE against the labeler on the reference reports, and on the radiologist-labelled"
         f" studies against the radiologist's labels; report adapter recipe {adapter_recipe!r}: {ADAPTER_NOTE[adapter_recipe]}):"
     )
-    from cxr_pipeline.reports.metrics import HEADLINE
 
     cols = ("system", "test_labels", "n", *HEADLINE, "ce_upos_micro14_f1")
     with pl.Config(float_precision=3, **TABLE_STYLE):
@@ -331,9 +332,6 @@ def print_external(p: Paths) -> None:
 
 def print_subgroups(p: Paths, effect: str = DEMO_EFFECT) -> None:
     """The subgroup audit: the planted effect beside what the audit measured for it, then the largest gaps."""
-    from cxr_pipeline.data.synthetic import planted_effect
-    from cxr_pipeline.labels import slug
-    from cxr_pipeline.vision.subgroups import gap_tests, largest_gaps, publishable
 
     if not p.subgroup_metrics.exists():
         return
@@ -378,7 +376,6 @@ def demo(
     adapter_recipe: str = DEMO_ADAPTER_RECIPE,
 ) -> int:
     """The whole demo; returns the process exit code."""
-    from cxr_pipeline.console import quiet
 
     t0 = time.perf_counter()
     with quiet(paths().home / "logs", "demo") as (console, log_file):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import psutil
 
+from cxr_pipeline.settings import write_pipeline_config
+
 ROOT = Path(__file__).resolve().parent.parent  # the source checkout: its dagster.yaml
 BIN = Path(sys.executable).parent  # the environment's executables: ray, dagster, python
 HEAD_ONLY = "cxr_test_head"  # a resource only the head declares: pins a job there
@@ -104,7 +106,6 @@ def classifier_inputs(layout, recipe: dict) -> dict:
     """``layout`` (a ``settings.Paths``) with ``recipe`` as its pipeline.yaml, its own Dagster instance, and the
     classifiers' inputs (the manifest, the ten shard partitions) built on one host; the environment a run in it
     is started with (add ``CXR_EXECUTOR``)."""
-    from cxr_pipeline.settings import write_pipeline_config
 
     dagster_home = layout.home / "dagster"
     write_pipeline_config(layout, recipe, "test configuration")

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxr_pipeline.files import atomic_path
+
 # Never phone home: set before mlflow is imported anywhere in the process.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -333,8 +335,6 @@ def read_pipeline_config(p: Paths) -> dict[str, dict]:
 def write_pipeline_config(p: Paths, config: dict[str, dict], note: str) -> Path:
     """Write ``config`` as ``pipeline.yaml`` (atomically), with ``note`` as its header comment."""
     import yaml
-
-    from cxr_pipeline.files import atomic_path
 
     header = "".join(f"# {line}\n" for line in note.splitlines())
     with atomic_path(p.pipeline_config) as tmp:

@@ -14,6 +14,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from cxr_pipeline.files import atomic_path
 from cxr_pipeline.settings import env
 
 WHEEL = "torchxrayvision==1.5.7"
@@ -33,7 +34,6 @@ def cache_dir() -> Path:
 def wheel_file(name: str, cache: Path | None = None) -> Path:
     """``torchxrayvision/data/<name>`` from the wheel, downloaded (once, every member of ``MEMBERS`` extracted
     together) with pip from PyPI. Raises RuntimeError when the wheel cannot be downloaded."""
-    from cxr_pipeline.files import atomic_path
 
     folder = Path(cache or cache_dir()) / "torchxrayvision"
     out = folder / name

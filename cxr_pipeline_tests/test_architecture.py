@@ -112,3 +112,78 @@ def test_every_asset_module_is_in_the_independence_contract_and_plumbing_defines
     asset_modules = {f"cxr_pipeline.defs.{f.stem}" for f in (PACKAGE / "defs").glob("*.py") if _defines_assets(ast.parse(f.read_text()))}
     assert asset_modules == independent, f"asset modules {sorted(asset_modules - independent)} not in the contract"
     assert _defines_assets(ast.parse("@dg.asset(name='x')\ndef x(): pass")) and not _defines_assets(ast.parse("def y(): pass"))
+
+
+# Libraries slow to import (each 150 ms to 12 s on the 2-core machine, -X importtime, 2026-12-06) or that pull one
+# in (transformers, trl, peft, bitsandbytes, safetensors.torch and torchvision pull torch): a function may import
+# a module of the package lazily only when that module brings one of these that the importing module does not
+# already load at its head. Everything else is imported at the head, so a module's neighbours show at its top.
+HEAVY = {
+    *("torch", "torchvision", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "safetensors", "captum"),
+    *("mlflow", "dagster", "sklearn", "scipy", "matplotlib", "pandas", "spacy", "medspacy", "nltk"),
+    *("pydicom", "pylibjpeg", "highdicom", "kubernetes", "ray"),
+}
+
+
+def _imports(path, module: str, modules: set[str]) -> tuple[set[str], list[tuple[int, str]]]:
+    """(what the module imports at its head, [(line, module) imported inside a function]); names resolved to the
+    package's modules where they are one (``from cxr_pipeline.x import y``: ``cxr_pipeline.x.y`` if a module)."""
+    head, inside = set(), []
+
+    def names(node) -> list[str]:
+        if isinstance(node, ast.Import):
+            return [a.name for a in node.names]
+        return [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names]
+
+    def visit(node, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import | ast.ImportFrom) and not getattr(child, "level", 0):
+                if in_function:
+                    inside.extend((child.lineno, n) for n in names(child))
+                else:
+                    head.update(names(child))
+            elif isinstance(child, ast.If) and not in_function and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            else:
+                visit(child, in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda))
+
+    visit(ast.parse(path.read_text()), False)
+    return head, inside
+
+
+def needless_lazy_imports(root) -> list[str]:
+    """Function-level imports of the package's own modules that bring no heavy library the importing module lacks."""
+    files = {
+        ".".join(f.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): f for f in (root / "cxr_pipeline").rglob("*.py")
+    }
+    parsed = {m: _imports(f, m, set(files)) for m, f in files.items()}
+    memo: dict[str, set[str]] = {}
+
+    def heavy(module: str, seen: frozenset = frozenset()) -> set[str]:
+        if module not in memo:
+            out = set()
+            for name in parsed[module][0]:
+                out |= {name.split(".")[0]} & HEAVY
+                parts = name.split(".")
+                for i in range(2, len(parts) + 1):  # importing a.b.c imports the packages a.b and a.b.c
+                    if (p := ".".join(parts[:i])) in parsed and p not in seen:
+                        out |= heavy(p, seen | {module})
+            memo[module] = out
+        return memo[module]
+
+    found = []
+    for m, (_head, inside) in parsed.items():
+        for line, name in inside:
+            if name.startswith("cxr_pipeline") and name in parsed and not heavy(name) - heavy(m):
+                found.append(f"{files[m].relative_to(root)}:{line} {name}")
+    return found
+
+
+def test_a_module_imports_the_package_lazily_only_to_put_off_a_heavy_library(tmp_path):
+    assert not needless_lazy_imports(ROOT), "move these to the module's head (docs/layout.md)"
+    pkg = tmp_path / "cxr_pipeline"
+    pkg.mkdir()
+    (pkg / "light.py").write_text("import json\n")
+    (pkg / "slow.py").write_text("import torch\n")
+    (pkg / "user.py").write_text("def f():\n    from cxr_pipeline import light\n\n\ndef g():\n    from cxr_pipeline import slow\n")
+    assert needless_lazy_imports(tmp_path) == ["cxr_pipeline/user.py:2 cxr_pipeline.light"]

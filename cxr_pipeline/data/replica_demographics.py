@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_pipeline.data.demographics import race_group
 from cxr_pipeline.files import write_csv
 
 # MIMIC-IV's race strings (a selection of the 33) and insurance values, with rough shares of MIMIC-CXR's patients
@@ -73,8 +74,6 @@ def in_group(demo: dict, attribute: str, group: str) -> bool:
     """Whether the patient is in the planted effect's group, as the audit groups patients (``data.demographics``)."""
     if attribute == "race":
         import polars as pl
-
-        from cxr_pipeline.data.demographics import race_group
 
         return pl.select(race_group(pl.lit(demo["race"]))).item() == group
     if attribute == "insurance":

@@ -20,7 +20,10 @@ from cxr_pipeline.fields import params
 from cxr_pipeline.labels import SLUGS
 from cxr_pipeline.tracking import TrackedRun
 from cxr_pipeline.vision.checkpoint import ClassifierFiles, ClassifierSet, registered_label, retire_aliases
+from cxr_pipeline.vision.fit import fit_and_save, record_untrainable
+from cxr_pipeline.vision.record import epoch_logger, log_datasets, record_finding
 from cxr_pipeline.vision.registry import registered_name
+from cxr_pipeline.vision.splits import load_data
 from cxr_pipeline.vision.train import TrainConfig
 
 label_partitions = dg.StaticPartitionsDefinition(list(SLUGS))
@@ -53,9 +56,6 @@ def classifier(
     mlflow: MlflowTracking,
     compute: Compute,
 ) -> dg.MaterializeResult:
-    from cxr_pipeline.vision.fit import fit_and_save
-    from cxr_pipeline.vision.record import epoch_logger, log_datasets, record_finding
-    from cxr_pipeline.vision.splits import load_data
 
     label_slug, paths = context.partition_key, storage.paths
     cfg: TrainConfig = run_settings(context, paths)
@@ -84,7 +84,6 @@ def _untrainable(
     context: dg.AssetExecutionContext, run: TrackedRun, data, files: ClassifierFiles, cfg: TrainConfig
 ) -> dg.MaterializeResult:
     """A label the current data cannot train: its 'not trainable' rows, no model files, and the registry's aliases retired."""
-    from cxr_pipeline.vision.fit import record_untrainable
 
     context.log.warning(f"{data.label}: {data.untrainable_reason}")
     record_untrainable(data, files)

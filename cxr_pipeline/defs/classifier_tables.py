@@ -6,11 +6,14 @@ import polars as pl
 
 from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.keys import CLASSIFIER_METRICS, CLASSIFIER_PREDICTIONS, MULTILABEL_CLASSIFIER
-from cxr_pipeline.defs.metadata import asset_metadata, table_metadata
+from cxr_pipeline.defs.metadata import asset_metadata, inline_png, table_metadata
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 from cxr_pipeline.defs.specs import ALL_CLASSIFIERS_IN, classifiers_asset
 from cxr_pipeline.labels import slug
+from cxr_pipeline.vision.calibration import reliability_diagram
 from cxr_pipeline.vision.checkpoint import ClassifierSet
+from cxr_pipeline.vision.evaluate import save_curves
+from cxr_pipeline.vision.tables import curves_of_test_split, metrics_table, predictions_table, reliability_of_test_split, test_scores_table
 
 METRICS_SHOWN = (
     "model",
@@ -56,10 +59,6 @@ METRICS_SHOWN = (
 def classifier_metrics(
     context: dg.AssetExecutionContext, classifier: ClassifierSet, mlflow: MlflowTracking, storage: CxrStorage
 ) -> dg.Output:
-    from cxr_pipeline.defs.metadata import inline_png
-    from cxr_pipeline.vision.calibration import reliability_diagram
-    from cxr_pipeline.vision.evaluate import save_curves
-    from cxr_pipeline.vision.tables import curves_of_test_split, metrics_table, reliability_of_test_split, test_scores_table
 
     df = metrics_table(classifier)
     if df.height == 0:
@@ -98,7 +97,6 @@ def classifier_metrics(
     **needs.TABLE.asset_args(),
 )
 def classifier_predictions(context: dg.AssetExecutionContext, classifier: ClassifierSet, mlflow: MlflowTracking) -> dg.Output:
-    from cxr_pipeline.vision.tables import predictions_table
 
     wide, done = predictions_table(classifier)
     if wide is None:

@@ -12,6 +12,7 @@ import os
 import dagster as dg
 import polars as pl
 
+from cxr_pipeline.config import resolve, shard_build_settings
 from cxr_pipeline.data.external import FORMAT_NAMES, FORMATS, ExternalSettings
 from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.io import table_schema
@@ -20,8 +21,13 @@ from cxr_pipeline.defs.metadata import asset_metadata, resolved_metadata, table_
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
 from cxr_pipeline.defs.specs import classifiers_asset, every_partition_of
-from cxr_pipeline.fields import params
+from cxr_pipeline.fields import ConfigError, params
 from cxr_pipeline.files import file_digest, write_parquet
+from cxr_pipeline.labels import SLUGS
+from cxr_pipeline.vision.checkpoint import MULTILABEL
+from cxr_pipeline.vision.external import external_validation as validate
+from cxr_pipeline.vision.external import load_champions
+from cxr_pipeline.vision.registry import registered_name
 
 EXTERNAL_PARTITIONS = dg.StaticPartitionsDefinition(list(FORMATS))
 ExternalValidationConfig = dagster_config(EXTERNAL_VALIDATION, "ExternalValidationConfig")
@@ -58,8 +64,6 @@ def dataset_version(cfg: ExternalSettings, fmt: str, home) -> str:
 def _shard_settings(paths):
     """``pipeline.yaml``'s ``image_shards`` settings (images per shard, decode processes; ``config.shard_build_settings``):
     an external set's shards are built as MIMIC's are. This run's own config is the external_validation section's."""
-    from cxr_pipeline.config import shard_build_settings
-    from cxr_pipeline.fields import ConfigError
 
     try:
         return shard_build_settings(paths)
@@ -76,7 +80,6 @@ def _shard_settings(paths):
     "and its file listing, so a changed set re-runs its own external validation only.",
 )
 def external_datasets(context: dg.AssetExecutionContext, storage: CxrStorage) -> dg.DataVersionsByPartition:
-    from cxr_pipeline.config import resolve
 
     cfg: ExternalSettings = resolve(storage.paths, EXTERNAL_VALIDATION, {})
     versions = {fmt: dataset_version(cfg, fmt, storage.paths.home) for fmt in FORMATS}
@@ -101,11 +104,6 @@ def external_datasets(context: dg.AssetExecutionContext, storage: CxrStorage) ->
 def external_validation(
     context: dg.AssetExecutionContext, config: ExternalValidationConfig, storage: CxrStorage, mlflow: MlflowTracking
 ) -> dg.MaterializeResult:
-    from cxr_pipeline.labels import SLUGS
-    from cxr_pipeline.vision.checkpoint import MULTILABEL
-    from cxr_pipeline.vision.external import external_validation as validate
-    from cxr_pipeline.vision.external import load_champions
-    from cxr_pipeline.vision.registry import registered_name
 
     fmt, paths = context.partition_key, storage.paths
     cfg: ExternalSettings = run_settings(context, paths)

@@ -31,9 +31,12 @@ import dagster as dg
 import polars as pl
 
 from cxr_pipeline.columns import describe
+from cxr_pipeline.config import resolve
 from cxr_pipeline.data.shard_reader import Shards, ShardsNotBuilt
 from cxr_pipeline.defs.resources import CxrStorage
+from cxr_pipeline.fields import ConfigError
 from cxr_pipeline.files import file_digest, write_parquet
+from cxr_pipeline.reports.vlm import read_adapter_card
 from cxr_pipeline.settings import Paths
 from cxr_pipeline.vision.checkpoint import MULTILABEL, ClassifierFiles, ClassifierSet
 
@@ -104,8 +107,6 @@ class ShardSet:
 
 def _built_sizes(paths: Paths) -> str:
     """The sizes ``image_shards`` resolves now, as an error message shows them."""
-    from cxr_pipeline.config import resolve
-    from cxr_pipeline.fields import ConfigError
 
     try:
         return f"{resolve(paths, 'image_shards').sizes} px"
@@ -156,7 +157,6 @@ class HandleLoader(dg.ConfigurableIOManager):
 
 
 def _adapter(folder: Path) -> Adapter:
-    from cxr_pipeline.reports.vlm import read_adapter_card
 
     try:
         return Adapter(folder, read_adapter_card(folder))

@@ -8,7 +8,9 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
+from cxr_pipeline.fields import record
 from cxr_pipeline.tracking import TrackedRun
+from cxr_pipeline.vision.checkpoint import registered_label
 
 
 def mlflow_metadata(run: TrackedRun) -> dict[str, dg.MetadataValue]:
@@ -49,7 +51,6 @@ def inline_png(path: Path, alt: str) -> dg.MetadataValue:
 
 def resolved_metadata(cfg: Any) -> dict[str, dg.MetadataValue]:
     """A materialization's record of the configuration it ran with (``resolved_config``)."""
-    from cxr_pipeline.fields import record
 
     return {"resolved_config": dg.MetadataValue.json(record(cfg))}
 
@@ -76,7 +77,6 @@ def materialized(
 def fit_metadata(recorded: Any, files: Any) -> dict[str, Any]:
     """A recorded fit (``vision.record.Recorded``) as metadata: the checkpoint, the registered version, the model
     card and the Grad-CAM sheet (inline)."""
-    from cxr_pipeline.vision.checkpoint import registered_label
 
     sheet = recorded.saliency
     return {

@@ -20,7 +20,11 @@ from cxr_pipeline.defs.specs import ALL_CLASSIFIERS_IN, TRAINING_INPUTS, classif
 from cxr_pipeline.fields import params
 from cxr_pipeline.labels import SLUGS
 from cxr_pipeline.vision.checkpoint import MULTILABEL, ClassifierFiles, ClassifierSet
+from cxr_pipeline.vision.folds import per_finding_calibrations
+from cxr_pipeline.vision.folds import report_hints as build_hints
 from cxr_pipeline.vision.multilabel import MultilabelConfig as MultilabelSettings
+from cxr_pipeline.vision.multilabel import fit_multilabel, load_multilabel_data
+from cxr_pipeline.vision.record import epoch_logger, log_datasets, record_multilabel
 
 MultilabelConfig = dagster_config(MULTILABEL_CLASSIFIER, "MultilabelConfig")
 ReportHintsConfig = dagster_config(MULTILABEL_CLASSIFIER, "ReportHintsConfig")  # the fold models follow the model's recipe
@@ -48,8 +52,6 @@ def multilabel_classifier(
     mlflow: MlflowTracking,
     compute: Compute,
 ) -> dg.MaterializeResult:
-    from cxr_pipeline.vision.multilabel import fit_multilabel, load_multilabel_data
-    from cxr_pipeline.vision.record import epoch_logger, log_datasets, record_multilabel
 
     paths = storage.paths
     cfg: MultilabelSettings = run_settings(context, paths)  # the classifier section, then this asset's own
@@ -98,9 +100,6 @@ def report_hints(
     mlflow: MlflowTracking,
     compute: Compute,
 ) -> dg.Output:
-    from cxr_pipeline.vision.folds import per_finding_calibrations
-    from cxr_pipeline.vision.folds import report_hints as build_hints
-    from cxr_pipeline.vision.multilabel import load_multilabel_data
 
     paths = storage.paths
     cfg: MultilabelSettings = run_settings(context, paths, MULTILABEL_CLASSIFIER)

@@ -19,7 +19,12 @@ from cxr_pipeline.defs.run_config import dagster_config, run_settings
 from cxr_pipeline.defs.specs import ALL_SHARDS_IN, MANIFEST_IN, asset_factory
 from cxr_pipeline.fields import params
 from cxr_pipeline.files import write_parquet
-from cxr_pipeline.reports.generate import SYSTEMS
+from cxr_pipeline.reports.generate import SYSTEMS, test_split_reports
+from cxr_pipeline.reports.labeler import labeler_version
+from cxr_pipeline.reports.metrics import SHOWN, score_reports, side_by_side_markdown
+from cxr_pipeline.reports.pairs import build_pairs, splits_by_study_ok
+from cxr_pipeline.reports.prompts import hint_source
+from cxr_pipeline.reports.vlm import AdapterConfig, adapter_training_set, base_info, ensure_base, report_token_budget, train_adapter
 
 REPORTS_CODE_VERSION = "1"
 
@@ -43,7 +48,6 @@ GenerateConfig = dagster_config(GENERATED_REPORTS, "GenerateConfig")
 def report_pairs(
     context: dg.AssetExecutionContext, manifest: pl.DataFrame, config: PairsConfig, storage: CxrStorage, mlflow: MlflowTracking
 ) -> dg.Output:
-    from cxr_pipeline.reports.pairs import build_pairs, splits_by_study_ok
 
     cfg = run_settings(context, storage.paths)
     pairs = build_pairs(manifest, cfg)
@@ -83,8 +87,6 @@ def report_adapter(
     mlflow: MlflowTracking,
     compute: Compute,
 ) -> dg.MaterializeResult:
-    from cxr_pipeline.reports.prompts import hint_source
-    from cxr_pipeline.reports.vlm import AdapterConfig, adapter_training_set, base_info, train_adapter
 
     paths, source = storage.paths, hint_source(report_hints)
     cfg: AdapterConfig = run_settings(context, paths)
@@ -106,7 +108,6 @@ def report_adapter(
 
 def _base(cfg, paths, examples, rows: pl.DataFrame, log) -> Path:
     """The base model the adapter trains on (the tiny offline base is built from the training reports when missing)."""
-    from cxr_pipeline.reports.vlm import ensure_base
 
     if rows.height == 0:
         raise dg.Failure(
@@ -150,8 +151,6 @@ def generated_reports(
     mlflow: MlflowTracking,
     compute: Compute,
 ) -> dg.Output:
-    from cxr_pipeline.reports.generate import test_split_reports
-    from cxr_pipeline.reports.vlm import report_token_budget
 
     paths, card = storage.paths, report_adapter.card  # the card: the adapter's base, size, prompt variant
     hw = compute.resolved(paths)
@@ -180,8 +179,6 @@ def generated_reports(
 def report_metrics(
     context: dg.AssetExecutionContext, generated_reports: pl.DataFrame, storage: CxrStorage, mlflow: MlflowTracking
 ) -> dg.Output:
-    from cxr_pipeline.reports.labeler import labeler_version
-    from cxr_pipeline.reports.metrics import SHOWN, score_reports, side_by_side_markdown
 
     paths, gen = storage.paths, generated_reports
     meteor = shutil.which("java") is not None

@@ -12,7 +12,11 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from cxr_pipeline import __version__
+from cxr_pipeline.config import resolve
 from cxr_pipeline.defs.run_config import section_model
+from cxr_pipeline.defs.slots import record_run_worker
+from cxr_pipeline.devices import lease, placement
+from cxr_pipeline.fields import ConfigError, params
 from cxr_pipeline.settings import Paths, paths, read_pipeline_config
 from cxr_pipeline.tracking import TrackedRun, tracked_run
 
@@ -154,7 +158,6 @@ class Hardware:
     @property
     def params(self) -> dict[str, str]:
         """The settings as MLflow params (``compute.<field>``)."""
-        from cxr_pipeline.fields import params
 
         return params(self.settings, "compute.")
 
@@ -174,8 +177,6 @@ class _Compute(dg.ConfigurableResource):
 
     @contextmanager
     def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator["_Compute"]:
-        from cxr_pipeline.defs.slots import record_run_worker
-        from cxr_pipeline.devices import lease
 
         if context.instance is not None and context.run_id:
             record_run_worker(context.instance, context.run_id)
@@ -197,16 +198,12 @@ class _Compute(dg.ConfigurableResource):
     def _resolve(self, paths: Paths) -> Hardware:
         import torch
 
-        from cxr_pipeline.config import resolve
-        from cxr_pipeline.fields import ConfigError
-
         explicit = {k: v for k, v in self.model_dump().items() if v is not None}
         try:
             s = resolve(paths, "compute", explicit)
         except ConfigError as e:
             raise dg.Failure(str(e)) from None
         torch.set_num_threads(s.threads)
-        from cxr_pipeline.devices import placement
 
         return Hardware(s, torch.device(self._lease.device(s.device) if self._lease is not None else s.device), placement())
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import dagster as dg
 
+from cxr_pipeline.config import field_docs, resolve, section_digest, sections
+from cxr_pipeline.fields import ConfigError
 from cxr_pipeline.settings import Paths
 
 
@@ -16,8 +18,6 @@ def section_model(section: str, name: str, base: type, *, optional: bool = False
     import typing
 
     import pydantic
-
-    from cxr_pipeline.config import field_docs, sections
 
     hints = typing.get_type_hints(sections()[section])
 
@@ -59,8 +59,6 @@ def run_settings(
     a schedule, a plain Materialize click); reading the file here, when the run starts, makes all of
     those follow the user's configuration. A bad file or field fails the run, naming both.
     """
-    from cxr_pipeline.config import resolve
-    from cxr_pipeline.fields import ConfigError
 
     op = context.op_def.name
     explicit = (context.run_config.get("ops", {}).get(op) or {}).get("config") or {}
@@ -79,7 +77,6 @@ def with_config_versions(assets: list, paths: Paths) -> list:
     (``config.section_digest``), so the UI shows which assets' configuration changed since they were last
     materialized. Dagster treats a changed code version as stale but never as a reason to start a run
     (the automation conditions look at data versions only): a user re-runs them when they choose."""
-    from cxr_pipeline.config import section_digest, sections
 
     def versioned(spec: dg.AssetSpec) -> dg.AssetSpec:
         key = spec.key.to_user_string()

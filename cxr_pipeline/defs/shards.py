@@ -3,6 +3,7 @@
 import dagster as dg
 import polars as pl
 
+from cxr_pipeline.config import load
 from cxr_pipeline.data.shard_reader import PARTITIONS, Shards, gather, read_index
 from cxr_pipeline.data.shards import REJECTS, PartitionBuild, ShardSettings, build_partition_sizes, partition_column
 from cxr_pipeline.defs import needs
@@ -12,7 +13,7 @@ from cxr_pipeline.defs.metadata import asset_metadata, inline_png, resolved_meta
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
 from cxr_pipeline.defs.specs import MANIFEST_IN, asset_specs, selected_keys
-from cxr_pipeline.fields import params
+from cxr_pipeline.fields import ConfigError, params
 from cxr_pipeline.settings import Paths, paths
 from cxr_pipeline.tracking import TrackedRun
 
@@ -28,8 +29,6 @@ def requested_workers() -> int:
     """The decode processes a shard step runs, as a cluster pod is sized for them: ``image_shards.workers`` when
     ``pipeline.yaml`` sets it, else ``DEFAULT_SHARD_CPUS`` (the step's auto then finds that many: its CPU
     limit equals its request, ``settings.usable_cpus``)."""
-    from cxr_pipeline.config import load
-    from cxr_pipeline.fields import ConfigError
 
     try:
         return load(paths(), IMAGE_SHARDS).workers or DEFAULT_SHARD_CPUS

@@ -28,6 +28,9 @@ import socket
 
 import dagster as dg
 
+from cxr_pipeline.devices import gpu_slots
+from cxr_pipeline.settings import cluster_executor
+
 GPU_POOL = "gpu"
 WORKER_TAG = "cxr/run_worker"
 
@@ -70,7 +73,6 @@ def run_worker(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
     """The run's worker as ``worker_gone`` reads it: the tag its GPU step recorded; else, where every run of this
     instance runs on this host (the default run launcher; not a cluster), the first process a run event names
     (its executor's, or the run launcher's worker), as started by that event's time; else None (unknown)."""
-    from cxr_pipeline.settings import cluster_executor
 
     if WORKER_TAG in run.tags:
         return run.tags[WORKER_TAG]
@@ -88,8 +90,6 @@ def run_worker(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
 def sync_gpu_pool(instance: dg.DagsterInstance) -> int | None:
     """On one host, set the ``gpu`` pool's limit to the devices the pipeline may use (``devices.gpu_slots``) and
     return it; on a cluster leave the deployment's limit alone and return None."""
-    from cxr_pipeline.devices import gpu_slots
-    from cxr_pipeline.settings import cluster_executor
 
     if cluster_executor():
         return None

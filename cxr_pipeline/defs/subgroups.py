@@ -18,7 +18,9 @@ from cxr_pipeline.defs.run_config import dagster_config, run_settings
 from cxr_pipeline.defs.specs import ALL_CLASSIFIERS_IN, MANIFEST_IN, classifiers_asset
 from cxr_pipeline.fields import params
 from cxr_pipeline.tracking import TrackedRun
-from cxr_pipeline.vision.checkpoint import ClassifierSet
+from cxr_pipeline.vision.checkpoint import MULTILABEL, ClassifierSet, read_model_card, write_model_card
+from cxr_pipeline.vision.model_card import with_subgroups
+from cxr_pipeline.vision.subgroups import largest_gaps, publishable, subgroup_audit
 
 TEST_NOTE = (
     "MIMIC-CXR's test split has 293 patients, so most test-split gaps have intervals that include 0; the out-of-fold "
@@ -78,7 +80,6 @@ def subgroup_metrics(
     storage: CxrStorage,
     mlflow: MlflowTracking,
 ) -> dg.Output:
-    from cxr_pipeline.vision.subgroups import subgroup_audit
 
     paths = storage.paths
     cfg = run_settings(context, paths)
@@ -102,7 +103,6 @@ def subgroup_metrics(
 
 def _log_audit(run: TrackedRun, result) -> None:
     """What leaves the machine for MLflow: the publishable table (small groups pooled), counts, charts."""
-    from cxr_pipeline.vision.subgroups import publishable
 
     if result.skipped:
         run.set_tags({"skipped": result.skipped})
@@ -121,9 +121,6 @@ def _add_to_model_cards(run: TrackedRun, classifiers: ClassifierSet, metrics: pl
     """Each trained model's card (``vision.model_card.with_subgroups``) gains its publishable gaps on the test split
     (or the reason the audit was skipped), re-published as its registered version's artifacts and description
     (``vision.checkpoint.write_model_card``). Returns the versions updated (``name vN``)."""
-    from cxr_pipeline.vision.checkpoint import MULTILABEL, read_model_card, write_model_card
-    from cxr_pipeline.vision.model_card import with_subgroups
-    from cxr_pipeline.vision.subgroups import publishable
 
     table = publishable(result.table) if result.table.height else result.table
     done = []
@@ -142,7 +139,6 @@ def _add_to_model_cards(run: TrackedRun, classifiers: ClassifierSet, metrics: pl
 
 
 def _audit_metadata(result) -> dict:
-    from cxr_pipeline.vision.subgroups import largest_gaps, publishable
 
     gaps = publishable(largest_gaps(result.table, 8))
     shown = gaps.select("view", "labels", "model", "slug", "attribute", "group", "tpr_gap", "tpr_gap_lo", "tpr_gap_hi", "tpr_gap_q")

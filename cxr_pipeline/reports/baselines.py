@@ -8,7 +8,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from cxr_pipeline.labels import SLUGS
+from cxr_pipeline.labels import LABEL_BY_SLUG, LABELS, SLUGS
+from cxr_pipeline.reports.labeler import label_reports
+from cxr_pipeline.reports.metrics import binary_labels
+from cxr_pipeline.reports.prompts import row_calls, row_hints
 
 POSITIVE = {
     "atelectasis": "There is atelectasis.",
@@ -74,7 +77,6 @@ def baseline_reports(test_rows: pl.DataFrame, train_pairs: pl.DataFrame, hints: 
     ``train_pairs``: training rows with ``dicom_id`` and ``text`` (the retrieval corpus).
     Without hints the template says "normal" and retrieval has nothing to go on.
     """
-    from cxr_pipeline.reports.prompts import row_calls, row_hints
 
     cols = [s for s in SLUGS if hints is not None and s in hints.columns]
     if not cols:
@@ -95,9 +97,6 @@ def best_constant_report(candidates: Sequence[str], reference_labels: Sequence[M
     Each distinct candidate is labelled once; a constant report's micro-F1 follows from its label vector
     and the references' column sums. Ties go to the first candidate in sorted order. Returns (report, F1).
     """
-    from cxr_pipeline.labels import LABELS
-    from cxr_pipeline.reports.labeler import label_reports
-    from cxr_pipeline.reports.metrics import binary_labels
 
     texts = sorted({t for t in candidates if isinstance(t, str) and t.strip()})
     if not texts:
@@ -125,7 +124,6 @@ def optimal_constant_report(reference_labels: Sequence[Mapping[str, float | None
     prevalence, k = 0 (the normal report) to every finding the template can state; each is labelled by the
     labeler, as every report is scored, and the best is kept. Choose it on validation labels, score it on test.
     """
-    from cxr_pipeline.labels import LABEL_BY_SLUG
 
     refs = list(reference_labels)
     prevalence = {s: sum(1 for r in refs if r.get(LABEL_BY_SLUG[s]) == 1.0) for s in POSITIVE}

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import polars as pl
 
-from cxr_pipeline.data.shard_reader import Shards
+from cxr_pipeline.data.shard_reader import Shards, load_images
+from cxr_pipeline.reports.baselines import baseline_reports
+from cxr_pipeline.reports.pairs import evaluation_name
+from cxr_pipeline.reports.prompts import prompts_for
+from cxr_pipeline.reports.vlm import generate_reports
 
 SYSTEMS = ("adapter", "template", "retrieval")
 
@@ -17,11 +21,6 @@ def test_split_reports(pairs: pl.DataFrame, shards: Shards, adapter_dir: Path, c
     report hints table (``vision.folds.report_hints``). Returns the table (one row per test image: ids,
     reference, radiologist labels, one column per system, the evaluation's name), the test rows read (with each
     image's ``content_hash``), the prompts and their variant."""
-    from cxr_pipeline.data.shard_reader import load_images
-    from cxr_pipeline.reports.baselines import baseline_reports
-    from cxr_pipeline.reports.pairs import evaluation_name
-    from cxr_pipeline.reports.prompts import prompts_for
-    from cxr_pipeline.reports.vlm import generate_reports
 
     test = pairs.filter(pl.col("split") == "test").sort("dicom_id")
     test = test.head(cfg.max_test_pairs) if cfg.max_test_pairs is not None else test

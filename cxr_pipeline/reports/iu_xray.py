@@ -37,6 +37,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxr_pipeline.wheel_data import IU_REPORTS, wheel_file
+
 # MeSH root -> (CheXpert observation, the first qualifier must be one of these, or None for any).
 MESH_TO_CHEXPERT: dict[str, list[tuple[str, frozenset[str] | None]]] = {
     "Cardiomegaly": [("Cardiomegaly", None)],
@@ -125,7 +127,6 @@ class IUReport:
 
 def archive(cache: Path | None = None) -> Path:
     """The reports archive, downloaded (once) with pip from PyPI's torchxrayvision wheel (``wheel_data``)."""
-    from cxr_pipeline.wheel_data import IU_REPORTS, wheel_file
 
     return wheel_file(IU_REPORTS, cache)
 

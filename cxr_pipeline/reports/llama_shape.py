@@ -21,6 +21,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from cxr_pipeline.reports.tiny_base import CHAT_TEMPLATE, open_cross_attention_gates
+
 # meta-llama/Llama-3.2-11B-Vision-Instruct, config.json (the fields that set shapes and ids)
 PUBLISHED_11B: dict = {
     "vision_config": {
@@ -188,8 +190,6 @@ def build_real_shape_base(
     """
     import torch
     from transformers import MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor
-
-    from cxr_pipeline.reports.tiny_base import CHAT_TEMPLATE, open_cross_attention_gates
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

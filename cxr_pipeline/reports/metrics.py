@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from cxr_pipeline.labels import COMMON5, LABELS
-from cxr_pipeline.reports.labeler import label_reports
+from cxr_pipeline.labels import COMMON5, LABELS, SLUGS
+from cxr_pipeline.reports.labeler import label_reports, labeler_version
+from cxr_pipeline.vision.evaluate import resample_indices
 
 if TYPE_CHECKING:
     from pycocoevalcap.meteor.meteor import Meteor
@@ -194,7 +195,6 @@ def report_intervals(
     Corpus BLEU and CIDEr are left out: their corpus statistics (n-gram counts, document
     frequencies) would have to be recomputed per resample. Returns (per-system rows, difference rows).
     """
-    from cxr_pipeline.vision.evaluate import resample_indices
 
     ref_labels = list(reference_labels) if reference_labels is not None else label_reports(references)[0]
     per = {name: _per_report(references, hyps, ref_labels) for name, hyps in systems.items()}
@@ -256,7 +256,6 @@ def seed_mean_intervals(
     so the control is paired with the arms it is compared with.
     Returns ({arm: (point, lo, hi)}, {(a, b): (a - b, lo, hi)}).
     """
-    from cxr_pipeline.vision.evaluate import resample_indices
 
     refs = list(reference_labels)
     other = arm_references or {}
@@ -308,7 +307,6 @@ def score_systems(
 
 def radiologist_labels(reports) -> list[dict]:
     """The radiologist's labels of each row (a frame with ``radiologist_<slug>`` columns) as labeler-style dicts."""
-    from cxr_pipeline.labels import SLUGS
 
     cols = [f"radiologist_{s}" for s in SLUGS]
     return [{lab: (None if v is None else float(v)) for lab, v in zip(LABELS, r, strict=True)} for r in reports.select(cols).iter_rows()]
@@ -343,7 +341,6 @@ def score_reports(gen: pl.DataFrame, systems: Sequence[str], meteor: bool) -> Sc
     95% intervals for the labeler rows and paired intervals for each difference between systems, from resamples
     of test patients (each patient's reports together; a table without ``subject_id``, written before it carried
     one, resamples studies). The table's ``bootstrap_unit`` says which: patient, study, or report."""
-    from cxr_pipeline.reports.labeler import labeler_version
 
     hyps = {s: gen[s].to_list() for s in systems}
     with meteor_process(meteor) as running:  # one METEOR process for every system and label source

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_pipeline.reports.prompts import INSTRUCTION, MllamaCollator, user_prompt
+from cxr_pipeline.vision.train import resolve_precision
 
 SPECIAL_TOKENS = (
     "<|begin_of_text|>",
@@ -144,8 +145,6 @@ def pretrain_language(base_dir: Path, texts: Sequence[str], steps: int, lr: floa
     """
     import torch
     from transformers import MllamaForConditionalGeneration, MllamaProcessor
-
-    from cxr_pipeline.vision.train import resolve_precision
 
     processor = MllamaProcessor.from_pretrained(str(base_dir))
     model = MllamaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_pipeline.data.shard_reader import Shards
-from cxr_pipeline.fields import at_least_one, setting
+from cxr_pipeline.data.shard_reader import Shards, open_images
+from cxr_pipeline.fields import at_least_one, record, setting
+from cxr_pipeline.files import atomic_path
 from cxr_pipeline.reports.prompts import MllamaCollator, TrainingPairs, messages, prompts_for, to_rgb
 from cxr_pipeline.reports.tiny_base import base_info, ensure_tiny_base
 
@@ -112,8 +113,6 @@ def adapter_training_set(pairs, shards: Shards, cfg: AdapterConfig, hints=None):
     and ``hints`` (probabilities per ``dicom_id``) are given."""
     import polars as pl
 
-    from cxr_pipeline.data.shard_reader import open_images
-
     train = pairs.filter(pl.col("split") == "train")
     if cfg.max_train_pairs is not None:
         train = train.sample(min(cfg.max_train_pairs, train.height), seed=cfg.seed)
@@ -173,7 +172,6 @@ def default_device():
 
 
 def write_adapter_card(adapter_dir: Path, card: dict) -> None:
-    from cxr_pipeline.files import atomic_path
 
     with atomic_path(Path(adapter_dir) / ADAPTER_CARD) as tmp:
         tmp.write_text(json.dumps(card, indent=2))
@@ -298,7 +296,6 @@ def train_adapter(
     trainer.train(resume_from_checkpoint=last)
     model.save_pretrained(str(adapter_dir))
     processor.save_pretrained(str(adapter_dir))
-    from cxr_pipeline.fields import record
 
     config = record(cfg) if cfg.base is not None and cfg.size is not None else None  # a resolved config is recorded whole
     card = {"base": str(base_dir), "quantize": cfg.quantize, **base_info(base_dir), "config": config, **(card or {})}

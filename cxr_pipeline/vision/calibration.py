@@ -34,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_pipeline.files import png_figure
+from cxr_pipeline.vision.evaluate import resample_indices
+
 ECE_BINS = 10
 ECE_BINNING = f"{ECE_BINS} equal-width bins over [0, 1], L1 (torchmetrics binary_calibration_error)"
 CALIBRATION_COLUMNS = (
@@ -131,7 +134,6 @@ def calibration_row(y_test, p_raw, calibration: Mapping | None, groups=None, n_b
     """ECE and Brier on the test split before (the network's scores) and after the map, ECE with 95% intervals
     from the same patient resamples as the other metrics (``evaluate.resample_indices``): percentile intervals of
     an upward-biased statistic (``ECE_INTERVAL_NOTE``), a statement of its spread, not of where the true ECE lies."""
-    from cxr_pipeline.vision.evaluate import resample_indices
 
     y = np.asarray(y_test).astype(int)
     before, after = np.asarray(p_raw, dtype=np.float64), apply(calibration, p_raw)
@@ -159,8 +161,6 @@ def reliability_diagram(curves: Mapping[str, tuple], path: Path, title: str = ""
     """One figure, every finding: the positive rate against the mean score in 10 equal-width bins, before
     (dotted) and after (solid) calibration. ``curves``: name -> (y, p_before, p_after)."""
     from sklearn.calibration import calibration_curve
-
-    from cxr_pipeline.files import png_figure
 
     drawable = {k: v for k, v in curves.items() if len(v[0]) and np.asarray(v[0]).min() != np.asarray(v[0]).max()}
     if not drawable:

@@ -30,6 +30,11 @@ from cxr_pipeline.files import atomic_path
 from cxr_pipeline.labels import slug
 from cxr_pipeline.settings import Paths
 from cxr_pipeline.tracking import TrackedRun, registered_model_or_none
+from cxr_pipeline.vision.calibration import apply, calibrated_threshold
+from cxr_pipeline.vision.evaluate import stored_threshold
+from cxr_pipeline.vision.model_card import CARD_DIR, CARD_JSON, CARD_MD, build_card, data_source
+from cxr_pipeline.vision.models import build_model
+from cxr_pipeline.vision.train import RESUME_FILE, TrainConfig, predict
 
 # --- names ---------------------------------------------------------------------------------------------------
 
@@ -89,7 +94,6 @@ class ClassifierFiles:
     @property
     def resume(self) -> Path:
         """The training loop's state after its last epoch (``vision.train``), which a killed run resumes from."""
-        from cxr_pipeline.vision.train import RESUME_FILE
 
         return self.dir / RESUME_FILE
 
@@ -154,7 +158,6 @@ class CheckpointConfig:
     def policy(self) -> dict[str, str]:
         """The uncertain and blank label policy the model was trained with (targets elsewhere must follow it); a
         checkpoint that did not record its recipe gets the recipe's defaults of the time (``TrainConfig``)."""
-        from cxr_pipeline.vision.train import TrainConfig
 
         tc = self.training_config
         return {"uncertain": tc.get("uncertain", TrainConfig.uncertain), "blank": tc.get("blank", TrainConfig.blank)}
@@ -253,7 +256,6 @@ class LoadedClassifier:
     @property
     def thresholds(self) -> list[float]:
         """Validation-chosen, on the network's own scores (0.5 only where none was chosen)."""
-        from cxr_pipeline.vision.evaluate import stored_threshold
 
         return [stored_threshold(self.config.thresholds.get(s)) for s in self.slugs]
 
@@ -266,7 +268,6 @@ class LoadedClassifier:
 
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
         """The network's scores (n, labels) -> calibrated probabilities, column by column (identity where none)."""
-        from cxr_pipeline.vision.calibration import apply
 
         probs = np.asarray(probs).reshape(-1, len(self.slugs))
         return np.stack([apply(self.calibration(j), probs[:, j]) for j in range(len(self.slugs))], axis=1) if len(probs) else probs
@@ -275,7 +276,6 @@ class LoadedClassifier:
     def served_thresholds(self) -> list[float]:
         """The thresholds on the calibrated scale (each carried through its map), to show beside the probabilities;
         the calls are read on the network's scores at ``thresholds``."""
-        from cxr_pipeline.vision.calibration import calibrated_threshold
 
         return [calibrated_threshold(self.calibration(j), t) for j, t in enumerate(self.thresholds)]
 
@@ -283,8 +283,6 @@ class LoadedClassifier:
         """(n, len(slugs)) float32 network scores (before calibration) for uint8 images (n, size, size); fp32,
         as evaluation does."""
         import torch
-
-        from cxr_pipeline.vision.train import predict
 
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
         p = predict(self.net, x, torch.device(device), batch_size, "fp32", channels_last=False)
@@ -295,8 +293,6 @@ class LoadedClassifier:
 def load_checkpoint(checkpoint: Path) -> LoadedClassifier:
     """A checkpoint folder (either kind, either shape) -> its network in eval mode and its configuration."""
     from safetensors.torch import load_file
-
-    from cxr_pipeline.vision.models import build_model
 
     config = read_config(checkpoint)
     net = build_model(config.arch, config.dropout, outputs=len(config.labels))
@@ -436,7 +432,6 @@ def publish_model_card(
     """The registered version's model card (``vision.model_card``), generated from the checkpoint and the metrics
     rows: Markdown and JSON artifacts under ``model_card/`` in the run, the version's description (which MLflow's
     UI renders as Markdown) links them and carries the Markdown, and the folder keeps the JSON."""
-    from cxr_pipeline.vision.model_card import build_card, data_source
 
     md, card = build_card(
         name=reg["name"],
@@ -456,7 +451,6 @@ def write_model_card(client, name: str, version: str, run_id: str, md: str, card
     """The card as artifacts of the version's run (``model_card/``), in its description, and in the classifier's
     folder (``model_card.json``, with the version it belongs to: how the subgroup audit finds the card to add its
     gaps to, then re-publishes it here)."""
-    from cxr_pipeline.vision.model_card import CARD_DIR, CARD_JSON, CARD_MD
 
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d) / CARD_DIR

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_pipeline.files import png_figure
+
 METRICS = ("accuracy", "f1", "sensitivity", "specificity", "roc_auc", "average_precision")
 
 # The 2024 seeds' published test ROC-AUC (ResNet-18, MIMIC-CXR-JPG PA), with the three
@@ -136,8 +138,6 @@ def evaluate_at(y_test, p_test, threshold: float, how: str = "given", n_boot: in
 def save_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str = "") -> Path:
     """ROC and PR curves for several pathologies, written to a PNG (the figure is closed)."""
     from sklearn.metrics import precision_recall_curve, roc_curve
-
-    from cxr_pipeline.files import png_figure
 
     with png_figure(path, 1, 2, figsize=(11, 5)) as (fig, (ax1, ax2)):
         for name, (y, p) in curves.items():

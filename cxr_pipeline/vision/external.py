@@ -30,9 +30,14 @@ from cxr_pipeline.data.external import (
     scored_findings,
     select_images,
 )
+from cxr_pipeline.data.shard_reader import Shards, open_images
+from cxr_pipeline.data.shards import ShardSettings, build_sizes
 from cxr_pipeline.labels import LABEL_BY_SLUG, slug
+from cxr_pipeline.vision.calibration import calibration_row
 from cxr_pipeline.vision.checkpoint import CHAMPION, load_registered
+from cxr_pipeline.vision.evaluate import evaluate_at
 from cxr_pipeline.vision.splits import RADIOLOGIST
+from cxr_pipeline.vision.targets import targets
 
 if TYPE_CHECKING:
     from cxr_pipeline.data.shards import ShardSettings
@@ -78,7 +83,6 @@ def build_external_shards(paths, fmt: str, folder: Path, rows: pl.DataFrame, siz
     """The selected rows' images into the dataset's shard root at every size (one decode per file, incremental),
     built as MIMIC's are (``shards``: the resolved ``image_shards`` settings, images per shard and workers);
     returns {size: BuildResult}."""
-    from cxr_pipeline.data.shards import build_sizes
 
     outs = {s: paths.external_shard_root(fmt, s) / EXTERNAL_PARTITION for s in sizes}
     return build_sizes(folder, outs, rows.select("dicom_id", "path"), shards.spec(sizes[0]))
@@ -89,9 +93,6 @@ def score_champion(champ: Champion, fmt: str, rows: pl.DataFrame, scores: np.nda
     network's scores, images x outputs). In NIH and PadChest a null label means the record cannot be scored for
     that finding (``data.harmonisation.NULL_IS_UNSCORABLE``), so it is dropped before the model's label policy applies:
     ``targets`` would make it a negative under blank policy zeros, and a null No Finding a negative always."""
-    from cxr_pipeline.vision.calibration import calibration_row
-    from cxr_pipeline.vision.evaluate import evaluate_at
-    from cxr_pipeline.vision.targets import targets
 
     m = champ.model
     can = {slug(x) for x in scored_findings(fmt)}
@@ -146,8 +147,6 @@ def external_validation(
 ) -> ExternalResult:
     """Read ``fmt``'s label file, build its shards at every champion's size (``shards``: the resolved ``image_shards``
     settings; the defaults when None), score every champion."""
-    from cxr_pipeline.data.shard_reader import Shards, open_images
-    from cxr_pipeline.data.shards import ShardSettings
 
     say = log or (lambda _m: None)
     reason = cfg.absent_reason(fmt, paths.home)

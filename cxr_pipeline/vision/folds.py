@@ -12,7 +12,7 @@ import polars as pl
 from cxr_pipeline.labels import SLUGS
 from cxr_pipeline.vision.calibration import apply, calibrated_threshold, fit_platt
 from cxr_pipeline.vision.checkpoint import ClassifierFiles, ClassifierSet, calibration_maps, read_config
-from cxr_pipeline.vision.evaluate import stored_threshold
+from cxr_pipeline.vision.evaluate import choose_threshold, stored_threshold
 from cxr_pipeline.vision.fit import EVAL_PRECISION
 from cxr_pipeline.vision.multilabel import MultilabelData
 from cxr_pipeline.vision.splits import RADIOLOGIST
@@ -49,8 +49,6 @@ def fit_out_of_fold(data: MultilabelData, cfg: TrainConfig, device, k: int, log:
     scores within ``calibration._EPS`` of 0 or 1 and rounds to Float32, so near the ends two scores either side of
     a threshold can become one probability, and a call read through the map would flip."""
     import numpy as np
-
-    from cxr_pipeline.vision.evaluate import choose_threshold
 
     sp = data.splits["train"]
     rows = assign_folds(sp.rows, k, cfg.seed)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from cxr_pipeline.labels import slug
-from cxr_pipeline.vision.calibration import ECE_INTERVAL_NOTE
+from cxr_pipeline.vision.calibration import ECE_BINNING, ECE_INTERVAL_NOTE
+from cxr_pipeline.vision.calibration import describe as describe_calibration
 
 CARD_DIR = "model_card"
 CARD_MD, CARD_JSON = "model_card.md", "model_card.json"
@@ -75,8 +76,6 @@ def build_card(
     (``vision.checkpoint.CheckpointConfig.as_json``); ``rows``: the metrics
     rows (one per finding and test label source); ``counts``: split -> {"images", "positives"} (per finding for a
     multi-label model: the total images only); ``views``: the views trained on."""
-    from cxr_pipeline.vision.calibration import ECE_BINNING
-    from cxr_pipeline.vision.calibration import describe as describe_calibration
 
     labels = list(config["labels"])
     calibrations = {lab: config["calibration"].get(slug(lab)) for lab in labels}  # by finding name, either kind

@@ -39,8 +39,13 @@ from typing import Any
 
 import numpy as np
 
+from cxr_pipeline.data.dicom import prepare
+from cxr_pipeline.data.shard_reader import write_png
+from cxr_pipeline.files import png_figure
 from cxr_pipeline.labels import LABEL_BY_SLUG
+from cxr_pipeline.vision.calibration import describe as describe_calibration
 from cxr_pipeline.vision.checkpoint import MODEL_ARTIFACT, LoadedClassifier, load_checkpoint
+from cxr_pipeline.vision.train import to_input
 
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 
@@ -56,7 +61,6 @@ def serving_device(device: str = "auto") -> str:
 
 def decode_files(paths: Sequence[str | Path], size: int) -> np.ndarray:
     """Files -> uint8 (n, size, size), exactly as the shard builder stores them (errors name the file)."""
-    from cxr_pipeline.data.dicom import prepare
 
     if not paths:
         return np.zeros((0, size, size), dtype=np.uint8)
@@ -156,8 +160,6 @@ def save_pyfunc(checkpoint: Path, out: Path) -> Path:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    from cxr_pipeline.vision.calibration import describe as describe_calibration
-
     m = load_checkpoint(checkpoint)
     outputs = [c for s in m.slugs for c in (ColSpec(DataType.double, s), ColSpec(DataType.boolean, f"{s}_call"))]
     signature = ModelSignature(
@@ -205,8 +207,6 @@ def grad_cam(model: LoadedClassifier, images: np.ndarray, output: int = 0) -> np
     import torch
     from captum.attr import LayerAttribution, LayerGradCam
 
-    from cxr_pipeline.vision.train import to_input
-
     if len(images) == 0:
         return np.zeros((0, model.size, model.size), dtype=np.float32)
     net = model.net.cpu().eval()
@@ -230,7 +230,6 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
 
 def saliency_sheet(panels: Sequence[tuple[np.ndarray, str]], title: str, out: Path, ncols: int = 6) -> Path:
     """RGB panels with captions in one PNG (written atomically)."""
-    from cxr_pipeline.files import png_figure
 
     n = max(1, len(panels))
     ncols = min(ncols, n)
@@ -289,8 +288,6 @@ def saliency_for(checkpoint: Path, images: np.ndarray, y: np.ndarray, p: np.ndar
 def write_rgb(rgb: np.ndarray, out: Path, min_side: int = 0) -> Path:
     """An RGB uint8 array as a PNG, written atomically; enlarged (bilinear) to ``min_side`` for viewing."""
     from PIL import Image
-
-    from cxr_pipeline.data.shard_reader import write_png
 
     im = Image.fromarray(rgb, mode="RGB")
     if min(im.size) < min_side:

@@ -11,6 +11,7 @@ import polars as pl
 
 from cxr_pipeline.data.shard_reader import Shards, open_images
 from cxr_pipeline.labels import LABEL_BY_SLUG
+from cxr_pipeline.vision.images import as_images, place
 from cxr_pipeline.vision.targets import targets
 from cxr_pipeline.vision.train import TrainConfig
 
@@ -29,7 +30,6 @@ class Split:
     rows: pl.DataFrame  # manifest rows aligned with the images (with content_hash)
 
     def __post_init__(self) -> None:
-        from cxr_pipeline.vision.images import as_images
 
         self.images = as_images(self.images)  # a tensor in hand is resident
 
@@ -86,8 +86,6 @@ def place_splits(named_rows: list[tuple[str, pl.DataFrame]], shards: Shards, cfg
     with its targets (``target(rows)``). ``shards`` must be at ``cfg.size``: the size the model and its
     checkpoint record is the one its images were read at."""
     import torch
-
-    from cxr_pipeline.vision.images import place
 
     if shards.size != cfg.size:
         raise ValueError(f"{shards.root}: shards at {shards.size} px, but the model's size is {cfg.size} px")

@@ -40,19 +40,27 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cxr_pipeline.data.demographics import ATTRIBUTES
+from cxr_pipeline.data.demographics import ATTRIBUTES, missing_reason, per_image, read_demographics
 from cxr_pipeline.fields import at_least_one, setting
+from cxr_pipeline.files import png_figure, write_parquet
+from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
+from cxr_pipeline.vision.checkpoint import MULTILABEL
 from cxr_pipeline.vision.disclosure import (
     POOL,
     UNKNOWN,
     fpr_publishable,
     plan_units,
+    recoverable,
     small_sources,
     unit_name,
     units_present,
     with_unknown,
 )
+from cxr_pipeline.vision.evaluate import stored_threshold
+from cxr_pipeline.vision.folds import call_column, threshold_column
 from cxr_pipeline.vision.gap_statistics import GAPS, METRICS, cell_statistics, null_gaps, permutation_p, permutations_for
+from cxr_pipeline.vision.splits import RADIOLOGIST
+from cxr_pipeline.vision.targets import targets
 
 __all__ = ["POOL", "UNKNOWN", "AuditSettings", "audit", "audit_cell", "publishable", "largest_gaps", "gap_tests"]
 COLUMNS = {
@@ -327,11 +335,6 @@ def audit_scores(
     image read at its fold model's threshold: that view audits the five fold models (each trained on four fifths
     of the training patients), not the registered model, and its AUC pools their scores. Targets follow the
     label policy each model was trained with (its metrics row)."""
-    from cxr_pipeline.vision.checkpoint import MULTILABEL
-    from cxr_pipeline.vision.evaluate import stored_threshold
-    from cxr_pipeline.vision.folds import call_column, threshold_column
-    from cxr_pipeline.vision.splits import RADIOLOGIST
-    from cxr_pipeline.vision.targets import targets
 
     source = manifest["label_source"][0] if manifest.height and "label_source" in manifest.columns else "chexpert"
     test = manifest.filter(pl.col("split") == "test")
@@ -376,7 +379,6 @@ VIEWS = (("test", "per_pathology"), ("test", "multilabel"), ("train_out_of_fold"
 
 def _gap_panel(ax, t: pl.DataFrame, slugs: list[str], title: str) -> None:
     """One heat map: TPR gap per finding (rows) and subgroup (columns); small or thin cells grey, bold where q < 0.05."""
-    from cxr_pipeline.labels import LABEL_BY_SLUG
 
     groups = sorted(set(t["group"].to_list()))
     grid = np.full((len(slugs), len(groups)), np.nan)
@@ -398,8 +400,6 @@ def gap_chart(table: pl.DataFrame, attribute: str, out):
     """CheXclusion's figure for one attribute: TPR gap (subgroup - rest) per finding and subgroup, one panel per
     view (per-pathology and multi-label on the test split, the multi-label out-of-fold over training patients),
     automatic labels; grey: too few patients (n<k) or positives (-); bold: Benjamini-Hochberg q < 0.05 in the panel."""
-    from cxr_pipeline.files import png_figure
-    from cxr_pipeline.labels import SLUGS
 
     t = table.filter((pl.col("attribute") == attribute) & (pl.col("labels") != "radiologist"))
     views = [(v, m) for v, m in VIEWS if t.filter((pl.col("view") == v) & (pl.col("model") == m)).height]
@@ -419,7 +419,6 @@ def underdiagnosis_chart(table: pl.DataFrame, out, view: str = "test", model: st
     """The underdiagnosis figure: per subgroup, the share of patients with a finding whom the "No Finding"
     model calls healthy (its FPR: images with a finding called "No Finding"), with 95% patient-bootstrap
     intervals; one panel per attribute."""
-    from cxr_pipeline.files import png_figure
 
     t = table.filter((pl.col("slug") == "no_finding") & (pl.col("view") == view) & (pl.col("model") == model) & ~pl.col("small_cell"))
     t = t.filter(pl.col("labels") == t["labels"][0]) if t.height else t
@@ -465,9 +464,6 @@ def subgroup_audit(
     charts are written under ``out``. Without the demographics the audit is empty and says why. The counts of
     patients without demographics or without an admission are not published: they are the "not recorded" groups,
     published as rows only when they are large enough."""
-    from cxr_pipeline.data.demographics import missing_reason, per_image, read_demographics
-    from cxr_pipeline.files import write_parquet
-    from cxr_pipeline.vision.disclosure import recoverable
 
     reason = missing_reason(mimic_iv)
     if reason:

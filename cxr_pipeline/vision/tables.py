@@ -9,8 +9,9 @@ from pathlib import Path
 import polars as pl
 
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS, slug
+from cxr_pipeline.vision.calibration import CALIBRATION_COLUMNS, apply
 from cxr_pipeline.vision.checkpoint import MULTILABEL, ClassifierSet, calibration_maps
-from cxr_pipeline.vision.evaluate import REFERENCE_AUC
+from cxr_pipeline.vision.evaluate import METRICS, REFERENCE_AUC
 from cxr_pipeline.vision.splits import RADIOLOGIST
 
 
@@ -20,8 +21,6 @@ def metrics_table(paths: ClassifierSet) -> pl.DataFrame:
     Columns are the same whether or not any pathology could be trained, so a table of
     untrainable rows only is still a table.
     """
-    from cxr_pipeline.vision.calibration import CALIBRATION_COLUMNS
-    from cxr_pipeline.vision.evaluate import METRICS
 
     rows = [{"model": "per_pathology", **r} for s in SLUGS if (f := paths.classifier(s).metrics).exists() for r in _metrics_rows(f)]
     if (f := paths.classifier(MULTILABEL).metrics).exists():
@@ -92,7 +91,6 @@ def predictions_table(paths: ClassifierSet) -> tuple[pl.DataFrame | None, list[s
 def reliability_of_test_split(paths: ClassifierSet, slugs: list[str]) -> dict[str, tuple]:
     """(y, score, calibrated probability) of the test split for each per-finding model with scores, the map read
     from its checkpoint (``vision.calibration``; identity for a checkpoint from before calibration)."""
-    from cxr_pipeline.vision.calibration import apply
 
     out = {}
     for label, (y, p) in curves_of_test_split(paths, slugs).items():

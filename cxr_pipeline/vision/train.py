@@ -27,6 +27,9 @@ import numpy as np
 
 from cxr_pipeline.fields import at_least_one, setting
 from cxr_pipeline.files import atomic_path
+from cxr_pipeline.vision.evaluate import roc_auc_or_nan
+from cxr_pipeline.vision.images import as_images, batches, default_workers, sequential
+from cxr_pipeline.vision.models import build_model
 
 # Grey uint8 -> [-1, 1]: ((x / 255) - MEAN) / STD. The saved checkpoint's config records them.
 NORMALISE_MEAN = 0.5
@@ -180,8 +183,6 @@ def predict(
     ``vision.images``; computed on ``device`` (the model is moved there)."""
     import torch
 
-    from cxr_pipeline.vision.images import as_images, batches, sequential
-
     images = as_images(images)
     model.to(device).eval()
     probs = []
@@ -219,7 +220,6 @@ def pos_weights(y):
 
 def mean_auc(y: np.ndarray, p: np.ndarray) -> float:
     """ROC-AUC, or with several labels the mean over labels that have both classes among known targets."""
-    from cxr_pipeline.vision.evaluate import roc_auc_or_nan
 
     if y.ndim == 1:
         return roc_auc_or_nan(y, p)
@@ -323,8 +323,6 @@ def micro_batches(n: int, batch_size: int, accumulation: int = 1, steps_per_epoc
 def _build_trainer(cfg: TrainConfig, device, n: int, precision: str, outputs: int = 1) -> _Trainer:
     import torch
 
-    from cxr_pipeline.vision.models import build_model
-
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, cfg.dropout, cfg.weights, outputs).to(device)
     if cfg.channels_last:
@@ -339,7 +337,6 @@ def _build_trainer(cfg: TrainConfig, device, n: int, precision: str, outputs: in
 
 def loader_workers(cfg: TrainConfig, device="cpu") -> int:
     """The configured loader processes (a recipe built without resolution: the default for ``device``)."""
-    from cxr_pipeline.vision.images import default_workers
 
     return default_workers(device) if cfg.loader_workers is None else cfg.loader_workers
 
@@ -348,8 +345,6 @@ def _train_epoch(t: _Trainer, train_images, y_train, cfg: TrainConfig, device, p
     """One pass over the training split (or ``steps_per_epoch`` of it); returns the mean training loss and the images trained on. The batch order and the
     augmentation come from the trainer's generator here, whatever reads the images (``vision.images``)."""
     import torch
-
-    from cxr_pipeline.vision.images import batches
 
     n = len(train_images)
     n_pos = float(y_train.sum()) if y_train.dim() == 1 else 0.0  # the sampler balances one label only
@@ -408,8 +403,6 @@ def train(
     while a re-run on changed data with the same row count starts over.
     """
     import torch
-
-    from cxr_pipeline.vision.images import as_images
 
     say = log or (lambda _m: None)
     t_start = time.perf_counter()
