@@ -26,7 +26,6 @@ paths run, a GPU run gives the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import resource
@@ -135,18 +134,15 @@ def report_model(device, small: bool, work: Path) -> None:
 def pyfunc(device, size: int, work: Path) -> None:
     import mlflow.pyfunc
     import torch
-    from safetensors.torch import save_file
 
+    from cxr_pipeline.vision.checkpoint import CheckpointConfig, ClassifierFiles, write_checkpoint
     from cxr_pipeline.vision.models import build_model
     from cxr_pipeline.vision.serving import save_pyfunc
 
-    ckpt = work / "checkpoint"
-    ckpt.mkdir(parents=True, exist_ok=True)
-    net = build_model("resnet18")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(ckpt / "model.safetensors"))
-    config = {"arch": "resnet18", "dropout": 0.2, "size": size, "pathology": "Cardiomegaly", "threshold": 0.5}
-    (ckpt / "config.json").write_text(json.dumps({**config, "normalise": {"mean": 0.5, "std": 0.5}}))
-    model = mlflow.pyfunc.load_model(str(save_pyfunc(ckpt, work / "pyfunc")))
+    files = ClassifierFiles(work / "cardiomegaly")
+    config = CheckpointConfig("resnet18", size, ("Cardiomegaly",), {"cardiomegaly": 0.5}, {"cardiomegaly": None}, 0.2)
+    write_checkpoint(build_model("resnet18"), files, config)
+    model = mlflow.pyfunc.load_model(str(save_pyfunc(files.checkpoint, work / "pyfunc")))
     images = np.random.default_rng(0).integers(0, 256, (64, size, size), dtype=np.uint8)
     t0 = time.perf_counter()
     out = model.predict(images, params={"device": str(device)})

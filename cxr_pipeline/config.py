@@ -53,7 +53,7 @@ class ComputeSettings:
 
 
 def sections() -> dict[str, type]:
-    """``pipeline.yaml`` section -> the dataclass its fields come from (imported here: domain modules import this one)."""
+    """``pipeline.yaml`` section -> the dataclass its fields come from (the domain declares them; this floor reads them)."""
 
     return {
         "manifest": ManifestPolicy,

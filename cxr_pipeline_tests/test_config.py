@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -77,6 +78,18 @@ def materialize(asset, partition: str | None = None) -> None:
         assert errors and all("Reached" in e.to_string() for e in errors), [e.to_string() for e in errors]
 
 
+def patch_everywhere(monkeypatch, home, name: str, stand_in) -> None:
+    """``home.name`` replaced by ``stand_in`` there and in every loaded module of the package that imported it (the
+    package imports at the module head, docs/layout.md: patching the home module alone would not reach an asset
+    module loaded before the patch, as under pytest-xdist, where every test file is imported first)."""
+    original = getattr(home, name)
+    for module in [m for n, m in list(sys.modules.items()) if n.startswith("cxr_pipeline") and m is not None]:
+        for attr, value in list(vars(module).items()):
+            if value is original:
+                monkeypatch.setattr(module, attr, stand_in)
+    monkeypatch.setattr(home, name, stand_in)
+
+
 def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_path, monkeypatch):
     """Walks every field of every section: set to a non-default value in pipeline.yaml, the asset's run
     hands exactly that value to the domain function it calls (a stand-in that records it and stops)."""
@@ -112,7 +125,7 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
         (p.shard_partition(size, "p10") / "spec.json").write_text(json.dumps({"size": size}))
     p.manifest.parent.mkdir(parents=True)
     manifest.write_parquet(p.manifest)  # the manifest table its consumers receive
-    monkeypatch.setattr(dman, "build_manifest", lambda raw, policy: record("manifest", **vars(policy)))
+    patch_everywhere(monkeypatch, dman, "build_manifest", lambda raw, policy: record("manifest", **vars(policy)))
 
     def build_partition_sizes(layout, partition, items, settings, progress=None):
         # every size in one pass; the run records every size it builds in MLflow before building any
@@ -126,11 +139,11 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
         assert settings.sizes == sizes and all(layout.shard_partition(size, partition).parent.name == f"s{size}" for size in sizes)
         record("image_shards", sizes=sizes, images_per_shard=settings.images_per_shard, workers=settings.workers)
 
-    monkeypatch.setattr(dsh, "build_partition_sizes", build_partition_sizes)
-    monkeypatch.setattr(splits, "load_data", lambda m, root, label, cfg, *a: record("classifier", **vars(cfg)))
-    monkeypatch.setattr(multilabel, "load_multilabel_data", lambda m, root, cfg, *a: record("multilabel_classifier", **vars(cfg)))
-    monkeypatch.setattr(pairs, "build_pairs", lambda m, cfg: record("report_pairs", **vars(cfg)))
-    monkeypatch.setattr(vlm, "adapter_training_set", lambda p, root, cfg, *a: record("report_adapter", **vars(cfg)))
+    patch_everywhere(monkeypatch, dsh, "build_partition_sizes", build_partition_sizes)
+    patch_everywhere(monkeypatch, splits, "load_data", lambda m, root, label, cfg, *a: record("classifier", **vars(cfg)))
+    patch_everywhere(monkeypatch, multilabel, "load_multilabel_data", lambda m, root, cfg, *a: record("multilabel_classifier", **vars(cfg)))
+    patch_everywhere(monkeypatch, pairs, "build_pairs", lambda m, cfg: record("report_pairs", **vars(cfg)))
+    patch_everywhere(monkeypatch, vlm, "adapter_training_set", lambda p, root, cfg, *a: record("report_adapter", **vars(cfg)))
     p.reports.mkdir(parents=True)
     test_rows = pl.DataFrame({"dicom_id": [f"d{i}" for i in range(9)], "split": ["test"] * 9, "text": ["x"] * 9})
     test_rows.write_parquet(p.report_pairs)
@@ -141,14 +154,14 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
         seen["_test_rows"] = rows.height
         return [], rows
 
-    monkeypatch.setattr(shard_reader, "load_images", load_images)
+    patch_everywhere(monkeypatch, shard_reader, "load_images", load_images)
 
     def generate_reports(base, adapter, images, prompts, **kw):
         compute = {"device": str(kw["device"]), "threads": torch.get_num_threads()}
         seen["compute"] = compute
         record("generated_reports", **{k: kw[k] for k in ("max_new_tokens", "num_beams", "batch_size")}, max_test_pairs=seen["_test_rows"])
 
-    monkeypatch.setattr(vlm, "generate_reports", generate_reports)
+    patch_everywhere(monkeypatch, vlm, "generate_reports", generate_reports)
 
     # the subgroup audit: its statistics are the domain call; demographics and scores stand in, empty
     import cxr_pipeline.data.demographics as demographics
@@ -162,18 +175,18 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
 
     pl.DataFrame(schema=HINT_SCHEMA).write_parquet(p.report_hints)  # the classifier hints: none yet
     for module in (dsub, demographics):
-        monkeypatch.setattr(module, "missing_reason", lambda root: None)
-    monkeypatch.setattr(demographics, "read_demographics", lambda root: Demographics(pl.DataFrame(), pl.DataFrame(), root))
-    monkeypatch.setattr(demographics, "per_image", lambda m, d: (pl.DataFrame(), {}))
-    monkeypatch.setattr(vsub, "audit_scores", lambda *a: pl.DataFrame())
-    monkeypatch.setattr(vsub, "audit", lambda scores, cfg: record("subgroup_metrics", **vars(cfg)))
+        patch_everywhere(monkeypatch, module, "missing_reason", lambda root: None)
+    patch_everywhere(monkeypatch, demographics, "read_demographics", lambda root: Demographics(pl.DataFrame(), pl.DataFrame(), root))
+    patch_everywhere(monkeypatch, demographics, "per_image", lambda m, d: (pl.DataFrame(), {}))
+    patch_everywhere(monkeypatch, vsub, "audit_scores", lambda *a: pl.DataFrame())
+    patch_everywhere(monkeypatch, vsub, "audit", lambda scores, cfg: record("subgroup_metrics", **vars(cfg)))
     import cxr_pipeline.vision.external as vext
 
     def external_validation(paths, fmt, cfg, champions, shards, **k):
         seen["external_shards"] = vars(shards)  # an external set's shards are built with the image_shards settings
         record("external_validation", **vars(cfg))
 
-    monkeypatch.setattr(vext, "external_validation", external_validation)
+    patch_everywhere(monkeypatch, vext, "external_validation", external_validation)
     threads = torch.get_num_threads()
     try:
         for asset, partition in [

@@ -34,7 +34,7 @@ from cxr_pipeline.vision.calibration import apply, calibrated_threshold
 from cxr_pipeline.vision.evaluate import stored_threshold
 from cxr_pipeline.vision.model_card import CARD_DIR, CARD_JSON, CARD_MD, build_card, data_source
 from cxr_pipeline.vision.models import build_model
-from cxr_pipeline.vision.train import RESUME_FILE, TrainConfig, predict
+from cxr_pipeline.vision.train import RESUME_FILE, predict
 
 # --- names ---------------------------------------------------------------------------------------------------
 
@@ -156,11 +156,10 @@ class CheckpointConfig:
 
     @property
     def policy(self) -> dict[str, str]:
-        """The uncertain and blank label policy the model was trained with (targets elsewhere must follow it); a
-        checkpoint that did not record its recipe gets the recipe's defaults of the time (``TrainConfig``)."""
-
-        tc = self.training_config
-        return {"uncertain": tc.get("uncertain", TrainConfig.uncertain), "blank": tc.get("blank", TrainConfig.blank)}
+        """The uncertain and blank label policy the model was trained with, as its recipe recorded it (targets
+        elsewhere must follow it); a key a checkpoint did not record is absent (``CheckpointConfig`` written before
+        the recipe travelled with the weights: its metrics rows say it, ``vision.external.Champion.policy``)."""
+        return {k: self.training_config[k] for k in ("uncertain", "blank") if k in self.training_config}
 
     def as_json(self) -> dict[str, Any]:
         return {

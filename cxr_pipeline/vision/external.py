@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -38,9 +38,7 @@ from cxr_pipeline.vision.checkpoint import CHAMPION, load_registered
 from cxr_pipeline.vision.evaluate import evaluate_at
 from cxr_pipeline.vision.splits import RADIOLOGIST
 from cxr_pipeline.vision.targets import targets
-
-if TYPE_CHECKING:
-    from cxr_pipeline.data.shards import ShardSettings
+from cxr_pipeline.vision.train import TrainConfig
 
 EXTERNAL_PARTITION = "all"  # an external set's shards are one partition folder
 INTERNAL_METRICS = ("roc_auc", "sensitivity", "specificity", "ece_after")
@@ -62,8 +60,13 @@ class Champion:
 
     @property
     def policy(self) -> dict[str, str]:
-        """The uncertain / blank policy the model was trained with, from the model itself."""
-        return self.model.config.policy
+        """The uncertain / blank policy the model was trained with: from the model itself (its checkpoint's recipe);
+        for a checkpoint that did not record it, from its internal metrics rows (which always did); for a version
+        with neither, the recipe's defaults (``TrainConfig``)."""
+        first = next(iter(self.internal.values()), {})
+        rows = {k: first[f"{k}_policy"] for k in ("uncertain", "blank") if first.get(f"{k}_policy")}
+        defaults = {"uncertain": TrainConfig.uncertain, "blank": TrainConfig.blank}
+        return {**defaults, **rows, **self.model.config.policy}
 
 
 def load_champions(client, uri: str, names: list[str], alias: str = CHAMPION) -> list[Champion]:

@@ -198,8 +198,3 @@ def fit_and_save(
         data, manifest, shards, cfg, device, files, labels=[data.label], evaluate_scores=evaluate_scores,
         prediction_columns=["prob"], extra=test_files, log=log, on_epoch=on_epoch,
     )  # fmt: skip
-
-
-def test_curve(fitted: Fitted, data: ClassifierData) -> tuple[np.ndarray, np.ndarray]:
-    """(y, p) of a per-finding fit's test split."""
-    return data.splits["test"].targets.numpy(), fitted.scores["test"][:, 0]

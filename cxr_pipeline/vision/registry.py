@@ -13,7 +13,7 @@ def registered_name(label_slug: str) -> str:
 
 def validation_digest(data) -> str:
     """What a validation score is computed on: a digest of the validation rows' ids, image content and targets.
-    The registry compares champions only between versions with the same digest (``tracking.register_version``)."""
+    The registry compares champions only between versions with the same digest (``vision.checkpoint.register``)."""
     rows = data.splits["validate"].rows
     cols = [c for c in rows.columns if c in ("dicom_id", "content_hash", "target") or c.startswith("t_")]
     return hashlib.sha256(rows.select(sorted(cols)).sort("dicom_id").write_csv().encode()).hexdigest()[:16]

@@ -48,6 +48,9 @@ from cxr_pipeline.vision.checkpoint import MODEL_ARTIFACT, LoadedClassifier, loa
 from cxr_pipeline.vision.train import to_input
 
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+# the MLflow model's artifact key for the checkpoint folder: every version already registered loads by it (the
+# fixture test of a model registered at af43cf9 keeps it), so it is never renamed
+PYFUNC_CHECKPOINT = "checkpoint"
 
 
 def serving_device(device: str = "auto") -> str:
@@ -130,7 +133,7 @@ try:
         """The pyfunc: loads ``artifacts["checkpoint"]``; predicts on images or on file paths (see module doc)."""
 
         def load_context(self, context) -> None:
-            self.model = load_checkpoint(Path(context.artifacts["checkpoint"]))
+            self.model = load_checkpoint(Path(context.artifacts[PYFUNC_CHECKPOINT]))
 
         def predict(self, context, model_input, params: dict[str, Any] | None = None):
             m = self.model
@@ -171,7 +174,7 @@ def save_pyfunc(checkpoint: Path, out: Path) -> Path:
     mlflow.pyfunc.save_model(
         path=str(out),
         python_model=str(ENTRY),
-        artifacts={"checkpoint": str(checkpoint)},
+        artifacts={PYFUNC_CHECKPOINT: str(checkpoint)},
         signature=signature,
         input_example=np.zeros((1, m.size, m.size), dtype=np.uint8),
         pip_requirements=_requirements(),

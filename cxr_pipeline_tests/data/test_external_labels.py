@@ -269,6 +269,11 @@ def test_a_null_label_is_dropped_when_scored_never_a_negative():
     config = CheckpointConfig("resnet18", 64, ("No Finding",), {"no_finding": 0.5}, {"no_finding": None}, training_config=recipe)
     champ = Champion("cxr-no-finding", "1", LoadedClassifier(None, config), {})
     assert champ.policy == recipe
+    # a checkpoint that did not record its recipe: the policy its metrics rows recorded, never a guess
+    unrecorded = Champion("c", "1", LoadedClassifier(None, CheckpointConfig("resnet18", 64, ("No Finding",), {}, {})), {})
+    assert unrecorded.policy == {"uncertain": "ignore", "blank": "zeros"}  # neither: the recipe's defaults
+    unrecorded.internal["no_finding"] = {"uncertain_policy": "ones", "blank_policy": "ignore"}
+    assert unrecorded.policy == {"uncertain": "ones", "blank": "ignore"}
     rows = pl.DataFrame(
         {"subject_id": ["1", "2", "3", "4", "5"], "no_finding": [1, 0, None, None, 1]}, schema_overrides={"no_finding": pl.Int8}
     )

@@ -73,7 +73,8 @@ def test_evaluation_and_predictions_run_on_the_training_device(tmp_path, monkeyp
     every = pl.DataFrame({"dicom_id": ["d0", "d1"], "split": ["test", "train"]})
     monkeypatch.setattr(fit, "open_images", lambda *a, **k: (torch.zeros(2, 8, 8, dtype=torch.uint8), every))
     files = ClassifierSet.of(Paths(home=tmp_path, raw=tmp_path)).classifier("edema")
-    out = fit.fit_and_save(d, every, Shards(tmp_path, 8), TrainConfig(precision="bf16", bootstrap=10), cuda, files)
+    recipe = TrainConfig(precision="bf16", bootstrap=10, uncertain="ones", blank="ignore")  # not the defaults
+    out = fit.fit_and_save(d, every, Shards(tmp_path, 8), recipe, cuda, files)
     assert used == [cuda, cuda, cuda, cuda]  # validation, test, radiologist test, every image
     assert precisions == ["fp32"] * 4  # trained in bf16, evaluated in fp32 (bf16 logits tie and move AUC)
     # validation targets 1,1,1,0,0,0 against rising stand-in probabilities: AUC 0, from validation
@@ -83,7 +84,7 @@ def test_evaluation_and_predictions_run_on_the_training_device(tmp_path, monkeyp
     assert out.radiologist_row["n_pos"] == 2 and out.radiologist_row["threshold"] == out.row["threshold"]
     cfg = read_config(files.checkpoint)
     assert cfg.normalise == {"mean": 0.5, "std": 0.5} and cfg.size == 8 and cfg.kind == "per_pathology"
-    assert cfg.thresholds == {"edema": out.row["threshold"]} and cfg.policy == {"uncertain": "ignore", "blank": "zeros"}
+    assert cfg.thresholds == {"edema": out.row["threshold"]} and cfg.policy == {"uncertain": "ones", "blank": "ignore"}
 
 
 def test_curve_figures_are_closed(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,15 @@ from cxr_pipeline.cli import main
 from cxr_pipeline.data.dicom import prepare
 from cxr_pipeline.labels import LABELS, SLUGS, slug
 from cxr_pipeline.tracking import get_client, tracked_run
-from cxr_pipeline.vision.checkpoint import CheckpointConfig, ClassifierFiles, load_checkpoint, load_registered, register, write_checkpoint
+from cxr_pipeline.vision.checkpoint import (
+    MODEL_ARTIFACT,
+    CheckpointConfig,
+    ClassifierFiles,
+    load_checkpoint,
+    load_registered,
+    register,
+    write_checkpoint,
+)
 from cxr_pipeline.vision.models import build_model
 from cxr_pipeline.vision.serving import log_model, pick_cases
 from cxr_pipeline_tests import services
@@ -32,9 +41,9 @@ SIZE = 32
 
 
 def _legacy_checkpoint(folder: Path, label: str | None, threshold: float, seed: int) -> Path:
-    """A random-init ResNet-18 checkpoint as the pipeline wrote it before ``vision.checkpoint`` (format 1, up to
-    commit af43cf9): per-pathology (``pathology``/``threshold``, no calibration) or multi-label if label is None
-    (``labels``/``thresholds``/``outputs``), written by hand here so that the old shape stays what is tested."""
+    """A random-init ResNet-18 checkpoint in the oldest shape the pipeline wrote (before calibration and the recipe
+    travelled with the weights): per-pathology (``pathology``/``threshold``) or multi-label if label is None
+    (``labels``/``thresholds``/``outputs``); the shape af43cf9 last wrote is the fixture below."""
     import torch
 
     torch.manual_seed(seed)
@@ -88,26 +97,44 @@ def registry(cxr_home, tmp_path, monkeypatch):
     return ck
 
 
-def test_models_registered_before_format_2_load_by_alias_as_todays_do(registry):
-    """``load_registered`` (what predict, serve's users and external validation call) returns the registered
-    versions, old and new shapes alike, each with its configuration typed: kind, thresholds, policy."""
-    from cxr_pipeline.settings import paths
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "registered_af43cf9"
+
+
+def test_models_registered_before_format_2_load_by_alias_as_todays_do(registry, tmp_path):
+    """MLflow model folders exactly as commit af43cf9 logged them (``fixtures/registered_af43cf9``: its MLmodel,
+    code file, artifact key and checkpoint ``config.json``, calibrated, the recipe inside; made by that commit's
+    ``fit.save_checkpoint`` + ``serving.save_pyfunc``, weights left out for size and written back here), registered
+    as versions and loaded by alias as predict and external validation load them: each reads as it did, with its
+    kind, thresholds, calibration and the policy it was trained with (uncertain ``ones``)."""
+    import torch
 
     client, uri = get_client()
-    names = ["cxr-cardiomegaly", "cxr-edema", "cxr-multilabel", "cxr-atelectasis"]  # the last was never registered
-    loaded = {r.name: r for r in load_registered(client, uri, names)}
-    assert sorted(loaded) == ["cxr-cardiomegaly", "cxr-edema", "cxr-multilabel"]
-    card, edema, multi = loaded["cxr-cardiomegaly"].model, loaded["cxr-edema"].model, loaded["cxr-multilabel"].model
-    assert (card.config.kind, card.slugs, card.thresholds, card.calibrated) == ("per_pathology", ["cardiomegaly"], [0.0], False)
-    assert card.config.policy == {"uncertain": "ignore", "blank": "zeros"}  # not recorded then: the recipe's defaults
-    assert edema.config.policy == {"uncertain": "ones", "blank": "zeros"}  # recorded: read from the model itself
-    assert (multi.config.kind, multi.slugs, multi.thresholds) == ("multilabel", list(SLUGS), [0.5] * len(SLUGS))
+    expected = {}
+    for kind, outputs in (("per_pathology", 1), ("multilabel", len(SLUGS))):
+        folder = tmp_path / kind
+        shutil.copytree(FIXTURE / kind, folder)
+        torch.manual_seed(outputs)
+        net = build_model("resnet18", 0.2, outputs=outputs)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "artifacts" / "checkpoint" / "model.safetensors"))
+        expected[kind] = load_checkpoint(folder / "artifacts" / "checkpoint")
+        with tracked_run(f"test[{kind}]") as run:
+            run.log_artifact(folder, MODEL_ARTIFACT)
+            register(run, f"cxr-old-{kind}".replace("_", "-"), score=0.7, description="registered at af43cf9", tags={})
+    loaded = {r.name: r for r in load_registered(client, uri, ["cxr-old-per-pathology", "cxr-old-multilabel", "cxr-never-registered"])}
+    assert sorted(loaded) == ["cxr-old-multilabel", "cxr-old-per-pathology"]
+    one, multi = loaded["cxr-old-per-pathology"].model, loaded["cxr-old-multilabel"].model
+    assert (one.config.kind, one.slugs, one.thresholds, one.calibrated) == ("per_pathology", ["edema"], [0.42], True)
+    assert (multi.config.kind, multi.slugs, multi.calibrated) == ("multilabel", list(SLUGS), True)
+    assert multi.thresholds == pytest.approx([0.3 + 0.01 * j for j in range(len(SLUGS))])
+    assert one.config.policy == multi.config.policy == {"uncertain": "ones", "blank": "zeros"}
     imgs = _images()
-    for name, folder in (("cxr-cardiomegaly", registry["cardiomegaly"]), ("cxr-multilabel", registry["multilabel"])):
-        direct = load_checkpoint(folder).probabilities(imgs)
-        np.testing.assert_allclose(loaded[name].model.probabilities(imgs), direct, atol=1e-6)
+    for name, kind in (("cxr-old-per-pathology", "per_pathology"), ("cxr-old-multilabel", "multilabel")):
+        scores = expected[kind].probabilities(imgs)
+        np.testing.assert_allclose(loaded[name].model.probabilities(imgs), scores, atol=1e-6)
+        served = loaded[name].pyfunc.predict(imgs)  # the pyfunc: calibrated probabilities and calls, as then
+        first = expected[kind].slugs[0]
+        np.testing.assert_allclose(served[first].to_numpy(), expected[kind].calibrate(scores)[:, 0], atol=1e-6)
         assert loaded[name].label == f"{name} v1"
-    assert paths().tracking_uri == uri
 
 
 def _images(n: int = 3) -> np.ndarray:
