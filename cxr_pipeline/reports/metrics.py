@@ -30,7 +30,7 @@ import polars as pl
 
 from cxr_pipeline.labels import COMMON5, LABELS, SLUGS
 from cxr_pipeline.reports.labeler import label_reports, labeler_version
-from cxr_pipeline.vision.evaluate import resample_indices
+from cxr_pipeline.vision.resampling import resample_indices
 
 if TYPE_CHECKING:
     from pycocoevalcap.meteor.meteor import Meteor

@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from cxr_pipeline.files import png_figure
-from cxr_pipeline.vision.evaluate import resample_indices
+from cxr_pipeline.vision.resampling import draw
+from cxr_pipeline.vision.resampling import ece as resampled_ece
 
 ECE_BINS = 10
 ECE_BINNING = f"{ECE_BINS} equal-width bins over [0, 1], L1 (torchmetrics binary_calibration_error)"
@@ -132,7 +133,7 @@ def brier(y, p) -> float:
 
 def calibration_row(y_test, p_raw, calibration: Mapping | None, groups=None, n_boot: int = 1000, seed: int = 0) -> dict:
     """ECE and Brier on the test split before (the network's scores) and after the map, ECE with 95% intervals
-    from the same patient resamples as the other metrics (``evaluate.resample_indices``): percentile intervals of
+    from the same patient resamples as the other metrics (``vision.resampling``, all at once): percentile intervals of
     an upward-biased statistic (``ECE_INTERVAL_NOTE``), a statement of its spread, not of where the true ECE lies."""
 
     y = np.asarray(y_test).astype(int)
@@ -145,14 +146,10 @@ def calibration_row(y_test, p_raw, calibration: Mapping | None, groups=None, n_b
         "brier_before": brier(y, before),
         "brier_after": brier(y, after),
     }
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {"before": [], "after": []}
-    for _ in range(n_boot if len(y) else 0):
-        idx, _unit = resample_indices(len(y), groups, rng)
-        draws["before"].append(ece(y[idx], before[idx]))
-        draws["after"].append(ece(y[idx], after[idx]))
-    for k, v in draws.items():
-        lo, hi = (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) if v else (None, None)
+    resamples = draw(len(y), groups, n_boot if len(y) else 0, np.random.default_rng(seed))  # as evaluate draws them
+    for k, p in (("before", before), ("after", after)):
+        values = resampled_ece(y, p, resamples.weights, ECE_BINS) if resamples.n_boot else np.zeros(0)
+        lo, hi = (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))) if len(values) else (None, None)
         row[f"ece_{k}_lo"], row[f"ece_{k}_hi"] = lo, hi
     return row
 

@@ -3,7 +3,7 @@
 scikit-learn computes every metric; this module only decides *where*: the
 threshold is chosen on the validation split (Youden's J: the ROC point
 farthest above chance), never on test and never a fixed 0.5; intervals are
-percentile bootstraps (1,000 resamples, seeded) over test images, or over
+percentile bootstraps (1,000 resamples, seeded; all computed at once, ``vision.resampling``) over test images, or over
 patients whenever a patient has more than one test image (their images are not
 independent); resamples with one class only are skipped and counted
 (``bootstrap_skipped``). A test set
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_pipeline.files import png_figure
+from cxr_pipeline.vision.resampling import binary_metrics, draw, percentile_interval
 
 METRICS = ("accuracy", "f1", "sensitivity", "specificity", "roc_auc", "average_precision")
 
@@ -74,20 +75,6 @@ def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, f
     }
 
 
-def resample_indices(n: int, groups=None, rng=None):
-    """One bootstrap resample of ``n`` items: items with replacement, or whole groups (patients)
-    with replacement when some group has more than one item. Returns (indices, unit)."""
-    rng = rng if rng is not None else np.random.default_rng()
-    if groups is not None and len(groups) == n:
-        _, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
-        if counts.max() > 1:
-            members = np.argsort(inverse, kind="stable")
-            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            picked = rng.integers(0, len(counts), len(counts))
-            return np.concatenate([members[starts[g] : starts[g] + counts[g]] for g in picked]), "patient"
-    return rng.integers(0, n, n), "image"
-
-
 def evaluate(y_test, p_test, y_val, p_val, n_boot: int = 1000, seed: int = 0, groups=None) -> dict:
     """One row: n_pos, n_neg, threshold, each metric with its 95% CI, or not evaluable.
 
@@ -117,21 +104,14 @@ def evaluate_at(y_test, p_test, threshold: float, how: str = "given", n_boot: in
     row["evaluable"] = True
     row["reason"] = ""
     row.update(point_metrics(y_test, p_test, threshold))
-    rng = np.random.default_rng(seed)
-    boots = {m: [] for m in METRICS}
-    n, skipped, unit = len(y_test), 0, "image"
-    for _ in range(n_boot):
-        idx, unit = resample_indices(n, groups, rng)
-        yb = y_test[idx]
-        if yb.min() == yb.max():
-            skipped += 1
-            continue
-        for m, v in point_metrics(yb, p_test[idx], threshold).items():
-            boots[m].append(v)
-    row.update(bootstrap_resamples=n_boot, bootstrap_skipped=skipped, bootstrap_unit=unit)
+    # every resample at once (vision.resampling): the same draws as one resample_indices call per resample, the
+    # same values as point_metrics on each resample's rows
+    resamples = draw(len(y_test), groups, n_boot, np.random.default_rng(seed))
+    boots = binary_metrics(y_test, p_test, threshold, resamples.weights)
+    skipped = int(np.isnan(boots["roc_auc"]).sum())  # resamples with one class only
+    row.update(bootstrap_resamples=n_boot, bootstrap_skipped=skipped, bootstrap_unit=resamples.unit)
     for m in METRICS:
-        vals = np.asarray([v for v in boots[m] if v == v])
-        row[f"{m}_lo"], row[f"{m}_hi"] = (float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))) if len(vals) else (None, None)
+        row[f"{m}_lo"], row[f"{m}_hi"] = percentile_interval(boots[m])
     return row
 
 

@@ -183,7 +183,7 @@ def test_bootstrap_counts_the_resamples_it_skips():
 
 
 def test_bootstrap_resamples_patients_when_they_repeat():
-    from cxr_pipeline.vision.evaluate import resample_indices
+    from cxr_pipeline.vision.resampling import resample_indices
 
     groups = np.array(["p1", "p1", "p1", "p2", "p3", "p3"])
     rng = np.random.default_rng(0)

@@ -1,0 +1,135 @@
+"""Bootstrap resamples as one weight matrix, and the metrics of every resample at once.
+
+A resample of ``n`` test images (with replacement, or whole patients with replacement when a patient has more
+than one image) is the same thing as a multiplicity for each image: how many times it was drawn. Stacked, the
+``B`` resamples are a ``(B, n)`` matrix ``W``, and every metric the intervals need is a weighted count over the
+original images: confusion counts are ``W @ indicator``, the ROC AUC is the Mann-Whitney statistic with weights
+(ties half), average precision is the step sum over the distinct scores, the binned ECE sums per bin. So the
+1,000 resamples cost a few matrix products instead of 1,000 calls into scikit-learn, which dominated the
+classifier steps (a loop of ``point_metrics`` per resample; #47).
+
+The draws are the ones ``resample_indices`` made, resample by resample from the same generator, so the intervals
+are those of the loop they replace: scikit-learn (and torchmetrics for the ECE) on each resample's rows is the
+reference the tests compare with, to 1e-12 (1e-6 for the ECE, which torchmetrics sums in float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Resamples:
+    """``weights`` (B, n): how often each image is in each resample; ``unit``: "image" or "patient"."""
+
+    weights: np.ndarray
+    unit: str
+
+    @property
+    def n_boot(self) -> int:
+        return int(self.weights.shape[0])
+
+
+def _patient_groups(n: int, groups) -> tuple[np.ndarray, np.ndarray] | None:
+    """(each item's group index, each group's size) when resampling is by group: some group has more than one
+    item; None when it is by item."""
+    if groups is None or len(groups) != n or not n:
+        return None
+    _, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    return (inverse.reshape(-1), counts) if counts.max() > 1 else None
+
+
+def resample_indices(n: int, groups=None, rng=None) -> tuple[np.ndarray, str]:
+    """One bootstrap resample of ``n`` items: items with replacement, or whole groups (patients) with replacement
+    when some group has more than one item. Returns (indices, unit). The reference :func:`draw` reproduces."""
+    rng = rng if rng is not None else np.random.default_rng()
+    grouped = _patient_groups(n, groups)
+    if grouped is not None:
+        inverse, counts = grouped
+        members = np.argsort(inverse, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        picked = rng.integers(0, len(counts), len(counts))
+        return np.concatenate([members[starts[g] : starts[g] + counts[g]] for g in picked]), "patient"
+    return rng.integers(0, n, n), "image"
+
+
+def draw(n: int, groups, n_boot: int, rng: np.random.Generator) -> Resamples:
+    """``n_boot`` resamples of ``n`` items as multiplicities, each taking exactly the generator call one
+    :func:`resample_indices` call takes, in the same order (so the same seed gives the same resamples)."""
+    grouped = _patient_groups(n, groups)
+    if grouped is not None:
+        inverse, counts = grouped
+        g = len(counts)
+        per_group = np.stack([np.bincount(rng.integers(0, g, g), minlength=g) for _ in range(n_boot)]) if n_boot else np.zeros((0, g))
+        return Resamples(per_group[:, inverse].astype(np.float64), "patient")
+    w = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)]) if n_boot else np.zeros((0, n))
+    return Resamples(w.astype(np.float64), "image")
+
+
+def _levels(p: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each score's rank among the distinct scores (ascending) and how many there are."""
+    _, inverse = np.unique(p, return_inverse=True)
+    return inverse.reshape(-1), int(inverse.max()) + 1 if len(p) else 0
+
+
+def _per_level(w: np.ndarray, level: np.ndarray, k: int) -> np.ndarray:
+    """(B, n) weights summed by score level: (B, k)."""
+    out = np.zeros((w.shape[0], k))
+    np.add.at(out.T, level, w.T)
+    return out
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, F1, sensitivity, specificity, ROC AUC and average precision of every resample (rows of ``w``),
+    each as ``evaluate.point_metrics`` computes it on that resample's rows; NaN where a resample has one class."""
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(p, dtype=np.float64)
+    call = p >= threshold
+    tp, fp = w @ (y & call), w @ (~y & call)
+    fn, tn = w @ (y & ~call), w @ (~y & ~call)
+    pos, neg = tp + fn, fp + tn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {
+            "accuracy": (tp + tn) / (pos + neg),
+            "f1": np.where(2 * tp + fp + fn > 0, 2 * tp / np.where(2 * tp + fp + fn > 0, 2 * tp + fp + fn, 1), 0.0),
+            "sensitivity": np.where(pos > 0, tp / pos, np.nan),
+            "specificity": np.where(neg > 0, tn / neg, np.nan),
+        }
+        level, k = _levels(p)
+        wp, wn = _per_level(w * y, level, k), _per_level(w * ~y, level, k)
+        below = np.cumsum(wn, axis=1) - wn  # negatives scored strictly lower
+        out["roc_auc"] = (wp * (below + 0.5 * wn)).sum(axis=1) / (pos * neg)
+        # average precision: the distinct scores from the highest down, each adds its recall step at its precision
+        tp_at, fp_at = np.cumsum(wp[:, ::-1], axis=1), np.cumsum(wn[:, ::-1], axis=1)
+        called = tp_at + fp_at
+        precision = np.where(called > 0, tp_at / np.where(called > 0, called, 1), 0.0)
+        out["average_precision"] = (wp[:, ::-1] * precision).sum(axis=1) / pos
+    one_class = (pos == 0) | (neg == 0)
+    for v in out.values():
+        v[one_class] = np.nan
+    return out
+
+
+def ece(y: np.ndarray, p: np.ndarray, w: np.ndarray, n_bins: int) -> np.ndarray:
+    """The binned ECE of every resample, binned exactly as ``calibration.ece`` (torchmetrics) bins: float32
+    confidences, ``bucketize(confidence, linspace(0, 1, n_bins + 1), right=True) - 1``, which puts a confidence of
+    exactly 1 in a bin of its own (``n_bins + 1`` bins); the sum of each bin's |positives - confidence| over
+    the resample's size."""
+    import torch
+
+    y = np.asarray(y, dtype=np.float64)
+    conf = np.clip(np.asarray(p, dtype=np.float32), 0.0, 1.0)
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32).numpy()
+    b = np.searchsorted(edges, conf, side="right") - 1
+    gap = _per_level(w * y, b, n_bins + 1) - _per_level(w * conf.astype(np.float64), b, n_bins + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.abs(gap).sum(axis=1) / w.sum(axis=1)
+
+
+def percentile_interval(values: np.ndarray) -> tuple[float | None, float | None]:
+    """The 95% percentile interval of the finite values, or (None, None) when there are none."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    return (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) if len(v) else (None, None)
