@@ -27,6 +27,7 @@ class Console:
 
     def __init__(self, stream: TextIO):
         self.stream = stream
+        self.times: list[tuple[str, float]] = []  # (stage, seconds) in the order they ran: the run's time table
 
     def say(self, message: str) -> None:
         print(message, file=self.stream, flush=True)
@@ -51,6 +52,7 @@ class Console:
             raise
         finally:
             secs = time.perf_counter() - t0
+            self.times.append((name, secs))
             if bar is not None:
                 bar.set_postfix_str(f"{secs:.0f} s" if done["ok"] else "failed")
                 bar.close()
@@ -94,3 +96,11 @@ def quiet(log_dir: Path, name: str) -> Iterator[tuple[Console, Path]]:
         os.close(saved)
         log.close()
         terminal.flush()
+
+
+def time_table(times: list[tuple[str, float]], total: float) -> str:
+    """Each stage's seconds and share of ``total``, and what the stages leave out (the summary, start-up)."""
+    rows = [*times, ("other (start-up, summary)", max(0.0, total - sum(t for _, t in times)))]
+    lines = [f"{'stage':<26} {'seconds':>8} {'share':>6}"]
+    lines += [f"{name:<26} {secs:>8.0f} {secs / total:>6.0%}" for name, secs in rows]
+    return "\n".join([*lines, f"{'total':<26} {total:>8.0f}"])

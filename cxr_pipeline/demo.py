@@ -20,7 +20,7 @@ from pathlib import Path
 
 import polars as pl
 
-from cxr_pipeline.console import quiet
+from cxr_pipeline.console import quiet, time_table
 from cxr_pipeline.data.external import FORMATS
 from cxr_pipeline.data.replica_external import DEMO_SHIFTS, ExternalReplica, generate_external
 from cxr_pipeline.data.shard_reader import PARTITIONS
@@ -379,6 +379,7 @@ def demo(
 
     t0 = time.perf_counter()
     with quiet(paths().home / "logs", "demo") as (console, log_file):
+        times = console.times
         console.say(f"demo: progress here; every log line in {log_file}")
         if not env("CXR_RAW_DIR"):
             with console.stage("replica"):
@@ -391,5 +392,9 @@ def demo(
         say(f"failed: see {log_file} and the run in the Dagster UI (make ui)")
         return 1
     print_summary(paths(), adapter_recipe)
+    table = time_table(times, time.perf_counter() - t0)
+    with open(log_file, "a") as log:  # the log ends with it too: where the time went, beside every line of the run
+        log.write(f"\nwhere the time went:\n{table}\n")
+    print(f"\nwhere the time went:\n{table}")
     print(f"demo: done in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -105,6 +105,10 @@ def _check_demo_console(out: subprocess.CompletedProcess, home: Path) -> None:
     assert str(log) in out.stderr and "classifiers" in out.stderr and "report branch" in out.stderr
     assert "dagster - INFO" not in text and "Warning" not in text and "Validating input example" not in text
     assert "dagster - INFO" in log.read_text()
+    # the log and the terminal end with where the time went: a row per stage, then the total
+    table = log.read_text().split("where the time went:\n")[-1]
+    stages = [line.split()[0] for line in table.strip().splitlines()[1:]]
+    assert "where the time went:" in out.stdout and stages[-1] == "total" and {"classifiers", "report"} <= set(stages)
     # lines as a terminal shows them: a bar redraws in place with "\r", its last drawing stays; make's own lines left out
     shown = [line.rsplit("\r", 1)[-1] for line in text.split("\n") if not line.startswith("make")]
     assert len(shown) <= 100, "\n".join(shown)

@@ -105,12 +105,13 @@ def fit_model(
         p = predict(result.model, images, device, cfg.eval_batch_size, EVAL_PRECISION, cfg.channels_last, loader_workers(cfg, device))
         return p.reshape(-1, len(labels))
 
-    scored = {s: scores(sp[s].images) for s in SCORED}
-    evaluated = evaluate_scores(scored, result)
     # every manifest image that has a shard gets a score (report generation uses them), streamed in order from
-    # the shards: never a second copy of the images
+    # the shards: never a second copy of the images; the scored splits are read from that one pass (each of their
+    # images is a manifest image with a shard), not scored again
     all_imgs, all_rows = open_images(shards, manifest.select("dicom_id", "split"))
     p_all = scores(all_imgs)
+    scored = {s: p_all[_positions(all_rows, sp[s].rows)] for s in SCORED}
+    evaluated = evaluate_scores(scored, result)
     columns = (pl.Series(c, p_all[:, j], dtype=pl.Float32) for j, c in enumerate(prediction_columns))
     write_parquet(all_rows.select("dicom_id", "split").with_columns(columns), files.predictions)
     if extra is not None:
@@ -129,6 +130,16 @@ def fit_model(
     write_json(files.metrics, evaluated.rows)
     files.resume.unlink(missing_ok=True)  # finished: the next materialization trains afresh
     return Fitted(evaluated.rows, result, files, scored)
+
+
+def _positions(every: pl.DataFrame, rows: pl.DataFrame) -> np.ndarray:
+    """Where each of ``rows``' images sits in ``every`` (both with ``dicom_id``); an image missing there is an error."""
+    at = every.select("dicom_id").with_row_index("_at")
+    found = rows.select("dicom_id").join(at, on="dicom_id", how="left", maintain_order="left")["_at"]
+    if found.null_count():
+        missing = rows["dicom_id"].filter(found.is_null())
+        raise ValueError(f"{len(missing)} split images are not among the manifest's images with a shard (first: {missing[0]})")
+    return found.to_numpy().astype(np.int64)
 
 
 def trained_with(cfg: TrainConfig, size: int) -> dict:

@@ -17,15 +17,20 @@ from cxr_pipeline.vision.splits import ClassifierData, Split
 from cxr_pipeline.vision.train import TrainConfig, TrainResult
 
 
-def split(n: int, positives: int) -> Split:
-    ids = [f"d{i}" for i in range(n)]
+def split(n: int, positives: int, name: str = "d") -> Split:
+    ids = [f"{name}{i}" for i in range(n)]
     y = [1] * positives + [0] * (n - positives)
     rows = pl.DataFrame({"dicom_id": ids, "target": y, "content_hash": ["h"] * n, "split": ["x"] * n})
     return Split(torch.zeros(n, 8, 8, dtype=torch.uint8), torch.tensor(y, dtype=torch.float32), rows)
 
 
 def data(train_pos: int = 4) -> ClassifierData:
-    splits = {"train": split(8, train_pos), "validate": split(6, 3), "test": split(6, 3), "radiologist": split(4, 2)}
+    splits = {
+        "train": split(8, train_pos, "tr"),
+        "validate": split(6, 3, "va"),
+        "test": split(6, 3, "te"),
+        "radiologist": split(4, 2, "ra"),
+    }
     return ClassifierData("edema", 8, "ignore", "zeros", splits)
 
 
@@ -54,7 +59,8 @@ def test_metrics_table_of_untrainable_labels_only_has_every_column(tmp_path):
 
 
 def test_evaluation_and_predictions_run_on_the_training_device(tmp_path, monkeypatch):
-    """After training on a GPU, validation, test and all-image predictions run there too (not on the CPU)."""
+    """After training on a GPU, the all-image predictions run there too (not on the CPU), once: validation and both
+    test label sources are read from that pass."""
     from cxr_pipeline.vision.models import build_model
 
     cuda = torch.device("cuda")  # never touched: training and prediction are stand-ins here
@@ -70,13 +76,14 @@ def test_evaluation_and_predictions_run_on_the_training_device(tmp_path, monkeyp
 
     monkeypatch.setattr(fit, "predict", predict)
     d = data()
-    every = pl.DataFrame({"dicom_id": ["d0", "d1"], "split": ["test", "train"]})
-    monkeypatch.setattr(fit, "open_images", lambda *a, **k: (torch.zeros(2, 8, 8, dtype=torch.uint8), every))
+    every = pl.concat([sp.rows.select("dicom_id", pl.lit(name).alias("split")) for name, sp in d.splits.items()])
+    monkeypatch.setattr(fit, "open_images", lambda *a, **k: (torch.zeros(every.height, 8, 8, dtype=torch.uint8), every))
     files = ClassifierSet.of(Paths(home=tmp_path, raw=tmp_path)).classifier("edema")
     recipe = TrainConfig(precision="bf16", bootstrap=10, uncertain="ones", blank="ignore")  # not the defaults
     out = fit.fit_and_save(d, every, Shards(tmp_path, 8), recipe, cuda, files)
-    assert used == [cuda, cuda, cuda, cuda]  # validation, test, radiologist test, every image
-    assert precisions == ["fp32"] * 4  # trained in bf16, evaluated in fp32 (bf16 logits tie and move AUC)
+    assert used == [cuda]  # one pass over every image; validation and both test sets are read from it
+    assert precisions == ["fp32"]  # trained in bf16, evaluated in fp32 (bf16 logits tie and move AUC)
+    assert pl.read_parquet(files.predictions)["dicom_id"].to_list() == every["dicom_id"].to_list()
     # validation targets 1,1,1,0,0,0 against rising stand-in probabilities: AUC 0, from validation
     assert out.row["val_roc_auc"] == 0.0 and out.row["blank_policy"] == "zeros"
     assert out.row["evaluable"] and files.weights.exists()
