@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cxr_pipeline.vision.resampling import weighted_auc
+
 METRICS = ("auc", "tpr", "fpr", "tpr_gap", "fpr_gap")
 GAPS = ("tpr_gap", "fpr_gap")
 IMAGE_BINS = (2, 3, 5)  # a patient's positive (negative) images: 1, 2, 3-4, 5 or more
@@ -58,23 +60,6 @@ def _rates(sums: np.ndarray) -> dict[str, np.ndarray]:
     return {"tpr": tpr_g, "fpr": fpr_g, "tpr_gap": tpr_g - tpr_r, "fpr_gap": fpr_g - fpr_r}
 
 
-def _auc(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """ROC-AUC of (y, p) under each row of image ``weights`` (resamples x images); ties count one half. The scores
-    are sorted once; each resample's positive and negative weight per distinct score come from one ``reduceat``."""
-    if not len(y):
-        return np.full(weights.shape[0], np.nan)
-    order = np.argsort(p, kind="stable")
-    ps = p[order]
-    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
-    w = weights[:, order]
-    pos = np.add.reduceat(w * (y[order] == 1), starts, axis=1)
-    neg = np.add.reduceat(w * (y[order] == 0), starts, axis=1)
-    below = np.cumsum(neg, axis=1) - neg
-    wp, wn = pos.sum(axis=1), neg.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where((wp > 0) & (wn > 0), (pos * (below + 0.5 * neg)).sum(axis=1) / (wp * wn), np.nan)
-
-
 def cell_statistics(
     y: np.ndarray, p: np.ndarray, called: np.ndarray, patients: np.ndarray, in_group: np.ndarray, bootstrap: int, seed: int
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -88,8 +73,8 @@ def cell_statistics(
     point = {k: float(v) for k, v in _rates(sums.sum(axis=0)).items()}
     draws = _rates(counts @ sums)
     g = np.flatnonzero(in_group)
-    point["auc"] = float(_auc(y[g], p[g], np.ones((1, g.size)))[0])
-    draws["auc"] = _auc(y[g], p[g], counts[:, codes[g]])
+    point["auc"] = float(weighted_auc(y[g], p[g], np.ones((1, g.size)))[0])
+    draws["auc"] = weighted_auc(y[g], p[g], counts[:, codes[g]])
     return point, draws
 
 

@@ -68,17 +68,30 @@ def draw(n: int, groups, n_boot: int, rng: np.random.Generator) -> Resamples:
     return Resamples(w.astype(np.float64), "image")
 
 
-def _levels(p: np.ndarray) -> tuple[np.ndarray, int]:
-    """Each score's rank among the distinct scores (ascending) and how many there are."""
-    _, inverse = np.unique(p, return_inverse=True)
-    return inverse.reshape(-1), int(inverse.max()) + 1 if len(p) else 0
+def _by_score(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each resample's positive and negative weight at each distinct score, ascending: (B, K) twice. The scores are
+    sorted once; one ``reduceat`` per class sums each run of equal scores."""
+    order = np.argsort(p, kind="stable")
+    ps = p[order]
+    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
+    ws = w[:, order]
+    yo = y[order].astype(bool)
+    return np.add.reduceat(ws * yo, starts, axis=1), np.add.reduceat(ws * ~yo, starts, axis=1)
 
 
-def _per_level(w: np.ndarray, level: np.ndarray, k: int) -> np.ndarray:
-    """(B, n) weights summed by score level: (B, k)."""
-    out = np.zeros((w.shape[0], k))
-    np.add.at(out.T, level, w.T)
-    return out
+def _auc_from(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    below = np.cumsum(neg, axis=1) - neg  # negatives scored strictly lower
+    wp, wn = pos.sum(axis=1), neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((wp > 0) & (wn > 0), (pos * (below + 0.5 * neg)).sum(axis=1) / (wp * wn), np.nan)
+
+
+def weighted_auc(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """ROC AUC of (y, p) under each row of image weights ``w`` (resamples x images): the Mann-Whitney statistic,
+    ties one half; NaN where a row has one class."""
+    if not len(y):
+        return np.full(w.shape[0], np.nan)
+    return _auc_from(*_by_score(np.asarray(y), np.asarray(p, dtype=np.float64), w))
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray) -> dict[str, np.ndarray]:
@@ -90,18 +103,17 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray
     tp, fp = w @ (y & call), w @ (~y & call)
     fn, tn = w @ (y & ~call), w @ (~y & ~call)
     pos, neg = tp + fn, fp + tn
+    denominator = 2 * tp + fp + fn
     with np.errstate(invalid="ignore", divide="ignore"):
         out = {
             "accuracy": (tp + tn) / (pos + neg),
-            "f1": np.where(2 * tp + fp + fn > 0, 2 * tp / np.where(2 * tp + fp + fn > 0, 2 * tp + fp + fn, 1), 0.0),
-            "sensitivity": np.where(pos > 0, tp / pos, np.nan),
-            "specificity": np.where(neg > 0, tn / neg, np.nan),
+            "f1": np.where(denominator > 0, 2 * tp / np.where(denominator > 0, denominator, 1), 0.0),  # zero_division=0
+            "sensitivity": tp / pos,
+            "specificity": tn / neg,
         }
-        level, k = _levels(p)
-        wp, wn = _per_level(w * y, level, k), _per_level(w * ~y, level, k)
-        below = np.cumsum(wn, axis=1) - wn  # negatives scored strictly lower
-        out["roc_auc"] = (wp * (below + 0.5 * wn)).sum(axis=1) / (pos * neg)
-        # average precision: the distinct scores from the highest down, each adds its recall step at its precision
+        wp, wn = _by_score(y, p, w)
+        out["roc_auc"] = _auc_from(wp, wn)
+        # average precision: from the highest distinct score down, each adds its recall step at its precision
         tp_at, fp_at = np.cumsum(wp[:, ::-1], axis=1), np.cumsum(wn[:, ::-1], axis=1)
         called = tp_at + fp_at
         precision = np.where(called > 0, tp_at / np.where(called > 0, called, 1), 0.0)
@@ -115,15 +127,14 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray
 def ece(y: np.ndarray, p: np.ndarray, w: np.ndarray, n_bins: int) -> np.ndarray:
     """The binned ECE of every resample, binned exactly as ``calibration.ece`` (torchmetrics) bins: float32
     confidences, ``bucketize(confidence, linspace(0, 1, n_bins + 1), right=True) - 1``, which puts a confidence of
-    exactly 1 in a bin of its own (``n_bins + 1`` bins); the sum of each bin's |positives - confidence| over
-    the resample's size."""
+    exactly 1 in a bin of its own (``n_bins + 1`` bins); the sum of each bin's |positives - confidence| over the
+    resample's size: one matrix product with the images' bins."""
     import torch
 
-    y = np.asarray(y, dtype=np.float64)
     conf = np.clip(np.asarray(p, dtype=np.float32), 0.0, 1.0)
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32).numpy()
-    b = np.searchsorted(edges, conf, side="right") - 1
-    gap = _per_level(w * y, b, n_bins + 1) - _per_level(w * conf.astype(np.float64), b, n_bins + 1)
+    in_bin = np.eye(n_bins + 1)[np.searchsorted(edges, conf, side="right") - 1]  # (n, bins) one-hot
+    gap = w @ (in_bin * (np.asarray(y, dtype=np.float64) - conf.astype(np.float64))[:, None])
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.abs(gap).sum(axis=1) / w.sum(axis=1)
 
