@@ -23,6 +23,7 @@ import numpy as np
 
 from cxr_pipeline.vision.calibration import ECE_BINS, apply, calibration_row, ece
 from cxr_pipeline.vision.evaluate import METRICS, evaluate_at, point_metrics
+from cxr_pipeline.vision.gap_statistics import cell_statistics, null_gaps
 from cxr_pipeline.vision.resampling import resample_indices
 
 CALIBRATION = {"method": "platt", "a": 1.2, "b": -0.3, "n": 100, "n_pos": 30, "fitted_on": "validate"}
@@ -104,7 +105,27 @@ def main() -> int:
         f"{label:<34} {t_loop:>9.1f} {t_new:>10.2f} {t_loop / t_new:>6.1f}x {diff:>20.2e}  (loop: {args.loop_rows} rows timed, x{rows / args.loop_rows:g})"
     )
     print(f"\n(ECE bins: {ECE_BINS} + 1 for a confidence of exactly 1, as torchmetrics bins; the ECE differs by float32 sums only)")
+    audit(args.boot)
     return 0
+
+
+def audit(n: int) -> None:
+    """The subgroup audit's cell (``gap_statistics``): ``n`` paired patient resamples and ``n`` random groups at
+    once, against the same computation one resample (one random group) per call. The loop's calls draw their own
+    resamples (a seed each), so here only the times compare."""
+    y, p, patients = inputs(257, 67, 2)
+    called = p >= 0.45
+    in_group = np.isin(patients, np.arange(0, 67, 3))  # every third patient: a group of 23
+    rows = []
+    for name, at_once, one_at_a_time in (
+        ("audit cell: paired bootstrap", lambda: cell_statistics(y, p, called, patients, in_group, n, 0),
+         lambda: [cell_statistics(y, p, called, patients, in_group, 1, b) for b in range(n)]),
+        ("audit cell: random groups", lambda: null_gaps(y, called, patients, in_group, n, 0),
+         lambda: [null_gaps(y, called, patients, in_group, 1, b) for b in range(n)]),
+    ):  # fmt: skip
+        t_new, t_loop = timed(at_once)[1], timed(one_at_a_time)[1]
+        rows.append(f"{name + ', 257 images':<34} {t_loop:>9.2f} {t_new:>10.3f} {t_loop / t_new:>6.1f}x {'(own draws)':>20}")
+    print("\n".join(["", *rows]))
 
 
 if __name__ == "__main__":
