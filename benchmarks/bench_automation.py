@@ -28,7 +28,9 @@ def main() -> int:
     ap.add_argument("--profile", help="cProfile of the steady ticks, written here")
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"bench_automation: {date.today()}, commit {commit}, {platform.processor() or platform.machine()}, python {sys.version.split()[0]}")
+    print(
+        f"bench_automation: {date.today()}, commit {commit}, {platform.processor() or platform.machine()}, python {sys.version.split()[0]}"
+    )
     instance = dg.DagsterInstance.get()
     t = time.perf_counter()
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
