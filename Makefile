@@ -30,7 +30,7 @@ install: $(STAMP)
 # Two workers, a test file each at a time (pytest-xdist), the longest files first (conftest orders them by their
 # slow(minutes=...) marks; --no-loadscope-reorder keeps that order), each worker on its own core (conftest).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10
 
 # DEMO_ARGS: options for `cxr-pipeline demo` (the README test runs `make demo` on a smaller replica)
 demo: $(STAMP)
