@@ -27,6 +27,8 @@ location (``use_user_code_server``). ``test_automation.py`` covers each part on
 daemon over a whole data change.
 """
 
+import threading
+
 import dagster as dg
 
 from cxr_pipeline.defs.history import latest_metadata
@@ -90,8 +92,10 @@ class InputsPending(dg.AutomationCondition):
             if tick.running[key]:
                 return f"{key.to_user_string()} in progress"
         for key in ancestors:
+            if key == _SHARD_KEYS[1] and _SHARD_KEYS[0] in ancestors:
+                continue  # built by the same step from the same rows: checked once, on image_shards
             if key not in tick.out_of_date:
-                tick.out_of_date[key] = _out_of_date(key, ancestors, tick, graph, view)
+                tick.out_of_date[key] = _out_of_date(key, tick, graph, view)  # the same for every asset that asks
             if tick.out_of_date[key]:
                 return tick.out_of_date[key]
         return None
@@ -112,25 +116,28 @@ class _Tick:
 
 
 _TICKS: dict[tuple, _Tick] = {}
+_TICKS_LOCK = threading.Lock()  # the code server answers evaluations on threads
 
 
 def _tick(view) -> _Tick:
-    """The cache of the evaluation ``view`` belongs to (one ``AssetGraphView`` per evaluation, at one event id)."""
+    """The cache of the evaluation ``view`` belongs to (one ``AssetGraphView`` per evaluation, at one event id);
+    the few most recent are kept, so evaluations that interleave keep their own."""
     key = (id(view), view.effective_dt, view.last_event_id)
-    if key not in _TICKS:
-        _TICKS.clear()  # one evaluation at a time in a code location: the previous tick's answers are stale
-        _TICKS[key] = _Tick(view)
-    return _TICKS[key]
+    with _TICKS_LOCK:
+        tick = _TICKS.get(key)
+        if tick is None:
+            while len(_TICKS) >= 4:  # the oldest first (dicts keep insertion order); each holds its view alive
+                _TICKS.pop(next(iter(_TICKS)))
+            tick = _TICKS[key] = _Tick(view)
+        return tick
 
 
-def _out_of_date(key: dg.AssetKey, ancestors: list, tick: _Tick, graph, view) -> str | None:
+def _out_of_date(key: dg.AssetKey, tick: _Tick, graph, view) -> str | None:
     """Why ``key`` is out of date with a newer parent (data causes only), or None."""
     from dagster._core.definitions.data_version import StaleCauseCategory, StaleStatus
 
     node = graph.get(key)
     if key in _SHARD_KEYS:
-        if key != _SHARD_KEYS[0] and _SHARD_KEYS[0] in ancestors:
-            return None
         changed = changed_slices(view.instance, node.partitions_def.get_partition_keys())
         return f"{key.to_user_string()} {sorted(changed)} out of date" if changed else None
     for part in node.partitions_def.get_partition_keys() if node.partitions_def else [None]:

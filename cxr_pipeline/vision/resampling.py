@@ -94,9 +94,16 @@ def weighted_auc(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
     return _auc_from(*_by_score(np.asarray(y), np.asarray(p, dtype=np.float64), w))
 
 
+CHUNK = 250  # resamples computed together: a few (CHUNK, n) float64 matrices at a time, 10 MB each at n = 5,000
+
+
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray) -> dict[str, np.ndarray]:
     """Accuracy, F1, sensitivity, specificity, ROC AUC and average precision of every resample (rows of ``w``),
-    each as ``evaluate.point_metrics`` computes it on that resample's rows; NaN where a resample has one class."""
+    each as ``evaluate.point_metrics`` computes it on that resample's rows; NaN where a resample has one class.
+    Computed ``CHUNK`` resamples at a time, so memory stays a few (CHUNK, n) matrices whatever the resamples."""
+    if len(w) > CHUNK:
+        parts = [binary_metrics(y, p, threshold, w[i : i + CHUNK]) for i in range(0, len(w), CHUNK)]
+        return {m: np.concatenate([part[m] for part in parts]) for m in parts[0]}
     y = np.asarray(y).astype(bool)
     p = np.asarray(p, dtype=np.float64)
     call = p >= threshold
