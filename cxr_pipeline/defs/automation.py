@@ -27,6 +27,8 @@ location (``use_user_code_server``). ``test_automation.py`` covers each part on
 daemon over a whole data change.
 """
 
+import threading
+
 import dagster as dg
 
 from cxr_pipeline.defs.history import latest_metadata
@@ -77,33 +79,82 @@ class InputsPending(dg.AutomationCondition):
         return dg.AutomationResult(context, context.candidate_subset if pending else context.get_empty_subset())
 
     async def _pending_ancestor(self, context: dg.AutomationContext) -> str | None:
-        from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleCauseCategory, StaleStatus
-
         graph, view = context.asset_graph, context.asset_graph_view
+        tick = _tick(view)
         ancestors = [k for k in graph.get_ancestor_asset_keys(context.key) if graph.get(k).is_materializable]
         for key in ancestors:
-            requested = context.request_subsets_by_key.get(key)
+            requested = context.request_subsets_by_key.get(key)  # live: earlier assets of this tick add to it
             if requested is not None and not requested.is_empty:
                 return f"{key.to_user_string()} requested"
-            running = await view.compute_run_in_progress_subset(key=key, from_subset=view.get_full_subset(key=key))
-            if not running.is_empty:
+            if key not in tick.running:
+                running = await view.compute_run_in_progress_subset(key=key, from_subset=view.get_full_subset(key=key))
+                tick.running[key] = not running.is_empty
+            if tick.running[key]:
                 return f"{key.to_user_string()} in progress"
-        resolver = CachingStaleStatusResolver(view.instance, graph, view)
         for key in ancestors:
-            node = graph.get(key)
-            if key in _SHARD_KEYS:
-                if key != _SHARD_KEYS[0] and _SHARD_KEYS[0] in ancestors:
-                    continue
-                changed = changed_slices(view.instance, node.partitions_def.get_partition_keys())
-                if changed:
-                    return f"{key.to_user_string()} {sorted(changed)} out of date"
-                continue
-            for part in node.partitions_def.get_partition_keys() if node.partitions_def else [None]:
-                if resolver.get_status(key, part) != StaleStatus.STALE:
-                    continue
-                if any(c.category == StaleCauseCategory.DATA for c in resolver.get_stale_causes(key, part)):
-                    return f"{key.to_user_string()}{f'[{part}]' if part else ''} out of date"
+            if key == _SHARD_KEYS[1] and _SHARD_KEYS[0] in ancestors:
+                continue  # built by the same step from the same rows: checked once, on image_shards
+            if key not in tick.out_of_date:
+                tick.out_of_date[key] = _out_of_date(key, tick, graph, view)  # the same for every asset that asks
+            if tick.out_of_date[key]:
+                return tick.out_of_date[key]
         return None
+
+
+class _Tick:
+    """What one evaluation of the graph learns about an asset once and every descendant's condition asks again: a
+    run in progress, out of date with a newer parent (the stale-status resolver, built once).
+
+    Valid while the instance has written no event since it was filled (``event_id``): Dagster's reads are not
+    pinned to the evaluation's start, so an observation written mid-evaluation is seen by the later assets'
+    triggers; answers cached before it would let such an asset start before its parents (seen: subgroup_metrics,
+    which reads the raw source directly, ran before the manifest). A new event empties the cache.
+    """
+
+    def __init__(self, view, event_id: int | None) -> None:
+        from dagster._core.definitions.data_version import CachingStaleStatusResolver
+
+        self.view = view  # held: the cache is found by the view's identity
+        self.event_id = event_id
+        self.running: dict[dg.AssetKey, bool] = {}
+        self.out_of_date: dict[dg.AssetKey, str | None] = {}
+        self.resolver = CachingStaleStatusResolver(view.instance, view.asset_graph, view)
+
+
+_TICKS: dict[tuple, _Tick] = {}
+_TICKS_LOCK = threading.Lock()  # the code server answers evaluations on threads
+
+
+def _tick(view) -> _Tick:
+    """The cache of the evaluation ``view`` belongs to (one ``AssetGraphView`` per evaluation), emptied when the
+    instance has a newer event than the cache has seen; the few most recent are kept, so evaluations that
+    interleave keep their own."""
+    key = (id(view), view.effective_dt, view.last_event_id)
+    event_id = view.instance.event_log_storage.get_maximum_record_id()  # one indexed query, vs ~20 per stale status
+    with _TICKS_LOCK:
+        tick = _TICKS.get(key)
+        if tick is None or tick.event_id != event_id:
+            _TICKS.pop(key, None)
+            while len(_TICKS) >= 4:  # the oldest first (dicts keep insertion order); each holds its view alive
+                _TICKS.pop(next(iter(_TICKS)))
+            tick = _TICKS[key] = _Tick(view, event_id)
+        return tick
+
+
+def _out_of_date(key: dg.AssetKey, tick: _Tick, graph, view) -> str | None:
+    """Why ``key`` is out of date with a newer parent (data causes only), or None."""
+    from dagster._core.definitions.data_version import StaleCauseCategory, StaleStatus
+
+    node = graph.get(key)
+    if key in _SHARD_KEYS:
+        changed = changed_slices(view.instance, node.partitions_def.get_partition_keys())
+        return f"{key.to_user_string()} {sorted(changed)} out of date" if changed else None
+    for part in node.partitions_def.get_partition_keys() if node.partitions_def else [None]:
+        if tick.resolver.get_status(key, part) != StaleStatus.STALE:
+            continue
+        if any(c.category == StaleCauseCategory.DATA for c in tick.resolver.get_stale_causes(key, part)):
+            return f"{key.to_user_string()}{f'[{part}]' if part else ''} out of date"
+    return None
 
 
 # "Updated" for the content-versioned parents means "updated with other content"; other parents
