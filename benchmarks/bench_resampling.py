@@ -21,10 +21,11 @@ from datetime import date
 
 import numpy as np
 
-from cxr_pipeline.vision.calibration import ECE_BINS, apply, calibration_row, ece
+from cxr_pipeline.vision.calibration import ECE_BINS, apply, calibration_row
 from cxr_pipeline.vision.evaluate import METRICS, evaluate_at, point_metrics
 from cxr_pipeline.vision.gap_statistics import cell_statistics, null_gaps
 from cxr_pipeline.vision.resampling import resample_indices
+from cxr_pipeline_tests.vision.test_resampling import ece  # the loop's ECE: torchmetrics on each resample
 
 CALIBRATION = {"method": "platt", "a": 1.2, "b": -0.3, "n": 100, "n_pos": 30, "fitted_on": "validate"}
 

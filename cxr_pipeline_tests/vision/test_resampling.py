@@ -7,9 +7,28 @@ import numpy as np
 import pytest
 
 from cxr_pipeline.vision import resampling
-from cxr_pipeline.vision.calibration import ECE_BINS, calibration_row, ece
+from cxr_pipeline.vision.calibration import ECE_BINS, calibration_row
 from cxr_pipeline.vision.evaluate import METRICS, evaluate_at, point_metrics
 from cxr_pipeline.vision.resampling import resample_indices
+
+
+def ece(y, p) -> float:
+    """The reference: torchmetrics' binned ECE on the rows given (what ``calibration.ece`` computed with until #47)."""
+    import torch
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    preds = torch.from_numpy(np.clip(np.asarray(p, dtype=np.float32), 0.0, 1.0))
+    return float(binary_calibration_error(preds, torch.from_numpy(np.asarray(y).astype(int)), n_bins=ECE_BINS, norm="l1"))
+
+
+def test_the_point_ece_is_torchmetrics_ece():
+    from cxr_pipeline.vision.calibration import ece as point_ece
+
+    for n in (257, 61, 9):
+        y, p = _scores(n, n)
+        assert point_ece(y, p) == pytest.approx(ece(y, p), abs=1e-6)
+    y, p = _scores(40, 3)
+    assert point_ece(y[:0], p[:0]) != point_ece(y[:0], p[:0])  # no images: NaN
 
 
 def _scores(n: int, seed: int):

@@ -1,0 +1,83 @@
+"""The phantom's line masks drawn on a block of the grid give the bytes the whole-grid drawing gave (#47).
+
+The reference below is the phantom's ``_segment`` / ``_polyline`` as they were before they were limited to the
+block a segment can touch; rendering and whole replicas are compared byte for byte with it swapped back in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_pipeline.data import phantom
+from cxr_pipeline.data.phantom import Anatomy, render
+from cxr_pipeline.data.synthetic import SynthConfig, generate
+from cxr_pipeline.labels import LABELS
+
+
+def reference_segment(x, y, x0, y0, x1, y1, width):
+    """Soft line segment mask of the given half-width, on every pixel of the grid."""
+    dx, dy = x1 - x0, y1 - y0
+    t = np.clip(((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy + 1e-9), 0, 1)
+    d = np.hypot(x - (x0 + t * dx), y - (y0 + t * dy))
+    return np.clip(1.0 - d / width, 0.0, 1.0)
+
+
+def reference_polyline(x, y, pts, width):
+    m = np.zeros_like(x)
+    for (x0, y0), (x1, y1) in zip(pts[:-1], pts[1:], strict=True):
+        np.maximum(m, reference_segment(x, y, x0, y0, x1, y1, width), out=m)
+    return m
+
+
+@pytest.fixture
+def whole_grid(monkeypatch):
+    """Switches the phantom to the whole-grid reference while the test asks for it."""
+
+    def use():
+        monkeypatch.setattr(phantom, "_segment", reference_segment)
+        monkeypatch.setattr(phantom, "_polyline", reference_polyline)
+
+    return use
+
+
+def _renders() -> list[bytes]:
+    """Every finding at once and each alone, frontal (PA, AP: sheared grids), lateral, wide and tall images, a
+    large one (drawn on the work grid, then resized) and a tiny one."""
+    out = []
+    for k, (view, rows, cols) in enumerate([("PA", 300, 256), ("AP", 256, 300), ("LATERAL", 320, 320), ("PA", 700, 600), ("AP", 9, 12)]):
+        for j, findings in enumerate([{name: 1.0 for name in LABELS}, *({name: 0.8} for name in LABELS)]):
+            anatomy = Anatomy.draw(np.random.default_rng(100 * k + j))
+            out.append(render(np.random.default_rng(1000 * k + j), rows, cols, view, findings, anatomy).tobytes())
+    return out
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_block_drawing_renders_the_bytes_the_whole_grid_rendered(whole_grid):
+    fast = _renders()
+    whole_grid()
+    assert _renders() == fast
+
+
+def test_a_replica_is_byte_identical_with_the_whole_grid_drawing(tmp_path, whole_grid):
+    cfg = SynthConfig(patients=6, seed=5, source_rows=48)
+    generate(cfg, tmp_path / "block")
+    whole_grid()
+    generate(cfg, tmp_path / "whole")
+    block, whole = _tree(tmp_path / "block"), _tree(tmp_path / "whole")
+    assert sum(name.endswith(".dcm") for name in block) >= 15
+    assert block == whole
+
+
+def test_the_reference_would_catch_a_changed_mask(whole_grid, monkeypatch):
+    """The comparison is not blind: one pixel's worth of width more on every line changes the bytes."""
+    fast = _renders()
+    monkeypatch.setattr(phantom, "_segment", lambda x, y, x0, y0, x1, y1, w: reference_segment(x, y, x0, y0, x1, y1, w + 0.004))
+    monkeypatch.setattr(phantom, "_polyline", lambda x, y, pts, w: reference_polyline(x, y, pts, w + 0.004))
+    assert _renders() != fast
