@@ -85,7 +85,7 @@ def multilabel_classifier(
         "classifier_predictions": dg.AssetIn(CLASSIFIER_PREDICTIONS),
         "classifier_metrics": dg.AssetIn(CLASSIFIER_METRICS),
     },
-    **needs.CNN.asset_args(),
+    **needs.CNN_FOLDS.asset_args(),
 )
 def report_hints(
     context: dg.AssetExecutionContext,

@@ -12,6 +12,10 @@ asset (``NEEDS`` in its module), and translated here into each executor's terms:
 
 A GPU step also gets one retry: a lost node or an evicted pod re-runs it, and training resumes from its
 checkpoint.
+
+``warm``: the libraries the step imports inside its function (the package keeps torch, MLflow and the like out of
+module heads, so that loading the code location stays light), carried as the ``cxr/warm`` op tag; the compute
+resource imports them when the run starts (``resources.warm_up``), while a buffered run waits for its pool slot.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from cxr_pipeline.defs.slots import GPU_POOL
 from cxr_pipeline.settings import env
 
 SHM_VOLUME = "dshm"
+WARM_TAG = "cxr/warm"
 
 
 def _quantity(gib: float) -> str:
@@ -41,6 +46,7 @@ class Needs:
     cpus: float = 1.0
     memory_gib: float = 2.0
     shm_gib: float = 0.0
+    warm: tuple[str, ...] = ()
 
     def k8s_config(self) -> dict[str, Any]:
         """The ``dagster-k8s/config`` tag: the step pod's resources, GPU scheduling and shared memory."""
@@ -66,7 +72,8 @@ class Needs:
 
     def tags(self) -> dict[str, Any]:
         """The op tags every executor reads its part of."""
-        return {"dagster-k8s/config": self.k8s_config(), "dagster-ray/config": self.ray_config()}
+        tags: dict[str, Any] = {"dagster-k8s/config": self.k8s_config(), "dagster-ray/config": self.ray_config()}
+        return {**tags, WARM_TAG: " ".join(self.warm)} if self.warm else tags
 
     def asset_args(self) -> dict[str, Any]:
         """Decorator arguments of an asset with these needs: op tags; for a GPU step the ``gpu`` pool and one retry."""
@@ -79,8 +86,14 @@ class Needs:
 # What the project's steps need, by kind; each asset module names the one it uses (``NEEDS``).
 TABLE = Needs(cpus=1, memory_gib=4)  # metrics, predictions, pairs, report metrics: polars over small tables
 MANIFEST = Needs(cpus=1, memory_gib=8)  # MIMIC-CXR's CSVs (377k images) in polars
-CNN = Needs(gpus=1, cpus=4, memory_gib=16, shm_gib=8)  # a classifier: loader workers, images resident or streamed
-VLM = Needs(gpus=1, cpus=4, memory_gib=48, shm_gib=8)  # the 11B base is loaded on the host before it is quantised
+# what a torch step imports besides torch: 6-9 s of a fresh run's process on 2 cores (the daemon's runs are fresh)
+_TORCH_STEP = ("torchvision", "sklearn.metrics", "mlflow")
+# a classifier: loader workers, images resident or streamed; it saves an MLflow pyfunc and draws figures
+CNN = Needs(gpus=1, cpus=4, memory_gib=16, shm_gib=8, warm=(*_TORCH_STEP, "mlflow.pyfunc", "matplotlib.pyplot", "captum.attr"))
+# fold models (report_hints): trained and scored, no model saved
+CNN_FOLDS = Needs(gpus=1, cpus=4, memory_gib=16, shm_gib=8, warm=_TORCH_STEP)
+# the 11B base is loaded on the host before it is quantised
+VLM = Needs(gpus=1, cpus=4, memory_gib=48, shm_gib=8, warm=(*_TORCH_STEP, "transformers", "peft"))
 
 
 def shards(workers: int) -> Needs:

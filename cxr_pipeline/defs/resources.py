@@ -1,6 +1,7 @@
 """Dagster resources: where the data is, where state goes, MLflow, and the compute device."""
 
 import hashlib
+import importlib
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from pydantic import PrivateAttr
 
 from cxr_pipeline import __version__
 from cxr_pipeline.config import resolve
+from cxr_pipeline.defs.needs import WARM_TAG
 from cxr_pipeline.defs.run_config import section_model
 from cxr_pipeline.defs.slots import record_run_worker
 from cxr_pipeline.devices import lease, placement
@@ -180,6 +182,7 @@ class _Compute(dg.ConfigurableResource):
 
         if context.instance is not None and context.run_id:
             record_run_worker(context.instance, context.run_id)
+            warm_up(context.instance, context.dagster_run)
         held = lease(say=context.log.info if context.log else None)
         self._lease, self._resolved = held, None  # resolved again for each run (pipeline.yaml may have changed)
         if held.ordinal is not None and context.log:
@@ -206,6 +209,35 @@ class _Compute(dg.ConfigurableResource):
         torch.set_num_threads(s.threads)
 
         return Hardware(s, torch.device(self._lease.device(s.device) if self._lease is not None else s.device), placement())
+
+
+def warm_up(instance: dg.DagsterInstance, run: dg.DagsterRun | None) -> list[str]:
+    """Import what the run's steps will import (their ``cxr/warm`` op tags, ``needs.Needs.warm``) now, before a
+    step waits for its pool slot; returns the modules imported.
+
+    Why: automation launches each step as a run of its own, a fresh process, and with one run buffered beyond the
+    ``gpu`` pool's free slots (``dagster.yaml``) the next step's process waits for the slot: the imports (torch's
+    companions, MLflow, and for a step that saves a pyfunc MLflow's map of installed packages, which its
+    ``save_model`` builds on first use: 2.2 s here) happen during that wait instead of after it. Nothing changes
+    when no step waits: the step would import the same at its start.
+    """
+    if run is None or not run.execution_plan_snapshot_id:
+        return []
+    plan = instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
+    todo = set(plan.step_keys_to_execute or [])
+    wanted = [m for step in plan.steps if step.key in todo for m in (step.tags or {}).get(WARM_TAG, "").split()]
+    modules = list(dict.fromkeys(wanted))
+    for name in modules:
+        importlib.import_module(name)
+    if "mlflow.pyfunc" in modules:
+        # MLflow's own cache, filled by its first requirements check (private: if a later MLflow renames it, the
+        # warm-up skips it and the first save pays as before)
+        from mlflow.utils import requirements_utils
+
+        init = getattr(requirements_utils, "_init_modules_to_packages_map", None)
+        if callable(init):
+            init()
+    return modules
 
 
 # ``Compute`` with one optional field per ``ComputeSettings`` field (null: as ``pipeline.yaml`` says)

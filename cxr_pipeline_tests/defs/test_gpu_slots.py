@@ -134,3 +134,37 @@ def test_a_run_killed_while_its_step_waits_for_the_slot_never_keeps_it(monkeypat
         assert release_dead_runs(instance) == []  # the finished holder and a live process are left alone
         nxt = run("-")
         assert nxt.communicate(timeout=60)[0].strip() == "True"  # the next GPU step starts
+
+
+def test_a_run_imports_what_its_steps_will_import_before_they_wait_for_a_slot(tmp_path, monkeypatch):
+    """``warm_up`` (the compute resource, at run start): the modules named by the ``cxr/warm`` tags of the steps the
+    run executes, not those of steps it skips; the project's GPU steps carry their lists."""
+    from cxr_pipeline.definitions import defs
+    from cxr_pipeline.defs.needs import CNN, VLM, WARM_TAG
+    from cxr_pipeline.defs.resources import warm_up
+
+    for name in ("warm_probe_a", "warm_probe_b"):
+        (tmp_path / f"{name}.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    @dg.asset(op_tags={WARM_TAG: "warm_probe_a"})
+    def warmed():
+        return 1
+
+    @dg.asset(op_tags={WARM_TAG: "warm_probe_b"})
+    def skipped():
+        return 2
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([warmed, skipped], instance=instance, selection=[warmed])
+    assert result.success
+    assert warm_up(instance, instance.get_run_by_id(result.run_id)) == ["warm_probe_a"]
+    assert "warm_probe_a" in sys.modules and "warm_probe_b" not in sys.modules
+    assert warm_up(instance, None) == []
+
+    tags = {
+        k.to_user_string(): defs.resolve_assets_def(k).op.tags.get(WARM_TAG, "") for k in defs.resolve_asset_graph().get_all_asset_keys()
+    }
+    assert tags["classifier"].split() == list(CNN.warm) and "mlflow.pyfunc" in CNN.warm
+    assert tags["report_adapter"].split() == list(VLM.warm) and "transformers" in VLM.warm
+    assert "mlflow.pyfunc" not in tags["report_hints"]  # fold models save no pyfunc: no MLflow package scan
