@@ -1,6 +1,7 @@
 """Replica generation with the phantom's line masks drawn on the block a segment can touch against the whole-grid
-drawing they replaced (``cxr_pipeline_tests/data/test_phantom.py`` holds it), on the same configuration, one run
-each in this process; the two replicas must be byte-identical (checked here, file by file).
+drawing they replaced (``reference_segment`` / ``reference_polyline`` below; ``test_phantom.py`` compares bytes
+with them on every run of the suite), on the same configuration, one run each in this process; the two replicas
+must be byte-identical (checked here, file by file).
 
     python benchmarks/bench_replica.py [--patients 60] [--source-rows 256]
 
@@ -19,10 +20,26 @@ import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
+
 from cxr_pipeline.data import phantom
 from cxr_pipeline.data.synthetic import SynthConfig, generate
 from cxr_pipeline.demo import DEMO_REPLICA, DEMO_SOURCE_ROWS
-from cxr_pipeline_tests.data.test_phantom import reference_polyline, reference_segment
+
+
+def reference_segment(x, y, x0, y0, x1, y1, width):
+    """Soft line segment mask of the given half-width, on every pixel of the grid."""
+    dx, dy = x1 - x0, y1 - y0
+    t = np.clip(((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy + 1e-9), 0, 1)
+    d = np.hypot(x - (x0 + t * dx), y - (y0 + t * dy))
+    return np.clip(1.0 - d / width, 0.0, 1.0)
+
+
+def reference_polyline(x, y, pts, width):
+    m = np.zeros_like(x)
+    for (x0, y0), (x1, y1) in zip(pts[:-1], pts[1:], strict=True):
+        np.maximum(m, reference_segment(x, y, x0, y0, x1, y1, width), out=m)
+    return m
 
 
 def tree(root: Path) -> dict[str, str]:

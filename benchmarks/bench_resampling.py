@@ -25,9 +25,18 @@ from cxr_pipeline.vision.calibration import ECE_BINS, apply, calibration_row
 from cxr_pipeline.vision.evaluate import METRICS, evaluate_at, point_metrics
 from cxr_pipeline.vision.gap_statistics import cell_statistics, null_gaps
 from cxr_pipeline.vision.resampling import resample_indices
-from cxr_pipeline_tests.vision.test_resampling import ece  # the loop's ECE: torchmetrics on each resample
 
 CALIBRATION = {"method": "platt", "a": 1.2, "b": -0.3, "n": 100, "n_pos": 30, "fitted_on": "validate"}
+
+
+def torchmetrics_ece(y, p) -> float:
+    """The loop's ECE and the tests' reference: torchmetrics' binned ECE on the rows given (what ``calibration.ece``
+    computed with until #47)."""
+    import torch
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    preds = torch.from_numpy(np.clip(np.asarray(p, dtype=np.float32), 0.0, 1.0))
+    return float(binary_calibration_error(preds, torch.from_numpy(np.asarray(y).astype(int)), n_bins=ECE_BINS, norm="l1"))
 
 
 def inputs(images: int, patients: int, seed: int):
@@ -55,8 +64,8 @@ def loop(y, p, groups, threshold: float, n_boot: int, seed: int) -> dict:
     draws = {"before": [], "after": []}
     for _ in range(n_boot):
         idx, _unit = resample_indices(len(y), groups, rng)
-        draws["before"].append(ece(y[idx], p[idx]))
-        draws["after"].append(ece(y[idx], after[idx]))
+        draws["before"].append(torchmetrics_ece(y[idx], p[idx]))
+        draws["after"].append(torchmetrics_ece(y[idx], after[idx]))
     for k, v in draws.items():
         row[f"ece_{k}_lo"], row[f"ece_{k}_hi"] = float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))
     return row

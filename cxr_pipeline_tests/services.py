@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -14,6 +15,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+
+
+def benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module, loaded by its path (the scripts are not a package, and another
+    installed distribution ships a top-level ``benchmarks``): for the tests that compare with a benchmark's
+    reference, the old path it times."""
+    spec = importlib.util.spec_from_file_location(f"cxr_benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

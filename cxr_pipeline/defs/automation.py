@@ -125,12 +125,26 @@ _TICKS: dict[tuple, _Tick] = {}
 _TICKS_LOCK = threading.Lock()  # the code server answers evaluations on threads
 
 
+def _serial_ids(storage) -> bool:
+    """Whether the event log's newest id says that nothing was written since: SQLite (one writer at a time, ids
+    given in commit order, and every event the gate reads mirrored into the index shard). Not Postgres or MySQL:
+    concurrent inserts commit out of id order, so a newest id can be visible before an older event is, and a
+    cache checked by the newest id could miss the older one."""
+    from dagster._core.storage.event_log import ConsolidatedSqliteEventLogStorage, InMemoryEventLogStorage, SqliteEventLogStorage
+
+    return isinstance(storage, (SqliteEventLogStorage, ConsolidatedSqliteEventLogStorage, InMemoryEventLogStorage))
+
+
 def _tick(view) -> _Tick:
     """The cache of the evaluation ``view`` belongs to (one ``AssetGraphView`` per evaluation), emptied when the
     instance has a newer event than the cache has seen; the few most recent are kept, so evaluations that
-    interleave keep their own."""
+    interleave keep their own. On a storage whose newest id does not say that (``_serial_ids``), every condition
+    gets a fresh one: the gate reads the instance afresh, as it did before the cache."""
+    storage = view.instance.event_log_storage
+    if not _serial_ids(storage):
+        return _Tick(view, None)
     key = (id(view), view.effective_dt, view.last_event_id)
-    event_id = view.instance.event_log_storage.get_maximum_record_id()  # one indexed query, vs ~20 per stale status
+    event_id = storage.get_maximum_record_id()  # one indexed query, vs ~20 per stale status
     with _TICKS_LOCK:
         tick = _TICKS.get(key)
         if tick is None or tick.event_id != event_id:

@@ -212,21 +212,25 @@ class _Compute(dg.ConfigurableResource):
 
 
 def warm_up(instance: dg.DagsterInstance, run: dg.DagsterRun | None) -> list[str]:
-    """Import what the run's steps will import (their ``cxr/warm`` op tags, ``needs.Needs.warm``) now, before a
-    step waits for its pool slot; returns the modules imported.
+    """For a run of one step: import what the step will import (its ``cxr/warm`` op tag, ``needs.Needs.warm``) now,
+    while the resources are set up; returns the modules imported.
 
-    Why: automation launches each step as a run of its own, a fresh process, and with one run buffered beyond the
-    ``gpu`` pool's free slots (``dagster.yaml``) the next step's process waits for the slot: the imports (torch's
-    companions, MLflow, and for a step that saves a pyfunc MLflow's map of installed packages, which its
-    ``save_model`` builds on first use: 2.2 s here) happen during that wait instead of after it. Nothing changes
-    when no step waits: the step would import the same at its start.
+    Why: automation launches each asset (partition) as a run of its own, a fresh process, and ``dagster.yaml``
+    buffers one run beyond the ``gpu`` pool's free slots. With the in-process executor (``CXR_EXECUTOR=in_process``)
+    the resources are set up before the step waits for its slot, so the imports (torch's companions, MLflow, and
+    for a step that saves a pyfunc MLflow's map of installed packages, which its first ``save_model`` builds: 2.2 s
+    here) happen during that wait instead of after it. With the multiprocess executor (the default) the run's
+    worker claims the slot before it starts the step's process, where this runs: there it changes nothing, the
+    step would import the same at its start (an untrainable finding's step, which saves no model, pays the unused
+    imports, about 3 s). A run of several steps imports nothing here: each step imports its own.
     """
     if run is None or not run.execution_plan_snapshot_id:
         return []
     plan = instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
-    todo = set(plan.step_keys_to_execute or [])
-    wanted = [m for step in plan.steps if step.key in todo for m in (step.tags or {}).get(WARM_TAG, "").split()]
-    modules = list(dict.fromkeys(wanted))
+    steps = [step for step in plan.steps if step.key in set(plan.step_keys_to_execute or [])]
+    if len(steps) != 1:
+        return []
+    modules = list(dict.fromkeys((steps[0].tags or {}).get(WARM_TAG, "").split()))
     for name in modules:
         importlib.import_module(name)
     if "mlflow.pyfunc" in modules:

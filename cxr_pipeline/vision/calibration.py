@@ -115,11 +115,16 @@ def describe(calibration: Mapping | None) -> str:
 
 
 def ece(y, p) -> float:
-    """Expected calibration error (``ECE_BINNING``); NaN for no images."""
-    y = np.asarray(y).astype(int)
+    """Expected calibration error (``ECE_BINNING``); NaN for no images. Labels other than 0 and 1, or a score that
+    is not a number, are an error (torchmetrics raised on the first and read NaN as 0)."""
+    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
     if len(y) == 0:
         return float("nan")
-    return float(resampled_ece(y, p, np.ones((1, len(y))), ECE_BINS)[0])
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"ece: labels must be 0 or 1, found {sorted(set(np.unique(y).tolist()) - {0, 1})[:5]}")
+    if np.isnan(p).any():
+        raise ValueError(f"ece: {int(np.isnan(p).sum())} scores are NaN")
+    return float(resampled_ece(y.astype(int), p, np.ones((1, len(y))), ECE_BINS)[0])
 
 
 def brier(y, p) -> float:

@@ -1,7 +1,8 @@
 """The phantom's line masks drawn on a block of the grid give the bytes the whole-grid drawing gave (#47).
 
-The reference below is the phantom's ``_segment`` / ``_polyline`` as they were before they were limited to the
-block a segment can touch; rendering and whole replicas are compared byte for byte with it swapped back in.
+The reference is the phantom's ``_segment`` / ``_polyline`` as they were before they were limited to the block a
+segment can touch (kept in ``benchmarks/bench_replica.py``, which times one against the other); rendering and whole
+replicas are compared byte for byte with it swapped back in.
 """
 
 from __future__ import annotations
@@ -16,21 +17,10 @@ from cxr_pipeline.data import phantom
 from cxr_pipeline.data.phantom import Anatomy, render
 from cxr_pipeline.data.synthetic import SynthConfig, generate
 from cxr_pipeline.labels import LABELS
+from cxr_pipeline_tests.services import benchmark
 
-
-def reference_segment(x, y, x0, y0, x1, y1, width):
-    """Soft line segment mask of the given half-width, on every pixel of the grid."""
-    dx, dy = x1 - x0, y1 - y0
-    t = np.clip(((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy + 1e-9), 0, 1)
-    d = np.hypot(x - (x0 + t * dx), y - (y0 + t * dy))
-    return np.clip(1.0 - d / width, 0.0, 1.0)
-
-
-def reference_polyline(x, y, pts, width):
-    m = np.zeros_like(x)
-    for (x0, y0), (x1, y1) in zip(pts[:-1], pts[1:], strict=True):
-        np.maximum(m, reference_segment(x, y, x0, y0, x1, y1, width), out=m)
-    return m
+reference_segment = benchmark("bench_replica").reference_segment
+reference_polyline = benchmark("bench_replica").reference_polyline
 
 
 @pytest.fixture

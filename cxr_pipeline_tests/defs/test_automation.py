@@ -139,3 +139,24 @@ def test_code_version_change_marks_the_changed_assets_stale(small):
         new_manifest_code = graph(bump(manifest_assets), image_shards)
         assert status(new_manifest_code, manifest) == StaleStatus.STALE
         assert status(new_manifest_code, AssetKeyPartitionKey(dg.AssetKey("manifest_rejects"))) == StaleStatus.STALE
+
+
+def test_the_gates_cache_lives_until_the_instance_writes_an_event():
+    """One evaluation's answers are shared between the assets that ask, until any event is written (an observation
+    mid-evaluation must be seen by the gate as by the triggers); where the newest event id cannot say that
+    (Postgres, MySQL), nothing is shared."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from cxr_pipeline.defs import automation
+
+    instance = dg.DagsterInstance.ephemeral()
+    view = SimpleNamespace(instance=instance, asset_graph=None, effective_dt=None, last_event_id=None)
+    first = automation._tick(view)
+    first.out_of_date[dg.AssetKey("manifest")] = None  # "current", as an earlier asset's gate found it
+    assert automation._tick(view) is first
+    instance.report_runless_asset_event(dg.AssetObservation(asset_key="raw_mimic_cxr"))
+    fresh = automation._tick(view)
+    assert fresh is not first and fresh.out_of_date == {}
+    with mock.patch.object(automation, "_serial_ids", return_value=False):
+        assert automation._tick(view) is not automation._tick(view)

@@ -136,31 +136,32 @@ def test_a_run_killed_while_its_step_waits_for_the_slot_never_keeps_it(monkeypat
         assert nxt.communicate(timeout=60)[0].strip() == "True"  # the next GPU step starts
 
 
-def test_a_run_imports_what_its_steps_will_import_before_they_wait_for_a_slot(tmp_path, monkeypatch):
-    """``warm_up`` (the compute resource, at run start): the modules named by the ``cxr/warm`` tags of the steps the
-    run executes, not those of steps it skips; the project's GPU steps carry their lists."""
+def test_a_one_step_run_imports_what_its_step_will_import_before_the_step_starts(tmp_path, monkeypatch, cxr_home):
+    """The compute resource, set up before the step (and, in process, before it waits for its slot), imports the
+    modules the step's ``cxr/warm`` tag names; a run of several steps leaves each step to import its own; the
+    project's GPU steps carry their lists."""
     from cxr_pipeline.definitions import defs
     from cxr_pipeline.defs.needs import CNN, VLM, WARM_TAG
-    from cxr_pipeline.defs.resources import warm_up
+    from cxr_pipeline.defs.resources import Compute
 
-    for name in ("warm_probe_a", "warm_probe_b"):
+    for name in ("warm_probe_a", "warm_probe_b", "warm_probe_c"):
         (tmp_path / f"{name}.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
+    seen: dict[str, bool] = {}
 
-    @dg.asset(op_tags={WARM_TAG: "warm_probe_a"})
-    def warmed():
-        return 1
+    def asset_importing(module: str):
+        @dg.asset(name=module.replace("warm_probe_", "step_"), op_tags={WARM_TAG: module}, required_resource_keys={"compute"})
+        def step() -> None:
+            seen[module] = module in sys.modules  # before the step imports it itself
 
-    @dg.asset(op_tags={WARM_TAG: "warm_probe_b"})
-    def skipped():
-        return 2
+        return step
 
+    a, b, c = (asset_importing(m) for m in ("warm_probe_a", "warm_probe_b", "warm_probe_c"))
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize([warmed, skipped], instance=instance, selection=[warmed])
-    assert result.success
-    assert warm_up(instance, instance.get_run_by_id(result.run_id)) == ["warm_probe_a"]
-    assert "warm_probe_a" in sys.modules and "warm_probe_b" not in sys.modules
-    assert warm_up(instance, None) == []
+    resources = {"compute": Compute()}
+    assert dg.materialize([a], instance=instance, resources=resources).success
+    assert dg.materialize([b, c], instance=instance, resources=resources).success
+    assert seen == {"warm_probe_a": True, "warm_probe_b": False, "warm_probe_c": False}
 
     tags = {
         k.to_user_string(): defs.resolve_assets_def(k).op.tags.get(WARM_TAG, "") for k in defs.resolve_asset_graph().get_all_asset_keys()

@@ -10,15 +10,9 @@ from cxr_pipeline.vision import resampling
 from cxr_pipeline.vision.calibration import ECE_BINS, calibration_row
 from cxr_pipeline.vision.evaluate import METRICS, evaluate_at, point_metrics
 from cxr_pipeline.vision.resampling import resample_indices
+from cxr_pipeline_tests.services import benchmark
 
-
-def ece(y, p) -> float:
-    """The reference: torchmetrics' binned ECE on the rows given (what ``calibration.ece`` computed with until #47)."""
-    import torch
-    from torchmetrics.functional.classification import binary_calibration_error
-
-    preds = torch.from_numpy(np.clip(np.asarray(p, dtype=np.float32), 0.0, 1.0))
-    return float(binary_calibration_error(preds, torch.from_numpy(np.asarray(y).astype(int)), n_bins=ECE_BINS, norm="l1"))
+ece = benchmark("bench_resampling").torchmetrics_ece  # the reference: torchmetrics on the rows given
 
 
 def test_the_point_ece_is_torchmetrics_ece():
@@ -29,6 +23,14 @@ def test_the_point_ece_is_torchmetrics_ece():
         assert point_ece(y, p) == pytest.approx(ece(y, p), abs=1e-6)
     y, p = _scores(40, 3)
     assert point_ece(y[:0], p[:0]) != point_ece(y[:0], p[:0])  # no images: NaN
+    # bin edges in float32 (torchmetrics' linspace), exactly 0 and 1: the same bins
+    edges = np.linspace(0, 1, ECE_BINS + 1, dtype=np.float32).astype(np.float64)
+    y_edges = np.arange(len(edges)) % 2
+    assert point_ece(y_edges, edges) == pytest.approx(ece(y_edges, edges), abs=1e-7)
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        point_ece(np.array([0, 1, 2]), np.array([0.1, 0.5, 0.9]))
+    with pytest.raises(ValueError, match="1 scores are NaN"):
+        point_ece(np.array([0, 1, 1]), np.array([0.1, np.nan, 0.9]))
 
 
 def _scores(n: int, seed: int):
