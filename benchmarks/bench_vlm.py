@@ -363,8 +363,9 @@ class _Runs:
     the data's digest, the replica's patients and seed, and the code version: a run is reused only for the
     data and the code that made it."""
 
-    def __init__(self, p, examples, device, time_limit: float, data: dict) -> None:
+    def __init__(self, p, examples, device, time_limit: float, data: dict, base_digest: str) -> None:
         self.p, self.examples, self.device, self.time_limit, self.data = p, examples, device, time_limit, data
+        self.base_digest = base_digest  # the training rows' (tiny_base.training_digest): which tiny base
         self.file = p.home / "runs.json"
 
     @property
@@ -404,7 +405,7 @@ class _Runs:
         ex = self.examples
         tiny = self.p.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps)
         with _locked(tiny.with_name(tiny.name + ".lock")):
-            base = ensure_base(cfg, tiny, ex.reports, log=log)
+            base = ensure_base(cfg, tiny, ex.reports, self.base_digest, log=log)
         gen = resolve(self.p, "generated_reports", derived={"max_new_tokens": lambda: report_token_budget(base, ex.reports)})
         # one adapter per recipe and arm scores both splits; a half-trained one is retrained from scratch, never resumed
         t0 = time.perf_counter()
@@ -436,12 +437,13 @@ def _replica_runs(args, recipe: Path, work: Path, replica_seed: int, device, cod
     """A replica's data, its training examples under the recipe, its validate and test reports, and its runs."""
     from cxr_pipeline.config import resolve
     from cxr_pipeline.data.shard_reader import Shards
+    from cxr_pipeline.reports.tiny_base import training_digest
     from cxr_pipeline.reports.vlm import adapter_training_set
 
     p, pairs, digest = _learning_data(recipe, work, args.patients, replica_seed, os.cpu_count() or 1)
     shipped = resolve(p, "report_adapter")
     shards = Shards.open(p.shard_root(shipped.size), shipped.size)
-    examples, _rows, variant = adapter_training_set(pairs, shards, shipped)  # the recipe's prompt: no hints
+    examples, rows, variant = adapter_training_set(pairs, shards, shipped)  # the recipe's prompt: no hints
     cap = resolve(p, "generated_reports", derived={"max_new_tokens": lambda: 1}).max_test_pairs
     val = _split_reports(pairs, "validate", cap, shards)
     test = _split_reports(pairs, "test", cap, shards)
@@ -451,7 +453,7 @@ def _replica_runs(args, recipe: Path, work: Path, replica_seed: int, device, cod
         f"{len(val[0])} validate and {len(test[0])} test reports ({len(set(val[2]))} and {len(set(test[2]))} patients)",
         flush=True,
     )
-    return p, shipped, examples, val, test, _Runs(p, examples, device, args.time_limit, data)
+    return p, shipped, examples, val, test, _Runs(p, examples, device, args.time_limit, data, training_digest(rows))
 
 
 def _order(items: list, reverse: bool) -> list:

@@ -259,7 +259,8 @@ class Paths:
         return self.reports / "report_pairs.parquet"
 
     def tiny_base_dir(self, width: int = 1, pretrain_steps: int = 0) -> Path:
-        """The tiny offline Mllama of this width, its language model pretrained for ``pretrain_steps`` (0: none)."""
+        """The tiny offline Mllamas of this width, their language model pretrained for ``pretrain_steps`` (0: none): one
+        per training split, in a folder named by its digest (``tiny_base.ensure_tiny_base``)."""
         return self.reports / "tiny_base" / f"w{width}_lm{pretrain_steps}"
 
     @property

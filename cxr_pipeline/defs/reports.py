@@ -24,6 +24,7 @@ from cxr_pipeline.reports.labeler import labeler_version
 from cxr_pipeline.reports.metrics import SHOWN, score_reports, side_by_side_markdown
 from cxr_pipeline.reports.pairs import build_pairs, splits_by_study_ok
 from cxr_pipeline.reports.prompts import hint_source
+from cxr_pipeline.reports.tiny_base import training_digest
 from cxr_pipeline.reports.vlm import AdapterConfig, adapter_training_set, base_info, ensure_base, report_token_budget, train_adapter
 
 REPORTS_CODE_VERSION = "1"
@@ -114,7 +115,8 @@ def _base(cfg, paths, examples, rows: pl.DataFrame, log) -> Path:
             f"no training pairs with {cfg.size}-px shard images: materialize image_shards (it builds every size its consumers read)"
         )
     try:
-        return ensure_base(cfg, paths.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps), examples.reports, log)
+        tiny = paths.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps)
+        return ensure_base(cfg, tiny, examples.reports, training_digest(rows), log)
     except FileNotFoundError as e:
         raise dg.Failure(str(e)) from None
 

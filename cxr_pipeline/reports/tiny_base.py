@@ -7,11 +7,13 @@ needs to know of any base without loading it (its tile size, its name).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 from cxr_pipeline.reports.prompts import INSTRUCTION, MllamaCollator, user_prompt
 from cxr_pipeline.vision.train import resolve_precision
@@ -168,12 +170,29 @@ def pretrain_language(base_dir: Path, texts: Sequence[str], steps: int, lr: floa
     model.save_pretrained(str(base_dir))
 
 
-def ensure_tiny_base(out_dir: Path, texts: Sequence[str], width: int = 1, pretrain_steps: int = 0, log=None) -> Path:
-    """The tiny offline base of this width and pretraining in ``out_dir``: built once (atomically: a killed
-    build leaves no half base behind), then reused."""
+def training_digest(rows: pl.DataFrame) -> str:
+    """The identity of the data a tiny base is built from: SHA-256 of the training rows' ``dicom_id``, ``study_id``
+    and report ``text``, in ``dicom_id`` order. Only training rows may be given (a row of another split is an error):
+    the base's tokenizer and pretraining see the training split only, and a changed training split (new patients,
+    a corrected report) keys a new base rather than reusing one trained on the old reports."""
+    if "split" in rows.columns:
+        other = rows.filter(pl.col("split") != "train")
+        if other.height:
+            raise ValueError(f"training_digest: {other.height} rows are not in the training split (first: {other['dicom_id'][0]})")
+    h = hashlib.sha256()
+    for dicom_id, study_id, text in rows.select("dicom_id", "study_id", "text").sort("dicom_id").iter_rows():
+        h.update(f"{dicom_id}\t{study_id}\t{text or ''}\n".encode())
+    return h.hexdigest()
+
+
+def ensure_tiny_base(family_dir: Path, texts: Sequence[str], digest: str, width: int = 1, pretrain_steps: int = 0, log=None) -> Path:
+    """The tiny offline base of this width and pretraining, built from the training data ``digest`` names
+    (``training_digest``), in ``family_dir / <digest[:16]>``: built once (atomically: a killed build leaves no half
+    base behind), then reused while the training split is the same. Bases of earlier data stay (an adapter's card
+    names the base it was trained on)."""
     import shutil
 
-    out_dir = Path(out_dir)
+    out_dir = Path(family_dir) / digest[:16]
     if (out_dir / TINY_MARKER).exists():
         return out_dir
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -184,7 +203,7 @@ def ensure_tiny_base(out_dir: Path, texts: Sequence[str], width: int = 1, pretra
     if pretrain_steps:
         pretrain_language(tmp, [t for t in texts if t], pretrain_steps)
     marker = json.loads((tmp / TINY_MARKER).read_text())
-    (tmp / TINY_MARKER).write_text(json.dumps({**marker, "width": width, "pretrain_steps": pretrain_steps}))
+    (tmp / TINY_MARKER).write_text(json.dumps({**marker, "width": width, "pretrain_steps": pretrain_steps, "training_digest": digest}))
     tmp.replace(out_dir)
     return out_dir
 
@@ -213,6 +232,7 @@ def base_info(base_dir: Path) -> dict:
         return {
             "base_model": f"cxr-tiny-mllama w{m.get('width', 1)} lm{m.get('pretrain_steps', 0)} (random init, built offline)",
             "base_revision": m.get("seed", 0),
+            "base_training_digest": m.get("training_digest", "")[:16],
         }
     cfg = json.loads((base_dir / "config.json").read_text()) if (base_dir / "config.json").exists() else {}
     return {"base_model": cfg.get("_name_or_path") or base_dir.name, "base_revision": cfg.get("transformers_version", "unknown")}

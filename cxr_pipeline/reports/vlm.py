@@ -94,13 +94,13 @@ class GenerateConfig:
         at_least_one(self, "max_new_tokens", "max_test_pairs", "batch_size")
 
 
-def ensure_base(cfg: AdapterConfig, tiny_dir: Path, texts: Sequence[str], log=None) -> Path:
-    """The base a resolved ``cfg`` names: the tiny offline base (``tiny_dir``, built from ``texts`` with the
-    config's width and language pretraining when missing), or a local directory that must exist (nothing is
-    downloaded)."""
+def ensure_base(cfg: AdapterConfig, tiny_dir: Path, texts: Sequence[str], digest: str, log=None) -> Path:
+    """The base a resolved ``cfg`` names: the tiny offline base (under ``tiny_dir``, one per training split: built
+    from ``texts`` with the config's width and language pretraining when the split ``digest`` names has none,
+    ``tiny_base.ensure_tiny_base``), or a local directory that must exist (nothing is downloaded)."""
     base = Path(str(cfg.base))
     if base == Path(tiny_dir):
-        return ensure_tiny_base(base, texts, cfg.tiny_width, cfg.tiny_pretrain_steps, log)
+        return ensure_tiny_base(base, texts, digest, cfg.tiny_width, cfg.tiny_pretrain_steps, log)
     if not base.is_dir():
         raise FileNotFoundError(f"{base}: base model directory not found (nothing is downloaded; set CXR_VLM_BASE to a local copy)")
     return base

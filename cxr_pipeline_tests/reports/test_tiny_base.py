@@ -1,0 +1,58 @@
+"""The tiny offline base is keyed by the training split it was built from (#48)."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from cxr_pipeline.reports import tiny_base
+
+PAIRS = pl.DataFrame(
+    {
+        "dicom_id": ["a", "b", "c", "d"],
+        "study_id": [1, 2, 3, 4],
+        "split": ["train", "train", "validate", "test"],
+        "text": ["No acute process.", "Small left effusion.", "Right pneumothorax.", "Cardiomegaly."],
+    }
+)
+
+
+def train(pairs: pl.DataFrame) -> pl.DataFrame:
+    return pairs.filter(pl.col("split") == "train")
+
+
+def test_the_digest_covers_the_training_rows_only():
+    digest = tiny_base.training_digest(train(PAIRS))
+    assert tiny_base.training_digest(train(PAIRS).reverse()) == digest  # order does not matter
+    # another validate or test report: the same training split, the same base
+    other = PAIRS.with_columns(pl.when(pl.col("split") != "train").then(pl.lit("Other words.")).otherwise(pl.col("text")).alias("text"))
+    assert tiny_base.training_digest(train(other)) == digest
+    # a corrected training report, a new training image: another base
+    fixed = PAIRS.with_columns(
+        pl.when(pl.col("dicom_id") == "b").then(pl.lit("Small right effusion.")).otherwise(pl.col("text")).alias("text")
+    )
+    assert tiny_base.training_digest(train(fixed)) != digest
+    added = pl.concat([PAIRS, pl.DataFrame({"dicom_id": ["e"], "study_id": [5], "split": ["train"], "text": ["No effusion."]})])
+    assert tiny_base.training_digest(train(added)) != digest
+    with pytest.raises(ValueError, match="1 rows are not in the training split.*c"):
+        tiny_base.training_digest(PAIRS.filter(pl.col("split") != "test"))
+
+
+def test_a_changed_training_split_builds_a_new_base_and_the_same_one_reuses_it(tmp_path):
+    family = tmp_path / "tiny_base" / "w1_lm0"
+    rows = train(PAIRS)
+    first = tiny_base.ensure_tiny_base(family, rows["text"].to_list(), tiny_base.training_digest(rows))
+    marker = first / tiny_base.TINY_MARKER
+    built = marker.stat().st_mtime_ns
+    assert json.loads(marker.read_text())["training_digest"] == tiny_base.training_digest(rows)
+    assert tiny_base.ensure_tiny_base(family, rows["text"].to_list(), tiny_base.training_digest(rows)) == first
+    assert marker.stat().st_mtime_ns == built  # reused, not rebuilt
+
+    changed = rows.with_columns(pl.lit("Moderate cardiomegaly with pulmonary edema.").alias("text"))
+    second = tiny_base.ensure_tiny_base(family, changed["text"].to_list(), tiny_base.training_digest(changed))
+    assert second != first and second.parent == first.parent and first.exists()
+    vocab = json.loads((second / "tokenizer.json").read_text())["model"]["vocab"]
+    assert any("edema" in token for token in vocab)  # its tokenizer learned the new reports' words
+    assert tiny_base.base_info(second)["base_training_digest"] == tiny_base.training_digest(changed)[:16]
