@@ -278,6 +278,11 @@ class Paths:
         return self.reports / "generated_reports.parquet"
 
     @property
+    def report_sheet(self) -> Path:
+        """The picture of a few test studies' generated reports beside their images (``reports.sheet``)."""
+        return self.reports / "generated_reports.png"
+
+    @property
     def report_metrics(self) -> Path:
         return self.reports / "report_metrics.parquet"
 

@@ -13,7 +13,7 @@ import polars as pl
 from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.io import Adapter, ShardSet
 from cxr_pipeline.defs.keys import GENERATED_REPORTS, REPORT_ADAPTER, REPORT_HINTS, REPORT_METRICS, REPORT_PAIRS
-from cxr_pipeline.defs.metadata import asset_metadata, resolved_metadata, table_metadata
+from cxr_pipeline.defs.metadata import asset_metadata, inline_png, resolved_metadata, table_metadata
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
 from cxr_pipeline.defs.specs import ALL_SHARDS_IN, MANIFEST_IN, asset_factory
@@ -24,6 +24,7 @@ from cxr_pipeline.reports.labeler import labeler_version
 from cxr_pipeline.reports.metrics import SHOWN, score_reports, side_by_side_markdown
 from cxr_pipeline.reports.pairs import build_pairs, splits_by_study_ok
 from cxr_pipeline.reports.prompts import hint_source
+from cxr_pipeline.reports.sheet import SHEET_STUDIES, report_sheet
 from cxr_pipeline.reports.tiny_base import training_digest
 from cxr_pipeline.reports.vlm import AdapterConfig, adapter_training_set, base_info, ensure_base, report_token_budget, train_adapter
 
@@ -160,13 +161,17 @@ def generated_reports(
     cfg = run_settings(context, paths, derived={"max_new_tokens": lambda: report_token_budget(report_adapter.base, train_texts)})
     shards = image_shards.at(report_adapter.size)
     out, rows, prompts, variant = test_split_reports(report_pairs, shards, report_adapter.dir, card, report_hints, cfg, hw.device)
+    sheet = report_sheet(paths.report_sheet, shards, out, prompts)
     with mlflow.run(context, {"prompt_variant": variant}) as run:
         run.log_params({**params(cfg), **hw.params, "prompt_variant": variant, "base": card["base"]})
         run.log_params({"quantize": card.get("quantize", True)})
         _log_pairs(run, rows, prompts, report_adapter.size, "test", paths.report_pairs)
         run.log_metrics({"reports": out.height, "empty_adapter_reports": sum(1 for t in out["adapter"].to_list() if not (t or "").strip())})
         run.log_table(out.head(50), "generated_reports")
+        if sheet is not None:
+            run.log_artifact(sheet)
     md = {"prompt_variant": variant, "decoding": "greedy" if cfg.num_beams == 1 else f"beam {cfg.num_beams}"}
+    md["report_sheet"] = inline_png(sheet, f"{SHEET_STUDIES} test studies: image, reference, generated") if sheet else "no test study"
     md.update(examples=table_metadata(out.head(5)), **resolved_metadata(cfg))
     return dg.Output(out, metadata=asset_metadata(run, **md))
 

@@ -260,6 +260,11 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert card["config"] == rmats["report_adapter"].metadata["resolved_config"].value
         gen = pl.read_parquet(rmats["generated_reports"].metadata["path"].value)
         assert gen.height == 6 and {"reference", "adapter", "template", "retrieval"} <= set(gen.columns)
+        # the picture people look at: in the catalog inline, in MLflow as an artifact
+        assert rmats["generated_reports"].metadata["report_sheet"].value.startswith("![")
+        assert "data:image/png;base64," in rmats["generated_reports"].metadata["report_sheet"].value
+        gen_run = rmats["generated_reports"].metadata["mlflow_run_id"].value
+        assert "generated_reports.png" in [a.path for a in client.list_artifacts(gen_run)]
         rm = pl.read_parquet(rmats["report_metrics"].metadata["path"].value)
         assert rm.filter(pl.col("test_labels") == "labeler")["system"].to_list() == ["adapter", "template", "retrieval"]
         rad = gen.filter(pl.col("radiologist_labelled")).height
