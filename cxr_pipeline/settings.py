@@ -258,10 +258,11 @@ class Paths:
     def report_pairs(self) -> Path:
         return self.reports / "report_pairs.parquet"
 
-    def tiny_base_dir(self, width: int = 1, pretrain_steps: int = 0) -> Path:
-        """The tiny offline Mllamas of this width, their language model pretrained for ``pretrain_steps`` (0: none): one
-        per training split, in a folder named by its digest (``tiny_base.ensure_tiny_base``)."""
-        return self.reports / "tiny_base" / f"w{width}_lm{pretrain_steps}"
+    def tiny_base_dir(self, width: int = 1, pretrain_steps: int = 0, vision_steps: int = 0) -> Path:
+        """The tiny offline Mllamas of this width, their language model pretrained for ``pretrain_steps`` and their
+        vision tower for ``vision_steps`` (0: none): one per training split, in a folder named by its digest
+        (``tiny_base.ensure_tiny_base``)."""
+        return self.reports / "tiny_base" / (f"w{width}_lm{pretrain_steps}" + (f"_v{vision_steps}" if vision_steps else ""))
 
     @property
     def adapter(self) -> Path:

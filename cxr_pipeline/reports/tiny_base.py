@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cxr_pipeline.reports.prompts import INSTRUCTION, MllamaCollator, user_prompt
+from cxr_pipeline.labels import LABELS
+from cxr_pipeline.reports.labeler import label_reports
+from cxr_pipeline.reports.prompts import INSTRUCTION, MllamaCollator, to_rgb, user_prompt
 from cxr_pipeline.vision.train import resolve_precision
 
 SPECIAL_TOKENS = (
@@ -170,6 +172,61 @@ def pretrain_language(base_dir: Path, texts: Sequence[str], steps: int, lr: floa
     model.save_pretrained(str(base_dir))
 
 
+def report_targets(texts: Sequence[str]) -> np.ndarray:
+    """The 14 labels the report labeler reads in each report, as training targets (n, 14): positive 1, negative or
+    not mentioned 0, uncertain NaN (left out of the loss)."""
+    labels, _bad = label_reports(texts)
+    value = {1.0: 1.0, 0.0: 0.0, -1.0: np.nan, None: 0.0}
+    return np.array([[value[row[name]] for name in LABELS] for row in labels], dtype=np.float32)
+
+
+def pretrain_vision(
+    base_dir: Path, images: Sequence, texts: Sequence[str], steps: int, lr: float = 1e-3, batch: int = 16, seed: int = 0
+) -> list[float]:
+    """Train a tiny base's vision tower to see what the training reports say: multi-label classification of each
+    training image against the labels the report labeler reads in its report (``report_targets``), through a
+    linear head on the tower's mean patch state that is thrown away after. Returns the losses.
+
+    The replica's stand-in for what the 11B's pretrained vision encoder brings: Llama-3.2-Vision's tower arrives
+    having learnt from billions of images; a random tiny one hands the text random features, and an adapter given
+    minutes has to learn to see and to write at once. Only the tower trains (not the projector, the language model
+    or its cross-attention layers); only training images and reports are given (the caller's training rows, keyed
+    by ``training_digest``). Saved in place.
+    """
+    import torch
+    from transformers import MllamaForConditionalGeneration, MllamaProcessor
+
+    targets = torch.from_numpy(report_targets(texts))
+    processor = MllamaProcessor.from_pretrained(str(base_dir))
+    model = MllamaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32)
+    tower = model.model.vision_model
+    for param in model.parameters():
+        param.requires_grad = False
+    for param in tower.parameters():
+        param.requires_grad = True
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(model.config.vision_config.vision_output_dim, targets.shape[1])
+    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=lr)
+    rng, losses = np.random.default_rng(seed), []
+    tower.train()
+    for _ in range(steps):
+        idx = rng.integers(0, len(texts), batch)
+        pix = processor.image_processor(images=[[to_rgb(np.asarray(images[i]))] for i in idx], return_tensors="pt")
+        states = tower(
+            pixel_values=pix["pixel_values"], aspect_ratio_ids=pix["aspect_ratio_ids"], aspect_ratio_mask=pix["aspect_ratio_mask"]
+        ).last_hidden_state  # (batch, images, tiles, patches, dim)
+        logits = head(states.mean(dim=(1, 2, 3)))
+        y = targets[idx]
+        known = ~torch.isnan(y)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], y[known])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    model.save_pretrained(str(base_dir))
+    return losses
+
+
 def training_digest(rows: pl.DataFrame) -> str:
     """The identity of the data a tiny base is built from: SHA-256 of the training rows' ``dicom_id``, ``study_id``
     and report ``text``, in ``dicom_id`` order. Only training rows may be given (a row of another split is an error):
@@ -185,25 +242,45 @@ def training_digest(rows: pl.DataFrame) -> str:
     return h.hexdigest()
 
 
-def ensure_tiny_base(family_dir: Path, texts: Sequence[str], digest: str, width: int = 1, pretrain_steps: int = 0, log=None) -> Path:
+def ensure_tiny_base(
+    family_dir: Path,
+    texts: Sequence[str],
+    digest: str,
+    width: int = 1,
+    pretrain_steps: int = 0,
+    log=None,
+    vision_steps: int = 0,
+    images: Sequence | None = None,
+) -> Path:
     """The tiny offline base of this width and pretraining, built from the training data ``digest`` names
     (``training_digest``), in ``family_dir / <digest[:16]>``: built once (atomically: a killed build leaves no half
     base behind), then reused while the training split is the same. Bases of earlier data stay (an adapter's card
-    names the base it was trained on)."""
+    names the base it was trained on). ``vision_steps`` > 0 pretrains the vision tower on ``images`` (aligned with
+    ``texts``) first (``pretrain_vision``)."""
     import shutil
 
     out_dir = Path(family_dir) / digest[:16]
     if (out_dir / TINY_MARKER).exists():
         return out_dir
+    if vision_steps and (images is None or len(images) != len(texts)):
+        raise ValueError(f"vision pretraining needs one image per training report ({len(texts)} reports)")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if log:
-        log(f"building the tiny offline Mllama base (width {width}, {pretrain_steps} language pretraining steps) in {out_dir}")
+        log(
+            f"building the tiny offline Mllama base (width {width}, {pretrain_steps} language and {vision_steps} vision "
+            f"pretraining steps) in {out_dir}"
+        )
     build_tiny_base(tmp, texts, width=width)
+    extra: dict = {}
+    if vision_steps:
+        losses = pretrain_vision(tmp, images, list(texts), vision_steps)
+        extra = {"vision_loss_first": losses[0], "vision_loss_last": float(np.mean(losses[-10:]))}
     if pretrain_steps:
         pretrain_language(tmp, [t for t in texts if t], pretrain_steps)
     marker = json.loads((tmp / TINY_MARKER).read_text())
-    (tmp / TINY_MARKER).write_text(json.dumps({**marker, "width": width, "pretrain_steps": pretrain_steps, "training_digest": digest}))
+    marker.update(width=width, pretrain_steps=pretrain_steps, vision_steps=vision_steps, training_digest=digest, **extra)
+    (tmp / TINY_MARKER).write_text(json.dumps(marker))
     tmp.replace(out_dir)
     return out_dir
 
@@ -230,7 +307,9 @@ def base_info(base_dir: Path) -> dict:
     if marker.exists():
         m = json.loads(marker.read_text())
         return {
-            "base_model": f"cxr-tiny-mllama w{m.get('width', 1)} lm{m.get('pretrain_steps', 0)} (random init, built offline)",
+            "base_model": f"cxr-tiny-mllama w{m.get('width', 1)} lm{m.get('pretrain_steps', 0)}"
+            + (f" v{m['vision_steps']}" if m.get("vision_steps") else "")
+            + " (random init, built offline)",
             "base_revision": m.get("seed", 0),
             "base_training_digest": m.get("training_digest", "")[:16],
         }

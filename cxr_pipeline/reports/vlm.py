@@ -48,6 +48,11 @@ class AdapterConfig:
         0,
         "optimizer steps of language pretraining of the tiny base on the training reports, images blank (a stand-in for a pretrained base)",
     )
+    tiny_vision_pretrain_steps: int = setting(
+        0,
+        "optimizer steps of vision pretraining of the tiny base: its tower classifies the training images against the labeler's labels"
+        " of their reports (a stand-in for a pretrained vision encoder)",
+    )
     size: int | None = setting(
         None, "shard size (px) the images are read at", auto="the base's tile (560 for the 11B, 56 for the tiny base)"
     )
@@ -94,13 +99,16 @@ class GenerateConfig:
         at_least_one(self, "max_new_tokens", "max_test_pairs", "batch_size")
 
 
-def ensure_base(cfg: AdapterConfig, tiny_dir: Path, texts: Sequence[str], digest: str, log=None) -> Path:
+def ensure_base(cfg: AdapterConfig, tiny_dir: Path, texts: Sequence[str], digest: str, log=None, images: Sequence | None = None) -> Path:
     """The base a resolved ``cfg`` names: the tiny offline base (under ``tiny_dir``, one per training split: built
-    from ``texts`` with the config's width and language pretraining when the split ``digest`` names has none,
-    ``tiny_base.ensure_tiny_base``), or a local directory that must exist (nothing is downloaded)."""
+    from ``texts`` (and, for vision pretraining, their ``images``) with the config's width and pretraining when the
+    split ``digest`` names has none, ``tiny_base.ensure_tiny_base``), or a local directory that must exist (nothing
+    is downloaded)."""
     base = Path(str(cfg.base))
     if base == Path(tiny_dir):
-        return ensure_tiny_base(base, texts, digest, cfg.tiny_width, cfg.tiny_pretrain_steps, log)
+        return ensure_tiny_base(
+            base, texts, digest, cfg.tiny_width, cfg.tiny_pretrain_steps, log, vision_steps=cfg.tiny_vision_pretrain_steps, images=images
+        )
     if not base.is_dir():
         raise FileNotFoundError(f"{base}: base model directory not found (nothing is downloaded; set CXR_VLM_BASE to a local copy)")
     return base

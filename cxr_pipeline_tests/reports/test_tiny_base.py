@@ -56,3 +56,40 @@ def test_a_changed_training_split_builds_a_new_base_and_the_same_one_reuses_it(t
     vocab = json.loads((second / "tokenizer.json").read_text())["model"]["vocab"]
     assert any("edema" in token for token in vocab)  # its tokenizer learned the new reports' words
     assert tiny_base.base_info(second)["base_training_digest"] == tiny_base.training_digest(changed)[:16]
+
+
+def test_report_targets_read_the_labelers_labels():
+    from cxr_pipeline.labels import LABELS
+
+    targets = tiny_base.report_targets(["Small left pleural effusion.", "No pneumothorax.", "Possible pneumonia.", ""])
+    col = {name: j for j, name in enumerate(LABELS)}
+    assert targets.shape == (4, len(LABELS))
+    assert targets[0, col["Pleural Effusion"]] == 1 and targets[1, col["Pneumothorax"]] == 0
+    assert targets[2, col["Pneumonia"]] != targets[2, col["Pneumonia"]]  # uncertain: NaN, out of the loss
+    assert (targets[3] == 0).all()  # nothing mentioned: negative
+
+
+def test_vision_pretraining_teaches_the_tower_only_on_the_training_images(tmp_path):
+    """A bright disc where the report says effusion, none where it says clear: the tower's loss falls; only the
+    vision tower's weights change; the marker records it; a base asked for it without images is refused."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    disc = ((yy - 44) ** 2 + (xx - 20) ** 2 < 120).astype(np.float32)
+    texts = ["Large left pleural effusion." if i % 2 else "The lungs are clear." for i in range(32)]
+    images = [np.clip(rng.normal(90, 20, (64, 64)) + 120 * disc * (i % 2), 0, 255).astype(np.uint8) for i in range(32)]
+    rows = pl.DataFrame({"dicom_id": [f"d{i}" for i in range(32)], "study_id": list(range(32)), "text": texts})
+    digest = tiny_base.training_digest(rows)
+    with pytest.raises(ValueError, match="one image per training report"):
+        tiny_base.ensure_tiny_base(tmp_path / "v", texts, digest, vision_steps=5)
+    plain = tiny_base.ensure_tiny_base(tmp_path / "plain", texts, digest)
+    seen = tiny_base.ensure_tiny_base(tmp_path / "v", texts, digest, vision_steps=40, images=images)
+    marker = json.loads((seen / tiny_base.TINY_MARKER).read_text())
+    assert marker["vision_steps"] == 40 and marker["vision_loss_last"] < 0.7 * marker["vision_loss_first"]
+    before, after = load_file(plain / "model.safetensors"), load_file(seen / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("vision_model" in k for k in changed)
+    assert tiny_base.base_info(seen)["base_model"].startswith("cxr-tiny-mllama w1 lm0 v40")
