@@ -171,7 +171,8 @@ def generated_reports(
         if sheet is not None:
             run.log_artifact(sheet)
     md = {"prompt_variant": variant, "decoding": "greedy" if cfg.num_beams == 1 else f"beam {cfg.num_beams}"}
-    md["report_sheet"] = inline_png(sheet, f"{SHEET_STUDIES} test studies: image, reference, generated") if sheet else "no test study"
+    shown = min(SHEET_STUDIES, out["study_id"].n_unique())
+    md["report_sheet"] = inline_png(sheet, f"{shown} test studies: image, reference, generated") if sheet else "no test study"
     md.update(examples=table_metadata(out.head(5)), **resolved_metadata(cfg))
     return dg.Output(out, metadata=asset_metadata(run, **md))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -228,8 +229,9 @@ def pretrain_vision(
 
 
 def training_digest(rows: pl.DataFrame) -> str:
-    """The identity of the data a tiny base is built from: SHA-256 of the training rows' ``dicom_id``, ``study_id``
-    and report ``text``, in ``dicom_id`` order. Only training rows may be given (a row of another split is an error):
+    """The identity of the data a tiny base is built from: SHA-256 of the training rows' ``dicom_id``, ``study_id``,
+    report ``text`` and, where the rows carry it (rows read from the shards do), the image's ``content_hash``, in
+    ``dicom_id`` order. Only training rows may be given (a row of another split is an error):
     the base's tokenizer and pretraining see the training split only, and a changed training split (new patients,
     a corrected report) keys a new base rather than reusing one trained on the old reports."""
     if "split" in rows.columns:
@@ -237,8 +239,9 @@ def training_digest(rows: pl.DataFrame) -> str:
         if other.height:
             raise ValueError(f"training_digest: {other.height} rows are not in the training split (first: {other['dicom_id'][0]})")
     h = hashlib.sha256()
-    for dicom_id, study_id, text in rows.select("dicom_id", "study_id", "text").sort("dicom_id").iter_rows():
-        h.update(f"{dicom_id}\t{study_id}\t{text or ''}\n".encode())
+    columns = ["dicom_id", "study_id", "text"] + (["content_hash"] if "content_hash" in rows.columns else [])
+    for row in rows.select(columns).sort("dicom_id").iter_rows():
+        h.update(json.dumps([str(v) if v is not None else None for v in row]).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -264,7 +267,7 @@ def ensure_tiny_base(
         return out_dir
     if vision_steps and (images is None or len(images) != len(texts)):
         raise ValueError(f"vision pretraining needs one image per training report ({len(texts)} reports)")
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")  # this process's own: two builders never share one
     shutil.rmtree(tmp, ignore_errors=True)
     if log:
         log(
@@ -281,7 +284,12 @@ def ensure_tiny_base(
     marker = json.loads((tmp / TINY_MARKER).read_text())
     marker.update(width=width, pretrain_steps=pretrain_steps, vision_steps=vision_steps, training_digest=digest, **extra)
     (tmp / TINY_MARKER).write_text(json.dumps(marker))
-    tmp.replace(out_dir)
+    try:
+        tmp.replace(out_dir)
+    except OSError:
+        if not (out_dir / TINY_MARKER).exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process built the same base first: its copy is as good
     return out_dir
 
 

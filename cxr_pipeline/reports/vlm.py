@@ -12,7 +12,10 @@ bitsandbytes can, LoRA, TRL's SFTTrainer) runs on a CPU in seconds.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +195,21 @@ def read_adapter_card(adapter_dir: Path) -> dict:
     return json.loads(f.read_text())
 
 
+RESUME_STAMP = "cxr_resume_key.txt"
+
+
+def resume_key(base_dir: Path, cfg: AdapterConfig, pairs: TrainingPairs) -> str:
+    """What a checkpoint must have been written for to be resumed: the base's folder (the tiny base's is named by
+    its training split's digest), the whole recipe, and every training pair's prompt and report in order (the
+    images are read by the pairs' rows: a changed image under the same row and text is not seen here)."""
+    h = hashlib.sha256(
+        json.dumps({"base": str(Path(base_dir).resolve()), "config": dataclasses.asdict(cfg)}, sort_keys=True, default=str).encode()
+    )
+    for prompt, report in zip(pairs.prompts, pairs.reports, strict=True):
+        h.update(json.dumps([prompt, report]).encode())
+    return h.hexdigest()
+
+
 def train_adapter(
     base_dir: Path,
     train_examples: Sequence[dict],
@@ -296,14 +314,25 @@ def train_adapter(
             if param.requires_grad and param.dtype == torch.bfloat16:
                 param.data = param.data.to(compute_dtype(device))
     last = None
+    key = resume_key(base_dir, cfg, pairs)
+    stamp = ckpt_dir / RESUME_STAMP
+    if ckpt_dir.exists() and (not stamp.exists() or stamp.read_text() != key):
+        # checkpoints of another base, recipe or training set (a finished run's last one, or a killed run's before a
+        # data change): resuming would hand the new run the old weights, and at max_steps train nothing
+        shutil.rmtree(ckpt_dir)
+        if log:
+            log(f"checkpoints in {ckpt_dir} were written for another base, recipe or training set: not resumed")
     if ckpt_dir.exists():
         cks = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         last = str(cks[-1]) if cks else None
         if last and log:
             log(f"resuming from {last}")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(key)
     trainer.train(resume_from_checkpoint=last)
     model.save_pretrained(str(adapter_dir))
     processor.save_pretrained(str(adapter_dir))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the next materialization trains afresh
 
     config = record(cfg) if cfg.base is not None and cfg.size is not None else None  # a resolved config is recorded whole
     card = {"base": str(base_dir), "quantize": cfg.quantize, **base_info(base_dir), "config": config, **(card or {})}

@@ -217,3 +217,25 @@ def test_lr_schedule_reaches_the_trainer(base, tmp_path):
     assert rates["linear"][1] == pytest.approx(1e-3) and rates["linear"][-1] < 0.5e-3
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         vlm.AdapterConfig(lr_schedule="cosine")
+
+
+def test_checkpoints_of_another_training_set_are_not_resumed(base, tmp_path):
+    """A finished run leaves no checkpoint; a checkpoint left for another base, recipe or training set (a data
+    change) is not resumed: the new run trains every step from the start. The key a checkpoint must match changes
+    with the pairs and the recipe, not between two identical calls."""
+    import torch
+
+    adapter, ckpt = tmp_path / "adapter", tmp_path / "ckpt"
+    cfg = vlm.AdapterConfig(max_steps=4, batch_size=4, accumulation=1, lr=2e-3, warmup_steps=0)
+    steps = lambda res: sum(1 for h in res["log_history"] if "loss" in h)  # noqa: E731
+    first = vlm.train_adapter(base, examples(8), cfg, adapter, ckpt, device=torch.device("cpu"))
+    assert steps(first) == 4 and not ckpt.exists()
+    other = [{**e, "report": TEXTS[0]} for e in examples(8)]
+    ckpt.mkdir()  # what a run on the old reports left: its final checkpoint, at max_steps
+    (ckpt / vlm.RESUME_STAMP).write_text(vlm.resume_key(base, cfg, vlm.TrainingPairs.from_examples(examples(8))))
+    (ckpt / "checkpoint-4").mkdir()
+    again = vlm.train_adapter(base, other, cfg, adapter, ckpt, device=torch.device("cpu"))
+    assert again["resumed_from"] is None and steps(again) == 4
+    key = vlm.resume_key(base, cfg, vlm.TrainingPairs.from_examples(other))
+    assert key == vlm.resume_key(base, cfg, vlm.TrainingPairs.from_examples(other))
+    assert key != vlm.resume_key(base, vlm.AdapterConfig(max_steps=5), vlm.TrainingPairs.from_examples(other))
