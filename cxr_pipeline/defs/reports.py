@@ -24,7 +24,7 @@ from cxr_pipeline.reports.labeler import labeler_version
 from cxr_pipeline.reports.metrics import SHOWN, score_reports, side_by_side_markdown
 from cxr_pipeline.reports.pairs import build_pairs, splits_by_study_ok
 from cxr_pipeline.reports.prompts import hint_source
-from cxr_pipeline.reports.sheet import SHEET_STUDIES, report_sheet
+from cxr_pipeline.reports.sheet import report_sheet, sheet_rows
 from cxr_pipeline.reports.tiny_base import training_digest
 from cxr_pipeline.reports.vlm import AdapterConfig, adapter_training_set, base_info, ensure_base, report_token_budget, train_adapter
 
@@ -171,8 +171,9 @@ def generated_reports(
         if sheet is not None:
             run.log_artifact(sheet)
     md = {"prompt_variant": variant, "decoding": "greedy" if cfg.num_beams == 1 else f"beam {cfg.num_beams}"}
-    shown = min(SHEET_STUDIES, out["study_id"].n_unique())
-    md["report_sheet"] = inline_png(sheet, f"{shown} test studies: image, reference, generated") if sheet else "no test study"
+    md["report_sheet"] = (
+        inline_png(sheet, f"{len(sheet_rows(out))} test studies: image, reference, generated") if sheet else "no test study"
+    )
     md.update(examples=table_metadata(out.head(5)), **resolved_metadata(cfg))
     return dg.Output(out, metadata=asset_metadata(run, **md))
 

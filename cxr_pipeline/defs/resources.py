@@ -227,7 +227,8 @@ def warm_up(instance: dg.DagsterInstance, run: dg.DagsterRun | None) -> list[str
     if run is None or not run.execution_plan_snapshot_id:
         return []
     plan = instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
-    steps = [step for step in plan.steps if step.key in set(plan.step_keys_to_execute or [])]
+    todo = set(plan.step_keys_to_execute or [])
+    steps = [step for step in plan.steps if step.key in todo]
     if len(steps) != 1:
         return []
     modules = list(dict.fromkeys((steps[0].tags or {}).get(WARM_TAG, "").split()))
