@@ -28,7 +28,7 @@ device (tokens/s, peak memory).
 recipe is a ``pipeline.yaml`` (``benchmarks/recipes/learning.yaml``: copied to a CXR_HOME's ``pipeline.yaml``,
 the pipeline trains the same adapter), resolved by ``cxr_pipeline.config`` exactly as a run resolves it.
 Two replicas (600 patients each, every frontal image), each in its own CXR_HOME under the work folder: the
-choice replica (``--choice-replica-seed``, 0) and a fresh test replica (``--replica-seed``, 1) that no
+choice replica (``--choice-replica-seed``, 0) and a fresh test replica (``--replica-seed``, 2; 1 before #48) that no
 candidate was chosen on. For each, the manifest, the shards at the report model's size and the report pairs
 are computed with the calls the assets make, and the tiny base of the recipe's width and language
 pretraining (``reports.vlm.ensure_base``) on that replica's training reports. References: the replica's
@@ -607,7 +607,9 @@ def main() -> int:
     ap.add_argument("--patients", type=int, default=600, help="replica patients (--learning; a quick trial: fewer)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm on test (--learning)")
     ap.add_argument("--choice-replica-seed", type=int, default=0, help="the replica the candidates are chosen on (--learning)")
-    ap.add_argument("--replica-seed", type=int, default=1, help="the fresh replica the chosen recipe is tested on (--learning)")
+    ap.add_argument(
+        "--replica-seed", type=int, default=2, help="the fresh replica the chosen recipe is tested on (--learning; 1 was 2026-12-03's)"
+    )
     ap.add_argument(
         "--reverse",
         action="store_true",

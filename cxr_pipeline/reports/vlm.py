@@ -336,6 +336,8 @@ def train_adapter(
 
     config = record(cfg) if cfg.base is not None and cfg.size is not None else None  # a resolved config is recorded whole
     card = {"base": str(base_dir), "quantize": cfg.quantize, **base_info(base_dir), "config": config, **(card or {})}
+    # this run's training time (a resumed run: since it resumed), which the demo's 120 s budget is read against
+    card.update(train_seconds=round(time.monotonic() - started, 1), steps=trainer.state.global_step)
     write_adapter_card(adapter_dir, card)
     return {"log_history": trainer.state.log_history, "resumed_from": last}
 
