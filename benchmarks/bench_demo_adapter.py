@@ -8,14 +8,14 @@ demo runs, on a replica no demo figure comes from:
     CXR_HOME=<that instance> python benchmarks/bench_demo_adapter.py
 
 For each candidate in ``recipes/candidates/demo.yaml`` (a ``report_adapter`` overlay on the demo's run config,
-read from the instance's ``pipeline.yaml``), the adapter is trained as the ``report_adapter`` asset trains it
+``demo.demo_config``: recipes/demo.yaml at the demo's shard size), the adapter is trained as the ``report_adapter`` asset trains it
 (``adapter_training_set`` with the instance's hints, ``ensure_base``, ``train_adapter``) in a folder of its own,
 its base built afresh there and timed with the training (the demo builds its base too); then the validate
 split's reports are written with the classifiers' findings in the prompt and scored, as ``report_metrics`` scores
 the test split: CE micro-F1 against the labeler on the reference reports, beside the template's on the same
 reports, with the paired patient-bootstrap interval of adapter minus template. A candidate whose base and training
 took over ``--budget`` seconds (120) cannot be chosen (its time stays in the record). The choice is
-``reports.learning_check.choose_candidate`` over the eligible candidates' validate CE micro-F1; the scores, seconds
+``reports.learning_check.choose_within_budget`` (the best validate CE micro-F1 among those within the budget); the scores, seconds
 and the instance's replica go to ``<work>/demo-validate.json`` (committed as
 ``recipes/candidates/demo-validate.json``; ``test_config`` re-runs the choice on it and checks that
 ``recipes/demo.yaml``, what the demo runs, holds the winner). Timings are of this machine under whatever else ran:
@@ -40,10 +40,12 @@ RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
 def _instance_digest(p) -> str:
-    """What the runs depend on: the instance's report pairs, hints and pipeline.yaml, and the code that trains and writes
+    """What the runs depend on: the instance's report pairs and hints, the demo's settings, and the code that trains and writes
     reports (``cxr_pipeline/reports``, the config and the shard reader; an edit elsewhere does not retrain)."""
-    h = hashlib.sha256()
-    for f in (p.report_pairs, p.report_hints, p.pipeline_config):
+    from cxr_pipeline.demo import demo_config
+
+    h = hashlib.sha256(json.dumps(demo_config(), sort_keys=True).encode())  # the settings every candidate overlays
+    for f in (p.report_pairs, p.report_hints):
         h.update(f.read_bytes())
     package = Path(__file__).resolve().parent.parent / "cxr_pipeline"
     for f in sorted([*(package / "reports").rglob("*.py"), package / "config.py", package / "data" / "shard_reader.py"]):
@@ -57,13 +59,14 @@ def _candidate(p, name: str, overlay: dict, work: Path, val, hints, device) -> d
 
     from cxr_pipeline.config import resolve
     from cxr_pipeline.data.shard_reader import Shards
+    from cxr_pipeline.demo import demo_config
     from cxr_pipeline.reports.tiny_base import training_digest
     from cxr_pipeline.reports.vlm import adapter_training_set, ensure_base, generate_reports, train_adapter
 
     folder = work / name
     shutil.rmtree(folder, ignore_errors=True)
     tiny = folder / "tiny-base"  # a base of its own, built (and timed) as the demo builds its own
-    cfg = resolve(p, "report_adapter", explicit={**overlay, "base": str(tiny)})
+    cfg = resolve(p, "report_adapter", explicit={**demo_config()["report_adapter"], **overlay, "base": str(tiny)})
     shards = Shards.open(p.shard_root(cfg.size), cfg.size)
     pairs = pl.read_parquet(p.report_pairs)
     examples, rows, variant = adapter_training_set(pairs, shards, cfg, hints)
@@ -86,9 +89,10 @@ def main() -> int:
 
     from cxr_pipeline.config import resolve
     from cxr_pipeline.data.shard_reader import Shards, load_images
+    from cxr_pipeline.demo import demo_config
     from cxr_pipeline.files import atomic_path
     from cxr_pipeline.reports.baselines import baseline_reports
-    from cxr_pipeline.reports.learning_check import choose_candidate
+    from cxr_pipeline.reports.learning_check import choose_within_budget
     from cxr_pipeline.reports.metrics import clinical_efficacy, report_intervals
     from cxr_pipeline.reports.prompts import prompts_for
     from cxr_pipeline.settings import paths
@@ -107,8 +111,9 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     digest = _instance_digest(p)
     pairs, hints = pl.read_parquet(p.report_pairs), pl.read_parquet(p.report_hints)
-    gen = resolve(p, "generated_reports", derived={"max_new_tokens": lambda: 48})
-    size = resolve(p, "report_adapter").size
+    demo = demo_config()  # the demo's settings (recipes/demo.yaml for the adapter), whatever the instance ran
+    gen = resolve(p, "generated_reports", explicit=demo["generated_reports"], derived={"max_new_tokens": lambda: 48})
+    size = resolve(p, "report_adapter", explicit=demo["report_adapter"]).size
     rows = pairs.filter(pl.col("split") == "validate").sort("dicom_id")
     images, rows = load_images(Shards.open(p.shard_root(size), size), rows)
     prompts, _ = prompts_for(rows, hints, True)
@@ -153,8 +158,7 @@ def main() -> int:
     if len(scores) < len(candidates):
         print("not every candidate has run: no choice", flush=True)
         return 1
-    eligible = {n: s for n, s in scores.items() if seconds[n] <= args.budget}
-    winner = choose_candidate(eligible)
+    winner = choose_within_budget(scores, seconds, args.budget)
     record = {
         "instance": str(p.home),
         "data": digest,

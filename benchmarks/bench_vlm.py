@@ -403,7 +403,7 @@ class _Runs:
         from cxr_pipeline.reports.vlm import ensure_base, generate_reports, report_token_budget, train_adapter
 
         ex = self.examples
-        tiny = self.p.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps, cfg.tiny_vision_pretrain_steps)
+        tiny = self.p.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps, cfg.tiny_vision_pretrain_steps, cfg.tiny_instruct_steps)
         with _locked(tiny.with_name(tiny.name + ".lock")):
             base = ensure_base(cfg, tiny, ex.reports, self.base_digest, log=log, images=ex.images)
         gen = resolve(self.p, "generated_reports", derived={"max_new_tokens": lambda: report_token_budget(base, ex.reports)})

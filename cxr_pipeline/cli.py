@@ -210,7 +210,8 @@ def parser() -> argparse.ArgumentParser:
         "--adapter-recipe",
         choices=ADAPTER_RECIPES,
         default=DEMO_ADAPTER_RECIPE,
-        help="the report adapter's recipe: short (a pipeline check), or learning (benchmarks/recipes/learning.yaml)",
+        help="the report adapter's recipe: demo (benchmarks/recipes/demo.yaml, chosen on validate within 120 s), or learning"
+        " (benchmarks/recipes/learning.yaml, the learning check's: about 20 minutes here)",
     )
     d.set_defaults(fn=_demo)
 

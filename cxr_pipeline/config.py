@@ -172,7 +172,7 @@ def _resolve_adapter(cfg, paths: Paths, derived):
 
     base, tiny = _adapter_base(cfg)
     if tiny:
-        base = str(paths.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps, cfg.tiny_vision_pretrain_steps))
+        base = str(paths.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps, cfg.tiny_vision_pretrain_steps, cfg.tiny_instruct_steps))
     size = cfg.size or base_tile_size(None if tiny else base)
     return dataclasses.replace(cfg, base=base, size=size)
 

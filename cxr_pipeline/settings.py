@@ -258,11 +258,16 @@ class Paths:
     def report_pairs(self) -> Path:
         return self.reports / "report_pairs.parquet"
 
-    def tiny_base_dir(self, width: int = 1, pretrain_steps: int = 0, vision_steps: int = 0) -> Path:
-        """The tiny offline Mllamas of this width, their language model pretrained for ``pretrain_steps`` and their
-        vision tower for ``vision_steps`` (0: none): one per training split, in a folder named by its digest
-        (``tiny_base.ensure_tiny_base``)."""
-        return self.reports / "tiny_base" / (f"w{width}_lm{pretrain_steps}" + (f"_v{vision_steps}" if vision_steps else ""))
+    def tiny_base_dir(self, width: int = 1, pretrain_steps: int = 0, vision_steps: int = 0, instruct_steps: int = 0) -> Path:
+        """The tiny offline Mllamas of this width, their language model pretrained for ``pretrain_steps``, their
+        vision tower for ``vision_steps`` and taught to write from a findings list for ``instruct_steps`` (0: none):
+        one per training split, in a folder named by its digest (``tiny_base.ensure_tiny_base``)."""
+        name = (
+            f"w{width}_lm{pretrain_steps}"
+            + (f"_v{vision_steps}" if vision_steps else "")
+            + (f"_i{instruct_steps}" if instruct_steps else "")
+        )
+        return self.reports / "tiny_base" / name
 
     @property
     def adapter(self) -> Path:

@@ -293,8 +293,29 @@ def test_the_learning_recipe_holds_the_candidate_chosen_on_validate(cxr_home):
     assert F.record(C.resolve(paths(), "report_adapter")) == resolved[winner]
 
 
+def test_the_demo_recipe_holds_the_candidate_chosen_on_validate_within_the_budget(cxr_home):
+    """bench_demo_adapter.py chooses the demo's adapter recipe among recipes/candidates/demo.yaml on the validate split of
+    a demo-sized replica, among the candidates whose base and training fit the demo's budget, and records the scores
+    and seconds (recipes/candidates/demo-validate.json); the choice is re-run here on them, and the demo's config (what
+    `make demo` runs, read from recipes/demo.yaml) must hold the winner. Every candidate resolves and was scored."""
+    from cxr_pipeline.demo import DEMO_ADAPTER_BUDGET_S, demo_config
+    from cxr_pipeline.reports.learning_check import choose_within_budget, recipe_holds
+
+    folder = ROOT / "benchmarks" / "recipes" / "candidates"
+    candidates = yaml.safe_load((folder / "demo.yaml").read_text())["candidates"]
+    record = json.loads((folder / "demo-validate.json").read_text())
+    assert list(record["validate_ce_micro14_f1"]) == list(candidates), "the recorded scores are not those of the candidates file"
+    assert record["budget_s"] == DEMO_ADAPTER_BUDGET_S
+    write_pipeline_config(paths(), demo_config(), "test")
+    resolved = {name: F.record(C.resolve(paths(), "report_adapter", overlay)) for name, overlay in candidates.items()}
+    assert len({json.dumps(r, sort_keys=True, default=str) for r in resolved.values()}) == len(resolved), "two candidates are the same"
+    winner = choose_within_budget(record["validate_ce_micro14_f1"], record["seconds"], record["budget_s"])
+    assert recipe_holds(C.resolve(paths(), "report_adapter"), candidates[winner]) == []
+    assert F.record(C.resolve(paths(), "report_adapter")) == resolved[winner]
+
+
 def test_the_choice_among_candidates_takes_the_best_and_breaks_ties_by_order():
-    from cxr_pipeline.reports.learning_check import choose_candidate, recipe_holds
+    from cxr_pipeline.reports.learning_check import choose_candidate, choose_within_budget, recipe_holds
 
     assert choose_candidate({"a": 0.30, "b": 0.41, "c": 0.40}) == "b"
     assert choose_candidate({"a": 0.40, "b": 0.41, "c": 0.41}) == "b"  # a tie: the first listed
@@ -306,6 +327,10 @@ def test_the_choice_among_candidates_takes_the_best_and_breaks_ties_by_order():
         lr, target = 5e-4, "language+vision"
 
     assert recipe_holds(Recipe(), {"lr": 5e-4}) == [] and recipe_holds(Recipe(), {"lr": 2e-3}) == ["lr: 0.0005 != 0.002"]
+    # within a budget: the best that fits, not the best
+    assert choose_within_budget({"a": 0.30, "b": 0.41}, {"a": 60, "b": 121}, 120) == "a"
+    with pytest.raises(ValueError, match="no candidate within"):
+        choose_within_budget({"a": 0.30}, {"a": 121}, 120)
 
 
 def test_config_cli_prints_the_resolved_configuration(cxr_home, capsys, monkeypatch):

@@ -116,7 +116,7 @@ def _base(cfg, paths, examples, rows: pl.DataFrame, log) -> Path:
             f"no training pairs with {cfg.size}-px shard images: materialize image_shards (it builds every size its consumers read)"
         )
     try:
-        tiny = paths.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps, cfg.tiny_vision_pretrain_steps)
+        tiny = paths.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps, cfg.tiny_vision_pretrain_steps, cfg.tiny_instruct_steps)
         return ensure_base(cfg, tiny, examples.reports, training_digest(rows), log, images=examples.images)
     except FileNotFoundError as e:
         raise dg.Failure(str(e)) from None

@@ -26,3 +26,12 @@ def recipe_holds(recipe: Any, overlay: Mapping[str, Any]) -> list[str]:
     """The fields of ``overlay`` (a candidate's ``report_adapter`` settings) that the resolved ``recipe``
     does not hold, as ``field: recipe value != candidate value``; empty when the recipe is the candidate."""
     return [f"{k}: {getattr(recipe, k, None)!r} != {v!r}" for k, v in overlay.items() if getattr(recipe, k, None) != v]
+
+
+def choose_within_budget(scores: Mapping[str, float], seconds: Mapping[str, float], budget_s: float) -> str:
+    """``choose_candidate`` among the candidates whose recorded ``seconds`` (base building and training) fit
+    ``budget_s``: the demo's recipe must train in its time, so a better recipe that overran it is not chosen."""
+    eligible = {name: score for name, score in scores.items() if seconds[name] <= budget_s}
+    if not eligible:
+        raise ValueError(f"choose_within_budget: no candidate within {budget_s} s ({dict(seconds)})")
+    return choose_candidate(eligible)

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cxr_pipeline.labels import LABELS
+from cxr_pipeline.labels import LABELS, SLUGS
 from cxr_pipeline.reports.labeler import label_reports
-from cxr_pipeline.reports.prompts import INSTRUCTION, MllamaCollator, to_rgb, user_prompt
+from cxr_pipeline.reports.prompts import INSTRUCTION, MllamaCollator, findings_hint, to_rgb, user_prompt
 from cxr_pipeline.vision.train import resolve_precision
 
 SPECIAL_TOKENS = (
@@ -140,14 +140,23 @@ def build_tiny_base(
     return out_dir
 
 
-def pretrain_language(base_dir: Path, texts: Sequence[str], steps: int, lr: float = 1e-3, batch: int = 16, seed: int = 0) -> None:
+def pretrain_language(
+    base_dir: Path,
+    texts: Sequence[str],
+    steps: int,
+    lr: float = 1e-3,
+    batch: int = 16,
+    seed: int = 0,
+    prompts: Sequence[str] | None = None,
+) -> None:
     """Train a tiny base's language model on the training reports, images blank: a stand-in for what a real base brings.
 
     Llama-3.2-11B-Vision arrives knowing English and radiology phrasing; a random tiny base knows
     nothing, and an adapter given minutes on a CPU spends them learning to spell, then falls back to the
     most frequent sentence whatever the image. Only the language model's own weights train (not the
     vision tower, the projector or the cross-attention layers, which stay as built), so what the image
-    adds is left for the adapter to learn. Saved in place.
+    adds is left for the adapter to learn. ``prompts`` (one per text; default: the instruction alone) is what each
+    report follows (``instruct_prompts``: its own findings list). Saved in place.
     """
     import torch
     from transformers import MllamaForConditionalGeneration, MllamaProcessor
@@ -157,7 +166,8 @@ def pretrain_language(base_dir: Path, texts: Sequence[str], steps: int, lr: floa
     for name, param in model.named_parameters():
         param.requires_grad = "language_model" in name and "cross_attn" not in name
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    collate, blank, prompt = MllamaCollator(processor), np.zeros((8, 8), np.uint8), user_prompt()
+    collate, blank = MllamaCollator(processor), np.zeros((8, 8), np.uint8)
+    prompts = list(prompts) if prompts is not None else [user_prompt()] * len(texts)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     model.train()
@@ -165,13 +175,23 @@ def pretrain_language(base_dir: Path, texts: Sequence[str], steps: int, lr: floa
     # an AVX2-only CPU it is emulated, and 1,500 steps took over 20 minutes instead of about one (2026-12-03)
     bf16 = model.device.type == "cpu" and resolve_precision("auto", model.device) == "bf16"
     for _ in range(steps):
-        batch_ = collate([{"image": blank, "prompt": prompt, "report": texts[i]} for i in rng.integers(0, len(texts), batch)])
+        batch_ = collate([{"image": blank, "prompt": prompts[i], "report": texts[i]} for i in rng.integers(0, len(texts), batch)])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(**batch_).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
     model.save_pretrained(str(base_dir))
+
+
+def instruct_prompts(texts: Sequence[str]) -> list[str]:
+    """For each training report, the prompt an instruction-tuned model would have learnt to follow: the instruction
+    and the findings the labeler reads in that report, in the classifiers' hint format (``findings_hint``,
+    probability 1.00; uncertain and negative mentions left out). Teaching a tiny base to write each report after
+    its own findings (``pretrain_language`` with these) stands in for what the 11B Instruct model arrives with: told
+    of a finding, it writes about it. Only the report's own text goes in; no classifier, no other split."""
+    targets = report_targets(texts)
+    return [user_prompt(findings_hint({s: 1.0 for s, y in zip(SLUGS, row, strict=True) if y == 1.0}, top=len(SLUGS))) for row in targets]
 
 
 def report_targets(texts: Sequence[str]) -> np.ndarray:
@@ -255,12 +275,14 @@ def ensure_tiny_base(
     log=None,
     vision_steps: int = 0,
     images: Sequence | None = None,
+    instruct_steps: int = 0,
 ) -> Path:
     """The tiny offline base of this width and pretraining, built from the training data ``digest`` names
     (``training_digest``), in ``family_dir / <digest[:16]>``: built once (atomically: a killed build leaves no half
     base behind), then reused while the training split is the same. Bases of earlier data stay (an adapter's card
     names the base it was trained on). ``vision_steps`` > 0 pretrains the vision tower on ``images`` (aligned with
-    ``texts``) first (``pretrain_vision``)."""
+    ``texts``) first (``pretrain_vision``); ``instruct_steps`` > 0 then teaches it to write each report after its own
+    findings list (``instruct_prompts``), after any plain language pretraining."""
     import shutil
 
     out_dir = Path(family_dir) / digest[:16]
@@ -272,8 +294,8 @@ def ensure_tiny_base(
     shutil.rmtree(tmp, ignore_errors=True)
     if log:
         log(
-            f"building the tiny offline Mllama base (width {width}, {pretrain_steps} language and {vision_steps} vision "
-            f"pretraining steps) in {out_dir}"
+            f"building the tiny offline Mllama base (width {width}, {pretrain_steps} language, {vision_steps} vision and "
+            f"{instruct_steps} findings-list pretraining steps) in {out_dir}"
         )
     started = time.monotonic()
     build_tiny_base(tmp, texts, width=width)
@@ -283,8 +305,14 @@ def ensure_tiny_base(
         extra = {"vision_loss_first": losses[0], "vision_loss_last": float(np.mean(losses[-10:]))}
     if pretrain_steps:
         pretrain_language(tmp, [t for t in texts if t], pretrain_steps)
+    if instruct_steps:
+        written = [t for t in texts if t]
+        pretrain_language(tmp, written, instruct_steps, prompts=instruct_prompts(written))
     marker = json.loads((tmp / TINY_MARKER).read_text())
-    marker.update(width=width, pretrain_steps=pretrain_steps, vision_steps=vision_steps, training_digest=digest, **extra)
+    marker.update(
+        width=width, pretrain_steps=pretrain_steps, vision_steps=vision_steps, instruct_steps=instruct_steps, training_digest=digest
+    )
+    marker.update(extra)
     marker["build_seconds"] = round(time.monotonic() - started, 1)  # tokenizer, model and pretraining: part of a demo's budget
     (tmp / TINY_MARKER).write_text(json.dumps(marker))
     try:
@@ -320,6 +348,7 @@ def base_info(base_dir: Path) -> dict:
         return {
             "base_model": f"cxr-tiny-mllama w{m.get('width', 1)} lm{m.get('pretrain_steps', 0)}"
             + (f" v{m['vision_steps']}" if m.get("vision_steps") else "")
+            + (f" i{m['instruct_steps']}" if m.get("instruct_steps") else "")
             + " (random init, built offline)",
             "base_revision": m.get("seed", 0),
             "base_training_digest": m.get("training_digest", "")[:16],

@@ -56,6 +56,12 @@ class AdapterConfig:
         "optimizer steps of vision pretraining of the tiny base: its tower classifies the training images against the labeler's labels"
         " of their reports (a stand-in for a pretrained vision encoder)",
     )
+    tiny_instruct_steps: int = setting(
+        0,
+        "optimizer steps teaching the tiny base to write a report from a findings list: each training report after its own"
+        " labeler labels in the prompt's findings format (a stand-in for an instruction-tuned base, which writes about the"
+        " findings it is told of)",
+    )
     size: int | None = setting(
         None, "shard size (px) the images are read at", auto="the base's tile (560 for the 11B, 56 for the tiny base)"
     )
@@ -110,7 +116,15 @@ def ensure_base(cfg: AdapterConfig, tiny_dir: Path, texts: Sequence[str], digest
     base = Path(str(cfg.base))
     if base == Path(tiny_dir):
         return ensure_tiny_base(
-            base, texts, digest, cfg.tiny_width, cfg.tiny_pretrain_steps, log, vision_steps=cfg.tiny_vision_pretrain_steps, images=images
+            base,
+            texts,
+            digest,
+            cfg.tiny_width,
+            cfg.tiny_pretrain_steps,
+            log,
+            vision_steps=cfg.tiny_vision_pretrain_steps,
+            images=images,
+            instruct_steps=cfg.tiny_instruct_steps,
         )
     if not base.is_dir():
         raise FileNotFoundError(f"{base}: base model directory not found (nothing is downloaded; set CXR_VLM_BASE to a local copy)")

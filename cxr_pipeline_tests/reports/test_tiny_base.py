@@ -93,3 +93,35 @@ def test_vision_pretraining_teaches_the_tower_only_on_the_training_images(tmp_pa
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("vision_model" in k for k in changed)
     assert tiny_base.base_info(seen)["base_model"].startswith("cxr-tiny-mllama w1 lm0 v40")
+
+
+def test_instruct_prompts_carry_only_the_reports_own_positive_findings():
+    prompts = tiny_base.instruct_prompts(
+        ["Small right pleural effusion. No pneumothorax.", "Possible pneumonia.", "Moderate cardiomegaly."]
+    )
+    assert [p.split("\n")[1] for p in prompts] == [
+        "Classifier findings: pleural effusion 1.00",  # the negated pneumothorax is not a finding
+        "Classifier findings: none",  # uncertain: left out
+        "Classifier findings: cardiomegaly 1.00",
+    ]
+
+
+def test_a_base_taught_from_findings_lists_writes_about_the_finding_it_is_told_of(tmp_path):
+    """The stand-in for an instruction-tuned base: after findings-list pretraining on the training reports, told of
+    an effusion (in the classifiers' hint format, at a probability it never saw) it writes the effusion report, told
+    of no finding the normal one; the same base without that pretraining does not."""
+    import numpy as np
+
+    from cxr_pipeline.reports.prompts import findings_hint, user_prompt
+    from cxr_pipeline.reports.vlm import generate_reports
+
+    texts = ["Large left pleural effusion.", "The lungs are clear. No pleural effusion."] * 16
+    rows = pl.DataFrame({"dicom_id": [f"d{i}" for i in range(32)], "study_id": list(range(32)), "text": texts})
+    digest = tiny_base.training_digest(rows)
+    told = [user_prompt(findings_hint({"pleural_effusion": 0.83})), user_prompt(findings_hint({"no_finding": 0.71}))]
+    blank = [np.zeros((56, 56), np.uint8)] * 2
+    taught = tiny_base.ensure_tiny_base(tmp_path / "i", texts, digest, instruct_steps=150)
+    assert json.loads((taught / tiny_base.TINY_MARKER).read_text())["instruct_steps"] == 150
+    assert generate_reports(taught, None, blank, told, max_new_tokens=16, quantize=False) == texts[:2]
+    plain = tiny_base.ensure_tiny_base(tmp_path / "p", texts, digest)
+    assert generate_reports(plain, None, blank, told, max_new_tokens=16, quantize=False) != texts[:2]
