@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 
 from cxr_pipeline.labels import LABELS, SLUGS
-from cxr_pipeline.reports.labeler import label_reports
+from cxr_pipeline.reports.labeler import label_reports, labeler_version
 from cxr_pipeline.reports.prompts import INSTRUCTION, MllamaCollator, findings_hint, to_rgb, user_prompt
 from cxr_pipeline.vision.train import resolve_precision
 
@@ -278,14 +278,20 @@ def ensure_tiny_base(
     instruct_steps: int = 0,
 ) -> Path:
     """The tiny offline base of this width and pretraining, built from the training data ``digest`` names
-    (``training_digest``), in ``family_dir / <digest[:16]>``: built once (atomically: a killed build leaves no half
+    (``training_digest``), in ``family_dir / <digest[:16]>`` (with vision or findings-list pretraining, a digest of
+    that, the labeler's version and the hint format): built once (atomically: a killed build leaves no half
     base behind), then reused while the training split is the same. Bases of earlier data stay (an adapter's card
     names the base it was trained on). ``vision_steps`` > 0 pretrains the vision tower on ``images`` (aligned with
     ``texts``) first (``pretrain_vision``); ``instruct_steps`` > 0 then teaches it to write each report after its own
     findings list (``instruct_prompts``), after any plain language pretraining."""
     import shutil
 
-    out_dir = Path(family_dir) / digest[:16]
+    key = digest
+    if vision_steps or instruct_steps:
+        # their targets are the labeler's reading of the reports, and the findings list is the hint's format: a new
+        # labeler or prompt format keys a new base, never one taught the old labels or wording
+        key = hashlib.sha256(f"{digest}|{labeler_version()}|{user_prompt(findings_hint({'pleural_effusion': 1.0}))}".encode()).hexdigest()
+    out_dir = Path(family_dir) / key[:16]
     if (out_dir / TINY_MARKER).exists():
         return out_dir
     if vision_steps and (images is None or len(images) != len(texts)):

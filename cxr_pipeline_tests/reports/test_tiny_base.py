@@ -47,6 +47,7 @@ def test_a_changed_training_split_builds_a_new_base_and_the_same_one_reuses_it(t
     marker = first / tiny_base.TINY_MARKER
     built = marker.stat().st_mtime_ns
     assert json.loads(marker.read_text())["training_digest"] == tiny_base.training_digest(rows)
+    assert json.loads(marker.read_text())["build_seconds"] > 0  # what the demo's budget reads
     assert tiny_base.ensure_tiny_base(family, rows["text"].to_list(), tiny_base.training_digest(rows)) == first
     assert marker.stat().st_mtime_ns == built  # reused, not rebuilt
 
@@ -109,7 +110,7 @@ def test_instruct_prompts_carry_only_the_reports_own_positive_findings():
 def test_a_base_taught_from_findings_lists_writes_about_the_finding_it_is_told_of(tmp_path):
     """The stand-in for an instruction-tuned base: after findings-list pretraining on the training reports, told of
     an effusion (in the classifiers' hint format, at a probability it never saw) it writes the effusion report, told
-    of no finding the normal one; the same base without that pretraining does not."""
+    of no finding the normal one; a base given as many steps of plain language pretraining on the same reports does not."""
     import numpy as np
 
     from cxr_pipeline.reports.prompts import findings_hint, user_prompt
@@ -123,5 +124,6 @@ def test_a_base_taught_from_findings_lists_writes_about_the_finding_it_is_told_o
     taught = tiny_base.ensure_tiny_base(tmp_path / "i", texts, digest, instruct_steps=150)
     assert json.loads((taught / tiny_base.TINY_MARKER).read_text())["instruct_steps"] == 150
     assert generate_reports(taught, None, blank, told, max_new_tokens=16, quantize=False) == texts[:2]
-    plain = tiny_base.ensure_tiny_base(tmp_path / "p", texts, digest)
+    # the control: as many steps of language pretraining on the same reports, the instruction alone before each
+    plain = tiny_base.ensure_tiny_base(tmp_path / "p", texts, digest, pretrain_steps=150)
     assert generate_reports(plain, None, blank, told, max_new_tokens=16, quantize=False) != texts[:2]

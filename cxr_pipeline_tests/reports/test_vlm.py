@@ -66,7 +66,8 @@ def test_tiny_qlora_lowers_loss_and_adapter_round_trips(base, tmp_path, capsys):
     losses = [h["loss"] for h in res["log_history"] if "loss" in h]
     assert len(losses) == 8 and np.mean(losses[-3:]) < np.mean(losses[:3])
     assert "{'loss'" not in capsys.readouterr().out  # per-step dicts go to the log history (MLflow), not the console
-    assert vlm.read_adapter_card(adapter)["quantize"] is True
+    card = vlm.read_adapter_card(adapter)
+    assert card["quantize"] is True and card["steps"] == 8 and 0 < card["train_seconds"] < 600  # what the demo's budget reads
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     assert not (adapter / "model.safetensors").exists()  # the adapter, not the base weights
     model = PeftModel.from_pretrained(vlm.load_base(base, quantize=True), str(adapter))
