@@ -97,6 +97,9 @@ def _check_demo_console(out: subprocess.CompletedProcess, home: Path) -> None:
     assert out.stdout.count("│ Cardiomegaly ") == 1 and "┆ labeler" in out.stdout and "┆ radiologist" in out.stdout
     # calibration beside the AUCs: ECE and Brier before -> after, for the per-finding models
     assert "┆ ece auto" in out.stdout and "┆ brier auto" in out.stdout and " -> " in out.stdout
+    # the report line says what the adapter did, read from its run (card, base marker, paired interval), not typed
+    assert "report adapter: benchmarks/recipes/demo.yaml, " in out.stdout and "? steps" not in out.stdout
+    assert "s of training, its base built in " in out.stdout and "adapter - template CE micro-F1 " in out.stdout
     assert "subgroups (MIMIC-IV demographics" in out.stdout and "planted in the replica: Cardiomegaly" in out.stdout
     # the external validation: the champions on replicas of the three external formats, said to be replicas
     assert "external validation (the project's REPLICAS" in out.stdout and "median change" in out.stdout
