@@ -211,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
         choices=ADAPTER_RECIPES,
         default=DEMO_ADAPTER_RECIPE,
         help="the report adapter's recipe: demo (benchmarks/recipes/demo.yaml, chosen on validate within 120 s), or learning"
-        " (benchmarks/recipes/learning.yaml, the learning check's: about 20 minutes here)",
+        " (benchmarks/recipes/learning.yaml, the learning check's: about 5 minutes more here, an estimate)",
     )
     d.set_defaults(fn=_demo)
 

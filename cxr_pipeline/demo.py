@@ -58,7 +58,7 @@ DEMO_RUN_CONFIG = {
 # demo-sized replica drawn with another seed, the classifiers' findings in the prompt, at most DEMO_ADAPTER_BUDGET_S
 # of base building and training (benchmarks/bench_demo_adapter.py; test_config re-runs the choice on the recorded
 # scores); or "learning", the recipe bench_vlm.py --learning checks (instruction-only prompt, 1,000 steps of a 4x
-# wider base: about 20 minutes here).
+# wider, vision-pretrained base: about 5 minutes more here, an estimate from the learning check's 270 s adapters).
 ADAPTER_RECIPES = ("demo", "learning")
 DEMO_ADAPTER_RECIPE = "demo"
 DEMO_ADAPTER_BUDGET_S = 120
