@@ -30,7 +30,7 @@ the pipeline trains the same adapter), resolved by ``cxr_pipeline.config`` exact
 Two replicas (600 patients each, every frontal image), each in its own CXR_HOME under the work folder: the
 choice replica (``--choice-replica-seed``, 0) and a fresh test replica (``--replica-seed``, 2; 1 before #48) that no
 candidate was chosen on. For each, the manifest, the shards at the report model's size and the report pairs
-are computed with the calls the assets make, and the tiny base of the recipe's width and language
+are computed with the calls the assets make, and the tiny base of the recipe's width and
 pretraining, language and vision (``reports.vlm.ensure_base``) on that replica's training reports. References: the replica's
 CheXpert labels (the planted findings with 2% of labels flipped, as a labeller errs).
 
