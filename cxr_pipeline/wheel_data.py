@@ -1,7 +1,7 @@
 """Real public files that ship inside PyPI's ``torchxrayvision`` wheel, fetched once into a cache.
 
 The wheel's ``torchxrayvision/data/`` holds the IU X-ray reports and the real label files of CheXpert (its
-training split), NIH ChestX-ray14 and PadChest. Their licences forbid copying them into this repository, and no
+training split), NIH ChestX-ray14 (and its radiologists' boxes) and PadChest. Their licences forbid copying them into this repository, and no
 model hub is reachable here, but PyPI is: ``pip download --no-deps`` fetches the wheel, the members asked for are
 extracted into ``$CXR_CACHE`` (default ``~/.cache/cxr_pipeline``, outside the repository, kept between clones) and
 the wheel is deleted. Used by the tests of the report labeller (IU) and the external readers (the label files).
@@ -23,7 +23,8 @@ IU_REPORTS = "NLMCXR_reports.tgz"
 CHEXPERT_TRAIN = "chexpert_train.csv.gz"
 NIH_ENTRIES = "Data_Entry_2017_v2020.csv.gz"
 PADCHEST_LABELS = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"
-MEMBERS = (IU_REPORTS, CHEXPERT_TRAIN, NIH_ENTRIES, PADCHEST_LABELS)
+NIH_BOXES = "BBox_List_2017.csv.gz"
+MEMBERS = (IU_REPORTS, CHEXPERT_TRAIN, NIH_ENTRIES, PADCHEST_LABELS, NIH_BOXES)
 
 
 def cache_dir() -> Path:

@@ -115,12 +115,16 @@ def render(
     view: str,
     findings: dict[str, float],
     anatomy: Anatomy,
+    regions: dict[str, tuple[float, float, float, float]] | None = None,
 ) -> np.ndarray:
     """A radiograph of ``rows`` x ``cols``, brightness in [0, 1] (float32).
 
     ``findings`` maps CheXpert labels to a strength in [0, 1.2] (0 or absent:
     not present). ``view`` is the ViewPosition; lateral views use a side
     profile, everything else a frontal one (AP: magnified heart, more noise).
+    ``regions``, when given, receives for each localized finding planted in a frontal view (``LOCALIZED``) where it
+    was drawn: its box ``(x, y, w, h)`` in this image's pixels, NIH's box convention (the top-left corner, then width
+    and height). Collecting them draws no random number: the pixels are the same with or without.
     """
     n = min(WORK, max(rows, cols))
     wr, wc = (n, max(8, round(n * cols / rows))) if rows >= cols else (max(8, round(n * rows / cols)), n)
@@ -129,10 +133,13 @@ def render(
     x *= wc / wr if wr >= wc else 1.0
     y *= wr / wc if wc > wr else 1.0
     lateral = view in ("LATERAL", "LL", "XTABLE LATERAL")
+    masks: dict[str, np.ndarray] = {}
     if lateral:
         b = _lateral(rng, x, y, findings, anatomy)
     else:
-        b = _frontal(rng, x, y, findings, anatomy, ap=view.startswith("AP"))
+        b = _frontal(rng, x, y, findings, anatomy, ap=view.startswith("AP"), masks=masks)
+    if regions is not None:
+        regions.update({name: _box(mask, rows, cols) for name, mask in masks.items() if mask.any()})
     b += rng.normal(0, 0.012, b.shape).astype(np.float32)
     img = Image.fromarray(b.astype(np.float32), mode="F").resize((cols, rows), Image.BILINEAR)
     out = np.asarray(img, dtype=np.float32).copy()
@@ -146,7 +153,33 @@ def render(
     return out.astype(np.float32)
 
 
-def _frontal(rng, x, y, f, an: Anatomy, ap: bool) -> np.ndarray:
+# the findings whose drawn region is recorded (``render``'s ``regions``): those drawn in one place, as NIH's
+# radiologists boxed theirs; Edema (both lungs), Enlarged Cardiomediastinum, Fracture, Pleural Other and Support
+# Devices are not localized here
+LOCALIZED = ("Atelectasis", "Cardiomegaly", "Consolidation", "Lung Lesion", "Lung Opacity", "Pleural Effusion", "Pneumonia", "Pneumothorax")
+REGION_LEVEL = 0.25  # a grid cell belongs to a finding's region where its drawn weight reaches this share of its peak
+
+
+def _box(mask: np.ndarray, rows: int, cols: int) -> tuple[float, float, float, float]:
+    """A region on the drawing grid -> its box (x, y, w, h) in the pixels of a rows x cols image (the grid is
+    resized to the image whole, so a grid cell spans cols / grid-width pixels across)."""
+    gr, gc = mask.shape
+    ys, xs = np.nonzero(mask)
+    sx, sy = cols / gc, rows / gr
+    return (float(xs.min() * sx), float(ys.min() * sy), float((xs.max() - xs.min() + 1) * sx), float((ys.max() - ys.min() + 1) * sy))
+
+
+def _region(masks: dict | None, name: str, weight: np.ndarray) -> None:
+    """Record where ``weight`` (what a finding added, before its strength) reaches REGION_LEVEL of its peak."""
+    if masks is None:
+        return
+    peak = float(weight.max()) if weight.size else 0.0
+    if peak > 0:
+        region = weight >= REGION_LEVEL * peak
+        masks[name] = masks[name] | region if name in masks else region
+
+
+def _frontal(rng, x, y, f, an: Anatomy, ap: bool, masks: dict | None = None) -> np.ndarray:
     w = an.width
     rot = rng.uniform(-0.04, 0.04) + (rng.uniform(-0.05, 0.05) if ap else 0.0)
     x = x + rot * y  # slight rotation / shear of positioning
@@ -159,6 +192,8 @@ def _frontal(rng, x, y, f, an: Anatomy, ap: bool) -> np.ndarray:
     heart_scale = an.heart * (1.12 if ap else 1.0) * (1 + 0.45 * f.get("Cardiomegaly", 0.0))
     hx, hy = 0.08 * w, 0.24 + an.dome
     heart = _ellipse(x, y, hx, hy, 0.245 * w * heart_scale, 0.19 * min(heart_scale, 1.25), 0.04)
+    if f.get("Cardiomegaly", 0.0) > 0:
+        _region(masks, "Cardiomegaly", heart)
     med_w = 0.09 * w * (1 + 0.9 * f.get("Enlarged Cardiomediastinum", 0.0))
     mediast = _ramp(np.abs(x + 0.01) / med_w, 0.3) * (y < 0.35)
     spine = _ramp(np.abs(x) / (0.055 * w), 0.3)
@@ -201,6 +236,7 @@ def _frontal(rng, x, y, f, an: Anatomy, ap: bool) -> np.ndarray:
         ptx = lungs * (1 - collapsed) * (np.sign(x) == side) * s_ptx
         edge = np.abs(np.sqrt(((x - cx + side * 0.06 * w) / (0.26 * w * shrink)) ** 2 + ((y - 0.02) / (0.66 * (shrink + 0.15))) ** 2) - 1)
         pleural_line = np.clip(1 - edge / 0.03, 0, 1) * lungs * (np.sign(x) == side) * s_ptx
+        _region(masks, "Pneumothorax", ptx)
         vessels *= 1 - np.clip(ptx * 2, 0, 1)
 
     b -= 0.33 * lungs
@@ -241,17 +277,24 @@ def _frontal(rng, x, y, f, an: Anatomy, ap: bool) -> np.ndarray:
             level = base - height - 0.12 * np.clip(lateral, 0, 1)  # meniscus: higher laterally
             cage = _ellipse(x, y, cx, -0.05, 0.27 * w, 0.68, 0.05) * (1 - heart)
             fluid = _ramp((level - y) / 0.03 + 1, 1.0) * cage * (y < base + 0.05) * (np.sign(x) == side)
+            _region(masks, "Pleural Effusion", fluid)
             b += 0.26 * fluid
     s = f.get("Consolidation", 0.0)
     if s > 0:
-        b += 0.26 * s * _blobs(rng, x, y, [lung_point(yhi=0.25)], 0.1) * lungs
+        blobs = _blobs(rng, x, y, [lung_point(yhi=0.25)], 0.1)
+        _region(masks, "Consolidation", blobs * lungs)
+        b += 0.26 * s * blobs * lungs
     s = f.get("Pneumonia", 0.0)
     if s > 0:
         side = rng.choice([-1, 1])
-        b += 0.17 * s * _blobs(rng, x, y, [lung_point(side, -0.1, 0.3) for _ in range(4)], 0.05) * lungs
+        blobs = _blobs(rng, x, y, [lung_point(side, -0.1, 0.3) for _ in range(4)], 0.05)
+        _region(masks, "Pneumonia", blobs * lungs)
+        b += 0.17 * s * blobs * lungs
     s = f.get("Lung Opacity", 0.0)
     if s > 0:
-        b += 0.13 * s * _blobs(rng, x, y, [lung_point() for _ in range(2)], 0.09) * lungs
+        blobs = _blobs(rng, x, y, [lung_point() for _ in range(2)], 0.09)
+        _region(masks, "Lung Opacity", blobs * lungs)
+        b += 0.13 * s * blobs * lungs
     s = f.get("Edema", 0.0)
     if s > 0:
         haze = np.exp(-((np.abs(x) - 0.2 * w) ** 2 / 0.03 + (y - 0.05) ** 2 / 0.12))
@@ -265,12 +308,16 @@ def _frontal(rng, x, y, f, an: Anatomy, ap: bool) -> np.ndarray:
         for _ in range(rng.integers(1, 3)):
             cx, cy = lung_point()
             r = rng.uniform(0.035, 0.065)
-            b += 0.24 * s * _ellipse(x, y, cx, cy, r, r, 0.01) * lungs
+            lesion = _ellipse(x, y, cx, cy, r, r, 0.01)
+            _region(masks, "Lung Lesion", lesion * lungs)
+            b += 0.24 * s * lesion * lungs
     s = f.get("Atelectasis", 0.0)
     if s > 0:
         side = rng.choice([-1, 1])
         cy = rng.uniform(0.12, 0.3)
-        b += 0.2 * s * _segment(x, y, side * 0.16 * w, cy, side * 0.45 * w, cy - 0.05, 0.025) * lungs
+        band = _segment(x, y, side * 0.16 * w, cy, side * 0.45 * w, cy - 0.05, 0.025)
+        _region(masks, "Atelectasis", band * lungs)
+        b += 0.2 * s * band * lungs
     s = f.get("Pleural Other", 0.0)
     if s > 0:
         side = rng.choice([-1, 1])

@@ -400,3 +400,49 @@ def test_the_harmonisation_is_one_table_every_dataset_and_finding_with_its_reaso
     why = " ".join(as_dict[("PadChest", lab)][2] for lab in LABELS)
     for term in ("pericardial effusion", "air bronchogram", "costophrenic angle blunting", "heart insufficiency", "alveolar pattern"):
         assert f"`{term}`" in why, term
+
+
+def test_nih_boxes_are_read_by_position_and_harmonised_as_recounted_here():
+    """NIH's real BBox_List_2017.csv: every box read (its header spans x, y, w, h with one heading), each term
+    harmonised by the labels' table, counts equal to a recount made here by splitting lines, not with csv."""
+    from collections import Counter
+
+    from cxr_pipeline.data.boxes import read_nih_boxes
+    from cxr_pipeline.wheel_data import NIH_BOXES
+
+    path = _wheel(NIH_BOXES)
+    lines = [line.split(",") for line in gzip.decompress(path.read_bytes()).decode().splitlines()[1:] if line.strip()]
+    terms = Counter(f[1] for f in lines)
+    boxes, rejects = read_nih_boxes(path)
+    assert rejects.height == 0 and boxes.height == len(lines) == 984
+    assert boxes["image"].n_unique() == len({f[0] for f in lines}) == 880
+    assert dict(Counter(boxes["nih_finding"].to_list())) == dict(terms) and len(terms) == 8
+    found = Counter(boxes["finding"].to_list())
+    assert found["Pleural Effusion"] == terms["Effusion"] and found["Lung Lesion"] == terms["Mass"] + terms["Nodule"]
+    assert found[None] == terms["Infiltrate"]  # Infiltration's findings are unknown in the table, never positive
+    assert {k: found[k] for k in ("Atelectasis", "Cardiomegaly", "Pneumonia", "Pneumothorax")} == {
+        k: terms[k] for k in ("Atelectasis", "Cardiomegaly", "Pneumonia", "Pneumothorax")
+    }
+    first = lines[0]
+    row = boxes.row(0, named=True)
+    assert (row["image"], row["x"], row["y"], row["w"], row["h"]) == (first[0], *(float(v) for v in first[2:6]))
+
+
+def test_a_box_that_is_not_a_box_is_rejected_with_its_line(tmp_path):
+    from cxr_pipeline.data.boxes import read_nih_boxes
+
+    f = tmp_path / "BBox_List_2017.csv"
+    f.write_text(
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+        "a.png,Mass,10,20,30,40\n"
+        "b.png,Mass,10,20,0,40\n"
+        "c.png,Nodule,10,x,30,40\n"
+        "d.png,Hernia?,10,20,30,40\n"
+    )
+    boxes, rejects = read_nih_boxes(f)
+    assert boxes.select("image", "finding", "w").rows() == [("a.png", "Lung Lesion", 30.0)]
+    assert rejects.select("record", "image").rows() == [(3, "b.png"), (4, "c.png"), (5, "d.png")]
+    assert "width 0.0" in rejects["reason"][0] and "not four numbers" in rejects["reason"][1] and "Hernia?" in rejects["reason"][2]
+    (tmp_path / "other.csv").write_text("Image Index,Finding Labels\n")
+    with pytest.raises(ValueError, match="other.csv: not NIH's box list"):
+        read_nih_boxes(tmp_path / "other.csv")
