@@ -96,6 +96,10 @@ def planted_effect(spec: str) -> tuple[str, str, str, float]:
     return finding, attribute, group, value
 
 
+# not a MIMIC-CXR file: where the replica drew each localized finding (phantom.LOCALIZED) in each frontal image, a box
+# (x, y, w, h) in that image's pixels, NIH's box convention; the truth localization is scored against (#49)
+PLANTED_BOXES = "replica-planted-boxes.csv.gz"
+BOX_HEADER = ["dicom_id", "study_id", "subject_id", "finding", "x", "y", "w", "h"]
 RADIOLOGIST_HEADER = tuple("Airspace Opacity" if lab == "Lung Opacity" else lab for lab in LABELS)
 
 
@@ -222,11 +226,12 @@ def patient_relpath(subject_id: int) -> str:
     return f"files/p{s[:2]}/p{s}"
 
 
-def _write_images(cfg: SynthConfig, out: Path, patient: _Patient) -> int:
-    """Render and write one patient's images; returns bytes written."""
+def _write_images(cfg: SynthConfig, out: Path, patient: _Patient) -> tuple[int, list[list[str]]]:
+    """Render and write one patient's images; returns bytes written and the rows of ``PLANTED_BOXES`` (one per
+    localized finding drawn in a frontal image)."""
     from cxr_pipeline.data.dicom_writer import write_dicom, write_jpg
 
-    total = 0
+    total, boxes = 0, []
     anatomy = None
     effect = planted_effect(cfg.effect) if cfg.effect else None
     fainter = effect is not None and in_group(patient.demo, effect[1], effect[2])
@@ -240,7 +245,10 @@ def _write_images(cfg: SynthConfig, out: Path, patient: _Patient) -> int:
             strengths = planted_strengths(rng, st["states"])
             if fainter and effect[0] in strengths:
                 strengths[effect[0]] *= effect[3]
-            pixels = render(rng, im["rows"], im["cols"], im["view"] or "PA", strengths, anatomy)
+            regions: dict = {}
+            pixels = render(rng, im["rows"], im["cols"], im["view"] or "PA", strengths, anatomy, regions)
+            ids = [im["dicom_id"], str(st["study_id"]), str(patient.subject_id)]
+            boxes += [[*ids, name, *(f"{v:.3f}" for v in box)] for name, box in sorted(regions.items())]
             if cfg.fmt == "jpg":
                 path = folder / f"{im['dicom_id']}.jpg"
                 write_jpg(path, pixels)
@@ -248,12 +256,13 @@ def _write_images(cfg: SynthConfig, out: Path, patient: _Patient) -> int:
                 path = folder / f"{im['dicom_id']}.dcm"
                 write_dicom(path, pixels, rng, cfg, st, im)
             total += path.stat().st_size
-    return total
+    return total, boxes
 
 
-def _images_job(args: tuple[SynthConfig, str, list[_Patient]]) -> int:
+def _images_job(args: tuple[SynthConfig, str, list[_Patient]]) -> tuple[int, list[list[str]]]:
     cfg, out, patients = args
-    return sum(_write_images(cfg, Path(out), p) for p in patients)
+    done = [_write_images(cfg, Path(out), p) for p in patients]
+    return sum(n for n, _ in done), [row for _, rows in done for row in rows]
 
 
 def generate(cfg: SynthConfig, out: Path, progress: Callable[[str], None] | None = None) -> dict[str, int]:
@@ -369,9 +378,12 @@ def generate(cfg: SynthConfig, out: Path, progress: Callable[[str], None] | None
         jobs = [(cfg, str(out), c) for c in chunks if c]
         if cfg.workers > 1:
             with ProcessPoolExecutor(cfg.workers) as ex:
-                n_bytes = sum(ex.map(_images_job, jobs))
+                done = list(ex.map(_images_job, jobs))
         else:
-            n_bytes = sum(map(_images_job, jobs))
+            done = list(map(_images_job, jobs))
+        n_bytes = sum(n for n, _ in done)
+        box_rows = sorted((row for _, rows in done for row in rows), key=lambda r: (r[0], r[3]))
+        write_csv(out / PLANTED_BOXES, BOX_HEADER, box_rows)
     # the replica says it is one (a model card trained on it says so); MIMIC-CXR's release has no such file
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workers"}
     with atomic_path(out / "REPLICA.json") as tmp:

@@ -235,3 +235,27 @@ def test_exact_counts_as_the_full_count_rehearsal_asks(tmp_path):
         SynthConfig(patients=40, studies=39)
     with pytest.raises(ValueError, match="JPEG 2000"):
         SynthConfig(source_rows=32)
+
+
+def test_the_replica_records_where_it_planted_each_localized_finding(replica):
+    """replica-planted-boxes.csv.gz (#49): a box per localized finding drawn in a frontal image (any non-lateral view), inside that image,
+    in NIH's convention; drawn only where the study's planted state is positive or uncertain (the CheXpert file
+    flips 2% as a labeller errs, so its labels agree for nearly every box, not all)."""
+    from cxr_pipeline.data.phantom import LOCALIZED
+    from cxr_pipeline.data.synthetic import BOX_HEADER, PLANTED_BOXES
+
+    with gzip.open(replica / PLANTED_BOXES, "rt") as f:
+        assert f.readline().rstrip("\n") == ",".join(BOX_HEADER)
+    boxes = rows(replica / PLANTED_BOXES)
+    meta = {r["dicom_id"]: r for r in rows(replica / "mimic-cxr-2.0.0-metadata.csv.gz")}
+    labels = {r["study_id"]: r for r in rows(replica / "mimic-cxr-2.0.0-chexpert.csv.gz")}
+    assert len(boxes) > 20 and {b["finding"] for b in boxes} <= set(LOCALIZED)
+    agree = 0
+    for b in boxes:
+        m = meta[b["dicom_id"]]
+        # the phantom draws every view but the lateral ones frontal (a blank or SWIMMERS view too)
+        assert m["ViewPosition"] not in ("LATERAL", "LL", "XTABLE LATERAL") and m["study_id"] == b["study_id"]
+        x, y, w, h = (float(b[k]) for k in "xywh")
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= int(m["Columns"]) + 1e-6 and y + h <= int(m["Rows"]) + 1e-6
+        agree += labels[b["study_id"]][b["finding"]] in ("1.0", "-1.0")
+    assert agree >= 0.9 * len(boxes)
