@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_pipeline.data.boxes import BOX_FILE
 from cxr_pipeline.data.external import DEFAULT_LABEL_FILES, FORMATS
 from cxr_pipeline.data.phantom import Anatomy, render
 from cxr_pipeline.data.replica_findings import draw_states, labeller_view, planted_strengths
@@ -146,10 +147,12 @@ DEMO_SHIFTS = {
 }
 
 
-def _image(rng: np.random.Generator, cfg: ExternalReplica, anatomy: Anatomy, view: str, states: dict) -> np.ndarray:
+def _image(
+    rng: np.random.Generator, cfg: ExternalReplica, anatomy: Anatomy, view: str, states: dict, regions: dict | None = None
+) -> np.ndarray:
     rows = max(64, int(round(cfg.source_rows * cfg.resolution)))
     cols = int(round(rows * rng.uniform(0.83, 1.0)))
-    pixels = render(rng, rows, cols, view, planted_strengths(rng, states), anatomy)
+    pixels = render(rng, rows, cols, view, planted_strengths(rng, states), anatomy, regions)
     pixels = pixels * cfg.exposure + (rng.normal(0, cfg.noise, pixels.shape) if cfg.noise else 0.0)
     return np.clip(pixels, 0.0, 1.0).astype(np.float32)
 
@@ -190,10 +193,13 @@ def generate_external(cfg: ExternalReplica, out: Path) -> dict[str, int]:
             labels = labeller_view(prng, states, flip=0.02)
             views = _views(prng, cfg.fmt)
             for k, view in enumerate(views):
-                pixels = _image(np.random.default_rng([cfg.seed, i, s, k]), cfg, anatomy, view, states)
-                records.append(_write_one(cfg, out, prng, i, s, k, view, pixels, labels, age, sex))
+                regions: dict = {}
+                pixels = _image(np.random.default_rng([cfg.seed, i, s, k]), cfg, anatomy, view, states, regions)
+                records.append({**_write_one(cfg, out, prng, i, s, k, view, pixels, labels, age, sex), "regions": regions})
                 images += 1
     _write_labels(cfg, out, records, rng)
+    if cfg.fmt == "nih":
+        _write_boxes(out / BOX_FILE, records)
     with atomic_path(out / "REPLICA.json") as tmp:
         tmp.write_text(json.dumps({"generator": "cxr_pipeline.data.replica_external", **asdict(cfg)}, sort_keys=True))
     return {"patients": cfg.patients, "images": images, "records": len(records)}
@@ -229,6 +235,27 @@ def _write_one(cfg, out, rng, i, s, k, view, pixels, labels, age, sex) -> dict:
         "view": view,
         "labels": labels,
     }
+
+
+# the replica's planted findings -> the term NIH's radiologists boxed them under (Consolidation and Lung Opacity as
+# Infiltrate, which the harmonisation makes no finding; a lesion a Nodule when under NODULE_SHARE of the image's
+# width, else a Mass); the rest of phantom.LOCALIZED by its own name
+NIH_BOX_TERMS = {"Pleural Effusion": "Effusion", "Consolidation": "Infiltrate", "Lung Opacity": "Infiltrate"}
+NODULE_SHARE = 0.1
+
+
+def _write_boxes(target: Path, records: list[dict]) -> None:
+    """NIH's ``BBox_List_2017.csv`` for the replica: every localized finding the phantom drew, boxed where it drew it
+    (NIH boxed 984 of its 112,120 images; the replica boxes every one), in the release's layout: its header's box
+    heading spans four columns with unquoted commas, so it is written by hand, as the label file's."""
+    with atomic_path(target) as tmp, open(tmp, "w", newline="") as f:
+        f.write("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
+        for r in records:
+            cols = r["size"][0]
+            for name, (x, y, w, h) in sorted(r["regions"].items()):
+                term = "Nodule" if name == "Lung Lesion" and w < NODULE_SHARE * cols else NIH_BOX_TERMS.get(name, name)
+                term = "Mass" if name == "Lung Lesion" and term != "Nodule" else term
+                f.write(f"{r['name']},{term},{x!r},{y!r},{w!r},{h!r}\n")
 
 
 def _write_labels(cfg: ExternalReplica, out: Path, records: list[dict], rng: np.random.Generator) -> None:

@@ -446,3 +446,31 @@ def test_a_box_that_is_not_a_box_is_rejected_with_its_line(tmp_path):
     (tmp_path / "other.csv").write_text("Image Index,Finding Labels\n")
     with pytest.raises(ValueError, match="other.csv: not NIH's box list"):
         read_nih_boxes(tmp_path / "other.csv")
+
+
+def test_the_nih_replica_boxes_its_planted_findings_in_nihs_layout(tmp_path):
+    """The NIH-format replica writes BBox_List_2017.csv as the release lays it out (the header's unquoted commas), a box
+    for each localized finding it drew, on images of its label file, inside the image; the reader takes it whole."""
+    from cxr_pipeline.data.boxes import read_nih_boxes
+    from cxr_pipeline.data.replica_external import ExternalReplica, generate_external
+
+    generate_external(ExternalReplica("nih", patients=30, source_rows=96), tmp_path)
+    assert (tmp_path / "BBox_List_2017.csv").read_text().splitlines()[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    boxes, rejects = read_nih_boxes(tmp_path / "BBox_List_2017.csv")
+    assert rejects.height == 0 and boxes.height > 10
+    entries = {r["Image Index"]: r for r in csv.DictReader(open(tmp_path / "Data_Entry_2017_v2020.csv"))}
+    assert set(boxes["image"]) <= set(entries)
+    for b in boxes.iter_rows(named=True):
+        e = entries[b["image"]]
+        width, height = int(e["OriginalImage[Width"]), int(e["Height]"])
+        assert b["x"] >= 0 and b["y"] >= 0 and b["x"] + b["w"] <= width + 1e-6 and b["y"] + b["h"] <= height + 1e-6
+    assert set(boxes["nih_finding"]) <= {
+        "Atelectasis",
+        "Cardiomegaly",
+        "Effusion",
+        "Infiltrate",
+        "Mass",
+        "Nodule",
+        "Pneumonia",
+        "Pneumothorax",
+    }
