@@ -337,6 +337,28 @@ def decode(source: str | Path | bytes, min_size: int | None = None, name: str = 
     return decode_jpg(data, min_size, name)
 
 
+def letterbox_geometry(rows: int, cols: int, size: int) -> tuple[int, int, int, int]:
+    """Where a ``rows`` x ``cols`` image lands in its ``size`` x ``size`` letterbox: (top, left, height, width) of the
+    resized image inside the square. One function for ``letterbox`` and for the way back (``to_source``)."""
+    scale = size / max(rows, cols)
+    nh, nw = max(1, round(rows * scale)), max(1, round(cols * scale))
+    return (size - nh) // 2, (size - nw) // 2, nh, nw
+
+
+def to_source(heat: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A map over a letterboxed model input (``size`` x ``size``, e.g. a Grad-CAM heat map) -> the same map over the
+    ``rows`` x ``cols`` source image: the padding cut off, the rest resized back (bilinear, float32). What the
+    localization scores are measured on and what overlays on the source image are drawn from."""
+    from PIL import Image
+
+    heat = np.asarray(heat, dtype=np.float32)
+    if heat.ndim != 2 or heat.shape[0] != heat.shape[1]:
+        raise ValueError(f"to_source: a square map over the letterboxed input, not shape {heat.shape}")
+    top, left, nh, nw = letterbox_geometry(rows, cols, heat.shape[0])
+    inner = np.ascontiguousarray(heat[top : top + nh, left : left + nw])
+    return np.asarray(Image.fromarray(inner, mode="F").resize((cols, rows), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
 def letterbox(img: np.ndarray, size: int) -> np.ndarray:
     """Anti-aliased resize of the long side to ``size``, centred on black padding; uint8.
 
@@ -348,13 +370,10 @@ def letterbox(img: np.ndarray, size: int) -> np.ndarray:
     """
     from PIL import Image
 
-    h, w = img.shape
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    top, left, nh, nw = letterbox_geometry(*img.shape, size)
     im = Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), mode="F")
     small = np.asarray(im.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0))
     out = np.zeros((size, size), dtype=np.uint8)
-    top, left = (size - nh) // 2, (size - nw) // 2
     out[top : top + nh, left : left + nw] = np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
     return out
 

@@ -247,3 +247,22 @@ def test_a_16_bit_png_is_windowed_not_clipped_white(tmp_path):
     assert row[5] < 0.05 and row[-5] > 0.95 and 0.4 < row[150] < 0.6  # the ramp survives, windowed onto [0, 1]
     small = prepare(path, 64)
     assert small.dtype == np.uint8 and small[32, 1] < 15 and small[32, 62] > 240
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(300, 240), (240, 300), (256, 256), (600, 150)])
+def test_a_map_over_the_letterboxed_input_maps_back_onto_the_source_region(rows, cols):
+    """#49: a region planted in a source image, letterboxed as the shards are, read as a heat map over the model's
+    input and mapped back (``to_source``) lands on the planted region (the round trip a Grad-CAM map takes)."""
+    from cxr_pipeline.data.dicom import to_source
+
+    source = np.zeros((rows, cols), np.float32)
+    y0, x0 = rows // 3, cols // 4
+    source[y0 : y0 + rows // 4, x0 : x0 + max(1, cols // 3)] = 1.0
+    heat = letterbox(source, 64).astype(np.float32) / 255.0
+    back = to_source(heat, rows, cols)
+    assert back.shape == (rows, cols)
+    planted, found = source > 0.5, back > 0.5
+    iou = (planted & found).sum() / (planted | found).sum()
+    assert iou > 0.8, iou
+    with pytest.raises(ValueError, match="square map"):
+        to_source(np.zeros((64, 32)), rows, cols)
