@@ -319,7 +319,7 @@ def ensure_tiny_base(
         width=width, pretrain_steps=pretrain_steps, vision_steps=vision_steps, instruct_steps=instruct_steps, training_digest=digest
     )
     marker.update(extra)
-    marker["build_seconds"] = round(time.monotonic() - started, 1)  # tokenizer, model and pretraining: part of a demo's budget
+    marker["build_seconds"] = round(time.monotonic() - started, 3)  # tokenizer, model and pretraining: part of a demo's budget
     (tmp / TINY_MARKER).write_text(json.dumps(marker))
     try:
         tmp.replace(out_dir)
