@@ -211,7 +211,8 @@ def parser() -> argparse.ArgumentParser:
         choices=ADAPTER_RECIPES,
         default=DEMO_ADAPTER_RECIPE,
         help="the report adapter's recipe: demo (benchmarks/recipes/demo.yaml, chosen on validate within 120 s), or learning"
-        " (benchmarks/recipes/learning.yaml, the learning check's: about 5 minutes more here, an estimate)",
+        " (benchmarks/recipes/learning.yaml, the learning check's: about 5 minutes more here, an estimate), or short"
+        " (benchmarks/recipes/short.yaml: an 80-step pipeline check)",
     )
     d.set_defaults(fn=_demo)
 

@@ -59,7 +59,7 @@ DEMO_RUN_CONFIG = {
 # of base building and training (benchmarks/bench_demo_adapter.py; test_config re-runs the choice on the recorded
 # scores); or "learning", the recipe bench_vlm.py --learning checks (instruction-only prompt, 1,000 steps of a 4x
 # wider, vision-pretrained base: about 5 minutes more here, an estimate from the learning check's 270 s adapters).
-ADAPTER_RECIPES = ("demo", "learning")
+ADAPTER_RECIPES = ("demo", "learning", "short")  # short: a pipeline check (recipes/short.yaml)
 DEMO_ADAPTER_RECIPE = "demo"
 DEMO_ADAPTER_BUDGET_S = 120
 RECIPES = Path(__file__).resolve().parent.parent / "benchmarks" / "recipes"

@@ -454,7 +454,7 @@ def test_the_nih_replica_boxes_its_planted_findings_in_nihs_layout(tmp_path):
     from cxr_pipeline.data.boxes import read_nih_boxes
     from cxr_pipeline.data.replica_external import ExternalReplica, generate_external
 
-    generate_external(ExternalReplica("nih", patients=30, source_rows=96), tmp_path)
+    generate_external(ExternalReplica("nih", patients=12, source_rows=64), tmp_path)
     assert (tmp_path / "BBox_List_2017.csv").read_text().splitlines()[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
     boxes, rejects = read_nih_boxes(tmp_path / "BBox_List_2017.csv")
     assert rejects.height == 0 and boxes.height > 10
