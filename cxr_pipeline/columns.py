@@ -109,6 +109,31 @@ TABLES: dict[str, dict[str, str]] = {
         "bootstrap_skipped": "resamples skipped because they held only one class",
         "bootstrap_resamples": "bootstrap resamples drawn",
     },
+    "localization_metrics": {
+        "dataset": "mimic (the internal test split) or nih (the NIH-format set's boxes, BBox_List_2017.csv)",
+        "model": "per_pathology, multilabel, or baseline (a row that never sees the image)",
+        "registered": "the registered champion scored (name and version); empty for a baseline",
+        "method": "grad_cam (the model's map), mean_box (the finding's mean training box) or uniform_lungs (a flat map over "
+        "the region of every training box)",
+        "pathology": "the finding the boxes are of (the dataset's terms harmonised: data.boxes)",
+        "slug": "the finding's slug",
+        "n_images": "test images with a box of the finding (the images scored)",
+        "n_patients": "their patients (the bootstrap resamples patients)",
+        "n_boxes": "true boxes on those images",
+        "detected_per_image": "boxes cut from the map at the level, per image (ChestX-ray8's thresholding)",
+        "level": "the map threshold, a share of each map's maximum, chosen on the internal validate split (the mean IoBB "
+        "accuracy over the five T); null for the baselines (one box whatever the level)",
+        "level_from": "where the level was chosen: validate (n images), internal validate (an external set), or the default",
+        "pointing": "pointing game: the share of images whose map maximum lies in a true box (a flat map's plateau counts the "
+        "share of it inside)",
+        "pointing_vs_mean_box": "pointing minus the mean-box baseline's on the same images (paired)",
+        **{
+            f"iobb_{round(t * 100):02d}": f"ChestX-ray8 accuracy at T(IoBB) = {t}: the share of true boxes some box cut from the "
+            f"map overlaps by more than {t} of its own area"
+            for t in (0.1, 0.25, 0.5, 0.75, 0.9)
+        },
+        **_INTERVAL,
+    },
     "classifier_predictions": {
         "dicom_id": _IDS["dicom_id"],
         "split": _IDS["split"],

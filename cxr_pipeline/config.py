@@ -39,6 +39,7 @@ from cxr_pipeline.reports.tiny_base import base_tile_size
 from cxr_pipeline.reports.vlm import AdapterConfig, GenerateConfig
 from cxr_pipeline.settings import Paths, env, read_pipeline_config, usable_cpus
 from cxr_pipeline.vision.images import default_workers
+from cxr_pipeline.vision.localization_data import LocalizationSettings
 from cxr_pipeline.vision.multilabel import MultilabelConfig
 from cxr_pipeline.vision.subgroups import AuditSettings
 from cxr_pipeline.vision.train import TrainConfig, resolve_precision
@@ -62,6 +63,7 @@ def sections() -> dict[str, type]:
         "multilabel_classifier": MultilabelConfig,
         "subgroup_metrics": AuditSettings,
         "external_validation": ExternalSettings,
+        "localization_metrics": LocalizationSettings,
         "report_pairs": PairsConfig,
         "report_adapter": AdapterConfig,
         "generated_reports": GenerateConfig,

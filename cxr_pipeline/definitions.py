@@ -25,6 +25,7 @@ from cxr_pipeline.defs.keys import (
     EXTERNAL_VALIDATION,
     GENERATED_REPORTS,
     IMAGE_SHARDS,
+    LOCALIZATION_METRICS,
     MANIFEST,
     MANIFEST_REJECTS,
     MIMIC_IV,
@@ -37,6 +38,7 @@ from cxr_pipeline.defs.keys import (
     SHARD_REJECTS,
     SUBGROUP_METRICS,
 )
+from cxr_pipeline.defs.localization import localization_metrics
 from cxr_pipeline.defs.manifest import MANIFEST_CHECKS, manifest
 from cxr_pipeline.defs.multilabel import multilabel_classifier, report_hints
 from cxr_pipeline.defs.raw import raw_mimic_cxr
@@ -77,6 +79,12 @@ JOBS = {
         [EXTERNAL_VALIDATION],
         EXTERNAL_PARTITIONS,
         "Score every champion classifier on one external set (one partition per dataset: chexpert, nih, padchest).",
+    ),
+    "localization_job": (
+        [LOCALIZATION_METRICS],
+        None,
+        "Score where every champion's Grad-CAM points against the boxes (internal test split; the NIH-format set's boxes "
+        "when external_validation has scored it).",
     ),
     "report_job": (
         [REPORT_PAIRS, REPORT_ADAPTER, GENERATED_REPORTS, REPORT_METRICS],
@@ -124,7 +132,9 @@ def build_defs() -> dg.Definitions:
             raw_mimic_cxr,
             mimic_iv_demographics,
             external_datasets,
-            *with_config_versions(with_automation([*ASSETS, subgroup_metrics, external_validation, *REPORT_ASSETS]), paths()),
+            *with_config_versions(
+                with_automation([*ASSETS, subgroup_metrics, external_validation, localization_metrics, *REPORT_ASSETS]), paths()
+            ),
         ],
         schedules=schedules,
         sensors=[*sensors, dead_run_sensor],

@@ -29,6 +29,7 @@ from cxr_pipeline.labels import SLUGS, slug
 from cxr_pipeline.reports.metrics import HEADLINE
 from cxr_pipeline.reports.tiny_base import TINY_MARKER
 from cxr_pipeline.settings import Paths, env, paths, usable_cpus, write_pipeline_config
+from cxr_pipeline.vision.localization import summary
 from cxr_pipeline.vision.subgroups import gap_tests, largest_gaps, publishable
 
 DEMO_PATIENTS = 300
@@ -180,6 +181,7 @@ def run_all(console=None) -> bool:
         ("classifiers", [("classifier_job", s) for s in SLUGS]),
         ("multi-label+audit", [("classifier_summary_job", None)]),
         ("external sets", [("external_job", fmt) for fmt in FORMATS]),
+        ("localization", [("localization_job", None)]),
         ("report branch", [("report_job", None)]),
     ]
     for name, steps in stages:
@@ -315,6 +317,7 @@ def print_summary(p: Paths, adapter_recipe: str = DEMO_ADAPTER_RECIPE) -> None:
         )
     print(f"  {where}")
     print_external(p)
+    print_localization(p)
     print_subgroups(p)
     print(f"data:     {p.raw}; state {p.home} (Dagster home {os.environ['DAGSTER_HOME']}, MLflow {p.tracking_uri})")
     print(
@@ -345,6 +348,25 @@ def print_external(p: Paths) -> None:
         median = f"{changed['roc_auc_change'].median():+.3f}" if changed.height else "-"
         worst = f"{changed['pathology'][0]} {changed['roc_auc_change'][0]:+.3f}" if changed.height else "-"
         print(f"  {ds}: {d.height} findings, median AUC {d['roc_auc'].median():.3f}, median change {median}; largest drop {worst}")
+
+
+def print_localization(p: Paths) -> None:
+    """Where the models look: one line per model kind, the median pointing-game rate over the findings with boxed test
+    images and its median change from the mean training box (every finding, IoBB accuracies, intervals: the table)."""
+    if not p.localization_metrics.exists():
+        return
+    t = pl.read_parquet(p.localization_metrics)
+    if not t.height:
+        return
+    print(
+        "\nlocalization (Grad-CAM against the replica's planted boxes, test split, ChestX-ray8's measures; pointing game: the map's"
+        f" maximum inside the box; vs mean box: minus a box that never sees the image, paired 95% CI by patient): {p.localization}"
+    )
+    for kind, s in summary(t.filter(pl.col("dataset") == "mimic")).items():
+        print(
+            f"  {kind}: median pointing {s['pointing']:.2f} over {s['findings']} findings, median vs mean box {s['vs_mean_box']:+.2f};"
+            f" {s['above']} of {s['findings']} findings above the mean box (lower end > 0)"
+        )
 
 
 def print_subgroups(p: Paths, effect: str = DEMO_EFFECT) -> None:

@@ -223,6 +223,15 @@ class Paths:
         return self.classifiers / "roc_pr_all.png"
 
     @property
+    def localization(self) -> Path:
+        """The localization table and contact sheets (``vision.localization_data``)."""
+        return self.classifiers / "localization"
+
+    @property
+    def localization_metrics(self) -> Path:
+        return self.localization / "localization_metrics.parquet"
+
+    @property
     def classifier_reliability(self) -> Path:
         return self.classifiers / "reliability_all.png"
 
@@ -305,6 +314,7 @@ class Paths:
             "classifier_predictions": self.classifier_predictions,
             "report_hints": self.report_hints,
             "subgroup_metrics": self.subgroup_metrics,
+            "localization_metrics": self.localization_metrics,
             "report_pairs": self.report_pairs,
             "generated_reports": self.generated_reports,
             "report_metrics": self.report_metrics,

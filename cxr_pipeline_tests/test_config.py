@@ -42,6 +42,8 @@ CHOICES = {
 
 def other_value(d: C.FieldDoc, tmp: Path):
     """A valid value different from the field's default, from its type (or CHOICES)."""
+    if d.section == "localization_metrics" and d.name == "boxes":  # a box table's path
+        return str(tmp / "boxes.csv")
     if d.name in ("weights", "base"):
         (tmp / d.name).mkdir(exist_ok=True)
         return str(tmp / d.name)
@@ -187,6 +189,11 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
         record("external_validation", **vars(cfg))
 
     patch_everywhere(monkeypatch, vext, "external_validation", external_validation)
+    import cxr_pipeline.vision.localization_data as vloc
+
+    patch_everywhere(
+        monkeypatch, vloc, "localize", lambda paths, m, shards, champions, cfg, *a: record("localization_metrics", **vars(cfg))
+    )
     threads = torch.get_num_threads()
     try:
         for asset, partition in [
@@ -196,6 +203,7 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
             ("multilabel_classifier", None),
             ("subgroup_metrics", None),
             ("external_validation", "nih"),
+            ("localization_metrics", None),
             ("report_pairs", None),
             ("report_adapter", None),
             ("generated_reports", None),

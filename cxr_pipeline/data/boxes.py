@@ -22,6 +22,7 @@ from pathlib import Path
 import polars as pl
 
 from cxr_pipeline.data.harmonisation import NIH_VOCABULARY, harmonise
+from cxr_pipeline.labels import LABELS
 
 BOX_FILE = "BBox_List_2017.csv"
 HEADER = "Image Index,Finding Label,Bbox [x,y,w,h]"  # then ",,," in NIH's file
@@ -90,3 +91,49 @@ def read_nih_boxes(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
             continue
         rows.append({"record": record, "image": image, "nih_finding": term, "finding": finding, **dict(zip("xywh", box, strict=True))})
     return pl.DataFrame(rows, schema=BOX_SCHEMA), pl.DataFrame(rejects, schema=REJECT_SCHEMA)
+
+
+TABLE_COLUMNS = ("dicom_id", "finding", "x", "y", "w", "h")
+TABLE_SCHEMA = {
+    "record": pl.Int64,
+    "dicom_id": pl.String,
+    "finding": pl.String,
+    "x": pl.Float64,
+    "y": pl.Float64,
+    "w": pl.Float64,
+    "h": pl.Float64,
+}
+
+
+def read_box_table(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Boxes for the internal images: a CSV (gzipped or not) with at least ``dicom_id, finding, x, y, w, h`` (the
+    replica's ``replica-planted-boxes.csv.gz``; for the real MIMIC-CXR, boxes from a grounding set such as MS-CXR
+    written in this layout), in each image's source pixels, the finding under the project's label names. Returns
+    (boxes, rejects); a row with an unknown finding, a missing id or a box that is not four numbers with width and
+    height above 0 is rejected with its line number (the header is line 1). Raises ValueError naming the file and
+    the columns it lacks."""
+    path = Path(path)
+    raw = pl.read_csv(io.StringIO(_text(path)), infer_schema=False)
+    missing = [c for c in TABLE_COLUMNS if c not in raw.columns]
+    if missing:
+        raise ValueError(f"{path}: box table lacks column(s) {', '.join(missing)} (has {', '.join(raw.columns)})")
+    df = (
+        raw.select(TABLE_COLUMNS)
+        .with_row_index("record", offset=2)
+        .with_columns(pl.col("record").cast(pl.Int64), *(pl.col(c).str.strip_chars().cast(pl.Float64, strict=False) for c in "xywh"))
+    )
+    reason = (
+        pl.when(pl.col("dicom_id").is_null() | (pl.col("dicom_id").str.strip_chars() == ""))
+        .then(pl.lit("dicom_id is blank"))
+        .when(~pl.col("finding").is_in(list(LABELS)))
+        .then(pl.lit("finding ") + pl.col("finding").fill_null("(blank)") + pl.lit(" is not one of the project's findings"))
+        .when(pl.any_horizontal(pl.col(c).is_null() for c in "xywh"))
+        .then(pl.lit("box is not four numbers"))
+        .when((pl.col("w") <= 0) | (pl.col("h") <= 0))
+        .then(pl.lit("box width or height is not above 0"))
+    )
+    df = df.with_columns(reason.alias("reason"))
+    rejects = df.filter(pl.col("reason").is_not_null()).select(
+        pl.lit(path.name).alias("source"), "record", pl.col("dicom_id").alias("image"), "reason"
+    )
+    return df.filter(pl.col("reason").is_null()).select(list(TABLE_SCHEMA)).cast(TABLE_SCHEMA), rejects.cast(REJECT_SCHEMA)

@@ -345,10 +345,11 @@ def letterbox_geometry(rows: int, cols: int, size: int) -> tuple[int, int, int, 
     return (size - nh) // 2, (size - nw) // 2, nh, nw
 
 
-def to_source(heat: np.ndarray, rows: int, cols: int) -> np.ndarray:
+def to_source(heat: np.ndarray, rows: int, cols: int, shape: tuple[int, int] | None = None) -> np.ndarray:
     """A map over a letterboxed model input (``size`` x ``size``, e.g. a Grad-CAM heat map) -> the same map over the
     ``rows`` x ``cols`` source image: the padding cut off, the rest resized back (bilinear, float32). What the
-    localization scores are measured on and what overlays on the source image are drawn from."""
+    localization scores are measured on and what overlays on the source image are drawn from. ``shape`` (rows, cols)
+    resizes to a scaled copy of the source frame instead (a 3,000-px radiograph's map at a quarter of its size)."""
     from PIL import Image
 
     heat = np.asarray(heat, dtype=np.float32)
@@ -356,7 +357,8 @@ def to_source(heat: np.ndarray, rows: int, cols: int) -> np.ndarray:
         raise ValueError(f"to_source: a square map over the letterboxed input, not shape {heat.shape}")
     top, left, nh, nw = letterbox_geometry(rows, cols, heat.shape[0])
     inner = np.ascontiguousarray(heat[top : top + nh, left : left + nw])
-    return np.asarray(Image.fromarray(inner, mode="F").resize((cols, rows), Image.Resampling.BILINEAR), dtype=np.float32)
+    out_rows, out_cols = shape or (rows, cols)
+    return np.asarray(Image.fromarray(inner, mode="F").resize((out_cols, out_rows), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def letterbox(img: np.ndarray, size: int) -> np.ndarray:

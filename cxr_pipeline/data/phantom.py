@@ -115,7 +115,7 @@ def render(
     view: str,
     findings: dict[str, float],
     anatomy: Anatomy,
-    regions: dict[str, tuple[float, float, float, float]] | None = None,
+    regions: dict[str, list[tuple[float, float, float, float]]] | None = None,
 ) -> np.ndarray:
     """A radiograph of ``rows`` x ``cols``, brightness in [0, 1] (float32).
 
@@ -123,8 +123,9 @@ def render(
     not present). ``view`` is the ViewPosition; lateral views use a side
     profile, everything else a frontal one (AP: magnified heart, more noise).
     ``regions``, when given, receives for each localized finding planted in a frontal view (``LOCALIZED``) where it
-    was drawn: its box ``(x, y, w, h)`` in this image's pixels, NIH's box convention (the top-left corner, then width
-    and height). Collecting them draws no random number: the pixels are the same with or without.
+    was drawn: a box ``(x, y, w, h)`` for each separate region it drew (two lesions, two boxes), in this image's
+    pixels, NIH's box convention (the top-left corner, then width and height). Collecting them draws no random
+    number: the pixels are the same with or without.
     """
     n = min(WORK, max(rows, cols))
     wr, wc = (n, max(8, round(n * cols / rows))) if rows >= cols else (max(8, round(n * rows / cols)), n)
@@ -139,7 +140,7 @@ def render(
     else:
         b = _frontal(rng, x, y, findings, anatomy, ap=view.startswith("AP"), masks=masks)
     if regions is not None:
-        regions.update({name: _box(mask, rows, cols) for name, mask in masks.items() if mask.any()})
+        regions.update({name: _boxes(mask, rows, cols) for name, mask in masks.items() if mask.any()})
     b += rng.normal(0, 0.012, b.shape).astype(np.float32)
     img = Image.fromarray(b.astype(np.float32), mode="F").resize((cols, rows), Image.BILINEAR)
     out = np.asarray(img, dtype=np.float32).copy()
@@ -167,6 +168,15 @@ def _box(mask: np.ndarray, rows: int, cols: int) -> tuple[float, float, float, f
     ys, xs = np.nonzero(mask)
     sx, sy = cols / gc, rows / gr
     return (float(xs.min() * sx), float(ys.min() * sy), float((xs.max() - xs.min() + 1) * sx), float((ys.max() - ys.min() + 1) * sy))
+
+
+def _boxes(mask: np.ndarray, rows: int, cols: int) -> list[tuple[float, float, float, float]]:
+    """One box per 8-connected region of ``mask`` (scipy's labelling), left to right: a box around two lesions far
+    apart would hold mostly lung."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    return sorted(_box(labels == k, rows, cols) for k in range(1, n + 1))
 
 
 def _region(masks: dict | None, name: str, weight: np.ndarray) -> None:

@@ -252,7 +252,7 @@ def _write_boxes(target: Path, records: list[dict]) -> None:
         f.write("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
         for r in records:
             cols = r["size"][0]
-            for name, (x, y, w, h) in sorted(r["regions"].items()):
+            for name, (x, y, w, h) in ((n, box) for n, drawn in sorted(r["regions"].items()) for box in drawn):
                 term = "Nodule" if name == "Lung Lesion" and w < NODULE_SHARE * cols else NIH_BOX_TERMS.get(name, name)
                 term = "Mass" if name == "Lung Lesion" and term != "Nodule" else term
                 f.write(f"{r['name']},{term},{x!r},{y!r},{w!r},{h!r}\n")

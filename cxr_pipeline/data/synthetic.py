@@ -248,7 +248,7 @@ def _write_images(cfg: SynthConfig, out: Path, patient: _Patient) -> tuple[int, 
             regions: dict = {}
             pixels = render(rng, im["rows"], im["cols"], im["view"] or "PA", strengths, anatomy, regions)
             ids = [im["dicom_id"], str(st["study_id"]), str(patient.subject_id)]
-            boxes += [[*ids, name, *(f"{v:.3f}" for v in box)] for name, box in sorted(regions.items())]
+            boxes += [[*ids, name, *(f"{v:.3f}" for v in box)] for name, drawn in sorted(regions.items()) for box in drawn]
             if cfg.fmt == "jpg":
                 path = folder / f"{im['dicom_id']}.jpg"
                 write_jpg(path, pixels)

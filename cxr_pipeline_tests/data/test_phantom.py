@@ -85,12 +85,13 @@ def test_a_planted_findings_box_is_where_it_was_drawn(name):
         full = render(np.random.default_rng(seed), 256, 240, "PA", {name: 1.0}, anatomy, regions)
         assert np.array_equal(full, render(np.random.default_rng(seed), 256, 240, "PA", {name: 1.0}, anatomy))
         trace = render(np.random.default_rng(seed), 256, 240, "PA", {name: 1e-6}, anatomy)
-        assert set(regions) == {name}
-        x, y, w, h = regions[name]
-        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 240 and y + h <= 256
+        assert set(regions) == {name} and regions[name]
+        inside = np.zeros((256, 240), dtype=bool)
+        for x, y, w, h in regions[name]:
+            assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 240 and y + h <= 256
+            inside[int(y) : int(np.ceil(y + h)), int(x) : int(np.ceil(x + w))] = True
         diff = np.abs(full - trace)
-        share = diff[int(y) : int(np.ceil(y + h)), int(x) : int(np.ceil(x + w))].sum() / diff.sum()
-        area = w * h / (240 * 256)
+        share, area = diff[inside].sum() / diff.sum(), inside.mean()
         # most of the difference inside, and far more than the box's share of the image (the region is cut at a
         # quarter of its peak: a blob's tails lie outside)
         if name == "Atelectasis":
@@ -100,3 +101,15 @@ def test_a_planted_findings_box_is_where_it_was_drawn(name):
     regions = {}
     render(np.random.default_rng(0), 256, 240, "LATERAL", {name: 1.0}, anatomy, regions)
     assert regions == {}  # a lateral view records none (NIH boxed frontal images)
+
+
+def test_separate_regions_of_one_finding_get_a_box_each():
+    """Two lesions drawn apart are two boxes (NIH boxes each nodule), not one box around both holding mostly lung."""
+    anatomy = Anatomy(1.0, 1.0, 0.0, 0.0)
+    counts = []
+    for seed in range(12):
+        regions: dict = {}
+        render(np.random.default_rng(seed), 256, 240, "PA", {"Lung Lesion": 1.0}, anatomy, regions)
+        counts.append(len(regions["Lung Lesion"]))
+        assert all(w < 0.2 * 240 and h < 0.2 * 256 for _, _, w, h in regions["Lung Lesion"]), regions
+    assert 1 in counts and 2 in counts  # one or two lesions per image, each boxed alone

@@ -211,6 +211,29 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         erun = client.get_run(ext["chexpert"][0]["mlflow_run_id"].value)
         assert "external_validation.json" in {a.path for a in client.list_artifacts(erun.info.run_id)}
 
+        # localization: the champions' Grad-CAM against the replica's planted boxes and the NIH-format replica's box file
+        lres = run_job(defs, "localization_job", instance, run_config={"ops": {"localization_metrics": {"config": {"bootstrap": 50}}}})
+        (lmat,) = [e.materialization for e in lres.get_asset_materialization_events()]
+        loc = pl.read_parquet(lmat.metadata["path"].value)
+        boxes = pl.read_csv(env / "replica-planted-boxes.csv.gz")
+        tested = boxes.join(m.filter(pl.col("split") == "test").select("dicom_id"), on="dicom_id")
+        internal = loc.filter(pl.col("dataset") == "mimic")
+        # every finding boxed in the test split has its baselines and the multi-label champion's row (the per-finding
+        # champions here, support devices and no finding, have no boxes), each counted from the box file
+        assert set(internal["pathology"]) == set(tested["finding"])
+        for r in internal.iter_rows(named=True):
+            assert r["n_images"] == tested.filter(pl.col("finding") == r["pathology"])["dicom_id"].n_unique()
+        assert (
+            set(internal["registered"]) == {"", "cxr-multilabel v1"}
+            and internal.filter(pl.col("method") == "grad_cam")["level"].null_count() == 0
+        )
+        nih_rows = loc.filter(pl.col("dataset") == "nih")
+        assert nih_rows.height and (nih_rows.filter(pl.col("method") == "grad_cam")["level_from"].str.starts_with("internal ")).all()
+        assert not [c.name for c in lmat.metadata["dagster/column_schema"].value.columns if not c.description]
+        assert lmat.metadata["sheet_mimic"].value.startswith("![") and lmat.metadata["sheet_nih"].value.startswith("![")
+        lrun = client.get_run(lmat.metadata["mlflow_run_id"].value)
+        assert "localization_metrics.json" in {a.path for a in client.list_artifacts(lrun.info.run_id)}
+
         # the report branch end to end on the tiny offline Mllama
         rcfg = {
             "ops": {
