@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_pipeline.data.dicom import decode, to_source
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
 from cxr_pipeline.tracking import get_client
 from cxr_pipeline.vision.checkpoint import CHAMPION, MULTILABEL, load_registered
 from cxr_pipeline.vision.registry import registered_name
 from cxr_pipeline.vision.serving import decode_files, grad_cam, overlay, write_rgb
 
-OVERLAY_SIDE = 256  # overlays are drawn at the model's input size, then enlarged to at least this for viewing
+OVERLAY_SIDE = 512  # overlays are drawn on the source image, its long side scaled to this
 
 
 class PredictError(RuntimeError):
@@ -52,6 +53,20 @@ class ImageResult:
         return "\n".join(lines)
 
 
+def source_overlay(path: Path, cam: np.ndarray, side: int = OVERLAY_SIDE) -> np.ndarray:
+    """Grad-CAM (computed on the letterboxed model input) drawn on the source radiograph: the map taken back through
+    the letterbox (``data.dicom.to_source``, the padding cut, the aspect restored), the image decoded as the shards
+    decode it, its long side scaled to ``side``. RGB uint8."""
+    from PIL import Image
+
+    d = decode(path, min_size=side)
+    scale = side / max(d.rows, d.cols)
+    shape = (max(1, round(d.rows * scale)), max(1, round(d.cols * scale)))
+    grey = Image.fromarray(d.image, mode="F").resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+    image = np.clip(np.rint(np.asarray(grey) * 255.0), 0, 255).astype(np.uint8)
+    return overlay(image, np.clip(to_source(cam, d.rows, d.cols, shape), 0.0, 1.0))
+
+
 def predict_files(
     images: list[Path], alias: str = CHAMPION, model: str = "per-pathology", cam_dir: Path | None = None
 ) -> list[ImageResult]:
@@ -77,7 +92,7 @@ def predict_files(
                 if cam_dir is not None and f.call:
                     cam = grad_cam(cm, decoded[cm.size][i : i + 1], j)[0]
                     dest = Path(cam_dir) / f"{images[i].stem}_{s}.png"
-                    results[i].overlays.append(write_rgb(overlay(decoded[cm.size][i], cam), dest, min_side=OVERLAY_SIDE))
+                    results[i].overlays.append(write_rgb(source_overlay(images[i], cam), dest))
     for i, r in enumerate(results):
         r.findings = [per_image[i].get(s) or Finding(s, None, None, None, f"no {alias} model") for s in SLUGS]
     return results

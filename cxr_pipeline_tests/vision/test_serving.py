@@ -214,7 +214,13 @@ def test_predict_command_on_real_radiographs_prints_14_rows_and_writes_overlays(
 
     files = sorted(cams.glob("*.png"))
     assert [f.name for f in files] == ["RG1_UNCR_cardiomegaly.png", "RG3_UNCR_cardiomegaly.png"]
-    assert Image.open(files[0]).mode == "RGB" and Image.open(files[0]).size == (256, 256)  # enlarged for viewing
+    import pydicom
+
+    # drawn on the source radiograph (the letterbox undone): its aspect, its long side 512 px
+    ds = pydicom.dcmread(REAL[0], stop_before_pixels=True)
+    width, height = Image.open(files[0]).size
+    assert Image.open(files[0]).mode == "RGB" and max(width, height) == 512
+    assert abs(width / height - ds.Columns / ds.Rows) < 0.01
     # the multi-label model fills every row
     assert main(["predict", str(REAL[0]), "--model", "multilabel"]) == 0
     assert "no champion model" not in capsys.readouterr().out
