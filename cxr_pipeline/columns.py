@@ -127,6 +127,9 @@ TABLES: dict[str, dict[str, str]] = {
         "pointing": "pointing game: the share of images whose map maximum lies in a true box (a flat map's plateau counts the "
         "share of it inside)",
         "pointing_vs_mean_box": "pointing minus the mean-box baseline's on the same images (paired)",
+        "cam_grid": "cells a side of the map Grad-CAM weighs (the target block's output: the model's size over its stride)",
+        "pointing_ceiling": "the most any map from that grid can score in the pointing game: the share of images where some "
+        "cell centre falls inside a true box (the upsampled map's maximum sits on one)",
         **{
             f"iobb_{round(t * 100):02d}": f"ChestX-ray8 accuracy at T(IoBB) = {t}: the share of true boxes some box cut from the "
             f"map overlaps by more than {t} of its own area"

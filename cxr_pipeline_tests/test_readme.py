@@ -105,6 +105,9 @@ def _check_demo_console(out: subprocess.CompletedProcess, home: Path) -> None:
     # the external validation: the champions on replicas of the three external formats, said to be replicas
     assert "external validation (the project's REPLICAS" in out.stdout and "median change" in out.stdout
     assert "  chexpert: " in out.stdout and "  nih: " in out.stdout and "  padchest: " in out.stdout
+    # where the models look: a line per model kind, against the mean training box
+    assert "localization (Grad-CAM against the replica's planted boxes" in out.stdout
+    assert "  per_pathology: median pointing " in out.stdout and "  multilabel: median pointing " in out.stdout
     (log,) = (home / "logs").glob("demo-*.log")
     assert str(log) in out.stderr and "classifiers" in out.stderr and "report branch" in out.stderr
     assert "dagster - INFO" not in text and "Warning" not in text and "Validating input example" not in text

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from cxr_pipeline.data.dicom import to_source
+from cxr_pipeline.data.dicom import letterbox_geometry, to_source
 from cxr_pipeline.labels import LABEL_BY_SLUG, slug
 from cxr_pipeline.vision.resampling import draw, percentile_interval
 
@@ -239,10 +239,33 @@ def choose_levels(champions: list, val: dict[str, Split]) -> dict[tuple[str, str
     return out
 
 
+def grid_ceiling(grid: int, size: int, cases: list[Case], sizes: Sequence[tuple[int, int]]) -> float:
+    """The share of ``cases`` where some cell centre of a ``grid`` x ``grid`` map over the ``size``-px letterbox
+    falls inside a true box: the most any map upsampled from that grid can score in the pointing game (its maximum
+    sits on a cell centre). Why a coarse map misses small boxes, as a number."""
+    if not cases:
+        return float("nan")
+    centres = (np.arange(grid) + 0.5) * size / grid
+    hits = 0
+    for case, (rows, cols) in zip(cases, sizes, strict=True):
+        top, left, nh, nw = letterbox_geometry(rows, cols, size)
+        ys = (centres[(centres >= top) & (centres < top + nh)] - top) * case.shape[0] / nh
+        xs = (centres[(centres >= left) & (centres < left + nw)] - left) * case.shape[1] / nw
+        mask = inside(case.truth, case.shape)
+        yi, xi = np.clip(ys.astype(int), 0, case.shape[0] - 1), np.clip(xs.astype(int), 0, case.shape[1] - 1)
+        hits += bool(mask[np.ix_(yi, xi)].any()) if len(yi) and len(xi) else False
+    return hits / len(cases)
+
+
 def model_row(champ, j: int, test: Split, level: tuple[float, str], weights, mean_point) -> dict:
     """One Grad-CAM row: ``champ`` (``vision.external.Champion``) output ``j`` on the test cases at ``level``."""
-    maps = grad_cam_maps(champ.model, test.images(champ.model.size), j, test.cases, test.sizes)
+    from cxr_pipeline.vision.serving import cam_grid
+
+    m = champ.model
+    maps = grad_cam_maps(m, test.images(m.size), j, test.cases, test.sizes)
     row, point = measure(maps, test.cases, level[0], weights)
+    row["cam_grid"] = cam_grid(m.arch, m.size)
+    row["pointing_ceiling"] = grid_ceiling(row["cam_grid"], m.size, test.cases, test.sizes)
     diff = _rate(weights, point - mean_point, np.ones(len(point)))
     return {
         "model": champ.kind,

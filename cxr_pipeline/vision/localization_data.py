@@ -140,7 +140,7 @@ def contact_sheet(boxed: BoxedSet, champions: list, table: pl.DataFrame, out: Pa
     from matplotlib.patches import Rectangle
 
     by_slug = {s: c for c in sorted(champions, key=lambda c: -len(c.model.slugs)) for s in c.model.slugs}  # per-finding first
-    picks = [(f, i) for f, i in sheet_picks(boxed.test) if slug(f) in by_slug]
+    picks = sheet_picks({f: split for f, split in boxed.test.items() if slug(f) in by_slug})
     if not picks:
         return None
     ncols = min(6, len(picks))

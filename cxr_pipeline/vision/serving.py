@@ -205,6 +205,14 @@ def target_layer(net, arch: str, size: int):
     return net.features[28]  # vgg16: the last 3x3 convolution, stride 16 already
 
 
+def cam_grid(arch: str, size: int) -> int:
+    """Cells a side of the map Grad-CAM weighs at ``size`` (``target_layer``'s output): stride 16 where the image is
+    coarse or the network is VGG-16 (its last 3x3 convolution), stride 32 otherwise. Bilinear upsampling puts the
+    map's maximum on one of these cells' centres, so a box between them can never hold it."""
+    coarse = size // 32 < 4
+    return size // 16 if coarse or arch == "vgg16" else size // 32
+
+
 def grad_cam(model: LoadedClassifier, images: np.ndarray, output: int = 0) -> np.ndarray:
     """Grad-CAM maps (n, size, size) in [0, 1] for output ``output`` (a label index) of uint8 images."""
     import torch

@@ -77,6 +77,7 @@ def _true_maps(model, images, output, cases, sizes):
 class _Model:
     slugs = ["pneumothorax"]
     size = 32
+    arch = "resnet18"
 
 
 class _Champion:
@@ -119,3 +120,19 @@ def test_the_level_is_chosen_on_validate_and_test_boxes_never_move_it(monkeypatc
     row = fixed.filter(pl.col("method") == loc.GRAD_CAM).row(0, named=True)
     assert row["level"] == 0.1 and row["level_from"] == "internal x"  # an external set keeps the internal choice
     assert row[loc.iobb_column(0.75)] < 1.0  # at 0.1 the halo joins the box: its IoBB falls
+
+
+def test_the_ceiling_counts_boxes_a_coarse_maps_maximum_can_reach():
+    """A 4 x 4 map over a 64-px letterbox of a 128 x 128 image has its cell centres at 16, 48, 80 and 112 source px: a
+    box around one of them is reachable, a 10-px box between them is not, whatever the model."""
+    reach = Case("a", "p", (128, 128), np.array([[40.0, 40.0, 16.0, 16.0]]))
+    between = Case("b", "p", (128, 128), np.array([[20.0, 20.0, 10.0, 10.0]]))
+    assert loc.grid_ceiling(4, 64, [reach], [(128, 128)]) == 1.0
+    assert loc.grid_ceiling(4, 64, [between], [(128, 128)]) == 0.0
+    assert loc.grid_ceiling(16, 64, [between], [(128, 128)]) == 1.0  # a finer map reaches it (centres every 8 px)
+    # a wide image is letterboxed: no centre falls in the padding, the rest map back onto the source's rows
+    # (its 64 x 128 source is 32 x 64 in the letterbox, rows 16-47: two rows of centres, at source rows 16 and 48)
+    edge = Case("c", "p", (64, 128), np.array([[40.0, 0.0, 16.0, 6.0]]))
+    assert loc.grid_ceiling(4, 64, [edge], [(64, 128)]) == 0.0
+    row16 = Case("d", "p", (64, 128), np.array([[40.0, 10.0, 16.0, 10.0]]))
+    assert loc.grid_ceiling(4, 64, [row16], [(64, 128)]) == 1.0
