@@ -113,8 +113,8 @@ TABLES: dict[str, dict[str, str]] = {
         "dataset": "mimic (the internal test split) or nih (the NIH-format set's boxes, BBox_List_2017.csv)",
         "model": "per_pathology, multilabel, or baseline (a row that never sees the image)",
         "registered": "the registered champion scored (name and version); empty for a baseline",
-        "method": "grad_cam (the model's map), mean_box (the finding's mean training box) or uniform_lungs (a flat map over "
-        "the region of every training box)",
+        "method": "grad_cam (the model's map), mean_box (the finding's mean training box), box_prior (how often each place "
+        "lies in a training box of the finding) or uniform_lungs (a flat map over the region of every training box)",
         "pathology": "the finding the boxes are of (the dataset's terms harmonised: data.boxes)",
         "slug": "the finding's slug",
         "n_images": "test images with a box of the finding (the images scored)",
@@ -127,9 +127,11 @@ TABLES: dict[str, dict[str, str]] = {
         "pointing": "pointing game: the share of images whose map maximum lies in a true box (a flat map's plateau counts the "
         "share of it inside)",
         "pointing_vs_mean_box": "pointing minus the mean-box baseline's on the same images (paired)",
+        "pointing_vs_box_prior": "pointing minus the box prior's (where the finding's training boxes lie most often) on the same images (paired)",
+        "training_boxes": "the training split's boxes of the finding a baseline is made from",
         "cam_grid": "cells a side of the map Grad-CAM weighs (the target block's output: the model's size over its stride)",
-        "pointing_ceiling": "the most any map from that grid can score in the pointing game: the share of images where some "
-        "cell centre falls inside a true box (the upsampled map's maximum sits on one)",
+        "pointing_ceiling": "an upper bound on the pointing game of any map from that grid: the share of images where a true "
+        "box holds a cell centre or reaches the half-cell band along the image's edge (where the upsampled maximum can lie)",
         **{
             f"iobb_{round(t * 100):02d}": f"ChestX-ray8 accuracy at T(IoBB) = {t}: the share of true boxes some box cut from the "
             f"map overlaps by more than {t} of its own area"

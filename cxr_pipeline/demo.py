@@ -29,7 +29,7 @@ from cxr_pipeline.labels import SLUGS, slug
 from cxr_pipeline.reports.metrics import HEADLINE
 from cxr_pipeline.reports.tiny_base import TINY_MARKER
 from cxr_pipeline.settings import Paths, env, paths, usable_cpus, write_pipeline_config
-from cxr_pipeline.vision.localization import summary
+from cxr_pipeline.vision.localization import MIN_PATIENTS, summary
 from cxr_pipeline.vision.subgroups import gap_tests, largest_gaps, publishable
 
 DEMO_PATIENTS = 300
@@ -365,7 +365,8 @@ def print_localization(p: Paths) -> None:
     for kind, s in summary(t.filter(pl.col("dataset") == "mimic")).items():
         print(
             f"  {kind}: median pointing {s['pointing']:.2f} over {s['findings']} findings, median vs mean box {s['vs_mean_box']:+.2f};"
-            f" {s['above']} of {s['findings']} findings above the mean box (lower end > 0)"
+            f" above the mean box (lower end > 0) {s['above']}, above the box prior {s['above_prior']}"
+            + (f" ({s['too_few']} with under {MIN_PATIENTS} patients not counted)" if s["too_few"] else "")
         )
 
 

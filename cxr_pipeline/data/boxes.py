@@ -125,7 +125,7 @@ def read_box_table(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     reason = (
         pl.when(pl.col("dicom_id").is_null() | (pl.col("dicom_id").str.strip_chars() == ""))
         .then(pl.lit("dicom_id is blank"))
-        .when(~pl.col("finding").is_in(list(LABELS)))
+        .when(pl.col("finding").is_null() | ~pl.col("finding").is_in(list(LABELS)))
         .then(pl.lit("finding ") + pl.col("finding").fill_null("(blank)") + pl.lit(" is not one of the project's findings"))
         .when(pl.any_horizontal(pl.col(c).is_null() for c in "xywh"))
         .then(pl.lit("box is not four numbers"))

@@ -1,9 +1,13 @@
 """Write the replica's images as MIMIC-CXR writes them (DICOM) or MIMIC-CXR-JPG does (JPEG).
 
 DICOMs are Digital X-Ray For Presentation objects with the variety a reader
-must survive: MONOCHROME1 and MONOCHROME2, BitsStored 10 to 16, rescale
-intercept, window attributes, uncompressed or JPEG 2000, and fake PHI in the
-name / id / birth-date tags so tests can prove none of it leaks.
+must survive: MONOCHROME1 and MONOCHROME2, BitsStored 10 to 16, window
+attributes, uncompressed or JPEG 2000, and fake PHI in the name / id /
+birth-date tags so tests can prove none of it leaks. They are valid DX objects
+(dicom3tools' ``dciodvfy`` reports no error; a PACS may refuse an invalid one):
+every Type 1 and Type 2 attribute of the DX IOD is written, and the DX Image
+module's enumerated values are kept (Rescale Intercept 0 and Slope 1, the
+Presentation LUT Shape that goes with the photometric interpretation).
 """
 
 from __future__ import annotations
@@ -44,15 +48,22 @@ def _atomic_save(path: Path, save) -> None:
         save(tmp)
 
 
+CHEST = ("43799004", "SCT", "Chest")  # AnatomicRegionSequence's code for BodyPartExamined CHEST (PS3.16 CID 4031)
+
+
 def write_dicom(path: Path, pixels: np.ndarray, rng: np.random.Generator, cfg, study: dict, image: dict) -> None:
+    """One replica image as a DX For Presentation object. The random draws are the ones the replica has always
+    made, in the same order (the images after this one depend on them); the draw that once gave some images a
+    rescale intercept of -1024 (which the DX IOD forbids: its enumerated value is 0) now only narrows their value
+    range by as much, so the values a reader gets after the modality LUT are the ones it always got."""
     bits = int(rng.choice([10, 12, 12, 12, 14, 15, 16]))
-    intercept = -1024 if bits >= 12 and rng.uniform() < 0.15 else 0
-    maxv = 2**bits - 1 + intercept
+    narrow = 1024 if bits >= 12 and rng.uniform() < 0.15 else 0
+    maxv = 2**bits - 1 - narrow
     mono1 = rng.uniform() < cfg.monochrome1_fraction
     value = np.round(np.clip(pixels, 0, 1) * maxv)
     if mono1:
         value = maxv - value
-    stored = (value - intercept).astype(np.uint16)
+    stored = value.astype(np.uint16)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DX_PRESENTATION
@@ -88,18 +99,54 @@ def write_dicom(path: Path, pixels: np.ndarray, rng: np.random.Generator, cfg, s
     ds.HighBit = bits - 1
     ds.PixelRepresentation = 0
     ds.PixelSpacing = [0.139, 0.139]
-    if intercept or rng.uniform() < 0.3:
-        ds.RescaleIntercept = intercept
-        ds.RescaleSlope = 1
-        ds.RescaleType = "US"
+    if not narrow:
+        rng.uniform()  # once chose whether to write the rescale attributes: drawn still, so later draws keep their order
+    _dx_modules(ds, mono1, study, image)
     if rng.uniform() < 0.6:
         lo, hi = np.percentile(value, [1, 99])
         ds.WindowCenter = round(float(lo + hi) / 2, 1)
         ds.WindowWidth = round(float(hi - lo) * 1.1 + 1, 1)
+    else:  # DX For Presentation needs a window or a VOI LUT: the one a reader without one would work out
+        ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = _percentile_window(value)
     ds.PixelData = stored.tobytes()
     if rng.uniform() < cfg.jpeg2000_fraction:
         ds.compress(JPEG2000Lossless, stored, encoding_plugin="pylibjpeg", generate_instance_uid=False)
     _atomic_save(path, lambda p: ds.save_as(p, enforce_file_format=True))
+
+
+def _percentile_window(value: np.ndarray) -> tuple[float, float, str]:
+    """A LINEAR_EXACT window over the 0.5th to 99.5th percentile of ``value`` (``data.dicom.percentile_window``, what
+    the shard builder applies to an image that has none): the image reads as it did before it carried one."""
+    from cxr_pipeline.data.dicom import PERCENTILE_WINDOW
+
+    sub = value[:: max(1, value.shape[0] // 256), :: max(1, value.shape[1] // 256)].astype(np.float32)
+    lo, hi = (float(v) for v in np.percentile(sub, PERCENTILE_WINDOW))
+    hi = hi if hi > lo else lo + 1
+    return float(f"{(lo + hi) / 2:.10g}"), float(f"{hi - lo:.10g}"), "LINEAR_EXACT"
+
+
+def _dx_modules(ds: Dataset, mono1: bool, study: dict, image: dict) -> None:
+    """What the DX IOD asks for beyond the image itself (PS3.3 A.26): the DX Image module's Type 1 attributes at
+    their enumerated values, the detector's imager spacing (the replica's pixel spacing: no magnification), and the
+    Type 2 identifiers and equipment attributes, empty where the replica has nothing to say."""
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+    ds.PresentationLUTShape = "INVERSE" if mono1 else "IDENTITY"
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = 1 if mono1 else -1  # MONOCHROME2: higher values where less X-ray got through
+    ds.LossyImageCompression = "00"  # uncompressed or JPEG 2000 lossless
+    ds.BurnedInAnnotation = "NO"
+    ds.ImagerPixelSpacing = list(ds.PixelSpacing)
+    ds.ImageLaterality = "U"  # the chest is an unpaired body part
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = CHEST
+    ds.AnatomicRegionSequence = [code]
+    ds.StudyID = str(study["study_id"])[-8:]
+    ds.SeriesNumber = int(image.get("index", 0)) + 1  # each image is a series of its own, numbered within its study
+    ds.InstanceNumber = 1
+    ds.Manufacturer = "cxr_pipeline replica"
+    ds.DetectorType = ""
+    ds.PositionerType = ""
+    ds.AcquisitionContextSequence = []
 
 
 def write_jpg(path: Path, pixels: np.ndarray) -> None:

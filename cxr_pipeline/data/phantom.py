@@ -170,13 +170,19 @@ def _box(mask: np.ndarray, rows: int, cols: int) -> tuple[float, float, float, f
     return (float(xs.min() * sx), float(ys.min() * sy), float((xs.max() - xs.min() + 1) * sx), float((ys.max() - ys.min() + 1) * sy))
 
 
+FRAGMENT = 0.1  # a region under this share of the finding's largest is a sliver the lung's edge cut off: not boxed
+
+
 def _boxes(mask: np.ndarray, rows: int, cols: int) -> list[tuple[float, float, float, float]]:
     """One box per 8-connected region of ``mask`` (scipy's labelling), left to right: a box around two lesions far
-    apart would hold mostly lung."""
+    apart would hold mostly lung. Slivers (under FRAGMENT of the largest region's cells, where the lung mask clipped
+    a drawing) are left out, as a radiologist would not box them; two lesions differ by at most 3.5x in area."""
     from scipy import ndimage
 
     labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
-    return sorted(_box(labels == k, rows, cols) for k in range(1, n + 1))
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = [k + 1 for k in range(n) if sizes[k] >= FRAGMENT * sizes.max()]
+    return sorted(_box(labels == k, rows, cols) for k in keep)
 
 
 def _region(masks: dict | None, name: str, weight: np.ndarray) -> None:

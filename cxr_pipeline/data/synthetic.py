@@ -240,7 +240,7 @@ def _write_images(cfg: SynthConfig, out: Path, patient: _Patient) -> tuple[int, 
             anatomy = Anatomy.draw(np.random.default_rng(st["anatomy_seed"]))
         folder = out / patient_relpath(patient.subject_id) / f"s{st['study_id']}"
         folder.mkdir(parents=True, exist_ok=True)
-        for im in st["images"]:
+        for k, im in enumerate(st["images"]):
             rng = np.random.default_rng(im["image_seed"])
             strengths = planted_strengths(rng, st["states"])
             if fainter and effect[0] in strengths:
@@ -254,7 +254,7 @@ def _write_images(cfg: SynthConfig, out: Path, patient: _Patient) -> tuple[int, 
                 write_jpg(path, pixels)
             else:
                 path = folder / f"{im['dicom_id']}.dcm"
-                write_dicom(path, pixels, rng, cfg, st, im)
+                write_dicom(path, pixels, rng, cfg, st, {**im, "index": k})
             total += path.stat().st_size
     return total, boxes
 

@@ -28,7 +28,8 @@ from cxr_pipeline.vision.registry import registered_name
 
 LocalizationConfig = dagster_config(LOCALIZATION_METRICS, "LocalizationConfig")
 SHOWN = ("dataset", "model", "method", "pathology", "n_images", "level", "pointing", "pointing_lo", "pointing_hi")
-SHOWN += ("pointing_vs_mean_box", "pointing_vs_mean_box_lo", "pointing_vs_mean_box_hi", "iobb_10", "iobb_25", "iobb_50")
+SHOWN += ("pointing_vs_mean_box", "pointing_vs_mean_box_lo", "pointing_vs_mean_box_hi", "pointing_vs_box_prior_lo", "pointing_ceiling")
+SHOWN += ("iobb_10", "iobb_25", "iobb_50")
 
 
 def _nih(paths, size: int):
@@ -75,7 +76,7 @@ def localization_metrics(
         else:
             run.log_table(result.table, "localization_metrics")
             run.log_metrics({k: float(v) for k, v in result.counts.items()})
-            for kind, s in summary(result.table.filter(pl.col("dataset") == "mimic")).items():
+            for kind, s in summary(result.table.filter(pl.col("dataset") == "mimic") if result.table.height else result.table).items():
                 run.log_metrics({f"{kind}.median_pointing": s["pointing"], f"{kind}.median_pointing_vs_mean_box": s["vs_mean_box"]})
             for png in result.sheets.values():
                 run.log_artifact(png)
@@ -84,7 +85,12 @@ def localization_metrics(
     if result.skipped:
         context.log.warning(f"localization skipped: {result.skipped}")
         return dg.Output(result.table, metadata=asset_metadata(run, reason=result.skipped, **resolved_metadata(cfg)))
-    shown = result.table.select(SHOWN).with_columns(pl.col(pl.Float64).round(3))
+    if not result.table.height:  # boxes and champions, but no finding with both boxed test images and training boxes
+        context.log.warning("localization: no finding has boxed test images and training boxes; the table is empty")
+        return dg.Output(
+            result.table, metadata=asset_metadata(run, reason="no finding with boxed test and training images", **resolved_metadata(cfg))
+        )
+    shown = result.table.select([c for c in SHOWN if c in result.table.columns]).with_columns(pl.col(pl.Float64).round(3))
     md = {"table": table_metadata(shown), **result.counts}
     md.update({f"sheet_{k}": inline_png(v, f"localization contact sheet, {k}") for k, v in result.sheets.items()})
     return dg.Output(result.table, metadata=asset_metadata(run, **md, **resolved_metadata(cfg)))

@@ -23,7 +23,7 @@ Maps and boxes are compared in the source image's frame, scaled down whole to at
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -35,7 +35,8 @@ from cxr_pipeline.vision.resampling import draw, percentile_interval
 IOBB_T = (0.1, 0.25, 0.5, 0.75, 0.9)
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the map thresholds chosen among on validate
 FRAME = 256  # the long side (px) of the frame maps and boxes are compared in
-GRAD_CAM, MEAN_BOX, UNIFORM_LUNGS = "grad_cam", "mean_box", "uniform_lungs"
+GRAD_CAM, MEAN_BOX, UNIFORM_LUNGS, BOX_PRIOR = "grad_cam", "mean_box", "uniform_lungs", "box_prior"
+BASELINES = (MEAN_BOX, BOX_PRIOR, UNIFORM_LUNGS)
 DEFAULT_LEVEL = 0.5  # used when the validate split has no boxed image of a finding (recorded as the level's source)
 
 
@@ -138,25 +139,42 @@ def shares(boxes: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+PRIOR_GRID = 64  # cells a side of the box-frequency prior, in shares of the image
+
+
 @dataclass(frozen=True)
 class Baselines:
-    """What the training split's boxes say without an image: each finding's mean box and the region of all boxes."""
+    """What the training split's boxes say without an image: each finding's mean box, where its boxes lie most often
+    (a frequency map: on one side for a finding drawn on one side more often; the mean box of a finding on either
+    side straddles the midline), the region of every finding's boxes, and how many boxes each was averaged over."""
 
     mean_box: dict[str, tuple[float, float, float, float]]
     lungs: tuple[float, float, float, float]
+    counts: dict[str, int] = field(default_factory=dict)
+    prior: dict[str, np.ndarray] = field(default_factory=dict)  # finding -> (PRIOR_GRID, PRIOR_GRID) box frequency
 
     @classmethod
     def of(cls, training_boxes: pl.DataFrame) -> Baselines:
         """From the training split's boxes joined to their images' sizes (``rows``, ``cols``). The region spans the
         2.5th to 97.5th percentile of every box's edges (a few stray boxes do not stretch it to the corners)."""
         s = shares(training_boxes)
-        means = s.group_by("finding").agg(pl.col(c).mean() for c in ("x0", "y0", "x1", "y1"))
+        means = s.group_by("finding").agg(pl.len().alias("n"), *(pl.col(c).mean() for c in ("x0", "y0", "x1", "y1")))
         mean_box = {r["finding"]: (r["x0"], r["y0"], r["x1"], r["y1"]) for r in means.iter_rows(named=True)}
         lo, hi = (lambda c: float(s[c].quantile(0.025))), (lambda c: float(s[c].quantile(0.975)))
         lungs = (lo("x0"), lo("y0"), hi("x1"), hi("y1")) if s.height else (0.0, 0.0, 1.0, 1.0)
-        return cls(mean_box, lungs)
+        prior = {}
+        for (finding,), g in s.group_by("finding"):
+            prior[finding] = sum(
+                (box_map(b, (PRIOR_GRID, PRIOR_GRID)) for b in g.select("x0", "y0", "x1", "y1").rows()), np.zeros((PRIOR_GRID,) * 2)
+            )
+        return cls(mean_box, lungs, dict(zip(means["finding"], means["n"], strict=True)), prior)
 
     def maps(self, method: str, finding: str, cases: list[Case]) -> list[np.ndarray]:
+        if method == BOX_PRIOR:
+            from PIL import Image
+
+            grid = Image.fromarray(self.prior[finding].astype(np.float32), mode="F")
+            return [np.asarray(grid.resize((c.shape[1], c.shape[0]), Image.Resampling.NEAREST)) for c in cases]
         share = self.mean_box[finding] if method == MEAN_BOX else self.lungs
         return [box_map(share, c.shape) for c in cases]
 
@@ -174,10 +192,14 @@ def scores(maps: list[np.ndarray], cases: list[Case], level: float) -> tuple[np.
 
 
 def choose_level(maps: list[np.ndarray], cases: list[Case]) -> tuple[float, str]:
-    """The level with the best mean IoBB accuracy over the five T on these (validate) images; ties: the lower."""
+    """The level with the best mean IoBB accuracy over the five T on these (validate) images; among equals, the one
+    nearest the default. When no level finds a single box, none was chosen: the default, said so."""
     if not cases:
         return DEFAULT_LEVEL, "default (no boxed validate image)"
-    best = max(LEVELS, key=lambda lv: (lambda h, n: (h.sum(axis=0) / n.sum()).mean())(*scores(maps, cases, lv)[:2]))
+    acc = {lv: (lambda h, n: float((h.sum(axis=0) / n.sum()).mean()))(*scores(maps, cases, lv)[:2]) for lv in LEVELS}
+    if max(acc.values()) == 0:
+        return DEFAULT_LEVEL, f"default (no level found a box on validate, {len(cases)} images)"
+    best = max(LEVELS, key=lambda lv: (acc[lv], -abs(lv - DEFAULT_LEVEL)))
     return best, f"validate ({len(cases)} images)"
 
 
@@ -240,25 +262,32 @@ def choose_levels(champions: list, val: dict[str, Split]) -> dict[tuple[str, str
 
 
 def grid_ceiling(grid: int, size: int, cases: list[Case], sizes: Sequence[tuple[int, int]]) -> float:
-    """The share of ``cases`` where some cell centre of a ``grid`` x ``grid`` map over the ``size``-px letterbox
-    falls inside a true box: the most any map upsampled from that grid can score in the pointing game (its maximum
-    sits on a cell centre). Why a coarse map misses small boxes, as a number."""
+    """An upper bound on the pointing game of any map upsampled (bilinear) from a ``grid`` x ``grid`` map over the
+    ``size``-px letterbox: the share of ``cases`` where a true box holds a cell centre or reaches the band of half a
+    cell along the image's edge. Inside, the upsampled map's maximum sits on a cell centre; next to the edge it can
+    be a plateau reaching the border (a border cell's value is held to the edge), or lie on the edge where the
+    letterbox's padding was cut off. Why a coarse map misses small boxes, as a number."""
     if not cases:
         return float("nan")
     centres = (np.arange(grid) + 0.5) * size / grid
     hits = 0
     for case, (rows, cols) in zip(cases, sizes, strict=True):
         top, left, nh, nw = letterbox_geometry(rows, cols, size)
-        ys = (centres[(centres >= top) & (centres < top + nh)] - top) * case.shape[0] / nh
-        xs = (centres[(centres >= left) & (centres < left + nw)] - left) * case.shape[1] / nw
-        mask = inside(case.truth, case.shape)
-        yi, xi = np.clip(ys.astype(int), 0, case.shape[0] - 1), np.clip(xs.astype(int), 0, case.shape[1] - 1)
-        hits += bool(mask[np.ix_(yi, xi)].any()) if len(yi) and len(xi) else False
+        fy, fx = case.shape[0] / nh, case.shape[1] / nw  # frame pixels per letterbox pixel
+        reach = np.zeros(case.shape, dtype=bool)
+        band_y, band_x = int(np.ceil(0.5 * size / grid * fy)), int(np.ceil(0.5 * size / grid * fx))
+        reach[:band_y], reach[-band_y:], reach[:, :band_x], reach[:, -band_x:] = True, True, True, True
+        ys = ((centres[(centres >= top) & (centres < top + nh)] - top) * fy).astype(int)
+        xs = ((centres[(centres >= left) & (centres < left + nw)] - left) * fx).astype(int)
+        reach[np.ix_(np.clip(ys, 0, case.shape[0] - 1), np.clip(xs, 0, case.shape[1] - 1))] = True
+        hits += bool((reach & inside(case.truth, case.shape)).any())
     return hits / len(cases)
 
 
-def model_row(champ, j: int, test: Split, level: tuple[float, str], weights, mean_point) -> dict:
-    """One Grad-CAM row: ``champ`` (``vision.external.Champion``) output ``j`` on the test cases at ``level``."""
+def model_row(champ, j: int, test: Split, level: tuple[float, str], weights, baseline_points: dict[str, np.ndarray]) -> dict:
+    """One Grad-CAM row: ``champ`` (``vision.external.Champion``) output ``j`` on the test cases at ``level``, with its
+    pointing rate's paired differences from the mean box's and the box prior's (``baseline_points``: each
+    baseline's per-image pointing scores)."""
     from cxr_pipeline.vision.serving import cam_grid
 
     m = champ.model
@@ -266,18 +295,11 @@ def model_row(champ, j: int, test: Split, level: tuple[float, str], weights, mea
     row, point = measure(maps, test.cases, level[0], weights)
     row["cam_grid"] = cam_grid(m.arch, m.size)
     row["pointing_ceiling"] = grid_ceiling(row["cam_grid"], m.size, test.cases, test.sizes)
-    diff = _rate(weights, point - mean_point, np.ones(len(point)))
-    return {
-        "model": champ.kind,
-        "registered": registered(champ),
-        "method": GRAD_CAM,
-        "level": level[0],
-        "level_from": level[1],
-        **row,
-        "pointing_vs_mean_box": diff[0],
-        "pointing_vs_mean_box_lo": diff[1],
-        "pointing_vs_mean_box_hi": diff[2],
-    }
+    out = {"model": champ.kind, "registered": registered(champ), "method": GRAD_CAM, "level": level[0], "level_from": level[1], **row}
+    for name, method in (("mean_box", MEAN_BOX), ("box_prior", BOX_PRIOR)):
+        diff = _rate(weights, point - baseline_points[method], np.ones(len(point)))
+        out.update({f"pointing_vs_{name}": diff[0], f"pointing_vs_{name}_lo": diff[1], f"pointing_vs_{name}_hi": diff[2]})
+    return out
 
 
 def localization_table(
@@ -299,27 +321,36 @@ def localization_table(
         weights = draw(len(t.cases), [c.patient for c in t.cases], n_boot, np.random.default_rng(seed)).weights
         common = {"dataset": dataset, "slug": slug(finding), "pathology": finding, "n_images": len(t.cases)}
         common["n_patients"] = len({c.patient for c in t.cases})
-        mean_point = None
-        for method in (MEAN_BOX, UNIFORM_LUNGS):
-            row, point = measure(baselines.maps(method, finding, t.cases), t.cases, DEFAULT_LEVEL, weights)
-            mean_point = point if method == MEAN_BOX else mean_point
-            out.append({**common, "model": "baseline", "registered": "", "method": method, "level": None, "level_from": "", **row})
+        points = {}
+        for method in BASELINES:
+            row, points[method] = measure(baselines.maps(method, finding, t.cases), t.cases, DEFAULT_LEVEL, weights)
+            level_from = "one box, whatever the level" if method != BOX_PRIOR else f"level {DEFAULT_LEVEL} of the frequency map"
+            base = {"model": "baseline", "registered": "", "method": method, "level": None, "level_from": level_from}
+            out.append({**common, **base, **row, "training_boxes": baselines.counts.get(finding)})
         for champ in (c for c in champions if slug(finding) in c.model.slugs):
             level = levels.get((registered(champ), slug(finding)), (DEFAULT_LEVEL, "default (no level chosen)"))
-            out.append({**common, **model_row(champ, champ.model.slugs.index(slug(finding)), t, level, weights, mean_point)})
+            out.append({**common, **model_row(champ, champ.model.slugs.index(slug(finding)), t, level, weights, points)})
     return pl.DataFrame(out, infer_schema_length=None) if out else pl.DataFrame()
 
 
+MIN_PATIENTS = 10  # a finding counts as above a baseline only on at least this many patients' boxed images
+
+
 def summary(table: pl.DataFrame) -> dict[str, dict]:
-    """Per model kind: the median pointing rate over findings with boxes and its median change from the mean box."""
+    """Per model kind: the median pointing rate over findings with boxes, its median change from the mean box, and
+    how many findings are above the mean box and above the box prior (paired lower end > 0, on at least
+    MIN_PATIENTS patients: with fewer the bootstrap has too little to resample)."""
     out = {}
-    if not table.height:
+    if not table.height or "method" not in table.columns:
         return out
     for kind, g in table.filter(pl.col("method") == GRAD_CAM).group_by("model", maintain_order=True):
+        enough = g.filter(pl.col("n_patients") >= MIN_PATIENTS)
         out[kind[0]] = {
             "findings": g.height,
             "pointing": float(g["pointing"].median()),
             "vs_mean_box": float(g["pointing_vs_mean_box"].median()),
-            "above": int((g["pointing_vs_mean_box_lo"] > 0).sum()),
+            "above": int((enough["pointing_vs_mean_box_lo"] > 0).sum()),
+            "above_prior": int((enough["pointing_vs_box_prior_lo"] > 0).sum()),
+            "too_few": g.height - enough.height,
         }
     return out

@@ -122,14 +122,19 @@ def _source(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 def sheet_picks(test: dict[str, Split], n: int = SHEET_STUDIES) -> list[tuple[str, int]]:
-    """(finding, case index) for ``n`` test images, taken in turn from each finding with boxes (so every finding
-    shows), each finding's cases in dicom_id order."""
+    """(finding, case index) for ``n`` different test images, taken in turn from each finding with boxes (so every
+    finding shows), each finding's cases in dicom_id order; an image already shown for another finding is passed over."""
     queues = {f: list(range(len(s.cases))) for f, s in test.items() if s.cases}
     out: list[tuple[str, int]] = []
+    shown: set[str] = set()
     while len(out) < n and any(queues.values()):
         for f in sorted(queues):
+            while queues[f] and test[f].cases[queues[f][0]].dicom_id in shown:
+                queues[f].pop(0)
             if queues[f] and len(out) < n:
-                out.append((f, queues[f].pop(0)))
+                i = queues[f].pop(0)
+                out.append((f, i))
+                shown.add(test[f].cases[i].dicom_id)
     return out
 
 
@@ -140,7 +145,8 @@ def contact_sheet(boxed: BoxedSet, champions: list, table: pl.DataFrame, out: Pa
     from matplotlib.patches import Rectangle
 
     by_slug = {s: c for c in sorted(champions, key=lambda c: -len(c.model.slugs)) for s in c.model.slugs}  # per-finding first
-    picks = sheet_picks({f: split for f, split in boxed.test.items() if slug(f) in by_slug})
+    scored = set(table.filter(pl.col("method") == GRAD_CAM)["slug"]) if table.height else set()  # rows of the table only
+    picks = sheet_picks({f: split for f, split in boxed.test.items() if slug(f) in by_slug and slug(f) in scored})
     if not picks:
         return None
     ncols = min(6, len(picks))
@@ -215,7 +221,7 @@ def localize(paths, manifest: pl.DataFrame, open_shards, champions: list, cfg: L
         else:
             internal = {k: (level, f"internal {how}") for k, (level, how) in levels.items()}
             nih = localization_table("nih", champions, ext.test, baselines, internal, cfg.bootstrap, cfg.seed)
-            table = pl.concat([table, nih], how="diagonal_relaxed") if nih.height else table
+            table = pl.concat([table, nih], how="diagonal_relaxed") if nih.height and table.height else (table if table.height else nih)
             sheets["nih"] = contact_sheet(
                 ext, champions, nih, out_dir / "localization-nih.png", "NIH-format set: true box (green), Grad-CAM, its boxes (white)"
             )

@@ -227,6 +227,16 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
             set(internal["registered"]) == {"", "cxr-multilabel v1"}
             and internal.filter(pl.col("method") == "grad_cam")["level"].null_count() == 0
         )
+        # the level is chosen on the validate split's boxed images, the baselines made from the training split's boxes
+        split_of = dict(zip(m["dicom_id"], m["split"], strict=True))
+        boxes = boxes.with_columns(pl.col("dicom_id").replace_strict(split_of, default=None).alias("split"))
+        for r in internal.iter_rows(named=True):
+            mine = boxes.filter(pl.col("finding") == r["pathology"])
+            if r["method"] == "grad_cam":
+                n_val = mine.filter(pl.col("split") == "validate")["dicom_id"].n_unique()
+                assert f"{n_val} images)" in r["level_from"] or (n_val == 0 and r["level_from"].startswith("default (no boxed")), r
+            else:
+                assert r["training_boxes"] == mine.filter(pl.col("split") == "train").height, r
         nih_rows = loc.filter(pl.col("dataset") == "nih")
         assert nih_rows.height and (nih_rows.filter(pl.col("method") == "grad_cam")["level_from"].str.starts_with("internal ")).all()
         assert not [c.name for c in lmat.metadata["dagster/column_schema"].value.columns if not c.description]
