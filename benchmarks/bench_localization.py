@@ -71,6 +71,7 @@ def arm(out: Path, raw: Path, size: int, epochs: int) -> dict:
             "auc": auc.get(r["pathology"]),
             **{k: r[k] for k in ("n_images", "n_patients", "level", "pointing", "pointing_vs_mean_box", "pointing_vs_mean_box_lo")},
             **{k: r[k] for k in ("pointing_vs_mean_box_hi", "iobb_10", "iobb_25", "iobb_50", "cam_grid", "pointing_ceiling")},
+            **{k: r[k] for k in ("pointing_vs_box_prior", "pointing_vs_box_prior_lo", "pointing_vs_box_prior_hi")},
             "mean_box_pointing": mean["pointing"],
         }
     return {"size": size, "seconds": round(time.perf_counter() - t0), "rows": rows}
@@ -88,7 +89,11 @@ def goal_line(results: list[dict]) -> str:
             met += r["pointing_vs_mean_box_lo"] is not None and r["pointing_vs_mean_box_lo"] > 0
             lo, hi = r["pointing_vs_mean_box_lo"], r["pointing_vs_mean_box_hi"]
             cells.append(f"{f} {r['pointing_vs_mean_box']:+.2f} [{lo:+.2f}, {hi:+.2f}]" if lo is not None else f"{f} -")
-        parts.append(f"size {res['size']}: {', '.join(cells)}; {met} of {len(GOAL)} findings above the mean box (lower end > 0)")
+        prior = sum(r["pointing_vs_box_prior_lo"] is not None and r["pointing_vs_box_prior_lo"] > 0 for r in res["rows"].values() if r)
+        parts.append(
+            f"size {res['size']}: {', '.join(cells)}; {met} of {len(GOAL)} findings above the mean box (lower end > 0),"
+            f" {prior} above the box prior"
+        )
     return "localization: " + "; ".join(parts)
 
 
@@ -130,6 +135,7 @@ def main() -> int:
                 f" {r['pointing']:.3f} vs mean box {r['mean_box_pointing']:.3f}: {r['pointing_vs_mean_box']:+.3f}"
                 f" [{r['pointing_vs_mean_box_lo']:+.3f}, {r['pointing_vs_mean_box_hi']:+.3f}]  IoBB>0.1 {r['iobb_10']:.2f}"
                 f" >0.25 {r['iobb_25']:.2f} >0.5 {r['iobb_50']:.2f}  ceiling of a {r['cam_grid']}x{r['cam_grid']} map {r['pointing_ceiling']:.2f}"
+                f"  vs box prior {r['pointing_vs_box_prior']:+.3f} [{r['pointing_vs_box_prior_lo']:+.3f}, {r['pointing_vs_box_prior_hi']:+.3f}]"
             )
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; commit {commit}; {time.strftime('%Y-%m-%d')}")
