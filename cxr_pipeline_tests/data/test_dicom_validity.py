@@ -34,6 +34,9 @@ def test_every_replica_dicom_is_a_valid_dx_object(replica):
     assert not bad, f"{len(bad)} of {len(files)} replica DICOMs fail dciodvfy, e.g. {next(iter(bad.items()))}"
     # the variety a reader must survive is still there: both photometric interpretations, JPEG 2000 and native files,
     # images with the writer's window and with the percentile window that stands in for none
+    from pydicom.sr.codedict import codes
+
+    chest = codes.cid4031.Chest
     heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     assert {h.PhotometricInterpretation for h in heads} == {"MONOCHROME1", "MONOCHROME2"}
     assert len({h.file_meta.TransferSyntaxUID for h in heads}) == 2 and len({int(h.BitsStored) for h in heads}) >= 3
@@ -42,6 +45,8 @@ def test_every_replica_dicom_is_a_valid_dx_object(replica):
         mono1 = h.PhotometricInterpretation == "MONOCHROME1"
         assert (h.PresentationLUTShape, h.PixelIntensityRelationshipSign) == (("INVERSE", 1) if mono1 else ("IDENTITY", -1))
         assert (float(h.RescaleIntercept), float(h.RescaleSlope)) == (0.0, 1.0)
+        region = h.AnatomicRegionSequence[0]  # the chest as DICOM's Common Anatomic Regions (CID 4031) codes it
+        assert (region.CodeValue, region.CodingSchemeDesignator) == (chest.value, chest.scheme_designator)
 
 
 def test_the_validator_catches_an_invalid_object(tmp_path):
