@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install test demo ui mlflow-ui serve bench lint docs docs-serve clean
+.PHONY: install test demo ui mlflow-ui pacs serve bench lint docs docs-serve clean
 
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,9 @@ ui: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)
 	cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml 2>/dev/null || true
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+pacs: $(STAMP)  # a local Orthanc with DICOMweb on 127.0.0.1 (apt-get install orthanc orthanc-dicomweb)
+	$(BIN)/cxr-pipeline pacs
 
 mlflow-ui: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --workers 1 \

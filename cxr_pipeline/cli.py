@@ -20,6 +20,7 @@ from cxr_pipeline.demo import ADAPTER_RECIPES, DEMO_ADAPTER_RECIPE, DEMO_EPOCHS,
 from cxr_pipeline.fields import ConfigError
 from cxr_pipeline.files import atomic_path, write_parquet
 from cxr_pipeline.labels import LABELS
+from cxr_pipeline.pacs import PacsError, PacsSettings, serve
 from cxr_pipeline.reports.labeler import label_reports
 from cxr_pipeline.reports.vlm import read_adapter_card, report_token_budget
 from cxr_pipeline.settings import paths
@@ -184,6 +185,15 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pacs(a: argparse.Namespace) -> int:
+    """``make pacs``: the local Orthanc in the foreground (``pacs.serve``)."""
+    try:
+        return serve(paths().home / "pacs", PacsSettings(a.http_port, a.dicom_port, stable_age=a.stable_age))
+    except PacsError as e:
+        print(f"pacs: {e}", file=sys.stderr)
+        return 2
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line (its reference page, ``docs/reference/cli.md``, is generated from this)."""
     ap = argparse.ArgumentParser(prog="cxr-pipeline", description="MIMIC-CXR pipeline on Dagster and MLflow")
@@ -252,6 +262,17 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", choices=["per-pathology", "multilabel"], default="per-pathology")
     pr.add_argument("--cam", metavar="OUT_DIR", type=Path, help="write a Grad-CAM overlay PNG per positive finding here")
     pr.set_defaults(fn=_predict)
+
+    pa = sub.add_parser(
+        "pacs",
+        help="run a local PACS (Orthanc with DICOMweb, Debian's orthanc and orthanc-dicomweb) on 127.0.0.1 until interrupted",
+        description="State under $CXR_HOME/pacs. HTTP and DICOMweb answer this machine only; C-STORE is accepted from the "
+        "calling AE title CXR_SCU on 127.0.0.1. A study is stable (whole) when nothing has arrived for --stable-age seconds.",
+    )
+    pa.add_argument("--http-port", type=int, default=8042)
+    pa.add_argument("--dicom-port", type=int, default=4242)
+    pa.add_argument("--stable-age", type=int, default=60, help="seconds without a new instance before a study counts as whole")
+    pa.set_defaults(fn=_pacs)
 
     c = sub.add_parser(
         "config",

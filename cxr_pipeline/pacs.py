@@ -1,0 +1,141 @@
+"""The local PACS: Orthanc with its DICOMweb plugin (Debian's ``orthanc`` and ``orthanc-dicomweb``), on loopback.
+
+``make pacs`` (``cxr-pipeline pacs``) runs it in the foreground for a person; the tests start one of their own on
+free ports (:func:`running`). Its state lives under ``$CXR_HOME/pacs``: a written configuration and Orthanc's own
+storage and index. Orthanc is the PACS the project's DICOM results go to (#50): studies arrive by DICOM C-STORE
+(``storescu``) or STOW-RS, and become *stable* once no instance has arrived for ``stable_age`` seconds (Orthanc's
+``StableStudy`` change), the signal a study is whole.
+
+Only this machine may talk to it: HTTP answers loopback only (``RemoteAccessAllowed`` false: Orthanc 1.10 has no
+bind address, it refuses other hosts), and C-STORE is accepted only from the modalities the configuration names,
+all on 127.0.0.1 (``DicomAlwaysAllowStore`` false). No authentication is configured, so it is for a workstation or
+a test, never for a network a hospital shares; a hospital points the project at its own PACS instead.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxr_pipeline.files import atomic_path
+
+PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc/plugins"))  # where Debian puts its plugins
+DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
+SCU_AET = "CXR_SCU"  # the calling AE title the project's storescu uses (the one modality allowed to store)
+
+
+@dataclass(frozen=True)
+class PacsSettings:
+    """Where the local Orthanc listens and how soon a study counts as whole."""
+
+    http_port: int = 8042
+    dicom_port: int = 4242
+    aet: str = "CXR_PACS"
+    stable_age: int = 60  # Orthanc's default; the tests and the benchmark set it lower
+
+
+class PacsError(RuntimeError):
+    """Orthanc or its DICOMweb plugin is missing, or it did not start."""
+
+
+def orthanc_executable() -> str:
+    exe = shutil.which("Orthanc")
+    if exe is None:
+        raise PacsError("Orthanc is not installed: apt-get install orthanc orthanc-dicomweb (Debian)")
+    return exe
+
+
+def dicomweb_plugin() -> Path:
+    for folder in PLUGIN_DIRS:
+        if (folder / DICOMWEB_PLUGIN).is_file():
+            return folder / DICOMWEB_PLUGIN
+    raise PacsError(
+        f"Orthanc's DICOMweb plugin ({DICOMWEB_PLUGIN}) is not in {', '.join(map(str, PLUGIN_DIRS))}: apt-get install orthanc-dicomweb"
+    )
+
+
+def orthanc_config(folder: Path, s: PacsSettings) -> dict:
+    """Orthanc's JSON configuration for a PACS in ``folder`` (its storage and index inside)."""
+    return {
+        "Name": "cxr_pipeline local PACS",
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "index"),
+        "HttpPort": s.http_port,
+        "DicomPort": s.dicom_port,
+        "DicomAet": s.aet,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomAlwaysAllowStore": False,
+        "DicomAlwaysAllowEcho": True,
+        "DicomCheckCalledAet": True,
+        "DicomModalities": {"cxr": [SCU_AET, "127.0.0.1", 104]},  # the port is for Orthanc calling it back (never here)
+        "StableAge": s.stable_age,
+        "Plugins": [str(dicomweb_plugin())],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},
+    }
+
+
+def write_config(folder: Path, s: PacsSettings) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "orthanc.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(orthanc_config(folder, s), indent=1))
+    return path
+
+
+def wait_ready(url: str, seconds: float, proc: subprocess.Popen | None = None) -> None:
+    """Until ``url``/system answers (Orthanc is up, its plugins loaded), or fail naming why."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise PacsError(f"Orthanc exited with {proc.returncode} while starting")
+        try:
+            with urllib.request.urlopen(f"{url}/system", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise PacsError(f"Orthanc did not answer at {url} within {seconds:.0f} s")
+
+
+@contextmanager
+def running(folder: Path, s: PacsSettings, log: Path | None = None) -> Iterator[str]:
+    """A local Orthanc for the length of the block: yields its base URL (DICOMweb under ``/dicom-web``)."""
+    config = write_config(folder, s)
+    out = open(log or folder / "orthanc.log", "w")  # noqa: SIM115  (closed below, after the process)
+    proc = subprocess.Popen([orthanc_executable(), str(config)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{s.http_port}"
+    try:
+        wait_ready(url, 60, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        out.close()
+
+
+def serve(folder: Path, s: PacsSettings) -> int:
+    """``make pacs``: Orthanc in the foreground until interrupted; returns its exit code."""
+    config = write_config(folder, s)
+    print(f"pacs: Orthanc on http://127.0.0.1:{s.http_port} (DICOMweb /dicom-web/), DICOM {s.aet}@127.0.0.1:{s.dicom_port}", flush=True)
+    print(f"pacs: storescu -aet {SCU_AET} -aec {s.aet} 127.0.0.1 {s.dicom_port} FILE.dcm; state in {folder}", flush=True)
+    proc = subprocess.Popen([orthanc_executable(), str(config)])
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())  # stopping the command stops Orthanc, not orphans it
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        return 0
