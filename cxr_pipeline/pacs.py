@@ -6,10 +6,13 @@ storage and index. Orthanc is the PACS the project's DICOM results go to (#50): 
 (``storescu``) or STOW-RS, and become *stable* once no instance has arrived for ``stable_age`` seconds (Orthanc's
 ``StableStudy`` change), the signal a study is whole.
 
-Only this machine may talk to it: HTTP answers loopback only (``RemoteAccessAllowed`` false: Orthanc 1.10 has no
-bind address, it refuses other hosts), and C-STORE is accepted only from the modalities the configuration names,
-all on 127.0.0.1 (``DicomAlwaysAllowStore`` false). No authentication is configured, so it is for a workstation or
-a test, never for a network a hospital shares; a hospital points the project at its own PACS instead.
+Both ports listen on every interface (Orthanc 1.10 has no bind address), so what it answers is limited instead:
+HTTP and DICOMweb answer loopback only (``RemoteAccessAllowed`` false: another host gets 401); C-STORE is accepted
+only from the one modality the configuration names, the calling AE title ``CXR_SCU`` *from 127.0.0.1*
+(``DicomCheckModalityHost`` true: without it Orthanc checks the title alone), and that modality may store and
+nothing else (no C-FIND, C-GET, C-MOVE or storage commitment: a find would return patient names). C-ECHO answers
+anyone. No authentication is configured, so it is for a workstation or a test, never for a network a hospital
+shares; a hospital points the project at its own PACS instead.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ class PacsError(RuntimeError):
 
 
 def orthanc_executable() -> str:
-    exe = shutil.which("Orthanc")
+    """Debian installs it as /usr/sbin/Orthanc, which a non-root PATH leaves out."""
+    exe = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
     if exe is None:
         raise PacsError("Orthanc is not installed: apt-get install orthanc orthanc-dicomweb (Debian)")
     return exe
@@ -76,7 +80,20 @@ def orthanc_config(folder: Path, s: PacsSettings) -> dict:
         "DicomAlwaysAllowStore": False,
         "DicomAlwaysAllowEcho": True,
         "DicomCheckCalledAet": True,
-        "DicomModalities": {"cxr": [SCU_AET, "127.0.0.1", 104]},  # the port is for Orthanc calling it back (never here)
+        "DicomCheckModalityHost": True,
+        "DicomModalities": {
+            "cxr": {  # the port is for Orthanc calling it back, which it never does here
+                "AET": SCU_AET,
+                "Host": "127.0.0.1",
+                "Port": 104,
+                "AllowEcho": True,
+                "AllowStore": True,
+                "AllowFind": False,
+                "AllowGet": False,
+                "AllowMove": False,
+                "AllowStorageCommitment": False,
+            }
+        },
         "StableAge": s.stable_age,
         "Plugins": [str(dicomweb_plugin())],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},
@@ -109,9 +126,10 @@ def wait_ready(url: str, seconds: float, proc: subprocess.Popen | None = None) -
 @contextmanager
 def running(folder: Path, s: PacsSettings, log: Path | None = None) -> Iterator[str]:
     """A local Orthanc for the length of the block: yields its base URL (DICOMweb under ``/dicom-web``)."""
-    config = write_config(folder, s)
+    config, exe = write_config(folder, s), orthanc_executable()
     out = open(log or folder / "orthanc.log", "w")  # noqa: SIM115  (closed below, after the process)
-    proc = subprocess.Popen([orthanc_executable(), str(config)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    # in this process group: a signal to the group (a cancelled job, a closed terminal) reaches Orthanc too
+    proc = subprocess.Popen([exe, str(config)], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{s.http_port}"
     try:
         wait_ready(url, 60, proc)
@@ -130,9 +148,10 @@ def serve(folder: Path, s: PacsSettings) -> int:
     """``make pacs``: Orthanc in the foreground until interrupted; returns its exit code."""
     config = write_config(folder, s)
     print(f"pacs: Orthanc on http://127.0.0.1:{s.http_port} (DICOMweb /dicom-web/), DICOM {s.aet}@127.0.0.1:{s.dicom_port}", flush=True)
-    print(f"pacs: storescu -aet {SCU_AET} -aec {s.aet} 127.0.0.1 {s.dicom_port} FILE.dcm; state in {folder}", flush=True)
+    print(f"pacs: storescu -xv -aet {SCU_AET} -aec {s.aet} 127.0.0.1 {s.dicom_port} FILE.dcm; state in {folder}", flush=True)
     proc = subprocess.Popen([orthanc_executable(), str(config)])
-    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())  # stopping the command stops Orthanc, not orphans it
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # stopping the command (or closing its terminal) stops Orthanc too
+        signal.signal(sig, lambda *_: proc.terminate())
     try:
         return proc.wait()
     except KeyboardInterrupt:

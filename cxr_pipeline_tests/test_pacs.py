@@ -20,7 +20,7 @@ from cxr_pipeline.local_ray import free_port
 from cxr_pipeline.pacs import SCU_AET, PacsSettings, running
 
 HAVE = (
-    shutil.which("Orthanc")
+    (shutil.which("Orthanc") or Path("/usr/sbin/Orthanc").is_file())
     and shutil.which("storescu")
     and any((d / "libOrthancDicomWeb.so").is_file() for d in (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc/plugins")))
 )
