@@ -188,12 +188,18 @@ def window(values: np.ndarray, center: float, width: float, function: str = "LIN
     return _clip01(values)
 
 
-def percentile_window(values: np.ndarray) -> np.ndarray:
-    """Window the 0.5th to 99.5th percentile (of a subsample) onto [0, 1]; in place."""
+def percentile_bounds(values: np.ndarray) -> tuple[float, float]:
+    """The 0.5th and 99.5th percentile of a subsample of ``values`` (at most about 256 x 256), ``hi`` above ``lo``:
+    the window an image without one is read through (``percentile_window``), and the one the replica's writer puts
+    in such an image so that it reads the same (``dicom_writer``)."""
     sub = values[:: max(1, values.shape[0] // 256), :: max(1, values.shape[1] // 256)]
     lo, hi = np.percentile(sub, PERCENTILE_WINDOW)
-    if hi <= lo:
-        hi = lo + 1
+    return lo, (hi if hi > lo else lo + 1)
+
+
+def percentile_window(values: np.ndarray) -> np.ndarray:
+    """Window the 0.5th to 99.5th percentile (of a subsample) onto [0, 1]; in place."""
+    lo, hi = percentile_bounds(values)
     values -= np.float32(lo)
     values *= np.float32(1.0 / (hi - lo))
     return _clip01(values)
@@ -359,6 +365,14 @@ def to_source(heat: np.ndarray, rows: int, cols: int, shape: tuple[int, int] | N
     inner = np.ascontiguousarray(heat[top : top + nh, left : left + nw])
     out_rows, out_cols = shape or (rows, cols)
     return np.asarray(Image.fromarray(inner, mode="F").resize((out_cols, out_rows), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def resized(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A decoded image (float32 in [0, 1]) resized, bilinear, to ``shape`` (rows, cols): the frame a map taken back by
+    ``to_source`` is drawn on."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img, mode="F").resize((shape[1], shape[0]), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def letterbox(img: np.ndarray, size: int) -> np.ndarray:

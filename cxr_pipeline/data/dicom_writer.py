@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, JPEG2000Lossless
 
-from cxr_pipeline.data.dicom import PERCENTILE_WINDOW
+from cxr_pipeline.data.dicom import percentile_bounds
 from cxr_pipeline.files import atomic_path
 
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -118,9 +118,7 @@ def write_dicom(path: Path, pixels: np.ndarray, rng: np.random.Generator, cfg, s
 def _percentile_window(value: np.ndarray) -> tuple[float, float, str]:
     """A LINEAR_EXACT window over the 0.5th to 99.5th percentile of ``value`` (``data.dicom.percentile_window``, what
     the shard builder applies to an image that has none): the image reads as it did before it carried one."""
-    sub = value[:: max(1, value.shape[0] // 256), :: max(1, value.shape[1] // 256)].astype(np.float32)
-    lo, hi = (float(v) for v in np.percentile(sub, PERCENTILE_WINDOW))
-    hi = hi if hi > lo else lo + 1
+    lo, hi = (float(v) for v in percentile_bounds(value.astype(np.float32)))
     return float(f"{(lo + hi) / 2:.10g}"), float(f"{hi - lo:.10g}"), "LINEAR_EXACT"
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 
 from cxr_pipeline.data.boxes import BOX_FILE, read_box_table, read_nih_boxes
-from cxr_pipeline.data.dicom import decode
+from cxr_pipeline.data.dicom import decode, resized
 from cxr_pipeline.data.shard_reader import Shards, open_images, read_index
 from cxr_pipeline.data.synthetic import PLANTED_BOXES
 from cxr_pipeline.fields import setting
@@ -114,13 +114,6 @@ def external_set(rows: pl.DataFrame, folder: Path, open_shards, size: int) -> Bo
     return BoxedSet({}, _split(sized, boxes, open_shards), files, rejects)
 
 
-def _source(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    img = decode(path).image
-    return np.asarray(Image.fromarray(img, mode="F").resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
-
-
 def sheet_picks(test: dict[str, Split], n: int = SHEET_STUDIES) -> list[tuple[str, int]]:
     """(finding, case index) for ``n`` different test images, taken in turn from each finding with boxes (so every
     finding shows), each finding's cases in dicom_id order; an image already shown for another finding is passed over."""
@@ -163,7 +156,7 @@ def contact_sheet(boxed: BoxedSet, champions: list, table: pl.DataFrame, out: Pa
             level = float(row["level"][0])
             j = champ.model.slugs.index(slug(finding))
             heat = grad_cam_maps(champ.model, split.images(champ.model.size)[i : i + 1], j, [case], [split.sizes[i]])[0]
-            ax.imshow(_source(boxed.files[case.dicom_id], case.shape), cmap="gray")
+            ax.imshow(resized(decode(boxed.files[case.dicom_id]).image, case.shape), cmap="gray")
             ax.imshow(heat, cmap="jet", alpha=0.35)
             for x, y, w, h in case.truth:
                 ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor="lime", linewidth=1.5))

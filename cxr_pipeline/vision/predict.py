@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_pipeline.data.dicom import decode, to_source
+from cxr_pipeline.data.dicom import decode, resized, to_source
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
 from cxr_pipeline.tracking import get_client
 from cxr_pipeline.vision.checkpoint import CHAMPION, MULTILABEL, load_registered
@@ -57,13 +57,10 @@ def source_overlay(path: Path, cam: np.ndarray, side: int = OVERLAY_SIDE) -> np.
     """Grad-CAM (computed on the letterboxed model input) drawn on the source radiograph: the map taken back through
     the letterbox (``data.dicom.to_source``, the padding cut, the aspect restored), the image decoded as the shards
     decode it, its long side scaled to ``side``. RGB uint8."""
-    from PIL import Image
-
     d = decode(path, min_size=side)
     scale = side / max(d.rows, d.cols)
     shape = (max(1, round(d.rows * scale)), max(1, round(d.cols * scale)))
-    grey = Image.fromarray(d.image, mode="F").resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
-    image = np.clip(np.rint(np.asarray(grey) * 255.0), 0, 255).astype(np.uint8)
+    image = np.clip(np.rint(resized(d.image, shape) * 255.0), 0, 255).astype(np.uint8)
     return overlay(image, np.clip(to_source(cam, d.rows, d.cols, shape), 0.0, 1.0))
 
 
