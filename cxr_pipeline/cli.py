@@ -138,6 +138,9 @@ def _predict(args: argparse.Namespace) -> int:
     """Registered classifiers (MLflow registry, by alias) applied to radiograph files."""
     from cxr_pipeline.vision.predict import PredictError, predict_files
 
+    if args.dicom_out or args.send:
+        return _predict_dicom(args)
+
     error = None
     with quiet(paths().home / "logs", "predict"):  # MLflow's and torch's messages go to the log, the answer to the terminal
         try:
@@ -152,6 +155,30 @@ def _predict(args: argparse.Namespace) -> int:
         for f in r.overlays:
             print(f"  saliency: {f}")
     return 0
+
+
+def _predict_dicom(args: argparse.Namespace) -> int:
+    """--dicom-out / --send: studies in, a TID 1500 SR + a GSPS and an SC per positive call out (vision.pacs_intake)."""
+    from cxr_pipeline.vision.pacs_intake import PacsUnavailable, results_for_files
+    from cxr_pipeline.vision.predict import PredictError, Scorer
+
+    error = None
+    with quiet(paths().home / "logs", "predict"):
+        try:
+            studies = results_for_files([Path(p) for p in args.images], Scorer(args.alias, args.model), args.dicom_out, args.send)
+        except (PredictError, PacsUnavailable) as e:
+            error = e
+    if error is not None:
+        print(f"predict: {error}", file=sys.stderr)
+        return 2
+    for st in studies:
+        o = st.outcome
+        where = f"study {o.study}" if o.study else str(st.files[0])
+        what = f"{o.status}: 1 SR, {o.positives} GSPS, {o.positives} SC" if o.status in ("written", "stored") else o.status
+        print(f"{where} ({len(st.files)} files): {what}" + (f"; left out: {o.reason}" if o.reason else ""))
+        for f in st.written:
+            print(f"  {f}")
+    return 0 if any(st.outcome.status in ("written", "stored") for st in studies) else 1
 
 
 def _generation_budget(p):
@@ -192,6 +219,28 @@ def _pacs(a: argparse.Namespace) -> int:
     except PacsError as e:
         print(f"pacs: {e}", file=sys.stderr)
         return 2
+
+
+def _pacs_rescore(a: argparse.Namespace) -> int:
+    """Every study in the PACS scored by the current champions where they have not scored it yet."""
+    from cxr_pipeline.vision.pacs_intake import PacsUnavailable, ledger_path, rescore, summary
+    from cxr_pipeline.vision.predict import PredictError, Scorer
+
+    error = None
+    with quiet(paths().home / "logs", "pacs-rescore"):
+        try:
+            outcomes = rescore(a.url, Scorer(a.alias))
+        except (PredictError, PacsUnavailable) as e:
+            error = e
+    if error is not None:
+        print(f"pacs-rescore: {error}", file=sys.stderr)
+        return 2
+    counts = summary(outcomes)
+    print(
+        f"pacs-rescore: {counts['studies']} studies: {counts['stored']} scored and stored, {counts['already_stored']} already scored by "
+        f"these versions, {counts['no_frontal_chest_image']} without a frontal chest image (ledger: {ledger_path()})"
+    )
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -257,10 +306,20 @@ def parser() -> argparse.ArgumentParser:
         description="Loads cxr-<finding>@ALIAS (or cxr-multilabel@ALIAS) from the MLflow registry at MLFLOW_TRACKING_URI "
         "(default: the pipeline's own store under CXR_HOME). Nothing is downloaded.",
     )
-    pr.add_argument("images", nargs="+")
+    pr.add_argument("images", nargs="+", help="image files; with --dicom-out/--send also folders of DICOM files")
     pr.add_argument("--alias", default=CHAMPION, help=f"registry alias to load ({', '.join(ALIASES)}, ...)")
     pr.add_argument("--model", choices=["per-pathology", "multilabel"], default="per-pathology")
     pr.add_argument("--cam", metavar="OUT_DIR", type=Path, help="write a Grad-CAM overlay PNG per positive finding here")
+    pr.add_argument(
+        "--dicom-out",
+        metavar="OUT_DIR",
+        type=Path,
+        help="DICOM files or folders, grouped into studies: write per study a TID 1500 SR, and a GSPS and a Secondary Capture "
+        "per positive call, under OUT_DIR/<study hash>/ (one frontal chest image per study is scored)",
+    )
+    pr.add_argument(
+        "--send", metavar="URL", help="store those objects by STOW-RS at this DICOMweb URL (e.g. http://127.0.0.1:8042/dicom-web)"
+    )
     pr.set_defaults(fn=_predict)
 
     pa = sub.add_parser(
@@ -273,6 +332,16 @@ def parser() -> argparse.ArgumentParser:
     pa.add_argument("--dicom-port", type=int, default=4242)
     pa.add_argument("--stable-age", type=int, default=60, help="seconds without a new instance before a study counts as whole")
     pa.set_defaults(fn=_pacs)
+
+    rs = sub.add_parser(
+        "pacs-rescore",
+        help="score every study in the PACS with the current champions where they have not scored it yet (after a promotion)",
+        description="Stores a new SR (and GSPS, SC) beside the old champions' in each study; a study these versions already "
+        "scored is left alone. Outcomes are appended to $CXR_HOME/pacs/intake.csv.",
+    )
+    rs.add_argument("--url", default="http://127.0.0.1:8042", help="the Orthanc (REST and DICOMweb) to read and store into")
+    rs.add_argument("--alias", default=CHAMPION)
+    rs.set_defaults(fn=_pacs_rescore)
 
     c = sub.add_parser(
         "config",

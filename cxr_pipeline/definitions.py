@@ -41,6 +41,7 @@ from cxr_pipeline.defs.keys import (
 from cxr_pipeline.defs.localization import localization_metrics
 from cxr_pipeline.defs.manifest import MANIFEST_CHECKS, manifest
 from cxr_pipeline.defs.multilabel import multilabel_classifier, report_hints
+from cxr_pipeline.defs.pacs import pacs_intake_sensor, pacs_results
 from cxr_pipeline.defs.raw import raw_mimic_cxr
 from cxr_pipeline.defs.reports import REPORT_ASSETS
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
@@ -132,12 +133,13 @@ def build_defs() -> dg.Definitions:
             raw_mimic_cxr,
             mimic_iv_demographics,
             external_datasets,
+            pacs_results,
             *with_config_versions(
                 with_automation([*ASSETS, subgroup_metrics, external_validation, localization_metrics, *REPORT_ASSETS]), paths()
             ),
         ],
         schedules=schedules,
-        sensors=[*sensors, dead_run_sensor],
+        sensors=[*sensors, dead_run_sensor, pacs_intake_sensor()],
         asset_checks=[*MANIFEST_CHECKS, *SHARD_CHECKS],
         jobs=list(jobs.values()),
         resources={

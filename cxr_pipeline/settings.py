@@ -83,6 +83,13 @@ ENVIRONMENT: dict[str, EnvVar] = {
             "JSON object: the node selector of a GPU step's pod (NVIDIA GPU feature discovery's label by default; `{}`: none)",
         ),
         EnvVar("CXR_MLFLOW_UI", "http://127.0.0.1:5000", "where run links point when tracking to a database (the MLflow UI's address)"),
+        EnvVar(
+            "CXR_PACS_URL",
+            "",
+            "the Orthanc whose stable studies the `pacs_intake` sensor scores and stores results into (e.g. `http://127.0.0.1:8042`); "
+            "empty: the sensor starts stopped",
+        ),
+        EnvVar("CXR_PACS_INTERVAL", "5", "seconds between the `pacs_intake` sensor's looks at the PACS's changes feed"),
         EnvVar("CXR_CACHE", "", "cache of fetched test material (the IU X-ray reports); empty: `~/.cache/cxr_pipeline`"),
     )
 }

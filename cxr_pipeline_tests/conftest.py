@@ -26,6 +26,7 @@ os.environ.pop("DAGSTER_HOME", None)
 
 from cxr_pipeline.data.synthetic import SynthConfig, generate  # noqa: E402
 from cxr_pipeline.defs.keys import RAW  # noqa: E402
+from cxr_pipeline_tests.registered import registry  # noqa: E402, F401  (a fixture: registered champions)
 
 
 def pytest_configure(config):

@@ -101,7 +101,16 @@ def test_checkpoint_file_names_and_alias_values_live_in_vision_checkpoint():
     assert owned_literals(probe) == [(1, "champion"), (2, "config.json"), (3, "candidate")]
 
 
-ASSET_MAKERS = ("asset", "multi_asset", "observable_source_asset", "asset_check", "multi_asset_check", "graph_asset", "graph_multi_asset")
+ASSET_MAKERS = (
+    "asset",
+    "multi_asset",
+    "observable_source_asset",
+    "asset_check",
+    "multi_asset_check",
+    "graph_asset",
+    "graph_multi_asset",
+    "AssetSpec",
+)  # AssetSpec: an external asset (pacs_results)
 
 
 def _defines_assets(tree: ast.Module) -> bool:

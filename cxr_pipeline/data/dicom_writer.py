@@ -87,8 +87,11 @@ def write_dicom(path: Path, pixels: np.ndarray, rng: np.random.Generator, cfg, s
     ds.StudyTime = study["time"].split(".")[0].zfill(6)
     ds.PatientSex = study["sex"]
     ds.PatientAge = f"{study['age']:03d}Y"
-    for tag, value_ in fake_phi(rng).items():
-        setattr(ds, tag, value_)
+    fake_phi(rng)  # drawn as always (the images after this one depend on the draws), but no longer used: a PACS files
+    # images by PatientID and StudyInstanceUID, and with identifiers drawn per image every image was a patient of its own
+    patient = fake_phi(np.random.default_rng([int(image["subject_id"]), 1]))
+    for tag, value_ in fake_phi(np.random.default_rng([int(study["study_id"]), 2])).items():  # per study: accession, referrer
+        setattr(ds, tag, patient[tag] if tag in ("PatientName", "PatientID", "PatientBirthDate") else value_)
     ds.ViewPosition = image["view"]
     ds.BodyPartExamined = "CHEST"
     ds.PatientOrientation = ["A", "R"] if image["view"] in ("PA", "AP") else ["P", "F"]

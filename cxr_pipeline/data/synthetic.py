@@ -254,7 +254,7 @@ def _write_images(cfg: SynthConfig, out: Path, patient: _Patient) -> tuple[int, 
                 write_jpg(path, pixels)
             else:
                 path = folder / f"{im['dicom_id']}.dcm"
-                write_dicom(path, pixels, rng, cfg, st, {**im, "index": k})
+                write_dicom(path, pixels, rng, cfg, st, {**im, "index": k, "subject_id": patient.subject_id})
             total += path.stat().st_size
     return total, boxes
 

@@ -385,6 +385,17 @@ class RegisteredClassifier:
             return []
 
 
+def registered_versions(client, names: Sequence[str], alias: str = CHAMPION) -> list[str]:
+    """Sorted ``name:version`` pairs of ``names`` under ``alias``, read from the registry without loading a model
+    (how a warm scorer learns that a champion was promoted)."""
+    out = []
+    for name in names:
+        rm = registered_model_or_none(client, name)
+        if rm is not None and alias in (rm.aliases or {}):
+            out.append(f"{name}:{rm.aliases[alias]}")
+    return sorted(out)
+
+
 def load_registered(client, uri: str, names: Sequence[str], alias: str = CHAMPION) -> list[RegisteredClassifier]:
     """Each of ``names`` with a version under ``alias`` in the store at ``uri``, loaded by MLflow's loader. The
     loader resolves models:/ URIs against the environment's store; it is set for the loads only, rather than with

@@ -62,12 +62,14 @@ def serving_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def decode_files(paths: Sequence[str | Path], size: int) -> np.ndarray:
-    """Files -> uint8 (n, size, size), exactly as the shard builder stores them (errors name the file)."""
+def decode_files(paths: Sequence[str | Path | bytes], size: int, names: Sequence[str] | None = None) -> np.ndarray:
+    """Files (or their bytes, named by ``names``) -> uint8 (n, size, size), exactly as the shard builder stores them
+    (errors name the file)."""
 
     if not paths:
         return np.zeros((0, size, size), dtype=np.uint8)
-    return np.stack([prepare(str(p), size, name=str(p)) for p in paths])
+    names = names or [str(p) for p in paths]
+    return np.stack([prepare(p if isinstance(p, bytes) else str(p), size, name=n) for p, n in zip(paths, names, strict=True)])
 
 
 def as_image_batch(model_input: Any, size: int) -> np.ndarray:

@@ -104,6 +104,21 @@ def test_dicoms_are_varied_and_carry_fake_phi(replica):
     assert len(bits) >= 3
 
 
+def test_a_patients_images_carry_one_patient_and_a_studys_images_one_study(replica):
+    """A PACS files images by PatientID and StudyInstanceUID: every image of a study under the same patient and study
+    identifiers, every study of a subject under the same patient, different subjects under different ones."""
+    patients: dict[str, set] = {}
+    studies: dict[str, set] = {}
+    for f in sorted((replica / "files").rglob("*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        subject, study = f.parent.parent.name, f.parent.name
+        patients.setdefault(subject, set()).add((str(ds.PatientName), ds.PatientID, ds.PatientBirthDate))
+        studies.setdefault(study, set()).add((ds.PatientID, ds.StudyInstanceUID, ds.AccessionNumber, ds.StudyDate))
+    assert all(len(v) == 1 for v in patients.values()) and all(len(v) == 1 for v in studies.values())
+    assert len({next(iter(v))[1] for v in patients.values()}) == len(patients)
+    assert any(len(list((replica / "files").rglob(f"{s}/*.dcm"))) > 1 for s in studies)  # some studies hold several images
+
+
 def test_labels_agree_with_reports_mostly(replica):
     chex = {r["study_id"]: r for r in rows(replica / "mimic-cxr-2.0.0-chexpert.csv.gz")}
     rad = {r["study_id"]: r for r in rows(replica / "mimic-cxr-2.1.0-test-set-labeled.csv")}

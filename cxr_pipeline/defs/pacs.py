@@ -1,0 +1,123 @@
+"""The PACS in the graph: a sensor that follows Orthanc's changes feed and scores each study as it becomes stable.
+
+Why the sensor scores (rather than requesting a run per study): a run is a new process that imports torch and
+loads fourteen registered models from MLflow before it scores anything (tens of seconds on a small machine); the
+sensor runs in the code location's process, which stays up, so the champions stay loaded (warm) between ticks
+and a study costs its scoring. The models are reloaded when the registry's champion versions change, so a
+promotion scores the next studies with the new champion (``cxr-pipeline pacs-rescore`` re-scores older ones).
+Each tick works for at most ``TICK_BUDGET`` seconds (a sensor evaluation times out at 60 s) and moves the cursor
+(Orthanc's change sequence number) only past studies it finished; what is left is taken up on the next tick.
+
+Exactly once per study and set of champion versions: ``vision.pacs_intake.score_study`` looks for the SR series
+those versions would write before scoring, and the objects' UIDs are derived from that key, so a replayed change
+or a daemon killed mid-tick sends nothing twice. Orthanc down: the tick is skipped with the reason and the cursor
+stays, so nothing is lost. The outcomes are reported as materializations of ``pacs_results`` (counts only: no
+header text) and appended to ``$CXR_HOME/pacs/intake.csv``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import dagster as dg
+
+from cxr_pipeline.settings import env
+from cxr_pipeline.vision.checkpoint import CHAMPION
+from cxr_pipeline.vision.pacs_intake import (
+    Orthanc,
+    Outcome,
+    PacsUnavailable,
+    append_ledger,
+    ledger_path,
+    score_study,
+    stable_studies,
+    summary,
+)
+from cxr_pipeline.vision.predict import PredictError, Scorer
+
+PACS_RESULTS = "pacs_results"
+TICK_BUDGET = 30.0  # seconds of scoring per sensor tick (Dagster's sensor evaluation times out at 60 s)
+
+pacs_results = dg.AssetSpec(
+    PACS_RESULTS,
+    group_name="pacs",
+    kinds={"dicom"},
+    description="DICOM results (TID 1500 SR, GSPS, Secondary Capture) the pacs_intake sensor stored into the PACS's "
+    "stable studies; each materialization counts one tick's studies (stored, already stored, no frontal chest image, "
+    "unreadable images). The objects live in the PACS; the ledger of outcomes in $CXR_HOME/pacs/intake.csv.",
+)
+
+_warm: dict[str, Scorer] = {}
+_lock = threading.Lock()  # one tick at a time per process scores (the daemon may overlap a slow tick)
+
+
+def warm_scorer(alias: str = CHAMPION) -> Scorer:
+    """The champions, loaded once per process and again only when the registry's versions change."""
+    scorer = _warm.get(alias)
+    if scorer is None or not scorer.current():
+        scorer = _warm[alias] = Scorer(alias)
+    return scorer
+
+
+@dataclass
+class Intake:
+    """One tick's work: the cursor to keep, each study's outcome, and why it stopped early (if it did)."""
+
+    cursor: int
+    outcomes: list[Outcome] = field(default_factory=list)
+    stopped: str = ""
+
+
+def intake(url: str, cursor: int, budget: float = TICK_BUDGET, alias: str = CHAMPION) -> Intake:
+    """Score the studies that became stable after change ``cursor`` until done or ``budget`` seconds have passed.
+    The cursor returned is past every change handled; a PACS that stops answering ends the tick there."""
+    deadline = time.monotonic() + budget
+    out = Intake(cursor)
+    pacs = Orthanc(url)
+    with _lock:
+        try:
+            scorer = None
+            for seq, study in stable_studies(pacs, cursor):
+                if study is not None:
+                    scorer = scorer or warm_scorer(alias)
+                    out.outcomes.append(score_study(pacs, scorer, study))
+                out.cursor = seq
+                if time.monotonic() > deadline:
+                    out.stopped = f"tick budget of {budget:.0f} s spent; going on from change {out.cursor} next tick"
+                    break
+        except PacsUnavailable as e:
+            out.stopped = f"{e}; retrying from change {out.cursor}"
+    append_ledger(ledger_path(), out.outcomes)
+    return out
+
+
+def pacs_intake_sensor() -> dg.SensorDefinition:
+    """The sensor, built when the definitions are (its interval and default status read the environment then)."""
+
+    @dg.sensor(
+        name="pacs_intake",
+        minimum_interval_seconds=int(env("CXR_PACS_INTERVAL")),
+        default_status=dg.DefaultSensorStatus.RUNNING if env("CXR_PACS_URL") else dg.DefaultSensorStatus.STOPPED,
+        description="Follows the PACS's changes feed (CXR_PACS_URL, an Orthanc with DICOMweb): each study that became stable "
+        "and holds a frontal chest image is scored by the champions, and its SR, GSPS and SC are stored back into it, once "
+        "per study and set of champion versions.",
+    )
+    def pacs_intake(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        url = env("CXR_PACS_URL") or "http://127.0.0.1:8042"
+        cursor = int(context.cursor or 0)
+        try:
+            done = intake(url, cursor)
+        except PredictError as e:  # no champion registered yet: the studies wait (the cursor stays)
+            return dg.SkipReason(f"{e}; studies wait from change {cursor}")
+        if done.stopped:
+            context.log.info(done.stopped)
+        if not done.outcomes:
+            if done.cursor == cursor and done.stopped:
+                return dg.SkipReason(done.stopped)
+            return dg.SensorResult(cursor=str(done.cursor), skip_reason=done.stopped or "no study became stable")
+        metadata = {**summary(done.outcomes), "cursor": done.cursor, "ledger": dg.MetadataValue.path(str(ledger_path()))}
+        return dg.SensorResult(cursor=str(done.cursor), asset_events=[dg.AssetMaterialization(PACS_RESULTS, metadata=metadata)])
+
+    return pacs_intake
