@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -215,7 +216,10 @@ def _config(args: argparse.Namespace) -> int:
 def _pacs(a: argparse.Namespace) -> int:
     """``make pacs``: the local Orthanc in the foreground (``pacs.serve``)."""
     try:
-        return serve(paths().home / "pacs", PacsSettings(a.http_port, a.dicom_port, stable_age=a.stable_age))
+        password = os.environ.get("CXR_PACS_PASSWORD", "") if a.network else ""
+        if a.network and not password:
+            raise PacsError("--network needs a password in CXR_PACS_PASSWORD (HTTP basic authentication for user cxr)")
+        return serve(paths().home / "pacs", PacsSettings(a.http_port, a.dicom_port, stable_age=a.stable_age, password=password))
     except PacsError as e:
         print(f"pacs: {e}", file=sys.stderr)
         return 2
@@ -331,6 +335,12 @@ def parser() -> argparse.ArgumentParser:
     pa.add_argument("--http-port", type=int, default=8042)
     pa.add_argument("--dicom-port", type=int, default=4242)
     pa.add_argument("--stable-age", type=int, default=60, help="seconds without a new instance before a study counts as whole")
+    pa.add_argument(
+        "--network",
+        action="store_true",
+        help="answer other hosts too (the Compose service): HTTP basic authentication, user cxr, password from CXR_PACS_PASSWORD; "
+        "C-STORE from AE CXR_SCU on any host",
+    )
     pa.set_defaults(fn=_pacs)
 
     rs = sub.add_parser(

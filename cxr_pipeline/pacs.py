@@ -17,6 +17,7 @@ shares; a hospital points the project at its own PACS instead.
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import signal
@@ -33,6 +34,7 @@ from cxr_pipeline.files import atomic_path
 PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc/plugins"))  # where Debian puts its plugins
 DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
 SCU_AET = "CXR_SCU"  # the calling AE title the project's storescu uses (the one modality allowed to store)
+USER = "cxr"  # the HTTP user of a --network PACS
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,10 @@ class PacsSettings:
     dicom_port: int = 4242
     aet: str = "CXR_PACS"
     stable_age: int = 60  # Orthanc's default; the tests and the benchmark set it lower
+    # ``--network`` (the Compose service): HTTP and DICOMweb answer other hosts too, with HTTP basic authentication
+    # (user ``cxr``, this password), and C-STORE is accepted from CXR_SCU on any host (the senders' addresses are
+    # not known in advance behind Docker's NAT). Empty: this machine only, no password.
+    password: str = ""
 
 
 class PacsError(RuntimeError):
@@ -75,16 +81,17 @@ def orthanc_config(folder: Path, s: PacsSettings) -> dict:
         "HttpPort": s.http_port,
         "DicomPort": s.dicom_port,
         "DicomAet": s.aet,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
+        "RemoteAccessAllowed": bool(s.password),
+        "AuthenticationEnabled": bool(s.password),
+        "RegisteredUsers": {USER: s.password} if s.password else {},
         "DicomAlwaysAllowStore": False,
         "DicomAlwaysAllowEcho": True,
         "DicomCheckCalledAet": True,
-        "DicomCheckModalityHost": True,
+        "DicomCheckModalityHost": not s.password,
         "DicomModalities": {
             "cxr": {  # the port is for Orthanc calling it back, which it never does here
                 "AET": SCU_AET,
-                "Host": "127.0.0.1",
+                "Host": "127.0.0.1",  # checked only without --network
                 "Port": 104,
                 "AllowEcho": True,
                 "AllowStore": True,
@@ -108,14 +115,17 @@ def write_config(folder: Path, s: PacsSettings) -> Path:
     return path
 
 
-def wait_ready(url: str, seconds: float, proc: subprocess.Popen | None = None) -> None:
+def wait_ready(url: str, seconds: float, proc: subprocess.Popen | None = None, password: str = "") -> None:
     """Until ``url``/system answers (Orthanc is up, its plugins loaded), or fail naming why."""
     deadline = time.monotonic() + seconds
+    request = urllib.request.Request(f"{url}/system")
+    if password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{USER}:{password}".encode()).decode())
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise PacsError(f"Orthanc exited with {proc.returncode} while starting")
         try:
-            with urllib.request.urlopen(f"{url}/system", timeout=2) as r:
+            with urllib.request.urlopen(request, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -132,7 +142,7 @@ def running(folder: Path, s: PacsSettings, log: Path | None = None) -> Iterator[
     proc = subprocess.Popen([exe, str(config)], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{s.http_port}"
     try:
-        wait_ready(url, 60, proc)
+        wait_ready(url, 60, proc, s.password)
         yield url
     finally:
         proc.terminate()
@@ -147,7 +157,8 @@ def running(folder: Path, s: PacsSettings, log: Path | None = None) -> Iterator[
 def serve(folder: Path, s: PacsSettings) -> int:
     """``make pacs``: Orthanc in the foreground until interrupted; returns its exit code."""
     config = write_config(folder, s)
-    print(f"pacs: Orthanc on http://127.0.0.1:{s.http_port} (DICOMweb /dicom-web/), DICOM {s.aet}@127.0.0.1:{s.dicom_port}", flush=True)
+    where = f"every interface, HTTP user {USER} (password from CXR_PACS_PASSWORD)" if s.password else "127.0.0.1"
+    print(f"pacs: Orthanc on port {s.http_port} (DICOMweb /dicom-web/), DICOM {s.aet} on port {s.dicom_port}: {where}", flush=True)
     print(f"pacs: storescu -xv -aet {SCU_AET} -aec {s.aet} 127.0.0.1 {s.dicom_port} FILE.dcm; state in {folder}", flush=True)
     proc = subprocess.Popen([orthanc_executable(), str(config)])
     for sig in (signal.SIGTERM, signal.SIGHUP):  # stopping the command (or closing its terminal) stops Orthanc too

@@ -137,7 +137,7 @@ def test_nothing_is_published_on_all_interfaces():
         for port in ports:
             host = str(port).rsplit(":", 2)[0]
             assert host == "${CXR_BIND_ADDRESS:-127.0.0.1}", f"{name}: {port} (bind to 127.0.0.1 unless CXR_BIND_ADDRESS says otherwise)"
-    assert set(k for k, v in published.items() if v) == {"webserver", "mlflow"}
+    assert set(k for k, v in published.items() if v) == {"webserver", "mlflow", "pacs"}
     assert load("helm/values.yaml")["dagsterWebserver"]["service"]["type"] == "ClusterIP"
 
 
@@ -178,7 +178,8 @@ def test_the_smoke_run_and_its_overrides_agree_with_the_compose_file():
     assert "device_requests" in load("dagster.yaml")["run_launcher"]["config"]["container_kwargs"]
     # ports the smoke run checks are the ones published; the network its client joins is the compose network
     published = {str(p).rsplit(":", 2)[-2] for s in services.values() for p in s.get("ports", [])}
-    assert published == {"3000", "5000"} and "127.0.0.1:3000" in smoke and "127.0.0.1:5000" in smoke
+    assert published == {"3000", "5000", "8042", "4242"} and "127.0.0.1:3000" in smoke and "127.0.0.1:5000" in smoke
+    assert "127.0.0.1:8042" in smoke and "for port in 3000 5000 8042 4242" in smoke
     assert f"--network {compose['networks']['cxr']['name']}" in smoke
     assert 'DagsterGraphQLClient("webserver", port_number=3000)' in smoke
     # the volumes the run launcher mounts by name are the compose volumes' own names (no project prefix)
@@ -188,7 +189,7 @@ def test_the_smoke_run_and_its_overrides_agree_with_the_compose_file():
     assert all(f"{v}:" in smoke for v in ("mimic",)) and all(v in smoke for v in named)
     # the variables the compose file requires are the ones the smoke run exports
     required = set(re.findall(r"\$\{(\w+):\?", (DOCKER / "docker-compose.yaml").read_text()))
-    assert required == {"POSTGRES_PASSWORD"} and "export POSTGRES_USER=cxr POSTGRES_PASSWORD" in smoke
+    assert required == {"POSTGRES_PASSWORD", "CXR_PACS_PASSWORD"} and "export POSTGRES_USER=cxr POSTGRES_PASSWORD CXR_PACS_PASSWORD" in smoke
     assert "DOCKER_SOCKET" in smoke and "${DOCKER_SOCKET:-/var/run/docker.sock}" in (DOCKER / "docker-compose.yaml").read_text()
     assert 'echo "docker smoke: ${#RUNS[@]} runs in containers succeeded' in smoke
     assert "ARG BASE=" in dockerfile and "FROM ${BASE}" in dockerfile

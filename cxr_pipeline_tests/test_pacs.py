@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -77,3 +78,20 @@ def test_studies_arrive_by_c_store_and_stow_rs_and_become_stable(replica, tmp_pa
             }
             time.sleep(0.5)
         assert stable == uids  # each study reported whole once nothing arrived for stable_age seconds
+
+
+def test_a_network_pacs_asks_every_caller_for_the_password_and_no_message_shows_it(tmp_path):
+    """``cxr-pipeline pacs --network`` (the Compose service): other hosts may call, so every HTTP call needs the
+    password; the intake takes it from its URL and keeps it out of what it says."""
+    from cxr_pipeline.vision.pacs_intake import Orthanc, PacsUnavailable
+
+    s = PacsSettings(http_port=free_port(), dicom_port=free_port(), stable_age=1, password="s3cret-pw")
+    with running(tmp_path / "pacs", s) as url:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            get(f"{url}/studies")
+        assert refused.value.code == 401
+        pacs = Orthanc(url.replace("http://", "http://cxr:s3cret-pw@"))
+        assert pacs.study_ids() == [] and "s3cret" not in pacs.url
+        with pytest.raises(PacsUnavailable) as wrong:
+            Orthanc(url.replace("http://", "http://cxr:wrong-pw@")).study_ids()
+        assert "401" in str(wrong.value) and "wrong-pw" not in str(wrong.value)

@@ -106,8 +106,9 @@ print(len(mods))' >"$WORK/contents.log" 2>"$WORK/contents.err" && docker run --r
 stage "image contents" "$(head -1 "$WORK/contents.log") modules import; the labeler labels; java runs"
 
 # 4. the stack, with a password made here (never written to a file)
-export POSTGRES_USER=cxr POSTGRES_PASSWORD DEBIAN_BASE="$DEBIAN_IMAGE" CXR_BIND_ADDRESS=127.0.0.1
+export POSTGRES_USER=cxr POSTGRES_PASSWORD CXR_PACS_PASSWORD DEBIAN_BASE="$DEBIAN_IMAGE" CXR_BIND_ADDRESS=127.0.0.1
 POSTGRES_PASSWORD=$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
+CXR_PACS_PASSWORD=$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
 "${COMPOSE[@]}" build -q postgres >"$WORK/compose-build.log" 2>&1 || fail "postgres image (see $WORK/compose-build.log)"
 COMPOSE_UP=1
 docker volume create mimic >/dev/null
@@ -123,6 +124,16 @@ done
 curl -fs http://127.0.0.1:3000/server_info >/dev/null || { "${COMPOSE[@]}" logs --tail 40; fail "the Dagster UI did not answer"; }
 curl -fs http://127.0.0.1:5000/health >/dev/null || { "${COMPOSE[@]}" logs --tail 40 mlflow; fail "the MLflow UI did not answer"; }
 stage "stack up" "$("${COMPOSE[@]}" ps --services | sort | tr '\n' ' ')(UIs answering)"
+
+# 4b. the PACS: a replica study stored by C-STORE from inside the stack's network, found by QIDO-RS with the password
+for _ in $(seq 60); do curl -fs -u "cxr:$CXR_PACS_PASSWORD" http://127.0.0.1:8042/system >/dev/null 2>&1 && break; sleep 1; done
+[ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8042/studies)" = 401 ] || fail "the PACS answered without the password"
+docker run --rm --network cxr -v mimic:/data/mimic-cxr:ro cxr-pipeline:latest sh -c \
+  'storescu -xv -aet CXR_SCU -aec CXR_PACS pacs 4242 $(ls -d /data/mimic-cxr/files/p*/p*/s* | head -1)/*.dcm' >"$WORK/storescu.log" 2>&1 \
+  || { tail -20 "$WORK/storescu.log"; fail "C-STORE to the PACS service"; }
+n=$(curl -fs -u "cxr:$CXR_PACS_PASSWORD" http://127.0.0.1:8042/dicom-web/studies | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+[ "$n" = 1 ] || fail "the PACS holds $n studies after one C-STORE"
+stage "pacs" "a study stored by C-STORE and found by QIDO-RS; HTTP without the password refused"
 
 # 5. runs through the webserver (queued) -> the daemon -> the Docker run launcher: one container each
 submit() {  # job [partition] -> run id, waited for; inside the stack's network, with Dagster's own GraphQL client
@@ -176,18 +187,18 @@ done
 stage "mlflow" "$found runs for the ${#RUNS[@]} Dagster runs"
 
 # 7. the UIs on 127.0.0.1 only (published ports bound to the loopback address, nothing else)
-for port in 3000 5000; do
+for port in 3000 5000 8042 4242; do
   bound=$(docker ps --format '{{.Ports}}' | tr ',' '\n' | grep -- "->$port/tcp" | sed 's/^ *//' | sort -u)
   [ -n "$bound" ] && ! grep -qv '^127\.0\.0\.1:' <<<"$bound" || fail "port $port published as: $bound"
 done
-stage "published ports" "3000 and 5000 on 127.0.0.1 only; postgres not published"
+stage "published ports" "3000, 5000, 8042 and 4242 on 127.0.0.1 only; postgres not published"
 
 # the run containers first: they hold the volumes and the network the stack's own teardown removes
 for c in "${CONTAINERS[@]}"; do docker rm -f "$c" >/dev/null 2>&1 || true; done
 "${COMPOSE[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
-docker volume rm cxr_home mimic cxr_pgdata cxr_mlartifacts >/dev/null 2>&1 || true
+docker volume rm cxr_home mimic cxr_pgdata cxr_mlartifacts cxr_pacs >/dev/null 2>&1 || true
 COMPOSE_UP=""
-left="$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT") $(docker volume ls -q | grep -Ex 'cxr_home|mimic|cxr_pgdata|cxr_mlartifacts' || true)"
+left="$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT") $(docker volume ls -q | grep -Ex 'cxr_home|mimic|cxr_pgdata|cxr_mlartifacts|cxr_pacs' || true)"
 [ -z "${left// /}" ] || fail "left behind: $left"
 stage "teardown" "stack, run containers, network and volumes removed"
 cleanup; trap - EXIT  # the engine stops before the last line

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 import pydicom
@@ -51,12 +52,22 @@ def study_hash(study_uid: str) -> str:
     return hashlib.sha256(study_uid.encode()).hexdigest()[:16]
 
 
+def session_for(url: str) -> tuple[requests.Session, str]:
+    """An HTTP session for ``url`` and the URL without credentials: ``http://user:password@host`` becomes basic
+    authentication on the session, so the password appears in no message, log or metadata."""
+    parts = urlsplit(url)
+    session = requests.Session()
+    if parts.username:
+        session.auth = (unquote(parts.username), unquote(parts.password or ""))
+        parts = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else ""))
+    return session, urlunsplit(parts).rstrip("/")
+
+
 class Orthanc:
     """The PACS as the intake uses it: Orthanc's REST for the changes feed and instance files, DICOMweb for the rest."""
 
     def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-        self.session = requests.Session()
+        self.session, self.url = session_for(url)
         self.web = DICOMwebClient(url=f"{self.url}/dicom-web", session=self.session)
 
     def _get(self, path: str, **params) -> requests.Response:
@@ -209,7 +220,10 @@ def results_for_files(inputs: list[Path], scorer: Scorer, out_dir: Path | None =
             unreadable.append(FolderStudy([f], Outcome("", "no image", reason=f"not a readable DICOM file ({type(e).__name__})")))
             continue
         groups.setdefault(uid, []).append(f)
-    web = DICOMwebClient(url=send.rstrip("/")) if send else None
+    web = None
+    if send:
+        session, send = session_for(send)
+        web = DICOMwebClient(url=send, session=session)
     studies = []
     for uid, files in groups.items():
         name = study_hash(uid)
@@ -228,7 +242,7 @@ def results_for_files(inputs: list[Path], scorer: Scorer, out_dir: Path | None =
                 try:
                     web.store_instances(datasets=objects.all())
                 except requests.RequestException as e:
-                    raise PacsUnavailable(f"{send}: the results were not stored (STOW-RS): {e}") from e
+                    raise PacsUnavailable(f"{send}: the results were not stored (STOW-RS): {type(e).__name__}") from e
             out.status = "stored" if web is not None else "written"
         out.seconds = round(time.monotonic() - start, 3)
         studies.append(study)
