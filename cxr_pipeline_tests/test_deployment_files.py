@@ -189,7 +189,9 @@ def test_the_smoke_run_and_its_overrides_agree_with_the_compose_file():
     assert all(f"{v}:" in smoke for v in ("mimic",)) and all(v in smoke for v in named)
     # the variables the compose file requires are the ones the smoke run exports
     required = set(re.findall(r"\$\{(\w+):\?", (DOCKER / "docker-compose.yaml").read_text()))
-    assert required == {"POSTGRES_PASSWORD", "CXR_PACS_PASSWORD"} and "export POSTGRES_USER=cxr POSTGRES_PASSWORD CXR_PACS_PASSWORD" in smoke
+    assert (
+        required == {"POSTGRES_PASSWORD", "CXR_PACS_PASSWORD"} and "export POSTGRES_USER=cxr POSTGRES_PASSWORD CXR_PACS_PASSWORD" in smoke
+    )
     assert "DOCKER_SOCKET" in smoke and "${DOCKER_SOCKET:-/var/run/docker.sock}" in (DOCKER / "docker-compose.yaml").read_text()
     assert 'echo "docker smoke: ${#RUNS[@]} runs in containers succeeded' in smoke
     assert "ARG BASE=" in dockerfile and "FROM ${BASE}" in dockerfile
