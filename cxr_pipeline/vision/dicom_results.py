@@ -225,7 +225,9 @@ class StudyObjects:
     secondary_captures: list[Dataset]
 
     def all(self) -> list[Dataset]:
-        return [self.sr, *self.presentation_states, *self.secondary_captures]
+        """The SR last: stored in this order, an SR in the PACS means its GSPS and SC went before it (the intake's
+        check for "already scored" looks for the SR)."""
+        return [*self.presentation_states, *self.secondary_captures, self.sr]
 
 
 def presentation_state(

@@ -36,7 +36,7 @@ from pydicom.errors import InvalidDicomError
 from cxr_pipeline.data.dicom import DecodeError
 from cxr_pipeline.files import atomic_path
 from cxr_pipeline.settings import paths
-from cxr_pipeline.vision.dicom_results import StudyObjects, pick_frontal, result_uids, study_objects
+from cxr_pipeline.vision.dicom_results import MANUFACTURER, StudyObjects, pick_frontal, result_uids, study_objects
 from cxr_pipeline.vision.predict import Scorer, source_overlay
 
 TIMEOUT = 30  # seconds for one HTTP call to the PACS
@@ -146,7 +146,7 @@ def study_results(files: list[bytes], scorer: Scorer, name: str) -> tuple[StudyO
         except (InvalidDicomError, ValueError, EOFError, OSError) as e:
             bad.append((k, f"unreadable ({type(e).__name__})"))
             continue
-        if "Rows" not in ds or ds.get("Modality") in ("SR", "PR"):  # not an image, or a result object: not scored
+        if "Rows" not in ds or ds.get("Modality") in ("SR", "PR") or ds.get("Manufacturer") == MANUFACTURER:  # not an image, or a result
             continue
         kept.append(data)
         headers.append(ds)

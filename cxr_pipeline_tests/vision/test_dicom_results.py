@@ -69,7 +69,8 @@ def test_results_for_a_replica_study_and_a_real_cr_pass_dciodvfy_and_say_what_wa
             assert dciodvfy_errors(out) == [], (name, ds.Modality)
             back = pydicom.dcmread(out)
             assert back.StudyInstanceUID == source.StudyInstanceUID and back.SeriesInstanceUID != source.SeriesInstanceUID
-        sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(tmp_path / f"{name}-0.dcm"))
+        assert objects.all()[-1] is objects.sr  # stored last: an SR in the PACS means its GSPS and SC are there
+        sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(tmp_path / f"{name}-{len(objects.all()) - 1}.dcm"))
         mgroups = sr.content.get_image_measurement_groups()  # highdicom reads the TID 1500 tree back
         assert len(mgroups) == 2  # the two registered findings, none invented for the twelve without a model
         by_name = {g.finding_type.value: g for g in mgroups}
@@ -89,7 +90,7 @@ def test_results_for_a_replica_study_and_a_real_cr_pass_dciodvfy_and_say_what_wa
         ann = gsps.GraphicAnnotationSequence[0]
         assert ann.ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
         assert "Cardiomegaly" in ann.TextObjectSequence[0].UnformattedTextValue
-    html = subprocess.run(["dsr2html", str(tmp_path / "replica-0.dcm")], capture_output=True, text=True, timeout=60)
+    html = subprocess.run(["dsr2html", str(tmp_path / "replica-2.dcm")], capture_output=True, text=True, timeout=60)
     assert html.returncode == 0 and "Cardiomegaly" in html.stdout and "Imaging Measurement Report" in html.stdout
 
 
