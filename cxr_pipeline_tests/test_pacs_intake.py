@@ -123,3 +123,32 @@ def test_the_sensor_stores_results_once_per_study_and_champion_versions(replica,
 
     down = tick(first.cursor)  # Orthanc stopped: the tick is skipped, the cursor stays
     assert isinstance(down, dg.SkipReason) or (down.cursor == first.cursor and not down.asset_events)
+
+
+def test_predict_writes_the_objects_for_a_folder_and_sends_them_by_stow_rs(replica, registry, tmp_path, capsys):
+    """``cxr-pipeline predict study/ --dicom-out out/`` and ``--send URL``, as a user runs them."""
+    from cxr_pipeline_tests.vision.test_dicom_results import DATA, dciodvfy_errors
+
+    files = frontal_study(replica)
+    study = tmp_path / "study"
+    study.mkdir()
+    for f in files:
+        (study / f.name).write_bytes(f.read_bytes())
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    out = tmp_path / "out"
+    assert main(["predict", str(study), "--dicom-out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "written: 1 SR, 1 GSPS, 1 SC" in said and "not a frontal view" in said
+    assert str(header.PatientName) not in said and header.StudyInstanceUID not in said
+    written = sorted(p.name for p in out.rglob("*.dcm"))
+    assert written == ["OT_1.dcm", "PR_1.dcm", "SR_1.dcm"]
+    assert all(dciodvfy_errors(p) == [] for p in out.rglob("*.dcm"))
+    assert main(["predict", str(DATA / "RG3_UNCR.dcm"), "--dicom-out", str(tmp_path / "none")]) == 1  # an extremity
+    assert "body part examined is not the chest" in capsys.readouterr().out and not (tmp_path / "none").exists()
+
+    s = PacsSettings(http_port=free_port(), dicom_port=free_port(), stable_age=1)
+    with running(tmp_path / "pacs", s) as url:
+        assert main(["predict", str(study), "--send", f"{url}/dicom-web"]) == 0
+        assert series_counts(url, header.StudyInstanceUID) == {"SR": 1, "PR": 1, "OT": 1}
+        assert main(["predict", str(study), "--send", f"http://127.0.0.1:{free_port()}/dicom-web"]) == 2  # nobody there
+        assert "not stored" in capsys.readouterr().err
