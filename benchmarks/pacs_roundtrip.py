@@ -6,8 +6,11 @@ image) and, for about one study in five, its lateral image alone (a lateral-only
 daemon (``dagster-daemon run``) runs the ``pacs_intake`` sensor, which scores each stable study with the
 registered champions and stores its SR, GSPS and SC back into it. Halfway through the sending the daemon (and its
 code server) is killed with SIGKILL and started again. A monitor polls Orthanc's changes feed every 0.5 s and
-stamps when each study first became stable and when its SR series appeared; at the end every study's SR
-instances are counted in Orthanc (duplicates: SRs beyond one per study). Last line:
+stamps when each study first became stable and when its SR series appeared. Duplicates are counted twice over:
+SR instances per study in Orthanc beyond one, and sends per study beyond one (the intake's ledger has a row each
+time a study's results were stored: since the objects' UIDs are derived from the study and the champions, a second
+send would still show as one SR in Orthanc); each scored study's GSPS and SC must number its positive calls. Last
+line:
 
     pacs: 100 studies received, <n> SRs stored (<f> frontal studies), 0 duplicates, p50 <s> s, p95 <s> s from stable to stored
 
@@ -15,10 +18,11 @@ Goal (#50): every frontal study has exactly one SR, 0 duplicates, p95 at most 30
 
 The models: with ``--home`` the champions registered there (a trained pipeline's CXR_HOME); by default fourteen
 per-finding ResNet-18s at 64 px (the demo's architecture and size), random weights, registered as champions in a
-fresh store: the round trip's cost does not depend on what the weights learnt. The daemon loads a workspace of the
+fresh store: the round trip's cost does not depend on what the weights learnt. The daemon reaches a persistent
+code server (``dagster code-server start``, as the Compose stack runs one) serving a workspace of the
 intake alone (``pacs_results`` and the sensor): the full definitions' automation sensor would start the whole
 pipeline on an empty home. The champions stay loaded in the code server between ticks (warm), so a study costs
-its scoring; a kill costs one reload.
+its scoring; the kill (daemon and code server, as a host crash) costs one reload.
 
     python benchmarks/pacs_roundtrip.py [--studies 100] [--pace 5] [--stable-age 5] [--out /tmp/pacs_bench]
 """
@@ -123,15 +127,23 @@ class Monitor(threading.Thread):
                 time.sleep(0.5)
 
 
-def daemon(home: Path, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(BIN / "dagster-daemon"), "run", "-f", str(home / "workspace.py")],
-        cwd=home,
-        env=env,
-        stdout=open(log, "a"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+def spawn(cmd: list[str], home: Path, env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=home, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def services(home: Path, env: dict, port: int) -> list[subprocess.Popen]:
+    """A persistent code server (as the Compose stack runs one: the champions stay loaded in it) and the daemon,
+    which reaches it through a grpc_server workspace entry."""
+    (home / "workspace.yaml").write_text(f"load_from:\n  - grpc_server: {{host: 127.0.0.1, port: {port}, location_name: pacs}}\n")
+    log = home / "code-server.log"
+    seen = log.read_text().count("Started Dagster code server") if log.exists() else 0
+    server = spawn(
+        [str(BIN / "dagster"), "code-server", "start", "-h", "127.0.0.1", "-p", str(port), "-f", str(home / "workspace.py")], home, env, log
     )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and log.read_text().count("Started Dagster code server") <= seen:
+        time.sleep(0.5)
+    return [server, spawn([str(BIN / "dagster-daemon"), "run", "-w", str(home / "workspace.yaml")], home, env, home / "daemon.log")]
 
 
 def main() -> int:
@@ -159,12 +171,12 @@ def main() -> int:
     sends = plan(a.out / "raw", a.studies)
     (a.out / "workspace.py").write_text(WORKSPACE)
     s = PacsSettings(http_port=free_port(), dicom_port=free_port(), stable_age=a.stable_age)
-    log = a.out / "daemon.log"
     t0 = time.monotonic()
     with running(a.out / "pacs", s) as url:
         env = {**os.environ, "CXR_PACS_URL": url, "DAGSTER_HOME": str(a.out / "dagster"), "PYTHONPATH": str(ROOT)}
         (a.out / "dagster").mkdir()
-        proc = daemon(a.out, env, log)
+        grpc_port = free_port()
+        procs = services(a.out, env, grpc_port)
         monitor = Monitor(url)
         monitor.start()
         killed_at = None
@@ -175,10 +187,11 @@ def main() -> int:
             if done.returncode != 0:
                 raise SystemExit(f"storescu failed on study {k + 1}: {done.stderr[-400:]}")
             if k + 1 == len(sends) // 2:  # halfway: kill the daemon and its code server outright, start it again
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                for proc in procs:  # as a crash of the host's services: daemon and code server, no warning
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
                 killed_at = time.monotonic() - t0
-                proc = daemon(a.out, env, log)
+                procs = services(a.out, env, grpc_port)
             time.sleep(max(0.0, a.pace - (time.monotonic() - started)))
         ids = get(f"{url}/studies")
         frontal_ids = set()
@@ -200,28 +213,50 @@ def main() -> int:
                 if series["MainDicomTags"].get("Modality") == "SR":
                     n += len(series["Instances"])
             srs[sid] = n
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        uids = {sid: get(f"{url}/studies/{sid}")["MainDicomTags"]["StudyInstanceUID"] for sid in ids}
+        objects = {sid: {} for sid in ids}
+        for sid in ids:
+            for x in get(f"{url}/studies/{sid}")["Series"]:
+                series = get(f"{url}/series/{x}")
+                m = series["MainDicomTags"].get("Modality")
+                objects[sid][m] = objects[sid].get(m, 0) + len(series["Instances"])
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
     lat = sorted(monitor.sr[sid] - monitor.stable[sid] for sid in frontal_ids if sid in monitor.sr and sid in monitor.stable)
     import numpy as np
 
     p50, p95 = (float(np.percentile(lat, q)) if lat else float("nan") for q in (50, 95))
     missing = sorted(frontal_ids - {sid for sid, n in srs.items() if n})
     lateral_with_sr = sum(1 for sid, n in srs.items() if n and sid not in frontal_ids)
-    dups = sum(max(0, n - 1) for n in srs.values())
+    # sends, not instances: the UIDs are derived from the study and the champions' versions, so a second send of the
+    # same results would still show as one SR in Orthanc; the ledger has a row per study each time it was stored
+    import polars as pl
+
+    from cxr_pipeline.vision.pacs_intake import study_hash
+
+    ledger = pl.read_csv(home / "pacs" / "intake.csv")
+    stored = ledger.filter(pl.col("status") == "stored")
+    sends = dict(stored.group_by("study").len().iter_rows())
+    positives = dict(stored.select("study", "positives").iter_rows())
+    dups = sum(max(0, n - 1) for n in sends.values()) + sum(max(0, n - 1) for n in srs.values())
+    wrong = [sid for sid in ids if srs[sid] and objects[sid].get("PR", 0) != positives.get(study_hash(uids[sid]), -1)]
+    wrong += [sid for sid in ids if srs[sid] and objects[sid].get("OT", 0) != objects[sid].get("PR", 0)]
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}; stable age {a.stable_age} s, "
         f"pace {a.pace} s, sensor interval {os.environ.get('CXR_PACS_INTERVAL', '5')} s; daemon killed (SIGKILL) at {killed_at:.0f} s; "
         f"{'registered champions in ' + str(a.home) if a.home else 'fourteen random-weight ResNet-18 champions at 64 px'}"
     )
     print(
-        f"frontal studies without an SR: {len(missing)}; lateral-only studies with an SR: {lateral_with_sr}; max latency {max(lat):.1f} s"
+        f"frontal studies without an SR: {len(missing)}; lateral-only studies with an SR: {lateral_with_sr}; studies whose GSPS or SC "
+        f"count differs from their positive calls: {len(wrong)}; sends per study (ledger) at most {max(sends.values(), default=0)}; "
+        f"failed: {ledger.filter(pl.col('status') == 'failed').height}; max latency {max(lat):.1f} s"
     )
     print(
         f"pacs: {len(ids)} studies received, {sum(srs.values())} SRs stored ({len(frontal_ids)} frontal studies), {dups} duplicates, "
         f"p50 {p50:.1f} s, p95 {p95:.1f} s from stable to stored"
     )
-    return 0 if not missing and not dups and p95 <= 30 else 1
+    return 0 if not missing and not dups and not wrong and p95 <= 30 else 1
 
 
 if __name__ == "__main__":

@@ -160,14 +160,14 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _predict_dicom(args: argparse.Namespace) -> int:
     """--dicom-out / --send: studies in, a TID 1500 SR + a GSPS and an SC per positive call out (vision.pacs_intake)."""
-    from cxr_pipeline.vision.pacs_intake import PacsUnavailable, results_for_files
+    from cxr_pipeline.vision.pacs_intake import PacsUnavailable, StoreRefused, results_for_files
     from cxr_pipeline.vision.predict import PredictError, Scorer
 
     error = None
     with quiet(paths().home / "logs", "predict"):
         try:
             studies = results_for_files([Path(p) for p in args.images], Scorer(args.alias, args.model), args.dicom_out, args.send)
-        except (PredictError, PacsUnavailable) as e:
+        except (PredictError, PacsUnavailable, StoreRefused) as e:
             error = e
     if error is not None:
         print(f"predict: {error}", file=sys.stderr)

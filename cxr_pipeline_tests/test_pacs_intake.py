@@ -19,6 +19,7 @@ from cxr_pipeline.defs.pacs import PACS_RESULTS, pacs_intake_sensor
 from cxr_pipeline.local_ray import free_port
 from cxr_pipeline.pacs import SCU_AET, PacsSettings, running
 from cxr_pipeline.tracking import tracked_run
+from cxr_pipeline.vision import pacs_intake
 from cxr_pipeline.vision.checkpoint import register
 from cxr_pipeline.vision.pacs_intake import ledger_path
 from cxr_pipeline.vision.serving import log_model
@@ -90,25 +91,38 @@ def test_the_sensor_stores_results_once_per_study_and_champion_versions(replica,
         monkeypatch.setenv("CXR_PACS_URL", url)
         store(s.dicom_port, [*scored, *lateral_only, *good, tmp_path / "broken.dcm"])
         wait_stable(url, 3)
+        uid = {f: str(h.StudyInstanceUID) for f, h in headers.items()}
+        real_objects = pacs_intake.study_objects
+
+        def fails_once_for_the_third(source, *args):  # a study whose objects cannot be built, the error quoting its name
+            if source.StudyInstanceUID == uid[good[0]] and not failed:
+                failed.append(1)
+                raise ValueError(f"cannot build for {source.PatientName}")
+            return real_objects(source, *args)
+
+        failed: list[int] = []
+        monkeypatch.setattr(pacs_intake, "study_objects", fails_once_for_the_third)
         first = tick(None)
         assert isinstance(first, dg.SensorResult), first
         meta = {k: v.value for k, v in first.asset_events[0].metadata.items()}
         assert first.asset_events[0].asset_key == dg.AssetKey(PACS_RESULTS)
-        assert (meta["stored"], meta["already_stored"], meta["no_frontal_chest_image"], meta["unreadable_images"]) == (2, 0, 1, 1)
-        uid = {f: str(h.StudyInstanceUID) for f, h in headers.items()}
-        for f in (scored[0], good[0]):
-            assert series_counts(url, uid[f]).get("SR") == 1  # one SR (cardiomegaly is always positive: a GSPS and an SC too)
-            assert series_counts(url, uid[f]).get("PR") == 1 and series_counts(url, uid[f]).get("OT") == 1
-        assert "SR" not in series_counts(url, uid[lateral_only[0]])  # lateral only: no SR
+        assert (meta["stored"], meta["failed"], meta["no_frontal_chest_image"]) == (1, 1, 1)  # the failure stopped nothing
+        assert series_counts(url, uid[scored[0]]).get("SR") == 1  # one SR (cardiomegaly is always positive: a GSPS and an SC)
+        assert series_counts(url, uid[scored[0]]).get("PR") == 1 and series_counts(url, uid[scored[0]]).get("OT") == 1
+        assert "SR" not in series_counts(url, uid[lateral_only[0]]) and "SR" not in series_counts(url, uid[good[0]])
         ledger = ledger_path().read_text()
-        assert "not a frontal view" in ledger and "unreadable pixels" in ledger
+        assert "not a frontal view" in ledger and "failed,ValueError" in ledger
         text = ledger + repr(meta)
         assert not [x for x in secrets if x and x != "None" and x in text]  # no names, ids, UIDs or dates
 
-        replay = tick("0")  # every change replayed (a daemon restarted from an old cursor)
+        # every change replayed, from a cursor ahead of this PACS (a daemon restarted from an old cursor, a PACS
+        # whose storage was reset): the failed study is scored now, the others are found done or lateral
+        replay = tick("99999")
         meta = {k: v.value for k, v in replay.asset_events[0].metadata.items()}
-        assert (meta["stored"], meta["already_stored"]) == (0, 2)
-        assert series_counts(url, uid[scored[0]]).get("SR") == 1  # nothing sent twice
+        assert (meta["stored"], meta["already_stored"], meta["unreadable_images"]) == (1, 1, 1)
+        for f in (scored[0], good[0]):
+            assert series_counts(url, uid[f]).get("SR") == 1  # nothing sent twice
+        assert "unreadable pixels" in ledger_path().read_text()  # the broken image left out, the study scored
         later = tick(replay.cursor)  # only the results' own arrival since (their studies become stable again)
         assert all(e.metadata["stored"].value == 0 for e in later.asset_events) and int(later.cursor) >= int(replay.cursor)
 
@@ -150,5 +164,5 @@ def test_predict_writes_the_objects_for_a_folder_and_sends_them_by_stow_rs(repli
     with running(tmp_path / "pacs", s) as url:
         assert main(["predict", str(study), "--send", f"{url}/dicom-web"]) == 0
         assert series_counts(url, header.StudyInstanceUID) == {"SR": 1, "PR": 1, "OT": 1}
-        assert main(["predict", str(study), "--send", f"http://127.0.0.1:{free_port()}/dicom-web"]) == 2  # nobody there
-        assert "not stored" in capsys.readouterr().err
+        assert main(["predict", str(study), "--send", f"{url}/no-dicom-web-here"]) == 2  # a refusal (404), not retried
+        assert "refused the results (STOW-RS 404)" in capsys.readouterr().err

@@ -1,9 +1,12 @@
 """The PACS in the graph: a sensor that follows Orthanc's changes feed and scores each study as it becomes stable.
 
 Why the sensor scores (rather than requesting a run per study): a run is a new process that imports torch and
-loads fourteen registered models from MLflow before it scores anything (tens of seconds on a small machine); the
-sensor runs in the code location's process, which stays up, so the champions stay loaded (warm) between ticks
-and a study costs its scoring. The models are reloaded when the registry's champion versions change, so a
+loads fourteen registered models from MLflow before it scores anything; the sensor runs in the code location's
+process, so the champions stay loaded (warm) between ticks for as long as that process lives, and a study costs
+its scoring. A persistent code server (``dagster code-server start``, as the Compose stack and the round-trip
+benchmark run it) lives until stopped; a daemon that starts its own code servers (``dagster dev``,
+``dagster-daemon run -m``) replaces them about once a minute, and each replacement loads the models again on its
+first tick. The models are reloaded when the registry's champion versions change, so a
 promotion scores the next studies with the new champion (``cxr-pipeline pacs-rescore`` re-scores older ones).
 Each tick works for at most ``TICK_BUDGET`` seconds (a sensor evaluation times out at 60 s) and moves the cursor
 (Orthanc's change sequence number) only past studies it finished; what is left is taken up on the next tick.
@@ -25,16 +28,7 @@ import dagster as dg
 
 from cxr_pipeline.settings import env
 from cxr_pipeline.vision.checkpoint import CHAMPION
-from cxr_pipeline.vision.pacs_intake import (
-    Orthanc,
-    Outcome,
-    PacsUnavailable,
-    append_ledger,
-    ledger_path,
-    score_study,
-    stable_studies,
-    summary,
-)
+from cxr_pipeline.vision.pacs_intake import Orthanc, Outcome, PacsUnavailable, guarded, ledger_path, record, stable_studies, summary
 from cxr_pipeline.vision.predict import PredictError, Scorer
 
 PACS_RESULTS = "pacs_results"
@@ -71,25 +65,28 @@ class Intake:
 
 
 def intake(url: str, cursor: int, budget: float = TICK_BUDGET, alias: str = CHAMPION) -> Intake:
-    """Score the studies that became stable after change ``cursor`` until done or ``budget`` seconds have passed.
-    The cursor returned is past every change handled; a PACS that stops answering ends the tick there."""
-    deadline = time.monotonic() + budget
+    """Score the studies that became stable after change ``cursor`` until done or ``budget`` seconds of scoring
+    have passed (counted once the models are loaded). Each study's outcome is in the ledger as soon as it is known;
+    a study that fails is recorded as failed and the rest go on; a PACS that stops answering ends the tick, the
+    cursor past every change handled."""
     out = Intake(cursor)
     pacs = Orthanc(url)
     with _lock:
+        deadline = None
         try:
             scorer = None
             for seq, study in stable_studies(pacs, cursor):
                 if study is not None:
                     scorer = scorer or warm_scorer(alias)
-                    out.outcomes.append(score_study(pacs, scorer, study))
+                    deadline = deadline or time.monotonic() + budget
+                    out.outcomes.append(guarded(pacs, scorer, study))
+                    record(ledger_path(), out.outcomes[-1])
                 out.cursor = seq
-                if time.monotonic() > deadline:
+                if deadline is not None and time.monotonic() > deadline:
                     out.stopped = f"tick budget of {budget:.0f} s spent; going on from change {out.cursor} next tick"
                     break
         except PacsUnavailable as e:
             out.stopped = f"{e}; retrying from change {out.cursor}"
-    append_ledger(ledger_path(), out.outcomes)
     return out
 
 
@@ -109,8 +106,8 @@ def pacs_intake_sensor() -> dg.SensorDefinition:
         cursor = int(context.cursor or 0)
         try:
             done = intake(url, cursor)
-        except PredictError as e:  # no champion registered yet: the studies wait (the cursor stays)
-            return dg.SkipReason(f"{e}; studies wait from change {cursor}")
+        except PredictError:  # no champion registered yet: the studies wait (the cursor stays; the store's URI unsaid)
+            return dg.SkipReason(f"no model registered under alias {CHAMPION!r}; studies wait from change {cursor}")
         if done.stopped:
             context.log.info(done.stopped)
         if not done.outcomes:

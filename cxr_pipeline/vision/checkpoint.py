@@ -411,7 +411,8 @@ def load_registered(client, uri: str, names: Sequence[str], alias: str = CHAMPIO
             if rm is None or alias not in (rm.aliases or {}):
                 continue
             mv = client.get_model_version_by_alias(name, alias)
-            out.append(RegisteredClassifier(name, str(mv.version), mv.run_id, mlflow.pyfunc.load_model(f"models:/{name}@{alias}")))
+            # by the version just read, not the alias again: a promotion in between must not label v2's weights v1
+            out.append(RegisteredClassifier(name, str(mv.version), mv.run_id, mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}")))
         return out
     finally:
         if previous is None:

@@ -19,16 +19,22 @@ image by highdicom), and go only to the output folder or the PACS.
 
 from __future__ import annotations
 
+import copy
+import logging
 import uuid
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
 from contourpy import contour_generator
+from PIL import Image, ImageDraw
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.valuerep import DA, TM
 
 from cxr_pipeline.data.dicom import to_source
 from cxr_pipeline.labels import LABEL_BY_SLUG
@@ -53,26 +59,36 @@ PROCEDURE = Code("399208008", "SCT", "Plain X-ray of chest")  # SNOMED CT proced
 @dataclass(frozen=True)
 class FindingCode:
     concept: Code
-    site: Code | None  # a finding site where the concept alone does not say where
+    site: Code | tuple[Code, ...] | None  # finding site(s) where the concept alone does not say where
+
+    @property
+    def sites(self) -> list[Code]:
+        if self.site is None:
+            return []
+        return [self.site] if isinstance(self.site, Code) else list(self.site)
+
     source: str
 
 
-_LUNG, _MEDIASTINUM, _PLEURA = Code("39607008", "SCT", "Lung"), Code("72410000", "SCT", "Mediastinum"), Code("3120008", "SCT", "Pleura")
+_LUNG, _PLEURA = Code("39607008", "SCT", "Lung"), Code("3120008", "SCT", "Pleura")
+_MEDIASTINUM = (Code("72410000", "SCT", "Mediastinum"), Code("80891009", "SCT", "Heart"))  # the cardiomediastinal silhouette
 FINDING_CODES: dict[str, FindingCode] = {
-    "no_finding": FindingCode(Code("111286", "DCM", "No abnormality"), None, "PS3.16 (CID 6030, 6031)"),
-    "enlarged_cardiomediastinum": FindingCode(Code("260376009", "SCT", "Enlarged"), _MEDIASTINUM, "PS3.16 (CID 6107; site: CID 6100)"),
+    "no_finding": FindingCode(Code("111286", "DCM", "No abnormality"), None, "PS3.16 (DCM)"),
+    "enlarged_cardiomediastinum": FindingCode(
+        Code("260376009", "SCT", "Enlarged"), _MEDIASTINUM, "PS3.16; sites Mediastinum, Heart: PS3.16"
+    ),
     "cardiomegaly": FindingCode(
         Code("8186001", "SCT", "Cardiomegaly"), None, "SNOMED CT 8186001 Cardiomegaly (disorder); HPO HP:0001640 cross-reference"
     ),
-    "lung_opacity": FindingCode(Code("112001", "DCM", "Opacity"), None, "PS3.16 (CID 6102, 6104)"),
-    "lung_lesion": FindingCode(Code("52988006", "SCT", "Lesion"), _LUNG, "PS3.16 (CID 3487, 7151; site: CID 6100)"),
-    "edema": FindingCode(Code("19242006", "SCT", "Pulmonary edema"), None, "PS3.16 (CID 3700)"),
+    "lung_opacity": FindingCode(Code("112001", "DCM", "Opacity"), None, "PS3.16 (CID 6102 Chest Finding, 6104 Abnormal Opacity)"),
+    "lung_lesion": FindingCode(Code("52988006", "SCT", "Lesion"), _LUNG, "PS3.16; site Lung: PS3.16"),
+    "edema": FindingCode(Code("19242006", "SCT", "Pulmonary edema"), None, "PS3.16"),
     "consolidation": FindingCode(Code("95436008", "SCT", "Lung consolidation"), None, "SNOMED CT 95436008 (OHDSI vocabulary)"),
     "pneumonia": FindingCode(Code("233604007", "SCT", "Pneumonia"), None, "SNOMED CT editorial guide (Pneumonia vs. Pneumonitis)"),
     "atelectasis": FindingCode(Code("46621007", "SCT", "Atelectasis"), None, "SNOMED CT 46621007 (public value sets)"),
-    "pneumothorax": FindingCode(Code("36118008", "SCT", "Pneumothorax"), None, "PS3.16 (CID 6102, 6105)"),
-    "pleural_effusion": FindingCode(Code("60046008", "SCT", "Pleural effusion"), None, "PS3.16 (CID 645)"),
-    "pleural_other": FindingCode(Code("263654008", "SCT", "Abnormal"), _PLEURA, "PS3.16 (CID 222, 3120; site: CID 7151)"),
+    "pneumothorax": FindingCode(Code("36118008", "SCT", "Pneumothorax"), None, "PS3.16 (CID 6102 Chest Finding, 6105 Abnormal Lucency)"),
+    "pleural_effusion": FindingCode(Code("60046008", "SCT", "Pleural effusion"), None, "PS3.16"),
+    "pleural_other": FindingCode(Code("263654008", "SCT", "Abnormal"), _PLEURA, "PS3.16; site Pleura: PS3.16"),
     "fracture": FindingCode(
         Code("125605004", "SCT", "Fracture of bone"), None, "SNOMED CT template Fracture of [bone structure] (disorder)"
     ),
@@ -84,7 +100,7 @@ def codes_table() -> str:
     """The Markdown table of :data:`FINDING_CODES` (docs/dicom.md carries it; a test keeps the two equal)."""
     rows = ["| finding | concept | finding site | source |", "|---|---|---|---|"]
     for slug_, c in FINDING_CODES.items():
-        site = f"{c.site.scheme_designator} {c.site.value} {c.site.meaning}" if c.site else ""
+        site = ", ".join(f"{x.scheme_designator} {x.value} {x.meaning}" for x in c.sites)
         rows.append(
             f"| {LABEL_BY_SLUG[slug_]} | {c.concept.scheme_designator} {c.concept.value} {c.concept.meaning} | {site} | {c.source} |"
         )
@@ -96,11 +112,16 @@ class UnusableImage(ValueError):
 
 
 def unusable_reason(ds: Dataset) -> str | None:
-    """Why this image cannot be scored as a chest radiograph, or None. Checked: a body part other than the chest,
+    """Why this image cannot be scored as a chest radiograph, or None. Checked: a CR or DX image whose body part is
+    the chest (missing counts as not),
     no usable pixel spacing (MIMIC's DX images all carry ImagerPixelSpacing; without one the field of view is
     unknown), a view other than frontal. Reasons name attributes, never their text (no PHI)."""
+    if str(ds.get("Modality", "") or "").upper() not in ("CR", "DX"):
+        return "not a radiograph (Modality is not CR or DX)"
     part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
-    if part and part not in CHEST_PARTS:
+    if not part:  # an abdomen with an empty BodyPartExamined must not get a chest SR
+        return "no body part examined (BodyPartExamined missing)"
+    if part not in CHEST_PARTS:
         return "body part examined is not the chest"
     spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
     try:
@@ -153,7 +174,10 @@ def measurement_report(source: Dataset, result: ImageResult, versions: Sequence[
     """The TID 1500 SR for the scored image ``source`` (its header; pixels are not needed)."""
     study = source.StudyInstanceUID
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=result_uids(study, versions, "device"), name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name=" ".join(versions)[:64]
+        uid=result_uids(study, versions, "device"),
+        name=MANUFACTURER,
+        manufacturer_name=MANUFACTURER,
+        model_name=f"{len(versions)} registered classifiers",
     )
     context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)
@@ -171,7 +195,7 @@ def measurement_report(source: Dataset, result: ImageResult, versions: Sequence[
                     uid=result_uids(study, versions, f"track/{f.slug}"), identifier=LABEL_BY_SLUG[f.slug]
                 ),
                 finding_type=concept,
-                finding_sites=[hd.sr.FindingSite(code.site)] if code.site else None,
+                finding_sites=[hd.sr.FindingSite(x) for x in code.sites] or None,
                 algorithm_id=algorithm,
                 measurements=[
                     hd.sr.Measurement(
@@ -230,17 +254,23 @@ class StudyObjects:
         return [*self.presentation_states, *self.secondary_captures, self.sr]
 
 
+def label(f: Finding) -> str:
+    """The text a GSPS and an SC carry beside the outline."""
+    return f"{LABEL_BY_SLUG[f.slug]}: p={f.probability:.2f} (threshold {f.threshold:.2f}), {f.name} v{f.version}"[:64]
+
+
 def presentation_state(
-    source: Dataset, f: Finding, cam: np.ndarray, versions: Sequence[str], number: int
+    source: Dataset, f: Finding, lines: list[np.ndarray], versions: Sequence[str], number: int
 ) -> hd.pr.GrayscaleSoftcopyPresentationState:
-    """A GSPS outlining ``f``'s Grad-CAM region on ``source`` with its label, probability and threshold."""
+    """A GSPS outlining ``f``'s Grad-CAM region (``lines``: :func:`contours`) on ``source`` with its label. A
+    presentation state overrides the image's photometric interpretation (PS3.4 N.2.1.4), so a MONOCHROME1 image
+    gets an INVERSE presentation LUT, or a viewer would show it inverted; its window is the image's (highdicom)."""
     study = source.StudyInstanceUID
     layer = hd.pr.GraphicLayer(layer_name="AI_GRADCAM", order=1, description=f"Grad-CAM >= {CONTOUR_LEVEL:.0%} of its maximum")
-    outlines = [
-        hd.pr.GraphicObject("POLYLINE", xy.astype(np.float32), "PIXEL") for xy in contours(cam, int(source.Rows), int(source.Columns))
-    ]
+    outlines = [hd.pr.GraphicObject("POLYLINE", xy.astype(np.float32), "PIXEL") for xy in lines]
+    inverse = str(source.get("PhotometricInterpretation", "")) == "MONOCHROME1"
     text = hd.pr.TextObject(
-        f"{LABEL_BY_SLUG[f.slug]}: p={f.probability:.2f} (threshold {f.threshold:.2f}), {f.name} v{f.version}"[:64],
+        label(f),
         units="PIXEL",
         anchor_point=(float(source.Columns) * 0.02, float(source.Rows) * 0.03),
         anchor_point_visible=False,
@@ -261,14 +291,28 @@ def presentation_state(
         graphic_annotations=[
             hd.pr.GraphicAnnotation(referenced_images=[source], graphic_layer=layer, graphic_objects=outlines or None, text_objects=[text])
         ],
+        presentation_lut_transformation=hd.PresentationLUTTransformation(presentation_lut_shape="INVERSE") if inverse else None,
         series_description="AI findings: outlines (cxr_pipeline)",
     )
     gsps.Laterality = ""  # Type 2C in the General Series module (dciodvfy asks for it); unknown: empty
     return gsps
 
 
+def burn(rgb: np.ndarray, lines: list[np.ndarray], rows: int, cols: int, text: str) -> np.ndarray:
+    """The GSPS's outline and label drawn into the RGB overlay (a copy): the SC shows what the GSPS shows, over the
+    heat map. ``lines`` are in the source's pixels; the overlay is the source scaled."""
+    im = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB")
+    draw = ImageDraw.Draw(im)
+    sx, sy = rgb.shape[1] / cols, rgb.shape[0] / rows
+    for xy in lines:
+        draw.line([(float(x) * sx, float(y) * sy) for x, y in xy], fill=(255, 255, 255), width=2)
+    draw.text((6, 6), text, fill=(255, 255, 0))
+    return np.asarray(im)
+
+
 def secondary_capture(source: Dataset, f: Finding, rgb: np.ndarray, versions: Sequence[str], number: int) -> hd.sc.SCImage:
-    """The same overlay burned into an RGB picture, for viewers without GSPS (BurnedInAnnotation YES)."""
+    """The overlay (heat map, with the GSPS's outline and label burned in) as an RGB picture, for viewers without
+    GSPS (BurnedInAnnotation YES)."""
     study = source.StudyInstanceUID
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
@@ -289,12 +333,64 @@ def secondary_capture(source: Dataset, f: Finding, rgb: np.ndarray, versions: Se
     return sc
 
 
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def usable_header(source: Dataset) -> Dataset:
+    """A copy of the source header that highdicom accepts: the patient and study attributes it copies are Type 2
+    (present, may be empty), so a missing one is added empty, and a value DICOM would not accept (a sex other than
+    M/F/O, a date or time that does not parse) is emptied rather than failing the study. UIDs are untouched."""
+    ds = copy.deepcopy(source)
+    for key in TYPE2_COPIED:
+        if key not in ds or ds[key].value is None:
+            setattr(ds, key, "")
+    sex = str(ds.PatientSex).strip().upper()
+    ds.PatientSex = sex if sex in ("M", "F", "O") else ""
+    for key, kind in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        try:
+            kind(str(ds[key].value))
+        except (TypeError, ValueError):
+            setattr(ds, key, "")
+    return ds
+
+
+@contextmanager
+def no_header_text_in_warnings() -> Iterator[None]:
+    """highdicom and pydicom warn with the value they find odd (a name without a caret, a referring physician),
+    which is header text: while the objects are built, their warnings are dropped and their loggers held at ERROR."""
+    loggers = [logging.getLogger(n) for n in ("highdicom", "pydicom")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
 def study_objects(source: Dataset, result: ImageResult, versions: Sequence[str], overlays: dict[str, np.ndarray]) -> StudyObjects:
     """The SR, and a GSPS and an SC per positive call with a map (``result.cams``; ``overlays``: slug -> RGB)."""
-    sr = measurement_report(source, result, versions)
-    gsps, sc = [], []
-    positives = [f for f in result.findings if f.call and f.slug in result.cams]
-    for n, f in enumerate(positives, start=1):
-        gsps.append(presentation_state(source, f, result.cams[f.slug], versions, n))
-        sc.append(secondary_capture(source, f, overlays[f.slug], versions, n))
+    with no_header_text_in_warnings():
+        header = usable_header(source)
+        sr = measurement_report(header, result, versions)
+        gsps, sc = [], []
+        positives = [f for f in result.findings if f.call and f.slug in result.cams]
+        for n, f in enumerate(positives, start=1):
+            lines = contours(result.cams[f.slug], int(header.Rows), int(header.Columns))
+            gsps.append(presentation_state(header, f, lines, versions, n))
+            rgb = burn(overlays[f.slug], lines, int(header.Rows), int(header.Columns), label(f))
+            sc.append(secondary_capture(header, f, rgb, versions, n))
     return StudyObjects(sr, gsps, sc)

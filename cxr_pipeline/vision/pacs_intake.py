@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -44,7 +45,16 @@ LEDGER_FIELDS = ("time", "study", "status", "reason", "images", "left_out", "unr
 
 
 class PacsUnavailable(RuntimeError):
-    """The PACS did not answer (down, or refused): the caller retries later and loses nothing."""
+    """The PACS did not answer (down, overloaded, or refused our credentials): the caller retries later and loses
+    nothing."""
+
+
+class StoreRefused(RuntimeError):
+    """The PACS answered and refused some of the results: retrying the same objects would be refused again."""
+
+
+def _transient(code: int) -> bool:
+    return code >= 500 or code in (401, 403, 408, 429)
 
 
 def study_hash(study_uid: str) -> str:
@@ -75,9 +85,9 @@ class Orthanc:
             r = self.session.get(f"{self.url}{path}", params=params, timeout=TIMEOUT)
         except requests.RequestException as e:
             raise PacsUnavailable(f"PACS at {self.url} did not answer: {type(e).__name__}") from e
-        if r.status_code >= 500 or r.status_code in (401, 403):
+        if _transient(r.status_code):
             raise PacsUnavailable(f"PACS at {self.url} answered {r.status_code} to {path.split('/')[1]}")
-        r.raise_for_status()
+        r.raise_for_status()  # 404 and the like: this study's problem, not the PACS's (the caller records it)
         return r
 
     def changes(self, since: int, limit: int = 200) -> tuple[list[dict], int, bool]:
@@ -105,10 +115,26 @@ class Orthanc:
         return bool(found)
 
     def store(self, datasets: list[Dataset]) -> None:
-        try:
-            self.web.store_instances(datasets=datasets)
-        except requests.RequestException as e:
-            raise PacsUnavailable(f"PACS at {self.url} did not store the results (STOW-RS): {type(e).__name__}") from e
+        """STOW-RS, checked: every instance must come back as stored (Orthanc answers 400 and still stores the
+        others when one is refused, and dicomweb-client only logs a partial failure that came back 2xx)."""
+        store(self.web, self.url, datasets)
+
+
+def store(web: DICOMwebClient, url: str, datasets: list[Dataset]) -> None:
+    """STOW-RS ``datasets`` and check the answer: PacsUnavailable when it may work later, StoreRefused when not."""
+    try:
+        answer = web.store_instances(datasets=datasets)
+    except requests.HTTPError as e:
+        code = e.response.status_code if e.response is not None else 0
+        if _transient(code):
+            raise PacsUnavailable(f"PACS at {url} answered {code} to STOW-RS") from None
+        raise StoreRefused(f"PACS at {url} refused the results (STOW-RS {code})") from None
+    except requests.RequestException as e:
+        raise PacsUnavailable(f"PACS at {url} did not answer STOW-RS: {type(e).__name__}") from None
+    stored = {str(x.get("ReferencedSOPInstanceUID", "")) for x in answer.get("ReferencedSOPSequence", [])}
+    missing = [d for d in datasets if str(d.SOPInstanceUID) not in stored]
+    if answer.get("FailedSOPSequence") or missing:
+        raise StoreRefused(f"PACS at {url} did not store {len(missing)} of {len(datasets)} result objects (STOW-RS)")
 
 
 @dataclass
@@ -116,7 +142,7 @@ class Outcome:
     """One study's intake, as the ledger keeps it (no header text: the study is a hash)."""
 
     study: str
-    status: str  # stored | already stored | no frontal chest image | no image
+    status: str  # stored | written | already stored | no frontal chest image | no image | failed
     reason: str = ""
     images: int = 0
     left_out: int = 0
@@ -184,7 +210,8 @@ def score_study(pacs: Orthanc, scorer: Scorer, orthanc_id: str) -> Outcome:
         return Outcome(name, "already stored")
     objects, out = study_results([pacs.instance_file(i) for i in pacs.instance_ids(orthanc_id)], scorer, name)
     if objects is not None:
-        pacs.store(objects.all())
+        pacs.store(objects.all()[:-1])  # GSPS and SC first, checked; then the SR alone, so an SR means they are there
+        pacs.store([objects.sr])
         out.status = "stored"
     out.seconds = round(time.monotonic() - start, 3)
     return out
@@ -228,7 +255,11 @@ def results_for_files(inputs: list[Path], scorer: Scorer, out_dir: Path | None =
     for uid, files in groups.items():
         name = study_hash(uid)
         start = time.monotonic()
-        objects, out = study_results([f.read_bytes() for f in files], scorer, name)
+        try:
+            objects, out = study_results([f.read_bytes() for f in files], scorer, name)
+        except Exception as e:  # objects that cannot be built for this study: said (its type only), the others go on
+            studies.append(FolderStudy(files, Outcome(name, "failed", reason=type(e).__name__)))
+            continue
         study = FolderStudy(files, out)
         if objects is not None:
             for ds in objects.all():
@@ -239,30 +270,38 @@ def results_for_files(inputs: list[Path], scorer: Scorer, out_dir: Path | None =
                         ds.save_as(tmp, enforce_file_format=True)
                     study.written.append(dest)
             if web is not None:
-                try:
-                    web.store_instances(datasets=objects.all())
-                except requests.RequestException as e:
-                    raise PacsUnavailable(f"{send}: the results were not stored (STOW-RS): {type(e).__name__}") from e
+                store(web, send, objects.all()[:-1])  # as the intake stores them: the SR last and alone
+                store(web, send, [objects.sr])
             out.status = "stored" if web is not None else "written"
         out.seconds = round(time.monotonic() - start, 3)
         studies.append(study)
     return studies + unreadable
 
 
-def append_ledger(ledger: Path, outcomes: list[Outcome]) -> None:
-    """Append outcomes to the ledger CSV (rewritten whole through a temporary file, so a kill leaves the old one)."""
-    if not outcomes:
-        return
-    old = ledger.read_text() if ledger.exists() else ""
+def record(ledger: Path, outcome: Outcome) -> None:
+    """Append one outcome to the ledger CSV as soon as it is known (one write of one line, flushed to disk: a kill
+    loses no finished study's row, and the sensor and ``pacs-rescore`` may append side by side)."""
+    ledger.parent.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=LEDGER_FIELDS, lineterminator="\n")
-    if not old:
+    if not ledger.exists() or ledger.stat().st_size == 0:
         w.writeheader()
-    for o in outcomes:
-        w.writerow({k: v for k, v in asdict(o).items() if k in LEDGER_FIELDS})
-    ledger.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(ledger) as tmp:
-        tmp.write_text(old + buf.getvalue())
+    w.writerow({k: v for k, v in asdict(outcome).items() if k in LEDGER_FIELDS})
+    with open(ledger, "a") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def guarded(pacs: Orthanc, scorer: Scorer, orthanc_id: str) -> Outcome:
+    """``score_study``, with anything but the PACS being unavailable recorded as the study's failure (its type
+    only: messages may quote header values) rather than stopping every study behind it."""
+    try:
+        return score_study(pacs, scorer, orthanc_id)
+    except PacsUnavailable:
+        raise
+    except Exception as e:  # a study the objects cannot be built for, a refused store, a study deleted meanwhile
+        return Outcome(f"orthanc {hashlib.sha256(orthanc_id.encode()).hexdigest()[:16]}", "failed", reason=type(e).__name__)
 
 
 def ledger_path() -> Path:
@@ -274,8 +313,10 @@ def rescore(url: str, scorer: Scorer) -> list[Outcome]:
     """Every study in the PACS scored by ``scorer``'s versions where they have not scored it yet (after a promotion:
     the studies the old champions scored get a new SR beside the old one; the old is kept, as a record)."""
     pacs = Orthanc(url)
-    outcomes = [score_study(pacs, scorer, sid) for sid in pacs.study_ids()]
-    append_ledger(ledger_path(), outcomes)
+    outcomes = []
+    for sid in pacs.study_ids():
+        outcomes.append(guarded(pacs, scorer, sid))
+        record(ledger_path(), outcomes[-1])
     return outcomes
 
 
@@ -284,6 +325,9 @@ def stable_studies(pacs: Orthanc, since: int, limit: int = 200) -> Iterator[tupl
     is ``StableStudy``, None for the others (they move the cursor on and nothing else)."""
     while True:
         changes, last, done = pacs.changes(since, limit)
+        if not changes and last < since:  # a PACS younger than the cursor (its storage was reset): from its start
+            since = 0
+            changes, last, done = pacs.changes(since, limit)
         for c in changes:
             yield int(c["Seq"]), (c["ID"] if c["ChangeType"] == "StableStudy" else None)
         if done or not changes:
@@ -299,6 +343,7 @@ def summary(outcomes: list[Outcome]) -> dict[str, int | float]:
         "stored": sum(o.status == "stored" for o in outcomes),
         "already_stored": sum(o.status == "already stored" for o in outcomes),
         "no_frontal_chest_image": sum(o.status in ("no frontal chest image", "no image") for o in outcomes),
+        "failed": sum(o.status == "failed" for o in outcomes),
         "unreadable_images": sum(o.unreadable for o in outcomes),
         "positive_calls": sum(o.positives for o in outcomes),
         "median_seconds": float(np.median(seconds)) if seconds else 0.0,

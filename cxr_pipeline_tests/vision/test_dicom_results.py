@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -88,6 +89,19 @@ def test_results_for_a_replica_study_and_a_real_cr_pass_dciodvfy_and_say_what_wa
         assert card.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
         gsps = objects.presentation_states[0]
         ann = gsps.GraphicAnnotationSequence[0]
+        assert [g.GraphicType for g in ann.GraphicObjectSequence] and all(g.GraphicType == "POLYLINE" for g in ann.GraphicObjectSequence)
+        # a presentation state overrides the image's photometric interpretation: MONOCHROME1 needs INVERSE
+        inverse = source.PhotometricInterpretation == "MONOCHROME1"
+        assert gsps.PresentationLUTShape == ("INVERSE" if inverse else "IDENTITY"), name
+        sc = objects.secondary_captures[0].pixel_array
+        plain = source_overlay(
+            files[0]
+            if name == "real"
+            else [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID == source.SOPInstanceUID][0],
+            result.cams["cardiomegaly"],
+        )
+        drawn = np.any(sc != plain, axis=2)
+        assert drawn.sum() > 50 and (sc[drawn] == [255, 255, 255]).all(axis=1).mean() > 0.5  # the outline burned in, white
         assert ann.ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
         assert "Cardiomegaly" in ann.TextObjectSequence[0].UnformattedTextValue
     html = subprocess.run(["dsr2html", str(tmp_path / "replica-2.dcm")], capture_output=True, text=True, timeout=60)
@@ -112,28 +126,57 @@ def test_unusable_images_get_a_reason_without_header_text():
     assert unusable_reason(rg3) == "body part examined is not the chest"
     assert unusable_reason(rg1) == "no usable pixel spacing (ImagerPixelSpacing / PixelSpacing missing or zero)"
     lateral = pydicom.Dataset()
-    lateral.update({"BodyPartExamined": "CHEST", "ImagerPixelSpacing": [0.1, 0.1], "ViewPosition": "LL", "PatientName": "DOE^JANE"})
+    lateral.update(
+        {"Modality": "DX", "BodyPartExamined": "CHEST", "ImagerPixelSpacing": [0.1, 0.1], "ViewPosition": "LL", "PatientName": "DOE^JANE"}
+    )
     assert unusable_reason(lateral) == "not a frontal view (ViewPosition)"
     chosen, reasons = pick_frontal([lateral, rg3])
     assert chosen is None and all("DOE" not in r and "EXTREMITY" not in r for r in reasons)
 
 
-@pytest.mark.parametrize("rows,cols", [(400, 300), (300, 400), (256, 256)])
+@pytest.mark.parametrize("rows,cols", [(400, 300), (300, 400), (256, 256), (2000, 1700)])
 def test_the_outline_surrounds_the_hot_region_in_source_pixels(rows, cols):
-    """A map hot in one cell of the letterboxed input: the outline lies where that cell falls in the source image."""
+    """A map hot in a block off the diagonal of the letterboxed input (a quarter down, three quarters across): the
+    outline's centre and box lie where that block falls in the source image, within a few source pixels (swapping
+    x and y, or forgetting the letterbox's offset, misses by a quarter of the image)."""
     size = 64
     top, left, h, w = letterbox_geometry(rows, cols, size)
     cam = np.zeros((size, size), np.float32)
-    cy, cx = top + h // 4, left + w // 4  # a quarter of the way into the image content
-    cam[cy - 3 : cy + 3, cx - 3 : cx + 3] = 1.0
+    y0, x0 = top + h // 4 - 3, left + (3 * w) // 4 - 3
+    cam[y0 : y0 + 6, x0 : x0 + 6] = 1.0
     lines = contours(cam, rows, cols)
     assert len(lines) == 1
     xy = lines[0]
     assert np.array_equal(xy[0], xy[-1])  # closed
-    centre = xy[:-1].mean(axis=0)
-    expect = ((cx - left) / w * cols, (cy - top) / h * rows)
-    assert np.allclose(centre, expect, atol=0.08 * max(rows, cols)), (centre, expect)
-    assert xy.min() >= 0 and xy[:, 0].max() <= cols and xy[:, 1].max() <= rows
+    sx, sy = cols / w, rows / h  # source pixels per model pixel
+    expect = np.array([(x0 + 3 - left) * sx, (y0 + 3 - top) * sy])
+    tol = 1.5 * max(sx, sy) + 2 * max(rows, cols) / 256  # the map's bilinear edge, and the 256-px contouring grid
+    assert np.abs(xy[:-1].mean(axis=0) - expect).max() < tol, (xy[:-1].mean(axis=0), expect)
+    lo, hi = xy.min(axis=0), xy.max(axis=0)  # half-maximum of a 6-cell block: about 6 cells wide
+    assert np.all(np.abs((hi - lo) - 6 * np.array([sx, sy])) < 2 * tol), (hi - lo, 6 * np.array([sx, sy]))
+
+
+def test_no_header_text_reaches_warnings_or_the_log_and_odd_headers_still_give_objects(replica, registry, tmp_path, capfd, caplog):
+    """highdicom and pydicom warn quoting a value they find odd (a name without a caret, say): header text. And a
+    header with a sex of U, no StudyID and a date that does not parse still gives valid objects (the values are
+    emptied in the objects' copy, as Type 2 allows), rather than failing the study."""
+    files = frontal_study(replica)
+    headers = [pydicom.dcmread(f) for f in files]
+    chosen, _ = pick_frontal(headers)
+    odd = headers[chosen]
+    odd.PatientName, odd.PatientSex, odd.StudyDate = "JOHNSMITHERSON", "U", "2180-01-01"
+    del odd.StudyID
+    odd.save_as(tmp_path / "odd.dcm")
+    scorer = Scorer()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _, _, objects = objects_for([tmp_path / "odd.dcm"], scorer)
+    said = " ".join(str(w.message) for w in seen) + capfd.readouterr().err + caplog.text
+    assert "JOHNSMITHERSON" not in said
+    for k, ds in enumerate(objects.all()):
+        ds.save_as(tmp_path / f"odd-{k}.dcm", enforce_file_format=True)
+        assert dciodvfy_errors(tmp_path / f"odd-{k}.dcm") == []
+        assert not ds.PatientSex and not ds.StudyDate and not ds.StudyID  # present, empty
 
 
 def test_the_docs_carry_the_code_table():
