@@ -244,7 +244,7 @@ def main() -> int:
     wrong += [sid for sid in ids if srs[sid] and objects[sid].get("OT", 0) != objects[sid].get("PR", 0)]
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}; stable age {a.stable_age} s, "
-        f"pace {a.pace} s, sensor interval {os.environ.get('CXR_PACS_INTERVAL', '5')} s; daemon killed (SIGKILL) at {killed_at:.0f} s; "
+        f"pace {a.pace} s, sensor interval {os.environ.get('CXR_PACS_INTERVAL', '5')} s; daemon and code server killed (SIGKILL) at {killed_at:.0f} s; "
         f"{'registered champions in ' + str(a.home) if a.home else 'fourteen random-weight ResNet-18 champions at 64 px'}"
     )
     print(
