@@ -94,7 +94,8 @@ def write_dicom(path: Path, pixels: np.ndarray, rng: np.random.Generator, cfg, s
         setattr(ds, tag, patient[tag] if tag in ("PatientName", "PatientID", "PatientBirthDate") else value_)
     ds.ViewPosition = image["view"]
     ds.BodyPartExamined = "CHEST"
-    ds.PatientOrientation = ["A", "R"] if image["view"] in ("PA", "AP") else ["P", "F"]
+    # the row and column directions as a PA or AP radiograph is displayed (patient's left to the viewer's right, feet down)
+    ds.PatientOrientation = ["L", "F"] if image["view"] in ("PA", "AP") else ["P", "F"]
     ds.Rows, ds.Columns = stored.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
