@@ -1,0 +1,140 @@
+"""Does a window of new images still look like the training images? Drift signals and label-free performance.
+
+Three signals compare a window (a batch of incoming images) with a reference drawn from the training split only:
+
+- **acquisition statistics** (no header text): the intensity histogram of the stored (windowed, letterboxed)
+  images, by Jensen-Shannon distance; the share of each view; the source images' size;
+- **learned representations**: the multi-label champion backbone's pooled features, compared by the maximum mean
+  discrepancy (MMD, Gaussian kernel at the median distance) with a permutation p-value, computed in torch;
+- **outputs**: each champion's calibrated probabilities, by the two-sample Kolmogorov-Smirnov statistic.
+
+The alarm is decided by the representation test alone: **drift score** = MMD² of the window against the
+reference, **p-value** = its permutation p-value; a window *drifts* when p < ``alpha``. The other signals are
+reported beside it and alarm on nothing (several alarms would multiply false ones). What each catches and misses
+is on the Monitoring docs page: a change in prevalence alone moves the outputs, not the images.
+
+**Expected performance without labels** (confidence-based performance estimation, as NannyML's CBPE): if the
+calibrated probabilities are right on the window, each image is a positive with its probability, so the expected
+confusion matrix at the served threshold, and the expected ROC curve, follow from the probabilities alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cxr_pipeline.vision.train import to_input
+
+HIST_BINS = 64
+
+
+def intensity_histogram(images: np.ndarray, bins: int = HIST_BINS) -> np.ndarray:
+    """The share of pixels in each of ``bins`` equal intensity bins of uint8 images, zeros left out: the letterbox
+    pads with 0 (the darkest real pixels, clipped to 0 by the decoder's percentile window, go with them, the same
+    way in every window)."""
+    values = np.asarray(images, dtype=np.uint8).ravel()
+    values = values[values > 0]
+    hist = np.bincount((values.astype(np.int64) * bins) // 256, minlength=bins).astype(np.float64)
+    return hist / max(hist.sum(), 1.0)
+
+
+def js_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon distance (base 2: 0 same, 1 disjoint) between two histograms (scipy's, in numpy: one line
+    here is cheaper than importing scipy into the asset's process for it)."""
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(a: np.ndarray) -> float:
+        nz = a > 0
+        return float(np.sum(a[nz] * np.log2(a[nz] / m[nz])))
+
+    return float(np.sqrt(max(0.0, (kl(p) + kl(q)) / 2)))
+
+
+def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic (the largest gap between the two empirical CDFs)."""
+    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
+    grid = np.concatenate([a, b])
+    return float(np.max(np.abs(np.searchsorted(a, grid, side="right") / len(a) - np.searchsorted(b, grid, side="right") / len(b))))
+
+
+def embeddings(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The backbone's pooled features (the input of the classifier's last linear layer) of uint8 images, as the
+    model sees them (its own preprocessing): (n, d) float32."""
+    import torch
+
+    net = model.net.cpu().eval()
+    last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    captured: list[torch.Tensor] = []
+    hook = last.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach().flatten(1)))
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(images), batch_size):
+                x = to_input(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size], dtype=np.uint8)), torch.device("cpu"), False)
+                net(x)
+    finally:
+        hook.remove()
+    return torch.cat(captured).numpy().astype(np.float32) if captured else np.zeros((0, last.in_features), np.float32)
+
+
+@dataclass(frozen=True)
+class MMDTest:
+    statistic: float  # MMD² (biased, V-statistic) of window against reference
+    p_value: float  # (1 + permutations at least as large) / (1 + permutations)
+    bandwidth: float  # the Gaussian kernel's sigma: the median distance between pooled points
+    permutations: int
+
+
+def mmd_test(reference: np.ndarray, window: np.ndarray, permutations: int = 500, seed: int = 0) -> MMDTest:
+    """MMD² with a Gaussian kernel and its permutation p-value, in torch: the pooled kernel matrix once, then every
+    permutation's statistic as a quadratic form of a ±1/n label vector, all permutations in one matrix product
+    (alibi-detect does the same test, but pins numpy < 2 and transformers < 5; torch is already here)."""
+    import torch
+
+    x = torch.from_numpy(np.concatenate([reference, window]).astype(np.float64))
+    n, m = len(reference), len(window)
+    if n < 2 or m < 2:
+        raise ValueError(f"MMD needs at least 2 reference and 2 window points (got {n}, {m})")
+    d2 = torch.cdist(x, x).pow(2)
+    sigma2 = float(d2[torch.triu(torch.ones_like(d2, dtype=torch.bool), diagonal=1)].median())
+    k = torch.exp(-d2 / (2 * max(sigma2, 1e-12)))
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((n,), 1.0 / n, dtype=torch.float64), torch.full((m,), -1.0 / m, dtype=torch.float64)])
+    perms = torch.stack([labels[torch.randperm(n + m, generator=g)] for _ in range(permutations)])
+    observed = float(labels @ k @ labels)
+    null = ((perms @ k) * perms).sum(dim=1)
+    p = (1 + int((null >= observed - 1e-12).sum())) / (1 + permutations)
+    return MMDTest(observed, p, float(np.sqrt(sigma2)), permutations)
+
+
+def cbpe(probabilities: np.ndarray, threshold: float) -> dict[str, float]:
+    """Expected AUC, sensitivity and specificity of calibrated probabilities on their own window (no labels): each
+    image counts as p positive and 1 - p negative. The expected ROC curve is traced over the window's own scores
+    (TPR(t) = sum of p above t / sum of p; FPR likewise with 1 - p) and integrated by trapezoids."""
+    p = np.clip(np.asarray(probabilities, float), 0.0, 1.0)
+    pos, neg = p.sum(), (1 - p).sum()
+    call = p >= threshold
+    out = {
+        "expected_sensitivity": float(p[call].sum() / pos) if pos > 0 else float("nan"),
+        "expected_specificity": float((1 - p)[~call].sum() / neg) if neg > 0 else float("nan"),
+        "expected_prevalence": float(p.mean()) if len(p) else float("nan"),
+    }
+    if pos <= 0 or neg <= 0:
+        return {**out, "expected_auc": float("nan")}
+    order = np.argsort(-p, kind="stable")
+    s = p[order]
+    tp, fp = np.cumsum(s), np.cumsum(1 - s)
+    last = np.r_[np.diff(s) != 0, True]  # ties: one point per distinct score
+    tpr = np.r_[0.0, tp[last] / pos]
+    fpr = np.r_[0.0, fp[last] / neg]
+    return {**out, "expected_auc": float(np.trapezoid(tpr, fpr))}
+
+
+def view_mix(views: Sequence[str]) -> dict[str, float]:
+    """Share of PA, AP and lateral views (the rest as other)."""
+    v = [str(x or "").upper() for x in views]
+    n = max(len(v), 1)
+    lateral = sum(x in ("LATERAL", "LL", "RL") for x in v)
+    return {"PA": sum(x == "PA" for x in v) / n, "AP": sum(x == "AP" for x in v) / n, "lateral": lateral / n}
