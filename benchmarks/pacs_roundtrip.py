@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,6 +173,7 @@ def main() -> int:
     (a.out / "workspace.py").write_text(WORKSPACE)
     s = PacsSettings(http_port=free_port(), dicom_port=free_port(), stable_age=a.stable_age)
     t0 = time.monotonic()
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
     with running(a.out / "pacs", s) as url:
         env = {**os.environ, "CXR_PACS_URL": url, "DAGSTER_HOME": str(a.out / "dagster"), "PYTHONPATH": str(ROOT)}
         (a.out / "dagster").mkdir()
@@ -235,7 +237,7 @@ def main() -> int:
 
     from cxr_pipeline.vision.pacs_intake import study_hash
 
-    ledger = pl.read_csv(home / "pacs" / "intake.csv")
+    ledger = pl.read_csv(home / "pacs" / "intake.csv").filter(pl.col("time") >= started_at)  # this run's rows (--home may hold older)
     stored = ledger.filter(pl.col("status") == "stored")
     sends = dict(stored.group_by("study").len().iter_rows())
     positives = dict(stored.select("study", "positives").iter_rows())
@@ -250,7 +252,7 @@ def main() -> int:
     print(
         f"frontal studies without an SR: {len(missing)}; lateral-only studies with an SR: {lateral_with_sr}; studies whose GSPS or SC "
         f"count differs from their positive calls: {len(wrong)}; sends per study (ledger) at most {max(sends.values(), default=0)}; "
-        f"failed: {ledger.filter(pl.col('status') == 'failed').height}; max latency {max(lat):.1f} s"
+        f"failed: {ledger.filter(pl.col('status') == 'failed').height}; max latency {max(lat, default=float('nan')):.1f} s"
     )
     print(
         f"pacs: {len(ids)} studies received, {sum(srs.values())} SRs stored ({len(frontal_ids)} frontal studies), {dups} duplicates, "

@@ -242,9 +242,10 @@ def _pacs_rescore(a: argparse.Namespace) -> int:
     counts = summary(outcomes)
     print(
         f"pacs-rescore: {counts['studies']} studies: {counts['stored']} scored and stored, {counts['already_stored']} already scored by "
-        f"these versions, {counts['no_frontal_chest_image']} without a frontal chest image (ledger: {ledger_path()})"
+        f"these versions, {counts['no_frontal_chest_image']} without a frontal chest image, {counts['failed']} failed "
+        f"(ledger: {ledger_path()})"
     )
-    return 0
+    return 1 if counts["failed"] else 0
 
 
 def parser() -> argparse.ArgumentParser:

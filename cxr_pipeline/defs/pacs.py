@@ -20,6 +20,7 @@ header text) and appended to ``$CXR_HOME/pacs/intake.csv``.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import dagster as dg
 
 from cxr_pipeline.settings import env
 from cxr_pipeline.vision.checkpoint import CHAMPION
-from cxr_pipeline.vision.pacs_intake import Orthanc, Outcome, PacsUnavailable, guarded, ledger_path, record, stable_studies, summary
+from cxr_pipeline.vision.pacs_intake import Orthanc, Outcome, PacsUnavailable, ledger_path, record, score_study, stable_studies, summary
 from cxr_pipeline.vision.predict import PredictError, Scorer
 
 PACS_RESULTS = "pacs_results"
@@ -55,38 +56,71 @@ def warm_scorer(alias: str = CHAMPION) -> Scorer:
     return scorer
 
 
+MAX_ATTEMPTS = 3  # a study that failed is tried again on the next ticks, this many times in all
+
+
 @dataclass
 class Intake:
-    """One tick's work: the cursor to keep, each study's outcome, and why it stopped early (if it did)."""
+    """One tick's work: the cursor to keep (the change sequence number, and the failed studies still to be retried
+    with their attempts so far), each study's outcome, and why it stopped early (if it did)."""
 
-    cursor: int
+    seq: int
+    retry: dict[str, int] = field(default_factory=dict)  # Orthanc study id -> failed attempts
     outcomes: list[Outcome] = field(default_factory=list)
     stopped: str = ""
 
+    @classmethod
+    def from_cursor(cls, cursor: str | None) -> Intake:
+        if not cursor:
+            return cls(0)
+        if cursor.isdigit():  # the cursor this sensor kept before it retried failures
+            return cls(int(cursor))
+        body = json.loads(cursor)
+        return cls(int(body["seq"]), {k: int(v) for k, v in body.get("retry", {}).items()})
 
-def intake(url: str, cursor: int, budget: float = TICK_BUDGET, alias: str = CHAMPION) -> Intake:
-    """Score the studies that became stable after change ``cursor`` until done or ``budget`` seconds of scoring
-    have passed (counted once the models are loaded). Each study's outcome is in the ledger as soon as it is known;
-    a study that fails is recorded as failed and the rest go on; a PACS that stops answering ends the tick, the
-    cursor past every change handled."""
-    out = Intake(cursor)
+    def cursor(self) -> str:
+        return json.dumps({"seq": self.seq, "retry": self.retry}, sort_keys=True)
+
+
+def intake(url: str, state: Intake, budget: float = TICK_BUDGET, alias: str = CHAMPION) -> Intake:
+    """Score the studies that failed before (up to ``MAX_ATTEMPTS``) and those that became stable after the cursor,
+    until done or ``budget`` seconds after the tick began. Each outcome is in the ledger as soon as it is known; a
+    PACS that stops answering ends the tick, the cursor past every change handled. A tick that finds another still
+    running in this process (a slow one the daemon gave up waiting for) does nothing."""
+    deadline = time.monotonic() + budget
+    out = Intake(state.seq, dict(state.retry))
+    if not _lock.acquire(blocking=False):
+        out.stopped = "the previous tick is still scoring; nothing done"
+        return out
     pacs = Orthanc(url)
-    with _lock:
-        deadline = None
-        try:
-            scorer = None
-            for seq, study in stable_studies(pacs, cursor):
-                if study is not None:
-                    scorer = scorer or warm_scorer(alias)
-                    deadline = deadline or time.monotonic() + budget
-                    out.outcomes.append(guarded(pacs, scorer, study))
-                    record(ledger_path(), out.outcomes[-1])
-                out.cursor = seq
-                if deadline is not None and time.monotonic() > deadline:
-                    out.stopped = f"tick budget of {budget:.0f} s spent; going on from change {out.cursor} next tick"
-                    break
-        except PacsUnavailable as e:
-            out.stopped = f"{e}; retrying from change {out.cursor}"
+    try:
+        scorer = None
+
+        def one(study: str) -> None:
+            nonlocal scorer
+            scorer = scorer or warm_scorer(alias)
+            outcome = score_study(pacs, scorer, study)
+            out.outcomes.append(outcome)
+            record(ledger_path(), outcome)
+            if outcome.status == "failed" and out.retry.get(study, 0) + 1 < MAX_ATTEMPTS:
+                out.retry[study] = out.retry.get(study, 0) + 1
+            else:
+                out.retry.pop(study, None)
+
+        for study in list(out.retry):
+            one(study)
+        for seq, study in stable_studies(pacs, out.seq):
+            if study is not None:
+                out.retry.pop(study, None)  # stable again: scored now, from its first attempt
+                one(study)
+            out.seq = seq
+            if time.monotonic() > deadline:
+                out.stopped = f"tick budget of {budget:.0f} s spent; going on from change {out.seq} next tick"
+                break
+    except PacsUnavailable as e:
+        out.stopped = f"{e}; retrying from change {out.seq}"
+    finally:
+        _lock.release()
     return out
 
 
@@ -103,18 +137,23 @@ def pacs_intake_sensor() -> dg.SensorDefinition:
     )
     def pacs_intake(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
         url = env("CXR_PACS_URL") or "http://127.0.0.1:8042"
-        cursor = int(context.cursor or 0)
+        state = Intake.from_cursor(context.cursor)
         try:
-            done = intake(url, cursor)
+            done = intake(url, state)
         except PredictError:  # no champion registered yet: the studies wait (the cursor stays; the store's URI unsaid)
-            return dg.SkipReason(f"no model registered under alias {CHAMPION!r}; studies wait from change {cursor}")
+            return dg.SkipReason(f"no model registered under alias {CHAMPION!r}; studies wait from change {state.seq}")
         if done.stopped:
             context.log.info(done.stopped)
         if not done.outcomes:
-            if done.cursor == cursor and done.stopped:
+            if done.cursor() == state.cursor() and done.stopped:
                 return dg.SkipReason(done.stopped)
-            return dg.SensorResult(cursor=str(done.cursor), skip_reason=done.stopped or "no study became stable")
-        metadata = {**summary(done.outcomes), "cursor": done.cursor, "ledger": dg.MetadataValue.path(str(ledger_path()))}
-        return dg.SensorResult(cursor=str(done.cursor), asset_events=[dg.AssetMaterialization(PACS_RESULTS, metadata=metadata)])
+            return dg.SensorResult(cursor=done.cursor(), skip_reason=done.stopped or "no study became stable")
+        metadata = {
+            **summary(done.outcomes),
+            "cursor": done.seq,
+            "retrying": len(done.retry),
+            "ledger": dg.MetadataValue.path(str(ledger_path())),
+        }
+        return dg.SensorResult(cursor=done.cursor(), asset_events=[dg.AssetMaterialization(PACS_RESULTS, metadata=metadata)])
 
     return pacs_intake

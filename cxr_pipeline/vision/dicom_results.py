@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -32,6 +32,7 @@ import numpy as np
 from contourpy import contour_generator
 from PIL import Image, ImageDraw
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM
@@ -45,7 +46,9 @@ UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/cxr_pipeline/
 CONTOUR_LEVEL = 0.5  # the GSPS outlines where the Grad-CAM map is at least half its maximum (the map is scaled to max 1)
 CONTOUR_GRID = 256  # the map is taken to the source image at this long side before contouring, then scaled to its pixels
 FRONTAL_VIEWS = frozenset({"PA", "AP", "AP AXIAL", "PA LLD", "AP LLD", "AP RLD", "PA RLD"})  # MIMIC's frontal ViewPositions
-CHEST_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "PORT CHEST", "CHEST_PA", "CHEST_AP"})
+# a chest body part as equipment writes it: CHEST, CHEST PA, PORT CHEST, THORAX AP, TORAX, LUNG ... (PS3.16 Annex L
+# defines CHEST; the rest are what real headers carry)
+CHEST_PART = re.compile(r"(^|[^A-Z])(CHEST|THORAX|TORAX|THORAC\w*|LUNGS?)([^A-Z]|$)")
 UNIT_PROBABILITY = Code("1", "UCUM", "no units")  # CID 7181: a probability is dimensionless
 PROCEDURE = Code("399208008", "SCT", "Plain X-ray of chest")  # SNOMED CT procedure; as public value sets code it
 
@@ -121,7 +124,7 @@ def unusable_reason(ds: Dataset) -> str | None:
     part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
     if not part:  # an abdomen with an empty BodyPartExamined must not get a chest SR
         return "no body part examined (BodyPartExamined missing)"
-    if part not in CHEST_PARTS:
+    if not CHEST_PART.search(part):
         return "body part examined is not the chest"
     spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
     try:
@@ -325,9 +328,10 @@ def secondary_capture(source: Dataset, f: Finding, rgb: np.ndarray, versions: Se
         sop_instance_uid=result_uids(study, versions, f"sc/{f.slug}"),
         instance_number=number,
         manufacturer=MANUFACTURER,
-        patient_orientation=tuple(source.get("PatientOrientation") or ("", "")),  # type: ignore[arg-type]
+        patient_orientation=("L", "F"),  # a placeholder highdicom accepts; the source's own value (any, or empty) below
         series_description="AI findings: overlays (cxr_pipeline)",
     )
+    sc.PatientOrientation = source.get("PatientOrientation") or ""  # Type 2: an oblique or missing one is kept as it is
     sc.BurnedInAnnotation = "YES"
     sc.Laterality = ""  # Type 2C (dciodvfy asks for it beside an image without FrameLaterality); unknown: empty
     return sc
@@ -354,6 +358,15 @@ def usable_header(source: Dataset) -> Dataset:
     for key in TYPE2_COPIED:
         if key not in ds or ds[key].value is None:
             setattr(ds, key, "")
+    charset = ds.get("SpecificCharacterSet")
+    if charset is not None:  # what highdicom refuses: ISO_IR 6 (old equipment's name for the default), an empty first value
+        values = [str(v) for v in (charset if isinstance(charset, MultiValue) else [charset])]
+        values = ["ISO 2022 IR 6" if (k == 0 and not v and len(values) > 1) else v for k, v in enumerate(values)]
+        values = [v for v in values if v != "ISO_IR 6"]
+        if values:
+            ds.SpecificCharacterSet = values if len(values) > 1 else values[0]
+        else:
+            del ds.SpecificCharacterSet
     sex = str(ds.PatientSex).strip().upper()
     ds.PatientSex = sex if sex in ("M", "F", "O") else ""
     for key, kind in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
@@ -364,33 +377,24 @@ def usable_header(source: Dataset) -> Dataset:
     return ds
 
 
-@contextmanager
-def no_header_text_in_warnings() -> Iterator[None]:
-    """highdicom and pydicom warn with the value they find odd (a name without a caret, a referring physician),
-    which is header text: while the objects are built, their warnings are dropped and their loggers held at ERROR."""
-    loggers = [logging.getLogger(n) for n in ("highdicom", "pydicom")]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels, strict=True):
-                lg.setLevel(level)
+# highdicom and pydicom warn quoting the value they find odd (a name without a caret, a referring physician, a
+# malformed UID): header text. Building results is this module's only use of highdicom, and pydicom's value warnings
+# are never wanted in the logs: both are silenced for the process, once (toggling the filters around each build is
+# not thread-safe in a code server, whose threads share the warning filters).
+warnings.filterwarnings("ignore", module=r"(highdicom|pydicom)(\.|$)")
+for _name in ("highdicom", "pydicom"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 def study_objects(source: Dataset, result: ImageResult, versions: Sequence[str], overlays: dict[str, np.ndarray]) -> StudyObjects:
     """The SR, and a GSPS and an SC per positive call with a map (``result.cams``; ``overlays``: slug -> RGB)."""
-    with no_header_text_in_warnings():
-        header = usable_header(source)
-        sr = measurement_report(header, result, versions)
-        gsps, sc = [], []
-        positives = [f for f in result.findings if f.call and f.slug in result.cams]
-        for n, f in enumerate(positives, start=1):
-            lines = contours(result.cams[f.slug], int(header.Rows), int(header.Columns))
-            gsps.append(presentation_state(header, f, lines, versions, n))
-            rgb = burn(overlays[f.slug], lines, int(header.Rows), int(header.Columns), label(f))
-            sc.append(secondary_capture(header, f, rgb, versions, n))
+    header = usable_header(source)
+    sr = measurement_report(header, result, versions)
+    gsps, sc = [], []
+    positives = [f for f in result.findings if f.call and f.slug in result.cams]
+    for n, f in enumerate(positives, start=1):
+        lines = contours(result.cams[f.slug], int(header.Rows), int(header.Columns))
+        gsps.append(presentation_state(header, f, lines, versions, n))
+        rgb = burn(overlays[f.slug], lines, int(header.Rows), int(header.Columns), label(f))
+        sc.append(secondary_capture(header, f, rgb, versions, n))
     return StudyObjects(sr, gsps, sc)

@@ -73,12 +73,20 @@ def session_for(url: str) -> tuple[requests.Session, str]:
     return session, urlunsplit(parts).rstrip("/")
 
 
+def web_client(url: str, session: requests.Session) -> DICOMwebClient:
+    """dicomweb-client without its own retries: above 1 MB it uploads in chunks from a generator, and a retry sends
+    that spent generator again, an empty body a PACS stores as nothing; the intake's next tick is the retry."""
+    web = DICOMwebClient(url=url, session=session)
+    web.set_http_retry_params(retry=False)
+    return web
+
+
 class Orthanc:
     """The PACS as the intake uses it: Orthanc's REST for the changes feed and instance files, DICOMweb for the rest."""
 
     def __init__(self, url: str) -> None:
         self.session, self.url = session_for(url)
-        self.web = DICOMwebClient(url=f"{self.url}/dicom-web", session=self.session)
+        self.web = web_client(f"{self.url}/dicom-web", self.session)
 
     def _get(self, path: str, **params) -> requests.Response:
         try:
@@ -110,8 +118,13 @@ class Orthanc:
     def has_series(self, study_uid: str, series_uid: str) -> bool:
         try:
             found = self.web.search_for_series(study_instance_uid=study_uid, search_filters={"SeriesInstanceUID": series_uid})
+        except requests.HTTPError as e:
+            code = e.response.status_code if e.response is not None else 0
+            if _transient(code):
+                raise PacsUnavailable(f"PACS at {self.url} answered {code} to a QIDO-RS search") from None
+            raise  # this study's problem (the caller records it), not the PACS's
         except requests.RequestException as e:
-            raise PacsUnavailable(f"PACS at {self.url} did not answer a QIDO-RS search: {type(e).__name__}") from e
+            raise PacsUnavailable(f"PACS at {self.url} did not answer a QIDO-RS search: {type(e).__name__}") from None
         return bool(found)
 
     def store(self, datasets: list[Dataset]) -> None:
@@ -122,6 +135,8 @@ class Orthanc:
 
 def store(web: DICOMwebClient, url: str, datasets: list[Dataset]) -> None:
     """STOW-RS ``datasets`` and check the answer: PacsUnavailable when it may work later, StoreRefused when not."""
+    if not datasets:  # a study without a positive call has no GSPS or SC: an empty STOW is not sent
+        return
     try:
         answer = web.store_instances(datasets=datasets)
     except requests.HTTPError as e:
@@ -132,6 +147,8 @@ def store(web: DICOMwebClient, url: str, datasets: list[Dataset]) -> None:
     except requests.RequestException as e:
         raise PacsUnavailable(f"PACS at {url} did not answer STOW-RS: {type(e).__name__}") from None
     stored = {str(x.get("ReferencedSOPInstanceUID", "")) for x in answer.get("ReferencedSOPSequence", [])}
+    if not stored and not answer.get("FailedSOPSequence"):  # an answer about nothing: the body did not arrive
+        raise PacsUnavailable(f"PACS at {url} answered STOW-RS about no instance")
     missing = [d for d in datasets if str(d.SOPInstanceUID) not in stored]
     if answer.get("FailedSOPSequence") or missing:
         raise StoreRefused(f"PACS at {url} did not store {len(missing)} of {len(datasets)} result objects (STOW-RS)")
@@ -202,17 +219,25 @@ def study_results(files: list[bytes], scorer: Scorer, name: str) -> tuple[StudyO
 
 
 def score_study(pacs: Orthanc, scorer: Scorer, orthanc_id: str) -> Outcome:
-    """Score one stable study and store its SR, GSPS and SC back into it, unless these models already did."""
+    """Score one stable study and store its SR, GSPS and SC back into it, unless these models already did.
+    Anything but the PACS being unavailable is recorded as the study's failure, by the error's type only (messages
+    may quote header values), rather than stopping every study behind it; the sensor retries it on later ticks."""
     start = time.monotonic()
-    study_uid = pacs.study_uid(orthanc_id)
-    name = study_hash(study_uid)
-    if pacs.has_series(study_uid, result_uids(study_uid, scorer.versions, "sr-series")):
-        return Outcome(name, "already stored")
-    objects, out = study_results([pacs.instance_file(i) for i in pacs.instance_ids(orthanc_id)], scorer, name)
-    if objects is not None:
-        pacs.store(objects.all()[:-1])  # GSPS and SC first, checked; then the SR alone, so an SR means they are there
-        pacs.store([objects.sr])
-        out.status = "stored"
+    name = f"orthanc {hashlib.sha256(orthanc_id.encode()).hexdigest()[:16]}"  # until its UID is known
+    try:
+        study_uid = pacs.study_uid(orthanc_id)
+        name = study_hash(study_uid)
+        if pacs.has_series(study_uid, result_uids(study_uid, scorer.versions, "sr-series")):
+            return Outcome(name, "already stored")
+        objects, out = study_results([pacs.instance_file(i) for i in pacs.instance_ids(orthanc_id)], scorer, name)
+        if objects is not None:
+            pacs.store(objects.all()[:-1])  # GSPS and SC first, checked; then the SR alone, so an SR means they are there
+            pacs.store([objects.sr])
+            out.status = "stored"
+    except PacsUnavailable:
+        raise
+    except Exception as e:  # objects that cannot be built, a refused store, a study deleted meanwhile
+        out = Outcome(name, "failed", reason=type(e).__name__)
     out.seconds = round(time.monotonic() - start, 3)
     return out
 
@@ -250,7 +275,7 @@ def results_for_files(inputs: list[Path], scorer: Scorer, out_dir: Path | None =
     web = None
     if send:
         session, send = session_for(send)
-        web = DICOMwebClient(url=send, session=session)
+        web = web_client(send, session)
     studies = []
     for uid, files in groups.items():
         name = study_hash(uid)
@@ -293,17 +318,6 @@ def record(ledger: Path, outcome: Outcome) -> None:
         os.fsync(fh.fileno())
 
 
-def guarded(pacs: Orthanc, scorer: Scorer, orthanc_id: str) -> Outcome:
-    """``score_study``, with anything but the PACS being unavailable recorded as the study's failure (its type
-    only: messages may quote header values) rather than stopping every study behind it."""
-    try:
-        return score_study(pacs, scorer, orthanc_id)
-    except PacsUnavailable:
-        raise
-    except Exception as e:  # a study the objects cannot be built for, a refused store, a study deleted meanwhile
-        return Outcome(f"orthanc {hashlib.sha256(orthanc_id.encode()).hexdigest()[:16]}", "failed", reason=type(e).__name__)
-
-
 def ledger_path() -> Path:
     """Where every intake outcome is appended: ``$CXR_HOME/pacs/intake.csv``."""
     return paths().home / "pacs" / "intake.csv"
@@ -315,7 +329,7 @@ def rescore(url: str, scorer: Scorer) -> list[Outcome]:
     pacs = Orthanc(url)
     outcomes = []
     for sid in pacs.study_ids():
-        outcomes.append(guarded(pacs, scorer, sid))
+        outcomes.append(score_study(pacs, scorer, sid))
         record(ledger_path(), outcomes[-1])
     return outcomes
 
