@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from cxr_pipeline.labels import LABELS
 from cxr_pipeline.pacs import PacsError, PacsSettings, serve
 from cxr_pipeline.reports.labeler import label_reports
 from cxr_pipeline.reports.vlm import read_adapter_card, report_token_budget
-from cxr_pipeline.settings import paths
+from cxr_pipeline.settings import env, paths
 from cxr_pipeline.vision.checkpoint import ALIASES, CHAMPION
 
 
@@ -216,7 +215,7 @@ def _config(args: argparse.Namespace) -> int:
 def _pacs(a: argparse.Namespace) -> int:
     """``make pacs``: the local Orthanc in the foreground (``pacs.serve``)."""
     try:
-        password = os.environ.get("CXR_PACS_PASSWORD", "") if a.network else ""
+        password = env("CXR_PACS_PASSWORD") if a.network else ""
         if a.network and not password:
             raise PacsError("--network needs a password in CXR_PACS_PASSWORD (HTTP basic authentication for user cxr)")
         return serve(paths().home / "pacs", PacsSettings(a.http_port, a.dicom_port, stable_age=a.stable_age, password=password))
