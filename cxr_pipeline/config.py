@@ -38,6 +38,7 @@ from cxr_pipeline.reports.pairs import PairsConfig
 from cxr_pipeline.reports.tiny_base import base_tile_size
 from cxr_pipeline.reports.vlm import AdapterConfig, GenerateConfig
 from cxr_pipeline.settings import Paths, env, read_pipeline_config, usable_cpus
+from cxr_pipeline.vision.drift import DriftSettings
 from cxr_pipeline.vision.images import default_workers
 from cxr_pipeline.vision.localization_data import LocalizationSettings
 from cxr_pipeline.vision.multilabel import MultilabelConfig
@@ -64,6 +65,7 @@ def sections() -> dict[str, type]:
         "subgroup_metrics": AuditSettings,
         "external_validation": ExternalSettings,
         "localization_metrics": LocalizationSettings,
+        "image_drift": DriftSettings,
         "report_pairs": PairsConfig,
         "report_adapter": AdapterConfig,
         "generated_reports": GenerateConfig,

@@ -15,6 +15,7 @@ from cxr_pipeline import settings  # noqa: F401  (sets the no-telemetry / offlin
 from cxr_pipeline.defs.automation import schedules_and_sensors, with_automation
 from cxr_pipeline.defs.classifier import classifier
 from cxr_pipeline.defs.classifier_tables import classifier_metrics, classifier_predictions
+from cxr_pipeline.defs.drift import DRIFT_WINDOWS, drift_windows, image_drift, image_drift_alarm
 from cxr_pipeline.defs.external import EXTERNAL_PARTITIONS, external_datasets, external_validation
 from cxr_pipeline.defs.io import HandleLoader, TableIOManager
 from cxr_pipeline.defs.keys import (
@@ -24,6 +25,7 @@ from cxr_pipeline.defs.keys import (
     EXTERNAL_DATASETS,
     EXTERNAL_VALIDATION,
     GENERATED_REPORTS,
+    IMAGE_DRIFT,
     IMAGE_SHARDS,
     LOCALIZATION_METRICS,
     MANIFEST,
@@ -81,6 +83,7 @@ JOBS = {
         EXTERNAL_PARTITIONS,
         "Score every champion classifier on one external set (one partition per dataset: chexpert, nih, padchest).",
     ),
+    "drift_job": ([IMAGE_DRIFT], DRIFT_WINDOWS, "One window of new images against the training images (a partition per window)."),
     "localization_job": (
         [LOCALIZATION_METRICS],
         None,
@@ -137,10 +140,11 @@ def build_defs() -> dg.Definitions:
             *with_config_versions(
                 with_automation([*ASSETS, subgroup_metrics, external_validation, localization_metrics, *REPORT_ASSETS]), paths()
             ),
+            *with_config_versions([image_drift], paths()),
         ],
         schedules=schedules,
-        sensors=[*sensors, dead_run_sensor, pacs_intake_sensor()],
-        asset_checks=[*MANIFEST_CHECKS, *SHARD_CHECKS],
+        sensors=[*sensors, dead_run_sensor, pacs_intake_sensor(), drift_windows],
+        asset_checks=[*MANIFEST_CHECKS, *SHARD_CHECKS, image_drift_alarm],
         jobs=list(jobs.values()),
         resources={
             "storage": storage,

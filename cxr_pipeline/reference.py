@@ -78,6 +78,8 @@ def cli_page() -> str:
 
 
 def assets_page() -> str:
+    import dagster as dg
+
     from cxr_pipeline.definitions import defs
     from cxr_pipeline.defs.automation import AUTOMATION, SHARD_AUTOMATION
 
@@ -93,8 +95,11 @@ def assets_page() -> str:
     out.append("| asset | group | partitions | checks | automation | description |\n|---|---|---|---|---|---|\n")
     for key in graph.toposorted_asset_keys:
         node = graph.get(key)
-        parts = node.partitions_def.get_partition_keys() if node.partitions_def else []
-        part = f"{len(parts)}: {parts[0]} ... {parts[-1]}" if parts else ""
+        if isinstance(node.partitions_def, dg.DynamicPartitionsDefinition):  # keys live in an instance, added as they come
+            part = f"dynamic ({node.partitions_def.name})"
+        else:
+            parts = node.partitions_def.get_partition_keys() if node.partitions_def else []
+            part = f"{len(parts)}: {parts[0]} ... {parts[-1]}" if parts else ""
         cond = node.automation_condition
         auto = "observable source (observe_raw_schedule)" if node.is_observable else rules.get(str(cond), str(cond)) if cond else ""
         name = key.to_user_string()
@@ -111,7 +116,11 @@ def tables_page() -> str:
     out.append("same descriptions in each asset's Columns panel. `{slug}` stands for each of the 14 CheXpert findings' slugs, ")
     out.append("`{metric}` for each metric column, `{system}` for each report system.\n")
     for table, columns in TABLES.items():
-        where = layout.external_validation / "<dataset>.parquet" if table == "external_validation" else layout.table(table)
+        per_partition = {
+            "external_validation": layout.external_validation / "<dataset>.parquet",
+            "image_drift": layout.image_drift / "<window>.parquet",
+        }
+        where = per_partition.get(table) or layout.table(table)
         out.append(f"\n## `{table}`\n\n`{where}`\n\n| column | meaning |\n|---|---|\n")
         out.extend(f"| `{name}` | {_cell(text)} |\n" for name, text in columns.items())
         if table == "external_validation":

@@ -90,6 +90,11 @@ ENVIRONMENT: dict[str, EnvVar] = {
             "empty: the sensor starts stopped",
         ),
         EnvVar("CXR_PACS_INTERVAL", "5", "seconds between the `pacs_intake` sensor's looks at the PACS's changes feed"),
+        EnvVar(
+            "CXR_PACS_PASSWORD",
+            "",
+            "`cxr-pipeline pacs --network`: the HTTP basic-authentication password of user `cxr` (never on the command line)",
+        ),
         EnvVar("CXR_CACHE", "", "cache of fetched test material (the IU X-ray reports); empty: `~/.cache/cxr_pipeline`"),
     )
 }
@@ -214,6 +219,11 @@ class Paths:
     @property
     def external_validation(self) -> Path:
         return self.home / "assets" / "external_validation"
+
+    @property
+    def image_drift(self) -> Path:
+        """One Parquet file per drift window (``<window>.parquet``)."""
+        return self.home / "assets" / "image_drift"
 
     # classifiers
     @property

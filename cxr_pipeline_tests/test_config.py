@@ -73,6 +73,8 @@ def materialize(asset, partition: str | None = None) -> None:
     defs = build_defs()
     with dg.DagsterInstance.ephemeral() as instance:
         job = defs.resolve_implicit_global_asset_job_def()
+        if asset == "image_drift":  # its partitions are dynamic: the window must exist first
+            instance.add_dynamic_partitions("drift_windows", [partition])
         result = job.execute_in_process(
             instance=instance, asset_selection=[dg.AssetKey(asset)], partition_key=partition, raise_on_error=False
         )
@@ -194,6 +196,16 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
     patch_everywhere(
         monkeypatch, vloc, "localize", lambda paths, m, shards, champions, cfg, *a: record("localization_metrics", **vars(cfg))
     )
+    # image drift: the window, the reference and the champion stand in; the comparison is the domain call
+    import types
+
+    import cxr_pipeline.defs.drift as ddrift
+
+    fake = types.SimpleNamespace(model=types.SimpleNamespace(size=40))
+    monkeypatch.setattr(ddrift, "load_champions", lambda *a: [fake])
+    monkeypatch.setattr(ddrift, "external_window", lambda paths, fmt, size: (None, ""))
+    monkeypatch.setattr(ddrift, "reference_sample", lambda *a: None)
+    monkeypatch.setattr(ddrift, "compare", lambda window, ref, sample, champ, cfg, fmt: record("image_drift", **vars(cfg)))
     threads = torch.get_num_threads()
     try:
         for asset, partition in [
@@ -204,6 +216,7 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
             ("subgroup_metrics", None),
             ("external_validation", "nih"),
             ("localization_metrics", None),
+            ("image_drift", "external-nih"),
             ("report_pairs", None),
             ("report_adapter", None),
             ("generated_reports", None),

@@ -70,7 +70,7 @@ def _step_jobs(monkeypatch) -> dict[str, dict]:
 
 def test_every_step_job_validates_and_gpu_steps_carry_what_gpu_nodes_need(monkeypatch):
     jobs = _step_jobs(monkeypatch)
-    assert len(jobs) == 16  # every materializable asset (the three observable sources run no step)
+    assert len(jobs) == 17  # every materializable asset (the three observable sources run no step)
     for key, job in jobs.items():
         _validate(job)
         pod = job["spec"]["template"]["spec"]
@@ -86,6 +86,7 @@ def test_every_step_job_validates_and_gpu_steps_carry_what_gpu_nodes_need(monkey
         "report_hints",
         "external_validation",
         "localization_metrics",
+        "image_drift",
         "report_adapter",
         "generated_reports",
     }

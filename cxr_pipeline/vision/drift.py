@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cxr_pipeline.fields import setting
 from cxr_pipeline.vision.train import to_input
 
 HIST_BINS = 64
@@ -138,3 +139,86 @@ def view_mix(views: Sequence[str]) -> dict[str, float]:
     n = max(len(v), 1)
     lateral = sum(x in ("LATERAL", "LL", "RL") for x in v)
     return {"PA": sum(x == "PA" for x in v) / n, "AP": sum(x == "AP" for x in v) / n, "lateral": lateral / n}
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    """Image drift (``pipeline.yaml``'s ``image_drift`` section)."""
+
+    reference: int = setting(500, "frontal images of the training split drawn as the reference (never validate or test)")
+    max_window: int = setting(500, "images of a window compared at most (drawn with the seed; a window of more is subsampled)")
+    permutations: int = setting(500, "permutations of the MMD test (the smallest p-value is 1 / (permutations + 1))")
+    alpha: float = setting(0.01, "a window drifts (the alarm) when the MMD test's p-value is below this")
+    seed: int = setting(0, "the draws' and the permutations' seed")
+
+
+@dataclass
+class Sample:
+    """Images of one side of a comparison: uint8 (n, size, size) as the shards store them, their views, and where
+    labels exist the rows ``vision.targets`` reads (aligned with the images)."""
+
+    images: np.ndarray
+    views: list[str]
+    rows: object = None  # a polars DataFrame with the label columns, or None (no labels: CBPE only)
+
+    def draw(self, n: int, seed: int) -> Sample:
+        if len(self.images) <= n:
+            return self
+        idx = np.sort(np.random.default_rng(seed).choice(len(self.images), size=n, replace=False))
+        rows = None if self.rows is None else self.rows[idx.tolist()]
+        return Sample(self.images[idx], [self.views[i] for i in idx], rows)
+
+
+def compare(window: str, reference: Sample, sample: Sample, champion, cfg: DriftSettings, fmt: str = "mimic") -> list[dict]:
+    """One window against the reference: a row per finding of the multi-label ``champion`` (``vision.external``'s
+    Champion), the window's signals repeated on each (the drift score and p-value decide ``drifted``; the rest are
+    reported beside), the finding's output shift (KS), CBPE's expected AUC, sensitivity and specificity and, where
+    the window has labels, the measured ones at the same threshold."""
+    import polars as pl
+    from sklearn.metrics import roc_auc_score
+
+    from cxr_pipeline.data.harmonisation import NULL_IS_UNSCORABLE
+    from cxr_pipeline.labels import LABEL_BY_SLUG
+    from cxr_pipeline.vision.targets import targets
+
+    m = champion.model
+    sample = sample.draw(cfg.max_window, cfg.seed)
+    test = mmd_test(embeddings(m, reference.images), embeddings(m, sample.images), cfg.permutations, cfg.seed)
+    ref_p, win_p = m.calibrate(m.probabilities(reference.images)), m.calibrate(m.probabilities(sample.images))
+    mix_ref, mix_win = view_mix(reference.views), view_mix(sample.views)
+    window_row = {
+        "window": window,
+        "n_window": len(sample.images),
+        "n_reference": len(reference.images),
+        "drift_score": test.statistic,
+        "p_value": test.p_value,
+        "drifted": test.p_value < cfg.alpha,
+        "alpha": cfg.alpha,
+        "histogram_distance": js_distance(intensity_histogram(reference.images), intensity_histogram(sample.images)),
+        "mean_intensity_change": float(sample.images[sample.images > 0].mean() - reference.images[reference.images > 0].mean()),
+        **{f"share_{k}": v for k, v in mix_win.items()},
+        **{f"share_{k}_change": mix_win[k] - mix_ref[k] for k in mix_win},
+        "model": f"{champion.name} v{champion.version}",
+    }
+    out = []
+    indexed = None if sample.rows is None else sample.rows.with_row_index("_i")
+    for j, s in enumerate(m.slugs):
+        t = m.served_thresholds[j]
+        row = {**window_row, "slug": s, "pathology": LABEL_BY_SLUG[s], "threshold": t, "output_ks": ks_statistic(ref_p[:, j], win_p[:, j])}
+        row.update(cbpe(win_p[:, j], t))
+        measured = {"n_labelled": 0, "auc": None, "sensitivity": None, "specificity": None, "prevalence": None}
+        if indexed is not None and s in indexed.columns:
+            usable = indexed.filter(pl.col(s).is_not_null()) if fmt in NULL_IS_UNSCORABLE else indexed
+            tt = targets(usable, s, champion.policy["uncertain"], champion.policy["blank"])
+            y, p = tt["target"].to_numpy().astype(int), win_p[tt["_i"].to_numpy(), j]
+            measured["n_labelled"] = int(len(y))
+            if len(y):
+                measured["prevalence"] = float(y.mean())
+            if 0 < y.sum() < len(y):
+                measured.update(
+                    auc=float(roc_auc_score(y, p)), sensitivity=float((p[y == 1] >= t).mean()), specificity=float((p[y == 0] < t).mean())
+                )
+        row.update(measured)
+        row["auc_estimate_error"] = None if measured["auc"] is None else row["expected_auc"] - measured["auc"]
+        out.append(row)
+    return out

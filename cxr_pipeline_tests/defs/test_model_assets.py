@@ -9,11 +9,13 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+import pydicom
 import pytest
 
 from cxr_pipeline.data.external import scored_findings
 from cxr_pipeline.definitions import build_defs
 from cxr_pipeline.labels import slug as finding_slug
+from cxr_pipeline.settings import paths
 from cxr_pipeline.tracking import get_client
 from cxr_pipeline.vision.checkpoint import ClassifierSet, read_config
 from cxr_pipeline_tests.conftest import raw_version, run_job  # noqa: F401
@@ -210,6 +212,37 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert not undescribed, undescribed  # every column in the catalog says what it holds (columns.py)
         erun = client.get_run(ext["chexpert"][0]["mlflow_run_id"].value)
         assert "external_validation.json" in {a.path for a in client.list_artifacts(erun.info.run_id)}
+
+        # image drift: each external set present is a window (the drift_windows sensor adds them), compared with frontal
+        # images of the training split only; an absent set's window says why
+        from cxr_pipeline.data.shard_reader import Shards
+        from cxr_pipeline.defs.drift import drift_windows, reference_sample
+
+        sensed = drift_windows(dg.build_sensor_context(instance=instance))
+        assert sorted(r.partition_key for r in sensed.run_requests) == ["external-chexpert", "external-nih"]
+        instance.add_dynamic_partitions("drift_windows", ["external-chexpert", "external-padchest"])
+        dcfg = {"ops": {"image_drift": {"config": {"permutations": 100, "reference": 200}}}}
+        dres = run_job(defs, "drift_job", instance, partition_key="external-chexpert", run_config=dcfg)
+        (dmat,) = [e.materialization for e in dres.get_asset_materialization_events()]
+        drift = pl.read_parquet(dmat.metadata["path"].value)
+        assert drift.height == 14 and drift["n_window"][0] == len(frontal) and drift["model"][0] == "cxr-multilabel v1"
+        assert drift["drifted"][0] == (drift["p_value"][0] < 0.01) and dmat.metadata["drifted"].value == drift["drifted"][0]
+        sd_drift = drift.filter(pl.col("slug") == "support_devices").row(0, named=True)
+        assert sd_drift["n_labelled"] == sum(r["Support Devices"] in ("1.0", "0.0", "") for r in frontal)  # labels read back
+        (check,) = dres.get_asset_check_evaluations()
+        assert check.passed == (not drift["drifted"][0]) and check.severity == dg.AssetCheckSeverity.WARN
+        train_frontal = m.filter((pl.col("split") == "train") & pl.col("view_position").is_in(["PA", "AP"]))
+        ref = reference_sample(m, Shards.open(paths().shard_root(size), size), 10**6, 0)
+        assert set(ref.rows["split"]) == {"train"} and len(ref.images) == train_frontal.height  # never validate or test
+        assert drift["n_reference"][0] == min(200, train_frontal.height)
+        assert not [c.name for c in dmat.metadata["dagster/column_schema"].value.columns if not c.description]
+        names = {str(pydicom.dcmread(f, stop_before_pixels=True).PatientName) for f in sorted(env.rglob("*.dcm"))[:40]}
+        assert not [x for x in names if x in repr(drift.to_dicts())]  # no header text in the table
+        drun = client.get_run(dmat.metadata["mlflow_run_id"].value)
+        assert "image_drift.json" in {a.path for a in client.list_artifacts(drun.info.run_id)} and "drift_score" in drun.data.metrics
+        absent = run_job(defs, "drift_job", instance, partition_key="external-padchest", run_config=dcfg)
+        (amat,) = [e.materialization for e in absent.get_asset_materialization_events()]
+        assert "PadChest: folder" in amat.metadata["reason"].value
 
         # localization: the champions' Grad-CAM against the replica's planted boxes and the NIH-format replica's box file
         lres = run_job(defs, "localization_job", instance, run_config={"ops": {"localization_metrics": {"config": {"bootstrap": 50}}}})

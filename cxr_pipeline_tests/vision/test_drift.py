@@ -53,3 +53,34 @@ def test_histogram_distance_and_ks_are_zero_for_the_same_and_large_for_different
     assert np.allclose(intensity_histogram(padded), intensity_histogram(a[:, 4:]))
     assert ks_statistic(np.arange(100), np.arange(100)) == 0.0 and ks_statistic(np.zeros(10), np.ones(10)) == 1.0
     assert view_mix(["PA", "AP", "LATERAL", "LL"]) == {"PA": 0.25, "AP": 0.25, "lateral": 0.5}
+
+
+def test_a_shifted_window_is_flagged_and_an_unshifted_one_is_not(replica, registry):
+    """The replica's frontal images through the registered multi-label model (random weights at 32 px: its features
+    still see the images): a reference, a window of other images (no alarm) and the same window shifted (noise and a
+    darker exposure: the alarm); the table carries no header text."""
+    import pydicom
+
+    from cxr_pipeline.data.dicom import prepare
+    from cxr_pipeline.tracking import get_client
+    from cxr_pipeline.vision.drift import DriftSettings, Sample, compare
+    from cxr_pipeline.vision.external import load_champions
+
+    files = sorted(replica.rglob("*.dcm"))
+    heads = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in files}
+    frontal = [f for f in files if heads[f].ViewPosition in ("PA", "AP")][:90]
+    images = np.stack([prepare(str(f), 32) for f in frontal])
+    views = [str(heads[f].ViewPosition) for f in frontal]
+    client, uri = get_client()
+    (champ,) = load_champions(client, uri, ["cxr-multilabel"])
+    reference, window = Sample(images[:60], views[:60]), Sample(images[60:], views[60:])
+    rng = np.random.default_rng(0)
+    shifted = np.clip(window.images * 0.6 + rng.normal(0, 25, window.images.shape), 1, 255).astype(np.uint8)
+    cfg = DriftSettings(permutations=300, alpha=0.01)
+    same = compare("same", reference, window, champ, cfg)
+    moved = compare("moved", reference, Sample(shifted, window.views), champ, cfg)
+    assert not same[0]["drifted"] and moved[0]["drifted"]
+    assert moved[0]["drift_score"] > same[0]["drift_score"] and moved[0]["histogram_distance"] > same[0]["histogram_distance"]
+    assert len(same) == len(champ.model.slugs) and all(r["auc"] is None for r in same)  # no labels: CBPE only
+    text = repr(same + moved)
+    assert not [h for h in heads.values() for v in (str(h.PatientName), h.PatientID, h.StudyInstanceUID) if v in text]

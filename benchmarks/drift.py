@@ -1,0 +1,248 @@
+"""Does the drift score notice the images changing, and does CBPE say what the AUC became? #51's benchmark.
+
+A MIMIC replica (``--patients``, seed ``--seed``) trains the multi-label champion the demo's way (manifest, shards
+at 64 px, ``multilabel_classifier``; registered champion, Platt-calibrated on validate). The reference is
+``--reference`` frontal images of its **training** split, from its shards. Windows of ``--window`` frontal images,
+each compared with the reference (``vision.drift``: MMD² of the backbone's pooled features, permutation p-value;
+alarm when p < ``--alpha``):
+
+- **no shift**: at least 40 windows from held-out MIMIC-replica data (a second replica drawn with another seed:
+  new patients from the same generator), decoded as the shards decode;
+- **format alone**: the CheXpert, NIH and PadChest-format replicas with no image shift (JPEG, 8- and 16-bit PNG,
+  their own label files), which must not alarm;
+- **graded shifts**: five levels each of exposure (a gain that clips the bright end), noise and resolution, and
+  one combined, each a CheXpert-format replica (``data.replica_external``) whose images the generator shifts.
+
+The AUC drop of a level is the multi-label champion's macro AUC (findings with at least 20 positives and 20
+negatives in both) on the format-alone CheXpert replica minus that on the level's replica, pooled over its
+windows; CBPE's error is the expected macro AUC (from calibrated probabilities alone) minus the measured, per level.
+Last line:
+
+    drift: false alarms <a>/<n>, detected <d>/<m> windows at levels with AUC drop >= 0.05, spearman(drift score, AUC drop) <r> over <k> levels, CBPE AUC error median <e>
+
+Goals (#51): false alarms <= 5% of no-shift windows (held-out and format alone), detection >= 95% of windows at
+levels whose pooled AUC drop is >= 0.05, Spearman >= 0.8 over the graded levels, median |CBPE AUC error| <= 0.05.
+
+    python benchmarks/drift.py [--patients 600] [--held-out 1300] [--level-patients 300] [--out /tmp/bench_drift]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+LEVELS = {
+    "exposure": [1.1, 1.2, 1.3, 1.45, 1.6],
+    "noise": [0.01, 0.02, 0.04, 0.06, 0.08],
+    "resolution": [0.8, 0.6, 0.45, 0.35, 0.28],
+}
+COMBINED = {"exposure": 1.3, "noise": 0.04, "resolution": 0.45}
+MIN_CLASS = 20
+
+
+def train(home: Path, raw: Path, patients: int, seed: int, epochs: int) -> None:
+    """Replica, manifest, shards, the multi-label champion, in ``home`` (skipped when already there)."""
+    import dagster as dg
+
+    from cxr_pipeline.data.shard_reader import PARTITIONS
+    from cxr_pipeline.data.synthetic import SynthConfig, generate
+    from cxr_pipeline.definitions import build_defs
+    from cxr_pipeline.defs.keys import MULTILABEL_CLASSIFIER
+    from cxr_pipeline.demo import DEMO_RUN_CONFIG
+    from cxr_pipeline.settings import paths, write_pipeline_config
+
+    if (home / "trained.json").exists():
+        return
+    if not raw.exists():
+        generate(SynthConfig(patients=patients, seed=seed, source_rows=256, workers=2), raw)
+    os.environ["CXR_RAW_DIR"] = str(raw)
+    p = paths()
+    config = {**DEMO_RUN_CONFIG, "classifier": {**DEMO_RUN_CONFIG["classifier"], "size": 64, "epochs": epochs}}
+    write_pipeline_config(p, {k: v for k, v in config.items() if k in ("manifest", "classifier")}, "bench_drift")
+    defs = build_defs()
+    with dg.DagsterInstance.ephemeral() as instance:
+        for job, part in [("manifest_job", None), *(("shards_job", x) for x in PARTITIONS)]:
+            res = defs.resolve_job_def(job).execute_in_process(instance=instance, partition_key=part, raise_on_error=False)
+            if not res.success:
+                raise SystemExit(f"{job} [{part}] failed")
+        res = defs.resolve_job_def("classifier_summary_job").execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey(MULTILABEL_CLASSIFIER)], raise_on_error=False
+        )
+        if not res.success:
+            raise SystemExit("multilabel_classifier failed")
+    (home / "trained.json").write_text(json.dumps({"patients": patients, "seed": seed, "epochs": epochs}))
+
+
+def reference_images(n: int, seed: int) -> np.ndarray:
+    """``n`` frontal images of the training split, from the 64-px shards."""
+    import polars as pl
+
+    from cxr_pipeline.data.shard_reader import Shards, open_images
+    from cxr_pipeline.settings import paths
+
+    p = paths()
+    manifest = pl.read_parquet(p.manifest).filter((pl.col("split") == "train") & pl.col("view_position").is_in(["PA", "AP"]))
+    lazy, _kept = open_images(Shards.open(p.shard_root(64), 64), manifest)
+    idx = np.sort(np.random.default_rng(seed).choice(len(lazy), size=min(n, len(lazy)), replace=False))
+    return lazy.take(idx)
+
+
+def decode_all(paths_: list[str]) -> np.ndarray:
+    from cxr_pipeline.data.dicom import prepare
+
+    return np.stack([prepare(p, 64, name=p) for p in paths_])
+
+
+def held_out(raw: Path, patients: int, seed: int) -> np.ndarray:
+    """Frontal images of a second MIMIC replica (new patients, same generator), decoded as the shards decode."""
+    import polars as pl
+
+    from cxr_pipeline.data.synthetic import SynthConfig, generate, patient_relpath
+
+    if not raw.exists():
+        generate(SynthConfig(patients=patients, seed=seed, source_rows=256, workers=2), raw)
+    meta = pl.read_csv(raw / "mimic-cxr-2.0.0-metadata.csv.gz").filter(pl.col("ViewPosition").is_in(["PA", "AP"]))
+    files = [
+        str(raw / "files" / patient_relpath(s) / f"s{t}" / f"{d}.dcm")
+        for d, s, t in meta.select("dicom_id", "subject_id", "study_id").iter_rows()
+    ]
+    return decode_all(files)
+
+
+def external(folder: Path, fmt: str, patients: int, seed: int, **shift) -> tuple[np.ndarray, object]:
+    """A ``fmt``-format replica with ``shift``: its frontal images (decoded as the shards decode) and their rows."""
+    from cxr_pipeline.data.external import DEFAULT_LABEL_FILES, read_labels, resolve_images, select_images
+    from cxr_pipeline.data.replica_external import ExternalReplica, generate_external
+
+    if not folder.exists():
+        generate_external(ExternalReplica(fmt, patients=patients, seed=seed, **shift), folder)
+    found = read_labels(fmt, folder / DEFAULT_LABEL_FILES[fmt])
+    rows = resolve_images(folder, select_images(found.manifest, ("PA", "AP"), None, 0))
+    return decode_all([str(p) for p in rows["path"]]), rows
+
+
+def measured_and_expected(champ, rows, raw: np.ndarray, fmt: str) -> dict[str, tuple[float, float]]:
+    """Per finding with enough of each class: (measured AUC, CBPE's expected AUC) of the calibrated probabilities."""
+    import polars as pl
+    from sklearn.metrics import roc_auc_score
+
+    from cxr_pipeline.data.harmonisation import NULL_IS_UNSCORABLE
+    from cxr_pipeline.vision.drift import cbpe
+    from cxr_pipeline.vision.targets import targets
+
+    m = champ.model
+    prob = m.calibrate(raw)
+    indexed = rows.with_row_index("_i")
+    out = {}
+    for j, s in enumerate(m.slugs):
+        if s not in rows.columns:
+            continue
+        usable = indexed.filter(pl.col(s).is_not_null()) if fmt in NULL_IS_UNSCORABLE else indexed
+        t = targets(usable, s, champ.policy["uncertain"], champ.policy["blank"])
+        y, idx = t["target"].to_numpy().astype(int), t["_i"].to_numpy()
+        if min(y.sum(), len(y) - y.sum()) < MIN_CLASS:
+            continue
+        out[s] = (float(roc_auc_score(y, prob[idx, j])), cbpe(prob[idx, j], m.served_thresholds[j])["expected_auc"])
+    return out
+
+
+def windows(n: int, size: int) -> list[np.ndarray]:
+    return [np.arange(k * size, (k + 1) * size) for k in range(n // size)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--patients", type=int, default=600)
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--held-out", type=int, default=1300, help="patients of the held-out MIMIC replica (>= 40 windows)")
+    ap.add_argument("--level-patients", type=int, default=300)
+    ap.add_argument("--window", type=int, default=100)
+    ap.add_argument("--reference", type=int, default=500)
+    ap.add_argument("--alpha", type=float, default=0.01)
+    ap.add_argument("--permutations", type=int, default=500)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bench_drift"))
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    os.environ["CXR_HOME"] = str(a.out / "home")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    t0 = time.perf_counter()
+    train(a.out / "home", a.out / "raw", a.patients, a.seed, a.epochs)
+
+    from scipy.stats import spearmanr
+
+    from cxr_pipeline.tracking import get_client
+    from cxr_pipeline.vision.checkpoint import MULTILABEL
+    from cxr_pipeline.vision.drift import embeddings, mmd_test
+    from cxr_pipeline.vision.external import load_champions
+    from cxr_pipeline.vision.registry import registered_name
+
+    client, uri = get_client()
+    (champ,) = load_champions(client, uri, [registered_name(MULTILABEL)])
+    ref = embeddings(champ.model, reference_images(a.reference, a.seed))
+
+    def test(images: np.ndarray) -> list[tuple[float, float]]:
+        return [
+            (t.statistic, t.p_value)
+            for t in (
+                mmd_test(ref, embeddings(champ.model, images[w]), a.permutations, seed=k)
+                for k, w in enumerate(windows(len(images), a.window))
+            )
+        ]
+
+    no_shift = test(held_out(a.out / "held_out", a.held_out, a.seed + 100))
+    print(f"held-out MIMIC: {len(no_shift)} windows, p < {a.alpha}: {sum(p < a.alpha for _s, p in no_shift)}", flush=True)
+    fmt_windows = []
+    base_images, base_rows = external(a.out / "ext" / "chexpert-none", "chexpert", a.level_patients, 21)
+    baseline = measured_and_expected(champ, base_rows, champ.model.probabilities(base_images), "chexpert")
+    for fmt, seed in (("chexpert", 21), ("nih", 22), ("padchest", 23)):
+        images, _rows = (
+            (base_images, base_rows) if fmt == "chexpert" else external(a.out / "ext" / f"{fmt}-none", fmt, a.level_patients, seed)
+        )
+        res = test(images)
+        fmt_windows += res
+        print(f"{fmt} format, no shift: {len(res)} windows, p < {a.alpha}: {sum(p < a.alpha for _s, p in res)}", flush=True)
+    levels = [(kind, v, {kind: v}) for kind, vs in LEVELS.items() for v in vs] + [("combined", 0.0, COMBINED)]
+    results = []
+    for k, (kind, value, shift) in enumerate(levels):
+        images, rows = external(a.out / "ext" / f"chexpert-{kind}-{value}", "chexpert", a.level_patients, 40 + k, **shift)
+        per = measured_and_expected(champ, rows, champ.model.probabilities(images), "chexpert")
+        common = sorted(set(per) & set(baseline))
+        drop = float(np.mean([baseline[s][0] - per[s][0] for s in common])) if common else float("nan")
+        err = float(np.mean([per[s][1] for s in common]) - np.mean([per[s][0] for s in common])) if common else float("nan")
+        res = test(images)
+        score = float(np.median([s for s, _p in res]))
+        results.append({"kind": kind, "value": value, "drop": drop, "cbpe_error": err, "score": score, "windows": res})
+        print(
+            f"{kind} {value}: AUC drop {drop:+.3f} over {len(common)} findings, CBPE error {err:+.3f}, median MMD² {score:.4f}, "
+            f"{sum(p < a.alpha for _s, p in res)}/{len(res)} windows flagged",
+            flush=True,
+        )
+    baseline_err = float(np.mean([v[1] for v in baseline.values()]) - np.mean([v[0] for v in baseline.values()]))
+    nulls = no_shift + fmt_windows
+    false_alarms = sum(p < a.alpha for _s, p in nulls)
+    big = [w for r in results if r["drop"] >= 0.05 for w in r["windows"]]
+    detected = sum(p < a.alpha for _s, p in big)
+    rho = float(spearmanr([r["score"] for r in results], [r["drop"] for r in results]).statistic)
+    errors = [abs(r["cbpe_error"]) for r in results] + [abs(baseline_err)]
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}; {time.perf_counter() - t0:.0f} s; "
+        f"alpha {a.alpha}, {a.permutations} permutations, reference {len(ref)} training images, windows of {a.window}; "
+        f"CBPE error at no shift {baseline_err:+.3f}, largest |error| {max(errors):.3f}"
+    )
+    print(
+        f"drift: false alarms {false_alarms}/{len(nulls)}, detected {detected}/{len(big)} windows at levels with AUC drop >= 0.05, "
+        f"spearman(drift score, AUC drop) {rho:.2f} over {len(results)} levels, CBPE AUC error median {float(np.median(errors)):.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

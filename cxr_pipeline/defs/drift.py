@@ -1,0 +1,157 @@
+"""New images against the training images -> image_drift: one partition per window (a batch of incoming images).
+
+The work is in ``vision.drift`` (the signals, the MMD test, CBPE); this module finds a window's images, draws the
+reference from the training split of the shards, loads the multi-label champion, calls ``vision.drift.compare``,
+logs to MLflow and warns through an asset check when the window drifts. Windows are dynamic partitions: each
+external set present is one (``external-<format>``), added by the ``drift_windows`` sensor, which also requests
+their runs; the MIMIC shard partitions are not windows (they hold training images).
+"""
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from cxr_pipeline.config import resolve
+from cxr_pipeline.data.external import FORMATS, ExternalSettings, read_labels, resolve_images, select_images
+from cxr_pipeline.data.shard_reader import Shards, open_images
+from cxr_pipeline.defs import needs
+from cxr_pipeline.defs.history import latest_metadata
+from cxr_pipeline.defs.io import ShardSet, table_schema
+from cxr_pipeline.defs.keys import EXTERNAL_VALIDATION, IMAGE_DRIFT, MULTILABEL_CLASSIFIER
+from cxr_pipeline.defs.metadata import asset_metadata, resolved_metadata, table_metadata
+from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
+from cxr_pipeline.defs.run_config import dagster_config, run_settings
+from cxr_pipeline.defs.specs import ALL_SHARDS_IN, MANIFEST_IN
+from cxr_pipeline.fields import params
+from cxr_pipeline.files import file_digest, write_parquet
+from cxr_pipeline.settings import paths as current_paths
+from cxr_pipeline.vision.checkpoint import MULTILABEL
+from cxr_pipeline.vision.drift import Sample, compare
+from cxr_pipeline.vision.external import EXTERNAL_PARTITION, build_external_shards, load_champions
+from cxr_pipeline.vision.registry import registered_name
+
+DRIFT_WINDOWS = dg.DynamicPartitionsDefinition(name="drift_windows")
+DriftConfig = dagster_config(IMAGE_DRIFT, "DriftConfig")
+FRONTAL = ("PA", "AP")
+SHOWN = ("window", "pathology", "drift_score", "p_value", "drifted", "output_ks", "expected_auc", "auc", "auc_estimate_error")
+
+
+def reference_sample(manifest: pl.DataFrame, shards: Shards, n: int, seed: int) -> Sample:
+    """``n`` frontal images of the **training** split (never validate or test), drawn with ``seed``."""
+    train = manifest.filter((pl.col("split") == "train") & pl.col("view_position").is_in(list(FRONTAL)))
+    lazy, kept = open_images(shards, train)
+    idx = np.sort(np.random.default_rng(seed).choice(len(lazy), size=min(n, len(lazy)), replace=False))
+    return Sample(lazy.take(idx), [kept["view_position"][int(i)] for i in idx], kept[idx.tolist()])
+
+
+def external_window(paths, fmt: str, size: int) -> tuple[Sample, str]:
+    """An external set's frontal images at ``size`` (its shards, built as external validation builds them, reused
+    when already there) with its labels; ("", reason) when the set is absent."""
+    cfg: ExternalSettings = resolve(paths, EXTERNAL_VALIDATION, {})
+    reason = cfg.absent_reason(fmt, paths.home)
+    if reason:
+        return Sample(np.zeros((0, size, size), np.uint8), []), reason
+    folder, label_file = cfg.dataset(fmt, paths.home)
+    rows = resolve_images(folder, select_images(read_labels(fmt, label_file).manifest, FRONTAL, cfg.max_images, cfg.seed))
+    build_external_shards(paths, fmt, folder, rows, [size], resolve(paths, "image_shards", {}))
+    lazy, kept = open_images(Shards.open(paths.external_shard_root(fmt, size), size, [EXTERNAL_PARTITION]), rows)
+    return Sample(lazy.take(np.arange(len(lazy))), kept["view_position"].to_list(), kept), ""
+
+
+@dg.asset(
+    name=IMAGE_DRIFT,
+    group_name="monitoring",
+    partitions_def=DRIFT_WINDOWS,
+    deps=[MULTILABEL_CLASSIFIER],
+    ins={"manifest": MANIFEST_IN, "image_shards": ALL_SHARDS_IN},
+    kinds={"polars", "parquet"},
+    description="Does a window of new images still look like the training images? Per window (a dynamic partition: each external "
+    "set, external-<format>) against frontal training-split images: the multi-label champion's pooled features by MMD with a "
+    "permutation p-value (the drift score and the alarm: p < alpha), beside the intensity histogram distance, the view mix and "
+    "each finding's output shift; CBPE's expected AUC, sensitivity and specificity from calibrated probabilities, and the "
+    "measured ones where the window has labels.",
+    **needs.CNN.asset_args(),
+)
+def image_drift(
+    context: dg.AssetExecutionContext,
+    config: DriftConfig,
+    manifest: pl.DataFrame,
+    image_shards: ShardSet,
+    storage: CxrStorage,
+    mlflow: MlflowTracking,
+) -> dg.MaterializeResult:
+    paths, window = storage.paths, context.partition_key
+    cfg = run_settings(context, paths)
+    with mlflow.run(context) as run:
+        run.log_params({**params(cfg), "window": window})
+        champions = load_champions(run.client, mlflow.tracking_uri, [registered_name(MULTILABEL)])
+        reason = "" if champions else "no multi-label champion is registered yet"
+        if not reason and not window.startswith("external-"):
+            reason = f"{window}: not a window this pipeline knows (external-<format>)"
+        if not reason:
+            champ = champions[0]
+            size = champ.model.size
+            sample, reason = external_window(paths, window.removeprefix("external-"), size)
+        if reason:
+            run.set_tags({"skipped": reason})
+            context.log.warning(f"image_drift {window} skipped: {reason}")
+            path = write_parquet(pl.DataFrame(), paths.image_drift / f"{window}.parquet")
+            md = asset_metadata(run, path, 0, reason=reason, drifted=False, **resolved_metadata(cfg))
+            return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(file_digest(path)))
+        reference = reference_sample(manifest, image_shards.at(size), cfg.reference, cfg.seed)
+        table = pl.DataFrame(compare(window, reference, sample, champ, cfg, window.removeprefix("external-")), infer_schema_length=None)
+        first = table.row(0, named=True)
+        path = write_parquet(table, paths.image_drift / f"{window}.parquet")
+        run.log_table(table, "image_drift")
+        run.log_metrics({k: float(first[k]) for k in ("drift_score", "p_value", "histogram_distance", "n_window", "n_reference")})
+        run.log_metrics(
+            {f"{r['slug']}.expected_auc": r["expected_auc"] for r in table.iter_rows(named=True) if r["expected_auc"] == r["expected_auc"]}
+        )
+        run.log_metrics({f"{r['slug']}.auc": r["auc"] for r in table.iter_rows(named=True) if r["auc"] is not None})
+    said = "drifts" if first["drifted"] else "does not drift"
+    context.log.info(f"{window} {said}: MMD² {first['drift_score']:.4f}, p = {first['p_value']:.4f} (alpha {cfg.alpha})")
+    shown = table.select([c for c in SHOWN if c in table.columns]).with_columns(pl.col(pl.Float64).round(4))
+    md = {
+        "table": table_metadata(shown),
+        "drifted": bool(first["drifted"]),
+        "drift_score": float(first["drift_score"]),
+        "p_value": float(first["p_value"]),
+        "histogram_distance": float(first["histogram_distance"]),
+        "n_window": int(first["n_window"]),
+        "dagster/column_schema": dg.MetadataValue.table_schema(table_schema(IMAGE_DRIFT, table)),
+    }
+    return dg.MaterializeResult(
+        metadata=asset_metadata(run, path, table.height, **md, **resolved_metadata(cfg)), data_version=dg.DataVersion(file_digest(path))
+    )
+
+
+@dg.asset_check(
+    asset=IMAGE_DRIFT,
+    partitions_def=DRIFT_WINDOWS,
+    blocking=False,
+    description="Warns when the window drifts from the training images (the MMD test's p-value below the configured alpha).",
+)
+def image_drift_alarm(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    part = context.partition_key
+    drifted = latest_metadata(context.instance, IMAGE_DRIFT, part, "drifted")
+    p = latest_metadata(context.instance, IMAGE_DRIFT, part, "p_value")
+    return dg.AssetCheckResult(
+        passed=not drifted,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"p_value": float(p) if p is not None else -1.0, "drifted": bool(drifted)},
+        description=f"{part} drifts from the training images (p = {p})" if drifted else f"{part}: no drift",
+    )
+
+
+@dg.sensor(name="drift_windows", minimum_interval_seconds=300, job_name="drift_job", default_status=dg.DefaultSensorStatus.RUNNING)
+def drift_windows(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    """Each external set present becomes a window (a partition of image_drift) and is compared once; a new set
+    dropped into its folder later becomes one then."""
+    paths = current_paths()
+    cfg: ExternalSettings = resolve(paths, EXTERNAL_VALIDATION, {})
+    present = [f"external-{fmt}" for fmt in FORMATS if not cfg.absent_reason(fmt, paths.home)]
+    new = [k for k in present if not context.instance.has_dynamic_partition(DRIFT_WINDOWS.name, k)]
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=k, partition_key=k) for k in new],
+        dynamic_partitions_requests=[DRIFT_WINDOWS.build_add_request(new)] if new else [],
+    )
