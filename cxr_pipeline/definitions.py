@@ -138,9 +138,9 @@ def build_defs() -> dg.Definitions:
             external_datasets,
             pacs_results,
             *with_config_versions(
-                with_automation([*ASSETS, subgroup_metrics, external_validation, localization_metrics, *REPORT_ASSETS]), paths()
+                with_automation([*ASSETS, subgroup_metrics, external_validation, localization_metrics, image_drift, *REPORT_ASSETS]),
+                paths(),
             ),
-            *with_config_versions([image_drift], paths()),
         ],
         schedules=schedules,
         sensors=[*sensors, dead_run_sensor, pacs_intake_sensor(), drift_windows],

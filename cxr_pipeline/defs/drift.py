@@ -3,8 +3,9 @@
 The work is in ``vision.drift`` (the signals, the MMD test, CBPE); this module finds a window's images, draws the
 reference from the training split of the shards, loads the multi-label champion, calls ``vision.drift.compare``,
 logs to MLflow and warns through an asset check when the window drifts. Windows are dynamic partitions: each
-external set present is one (``external-<format>``), added by the ``drift_windows`` sensor, which also requests
-their runs; the MIMIC shard partitions are not windows (they hold training images).
+external set present is one (``external-<format>``), added by the ``drift_windows`` sensor;
+the automation sensor runs them (and again after the champion is retrained); the MIMIC shard partitions are not
+windows (they hold training images).
 """
 
 import dagster as dg
@@ -58,6 +59,30 @@ def external_window(paths, fmt: str, size: int) -> tuple[Sample, str]:
     return Sample(lazy.take(np.arange(len(lazy))), kept["view_position"].to_list(), kept), ""
 
 
+def _skipped(run, paths, window: str, reason: str, cfg) -> dg.MaterializeResult:
+    """An empty table that says why (no champion, an absent set, a window this pipeline does not know)."""
+    run.set_tags({"skipped": reason})
+    path = write_parquet(pl.DataFrame(), paths.image_drift / f"{window}.parquet")
+    md = asset_metadata(run, path, 0, reason=reason, drifted=False, **resolved_metadata(cfg))
+    return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(file_digest(path)))
+
+
+def _result(run, path, table: pl.DataFrame, cfg) -> dg.MaterializeResult:
+    """The window's metadata: the alarm and the drift score up front, a few columns shown, every column described."""
+    first = table.row(0, named=True)
+    shown = table.select([c for c in SHOWN if c in table.columns]).with_columns(pl.col(pl.Float64).round(4))
+    md = {
+        "table": table_metadata(shown),
+        **{k: float(first[k]) for k in ("drift_score", "p_value", "histogram_distance")},
+        "drifted": bool(first["drifted"]),
+        "n_window": int(first["n_window"]),
+        "dagster/column_schema": dg.MetadataValue.table_schema(table_schema(IMAGE_DRIFT, table)),
+    }
+    return dg.MaterializeResult(
+        metadata=asset_metadata(run, path, table.height, **md, **resolved_metadata(cfg)), data_version=dg.DataVersion(file_digest(path))
+    )
+
+
 @dg.asset(
     name=IMAGE_DRIFT,
     group_name="monitoring",
@@ -90,19 +115,15 @@ def image_drift(
             reason = f"{window}: not a window this pipeline knows (external-<format>)"
         if not reason:
             champ = champions[0]
-            size = champ.model.size
-            sample, reason = external_window(paths, window.removeprefix("external-"), size)
+            sample, reason = external_window(paths, window.removeprefix("external-"), champ.model.size)
         if reason:
-            run.set_tags({"skipped": reason})
             context.log.warning(f"image_drift {window} skipped: {reason}")
-            path = write_parquet(pl.DataFrame(), paths.image_drift / f"{window}.parquet")
-            md = asset_metadata(run, path, 0, reason=reason, drifted=False, **resolved_metadata(cfg))
-            return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(file_digest(path)))
-        reference = reference_sample(manifest, image_shards.at(size), cfg.reference, cfg.seed)
+            return _skipped(run, paths, window, reason, cfg)
+        reference = reference_sample(manifest, image_shards.at(champ.model.size), cfg.reference, cfg.seed)
         table = pl.DataFrame(compare(window, reference, sample, champ, cfg, window.removeprefix("external-")), infer_schema_length=None)
-        first = table.row(0, named=True)
         path = write_parquet(table, paths.image_drift / f"{window}.parquet")
         run.log_table(table, "image_drift")
+        first = table.row(0, named=True)
         run.log_metrics({k: float(first[k]) for k in ("drift_score", "p_value", "histogram_distance", "n_window", "n_reference")})
         run.log_metrics(
             {f"{r['slug']}.expected_auc": r["expected_auc"] for r in table.iter_rows(named=True) if r["expected_auc"] == r["expected_auc"]}
@@ -110,19 +131,7 @@ def image_drift(
         run.log_metrics({f"{r['slug']}.auc": r["auc"] for r in table.iter_rows(named=True) if r["auc"] is not None})
     said = "drifts" if first["drifted"] else "does not drift"
     context.log.info(f"{window} {said}: MMD² {first['drift_score']:.4f}, p = {first['p_value']:.4f} (alpha {cfg.alpha})")
-    shown = table.select([c for c in SHOWN if c in table.columns]).with_columns(pl.col(pl.Float64).round(4))
-    md = {
-        "table": table_metadata(shown),
-        "drifted": bool(first["drifted"]),
-        "drift_score": float(first["drift_score"]),
-        "p_value": float(first["p_value"]),
-        "histogram_distance": float(first["histogram_distance"]),
-        "n_window": int(first["n_window"]),
-        "dagster/column_schema": dg.MetadataValue.table_schema(table_schema(IMAGE_DRIFT, table)),
-    }
-    return dg.MaterializeResult(
-        metadata=asset_metadata(run, path, table.height, **md, **resolved_metadata(cfg)), data_version=dg.DataVersion(file_digest(path))
-    )
+    return _result(run, path, table, cfg)
 
 
 @dg.asset_check(
@@ -143,15 +152,13 @@ def image_drift_alarm(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckRe
     )
 
 
-@dg.sensor(name="drift_windows", minimum_interval_seconds=300, job_name="drift_job", default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(name="drift_windows", minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.RUNNING)
 def drift_windows(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    """Each external set present becomes a window (a partition of image_drift) and is compared once; a new set
-    dropped into its folder later becomes one then."""
+    """Each external set present becomes a window (a partition of image_drift); the automation sensor then runs it
+    (a missing partition), and runs it again when the multi-label champion is retrained. A set dropped into its
+    folder later becomes a window then."""
     paths = current_paths()
     cfg: ExternalSettings = resolve(paths, EXTERNAL_VALIDATION, {})
     present = [f"external-{fmt}" for fmt in FORMATS if not cfg.absent_reason(fmt, paths.home)]
     new = [k for k in present if not context.instance.has_dynamic_partition(DRIFT_WINDOWS.name, k)]
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=k, partition_key=k) for k in new],
-        dynamic_partitions_requests=[DRIFT_WINDOWS.build_add_request(new)] if new else [],
-    )
+    return dg.SensorResult(dynamic_partitions_requests=[DRIFT_WINDOWS.build_add_request(new)] if new else [])

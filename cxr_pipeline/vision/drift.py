@@ -24,8 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 
+from cxr_pipeline.data.harmonisation import NULL_IS_UNSCORABLE
 from cxr_pipeline.fields import setting
+from cxr_pipeline.labels import LABEL_BY_SLUG
+from cxr_pipeline.vision.targets import targets
 from cxr_pipeline.vision.train import to_input
 
 HIST_BINS = 64
@@ -174,12 +178,7 @@ def compare(window: str, reference: Sample, sample: Sample, champion, cfg: Drift
     Champion), the window's signals repeated on each (the drift score and p-value decide ``drifted``; the rest are
     reported beside), the finding's output shift (KS), CBPE's expected AUC, sensitivity and specificity and, where
     the window has labels, the measured ones at the same threshold."""
-    import polars as pl
     from sklearn.metrics import roc_auc_score
-
-    from cxr_pipeline.data.harmonisation import NULL_IS_UNSCORABLE
-    from cxr_pipeline.labels import LABEL_BY_SLUG
-    from cxr_pipeline.vision.targets import targets
 
     m = champion.model
     sample = sample.draw(cfg.max_window, cfg.seed)

@@ -219,7 +219,8 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         from cxr_pipeline.defs.drift import drift_windows, reference_sample
 
         sensed = drift_windows(dg.build_sensor_context(instance=instance))
-        assert sorted(r.partition_key for r in sensed.run_requests) == ["external-chexpert", "external-nih"]
+        (added,) = sensed.dynamic_partitions_requests
+        assert sorted(added.partition_keys) == ["external-chexpert", "external-nih"] and not sensed.run_requests
         instance.add_dynamic_partitions("drift_windows", ["external-chexpert", "external-padchest"])
         dcfg = {"ops": {"image_drift": {"config": {"permutations": 100, "reference": 200}}}}
         dres = run_job(defs, "drift_job", instance, partition_key="external-chexpert", run_config=dcfg)
