@@ -110,8 +110,7 @@ def held_out(raw: Path, patients: int, seed: int) -> np.ndarray:
         generate(SynthConfig(patients=patients, seed=seed, source_rows=256, workers=2), raw)
     meta = pl.read_csv(raw / "mimic-cxr-2.0.0-metadata.csv.gz").filter(pl.col("ViewPosition").is_in(["PA", "AP"]))
     files = [
-        str(raw / "files" / patient_relpath(s) / f"s{t}" / f"{d}.dcm")
-        for d, s, t in meta.select("dicom_id", "subject_id", "study_id").iter_rows()
+        str(raw / patient_relpath(s) / f"s{t}" / f"{d}.dcm") for d, s, t in meta.select("dicom_id", "subject_id", "study_id").iter_rows()
     ]
     return decode_all(files)
 
@@ -125,7 +124,7 @@ def external(folder: Path, fmt: str, patients: int, seed: int, **shift) -> tuple
         generate_external(ExternalReplica(fmt, patients=patients, seed=seed, **shift), folder)
     found = read_labels(fmt, folder / DEFAULT_LABEL_FILES[fmt])
     rows = resolve_images(folder, select_images(found.manifest, ("PA", "AP"), None, 0))
-    return decode_all([str(p) for p in rows["path"]]), rows
+    return decode_all([str(folder / p) for p in rows["path"]]), rows
 
 
 def measured_and_expected(champ, rows, raw: np.ndarray, fmt: str) -> dict[str, tuple[float, float]]:
