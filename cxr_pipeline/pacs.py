@@ -111,8 +111,8 @@ def write_config(folder: Path, s: PacsSettings) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "orthanc.json"
     with atomic_path(path) as tmp:
-        tmp.touch(mode=0o600)  # it may hold the --network password: its owner's only
-        tmp.chmod(0o600)
+        tmp.touch()
+        tmp.chmod(0o600)  # it may hold the --network password: its owner's only (before the password is written)
         tmp.write_text(json.dumps(orthanc_config(folder, s), indent=1))
     return path
 

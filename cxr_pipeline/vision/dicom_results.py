@@ -110,10 +110,6 @@ def codes_table() -> str:
     return "\n".join(rows)
 
 
-class UnusableImage(ValueError):
-    """An image the models must not score, with the reason (no header text in it)."""
-
-
 def unusable_reason(ds: Dataset) -> str | None:
     """Why this image cannot be scored as a chest radiograph, or None. Checked: a CR or DX image whose body part is
     the chest (missing counts as not),
