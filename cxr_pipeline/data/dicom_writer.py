@@ -107,16 +107,25 @@ def write_dicom(path: Path, pixels: np.ndarray, rng: np.random.Generator, cfg, s
     if not narrow:
         rng.uniform()  # once chose whether to write the rescale attributes: drawn still, so later draws keep their order
     _dx_modules(ds, mono1, study, image)
-    if rng.uniform() < 0.6:
-        lo, hi = np.percentile(value, [1, 99])
-        ds.WindowCenter = round(float(lo + hi) / 2, 1)
-        ds.WindowWidth = round(float(hi - lo) * 1.1 + 1, 1)
-    else:  # DX For Presentation needs a window or a VOI LUT: the one a reader without one would work out
-        ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = _percentile_window(value)
+    ds.WindowCenter, ds.WindowWidth, function = replica_window(value, rng)
+    if function != "LINEAR":  # LINEAR is the default: left out, as the replica always has
+        ds.VOILUTFunction = function
     ds.PixelData = stored.tobytes()
     if rng.uniform() < cfg.jpeg2000_fraction:
         ds.compress(JPEG2000Lossless, stored, encoding_plugin="pylibjpeg", generate_instance_uid=False)
     _atomic_save(path, lambda p: ds.save_as(p, enforce_file_format=True))
+
+
+def replica_window(value: np.ndarray, rng: np.random.Generator) -> tuple[float, float, str]:
+    """(center, width, VOI LUT function) of the window the replica reads an image through, over its stored values:
+    six in ten a LINEAR window over the 1st to 99th percentile widened by a tenth, else the window a reader without
+    one would work out (``_percentile_window``). The DICOM writer puts it in the header; the external replicas'
+    8-bit display images are exported through it (``replica_external.exported``), so a format alone does not
+    change how an image reads."""
+    if rng.uniform() < 0.6:
+        lo, hi = np.percentile(value, [1, 99])
+        return round(float(lo + hi) / 2, 1), round(float(hi - lo) * 1.1 + 1, 1), "LINEAR"
+    return _percentile_window(value)
 
 
 def _percentile_window(value: np.ndarray) -> tuple[float, float, str]:

@@ -1,8 +1,11 @@
 """Replicas of the external validation sets: CheXpert, NIH ChestX-ray14 and PadChest as released, made here.
 
 The same phantom and planted findings as the MIMIC-CXR replica (``data.phantom``, ``data.replica_findings``),
-another hospital's equipment as a **shift** in exposure (a gain on the image's brightness), noise (added before
-the file is written) and resolution (the rows the image is rendered at). Each is written in its dataset's real
+another hospital's equipment as a **shift** in exposure (a gain on the exported image's brightness: ``exported``),
+noise (added to the detector's values) and resolution (the rows the image is rendered at). CheXpert's and NIH's
+8-bit files are display images, windowed as the MIMIC replica's DICOM header windows its pixels (before
+2026-12-06 they held the unwindowed values, darker and flatter than any MIMIC image: a difference of format
+alone that the drift monitor rightly flagged; the external figures published before then were measured on those). Each is written in its dataset's real
 layout and format: CheXpert's ``CheXpert-v1.0-small/valid.csv`` (its header, 1.0 / 0.0 / -1.0 / blank) and 8-bit
 JPGs under ``valid/patientNNNNN/studyN/``; NIH's ``Data_Entry_2017_v2020.csv`` (its header with the unquoted
 commas, ``|``-separated labels) and 8-bit PNGs split into ``images_001/images/`` ... as the release is; PadChest's
@@ -24,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from cxr_pipeline.data.boxes import BOX_FILE
+from cxr_pipeline.data.dicom import window
+from cxr_pipeline.data.dicom_writer import replica_window
 from cxr_pipeline.data.external import DEFAULT_LABEL_FILES, FORMATS
 from cxr_pipeline.data.phantom import Anatomy, render
 from cxr_pipeline.data.replica_findings import draw_states, labeller_view, planted_strengths
@@ -130,7 +135,7 @@ class ExternalReplica:
     source_rows: int = 256  # before the resolution shift
     exposure: float = 1.0  # gain on brightness (MIMIC's replica: 1.0)
     noise: float = 0.0  # extra Gaussian noise (sd, on [0, 1])
-    resolution: float = 1.0  # rows rendered = source_rows * resolution
+    resolution: float = 1.0  # rows rendered = source_rows * resolution (at least 16)
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
@@ -150,17 +155,32 @@ DEMO_SHIFTS = {
 def _image(
     rng: np.random.Generator, cfg: ExternalReplica, anatomy: Anatomy, view: str, states: dict, regions: dict | None = None
 ) -> np.ndarray:
-    rows = max(64, int(round(cfg.source_rows * cfg.resolution)))
+    rows = max(16, int(round(cfg.source_rows * cfg.resolution)))  # below a 64-px model's input: a resolution it loses
     cols = int(round(rows * rng.uniform(0.83, 1.0)))
     pixels = render(rng, rows, cols, view, planted_strengths(rng, states), anatomy, regions)
-    pixels = pixels * cfg.exposure + (rng.normal(0, cfg.noise, pixels.shape) if cfg.noise else 0.0)
+    pixels = pixels + (rng.normal(0, cfg.noise, pixels.shape) if cfg.noise else 0.0)
     return np.clip(pixels, 0.0, 1.0).astype(np.float32)
 
 
-def _save(path: Path, pixels: np.ndarray, kind: str) -> None:
+def exported(pixels: np.ndarray, kind: str, exposure: float, rng: np.random.Generator) -> np.ndarray:
+    """The values a file of ``kind`` holds, on [0, 1]. CheXpert's JPGs and NIH's PNGs are display images, exported
+    through a window (the reader takes them as they are): the replica windows the detector's 12-bit values as the
+    MIMIC replica's DICOM header windows its own (``dicom_writer.replica_window``, drawn with ``rng``), then
+    ``exposure`` brightens (clipping the bright end) or darkens the export. PadChest's 16-bit PNGs carry the
+    detector's values and no window: ``exposure`` is a gain on them, which the reader's percentile window undoes
+    but for its clipping."""
+    if kind == "u16":
+        return np.clip(pixels * exposure, 0.0, 1.0)
+    value = np.round(np.clip(pixels, 0.0, 1.0) * 4095).astype(np.float32)
+    shown = window(value, *replica_window(value, rng))
+    return np.clip(shown * exposure, 0.0, 1.0)
+
+
+def _save(path: Path, pixels: np.ndarray, kind: str, exposure: float, rng: np.random.Generator) -> None:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = exported(pixels, kind, exposure, rng)
     if kind == "u16":  # 12 bits stored in a 16-bit PNG, as PadChest's
         img = Image.fromarray(np.round(pixels * 4095).astype(np.uint16))
     else:
@@ -218,15 +238,15 @@ def _write_one(cfg, out, rng, i, s, k, view, pixels, labels, age, sex) -> dict:
     if cfg.fmt == "chexpert":
         kind = "frontal" if view != "LATERAL" else "lateral"
         rel = f"CheXpert-v1.0-small/valid/patient{64541 + i:05d}/study{s + 1}/view{k + 1}_{kind}.jpg"
-        _save(out / rel, pixels, "jpg")
+        _save(out / rel, pixels, "jpg", cfg.exposure, np.random.default_rng([cfg.seed, i, s, k, 3]))
         return {"path": rel, "view": view, "labels": labels, "age": age, "sex": sex}
     if cfg.fmt == "nih":
         name = f"{i + 1:08d}_{s:03d}.png"
-        _save(out / f"images_{1 + i % 2:03d}" / "images" / name, pixels, "u8")
+        _save(out / f"images_{1 + i % 2:03d}" / "images" / name, pixels, "u8", cfg.exposure, np.random.default_rng([cfg.seed, i, s, k, 3]))
         return {"name": name, "patient": i + 1, "followup": s, "view": view, "labels": labels, "age": age, "sex": sex, "size": (cols, rows)}
     image_id = f"{rng.integers(10**17, 10**18)}{rng.integers(10**17, 10**18)}_{rng.integers(10**5, 10**6)}.png"
     folder = str(int(rng.integers(0, 4)))
-    _save(out / folder / image_id, pixels, "u16")
+    _save(out / folder / image_id, pixels, "u16", cfg.exposure, np.random.default_rng([cfg.seed, i, s, k, 3]))
     return {
         "name": image_id,
         "dir": folder,

@@ -27,7 +27,7 @@ from cxr_pipeline.fields import params
 from cxr_pipeline.files import file_digest, write_parquet
 from cxr_pipeline.settings import paths as current_paths
 from cxr_pipeline.vision.checkpoint import MULTILABEL
-from cxr_pipeline.vision.drift import Sample, compare
+from cxr_pipeline.vision.drift import Sample, compare, one_per_patient
 from cxr_pipeline.vision.external import EXTERNAL_PARTITION, build_external_shards, load_champions
 from cxr_pipeline.vision.registry import registered_name
 
@@ -38,16 +38,17 @@ SHOWN = ("window", "pathology", "drift_score", "p_value", "drifted", "output_ks"
 
 
 def reference_sample(manifest: pl.DataFrame, shards: Shards, n: int, seed: int) -> Sample:
-    """``n`` frontal images of the **training** split (never validate or test), drawn with ``seed``."""
-    train = manifest.filter((pl.col("split") == "train") & pl.col("view_position").is_in(list(FRONTAL)))
+    """``n`` frontal images of the **training** split (never validate or test), one per patient, drawn with ``seed``."""
+    train = one_per_patient(manifest.filter((pl.col("split") == "train") & pl.col("view_position").is_in(list(FRONTAL))), seed)
     lazy, kept = open_images(shards, train)
     idx = np.sort(np.random.default_rng(seed).choice(len(lazy), size=min(n, len(lazy)), replace=False))
     return Sample(lazy.take(idx), [kept["view_position"][int(i)] for i in idx], kept[idx.tolist()])
 
 
-def external_window(paths, fmt: str, size: int) -> tuple[Sample, str]:
-    """An external set's frontal images at ``size`` (its shards, built as external validation builds them, reused
-    when already there) with its labels; ("", reason) when the set is absent."""
+def external_window(paths, fmt: str, size: int, seed: int) -> tuple[Sample, str]:
+    """An external set's frontal images at ``size``, one per patient drawn with ``seed`` (its shards, every selected
+    image, built as external validation builds them, reused when already there) with its labels; ("", reason) when
+    the set is absent."""
     cfg: ExternalSettings = resolve(paths, EXTERNAL_VALIDATION, {})
     reason = cfg.absent_reason(fmt, paths.home)
     if reason:
@@ -55,7 +56,7 @@ def external_window(paths, fmt: str, size: int) -> tuple[Sample, str]:
     folder, label_file = cfg.dataset(fmt, paths.home)
     rows = resolve_images(folder, select_images(read_labels(fmt, label_file).manifest, FRONTAL, cfg.max_images, cfg.seed))
     build_external_shards(paths, fmt, folder, rows, [size], resolve(paths, "image_shards", {}))
-    lazy, kept = open_images(Shards.open(paths.external_shard_root(fmt, size), size, [EXTERNAL_PARTITION]), rows)
+    lazy, kept = open_images(Shards.open(paths.external_shard_root(fmt, size), size, [EXTERNAL_PARTITION]), one_per_patient(rows, seed))
     return Sample(lazy.take(np.arange(len(lazy))), kept["view_position"].to_list(), kept), ""
 
 
@@ -115,7 +116,7 @@ def image_drift(
             reason = f"{window}: not a window this pipeline knows (external-<format>)"
         if not reason:
             champ = champions[0]
-            sample, reason = external_window(paths, window.removeprefix("external-"), champ.model.size)
+            sample, reason = external_window(paths, window.removeprefix("external-"), champ.model.size, cfg.seed)
         if reason:
             context.log.warning(f"image_drift {window} skipped: {reason}")
             return _skipped(run, paths, window, reason, cfg)

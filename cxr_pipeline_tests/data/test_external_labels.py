@@ -474,3 +474,33 @@ def test_the_nih_replica_boxes_its_planted_findings_in_nihs_layout(tmp_path):
         "Pneumonia",
         "Pneumothorax",
     }
+
+
+def test_an_external_replica_without_a_shift_reads_as_the_mimic_replica_does(replica, tmp_path):
+    """A format alone must not change how an image reads: CheXpert's JPGs and NIH's 8-bit PNGs are display images,
+    which the replica exports through the MIMIC replica's windows (they once held the unwindowed values, 40 grey
+    levels darker and flatter, which the drift monitor flagged as a shift); an export's exposure still reads."""
+    import numpy as np
+
+    from cxr_pipeline.data.dicom import prepare
+    from cxr_pipeline.data.replica_external import ExternalReplica, generate_external
+    from cxr_pipeline.vision.drift import intensity_histogram, js_distance
+
+    def body(images: np.ndarray) -> np.ndarray:
+        return images[images > 0].astype(float)
+
+    import pydicom
+
+    files = sorted(replica.rglob("*.dcm"))
+    frontal = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).ViewPosition in ("PA", "AP")]
+    mimic = np.stack([prepare(f, 64) for f in frontal[:100]])
+    for fmt, pattern in (("chexpert", "*frontal.jpg"), ("nih", "*.png")):
+        for exposure in (1.0, 0.8):
+            out = tmp_path / f"{fmt}-{exposure}"
+            generate_external(ExternalReplica(fmt, patients=30, seed=5, source_rows=96, exposure=exposure), out)
+            images = np.stack([prepare(f, 64) for f in sorted(out.rglob(pattern))])
+            change = body(images).mean() - body(mimic).mean()
+            if exposure == 1.0:  # within a few grey levels, and the same histogram within sampling
+                assert abs(change) < 6 and js_distance(intensity_histogram(mimic), intensity_histogram(images)) < 0.12, (fmt, change)
+            else:  # a darker export reads darker
+                assert change < -15, (fmt, change)

@@ -226,16 +226,25 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         dres = run_job(defs, "drift_job", instance, partition_key="external-chexpert", run_config=dcfg)
         (dmat,) = [e.materialization for e in dres.get_asset_materialization_events()]
         drift = pl.read_parquet(dmat.metadata["path"].value)
-        assert drift.height == 14 and drift["n_window"][0] == len(frontal) and drift["model"][0] == "cxr-multilabel v1"
+        # the test's unit is the patient: one frontal image each (the asset's draw, seed 0), labels counted from the file
+        from cxr_pipeline.data.external import read_labels
+        from cxr_pipeline.vision.drift import one_per_patient
+
+        labelled = read_labels("chexpert", cxr_home / "external" / "chexpert" / "CheXpert-v1.0-small" / "valid.csv").manifest
+        by_path = {r["Path"]: r for r in frontal}
+        picked = [by_path[x] for x in one_per_patient(labelled.filter(pl.col("view_position").is_in(["PA", "AP"])), 0)["path"]]
+        assert len(picked) == len({r["Path"].split("/")[2] for r in frontal}) < len(frontal)
+        assert drift.height == 14 and drift["n_window"][0] == len(picked) and drift["model"][0] == "cxr-multilabel v1"
         assert drift["drifted"][0] == (drift["p_value"][0] < 0.01) and dmat.metadata["drifted"].value == drift["drifted"][0]
         sd_drift = drift.filter(pl.col("slug") == "support_devices").row(0, named=True)
-        assert sd_drift["n_labelled"] == sum(r["Support Devices"] in ("1.0", "0.0", "") for r in frontal)  # labels read back
+        assert sd_drift["n_labelled"] == sum(r["Support Devices"] in ("1.0", "0.0", "") for r in picked)  # labels read back
         (check,) = dres.get_asset_check_evaluations()
         assert check.passed == (not drift["drifted"][0]) and check.severity == dg.AssetCheckSeverity.WARN
         train_frontal = m.filter((pl.col("split") == "train") & pl.col("view_position").is_in(["PA", "AP"]))
         ref = reference_sample(m, Shards.open(paths().shard_root(size), size), 10**6, 0)
-        assert set(ref.rows["split"]) == {"train"} and len(ref.images) == train_frontal.height  # never validate or test
-        assert drift["n_reference"][0] == min(200, train_frontal.height)
+        assert set(ref.rows["split"]) == {"train"} and len(ref.images) == train_frontal["subject_id"].n_unique()  # never validate or test
+        assert ref.rows["subject_id"].n_unique() == len(ref.images)  # one image per patient
+        assert drift["n_reference"][0] == min(200, train_frontal["subject_id"].n_unique())
         assert not [c.name for c in dmat.metadata["dagster/column_schema"].value.columns if not c.description]
         names = {str(pydicom.dcmread(f, stop_before_pixels=True).PatientName) for f in sorted(env.rglob("*.dcm"))[:40]}
         assert not [x for x in names if x in repr(drift.to_dicts())]  # no header text in the table

@@ -5,10 +5,22 @@ estimate matches the measured AUC, sensitivity and specificity when the probabil
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxr_pipeline.vision.drift import cbpe, intensity_histogram, js_distance, ks_statistic, mmd_test, view_mix
+from cxr_pipeline.vision.drift import (
+    DriftSettings,
+    Sample,
+    cbpe,
+    compare,
+    intensity_histogram,
+    js_distance,
+    ks_statistic,
+    mmd_test,
+    one_per_patient,
+    view_mix,
+)
 
 
 def test_the_mmd_test_flags_a_shifted_window_and_holds_its_false_alarm_rate():
@@ -19,6 +31,33 @@ def test_the_mmd_test_flags_a_shifted_window_and_holds_its_false_alarm_rate():
     # windows from the reference's own distribution: p is uniform, so p < 0.05 in about 5% of them
     ps = [mmd_test(reference, rng.normal(size=(100, 16)), permutations=200, seed=k).p_value for k in range(40)]
     assert sum(p < 0.05 for p in ps) <= 6 and np.mean(ps) > 0.3
+
+
+def test_the_unit_is_the_patient_so_a_window_of_few_patients_images_is_no_shift():
+    """A patient's images are alike: windows of 20 patients' 5 images each, from the reference's own distribution,
+    fail a test that treats images as exchangeable far more often than alpha; one image per patient holds the rate.
+    ``compare`` refuses a side with a repeated patient."""
+    rng = np.random.default_rng(2)
+
+    def images_of(n: int, k: int) -> tuple[np.ndarray, pl.DataFrame]:
+        centres = rng.normal(size=(n, 8))
+        x = np.repeat(centres, k, axis=0) + 0.3 * rng.normal(size=(n * k, 8))
+        ids = rng.integers(10**6, 10**7, size=n)
+        return x, pl.DataFrame({"subject_id": np.repeat(ids, k), "study_id": np.arange(n * k)})
+
+    reference, _ = images_of(300, 1)
+    clustered = one = 0
+    for k in range(30):
+        x, rows = images_of(20, 5)
+        clustered += mmd_test(reference, x, permutations=200, seed=k).p_value < 0.05
+        kept = one_per_patient(rows.with_row_index("i"), seed=k)
+        assert kept["subject_id"].n_unique() == kept.height == 20 and kept["i"].is_sorted()  # one each, in order
+        one += mmd_test(reference, x[kept["i"].to_numpy()], permutations=200, seed=k).p_value < 0.05
+    assert clustered >= 10 and one <= 5, (clustered, one)
+    x, rows = images_of(20, 5)
+    window = Sample(np.zeros((100, 8, 8), np.uint8), ["PA"] * 100, rows)
+    with pytest.raises(ValueError, match="80 images repeat a patient"):
+        compare("w", Sample(np.zeros((5, 8, 8), np.uint8), ["PA"] * 5), window, None, DriftSettings())
 
 
 def test_the_mmd_statistic_grows_with_the_shift():
