@@ -110,11 +110,13 @@ TABLES: dict[str, dict[str, str]] = {
         "bootstrap_resamples": "bootstrap resamples drawn",
     },
     "image_drift": {
-        "window": "the window (a partition): external-<format> for an external set",
-        "n_window": "the window's frontal images compared (at most max_window, drawn with the seed)",
-        "n_reference": "frontal images of the training split drawn as the reference (never validate or test)",
-        "drift_score": "MMD² (Gaussian kernel at the median distance) between the multi-label champion's pooled features of the "
+        "window": "the window (a partition): external-<format> for an external set, pacs-NNNN for studies the PACS intake received",
+        "n_window": "the window's patients compared, one frontal image each (at most max_window, drawn with the seed)",
+        "n_reference": "training-split patients drawn as the reference, one frontal image each (never validate or test)",
+        "drift_score": "MMD² (Gaussian kernel of sigma kernel_sigma) between the multi-label champion's pooled features of the "
         "window and of the reference: the drift score",
+        "kernel_sigma": "the MMD kernel's sigma: the median distance between the pooled features, or the reference's alone "
+        "(image_drift.bandwidth)",
         "p_value": "the drift score's permutation p-value ((1 + permutations at least as large) / (1 + permutations))",
         "drifted": "the alarm: p_value below alpha (the one signal alarmed on)",
         "alpha": "the alarm's level",

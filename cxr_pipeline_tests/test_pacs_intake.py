@@ -11,18 +11,23 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
 from cxr_pipeline.cli import main
+from cxr_pipeline.config import resolve
+from cxr_pipeline.data.dicom import prepare
 from cxr_pipeline.defs.pacs import PACS_RESULTS, pacs_intake_sensor
 from cxr_pipeline.local_ray import free_port
 from cxr_pipeline.pacs import SCU_AET, PacsSettings, running
+from cxr_pipeline.settings import paths
 from cxr_pipeline.tracking import tracked_run
 from cxr_pipeline.vision import pacs_intake
 from cxr_pipeline.vision.checkpoint import register
-from cxr_pipeline.vision.pacs_intake import ledger_path
+from cxr_pipeline.vision.pacs_intake import ledger_path, study_hash
+from cxr_pipeline.vision.pacs_windows import pacs_windows_root
 from cxr_pipeline.vision.serving import log_model
 from cxr_pipeline_tests.test_pacs import HAVE, get
 from cxr_pipeline_tests.vision.test_dicom_results import frontal_study
@@ -132,6 +137,17 @@ def test_the_sensor_stores_results_once_per_study_and_champion_versions(replica,
         later = tick(replay.cursor)  # only the results' own arrival since (their studies become stable again)
         assert isinstance(later, dg.SensorResult) and all(e.metadata["stored"].value == 0 for e in later.asset_events)
         assert json.loads(later.cursor)["seq"] >= json.loads(replay.cursor)["seq"]
+
+        # the drift monitor's windows: each scored study's image kept once (the replays kept nothing more), as a shard of
+        # the same file holds it at every shard size, without header text
+        kept = sorted((pacs_windows_root() / "open").glob("*.npz"))
+        assert sorted(k.stem.split("-", 1)[1] for k in kept) == sorted(study_hash(uid[f]) for f in (scored[0], good[0]))
+        (third_kept,) = [k for k in kept if study_hash(uid[good[0]]) in k.name]
+        options = [f for f in good if str(headers[f].ViewPosition) in ("PA", "AP")]
+        with np.load(third_kept) as z:
+            for n in resolve(paths(), "image_shards", {}).sizes:
+                assert any(np.array_equal(z[f"s{n}"], prepare(f, n)) for f in options), n
+        assert not [x for x in secrets if x and x != "None" and any(x.encode() in k.read_bytes() for k in kept)]
 
         # a promoted champion: new studies get its SR; the CLI re-scores the old ones on request
         with tracked_run("test[promote]") as run:

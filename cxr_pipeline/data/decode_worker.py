@@ -22,7 +22,7 @@ def content_hash(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def _decode_one(rel: str, data, sizes: list[int]) -> tuple:
+def decode_for_shards(rel: str, data, sizes: list[int]) -> tuple:
     """(pixels per size, rows, cols, reason) for one file's bytes (or memory map): decoded once, at the
     resolution the largest size needs, and letterboxed to each size from that one decode."""
     try:
@@ -58,7 +58,7 @@ def work(root: str, tasks: list[tuple[int, str, dict[int, str | None]]]) -> list
                     if not need:
                         out.append((i, h, None, 0, 0, None))
                         continue
-                    px, rows, cols, reason = _decode_one(rel, mm, need)
+                    px, rows, cols, reason = decode_for_shards(rel, mm, need)
         except FileNotFoundError:
             out.append((i, None, None, 0, 0, "file missing"))
             continue

@@ -3,7 +3,8 @@
 The work is in ``vision.drift`` (the signals, the MMD test, CBPE); this module finds a window's images, draws the
 reference from the training split of the shards, loads the multi-label champion, calls ``vision.drift.compare``,
 logs to MLflow and warns through an asset check when the window drifts. Windows are dynamic partitions: each
-external set present is one (``external-<format>``), added by the ``drift_windows`` sensor;
+external set present is one (``external-<format>``), and so is each window of studies the PACS intake received
+(``pacs-NNNN``, ``vision.pacs_windows``), added by the ``drift_windows`` sensor;
 the automation sensor runs them (and again after the champion is retrained); the MIMIC shard partitions are not
 windows (they hold training images).
 """
@@ -29,6 +30,7 @@ from cxr_pipeline.settings import paths as current_paths
 from cxr_pipeline.vision.checkpoint import MULTILABEL
 from cxr_pipeline.vision.drift import Sample, compare, one_per_patient
 from cxr_pipeline.vision.external import EXTERNAL_PARTITION, build_external_shards, load_champions
+from cxr_pipeline.vision.pacs_windows import load_window, pacs_windows_root, window_names
 from cxr_pipeline.vision.registry import registered_name
 
 DRIFT_WINDOWS = dg.DynamicPartitionsDefinition(name="drift_windows")
@@ -58,6 +60,26 @@ def external_window(paths, fmt: str, size: int, seed: int) -> tuple[Sample, str]
     build_external_shards(paths, fmt, folder, rows, [size], resolve(paths, "image_shards", {}))
     lazy, kept = open_images(Shards.open(paths.external_shard_root(fmt, size), size, [EXTERNAL_PARTITION]), one_per_patient(rows, seed))
     return Sample(lazy.take(np.arange(len(lazy))), kept["view_position"].to_list(), kept), ""
+
+
+def pacs_window(paths, name: str, size: int, seed: int) -> tuple[Sample, str]:
+    """A window of studies the PACS intake received (``vision.pacs_windows``), one image per patient drawn with
+    ``seed``; no labels (CBPE only). ("", reason) when it is missing or kept at other sizes."""
+    images, views, rows, reason = load_window(pacs_windows_root(paths), name, size)
+    if reason:
+        return Sample(images, []), reason
+    kept = one_per_patient(rows.with_row_index("_k"), seed)
+    idx = kept["_k"].to_numpy()
+    return Sample(images[idx], [views[i] for i in idx], kept.drop("_k")), ""
+
+
+def window_sample(paths, window: str, size: int, seed: int) -> tuple[Sample, str]:
+    """The images of ``window``: an external set (``external-<format>``) or a PACS window (``pacs-NNNN``)."""
+    if window.startswith("external-"):
+        return external_window(paths, window.removeprefix("external-"), size, seed)
+    if window.startswith("pacs-"):
+        return pacs_window(paths, window, size, seed)
+    return Sample(np.zeros((0, size, size), np.uint8), []), f"{window}: not a window this pipeline knows (external-<format>, pacs-NNNN)"
 
 
 def _skipped(run, paths, window: str, reason: str, cfg) -> dg.MaterializeResult:
@@ -92,7 +114,8 @@ def _result(run, path, table: pl.DataFrame, cfg) -> dg.MaterializeResult:
     ins={"manifest": MANIFEST_IN, "image_shards": ALL_SHARDS_IN},
     kinds={"polars", "parquet"},
     description="Does a window of new images still look like the training images? Per window (a dynamic partition: each external "
-    "set, external-<format>) against frontal training-split images: the multi-label champion's pooled features by MMD with a "
+    "set, external-<format>, and each window of studies the PACS intake received, pacs-NNNN) against frontal training-split "
+    "images, one per patient: the multi-label champion's pooled features by MMD with a "
     "permutation p-value (the drift score and the alarm: p < alpha), beside the intensity histogram distance, the view mix and "
     "each finding's output shift; CBPE's expected AUC, sensitivity and specificity from calibrated probabilities, and the "
     "measured ones where the window has labels.",
@@ -112,16 +135,15 @@ def image_drift(
         run.log_params({**params(cfg), "window": window})
         champions = load_champions(run.client, mlflow.tracking_uri, [registered_name(MULTILABEL)])
         reason = "" if champions else "no multi-label champion is registered yet"
-        if not reason and not window.startswith("external-"):
-            reason = f"{window}: not a window this pipeline knows (external-<format>)"
         if not reason:
             champ = champions[0]
-            sample, reason = external_window(paths, window.removeprefix("external-"), champ.model.size, cfg.seed)
+            sample, reason = window_sample(paths, window, champ.model.size, cfg.seed)
         if reason:
             context.log.warning(f"image_drift {window} skipped: {reason}")
             return _skipped(run, paths, window, reason, cfg)
         reference = reference_sample(manifest, image_shards.at(champ.model.size), cfg.reference, cfg.seed)
-        table = pl.DataFrame(compare(window, reference, sample, champ, cfg, window.removeprefix("external-")), infer_schema_length=None)
+        fmt = window.removeprefix("external-") if window.startswith("external-") else "pacs"
+        table = pl.DataFrame(compare(window, reference, sample, champ, cfg, fmt), infer_schema_length=None)
         path = write_parquet(table, paths.image_drift / f"{window}.parquet")
         run.log_table(table, "image_drift")
         first = table.row(0, named=True)
@@ -155,11 +177,11 @@ def image_drift_alarm(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckRe
 
 @dg.sensor(name="drift_windows", minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.RUNNING)
 def drift_windows(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    """Each external set present becomes a window (a partition of image_drift); the automation sensor then runs it
-    (a missing partition), and runs it again when the multi-label champion is retrained. A set dropped into its
-    folder later becomes a window then."""
+    """Each external set present, and each window of studies the PACS intake closed, becomes a window (a partition
+    of image_drift); the automation sensor then runs it (a missing partition), and runs it again when the
+    multi-label champion is retrained. A set dropped into its folder later becomes a window then."""
     paths = current_paths()
     cfg: ExternalSettings = resolve(paths, EXTERNAL_VALIDATION, {})
-    present = [f"external-{fmt}" for fmt in FORMATS if not cfg.absent_reason(fmt, paths.home)]
+    present = [f"external-{fmt}" for fmt in FORMATS if not cfg.absent_reason(fmt, paths.home)] + window_names(pacs_windows_root(paths))
     new = [k for k in present if not context.instance.has_dynamic_partition(DRIFT_WINDOWS.name, k)]
     return dg.SensorResult(dynamic_partitions_requests=[DRIFT_WINDOWS.build_add_request(new)] if new else [])

@@ -27,9 +27,22 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
-from cxr_pipeline.settings import env
+from cxr_pipeline.config import resolve
+from cxr_pipeline.defs.keys import IMAGE_DRIFT, IMAGE_SHARDS
+from cxr_pipeline.settings import env, paths
 from cxr_pipeline.vision.checkpoint import CHAMPION
-from cxr_pipeline.vision.pacs_intake import Orthanc, Outcome, PacsUnavailable, ledger_path, record, score_study, stable_studies, summary
+from cxr_pipeline.vision.pacs_intake import (
+    Keep,
+    Orthanc,
+    Outcome,
+    PacsUnavailable,
+    ledger_path,
+    record,
+    score_study,
+    stable_studies,
+    summary,
+)
+from cxr_pipeline.vision.pacs_windows import WindowStore, pacs_windows_root
 from cxr_pipeline.vision.predict import PredictError, Scorer
 
 PACS_RESULTS = "pacs_results"
@@ -68,6 +81,7 @@ class Intake:
     retry: dict[str, int] = field(default_factory=dict)  # Orthanc study id -> failed attempts
     outcomes: list[Outcome] = field(default_factory=list)
     stopped: str = ""
+    windows: list[str] = field(default_factory=list)  # drift windows closed by this tick (pacs-NNNN)
 
     @classmethod
     def from_cursor(cls, cursor: str | None) -> Intake:
@@ -81,38 +95,46 @@ class Intake:
     def cursor(self) -> str:
         return json.dumps({"seq": self.seq, "retry": self.retry}, sort_keys=True)
 
+    def score(self, pacs: Orthanc, scorer: Scorer, study: str, keep: Keep) -> None:
+        """One study scored, its outcome in the ledger at once; a failure counted for a retry, up to MAX_ATTEMPTS."""
+        outcome = score_study(pacs, scorer, study, keep)
+        self.outcomes.append(outcome)
+        record(ledger_path(), outcome)
+        if outcome.status == "failed" and self.retry.get(study, 0) + 1 < MAX_ATTEMPTS:
+            self.retry[study] = self.retry.get(study, 0) + 1
+        else:
+            self.retry.pop(study, None)
+
+
+def drift_store() -> WindowStore:
+    """Where the intake keeps each scored study's image for the drift monitor: at every size the shards are built
+    at, in windows of ``image_drift.pacs_window`` studies (``vision.pacs_windows``)."""
+    p = paths()
+    return WindowStore(pacs_windows_root(), resolve(p, IMAGE_SHARDS, {}).sizes, resolve(p, IMAGE_DRIFT, {}).pacs_window)
+
 
 def intake(url: str, state: Intake, budget: float = TICK_BUDGET, alias: str = CHAMPION) -> Intake:
     """Score the studies that failed before (up to ``MAX_ATTEMPTS``) and those that became stable after the cursor,
     until done or ``budget`` seconds after the tick began. Each outcome is in the ledger as soon as it is known; a
     PACS that stops answering ends the tick, the cursor past every change handled. A tick that finds another still
-    running in this process (a slow one the daemon gave up waiting for) does nothing."""
+    running in this process (a slow one the daemon gave up waiting for) does nothing. Each scored study's image is
+    kept for the drift monitor, and the windows it fills are closed as the tick ends (``drift_store``)."""
     deadline = time.monotonic() + budget
     out = Intake(state.seq, dict(state.retry))
     if not _lock.acquire(blocking=False):
         out.stopped = "the previous tick is still scoring; nothing done"
         return out
-    pacs = Orthanc(url)
+    pacs, store, scorer = Orthanc(url), None, None
     try:
-        scorer = None
-
-        def one(study: str) -> None:
-            nonlocal scorer
-            scorer = scorer or warm_scorer(alias)
-            outcome = score_study(pacs, scorer, study)
-            out.outcomes.append(outcome)
-            record(ledger_path(), outcome)
-            if outcome.status == "failed" and out.retry.get(study, 0) + 1 < MAX_ATTEMPTS:
-                out.retry[study] = out.retry.get(study, 0) + 1
-            else:
-                out.retry.pop(study, None)
-
+        store = drift_store()
         for study in list(out.retry):
-            one(study)
+            scorer = scorer or warm_scorer(alias)
+            out.score(pacs, scorer, study, store.keep)
         for seq, study in stable_studies(pacs, out.seq):
             if study is not None:
                 out.retry.pop(study, None)  # stable again: scored now, from its first attempt
-                one(study)
+                scorer = scorer or warm_scorer(alias)
+                out.score(pacs, scorer, study, store.keep)
             out.seq = seq
             if time.monotonic() > deadline:
                 out.stopped = f"tick budget of {budget:.0f} s spent; going on from change {out.seq} next tick"
@@ -120,7 +142,10 @@ def intake(url: str, state: Intake, budget: float = TICK_BUDGET, alias: str = CH
     except PacsUnavailable as e:
         out.stopped = f"{e}; retrying from change {out.seq}"
     finally:
-        _lock.release()
+        try:
+            out.windows = store.close() if store is not None else []
+        finally:
+            _lock.release()
     return out
 
 
@@ -152,6 +177,7 @@ def pacs_intake_sensor() -> dg.SensorDefinition:
             **summary(done.outcomes),
             "cursor": done.seq,
             "retrying": len(done.retry),
+            "drift_windows_closed": len(done.windows),
             "ledger": dg.MetadataValue.path(str(ledger_path())),
         }
         return dg.SensorResult(cursor=done.cursor(), asset_events=[dg.AssetMaterialization(PACS_RESULTS, metadata=metadata)])

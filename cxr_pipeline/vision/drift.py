@@ -108,14 +108,24 @@ def repeated_patients(sample_rows) -> int:
 class MMDTest:
     statistic: float  # MMD² (biased, V-statistic) of window against reference
     p_value: float  # (1 + permutations at least as large) / (1 + permutations)
-    bandwidth: float  # the Gaussian kernel's sigma: the median distance between pooled points
+    bandwidth: float  # the Gaussian kernel's sigma
     permutations: int
 
 
-def mmd_test(reference: np.ndarray, window: np.ndarray, permutations: int = 500, seed: int = 0) -> MMDTest:
-    """MMD² with a Gaussian kernel and its permutation p-value, in torch: the pooled kernel matrix once, then every
-    permutation's statistic as a quadratic form of a ±1/n label vector, all permutations in one matrix product
-    (alibi-detect does the same test, but pins numpy < 2 and transformers < 5; torch is already here)."""
+def median_distance(x: np.ndarray) -> float:
+    """The median distance between distinct points of ``x``: the Gaussian kernel's sigma by the median heuristic."""
+    import torch
+
+    t = torch.from_numpy(np.asarray(x, np.float64))
+    d2 = torch.cdist(t, t).pow(2)
+    return float(np.sqrt(float(d2[torch.triu(torch.ones_like(d2, dtype=torch.bool), diagonal=1)].median())))
+
+
+def mmd_test(reference: np.ndarray, window: np.ndarray, permutations: int = 500, seed: int = 0, bandwidth: float | None = None) -> MMDTest:
+    """MMD² with a Gaussian kernel of sigma ``bandwidth`` (None: the median distance between the pooled points) and
+    its permutation p-value, in torch: the pooled kernel matrix once, then every permutation's statistic as a
+    quadratic form of a ±1/n label vector, all permutations in one matrix product (alibi-detect does the same test,
+    but pins numpy < 2 and transformers < 5; torch is already here)."""
     import torch
 
     x = torch.from_numpy(np.concatenate([reference, window]).astype(np.float64))
@@ -123,7 +133,10 @@ def mmd_test(reference: np.ndarray, window: np.ndarray, permutations: int = 500,
     if n < 2 or m < 2:
         raise ValueError(f"MMD needs at least 2 reference and 2 window points (got {n}, {m})")
     d2 = torch.cdist(x, x).pow(2)
-    sigma2 = float(d2[torch.triu(torch.ones_like(d2, dtype=torch.bool), diagonal=1)].median())
+    if bandwidth is None:
+        sigma2 = float(d2[torch.triu(torch.ones_like(d2, dtype=torch.bool), diagonal=1)].median())
+    else:
+        sigma2 = float(bandwidth) ** 2
     k = torch.exp(-d2 / (2 * max(sigma2, 1e-12)))
     g = torch.Generator().manual_seed(seed)
     labels = torch.cat([torch.full((n,), 1.0 / n, dtype=torch.float64), torch.full((m,), -1.0 / m, dtype=torch.float64)])
@@ -175,7 +188,17 @@ class DriftSettings:
     )
     permutations: int = setting(500, "permutations of the MMD test (the smallest p-value is 1 / (permutations + 1))")
     alpha: float = setting(0.01, "a window drifts (the alarm) when the MMD test's p-value is below this")
+    pacs_window: int = setting(100, "studies the PACS intake receives per window (a window pacs-NNNN closes when it holds this many)")
     seed: int = setting(0, "the draws' and the permutations' seed")
+    bandwidth: str = setting(
+        "pooled",
+        "the MMD kernel's sigma: the median distance between the pooled reference and window features (pooled), or among "
+        "the reference's alone (reference: one kernel for every window, so drift scores compare across windows)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.bandwidth not in ("pooled", "reference"):
+            raise ValueError(f"image_drift.bandwidth must be pooled or reference, not {self.bandwidth!r}")
 
 
 @dataclass
@@ -207,7 +230,9 @@ def compare(window: str, reference: Sample, sample: Sample, champion, cfg: Drift
             raise ValueError(f"{side}: {repeats} images repeat a patient; the test's unit is the patient (draw with one_per_patient)")
     m = champion.model
     sample = sample.draw(cfg.max_window, cfg.seed)
-    test = mmd_test(embeddings(m, reference.images), embeddings(m, sample.images), cfg.permutations, cfg.seed)
+    ref_x = embeddings(m, reference.images)
+    sigma = median_distance(ref_x) if cfg.bandwidth == "reference" else None
+    test = mmd_test(ref_x, embeddings(m, sample.images), cfg.permutations, cfg.seed, sigma)
     ref_p, win_p = m.calibrate(m.probabilities(reference.images)), m.calibrate(m.probabilities(sample.images))
     mix_ref, mix_win = view_mix(reference.views), view_mix(sample.views)
     window_row = {
@@ -216,6 +241,7 @@ def compare(window: str, reference: Sample, sample: Sample, champion, cfg: Drift
         "n_reference": len(reference.images),
         "drift_score": test.statistic,
         "p_value": test.p_value,
+        "kernel_sigma": test.bandwidth,
         "drifted": test.p_value < cfg.alpha,
         "alpha": cfg.alpha,
         "histogram_distance": js_distance(intensity_histogram(reference.images), intensity_histogram(sample.images)),

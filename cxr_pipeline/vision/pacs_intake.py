@@ -21,7 +21,7 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +39,8 @@ from cxr_pipeline.files import atomic_path
 from cxr_pipeline.settings import paths
 from cxr_pipeline.vision.dicom_results import MANUFACTURER, StudyObjects, pick_frontal, result_uids, study_objects
 from cxr_pipeline.vision.predict import Scorer, source_overlay
+
+Keep = Callable[[str, bytes, Dataset], object]  # (study hash, the image scored, its header)
 
 TIMEOUT = 30  # seconds for one HTTP call to the PACS
 LEDGER_FIELDS = ("time", "study", "status", "reason", "images", "left_out", "unreadable", "positives", "seconds")
@@ -174,10 +176,11 @@ def _reasons(reasons: list[tuple[int, str]]) -> str:
     return "; ".join(f"image {i + 1}: {r}" for i, r in sorted(reasons))
 
 
-def study_results(files: list[bytes], scorer: Scorer, name: str) -> tuple[StudyObjects | None, Outcome]:
+def study_results(files: list[bytes], scorer: Scorer, name: str, keep: Keep | None = None) -> tuple[StudyObjects | None, Outcome]:
     """One study's files (bytes, in the study's order) -> its result objects (None when no frontal chest image could
     be scored) and the outcome so far. An unreadable file is left out with its reason and the rest is still scored;
-    result objects already in the study (SR, GSPS) and non-images are passed over."""
+    result objects already in the study (SR, GSPS) and non-images are passed over. ``keep`` (the intake's drift
+    windows: ``vision.pacs_windows``) is given the image scored and its header."""
     out = Outcome(name, "")
     kept: list[bytes] = []
     headers: list[Dataset] = []
@@ -212,13 +215,15 @@ def study_results(files: list[bytes], scorer: Scorer, name: str) -> tuple[StudyO
     if chosen is None or result is None:
         out.status = "no frontal chest image" if headers else "no image"
         return None, out
+    if keep is not None:
+        keep(name, kept[chosen], headers[chosen])
     overlays = {s: source_overlay(kept[chosen], cam, name=name) for s, cam in result.cams.items()}
     objects = study_objects(headers[chosen], result, scorer.versions, overlays)
     out.positives = len(objects.presentation_states)
     return objects, out
 
 
-def score_study(pacs: Orthanc, scorer: Scorer, orthanc_id: str) -> Outcome:
+def score_study(pacs: Orthanc, scorer: Scorer, orthanc_id: str, keep: Keep | None = None) -> Outcome:
     """Score one stable study and store its SR, GSPS and SC back into it, unless these models already did.
     Anything but the PACS being unavailable is recorded as the study's failure, by the error's type only (messages
     may quote header values), rather than stopping every study behind it; the sensor retries it on later ticks."""
@@ -229,7 +234,7 @@ def score_study(pacs: Orthanc, scorer: Scorer, orthanc_id: str) -> Outcome:
         name = study_hash(study_uid)
         if pacs.has_series(study_uid, result_uids(study_uid, scorer.versions, "sr-series")):
             return Outcome(name, "already stored")
-        objects, out = study_results([pacs.instance_file(i) for i in pacs.instance_ids(orthanc_id)], scorer, name)
+        objects, out = study_results([pacs.instance_file(i) for i in pacs.instance_ids(orthanc_id)], scorer, name, keep)
         if objects is not None:
             pacs.store(objects.all()[:-1])  # GSPS and SC first, checked; then the SR alone, so an SR means they are there
             pacs.store([objects.sr])

@@ -253,6 +253,24 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         absent = run_job(defs, "drift_job", instance, partition_key="external-padchest", run_config=dcfg)
         (amat,) = [e.materialization for e in absent.get_asset_materialization_events()]
         assert "PadChest: folder" in amat.metadata["reason"].value
+        # a window of studies the PACS intake kept (vision.pacs_windows): the sensor adds it; no labels, so CBPE alone
+        from cxr_pipeline.vision.pacs_windows import WindowStore, pacs_windows_root
+
+        store = WindowStore(pacs_windows_root(), [size], window=12)
+        heads = [(f, pydicom.dcmread(f, stop_before_pixels=True)) for f in sorted(env.rglob("*.dcm"))]
+        received = [(f, h) for f, h in heads if h.ViewPosition in ("PA", "AP")][:12]
+        for k, (f, h) in enumerate(received):
+            store.keep(f"study{k}", f.read_bytes(), h)
+        assert store.close() == ["pacs-0001"]
+        (added,) = drift_windows(dg.build_sensor_context(instance=instance)).dynamic_partitions_requests
+        assert added.partition_keys == ["pacs-0001"]
+        pres = run_job(defs, "drift_job", instance, partition_key="pacs-0001", run_config=dcfg)
+        (pmat,) = [e.materialization for e in pres.get_asset_materialization_events()]
+        pacs_drift = pl.read_parquet(pmat.metadata["path"].value)
+        assert pacs_drift["n_window"][0] == len({str(h.PatientID) for _f, h in received})  # one image per patient
+        assert pacs_drift["auc"].null_count() == 14 and pacs_drift["expected_auc"].null_count() < 14
+        secrets = {str(x) for _f, h in received for x in (h.PatientName, h.PatientID, h.StudyInstanceUID)}
+        assert not [x for x in secrets if x in repr(pacs_drift.to_dicts())]
 
         # localization: the champions' Grad-CAM against the replica's planted boxes and the NIH-format replica's box file
         lres = run_job(defs, "localization_job", instance, run_config={"ops": {"localization_metrics": {"config": {"bootstrap": 50}}}})

@@ -1,0 +1,84 @@
+"""The PACS intake's drift windows (``vision.pacs_windows``): each study kept once, windows of a fixed number of
+studies closed oldest first and whole (a killed close is put back), the patient known only by a keyed hash, the
+pixels as a shard of the same file holds them."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from cxr_pipeline.data.dicom import prepare
+from cxr_pipeline.vision.pacs_windows import OPEN, WindowStore, load_window, window_names
+
+
+def frontal_images(replica: Path) -> list[tuple[str, Path, pydicom.Dataset]]:
+    """(study name, file, header) of the first frontal image of each replica study."""
+    out = []
+    for study in sorted(replica.glob("files/p*/p*/s*")):
+        for f in sorted(study.glob("*.dcm")):
+            h = pydicom.dcmread(f, stop_before_pixels=True)
+            if h.ViewPosition in ("PA", "AP"):
+                out.append((f"study{len(out):03d}", f, h))
+                break
+    return out
+
+
+def test_studies_are_kept_once_and_closed_into_whole_windows_oldest_first(replica, tmp_path):
+    studies = frontal_images(replica)[:7]
+    store = WindowStore(tmp_path, [32, 48], window=3)
+    for name, f, h in studies:
+        assert store.keep(name, f.read_bytes(), h)
+    assert not store.keep(studies[0][0], studies[0][1].read_bytes(), studies[0][2])  # a retry or a rescore: not again
+    assert store.close() == ["pacs-0001", "pacs-0002"] and window_names(tmp_path) == ["pacs-0001", "pacs-0002"]
+    assert len(list((tmp_path / OPEN).glob("*.npz"))) == 1
+    images, views, rows, reason = load_window(tmp_path, "pacs-0002", 48)
+    assert not reason and images.shape == (3, 48, 48) and rows["study_id"].to_list() == [s[0] for s in studies[3:6]]
+    for img, (_name, f, h), view in zip(images, studies[3:6], views, strict=True):
+        assert np.array_equal(img, prepare(f, 48)) and view == h.ViewPosition  # the shard builder's pixels
+    assert "kept at sizes [32, 48], the champion reads 64 px" in load_window(tmp_path, "pacs-0001", 64)[3]
+    assert "no such PACS window" in load_window(tmp_path, "pacs-0009", 32)[3]
+    # a new store remembers what was kept, in windows and open alike
+    again = WindowStore(tmp_path, [32, 48], window=3)
+    assert not any(again.keep(n, f.read_bytes(), h) for n, f, h in studies)
+
+
+def test_a_killed_close_is_put_back_and_the_next_close_makes_the_window(replica, tmp_path):
+    studies = frontal_images(replica)[:4]
+    store = WindowStore(tmp_path, [32], window=4)
+    for name, f, h in studies:
+        store.keep(name, f.read_bytes(), h)
+    partial = tmp_path / ".pacs-0001.partial"  # what a close killed after moving two studies leaves
+    partial.mkdir()
+    for k in sorted((tmp_path / OPEN).glob("*.npz"))[:2]:
+        os.replace(k, partial / k.name)
+    assert window_names(tmp_path) == []
+    assert WindowStore(tmp_path, [32], window=4).close() == ["pacs-0001"] and not partial.exists()
+    assert len(load_window(tmp_path, "pacs-0001", 32)[0]) == 4
+
+
+def test_the_patient_is_a_keyed_hash_and_no_header_text_is_kept(replica, tmp_path):
+    (name, f, h), (name2, f2, h2) = frontal_images(replica)[:2]
+    store = WindowStore(tmp_path, [32], window=2)
+    twin = pydicom.dcmread(f2, stop_before_pixels=True)
+    twin.PatientID = h.PatientID  # another study of the first patient
+    store.keep(name, f.read_bytes(), h)
+    store.keep(name2, f2.read_bytes(), twin)
+    nameless = pydicom.dcmread(f2, stop_before_pixels=True)
+    nameless.PatientID = ""
+    store.keep("study-x", f2.read_bytes(), nameless)
+    store.close()
+    rows = load_window(tmp_path, "pacs-0001", 32)[2]
+    assert rows["subject_id"].n_unique() == 1 and str(h.PatientID) not in rows["subject_id"][0]
+    assert stat.S_IMODE((tmp_path / ".patient-key").stat().st_mode) == 0o600
+    with np.load(next((tmp_path / OPEN).glob("*.npz"))) as z:
+        assert str(z["patient"]) == "study:study-x"  # no patient ID: a patient of its own
+    secrets = {str(x) for hd in (h, h2) for x in (hd.PatientName, hd.PatientID, hd.StudyInstanceUID, hd.StudyDate)}
+    kept = b"".join(p.read_bytes() for p in tmp_path.rglob("*.npz"))
+    assert not [s for s in secrets if s and s.encode() in kept]
+    with pytest.raises(ValueError, match="at least 2 studies"):
+        WindowStore(tmp_path, [32], window=1)
