@@ -128,7 +128,9 @@ def held_out(raw: Path, patients: int, seed: int, header_window: bool = True) ->
     if not raw.exists():
         generate(SynthConfig(patients=patients, seed=seed, source_rows=256, workers=2), raw)
     meta = pl.read_csv(raw / "mimic-cxr-2.0.0-metadata.csv.gz").filter(pl.col("ViewPosition").is_in(["PA", "AP"]))
-    labels = pl.read_csv(raw / "mimic-cxr-2.0.0-chexpert.csv.gz").rename({x: slug(x) for x in LABELS})
+    labels = pl.read_csv(raw / "mimic-cxr-2.0.0-chexpert.csv.gz").select(
+        "subject_id", "study_id", *(pl.col(x).cast(pl.Float64).alias(slug(x)) for x in LABELS)
+    )
     rows = meta.select("dicom_id", "subject_id", "study_id").join(labels, on=["subject_id", "study_id"], how="left", maintain_order="left")
     files = [
         str(raw / patient_relpath(s) / f"s{t}" / f"{d}.dcm") for d, s, t in rows.select("dicom_id", "subject_id", "study_id").iter_rows()

@@ -397,3 +397,26 @@ def letterbox(img: np.ndarray, size: int) -> np.ndarray:
 def prepare(source: str | Path | bytes, size: int, name: str = "") -> np.ndarray:
     """What the shard builder stores for one image: decoded, windowed, letterboxed uint8."""
     return letterbox(decode(source, min_size=size, name=name).image, size)
+
+
+def header_geometry(source: str | Path | bytes) -> tuple[int, int, int]:
+    """(bits stored, rows, columns) of an image file from its header alone, for the drift monitor's acquisition
+    statistics: a DICOM's BitsStored, Rows and Columns; a PNG or JPG's 16 for a 16-bit mode (PadChest's), else 8, and
+    its size. (0, 0, 0) when the header cannot be read (the statistic leaves it out)."""
+    import pydicom
+    from PIL import Image
+
+    try:
+        if isinstance(source, bytes):
+            head, stream = source[:132], io.BytesIO(source)
+        else:
+            with open(source, "rb") as fh:
+                head = fh.read(132)
+            stream = source
+        if head[128:132] == b"DICM" or str(source).lower().endswith(".dcm"):
+            ds = pydicom.dcmread(stream, stop_before_pixels=True)
+            return int(ds.get("BitsStored", 0) or 0), int(ds.Rows), int(ds.Columns)
+        with Image.open(stream) as im:
+            return (16 if im.mode.startswith("I") else 8), im.size[1], im.size[0]
+    except Exception:  # a missing or unreadable file: no figure for it, never a failed window
+        return 0, 0, 0

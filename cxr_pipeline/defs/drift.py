@@ -9,11 +9,14 @@ the automation sensor runs them (and again after the champion is retrained); the
 windows (they hold training images).
 """
 
+from pathlib import Path
+
 import dagster as dg
 import numpy as np
 import polars as pl
 
 from cxr_pipeline.config import resolve
+from cxr_pipeline.data.dicom import header_geometry
 from cxr_pipeline.data.external import FORMATS, ExternalSettings, read_labels, resolve_images, select_images
 from cxr_pipeline.data.shard_reader import Shards, open_images
 from cxr_pipeline.defs import needs
@@ -39,12 +42,19 @@ FRONTAL = ("PA", "AP")
 SHOWN = ("window", "pathology", "drift_score", "p_value", "drifted", "output_ks", "expected_auc", "auc", "auc_estimate_error")
 
 
-def reference_sample(manifest: pl.DataFrame, shards: Shards, n: int, seed: int) -> Sample:
-    """``n`` frontal images of the **training** split (never validate or test), one per patient, drawn with ``seed``."""
+def geometry(root: Path, rows: pl.DataFrame) -> np.ndarray:
+    """Each row's source file's (bits stored, rows, columns) from its header (``data.dicom.header_geometry``)."""
+    return np.array([header_geometry(root / p) for p in rows["path"]], dtype=np.int64).reshape(-1, 3)
+
+
+def reference_sample(manifest: pl.DataFrame, shards: Shards, n: int, seed: int, raw: Path | None = None) -> Sample:
+    """``n`` frontal images of the **training** split (never validate or test), one per patient, drawn with ``seed``;
+    with their source files' bit depth and size where the raw files are at ``raw``."""
     train = one_per_patient(manifest.filter((pl.col("split") == "train") & pl.col("view_position").is_in(list(FRONTAL))), seed)
     lazy, kept = open_images(shards, train)
     idx = np.sort(np.random.default_rng(seed).choice(len(lazy), size=min(n, len(lazy)), replace=False))
-    return Sample(lazy.take(idx), [kept["view_position"][int(i)] for i in idx], kept[idx.tolist()])
+    rows = kept[idx.tolist()]
+    return Sample(lazy.take(idx), rows["view_position"].to_list(), rows, None if raw is None else geometry(raw, rows))
 
 
 def external_window(paths, fmt: str, size: int, seed: int) -> tuple[Sample, str]:
@@ -59,7 +69,7 @@ def external_window(paths, fmt: str, size: int, seed: int) -> tuple[Sample, str]
     rows = resolve_images(folder, select_images(read_labels(fmt, label_file).manifest, FRONTAL, cfg.max_images, cfg.seed))
     build_external_shards(paths, fmt, folder, rows, [size], resolve(paths, "image_shards", {}))
     lazy, kept = open_images(Shards.open(paths.external_shard_root(fmt, size), size, [EXTERNAL_PARTITION]), one_per_patient(rows, seed))
-    return Sample(lazy.take(np.arange(len(lazy))), kept["view_position"].to_list(), kept), ""
+    return Sample(lazy.take(np.arange(len(lazy))), kept["view_position"].to_list(), kept, geometry(folder, kept)), ""
 
 
 def pacs_window(paths, name: str, size: int, seed: int) -> tuple[Sample, str]:
@@ -70,7 +80,8 @@ def pacs_window(paths, name: str, size: int, seed: int) -> tuple[Sample, str]:
         return Sample(images, []), reason
     kept = one_per_patient(rows.with_row_index("_k"), seed)
     idx = kept["_k"].to_numpy()
-    return Sample(images[idx], [views[i] for i in idx], kept.drop("_k")), ""
+    shapes = kept.select("bits_stored", "source_rows", "source_cols").to_numpy().astype(np.int64)
+    return Sample(images[idx], [views[i] for i in idx], kept.drop("_k", "bits_stored", "source_rows", "source_cols"), shapes), ""
 
 
 def window_sample(paths, window: str, size: int, seed: int) -> tuple[Sample, str]:
@@ -141,7 +152,7 @@ def image_drift(
         if reason:
             context.log.warning(f"image_drift {window} skipped: {reason}")
             return _skipped(run, paths, window, reason, cfg)
-        reference = reference_sample(manifest, image_shards.at(champ.model.size), cfg.reference, cfg.seed)
+        reference = reference_sample(manifest, image_shards.at(champ.model.size), cfg.reference, cfg.seed, paths.raw)
         fmt = window.removeprefix("external-") if window.startswith("external-") else "pacs"
         table = pl.DataFrame(compare(window, reference, sample, champ, cfg, fmt), infer_schema_length=None)
         path = write_parquet(table, paths.image_drift / f"{window}.parquet")

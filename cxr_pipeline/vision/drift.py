@@ -203,19 +203,40 @@ class DriftSettings:
 
 @dataclass
 class Sample:
-    """Images of one side of a comparison: uint8 (n, size, size) as the shards store them, their views, and where
-    labels exist the rows ``vision.targets`` reads (aligned with the images)."""
+    """Images of one side of a comparison: uint8 (n, size, size) as the shards store them, their views, where labels
+    exist the rows ``vision.targets`` reads (aligned with the images), and where known each source file's (bits
+    stored, rows, columns) from its header (``data.dicom.header_geometry``; 0s where unreadable)."""
 
     images: np.ndarray
     views: list[str]
     rows: object = None  # a polars DataFrame with the label columns, or None (no labels: CBPE only)
+    geometry: np.ndarray | None = None  # (n, 3) int: bits stored, rows, columns
 
     def draw(self, n: int, seed: int) -> Sample:
         if len(self.images) <= n:
             return self
         idx = np.sort(np.random.default_rng(seed).choice(len(self.images), size=n, replace=False))
         rows = None if self.rows is None else self.rows[idx.tolist()]
-        return Sample(self.images[idx], [self.views[i] for i in idx], rows)
+        geometry = None if self.geometry is None else self.geometry[idx]
+        return Sample(self.images[idx], [self.views[i] for i in idx], rows, geometry)
+
+
+def acquisition(reference: np.ndarray | None, window: np.ndarray | None) -> dict[str, float | None]:
+    """Bit depth and size of the source files, window beside reference: the most common bits stored, the median
+    rows, and the window's median rows over the reference's (a resolution shift shows here before anywhere else)."""
+    out: dict[str, float | None] = dict.fromkeys(
+        ("bits_stored", "bits_stored_reference", "source_rows", "source_rows_reference", "source_size_ratio")
+    )
+    if reference is None or window is None:
+        return out
+    for key, g in (("", window), ("_reference", reference)):
+        known = g[(g > 0).all(axis=1)]
+        if len(known):
+            values, counts = np.unique(known[:, 0], return_counts=True)
+            out[f"bits_stored{key}"], out[f"source_rows{key}"] = int(values[np.argmax(counts)]), float(np.median(known[:, 1]))
+    if out["source_rows"] and out["source_rows_reference"]:
+        out["source_size_ratio"] = out["source_rows"] / out["source_rows_reference"]
+    return out
 
 
 def compare(window: str, reference: Sample, sample: Sample, champion, cfg: DriftSettings, fmt: str = "mimic") -> list[dict]:
@@ -246,6 +267,7 @@ def compare(window: str, reference: Sample, sample: Sample, champion, cfg: Drift
         "alpha": cfg.alpha,
         "histogram_distance": js_distance(intensity_histogram(reference.images), intensity_histogram(sample.images)),
         "mean_intensity_change": float(sample.images[sample.images > 0].mean() - reference.images[reference.images > 0].mean()),
+        **acquisition(reference.geometry, sample.geometry),
         **{f"share_{k}": v for k, v in mix_win.items()},
         **{f"share_{k}_change": mix_win[k] - mix_ref[k] for k in mix_win},
         "model": f"{champion.name} v{champion.version}",

@@ -96,9 +96,10 @@ class WindowStore:
         buf = io.BytesIO()
         arrays = {f"s{s}": np.frombuffer(pixels[s], np.uint8).reshape(s, s) for s in self.sizes}
         view = str(header.get("ViewPosition", "") or "").upper()
-        np.savez(
-            buf, **arrays, view=np.array(view), patient=np.array(patient_key(self.root, str(header.get("PatientID", "") or ""), study))
-        )
+        bits = int(header.get("BitsStored", 0) or 0)
+        geometry = np.array([bits, int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)], np.int64)
+        key = patient_key(self.root, str(header.get("PatientID", "") or ""), study)
+        np.savez(buf, **arrays, view=np.array(view), patient=np.array(key), geometry=geometry)
         with atomic_path(self.root / OPEN / f"{time.time_ns():020d}-{study}.npz") as tmp:
             tmp.write_bytes(buf.getvalue())
         self.seen.add(study)
@@ -123,12 +124,12 @@ class WindowStore:
 
 def load_window(root: Path, name: str, size: int) -> tuple[np.ndarray, list[str], pl.DataFrame, str]:
     """A closed window's images at ``size``, views and rows (``subject_id``: the patient key, ``study_id``: the
-    study's hash), in the order received; a reason instead when the window is missing or was kept at other sizes."""
+    study's hash; the source's ``bits_stored``, ``source_rows``, ``source_cols`` from its header), in the order received; a reason instead when the window is missing or was kept at other sizes."""
     files = sorted((root / name).glob("*.npz")) if WINDOW.fullmatch(name) else []
     empty = (np.zeros((0, size, size), np.uint8), [], pl.DataFrame(), "")
     if not files:
         return (*empty[:3], f"{name}: no such PACS window under {root}")
-    images, views, patients = [], [], []
+    images, views, patients, shapes = [], [], [], []
     for f in files:
         with np.load(f) as z:
             if f"s{size}" not in z:
@@ -137,5 +138,10 @@ def load_window(root: Path, name: str, size: int) -> tuple[np.ndarray, list[str]
             images.append(z[f"s{size}"])
             views.append(str(z["view"]))
             patients.append(str(z["patient"]))
-    rows = pl.DataFrame({"subject_id": patients, "study_id": [f.stem.split("-", 1)[1] for f in files]})
+            shapes.append(z["geometry"] if "geometry" in z.files else np.zeros(3, np.int64))
+    g = np.stack(shapes)
+    studies = [f.stem.split("-", 1)[1] for f in files]
+    rows = pl.DataFrame(
+        {"subject_id": patients, "study_id": studies, "bits_stored": g[:, 0], "source_rows": g[:, 1], "source_cols": g[:, 2]}
+    )
     return np.stack(images), views, rows, ""

@@ -236,6 +236,8 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert len(picked) == len({r["Path"].split("/")[2] for r in frontal}) < len(frontal)
         assert drift.height == 14 and drift["n_window"][0] == len(picked) and drift["model"][0] == "cxr-multilabel v1"
         assert drift["drifted"][0] == (drift["p_value"][0] < 0.01) and dmat.metadata["drifted"].value == drift["drifted"][0]
+        # acquisition statistics from the headers: CheXpert's JPGs are 8-bit, the replica's DICOMs 10 to 16
+        assert drift["bits_stored"][0] == 8 and 10 <= drift["bits_stored_reference"][0] <= 16 and drift["source_size_ratio"][0] > 0
         sd_drift = drift.filter(pl.col("slug") == "support_devices").row(0, named=True)
         assert sd_drift["n_labelled"] == sum(r["Support Devices"] in ("1.0", "0.0", "") for r in picked)  # labels read back
         (check,) = dres.get_asset_check_evaluations()
@@ -269,6 +271,7 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         pacs_drift = pl.read_parquet(pmat.metadata["path"].value)
         assert pacs_drift["n_window"][0] == len({str(h.PatientID) for _f, h in received})  # one image per patient
         assert pacs_drift["auc"].null_count() == 14 and pacs_drift["expected_auc"].null_count() < 14
+        assert pacs_drift["bits_stored"][0] in {int(h.BitsStored) for _f, h in received}
         secrets = {str(x) for _f, h in received for x in (h.PatientName, h.PatientID, h.StudyInstanceUID)}
         assert not [x for x in secrets if x in repr(pacs_drift.to_dicts())]
 

@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 from cxr_pipeline.vision.drift import (
     DriftSettings,
     Sample,
+    acquisition,
     cbpe,
     compare,
     intensity_histogram,
@@ -123,3 +124,12 @@ def test_a_shifted_window_is_flagged_and_an_unshifted_one_is_not(replica, regist
     assert len(same) == len(champ.model.slugs) and all(r["auc"] is None for r in same)  # no labels: CBPE only
     text = repr(same + moved)
     assert not [h for h in heads.values() for v in (str(h.PatientName), h.PatientID, h.StudyInstanceUID) if v in text]
+
+
+def test_acquisition_statistics_give_the_bit_depth_and_size_beside_the_reference():
+    reference = np.array([[12, 3000, 2500]] * 6 + [[16, 2800, 2300]] * 2 + [[0, 0, 0]])  # an unreadable header left out
+    window = np.array([[8, 390, 320]] * 5 + [[16, 400, 330]])
+    got = acquisition(reference, window)
+    assert (got["bits_stored"], got["bits_stored_reference"]) == (8, 12)
+    assert got["source_rows"] == 390 and got["source_rows_reference"] == 3000 and got["source_size_ratio"] == pytest.approx(0.13)
+    assert set(acquisition(None, window).values()) == {None}  # where the headers are not at hand: no figure

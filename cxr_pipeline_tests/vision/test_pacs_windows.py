@@ -40,6 +40,9 @@ def test_studies_are_kept_once_and_closed_into_whole_windows_oldest_first(replic
     assert not reason and images.shape == (3, 48, 48) and rows["study_id"].to_list() == [s[0] for s in studies[3:6]]
     for img, (_name, f, h), view in zip(images, studies[3:6], views, strict=True):
         assert np.array_equal(img, prepare(f, 48)) and view == h.ViewPosition  # the shard builder's pixels
+    assert rows.select("bits_stored", "source_rows", "source_cols").rows() == [
+        (h.BitsStored, h.Rows, h.Columns) for _n, _f, h in studies[3:6]
+    ]
     assert "kept at sizes [32, 48], the champion reads 64 px" in load_window(tmp_path, "pacs-0001", 64)[3]
     assert "no such PACS window" in load_window(tmp_path, "pacs-0009", 32)[3]
     # a new store remembers what was kept, in windows and open alike
