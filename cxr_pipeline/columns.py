@@ -113,10 +113,10 @@ TABLES: dict[str, dict[str, str]] = {
         "window": "the window (a partition): external-<format> for an external set, pacs-NNNN for studies the PACS intake received",
         "n_window": "the window's patients compared, one frontal image each (at most max_window, drawn with the seed)",
         "n_reference": "training-split patients drawn as the reference, one frontal image each (never validate or test)",
-        "drift_score": "MMD² (Gaussian kernel of sigma kernel_sigma) between the multi-label champion's pooled features of the "
+        "drift_score": "MMD² (with the kernel named in kernel) between the multi-label champion's pooled features of the "
         "window and of the reference: the drift score",
-        "kernel_sigma": "the MMD kernel's sigma: the median distance between the pooled features, or the reference's alone "
-        "(image_drift.bandwidth)",
+        "kernel": "the MMD kernel (image_drift.kernel)",
+        "kernel_sigma": "the Gaussian kernel's sigma (a multiscale kernel's middle one; empty for the energy distance)",
         "p_value": "the drift score's permutation p-value ((1 + permutations at least as large) / (1 + permutations))",
         "drifted": "the alarm: p_value below alpha (the one signal alarmed on)",
         "alpha": "the alarm's level",

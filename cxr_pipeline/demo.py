@@ -22,7 +22,7 @@ import polars as pl
 
 from cxr_pipeline.console import quiet, time_table
 from cxr_pipeline.data.external import FORMATS
-from cxr_pipeline.data.replica_external import DEMO_SHIFTS, ExternalReplica, generate_external
+from cxr_pipeline.data.replica_external import DEMO_SHIFTS, EXPORT_VERSION, ExternalReplica, generate_external
 from cxr_pipeline.data.shard_reader import PARTITIONS
 from cxr_pipeline.data.synthetic import SynthConfig, generate, planted_effect
 from cxr_pipeline.labels import SLUGS, slug
@@ -111,7 +111,7 @@ def ensure_external_replicas(patients: int, source_rows: int = DEMO_SOURCE_ROWS)
         cfg = ExternalReplica(fmt, patients=patients, source_rows=source_rows, **DEMO_SHIFTS[fmt])
         folder = out[fmt] = paths().external / fmt
         marker = folder / ".replica.json"
-        want = dataclasses.asdict(cfg)
+        want = {**dataclasses.asdict(cfg), "export": EXPORT_VERSION}  # a replica written the old way is made again
         if marker.exists() and json.loads(marker.read_text()).get("config") == want:
             continue
         shutil.rmtree(folder, ignore_errors=True)

@@ -162,6 +162,9 @@ def _image(
     return np.clip(pixels, 0.0, 1.0).astype(np.float32)
 
 
+EXPORT_VERSION = 2  # 2: CheXpert's and NIH's 8-bit files windowed as display images (2026-12-06); 1: unwindowed
+
+
 def exported(pixels: np.ndarray, kind: str, exposure: float, rng: np.random.Generator) -> np.ndarray:
     """The values a file of ``kind`` holds, on [0, 1]. CheXpert's JPGs and NIH's PNGs are display images, exported
     through a window (the reader takes them as they are): the replica windows the detector's 12-bit values as the

@@ -97,7 +97,7 @@ def _skipped(run, paths, window: str, reason: str, cfg) -> dg.MaterializeResult:
     """An empty table that says why (no champion, an absent set, a window this pipeline does not know)."""
     run.set_tags({"skipped": reason})
     path = write_parquet(pl.DataFrame(), paths.image_drift / f"{window}.parquet")
-    md = asset_metadata(run, path, 0, reason=reason, drifted=False, **resolved_metadata(cfg))
+    md = asset_metadata(run, path, 0, reason=reason, compared=False, **resolved_metadata(cfg))
     return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(file_digest(path)))
 
 
@@ -149,6 +149,8 @@ def image_drift(
         if not reason:
             champ = champions[0]
             sample, reason = window_sample(paths, window, champ.model.size, cfg.seed)
+            if not reason and len(sample.images) < 2:
+                reason = f"{window}: {len(sample.images)} patient(s) after one image per patient; the test needs at least 2"
         if reason:
             context.log.warning(f"image_drift {window} skipped: {reason}")
             return _skipped(run, paths, window, reason, cfg)
@@ -178,6 +180,11 @@ def image_drift_alarm(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckRe
     part = context.partition_key
     drifted = latest_metadata(context.instance, IMAGE_DRIFT, part, "drifted")
     p = latest_metadata(context.instance, IMAGE_DRIFT, part, "p_value")
+    if drifted is None:  # the window was not compared: say why, rather than "no drift"
+        reason = latest_metadata(context.instance, IMAGE_DRIFT, part, "reason") or "no comparison recorded"
+        return dg.AssetCheckResult(
+            passed=True, severity=dg.AssetCheckSeverity.WARN, metadata={"compared": False}, description=f"{part} not compared: {reason}"
+        )
     return dg.AssetCheckResult(
         passed=not drifted,
         severity=dg.AssetCheckSeverity.WARN,

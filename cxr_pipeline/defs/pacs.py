@@ -42,7 +42,7 @@ from cxr_pipeline.vision.pacs_intake import (
     stable_studies,
     summary,
 )
-from cxr_pipeline.vision.pacs_windows import WindowStore, pacs_windows_root
+from cxr_pipeline.vision.pacs_windows import QuietStore, WindowStore, pacs_windows_root
 from cxr_pipeline.vision.predict import PredictError, Scorer
 
 PACS_RESULTS = "pacs_results"
@@ -82,6 +82,7 @@ class Intake:
     outcomes: list[Outcome] = field(default_factory=list)
     stopped: str = ""
     windows: list[str] = field(default_factory=list)  # drift windows closed by this tick (pacs-NNNN)
+    drift_errors: list[str] = field(default_factory=list)  # the drift store's failures, by error type (never a study's)
 
     @classmethod
     def from_cursor(cls, cursor: str | None) -> Intake:
@@ -110,7 +111,8 @@ def drift_store() -> WindowStore:
     """Where the intake keeps each scored study's image for the drift monitor: at every size the shards are built
     at, in windows of ``image_drift.pacs_window`` studies (``vision.pacs_windows``)."""
     p = paths()
-    return WindowStore(pacs_windows_root(), resolve(p, IMAGE_SHARDS, {}).sizes, resolve(p, IMAGE_DRIFT, {}).pacs_window)
+    cfg = resolve(p, IMAGE_DRIFT, {})
+    return WindowStore(pacs_windows_root(), resolve(p, IMAGE_SHARDS, {}).sizes, cfg.pacs_window, cfg.pacs_windows_kept)
 
 
 def intake(url: str, state: Intake, budget: float = TICK_BUDGET, alias: str = CHAMPION) -> Intake:
@@ -124,9 +126,8 @@ def intake(url: str, state: Intake, budget: float = TICK_BUDGET, alias: str = CH
     if not _lock.acquire(blocking=False):
         out.stopped = "the previous tick is still scoring; nothing done"
         return out
-    pacs, store, scorer = Orthanc(url), None, None
+    pacs, store, scorer = Orthanc(url), QuietStore(drift_store), None
     try:
-        store = drift_store()
         for study in list(out.retry):
             scorer = scorer or warm_scorer(alias)
             out.score(pacs, scorer, study, store.keep)
@@ -143,7 +144,8 @@ def intake(url: str, state: Intake, budget: float = TICK_BUDGET, alias: str = CH
         out.stopped = f"{e}; retrying from change {out.seq}"
     finally:
         try:
-            out.windows = store.close() if store is not None else []
+            out.windows = store.close()
+            out.drift_errors = store.errors
         finally:
             _lock.release()
     return out
@@ -178,6 +180,7 @@ def pacs_intake_sensor() -> dg.SensorDefinition:
             "cursor": done.seq,
             "retrying": len(done.retry),
             "drift_windows_closed": len(done.windows),
+            "drift_store_errors": ", ".join(sorted(set(done.drift_errors))) or "none",
             "ledger": dg.MetadataValue.path(str(ledger_path())),
         }
         return dg.SensorResult(cursor=done.cursor(), asset_events=[dg.AssetMaterialization(PACS_RESULTS, metadata=metadata)])

@@ -108,8 +108,12 @@ def repeated_patients(sample_rows) -> int:
 class MMDTest:
     statistic: float  # MMD² (biased, V-statistic) of window against reference
     p_value: float  # (1 + permutations at least as large) / (1 + permutations)
-    bandwidth: float  # the Gaussian kernel's sigma
+    bandwidth: float | None  # the Gaussian kernel's sigma (the middle one of a multiscale kernel); None for energy
     permutations: int
+
+
+KERNELS = ("gaussian", "gaussian-reference", "multiscale", "energy")
+SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # the multiscale kernel's sigmas, times the median distance
 
 
 def median_distance(x: np.ndarray) -> float:
@@ -117,46 +121,63 @@ def median_distance(x: np.ndarray) -> float:
     import torch
 
     t = torch.from_numpy(np.asarray(x, np.float64))
-    d2 = torch.cdist(t, t).pow(2)
-    return float(np.sqrt(float(d2[torch.triu(torch.ones_like(d2, dtype=torch.bool), diagonal=1)].median())))
+    return float(np.sqrt(float(_upper(torch.cdist(t, t).pow(2)).median())))
 
 
-def mmd_test(reference: np.ndarray, window: np.ndarray, permutations: int = 500, seed: int = 0, bandwidth: float | None = None) -> MMDTest:
-    """MMD² with a Gaussian kernel of sigma ``bandwidth`` (None: the median distance between the pooled points) and
-    its permutation p-value, in torch: the pooled kernel matrix once, then every permutation's statistic as a
-    quadratic form of a ±1/n label vector, all permutations in one matrix product (alibi-detect does the same test,
-    but pins numpy < 2 and transformers < 5; torch is already here)."""
+def _upper(d2):
     import torch
 
+    return d2[torch.triu(torch.ones_like(d2, dtype=torch.bool), diagonal=1)]
+
+
+def mmd_test(
+    reference: np.ndarray, window: np.ndarray, permutations: int = 500, seed: int = 0, kernel: str = "gaussian", sigma: float | None = None
+) -> MMDTest:
+    """MMD² and its permutation p-value, in torch: the pooled kernel matrix once, then every permutation's statistic
+    as a quadratic form of a ±1/n label vector, all permutations in one matrix product (alibi-detect does the same
+    test, but pins numpy < 2 and transformers < 5; torch is already here). ``kernel``: ``gaussian`` (sigma: ``sigma``,
+    else the median distance between the pooled points; ``gaussian-reference`` passes the reference's own),
+    ``multiscale`` (the mean of Gaussians at ``SCALES`` times that sigma: one far-off window does not saturate it
+    as it saturates a single Gaussian), ``energy`` (the distance-induced kernel, minus the distance: MMD² is then
+    the energy distance, which grows with a shift instead of levelling off)."""
+    import torch
+
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
     x = torch.from_numpy(np.concatenate([reference, window]).astype(np.float64))
     n, m = len(reference), len(window)
     if n < 2 or m < 2:
         raise ValueError(f"MMD needs at least 2 reference and 2 window points (got {n}, {m})")
     d2 = torch.cdist(x, x).pow(2)
-    if bandwidth is None:
-        sigma2 = float(d2[torch.triu(torch.ones_like(d2, dtype=torch.bool), diagonal=1)].median())
+    bandwidth = None
+    if kernel == "energy":
+        k = -d2.clamp_min(0).sqrt()
     else:
-        sigma2 = float(bandwidth) ** 2
-    k = torch.exp(-d2 / (2 * max(sigma2, 1e-12)))
+        bandwidth = float(sigma) if sigma is not None else float(np.sqrt(float(_upper(d2).median())))
+        scales = SCALES if kernel == "multiscale" else (1.0,)
+        k = sum(torch.exp(-d2 / (2 * max((c * bandwidth) ** 2, 1e-12))) for c in scales) / len(scales)
     g = torch.Generator().manual_seed(seed)
     labels = torch.cat([torch.full((n,), 1.0 / n, dtype=torch.float64), torch.full((m,), -1.0 / m, dtype=torch.float64)])
     perms = torch.stack([labels[torch.randperm(n + m, generator=g)] for _ in range(permutations)])
     observed = float(labels @ k @ labels)
     null = ((perms @ k) * perms).sum(dim=1)
-    p = (1 + int((null >= observed - 1e-12).sum())) / (1 + permutations)
-    return MMDTest(observed, p, float(np.sqrt(sigma2)), permutations)
+    p = (1 + int((null >= observed - 1e-12 * max(1.0, abs(observed))).sum())) / (1 + permutations)
+    return MMDTest(observed, p, bandwidth, permutations)
 
 
-def cbpe(probabilities: np.ndarray, threshold: float) -> dict[str, float]:
+def cbpe(probabilities: np.ndarray, call: np.ndarray | None = None) -> dict[str, float]:
     """Expected AUC, sensitivity and specificity of calibrated probabilities on their own window (no labels): each
     image counts as p positive and 1 - p negative. The expected ROC curve is traced over the window's own scores
-    (TPR(t) = sum of p above t / sum of p; FPR likewise with 1 - p) and integrated by trapezoids."""
+    (TPR(t) = sum of p above t / sum of p; FPR likewise with 1 - p) and integrated by trapezoids. ``call``: which
+    images the served model calls positive (read on the network's scores at its threshold, as ``predict`` reads
+    them: the calibrated threshold is for display); without it, no sensitivity or specificity."""
     p = np.clip(np.asarray(probabilities, float), 0.0, 1.0)
     pos, neg = p.sum(), (1 - p).sum()
-    call = p >= threshold
+    has_call = call is not None
+    call = np.zeros(len(p), bool) if call is None else np.asarray(call, bool)
     out = {
-        "expected_sensitivity": float(p[call].sum() / pos) if pos > 0 else float("nan"),
-        "expected_specificity": float((1 - p)[~call].sum() / neg) if neg > 0 else float("nan"),
+        "expected_sensitivity": float(p[call].sum() / pos) if pos > 0 and has_call else float("nan"),
+        "expected_specificity": float((1 - p)[~call].sum() / neg) if neg > 0 and has_call else float("nan"),
         "expected_prevalence": float(p.mean()) if len(p) else float("nan"),
     }
     if pos <= 0 or neg <= 0:
@@ -189,16 +210,23 @@ class DriftSettings:
     permutations: int = setting(500, "permutations of the MMD test (the smallest p-value is 1 / (permutations + 1))")
     alpha: float = setting(0.01, "a window drifts (the alarm) when the MMD test's p-value is below this")
     pacs_window: int = setting(100, "studies the PACS intake receives per window (a window pacs-NNNN closes when it holds this many)")
+    pacs_windows_kept: int = setting(52, "PACS windows whose images stay on disk, the newest (older ones are deleted as new ones close)")
     seed: int = setting(0, "the draws' and the permutations' seed")
-    bandwidth: str = setting(
-        "pooled",
-        "the MMD kernel's sigma: the median distance between the pooled reference and window features (pooled), or among "
-        "the reference's alone (reference: one kernel for every window, so drift scores compare across windows)",
+    kernel: str = setting(
+        "gaussian",
+        "the MMD kernel: gaussian (sigma: the median distance between the pooled reference and window features), "
+        "gaussian-reference (sigma: the reference's own median distance), multiscale (Gaussians at 1/4 to 4 times the pooled "
+        "median), energy (the energy distance)",
     )
 
     def __post_init__(self) -> None:
-        if self.bandwidth not in ("pooled", "reference"):
-            raise ValueError(f"image_drift.bandwidth must be pooled or reference, not {self.bandwidth!r}")
+        for name in ("reference", "max_window", "pacs_window", "pacs_windows_kept"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"image_drift.{name} must be at least 2, not {getattr(self, name)}")
+        if self.permutations < 19 or not 0 < self.alpha < 1:
+            raise ValueError(f"image_drift: permutations >= 19 and 0 < alpha < 1 (got {self.permutations}, {self.alpha})")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"image_drift.kernel must be one of {', '.join(KERNELS)}, not {self.kernel!r}")
 
 
 @dataclass
@@ -252,9 +280,11 @@ def compare(window: str, reference: Sample, sample: Sample, champion, cfg: Drift
     m = champion.model
     sample = sample.draw(cfg.max_window, cfg.seed)
     ref_x = embeddings(m, reference.images)
-    sigma = median_distance(ref_x) if cfg.bandwidth == "reference" else None
-    test = mmd_test(ref_x, embeddings(m, sample.images), cfg.permutations, cfg.seed, sigma)
-    ref_p, win_p = m.calibrate(m.probabilities(reference.images)), m.calibrate(m.probabilities(sample.images))
+    sigma = median_distance(ref_x) if cfg.kernel == "gaussian-reference" else None
+    test = mmd_test(ref_x, embeddings(m, sample.images), cfg.permutations, cfg.seed, cfg.kernel.removesuffix("-reference"), sigma)
+    ref_p = m.calibrate(m.probabilities(reference.images))
+    win_raw = m.probabilities(sample.images)
+    win_p, win_call = m.calibrate(win_raw), win_raw >= np.asarray(m.thresholds)[None, :]  # calls on the network's scores
     mix_ref, mix_win = view_mix(reference.views), view_mix(sample.views)
     window_row = {
         "window": window,
@@ -262,6 +292,7 @@ def compare(window: str, reference: Sample, sample: Sample, champion, cfg: Drift
         "n_reference": len(reference.images),
         "drift_score": test.statistic,
         "p_value": test.p_value,
+        "kernel": cfg.kernel,
         "kernel_sigma": test.bandwidth,
         "drifted": test.p_value < cfg.alpha,
         "alpha": cfg.alpha,
@@ -277,18 +308,19 @@ def compare(window: str, reference: Sample, sample: Sample, champion, cfg: Drift
     for j, s in enumerate(m.slugs):
         t = m.served_thresholds[j]
         row = {**window_row, "slug": s, "pathology": LABEL_BY_SLUG[s], "threshold": t, "output_ks": ks_statistic(ref_p[:, j], win_p[:, j])}
-        row.update(cbpe(win_p[:, j], t))
+        row.update(cbpe(win_p[:, j], win_call[:, j]))
         measured = {"n_labelled": 0, "auc": None, "sensitivity": None, "specificity": None, "prevalence": None}
         if indexed is not None and s in indexed.columns:
             usable = indexed.filter(pl.col(s).is_not_null()) if fmt in NULL_IS_UNSCORABLE else indexed
             tt = targets(usable, s, champion.policy["uncertain"], champion.policy["blank"])
-            y, p = tt["target"].to_numpy().astype(int), win_p[tt["_i"].to_numpy(), j]
+            idx = tt["_i"].to_numpy()
+            y, p, c = tt["target"].to_numpy().astype(int), win_p[idx, j], win_call[idx, j]
             measured["n_labelled"] = int(len(y))
             if len(y):
                 measured["prevalence"] = float(y.mean())
             if 0 < y.sum() < len(y):
                 measured.update(
-                    auc=float(roc_auc_score(y, p)), sensitivity=float((p[y == 1] >= t).mean()), specificity=float((p[y == 0] < t).mean())
+                    auc=float(roc_auc_score(y, p)), sensitivity=float(c[y == 1].mean()), specificity=float(1 - c[y == 0].mean())
                 )
         row.update(measured)
         row["auc_estimate_error"] = None if measured["auc"] is None else row["expected_auc"] - measured["auc"]

@@ -23,7 +23,9 @@ import io
 import os
 import re
 import secrets
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,20 +47,35 @@ def pacs_windows_root(layout=None) -> Path:
     return (layout or paths()).home / "pacs" / "windows"
 
 
-def patient_key(root: Path, patient_id: str, study: str) -> str:
-    """An HMAC-SHA256 of the patient ID under this installation's key (made on first use); the study's own hash
-    when the header has no patient ID."""
-    if not patient_id.strip():
-        return f"study:{study}"
+def _installation_key(root: Path) -> bytes:
+    """This installation's 32-byte key, made on first use: written to a temporary file, flushed, then linked into
+    place (a link fails if another process made it first), so no reader ever sees a partial key."""
     key_path = root / KEY_FILE
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if not key_path.exists():
+        tmp = root / f".patient-key.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(secrets.token_bytes(32))
-    except FileExistsError:
-        pass
-    return hmac.new(key_path.read_bytes(), patient_id.strip().encode(), hashlib.sha256).hexdigest()[:32]
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, key_path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    key = key_path.read_bytes()
+    if len(key) != 32:
+        raise ValueError(f"{key_path}: not a 32-byte key ({len(key)} bytes); move it aside to make a new one")
+    return key
+
+
+def patient_key(root: Path, patient_id: str, study: str) -> str:
+    """An HMAC-SHA256 of the patient ID under this installation's key; the study's own hash when the header has no
+    patient ID."""
+    if not patient_id.strip():
+        return f"study:{study}"
+    return hmac.new(_installation_key(root), patient_id.strip().encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def window_names(root: Path) -> list[str]:
@@ -69,12 +86,15 @@ def window_names(root: Path) -> list[str]:
 
 
 class WindowStore:
-    """Keeps each scored study's image (``keep``) and closes windows of ``window`` studies (``close``)."""
+    """Keeps each scored study's image (``keep``) and closes windows of ``window`` studies (``close``), deleting the
+    oldest windows beyond ``kept`` (0: none deleted); the images are this user's alone (the folder is 0700)."""
 
-    def __init__(self, root: Path, sizes: list[int], window: int) -> None:
+    def __init__(self, root: Path, sizes: list[int], window: int, kept: int = 0) -> None:
         if window < 2:
             raise ValueError(f"a PACS drift window needs at least 2 studies, not {window}")
-        self.root, self.sizes, self.window = Path(root), sorted(set(sizes)), window
+        self.root, self.sizes, self.window, self.kept = Path(root), sorted(set(sizes)), window, kept
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o700)  # patients' images: this user's alone
         self._recover()
         self.seen = {f.stem.split("-", 1)[1] for f in self.root.glob("*/*.npz")}
 
@@ -119,6 +139,9 @@ class WindowStore:
             os.replace(partial, self.root / name)
             made.append(name)
             kept = kept[self.window :]
+        names = window_names(self.root)
+        for old in names[: max(0, len(names) - self.kept)] if self.kept else []:  # the oldest beyond those kept
+            shutil.rmtree(self.root / old)
         return made
 
 
@@ -145,3 +168,34 @@ def load_window(root: Path, name: str, size: int) -> tuple[np.ndarray, list[str]
         {"subject_id": patients, "study_id": studies, "bits_stored": g[:, 0], "source_rows": g[:, 1], "source_cols": g[:, 2]}
     )
     return np.stack(images), views, rows, ""
+
+
+class QuietStore:
+    """The intake's use of a store: the drift monitor must never cost a study its results, so a store that cannot
+    be opened, an image that cannot be kept, a window that cannot be closed are counted (by error type only: a
+    message may quote header values) and the study is scored and stored as if there were no monitor."""
+
+    def __init__(self, make: Callable[[], WindowStore]) -> None:
+        self.errors: list[str] = []
+        try:
+            self.store: WindowStore | None = make()
+        except Exception as e:
+            self.store = None
+            self.errors.append(type(e).__name__)
+
+    def keep(self, study: str, data: bytes, header: Dataset) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.keep(study, data, header)
+        except Exception as e:
+            self.errors.append(type(e).__name__)
+
+    def close(self) -> list[str]:
+        if self.store is None:
+            return []
+        try:
+            return self.store.close()
+        except Exception as e:
+            self.errors.append(type(e).__name__)
+            return []

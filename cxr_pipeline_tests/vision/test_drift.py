@@ -73,13 +73,14 @@ def test_cbpe_matches_the_measured_figures_when_probabilities_are_calibrated():
     rng = np.random.default_rng(2)
     p = rng.beta(0.8, 2.5, size=20_000)
     y = rng.uniform(size=p.size) < p  # calibrated by construction
-    est = cbpe(p, threshold=0.4)
+    est = cbpe(p, call=p >= 0.4)
     assert est["expected_auc"] == pytest.approx(roc_auc_score(y, p), abs=0.01)
     assert est["expected_sensitivity"] == pytest.approx((p[y] >= 0.4).mean(), abs=0.01)
     assert est["expected_specificity"] == pytest.approx((p[~y] < 0.4).mean(), abs=0.01)
     # overconfident probabilities (squashed towards 0 and 1): the estimate is optimistic, as CBPE's assumption says
     sharp = 1 / (1 + np.exp(-3 * np.log(p / (1 - p))))
-    assert cbpe(sharp, 0.4)["expected_auc"] > roc_auc_score(y, sharp) + 0.03
+    assert cbpe(sharp)["expected_auc"] > roc_auc_score(y, sharp) + 0.03
+    assert np.isnan(cbpe(p)["expected_sensitivity"])  # no calls given: no sensitivity claimed
 
 
 def test_histogram_distance_and_ks_are_zero_for_the_same_and_large_for_different():

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from cxr_pipeline.data.dicom import prepare
-from cxr_pipeline.vision.pacs_windows import OPEN, WindowStore, load_window, window_names
+from cxr_pipeline.vision.pacs_windows import OPEN, QuietStore, WindowStore, load_window, window_names
 
 
 def frontal_images(replica: Path) -> list[tuple[str, Path, pydicom.Dataset]]:
@@ -85,3 +85,25 @@ def test_the_patient_is_a_keyed_hash_and_no_header_text_is_kept(replica, tmp_pat
     assert not [s for s in secrets if s and s.encode() in kept]
     with pytest.raises(ValueError, match="at least 2 studies"):
         WindowStore(tmp_path, [32], window=1)
+
+
+def test_old_windows_are_deleted_beyond_those_kept_and_a_failing_store_never_fails_the_intake(replica, tmp_path):
+    studies = frontal_images(replica)[:8]
+    store = WindowStore(tmp_path / "w", [32], window=2, kept=2)
+    for name, f, h in studies:
+        store.keep(name, f.read_bytes(), h)
+    assert store.close() == ["pacs-0001", "pacs-0002", "pacs-0003", "pacs-0004"]
+    assert window_names(tmp_path / "w") == ["pacs-0003", "pacs-0004"]  # the images of older windows are gone
+    assert stat.S_IMODE((tmp_path / "w").stat().st_mode) == 0o700
+    # a damaged key is refused (an empty key would make the HMAC a plain, reversible hash)
+    (tmp_path / "w" / ".patient-key").write_bytes(b"")
+    name, f, h = frontal_images(replica)[9]
+    with pytest.raises(ValueError, match="not a 32-byte key"):
+        store.keep(name, f.read_bytes(), h)
+    # the intake's wrapper: the failure is counted by its type and the study goes on
+    quiet = QuietStore(lambda: store)
+    quiet.keep(name, f.read_bytes(), h)
+    assert quiet.errors == ["ValueError"] and quiet.close() == []
+    broken = QuietStore(lambda: WindowStore(tmp_path / "x", [32], window=1))
+    broken.keep(name, f.read_bytes(), h)
+    assert broken.errors == ["ValueError"] and broken.close() == []
