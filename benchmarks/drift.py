@@ -11,8 +11,10 @@ alarm when p < ``--alpha``):
   new patients from the same generator), decoded as the shards decode;
 - **format alone**: the CheXpert, NIH and PadChest-format replicas with no image shift (JPEG, 8- and 16-bit PNG,
   their own label files), which must not alarm;
-- **graded shifts**: five levels each of exposure (a gain that clips the bright end), noise and resolution, and
-  one combined, each a CheXpert-format replica (``data.replica_external``) whose images the generator shifts.
+- **graded shifts**: five levels each of exposure (a gain on the exported image that clips the bright end), noise
+  and resolution, and one combined, each the no-shift CheXpert-format replica's patients (same seed: the same
+  patients, labels and findings) rendered with the shift (``data.replica_external``), so each level's AUC drop is
+  paired.
 
 The AUC drop of a level is the multi-label champion's macro AUC (findings with at least 20 positives and 20
 negatives in both) on the format-alone CheXpert replica minus that on the level's replica, pooled over its
@@ -48,10 +50,11 @@ import numpy as np
 
 from cxr_pipeline.vision.drift import KERNELS, DriftSettings
 
-# Fixed before the full run, from what the generator does (not tuned on its results): noise is drawn at the source's
-# 256 rows, and the 64-px input averages 4x4 source pixels, so its sd reaches the model divided by about 4; a
+# Fixed before the first full run, from what the generator does (not tuned on its results): noise is drawn at the
+# source's 256 rows, and the 64-px input averages 4x4 source pixels, so its sd reaches the model divided by about 4; a
 # resolution below 0.25 renders fewer rows than the model's 64 (above it, the letterbox's resize loses nothing the
-# model could see); a gain clips the bright end (the decoder's percentile window undoes the rest of it).
+# model could see); exposure is a gain on the CheXpert-format export after its window (brighter, the bright end
+# clipped), which the reader takes as it is.
 LEVELS = {
     "exposure": [1.15, 1.3, 1.5, 1.8, 2.2],
     "noise": [0.05, 0.1, 0.2, 0.3, 0.45],

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Values for fields whose type alone does not give a valid non-default value (choices, paths).
 CHOICES = {
     "label_source": "negbio",
-    "kernel": "energy",
+    "kernel": "gaussian",
     "imbalance": "sampler",
     "precision": "fp32",
     "arch": "densenet121",

@@ -134,3 +134,20 @@ def test_acquisition_statistics_give_the_bit_depth_and_size_beside_the_reference
     assert (got["bits_stored"], got["bits_stored_reference"]) == (8, 12)
     assert got["source_rows"] == 390 and got["source_rows_reference"] == 3000 and got["source_size_ratio"] == pytest.approx(0.13)
     assert set(acquisition(None, window).values()) == {None}  # where the headers are not at hand: no figure
+
+
+def test_every_kernel_flags_a_shift_and_only_the_energy_distance_keeps_growing_far_off():
+    """Why the energy distance is the default: a Gaussian kernel's MMD² levels off once a window is far from the
+    reference (the cross-similarities reach 0), so a larger shift no longer scores higher; the energy distance grows."""
+    rng = np.random.default_rng(3)
+    reference, base = rng.normal(size=(200, 8)), rng.normal(size=(100, 8))
+    sigma = float(np.sqrt(2 * 8))  # about the reference's own median distance
+    for kernel, s in (("gaussian", None), ("gaussian", sigma), ("multiscale", None), ("energy", None)):
+        assert mmd_test(reference, base + 1.0, permutations=100, kernel=kernel, sigma=s).p_value < 0.02, kernel
+        assert mmd_test(reference, base, permutations=100, kernel=kernel, sigma=s).p_value > 0.05, kernel
+    far = {
+        k: [mmd_test(reference, base + d, permutations=10, kernel=k).statistic for d in (4.0, 8.0, 16.0)] for k in ("gaussian", "energy")
+    }
+    assert far["gaussian"][-1] < far["gaussian"][0] * 1.2 and far["energy"][-1] > far["energy"][0] * 3
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        mmd_test(reference, base, kernel="laplace")
