@@ -18,13 +18,15 @@ alarm when p < ``--alpha``):
 
 The AUC drop of a level is the multi-label champion's macro AUC (findings with at least 20 positives and 20
 negatives in both) on the format-alone CheXpert replica minus that on the level's replica, pooled over its
-windows; CBPE's error is the expected macro AUC (from calibrated probabilities alone) minus the measured, per level.
+windows; CBPE's error per level is the median over findings of |expected AUC (from calibrated probabilities alone)
+- measured AUC|, on the level's whole set.
 The held-out MIMIC images are also read as if their headers carried no window (the reader's percentile window, the
 way PadChest's 16-bit PNGs are read): the AUC change and the windows flagged say what that reading alone does.
 Every replica's seed follows ``--seed``, so a run at another seed sees none of these images (a validation run).
 
 Each window is tested under every kernel ``image_drift.kernel`` offers (a Gaussian at the pooled median distance,
-the default fixed before any run; a Gaussian at the reference's own; a multiscale Gaussian; the energy distance),
+fixed before the first run; a Gaussian at the reference's own; a multiscale Gaussian; the energy distance, the
+default since the validation run at seed 5),
 with the same permutations; the last line is ``--kernel``'s (the configured default unless given), the lines above
 it the others':
 

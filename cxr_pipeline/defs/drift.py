@@ -94,14 +94,19 @@ def window_sample(paths, window: str, size: int, seed: int) -> tuple[Sample, str
 
 
 def _skipped(run, paths, window: str, reason: str, cfg) -> dg.MaterializeResult:
-    """An empty table that says why (no champion, an absent set, a window this pipeline does not know)."""
+    """An empty table that says why (no champion, an absent set, a window this pipeline does not know). A window
+    compared before whose images are gone since (a PACS window past ``pacs_windows_kept``, a set removed) keeps
+    its last comparison: a re-run after a retrained champion must not erase it."""
     run.set_tags({"skipped": reason})
-    path = write_parquet(pl.DataFrame(), paths.image_drift / f"{window}.parquet")
+    path = paths.image_drift / f"{window}.parquet"
+    if path.exists() and (last := pl.read_parquet(path)).height:
+        return _result(run, path, last, cfg, reason=f"{reason}; the last comparison stands ({last['model'][0]})")
+    path = write_parquet(pl.DataFrame(), path)
     md = asset_metadata(run, path, 0, reason=reason, compared=False, **resolved_metadata(cfg))
     return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(file_digest(path)))
 
 
-def _result(run, path, table: pl.DataFrame, cfg) -> dg.MaterializeResult:
+def _result(run, path, table: pl.DataFrame, cfg, **extra) -> dg.MaterializeResult:
     """The window's metadata: the alarm and the drift score up front, a few columns shown, every column described."""
     first = table.row(0, named=True)
     shown = table.select([c for c in SHOWN if c in table.columns]).with_columns(pl.col(pl.Float64).round(4))
@@ -111,6 +116,7 @@ def _result(run, path, table: pl.DataFrame, cfg) -> dg.MaterializeResult:
         "drifted": bool(first["drifted"]),
         "n_window": int(first["n_window"]),
         "dagster/column_schema": dg.MetadataValue.table_schema(table_schema(IMAGE_DRIFT, table)),
+        **extra,
     }
     return dg.MaterializeResult(
         metadata=asset_metadata(run, path, table.height, **md, **resolved_metadata(cfg)), data_version=dg.DataVersion(file_digest(path))

@@ -225,8 +225,11 @@ class DriftSettings:
         for name in ("reference", "max_window", "pacs_window", "pacs_windows_kept"):
             if getattr(self, name) < 2:
                 raise ValueError(f"image_drift.{name} must be at least 2, not {getattr(self, name)}")
-        if self.permutations < 19 or not 0 < self.alpha < 1:
-            raise ValueError(f"image_drift: permutations >= 19 and 0 < alpha < 1 (got {self.permutations}, {self.alpha})")
+        if not 0 < self.alpha < 1 or 1 / (self.permutations + 1) >= self.alpha:
+            raise ValueError(
+                f"image_drift: alpha {self.alpha} with {self.permutations} permutations can never alarm (the smallest p-value "
+                f"is 1 / (permutations + 1)): use at least {int(1 / self.alpha)} permutations"
+            )
         if self.kernel not in KERNELS:
             raise ValueError(f"image_drift.kernel must be one of {', '.join(KERNELS)}, not {self.kernel!r}")
 

@@ -151,3 +151,13 @@ def test_every_kernel_flags_a_shift_and_only_the_energy_distance_keeps_growing_f
     assert far["gaussian"][-1] < far["gaussian"][0] * 1.2 and far["energy"][-1] > far["energy"][0] * 3
     with pytest.raises(ValueError, match="kernel must be one of"):
         mmd_test(reference, base, kernel="laplace")
+
+
+def test_settings_that_could_never_alarm_are_refused():
+    with pytest.raises(ValueError, match="can never alarm"):
+        DriftSettings(permutations=50, alpha=0.01)  # the smallest p-value would be 1/51 > 0.01
+    with pytest.raises(ValueError, match="at least 2"):
+        DriftSettings(pacs_window=1)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        DriftSettings(kernel="laplace")
+    assert DriftSettings(permutations=100, alpha=0.01).permutations == 100

@@ -4,6 +4,7 @@ pixels as a shard of the same file holds them."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -77,6 +78,8 @@ def test_the_patient_is_a_keyed_hash_and_no_header_text_is_kept(replica, tmp_pat
     store.close()
     rows = load_window(tmp_path, "pacs-0001", 32)[2]
     assert rows["subject_id"].n_unique() == 1 and str(h.PatientID) not in rows["subject_id"][0]
+    plain = hashlib.sha256(str(h.PatientID).encode()).hexdigest()  # what trying every hospital number would find
+    assert not plain.startswith(rows["subject_id"][0])
     assert stat.S_IMODE((tmp_path / ".patient-key").stat().st_mode) == 0o600
     with np.load(next((tmp_path / OPEN).glob("*.npz"))) as z:
         assert str(z["patient"]) == "study:study-x"  # no patient ID: a patient of its own
@@ -104,6 +107,12 @@ def test_old_windows_are_deleted_beyond_those_kept_and_a_failing_store_never_fai
     quiet = QuietStore(lambda: store)
     quiet.keep(name, f.read_bytes(), h)
     assert quiet.errors == ["ValueError"] and quiet.close() == []
+
+    def full_disk() -> list[str]:
+        raise OSError("no space left")
+
+    store.close = full_disk  # a close that fails: counted, the tick goes on
+    assert quiet.close() == [] and quiet.errors == ["ValueError", "OSError"]
     broken = QuietStore(lambda: WindowStore(tmp_path / "x", [32], window=1))
     broken.keep(name, f.read_bytes(), h)
     assert broken.errors == ["ValueError"] and broken.close() == []
