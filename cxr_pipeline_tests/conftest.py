@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -39,6 +40,12 @@ def pytest_configure(config):
         cores = sorted(os.sched_getaffinity(0))
         if len(cores) >= count:
             os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % count :: count])
+            # torch is imported by now (the fixtures' modules) with one intra-op thread per core it saw; a test that
+            # trains outside a Dagster run (which sizes threads itself) would run two threads on this worker's one
+            # core, spin-waiting on each other: the image-dependence test's adapter trainings took over 20 minutes
+            # instead of one in a CI run where they started so
+            if "torch" in sys.modules:
+                sys.modules["torch"].set_num_threads(len(os.sched_getaffinity(0)))
 
 
 def pytest_collection_modifyitems(config, items):
