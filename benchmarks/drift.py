@@ -117,15 +117,21 @@ def reference_images(n: int, seed: int) -> np.ndarray:
 
 
 def decode_all(paths_: list[str]) -> np.ndarray:
+    """The files at 64 px as the pipeline's shards hold them: a file without a window read through the training
+    headers' windows (``data.window_prior``), as external validation and the drift asset read them."""
     from cxr_pipeline.data.dicom import prepare
+    from cxr_pipeline.data.window_prior import training_window_prior
+    from cxr_pipeline.settings import paths
 
-    return np.stack([prepare(p, 64, name=p) for p in paths_])
+    prior = training_window_prior(paths(), 64)
+    return np.stack([prepare(p, 64, name=p, prior=prior) for p in paths_])
 
 
-def held_out(raw: Path, patients: int, seed: int, header_window: bool = True) -> tuple[np.ndarray, object]:
+def held_out(raw: Path, patients: int, seed: int, header_window: bool = True, prior: bool = True) -> tuple[np.ndarray, object]:
     """Frontal images of a second MIMIC replica (new patients, same generator), decoded as the shards decode, and
     their rows (subject_id, study_id and the study's labels as slugs). ``header_window=False``: each file read as if
-    its header carried no window (the reader's percentile window, as PadChest's 16-bit PNGs are read)."""
+    its header carried no window (through the training headers' windows, as PadChest's 16-bit PNGs are read).
+    ``prior=False`` with it: through the reader's percentile window instead (how both read before the prior)."""
     import io
 
     import polars as pl
@@ -133,7 +139,9 @@ def held_out(raw: Path, patients: int, seed: int, header_window: bool = True) ->
 
     from cxr_pipeline.data.dicom import prepare
     from cxr_pipeline.data.synthetic import SynthConfig, generate, patient_relpath
+    from cxr_pipeline.data.window_prior import training_window_prior
     from cxr_pipeline.labels import LABELS, slug
+    from cxr_pipeline.settings import paths
 
     if not raw.exists():
         generate(SynthConfig(patients=patients, seed=seed, source_rows=256, workers=2), raw)
@@ -157,7 +165,8 @@ def held_out(raw: Path, patients: int, seed: int, header_window: bool = True) ->
         ds.save_as(buf, enforce_file_format=True)
         return buf.getvalue()
 
-    return np.stack([prepare(unwindowed(f), 64, name=f) for f in files]), rows
+    fitted = training_window_prior(paths(), 64) if prior else None
+    return np.stack([prepare(unwindowed(f), 64, name=f, prior=fitted) for f in files]), rows
 
 
 def external(folder: Path, fmt: str, patients: int, seed: int, **shift) -> tuple[np.ndarray, object]:
@@ -277,16 +286,20 @@ def main() -> int:
     no_shift = test(images, rows, seed=1)
     print(f"held-out MIMIC: {len(no_shift)} windows, flagged at p < {a.alpha}: {said(no_shift)}", flush=True)
     mimic = measured_and_expected(champ, rows, champ.model.probabilities(images), "mimic")
-    plain, _rows = held_out(a.out / "held_out", a.held_out, a.seed + 100, header_window=False)
-    unwindowed = measured_and_expected(champ, rows, champ.model.probabilities(plain), "mimic")
-    common = sorted(set(mimic) & set(unwindowed))
-    change = float(np.mean([mimic[f][0] - unwindowed[f][0] for f in common]))
-    windowless = test(plain, rows, seed=1)  # the same windows and permutations as the held-out ones
-    print(
-        f"held-out MIMIC read without the header's window (the percentile window, as PadChest's PNGs): AUC drop {change:+.3f} "
-        f"over {len(common)} findings, windows flagged: {said(windowless)}",
-        flush=True,
-    )
+    for prior, how in (
+        (False, "the percentile window, as PadChest's PNGs were read"),
+        (True, "the training headers' windows, as PadChest's PNGs are read"),
+    ):
+        plain, _rows = held_out(a.out / "held_out", a.held_out, a.seed + 100, header_window=False, prior=prior)
+        unwindowed = measured_and_expected(champ, rows, champ.model.probabilities(plain), "mimic")
+        common = sorted(set(mimic) & set(unwindowed))
+        change = float(np.mean([mimic[f][0] - unwindowed[f][0] for f in common]))
+        windowless = test(plain, rows, seed=1)  # the same windows and permutations as the held-out ones
+        print(
+            f"held-out MIMIC read without the header's window ({how}): AUC drop {change:+.3f} "
+            f"over {len(common)} findings, windows flagged: {said(windowless)}",
+            flush=True,
+        )
     fmt_windows: dict[str, list[dict]] = {}
     base = s + 21  # the CheXpert-format baseline's seed, and every level's: the same patients and labels, shifted
     base_images, base_rows = external(a.out / "ext" / f"chexpert-none-s{base}", "chexpert", a.level_patients, base)

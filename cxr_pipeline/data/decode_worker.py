@@ -11,7 +11,7 @@ import os
 
 import xxhash
 
-from cxr_pipeline.data.dicom import DecodeError, decode, decode_native_reduced, letterbox
+from cxr_pipeline.data.dicom import DecodeError, WindowPrior, decode, decode_native_reduced, letterbox
 
 # a private read-only map, pages faulted in up front (one pass, no per-page faults later)
 _MAP_FLAGS = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
@@ -22,14 +22,15 @@ def content_hash(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def decode_for_shards(rel: str, data, sizes: list[int]) -> tuple:
+def decode_for_shards(rel: str, data, sizes: list[int], prior: WindowPrior | None = None) -> tuple:
     """(pixels per size, rows, cols, reason) for one file's bytes (or memory map): decoded once, at the
-    resolution the largest size needs, and letterboxed to each size from that one decode."""
+    resolution the largest size needs, and letterboxed to each size from that one decode; a file that carries no
+    window read through ``prior``'s (``data.dicom.WindowPrior``)."""
     try:
         top = max(sizes)
-        dec = decode_native_reduced(data, top, rel) if rel.lower().endswith(".dcm") else None
+        dec = decode_native_reduced(data, top, rel, prior) if rel.lower().endswith(".dcm") else None
         if dec is None:
-            dec = decode(bytes(data), min_size=top, name=rel)
+            dec = decode(bytes(data), min_size=top, name=rel, prior=prior)
         return {s: letterbox(dec.image, s).tobytes() for s in sizes}, dec.rows, dec.cols, None
     except DecodeError as e:
         return None, 0, 0, str(e).removeprefix(f"{rel}: ")
@@ -37,7 +38,7 @@ def decode_for_shards(rel: str, data, sizes: list[int]) -> tuple:
         return None, 0, 0, f"decode failed ({type(e).__name__})"
 
 
-def work(root: str, tasks: list[tuple[int, str, dict[int, str | None]]]) -> list[tuple]:
+def work(root: str, tasks: list[tuple[int, str, dict[int, str | None]]], prior: WindowPrior | None = None) -> list[tuple]:
     """Read, hash and decode + letterbox at the sizes whose indexed hash differs.
 
     A task is (i, relative path, {size: that size's indexed content hash, or None}). Returns per task
@@ -58,7 +59,7 @@ def work(root: str, tasks: list[tuple[int, str, dict[int, str | None]]]) -> list
                     if not need:
                         out.append((i, h, None, 0, 0, None))
                         continue
-                    px, rows, cols, reason = decode_for_shards(rel, mm, need)
+                    px, rows, cols, reason = decode_for_shards(rel, mm, need, prior)
         except FileNotFoundError:
             out.append((i, None, None, 0, 0, "file missing"))
             continue

@@ -8,7 +8,9 @@ DICOM, the way a viewer shows it:
 3. the VOI LUT or the first window (WindowCenter / WindowWidth) when present,
    via pydicom; otherwise a robust percentile window (0.5th to 99.5th
    percentile of the body of the image), which keeps a burned-in marker or a
-   black border from flattening the contrast;
+   black border from flattening the contrast, or, given a ``WindowPrior``, a
+   window the training images' headers carry (so a format that drops the
+   window does not change how its images read);
 4. MONOCHROME1 inverted, so bone is always bright.
 
 Multi-frame, colour and pixel-less objects are refused with a reason.
@@ -27,7 +29,9 @@ Nothing here logs or returns header text: errors name the file and the reason.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +52,49 @@ class Decoded:
     rows: int  # the full-resolution size
     cols: int
     reduce: int  # resolution levels skipped (0: decoded at full size)
-    window: str  # "voi_lut", "window", "percentile" or "jpg"
+    window: str  # "voi_lut", "window", "percentile", "training window" or "jpg" (16-bit PNGs: "... (16-bit)")
+    # the header's window in units of the image's percentile window (``window_units``); None when not read through one
+    window_units: tuple[float, float, str] | None = None
+
+
+@dataclass(frozen=True)
+class WindowPrior:
+    """The windows the training split's headers carry, each as (center, width, VOI LUT function) in units of its own
+    image's percentile window: 0 at the 0.5th percentile of the values the reader windows, 1 at the 99.5th
+    (``window_units``; ``data.window_prior`` fits it). A file that carries no window (PadChest's 16-bit PNGs, a DICOM
+    without one) is read through one of them instead of the percentile window.
+
+    Why: the models were trained on images read through their headers' windows, which differ from the percentile
+    window (wider, narrower, another function). Every windowless image read through the one percentile rule made a
+    set whose files drop the window look unlike the training images as a whole (the drift monitor flagged every
+    PadChest-format window with no image shift, #51) though no image differed. One window is drawn per image, by
+    a hash of its values, so a windowless set reads through the training windows' own mix, and an image reads the
+    same every time. What is lost: a window fitted to that image by its modality; the draw ignores content."""
+
+    windows: tuple[tuple[float, float, str], ...]
+
+    def __post_init__(self) -> None:
+        if not self.windows:
+            raise ValueError("a WindowPrior needs at least one window")
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (float32, in place) through the window drawn for them, onto [0, 1]."""
+        lo, hi = percentile_bounds(values)
+        sub = np.ascontiguousarray(_subsample(values))
+        pick = int.from_bytes(hashlib.blake2b(sub.tobytes(), digest_size=8).digest(), "little") % len(self.windows)
+        center, width, function = self.windows[pick]
+        out = window(values, lo + center * (hi - lo), width * (hi - lo), function)
+        return percentile_window(values) if out is None else out
+
+    def digest(self) -> str:
+        """What the windows are (a shard folder built through another prior is rebuilt)."""
+        return hashlib.sha256(json.dumps([list(w) for w in self.windows]).encode()).hexdigest()[:16]
+
+
+def window_units(values: np.ndarray, center: float, width: float, function: str) -> tuple[float, float, str]:
+    """A window over ``values`` in units of their percentile window (``WindowPrior``); call before windowing."""
+    lo, hi = percentile_bounds(values)
+    return float(center - lo) / float(hi - lo), float(width) / float(hi - lo), function
 
 
 def _pillow_size_ok(n: int, level: int) -> bool:
@@ -131,8 +177,9 @@ def _j2k_reduced(ds, level: int) -> np.ndarray | None:
     return arr >> shift if shift > 0 else arr
 
 
-def _voi(arr: np.ndarray, ds) -> tuple[np.ndarray, str]:
-    """Modality LUT then VOI LUT / window / percentile window -> [0, 1]."""
+def _voi(arr: np.ndarray, ds, prior: WindowPrior | None = None) -> tuple[np.ndarray, str, tuple | None]:
+    """Modality LUT then VOI LUT / window / percentile window (``prior``'s without a window) -> ([0, 1], how, the
+    header window's units)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     if ds.get("VOILUTSequence"):
@@ -140,13 +187,18 @@ def _voi(arr: np.ndarray, ds) -> tuple[np.ndarray, str]:
         bits = int(item.LUTDescriptor[2])
         src = apply_modality_lut(arr, ds) if ds.get("ModalityLUTSequence") else arr
         out = apply_voi_lut(src, ds, index=0, prefer_lut=True).astype(np.float32)
-        return _clip01(out / np.float32(2**bits - 1)), "voi_lut"
+        return _clip01(out / np.float32(2**bits - 1)), "voi_lut", None
     values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        out = window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR")).upper())
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        units = window_units(values, center, width, function)  # before the window: it works in place
+        out = window(values, center, width, function)
         if out is not None:
-            return out, "window"
-    return percentile_window(values), "percentile"
+            return out, "window", units
+    if prior is not None:
+        return prior.apply(values), "training window", None
+    return percentile_window(values), "percentile", None
 
 
 def _first(v) -> float:
@@ -192,9 +244,12 @@ def percentile_bounds(values: np.ndarray) -> tuple[float, float]:
     """The 0.5th and 99.5th percentile of a subsample of ``values`` (at most about 256 x 256), ``hi`` above ``lo``:
     the window an image without one is read through (``percentile_window``), and the one the replica's writer puts
     in such an image so that it reads the same (``dicom_writer``)."""
-    sub = values[:: max(1, values.shape[0] // 256), :: max(1, values.shape[1] // 256)]
-    lo, hi = np.percentile(sub, PERCENTILE_WINDOW)
+    lo, hi = np.percentile(_subsample(values), PERCENTILE_WINDOW)
     return lo, (hi if hi > lo else lo + 1)
+
+
+def _subsample(values: np.ndarray) -> np.ndarray:
+    return values[:: max(1, values.shape[0] // 256), :: max(1, values.shape[1] // 256)]
 
 
 def percentile_window(values: np.ndarray) -> np.ndarray:
@@ -205,8 +260,9 @@ def percentile_window(values: np.ndarray) -> np.ndarray:
     return _clip01(values)
 
 
-def decode_dicom(source: str | Path | bytes, min_size: int | None = None, name: str = "") -> Decoded:
-    """Decode one DICOM radiograph. ``min_size``: allow a reduced-resolution J2K decode."""
+def decode_dicom(source: str | Path | bytes, min_size: int | None = None, name: str = "", prior: WindowPrior | None = None) -> Decoded:
+    """Decode one DICOM radiograph. ``min_size``: allow a reduced-resolution J2K decode; ``prior``: the windows a
+    file without one is read through (else the percentile window)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -248,13 +304,13 @@ def decode_dicom(source: str | Path | bytes, min_size: int | None = None, name: 
                 arr = box_reduce(arr, 1 << level)
     if arr.ndim != 2:
         raise DecodeError(f"{label}: pixel array has shape {arr.shape}, expected 2-D")
-    img, window = _voi(arr, ds)
+    img, how, units = _voi(arr, ds, prior)
     if photometric == "MONOCHROME1":
         img = 1.0 - img
-    return Decoded(image=np.ascontiguousarray(img, dtype=np.float32), rows=rows, cols=cols, reduce=level, window=window)
+    return Decoded(np.ascontiguousarray(img, dtype=np.float32), rows, cols, level, how, units)
 
 
-def decode_native_reduced(buffer, min_size: int | None, name: str = "") -> Decoded | None:
+def decode_native_reduced(buffer, min_size: int | None, name: str = "", prior: WindowPrior | None = None) -> Decoded | None:
     """The shard builder's fast path for what the MIMIC-CXR DICOM release ships: one uncompressed
     16-bit little-endian frame. None when the file is anything else (``decode`` then handles it).
 
@@ -294,16 +350,17 @@ def decode_native_reduced(buffer, min_size: int | None, name: str = "") -> Decod
         stored = stored & np.uint16((1 << bits) - 1)
     small = box_reduce(stored, 1 << level)
     del stored  # no view of the buffer may outlive it
-    img, window = _voi(small, ds)
+    img, how, units = _voi(small, ds, prior)
     if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
         img = 1.0 - img
-    return Decoded(image=np.ascontiguousarray(img, dtype=np.float32), rows=rows, cols=cols, reduce=level, window=window)
+    return Decoded(np.ascontiguousarray(img, dtype=np.float32), rows, cols, level, how, units)
 
 
-def decode_jpg(source: str | Path | bytes, min_size: int | None = None, name: str = "") -> Decoded:
+def decode_jpg(source: str | Path | bytes, min_size: int | None = None, name: str = "", prior: WindowPrior | None = None) -> Decoded:
     """MIMIC-CXR-JPG, CheXpert's JPGs and NIH's PNGs: 8-bit grey, already windowed, read as they are. PadChest's
     PNGs are 16-bit (12 bits stored, no window in the file): Pillow's conversion to 8 bits would clip every value
-    above 255 to white, so their values are windowed like a DICOM without a VOI (``percentile_window``)."""
+    above 255 to white, so their values are windowed like a DICOM without a VOI (``prior``'s windows, else
+    ``percentile_window``)."""
     from PIL import Image, UnidentifiedImageError
 
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
@@ -314,7 +371,9 @@ def decode_jpg(source: str | Path | bytes, min_size: int | None = None, name: st
             if getattr(im, "n_frames", 1) > 1:
                 raise DecodeError(f"{label}: multi-frame image")
             values = np.asarray(im).astype(np.float32)
-            return Decoded(image=percentile_window(values), rows=rows, cols=cols, reduce=0, window="percentile (16-bit)")
+            if prior is not None:
+                return Decoded(prior.apply(values), rows, cols, 0, "training window (16-bit)")
+            return Decoded(percentile_window(values), rows, cols, 0, "percentile (16-bit)")
         if min_size and im.format == "JPEG":
             im.draft("L", (min_size, min_size))  # DCT scaling: never below the requested size
         im = im.convert("L")
@@ -326,8 +385,9 @@ def decode_jpg(source: str | Path | bytes, min_size: int | None = None, name: st
     return Decoded(image=np.asarray(im, dtype=np.float32) / 255.0, rows=rows, cols=cols, reduce=level, window="jpg")
 
 
-def decode(source: str | Path | bytes, min_size: int | None = None, name: str = "") -> Decoded:
-    """DICOM or JPG/PNG, chosen by content (DICM magic at byte 128) or suffix."""
+def decode(source: str | Path | bytes, min_size: int | None = None, name: str = "", prior: WindowPrior | None = None) -> Decoded:
+    """DICOM or JPG/PNG, chosen by content (DICM magic at byte 128) or suffix; ``prior``: the windows a file that
+    carries none is read through (``WindowPrior``; else the percentile window)."""
     if isinstance(source, bytes):
         data = source
     else:
@@ -339,8 +399,8 @@ def decode(source: str | Path | bytes, min_size: int | None = None, name: str = 
     if len(data) == 0:
         raise DecodeError(f"{name}: empty file")
     if data[128:132] == b"DICM" or str(name).lower().endswith(".dcm"):
-        return decode_dicom(data, min_size, name)
-    return decode_jpg(data, min_size, name)
+        return decode_dicom(data, min_size, name, prior)
+    return decode_jpg(data, min_size, name, prior)
 
 
 def letterbox_geometry(rows: int, cols: int, size: int) -> tuple[int, int, int, int]:
@@ -394,9 +454,9 @@ def letterbox(img: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def prepare(source: str | Path | bytes, size: int, name: str = "") -> np.ndarray:
+def prepare(source: str | Path | bytes, size: int, name: str = "", prior: WindowPrior | None = None) -> np.ndarray:
     """What the shard builder stores for one image: decoded, windowed, letterboxed uint8."""
-    return letterbox(decode(source, min_size=size, name=name).image, size)
+    return letterbox(decode(source, min_size=size, name=name, prior=prior).image, size)
 
 
 def header_geometry(source: str | Path | bytes) -> tuple[int, int, int]:

@@ -37,6 +37,7 @@ from pathlib import Path
 import polars as pl
 
 from cxr_pipeline.data.decode_worker import init_worker, work
+from cxr_pipeline.data.dicom import WindowPrior
 from cxr_pipeline.data.shard_reader import INDEX, INDEX_SCHEMA, PARTITIONS, SPEC, Shards, contact_sheet, gather, write_png
 from cxr_pipeline.fields import at_least_one, setting
 from cxr_pipeline.files import atomic_path, write_parquet
@@ -105,6 +106,7 @@ class ShardSpec:
     images_per_shard: int = 1024
     workers: int = 1
     chunk: int = 8  # images per task sent to a worker
+    prior: WindowPrior | None = None  # the windows a file without one is read through (external sets: data.window_prior)
 
 
 @dataclass
@@ -125,27 +127,32 @@ def decoder_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _run_tasks(
-    root: Path, tasks: list[tuple[int, str, dict]], workers: int, chunk: int, pool: ProcessPoolExecutor | None = None
+    root: Path,
+    tasks: list[tuple[int, str, dict]],
+    workers: int,
+    chunk: int,
+    pool: ProcessPoolExecutor | None = None,
+    prior: WindowPrior | None = None,
 ) -> Iterable[tuple]:
     """Yield worker results in task order, keeping a bounded number of chunks in flight."""
     chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
     if pool is None and (workers <= 1 or len(tasks) <= chunk):
         init_worker()
         for c in chunks:
-            yield from work(str(root), c)
+            yield from work(str(root), c, prior)
         return
     with contextlib.nullcontext(pool) if pool is not None else decoder_pool(workers) as ex:
         pending: deque[Future] = deque()
         it = iter(chunks)
         for c in it:
-            pending.append(ex.submit(work, str(root), c))
+            pending.append(ex.submit(work, str(root), c, prior))
             if len(pending) >= 4 * workers:
                 break
         while pending:
             yield from pending.popleft().result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(ex.submit(work, str(root), nxt))
+                pending.append(ex.submit(work, str(root), nxt, prior))
 
 
 # ------------------------------------------------------------------ builder
@@ -256,15 +263,19 @@ class _ShardWriter:
 
 
 def _check_spec(out: Path, spec: ShardSpec) -> None:
-    """Record the size a partition folder is built at (``spec.json``, what ``Shards.open`` checks), or refuse a
-    folder already built at another size."""
+    """Record the size a partition folder is built at (``spec.json``, what ``Shards.open`` checks) and the window
+    prior its windowless files are read through, or refuse a folder already built at another size. A folder built
+    through another prior loses its index first (every image is read again; a kill after this resumes from none)."""
     spec_file = out / SPEC
-    if not spec_file.exists():
-        spec_file.write_text(json.dumps({"size": spec.size, "dtype": "uint8", "layout": "n,size,size"}))
-        return
-    built = json.loads(spec_file.read_text())
-    if built.get("size") != spec.size:
+    prior = spec.prior.digest() if spec.prior is not None else None
+    built = json.loads(spec_file.read_text()) if spec_file.exists() else None
+    if built is not None and built.get("size") != spec.size:
         raise ValueError(f"{out}: shards were built at {built.get('size')} px, not {spec.size}; use a folder per size")
+    if built is None or built.get("window_prior") != prior:
+        (out / INDEX).unlink(missing_ok=True)
+        record = {"size": spec.size, "dtype": "uint8", "layout": "n,size,size", **({"window_prior": prior} if prior else {})}
+        with atomic_path(spec_file) as tmp:
+            tmp.write_text(json.dumps(record))
 
 
 def build_partition(
@@ -304,7 +315,7 @@ def build_sizes(
     for size, out in sorted(outs.items()):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _check_spec(out, ShardSpec(size, spec.images_per_shard, spec.workers, spec.chunk))
+        _check_spec(out, ShardSpec(size, spec.images_per_shard, spec.workers, spec.chunk, spec.prior))
         index = _read_or_empty(out / INDEX, INDEX_SCHEMA)
         orphans = _clean(out, index)
         plan = plans[size] = plan_partition(root, items, index, _read_or_empty(out / REJECTS, REJECT_SCHEMA), stat)
@@ -321,7 +332,7 @@ def build_sizes(
     order = list(wanted.values())
     tasks = [(j, paths[did], {s: k for s, (_, k) in by.items()}) for j, (did, by) in enumerate(wanted.items())]
     done = files_decoded = 0
-    for j, h, px, rows, cols, reason in _run_tasks(root, tasks, spec.workers, spec.chunk, pool):
+    for j, h, px, rows, cols, reason in _run_tasks(root, tasks, spec.workers, spec.chunk, pool, spec.prior):
         files_decoded += px is not None
         for size, (i, _known) in order[j].items():
             _apply(plans[size], writers[size], stats[size], i, h, None if px is None else px.get(size), rows, cols, reason)

@@ -14,6 +14,7 @@ root, incrementally; a corrupt file is rejected by name and counted.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from cxr_pipeline.data.external import (
 )
 from cxr_pipeline.data.shard_reader import Shards, open_images
 from cxr_pipeline.data.shards import ShardSettings, build_sizes
+from cxr_pipeline.data.window_prior import training_window_prior
 from cxr_pipeline.labels import LABEL_BY_SLUG, slug
 from cxr_pipeline.vision.calibration import calibration_row
 from cxr_pipeline.vision.checkpoint import CHAMPION, load_registered
@@ -84,11 +86,13 @@ def load_champions(client, uri: str, names: list[str], alias: str = CHAMPION) ->
 
 def build_external_shards(paths, fmt: str, folder: Path, rows: pl.DataFrame, sizes: list[int], shards: ShardSettings) -> dict:
     """The selected rows' images into the dataset's shard root at every size (one decode per file, incremental),
-    built as MIMIC's are (``shards``: the resolved ``image_shards`` settings, images per shard and workers);
-    returns {size: BuildResult}."""
+    built as MIMIC's are (``shards``: the resolved ``image_shards`` settings, images per shard and workers), a file
+    that carries no window (PadChest's 16-bit PNGs) read through the training headers' windows
+    (``data.window_prior``) as the models' training images were; returns {size: BuildResult}."""
 
     outs = {s: paths.external_shard_root(fmt, s) / EXTERNAL_PARTITION for s in sizes}
-    return build_sizes(folder, outs, rows.select("dicom_id", "path"), shards.spec(sizes[0]))
+    spec = dataclasses.replace(shards.spec(sizes[0]), prior=training_window_prior(paths, max(sizes)))
+    return build_sizes(folder, outs, rows.select("dicom_id", "path"), spec)
 
 
 def score_champion(champ: Champion, fmt: str, rows: pl.DataFrame, scores: np.ndarray, n_boot: int, seed: int) -> list[dict]:
