@@ -79,13 +79,13 @@ def train(home: Path, raw: Path, patients: int, seed: int, epochs: int) -> None:
 
     done = home / "trained.json"
     asked = {"patients": patients, "seed": seed, "epochs": epochs}
+    os.environ["CXR_RAW_DIR"] = str(raw)  # the manifest's paths are under it (the window prior reads its files)
     if done.exists():
         if json.loads(done.read_text()) != asked:
             raise SystemExit(f"{home} holds a champion trained with {done.read_text()}, not {asked}: use another --out")
         return
     if not raw.exists():
         generate(SynthConfig(patients=patients, seed=seed, source_rows=256, workers=2), raw)
-    os.environ["CXR_RAW_DIR"] = str(raw)
     p = paths()
     config = {**DEMO_RUN_CONFIG, "classifier": {**DEMO_RUN_CONFIG["classifier"], "size": 64, "epochs": epochs}}
     write_pipeline_config(p, {k: v for k, v in config.items() if k in ("manifest", "classifier")}, "bench_drift")
@@ -207,9 +207,12 @@ def measured_and_expected(champ, rows, raw: np.ndarray, fmt: str) -> dict[str, t
 
 
 def window_cbpe(champ, rows, raw: np.ndarray, windows: list[np.ndarray], fmt: str, min_class: int = 5) -> np.ndarray:
-    """CBPE as the asset reports it, on each window: per (window, finding with at least ``min_class`` of each class in
-    it), |expected - measured| of the AUC, the sensitivity and the specificity, the calls read on the network's
-    scores at its threshold (as ``predict`` reads them). Shape (pairs, 3)."""
+    """CBPE as the asset reports it (``vision.drift.compare``), on each window: per (window, finding with at least
+    ``min_class`` of each class among its labelled images), |expected - measured| of the AUC, the sensitivity and
+    the specificity, expected over every image of the window and measured over its labelled ones, the calls read
+    on the network's scores at its threshold (as ``predict`` reads them); then 1 where the window's calls are all
+    one class (expected and measured sensitivity and specificity then agree trivially), and the measured AUC's
+    standard error (Hanley and McNeil 1982: the noise the error is measured against). Shape (pairs, 5)."""
     import polars as pl
     from sklearn.metrics import roc_auc_score
 
@@ -232,20 +235,31 @@ def window_cbpe(champ, rows, raw: np.ndarray, windows: list[np.ndarray], fmt: st
             y = np.array([target[i] for i in idx.tolist()], dtype=int)
             if min(y.sum(), len(y) - y.sum()) < min_class:
                 continue
+            calls = raw[w, j] >= m.thresholds[j]
+            e = cbpe(prob[w, j], calls)
             call = raw[idx, j] >= m.thresholds[j]
-            e = cbpe(prob[idx, j], call)
-            measured = (roc_auc_score(y, prob[idx, j]), call[y == 1].mean(), (~call[y == 0]).mean())
+            auc = roc_auc_score(y, prob[idx, j])
+            measured = (auc, call[y == 1].mean(), (~call[y == 0]).mean())
             expected = (e["expected_auc"], e["expected_sensitivity"], e["expected_specificity"])
-            out.append([abs(a - b) for a, b in zip(expected, measured, strict=True)])
-    return np.array(out, dtype=float).reshape(-1, 3)
+            n1, n0 = int(y.sum()), int(len(y) - y.sum())
+            q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+            se = np.sqrt((auc * (1 - auc) + (n1 - 1) * (q1 - auc**2) + (n0 - 1) * (q2 - auc**2)) / (n1 * n0))
+            out.append([abs(a - b) for a, b in zip(expected, measured, strict=True)] + [float(calls.all() or not calls.any()), se])
+    return np.array(out, dtype=float).reshape(-1, 5)
 
 
 def said_cbpe(errors: np.ndarray) -> str:
     """Median |error| of AUC, sensitivity and specificity over (window, finding) pairs."""
     if not len(errors):
         return "no window with enough of each class"
-    med = np.median(errors, axis=0)
-    return f"AUC {med[0]:.3f}, sensitivity {med[1]:.3f}, specificity {med[2]:.3f} over {len(errors)} (window, finding) pairs"
+    med = np.median(errors[:, :3], axis=0)
+    split = errors[errors[:, 3] == 0, :3]
+    mixed = np.median(split, axis=0) if len(split) else np.full(3, np.nan)
+    return (
+        f"AUC {med[0]:.3f}, sensitivity {med[1]:.3f}, specificity {med[2]:.3f} over {len(errors)} (window, finding) pairs, "
+        f"{int(errors[:, 3].sum())} of them with every call alike (sensitivity {mixed[1]:.3f}, specificity {mixed[2]:.3f} without "
+        f"those); the measured AUC's median standard error {np.median(errors[:, 4]):.3f}"
+    )
 
 
 def cbpe_error(per: dict[str, tuple[float, float]], findings: list[str]) -> float:
@@ -396,8 +410,8 @@ def main() -> int:
         f"{cbpe_error(mimic, sorted(mimic)):.3f}; levels (and the no-shift CheXpert set) within 0.05: {sum(e <= 0.05 for e in errors)}/{len(errors)}, "
         f"largest {max(errors):.3f}"
     )
-    small = np.concatenate([r["per_window"] for r in results if r["drop"] < 0.05] or [np.zeros((0, 3))])
-    large = np.concatenate([r["per_window"] for r in results if r["drop"] >= 0.05] or [np.zeros((0, 3))])
+    small = np.concatenate([r["per_window"] for r in results if r["drop"] < 0.05] or [np.zeros((0, 5))])
+    large = np.concatenate([r["per_window"] for r in results if r["drop"] >= 0.05] or [np.zeros((0, 5))])
     print(
         f"CBPE on {a.window}-patient windows, median |error|: held-out MIMIC {said_cbpe(mimic_windows)}; levels with AUC drop < 0.05 "
         f"{said_cbpe(small)}; levels with AUC drop >= 0.05 {said_cbpe(large)}"

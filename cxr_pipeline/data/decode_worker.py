@@ -11,7 +11,8 @@ import os
 
 import xxhash
 
-from cxr_pipeline.data.dicom import DecodeError, WindowPrior, decode, decode_native_reduced, letterbox
+from cxr_pipeline.data.dicom import DecodeError, decode, decode_native_reduced, letterbox
+from cxr_pipeline.data.voi import WindowPrior
 
 # a private read-only map, pages faulted in up front (one pass, no per-page faults later)
 _MAP_FLAGS = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
@@ -22,12 +23,13 @@ def content_hash(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def decode_for_shards(rel: str, data, sizes: list[int], prior: WindowPrior | None = None) -> tuple:
+def decode_for_shards(rel: str, data, sizes: list[int], prior: WindowPrior | None = None, decode_at: int = 0) -> tuple:
     """(pixels per size, rows, cols, reason) for one file's bytes (or memory map): decoded once, at the
-    resolution the largest size needs, and letterboxed to each size from that one decode; a file that carries no
-    window read through ``prior``'s (``data.dicom.WindowPrior``)."""
+    resolution the largest size needs (or ``decode_at``, when larger: the level another set was read at), and
+    letterboxed to each size from that one decode; a file that carries no window read through ``prior``'s
+    (``data.dicom.WindowPrior``)."""
     try:
-        top = max(sizes)
+        top = max(*sizes, decode_at)
         dec = decode_native_reduced(data, top, rel, prior) if rel.lower().endswith(".dcm") else None
         if dec is None:
             dec = decode(bytes(data), min_size=top, name=rel, prior=prior)
@@ -38,7 +40,9 @@ def decode_for_shards(rel: str, data, sizes: list[int], prior: WindowPrior | Non
         return None, 0, 0, f"decode failed ({type(e).__name__})"
 
 
-def work(root: str, tasks: list[tuple[int, str, dict[int, str | None]]], prior: WindowPrior | None = None) -> list[tuple]:
+def work(
+    root: str, tasks: list[tuple[int, str, dict[int, str | None]]], prior: WindowPrior | None = None, decode_at: int = 0
+) -> list[tuple]:
     """Read, hash and decode + letterbox at the sizes whose indexed hash differs.
 
     A task is (i, relative path, {size: that size's indexed content hash, or None}). Returns per task
@@ -59,7 +63,7 @@ def work(root: str, tasks: list[tuple[int, str, dict[int, str | None]]], prior: 
                     if not need:
                         out.append((i, h, None, 0, 0, None))
                         continue
-                    px, rows, cols, reason = decode_for_shards(rel, mm, need, prior)
+                    px, rows, cols, reason = decode_for_shards(rel, mm, need, prior, decode_at)
         except FileNotFoundError:
             out.append((i, None, None, 0, 0, "file missing"))
             continue

@@ -29,17 +29,16 @@ Nothing here logs or returns header text: errors name the file and the reason.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cxr_pipeline.data.voi import PERCENTILE_UNITS, WindowPrior, clip01, percentile_window, window, window_units
+
 J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
 NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
-PERCENTILE_WINDOW = (0.5, 99.5)
 
 
 class DecodeError(ValueError):
@@ -53,48 +52,9 @@ class Decoded:
     cols: int
     reduce: int  # resolution levels skipped (0: decoded at full size)
     window: str  # "voi_lut", "window", "percentile", "training window" or "jpg" (16-bit PNGs: "... (16-bit)")
-    # the header's window in units of the image's percentile window (``window_units``); None when not read through one
+    # with ``units=True``: the window read through in ``WindowPrior``'s units (``window_units``; the percentile
+    # window's for an image without one); None for a VOI LUT, a training window, a JPG, or without ``units``
     window_units: tuple[float, float, str] | None = None
-
-
-@dataclass(frozen=True)
-class WindowPrior:
-    """The windows the training split's headers carry, each as (center, width, VOI LUT function) in units of its own
-    image's percentile window: 0 at the 0.5th percentile of the values the reader windows, 1 at the 99.5th
-    (``window_units``; ``data.window_prior`` fits it). A file that carries no window (PadChest's 16-bit PNGs, a DICOM
-    without one) is read through one of them instead of the percentile window.
-
-    Why: the models were trained on images read through their headers' windows, which differ from the percentile
-    window (wider, narrower, another function). Every windowless image read through the one percentile rule made a
-    set whose files drop the window look unlike the training images as a whole (the drift monitor flagged every
-    PadChest-format window with no image shift, #51) though no image differed. One window is drawn per image, by
-    a hash of its values, so a windowless set reads through the training windows' own mix, and an image reads the
-    same every time. What is lost: a window fitted to that image by its modality; the draw ignores content."""
-
-    windows: tuple[tuple[float, float, str], ...]
-
-    def __post_init__(self) -> None:
-        if not self.windows:
-            raise ValueError("a WindowPrior needs at least one window")
-
-    def apply(self, values: np.ndarray) -> np.ndarray:
-        """``values`` (float32, in place) through the window drawn for them, onto [0, 1]."""
-        lo, hi = percentile_bounds(values)
-        sub = np.ascontiguousarray(_subsample(values))
-        pick = int.from_bytes(hashlib.blake2b(sub.tobytes(), digest_size=8).digest(), "little") % len(self.windows)
-        center, width, function = self.windows[pick]
-        out = window(values, lo + center * (hi - lo), width * (hi - lo), function)
-        return percentile_window(values) if out is None else out
-
-    def digest(self) -> str:
-        """What the windows are (a shard folder built through another prior is rebuilt)."""
-        return hashlib.sha256(json.dumps([list(w) for w in self.windows]).encode()).hexdigest()[:16]
-
-
-def window_units(values: np.ndarray, center: float, width: float, function: str) -> tuple[float, float, str]:
-    """A window over ``values`` in units of their percentile window (``WindowPrior``); call before windowing."""
-    lo, hi = percentile_bounds(values)
-    return float(center - lo) / float(hi - lo), float(width) / float(hi - lo), function
 
 
 def _pillow_size_ok(n: int, level: int) -> bool:
@@ -177,9 +137,9 @@ def _j2k_reduced(ds, level: int) -> np.ndarray | None:
     return arr >> shift if shift > 0 else arr
 
 
-def _voi(arr: np.ndarray, ds, prior: WindowPrior | None = None) -> tuple[np.ndarray, str, tuple | None]:
-    """Modality LUT then VOI LUT / window / percentile window (``prior``'s without a window) -> ([0, 1], how, the
-    header window's units)."""
+def _voi(arr: np.ndarray, ds, prior: WindowPrior | None = None, key=None, units: bool = False) -> tuple[np.ndarray, str, tuple | None]:
+    """Modality LUT then VOI LUT / window / percentile window (``prior``'s without a window, drawn by ``key``, the
+    file's bytes) -> ([0, 1], how, with ``units`` the window's units)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     if ds.get("VOILUTSequence"):
@@ -187,82 +147,30 @@ def _voi(arr: np.ndarray, ds, prior: WindowPrior | None = None) -> tuple[np.ndar
         bits = int(item.LUTDescriptor[2])
         src = apply_modality_lut(arr, ds) if ds.get("ModalityLUTSequence") else arr
         out = apply_voi_lut(src, ds, index=0, prefer_lut=True).astype(np.float32)
-        return _clip01(out / np.float32(2**bits - 1)), "voi_lut", None
+        return clip01(out / np.float32(2**bits - 1)), "voi_lut", None
     values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    mono1 = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
     if "WindowCenter" in ds and "WindowWidth" in ds:
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
         function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-        units = window_units(values, center, width, function)  # before the window: it works in place
+        scaled = window_units(values, center, width, function, mono1) if units else None  # before: in place
         out = window(values, center, width, function)
         if out is not None:
-            return out, "window", units
-    if prior is not None:
-        return prior.apply(values), "training window", None
-    return percentile_window(values), "percentile", None
+            return out, "window", scaled
+    if prior is not None and key is not None:
+        return prior.apply(values, key, mono1), "training window", None
+    return percentile_window(values), "percentile", PERCENTILE_UNITS if units else None
 
 
 def _first(v) -> float:
     return float(v[0]) if isinstance(v, list | tuple) or hasattr(v, "__getitem__") and not isinstance(v, str | bytes) else float(v)
 
 
-def _clip01(x: np.ndarray) -> np.ndarray:
-    # np.clip takes a slow generic path on large float arrays; min/max in place do not
-    np.maximum(x, 0, out=x)
-    np.minimum(x, 1, out=x)
-    return x
-
-
-def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray | None:
-    """The DICOM VOI window (PS3.3 C.11.2.1.2), normalised to [0, 1]; in place on float32.
-
-    pydicom's ``apply_windowing`` computes the same in float64 with boolean
-    masks, about 5x slower on a 3000-pixel radiograph; tests compare the two.
-    Returns None for a width the standard does not allow.
-    """
-    if function == "LINEAR":
-        if width < 1:
-            return None
-        c, w = center - 0.5, width - 1.0
-        if w == 0:
-            return (values > c).astype(np.float32)
-    elif function == "LINEAR_EXACT":
-        if width <= 0:
-            return None
-        c, w = center, width
-    elif function == "SIGMOID":
-        if width <= 0:
-            return None
-        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
-    else:
-        return None
-    values -= np.float32(c - w / 2)
-    values *= np.float32(1.0 / w)
-    return _clip01(values)
-
-
-def percentile_bounds(values: np.ndarray) -> tuple[float, float]:
-    """The 0.5th and 99.5th percentile of a subsample of ``values`` (at most about 256 x 256), ``hi`` above ``lo``:
-    the window an image without one is read through (``percentile_window``), and the one the replica's writer puts
-    in such an image so that it reads the same (``dicom_writer``)."""
-    lo, hi = np.percentile(_subsample(values), PERCENTILE_WINDOW)
-    return lo, (hi if hi > lo else lo + 1)
-
-
-def _subsample(values: np.ndarray) -> np.ndarray:
-    return values[:: max(1, values.shape[0] // 256), :: max(1, values.shape[1] // 256)]
-
-
-def percentile_window(values: np.ndarray) -> np.ndarray:
-    """Window the 0.5th to 99.5th percentile (of a subsample) onto [0, 1]; in place."""
-    lo, hi = percentile_bounds(values)
-    values -= np.float32(lo)
-    values *= np.float32(1.0 / (hi - lo))
-    return _clip01(values)
-
-
-def decode_dicom(source: str | Path | bytes, min_size: int | None = None, name: str = "", prior: WindowPrior | None = None) -> Decoded:
+def decode_dicom(
+    source: str | Path | bytes, min_size: int | None = None, name: str = "", prior: WindowPrior | None = None, units: bool = False
+) -> Decoded:
     """Decode one DICOM radiograph. ``min_size``: allow a reduced-resolution J2K decode; ``prior``: the windows a
-    file without one is read through (else the percentile window)."""
+    file without one is read through (else the percentile window); ``units``: report the window's units."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -304,10 +212,11 @@ def decode_dicom(source: str | Path | bytes, min_size: int | None = None, name: 
                 arr = box_reduce(arr, 1 << level)
     if arr.ndim != 2:
         raise DecodeError(f"{label}: pixel array has shape {arr.shape}, expected 2-D")
-    img, how, units = _voi(arr, ds, prior)
+    key = source if isinstance(source, bytes) else (Path(source).read_bytes() if prior is not None else None)
+    img, how, scaled = _voi(arr, ds, prior, key, units)
     if photometric == "MONOCHROME1":
         img = 1.0 - img
-    return Decoded(np.ascontiguousarray(img, dtype=np.float32), rows, cols, level, how, units)
+    return Decoded(np.ascontiguousarray(img, dtype=np.float32), rows, cols, level, how, scaled)
 
 
 def decode_native_reduced(buffer, min_size: int | None, name: str = "", prior: WindowPrior | None = None) -> Decoded | None:
@@ -350,13 +259,15 @@ def decode_native_reduced(buffer, min_size: int | None, name: str = "", prior: W
         stored = stored & np.uint16((1 << bits) - 1)
     small = box_reduce(stored, 1 << level)
     del stored  # no view of the buffer may outlive it
-    img, how, units = _voi(small, ds, prior)
+    img, how, scaled = _voi(small, ds, prior, buffer)
     if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
         img = 1.0 - img
-    return Decoded(np.ascontiguousarray(img, dtype=np.float32), rows, cols, level, how, units)
+    return Decoded(np.ascontiguousarray(img, dtype=np.float32), rows, cols, level, how, scaled)
 
 
-def decode_jpg(source: str | Path | bytes, min_size: int | None = None, name: str = "", prior: WindowPrior | None = None) -> Decoded:
+def decode_jpg(
+    source: str | Path | bytes, min_size: int | None = None, name: str = "", prior: WindowPrior | None = None, units: bool = False
+) -> Decoded:
     """MIMIC-CXR-JPG, CheXpert's JPGs and NIH's PNGs: 8-bit grey, already windowed, read as they are. PadChest's
     PNGs are 16-bit (12 bits stored, no window in the file): Pillow's conversion to 8 bits would clip every value
     above 255 to white, so their values are windowed like a DICOM without a VOI (``prior``'s windows, else
@@ -370,10 +281,17 @@ def decode_jpg(source: str | Path | bytes, min_size: int | None = None, name: st
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             if getattr(im, "n_frames", 1) > 1:
                 raise DecodeError(f"{label}: multi-frame image")
-            values = np.asarray(im).astype(np.float32)
+            # reduced like a DICOM's stored values (box averages, before the window): the percentiles, and so the
+            # window, are those of the image at the resolution it is read for, as for the training images
+            level = _reduce_level(rows, cols, min_size, pillow_sizes=False)
+            stored = np.asarray(im)
+            if stored.dtype.itemsize > 2 and stored.size and 0 <= stored.min() and stored.max() <= 65535:
+                stored = stored.astype(np.uint16)  # mode I: box_reduce's exact integer path
+            values = box_reduce(stored, 1 << level) if level else stored.astype(np.float32)
             if prior is not None:
-                return Decoded(prior.apply(values), rows, cols, 0, "training window (16-bit)")
-            return Decoded(percentile_window(values), rows, cols, 0, "percentile (16-bit)")
+                key = source if isinstance(source, bytes) else Path(source).read_bytes()
+                return Decoded(prior.apply(values, key), rows, cols, level, "training window (16-bit)")
+            return Decoded(percentile_window(values), rows, cols, level, "percentile (16-bit)", PERCENTILE_UNITS if units else None)
         if min_size and im.format == "JPEG":
             im.draft("L", (min_size, min_size))  # DCT scaling: never below the requested size
         im = im.convert("L")
@@ -385,9 +303,12 @@ def decode_jpg(source: str | Path | bytes, min_size: int | None = None, name: st
     return Decoded(image=np.asarray(im, dtype=np.float32) / 255.0, rows=rows, cols=cols, reduce=level, window="jpg")
 
 
-def decode(source: str | Path | bytes, min_size: int | None = None, name: str = "", prior: WindowPrior | None = None) -> Decoded:
+def decode(
+    source: str | Path | bytes, min_size: int | None = None, name: str = "", prior: WindowPrior | None = None, units: bool = False
+) -> Decoded:
     """DICOM or JPG/PNG, chosen by content (DICM magic at byte 128) or suffix; ``prior``: the windows a file that
-    carries none is read through (``WindowPrior``; else the percentile window)."""
+    carries none is read through (``WindowPrior``; else the percentile window); ``units``: report the window read
+    through in its units (``data.window_prior`` fits from them)."""
     if isinstance(source, bytes):
         data = source
     else:
@@ -399,8 +320,8 @@ def decode(source: str | Path | bytes, min_size: int | None = None, name: str = 
     if len(data) == 0:
         raise DecodeError(f"{name}: empty file")
     if data[128:132] == b"DICM" or str(name).lower().endswith(".dcm"):
-        return decode_dicom(data, min_size, name, prior)
-    return decode_jpg(data, min_size, name, prior)
+        return decode_dicom(data, min_size, name, prior, units)
+    return decode_jpg(data, min_size, name, prior, units)
 
 
 def letterbox_geometry(rows: int, cols: int, size: int) -> tuple[int, int, int, int]:

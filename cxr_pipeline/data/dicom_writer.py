@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, JPEG2000Lossless
 
-from cxr_pipeline.data.dicom import percentile_bounds
+from cxr_pipeline.data.voi import percentile_bounds
 from cxr_pipeline.files import atomic_path
 
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from cxr_pipeline.data.boxes import BOX_FILE
-from cxr_pipeline.data.dicom import window
 from cxr_pipeline.data.dicom_writer import replica_window
 from cxr_pipeline.data.external import DEFAULT_LABEL_FILES, FORMATS
 from cxr_pipeline.data.phantom import Anatomy, render
 from cxr_pipeline.data.replica_findings import draw_states, labeller_view, planted_strengths
+from cxr_pipeline.data.voi import window
 from cxr_pipeline.files import atomic_path
 
 CHEXPERT_ORDER = (

@@ -37,8 +37,8 @@ from pathlib import Path
 import polars as pl
 
 from cxr_pipeline.data.decode_worker import init_worker, work
-from cxr_pipeline.data.dicom import WindowPrior
 from cxr_pipeline.data.shard_reader import INDEX, INDEX_SCHEMA, PARTITIONS, SPEC, Shards, contact_sheet, gather, write_png
+from cxr_pipeline.data.voi import WindowPrior
 from cxr_pipeline.fields import at_least_one, setting
 from cxr_pipeline.files import atomic_path, write_parquet
 
@@ -107,6 +107,7 @@ class ShardSpec:
     workers: int = 1
     chunk: int = 8  # images per task sent to a worker
     prior: WindowPrior | None = None  # the windows a file without one is read through (external sets: data.window_prior)
+    decode_at: int = 0  # decode at least at this size's level (external sets: the level MIMIC's shards are read at)
 
 
 @dataclass
@@ -133,26 +134,27 @@ def _run_tasks(
     chunk: int,
     pool: ProcessPoolExecutor | None = None,
     prior: WindowPrior | None = None,
+    decode_at: int = 0,
 ) -> Iterable[tuple]:
     """Yield worker results in task order, keeping a bounded number of chunks in flight."""
     chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
     if pool is None and (workers <= 1 or len(tasks) <= chunk):
         init_worker()
         for c in chunks:
-            yield from work(str(root), c, prior)
+            yield from work(str(root), c, prior, decode_at)
         return
     with contextlib.nullcontext(pool) if pool is not None else decoder_pool(workers) as ex:
         pending: deque[Future] = deque()
         it = iter(chunks)
         for c in it:
-            pending.append(ex.submit(work, str(root), c, prior))
+            pending.append(ex.submit(work, str(root), c, prior, decode_at))
             if len(pending) >= 4 * workers:
                 break
         while pending:
             yield from pending.popleft().result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(ex.submit(work, str(root), nxt, prior))
+                pending.append(ex.submit(work, str(root), nxt, prior, decode_at))
 
 
 # ------------------------------------------------------------------ builder
@@ -263,17 +265,18 @@ class _ShardWriter:
 
 
 def _check_spec(out: Path, spec: ShardSpec) -> None:
-    """Record the size a partition folder is built at (``spec.json``, what ``Shards.open`` checks) and the window
-    prior its windowless files are read through, or refuse a folder already built at another size. A folder built
-    through another prior loses its index first (every image is read again; a kill after this resumes from none)."""
+    """Record the size a partition folder is built at (``spec.json``, what ``Shards.open`` checks) and how its files
+    are read (the window prior a windowless file goes through, the level decoded at), or refuse a folder already
+    built at another size. A folder read another way loses its index first (every image is read again; a kill
+    after this resumes from none)."""
     spec_file = out / SPEC
-    prior = spec.prior.digest() if spec.prior is not None else None
+    reading = {"window_prior": spec.prior.digest() if spec.prior is not None else None, "decoded_at": spec.decode_at or None}
     built = json.loads(spec_file.read_text()) if spec_file.exists() else None
     if built is not None and built.get("size") != spec.size:
         raise ValueError(f"{out}: shards were built at {built.get('size')} px, not {spec.size}; use a folder per size")
-    if built is None or built.get("window_prior") != prior:
+    if built is None or any(built.get(k) != v for k, v in reading.items()):
         (out / INDEX).unlink(missing_ok=True)
-        record = {"size": spec.size, "dtype": "uint8", "layout": "n,size,size", **({"window_prior": prior} if prior else {})}
+        record = {"size": spec.size, "dtype": "uint8", "layout": "n,size,size", **{k: v for k, v in reading.items() if v}}
         with atomic_path(spec_file) as tmp:
             tmp.write_text(json.dumps(record))
 
@@ -315,7 +318,7 @@ def build_sizes(
     for size, out in sorted(outs.items()):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _check_spec(out, ShardSpec(size, spec.images_per_shard, spec.workers, spec.chunk, spec.prior))
+        _check_spec(out, ShardSpec(size, spec.images_per_shard, spec.workers, spec.chunk, spec.prior, spec.decode_at))
         index = _read_or_empty(out / INDEX, INDEX_SCHEMA)
         orphans = _clean(out, index)
         plan = plans[size] = plan_partition(root, items, index, _read_or_empty(out / REJECTS, REJECT_SCHEMA), stat)
@@ -332,7 +335,7 @@ def build_sizes(
     order = list(wanted.values())
     tasks = [(j, paths[did], {s: k for s, (_, k) in by.items()}) for j, (did, by) in enumerate(wanted.items())]
     done = files_decoded = 0
-    for j, h, px, rows, cols, reason in _run_tasks(root, tasks, spec.workers, spec.chunk, pool, spec.prior):
+    for j, h, px, rows, cols, reason in _run_tasks(root, tasks, spec.workers, spec.chunk, pool, spec.prior, spec.decode_at):
         files_decoded += px is not None
         for size, (i, _known) in order[j].items():
             _apply(plans[size], writers[size], stats[size], i, h, None if px is None else px.get(size), rows, cols, reason)

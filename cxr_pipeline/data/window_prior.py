@@ -1,6 +1,6 @@
-"""The windows the training split's headers carry, as a ``data.dicom.WindowPrior``: fitted from a sample of the
-manifest's training images at the size the reader decodes them, kept beside the assets and fitted again when the
-sample changes.
+"""The windows the training split's images are read through, as a ``data.dicom.WindowPrior``: fitted from a sample
+of the manifest's frontal training images at the size MIMIC's shards are decoded at, kept beside the assets and
+fitted again when the sample (or this code's ``VERSION``) changes.
 
 Why a prior at all, and why from the training split only: a file that carries no window (PadChest's 16-bit PNGs, a
 DICOM without a VOI) is read through one of the windows the models' training images were read through (see
@@ -20,32 +20,42 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cxr_pipeline.data.dicom import DecodeError, WindowPrior, decode
+from cxr_pipeline.data.dicom import DecodeError, decode
+from cxr_pipeline.data.voi import WindowPrior
 from cxr_pipeline.files import atomic_path
 
 SAMPLE = 500  # training images whose windows make the prior (a fit decodes each once at the size asked)
 SEED = 0
+VERSION = 2  # 2: display orientation, LINEAR as exact, the percentile window of a windowless training image counted
+FRONTAL = ("PA", "AP")  # the views the external sets and the drift monitor read
 
 
 def fit_window_prior(root: Path, rel_paths: list[str], size: int) -> WindowPrior | None:
-    """The windows of the files at ``rel_paths`` (under ``root``), read as the shard builder reads them at ``size``;
-    None when none carries a window (the percentile window stays). Unreadable files are skipped: the shard
-    builder's rejects table already names them."""
-    windows = []
+    """The windows the files at ``rel_paths`` (under ``root``) are read through as the shard builder reads them at
+    ``size``: their headers' (a windowless training image's percentile window counts as itself; a VOI LUT table,
+    which has no scale-free form, does not); None when none counts (the percentile window stays). An unreadable file is skipped (the shard
+    builder's rejects table names it); none readable at all is an error naming the root, not a silent "no window"
+    (a wrong raw root would otherwise leave every windowless file on the percentile window)."""
+    windows, unreadable = [], []
     for rel in rel_paths:
         try:
-            dec = decode(Path(root) / rel, min_size=size, name=rel)
-        except DecodeError:
+            dec = decode(Path(root) / rel, min_size=size, name=rel, units=True)
+        except DecodeError as e:
+            unreadable.append(str(e))
             continue
         if dec.window_units is not None:
             windows.append(tuple(round(float(v), 6) if not isinstance(v, str) else v for v in dec.window_units))
+    if rel_paths and len(unreadable) == len(rel_paths):
+        raise ValueError(f"window prior: none of {len(rel_paths)} training images under {root} could be read (first: {unreadable[0]})")
     return WindowPrior(tuple(windows)) if windows else None
 
 
 def training_sample(manifest: pl.DataFrame, n: int = SAMPLE, seed: int = SEED) -> list[str]:
-    """The relative paths of ``n`` training-split images of ``manifest`` (all of them when fewer), drawn with
-    ``seed``, in manifest order."""
+    """The relative paths of ``n`` frontal training-split images of ``manifest`` (all of them when fewer), drawn
+    with ``seed``, in manifest order."""
     train = manifest.filter(pl.col("split") == "train")
+    if "view_position" in manifest.columns:
+        train = train.filter(pl.col("view_position").is_in(list(FRONTAL)))
     if train.height <= n:
         return train["path"].to_list()
     idx = np.sort(np.random.default_rng(seed).choice(train.height, size=n, replace=False))
@@ -58,7 +68,8 @@ def training_window_prior(paths, size: int) -> WindowPrior | None:
     ``assets/window_prior/s<size>.json``."""
     if not paths.manifest.exists():
         return None
-    rels = training_sample(pl.read_parquet(paths.manifest, columns=["path", "split"]))
+    manifest = pl.read_parquet(paths.manifest)
+    rels = training_sample(manifest.select([c for c in ("path", "split", "view_position") if c in manifest.columns]))
     key = []
     for rel in rels:
         try:
@@ -69,9 +80,10 @@ def training_window_prior(paths, size: int) -> WindowPrior | None:
     cache = paths.assets / "window_prior" / f"s{size}.json"
     if cache.exists():
         kept = json.loads(cache.read_text())
-        if kept.get("sample") == key:
+        if kept.get("sample") == key and kept.get("version") == VERSION:
             return WindowPrior(tuple(tuple(w) for w in kept["windows"])) if kept["windows"] else None
     prior = fit_window_prior(paths.raw, rels, size)
     with atomic_path(cache) as tmp:
-        tmp.write_text(json.dumps({"size": size, "sample": key, "windows": [list(w) for w in prior.windows] if prior else []}))
+        record = {"version": VERSION, "size": size, "sample": key, "windows": [list(w) for w in prior.windows] if prior else []}
+        tmp.write_text(json.dumps(record))
     return prior

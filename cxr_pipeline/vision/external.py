@@ -84,14 +84,22 @@ def load_champions(client, uri: str, names: list[str], alias: str = CHAMPION) ->
     return out
 
 
+# Formats whose files hold detector values and no window (PadChest's 16-bit PNGs). CheXpert's JPGs and NIH's 8-bit
+# PNGs are display images, already windowed: a window prior cannot change how they read.
+WINDOWLESS = frozenset({"padchest"})
+
+
 def build_external_shards(paths, fmt: str, folder: Path, rows: pl.DataFrame, sizes: list[int], shards: ShardSettings) -> dict:
     """The selected rows' images into the dataset's shard root at every size (one decode per file, incremental),
-    built as MIMIC's are (``shards``: the resolved ``image_shards`` settings, images per shard and workers), a file
-    that carries no window (PadChest's 16-bit PNGs) read through the training headers' windows
-    (``data.window_prior``) as the models' training images were; returns {size: BuildResult}."""
+    built as MIMIC's are (``shards``: the resolved ``image_shards`` settings, images per shard and workers): decoded
+    at the level MIMIC's shards are (the largest of ``shards.sizes``), a format whose files carry no window
+    (``WINDOWLESS``) read through the windows the training images were read through (``data.window_prior``, fitted
+    at that level); returns {size: BuildResult}."""
 
     outs = {s: paths.external_shard_root(fmt, s) / EXTERNAL_PARTITION for s in sizes}
-    spec = dataclasses.replace(shards.spec(sizes[0]), prior=training_window_prior(paths, max(sizes)))
+    level = max(shards.sizes) if shards.sizes else max(sizes)
+    prior = training_window_prior(paths, level) if fmt in WINDOWLESS else None
+    spec = dataclasses.replace(shards.spec(sizes[0]), prior=prior, decode_at=level)
     return build_sizes(folder, outs, rows.select("dicom_id", "path"), spec)
 
 

@@ -154,7 +154,7 @@ def test_cli_preview_writes_what_the_shards_store(tmp_path, replica):
 def test_fast_window_matches_pydicom(tmp_path, gradient, function):
     from pydicom.pixels import apply_voi_lut
 
-    from cxr_pipeline.data.dicom import window
+    from cxr_pipeline.data.voi import window
 
     path = make_dicom(tmp_path / "w.dcm", gradient, WindowCenter=1800, WindowWidth=1500, VOILUTFunction=function)
     ds = pydicom.dcmread(path)
