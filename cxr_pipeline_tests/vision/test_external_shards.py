@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import polars as pl
 
 from cxr_pipeline.data import shards as builder
+from cxr_pipeline.data.dicom import decode, letterbox
+from cxr_pipeline.data.external import DEFAULT_LABEL_FILES, read_labels, resolve_images, select_images
+from cxr_pipeline.data.replica_external import ExternalReplica, generate_external
 from cxr_pipeline.data.shard_reader import Shards, load_images
 from cxr_pipeline.data.shards import ShardSettings
+from cxr_pipeline.data.window_prior import training_window_prior
 from cxr_pipeline.settings import Paths
 from cxr_pipeline.vision.external import EXTERNAL_PARTITION, build_external_shards
 
@@ -26,3 +33,30 @@ def test_external_shards_use_the_image_shards_settings(replica, tmp_path, monkey
         assert built[size].index.height == 10 and len(list(folder.glob("shard-*.u8"))) == 3  # 4 + 4 + 2
         images, kept = load_images(Shards.open(paths.external_shard_root("nih", size), size, [EXTERNAL_PARTITION]), rows)
         assert kept["dicom_id"].to_list() == rows["dicom_id"].to_list() and tuple(images.shape) == (10, size, size)
+
+
+def test_padchest_pngs_are_read_through_the_training_windows_at_mimic_s_decode_level(replica, tmp_path):
+    """External validation and the drift monitor build PadChest's shards through the window prior fitted on the
+    manifest's frontal training images, at the level MIMIC's shards are decoded at (the largest ``image_shards``
+    size), and say so in spec.json; a format of display images (NIH's 8-bit PNGs) gets no prior."""
+    files = sorted(replica.glob("files/p1*/*/*/*.dcm"))[:12]
+    paths = Paths(home=tmp_path / "home", raw=replica)
+    paths.manifest.parent.mkdir(parents=True)
+    rel = [str(f.relative_to(replica)) for f in files]
+    pl.DataFrame({"dicom_id": [f.stem for f in files], "path": rel, "split": ["train"] * 12, "view_position": ["PA"] * 12}).write_parquet(
+        paths.manifest
+    )
+    for fmt in ("padchest", "nih"):
+        folder = tmp_path / fmt
+        generate_external(ExternalReplica(fmt, patients=4, seed=5, source_rows=96), folder)
+        found = read_labels(fmt, folder / DEFAULT_LABEL_FILES[fmt])
+        rows = resolve_images(folder, select_images(found.manifest, ("PA", "AP"), None, 0))
+        build_external_shards(paths, fmt, folder, rows, [32], ShardSettings(sizes=[32, 48], workers=1))
+        spec = json.loads((paths.external_shard_root(fmt, 32) / EXTERNAL_PARTITION / "spec.json").read_text())
+        assert spec["decoded_at"] == 48
+        stored, kept = load_images(Shards.open(paths.external_shard_root(fmt, 32), 32, [EXTERNAL_PARTITION]), rows)
+        prior = training_window_prior(paths, 48) if fmt == "padchest" else None
+        assert (prior is not None) == (fmt == "padchest")
+        assert spec.get("window_prior") == (prior.digest() if prior else None)
+        want = np.stack([letterbox(decode(folder / p, min_size=48, prior=prior).image, 32) for p in kept["path"]])
+        np.testing.assert_array_equal(np.asarray(stored), want)
