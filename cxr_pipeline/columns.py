@@ -133,14 +133,15 @@ TABLES: dict[str, dict[str, str]] = {
         "share_PA_change": "the window's share of PA views minus the reference's",
         "share_AP_change": "the window's share of AP views minus the reference's",
         "share_lateral_change": "the window's share of lateral views minus the reference's",
-        "model": "the multi-label champion compared with (registered name and version)",
+        "model": "the champion whose outputs the row holds (registered name and version): the multi-label one, whose features give the window's drift score, or a per-finding one",
         "slug": "the finding's slug",
         "pathology": "the finding",
         "threshold": "the champion's served threshold for the finding (on the calibrated probability)",
         "output_ks": "Kolmogorov-Smirnov statistic between the finding's calibrated probabilities on the window and on the reference",
         "expected_auc": (
             "CBPE: the AUC the window is expected to have if its calibrated probabilities are right (no labels used); "
-            "on a window that drifted that assumption is in doubt (in the benchmark's large shifts it was off by up to 0.22)"
+            "on a window that drifted that assumption is in doubt (under the benchmark's shifts that cost 0.05 AUC or more, "
+            "its median error per finding on 100-patient windows was about 0.1)"
         ),
         "expected_sensitivity": "CBPE: the expected sensitivity at the threshold",
         "expected_specificity": "CBPE: the expected specificity at the threshold",

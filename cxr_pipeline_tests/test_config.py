@@ -202,11 +202,11 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
 
     import cxr_pipeline.defs.drift as ddrift
 
-    fake = types.SimpleNamespace(model=types.SimpleNamespace(size=40))
+    fake = types.SimpleNamespace(name="cxr-multilabel", model=types.SimpleNamespace(size=40))
     monkeypatch.setattr(ddrift, "load_champions", lambda *a: [fake])
     monkeypatch.setattr(ddrift, "external_window", lambda paths, fmt, size, seed: (types.SimpleNamespace(images=[0, 0]), ""))
     monkeypatch.setattr(ddrift, "reference_sample", lambda *a: None)
-    monkeypatch.setattr(ddrift, "compare", lambda window, ref, sample, champ, cfg, fmt: record("image_drift", **vars(cfg)))
+    monkeypatch.setattr(ddrift, "compare", lambda window, ref, sample, champ, cfg, fmt, others: record("image_drift", **vars(cfg)))
     threads = torch.get_num_threads()
     try:
         for asset, partition in [

@@ -1,7 +1,8 @@
 """New images against the training images -> image_drift: one partition per window (a batch of incoming images).
 
 The work is in ``vision.drift`` (the signals, the MMD test, CBPE); this module finds a window's images, draws the
-reference from the training split of the shards, loads the multi-label champion, calls ``vision.drift.compare``,
+reference from the training split of the shards, loads the champions (the multi-label one's features decide the
+alarm; every champion's outputs are compared, each at its own input size), calls ``vision.drift.compare``,
 logs to MLflow and warns through an asset check when the window drifts. Windows are dynamic partitions: each
 external set present is one (``external-<format>``), and so is each window of studies the PACS intake received
 (``pacs-NNNN``, ``vision.pacs_windows``), added by the ``drift_windows`` sensor;
@@ -22,13 +23,14 @@ from cxr_pipeline.data.shard_reader import Shards, open_images
 from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.history import latest_metadata
 from cxr_pipeline.defs.io import ShardSet, table_schema
-from cxr_pipeline.defs.keys import EXTERNAL_VALIDATION, IMAGE_DRIFT, MULTILABEL_CLASSIFIER
+from cxr_pipeline.defs.keys import CLASSIFIER, EXTERNAL_VALIDATION, IMAGE_DRIFT, MULTILABEL_CLASSIFIER
 from cxr_pipeline.defs.metadata import asset_metadata, resolved_metadata, table_metadata
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
-from cxr_pipeline.defs.specs import ALL_SHARDS_IN, MANIFEST_IN
+from cxr_pipeline.defs.specs import ALL_SHARDS_IN, MANIFEST_IN, every_partition_of
 from cxr_pipeline.fields import params
 from cxr_pipeline.files import file_digest, write_parquet
+from cxr_pipeline.labels import SLUGS
 from cxr_pipeline.settings import paths as current_paths
 from cxr_pipeline.vision.checkpoint import MULTILABEL
 from cxr_pipeline.vision.drift import Sample, compare, one_per_patient
@@ -39,7 +41,7 @@ from cxr_pipeline.vision.registry import registered_name
 DRIFT_WINDOWS = dg.DynamicPartitionsDefinition(name="drift_windows")
 DriftConfig = dagster_config(IMAGE_DRIFT, "DriftConfig")
 FRONTAL = ("PA", "AP")
-SHOWN = ("window", "pathology", "drift_score", "p_value", "drifted", "output_ks", "expected_auc", "auc", "auc_estimate_error")
+SHOWN = ("window", "model", "pathology", "drift_score", "p_value", "drifted", "output_ks", "expected_auc", "auc", "auc_estimate_error")
 
 
 def geometry(root: Path, rows: pl.DataFrame) -> np.ndarray:
@@ -93,6 +95,22 @@ def window_sample(paths, window: str, size: int, seed: int) -> tuple[Sample, str
     return Sample(np.zeros((0, size, size), np.uint8), []), f"{window}: not a window this pipeline knows (external-<format>, pacs-NNNN)"
 
 
+def per_finding_sides(paths, manifest, image_shards: ShardSet, window: str, champions: list, cfg, known: dict) -> list[tuple]:
+    """Each per-finding champion with the reference and the window at its own input size (drawn with the same seed,
+    so the same patients where every image reads at each size): what ``vision.drift.compare`` compares its
+    outputs on (``known``: {size: (reference, window)} already drawn). A size the window cannot be read at leaves
+    that size's champions out."""
+    sides, by_size = [], dict(known)
+    for champ in champions:
+        size = champ.model.size
+        if size not in by_size:
+            window_at, reason = window_sample(paths, window, size, cfg.seed)
+            by_size[size] = None if reason else (reference_sample(manifest, image_shards.at(size), cfg.reference, cfg.seed), window_at)
+        if by_size[size] is not None:
+            sides.append((champ, *by_size[size]))
+    return sides
+
+
 def _skipped(run, paths, window: str, reason: str, cfg) -> dg.MaterializeResult:
     """An empty table that says why (no champion, an absent set, a window this pipeline does not know). A window
     compared before whose images are gone since (a PACS window past ``pacs_windows_kept``, a set removed) keeps
@@ -104,6 +122,17 @@ def _skipped(run, paths, window: str, reason: str, cfg) -> dg.MaterializeResult:
     path = write_parquet(pl.DataFrame(), path)
     md = asset_metadata(run, path, 0, reason=reason, compared=False, **resolved_metadata(cfg))
     return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(file_digest(path)))
+
+
+def _log_per_finding(run, table: pl.DataFrame) -> None:
+    """Per finding, in MLflow: the multi-label champion's expected and measured AUC as ``<finding>.expected_auc`` and
+    ``<finding>.auc``, and every champion's output shift as ``<registered name>.<finding>.output_ks``."""
+    multi = table.filter(pl.col("model").str.starts_with(registered_name(MULTILABEL) + " "))
+    run.log_metrics(
+        {f"{r['slug']}.expected_auc": r["expected_auc"] for r in multi.iter_rows(named=True) if r["expected_auc"] == r["expected_auc"]}
+    )
+    run.log_metrics({f"{r['slug']}.auc": r["auc"] for r in multi.iter_rows(named=True) if r["auc"] is not None})
+    run.log_metrics({f"{r['model'].split(' v')[0]}.{r['slug']}.output_ks": r["output_ks"] for r in table.iter_rows(named=True)})
 
 
 def _result(run, path, table: pl.DataFrame, cfg, **extra) -> dg.MaterializeResult:
@@ -127,14 +156,14 @@ def _result(run, path, table: pl.DataFrame, cfg, **extra) -> dg.MaterializeResul
     name=IMAGE_DRIFT,
     group_name="monitoring",
     partitions_def=DRIFT_WINDOWS,
-    deps=[MULTILABEL_CLASSIFIER],
+    deps=[MULTILABEL_CLASSIFIER, every_partition_of(CLASSIFIER)],
     ins={"manifest": MANIFEST_IN, "image_shards": ALL_SHARDS_IN},
     kinds={"polars", "parquet"},
     description="Does a window of new images still look like the training images? Per window (a dynamic partition: each external "
     "set, external-<format>, and each window of studies the PACS intake received, pacs-NNNN) against frontal training-split "
     "images, one per patient: the multi-label champion's pooled features by MMD with a "
     "permutation p-value (the drift score and the alarm: p < alpha), beside the intensity histogram distance, the view mix and "
-    "each finding's output shift; CBPE's expected AUC, sensitivity and specificity from calibrated probabilities, and the "
+    "each champion's output shift per finding (the multi-label one's and each per-finding one's); CBPE's expected AUC, sensitivity and specificity from calibrated probabilities, and the "
     "measured ones where the window has labels.",
     **needs.CNN.asset_args(),
 )
@@ -150,10 +179,11 @@ def image_drift(
     cfg = run_settings(context, paths)
     with mlflow.run(context) as run:
         run.log_params({**params(cfg), "window": window})
-        champions = load_champions(run.client, mlflow.tracking_uri, [registered_name(MULTILABEL)])
-        reason = "" if champions else "no multi-label champion is registered yet"
+        champions = load_champions(run.client, mlflow.tracking_uri, [registered_name(MULTILABEL)] + [registered_name(s) for s in SLUGS])
+        multi = [c for c in champions if c.name == registered_name(MULTILABEL)]
+        reason = "" if multi else "no multi-label champion is registered yet"
         if not reason:
-            champ = champions[0]
+            champ = multi[0]
             sample, reason = window_sample(paths, window, champ.model.size, cfg.seed)
             if not reason and len(sample.images) < 2:
                 reason = f"{window}: {len(sample.images)} patient(s) after one image per patient; the test needs at least 2"
@@ -162,18 +192,19 @@ def image_drift(
             return _skipped(run, paths, window, reason, cfg)
         reference = reference_sample(manifest, image_shards.at(champ.model.size), cfg.reference, cfg.seed, paths.raw)
         fmt = window.removeprefix("external-") if window.startswith("external-") else "pacs"
-        table = pl.DataFrame(compare(window, reference, sample, champ, cfg, fmt), infer_schema_length=None)
+        rest = [c for c in champions if c is not champ]
+        others = per_finding_sides(paths, manifest, image_shards, window, rest, cfg, {champ.model.size: (reference, sample)})
+        if left := sorted({c.name for c in rest} - {c.name for c, _r, _w in others}):
+            context.log.warning(f"{window}: not readable at the input size of {', '.join(left)}; their outputs are not compared")
+        table = pl.DataFrame(compare(window, reference, sample, champ, cfg, fmt, others), infer_schema_length=None)
         path = write_parquet(table, paths.image_drift / f"{window}.parquet")
         run.log_table(table, "image_drift")
         first = table.row(0, named=True)
         run.log_metrics({k: float(first[k]) for k in ("drift_score", "p_value", "histogram_distance", "n_window", "n_reference")})
-        run.log_metrics(
-            {f"{r['slug']}.expected_auc": r["expected_auc"] for r in table.iter_rows(named=True) if r["expected_auc"] == r["expected_auc"]}
-        )
-        run.log_metrics({f"{r['slug']}.auc": r["auc"] for r in table.iter_rows(named=True) if r["auc"] is not None})
+        _log_per_finding(run, table)
     said = "drifts" if first["drifted"] else "does not drift"
     context.log.info(f"{window} {said}: MMD² {first['drift_score']:.4f}, p = {first['p_value']:.4f} (alpha {cfg.alpha})")
-    return _result(run, path, table, cfg)
+    return _result(run, path, table, cfg, champions_compared=table["model"].n_unique())
 
 
 @dg.asset_check(

@@ -5,8 +5,10 @@ Three signals compare a window (a batch of incoming images) with a reference dra
 - **acquisition statistics** (no header text): the intensity histogram of the stored (windowed, letterboxed)
   images, by Jensen-Shannon distance; the share of each view; the source images' size;
 - **learned representations**: the multi-label champion backbone's pooled features, compared by the maximum mean
-  discrepancy (MMD, Gaussian kernel at the median distance) with a permutation p-value, computed in torch;
-- **outputs**: each champion's calibrated probabilities, by the two-sample Kolmogorov-Smirnov statistic.
+  discrepancy (MMD; the energy distance by default, ``DriftSettings.kernel``) with a permutation p-value, computed
+  in torch;
+- **outputs**: each champion's calibrated probabilities (the multi-label champion's for every finding, each
+  per-finding champion's for its own), by the two-sample Kolmogorov-Smirnov statistic.
 
 The test's unit is the **patient**: a permutation test treats every image as exchangeable with every other, and
 a patient's several images (and studies) are alike, so both sides hold one image per patient (``one_per_patient``;
@@ -17,7 +19,8 @@ The alarm is decided by the representation test alone: **drift score** = MMD² o
 reference (the energy distance by default: ``DriftSettings.kernel``), **p-value** = its permutation p-value; a
 window *drifts* when p < ``alpha``. The other signals are
 reported beside it and alarm on nothing (several alarms would multiply false ones). What each catches and misses
-is on the Monitoring docs page: a change in prevalence alone moves the outputs, not the images.
+is on the Monitoring docs page: a change in prevalence alone moves the outputs most, and the images' features only
+through the findings they show.
 
 **Expected performance without labels** (confidence-based performance estimation, as NannyML's CBPE): if the
 calibrated probabilities are right on the window, each image is a positive with its probability, so the expected
@@ -272,14 +275,24 @@ def acquisition(reference: np.ndarray | None, window: np.ndarray | None) -> dict
     return out
 
 
-def compare(window: str, reference: Sample, sample: Sample, champion, cfg: DriftSettings, fmt: str = "mimic") -> list[dict]:
+def compare(
+    window: str,
+    reference: Sample,
+    sample: Sample,
+    champion,
+    cfg: DriftSettings,
+    fmt: str = "mimic",
+    others: Sequence[tuple[object, Sample, Sample]] = (),
+) -> list[dict]:
     """One window against the reference: a row per finding of the multi-label ``champion`` (``vision.external``'s
     Champion), the window's signals repeated on each (the drift score and p-value decide ``drifted``; the rest are
     reported beside), the finding's output shift (KS), CBPE's expected AUC, sensitivity and specificity and, where
-    the window has labels, the measured ones at the same threshold."""
-    from sklearn.metrics import roc_auc_score
-
-    for side, s in (("the reference", reference), (f"window {window}", sample)):
+    the window has labels, the measured ones at the same threshold; then the same per-finding rows for each of
+    ``others`` (another champion, with the reference and the window at its input size: the per-finding
+    champions), under the same window signals."""
+    for side, s in [("the reference", reference), (f"window {window}", sample)] + [
+        (f"{who} at {c.model.size} px", x) for c, r, w in others for who, x in (("the reference", r), (f"window {window}", w))
+    ]:
         if repeats := repeated_patients(s.rows):
             raise ValueError(f"{side}: {repeats} images repeat a patient; the test's unit is the patient (draw with one_per_patient)")
     m = champion.model
@@ -287,9 +300,6 @@ def compare(window: str, reference: Sample, sample: Sample, champion, cfg: Drift
     ref_x = embeddings(m, reference.images)
     sigma = median_distance(ref_x) if cfg.kernel == "gaussian-reference" else None
     test = mmd_test(ref_x, embeddings(m, sample.images), cfg.permutations, cfg.seed, cfg.kernel.removesuffix("-reference"), sigma)
-    ref_p = m.calibrate(m.probabilities(reference.images))
-    win_raw = m.probabilities(sample.images)
-    win_p, win_call = m.calibrate(win_raw), win_raw >= np.asarray(m.thresholds)[None, :]  # calls on the network's scores
     mix_ref, mix_win = view_mix(reference.views), view_mix(sample.views)
     window_row = {
         "window": window,
@@ -306,8 +316,23 @@ def compare(window: str, reference: Sample, sample: Sample, champion, cfg: Drift
         **acquisition(reference.geometry, sample.geometry),
         **{f"share_{k}": v for k, v in mix_win.items()},
         **{f"share_{k}_change": mix_win[k] - mix_ref[k] for k in mix_win},
-        "model": f"{champion.name} v{champion.version}",
     }
+    out = champion_rows(window_row, champion, reference, sample, fmt)
+    for other, ref, win in others:
+        out += champion_rows(window_row, other, ref, win.draw(cfg.max_window, cfg.seed), fmt)
+    return out
+
+
+def champion_rows(window_row: dict, champion, reference: Sample, sample: Sample, fmt: str) -> list[dict]:
+    """A row per finding ``champion`` scores, under the window's signals: its calibrated probabilities' shift from
+    the reference (KS), CBPE's expected figures, and where the window has labels the measured ones."""
+    from sklearn.metrics import roc_auc_score
+
+    m = champion.model
+    ref_p = m.calibrate(m.probabilities(reference.images))
+    win_raw = m.probabilities(sample.images)
+    win_p, win_call = m.calibrate(win_raw), win_raw >= np.asarray(m.thresholds)[None, :]  # calls on the network's scores
+    window_row = {**window_row, "model": f"{champion.name} v{champion.version}"}
     out = []
     indexed = None if sample.rows is None else sample.rows.with_row_index("_i")
     for j, s in enumerate(m.slugs):

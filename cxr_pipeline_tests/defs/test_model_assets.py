@@ -234,7 +234,14 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         by_path = {r["Path"]: r for r in frontal}
         picked = [by_path[x] for x in one_per_patient(labelled.filter(pl.col("view_position").is_in(["PA", "AP"])), 0)["path"]]
         assert len(picked) == len({r["Path"].split("/")[2] for r in frontal}) < len(frontal)
-        assert drift.height == 14 and drift["n_window"][0] == len(picked) and drift["model"][0] == "cxr-multilabel v1"
+        assert drift.height == 14 + 2 and drift["n_window"][0] == len(picked) and drift["model"][0] == "cxr-multilabel v1"
+        # each per-finding champion's outputs too, for its own finding, under the same window signals
+        own = drift.filter(pl.col("model") != "cxr-multilabel v1")
+        assert sorted(zip(own["model"], own["slug"], strict=True)) == [
+            ("cxr-no-finding v1", "no_finding"),
+            ("cxr-support-devices v1", "support_devices"),
+        ]
+        assert own["drift_score"].to_list() == [drift["drift_score"][0]] * 2 and own["output_ks"].is_between(0, 1).all()
         assert drift["drifted"][0] == (drift["p_value"][0] < 0.01) and dmat.metadata["drifted"].value == drift["drifted"][0]
         # acquisition statistics from the headers: CheXpert's JPGs are 8-bit, the replica's DICOMs 10 to 16
         assert drift["bits_stored"][0] == 8 and 10 <= drift["bits_stored_reference"][0] <= 16 and drift["source_size_ratio"][0] > 0
@@ -254,6 +261,14 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert not [x for x in names if x in repr(drift.to_dicts())]  # no header text in the table
         drun = client.get_run(dmat.metadata["mlflow_run_id"].value)
         assert "image_drift.json" in {a.path for a in client.list_artifacts(drun.info.run_id)} and "drift_score" in drun.data.metrics
+        assert "cxr-support-devices.support_devices.output_ks" in drun.data.metrics and dmat.metadata["champions_compared"].value == 3
+        # a window that drifts warns: the same window at alpha 0.99 (p < 0.99 unless the window is the most reference-like
+        # of all its permutations)
+        warned = run_job(defs, "drift_job", instance, partition_key="external-chexpert", run_config=_alpha(dcfg, 0.99))
+        (wcheck,) = warned.get_asset_check_evaluations()
+        assert (
+            not wcheck.passed and wcheck.severity == dg.AssetCheckSeverity.WARN and "drifts from the training images" in wcheck.description
+        )
         absent = run_job(defs, "drift_job", instance, partition_key="external-padchest", run_config=dcfg)
         (amat,) = [e.materialization for e in absent.get_asset_materialization_events()]
         assert "PadChest: folder" in amat.metadata["reason"].value
@@ -274,7 +289,7 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         (pmat,) = [e.materialization for e in pres.get_asset_materialization_events()]
         pacs_drift = pl.read_parquet(pmat.metadata["path"].value)
         assert pacs_drift["n_window"][0] == len({str(h.PatientID) for _f, h in received})  # one image per patient
-        assert pacs_drift["auc"].null_count() == 14 and pacs_drift["expected_auc"].drop_nulls().drop_nans().len() == 14
+        assert pacs_drift["auc"].null_count() == 16 and pacs_drift["expected_auc"].drop_nulls().drop_nans().len() == 16
         assert pacs_drift["bits_stored"][0] in {int(h.BitsStored) for _f, h in received}
         secrets = {str(x) for _f, h in received for x in (h.PatientName, h.PatientID, h.StudyInstanceUID)}
         prun = client.get_run(pmat.metadata["mlflow_run_id"].value)
@@ -442,3 +457,9 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         (mat,) = [e.materialization for e in res.get_asset_materialization_events()]
         assert "MIMIC-IV demographics not found" in mat.metadata["reason"].value and "CXR_MIMIC_IV_DIR" in mat.metadata["reason"].value
         assert pl.read_parquet(mat.metadata["path"].value).height == 0
+
+
+def _alpha(run_config: dict, alpha: float) -> dict:
+    """``run_config`` with image_drift's alpha set to ``alpha``."""
+    op = run_config["ops"]["image_drift"]["config"]
+    return {"ops": {"image_drift": {"config": {**op, "alpha": alpha}}}}
