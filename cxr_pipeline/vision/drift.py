@@ -282,7 +282,7 @@ def compare(
     champion,
     cfg: DriftSettings,
     fmt: str = "mimic",
-    others: Sequence[tuple[object, Sample, Sample]] = (),
+    others: Sequence[tuple[object, Sample, Sample]] = (),  # (vision.external.Champion, reference, window)
 ) -> list[dict]:
     """One window against the reference: a row per finding of the multi-label ``champion`` (``vision.external``'s
     Champion), the window's signals repeated on each (the drift score and p-value decide ``drifted``; the rest are
@@ -329,6 +329,9 @@ def champion_rows(window_row: dict, champion, reference: Sample, sample: Sample,
     from sklearn.metrics import roc_auc_score
 
     m = champion.model
+    for side, x in (("reference", reference.images), ("window", sample.images)):
+        if x.shape[-1] != m.size:  # the network takes any size: images for another champion would score silently
+            raise ValueError(f"{champion.name}: its {side} images are {x.shape[-1]} px, the model reads {m.size} px")
     ref_p = m.calibrate(m.probabilities(reference.images))
     win_raw = m.probabilities(sample.images)
     win_p, win_call = m.calibrate(win_raw), win_raw >= np.asarray(m.thresholds)[None, :]  # calls on the network's scores

@@ -241,12 +241,14 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
             ("cxr-no-finding v1", "no_finding"),
             ("cxr-support-devices v1", "support_devices"),
         ]
-        assert own["drift_score"].to_list() == [drift["drift_score"][0]] * 2 and own["output_ks"].is_between(0, 1).all()
+        assert own["drift_score"].to_list() == [drift["drift_score"][0]] * 2 and own["expected_auc"].is_not_nan().all()
         assert drift["drifted"][0] == (drift["p_value"][0] < 0.01) and dmat.metadata["drifted"].value == drift["drifted"][0]
         # acquisition statistics from the headers: CheXpert's JPGs are 8-bit, the replica's DICOMs 10 to 16
         assert drift["bits_stored"][0] == 8 and 10 <= drift["bits_stored_reference"][0] <= 16 and drift["source_size_ratio"][0] > 0
-        sd_drift = drift.filter(pl.col("slug") == "support_devices").row(0, named=True)
+        sd_drift = drift.filter((pl.col("slug") == "support_devices") & (pl.col("model") == "cxr-multilabel v1")).row(0, named=True)
         assert sd_drift["n_labelled"] == sum(r["Support Devices"] in ("1.0", "0.0", "") for r in picked)  # labels read back
+        sd_own = own.filter(pl.col("slug") == "support_devices").row(0, named=True)  # and for the per-finding champion
+        assert sd_own["n_labelled"] == sd_drift["n_labelled"] and (sd_own["auc"] is None) == (sd_drift["auc"] is None)
         (check,) = dres.get_asset_check_evaluations()
         assert check.passed == (not drift["drifted"][0]) and check.severity == dg.AssetCheckSeverity.WARN
         train_frontal = m.filter((pl.col("split") == "train") & pl.col("view_position").is_in(["PA", "AP"]))
@@ -265,6 +267,8 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         # a window that drifts warns: the same window at alpha 0.99 (p < 0.99 unless the window is the most reference-like
         # of all its permutations)
         warned = run_job(defs, "drift_job", instance, partition_key="external-chexpert", run_config=_alpha(dcfg, 0.99))
+        (wmat,) = [e.materialization for e in warned.get_asset_materialization_events()]
+        assert wmat.metadata["drifted"].value and wmat.metadata["p_value"].value < 0.99
         (wcheck,) = warned.get_asset_check_evaluations()
         assert (
             not wcheck.passed and wcheck.severity == dg.AssetCheckSeverity.WARN and "drifts from the training images" in wcheck.description

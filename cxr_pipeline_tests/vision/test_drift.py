@@ -121,17 +121,20 @@ def test_a_shifted_window_is_flagged_and_an_unshifted_one_is_not(replica, regist
     shifted = np.clip(window.images * 0.6 + rng.normal(0, 25, window.images.shape), 1, 255).astype(np.uint8)
     cfg = DriftSettings(permutations=300, alpha=0.01)
     same = compare("same", reference, window, champ, cfg)
-    moved = compare(
-        "moved", reference, Sample(shifted, window.views), champ, cfg, others=[(edema, reference, Sample(shifted, window.views))]
-    )
+    moved = compare("moved", reference, Sample(shifted, window.views), champ, cfg)
+    # another champion's outputs on its own images (here the shifted ones, beside an unshifted multi-label side)
+    mixed = compare("mixed", reference, window, champ, cfg, others=[(edema, reference, Sample(shifted, window.views))])
     assert not same[0]["drifted"] and moved[0]["drifted"]
     assert moved[0]["drift_score"] > same[0]["drift_score"] and moved[0]["histogram_distance"] > same[0]["histogram_distance"]
     assert len(same) == len(champ.model.slugs) and all(r["auc"] is None for r in same)  # no labels: CBPE only
-    (own,) = [r for r in moved if r["model"] == f"cxr-edema v{edema.version}"]  # its own finding, its own outputs
+    (own,) = [r for r in mixed if r["model"] == f"cxr-edema v{edema.version}"]  # its own finding, its own outputs
     em = edema.model
     want = ks_statistic(em.calibrate(em.probabilities(reference.images))[:, 0], em.calibrate(em.probabilities(shifted))[:, 0])
-    assert own["slug"] == "edema" and own["output_ks"] == pytest.approx(want) and len(moved) == len(champ.model.slugs) + 1
-    assert own["drift_score"] == moved[0]["drift_score"] and own["drifted"]  # the window's signals: the multi-label one's
+    assert own["slug"] == "edema" and own["output_ks"] == pytest.approx(want) and len(mixed) == len(champ.model.slugs) + 1
+    assert own["drift_score"] == same[0]["drift_score"] and not own["drifted"]  # the window's signals: the multi-label side's
+    small = Sample(window.images[:, ::2, ::2].copy(), window.views)  # images at another size than the champion reads
+    with pytest.raises(ValueError, match="cxr-edema: its window images are 16 px, the model reads 32 px"):
+        compare("w", reference, window, champ, cfg, others=[(edema, reference, small)])
 
 
 def test_acquisition_statistics_give_the_bit_depth_and_size_beside_the_reference():
