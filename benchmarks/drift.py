@@ -273,9 +273,12 @@ def cbpe_error(per: dict[str, tuple[float, float]], findings: list[str]) -> floa
 def commit() -> str:
     """The checkout's commit, marked ``-dirty`` when its tracked files differ from it (a figure names its tree)."""
     here = Path(__file__).parent
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here).returncode != 0
-    return (head or "unknown") + ("-dirty" if dirty else "")
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here, capture_output=True).returncode != 0
+    except OSError:  # no git on this machine: the figures still print
+        return "unknown"
+    return head + ("-dirty" if dirty else "") if head else "unknown (not a git checkout)"
 
 
 def patient_windows(rows, size: int, seed: int) -> list[np.ndarray]:
