@@ -142,7 +142,8 @@ def _skipped(run, paths, window: str, reason: str, cfg) -> dg.MaterializeResult:
     run.set_tags({"skipped": reason})
     path = paths.image_drift / f"{window}.parquet"
     if path.exists() and (last := pl.read_parquet(path)).height:
-        return _result(run, path, last, cfg, reason=f"{reason}; the last comparison stands ({last['model'][0]})")
+        stands = f"{reason}; the last comparison stands ({last['model'][0]})"
+        return _result(run, path, last, cfg, reason=stands, champions_compared=last["model"].n_unique())
     path = write_parquet(pl.DataFrame(), path)
     md = asset_metadata(run, path, 0, reason=reason, compared=False, **resolved_metadata(cfg))
     return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(file_digest(path)))

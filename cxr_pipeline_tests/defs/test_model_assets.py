@@ -307,6 +307,7 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         again = run_job(defs, "drift_job", instance, partition_key="pacs-0001", run_config=dcfg)
         (rmat,) = [e.materialization for e in again.get_asset_materialization_events()]
         assert "the last comparison stands" in rmat.metadata["reason"].value
+        assert rmat.metadata["champions_compared"].value == pmat.metadata["champions_compared"].value == 3
         assert (
             pl.read_parquet(rmat.metadata["path"].value).equals(pacs_drift) and rmat.metadata["drifted"].value == pacs_drift["drifted"][0]
         )
