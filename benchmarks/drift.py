@@ -216,12 +216,9 @@ def window_cbpe(champ, rows, raw: np.ndarray, windows: list[np.ndarray], fmt: st
     on the network's scores at its threshold (as ``predict`` reads them); then 1 where the window's calls are all
     one class (expected and measured sensitivity and specificity then agree trivially), and the measured AUC's
     standard error (Hanley and McNeil 1982: the noise the error is measured against). Shape (pairs, 5)."""
-    import polars as pl
     from sklearn.metrics import roc_auc_score
 
-    from cxr_pipeline.data.harmonisation import NULL_IS_UNSCORABLE
-    from cxr_pipeline.vision.drift import cbpe
-    from cxr_pipeline.vision.targets import targets
+    from cxr_pipeline.vision.drift import cbpe, labelled
 
     m = champ.model
     prob = m.calibrate(raw)
@@ -230,9 +227,7 @@ def window_cbpe(champ, rows, raw: np.ndarray, windows: list[np.ndarray], fmt: st
     for j, s in enumerate(m.slugs):
         if s not in rows.columns:
             continue
-        usable = indexed.filter(pl.col(s).is_not_null()) if fmt in NULL_IS_UNSCORABLE else indexed
-        t = targets(usable, s, champ.policy["uncertain"], champ.policy["blank"])
-        target = dict(zip(t["_i"].to_list(), t["target"].to_list(), strict=True))
+        target = dict(zip(*(a.tolist() for a in labelled(indexed, s, champ.policy, fmt)), strict=True))
         for w in windows:
             idx = np.array([i for i in w.tolist() if i in target], dtype=np.int64)
             y = np.array([target[i] for i in idx.tolist()], dtype=int)

@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import polars as pl
@@ -318,7 +318,7 @@ def build_sizes(
     for size, out in sorted(outs.items()):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _check_spec(out, ShardSpec(size, spec.images_per_shard, spec.workers, spec.chunk, spec.prior, spec.decode_at))
+        _check_spec(out, replace(spec, size=size))
         index = _read_or_empty(out / INDEX, INDEX_SCHEMA)
         orphans = _clean(out, index)
         plan = plans[size] = plan_partition(root, items, index, _read_or_empty(out / REJECTS, REJECT_SCHEMA), stat)

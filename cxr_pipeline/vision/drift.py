@@ -323,6 +323,15 @@ def compare(
     return out
 
 
+def labelled(indexed: pl.DataFrame, slug: str, policy: dict[str, str], fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``indexed`` (a ``_i`` row index beside the label columns) with a definite ``slug`` label under the
+    model's uncertain / blank ``policy`` (a format whose blank means "not scorable" drops its blanks first): their
+    ``_i`` and their 0/1 targets. What CBPE's estimate is measured against, here and in ``benchmarks/drift.py``."""
+    usable = indexed.filter(pl.col(slug).is_not_null()) if fmt in NULL_IS_UNSCORABLE else indexed
+    tt = targets(usable, slug, policy["uncertain"], policy["blank"])
+    return tt["_i"].to_numpy(), tt["target"].to_numpy().astype(int)
+
+
 def champion_rows(window_row: dict, champion, reference: Sample, sample: Sample, fmt: str) -> list[dict]:
     """A row per finding ``champion`` scores, under the window's signals: its calibrated probabilities' shift from
     the reference (KS), CBPE's expected figures, and where the window has labels the measured ones."""
@@ -344,10 +353,8 @@ def champion_rows(window_row: dict, champion, reference: Sample, sample: Sample,
         row.update(cbpe(win_p[:, j], win_call[:, j]))
         measured = {"n_labelled": 0, "auc": None, "sensitivity": None, "specificity": None, "prevalence": None}
         if indexed is not None and s in indexed.columns:
-            usable = indexed.filter(pl.col(s).is_not_null()) if fmt in NULL_IS_UNSCORABLE else indexed
-            tt = targets(usable, s, champion.policy["uncertain"], champion.policy["blank"])
-            idx = tt["_i"].to_numpy()
-            y, p, c = tt["target"].to_numpy().astype(int), win_p[idx, j], win_call[idx, j]
+            idx, y = labelled(indexed, s, champion.policy, fmt)
+            p, c = win_p[idx, j], win_call[idx, j]
             measured["n_labelled"] = int(len(y))
             if len(y):
                 measured["prevalence"] = float(y.mean())
