@@ -105,7 +105,9 @@ def test_each_file_draws_one_window_at_every_size_and_the_draws_follow_the_mix(t
         first = drew_narrow(path, None)
         assert drew_narrow(path, 32) == drew_narrow(path, 64) == first  # the file's bytes choose, not its size
         picks.append(first)
-    assert 0.15 <= np.mean(picks) <= 0.35  # 30 of 120 expected
+    # 30 of 120 expected; the files' UIDs are random, so the count is too (sd 4.7): 12 to 48 fails about once in
+    # 9,000 runs (0.15 to 0.35 failed a CI run with 44), while a draw that ignores the mix (0, 60 or 120) still fails
+    assert 0.1 <= np.mean(picks) <= 0.4
     with pytest.raises(ValueError, match="at least one window"):
         WindowPrior(())
 
