@@ -310,6 +310,11 @@ def main() -> int:
     ap.add_argument("--permutations", type=int, default=500)
     ap.add_argument("--kernel", choices=KERNELS, default=DriftSettings().kernel, help="the kernel the last line reports")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_drift"))
+    ap.add_argument(
+        "--dump",
+        action="store_true",
+        help="keep every window's features and scores in OUT/windows.npz, each level's AUC drop in OUT/levels.json",
+    )
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     os.environ["CXR_HOME"] = str(a.out / "home")
@@ -331,11 +336,19 @@ def main() -> int:
     sigma_ref = median_distance(ref)
     rules = {r: (r.removesuffix("-reference"), sigma_ref if r.endswith("-reference") else None) for r in KERNELS}
 
-    def test(images: np.ndarray, rows, seed: int) -> list[dict[str, tuple[float, float]]]:
-        """Per window, (MMD², p) under each kernel (the same permutations)."""
+    saved: dict[str, np.ndarray] = {}
+    if a.dump:
+        reference = reference_images(a.reference, a.seed)
+        saved.update({"reference/emb": ref, "reference/score": champ.model.probabilities(reference)})
+
+    def test(images: np.ndarray, rows, seed: int, name: str = "") -> list[dict[str, tuple[float, float]]]:
+        """Per window, (MMD², p) under each kernel (the same permutations); with ``--dump``, each window's features
+        and network scores are kept under ``name``."""
         out = []
         for k, w in enumerate(patient_windows(rows, a.window, seed)):
             x = embeddings(champ.model, images[w])
+            if a.dump and name:
+                saved.update({f"{name}/w{k}/emb": x, f"{name}/w{k}/score": champ.model.probabilities(images[w])})
             tests = {r: mmd_test(ref, x, a.permutations, seed * 1000 + k, kern, sig) for r, (kern, sig) in rules.items()}
             out.append({r: (t.statistic, t.p_value) for r, t in tests.items()})
         return out
@@ -348,7 +361,7 @@ def main() -> int:
 
     s = 1000 * a.seed  # every replica's seed follows --seed: a run at another seed sees none of these images
     images, rows = held_out(a.out / "held_out", a.held_out, a.seed + 100)
-    no_shift = test(images, rows, seed=1)
+    no_shift = test(images, rows, seed=1, name="held-out")
     print(f"held-out MIMIC: {len(no_shift)} windows, flagged at p < {a.alpha}: {said(no_shift)}", flush=True)
     scores = champ.model.probabilities(images)
     mimic = measured_and_expected(champ, rows, scores, "mimic")
@@ -377,7 +390,7 @@ def main() -> int:
             if fmt == "chexpert"
             else external(a.out / "ext" / f"{fmt}-none-s{base + k}", fmt, a.level_patients, base + k)
         )
-        fmt_windows[fmt] = test(images, rows, seed=2 + k)
+        fmt_windows[fmt] = test(images, rows, seed=2 + k, name=fmt)
         print(f"{fmt} format, no shift: {len(fmt_windows[fmt])} windows, flagged: {said(fmt_windows[fmt])}", flush=True)
     levels = [(kind, v, {kind: v}) for kind, vs in LEVELS.items() for v in vs] + [("combined", 0.0, COMBINED)]
     results = []
@@ -388,7 +401,7 @@ def main() -> int:
         common = sorted(set(per) & set(baseline))
         drop = float(np.mean([baseline[f][0] - per[f][0] for f in common])) if common else float("nan")  # paired: same patients
         signed = float(np.mean([per[f][1] - per[f][0] for f in common])) if common else float("nan")
-        res = test(images, rows, seed=10 + k)
+        res = test(images, rows, seed=10 + k, name=f"{kind} {value}")
         per_window = window_cbpe(champ, rows, scores, patient_windows(rows, a.window, 10 + k), "chexpert")
         score = {r: float(np.median([w[r][0] for w in res])) for r in rules}
         results.append(
@@ -410,6 +423,10 @@ def main() -> int:
             flush=True,
         )
     nulls = no_shift + [w for ws in fmt_windows.values() for w in ws]
+    if a.dump:
+        np.savez(a.out / "windows.npz", **saved)
+        levels_json = [{"kind": r["kind"], "value": r["value"], "drop": r["drop"], "cbpe_error": r["cbpe_error"]} for r in results]
+        (a.out / "levels.json").write_text(json.dumps(levels_json, indent=1))
     big = [w for r in results if r["drop"] >= 0.05 for w in r["windows"]]
     errors = [r["cbpe_error"] for r in results] + [cbpe_error(baseline, sorted(baseline))]
     print(
