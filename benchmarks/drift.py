@@ -4,8 +4,10 @@ A MIMIC replica (``--patients``, seed ``--seed``) trains the multi-label champio
 at 64 px, ``multilabel_classifier``; registered champion, Platt-calibrated on validate). The reference is
 ``--reference`` frontal images of its **training** split, one per patient, from its shards (the asset's own
 ``reference_sample``). Windows of ``--window`` studies of as many different patients, one frontal image per study
-(the test's unit is the patient: ``vision.drift``), each compared with the reference (``vision.drift``: MMD² of the backbone's pooled features, permutation p-value;
-alarm when p < ``--alpha``):
+(the test's unit is the patient: ``vision.drift``), each compared with the reference by two MMD tests with
+permutation p-values (``vision.drift``): on the multi-label champion's calibrated probabilities (``--signal outputs``,
+the asset's default, chosen on validation seeds 5 and 7) and on its backbone's pooled features (``features``, the
+default before); a window is flagged when p < ``--alpha``:
 
 - **no shift**: at least 40 windows from held-out MIMIC-replica data (a second replica drawn with another seed:
   new patients from the same generator), decoded as the shards decode;
@@ -26,18 +28,19 @@ The held-out MIMIC images are also read as if their headers carried no window (t
 way PadChest's 16-bit PNGs are read): the AUC change and the windows flagged say what that reading alone does.
 Every replica's seed follows ``--seed``, so a run at another seed sees none of these images (a validation run).
 
-Each window is tested under every kernel ``image_drift.kernel`` offers (a Gaussian at the pooled median distance,
-fixed before the first run; a Gaussian at the reference's own; a multiscale Gaussian; the energy distance, the
-default since the validation run at seed 5),
-with the same permutations; the last line is ``--kernel``'s (the configured default unless given), the lines above
-it the others':
+Each window is tested on each signal under every kernel ``image_drift.kernel`` offers (a Gaussian at the pooled
+median distance, fixed before the first run; a Gaussian at the reference's own; a multiscale Gaussian; the energy
+distance, the default since the validation run at seed 5), with the same permutations; the last line is
+``--signal`` and ``--kernel``'s (the configured defaults unless given), the lines above it the others'. ``--dump``
+keeps every window's features and network scores (``windows.npz``) and each level's AUC drop (``levels.json``) in
+``--out``, so another alarm can be scored offline on the same windows:
 
     drift: false alarms <a>/<n>, detected <d>/<m> windows at levels with AUC drop >= 0.05, spearman(drift score, AUC drop) <r> over <k> levels, CBPE AUC error median <e>
 
 Goals (#51): false alarms <= 5% of no-shift windows (held-out and format alone), detection >= 95% of windows at
 levels whose pooled AUC drop is >= 0.05, Spearman >= 0.8 over the graded levels, median |CBPE AUC error| <= 0.05.
 
-    python benchmarks/drift.py [--seed 3] [--patients 750] [--held-out 1500] [--level-patients 400] [--kernel gaussian|gaussian-reference|multiscale|energy] [--out /tmp/bench_drift]
+    python benchmarks/drift.py [--seed 3] [--patients 750] [--held-out 1500] [--level-patients 400] [--signal outputs|features] [--kernel gaussian|gaussian-reference|multiscale|energy] [--out /tmp/bench_drift] [--dump]
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_pipeline.vision.drift import KERNELS, DriftSettings
+from cxr_pipeline.vision.drift import KERNELS, SIGNALS, DriftSettings
 
 # Fixed before the first full run, from what the generator does (not tuned on its results): noise is drawn at the
 # source's 256 rows, and the 64-px input averages 4x4 source pixels, so its sd reaches the model divided by about 4; a
@@ -309,6 +312,7 @@ def main() -> int:
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--permutations", type=int, default=500)
     ap.add_argument("--kernel", choices=KERNELS, default=DriftSettings().kernel, help="the kernel the last line reports")
+    ap.add_argument("--signal", choices=SIGNALS, default=DriftSettings().signal, help="the signal the last line reports")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_drift"))
     ap.add_argument(
         "--dump",
@@ -332,24 +336,40 @@ def main() -> int:
 
     client, uri = get_client()
     (champ,) = load_champions(client, uri, [registered_name(MULTILABEL)])
-    ref = embeddings(champ.model, reference_images(a.reference, a.seed))
-    sigma_ref = median_distance(ref)
-    rules = {r: (r.removesuffix("-reference"), sigma_ref if r.endswith("-reference") else None) for r in KERNELS}
+    m = champ.model
 
+    def sides(images: np.ndarray) -> dict[str, np.ndarray]:
+        """What each signal's test compares (``vision.drift``): the calibrated probabilities and the pooled features."""
+        return {"outputs": m.calibrate(m.probabilities(images)), "features": embeddings(m, images)}
+
+    reference = reference_images(a.reference, a.seed)
+    refs = sides(reference)
+    sigmas = {sig: median_distance(r) for sig, r in refs.items()}
+    rules = {f"{sig}/{kern}": (sig, kern) for sig in SIGNALS for kern in KERNELS}
+    chosen = f"{a.signal}/{a.kernel}"
     saved: dict[str, np.ndarray] = {}
     if a.dump:
-        reference = reference_images(a.reference, a.seed)
-        saved.update({"reference/emb": ref, "reference/score": champ.model.probabilities(reference)})
+        saved.update({"reference/emb": refs["features"], "reference/score": m.probabilities(reference)})
 
     def test(images: np.ndarray, rows, seed: int, name: str = "") -> list[dict[str, tuple[float, float]]]:
-        """Per window, (MMD², p) under each kernel (the same permutations); with ``--dump``, each window's features
-        and network scores are kept under ``name``."""
+        """Per window, (MMD², p) under each signal and kernel (the same permutations); with ``--dump``, each window's
+        features and network scores are kept under ``name``."""
         out = []
         for k, w in enumerate(patient_windows(rows, a.window, seed)):
-            x = embeddings(champ.model, images[w])
+            xs = sides(images[w])
             if a.dump and name:
-                saved.update({f"{name}/w{k}/emb": x, f"{name}/w{k}/score": champ.model.probabilities(images[w])})
-            tests = {r: mmd_test(ref, x, a.permutations, seed * 1000 + k, kern, sig) for r, (kern, sig) in rules.items()}
+                saved.update({f"{name}/w{k}/emb": xs["features"], f"{name}/w{k}/score": m.probabilities(images[w])})
+            tests = {
+                r: mmd_test(
+                    refs[sig],
+                    xs[sig],
+                    a.permutations,
+                    seed * 1000 + k,
+                    kern.removesuffix("-reference"),
+                    sigmas[sig] if kern.endswith("-reference") else None,
+                )
+                for r, (sig, kern) in rules.items()
+            }
             out.append({r: (t.statistic, t.p_value) for r, t in tests.items()})
         return out
 
@@ -432,7 +452,7 @@ def main() -> int:
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}; commit {commit()}; "
         f"{time.perf_counter() - t0:.0f} s; "
-        f"seed {a.seed}; alpha {a.alpha}, {a.permutations} permutations, reference {len(ref)} training patients (sigma {sigma_ref:.3f}), "
+        f"seed {a.seed}; alpha {a.alpha}, {a.permutations} permutations, reference {len(reference)} training patients (median distance: outputs {sigmas['outputs']:.3f}, features {sigmas['features']:.3f}), "
         f"windows of {a.window} patients; CBPE median |error| per finding: CheXpert format, no shift {errors[-1]:.3f}, held-out MIMIC "
         f"{cbpe_error(mimic, sorted(mimic)):.3f}; levels (and the no-shift CheXpert set) within 0.05: {sum(e <= 0.05 for e in errors)}/{len(errors)}, "
         f"largest {max(errors):.3f}"
@@ -447,14 +467,14 @@ def main() -> int:
     over = [f"{n} {r['cbpe_error']:.3f}" for n, r in zip(named, results, strict=True) if r["cbpe_error"] > 0.05]
     print(f"CBPE per level over 0.05: {', '.join(over) or 'none'}")
     graded = [r for r in results if r["kind"] != "combined"]  # the goal's Spearman is over the graded levels alone
-    for rule in sorted(rules, key=lambda r: r == a.kernel):  # the chosen kernel's line last: the benchmark's answer
+    for rule in sorted(rules, key=lambda r: r == chosen):  # the chosen signal and kernel's line last: the benchmark's answer
         every = float(spearmanr([r["score"][rule] for r in results], [r["drop"] for r in results]).statistic)
         print(f"spearman ({rule}) over the {len(results)} levels with the combined one: {every:.2f}")
         rho = float(spearmanr([r["score"][rule] for r in graded], [r["drop"] for r in graded]).statistic)
         per_set = ", ".join(f"{name} {flagged(ws, rule)}/{len(ws)}" for name, ws in [("held-out", no_shift), *fmt_windows.items()])
         print(f"false alarms by set ({rule}): {per_set}")
         print(
-            f"{'drift' if rule == a.kernel else f'drift ({rule} kernel)'}: false alarms {flagged(nulls, rule)}/{len(nulls)}, "
+            f"{'drift' if rule == chosen else f'drift ({rule})'}: false alarms {flagged(nulls, rule)}/{len(nulls)}, "
             f"detected {flagged(big, rule)}/{len(big)} windows at levels with AUC drop >= 0.05, spearman(drift score, AUC drop) "
             f"{rho:.2f} over {len(graded)} levels, CBPE AUC error median {float(np.median(errors)):.3f}"
         )

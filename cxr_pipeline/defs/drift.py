@@ -1,8 +1,9 @@
 """New images against the training images -> image_drift: one partition per window (a batch of incoming images).
 
 The work is in ``vision.drift`` (the signals, the MMD test, CBPE); this module finds a window's images, draws the
-reference from the training split of the shards, loads the champions (the multi-label one's features decide the
-alarm; every champion's outputs are compared, each at its own input size), calls ``vision.drift.compare``,
+reference from the training split of the shards, loads the champions (the multi-label one's calibrated
+probabilities decide the alarm by default, its features are tested beside them; every champion's outputs are
+compared, each at its own input size), calls ``vision.drift.compare``,
 logs to MLflow and warns through an asset check when the window drifts. Windows are dynamic partitions: each
 external set present is one (``external-<format>``), and so is each window of studies the PACS intake received
 (``pacs-NNNN``, ``vision.pacs_windows``), added by the ``drift_windows`` sensor;
@@ -166,7 +167,8 @@ def _result(run, path, table: pl.DataFrame, cfg, **extra) -> dg.MaterializeResul
     shown = table.select([c for c in SHOWN if c in table.columns]).with_columns(pl.col(pl.Float64).round(4))
     md = {
         "table": table_metadata(shown),
-        **{k: float(first[k]) for k in ("drift_score", "p_value", "histogram_distance")},
+        **{k: float(first[k]) for k in ("drift_score", "p_value", "outputs_mmd", "features_mmd", "histogram_distance")},
+        "signal": str(first["signal"]),
         "drifted": bool(first["drifted"]),
         "n_window": int(first["n_window"]),
         "dagster/column_schema": dg.MetadataValue.table_schema(table_schema(IMAGE_DRIFT, table)),
@@ -186,8 +188,9 @@ def _result(run, path, table: pl.DataFrame, cfg, **extra) -> dg.MaterializeResul
     kinds={"polars", "parquet"},
     description="Does a window of new images still look like the training images? Per window (a dynamic partition: each external "
     "set, external-<format>, and each window of studies the PACS intake received, pacs-NNNN) against frontal training-split "
-    "images, one per patient: the multi-label champion's pooled features by MMD with a "
-    "permutation p-value (the drift score and the alarm: p < alpha), beside the intensity histogram distance, the view mix and "
+    "images, one per patient: the multi-label champion's calibrated probabilities by MMD with a permutation p-value (the drift "
+    "score and the alarm: p < alpha; image_drift.signal: features to alarm on its pooled features, tested beside them either "
+    "way), beside the intensity histogram distance, the view mix and "
     "each champion's output shift per finding (the multi-label one's and each per-finding one's); CBPE's expected AUC, sensitivity and specificity from calibrated probabilities, and the "
     "measured ones where the window has labels.",
     **needs.CNN.asset_args(),
@@ -224,10 +227,13 @@ def image_drift(
         path = write_parquet(table, paths.image_drift / f"{window}.parquet")
         run.log_table(table, "image_drift")
         first = table.row(0, named=True)
-        run.log_metrics({k: float(first[k]) for k in ("drift_score", "p_value", "histogram_distance", "n_window", "n_reference")})
+        tracked = ("drift_score", "p_value", "outputs_mmd", "outputs_p_value", "features_mmd", "features_p_value", "histogram_distance")
+        run.log_metrics({k: float(first[k]) for k in (*tracked, "n_window", "n_reference")})
         _log_per_finding(run, table)
     said = "drifts" if first["drifted"] else "does not drift"
-    context.log.info(f"{window} {said}: MMD² {first['drift_score']:.4f}, p = {first['p_value']:.4f} (alpha {cfg.alpha})")
+    context.log.info(
+        f"{window} {said}: MMD² of the {first['signal']} {first['drift_score']:.4f}, p = {first['p_value']:.4f} (alpha {cfg.alpha})"
+    )
     return _result(run, path, table, cfg, champions_compared=table["model"].n_unique())
 
 

@@ -4,6 +4,8 @@ estimate matches the measured AUC, sensitivity and specificity when the probabil
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import polars as pl
 import pytest
@@ -97,9 +99,9 @@ def test_histogram_distance_and_ks_are_zero_for_the_same_and_large_for_different
 
 
 def test_a_shifted_window_is_flagged_and_an_unshifted_one_is_not(replica, registry):
-    """The replica's frontal images through the registered multi-label model (random weights at 32 px: its features
-    still see the images): a reference, a window of other images (no alarm) and the same window shifted (noise and a
-    darker exposure: the alarm); a per-finding champion's outputs are compared under the same window signals.
+    """The replica's frontal images through the registered multi-label model (random weights at 32 px: its outputs
+    and features still see the images): a reference, a window of other images (no alarm) and the same window shifted
+    (noise and a darker exposure: the alarm, on the outputs by default and on the features when configured); a per-finding champion's outputs are compared under the same window signals.
     (No header text in the table, MLflow or Dagster's metadata: ``defs/test_model_assets.py``, where the asset
     reads the files.)"""
     import pydicom
@@ -125,6 +127,11 @@ def test_a_shifted_window_is_flagged_and_an_unshifted_one_is_not(replica, regist
     # another champion's outputs on its own images (here the shifted ones, beside an unshifted multi-label side)
     mixed = compare("mixed", reference, window, champ, cfg, others=[(edema, reference, Sample(shifted, window.views))])
     assert not same[0]["drifted"] and moved[0]["drifted"]
+    # the alarm's signal is the outputs by default; the features are tested beside them, and alarm when configured to
+    by_features = compare("moved", reference, Sample(shifted, window.views), champ, replace(cfg, signal="features"))
+    assert moved[0]["signal"] == "outputs" and moved[0]["drift_score"] == moved[0]["outputs_mmd"] and by_features[0]["drifted"]
+    assert by_features[0]["drift_score"] == by_features[0]["features_mmd"] == moved[0]["features_mmd"]
+    assert by_features[0]["p_value"] == moved[0]["features_p_value"] and moved[0]["p_value"] == moved[0]["outputs_p_value"]
     assert moved[0]["drift_score"] > same[0]["drift_score"] and moved[0]["histogram_distance"] > same[0]["histogram_distance"]
     assert len(same) == len(champ.model.slugs) and all(r["auc"] is None for r in same)  # no labels: CBPE only
     (own,) = [r for r in mixed if r["model"] == f"cxr-edema v{edema.version}"]  # its own finding, its own outputs
@@ -170,4 +177,6 @@ def test_settings_that_could_never_alarm_are_refused():
         DriftSettings(pacs_window=1)
     with pytest.raises(ValueError, match="kernel must be one of"):
         DriftSettings(kernel="laplace")
+    with pytest.raises(ValueError, match="signal must be one of outputs, features, not 'pixels'"):
+        DriftSettings(signal="pixels")
     assert DriftSettings(permutations=100, alpha=0.01).permutations == 100
