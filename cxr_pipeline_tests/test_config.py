@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHOICES = {
     "label_source": "negbio",
     "kernel": "gaussian",
+    "signal": "features",
     "imbalance": "sampler",
     "precision": "fp32",
     "arch": "densenet121",
