@@ -7,8 +7,9 @@ Three signals compare a window (a batch of incoming images) with a reference dra
 - **learned representations**: the multi-label champion backbone's pooled features, compared by the maximum mean
   discrepancy (MMD; the energy distance by default, ``DriftSettings.kernel``) with a permutation p-value, computed
   in torch;
-- **outputs**: each champion's calibrated probabilities (the multi-label champion's for every finding, each
-  per-finding champion's for its own), by the two-sample Kolmogorov-Smirnov statistic.
+- **outputs**: each champion's calibrated probabilities: the multi-label champion's, every finding at once, by MMD
+  with a permutation p-value (the alarm's signal by default), and per finding by the two-sample Kolmogorov-Smirnov
+  statistic; each per-finding champion's, for its own finding, by KS.
 
 The test's unit is the **patient**: a permutation test treats every image as exchangeable with every other, and
 a patient's several images (and studies) are alike, so both sides hold one image per patient (``one_per_patient``;
@@ -16,18 +17,19 @@ a patient's several images (and studies) are alike, so both sides hold one image
 images each, were flagged far more often than alpha (a smoke run of the benchmark: 7 of 25 at p < 0.01).
 
 The alarm is decided by one MMD test (``DriftSettings.signal``): by default on the **outputs**, the multi-label
-champion's calibrated probabilities (one dimension per finding: black-box shift detection, which Rabanser et al.
-2019, "Failing Loudly", found the most reliable of the shift detectors they compared), else on the backbone's
+champion's calibrated probabilities (one dimension per finding: black-box shift detection, Lipton et al. 2018;
+Rabanser et al. 2019, "Failing Loudly", found tests on a classifier's outputs among the most reliable shift
+detectors they compared, theirs univariate KS tests on softmax outputs), else on the backbone's
 **features**. **Drift score** = MMD² of the window against the reference on that signal (the energy distance by
 default, ``DriftSettings.kernel``), **p-value** = its permutation p-value; a window *drifts* when p < ``alpha``.
 Both MMD tests are reported (``outputs_mmd``, ``features_mmd`` and their p-values), as are the other signals; none
 but the configured one alarms (several alarms would multiply false ones). Why the outputs: on the drift benchmark's
-validation seeds the features alarmed on the 8-bit display formats (JPEG, PNG) with no image shift, and ranked the
-kinds of shift poorly against the AUC they cost (a gain moves the features far and costs little AUC; noise the
-reverse), where the probabilities, bounded in [0, 1] and read through the model, ranked them better. What each
-catches and misses is on the Monitoring docs page: a change in prevalence alone moves the outputs (and so the
-default alarm) while the images are unchanged; a change the model's outputs ignore is missed by it and may show in
-the features.
+validation seeds (5 and 7, ``benchmarks/drift_rescore.py``) they ranked the kinds of shift better against the AUC
+they cost than the features did (a gain moves the features far and costs little AUC; noise the reverse; the
+probabilities, bounded in [0, 1] and read through the model, move with what the model makes of the image), with as
+few false alarms. The numbers, and what each catches and misses, are on the Monitoring docs page: a change in
+prevalence alone moves the outputs (and so the default alarm) while the images are unchanged; a change the
+model's outputs ignore is missed by it and may show in the features.
 
 **Expected performance without labels** (confidence-based performance estimation, as NannyML's CBPE): if the
 calibrated probabilities are right on the window, each image is a positive with its probability, so the expected
@@ -232,8 +234,8 @@ class DriftSettings:
     kernel: str = setting(
         "energy",
         "the MMD kernel: energy (the energy distance: no bandwidth, grows with a shift instead of levelling off; chosen "
-        "on the drift benchmark's validation seed), gaussian (sigma: the median distance between the pooled reference and "
-        "window features), gaussian-reference (sigma: the reference's own), multiscale (Gaussians at 1/4 to 4 times the "
+        "on the drift benchmark's validation seed for the features and kept for the outputs), gaussian (sigma: the median "
+        "distance between the pooled reference and window points), gaussian-reference (sigma: the reference's own), multiscale (Gaussians at 1/4 to 4 times the "
         "pooled median)",
     )
 

@@ -264,6 +264,10 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         drun = client.get_run(dmat.metadata["mlflow_run_id"].value)
         assert "image_drift.json" in {a.path for a in client.list_artifacts(drun.info.run_id)} and "drift_score" in drun.data.metrics
         assert "cxr-support-devices.support_devices.output_ks" in drun.data.metrics and dmat.metadata["champions_compared"].value == 3
+        # the alarm's signal (the outputs by default) and both tests, in the table, the metadata and MLflow
+        both = ("outputs_mmd", "outputs_p_value", "features_mmd", "features_p_value")
+        assert drift["signal"][0] == dmat.metadata["signal"].value == "outputs" and drift["drift_score"][0] == drift["outputs_mmd"][0]
+        assert all(drun.data.metrics[k] == pytest.approx(drift[k][0]) == dmat.metadata[k].value for k in both)
         # a window that drifts warns: the same window at alpha 0.99 (p < 0.99 unless the window is the most reference-like
         # of all its permutations)
         warned = run_job(defs, "drift_job", instance, partition_key="external-chexpert", run_config=_alpha(dcfg, 0.99))
@@ -311,6 +315,13 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert (
             pl.read_parquet(rmat.metadata["path"].value).equals(pacs_drift) and rmat.metadata["drifted"].value == pacs_drift["drifted"][0]
         )
+        # a table written before the alarm named its signal (it alarmed on the features) stands too, read as such
+        before = pacs_drift.drop("signal", "outputs_mmd", "outputs_p_value", "features_mmd", "features_p_value")
+        before.write_parquet(rmat.metadata["path"].value)
+        older = run_job(defs, "drift_job", instance, partition_key="pacs-0001", run_config=dcfg)
+        (omat,) = [e.materialization for e in older.get_asset_materialization_events()]
+        assert "the last comparison stands" in omat.metadata["reason"].value and omat.metadata["signal"].value == "features"
+        assert "outputs_mmd" not in omat.metadata and omat.metadata["drift_score"].value == pacs_drift["drift_score"][0]
 
         # localization: the champions' Grad-CAM against the replica's planted boxes and the NIH-format replica's box file
         lres = run_job(defs, "localization_job", instance, run_config={"ops": {"localization_metrics": {"config": {"bootstrap": 50}}}})

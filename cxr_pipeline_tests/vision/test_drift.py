@@ -131,7 +131,16 @@ def test_a_shifted_window_is_flagged_and_an_unshifted_one_is_not(replica, regist
     by_features = compare("moved", reference, Sample(shifted, window.views), champ, replace(cfg, signal="features"))
     assert moved[0]["signal"] == "outputs" and moved[0]["drift_score"] == moved[0]["outputs_mmd"] and by_features[0]["drifted"]
     assert by_features[0]["drift_score"] == by_features[0]["features_mmd"] == moved[0]["features_mmd"]
+    assert not compare("same", reference, window, champ, replace(cfg, signal="features"))[0]["drifted"]
     assert by_features[0]["p_value"] == moved[0]["features_p_value"] and moved[0]["p_value"] == moved[0]["outputs_p_value"]
+    # on the calibrated probabilities, not the network's scores: under a Platt map (this champion has none) the test
+    # compares the mapped scores
+    platt = {s: {"method": "platt", "a": 3.0, "b": -1.0} for s in champ.model.slugs}
+    calibrated = replace(champ, model=replace(champ.model, config=replace(champ.model.config, calibration=platt)))
+    got = compare("moved", reference, Sample(shifted, window.views), calibrated, cfg)[0]
+    cm = calibrated.model
+    want = mmd_test(cm.calibrate(cm.probabilities(reference.images)), cm.calibrate(cm.probabilities(shifted)), 300, 0).statistic
+    assert got["outputs_mmd"] == pytest.approx(want) and got["outputs_mmd"] != pytest.approx(moved[0]["outputs_mmd"], rel=0.01)
     assert moved[0]["drift_score"] > same[0]["drift_score"] and moved[0]["histogram_distance"] > same[0]["histogram_distance"]
     assert len(same) == len(champ.model.slugs) and all(r["auc"] is None for r in same)  # no labels: CBPE only
     (own,) = [r for r in mixed if r["model"] == f"cxr-edema v{edema.version}"]  # its own finding, its own outputs

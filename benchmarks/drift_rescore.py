@@ -1,0 +1,120 @@
+"""Score candidate alarms on the windows a ``benchmarks/drift.py --dump`` run kept, without retraining: how the
+alarm's signal (``image_drift.signal``) was chosen, on validation seeds 5 and 7 (#51).
+
+Each candidate is the MMD test (energy distance, the asset's default kernel; 500 permutations, the benchmark's
+permutation seeds: held-out windows 1, the CheXpert, NIH and PadChest sets 2 to 4, the levels 10 onwards, times
+1000 plus the window's number) of one representation of a window against the same representation of the
+reference, with p < ``--alpha`` the alarm and the median MMD² over a level's windows its score:
+
+- ``features``: the multi-label champion's pooled backbone features; ``features-standardised``: the same, each
+  dimension scaled by the reference's mean and standard deviation;
+- ``scores`` and ``logits``: the network's own probabilities and their logits;
+- ``calibrated`` and ``calibrated-logits``: the Platt-calibrated probabilities (the champion's maps, read from the
+  run's registry) and their logits.
+
+Printed per candidate, in the benchmark's terms: false alarms (held-out and format-alone windows), windows detected
+at levels whose AUC drop is at least 0.05, and Spearman between score and AUC drop over the 15 graded levels.
+
+    python benchmarks/drift_rescore.py /tmp/bench_drift_s5 [/tmp/bench_drift_s7 ...] [--candidates calibrated,features]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+NULLS = ("held-out", "chexpert", "nih", "padchest")
+CANDIDATES = ("features", "features-standardised", "scores", "logits", "calibrated", "calibrated-logits")
+
+
+def windows(run: Path) -> tuple[dict[str, np.ndarray], dict[str, list[dict[str, np.ndarray]]], list[dict]]:
+    """The reference's arrays, each set's windows in order (``emb``: features, ``score``: network scores), the levels."""
+    z = np.load(run / "windows.npz")
+    sets: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    for key in z.files:
+        name, rest = key.split("/", 1)
+        if name != "reference":
+            w, what = rest.split("/")
+            sets.setdefault(name, {}).setdefault(int(w[1:]), {})[what] = z[key]
+    reference = {"emb": z["reference/emb"], "score": z["reference/score"]}
+    return reference, {n: [ws[k] for k in sorted(ws)] for n, ws in sets.items()}, json.loads((run / "levels.json").read_text())
+
+
+def represent(kind: str, side: dict[str, np.ndarray], reference: dict[str, np.ndarray], calibrate) -> np.ndarray:
+    """One side (window or reference) in the candidate's representation."""
+
+    def logit(p: np.ndarray) -> np.ndarray:
+        p = np.clip(p, 1e-6, 1 - 1e-6)
+        return np.log(p / (1 - p))
+
+    if kind == "features":
+        return side["emb"]
+    if kind == "features-standardised":
+        return (side["emb"] - reference["emb"].mean(0)) / (reference["emb"].std(0) + 1e-6)
+    if kind in ("scores", "logits"):
+        return side["score"] if kind == "scores" else logit(side["score"])
+    p = calibrate(side["score"])
+    return p if kind == "calibrated" else logit(p)
+
+
+def champion_calibration(run: Path):
+    """The run's multi-label champion's calibration (the benchmark registered it under ``run/home``)."""
+    os.environ["CXR_HOME"] = str(run / "home")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from cxr_pipeline.tracking import get_client
+    from cxr_pipeline.vision.checkpoint import MULTILABEL
+    from cxr_pipeline.vision.external import load_champions
+    from cxr_pipeline.vision.registry import registered_name
+
+    client, uri = get_client()
+    (champ,) = load_champions(client, uri, [registered_name(MULTILABEL)])
+    return champ.model.calibrate
+
+
+def main() -> int:
+    from scipy.stats import spearmanr
+
+    from cxr_pipeline.vision.drift import mmd_test
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", type=Path, nargs="+", help="--out folders of benchmarks/drift.py --dump runs")
+    ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--alpha", type=float, default=0.01)
+    ap.add_argument("--permutations", type=int, default=500)
+    a = ap.parse_args()
+    for run in a.runs:
+        reference, sets, levels = windows(run)
+        calibrate = champion_calibration(run)
+        test_seed = {"held-out": 1, **{n: 2 + k for k, n in enumerate(NULLS[1:])}}
+        test_seed.update({f"{lv['kind']} {lv['value']}": 10 + k for k, lv in enumerate(levels)})
+        graded = [lv for lv in levels if lv["kind"] != "combined"]
+        for kind in a.candidates.split(","):
+            ref = represent(kind, reference, reference, calibrate)
+            res = {
+                name: [
+                    mmd_test(ref, represent(kind, w, reference, calibrate), a.permutations, test_seed[name] * 1000 + k)
+                    for k, w in enumerate(ws)
+                ]
+                for name, ws in sets.items()
+            }
+            flag = lambda ts: sum(t.p_value < a.alpha for t in ts)  # noqa: E731
+            nulls = [t for n in NULLS for t in res[n]]
+            big = [t for lv in levels if lv["drop"] >= 0.05 for t in res[f"{lv['kind']} {lv['value']}"]]
+            score = [float(np.median([t.statistic for t in res[f"{lv['kind']} {lv['value']}"]])) for lv in graded]
+            rho = float(spearmanr(score, [lv["drop"] for lv in graded]).statistic)
+            by_set = ", ".join(f"{n} {flag(res[n])}/{len(res[n])}" for n in NULLS)
+            print(
+                f"{run.name} {kind}: false alarms {flag(nulls)}/{len(nulls)} ({by_set}), detected {flag(big)}/{len(big)}, "
+                f"spearman {rho:.2f} over {len(graded)} levels",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
