@@ -151,9 +151,12 @@ def _skipped(run, paths, window: str, reason: str, cfg) -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(file_digest(path)))
 
 
-def _log_per_finding(run, table: pl.DataFrame) -> None:
-    """Per finding, in MLflow: the multi-label champion's expected and measured AUC as ``<finding>.expected_auc`` and
+def _log_metrics(run, table: pl.DataFrame) -> None:
+    """In MLflow: the window's figures (the drift score, its p-value, both MMD tests, the histogram distance, the
+    sizes); per finding, the multi-label champion's expected and measured AUC as ``<finding>.expected_auc`` and
     ``<finding>.auc``, and every champion's output shift as ``<registered name>.<finding>.output_ks``."""
+    first = table.row(0, named=True)
+    run.log_metrics({k: float(first[k]) for k in ("drift_score", "p_value", *BOTH_TESTS, "histogram_distance", "n_window", "n_reference")})
     multi = table.filter(pl.col("model").str.starts_with(registered_name(MULTILABEL) + " "))
     run.log_metrics(
         {f"{r['slug']}.expected_auc": r["expected_auc"] for r in multi.iter_rows(named=True) if r["expected_auc"] == r["expected_auc"]}
@@ -230,10 +233,7 @@ def image_drift(
         path = write_parquet(table, paths.image_drift / f"{window}.parquet")
         run.log_table(table, "image_drift")
         first = table.row(0, named=True)
-        run.log_metrics(
-            {k: float(first[k]) for k in ("drift_score", "p_value", *BOTH_TESTS, "histogram_distance", "n_window", "n_reference")}
-        )
-        _log_per_finding(run, table)
+        _log_metrics(run, table)
     said = "drifts" if first["drifted"] else "does not drift"
     context.log.info(
         f"{window} {said}: MMD² of the {first['signal']} {first['drift_score']:.4f}, p = {first['p_value']:.4f} (alpha {cfg.alpha})"
