@@ -339,17 +339,19 @@ def main() -> int:
     m = champ.model
 
     def sides(images: np.ndarray) -> dict[str, np.ndarray]:
-        """What each signal's test compares (``vision.drift``): the calibrated probabilities and the pooled features."""
-        return {"outputs": m.calibrate(m.probabilities(images)), "features": embeddings(m, images)}
+        """What each signal's test compares (``vision.drift``): the calibrated probabilities and the pooled features;
+        with the network's own scores, which ``--dump`` keeps."""
+        scores = m.probabilities(images)
+        return {"outputs": m.calibrate(scores), "features": embeddings(m, images), "scores": scores}
 
     reference = reference_images(a.reference, a.seed)
     refs = sides(reference)
-    sigmas = {sig: median_distance(r) for sig, r in refs.items()}
+    sigmas = {sig: median_distance(refs[sig]) for sig in SIGNALS}
     rules = {f"{sig}/{kern}": (sig, kern) for sig in SIGNALS for kern in KERNELS}
     chosen = f"{a.signal}/{a.kernel}"
     saved: dict[str, np.ndarray] = {}
     if a.dump:
-        saved.update({"reference/emb": refs["features"], "reference/score": m.probabilities(reference)})
+        saved.update({"reference/emb": refs["features"], "reference/score": refs["scores"]})
 
     def test(images: np.ndarray, rows, seed: int, name: str = "") -> list[dict[str, tuple[float, float]]]:
         """Per window, (MMD², p) under each signal and kernel (the same permutations); with ``--dump``, each window's
@@ -358,7 +360,7 @@ def main() -> int:
         for k, w in enumerate(patient_windows(rows, a.window, seed)):
             xs = sides(images[w])
             if a.dump and name:
-                saved.update({f"{name}/w{k}/emb": xs["features"], f"{name}/w{k}/score": m.probabilities(images[w])})
+                saved.update({f"{name}/w{k}/emb": xs["features"], f"{name}/w{k}/score": xs["scores"]})
             tests = {
                 r: mmd_test(
                     refs[sig],
