@@ -7,7 +7,9 @@ at 64 px, ``multilabel_classifier``; registered champion, Platt-calibrated on va
 (the test's unit is the patient: ``vision.drift``), each compared with the reference by two MMD tests with
 permutation p-values (``vision.drift``): on the multi-label champion's calibrated probabilities (``--signal outputs``,
 the asset's default, chosen on validation seeds 5 and 7) and on its backbone's pooled features (``features``, the
-default before); a window is flagged when p < ``--alpha``:
+default before); a window is flagged when p < ``--alpha`` and its unbiased MMD² reaches the rule's tolerance
+(``vision.drift.TOLERANCES``, chosen on validation seeds 5 and 7 by ``benchmarks/drift_rescore.py``; ``--tolerance``
+sets the last line's), and how many are significant without the tolerance is printed beside:
 
 - **no shift**: at least 40 windows from held-out MIMIC-replica data (a second replica drawn with another seed:
   new patients from the same generator), decoded as the shards decode;
@@ -40,7 +42,7 @@ keeps every window's features and network scores (``windows.npz``) and each leve
 Goals (#51): false alarms <= 5% of no-shift windows (held-out and format alone), detection >= 95% of windows at
 levels whose pooled AUC drop is >= 0.05, Spearman >= 0.8 over the graded levels, median |CBPE AUC error| <= 0.05.
 
-    python benchmarks/drift.py [--seed 3] [--patients 750] [--held-out 1500] [--level-patients 400] [--signal outputs|features] [--kernel gaussian|gaussian-reference|multiscale|energy] [--out /tmp/bench_drift] [--dump]
+    python benchmarks/drift.py [--seed 3] [--patients 750] [--held-out 1500] [--level-patients 400] [--signal outputs|features] [--kernel gaussian|gaussian-reference|multiscale|energy] [--tolerance T] [--out /tmp/bench_drift] [--dump]
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_pipeline.vision.drift import KERNELS, SIGNALS, DriftSettings
+from cxr_pipeline.vision.drift import KERNELS, SIGNALS, TOLERANCES, DriftSettings
 
 # Fixed before the first full run, from what the generator does (not tuned on its results): noise is drawn at the
 # source's 256 rows, and the 64-px input averages 4x4 source pixels, so its sd reaches the model divided by about 4; a
@@ -313,6 +315,12 @@ def main() -> int:
     ap.add_argument("--permutations", type=int, default=500)
     ap.add_argument("--kernel", choices=KERNELS, default=DriftSettings().kernel, help="the kernel the last line reports")
     ap.add_argument("--signal", choices=SIGNALS, default=DriftSettings().signal, help="the signal the last line reports")
+    ap.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="the last line's rule's tolerance (default: its validated one, vision.drift.TOLERANCES)",
+    )
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_drift"))
     ap.add_argument(
         "--dump",
@@ -375,8 +383,11 @@ def main() -> int:
             out.append({r: (t.statistic, t.p_value) for r, t in tests.items()})
         return out
 
-    def flagged(windows: list[dict], rule: str) -> int:
-        return sum(w[rule][1] < a.alpha for w in windows)
+    tolerance = {r: TOLERANCES[rules[r]] for r in rules} | ({chosen: a.tolerance} if a.tolerance is not None else {})
+
+    def flagged(windows: list[dict], rule: str, significant_only: bool = False) -> int:
+        """Windows that alarm (p < alpha and MMD² at least the rule's tolerance); ``significant_only``: p < alpha alone."""
+        return sum(w[rule][1] < a.alpha and (significant_only or w[rule][0] >= tolerance[rule]) for w in windows)
 
     def said(windows: list[dict]) -> str:
         return ", ".join(f"{r} {flagged(windows, r)}/{len(windows)}" for r in rules)
@@ -474,7 +485,11 @@ def main() -> int:
         print(f"spearman ({rule}) over the {len(results)} levels with the combined one: {every:.2f}")
         rho = float(spearmanr([r["score"][rule] for r in graded], [r["drop"] for r in graded]).statistic)
         per_set = ", ".join(f"{name} {flagged(ws, rule)}/{len(ws)}" for name, ws in [("held-out", no_shift), *fmt_windows.items()])
-        print(f"false alarms by set ({rule}): {per_set}")
+        print(f"false alarms by set ({rule}, tolerance {tolerance[rule]}): {per_set}")
+        print(
+            f"significant at p < {a.alpha} without the tolerance ({rule}): no shift {flagged(nulls, rule, True)}/{len(nulls)}, "
+            f"at levels with AUC drop >= 0.05 {flagged(big, rule, True)}/{len(big)}"
+        )
         print(
             f"{'drift' if rule == chosen else f'drift ({rule})'}: false alarms {flagged(nulls, rule)}/{len(nulls)}, "
             f"detected {flagged(big, rule)}/{len(big)} windows at levels with AUC drop >= 0.05, spearman(drift score, AUC drop) "

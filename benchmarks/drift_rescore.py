@@ -1,7 +1,8 @@
 """Score candidate alarms on the windows a ``benchmarks/drift.py --dump`` run kept, without retraining: how the
 alarm's signal (``image_drift.signal``) was chosen, on validation seeds 5 and 7 (#51).
 
-Each candidate is the MMD test (energy distance, the asset's default kernel; 500 permutations, the benchmark's
+Each candidate is the MMD test (under each of ``--kernels``, by default the energy distance, the asset's default
+kernel; 500 permutations, the benchmark's
 permutation seeds: held-out windows 1, the CheXpert, NIH and PadChest sets 2 to 4, the levels 10 onwards, times
 1000 plus the window's number) of one representation of a window against the same representation of the
 reference, with p < ``--alpha`` the alarm and the median MMD² over a level's windows its score:
@@ -14,8 +15,11 @@ reference, with p < ``--alpha`` the alarm and the median MMD² over a level's wi
 
 Printed per candidate, in the benchmark's terms: false alarms (held-out and format-alone windows), windows detected
 at levels whose AUC drop is at least 0.05, and Spearman between score and AUC drop over the 15 graded levels.
+Then, pooled over the runs given, each (candidate, kernel)'s alarm tolerance by ``tolerance_rule``: how
+``vision.drift.TOLERANCES`` was set, from validation seeds 5 and 7 (the calibrated candidate is the ``outputs``
+signal, ``features`` the features one).
 
-    python benchmarks/drift_rescore.py /tmp/bench_drift_s5 [/tmp/bench_drift_s7 ...] [--candidates calibrated,features]
+    python benchmarks/drift_rescore.py /tmp/bench_drift_s5 [/tmp/bench_drift_s7 ...] [--candidates calibrated,features] [--kernels energy,multiscale]
 """
 
 from __future__ import annotations
@@ -76,17 +80,29 @@ def champion_calibration(run: Path):
     return champ.model.calibrate
 
 
+def tolerance_rule(no_shift: list[float], must_detect: list[float]) -> float:
+    """The alarm's tolerance (``image_drift.tolerance``) from validation windows: the geometric midpoint of the gap
+    between the largest no-shift window's MMD² and the smallest one's at a level whose AUC drop is at least 0.05, to
+    two significant figures (where there is no gap, the largest no-shift MMD²: no tolerance then separates them).
+    Fixed before it was first applied (#51)."""
+    lo, hi = max(no_shift), min(must_detect)
+    value = float(np.sqrt(lo * hi)) if 0 < lo < hi else lo
+    return float(f"{value:.2g}")
+
+
 def main() -> int:
     from scipy.stats import spearmanr
 
-    from cxr_pipeline.vision.drift import mmd_test
+    from cxr_pipeline.vision.drift import KERNELS, median_distance, mmd_test
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", type=Path, nargs="+", help="--out folders of benchmarks/drift.py --dump runs")
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--kernels", default="energy", help=f"comma-separated, of {', '.join(KERNELS)}")
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--permutations", type=int, default=500)
     a = ap.parse_args()
+    gaps: dict[str, tuple[list[float], list[float]]] = {}
     for run in a.runs:
         reference, sets, levels = windows(run)
         calibrate = champion_calibration(run)
@@ -95,24 +111,41 @@ def main() -> int:
         graded = [lv for lv in levels if lv["kind"] != "combined"]
         for kind in a.candidates.split(","):
             ref = represent(kind, reference, reference, calibrate)
-            res = {
-                name: [
-                    mmd_test(ref, represent(kind, w, reference, calibrate), a.permutations, test_seed[name] * 1000 + k)
-                    for k, w in enumerate(ws)
-                ]
-                for name, ws in sets.items()
-            }
-            flag = lambda ts: sum(t.p_value < a.alpha for t in ts)  # noqa: E731
-            nulls = [t for n in NULLS for t in res[n]]
-            big = [t for lv in levels if lv["drop"] >= 0.05 for t in res[f"{lv['kind']} {lv['value']}"]]
-            score = [float(np.median([t.statistic for t in res[f"{lv['kind']} {lv['value']}"]])) for lv in graded]
-            rho = float(spearmanr(score, [lv["drop"] for lv in graded]).statistic)
-            by_set = ", ".join(f"{n} {flag(res[n])}/{len(res[n])}" for n in NULLS)
-            print(
-                f"{run.name} {kind}: false alarms {flag(nulls)}/{len(nulls)} ({by_set}), detected {flag(big)}/{len(big)}, "
-                f"spearman {rho:.2f} over {len(graded)} levels",
-                flush=True,
-            )
+            for kernel in a.kernels.split(","):
+                sigma = median_distance(ref) if kernel == "gaussian-reference" else None
+                res = {
+                    name: [
+                        mmd_test(
+                            ref,
+                            represent(kind, w, reference, calibrate),
+                            a.permutations,
+                            test_seed[name] * 1000 + k,
+                            kernel.removesuffix("-reference"),
+                            sigma,
+                        )
+                        for k, w in enumerate(ws)
+                    ]
+                    for name, ws in sets.items()
+                }
+                flag = lambda ts: sum(t.p_value < a.alpha for t in ts)  # noqa: E731
+                nulls = [t for n in NULLS for t in res[n]]
+                big = [t for lv in levels if lv["drop"] >= 0.05 for t in res[f"{lv['kind']} {lv['value']}"]]
+                score = [float(np.median([t.statistic for t in res[f"{lv['kind']} {lv['value']}"]])) for lv in graded]
+                rho = float(spearmanr(score, [lv["drop"] for lv in graded]).statistic)
+                by_set = ", ".join(f"{n} {flag(res[n])}/{len(res[n])}" for n in NULLS)
+                gap = gaps.setdefault(f"{kind}/{kernel}", ([], []))
+                gap[0].extend(t.statistic for t in nulls)
+                gap[1].extend(t.statistic for t in big)
+                print(
+                    f"{run.name} {kind}/{kernel}: false alarms {flag(nulls)}/{len(nulls)} ({by_set}), detected "
+                    f"{flag(big)}/{len(big)}, spearman {rho:.2f} over {len(graded)} levels; MMD² largest no-shift "
+                    f"{max(gap[0][-len(nulls) :]):.4f}, smallest at AUC drop >= 0.05 {min(gap[1][-len(big) :]):.4f}",
+                    flush=True,
+                )
+    for rule, (no_shift, must) in gaps.items():
+        print(
+            f"tolerance {rule} over {len(a.runs)} runs: {tolerance_rule(no_shift, must)} (largest no-shift {max(no_shift):.4f}, smallest to detect {min(must):.4f})"
+        )
     return 0
 
 

@@ -172,6 +172,7 @@ def _result(run, path, table: pl.DataFrame, cfg, **extra) -> dg.MaterializeResul
     md = {
         "table": table_metadata(shown),
         **{k: float(first[k]) for k in ("drift_score", "p_value", "histogram_distance")},
+        **({"tolerance": float(first["tolerance"])} if first.get("tolerance") is not None else {}),
         **{k: float(first[k]) for k in BOTH_TESTS if first.get(k) is not None},
         # a table written before a9eea7c (a last comparison standing) alarmed on the features and names no signal
         "signal": str(first.get("signal") or "features"),
@@ -195,7 +196,7 @@ def _result(run, path, table: pl.DataFrame, cfg, **extra) -> dg.MaterializeResul
     description="Does a window of new images still look like the training images? Per window (a dynamic partition: each external "
     "set, external-<format>, and each window of studies the PACS intake received, pacs-NNNN) against frontal training-split "
     "images, one per patient: the multi-label champion's calibrated probabilities by MMD with a permutation p-value (the drift "
-    "score and the alarm: p < alpha; image_drift.signal: features to alarm on its pooled features, tested beside them either "
+    "score and the alarm: p < alpha and the score at least image_drift.tolerance; image_drift.signal: features to alarm on its pooled features, tested beside them either "
     "way), beside the intensity histogram distance, the view mix and "
     "each champion's output shift per finding (the multi-label one's and each per-finding one's); CBPE's expected AUC, sensitivity and specificity from calibrated probabilities, and the "
     "measured ones where the window has labels.",
@@ -236,7 +237,8 @@ def image_drift(
         _log_metrics(run, table)
     said = "drifts" if first["drifted"] else "does not drift"
     context.log.info(
-        f"{window} {said}: MMD² of the {first['signal']} {first['drift_score']:.4f}, p = {first['p_value']:.4f} (alpha {cfg.alpha})"
+        f"{window} {said}: MMD² of the {first['signal']} {first['drift_score']:.4f}, p = {first['p_value']:.4f} (alpha {cfg.alpha}, "
+        f"tolerance {cfg.alarm_tolerance})"
     )
     return _result(run, path, table, cfg, champions_compared=table["model"].n_unique())
 
@@ -245,7 +247,8 @@ def image_drift(
     asset=IMAGE_DRIFT,
     partitions_def=DRIFT_WINDOWS,
     blocking=False,
-    description="Warns when the window drifts from the training images (the MMD test's p-value below the configured alpha).",
+    description="Warns when the window drifts from the training images (the MMD test's p-value below the configured alpha and its "
+    "drift score at least the tolerance).",
 )
 def image_drift_alarm(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     part = context.partition_key
@@ -256,11 +259,17 @@ def image_drift_alarm(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckRe
         return dg.AssetCheckResult(
             passed=True, severity=dg.AssetCheckSeverity.WARN, metadata={"compared": False}, description=f"{part} not compared: {reason}"
         )
+    score = latest_metadata(context.instance, IMAGE_DRIFT, part, "drift_score")
+    said = f"drift score {score}, p = {p}"
     return dg.AssetCheckResult(
         passed=not drifted,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"p_value": float(p) if p is not None else -1.0, "drifted": bool(drifted)},
-        description=f"{part} drifts from the training images (p = {p})" if drifted else f"{part}: no drift",
+        metadata={
+            "p_value": float(p) if p is not None else -1.0,
+            "drift_score": float(score) if score is not None else -1.0,
+            "drifted": bool(drifted),
+        },
+        description=f"{part} drifts from the training images ({said})" if drifted else f"{part}: no drift ({said})",
     )
 
 

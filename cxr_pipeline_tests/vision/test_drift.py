@@ -12,6 +12,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxr_pipeline.vision.drift import (
+    TOLERANCES,
     DriftSettings,
     Sample,
     acquisition,
@@ -121,12 +122,19 @@ def test_a_shifted_window_is_flagged_and_an_unshifted_one_is_not(replica, regist
     reference, window = Sample(images[:60], views[:60]), Sample(images[60:], views[60:])
     rng = np.random.default_rng(0)
     shifted = np.clip(window.images * 0.6 + rng.normal(0, 25, window.images.shape), 1, 255).astype(np.uint8)
-    cfg = DriftSettings(permutations=300, alpha=0.01)
+    # tolerance 0: the alarm on significance alone. The validated tolerances (vision.drift.TOLERANCES) are sizes for
+    # a trained champion's outputs; this random-weight model's barely move (its tolerance is tested below)
+    cfg = DriftSettings(permutations=300, alpha=0.01, tolerance=0.0)
     same = compare("same", reference, window, champ, cfg)
     moved = compare("moved", reference, Sample(shifted, window.views), champ, cfg)
     # another champion's outputs on its own images (here the shifted ones, beside an unshifted multi-label side)
     mixed = compare("mixed", reference, window, champ, cfg, others=[(edema, reference, Sample(shifted, window.views))])
     assert not same[0]["drifted"] and moved[0]["drifted"]
+    # a significant change smaller than the tolerance is reported, not alarmed; by default the validated tolerance
+    above = compare("moved", reference, Sample(shifted, window.views), champ, replace(cfg, tolerance=moved[0]["drift_score"] * 1.01))[0]
+    assert above["p_value"] < 0.01 and not above["drifted"] and above["tolerance"] == pytest.approx(moved[0]["drift_score"] * 1.01)
+    default = compare("same", reference, window, champ, DriftSettings(permutations=300))[0]
+    assert default["tolerance"] == TOLERANCES[("outputs", "energy")] and not default["drifted"]
     # the alarm's signal is the outputs by default; the features are tested beside them, and alarm when configured to
     by_features = compare("moved", reference, Sample(shifted, window.views), champ, replace(cfg, signal="features"))
     assert moved[0]["signal"] == "outputs" and moved[0]["drift_score"] == moved[0]["outputs_mmd"] and by_features[0]["drifted"]
@@ -151,6 +159,30 @@ def test_a_shifted_window_is_flagged_and_an_unshifted_one_is_not(replica, regist
     small = Sample(window.images[:, ::2, ::2].copy(), window.views)  # images at another size than the champion reads
     with pytest.raises(ValueError, match="cxr-edema: its window images are 16 px, the model reads 32 px"):
         compare("w", reference, window, champ, cfg, others=[(edema, reference, small)])
+
+
+def test_the_drift_score_is_the_unbiased_mmd_and_means_the_same_size_at_any_window_size():
+    """The tolerance is a size, so the score may not grow with a window's size: the unbiased MMD² (the energy
+    distance's U-statistic, recounted here from the pairwise distances) of a shift is about the same, on average, in
+    windows of 50 and in one of 2,000, and about 0 without one; the biased V-statistic adds about the mean within-window distance over
+    the window's size and would put windows of 50 over a tolerance one of 2,000 stays under."""
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(5)
+    reference = rng.normal(size=(400, 4))
+
+    def recount(a: np.ndarray, b: np.ndarray) -> float:
+        n, m = len(a), len(b)
+        return float(2 * cdist(a, b).mean() - cdist(a, a).sum() / (n * (n - 1)) - cdist(b, b).sum() / (m * (m - 1)))
+
+    smalls, large = [rng.normal(size=(50, 4)) + 0.5 for _ in range(40)], rng.normal(size=(2000, 4)) + 0.5
+    got = [mmd_test(reference, w, permutations=5).statistic for w in smalls]
+    assert got[0] == pytest.approx(recount(reference, smalls[0]))
+    big = mmd_test(reference, large, permutations=2).statistic
+    # (the V-statistic's mean over these windows of 50 sits 0.08 above its value on the window of 2,000)
+    assert big == pytest.approx(recount(reference, large)) and float(np.mean(got)) == pytest.approx(big, abs=0.05) and big > 0.25
+    nulls = [mmd_test(reference, rng.normal(size=(50, 4)), permutations=20, seed=k).statistic for k in range(20)]
+    assert abs(float(np.mean(nulls))) < 0.03 and min(nulls) < 0  # unbiased: centred on 0, so it dips below
 
 
 def test_acquisition_statistics_give_the_bit_depth_and_size_beside_the_reference():
