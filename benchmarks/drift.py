@@ -395,7 +395,7 @@ def main() -> int:
     s = 1000 * a.seed  # every replica's seed follows --seed: a run at another seed sees none of these images
     images, rows = held_out(a.out / "held_out", a.held_out, a.seed + 100)
     no_shift = test(images, rows, seed=1, name="held-out")
-    print(f"held-out MIMIC: {len(no_shift)} windows, flagged at p < {a.alpha}: {said(no_shift)}", flush=True)
+    print(f"held-out MIMIC: {len(no_shift)} windows, flagged (p < {a.alpha} and MMD² at least the tolerance): {said(no_shift)}", flush=True)
     scores = champ.model.probabilities(images)
     mimic = measured_and_expected(champ, rows, scores, "mimic")
     mimic_windows = window_cbpe(champ, rows, scores, patient_windows(rows, a.window, 1), "mimic")

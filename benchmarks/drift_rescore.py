@@ -13,7 +13,8 @@ reference, with p < ``--alpha`` the alarm and the median MMD² over a level's wi
 - ``calibrated`` and ``calibrated-logits``: the Platt-calibrated probabilities (the champion's maps, read from the
   run's registry) and their logits.
 
-Printed per candidate, in the benchmark's terms: false alarms (held-out and format-alone windows), windows detected
+Printed per candidate, in the benchmark's terms but on significance alone (p < alpha, no tolerance): no-shift windows
+significant (held-out and format-alone), windows significant
 at levels whose AUC drop is at least 0.05, and Spearman between score and AUC drop over the 15 graded levels.
 Then, pooled over the runs given, each (candidate, kernel)'s alarm tolerance by ``tolerance_rule``: how
 ``vision.drift.TOLERANCES`` was set, from validation seeds 5 and 7 (the calibrated candidate is the ``outputs``
@@ -137,7 +138,7 @@ def main() -> int:
                 gap[0].extend(t.statistic for t in nulls)
                 gap[1].extend(t.statistic for t in big)
                 print(
-                    f"{run.name} {kind}/{kernel}: false alarms {flag(nulls)}/{len(nulls)} ({by_set}), detected "
+                    f"{run.name} {kind}/{kernel}: significant at p < {a.alpha}: no shift {flag(nulls)}/{len(nulls)} ({by_set}), "
                     f"{flag(big)}/{len(big)}, spearman {rho:.2f} over {len(graded)} levels; MMD² largest no-shift "
                     f"{max(gap[0][-len(nulls) :]):.4f}, smallest at AUC drop >= 0.05 {min(gap[1][-len(big) :]):.4f}",
                     flush=True,

@@ -152,11 +152,12 @@ def _skipped(run, paths, window: str, reason: str, cfg) -> dg.MaterializeResult:
 
 
 def _log_metrics(run, table: pl.DataFrame) -> None:
-    """In MLflow: the window's figures (the drift score, its p-value, both MMD tests, the histogram distance, the
-    sizes); per finding, the multi-label champion's expected and measured AUC as ``<finding>.expected_auc`` and
+    """In MLflow: the window's figures (the drift score, its p-value, the tolerance in force and the alarm as 1 or 0,
+    both MMD tests, the histogram distance, the sizes); per finding, the multi-label champion's expected and measured AUC as ``<finding>.expected_auc`` and
     ``<finding>.auc``, and every champion's output shift as ``<registered name>.<finding>.output_ks``."""
     first = table.row(0, named=True)
-    run.log_metrics({k: float(first[k]) for k in ("drift_score", "p_value", *BOTH_TESTS, "histogram_distance", "n_window", "n_reference")})
+    window = ("drift_score", "p_value", "tolerance", "drifted", *BOTH_TESTS, "histogram_distance", "n_window", "n_reference")
+    run.log_metrics({k: float(first[k]) for k in window})
     multi = table.filter(pl.col("model").str.starts_with(registered_name(MULTILABEL) + " "))
     run.log_metrics(
         {f"{r['slug']}.expected_auc": r["expected_auc"] for r in multi.iter_rows(named=True) if r["expected_auc"] == r["expected_auc"]}

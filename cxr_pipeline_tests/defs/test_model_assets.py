@@ -228,7 +228,7 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         drift = pl.read_parquet(dmat.metadata["path"].value)
         # the test's unit is the patient: one frontal image each (the asset's draw, seed 0), labels counted from the file
         from cxr_pipeline.data.external import read_labels
-        from cxr_pipeline.vision.drift import one_per_patient
+        from cxr_pipeline.vision.drift import TOLERANCES, one_per_patient
 
         labelled = read_labels("chexpert", cxr_home / "external" / "chexpert" / "CheXpert-v1.0-small" / "valid.csv").manifest
         by_path = {r["Path"]: r for r in frontal}
@@ -243,7 +243,11 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         ]
         assert own["drift_score"].to_list() == [drift["drift_score"][0]] * 2 and own["expected_auc"].is_not_nan().all()
         alarm = drift["p_value"][0] < 0.01 and drift["drift_score"][0] >= drift["tolerance"][0]  # the validated tolerance
-        assert drift["drifted"][0] == alarm and dmat.metadata["drifted"].value == drift["drifted"][0] and drift["tolerance"][0] == 0.065
+        assert (
+            drift["drifted"][0] == alarm
+            and dmat.metadata["drifted"].value == drift["drifted"][0]
+            and drift["tolerance"][0] == TOLERANCES[("outputs", "energy")]
+        )
         # acquisition statistics from the headers: CheXpert's JPGs are 8-bit, the replica's DICOMs 10 to 16
         assert drift["bits_stored"][0] == 8 and 10 <= drift["bits_stored_reference"][0] <= 16 and drift["source_size_ratio"][0] > 0
         sd_drift = drift.filter((pl.col("slug") == "support_devices") & (pl.col("model") == "cxr-multilabel v1")).row(0, named=True)
@@ -269,6 +273,7 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         both = ("outputs_mmd", "outputs_p_value", "features_mmd", "features_p_value")
         assert drift["signal"][0] == dmat.metadata["signal"].value == "outputs" and drift["drift_score"][0] == drift["outputs_mmd"][0]
         assert all(drun.data.metrics[k] == pytest.approx(drift[k][0]) == dmat.metadata[k].value for k in both)
+        assert drun.data.metrics["tolerance"] == drift["tolerance"][0] and drun.data.metrics["drifted"] == float(drift["drifted"][0])
         # a window that drifts warns: the same window at alpha 0.99 and tolerance 0 (p < 0.99 unless the window is the
         # most reference-like of all its permutations; these random-weight models' outputs move less than a trained one's)
         warned = run_job(defs, "drift_job", instance, partition_key="external-chexpert", run_config=_alpha(dcfg, 0.99))

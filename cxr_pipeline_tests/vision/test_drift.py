@@ -12,6 +12,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxr_pipeline.vision.drift import (
+    KERNELS,
+    SIGNALS,
     TOLERANCES,
     DriftSettings,
     Sample,
@@ -133,8 +135,10 @@ def test_a_shifted_window_is_flagged_and_an_unshifted_one_is_not(replica, regist
     # a significant change smaller than the tolerance is reported, not alarmed; by default the validated tolerance
     above = compare("moved", reference, Sample(shifted, window.views), champ, replace(cfg, tolerance=moved[0]["drift_score"] * 1.01))[0]
     assert above["p_value"] < 0.01 and not above["drifted"] and above["tolerance"] == pytest.approx(moved[0]["drift_score"] * 1.01)
-    default = compare("same", reference, window, champ, DriftSettings(permutations=300))[0]
-    assert default["tolerance"] == TOLERANCES[("outputs", "energy")] and not default["drifted"]
+    # the default tolerance is in force: this model's shifted window is significant but moves its outputs less
+    default = compare("moved", reference, Sample(shifted, window.views), champ, replace(cfg, tolerance=None))[0]
+    assert default["tolerance"] == TOLERANCES[("outputs", "energy")] and default["p_value"] < 0.01
+    assert default["drift_score"] < default["tolerance"] and not default["drifted"]
     # the alarm's signal is the outputs by default; the features are tested beside them, and alarm when configured to
     by_features = compare("moved", reference, Sample(shifted, window.views), champ, replace(cfg, signal="features"))
     assert moved[0]["signal"] == "outputs" and moved[0]["drift_score"] == moved[0]["outputs_mmd"] and by_features[0]["drifted"]
@@ -179,10 +183,50 @@ def test_the_drift_score_is_the_unbiased_mmd_and_means_the_same_size_at_any_wind
     got = [mmd_test(reference, w, permutations=5).statistic for w in smalls]
     assert got[0] == pytest.approx(recount(reference, smalls[0]))
     big = mmd_test(reference, large, permutations=2).statistic
-    # (the V-statistic's mean over these windows of 50 sits 0.08 above its value on the window of 2,000)
+    # (the V-statistic's mean over these windows of 50 sits about 0.07 above its value on the window of 2,000)
     assert big == pytest.approx(recount(reference, large)) and float(np.mean(got)) == pytest.approx(big, abs=0.05) and big > 0.25
     nulls = [mmd_test(reference, rng.normal(size=(50, 4)), permutations=20, seed=k).statistic for k in range(20)]
     assert abs(float(np.mean(nulls))) < 0.03 and min(nulls) < 0  # unbiased: centred on 0, so it dips below
+
+
+def test_the_p_value_counts_the_permutations_whose_unbiased_mmd_reaches_the_observed_one():
+    """The permutation null recounted by brute force: the same permutations (torch's, from the seed), each split's
+    unbiased MMD² computed directly, under the energy distance and a fixed-bandwidth Gaussian."""
+    import torch
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(2)
+    reference, window = rng.normal(size=(7, 3)), rng.normal(size=(5, 3)) + 0.4
+    pooled = np.concatenate([reference, window])
+    for kernel, sigma in (("energy", None), ("gaussian", 1.5)):
+        d = cdist(pooled, pooled)
+        k = -d if kernel == "energy" else np.exp(-(d**2) / (2 * sigma**2))
+
+        def direct(ref: np.ndarray, win: np.ndarray, k=k) -> float:
+            kr, kw = k[np.ix_(ref, ref)], k[np.ix_(win, win)]
+            n, m = len(ref), len(win)
+            within = (kr.sum() - np.trace(kr)) / (n * (n - 1)) + (kw.sum() - np.trace(kw)) / (m * (m - 1))
+            return float(within - 2 * k[np.ix_(ref, win)].mean())
+
+        g = torch.Generator().manual_seed(9)
+        member = np.r_[np.ones(7), np.zeros(5)]
+        null = [
+            direct(np.flatnonzero(p), np.flatnonzero(1 - p)) for p in (member[torch.randperm(12, generator=g).numpy()] for _ in range(60))
+        ]
+        observed = direct(np.arange(7), np.arange(7, 12))
+        got = mmd_test(reference, window, permutations=60, seed=9, kernel=kernel, sigma=sigma)
+        assert got.statistic == pytest.approx(observed)
+        assert got.p_value == pytest.approx((1 + sum(x >= observed - 1e-12 for x in null)) / 61), kernel
+
+
+def test_the_tolerance_in_force_is_the_validated_one_for_the_signal_and_kernel_unless_set():
+    for (signal, kernel), value in TOLERANCES.items():
+        assert DriftSettings(signal=signal, kernel=kernel).alarm_tolerance == value
+        assert DriftSettings(signal=signal, kernel=kernel, tolerance=0.0).alarm_tolerance == 0.0
+    assert set(TOLERANCES) == {(s, k) for s in SIGNALS for k in KERNELS}
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="tolerance must be at least 0"):
+            DriftSettings(tolerance=bad)
 
 
 def test_acquisition_statistics_give_the_bit_depth_and_size_beside_the_reference():
