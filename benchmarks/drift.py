@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_pipeline.vision.drift import KERNELS, SIGNALS, TOLERANCES, DriftSettings
+from cxr_pipeline.vision.drift import KERNELS, SIGNALS, TOLERANCES, DriftSettings, alarmed
 
 # Fixed before the first full run, from what the generator does (not tuned on its results): noise is drawn at the
 # source's 256 rows, and the 64-px input averages 4x4 source pixels, so its sd reaches the model divided by about 4; a
@@ -387,7 +387,7 @@ def main() -> int:
 
     def flagged(windows: list[dict], rule: str, significant_only: bool = False) -> int:
         """Windows that alarm (p < alpha and MMD² at least the rule's tolerance); ``significant_only``: p < alpha alone."""
-        return sum(w[rule][1] < a.alpha and (significant_only or w[rule][0] >= tolerance[rule]) for w in windows)
+        return sum(alarmed(w[rule][1], w[rule][0], a.alpha, -np.inf if significant_only else tolerance[rule]) for w in windows)
 
     def said(windows: list[dict]) -> str:
         return ", ".join(f"{r} {flagged(windows, r)}/{len(windows)}" for r in rules)

@@ -85,7 +85,7 @@ def tolerance_rule(no_shift: list[float], must_detect: list[float]) -> float:
     """The alarm's tolerance (``image_drift.tolerance``) from validation windows: the geometric midpoint of the gap
     between the largest no-shift window's MMD² and the smallest one's at a level whose AUC drop is at least 0.05, to
     two significant figures (where there is no gap, the largest no-shift MMD²: no tolerance then separates them).
-    Fixed before it was first applied (#51)."""
+    Written before it was first run (#51); the rule and the values it gave were committed together."""
     lo, hi = max(no_shift), min(must_detect)
     value = float(np.sqrt(lo * hi)) if 0 < lo < hi else lo
     return float(f"{value:.2g}")
