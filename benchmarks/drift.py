@@ -220,7 +220,8 @@ def window_cbpe(champ, rows, raw: np.ndarray, windows: list[np.ndarray], fmt: st
     the specificity, expected over every image of the window and measured over its labelled ones, the calls read
     on the network's scores at its threshold (as ``predict`` reads them); then 1 where the window's calls are all
     one class (expected and measured sensitivity and specificity then agree trivially), and the measured AUC's
-    standard error (Hanley and McNeil 1982: the noise the error is measured against). Shape (pairs, 5)."""
+    standard error (Hanley and McNeil 1982: the noise the error is measured against), and the window's index in
+    ``windows``. Shape (pairs, 6)."""
     from sklearn.metrics import roc_auc_score
 
     from cxr_pipeline.vision.drift import cbpe, labelled
@@ -233,7 +234,7 @@ def window_cbpe(champ, rows, raw: np.ndarray, windows: list[np.ndarray], fmt: st
         if s not in rows.columns:
             continue
         target = dict(zip(*(a.tolist() for a in labelled(indexed, s, champ.policy, fmt)), strict=True))
-        for w in windows:
+        for k, w in enumerate(windows):
             idx = np.array([i for i in w.tolist() if i in target], dtype=np.int64)
             y = np.array([target[i] for i in idx.tolist()], dtype=int)
             if min(y.sum(), len(y) - y.sum()) < min_class:
@@ -247,8 +248,8 @@ def window_cbpe(champ, rows, raw: np.ndarray, windows: list[np.ndarray], fmt: st
             n1, n0 = int(y.sum()), int(len(y) - y.sum())
             q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
             se = np.sqrt((auc * (1 - auc) + (n1 - 1) * (q1 - auc**2) + (n0 - 1) * (q2 - auc**2)) / (n1 * n0))
-            out.append([abs(a - b) for a, b in zip(expected, measured, strict=True)] + [float(calls.all() or not calls.any()), se])
-    return np.array(out, dtype=float).reshape(-1, 5)
+            out.append([abs(a - b) for a, b in zip(expected, measured, strict=True)] + [float(calls.all() or not calls.any()), se, k])
+    return np.array(out, dtype=float).reshape(-1, 6)
 
 
 def said_cbpe(errors: np.ndarray) -> str:
@@ -470,8 +471,8 @@ def main() -> int:
         f"{cbpe_error(mimic, sorted(mimic)):.3f}; levels (and the no-shift CheXpert set) within 0.05: {sum(e <= 0.05 for e in errors)}/{len(errors)}, "
         f"largest {max(errors):.3f}"
     )
-    small = np.concatenate([r["per_window"] for r in results if r["drop"] < 0.05] or [np.zeros((0, 5))])
-    large = np.concatenate([r["per_window"] for r in results if r["drop"] >= 0.05] or [np.zeros((0, 5))])
+    small = np.concatenate([r["per_window"] for r in results if r["drop"] < 0.05] or [np.zeros((0, 6))])
+    large = np.concatenate([r["per_window"] for r in results if r["drop"] >= 0.05] or [np.zeros((0, 6))])
     print(
         f"CBPE on {a.window}-patient windows, median |error|: held-out MIMIC {said_cbpe(mimic_windows)}; levels with AUC drop < 0.05 "
         f"{said_cbpe(small)}; levels with AUC drop >= 0.05 {said_cbpe(large)}"
@@ -479,6 +480,32 @@ def main() -> int:
     named = [f"{r['kind']} {r['value']}" if r["kind"] != "combined" else "combined" for r in results]
     over = [f"{n} {r['cbpe_error']:.3f}" for n, r in zip(named, results, strict=True) if r["cbpe_error"] > 0.05]
     print(f"CBPE per level over 0.05: {', '.join(over) or 'none'}")
+    # CBPE assumes the calibration still holds on the window; the alarm is what says it may not. Its error, split
+    # by what the default alarm said: per level (by how many of its windows alarmed) and per window.
+    alarms = [[alarmed(w[chosen][1], w[chosen][0], a.alpha, tolerance[chosen]) for w in r["windows"]] for r in results]
+    by_level = {
+        "no window": [(n, r["cbpe_error"]) for n, r, al in zip(named, results, alarms, strict=True) if not any(al)],
+        "some windows": [(n, r["cbpe_error"]) for n, r, al in zip(named, results, alarms, strict=True) if any(al) and not all(al)],
+        "every window": [(n, r["cbpe_error"]) for n, r, al in zip(named, results, alarms, strict=True) if al and all(al)],
+    }
+    print(
+        f"CBPE per level by the alarm ({chosen}): "
+        + "; ".join(
+            f"{how} alarms: {len(ls)} levels"
+            + (
+                f", {sum(e <= 0.05 for _, e in ls)} within 0.05, largest {max(e for _, e in ls):.3f} ({max(ls, key=lambda x: x[1])[0]})"
+                if ls
+                else ""
+            )
+            for how, ls in by_level.items()
+        )
+    )
+    pairs = [(r["per_window"], np.array(al, bool)) for r, al in zip(results, alarms, strict=True)]
+    silent = np.concatenate([pw[~al[pw[:, 5].astype(int)]] for pw, al in pairs if len(pw)] or [np.zeros((0, 6))])
+    loud = np.concatenate([pw[al[pw[:, 5].astype(int)]] for pw, al in pairs if len(pw)] or [np.zeros((0, 6))])
+    print(
+        f"CBPE on {a.window}-patient windows at the levels, by the alarm ({chosen}): silent {said_cbpe(silent)}; alarmed {said_cbpe(loud)}"
+    )
     graded = [r for r in results if r["kind"] != "combined"]  # the goal's Spearman is over the graded levels alone
     for rule in sorted(rules, key=lambda r: r == chosen):  # the chosen signal and kernel's line last: the benchmark's answer
         every = float(spearmanr([r["score"][rule] for r in results], [r["drop"] for r in results]).statistic)
