@@ -46,6 +46,12 @@ def pytest_configure(config):
             # instead of one in a CI run where they started so
             if "torch" in sys.modules:
                 sys.modules["torch"].set_num_threads(len(os.sched_getaffinity(0)))
+            # likewise numpy's BLAS (OpenBLAS), started by now with a thread per core it saw; sched_setaffinity moves
+            # only this thread, so its other threads stayed on both cores: the disclosure attacker's rank tests took
+            # 84 s in a CI run instead of 4 s alone. threadpoolctl (scikit-learn's) sizes every BLAS and OpenMP pool.
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(len(os.sched_getaffinity(0)))
 
 
 def pytest_collection_modifyitems(config, items):

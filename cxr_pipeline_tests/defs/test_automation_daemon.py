@@ -29,6 +29,11 @@ from cxr_pipeline_tests.services import BIN, ROOT, free_port, post, start, stop,
 
 INTERVAL = 1  # automation sensor evaluations, seconds (one takes about 1 s idle, bench_automation; 2 s: 343-360 s in all, 1 s: 335 s)
 TINY = {
+    # one torch thread: the training step shares the two cores with the next runs' starting processes (three runs at
+    # once, dagster.yaml), and two OpenMP threads wait on each other while one is descheduled (a classifier's first
+    # epoch took 5.4 s there against 1.3 s in-process; with one thread the 14 classifier runs took 124 s, not 147 s, one
+    # run each, the whole test 404 s, within its earlier spread of 393 to 432 s)
+    "compute": {"threads": 1},
     "manifest": {"views": ["PA", "AP"], "one_image_per_subject": False},
     "image_shards": {"sizes": [32], "workers": 1},
     "classifier": {"size": 32, "epochs": 1, "batch_size": 16, "accumulation": 1, "bootstrap": 20, "blank": "zeros"},
