@@ -484,14 +484,14 @@ def main() -> int:
     # by what the default alarm said: per level (by how many of its windows alarmed) and per window.
     alarms = [[alarmed(w[chosen][1], w[chosen][0], a.alpha, tolerance[chosen]) for w in r["windows"]] for r in results]
     by_level = {
-        "no window": [(n, r["cbpe_error"]) for n, r, al in zip(named, results, alarms, strict=True) if not any(al)],
-        "some windows": [(n, r["cbpe_error"]) for n, r, al in zip(named, results, alarms, strict=True) if any(al) and not all(al)],
-        "every window": [(n, r["cbpe_error"]) for n, r, al in zip(named, results, alarms, strict=True) if al and all(al)],
+        "no window alarms": [(n, r["cbpe_error"]) for n, r, al in zip(named, results, alarms, strict=True) if not any(al)],
+        "some windows alarm": [(n, r["cbpe_error"]) for n, r, al in zip(named, results, alarms, strict=True) if any(al) and not all(al)],
+        "every window alarms": [(n, r["cbpe_error"]) for n, r, al in zip(named, results, alarms, strict=True) if al and all(al)],
     }
     print(
         f"CBPE per level by the alarm ({chosen}): "
         + "; ".join(
-            f"{how} alarms: {len(ls)} levels"
+            f"{how}: {len(ls)} level{'s' * (len(ls) != 1)}"
             + (
                 f", {sum(e <= 0.05 for _, e in ls)} within 0.05, largest {max(e for _, e in ls):.3f} ({max(ls, key=lambda x: x[1])[0]})"
                 if ls

@@ -286,6 +286,7 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         # ... and says CBPE's figures, which assume the calibration holds, are not the drifted window's performance
         untrusted = "do not read them as this window's performance"
         assert untrusted in wcheck.description and (untrusted in check.description) == bool(drift["drifted"][0])
+        assert any(untrusted in (e.user_message or "") for e in instance.all_logs(warned.run_id))  # and the run's log
         absent = run_job(defs, "drift_job", instance, partition_key="external-padchest", run_config=dcfg)
         (amat,) = [e.materialization for e in absent.get_asset_materialization_events()]
         assert "PadChest: folder" in amat.metadata["reason"].value
