@@ -240,13 +240,11 @@ def image_drift(
         run.log_table(table, "image_drift")
         first = table.row(0, named=True)
         _log_metrics(run, table)
-    said = "drifts" if first["drifted"] else "does not drift"
-    context.log.info(
+    said, log = ("drifts", context.log.warning) if first["drifted"] else ("does not drift", context.log.info)
+    log(
         f"{window} {said}: MMD² of the {first['signal']} {first['drift_score']:.4f}, p = {first['p_value']:.4f} (alpha {cfg.alpha}, "
-        f"tolerance {cfg.alarm_tolerance})"
+        f"tolerance {cfg.alarm_tolerance})" + (f"; {UNTRUSTED}" if first["drifted"] else "")
     )
-    if first["drifted"]:
-        context.log.warning(f"{window}: {UNTRUSTED}")
     return _result(run, path, table, cfg, champions_compared=table["model"].n_unique())
 
 
