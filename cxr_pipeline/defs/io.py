@@ -33,6 +33,7 @@ import polars as pl
 from cxr_pipeline.columns import describe
 from cxr_pipeline.config import resolve
 from cxr_pipeline.data.shard_reader import Shards, ShardsNotBuilt
+from cxr_pipeline.defs.needs import failure
 from cxr_pipeline.defs.resources import CxrStorage
 from cxr_pipeline.fields import ConfigError
 from cxr_pipeline.files import file_digest, write_parquet
@@ -82,7 +83,7 @@ class TableIOManager(dg.ConfigurableIOManager):
         key = context.asset_key.to_user_string()
         path = self.storage.paths.table(key)
         if not path.exists():
-            raise dg.Failure(f"{path}: {key} not materialized yet")
+            raise failure(f"{path}: {key} not materialized yet")
         return pl.read_parquet(path)
 
 
@@ -100,9 +101,9 @@ class ShardSet:
         try:
             return Shards.open(self.paths.shard_root(size), size)
         except ShardsNotBuilt as e:
-            raise dg.Failure(f"{e}; image_shards now builds {_built_sizes(self.paths)}") from None
+            raise failure(f"{e}; image_shards now builds {_built_sizes(self.paths)}") from None
         except ValueError as e:
-            raise dg.Failure(str(e)) from None
+            raise failure(str(e)) from None
 
 
 def _built_sizes(paths: Paths) -> str:
@@ -161,4 +162,4 @@ def _adapter(folder: Path) -> Adapter:
     try:
         return Adapter(folder, read_adapter_card(folder))
     except FileNotFoundError as e:
-        raise dg.Failure(f"report_adapter not materialized yet: {e}") from None
+        raise failure(f"report_adapter not materialized yet: {e}") from None

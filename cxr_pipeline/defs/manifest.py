@@ -11,6 +11,7 @@ from cxr_pipeline.defs.history import upstream_data_version
 from cxr_pipeline.defs.io import write_table
 from cxr_pipeline.defs.keys import MANIFEST, MANIFEST_REJECTS, RAW
 from cxr_pipeline.defs.metadata import asset_metadata, materialized, resolved_metadata, table_metadata
+from cxr_pipeline.defs.needs import failure
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
 from cxr_pipeline.defs.specs import asset_specs
@@ -51,7 +52,7 @@ def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, storage:
         try:
             result = build_manifest(storage.paths.raw, policy)
         except DatasetError as e:
-            raise dg.Failure(str(e)) from e
+            raise failure(str(e)) from e
         _log_manifest(run, policy, result)
     if result.rejects.height:
         context.log.warning(f"{result.rejects.height} input rows rejected (manifest_rejects)")

@@ -83,6 +83,14 @@ class Needs:
         return args
 
 
+def failure(message: str) -> dg.Failure:
+    """A step's failure that a retry cannot mend (an input not built, a configuration error, a broken manifest).
+    Why: a GPU step is retried once after 10 s (``Needs.asset_args``), for a lost node or a killed process, and Dagster
+    retries a ``Failure`` too unless it says otherwise; this one says so, and the user hears of the error at once
+    rather than after 10 s and the same error again."""
+    return dg.Failure(message, allow_retries=False)
+
+
 # What the project's steps need, by kind; each asset module names the one it uses (``NEEDS``).
 TABLE = Needs(cpus=1, memory_gib=4)  # metrics, predictions, pairs, report metrics: polars over small tables
 MANIFEST = Needs(cpus=1, memory_gib=8)  # MIMIC-CXR's CSVs (377k images) in polars

@@ -5,6 +5,7 @@ import dagster as dg
 from cxr_pipeline.data.csvs import find_csv
 from cxr_pipeline.data.mimic import CSV_STEMS, fingerprint
 from cxr_pipeline.defs.keys import RAW
+from cxr_pipeline.defs.needs import failure
 from cxr_pipeline.defs.resources import CxrStorage
 
 
@@ -20,7 +21,7 @@ from cxr_pipeline.defs.resources import CxrStorage
 def raw_mimic_cxr(context: dg.AssetExecutionContext, storage: CxrStorage) -> dg.ObserveResult:
     root = storage.paths.raw
     if not root.is_dir():
-        raise dg.Failure(f"{root}: dataset root does not exist (set CXR_RAW_DIR, or run `cxr-pipeline synth {root}`)")
+        raise failure(f"{root}: dataset root does not exist (set CXR_RAW_DIR, or run `cxr-pipeline synth {root}`)")
     version = fingerprint(root)
     present = [stem for stem in CSV_STEMS if find_csv(root, stem) is not None]
     context.log.info(f"observed {root}: data version {version}")

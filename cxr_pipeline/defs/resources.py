@@ -14,7 +14,7 @@ from pydantic import PrivateAttr
 
 from cxr_pipeline import __version__
 from cxr_pipeline.config import resolve
-from cxr_pipeline.defs.needs import WARM_TAG
+from cxr_pipeline.defs.needs import WARM_TAG, failure
 from cxr_pipeline.defs.run_config import section_model
 from cxr_pipeline.defs.slots import record_run_worker
 from cxr_pipeline.devices import lease, placement
@@ -205,7 +205,7 @@ class _Compute(dg.ConfigurableResource):
         try:
             s = resolve(paths, "compute", explicit)
         except ConfigError as e:
-            raise dg.Failure(str(e)) from None
+            raise failure(str(e)) from None
         torch.set_num_threads(s.threads)
 
         return Hardware(s, torch.device(self._lease.device(s.device) if self._lease is not None else s.device), placement())

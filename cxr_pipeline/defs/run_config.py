@@ -7,6 +7,7 @@ from typing import Any
 import dagster as dg
 
 from cxr_pipeline.config import field_docs, resolve, section_digest, sections
+from cxr_pipeline.defs.needs import failure
 from cxr_pipeline.fields import ConfigError
 from cxr_pipeline.settings import Paths
 
@@ -65,7 +66,7 @@ def run_settings(
     try:
         return resolve(paths, section or op, explicit, derived)
     except ConfigError as e:
-        raise dg.Failure(str(e)) from None
+        raise failure(str(e)) from None
 
 
 # assets computed with another asset's section (built by the same step)

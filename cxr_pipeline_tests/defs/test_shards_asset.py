@@ -109,3 +109,5 @@ def test_a_consumer_asking_for_a_size_never_built_fails_naming_it_and_how_to_bui
     (error,) = [e.step_failure_data.error.to_string() for e in result.all_events if e.is_step_failure]
     assert "no image shards at 128 px" in error and "materialize image_shards with 128 among its sizes" in error
     assert "image_shards.sizes in pipeline.yaml" in error and f"image_shards now builds {built} px" in error
+    # at once: the GPU step's retry (for a lost node or a killed process) cannot mend a size never built
+    assert not [e for e in result.all_events if e.is_step_up_for_retry]
