@@ -48,7 +48,8 @@ def pytest_configure(config):
                 sys.modules["torch"].set_num_threads(len(os.sched_getaffinity(0)))
             # likewise numpy's BLAS (OpenBLAS), started by now with a thread per core it saw; sched_setaffinity moves
             # only this thread, so its other threads stayed on both cores: the disclosure attacker's rank tests took
-            # 84 s in a CI run instead of 4 s alone. threadpoolctl (scikit-learn's) sizes every BLAS and OpenMP pool.
+            # 84 s in a CI run instead of 4 s alone. threadpoolctl (scikit-learn's) sets OpenBLAS's count process-wide
+            # (OpenMP's, which it sets too, is per thread: this one's).
             from threadpoolctl import threadpool_limits
 
             threadpool_limits(len(os.sched_getaffinity(0)))

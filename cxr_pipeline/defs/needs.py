@@ -86,8 +86,9 @@ class Needs:
 def failure(message: str) -> dg.Failure:
     """A step's failure that a retry cannot mend (an input not built, a configuration error, a broken manifest).
     Why: a GPU step is retried once after 10 s (``Needs.asset_args``), for a lost node or a killed process, and Dagster
-    retries a ``Failure`` too unless it says otherwise; this one says so, and the user hears of the error at once
-    rather than after 10 s and the same error again."""
+    retries a ``Failure`` too unless it says otherwise; this one says so, and the step fails at once rather than
+    after 10 s and the same error again. (A run the daemon launched may still be retried whole by ``dagster.yaml``'s
+    ``run_retries``, which does not know the cause; it is left on for the failures a retry does mend.)"""
     return dg.Failure(message, allow_retries=False)
 
 

@@ -24,7 +24,7 @@ from cxr_pipeline_tests.services import BIN, ROOT
 EPOCHS = 12  # long enough that the kill at epoch 2 comes mid-training; each epoch the retry trains costs test time
 
 
-@pytest.mark.slow(minutes=1.3)
+@pytest.mark.slow(minutes=1.1)
 def test_killed_classifier_run_resumes_from_its_checkpoint(replica_copy, tmp_path, monkeypatch):
     home, dh = tmp_path / "home", tmp_path / "dagster_home"
     dh.mkdir()
