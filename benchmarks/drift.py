@@ -483,11 +483,10 @@ def main() -> int:
     # CBPE assumes the calibration still holds on the window; the alarm is what says it may not. Its error, split
     # by what the default alarm said: per level (by how many of its windows alarmed) and per window.
     alarms = [[alarmed(w[chosen][1], w[chosen][0], a.alpha, tolerance[chosen]) for w in r["windows"]] for r in results]
-    by_level = {
-        "no window alarms": [(n, r["cbpe_error"]) for n, r, al in zip(named, results, alarms, strict=True) if not any(al)],
-        "some windows alarm": [(n, r["cbpe_error"]) for n, r, al in zip(named, results, alarms, strict=True) if any(al) and not all(al)],
-        "every window alarms": [(n, r["cbpe_error"]) for n, r, al in zip(named, results, alarms, strict=True) if al and all(al)],
-    }
+    by_level: dict[str, list[tuple[str, float]]] = {"no window alarms": [], "some windows alarm": [], "every window alarms": []}
+    for n, r, al in zip(named, results, alarms, strict=True):
+        how = "no window alarms" if not any(al) else "every window alarms" if all(al) else "some windows alarm"
+        by_level[how].append((n, r["cbpe_error"]))
     print(
         f"CBPE per level by the alarm ({chosen}): "
         + "; ".join(

@@ -7,7 +7,6 @@ import polars as pl
 from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.keys import CLASSIFIER_METRICS, CLASSIFIER_PREDICTIONS, MULTILABEL_CLASSIFIER
 from cxr_pipeline.defs.metadata import asset_metadata, inline_png, table_metadata
-from cxr_pipeline.defs.needs import failure
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 from cxr_pipeline.defs.specs import ALL_CLASSIFIERS_IN, classifiers_asset
 from cxr_pipeline.labels import slug
@@ -63,7 +62,7 @@ def classifier_metrics(
 
     df = metrics_table(classifier)
     if df.height == 0:
-        raise failure("no classifier partition has been materialized yet")
+        raise needs.failure("no classifier partition has been materialized yet")
     show, curves = df.select(METRICS_SHOWN), storage.paths.classifier_curves
     with mlflow.run(context) as run:
         run.log_datasets("classifier-test-scores", {"test": test_scores_table(classifier)}, storage.paths.classifier_metrics)
@@ -101,7 +100,7 @@ def classifier_predictions(context: dg.AssetExecutionContext, classifier: Classi
 
     wide, done = predictions_table(classifier)
     if wide is None:
-        raise failure("no classifier partition has been materialized yet")
+        raise needs.failure("no classifier partition has been materialized yet")
     context.log.info(f"predictions for {wide.height} images x {len(done)} pathologies")
     with mlflow.run(context) as run:
         run.log_metrics({"images": wide.height, "pathologies": len(done)})

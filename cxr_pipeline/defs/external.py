@@ -18,7 +18,6 @@ from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.io import table_schema
 from cxr_pipeline.defs.keys import CLASSIFIER, EXTERNAL_DATASETS, EXTERNAL_VALIDATION, MULTILABEL_CLASSIFIER
 from cxr_pipeline.defs.metadata import asset_metadata, resolved_metadata, table_metadata
-from cxr_pipeline.defs.needs import failure
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
 from cxr_pipeline.defs.specs import classifiers_asset, every_partition_of
@@ -69,7 +68,7 @@ def _shard_settings(paths):
     try:
         return shard_build_settings(paths)
     except ConfigError as e:
-        raise failure(str(e)) from None
+        raise needs.failure(str(e)) from None
 
 
 @dg.observable_source_asset(

@@ -14,7 +14,6 @@ from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.io import Adapter, ShardSet
 from cxr_pipeline.defs.keys import GENERATED_REPORTS, REPORT_ADAPTER, REPORT_HINTS, REPORT_METRICS, REPORT_PAIRS
 from cxr_pipeline.defs.metadata import asset_metadata, inline_png, resolved_metadata, table_metadata
-from cxr_pipeline.defs.needs import failure
 from cxr_pipeline.defs.resources import Compute, CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
 from cxr_pipeline.defs.specs import ALL_SHARDS_IN, MANIFEST_IN, asset_factory
@@ -55,7 +54,7 @@ def report_pairs(
     cfg = run_settings(context, storage.paths)
     pairs = build_pairs(manifest, cfg)
     if not splits_by_study_ok(pairs):
-        raise failure("a study appears in two splits: the manifest's split is broken")
+        raise needs.failure("a study appears in two splits: the manifest's split is broken")
     counts = {s: int((pairs["split"] == s).sum()) for s in ("train", "validate", "test")}
     mean_words = float(pairs["words"].mean() or 0)
     with mlflow.run(context) as run:
@@ -113,14 +112,14 @@ def _base(cfg, paths, examples, rows: pl.DataFrame, log) -> Path:
     """The base model the adapter trains on (the tiny offline base is built from the training reports when missing)."""
 
     if rows.height == 0:
-        raise failure(
+        raise needs.failure(
             f"no training pairs with {cfg.size}-px shard images: materialize image_shards (it builds every size its consumers read)"
         )
     try:
         tiny = paths.tiny_base_dir(cfg.tiny_width, cfg.tiny_pretrain_steps, cfg.tiny_vision_pretrain_steps, cfg.tiny_instruct_steps)
         return ensure_base(cfg, tiny, examples.reports, training_digest(rows), log, images=examples.images)
     except FileNotFoundError as e:
-        raise failure(str(e)) from None
+        raise needs.failure(str(e)) from None
 
 
 def _adapter_metadata(res: dict, paths, variant: str, hint_source: str, n_pairs: int, cfg) -> dict:
