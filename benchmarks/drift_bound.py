@@ -19,7 +19,10 @@ the AUC drop, CBPE's error as ``drift.py`` prints it (median over findings of |e
 image of the level's 400 patients, findings with at least 20 of each class), each bound's error the same way, and
 the measured AUC's median standard error (Hanley and McNeil 1982: the part of any error that is the measurement's
 own noise). ``--findings``: each finding's unshifted and shifted AUC, CBPE's estimate, and how far its mean calibrated
-probability moved from its prevalence (what a label-free signal sees of it). Reads runs that ``drift.py`` kept (their champion under ``OUT/home``, their replicas under ``OUT/ext``;
+probability moved from its prevalence (what a label-free signal sees of it). Whether that movement says which
+findings lost AUC (what a per-finding correction would need) is printed for every run: the Spearman correlation,
+over a level's findings, between |mean calibrated probability - prevalence| and the finding's AUC drop, at each
+level whose drop is at least 0.05. Reads runs that ``drift.py`` kept (their champion under ``OUT/home``, their replicas under ``OUT/ext``;
 nothing is trained or drawn again):
 
     python benchmarks/drift_bound.py /tmp/bench_drift_s37 [/tmp/bench_drift_s29 ...] [--findings]
@@ -65,6 +68,8 @@ def bounds(base: dict[str, float], per: dict[str, tuple[float, float]]) -> dict[
 def level_rows(run: Path, findings: bool = False) -> tuple[int, list[dict]]:
     """The run's seed and, per level, its AUC drop, each error (``bounds``) and the measured AUC's median SE;
     ``findings``: each finding's line too (module docstring)."""
+    from scipy.stats import spearmanr
+
     from cxr_pipeline.tracking import get_client
     from cxr_pipeline.vision.checkpoint import MULTILABEL
     from cxr_pipeline.vision.drift import labelled
@@ -88,18 +93,20 @@ def level_rows(run: Path, findings: bool = False) -> tuple[int, list[dict]]:
         per = measured_and_expected(champ, rows, champ.model.probabilities(images), "chexpert")
         indexed = rows.with_row_index("_i")
         prob = champ.model.calibrate(champ.model.probabilities(images))
-        se, lines = [], []
+        se, lines, moves = [], [], []
         for s, (auc, expected) in per.items():
             idx, y = labelled(indexed, s, champ.policy, "chexpert")
             se.append(hanley_mcneil(auc, int(y.sum()), int(len(y) - y.sum())))
             moved = prob[idx, champ.model.slugs.index(s)].mean() - y.mean()
+            if s in base:
+                moves.append((abs(moved), base[s] - auc))
             lines.append(
                 f"    {s:28s} AUC {base.get(s, np.nan):.3f} -> {auc:.3f}, CBPE {expected:.3f}, mean probability - prevalence {moved:+.3f}"
             )
         drop = float(np.mean([base[s] - per[s][0] for s in set(base) & set(per)]))
-        out.append(
-            {"level": f"{kind} {value}", "drop": drop, "se": float(np.median(se)), **bounds(base, per), "lines": lines if findings else []}
-        )
+        rho = float(spearmanr(*np.array(moves).T).statistic)
+        row = {"level": f"{kind} {value}", "drop": drop, "se": float(np.median(se)), "rho": rho, **bounds(base, per)}
+        out.append({**row, "lines": lines if findings else []})
     return seed, out
 
 
@@ -110,7 +117,8 @@ def main() -> int:
     a = ap.parse_args()
     names = ("CBPE", *BOUNDS)
     counts: dict[str, list[int]] = {k: [] for k in (*names, "best")}
-    seeds = []
+    seeds: list[int] = []
+    rhos: list[float] = []
     for run in a.runs:
         seed, rows = level_rows(run, a.findings)
         seeds.append(seed)
@@ -124,8 +132,20 @@ def main() -> int:
             counts[k].append(sum(r[k] > 0.05 for r in rows))
         counts["best"].append(sum(min(r[k] for k in BOUNDS) > 0.05 for r in rows))
         over = [r["level"] for r in rows if min(r[k] for k in BOUNDS) > 0.05]
-        print(f"  levels over 0.05 under all three bounds: {', '.join(over) or 'none'} (of {len(rows)})", flush=True)
+        print(f"  levels over 0.05 under all three bounds: {', '.join(over) or 'none'} (of {len(rows)})")
+        big = [r["rho"] for r in rows if r["drop"] >= 0.05]
+        rhos.extend(big)
+        print(
+            f"  spearman(|mean probability - prevalence|, AUC drop) over findings, at the {len(big)} levels with drop >= 0.05: "
+            + ", ".join(f"{x:+.2f}" for x in big),
+            flush=True,
+        )
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}; commit {commit()}")
+    if rhos:
+        print(
+            f"spearman(|mean probability - prevalence|, AUC drop) over findings at {len(rhos)} levels with drop >= 0.05: "
+            f"median {np.median(rhos):+.2f}, from {min(rhos):+.2f} to {max(rhos):+.2f}"
+        )
     said = ", ".join(f"{k} {'/'.join(map(str, counts[k]))}" for k in names)
     print(
         f"drift bound: levels over 0.05 per run (seeds {'/'.join(map(str, seeds))}, of 16): {said}, "
