@@ -14,7 +14,13 @@ between the findings' own, whose median |error| over the findings is smallest):
 - ``CBPE less a shared bias``: CBPE's expected AUC less one bias.
 
 None of them is an estimator (each reads the labels it would estimate): each is the least error its form can reach,
-and a level over 0.05 under all three is one that no correction of these forms meets. Printed per level:
+and a level over 0.05 under all three is one that no correction of these forms meets.
+
+Then one shift-aware estimator is tried, the shared shrink with its loss read from the window's drift score ``d``
+(the alarm's: the unbiased energy distance between the reference's calibrated outputs and those of a draw of up to
+500 of the level's frontal images): a monotone (isotonic) map from ``d`` to the level's mean proportional loss
+``r``, fitted on the levels (and the unshifted set, at r = 0) of the ``--validation`` seeds' runs and scored on
+every run; it is still handed each finding's unshifted AUC, which a deployed estimator would not have. Printed per level:
 the AUC drop, CBPE's error as ``drift.py`` prints it (median over findings of |expected - measured|, every frontal
 image of the level's 400 patients, findings with at least 20 of each class), each bound's error the same way, and
 the measured AUC's median standard error (Hanley and McNeil 1982: the part of any error that is the measurement's
@@ -25,10 +31,11 @@ over a level's findings, between |mean calibrated probability - prevalence| and 
 level whose drop is at least 0.05. Reads runs that ``drift.py`` kept (their champion under ``OUT/home``, their replicas under ``OUT/ext``;
 nothing is trained or drawn again):
 
-    python benchmarks/drift_bound.py /tmp/bench_drift_s37 [/tmp/bench_drift_s29 ...] [--findings]
+    python benchmarks/drift_bound.py /tmp/bench_drift_s5 /tmp/bench_drift_s7 /tmp/bench_drift_s37 [...] [--validation 5,7] [--findings]
 
 Last line: ``drift bound: levels over 0.05 per run (seeds ...): CBPE ..., shared drop ..., shared shrink ..., CBPE
-less a shared bias ..., the best of the three at each level ...``.
+less a shared bias ..., the best of the three at each level ...; tried, the drift score's shared shrink (fitted on
+seeds ...) ...``.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import platform
 from pathlib import Path
 
 import numpy as np
-from drift import COMBINED, LEVELS, commit, external, measured_and_expected
+from drift import COMBINED, LEVELS, commit, external, measured_and_expected, reference_images
 
 BOUNDS = ("shared drop", "shared shrink", "CBPE less a shared bias")
 GRID = 4001
@@ -68,6 +75,9 @@ def bounds(base: dict[str, float], per: dict[str, tuple[float, float]]) -> dict[
     a, e = (np.array([per[s][k] for s in f]) for k in (0, 1))
     ones = np.ones(len(f))
     return {
+        "u": a0 - a,  # what the tried estimator is scored on (main): its error is u - v r
+        "v": a0 - 0.5,
+        "r": float(np.mean((a0 - a) / (a0 - 0.5))),  # the level's mean proportional loss
         "CBPE": float(np.median(np.abs(e - a))),
         "shared drop": least_median(a0 - a, ones),  # (a0 - t) - a
         "shared shrink": least_median(a0 - a, a0 - 0.5),  # (0.5 + (a0 - 0.5) (1 - t)) - a
@@ -82,7 +92,7 @@ def level_rows(run: Path, findings: bool = False) -> tuple[int, list[dict]]:
 
     from cxr_pipeline.tracking import get_client
     from cxr_pipeline.vision.checkpoint import MULTILABEL
-    from cxr_pipeline.vision.drift import labelled
+    from cxr_pipeline.vision.drift import labelled, mmd_test
     from cxr_pipeline.vision.external import load_champions
     from cxr_pipeline.vision.registry import registered_name
 
@@ -94,7 +104,16 @@ def level_rows(run: Path, findings: bool = False) -> tuple[int, list[dict]]:
     base_seed = 1000 * seed + 21  # drift.py's: the CheXpert-format baseline's and every level's seed
     images, rows = external(run / "ext" / f"chexpert-none-s{base_seed}", "chexpert", 400, base_seed)
     base = {s: auc for s, (auc, _) in measured_and_expected(champ, rows, champ.model.probabilities(images), "chexpert").items()}
-    out = []
+    m = champ.model
+    reference = m.calibrate(m.probabilities(reference_images(500, seed)))
+
+    def score(prob: np.ndarray) -> float:
+        """The alarm's drift score (unbiased energy distance of the calibrated outputs to the reference's, as the
+        asset's default) on a draw of up to 500 of the set's frontal images."""
+        pick = np.random.default_rng(0).permutation(len(prob))[:500]
+        return mmd_test(reference, prob[pick], 1, 0, "energy", None).statistic
+
+    out = [{"level": "none", "drop": 0.0, "d": score(m.calibrate(m.probabilities(images))), "r": 0.0}]
     for kind, value, shift in [(k, v, {k: v}) for k, vs in LEVELS.items() for v in vs] + [("combined", 0.0, COMBINED)]:
         folder = run / "ext" / f"chexpert-{kind}-{value}-s{base_seed}"
         if not folder.exists():
@@ -115,41 +134,62 @@ def level_rows(run: Path, findings: bool = False) -> tuple[int, list[dict]]:
             )
         drop = float(np.mean([base[s] - per[s][0] for s in set(base) & set(per)]))
         rho = float(spearmanr(*np.array(moves).T).statistic)
-        row = {"level": f"{kind} {value}", "drop": drop, "se": float(np.median(se)), "rho": rho, **bounds(base, per)}
+        row = {"level": f"{kind} {value}", "drop": drop, "se": float(np.median(se)), "rho": rho, "d": score(prob), **bounds(base, per)}
         out.append({**row, "lines": lines if findings else []})
     return seed, out
 
 
 def main() -> int:
+    from sklearn.isotonic import IsotonicRegression
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", type=Path, nargs="+", help="--out folders of finished benchmarks/drift.py runs")
     ap.add_argument("--findings", action="store_true", help="each finding's figures under its level")
+    ap.add_argument("--validation", default="5,7", help="seeds whose runs fit the tried estimator (the others test it)")
     a = ap.parse_args()
+    fit_on = {int(x) for x in a.validation.split(",") if x}
     names = ("CBPE", *BOUNDS)
     counts: dict[str, list[int]] = {k: [] for k in (*names, "best")}
-    seeds: list[int] = []
+    runs: list[tuple[int, list[dict]]] = []
     rhos: list[float] = []
     for run in a.runs:
         seed, rows = level_rows(run, a.findings)
-        seeds.append(seed)
-        print(f"seed {seed} ({run}): median |estimated - measured AUC| over findings, per level")
-        print(f"  {'level':16s} {'drop':>7s} " + " ".join(f"{k:>18s}" for k in names) + f" {'measured SE':>12s}")
-        for r in rows:
-            print(f"  {r['level']:16s} {r['drop']:+.3f} " + " ".join(f"{r[k]:18.3f}" for k in names) + f" {r['se']:12.3f}")
+        runs.append((seed, rows))
+        print(f"seed {seed} ({run}): median |estimated - measured AUC| over findings, per level; d: drift score, r: mean proportional loss")
+        print(f"  {'level':16s} {'drop':>7s} " + " ".join(f"{k:>18s}" for k in names) + f" {'measured SE':>12s} {'d':>6s} {'r':>6s}")
+        print(f"  {'none':16s} {0:+.3f} " + " ".join(f"{'':18s}" for _ in names) + f" {'':12s} {rows[0]['d']:6.3f} {0:6.3f}")
+        for r in rows[1:]:
+            said = " ".join(f"{r[k]:18.3f}" for k in names)
+            print(f"  {r['level']:16s} {r['drop']:+.3f} {said} {r['se']:12.3f} {r['d']:6.3f} {r['r']:6.3f}")
             for line in r["lines"]:
                 print(line)
         for k in names:
-            counts[k].append(sum(r[k] > 0.05 for r in rows))
-        counts["best"].append(sum(min(r[k] for k in BOUNDS) > 0.05 for r in rows))
-        over = [r["level"] for r in rows if min(r[k] for k in BOUNDS) > 0.05]
-        print(f"  levels over 0.05 under all three bounds: {', '.join(over) or 'none'} (of {len(rows)})")
-        big = [r["rho"] for r in rows if r["drop"] >= 0.05]
+            counts[k].append(sum(r[k] > 0.05 for r in rows[1:]))
+        counts["best"].append(sum(min(r[k] for k in BOUNDS) > 0.05 for r in rows[1:]))
+        over = [r["level"] for r in rows[1:] if min(r[k] for k in BOUNDS) > 0.05]
+        print(f"  levels over 0.05 under all three bounds: {', '.join(over) or 'none'} (of {len(rows) - 1})")
+        big = [r["rho"] for r in rows[1:] if r["drop"] >= 0.05]
         rhos.extend(big)
         print(
             f"  spearman(|mean probability - prevalence|, AUC drop) over findings, at the {len(big)} levels with drop >= 0.05: "
             + ", ".join(f"{x:+.2f}" for x in big),
             flush=True,
         )
+    fit = np.array([(r["d"], r["r"]) for seed, rows in runs if seed in fit_on for r in rows])
+    tried = []
+    if len(fit):
+        loss = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(fit[:, 0], fit[:, 1])
+        for seed, rows in runs:
+            guess = loss.predict([r["d"] for r in rows[1:]])
+            errors = [float(np.median(np.abs(r["u"] - r["v"] * g))) for r, g in zip(rows[1:], guess, strict=True)]
+            missed = [
+                f"{r['level']} {e:.3f} (r {r['r']:.2f}, estimated {g:.2f})"
+                for r, g, e in zip(rows[1:], guess, errors, strict=True)
+                if e > 0.05
+            ]
+            tried.append(len(missed))
+            role = "validation, fitted on" if seed in fit_on else "test"
+            print(f"seed {seed} ({role}): the drift score's shared shrink over 0.05 at {len(missed)} levels: {'; '.join(missed) or 'none'}")
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}; commit {commit()}")
     if rhos:
         print(
@@ -158,8 +198,9 @@ def main() -> int:
         )
     said = ", ".join(f"{k} {'/'.join(map(str, counts[k]))}" for k in names)
     print(
-        f"drift bound: levels over 0.05 per run (seeds {'/'.join(map(str, seeds))}, of 16): {said}, "
-        f"the best of the three at each level {'/'.join(map(str, counts['best']))}"
+        f"drift bound: levels over 0.05 per run (seeds {'/'.join(str(seed) for seed, _ in runs)}, of 16): {said}, "
+        f"the best of the three at each level {'/'.join(map(str, counts['best']))}; "
+        f"tried, the drift score's shared shrink (fitted on seeds {a.validation}) {'/'.join(map(str, tried)) or 'not fitted'}"
     )
     return 0
 
