@@ -16,11 +16,22 @@ between the findings' own, whose median |error| over the findings is smallest):
 None of them is an estimator (each reads the labels it would estimate): each is the least error its form can reach,
 and a level over 0.05 under all three is one that no correction of these forms meets.
 
-Then one shift-aware estimator is tried, the shared shrink with its loss read from the window's drift score ``d``
-(the alarm's: the unbiased energy distance between the reference's calibrated outputs and those of a draw of up to
-500 of the level's frontal images): a monotone (isotonic) map from ``d`` to the level's mean proportional loss
-``r``, fitted on the levels (and the unshifted set, at r = 0) of the ``--validation`` seeds' runs and scored on
-every run; it is still handed each finding's unshifted AUC, which a deployed estimator would not have. Printed per level:
+A fourth column, ``shrink by r``, is the shared shrink at the level's mean proportional loss r (the mean over
+findings of (unshifted - shifted) / (unshifted - 0.5)), which is not its best value.
+
+Then estimators learned from the ``--validation`` seeds' runs are scored on the other runs, each still handed the
+scored run's unshifted AUCs (which a deployed estimator would not have):
+
+- ``the drift score's shared shrink``: a monotone (isotonic) map from the window's drift score ``d`` (the alarm's:
+  the unbiased energy distance between the reference's calibrated outputs and those of a draw of up to 500 of the
+  level's frontal images) to the level's best shared shrink, fitted on the validation levels (and the unshifted
+  sets, at 0);
+- two that are told which of the 16 levels the window is, a ceiling for any estimator that recognises the kind and
+  strength of a change: ``told the level, its shared shrink`` (the mean over the validation seeds of the level's
+  best shared shrink) and ``told the level, each finding's own loss`` (each finding's mean proportional loss at the
+  level over the validation seeds).
+
+Printed per level:
 the AUC drop, CBPE's error as ``drift.py`` prints it (median over findings of |expected - measured|, every frontal
 image of the level's 400 patients, findings with at least 20 of each class), each bound's error the same way, and
 the measured AUC's median standard error (Hanley and McNeil 1982: the part of any error that is the measurement's
@@ -34,8 +45,9 @@ nothing is trained or drawn again):
     python benchmarks/drift_bound.py /tmp/bench_drift_s5 /tmp/bench_drift_s7 /tmp/bench_drift_s37 [...] [--validation 5,7] [--findings]
 
 Last line: ``drift bound: levels over 0.05 per run (seeds ...): CBPE ..., shared drop ..., shared shrink ..., CBPE
-less a shared bias ..., the best of the three at each level ...; tried, the drift score's shared shrink (fitted on
-seeds ...) ...``.
+less a shared bias ..., shrink by r ..., the best of the three at each level ...; learned on seeds ..., at seeds ...:
+the drift score's shared shrink ..., told the level, its shared shrink ..., told the level, each finding's own loss
+...``.
 """
 
 from __future__ import annotations
@@ -59,12 +71,15 @@ def hanley_mcneil(auc: float, n1: int, n0: int) -> float:
     return float(np.sqrt((auc * (1 - auc) + (n1 - 1) * (q1 - auc**2) + (n0 - 1) * (q2 - auc**2)) / (n1 * n0)))
 
 
-def least_median(u: np.ndarray, v: np.ndarray) -> float:
-    """min over t of the median over findings of |u - v t|: a form's error at its best shared parameter t, searched
-    on ``GRID`` values between the findings' own (u / v), where the minimum lies."""
+def least_median(u: np.ndarray, v: np.ndarray) -> tuple[float, float]:
+    """min over t of the median over findings of |u - v t|, and the t that reaches it: a form's error at its best
+    shared parameter, searched on ``GRID`` values between the findings' own (u / v), where the minimum lies (outside
+    that range every |u - v t| grows as t moves away; v > 0: an unshifted AUC above 0.5)."""
     own = u[v > 1e-9] / v[v > 1e-9]
     t = np.linspace(min(own.min(), 0.0), max(own.max(), 0.0), GRID)
-    return float(np.min(np.median(np.abs(u[None, :] - t[:, None] * v[None, :]), axis=1)))
+    medians = np.median(np.abs(u[None, :] - t[:, None] * v[None, :]), axis=1)
+    k = int(np.argmin(medians))
+    return float(medians[k]), float(t[k])
 
 
 def bounds(base: dict[str, float], per: dict[str, tuple[float, float]]) -> dict[str, float]:
@@ -74,14 +89,20 @@ def bounds(base: dict[str, float], per: dict[str, tuple[float, float]]) -> dict[
     a0 = np.array([base[s] for s in f])
     a, e = (np.array([per[s][k] for s in f]) for k in (0, 1))
     ones = np.ones(len(f))
+    u, v = a0 - a, a0 - 0.5  # a shrink by t errs by u - v t: (0.5 + (a0 - 0.5) (1 - t)) - a
+    r = float(np.mean(u / v))  # the level's mean proportional loss
+    shrink, t = least_median(u, v)
     return {
-        "u": a0 - a,  # what the tried estimator is scored on (main): its error is u - v r
-        "v": a0 - 0.5,
-        "r": float(np.mean((a0 - a) / (a0 - 0.5))),  # the level's mean proportional loss
+        "findings": f,  # with u and v, what the estimators in main are scored on
+        "u": u,
+        "v": v,
+        "r": r,
+        "t": t,  # the shared shrink's best value, from the labels
         "CBPE": float(np.median(np.abs(e - a))),
-        "shared drop": least_median(a0 - a, ones),  # (a0 - t) - a
-        "shared shrink": least_median(a0 - a, a0 - 0.5),  # (0.5 + (a0 - 0.5) (1 - t)) - a
-        "CBPE less a shared bias": least_median(e - a, ones),  # (e - t) - a
+        "shared drop": least_median(u, ones)[0],  # (a0 - t) - a
+        "shared shrink": shrink,
+        "CBPE less a shared bias": least_median(e - a, ones)[0],  # (e - t) - a
+        "shrink by r": float(np.median(np.abs(u - v * r))),
     }
 
 
@@ -139,16 +160,54 @@ def level_rows(run: Path, findings: bool = False) -> tuple[int, list[dict]]:
     return seed, out
 
 
-def main() -> int:
+def learned_estimators(runs: list[tuple[int, list[dict]]], fit_on: set[int]) -> dict[str, list[int]]:
+    """Estimators learned from the ``fit_on`` seeds' runs and scored on every other run: levels over 0.05 per scored
+    run, each estimator's misses printed per run (module docstring). Each is handed the scored run's unshifted AUCs."""
     from sklearn.isotonic import IsotonicRegression
 
+    fitted = [rows for seed, rows in runs if seed in fit_on]
+    if not fitted:
+        return {}
+    fit = np.array([(r["d"], r.get("t", 0.0)) for rows in fitted for r in rows])
+    loss = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(fit[:, 0], fit[:, 1])
+    per_level: dict[str, list[float]] = {}  # the level's best shared shrink, at each fitted seed
+    per_finding: dict[tuple[str, str], list[float]] = {}  # each finding's proportional loss at the level, likewise
+    for rows in fitted:
+        for r in rows[1:]:
+            per_level.setdefault(r["level"], []).append(r["t"])
+            for f, u, v in zip(r["findings"], r["u"], r["v"], strict=True):
+                per_finding.setdefault((r["level"], f), []).append(u / v)
+    guesses = {
+        "the drift score's shared shrink": lambda r: np.full(len(r["u"]), loss.predict([r["d"]])[0]),
+        "told the level, its shared shrink": lambda r: np.full(len(r["u"]), np.mean(per_level[r["level"]])),
+        "told the level, each finding's own loss": lambda r: np.array(
+            [np.mean(per_finding.get((r["level"], f), per_level[r["level"]])) for f in r["findings"]]
+        ),
+    }
+    out: dict[str, list[int]] = {k: [] for k in guesses}
+    for seed, rows in runs:
+        if seed in fit_on:
+            continue
+        for name, guess in guesses.items():
+            missed = []
+            for r in rows[1:]:
+                g = guess(r)
+                e = float(np.median(np.abs(r["u"] - r["v"] * g)))
+                if e > 0.05:
+                    missed.append(f"{r['level']} {e:.3f} (best shrink {r['t']:.2f}, estimated {np.median(g):.2f})")
+            out[name].append(len(missed))
+            print(f"seed {seed} (test), {name}: over 0.05 at {len(missed)} levels: {'; '.join(missed) or 'none'}")
+    return out
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", type=Path, nargs="+", help="--out folders of finished benchmarks/drift.py runs")
     ap.add_argument("--findings", action="store_true", help="each finding's figures under its level")
-    ap.add_argument("--validation", default="5,7", help="seeds whose runs fit the tried estimator (the others test it)")
+    ap.add_argument("--validation", default="5,7", help="seeds whose runs the estimators learn from (the other runs score them)")
     a = ap.parse_args()
     fit_on = {int(x) for x in a.validation.split(",") if x}
-    names = ("CBPE", *BOUNDS)
+    names = ("CBPE", *BOUNDS, "shrink by r")
     counts: dict[str, list[int]] = {k: [] for k in (*names, "best")}
     runs: list[tuple[int, list[dict]]] = []
     rhos: list[float] = []
@@ -175,21 +234,7 @@ def main() -> int:
             + ", ".join(f"{x:+.2f}" for x in big),
             flush=True,
         )
-    fit = np.array([(r["d"], r["r"]) for seed, rows in runs if seed in fit_on for r in rows])
-    tried = []
-    if len(fit):
-        loss = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(fit[:, 0], fit[:, 1])
-        for seed, rows in runs:
-            guess = loss.predict([r["d"] for r in rows[1:]])
-            errors = [float(np.median(np.abs(r["u"] - r["v"] * g))) for r, g in zip(rows[1:], guess, strict=True)]
-            missed = [
-                f"{r['level']} {e:.3f} (r {r['r']:.2f}, estimated {g:.2f})"
-                for r, g, e in zip(rows[1:], guess, errors, strict=True)
-                if e > 0.05
-            ]
-            tried.append(len(missed))
-            role = "validation, fitted on" if seed in fit_on else "test"
-            print(f"seed {seed} ({role}): the drift score's shared shrink over 0.05 at {len(missed)} levels: {'; '.join(missed) or 'none'}")
+    learned = learned_estimators(runs, fit_on)
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}; commit {commit()}")
     if rhos:
         print(
@@ -199,8 +244,9 @@ def main() -> int:
     said = ", ".join(f"{k} {'/'.join(map(str, counts[k]))}" for k in names)
     print(
         f"drift bound: levels over 0.05 per run (seeds {'/'.join(str(seed) for seed, _ in runs)}, of 16): {said}, "
-        f"the best of the three at each level {'/'.join(map(str, counts['best']))}; "
-        f"tried, the drift score's shared shrink (fitted on seeds {a.validation}) {'/'.join(map(str, tried)) or 'not fitted'}"
+        f"the best of the three at each level {'/'.join(map(str, counts['best']))}; learned on seeds "
+        f"{'/'.join(map(str, sorted(fit_on))) or 'none'}, at seeds {'/'.join(str(seed) for seed, _ in runs if seed not in fit_on)}: "
+        + (", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in learned.items()) or "nothing learned")
     )
     return 0
 
