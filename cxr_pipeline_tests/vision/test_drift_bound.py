@@ -34,3 +34,31 @@ def test_the_published_bound_is_the_least_median_error_of_its_form(monkeypatch):
                 found, t = least_median(u, vv)
                 assert exact - 1e-12 <= found <= exact + 1e-3
                 assert np.median(np.abs(u - vv * t)) == found
+
+
+def _run(seed: int, losses: dict[str, list[float]], d: float = 1.0) -> tuple[int, list[dict]]:
+    """A run as ``level_rows`` returns it: the unshifted set, then per level each finding's proportional loss."""
+    a0 = np.array([0.95, 0.9, 0.85, 0.8, 0.75])
+    rows = [{"level": "none", "d": 0.0, "r": 0.0}]
+    for level, loss in losses.items():
+        v = a0 - 0.5
+        u = v * np.array(loss)
+        rows.append({"level": level, "d": d, "findings": list("abcde"), "u": u, "v": v, "t": float(np.median(loss))})
+    return seed, rows
+
+
+def test_the_learned_estimators_learn_only_from_validation_seeds_and_score_the_others(monkeypatch):
+    """The blocked verdict on #51 rests on ``learned_estimators``: what the validation seeds lost is looked up for
+    the other runs, and a run it scores never enters what it learns."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    learned = benchmark("drift_bound").learned_estimators
+    same = {"exposure 2.2": [0.6, 0.6, 0.6, 0.6, 0.6]}
+    other = {"exposure 2.2": [0.1, 0.9, 0.1, 0.9, 0.1]}  # the same level, each finding losing another amount
+    runs = [_run(1, same), _run(2, same), _run(3, same), _run(4, other)]
+    out = learned(runs, {1, 2})
+    assert out["told the level, each finding's own loss"] == [0, 1]  # seeds 3 and 4 scored, 1 and 2 not
+    assert out["told the level, its shared shrink"] == [0, 1]
+    # a scored run's own rows never enter the fit: changing seed 4 leaves seed 3's score as it was
+    assert learned([*runs[:3], _run(4, {"exposure 2.2": [0.0] * 5})], {1, 2})["told the level, its shared shrink"][0] == 0
+    # fitted on seed 4's losses instead, seed 3 (which lost 0.6 everywhere) is missed
+    assert learned([_run(4, other), _run(3, same)], {4})["told the level, each finding's own loss"] == [1]
