@@ -140,12 +140,10 @@ def held_out(raw: Path, patients: int, seed: int, header_window: bool = True, pr
     their rows (subject_id, study_id and the study's labels as slugs). ``header_window=False``: each file read as if
     its header carried no window (through the training headers' windows, as PadChest's 16-bit PNGs are read).
     ``prior=False`` with it: through the reader's percentile window instead (how both read before the prior)."""
-    import io
 
     import polars as pl
-    import pydicom
 
-    from cxr_pipeline.data.dicom import prepare
+    from cxr_pipeline.data.dicom import prepare, without_window
     from cxr_pipeline.data.synthetic import SynthConfig, generate, patient_relpath
     from cxr_pipeline.data.window_prior import training_window_prior
     from cxr_pipeline.labels import LABELS, slug
@@ -164,17 +162,8 @@ def held_out(raw: Path, patients: int, seed: int, header_window: bool = True, pr
     if header_window:
         return decode_all(files), rows
 
-    def unwindowed(path: str) -> bytes:
-        ds = pydicom.dcmread(path)
-        for keyword in ("WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence"):
-            if keyword in ds:
-                delattr(ds, keyword)
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        return buf.getvalue()
-
     fitted = training_window_prior(paths(), 64) if prior else None
-    return np.stack([prepare(unwindowed(f), 64, name=f, prior=fitted) for f in files]), rows
+    return np.stack([prepare(without_window(f), 64, name=f, prior=fitted) for f in files]), rows
 
 
 def external(folder: Path, fmt: str, patients: int, seed: int, **shift) -> tuple[np.ndarray, object]:

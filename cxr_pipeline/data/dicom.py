@@ -401,3 +401,19 @@ def header_geometry(source: str | Path | bytes) -> tuple[int, int, int]:
             return (16 if im.mode.startswith("I") else 8), im.size[1], im.size[0]
     except Exception:  # a missing or unreadable file: no figure for it, never a failed window
         return 0, 0, 0
+
+
+def without_window(source: str | Path) -> bytes:
+    """A DICOM as a sender that drops the window sends it: no window centre and width, no VOI LUT. What the drift
+    benchmark reads MIMIC's held-out images as, and the tests send the served model and the PACS window store, to
+    show that such a file is read through the training images' windows (``WindowPrior``), not the percentile
+    window."""
+    import pydicom
+
+    ds = pydicom.dcmread(source)
+    for keyword in ("WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

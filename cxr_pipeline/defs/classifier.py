@@ -68,7 +68,10 @@ def classifier(
         if data.untrainable_reason:  # rare labels on small subsets: record why, keep no model, never crash the backfill
             return _untrainable(context, run, data, files, cfg)
         log_datasets(run, data, shards, ["target"])
-        fitted = fit_and_save(data, manifest, shards, cfg, hw.device, files, log=context.log.info, on_epoch=epoch_logger(run))
+        prior = image_shards.window_prior(cfg.size)  # the served model reads a windowless file as external validation does
+        fitted = fit_and_save(
+            data, manifest, shards, cfg, hw.device, files, log=context.log.info, on_epoch=epoch_logger(run), window_prior=prior
+        )
         recorded = record_finding(run, data, fitted, manifest, paths.raw)
     result = fitted.trained
     md = {**_headline(fitted.row, HEADLINE), **_headline(fitted.radiologist_row, ("roc_auc", "n_pos", "n_neg"), "radiologist_")}

@@ -33,6 +33,8 @@ import polars as pl
 from cxr_pipeline.columns import describe
 from cxr_pipeline.config import resolve
 from cxr_pipeline.data.shard_reader import Shards, ShardsNotBuilt
+from cxr_pipeline.data.voi import WindowPrior
+from cxr_pipeline.data.window_prior import training_window_prior
 from cxr_pipeline.defs.needs import failure
 from cxr_pipeline.defs.resources import CxrStorage
 from cxr_pipeline.fields import ConfigError
@@ -104,6 +106,12 @@ class ShardSet:
             raise failure(f"{e}; image_shards now builds {_built_sizes(self.paths)}") from None
         except ValueError as e:
             raise failure(str(e)) from None
+
+    def window_prior(self, size: int) -> WindowPrior | None:
+        """The windows the training images were read through at ``size`` (``data.window_prior``, kept beside the
+        assets and fitted again when the training sample changes): what a trained checkpoint carries, so that its
+        served model reads a file without a window as external validation and the drift monitor do."""
+        return training_window_prior(self.paths, size)
 
 
 def _built_sizes(paths: Paths) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from cxr_pipeline.data.voi import WindowPrior
 from cxr_pipeline.files import atomic_path
 from cxr_pipeline.labels import slug
 from cxr_pipeline.settings import Paths
@@ -135,7 +136,10 @@ class CheckpointConfig:
     """What applying a checkpoint needs, for either kind: output ``j`` is finding ``labels[j]``; its threshold is on
     the network's scores (chosen on validate), its calibration the map fitted on validate (``vision.calibration``;
     None: none, as in a checkpoint written before calibration). ``training_config``: the resolved recipe whole,
-    the label policy among it."""
+    the label policy among it. ``window_prior``: the windows its training images were read through
+    (``data.window_prior``, at ``size``), through which the served model reads a file that carries none, as
+    external validation and the drift monitor read such files (empty: a checkpoint written before it travelled
+    with the weights, or training images without a window; such a file is then read through the percentile window)."""
 
     arch: str
     size: int
@@ -145,6 +149,7 @@ class CheckpointConfig:
     dropout: float = 0.0
     normalise: Mapping[str, Any] = field(default_factory=dict)
     training_config: Mapping[str, Any] = field(default_factory=dict)
+    window_prior: tuple[tuple[float, float, str], ...] = ()
 
     @property
     def slugs(self) -> list[str]:
@@ -174,6 +179,7 @@ class CheckpointConfig:
             "normalise": dict(self.normalise),
             "input": "grey uint8 letterboxed, repeated to 3 channels",
             "training_config": dict(self.training_config),
+            "window_prior": [list(w) for w in self.window_prior],
         }
 
 
@@ -197,6 +203,7 @@ def config_from_json(raw: Mapping[str, Any], where: str = CONFIG) -> CheckpointC
             dropout=float(raw.get("dropout", 0.0)),
             normalise=raw.get("normalise") or {},
             training_config=raw.get("training_config") or {},
+            window_prior=tuple((float(c), float(w), str(f)) for c, w, f in raw.get("window_prior") or ()),
         )
     except KeyError as e:
         raise ValueError(f"{where}: field {e.args[0]!r} missing (not a cxr_pipeline classifier checkpoint?)") from None
@@ -257,6 +264,12 @@ class LoadedClassifier:
         """Validation-chosen, on the network's own scores (0.5 only where none was chosen)."""
 
         return [stored_threshold(self.config.thresholds.get(s)) for s in self.slugs]
+
+    @property
+    def prior(self) -> WindowPrior | None:
+        """The windows a file without one is read through (``CheckpointConfig.window_prior``); None: the percentile
+        window."""
+        return WindowPrior(self.config.window_prior) if self.config.window_prior else None
 
     @property
     def calibrated(self) -> bool:

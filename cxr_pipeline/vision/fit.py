@@ -29,6 +29,7 @@ import numpy as np
 import polars as pl
 
 from cxr_pipeline.data.shard_reader import Shards, open_images
+from cxr_pipeline.data.voi import WindowPrior
 from cxr_pipeline.fields import record
 from cxr_pipeline.files import write_parquet
 from cxr_pipeline.vision.calibration import calibration_row, fit_platt
@@ -86,12 +87,14 @@ def fit_model(
     extra: Callable[[dict[str, np.ndarray], Evaluated], None] | None = None,
     log: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    window_prior: WindowPrior | None = None,
 ) -> Fitted:
     """The skeleton both kinds run. ``data``: a ``ClassifierData`` or ``MultilabelData`` (``splits``, ``size``,
     ``digest()``); ``labels``: the findings in output order; ``evaluate_scores``: the kind's rows from the scored
     splits (``SCORED``); ``prediction_columns``: the predictions file's score column per output; ``extra``: the
     kind's further files from the scores and rows, written before the checkpoint (so a killed run leaves no checkpoint
-    without them). Trains (resuming a killed run of the same config and data), scores in fp32, writes the folder."""
+    without them); ``window_prior``: the windows the training images were read through, which the checkpoint
+    carries for the served model (``CheckpointConfig.window_prior``). Trains (resuming a killed run of the same config and data), scores in fp32, writes the folder."""
     files.dir.mkdir(parents=True, exist_ok=True)
     sp = data.splits
     result = train(
@@ -125,6 +128,7 @@ def fit_model(
         dropout=cfg.dropout,
         normalise={"mean": NORMALISE_MEAN, "std": NORMALISE_STD},
         training_config=trained_with(cfg, data.size),
+        window_prior=window_prior.windows if window_prior is not None else (),
     )
     write_checkpoint(result.model, files, config)
     write_json(files.metrics, evaluated.rows)
@@ -171,6 +175,7 @@ def fit_and_save(
     *,
     log: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    window_prior: WindowPrior | None = None,
 ) -> Fitted:
     """One finding's model through the skeleton: its two rows (both test label sources at the threshold chosen on
     validation with the automatic labels; resampling by patient), its calibration map, its test scores and curves."""
@@ -207,5 +212,5 @@ def fit_and_save(
 
     return fit_model(
         data, manifest, shards, cfg, device, files, labels=[data.label], evaluate_scores=evaluate_scores,
-        prediction_columns=["prob"], extra=test_files, log=log, on_epoch=on_epoch,
+        prediction_columns=["prob"], extra=test_files, log=log, on_epoch=on_epoch, window_prior=window_prior,
     )  # fmt: skip

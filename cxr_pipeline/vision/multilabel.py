@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 
 from cxr_pipeline.data.shard_reader import Shards
+from cxr_pipeline.data.voi import WindowPrior
 from cxr_pipeline.fields import setting
 from cxr_pipeline.labels import LABEL_BY_SLUG, SLUGS
 from cxr_pipeline.vision.calibration import calibration_row, fit_platt
@@ -99,10 +100,12 @@ def fit_multilabel(
     *,
     log: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    window_prior: WindowPrior | None = None,
 ) -> Fitted:
     """The multi-label model through the skeleton (``vision.fit.fit_model``), each label evaluated exactly as a
     per-pathology model is (its own validation-chosen threshold and calibration map, bootstrap CIs by patient,
-    both test label sources); rows carry ``model: multilabel``; the predictions file has one column per label."""
+    both test label sources); rows carry ``model: multilabel``; the predictions file has one column per label;
+    ``window_prior``: what the checkpoint carries for the served model (``fit_model``)."""
     sp = data.splits
     y_val, y_test, y_rad = (sp[s].targets.numpy() for s in SCORED)
 
@@ -127,5 +130,5 @@ def fit_multilabel(
 
     return fit_model(
         data, manifest, shards, cfg, device, files, labels=[LABEL_BY_SLUG[s] for s in SLUGS],
-        evaluate_scores=evaluate_scores, prediction_columns=SLUGS, log=log, on_epoch=on_epoch,
+        evaluate_scores=evaluate_scores, prediction_columns=SLUGS, log=log, on_epoch=on_epoch, window_prior=window_prior,
     )  # fmt: skip

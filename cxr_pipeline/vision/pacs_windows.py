@@ -33,6 +33,7 @@ import polars as pl
 from pydicom.dataset import Dataset
 
 from cxr_pipeline.data.decode_worker import decode_for_shards
+from cxr_pipeline.data.voi import WindowPrior
 from cxr_pipeline.files import atomic_path
 from cxr_pipeline.settings import paths
 
@@ -87,12 +88,15 @@ def window_names(root: Path) -> list[str]:
 
 class WindowStore:
     """Keeps each scored study's image (``keep``) and closes windows of ``window`` studies (``close``), deleting the
-    oldest windows beyond ``kept`` (0: none deleted); the images are this user's alone (the folder is 0700)."""
+    oldest windows beyond ``kept`` (0: none deleted); the images are this user's alone (the folder is 0700). A
+    file without a window is read through ``prior``'s (the training images' windows at the largest size, as an
+    external set's windowless files are read), so a PACS that drops the window does not alarm for that alone."""
 
-    def __init__(self, root: Path, sizes: list[int], window: int, kept: int = 0) -> None:
+    def __init__(self, root: Path, sizes: list[int], window: int, kept: int = 0, prior: WindowPrior | None = None) -> None:
         if window < 2:
             raise ValueError(f"a PACS drift window needs at least 2 studies, not {window}")
         self.root, self.sizes, self.window, self.kept = Path(root), sorted(set(sizes)), window, kept
+        self.prior = prior
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)  # patients' images: this user's alone
         self._recover()
@@ -110,7 +114,7 @@ class WindowStore:
         """Keep the image a study was scored from (False when it was kept before or its pixels do not decode)."""
         if study in self.seen:
             return False
-        pixels, _rows, _cols, reason = decode_for_shards(study, memoryview(data), self.sizes)
+        pixels, _rows, _cols, reason = decode_for_shards(study, memoryview(data), self.sizes, self.prior)
         if pixels is None:
             return False
         buf = io.BytesIO()

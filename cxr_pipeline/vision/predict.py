@@ -97,14 +97,15 @@ class Scorer:
         """Every source (a file, or a file's bytes named by ``names``) through every model; with ``cams``, the
         Grad-CAM map of each positive call on the model's letterboxed input (``ImageResult.cams``)."""
         names = names or [str(s) for s in sources]
-        decoded: dict[int, np.ndarray] = {}  # size -> (n, size, size), each file decoded once per size
+        decoded: dict[tuple, np.ndarray] = {}  # (size, prior) -> (n, size, size), each file decoded once per reading
         results = [ImageResult(Path(n), []) for n in names]
         per_image: list[dict[str, Finding]] = [{} for _ in sources]
         for reg in self.loaded:
             cm = reg.model  # the LoadedClassifier behind the pyfunc
-            if cm.size not in decoded:
-                decoded[cm.size] = decode_files(sources, cm.size, names)
-            out = reg.pyfunc.predict(decoded[cm.size])
+            key = (cm.size, cm.prior.digest() if cm.prior else None)  # a windowless file reads through the model's prior
+            if key not in decoded:
+                decoded[key] = decode_files(sources, cm.size, names, cm.prior)
+            out = reg.pyfunc.predict(decoded[key])
             source = reg.label if cm.calibrated else f"{reg.label}, uncalibrated"  # a version registered before calibration says so
             for j, s in enumerate(cm.slugs):
                 for i in range(len(sources)):
@@ -112,7 +113,7 @@ class Scorer:
                     f = Finding(s, float(out[s].iloc[i]), cm.served_thresholds[j], call, source, reg.name, reg.version, cm.calibrated)
                     per_image[i][s] = f
                     if cams and call:
-                        results[i].cams[s] = grad_cam(cm, decoded[cm.size][i : i + 1], j)[0]
+                        results[i].cams[s] = grad_cam(cm, decoded[key][i : i + 1], j)[0]
         for i, r in enumerate(results):
             r.findings = [per_image[i].get(s) or Finding(s, None, None, None, f"no {self.alias} model") for s in SLUGS]
         return results

@@ -13,7 +13,8 @@ model's ``load_context`` calls).
   the signature and what ``mlflow models serve`` validates), or
 - file paths (DICOM, JPG, PNG) in ``params={"paths": [...]}``, decoded exactly as the shard
   builder decodes them (``data.dicom.prepare``: VOI LUT / windowing, MONOCHROME1 inverted,
-  letterboxed); the image batch may then be empty.
+  letterboxed; a file without a window through the windows the model's training images were read
+  through, which its checkpoint carries); the image batch may then be empty.
 
 ``params={"device": "cuda:1"}`` picks the device (default ``auto``: the first GPU when there is one, else
 the CPU; ``mlflow models serve`` on a GPU host so predicts on the GPU). It returns one row per image:
@@ -41,6 +42,7 @@ import numpy as np
 
 from cxr_pipeline.data.dicom import prepare
 from cxr_pipeline.data.shard_reader import write_png
+from cxr_pipeline.data.voi import WindowPrior
 from cxr_pipeline.files import png_figure
 from cxr_pipeline.labels import LABEL_BY_SLUG
 from cxr_pipeline.vision.calibration import describe as describe_calibration
@@ -62,14 +64,17 @@ def serving_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def decode_files(paths: Sequence[str | Path | bytes], size: int, names: Sequence[str] | None = None) -> np.ndarray:
+def decode_files(
+    paths: Sequence[str | Path | bytes], size: int, names: Sequence[str] | None = None, prior: WindowPrior | None = None
+) -> np.ndarray:
     """Files (or their bytes, named by ``names``) -> uint8 (n, size, size), exactly as the shard builder stores them
-    (errors name the file)."""
+    (errors name the file); a file that carries no window read through ``prior``'s (the model's:
+    ``LoadedClassifier.prior``), as external validation reads such files."""
 
     if not paths:
         return np.zeros((0, size, size), dtype=np.uint8)
     names = names or [str(p) for p in paths]
-    return np.stack([prepare(p if isinstance(p, bytes) else str(p), size, name=n) for p, n in zip(paths, names, strict=True)])
+    return np.stack([prepare(p if isinstance(p, bytes) else str(p), size, name=n, prior=prior) for p, n in zip(paths, names, strict=True)])
 
 
 def as_image_batch(model_input: Any, size: int) -> np.ndarray:
@@ -142,7 +147,7 @@ try:
             images = as_image_batch(model_input, m.size)
             paths = [p for p in (params or {}).get("paths") or [] if p]
             if paths:
-                images = np.concatenate([images, decode_files(paths, m.size)])
+                images = np.concatenate([images, decode_files(paths, m.size, prior=m.prior)])
             return prediction_frame(m, m.probabilities(images, serving_device((params or {}).get("device") or "auto")))
 finally:
     warnings.showwarning = _showwarning

@@ -85,6 +85,12 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         from cxr_pipeline.vision.calibration import apply, calibrated_threshold
 
         ckpt_cfg = read_config(ckpt)
+        # it carries the windows its training images were read through: the served model reads a windowless file
+        # through them, as external validation and the drift monitor do
+        from cxr_pipeline.data.window_prior import training_window_prior
+
+        prior = training_window_prior(paths(), size)
+        assert prior is not None and ckpt_cfg.window_prior == prior.windows
         calibration, threshold = ckpt_cfg.calibration["support_devices"], ckpt_cfg.thresholds["support_devices"]
         assert calibration["fitted_on"] == "validate" and calibration["method"] in ("platt", "none")
         np.testing.assert_allclose(out["support_devices"].to_numpy(), apply(calibration, raw), atol=1e-5)  # calibrated
@@ -383,6 +389,7 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         assert set(hints.filter(pl.col("split") == "train")["source"]) == {"out_of_fold"}
         assert mats["report_hints"].metadata["fold_models"].value == 5 and hints.height == m.height
         ml_config = read_config(ClassifierSet(cxr_home / "assets" / "classifier").classifier("multilabel").checkpoint)
+        assert ml_config.window_prior and ml_config.window_prior == read_config(ckpt).window_prior  # the same training images
         from cxr_pipeline.vision.calibration import calibrated_threshold
 
         held_out = hints.filter(pl.col("source") == "held_out")  # the final model's, at its thresholds through its map

@@ -116,3 +116,21 @@ def test_old_windows_are_deleted_beyond_those_kept_and_a_failing_store_never_fai
     broken = QuietStore(lambda: WindowStore(tmp_path / "x", [32], window=1))
     broken.keep(name, f.read_bytes(), h)
     assert broken.errors == ["ValueError"] and broken.close() == []
+
+
+def test_a_study_without_a_window_is_kept_as_the_training_windows_read_it(replica, tmp_path):
+    """A PACS that drops the window: the kept image is read through the training images' windows (the store's
+    prior), as an external set's windowless files are, so the drift monitor does not alarm for the dropped window
+    alone; without a prior it would be the percentile window's reading."""
+    from cxr_pipeline.data.dicom import without_window
+    from cxr_pipeline.data.voi import WindowPrior
+
+    (name, f, h), prior = frontal_images(replica)[0], WindowPrior(((0.35, 0.4, "LINEAR"),))
+    data = without_window(f)
+    for folder, store_prior in (("with", prior), ("without", None)):
+        store = WindowStore(tmp_path / folder, [32], window=2, prior=store_prior)
+        assert store.keep(name, data, h) and store.keep("other", f.read_bytes(), h)
+        assert store.close() == ["pacs-0001"]
+    kept = {folder: load_window(tmp_path / folder, "pacs-0001", 32)[0][0] for folder in ("with", "without")}
+    assert np.array_equal(kept["with"], prepare(data, 32, prior=prior)) and np.array_equal(kept["without"], prepare(data, 32))
+    assert np.abs(kept["with"].astype(int) - kept["without"]).mean() > 5

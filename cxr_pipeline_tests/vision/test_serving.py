@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import save_file
 
 from cxr_pipeline.cli import main
-from cxr_pipeline.data.dicom import prepare
+from cxr_pipeline.data.dicom import prepare, without_window
 from cxr_pipeline.labels import SLUGS
 from cxr_pipeline.tracking import get_client, tracked_run
 from cxr_pipeline.vision.checkpoint import (
@@ -67,6 +67,7 @@ def test_models_registered_before_format_2_load_by_alias_as_todays_do(registry, 
     assert (multi.config.kind, multi.slugs, multi.calibrated) == ("multilabel", list(SLUGS), True)
     assert multi.thresholds == pytest.approx([0.3 + 0.01 * j for j in range(len(SLUGS))])
     assert one.config.policy == multi.config.policy == {"uncertain": "ones", "blank": "zeros"}
+    assert one.prior is None and multi.prior is None  # written before the windows travelled: the percentile window
     imgs = _images()
     for name, kind in (("cxr-old-per-pathology", "per_pathology"), ("cxr-old-multilabel", "multilabel")):
         scores = expected[kind].probabilities(imgs)
@@ -75,6 +76,31 @@ def test_models_registered_before_format_2_load_by_alias_as_todays_do(registry, 
         first = expected[kind].slugs[0]
         np.testing.assert_allclose(served[first].to_numpy(), expected[kind].calibrate(scores)[:, 0], atol=1e-6)
         assert loaded[name].label == f"{name} v1"
+
+
+def test_a_file_without_a_window_is_read_through_the_windows_the_model_was_trained_on(tmp_path):
+    """The checkpoint carries its training images' windows (``CheckpointConfig.window_prior``), and the served model
+    reads a DICOM without a window through them, as external validation and the drift monitor read such files, not
+    through the percentile window: a PACS that drops the window is scored as its images were trained."""
+    import mlflow.pyfunc
+
+    from cxr_pipeline.data.voi import WindowPrior
+    from cxr_pipeline.vision.checkpoint import CheckpointConfig, read_config, write_checkpoint
+    from cxr_pipeline.vision.serving import save_pyfunc
+
+    windowless = tmp_path / "windowless.dcm"
+    windowless.write_bytes(without_window(REAL[0]))
+    prior = WindowPrior(((0.35, 0.4, "LINEAR"),))
+    files = ClassifierFiles(tmp_path / "ck")
+    config = CheckpointConfig("resnet18", SIZE, ("Edema",), {"edema": 0.5}, {"edema": None}, 0.2, window_prior=prior.windows)
+    write_checkpoint(build_model("resnet18", 0.2, outputs=1), files, config)
+    assert read_config(files.checkpoint).window_prior == prior.windows and load_checkpoint(files.checkpoint).prior == prior
+
+    model = mlflow.pyfunc.load_model(str(save_pyfunc(files.checkpoint, tmp_path / "model")))
+    through, plain = prepare(str(windowless), SIZE, prior=prior), prepare(str(windowless), SIZE)
+    assert np.abs(through.astype(int) - plain).mean() > 5  # the prior's window is not the percentile window
+    by_path = model.predict(np.zeros((0, SIZE, SIZE), np.uint8), params={"paths": [str(windowless)]})
+    np.testing.assert_allclose(by_path["edema"].to_numpy(), model.predict(through[None])["edema"].to_numpy(), atol=1e-6)
 
 
 def _images(n: int = 3) -> np.ndarray:
