@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,10 +17,12 @@ import polars as pl
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it over ``path`` on success."""
+    """Yield a temporary sibling of ``path``; rename it over ``path`` on success. The temporary name is this
+    writer's alone (its pid and a random part): processes on two hosts sharing a volume (Kubernetes pods, Ray
+    nodes) can have the same pid, and two writers of one file must not share a temporary."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)

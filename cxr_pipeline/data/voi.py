@@ -52,6 +52,7 @@ class WindowPrior:
         return hashlib.sha256(json.dumps([list(w) for w in self.windows]).encode()).hexdigest()[:16]
 
 
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")  # what ``window`` reads (PS3.3 C.11.2.1.3)
 PERCENTILE_UNITS = (0.5, 1.0, "LINEAR_EXACT")  # the percentile window itself, in its own units
 
 
@@ -121,3 +122,17 @@ def percentile_window(values: np.ndarray) -> np.ndarray:
     values -= np.float32(lo)
     values *= np.float32(1.0 / (hi - lo))
     return clip01(values)
+
+
+def stored_windows(raw, where: str) -> tuple[tuple[float, float, str], ...]:
+    """A prior's windows as stored (a checkpoint's ``window_prior``): (center, width, function) triples, finite,
+    width above 0, a function ``window`` reads; anything else is an error naming ``where`` (a damaged prior would
+    read every windowless file wrongly, in silence)."""
+    try:
+        out = tuple((float(c), float(w), str(f)) for c, w, f in raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} is not a list of [center, width, function]") from None
+    bad = [w for w in out if not (np.isfinite(w[0]) and np.isfinite(w[1]) and w[1] > 0 and w[2] in VOI_FUNCTIONS)]
+    if bad:
+        raise ValueError(f"{where} holds {len(bad)} unusable window(s), the first {list(bad[0])}")
+    return out

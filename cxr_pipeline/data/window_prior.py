@@ -62,6 +62,17 @@ def training_sample(manifest: pl.DataFrame, n: int = SAMPLE, seed: int = SEED) -
     return train["path"].gather(idx).to_list()
 
 
+def kept_window_prior(paths, size: int) -> WindowPrior | None:
+    """The prior last fitted at ``size`` (``training_window_prior``'s file), read without the raw files or a fit:
+    for a caller that must not wait for a fit or need the raw root (the PACS intake, a step whose node has no raw
+    root); None when none was fitted or the file cannot be read."""
+    try:
+        kept = json.loads((paths.assets / "window_prior" / f"s{size}.json").read_text())
+        return WindowPrior(tuple(tuple(w) for w in kept["windows"])) if kept.get("version") == VERSION and kept["windows"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def training_window_prior(paths, size: int) -> WindowPrior | None:
     """The prior of ``paths``' manifest at ``size`` (None without a manifest or a windowed training image), fitted
     when its sample's files changed since the last fit (path, size, modification time) and kept in

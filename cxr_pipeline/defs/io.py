@@ -24,6 +24,7 @@ Both take the storage resource (``CxrStorage``): one root for everything under `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from cxr_pipeline.columns import describe
 from cxr_pipeline.config import resolve
 from cxr_pipeline.data.shard_reader import Shards, ShardsNotBuilt
 from cxr_pipeline.data.voi import WindowPrior
-from cxr_pipeline.data.window_prior import training_window_prior
+from cxr_pipeline.data.window_prior import kept_window_prior, training_window_prior
 from cxr_pipeline.defs.needs import failure
 from cxr_pipeline.defs.resources import CxrStorage
 from cxr_pipeline.fields import ConfigError
@@ -107,11 +108,21 @@ class ShardSet:
         except ValueError as e:
             raise failure(str(e)) from None
 
-    def window_prior(self, size: int) -> WindowPrior | None:
+    def window_prior(self, size: int, log: Callable[[str], None] | None = None) -> WindowPrior | None:
         """The windows the training images were read through at ``size`` (``data.window_prior``, kept beside the
         assets and fitted again when the training sample changes): what a trained checkpoint carries, so that its
-        served model reads a file without a window as external validation and the drift monitor do."""
-        return training_window_prior(self.paths, size)
+        served model reads a file without a window by the rule external validation and the drift monitor read such
+        files by. Training needs only the shards: where the raw training files cannot be read (a node without the
+        raw root), the prior last fitted is used, or none, and ``log`` says so."""
+        try:
+            return training_window_prior(self.paths, size)
+        except (OSError, ValueError) as e:
+            kept = kept_window_prior(self.paths, size)
+            if log is not None:
+                log(
+                    f"window prior not fitted ({e}); the checkpoint carries {'the last one fitted' if kept else 'none (the percentile window)'}"
+                )
+            return kept
 
 
 def _built_sizes(paths: Paths) -> str:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from cxr_pipeline.config import resolve
-from cxr_pipeline.data.window_prior import training_window_prior
+from cxr_pipeline.data.window_prior import kept_window_prior
 from cxr_pipeline.defs.keys import IMAGE_DRIFT, IMAGE_SHARDS
 from cxr_pipeline.settings import env, paths
 from cxr_pipeline.vision.checkpoint import CHAMPION
@@ -111,10 +111,12 @@ class Intake:
 def drift_store() -> WindowStore:
     """Where the intake keeps each scored study's image for the drift monitor: at every size the shards are built
     at, in windows of ``image_drift.pacs_window`` studies (``vision.pacs_windows``); a file without a window read
-    through the training images' windows at the largest (``data.window_prior``), as external sets are read."""
+    through the training images' windows at the largest, as the drift asset's external windows are, as last fitted
+    (``data.window_prior.kept_window_prior``: a tick neither fits one nor needs the raw root; none fitted yet, the
+    percentile window)."""
     p = paths()
     cfg, sizes = resolve(p, IMAGE_DRIFT, {}), resolve(p, IMAGE_SHARDS, {}).sizes
-    prior = training_window_prior(p, max(sizes)) if sizes else None
+    prior = kept_window_prior(p, max(sizes)) if sizes else None
     return WindowStore(pacs_windows_root(), sizes, cfg.pacs_window, cfg.pacs_windows_kept, prior)
 
 

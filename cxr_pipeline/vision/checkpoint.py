@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr_pipeline.data.voi import WindowPrior
+from cxr_pipeline.data.voi import WindowPrior, stored_windows
 from cxr_pipeline.files import atomic_path
 from cxr_pipeline.labels import slug
 from cxr_pipeline.settings import Paths
@@ -203,7 +203,7 @@ def config_from_json(raw: Mapping[str, Any], where: str = CONFIG) -> CheckpointC
             dropout=float(raw.get("dropout", 0.0)),
             normalise=raw.get("normalise") or {},
             training_config=raw.get("training_config") or {},
-            window_prior=tuple((float(c), float(w), str(f)) for c, w, f in raw.get("window_prior") or ()),
+            window_prior=stored_windows(raw.get("window_prior") or (), f"{where}: field 'window_prior'"),
         )
     except KeyError as e:
         raise ValueError(f"{where}: field {e.args[0]!r} missing (not a cxr_pipeline classifier checkpoint?)") from None

@@ -69,7 +69,9 @@ def decode_files(
 ) -> np.ndarray:
     """Files (or their bytes, named by ``names``) -> uint8 (n, size, size), exactly as the shard builder stores them
     (errors name the file); a file that carries no window read through ``prior``'s (the model's:
-    ``LoadedClassifier.prior``), as external validation reads such files."""
+    ``LoadedClassifier.prior``): the rule external validation reads such files by, with the windows fitted at the
+    model's own size, where this decodes (external validation decodes at the shards' level: the readings differ as
+    a windowed file's do)."""
 
     if not paths:
         return np.zeros((0, size, size), dtype=np.uint8)

@@ -201,3 +201,17 @@ def test_a_raw_root_where_no_training_image_can_be_read_is_an_error_not_the_perc
     ):
         wp.training_window_prior(moved, 64)
     assert not (layout.assets / "window_prior" / "s64.json").exists()
+
+
+def test_without_the_raw_root_training_and_the_pacs_store_read_the_prior_last_fitted(tmp_path):
+    """Training needs only the shards, and a PACS intake tick must neither fit a prior nor need the raw root: where
+    the training files cannot be read they take the prior last fitted (training says so in its log)."""
+    from cxr_pipeline.defs.io import ShardSet
+
+    layout = _replica(tmp_path)
+    prior = wp.training_window_prior(layout, 64)
+    moved = Paths(home=layout.home, raw=tmp_path / "elsewhere")
+    assert wp.kept_window_prior(moved, 64) == prior and wp.kept_window_prior(moved, 32) is None  # never fitted at 32
+    said: list[str] = []
+    assert ShardSet(moved).window_prior(64, said.append) == prior and "window prior not fitted" in said[0]
+    assert ShardSet(moved).window_prior(32, said.append) is None and "none (the percentile window)" in said[1]

@@ -125,7 +125,10 @@ def test_a_study_without_a_window_is_kept_as_the_training_windows_read_it(replic
     from cxr_pipeline.data.dicom import without_window
     from cxr_pipeline.data.voi import WindowPrior
 
-    (name, f, h), prior = frontal_images(replica)[0], WindowPrior(((0.35, 0.4, "LINEAR"),))
+    (name, f, h), prior = (
+        frontal_images(replica)[0],
+        WindowPrior(((0.35, 0.4, "LINEAR"), (0.6, 0.9, "LINEAR_EXACT"), (0.5, 0.3, "SIGMOID"))),
+    )
     data = without_window(f)
     for folder, store_prior in (("with", prior), ("without", None)):
         store = WindowStore(tmp_path / folder, [32], window=2, prior=store_prior)

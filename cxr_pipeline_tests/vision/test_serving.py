@@ -85,16 +85,19 @@ def test_a_file_without_a_window_is_read_through_the_windows_the_model_was_train
     import mlflow.pyfunc
 
     from cxr_pipeline.data.voi import WindowPrior
-    from cxr_pipeline.vision.checkpoint import CheckpointConfig, read_config, write_checkpoint
+    from cxr_pipeline.vision.checkpoint import CheckpointConfig, config_from_json, read_config, write_checkpoint
     from cxr_pipeline.vision.serving import save_pyfunc
 
     windowless = tmp_path / "windowless.dcm"
     windowless.write_bytes(without_window(REAL[0]))
-    prior = WindowPrior(((0.35, 0.4, "LINEAR"),))
+    prior = WindowPrior(((0.35, 0.4, "LINEAR"), (0.6, 0.9, "LINEAR_EXACT"), (0.5, 0.3, "SIGMOID")))  # the file's draw
     files = ClassifierFiles(tmp_path / "ck")
     config = CheckpointConfig("resnet18", SIZE, ("Edema",), {"edema": 0.5}, {"edema": None}, 0.2, window_prior=prior.windows)
     write_checkpoint(build_model("resnet18", 0.2, outputs=1), files, config)
     assert read_config(files.checkpoint).window_prior == prior.windows and load_checkpoint(files.checkpoint).prior == prior
+    damaged = {**config.as_json(), "window_prior": [[0.35, float("nan"), "LINEAR"]]}
+    with pytest.raises(ValueError, match=r"ck/config.json: field 'window_prior' holds 1 unusable window"):
+        config_from_json(damaged, "ck/config.json")  # never a silent misreading of every windowless file
 
     model = mlflow.pyfunc.load_model(str(save_pyfunc(files.checkpoint, tmp_path / "model")))
     through, plain = prepare(str(windowless), SIZE, prior=prior), prepare(str(windowless), SIZE)
@@ -205,3 +208,27 @@ def test_saliency_cases_are_the_most_confident_of_each_kind():
     y = np.array([1, 1, 1, 0, 0, 0, 1])
     p = np.array([0.9, 0.6, 0.2, 0.8, 0.1, 0.55, 0.4])
     assert pick_cases(y, p, 0.5, per_kind=2) == [(0, "TP"), (1, "TP"), (3, "FP"), (5, "FP"), (2, "FN"), (6, "FN")]
+
+
+def test_the_scorer_reads_a_windowless_file_through_each_models_own_windows(registry, tmp_path):
+    """The PACS intake's and ``predict``'s scorer decodes a file once per reading: a model whose checkpoint carries
+    training windows reads a windowless file through them, one without (cardiomegaly, registered before) through the
+    percentile window, though both take 32 px."""
+    from cxr_pipeline.data.voi import WindowPrior
+    from cxr_pipeline.vision.checkpoint import CheckpointConfig, write_checkpoint
+    from cxr_pipeline.vision.predict import Scorer
+    from cxr_pipeline_tests.registered import register_folder
+
+    prior = WindowPrior(((0.35, 0.4, "LINEAR"), (0.6, 0.9, "LINEAR_EXACT"), (0.5, 0.3, "SIGMOID")))
+    files = ClassifierFiles(tmp_path / "ck_pneumonia")
+    config = CheckpointConfig("resnet18", SIZE, ("Pneumonia",), {"pneumonia": 0.5}, {"pneumonia": None}, 0.2, window_prior=prior.windows)
+    write_checkpoint(build_model("resnet18", 0.2, outputs=1), files, config)
+    register_folder(files.checkpoint, "cxr-pneumonia")
+    windowless = tmp_path / "windowless.dcm"
+    windowless.write_bytes(without_window(REAL[0]))
+    (result,) = Scorer().score([windowless])
+    got = {f.slug: f.probability for f in result.findings if f.probability is not None}
+    for s, folder, reading in (("pneumonia", files.checkpoint, prior), ("cardiomegaly", registry["cardiomegaly"], None)):
+        m = load_checkpoint(folder)
+        expected = m.calibrate(m.probabilities(prepare(str(windowless), SIZE, prior=reading)[None]))[0, 0]
+        assert got[s] == pytest.approx(float(expected), abs=1e-6)
