@@ -124,15 +124,26 @@ def percentile_window(values: np.ndarray) -> np.ndarray:
     return clip01(values)
 
 
+def usable_window(w: tuple) -> bool:
+    """A (center, width, function) the reader can apply: finite, width above 0, a function ``window`` reads."""
+    try:
+        c, width, function = w
+        return bool(np.isfinite(float(c)) and np.isfinite(float(width)) and float(width) > 0 and function in VOI_FUNCTIONS)
+    except (TypeError, ValueError):
+        return False
+
+
 def stored_windows(raw, where: str) -> tuple[tuple[float, float, str], ...]:
     """A prior's windows as stored (a checkpoint's ``window_prior``): (center, width, function) triples, finite,
     width above 0, a function ``window`` reads; anything else is an error naming ``where`` (a damaged prior would
     read every windowless file wrongly, in silence)."""
     try:
+        if not isinstance(raw, list | tuple):
+            raise TypeError(raw)
         out = tuple((float(c), float(w), str(f)) for c, w, f in raw)
     except (TypeError, ValueError):
         raise ValueError(f"{where} is not a list of [center, width, function]") from None
-    bad = [w for w in out if not (np.isfinite(w[0]) and np.isfinite(w[1]) and w[1] > 0 and w[2] in VOI_FUNCTIONS)]
+    bad = [w for w in out if not usable_window(w)]
     if bad:
         raise ValueError(f"{where} holds {len(bad)} unusable window(s), the first {list(bad[0])}")
     return out

@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 
 from cxr_pipeline.data.dicom import DecodeError, decode
-from cxr_pipeline.data.voi import WindowPrior
+from cxr_pipeline.data.voi import WindowPrior, usable_window
 from cxr_pipeline.files import atomic_path
 
 SAMPLE = 500  # training images whose windows make the prior (a fit decodes each once at the size asked)
@@ -46,8 +46,8 @@ def fit_window_prior(root: Path, rel_paths: list[str], size: int) -> WindowPrior
         if dec.window_units is not None:
             windows.append(tuple(round(float(v), 6) if not isinstance(v, str) else v for v in dec.window_units))
     if rel_paths and len(unreadable) == len(rel_paths):
-        raise ValueError(f"window prior: none of {len(rel_paths)} training images under {root} could be read (first: {unreadable[0]})")
-    return WindowPrior(tuple(windows)) if windows else None
+        raise RawUnreadable(f"window prior: none of {len(rel_paths)} training images under {root} could be read (first: {unreadable[0]})")
+    return _prior(windows)
 
 
 def training_sample(manifest: pl.DataFrame, n: int = SAMPLE, seed: int = SEED) -> list[str]:
@@ -62,15 +62,32 @@ def training_sample(manifest: pl.DataFrame, n: int = SAMPLE, seed: int = SEED) -
     return train["path"].gather(idx).to_list()
 
 
+class RawUnreadable(ValueError):
+    """No training image of the sample could be read: the raw root is wrong or absent here."""
+
+
+def _prior(windows) -> WindowPrior | None:
+    """The usable windows of a fit or a kept file (finite, width above 0, a function the reader knows: a width that
+    rounds to 0 is dropped, never stored where a checkpoint would refuse it), or None."""
+    usable = tuple(w for w in (tuple(x) for x in windows) if usable_window(w))
+    return WindowPrior(usable) if usable else None
+
+
+def _read_kept(cache: Path) -> dict | None:
+    """A prior file, or None when absent or unreadable (a damaged file is a miss, fitted again)."""
+    try:
+        kept = json.loads(cache.read_text())
+        return kept if isinstance(kept, dict) and isinstance(kept.get("windows"), list) else None
+    except (OSError, ValueError):
+        return None
+
+
 def kept_window_prior(paths, size: int) -> WindowPrior | None:
     """The prior last fitted at ``size`` (``training_window_prior``'s file), read without the raw files or a fit:
     for a caller that must not wait for a fit or need the raw root (the PACS intake, a step whose node has no raw
-    root); None when none was fitted or the file cannot be read."""
-    try:
-        kept = json.loads((paths.assets / "window_prior" / f"s{size}.json").read_text())
-        return WindowPrior(tuple(tuple(w) for w in kept["windows"])) if kept.get("version") == VERSION and kept["windows"] else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    root); None when none was fitted at this size (and version) or the file cannot be read."""
+    kept = _read_kept(paths.assets / "window_prior" / f"s{size}.json")
+    return _prior(kept["windows"]) if kept and kept.get("version") == VERSION else None
 
 
 def training_window_prior(paths, size: int) -> WindowPrior | None:
@@ -89,12 +106,14 @@ def training_window_prior(paths, size: int) -> WindowPrior | None:
         except OSError:
             key.append([rel, None, None])
     cache = paths.assets / "window_prior" / f"s{size}.json"
-    if cache.exists():
-        kept = json.loads(cache.read_text())
-        if kept.get("sample") == key and kept.get("version") == VERSION:
-            return WindowPrior(tuple(tuple(w) for w in kept["windows"])) if kept["windows"] else None
+    kept = _read_kept(cache)
+    if kept and kept.get("sample") == key and kept.get("version") == VERSION:
+        return _prior(kept["windows"])
     prior = fit_window_prior(paths.raw, rels, size)
-    with atomic_path(cache) as tmp:
-        record = {"version": VERSION, "size": size, "sample": key, "windows": [list(w) for w in prior.windows] if prior else []}
-        tmp.write_text(json.dumps(record))
+    record = {"version": VERSION, "size": size, "sample": key, "windows": [list(w) for w in prior.windows] if prior else []}
+    try:
+        with atomic_path(cache) as tmp:
+            tmp.write_text(json.dumps(record))
+    except OSError:  # not kept (a full disk, a read-only assets folder): the fit still stands, fitted again next time
+        pass
     return prior

@@ -35,7 +35,7 @@ from cxr_pipeline.columns import describe
 from cxr_pipeline.config import resolve
 from cxr_pipeline.data.shard_reader import Shards, ShardsNotBuilt
 from cxr_pipeline.data.voi import WindowPrior
-from cxr_pipeline.data.window_prior import kept_window_prior, training_window_prior
+from cxr_pipeline.data.window_prior import RawUnreadable, kept_window_prior, training_window_prior
 from cxr_pipeline.defs.needs import failure
 from cxr_pipeline.defs.resources import CxrStorage
 from cxr_pipeline.fields import ConfigError
@@ -116,7 +116,7 @@ class ShardSet:
         raw root), the prior last fitted is used, or none, and ``log`` says so."""
         try:
             return training_window_prior(self.paths, size)
-        except (OSError, ValueError) as e:
+        except RawUnreadable as e:  # only the raw root missing here: any other error fails the run
             kept = kept_window_prior(self.paths, size)
             if log is not None:
                 log(

@@ -203,7 +203,7 @@ def config_from_json(raw: Mapping[str, Any], where: str = CONFIG) -> CheckpointC
             dropout=float(raw.get("dropout", 0.0)),
             normalise=raw.get("normalise") or {},
             training_config=raw.get("training_config") or {},
-            window_prior=stored_windows(raw.get("window_prior") or (), f"{where}: field 'window_prior'"),
+            window_prior=stored_windows(() if raw.get("window_prior") is None else raw["window_prior"], f"{where}: field 'window_prior'"),
         )
     except KeyError as e:
         raise ValueError(f"{where}: field {e.args[0]!r} missing (not a cxr_pipeline classifier checkpoint?)") from None

@@ -215,3 +215,18 @@ def test_without_the_raw_root_training_and_the_pacs_store_read_the_prior_last_fi
     said: list[str] = []
     assert ShardSet(moved).window_prior(64, said.append) == prior and "window prior not fitted" in said[0]
     assert ShardSet(moved).window_prior(32, said.append) is None and "none (the percentile window)" in said[1]
+
+
+def test_a_damaged_prior_file_is_fitted_again_and_a_damaged_checkpoint_prior_is_an_error(tmp_path):
+    """A damaged kept file is a miss (fitted again from the raw files, never a silent "no prior"); a checkpoint's
+    damaged ``window_prior`` is an error naming it, never a silent misreading of every windowless file."""
+    from cxr_pipeline.data.voi import stored_windows
+
+    layout = _replica(tmp_path)
+    prior = wp.training_window_prior(layout, 64)
+    (layout.assets / "window_prior" / "s64.json").write_text("{not json")
+    assert wp.kept_window_prior(layout, 64) is None and wp.training_window_prior(layout, 64) == prior
+    assert stored_windows([[0.5, 1.0, "LINEAR_EXACT"]], "f") == ((0.5, 1.0, "LINEAR_EXACT"),)
+    for bad in ([[0.5, 0.0, "LINEAR_EXACT"]], [[0.5, 1.0, "GAMMA"]], [[0.5, 1.0]], "", 0, {"a": 1}):
+        with pytest.raises(ValueError, match="ck/config.json: field 'window_prior'"):
+            stored_windows(bad, "ck/config.json: field 'window_prior'")
