@@ -205,14 +205,6 @@ def _shard_workers(cfg):
     return dataclasses.replace(cfg, workers=cfg.workers or usable_cpus())
 
 
-def shard_build_settings(paths: Paths) -> Any:
-    """How ``pipeline.yaml``'s ``image_shards`` section builds shards (images per shard, decode processes resolved),
-    for a build at sizes of its own: an external set's shards are built as MIMIC's are, at its champions' sizes.
-    ``sizes`` is left as the file says (resolving it would read the consumers' sections, which such a build
-    does not need, and fail with them)."""
-    return _shard_workers(load(paths, "image_shards"))
-
-
 def _resolve_compute(cfg, paths: Paths, derived):
     device = cfg.device
     if device == "auto":

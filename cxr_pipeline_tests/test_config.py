@@ -197,6 +197,13 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
         record("external_validation", **vars(cfg))
 
     patch_everywhere(monkeypatch, vext, "external_validation", external_validation)
+    # NIH present (its folder and label file, as pipeline.yaml names them) with a champion: its shards are built
+    nih = wanted["external_validation"]
+    Path(nih["nih_dir"]).mkdir(exist_ok=True)
+    (Path(nih["nih_dir"]) / nih["nih_labels"]).write_text("")
+    import cxr_pipeline.defs.external as dext
+
+    monkeypatch.setattr(dext, "load_champions", lambda *a: ["a champion"])
     import cxr_pipeline.vision.localization_data as vloc
 
     patch_everywhere(
@@ -231,8 +238,8 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
     finally:
         torch.set_num_threads(threads)
     shard_settings = wanted["image_shards"]
-    assert {k: seen["external_shards"][k] for k in ("images_per_shard", "workers")} == {
-        k: shard_settings[k] for k in ("images_per_shard", "workers")
+    assert {k: seen["external_shards"][k] for k in ("sizes", "images_per_shard", "workers")} == {
+        k: shard_settings[k] for k in ("sizes", "images_per_shard", "workers")
     }
     for section, values in wanted.items():
         got = seen[section]

@@ -345,3 +345,13 @@ def select_images(manifest: pl.DataFrame, views: tuple[str, ...], max_images: in
         keep.append(p)
         total += n_of[p]
     return rows.filter(pl.col("subject_id").is_in(keep))
+
+
+def scored_images(cfg: ExternalSettings, fmt: str, home: Path) -> tuple[Path, ExternalLabels, pl.DataFrame]:
+    """(folder, its label file read, the rows scored: ``cfg``'s views and draw, files resolved). External validation,
+    the drift monitor and the localization table all take an external set's rows from here: they share the set's
+    shard folder, whose index keeps only the rows its last build asked for, so a reader selecting other rows
+    dropped the others' from it and they were decoded again on the next run."""
+    folder, label_file = cfg.dataset(fmt, home)
+    found = read_labels(fmt, label_file)
+    return folder, found, resolve_images(folder, select_images(found.manifest, cfg.views, cfg.max_images, cfg.seed))

@@ -21,11 +21,11 @@ import polars as pl
 
 from cxr_pipeline.config import resolve
 from cxr_pipeline.data.dicom import header_geometry
-from cxr_pipeline.data.external import FORMATS, ExternalSettings, read_labels, resolve_images, select_images
+from cxr_pipeline.data.external import FORMATS, ExternalSettings, scored_images
 from cxr_pipeline.data.shard_reader import Shards, open_images
 from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.history import latest_metadata
-from cxr_pipeline.defs.io import ShardSet, table_schema
+from cxr_pipeline.defs.io import ShardSet, external_shard_settings, table_schema
 from cxr_pipeline.defs.keys import EXTERNAL_VALIDATION, IMAGE_DRIFT, MULTILABEL_CLASSIFIER
 from cxr_pipeline.defs.metadata import asset_metadata, resolved_metadata, table_metadata
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
@@ -68,17 +68,21 @@ def reference_sample(manifest: pl.DataFrame, shards: Shards, n: int, seed: int, 
 
 
 def external_window(paths, fmt: str, size: int, seed: int) -> tuple[Sample, str]:
-    """An external set's frontal images at ``size``, one per patient drawn with ``seed`` (its shards, every selected
-    image, built as external validation builds them, reused when already there) with its labels; ("", reason) when
-    the set is absent."""
+    """An external set's frontal images at ``size``, one per patient drawn with ``seed``, with its labels; ("", reason)
+    when the set is absent or the views external validation scores hold no frontal one. Its shards are external
+    validation's: the same rows (``data.external.scored_images``) built with the same settings
+    (``defs.io.external_shard_settings``), reused when already there."""
     cfg: ExternalSettings = resolve(paths, EXTERNAL_VALIDATION, {})
     reason = cfg.absent_reason(fmt, paths.home)
+    empty = Sample(np.zeros((0, size, size), np.uint8), [])
     if reason:
-        return Sample(np.zeros((0, size, size), np.uint8), []), reason
-    folder, label_file = cfg.dataset(fmt, paths.home)
-    rows = resolve_images(folder, select_images(read_labels(fmt, label_file).manifest, FRONTAL, cfg.max_images, cfg.seed))
-    build_external_shards(paths, fmt, folder, rows, [size], resolve(paths, "image_shards", {}))
-    lazy, kept = open_images(Shards.open(paths.external_shard_root(fmt, size), size, [EXTERNAL_PARTITION]), one_per_patient(rows, seed))
+        return empty, reason
+    folder, _, rows = scored_images(cfg, fmt, paths.home)
+    frontal = rows.filter(pl.col("view_position").is_in(list(FRONTAL)))
+    if not frontal.height:
+        return empty, f"{fmt}: no frontal image among the views external_validation scores ({list(cfg.views) or 'every view'})"
+    build_external_shards(paths, fmt, folder, rows, [size], external_shard_settings(paths))
+    lazy, kept = open_images(Shards.open(paths.external_shard_root(fmt, size), size, [EXTERNAL_PARTITION]), one_per_patient(frontal, seed))
     return Sample(lazy.take(np.arange(len(lazy))), kept["view_position"].to_list(), kept, geometry(folder, kept)), ""
 
 

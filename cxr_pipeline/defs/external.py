@@ -12,16 +12,16 @@ import os
 import dagster as dg
 import polars as pl
 
-from cxr_pipeline.config import resolve, shard_build_settings
+from cxr_pipeline.config import resolve
 from cxr_pipeline.data.external import FORMAT_NAMES, FORMATS, ExternalSettings
 from cxr_pipeline.defs import needs
-from cxr_pipeline.defs.io import table_schema
+from cxr_pipeline.defs.io import external_shard_settings, table_schema
 from cxr_pipeline.defs.keys import CLASSIFIER, EXTERNAL_DATASETS, EXTERNAL_VALIDATION, MULTILABEL_CLASSIFIER
 from cxr_pipeline.defs.metadata import asset_metadata, resolved_metadata, table_metadata
 from cxr_pipeline.defs.resources import CxrStorage, MlflowTracking
 from cxr_pipeline.defs.run_config import dagster_config, run_settings
 from cxr_pipeline.defs.specs import classifiers_asset, every_partition_of
-from cxr_pipeline.fields import ConfigError, params
+from cxr_pipeline.fields import params
 from cxr_pipeline.files import file_digest, write_parquet
 from cxr_pipeline.labels import SLUGS
 from cxr_pipeline.vision.checkpoint import MULTILABEL
@@ -59,16 +59,6 @@ def dataset_version(cfg: ExternalSettings, fmt: str, home) -> str:
             p = os.path.join(top, name)
             h.update(f"{os.path.relpath(p, folder)}:{os.path.getsize(p)}\n".encode())
     return h.hexdigest()[:32]
-
-
-def _shard_settings(paths):
-    """``pipeline.yaml``'s ``image_shards`` settings (images per shard, decode processes; ``config.shard_build_settings``):
-    an external set's shards are built as MIMIC's are. This run's own config is the external_validation section's."""
-
-    try:
-        return shard_build_settings(paths)
-    except ConfigError as e:
-        raise needs.failure(str(e)) from None
 
 
 @dg.observable_source_asset(
@@ -111,7 +101,8 @@ def external_validation(
         run.log_params(params(cfg))
         names = [registered_name(s) for s in SLUGS] + [registered_name(MULTILABEL)]
         champions = load_champions(run.client, mlflow.tracking_uri, names) if not cfg.absent_reason(fmt, paths.home) else []
-        result = validate(paths, fmt, cfg, champions, shards=_shard_settings(paths), log=context.log.info)
+        shards = external_shard_settings(paths) if champions else None  # an absent set builds nothing: needs none
+        result = validate(paths, fmt, cfg, champions, shards=shards, log=context.log.info)
         path = write_parquet(result.table, paths.external_validation / f"{fmt}.parquet")
         if result.skipped:
             run.set_tags({"skipped": result.skipped})

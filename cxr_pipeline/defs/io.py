@@ -34,6 +34,7 @@ import polars as pl
 from cxr_pipeline.columns import describe
 from cxr_pipeline.config import resolve
 from cxr_pipeline.data.shard_reader import Shards, ShardsNotBuilt
+from cxr_pipeline.data.shards import ShardSettings
 from cxr_pipeline.data.voi import WindowPrior
 from cxr_pipeline.data.window_prior import RawUnreadable, kept_window_prior, training_window_prior
 from cxr_pipeline.defs.needs import failure
@@ -132,6 +133,20 @@ def _built_sizes(paths: Paths) -> str:
         return f"{resolve(paths, 'image_shards').sizes} px"
     except (ConfigError, OSError, ValueError) as e:  # a broken pipeline.yaml: say so, the run fails anyway
         return f"no sizes ({e})"
+
+
+def external_shard_settings(paths: Paths) -> ShardSettings:
+    """``image_shards`` resolved as its own run resolves it (images per shard, decode processes, and with ``sizes``
+    null every size a consumer reads, the report adapter's included): how external validation and the drift monitor
+    build an external set's shared shard folder, decoded at MIMIC's level (the largest). One function for both: the
+    folder records the level, and two readers resolving it differently rebuilt each other's. A section that cannot
+    be resolved (a bad field; a base model whose ``preprocessor_config.json`` cannot be read, which sets the report
+    adapter's size) fails the run without a retry."""
+
+    try:
+        return resolve(paths, "image_shards", {})
+    except (ConfigError, OSError, ValueError) as e:
+        raise failure(f"image_shards (the level an external set is decoded at): {e}") from None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import dagster as dg
 import polars as pl
 
 from cxr_pipeline.config import resolve
-from cxr_pipeline.data.external import ExternalSettings, read_labels, resolve_images, select_images
+from cxr_pipeline.data.external import ExternalSettings, scored_images
 from cxr_pipeline.data.shard_reader import Shards
 from cxr_pipeline.defs import needs
 from cxr_pipeline.defs.io import ShardSet
@@ -38,8 +38,7 @@ def _nih(paths, size: int):
     cfg: ExternalSettings = resolve(paths, EXTERNAL_VALIDATION, {})
     if cfg.absent_reason("nih", paths.home) or not (paths.external_shard_root("nih", size) / EXTERNAL_PARTITION).is_dir():
         return None
-    folder, label_file = cfg.dataset("nih", paths.home)
-    rows = resolve_images(folder, select_images(read_labels("nih", label_file).manifest, cfg.views, cfg.max_images, cfg.seed))
+    folder, _, rows = scored_images(cfg, "nih", paths.home)
     return rows, folder, lambda s: Shards.open(paths.external_shard_root("nih", s), s, [EXTERNAL_PARTITION])
 
 

@@ -23,14 +23,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from cxr_pipeline.data.external import (
-    NULL_IS_UNSCORABLE,
-    ExternalSettings,
-    read_labels,
-    resolve_images,
-    scored_findings,
-    select_images,
-)
+from cxr_pipeline.data.external import NULL_IS_UNSCORABLE, ExternalSettings, scored_findings, scored_images
 from cxr_pipeline.data.shard_reader import Shards, open_images
 from cxr_pipeline.data.shards import ShardSettings, build_sizes
 from cxr_pipeline.data.window_prior import training_window_prior
@@ -94,10 +87,19 @@ def build_external_shards(paths, fmt: str, folder: Path, rows: pl.DataFrame, siz
     built as MIMIC's are (``shards``: the resolved ``image_shards`` settings, images per shard and workers): decoded
     at the level MIMIC's shards are (the largest of ``shards.sizes``), a format whose files carry no window
     (``WINDOWLESS``) read through the windows the training images were read through (``data.window_prior``, fitted
-    at that level); returns {size: BuildResult}."""
+    at that level); returns {size: BuildResult}.
 
+    Settings whose ``sizes`` is still null are refused: guessing the level from ``sizes`` had external validation
+    (its champions' largest size) and the drift monitor (every consumer's) decode one set at two levels, each run
+    rebuilding the folder the other had built."""
+
+    if not shards.sizes:
+        raise ValueError(
+            "build_external_shards: image_shards.sizes is null (settings not resolved); pass "
+            "config.resolve(paths, 'image_shards'), whose sizes are every size a shard consumer reads"
+        )
     outs = {s: paths.external_shard_root(fmt, s) / EXTERNAL_PARTITION for s in sizes}
-    level = max(shards.sizes) if shards.sizes else max(sizes)
+    level = max(shards.sizes)
     prior = training_window_prior(paths, level) if fmt in WINDOWLESS else None
     spec = dataclasses.replace(shards.spec(sizes[0]), prior=prior, decode_at=level)
     return build_sizes(folder, outs, rows.select("dicom_id", "path"), spec)
@@ -157,11 +159,12 @@ def external_validation(
     fmt: str,
     cfg: ExternalSettings,
     champions: list[Champion],
-    shards: ShardSettings | None = None,
+    shards: ShardSettings | None,
     log: Callable[[str], None] | None = None,
 ) -> ExternalResult:
     """Read ``fmt``'s label file, build its shards at every champion's size (``shards``: the resolved ``image_shards``
-    settings; the defaults when None), score every champion."""
+    settings, so that they are decoded at MIMIC's level; None only where the set is absent or no champion is
+    registered, when nothing is built), score every champion."""
 
     say = log or (lambda _m: None)
     reason = cfg.absent_reason(fmt, paths.home)
@@ -169,12 +172,12 @@ def external_validation(
         return ExternalResult(fmt, pl.DataFrame(), skipped=reason)
     if not champions:
         return ExternalResult(fmt, pl.DataFrame(), skipped="no champion classifier is registered yet")
-    folder, label_file = cfg.dataset(fmt, paths.home)
-    found = read_labels(fmt, label_file)
-    rows = resolve_images(folder, select_images(found.manifest, cfg.views, cfg.max_images, cfg.seed))
+    if shards is None:
+        raise ValueError(f"external_validation({fmt}): no image_shards settings to build the set's shards with")
+    folder, found, rows = scored_images(cfg, fmt, paths.home)
     say(f"{fmt}: {found.manifest.height} images read ({found.rejects.height} rejected), {rows.height} scored views")
     sizes = sorted({c.model.size for c in champions})
-    built = build_external_shards(paths, fmt, folder, rows, sizes, shards or ShardSettings())
+    built = build_external_shards(paths, fmt, folder, rows, sizes, shards)
     image_rejects = next(iter(built.values())).rejects
     parts = []
     for size in sizes:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import polars as pl
+import pytest
 
 from cxr_pipeline.data import shards as builder
 from cxr_pipeline.data.dicom import decode, letterbox
@@ -26,13 +27,24 @@ def test_external_shards_use_the_image_shards_settings(replica, tmp_path, monkey
     pool = builder.decoder_pool
     monkeypatch.setattr(builder, "decoder_pool", lambda workers: pools.append(workers) or pool(workers))
     paths = Paths(home=tmp_path, raw=replica)
-    built = build_external_shards(paths, "nih", replica, rows, [32, 48], ShardSettings(images_per_shard=4, workers=2))
+    built = build_external_shards(paths, "nih", replica, rows, [32, 48], ShardSettings(sizes=[32, 48], images_per_shard=4, workers=2))
     assert pools == [2]  # one decode pass for both sizes, in the configured number of processes
     for size in (32, 48):
         folder = paths.external_shard_root("nih", size) / EXTERNAL_PARTITION
         assert built[size].index.height == 10 and len(list(folder.glob("shard-*.u8"))) == 3  # 4 + 4 + 2
         images, kept = load_images(Shards.open(paths.external_shard_root("nih", size), size, [EXTERNAL_PARTITION]), rows)
         assert kept["dicom_id"].to_list() == rows["dicom_id"].to_list() and tuple(images.shape) == (10, size, size)
+
+
+def test_settings_whose_sizes_are_unresolved_are_refused(replica, tmp_path):
+    """The level an external set is decoded at is MIMIC's (the largest resolved ``image_shards`` size); with sizes
+    still null there is none to take, and guessing it from the champions' sizes decoded one set at two levels."""
+    files = sorted(replica.glob("files/p1*/*/*/*.dcm"))[:2]
+    rows = pl.DataFrame({"dicom_id": [f.stem for f in files], "path": [str(f.relative_to(replica)) for f in files]})
+    paths = Paths(home=tmp_path, raw=replica)
+    with pytest.raises(ValueError, match=r"image_shards\.sizes is null"):
+        build_external_shards(paths, "nih", replica, rows, [32], ShardSettings(workers=1))
+    assert not paths.external_shard_root("nih", 32).exists()  # refused before anything is written
 
 
 def test_padchest_pngs_are_read_through_the_training_windows_at_mimic_s_decode_level(replica, tmp_path):
