@@ -197,7 +197,7 @@ def test_every_field_set_in_pipeline_yaml_reaches_the_domain_call(cxr_home, tmp_
         record("external_validation", **vars(cfg))
 
     patch_everywhere(monkeypatch, vext, "external_validation", external_validation)
-    # NIH present (its folder and label file, as pipeline.yaml names them) with a champion: its shards are built
+    # NIH present (its folder and label file, as pipeline.yaml names them) with a champion: the build's settings are resolved
     nih = wanted["external_validation"]
     Path(nih["nih_dir"]).mkdir(exist_ok=True)
     (Path(nih["nih_dir"]) / nih["nih_labels"]).write_text("")

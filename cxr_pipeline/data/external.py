@@ -286,7 +286,10 @@ class ExternalSettings:
     nih_labels: str = setting(DEFAULT_LABEL_FILES["nih"], "NIH ChestX-ray14's label file, relative to its folder")
     padchest_dir: str = setting("", "PadChest's folder (the label CSV, the numbered image folders); empty: $CXR_HOME/external/padchest")
     padchest_labels: str = setting(DEFAULT_LABEL_FILES["padchest"], "PadChest's label file, relative to its folder")
-    views: tuple[str, ...] = setting(("PA", "AP"), "views scored (the internal models are frontal); [] scores every view")
+    views: tuple[str, ...] = setting(
+        ("PA", "AP"),
+        "views scored (the internal models are frontal); [] scores every view; the drift monitor's window takes its frontal ones",
+    )
     max_images: int | None = setting(None, "score at most this many images per dataset (whole patients, a seeded draw)", null="every image")
     bootstrap: int = setting(1000, "patient-bootstrap resamples for the intervals")
     seed: int = setting(0, "the bootstrap's (and max_images' draw's) seed")

@@ -27,7 +27,7 @@ from cxr_pipeline.files import atomic_path
 SAMPLE = 500  # training images whose windows make the prior (a fit decodes each once at the size asked)
 SEED = 0
 VERSION = 2  # 2: display orientation, LINEAR as exact, the percentile window of a windowless training image counted
-FRONTAL = ("PA", "AP")  # the views the external sets and the drift monitor read
+FRONTAL = ("PA", "AP")  # the training views the prior is fitted on (the drift monitor reads these views)
 
 
 def fit_window_prior(root: Path, rel_paths: list[str], size: int) -> WindowPrior | None:
