@@ -11,7 +11,7 @@ import os
 
 import xxhash
 
-from cxr_pipeline.data.dicom import DecodeError, decode, decode_native_reduced, letterbox
+from cxr_pipeline.data.dicom import Decoded, DecodeError, decode, decode_native_reduced, letterbox
 from cxr_pipeline.data.voi import WindowPrior
 
 # a private read-only map, pages faulted in up front (one pass, no per-page faults later)
@@ -23,17 +23,25 @@ def content_hash(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def decode_letterboxed(rel: str, data, sizes: list[int], prior: WindowPrior | None = None, decode_at: int = 0) -> tuple[dict, Decoded]:
+    """(pixels per size, the decode) for one file's bytes (or memory map): decoded once, at the resolution the
+    largest size needs (or ``decode_at``, when larger: the level another set was read at), and letterboxed to each
+    size from that one decode; a file that carries no window read through ``prior``'s (``data.dicom.WindowPrior``).
+    The decode's ``window`` says how the file was read (its own window, the training windows, the percentile
+    window). Raises ``DecodeError`` for a file that cannot be read."""
+    top = max(*sizes, decode_at)
+    dec = decode_native_reduced(data, top, rel, prior) if rel.lower().endswith(".dcm") else None
+    if dec is None:
+        dec = decode(bytes(data), min_size=top, name=rel, prior=prior)
+    return {s: letterbox(dec.image, s).tobytes() for s in sizes}, dec
+
+
 def decode_for_shards(rel: str, data, sizes: list[int], prior: WindowPrior | None = None, decode_at: int = 0) -> tuple:
-    """(pixels per size, rows, cols, reason) for one file's bytes (or memory map): decoded once, at the
-    resolution the largest size needs (or ``decode_at``, when larger: the level another set was read at), and
-    letterboxed to each size from that one decode; a file that carries no window read through ``prior``'s
-    (``data.dicom.WindowPrior``)."""
+    """(pixels per size, rows, cols, reason) for one file (``decode_letterboxed``); a file that cannot be read gives
+    None and the reason, never an exception: one image never fails the partition."""
     try:
-        top = max(*sizes, decode_at)
-        dec = decode_native_reduced(data, top, rel, prior) if rel.lower().endswith(".dcm") else None
-        if dec is None:
-            dec = decode(bytes(data), min_size=top, name=rel, prior=prior)
-        return {s: letterbox(dec.image, s).tobytes() for s in sizes}, dec.rows, dec.cols, None
+        pixels, dec = decode_letterboxed(rel, data, sizes, prior, decode_at)
+        return pixels, dec.rows, dec.cols, None
     except DecodeError as e:
         return None, 0, 0, str(e).removeprefix(f"{rel}: ")
     except Exception as e:  # never fail the partition for one image

@@ -98,6 +98,24 @@ def pacs_window(paths, name: str, size: int, seed: int) -> tuple[Sample, str]:
     return Sample(images[idx], [views[i] for i in idx], kept.drop("_k", "bits_stored", "source_rows", "source_cols"), shapes), ""
 
 
+def window_readings(sample: Sample) -> dict[str, int]:
+    """How many of a PACS window's images were read each way (``reading``: the file's own window or VOI LUT, the
+    training images' windows for a file without one, or the percentile window where no such prior was fitted):
+    a window read through the percentile window is compared on a reading the training images did not have. {} for
+    an external set (its shards are read as its build read them: spec.json's window_prior)."""
+    rows = sample.rows
+    if rows is None or "reading" not in rows.columns:
+        return {}
+    return {str(r): int(n) for r, n in rows["reading"].value_counts(sort=True).iter_rows()}
+
+
+def _track_readings(run, sample: Sample) -> dict:
+    """``window_readings`` in MLflow (``reading.<how>``, counts) and as the materialization's ``readings``."""
+    counts = window_readings(sample)
+    run.log_metrics({f"reading.{k.replace(' ', '_')}": float(n) for k, n in counts.items()})
+    return {"readings": dg.MetadataValue.json(counts)} if counts else {}
+
+
 def window_sample(paths, window: str, size: int, seed: int) -> tuple[Sample, str]:
     """The images of ``window``: an external set (``external-<format>``) or a PACS window (``pacs-NNNN``)."""
     if window.startswith("external-"):
@@ -249,7 +267,7 @@ def image_drift(
         f"{window} {said}: MMD² of the {first['signal']} {first['drift_score']:.4f}, p = {first['p_value']:.4f} (alpha {cfg.alpha}, "
         f"tolerance {cfg.alarm_tolerance})" + (f"; {UNTRUSTED}" if first["drifted"] else "")
     )
-    return _result(run, path, table, cfg, champions_compared=table["model"].n_unique())
+    return _result(run, path, table, cfg, champions_compared=table["model"].n_unique(), **_track_readings(run, sample))
 
 
 @dg.asset_check(

@@ -32,7 +32,7 @@ import numpy as np
 import polars as pl
 from pydicom.dataset import Dataset
 
-from cxr_pipeline.data.decode_worker import decode_for_shards
+from cxr_pipeline.data.decode_worker import decode_letterboxed
 from cxr_pipeline.data.voi import WindowPrior
 from cxr_pipeline.files import atomic_path
 from cxr_pipeline.settings import paths
@@ -114,8 +114,9 @@ class WindowStore:
         """Keep the image a study was scored from (False when it was kept before or its pixels do not decode)."""
         if study in self.seen:
             return False
-        pixels, _rows, _cols, reason = decode_for_shards(study, memoryview(data), self.sizes, self.prior)
-        if pixels is None:
+        try:
+            pixels, dec = decode_letterboxed(study, memoryview(data), self.sizes, self.prior)
+        except Exception:  # pixels that do not decode are not kept: the study was scored (or failed) on its own
             return False
         buf = io.BytesIO()
         arrays = {f"s{s}": np.frombuffer(pixels[s], np.uint8).reshape(s, s) for s in self.sizes}
@@ -123,7 +124,7 @@ class WindowStore:
         bits = int(header.get("BitsStored", 0) or 0)
         geometry = np.array([bits, int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)], np.int64)
         key = patient_key(self.root, str(header.get("PatientID", "") or ""), study)
-        np.savez(buf, **arrays, view=np.array(view), patient=np.array(key), geometry=geometry)
+        np.savez(buf, **arrays, view=np.array(view), patient=np.array(key), geometry=geometry, reading=np.array(dec.window))
         with atomic_path(self.root / OPEN / f"{time.time_ns():020d}-{study}.npz") as tmp:
             tmp.write_bytes(buf.getvalue())
         self.seen.add(study)
@@ -151,12 +152,14 @@ class WindowStore:
 
 def load_window(root: Path, name: str, size: int) -> tuple[np.ndarray, list[str], pl.DataFrame, str]:
     """A closed window's images at ``size``, views and rows (``subject_id``: the patient key, ``study_id``: the
-    study's hash; the source's ``bits_stored``, ``source_rows``, ``source_cols`` from its header), in the order received; a reason instead when the window is missing or was kept at other sizes."""
+    study's hash; the source's ``bits_stored``, ``source_rows``, ``source_cols`` from its header; ``reading``: how its
+    file was windowed, ``data.dicom.Decoded.window``, "not recorded" for a study kept before 2026-12-07), in the
+    order received; a reason instead when the window is missing or was kept at other sizes."""
     files = sorted((root / name).glob("*.npz")) if WINDOW.fullmatch(name) else []
     empty = (np.zeros((0, size, size), np.uint8), [], pl.DataFrame(), "")
     if not files:
         return (*empty[:3], f"{name}: no such PACS window under {root}")
-    images, views, patients, shapes = [], [], [], []
+    images, views, patients, shapes, readings = [], [], [], [], []
     for f in files:
         with np.load(f) as z:
             if f"s{size}" not in z:
@@ -166,10 +169,18 @@ def load_window(root: Path, name: str, size: int) -> tuple[np.ndarray, list[str]
             views.append(str(z["view"]))
             patients.append(str(z["patient"]))
             shapes.append(z["geometry"] if "geometry" in z.files else np.zeros(3, np.int64))
+            readings.append(str(z["reading"]) if "reading" in z.files else "not recorded")
     g = np.stack(shapes)
     studies = [f.stem.split("-", 1)[1] for f in files]
     rows = pl.DataFrame(
-        {"subject_id": patients, "study_id": studies, "bits_stored": g[:, 0], "source_rows": g[:, 1], "source_cols": g[:, 2]}
+        {
+            "subject_id": patients,
+            "study_id": studies,
+            "bits_stored": g[:, 0],
+            "source_rows": g[:, 1],
+            "source_cols": g[:, 2],
+            "reading": readings,
+        }
     )
     return np.stack(images), views, rows, ""
 

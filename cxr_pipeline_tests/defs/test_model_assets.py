@@ -320,6 +320,15 @@ def test_classifier_partition_trains_registers_and_summarises(env, cxr_home, mon
         logged = Path(client.download_artifacts(prun.info.run_id, "image_drift.json")).read_text()
         tracked = repr(pacs_drift.to_dicts()) + json.dumps(prun.data.params) + json.dumps(prun.data.tags) + logged + repr(pmat.metadata)
         assert not [x for x in secrets if x in tracked]  # no header text in the table, MLflow or Dagster's metadata
+        from cxr_pipeline.data.dicom import decode
+
+        readings = pmat.metadata["readings"].value  # how the window's kept files were read (the replica's: their own window)
+        assert sum(readings.values()) == pacs_drift["n_window"][0] and set(readings) <= {
+            decode(f.read_bytes()).window for f, _h in received
+        }
+        assert {k: v for k, v in prun.data.metrics.items() if k.startswith("reading.")} == {
+            f"reading.{k.replace(' ', '_')}": float(v) for k, v in readings.items()
+        }
         # its images deleted (past pacs_windows_kept), a re-run keeps the last comparison rather than erasing it
         import shutil
 

@@ -137,3 +137,28 @@ def test_a_study_without_a_window_is_kept_as_the_training_windows_read_it(replic
     kept = {folder: load_window(tmp_path / folder, "pacs-0001", 32)[0][0] for folder in ("with", "without")}
     assert np.array_equal(kept["with"], prepare(data, 32, prior=prior)) and np.array_equal(kept["without"], prepare(data, 32))
     assert np.abs(kept["with"].astype(int) - kept["without"]).mean() > 5
+
+
+def test_each_kept_image_records_how_it_was_read_and_the_drift_window_counts_them(replica, tmp_path):
+    """Which reading a kept image went through is kept beside it (its own window, the training windows, the
+    percentile window) and reaches the drift asset as counts: a window of studies read through the percentile
+    window, where no prior was fitted, is seen as such, not only as drift."""
+    from cxr_pipeline.data.dicom import decode, without_window
+    from cxr_pipeline.data.voi import WindowPrior
+    from cxr_pipeline.defs.drift import pacs_window, window_readings
+    from cxr_pipeline.settings import Paths
+
+    images = list({h.PatientID: (name, f, h) for name, f, h in reversed(frontal_images(replica))}.values())[-3:]  # 3 patients
+    own = decode(images[2][1].read_bytes()).window
+    assert own not in ("percentile", "training window")
+    prior = WindowPrior(((0.35, 0.4, "LINEAR"),))
+    for folder, store_prior, windowless in (("with", prior, "training window"), ("without", None, "percentile")):
+        root = tmp_path / folder / "pacs" / "windows"
+        store = WindowStore(root, [32], window=3, prior=store_prior)
+        for name, f, h in images[:2]:
+            assert store.keep(name, without_window(f), h)
+        assert store.keep(images[2][0], images[2][1].read_bytes(), images[2][2])
+        assert store.close() == ["pacs-0001"]
+        assert load_window(root, "pacs-0001", 32)[2]["reading"].to_list() == [windowless, windowless, own]
+        sample, reason = pacs_window(Paths(home=tmp_path / folder, raw=replica), "pacs-0001", 32, seed=0)
+        assert not reason and window_readings(sample) == {windowless: 2, own: 1}
