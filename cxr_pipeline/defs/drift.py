@@ -98,22 +98,16 @@ def pacs_window(paths, name: str, size: int, seed: int) -> tuple[Sample, str]:
     return Sample(images[idx], [views[i] for i in idx], kept.drop("_k", "bits_stored", "source_rows", "source_cols"), shapes), ""
 
 
-def window_readings(sample: Sample) -> dict[str, int]:
-    """How many of a PACS window's images were read each way (``reading``: the file's own window or VOI LUT, the
-    training images' windows for a file without one, or the percentile window where no such prior was fitted):
-    a window read through the percentile window is compared on a reading the training images did not have. {} for
-    an external set (its shards are read as its build read them: spec.json's window_prior)."""
-    rows = sample.rows
+def window_readings(sample: Sample, cfg) -> dict[str, int]:
+    """How many of a PACS window's compared images (one per patient, drawn down to ``cfg.max_window`` as
+    ``vision.drift.compare`` draws them) were read each way (``reading``: the file's own window or VOI LUT, the
+    training images' windows for a file without one, or the percentile window where no such prior was fitted): a
+    window read through the percentile window is compared on a reading the training images did not have. {} for an
+    external set (its shards are read as its build read them: spec.json's window_prior)."""
+    rows = sample.draw(cfg.max_window, cfg.seed).rows
     if rows is None or "reading" not in rows.columns:
         return {}
     return {str(r): int(n) for r, n in rows["reading"].value_counts(sort=True).iter_rows()}
-
-
-def _track_readings(run, sample: Sample) -> dict:
-    """``window_readings`` in MLflow (``reading.<how>``, counts) and as the materialization's ``readings``."""
-    counts = window_readings(sample)
-    run.log_metrics({f"reading.{k.replace(' ', '_')}": float(n) for k, n in counts.items()})
-    return {"readings": dg.MetadataValue.json(counts)} if counts else {}
 
 
 def window_sample(paths, window: str, size: int, seed: int) -> tuple[Sample, str]:
@@ -177,10 +171,12 @@ def _skipped(run, paths, window: str, reason: str, cfg) -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(file_digest(path)))
 
 
-def _log_metrics(run, table: pl.DataFrame) -> None:
+def _log_metrics(run, table: pl.DataFrame, readings: dict[str, int]) -> dict:
     """In MLflow: the window's figures (the drift score, its p-value, the tolerance in force and the alarm as 1 or 0,
     both MMD tests, the histogram distance, the sizes); per finding, the multi-label champion's expected and measured AUC as ``<finding>.expected_auc`` and
-    ``<finding>.auc``, and every champion's output shift as ``<registered name>.<finding>.output_ks``."""
+    ``<finding>.auc``, and every champion's output shift as ``<registered name>.<finding>.output_ks``; a PACS window's
+    ``window_readings`` as ``reading.<how>`` (spaces as underscores). Returns the readings as metadata."""
+    run.log_metrics({f"reading.{k.replace(' ', '_')}": float(n) for k, n in readings.items()})
     first = table.row(0, named=True)
     window = ("drift_score", "p_value", "tolerance", "drifted", *BOTH_TESTS, "histogram_distance", "n_window", "n_reference")
     run.log_metrics({k: float(first[k]) for k in window})
@@ -190,6 +186,7 @@ def _log_metrics(run, table: pl.DataFrame) -> None:
     )
     run.log_metrics({f"{r['slug']}.auc": r["auc"] for r in multi.iter_rows(named=True) if r["auc"] is not None})
     run.log_metrics({f"{r['model'].rsplit(' v', 1)[0]}.{r['slug']}.output_ks": r["output_ks"] for r in table.iter_rows(named=True)})
+    return {"readings": dg.MetadataValue.json(readings)} if readings else {}
 
 
 def _result(run, path, table: pl.DataFrame, cfg, **extra) -> dg.MaterializeResult:
@@ -261,13 +258,13 @@ def image_drift(
         path = write_parquet(table, paths.image_drift / f"{window}.parquet")
         run.log_table(table, "image_drift")
         first = table.row(0, named=True)
-        _log_metrics(run, table)
+        readings = _log_metrics(run, table, window_readings(sample, cfg))
     said, log = ("drifts", context.log.warning) if first["drifted"] else ("does not drift", context.log.info)
     log(
         f"{window} {said}: MMD² of the {first['signal']} {first['drift_score']:.4f}, p = {first['p_value']:.4f} (alpha {cfg.alpha}, "
         f"tolerance {cfg.alarm_tolerance})" + (f"; {UNTRUSTED}" if first["drifted"] else "")
     )
-    return _result(run, path, table, cfg, champions_compared=table["model"].n_unique(), **_track_readings(run, sample))
+    return _result(run, path, table, cfg, champions_compared=table["model"].n_unique(), **readings)
 
 
 @dg.asset_check(

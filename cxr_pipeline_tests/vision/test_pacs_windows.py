@@ -8,6 +8,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pydicom
@@ -161,4 +162,6 @@ def test_each_kept_image_records_how_it_was_read_and_the_drift_window_counts_the
         assert store.close() == ["pacs-0001"]
         assert load_window(root, "pacs-0001", 32)[2]["reading"].to_list() == [windowless, windowless, own]
         sample, reason = pacs_window(Paths(home=tmp_path / folder, raw=replica), "pacs-0001", 32, seed=0)
-        assert not reason and window_readings(sample) == {windowless: 2, own: 1}
+        assert not reason and window_readings(sample, SimpleNamespace(max_window=500, seed=0)) == {windowless: 2, own: 1}
+        drawn = window_readings(sample, SimpleNamespace(max_window=2, seed=0))  # counted on the images compared
+        assert sum(drawn.values()) == 2 and set(drawn) <= {windowless, own}
