@@ -73,21 +73,27 @@ def _prior(windows) -> WindowPrior | None:
     return WindowPrior(usable) if usable else None
 
 
-def _read_kept(cache: Path) -> dict | None:
-    """A prior file, or None when absent or unreadable (a damaged file is a miss, fitted again)."""
+def _kept_file(paths, size: int) -> Path:
+    return paths.assets / "window_prior" / f"s{size}.json"
+
+
+def _read_kept(paths, size: int) -> dict | None:
+    """The prior file at ``size`` of this ``VERSION``, or None when absent, unreadable or of another version (a
+    damaged file is a miss, fitted again)."""
     try:
-        kept = json.loads(cache.read_text())
-        return kept if isinstance(kept, dict) and isinstance(kept.get("windows"), list) else None
+        kept = json.loads(_kept_file(paths, size).read_text())
     except (OSError, ValueError):
         return None
+    ok = isinstance(kept, dict) and isinstance(kept.get("windows"), list) and kept.get("version") == VERSION
+    return kept if ok else None
 
 
 def kept_window_prior(paths, size: int) -> WindowPrior | None:
     """The prior last fitted at ``size`` (``training_window_prior``'s file), read without the raw files or a fit:
     for a caller that must not wait for a fit or need the raw root (the PACS intake, a step whose node has no raw
     root); None when none was fitted at this size (and version) or the file cannot be read."""
-    kept = _read_kept(paths.assets / "window_prior" / f"s{size}.json")
-    return _prior(kept["windows"]) if kept and kept.get("version") == VERSION else None
+    kept = _read_kept(paths, size)
+    return _prior(kept["windows"]) if kept else None
 
 
 def training_window_prior(paths, size: int) -> WindowPrior | None:
@@ -105,14 +111,13 @@ def training_window_prior(paths, size: int) -> WindowPrior | None:
             key.append([rel, st.st_size, st.st_mtime_ns])
         except OSError:
             key.append([rel, None, None])
-    cache = paths.assets / "window_prior" / f"s{size}.json"
-    kept = _read_kept(cache)
-    if kept and kept.get("sample") == key and kept.get("version") == VERSION:
+    kept = _read_kept(paths, size)
+    if kept and kept.get("sample") == key:
         return _prior(kept["windows"])
     prior = fit_window_prior(paths.raw, rels, size)
     record = {"version": VERSION, "size": size, "sample": key, "windows": [list(w) for w in prior.windows] if prior else []}
     try:
-        with atomic_path(cache) as tmp:
+        with atomic_path(_kept_file(paths, size)) as tmp:
             tmp.write_text(json.dumps(record))
     except OSError:  # not kept (a full disk, a read-only assets folder): the fit still stands, fitted again next time
         pass

@@ -68,9 +68,8 @@ def classifier(
         if data.untrainable_reason:  # rare labels on small subsets: record why, keep no model, never crash the backfill
             return _untrainable(context, run, data, files, cfg)
         log_datasets(run, data, shards, ["target"])
-        prior = image_shards.window_prior(
-            cfg.size, context.log.warning
-        )  # the served model reads a windowless file as external validation does
+        # the served model reads a windowless file as external validation does
+        prior = image_shards.window_prior(cfg.size, context.log.warning)
         fitted = fit_and_save(
             data, manifest, shards, cfg, hw.device, files, log=context.log.info, on_epoch=epoch_logger(run), window_prior=prior
         )

@@ -62,9 +62,8 @@ def multilabel_classifier(
     with mlflow.run(context, {"model": MULTILABEL}) as run:
         run.log_params({**params(cfg), **hw.params, **counts, "images": data.mode})
         log_datasets(run, data, shards, [f"t_{s}" for s in SLUGS])
-        prior = image_shards.window_prior(
-            cfg.size, context.log.warning
-        )  # the served model reads a windowless file as external validation does
+        # the served model reads a windowless file as external validation does
+        prior = image_shards.window_prior(cfg.size, context.log.warning)
         fitted = fit_multilabel(
             data, manifest, shards, cfg, hw.device, files, log=context.log.info, on_epoch=epoch_logger(run), window_prior=prior
         )
